@@ -1,0 +1,85 @@
+// The transport-blind virtio device interface. A device model implements
+// VirtioDevice; a transport (virtio-mmio in the VMM, or a vhost-user backend)
+// translates registers or protocol messages into these calls.
+
+import type { GuestMemory } from "../../vmm/memory.ts";
+import type { Virtqueue } from "./queue.ts";
+
+/** Device IDs (virtio 1.2 spec, section 5 "Device Types"). */
+export const VIRTIO_ID_NET = 1;
+export const VIRTIO_ID_BLOCK = 2;
+export const VIRTIO_ID_CONSOLE = 3;
+export const VIRTIO_ID_RNG = 4;
+export const VIRTIO_ID_BALLOON = 5;
+export const VIRTIO_ID_GPU = 16;
+export const VIRTIO_ID_INPUT = 18;
+export const VIRTIO_ID_VSOCK = 19;
+
+/** Reserved feature bits (virtio 1.2 spec, section 6 "Reserved Feature Bits"). */
+export const VIRTIO_F_INDIRECT_DESC = 1n << 28n;
+export const VIRTIO_F_EVENT_IDX = 1n << 29n;
+export const VIRTIO_F_VERSION_1 = 1n << 32n;
+export const VIRTIO_F_ACCESS_PLATFORM = 1n << 33n;
+export const VIRTIO_F_RING_PACKED = 1n << 34n;
+/** Feature bits every denovm device offers on top of its own. */
+export const VIRTIO_COMMON_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX;
+
+/** How a device raises interrupts; the transport decides how (irqfd, vhost-user call fd). */
+export interface VirtioInterrupt {
+  /** The device put buffers in the used ring of queue `index`. */
+  signalUsedQueue(index: number): void;
+  /** The device changed its configuration space. */
+  signalConfigChange(): void;
+}
+
+/** A shared-memory region a device offers (virtio 1.2 section 2.10), e.g. the GPU's host-visible window. */
+export interface SharedMemoryRegion {
+  id: number;
+  size: number;
+}
+
+/** Installs host memory into a device's shared-memory region; owned by the VMM, not the device. */
+export interface SharedMemoryMapper {
+  /** Map `length` bytes at host address `hostAddr` at `offset` into region `id`. */
+  addMapping(id: number, offset: number, hostAddr: bigint, length: number, writable: boolean): void;
+  /** Remove the mapping that starts at `offset`. */
+  removeMapping(id: number, offset: number): void;
+}
+
+/** What a device receives when the driver sets DRIVER_OK. */
+export interface ActivateContext {
+  mem: GuestMemory;
+  /** Enabled queues, by index; a queue the driver did not enable is undefined. */
+  queues: (Virtqueue | undefined)[];
+  ackedFeatures: bigint;
+  interrupt: VirtioInterrupt;
+}
+
+export interface VirtioDevice {
+  /** Virtio device ID. */
+  readonly deviceType: number;
+  /** Short name for logs and counters ("block", "net"...). */
+  readonly name: string;
+  /** Maximum size of each queue; the length is the number of queues. */
+  readonly queueMaxSizes: readonly number[];
+  /** Feature bits offered (device-specific | VIRTIO_COMMON_FEATURES). */
+  readonly features: bigint;
+  /** Read device configuration space at `offset` into `data`. Out-of-range bytes read as 0. */
+  readConfig(offset: number, data: Uint8Array): void;
+  /** Driver writes to configuration space; ignored where the spec makes fields read-only. */
+  writeConfig(offset: number, data: Uint8Array): void;
+  /** DRIVER_OK: start serving queues. */
+  activate(ctx: ActivateContext): void;
+  /** The driver kicked queue `index`. */
+  queueNotify(index: number): void;
+  /** Device reset by the driver (status 0) or front end disconnect; drop all queue state. */
+  reset(): void;
+  /** Shared-memory regions, if the device has any. */
+  sharedMemoryRegions?(): SharedMemoryRegion[];
+  /** Given before activation when the device has shared-memory regions. */
+  setSharedMemoryMapper?(mapper: SharedMemoryMapper): void;
+  /** Release host resources (files, sockets) at VM exit. */
+  close?(): void;
+  /** Counters for stats (bytes, requests, errors). */
+  stats?(): Record<string, number>;
+}

@@ -1,0 +1,249 @@
+// libc through Deno FFI: every libc symbol denovm calls is declared here, once.
+// Failed calls become a typed SysError carrying the call's name and errno text.
+
+/** Resolve the C library: DENOVM_LIBC overrides, else glibc's soname. */
+function libcPath(): string {
+  return Deno.env.get("DENOVM_LIBC") ?? "libc.so.6";
+}
+
+const symbols = {
+  open: { parameters: ["buffer", "i32", "u32"], result: "i32" }, // const char *path, int flags, mode_t mode
+  close: { parameters: ["i32"], result: "i32" }, // int fd
+  // ioctl(int fd, unsigned long request, void *arg): arg passed as a pointer or a plain integer.
+  ioctl: { parameters: ["i32", "u64", "pointer"], result: "i32" },
+  ioctl_int: { name: "ioctl", parameters: ["i32", "u64", "u64"], result: "i32" },
+  mmap: {
+    parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], // addr, length, prot, flags, fd, offset
+    result: "pointer",
+  },
+  munmap: { parameters: ["pointer", "usize"], result: "i32" }, // void *addr, size_t length
+  madvise: { parameters: ["pointer", "usize", "i32"], result: "i32" }, // addr, length, advice
+  eventfd: { parameters: ["u32", "i32"], result: "i32" }, // unsigned int initval, int flags
+  poll: { parameters: ["buffer", "u64", "i32"], result: "i32" }, // struct pollfd *fds, nfds_t nfds, int timeout
+  poll_async: { name: "poll", parameters: ["buffer", "u64", "i32"], result: "i32", nonblocking: true },
+  read: { parameters: ["i32", "buffer", "usize"], result: "isize" }, // int fd, void *buf, size_t count
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" }, // int fd, const void *buf, size_t count
+  pread: { name: "pread64", parameters: ["i32", "buffer", "usize", "i64"], result: "isize" }, // fd, buf, count, offset
+  pwrite: { name: "pwrite64", parameters: ["i32", "buffer", "usize", "i64"], result: "isize" }, // fd, buf, count, offset
+  pread_ptr: { name: "pread64", parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
+  pwrite_ptr: { name: "pwrite64", parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
+  fdatasync: { parameters: ["i32"], result: "i32" }, // int fd
+  fallocate: { name: "fallocate64", parameters: ["i32", "i32", "i64", "i64"], result: "i32" }, // fd, mode, offset, len
+  ftruncate: { name: "ftruncate64", parameters: ["i32", "i64"], result: "i32" }, // fd, length
+  memfd_create: { parameters: ["buffer", "u32"], result: "i32" }, // const char *name, unsigned int flags
+  fcntl: { parameters: ["i32", "i32", "i64"], result: "i32" }, // int fd, int cmd, long arg
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" }, // domain, type, protocol
+  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" }, // fd, const struct sockaddr *, socklen_t
+  listen: { parameters: ["i32", "i32"], result: "i32" }, // fd, backlog
+  accept4: { parameters: ["i32", "pointer", "pointer", "i32"], result: "i32" }, // fd, addr, addrlen, flags
+  connect: { parameters: ["i32", "buffer", "u32"], result: "i32" }, // fd, const struct sockaddr *, socklen_t
+  sendmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" }, // fd, const struct msghdr *, flags
+  recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" }, // fd, struct msghdr *, flags
+  shutdown: { parameters: ["i32", "i32"], result: "i32" }, // fd, how
+  getpid: { parameters: [], result: "i32" },
+  gettid: { parameters: [], result: "i32" },
+  tgkill: { parameters: ["i32", "i32", "i32"], result: "i32" }, // tgid, tid, sig
+  sigaction: { parameters: ["i32", "buffer", "pointer"], result: "i32" }, // signum, const struct sigaction *, old
+  isatty: { parameters: ["i32"], result: "i32" }, // int fd
+  tcgetattr: { parameters: ["i32", "buffer"], result: "i32" }, // fd, struct termios *
+  tcsetattr: { parameters: ["i32", "i32", "buffer"], result: "i32" }, // fd, optional_actions, const struct termios *
+  __errno_location: { parameters: [], result: "pointer" },
+  strerror: { parameters: ["i32"], result: "pointer" }, // int errnum
+} as const satisfies Deno.ForeignLibraryInterface;
+
+let lib: Deno.DynamicLibrary<typeof symbols> | undefined;
+
+/** The libc symbol table, opened on first use. */
+export function libc(): Deno.DynamicLibrary<typeof symbols>["symbols"] {
+  if (!lib) {
+    try {
+      lib = Deno.dlopen(libcPath(), symbols);
+    } catch (e) {
+      throw new Error(`cannot load the C library ${libcPath()} (package libc6): ${(e as Error).message}`);
+    }
+  }
+  return lib.symbols;
+}
+
+// Values from Linux's asm-generic/fcntl.h, asm-generic/mman-common.h, asm-generic/errno-base.h.
+/** open(2) flags (asm-generic/fcntl.h). */
+export const O_RDONLY = 0o0;
+export const O_WRONLY = 0o1;
+export const O_RDWR = 0o2;
+export const O_CREAT = 0o100;
+export const O_NONBLOCK = 0o4000;
+export const O_DIRECT = 0o40000;
+export const O_CLOEXEC = 0o2000000;
+/** mmap(2) protection and flags (asm-generic/mman-common.h, mman.h). */
+export const PROT_NONE = 0;
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const MAP_SHARED = 0x01;
+export const MAP_PRIVATE = 0x02;
+export const MAP_FIXED = 0x10;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_NORESERVE = 0x4000;
+/** madvise(2) advice (asm-generic/mman-common.h). */
+export const MADV_DONTNEED = 4;
+export const MADV_REMOVE = 9;
+/** eventfd(2) flags (sys/eventfd.h). */
+export const EFD_CLOEXEC = O_CLOEXEC;
+export const EFD_NONBLOCK = O_NONBLOCK;
+/** poll(2) events (asm-generic/poll.h). */
+export const POLLIN = 0x1;
+export const POLLOUT = 0x4;
+export const POLLERR = 0x8;
+export const POLLHUP = 0x10;
+export const POLLNVAL = 0x20;
+/** fallocate(2) modes (linux/falloc.h). */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+/** memfd_create(2) flags (linux/memfd.h). */
+export const MFD_CLOEXEC = 0x1;
+export const MFD_ALLOW_SEALING = 0x2;
+/** fcntl(2) commands (asm-generic/fcntl.h). */
+export const F_GETFL = 3;
+export const F_SETFL = 4;
+/** errno values (asm-generic/errno-base.h, errno.h). */
+export const EINTR = 4;
+export const EAGAIN = 11;
+export const ENOMEM = 12;
+export const EACCES = 13;
+export const EEXIST = 17;
+export const ENODEV = 19;
+export const EINVAL = 22;
+export const ENOENT = 2;
+export const EPERM = 1;
+export const EOPNOTSUPP = 95;
+
+/** mmap's failure value, (void *)-1. */
+export const MAP_FAILED = 0xffff_ffff_ffff_ffffn;
+
+/** A failed system call: `call` names it (an ioctl carries its request name), `errno` is the C errno. */
+export class SysError extends Error {
+  constructor(readonly call: string, readonly errno: number) {
+    super(`${call}: ${strerror(errno)} (errno ${errno})`);
+    this.name = "SysError";
+  }
+}
+
+/** errno of the calling thread, read right after a failed call. */
+export function errno(): number {
+  const p = libc().__errno_location();
+  return new Deno.UnsafePointerView(p!).getInt32(0);
+}
+
+/** The C library's text for an errno value. */
+export function strerror(e: number): string {
+  const p = libc().strerror(e);
+  return p ? Deno.UnsafePointerView.getCString(p) : `errno ${e}`;
+}
+
+/** Throws SysError when a call returned a negative number; returns the value otherwise. */
+export function check<T extends number | bigint>(call: string, ret: T): T {
+  if (ret < 0) throw new SysError(call, errno());
+  return ret;
+}
+
+/** A NUL-terminated C string for FFI "buffer" parameters. */
+export function cstr(s: string): Uint8Array<ArrayBuffer> {
+  const b = new TextEncoder().encode(s);
+  const out = new Uint8Array(b.length + 1);
+  out.set(b);
+  return out;
+}
+
+/** Open a file, returning its fd or throwing SysError("open PATH"). */
+export function openFile(path: string, flags: number, mode = 0o644): number {
+  return check(`open ${path}`, libc().open(cstr(path), flags | O_CLOEXEC, mode));
+}
+
+/** Close an fd, ignoring errors (closing is best effort at teardown). */
+export function closeFd(fd: number): void {
+  if (fd >= 0) libc().close(fd);
+}
+
+/** Map `length` bytes; throws SysError("mmap") on failure. */
+export function mmap(
+  length: number,
+  prot: number,
+  flags: number,
+  fd = -1,
+  offset = 0,
+  addr: Deno.PointerValue = null,
+): NonNullable<Deno.PointerValue> {
+  const p = libc().mmap(addr, BigInt(length), prot, flags, fd, BigInt(offset));
+  if (p === null || BigInt(Deno.UnsafePointer.value(p)) === MAP_FAILED) {
+    throw new SysError("mmap", errno());
+  }
+  return p;
+}
+
+/** Anonymous private read-write memory, e.g. guest RAM. */
+export function mmapAnon(length: number): NonNullable<Deno.PointerValue> {
+  return mmap(length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
+}
+
+export function munmap(ptr: Deno.PointerValue, length: number): void {
+  check("munmap", libc().munmap(ptr, BigInt(length)));
+}
+
+/** A new eventfd (non-blocking, close-on-exec). */
+export function eventfd(initval = 0, flags = EFD_CLOEXEC | EFD_NONBLOCK): number {
+  return check("eventfd", libc().eventfd(initval, flags));
+}
+
+const u64buf = new BigUint64Array(1);
+/** Add `value` to an eventfd's counter. */
+export function eventfdWrite(fd: number, value = 1n): void {
+  u64buf[0] = value;
+  const r = libc().write(fd, new Uint8Array(u64buf.buffer), 8n);
+  if (r < 0 && errno() !== EAGAIN) throw new SysError("eventfd write", errno());
+}
+
+/** Read and reset an eventfd's counter; 0n when nothing was pending (non-blocking fd). */
+export function eventfdRead(fd: number): bigint {
+  const b = new BigUint64Array(1);
+  const r = libc().read(fd, new Uint8Array(b.buffer), 8n);
+  if (r < 0) {
+    if (errno() === EAGAIN) return 0n;
+    throw new SysError("eventfd read", errno());
+  }
+  return b[0];
+}
+
+/** pollfd layout (asm-generic/poll.h): int fd; short events; short revents. */
+export const POLLFD_SIZE = 8;
+
+/**
+ * Wait on several fds; returns the revents of each. Runs on a helper thread
+ * (nonblocking FFI) so the event loop keeps going while it waits.
+ */
+export async function pollAsync(fds: number[], events: number, timeoutMs: number): Promise<number[]> {
+  const buf = new Uint8Array(fds.length * POLLFD_SIZE);
+  const dv = new DataView(buf.buffer);
+  fds.forEach((fd, i) => {
+    dv.setInt32(i * POLLFD_SIZE, fd, true);
+    dv.setInt16(i * POLLFD_SIZE + 4, events, true);
+  });
+  const r = await libc().poll_async(buf, BigInt(fds.length), timeoutMs);
+  if (r < 0) {
+    // errno is per thread and the call ran on another one: report what we can.
+    return fds.map(() => 0);
+  }
+  return fds.map((_, i) => dv.getInt16(i * POLLFD_SIZE + 6, true));
+}
+
+/** Synchronous poll; returns the revents of each fd. */
+export function pollSync(fds: number[], events: number, timeoutMs: number): number[] {
+  const buf = new Uint8Array(fds.length * POLLFD_SIZE);
+  const dv = new DataView(buf.buffer);
+  fds.forEach((fd, i) => {
+    dv.setInt32(i * POLLFD_SIZE, fd, true);
+    dv.setInt16(i * POLLFD_SIZE + 4, events, true);
+  });
+  const r = libc().poll(buf, BigInt(fds.length), timeoutMs);
+  if (r < 0 && errno() !== EINTR) throw new SysError("poll", errno());
+  return fds.map((_, i) => dv.getInt16(i * POLLFD_SIZE + 6, true));
+}
