@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Boot the default guest: Debian's Linux 6.1 with the default initramfs, console on the
+# terminal (`denovm run --initrd default.cpio.gz -p console=ttyS0 vmlinux`).
+#
+# Where the host's KVM cannot run an unmodified kernel (kvm_pvm: the host is itself a VM and
+# its KVM emulates guest kernel code), say so in one line and boot the built-in test guest
+# boot_info instead, which prints what the VMM handed it (command line, e820 map, initrd).
+# Without /dev/kvm at all, say so in one line and exit 1.
+#
+# Extra arguments are passed to `denovm run` before the kernel path.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export DENOVM_CACHE="${DENOVM_CACHE:-$repo/.cache}"
+
+if command -v denovm >/dev/null; then
+  denovm=(denovm)
+else
+  denovm=(deno run --allow-all "$repo/main.ts")
+fi
+
+if [[ ! -e /dev/kvm ]]; then
+  echo "boot-default: this host has no /dev/kvm, so no VM can run here (a KVM-capable Linux host is needed)" >&2
+  exit 1
+fi
+
+kdir="$(bash "$repo/scripts/debian-kernel.sh" 2>/dev/null | tail -n 1)"
+initrd="$DENOVM_CACHE/initramfs/default.cpio.gz"
+[[ -s "$initrd" ]] || initrd="$(bash "$repo/scripts/initramfs.sh" 2>/dev/null | tail -n 1)"
+
+if [[ -d /sys/module/kvm_pvm ]]; then
+  echo "boot-default: this host's KVM is kvm_pvm (no hardware virtualization), which cannot run an unmodified Linux kernel; booting the built-in test guest boot_info instead" >&2
+  # test/guests/build.ts builds the freestanding test guests with gcc into the cache.
+  guest="$(cd "$repo" && deno eval --quiet '
+    const { buildGuest } = await import("./test/guests/build.ts");
+    const built = await buildGuest("boot_info");
+    console.log(typeof built === "string" ? built : built.path);
+  ' </dev/null | tail -n 1)"
+  [[ -s "$guest" ]] || {
+    echo "boot-default: could not build the boot_info test guest" >&2
+    exit 1
+  }
+  exec "${denovm[@]}" run --initrd "$initrd" -p "console=ttyS0 denovm.default=boot_info" "$@" "$guest"
+fi
+
+exec "${denovm[@]}" run --initrd "$initrd" -p "console=ttyS0" "$@" "$kdir/vmlinux"
