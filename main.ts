@@ -1,0 +1,146 @@
+// denovm: a crosvm-compatible VMM. `denovm [--log-level L] <command> ...`; see `denovm --help`.
+// Every invalid command line ends with one `denovm: <what is wrong>` line on stderr and crosvm's
+// invalid-arguments exit code (35); see vmm/cli/exit_codes.ts for all exit codes.
+
+import { checkControlArgs, isControlCommand } from "./vmm/cli/control.ts";
+import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "./vmm/cli/exit_codes.ts";
+import { DENOVM_VERSION, mainHelp, runHelp } from "./vmm/cli/help.ts";
+import { UsageError } from "./vmm/cli/keyvalue.ts";
+import { parseRunArgs } from "./vmm/cli/run.ts";
+
+const encoder = new TextEncoder();
+
+function writeStdout(text: string): void {
+  Deno.stdout.writeSync(encoder.encode(text));
+}
+
+/** One `denovm: ...` line on stderr (newlines in the message are folded so it stays one line). */
+function printError(message: string): void {
+  Deno.stderr.writeSync(encoder.encode(`denovm: ${message.replace(/\s*\n\s*/g, "; ")}\n`));
+}
+
+const LOG_LEVELS = ["off", "error", "warn", "info", "debug", "trace"];
+
+/** crosvm-style log filter: LEVEL or MODULE=LEVEL items separated by commas. */
+function checkLogLevel(spec: string): void {
+  for (const item of spec.split(",")) {
+    const level = item.includes("=") ? item.slice(item.indexOf("=") + 1) : item;
+    const module = item.includes("=") ? item.slice(0, item.indexOf("=")) : "x";
+    if (!LOG_LEVELS.includes(level) || module === "") {
+      throw new UsageError(`--log-level: "${item}" is not LEVEL or MODULE=LEVEL (levels: ${LOG_LEVELS.join(", ")})`);
+    }
+  }
+}
+
+function isVerbose(logLevel: string | undefined): boolean {
+  return logLevel !== undefined && /(^|,|=)(debug|trace)(,|$)/.test(logLevel);
+}
+
+/** The exit code an error thrown by a command maps to, after printing it as one line. */
+function reportError(e: unknown, logLevel: string | undefined): number {
+  if (e instanceof UsageError || (e instanceof Error && e.name === "UsageError")) {
+    printError(e.message);
+    return EXIT_INVALID_ARGS;
+  }
+  const err = e instanceof Error ? e : new Error(String(e));
+  const code = (err as { exitCode?: unknown }).exitCode;
+  printError(err.message || err.name);
+  if (isVerbose(logLevel) && err.stack) Deno.stderr.writeSync(encoder.encode(err.stack + "\n"));
+  return typeof code === "number" && Number.isInteger(code) && code >= 0 && code <= 255 ? code : EXIT_HOST_ERROR;
+}
+
+async function versionText(): Promise<string> {
+  try {
+    const json = JSON.parse(await Deno.readTextFile(new URL("./deno.json", import.meta.url)));
+    if (typeof json.version === "string") return json.version;
+  } catch {
+    // No readable deno.json next to main.ts: use the built-in version.
+  }
+  return DENOVM_VERSION;
+}
+
+/** Loads a module that another part of denovm provides; a missing module is a host error (exit 1). */
+async function load<T>(what: string, importer: () => Promise<T>): Promise<T | undefined> {
+  try {
+    return await importer();
+  } catch (e) {
+    printError(`${what} is not available: ${e instanceof Error ? e.message.split("\n")[0] : String(e)}`);
+    return undefined;
+  }
+}
+
+/** Runs denovm with `args` (Deno.args); resolves to the process exit code. */
+export async function main(args: readonly string[]): Promise<number> {
+  let logLevel: string | undefined;
+  let i = 0;
+  try {
+    for (; i < args.length && args[i].startsWith("-"); i++) {
+      const a = args[i];
+      if (a === "-h" || a === "--help") {
+        writeStdout(mainHelp());
+        return EXIT_SUCCESS;
+      } else if (a === "--log-level" || a.startsWith("--log-level=")) {
+        const v = a.includes("=") ? a.slice(a.indexOf("=") + 1) : args[++i];
+        if (v === undefined) throw new UsageError("--log-level needs a value");
+        checkLogLevel(v);
+        logLevel = v;
+      } else if (a === "--no-syslog") {
+        // crosvm's switch to keep logs off syslog; denovm logs only to stderr.
+      } else {
+        throw new UsageError(`unknown option ${a} (see denovm --help)`);
+      }
+    }
+    const command = args[i];
+    const rest = args.slice(i + 1);
+    if (command === undefined) throw new UsageError("missing command (see denovm --help)");
+
+    if (command === "run") {
+      const parsed = parseRunArgs(rest);
+      if (parsed.help) {
+        writeStdout(runHelp());
+        return EXIT_SUCCESS;
+      }
+      if (logLevel !== undefined) parsed.config.logLevel = logLevel;
+      if (parsed.printConfig) {
+        writeStdout(JSON.stringify(parsed.config, null, 2) + "\n");
+        return EXIT_SUCCESS;
+      }
+      const vmm = await load("the VMM (vmm/run.ts)", () => import("./vmm/run.ts"));
+      if (!vmm) return EXIT_HOST_ERROR;
+      return await vmm.runVm(parsed.config);
+    }
+    if (command === "device") {
+      if (rest.length === 0) throw new UsageError("device: missing device TYPE");
+      const m = await load(
+        "vhost-user devices (devices/vhost_user/cli.ts)",
+        () => import("./devices/vhost_user/cli.ts"),
+      );
+      if (!m) return EXIT_HOST_ERROR;
+      return await m.runDeviceCommand(rest);
+    }
+    if (command === "version") {
+      if (rest.length > 0) throw new UsageError("version takes no arguments");
+      writeStdout(`denovm ${await versionText()}\n`);
+      return EXIT_SUCCESS;
+    }
+    if (command === "help") {
+      writeStdout(rest[0] === "run" ? runHelp() : mainHelp());
+      return EXIT_SUCCESS;
+    }
+    if (isControlCommand(command)) {
+      const argv = [command, ...rest];
+      checkControlArgs(argv);
+      const m = await load("the control client (vmm/control_client.ts)", () => import("./vmm/control_client.ts"));
+      if (!m) return EXIT_HOST_ERROR;
+      const code = await m.sendControlCommand(argv);
+      return typeof code === "number" ? code : EXIT_SUCCESS;
+    }
+    throw new UsageError(`unknown command "${command}" (see denovm --help)`);
+  } catch (e) {
+    return reportError(e, logLevel);
+  }
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}

@@ -1,0 +1,248 @@
+// The table of denovm's command-line flags: the `run` parser takes its list of known flags from here, and
+// `--help` prints it. Flag names, keys and defaults follow crosvm's `run` (google/crosvm
+// src/crosvm/cmdline.rs); the wording is denovm's own.
+
+/** denovm's version, printed by `denovm version` when deno.json has no "version". */
+export const DENOVM_VERSION = "0.1.0";
+
+export interface FlagKey {
+  /** e.g. "ro=BOOL" */
+  form: string;
+  help: string;
+}
+
+export interface FlagDef {
+  long: string;
+  short?: string;
+  /** Argument name for options; absent for switches. */
+  arg?: string;
+  repeatable?: boolean;
+  help: string;
+  keys?: FlagKey[];
+}
+
+export const RUN_FLAGS: readonly FlagDef[] = [
+  {
+    long: "params",
+    short: "p",
+    arg: "PARAMS",
+    repeatable: true,
+    help: "extra kernel command line text; may repeat, the pieces are joined with spaces",
+  },
+  { long: "initrd", short: "i", arg: "PATH", help: "initial ramdisk to load" },
+  {
+    long: "kernel",
+    arg: "PATH",
+    help: "kernel image (bzImage or ELF vmlinux); the same as the positional KERNEL argument",
+  },
+  {
+    long: "mem",
+    short: "m",
+    arg: "[size=]MiB",
+    help: "guest memory",
+    keys: [{ form: "size=NUM", help: "guest memory in MiB (default: 256)" }],
+  },
+  {
+    long: "cpus",
+    short: "c",
+    arg: "[num-cores=]N",
+    help: "virtual CPUs",
+    keys: [{ form: "num-cores=NUM", help: "number of vCPUs, 1..255 (default: 1)" }],
+  },
+  { long: "socket", short: "s", arg: "PATH", help: "control socket to create (for stop, balloon, gpu ...)" },
+  {
+    long: "block",
+    short: "b",
+    arg: "[path=]PATH[,key=value...]",
+    repeatable: true,
+    help: "virtio block device; the first one is /dev/vda, the next /dev/vdb, ...",
+    keys: [
+      { form: "path=PATH", help: "disk image; the key may be left out when it comes first" },
+      { form: "ro[=BOOL]", help: "read-only (default: false)" },
+      { form: "root[=BOOL]", help: "add root=/dev/vdX ro|rw to the kernel command line; only one (default: false)" },
+      { form: "sparse[=BOOL]", help: "support discard (default: true)" },
+      { form: "block-size=BYTES", help: "reported block size, a multiple of 512 (default: 512)" },
+      { form: "id=STRING", help: "device serial, up to 20 ASCII characters (default: none)" },
+      { form: "direct[=BOOL]", help: "open with O_DIRECT, bypassing the host page cache (default: false)" },
+    ],
+  },
+  {
+    long: "disk",
+    short: "d",
+    arg: "PATH[,key=value...]",
+    repeatable: true,
+    help: "(deprecated, use --block) read-only block device; same keys as --block",
+  },
+  { long: "rwdisk", arg: "PATH[,key=value...]", repeatable: true, help: "(deprecated) writable block device" },
+  { long: "root", short: "r", arg: "PATH[,key=value...]", help: "(deprecated) read-only root block device" },
+  { long: "rwroot", arg: "PATH[,key=value...]", help: "(deprecated) writable root block device" },
+  {
+    long: "serial",
+    arg: "type=TYPE[,key=value...]",
+    repeatable: true,
+    help: "serial port; without any --serial, COM1 is stdout + stdin and the console",
+    keys: [
+      { form: "type=stdout|sink|file|syslog|unix|unix-stream", help: "where output goes (default: sink)" },
+      { form: "hardware=serial|virtio-console|debugcon", help: "device model (default: serial, an 8250 UART)" },
+      { form: "num=1..4", help: "port number: COM1..COM4 or hvc0..hvc3 (default: 1)" },
+      { form: "path=PATH", help: "output file (type=file) or socket (type=unix, unix-stream)" },
+      { form: "input=PATH", help: "file to read input from, instead of stdin" },
+      { form: "console[=BOOL]", help: "the guest console (console=ttyS<num-1> or hvc<num-1>); only one" },
+      { form: "earlycon[=BOOL]", help: "the early console (earlycon=uart8250,io,PORT); hardware=serial, only one" },
+      { form: "stdin[=BOOL]", help: "host stdin feeds this port; only one" },
+      { form: "name=NAME", help: "virtio-console port name" },
+    ],
+  },
+  {
+    long: "net",
+    arg: "key=value[,key=value...]",
+    repeatable: true,
+    help: "virtio network device: give tap-name, or tap-fd, or host-ip + netmask + mac",
+    keys: [
+      { form: "tap-name=NAME", help: "an existing persistent TAP interface" },
+      { form: "tap-fd=FD", help: "an open TAP file descriptor" },
+      { form: "host-ip=IP", help: "IPv4 address of the host end of a new TAP interface" },
+      { form: "netmask=MASK", help: "netmask of that interface" },
+      { form: "mac=MAC", help: "guest MAC address, xx:xx:xx:xx:xx:xx" },
+      { form: "vq-pairs=N", help: "number of rx/tx queue pairs (default: 1)" },
+    ],
+  },
+  {
+    long: "gpu",
+    arg: "[backend=]BACKEND[,key=value...]",
+    help: "virtio-gpu device",
+    keys: [
+      { form: "backend=2d|virglrenderer|3d|gfxstream", help: "renderer; 3d means virglrenderer (default: 2d)" },
+      { form: "context-types=A:B:...", help: "context types the guest may use, e.g. virgl:virgl2:venus" },
+      {
+        form: "displays=[[DISPLAY],...]",
+        help: "displays; DISPLAY keys: mode=windowed[W,H]|borderless_full_screen, hidden, " +
+          "refresh-rate=HZ, dpi=[X,Y], port=PORT (default: one 1280x1024 display)",
+      },
+      { form: "width=W,height=H", help: "(deprecated, use displays) one display of W x H" },
+      { form: "egl[=BOOL]", help: "render with EGL (default: true)" },
+      { form: "gles[=BOOL]", help: "use GLES rather than desktop GL (default: true)" },
+      { form: "glx[=BOOL]", help: "render with GLX (default: false)" },
+      { form: "surfaceless[=BOOL]", help: "surfaceless EGL context (default: true)" },
+      { form: "vulkan[=BOOL]", help: "enable Vulkan (default: false)" },
+      { form: "udmabuf[=BOOL]", help: "create guest blobs with udmabuf (default: false)" },
+      { form: "pci-bar-size=SIZE", help: "host-visible memory window in bytes, a power of two (default: 8G)" },
+      { form: "fixed-blob-mapping[=BOOL]", help: "map blobs at fixed guest addresses (default: false)" },
+    ],
+  },
+  {
+    long: "input",
+    arg: "TYPE[[key=value,...]]",
+    repeatable: true,
+    help: "virtio-input device",
+    keys: [
+      { form: "keyboard[path=PATH]", help: "keyboard" },
+      { form: "mouse[path=PATH]", help: "relative pointer" },
+      { form: "multi-touch[path=PATH,width=W,height=H,name=N]", help: "multi-touch screen" },
+      { form: "single-touch[path=PATH,width=W,height=H,name=N]", help: "single-touch screen (tablet)" },
+      { form: "trackpad[path=PATH,width=W,height=H,name=N]", help: "trackpad" },
+      { form: "evdev[path=PATH]", help: "pass through a host evdev device" },
+      { form: "switches[path=PATH]", help: "switches (lid, tablet mode)" },
+      { form: "rotary[path=PATH]", help: "rotary encoder" },
+    ],
+  },
+  {
+    long: "vsock",
+    arg: "[cid=]CID",
+    help: "virtio-vsock device",
+    keys: [{ form: "cid=CID", help: "guest context ID, 3 or more" }],
+  },
+  { long: "cid", arg: "CID", help: "(deprecated, use --vsock) guest vsock context ID" },
+  { long: "no-rng", help: "do not add a virtio-rng device" },
+  { long: "no-balloon", help: "do not add a virtio-balloon device" },
+  {
+    long: "virtio-mmio-cmdline",
+    help: "describe each virtio-mmio device to the kernel with a virtio_mmio.device= argument",
+  },
+  {
+    long: "cfg",
+    arg: "FILE",
+    repeatable: true,
+    help: "JSON file of options: keys are long flag names, values are strings, numbers, booleans or " +
+      "arrays; command-line flags come after it",
+  },
+  { long: "print-config", help: "print the resolved configuration as JSON and exit" },
+  { long: "help", short: "h", help: "show this help" },
+];
+
+/** The control commands, sent to a running VM's control socket (the SOCKET argument comes last). */
+export const CONTROL_COMMANDS: readonly { usage: string; help: string }[] = [
+  { usage: "stop SOCKET", help: "stop the VM" },
+  { usage: "suspend SOCKET", help: "pause the vCPUs" },
+  { usage: "resume SOCKET", help: "resume the vCPUs" },
+  { usage: "powerbtn SOCKET", help: "press the ACPI power button" },
+  { usage: "balloon SIZE SOCKET", help: "set the balloon size in bytes" },
+  { usage: "balloon_stats SOCKET", help: "print balloon statistics" },
+  { usage: "disk resize INDEX SIZE SOCKET", help: "resize block device INDEX to SIZE bytes" },
+  { usage: "gpu list-displays SOCKET", help: "list the GPU displays" },
+  { usage: "gpu stats SOCKET", help: "print GPU counters" },
+  { usage: "screenshot PATH SOCKET", help: "save display 0 to PATH" },
+  { usage: "snapshot take PATH SOCKET", help: "save a snapshot to PATH" },
+];
+
+function flagUsage(f: FlagDef): string {
+  const names = (f.short ? `-${f.short}, ` : "    ") + `--${f.long}`;
+  return f.arg ? `${names} ${f.arg}` : names;
+}
+
+function wrap(text: string, indent: string, width = 100): string[] {
+  const lines: string[] = [];
+  let line = "";
+  for (const word of text.split(" ")) {
+    if (line !== "" && indent.length + line.length + 1 + word.length > width) {
+      lines.push(indent + line);
+      line = word;
+    } else line = line === "" ? word : `${line} ${word}`;
+  }
+  if (line !== "") lines.push(indent + line);
+  return lines;
+}
+
+/** `denovm run --help`. */
+export function runHelp(): string {
+  const out = [
+    "Usage: denovm run [OPTIONS] KERNEL",
+    "",
+    "Start a VM from the kernel image KERNEL. Options that take key=value lists separate the pairs with",
+    "commas; the first key may be left out, and a key alone means key=true.",
+    "",
+    "Options:",
+  ];
+  for (const f of RUN_FLAGS) {
+    out.push(`  ${flagUsage(f)}${f.repeatable ? "  (may repeat)" : ""}`);
+    out.push(...wrap(f.help, "        "));
+    for (const k of f.keys ?? []) {
+      out.push(`        ${k.form}`);
+      out.push(...wrap(k.help, "            "));
+    }
+  }
+  return out.join("\n") + "\n";
+}
+
+/** `denovm --help`. */
+export function mainHelp(): string {
+  const out = [
+    "Usage: denovm [--log-level LEVEL] COMMAND [ARGS]",
+    "",
+    "A crosvm-compatible virtual machine monitor.",
+    "",
+    "Global options:",
+    "  --log-level LEVEL  off, error, warn, info (default), debug or trace; MODULE=LEVEL pairs may follow,",
+    "                     separated by commas",
+    "  -h, --help         show this help",
+    "",
+    "Commands:",
+    "  run [OPTIONS] KERNEL       start a VM (see denovm run --help)",
+    "  device TYPE [OPTIONS]      run a vhost-user device backend",
+    "  version                    print the version",
+  ];
+  for (const c of CONTROL_COMMANDS) out.push(`  ${c.usage.padEnd(27)}${c.help}`);
+  out.push("", "Exit codes: 0 stopped, 32 reset, 33 crash, 34 guest panic, 35 invalid arguments, 36 watchdog,");
+  out.push("1 host error.");
+  return out.join("\n") + "\n";
+}

@@ -1,0 +1,213 @@
+// The typed VM configuration: what `denovm run` resolves its command line (or --cfg file) into, and
+// what the VMM builds a VM from. Field meanings and defaults follow crosvm's `run` options
+// (google/crosvm src/crosvm/cmdline.rs RunCommand, devices/src/serial_device.rs SerialParameters,
+// devices/src/virtio/block/mod.rs DiskOption, devices/src/virtio/gpu/parameters.rs GpuParameters).
+
+import { SERIAL_PORTS } from "./layout.ts";
+
+/** Where a serial port's output goes (crosvm SerialType). */
+export type SerialType = "stdout" | "sink" | "file" | "syslog" | "unix" | "unix-stream";
+/** Which device model backs a serial port (crosvm SerialHardware). */
+export type SerialHardware = "serial" | "virtio-console" | "debugcon";
+
+export interface SerialConfig {
+  type: SerialType;
+  hardware: SerialHardware;
+  /** Port number, 1..4 (COM1..COM4 for hardware=serial, hvc0..hvc3 for virtio-console). */
+  num: number;
+  /** Output file or socket path (type=file, unix, unix-stream). */
+  path?: string;
+  /** File to read guest input from instead of stdin. */
+  input?: string;
+  /** This port is the guest's console (`console=` on the kernel command line). */
+  console: boolean;
+  /** This port is the early console (`earlycon=`); hardware=serial only. */
+  earlycon: boolean;
+  /** Host stdin feeds this port. */
+  stdin: boolean;
+  /** virtio-console port name. */
+  name?: string;
+}
+
+export interface BlockConfig {
+  path: string;
+  ro: boolean;
+  /** Adds `root=/dev/vdX ro|rw` to the kernel command line; at most one block may have it. */
+  root: boolean;
+  /** Discard (punch holes) is supported. crosvm default: true. */
+  sparse: boolean;
+  /** Reported logical block size in bytes. crosvm default: 512. */
+  blockSize: number;
+  /** virtio-blk serial (VIRTIO_BLK_T_GET_ID), at most 20 ASCII bytes. */
+  id?: string;
+  /** Open with O_DIRECT. */
+  direct: boolean;
+}
+
+export interface NetConfig {
+  tapName?: string;
+  tapFd?: number;
+  hostIp?: string;
+  netmask?: string;
+  mac?: string;
+  vqPairs?: number;
+}
+
+export type InputKind =
+  | "keyboard"
+  | "mouse"
+  | "multi-touch"
+  | "single-touch"
+  | "evdev"
+  | "switches"
+  | "rotary"
+  | "trackpad";
+
+export interface InputConfig {
+  kind: InputKind;
+  /** Event source socket or device node (crosvm requires it; denovm can also feed input from its API). */
+  path?: string;
+  width?: number;
+  height?: number;
+  name?: string;
+}
+
+/** One virtual display of the GPU (crosvm DisplayParameters). */
+export interface GpuDisplayConfig {
+  /** "windowed" or "borderless_full_screen". */
+  mode: string;
+  width: number;
+  height: number;
+  /** denovm extension: a port for a remote view of this display. */
+  port?: number;
+  hidden?: boolean;
+  refreshRate?: number;
+}
+
+export type GpuBackend = "2d" | "virglrenderer" | "3d" | "gfxstream";
+
+export interface GpuConfig {
+  /** Rendering backend; the alias "3d" is resolved to "virglrenderer" by the parser. */
+  backend: GpuBackend;
+  /** Context types (capset names) the guest may create, e.g. virgl, virgl2, venus. */
+  contextTypes: string[];
+  displays: GpuDisplayConfig[];
+  /** Deprecated crosvm keys, kept as given; they also produce a display when both are set. */
+  width?: number;
+  height?: number;
+  /** Size in bytes of the host-visible memory window (crosvm's PCI BAR). Default 8 GiB. */
+  pciBarSize: number;
+  fixedBlobMapping: boolean;
+  egl: boolean;
+  gles: boolean;
+  glx: boolean;
+  surfaceless: boolean;
+  vulkan: boolean;
+  udmabuf: boolean;
+}
+
+export interface VmConfig {
+  /** Kernel image path (bzImage or ELF vmlinux). */
+  kernel: string;
+  initrd?: string;
+  /** User kernel command line pieces (`-p`), joined with spaces after the generated part. */
+  params: string[];
+  memMiB: number;
+  cpus: number;
+  serials: SerialConfig[];
+  blocks: BlockConfig[];
+  nets: NetConfig[];
+  rng: boolean;
+  balloon: boolean;
+  inputs: InputConfig[];
+  vsock?: { cid: number };
+  gpu?: GpuConfig;
+  /** Control socket path. */
+  socket?: string;
+  /** Add `virtio_mmio.device=` arguments for each virtio-mmio device to the kernel command line. */
+  virtioMmioCmdline: boolean;
+  logLevel?: string;
+}
+
+/** crosvm's default guest memory in MiB (cmdline.rs, `--mem`: "default: 256"). */
+export const DEFAULT_MEM_MIB = 256;
+/** crosvm's default number of vCPUs (cmdline.rs, `--cpus num-cores`: "default: 1"). */
+export const DEFAULT_CPUS = 1;
+/** crosvm's default reported block size (devices/src/virtio/block/mod.rs block_option_block_size_default). */
+export const DEFAULT_BLOCK_SIZE = 512;
+/** crosvm's default GPU PCI BAR size, 1 << 33 = 8 GiB (gpu/parameters.rs GpuParameters::default). */
+export const DEFAULT_GPU_PCI_BAR_SIZE = 2 ** 33;
+/** crosvm's default display size (vm_control/src/gpu.rs DEFAULT_DISPLAY_WIDTH/HEIGHT). */
+export const DEFAULT_DISPLAY_WIDTH = 1280;
+export const DEFAULT_DISPLAY_HEIGHT = 1024;
+/** crosvm's default display refresh rate in Hz (vm_control/src/gpu.rs DEFAULT_REFRESH_RATE). */
+export const DEFAULT_REFRESH_RATE = 60;
+/** crosvm's x86_64 base kernel command line (x86_64/src/lib.rs get_base_linux_cmdline). */
+export const BASE_KERNEL_CMDLINE = "panic=-1";
+
+/** crosvm's serial default: COM1 writes to stdout, reads stdin, and is the console (arch/src/serial.rs). */
+export function defaultSerial(): SerialConfig {
+  return { type: "stdout", hardware: "serial", num: 1, console: true, earlycon: false, stdin: true };
+}
+
+/** A config with every default filled in, for `kernel`. */
+export function defaultVmConfig(kernel: string): VmConfig {
+  return {
+    kernel,
+    params: [],
+    memMiB: DEFAULT_MEM_MIB,
+    cpus: DEFAULT_CPUS,
+    serials: [defaultSerial()],
+    blocks: [],
+    nets: [],
+    rng: true,
+    balloon: true,
+    inputs: [],
+    virtioMmioCmdline: false,
+  };
+}
+
+/** Linux's name for the virtio block device at `index` in probe order: vda..vdz, vdaa, vdab, ... */
+export function diskName(index: number, prefix = "/dev/vd"): string {
+  const ALPHABET_LEN = 26; // a..z
+  let suffix = "";
+  let i = index;
+  for (;;) {
+    suffix = String.fromCharCode("a".charCodeAt(0) + (i % ALPHABET_LEN)) + suffix;
+    i = Math.floor(i / ALPHABET_LEN);
+    if (i === 0) break;
+    i -= 1;
+  }
+  return prefix + suffix;
+}
+
+const HARDWARE_ORDER: Record<SerialHardware, number> = { "serial": 0, "virtio-console": 1, "debugcon": 2 };
+
+/**
+ * The kernel command line for `cfg`, built as crosvm builds it: the base ("panic=-1"), then a `console=`
+ * for each console port (ttyS{num-1} for 8250 ports, hvc{num-1} for virtio-console ports), an
+ * `earlycon=uart8250,io,<port>` for the earlycon port, `root=/dev/vdX ro|rw` for the root block, then
+ * `deviceArgs` (e.g. the VMM's `virtio_mmio.device=` arguments), then the user's `-p` text.
+ */
+export function kernelCommandLine(cfg: VmConfig, deviceArgs: readonly string[] = []): string {
+  const parts: string[] = [BASE_KERNEL_CMDLINE];
+  const serials = [...cfg.serials].sort((a, b) =>
+    HARDWARE_ORDER[a.hardware] - HARDWARE_ORDER[b.hardware] || a.num - b.num
+  );
+  for (const s of serials) {
+    if (!s.console) continue;
+    if (s.hardware === "serial") parts.push(`console=ttyS${s.num - 1}`);
+    else if (s.hardware === "virtio-console") parts.push(`console=hvc${s.num - 1}`);
+  }
+  const early = serials.find((s) => s.earlycon && s.hardware === "serial");
+  const earlyPort = early ? SERIAL_PORTS[early.num - 1] : undefined;
+  if (earlyPort) parts.push(`earlycon=uart8250,io,0x${earlyPort.base.toString(16)}`);
+  const rootIndex = cfg.blocks.findIndex((b) => b.root);
+  if (rootIndex >= 0) parts.push(`root=${diskName(rootIndex)} ${cfg.blocks[rootIndex].ro ? "ro" : "rw"}`);
+  parts.push(...deviceArgs);
+  for (const p of cfg.params) {
+    const t = p.trim();
+    if (t !== "") parts.push(t);
+  }
+  return parts.join(" ");
+}
