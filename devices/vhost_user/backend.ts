@@ -12,6 +12,7 @@ import {
   closeFd,
   eventfdRead,
   eventfdWrite,
+  libc,
   MAP_SHARED,
   mmap,
   munmap,
@@ -40,12 +41,14 @@ import {
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_FLAG_NEED_REPLY,
   VHOST_USER_FLAG_REPLY,
+  VHOST_USER_PROTOCOL_F_BACKEND_REQ,
   VHOST_USER_PROTOCOL_F_CONFIG,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_PROTOCOL_F_RESET_DEVICE,
   VHOST_USER_VERSION,
   VHOST_USER_VRING_INDEX_MASK,
   VHOST_USER_VRING_NOFD_MASK,
+  VhostUserBackendRequest,
   type VhostUserMessage,
   VhostUserProtocolError,
   VhostUserRequest as R,
@@ -54,9 +57,13 @@ import {
 } from "./protocol.ts";
 import { ConnectionClosed, setNonBlocking, UnixListener, type UnixStream, WaitCancelled, Waker } from "./socket.ts";
 
-/** Protocol features this back end offers (vhost-user.rst "Protocol features"). */
+/**
+ * Protocol features this back end offers (vhost-user.rst "Protocol features"). BACKEND_REQ gives
+ * the back-end request channel (config-change notices); user-mode Linux 6.1 also needs it to set
+ * up its ring interrupts at all (virtio_uml.c allocates its IRQ only when it is negotiated).
+ */
 export const BACKEND_PROTOCOL_FEATURES = VHOST_USER_PROTOCOL_F_REPLY_ACK | VHOST_USER_PROTOCOL_F_CONFIG |
-  VHOST_USER_PROTOCOL_F_RESET_DEVICE;
+  VHOST_USER_PROTOCOL_F_RESET_DEVICE | VHOST_USER_PROTOCOL_F_BACKEND_REQ;
 
 /** mmap offsets must be multiples of the page size (x86_64 base pages: 4 KiB). */
 const PAGE_SIZE = 4096;
@@ -70,7 +77,6 @@ const DECLINED_REQUESTS: ReadonlySet<number> = new Set([
   R.SET_LOG_FD,
   R.SEND_RARP,
   R.NET_SET_MTU,
-  R.SET_BACKEND_REQ_FD,
   R.IOTLB_MSG,
   R.SET_VRING_ENDIAN,
   R.SET_INFLIGHT_FD,
@@ -125,6 +131,8 @@ class Session implements VirtioInterrupt {
   #maps: { ptr: Deno.PointerObject; length: number }[] = [];
   #active = false;
   #callErrorLogged = false;
+  /** Back-end request channel (SET_BACKEND_REQ_FD): a socket or, from user-mode Linux, a pipe. */
+  #backendReqFd = -1;
   /** Counters, for tests and stats. */
   readonly counters = { messages: 0, kicks: 0, interrupts: 0, activations: 0 };
 
@@ -166,6 +174,8 @@ class Session implements VirtioInterrupt {
   teardown(): void {
     this.#deactivate();
     for (const r of this.#rings) this.#closeRingFds(r);
+    closeFd(this.#backendReqFd);
+    this.#backendReqFd = -1;
     this.#unmapMemory();
   }
 
@@ -184,8 +194,14 @@ class Session implements VirtioInterrupt {
   }
 
   signalConfigChange(): void {
-    // A config-change message needs the back-end request channel (BACKEND_REQ), which is not offered.
-    this.#log("device configuration changed; the front end is not told (no back-end request channel)");
+    if (this.#backendReqFd < 0) {
+      this.#log("device configuration changed; the front end gave no back-end request channel to tell it");
+      return;
+    }
+    // No NEED_REPLY: a pipe channel (user-mode Linux) has no way back. write() works on pipes and sockets.
+    const msg = encodeMessage(VhostUserBackendRequest.CONFIG_CHANGE_MSG, VHOST_USER_VERSION);
+    const n = libc().write(this.#backendReqFd, msg, BigInt(msg.length));
+    if (Number(n) !== msg.length) this.#log("could not send CONFIG_CHANGE_MSG on the back-end request channel");
   }
 
   // ---- Kicks ----
@@ -298,6 +314,13 @@ class Session implements VirtioInterrupt {
         r.enabled = s.num !== 0;
         if (!r.enabled) this.#deactivate();
         else this.#activate(false);
+        return;
+      }
+      case R.SET_BACKEND_REQ_FD: {
+        if (msg.fds.length !== 1) throw new VhostUserProtocolError(`SET_BACKEND_REQ_FD with ${msg.fds.length} fds`);
+        closeFd(this.#backendReqFd);
+        this.#backendReqFd = msg.fds.shift()!;
+        setNonBlocking(this.#backendReqFd);
         return;
       }
       case R.GET_QUEUE_NUM:

@@ -66,6 +66,15 @@ export const VhostUserRequest = {
   GET_STATUS: 40,
 } as const;
 
+/** Back-end requests on the channel from SET_BACKEND_REQ_FD (vhost-user.rst "Back-end message types"). */
+export const VhostUserBackendRequest = {
+  IOTLB_MSG: 1,
+  CONFIG_CHANGE_MSG: 2,
+  VRING_HOST_NOTIFIER_MSG: 3,
+  VRING_CALL: 4,
+  VRING_ERR: 5,
+} as const;
+
 /** Request code to name, for log lines. */
 export function requestName(code: number): string {
   for (const [k, v] of Object.entries(VhostUserRequest)) if (v === code) return k;
@@ -178,7 +187,11 @@ function expectSize(msg: VhostUserMessage, size: number): DataView {
 }
 
 /** Encode a message: header plus payload. */
-export function encodeMessage(request: number, flags: number, payload: Uint8Array = new Uint8Array()): Uint8Array {
+export function encodeMessage(
+  request: number,
+  flags: number,
+  payload: Uint8Array = new Uint8Array(),
+): Uint8Array<ArrayBuffer> {
   const out = new Uint8Array(VHOST_USER_HEADER_SIZE + payload.length);
   const dv = view(out);
   dv.setUint32(HDR_REQUEST, request, true);
