@@ -49,6 +49,7 @@ const symbols = {
   tcsetattr: { parameters: ["i32", "i32", "buffer"], result: "i32" }, // fd, optional_actions, const struct termios *
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" }, // int errnum
+  dlsym: { parameters: ["pointer", "buffer"], result: "pointer" }, // void *handle, const char *symbol
 } as const satisfies Deno.ForeignLibraryInterface;
 
 let lib: Deno.DynamicLibrary<typeof symbols> | undefined;
@@ -113,6 +114,7 @@ export const EACCES = 13;
 export const EEXIST = 17;
 export const ENODEV = 19;
 export const EINVAL = 22;
+export const E2BIG = 7;
 export const ENOENT = 2;
 export const EPERM = 1;
 export const EOPNOTSUPP = 95;
@@ -246,4 +248,33 @@ export function pollSync(fds: number[], events: number, timeoutMs: number): numb
   const r = libc().poll(buf, BigInt(fds.length), timeoutMs);
   if (r < 0 && errno() !== EINTR) throw new SysError("poll", errno());
   return fds.map((_, i) => dv.getInt16(i * POLLFD_SIZE + 6, true));
+}
+
+/** sigaction(2) flags and sizes for x86_64 glibc (bits/sigaction.h): handler, 128-byte mask, flags, restorer. */
+const SIGACTION_SIZE = 152;
+const SIGACTION_FLAGS_OFFSET = 136;
+/** The signal that kicks a vCPU thread out of KVM_RUN (SIGRTMIN + 1; glibc reserves 32 and 33). */
+export const SIG_VCPU_KICK = 35;
+
+let kickHandlerInstalled = false;
+/**
+ * Install a do-nothing handler for SIG_VCPU_KICK without SA_RESTART, so a blocking
+ * ioctl in the signalled thread returns EINTR. The handler is libc's getpid: a real,
+ * async-signal-safe C function (a JS callback must never run in signal context).
+ */
+export function installKickHandler(): void {
+  if (kickHandlerInstalled) return;
+  const handler = libc().dlsym(null, cstr("getpid"));
+  if (!handler) throw new Error("dlsym(getpid) failed");
+  const sa = new Uint8Array(SIGACTION_SIZE);
+  const v = new DataView(sa.buffer);
+  v.setBigUint64(0, BigInt(Deno.UnsafePointer.value(handler)), true); // sa_handler
+  v.setInt32(SIGACTION_FLAGS_OFFSET, 0, true); // sa_flags: no SA_RESTART
+  check("sigaction", libc().sigaction(SIG_VCPU_KICK, sa, null));
+  kickHandlerInstalled = true;
+}
+
+/** Send SIG_VCPU_KICK to one thread of this process. */
+export function kickThread(tid: number): void {
+  libc().tgkill(libc().getpid(), tid, SIG_VCPU_KICK);
 }

@@ -1,0 +1,38 @@
+// The hardware-reduced ACPI registers the FADT points at: sleep control (S5 =
+// power off), sleep status, and the reset register. ACPI 6.4 sections 4.8.3.7
+// (sleep control/status registers) and 4.8.3.6 (reset register).
+
+import type { BusDevice } from "../../vmm/bus.ts";
+import {
+  ACPI_RESET_PORT,
+  ACPI_RESET_VALUE,
+  ACPI_SLEEP_CONTROL_PORT,
+  ACPI_SLEEP_TYPE_S5,
+  ACPI_SLP_EN,
+  ACPI_SLP_TYP_MASK,
+  ACPI_SLP_TYP_SHIFT,
+} from "../../vmm/layout.ts";
+
+/** Ports from the sleep control register to the reset register. */
+export const ACPI_PM_PORT_SPAN = ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT + 1;
+const RESET_OFFSET = ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT;
+const CONTROL_OFFSET = 0;
+
+export class AcpiPm implements BusDevice {
+  constructor(readonly on: { powerOff: () => void; reset: () => void; log?: (line: string) => void }) {}
+
+  read(_offset: number, data: Uint8Array): void {
+    data.fill(0);
+  }
+
+  write(offset: number, data: Uint8Array): void {
+    const v = data[0];
+    if (offset === CONTROL_OFFSET && (v & ACPI_SLP_EN)) {
+      const type = (v >> ACPI_SLP_TYP_SHIFT) & ACPI_SLP_TYP_MASK;
+      if (type === ACPI_SLEEP_TYPE_S5) this.on.powerOff();
+      else this.on.log?.(`guest asked for ACPI sleep type ${type}, which denovm does not offer; ignored`);
+    } else if (offset === RESET_OFFSET && v === ACPI_RESET_VALUE) {
+      this.on.reset();
+    }
+  }
+}

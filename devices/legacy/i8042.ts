@@ -1,0 +1,81 @@
+// Just enough of the i8042 keyboard controller for a guest to reset the machine
+// (Linux reboot=k writes command 0xFE to port 0x64) and to find a controller that
+// answers. Commands from the IBM PC/AT technical reference as Linux's
+// drivers/input/serio/i8042.h names them.
+
+import type { BusDevice } from "../../vmm/bus.ts";
+import { I8042_COMMAND_PORT, I8042_DATA_PORT } from "../../vmm/layout.ts";
+
+const I8042_CMD_CTL_RCTR = 0x20; // read the command byte
+const I8042_CMD_CTL_WCTR = 0x60; // write the command byte
+const I8042_CMD_AUX_DISABLE = 0xa7;
+const I8042_CMD_AUX_ENABLE = 0xa8;
+const I8042_CMD_CTL_TEST = 0xaa; // controller self-test → 0x55
+const I8042_CMD_KBD_TEST = 0xab; // keyboard interface test → 0x00
+const I8042_CMD_KBD_DISABLE = 0xad;
+const I8042_CMD_KBD_ENABLE = 0xae;
+const I8042_CMD_WRITE_OUTPUT_PORT = 0xd1;
+const I8042_CMD_PULSE_RESET = 0xfe;
+const I8042_SELF_TEST_OK = 0x55;
+const I8042_STR_OBF = 0x01; // output buffer full
+const I8042_STR_SYSFLAG = 0x04; // system flag: self-test passed
+/** Output port bit 0 low resets the CPU. */
+const OUTPUT_PORT_RESET_BIT = 0x01;
+/** Keyboard answer to any command: 0xFE resend (no keyboard attached). */
+const KBD_RESEND = 0xfe;
+
+/** The span of ports registered on the I/O bus: 0x60..0x64. */
+export const I8042_PORT_SPAN = I8042_COMMAND_PORT - I8042_DATA_PORT + 1;
+
+export class I8042 implements BusDevice {
+  #ctr = 0;
+  #out: number | undefined;
+  #pending: number | undefined;
+
+  constructor(readonly onReset: () => void) {}
+
+  read(offset: number, data: Uint8Array): void {
+    data.fill(0);
+    if (offset === 0) {
+      data[0] = this.#out ?? 0;
+      this.#out = undefined;
+    } else if (offset === I8042_COMMAND_PORT - I8042_DATA_PORT) {
+      data[0] = I8042_STR_SYSFLAG | (this.#out !== undefined ? I8042_STR_OBF : 0);
+    }
+  }
+
+  write(offset: number, data: Uint8Array): void {
+    const v = data[0];
+    if (offset === I8042_COMMAND_PORT - I8042_DATA_PORT) {
+      switch (v) {
+        case I8042_CMD_CTL_RCTR:
+          this.#out = this.#ctr;
+          break;
+        case I8042_CMD_CTL_WCTR:
+        case I8042_CMD_WRITE_OUTPUT_PORT:
+          this.#pending = v;
+          break;
+        case I8042_CMD_CTL_TEST:
+          this.#out = I8042_SELF_TEST_OK;
+          break;
+        case I8042_CMD_KBD_TEST:
+          this.#out = 0;
+          break;
+        case I8042_CMD_PULSE_RESET:
+          this.onReset();
+          break;
+        case I8042_CMD_AUX_DISABLE:
+        case I8042_CMD_AUX_ENABLE:
+        case I8042_CMD_KBD_DISABLE:
+        case I8042_CMD_KBD_ENABLE:
+          break;
+      }
+    } else if (offset === 0) {
+      if (this.#pending === I8042_CMD_CTL_WCTR) this.#ctr = v;
+      else if (this.#pending === I8042_CMD_WRITE_OUTPUT_PORT) {
+        if (!(v & OUTPUT_PORT_RESET_BIT)) this.onReset();
+      } else this.#out = KBD_RESEND;
+      this.#pending = undefined;
+    }
+  }
+}

@@ -1,0 +1,22 @@
+// pvpanic: the guest writes here when it panics (QEMU docs/specs/pvpanic.rst;
+// Linux drivers/misc/pvpanic). crosvm exits 34 on a guest panic.
+
+import type { BusDevice } from "../../vmm/bus.ts";
+
+/** Event bits (pvpanic.rst; Linux include/uapi/misc/pvpanic.h). */
+const PVPANIC_PANICKED = 1 << 0;
+const PVPANIC_CRASH_LOADED = 1 << 1;
+
+export class PvPanic implements BusDevice {
+  constructor(readonly onPanic: () => void, readonly log?: (line: string) => void) {}
+
+  read(_offset: number, data: Uint8Array): void {
+    data.fill(0);
+    data[0] = PVPANIC_PANICKED | PVPANIC_CRASH_LOADED; // the events this device understands
+  }
+
+  write(_offset: number, data: Uint8Array): void {
+    if (data[0] & PVPANIC_PANICKED) this.onPanic();
+    else if (data[0] & PVPANIC_CRASH_LOADED) this.log?.("guest reports a crash kernel loaded after a panic");
+  }
+}

@@ -1,0 +1,192 @@
+/// <reference lib="deno.worker" />
+// One vCPU: this Worker calls KVM_RUN in a loop on its own thread. Port and MMIO
+// exits that a device on the main thread must answer are handed over through a
+// SharedArrayBuffer (see vcpu_channel.ts); the worker blocks on Atomics.wait until
+// the answer is there, exactly as the guest's instruction waits for it.
+
+import {
+  KVM_EXIT_FAIL_ENTRY,
+  KVM_EXIT_HLT,
+  KVM_EXIT_INTERNAL_ERROR,
+  KVM_EXIT_INTR,
+  KVM_EXIT_IO,
+  KVM_EXIT_IO_OUT,
+  KVM_EXIT_IRQ_WINDOW_OPEN,
+  KVM_EXIT_MMIO,
+  KVM_EXIT_SHUTDOWN,
+  KVM_EXIT_SYSTEM_EVENT,
+  KVM_SYSTEM_EVENT_CRASH,
+  KVM_SYSTEM_EVENT_RESET,
+  KVM_SYSTEM_EVENT_SHUTDOWN,
+  kvmRun,
+  RUN_EXIT_REASON,
+  RUN_FAIL_ENTRY_REASON,
+  RUN_IMMEDIATE_EXIT,
+  RUN_INTERNAL_DATA,
+  RUN_INTERNAL_NDATA,
+  RUN_INTERNAL_SUBERROR,
+  RUN_IO_COUNT,
+  RUN_IO_DATA_OFFSET,
+  RUN_IO_DIRECTION,
+  RUN_IO_PORT,
+  RUN_IO_SIZE,
+  RUN_MMIO_DATA,
+  RUN_MMIO_IS_WRITE,
+  RUN_MMIO_LEN,
+  RUN_MMIO_PHYS_ADDR,
+  RUN_SYSTEM_EVENT_TYPE,
+} from "../ffi/kvm.ts";
+import { EAGAIN, EINTR, libc, MAP_SHARED, mmap, PROT_READ, PROT_WRITE, strerror } from "../ffi/libc.ts";
+import { dumpRegisters } from "./cpu.ts";
+import { DEBUG_EXIT_PORT } from "./layout.ts";
+import {
+  CTL_COMMAND,
+  CTL_PAUSED,
+  CMD_PAUSE,
+  CMD_STOP,
+  IO_ADDR_HI,
+  IO_ADDR_LO,
+  IO_DATA_BYTE_OFFSET,
+  IO_IS_WRITE,
+  IO_KIND,
+  IO_SIZE,
+  IO_STATE,
+  KIND_MMIO,
+  KIND_PIO,
+  STATE_IDLE,
+  STATE_REQUEST,
+  type VcpuExitMessage,
+  type VcpuStartMessage,
+} from "./vcpu_channel.ts";
+
+/** Port 0x80 is the POST-code port; Linux writes it for I/O delays. Reads see an idle ISA bus. */
+const POST_CODE_PORT = 0x80;
+const ISA_FLOATING_BUS = 0xff;
+
+self.onmessage = (e: MessageEvent<VcpuStartMessage>) => {
+  self.onmessage = null;
+  try {
+    run(e.data);
+  } catch (err) {
+    post({ kind: "crash", detail: `vcpu ${e.data.id}: ${(err as Error).message}` });
+  }
+  self.close();
+};
+
+function post(m: VcpuExitMessage): void {
+  self.postMessage(m);
+}
+
+function run(start: VcpuStartMessage): void {
+  const { vcpuFd, id, runSize } = start;
+  const ctl = new Int32Array(start.control);
+  const io = new Int32Array(start.io);
+  const ioBytes = new Uint8Array(start.io);
+  const runPtr = mmap(runSize, PROT_READ | PROT_WRITE, MAP_SHARED, vcpuFd, 0);
+  const run = new DataView(Deno.UnsafePointerView.getArrayBuffer(runPtr, runSize));
+  const runBytes = new Uint8Array(run.buffer);
+  self.postMessage({ kind: "ready", tid: libc().gettid(), runAddr: BigInt(Deno.UnsafePointer.value(runPtr)) });
+
+  /** Hand one access to the main thread and wait for its answer. */
+  const exchange = (kind: number, isWrite: boolean, addr: number, size: number, data: Uint8Array) => {
+    io[IO_KIND] = kind;
+    io[IO_IS_WRITE] = isWrite ? 1 : 0;
+    io[IO_SIZE] = size;
+    io[IO_ADDR_LO] = addr % 2 ** 32;
+    io[IO_ADDR_HI] = Math.floor(addr / 2 ** 32);
+    if (isWrite) ioBytes.set(data.subarray(0, size), IO_DATA_BYTE_OFFSET);
+    Atomics.store(io, IO_STATE, STATE_REQUEST);
+    Atomics.notify(io, IO_STATE);
+    while (Atomics.load(io, IO_STATE) === STATE_REQUEST) Atomics.wait(io, IO_STATE, STATE_REQUEST, 100);
+    if (!isWrite) data.set(ioBytes.subarray(IO_DATA_BYTE_OFFSET, IO_DATA_BYTE_OFFSET + size));
+    Atomics.store(io, IO_STATE, STATE_IDLE);
+    Atomics.notify(io, IO_STATE);
+  };
+
+  for (;;) {
+    const cmd = Atomics.load(ctl, CTL_COMMAND);
+    if (cmd === CMD_STOP) return post({ kind: "stopped" });
+    if (cmd === CMD_PAUSE) {
+      Atomics.add(ctl, CTL_PAUSED, 1);
+      Atomics.notify(ctl, CTL_PAUSED);
+      while (Atomics.load(ctl, CTL_COMMAND) === CMD_PAUSE) Atomics.wait(ctl, CTL_COMMAND, CMD_PAUSE);
+      Atomics.sub(ctl, CTL_PAUSED, 1);
+      Atomics.notify(ctl, CTL_PAUSED);
+      continue;
+    }
+    const err = kvmRun(vcpuFd);
+    if (err !== 0) {
+      if (err === EINTR || err === EAGAIN) {
+        // A kick (immediate_exit + signal), or the first KVM_RUN after an INIT: look at the command and go on.
+        runBytes[RUN_IMMEDIATE_EXIT] = 0;
+        continue;
+      }
+      return post({ kind: "crash", detail: `vcpu ${id}: KVM_RUN: ${strerror(err)}\n${dumpRegisters(vcpuFd)}` });
+    }
+    const reason = run.getUint32(RUN_EXIT_REASON, true);
+    switch (reason) {
+      case KVM_EXIT_IO: {
+        const out = run.getUint8(RUN_IO_DIRECTION) === KVM_EXIT_IO_OUT;
+        const size = run.getUint8(RUN_IO_SIZE);
+        const port = run.getUint16(RUN_IO_PORT, true);
+        const count = run.getUint32(RUN_IO_COUNT, true);
+        const off = Number(run.getBigUint64(RUN_IO_DATA_OFFSET, true));
+        for (let i = 0; i < count; i++) {
+          const data = runBytes.subarray(off + i * size, off + (i + 1) * size);
+          if (port === POST_CODE_PORT) {
+            if (!out) data.fill(ISA_FLOATING_BUS);
+          } else if (port === DEBUG_EXIT_PORT && start.debugExit && out) {
+            return post({ kind: "debug-exit", code: data[0] });
+          } else {
+            exchange(KIND_PIO, out, port, size, data);
+          }
+        }
+        break;
+      }
+      case KVM_EXIT_MMIO: {
+        const addr = Number(run.getBigUint64(RUN_MMIO_PHYS_ADDR, true));
+        const len = run.getUint32(RUN_MMIO_LEN, true);
+        const isWrite = run.getUint8(RUN_MMIO_IS_WRITE) !== 0;
+        exchange(KIND_MMIO, isWrite, addr, Math.min(len, 8), runBytes.subarray(RUN_MMIO_DATA, RUN_MMIO_DATA + 8));
+        break;
+      }
+      case KVM_EXIT_INTR:
+      case KVM_EXIT_IRQ_WINDOW_OPEN:
+      case KVM_EXIT_HLT:
+        // With the in-kernel irqchip HLT is handled by KVM; an exit here only means "look again".
+        break;
+      case KVM_EXIT_SHUTDOWN:
+        return post({ kind: "crash", detail: `vcpu ${id}: triple fault (KVM_EXIT_SHUTDOWN)\n${dumpRegisters(vcpuFd)}` });
+      case KVM_EXIT_SYSTEM_EVENT: {
+        const type = run.getUint32(RUN_SYSTEM_EVENT_TYPE, true);
+        if (type === KVM_SYSTEM_EVENT_SHUTDOWN) return post({ kind: "shutdown" });
+        if (type === KVM_SYSTEM_EVENT_RESET) return post({ kind: "reset" });
+        if (type === KVM_SYSTEM_EVENT_CRASH) {
+          return post({ kind: "crash", detail: `vcpu ${id}: system event crash\n${dumpRegisters(vcpuFd)}` });
+        }
+        break;
+      }
+      case KVM_EXIT_INTERNAL_ERROR: {
+        const sub = run.getUint32(RUN_INTERNAL_SUBERROR, true);
+        const n = Math.min(run.getUint32(RUN_INTERNAL_NDATA, true), 16);
+        const data = Array.from(
+          { length: n },
+          (_, i) => "0x" + run.getBigUint64(RUN_INTERNAL_DATA + 8 * i, true).toString(16),
+        );
+        return post({
+          kind: "crash",
+          detail: `vcpu ${id}: KVM internal error, suberror ${sub} [${data.join(" ")}]\n${dumpRegisters(vcpuFd)}`,
+        });
+      }
+      case KVM_EXIT_FAIL_ENTRY: {
+        const why = run.getBigUint64(RUN_FAIL_ENTRY_REASON, true);
+        return post({
+          kind: "crash",
+          detail: `vcpu ${id}: VM entry failed, reason 0x${why.toString(16)}\n${dumpRegisters(vcpuFd)}`,
+        });
+      }
+      default:
+        return post({ kind: "crash", detail: `vcpu ${id}: unexpected exit reason ${reason}\n${dumpRegisters(vcpuFd)}` });
+    }
+  }
+}
