@@ -1,0 +1,454 @@
+// The virtio-mmio transport, version 2 (virtio 1.2 spec, section 4.2; Linux
+// include/uapi/linux/virtio_mmio.h): the register model only. The VMM routes MMIO exits
+// and ioeventfds here and wires VirtioIrq to an irqfd; nothing here knows about KVM.
+
+import { type ActivateContext, VIRTIO_F_VERSION_1, type VirtioDevice, type VirtioInterrupt } from "./device.ts";
+import { RateLimitedLog, VIRTQ_MAX_SIZE, Virtqueue } from "./queue.ts";
+import { VIRTIO_F_EVENT_IDX } from "./device.ts";
+import type { GuestMemory } from "../../vmm/memory.ts";
+
+// ---- Register offsets (virtio_mmio.h, spec 4.2.2 table "MMIO Device Register Layout") ----
+export const VIRTIO_MMIO_MAGIC_VALUE = 0x000;
+export const VIRTIO_MMIO_VERSION = 0x004;
+export const VIRTIO_MMIO_DEVICE_ID = 0x008;
+export const VIRTIO_MMIO_VENDOR_ID = 0x00c;
+export const VIRTIO_MMIO_DEVICE_FEATURES = 0x010;
+export const VIRTIO_MMIO_DEVICE_FEATURES_SEL = 0x014;
+export const VIRTIO_MMIO_DRIVER_FEATURES = 0x020;
+export const VIRTIO_MMIO_DRIVER_FEATURES_SEL = 0x024;
+export const VIRTIO_MMIO_QUEUE_SEL = 0x030;
+export const VIRTIO_MMIO_QUEUE_NUM_MAX = 0x034;
+export const VIRTIO_MMIO_QUEUE_NUM = 0x038;
+export const VIRTIO_MMIO_QUEUE_READY = 0x044;
+export const VIRTIO_MMIO_QUEUE_NOTIFY = 0x050;
+export const VIRTIO_MMIO_INTERRUPT_STATUS = 0x060;
+export const VIRTIO_MMIO_INTERRUPT_ACK = 0x064;
+export const VIRTIO_MMIO_STATUS = 0x070;
+export const VIRTIO_MMIO_QUEUE_DESC_LOW = 0x080;
+export const VIRTIO_MMIO_QUEUE_DESC_HIGH = 0x084;
+export const VIRTIO_MMIO_QUEUE_AVAIL_LOW = 0x090;
+export const VIRTIO_MMIO_QUEUE_AVAIL_HIGH = 0x094;
+export const VIRTIO_MMIO_QUEUE_USED_LOW = 0x0a0;
+export const VIRTIO_MMIO_QUEUE_USED_HIGH = 0x0a4;
+export const VIRTIO_MMIO_SHM_SEL = 0x0ac;
+export const VIRTIO_MMIO_SHM_LEN_LOW = 0x0b0;
+export const VIRTIO_MMIO_SHM_LEN_HIGH = 0x0b4;
+export const VIRTIO_MMIO_SHM_BASE_LOW = 0x0b8;
+export const VIRTIO_MMIO_SHM_BASE_HIGH = 0x0bc;
+export const VIRTIO_MMIO_QUEUE_RESET = 0x0c0;
+export const VIRTIO_MMIO_CONFIG_GENERATION = 0x0fc;
+export const VIRTIO_MMIO_CONFIG = 0x100;
+
+/** "virt" in little endian (spec 4.2.2). */
+export const VIRTIO_MMIO_MAGIC = 0x74726976;
+/** The modern transport; version 1 is legacy and never offered. */
+export const VIRTIO_MMIO_VERSION_2 = 2;
+/** Vendor id reported by denovm ("DNVM" in little endian; the spec leaves it free). */
+export const VIRTIO_MMIO_VENDOR_DENOVM = 0x4d564e44;
+/** InterruptStatus bits (virtio_mmio.h VIRTIO_MMIO_INT_VRING / _CONFIG). */
+export const VIRTIO_MMIO_INT_VRING = 1;
+export const VIRTIO_MMIO_INT_CONFIG = 2;
+/** An absent shared-memory region reads as all ones in SHMLen and SHMBase (spec 4.2.2). */
+const SHM_ABSENT = 0xffff_ffff;
+
+/** Device status bits (spec 2.1, virtio_config.h VIRTIO_CONFIG_S_*). */
+export const VIRTIO_STATUS_ACKNOWLEDGE = 1;
+export const VIRTIO_STATUS_DRIVER = 2;
+export const VIRTIO_STATUS_DRIVER_OK = 4;
+export const VIRTIO_STATUS_FEATURES_OK = 8;
+export const VIRTIO_STATUS_DEVICE_NEEDS_RESET = 64;
+export const VIRTIO_STATUS_FAILED = 128;
+
+/** VIRTIO_F_RING_RESET (spec 6): lets the driver reset one queue through QueueReset. */
+export const VIRTIO_F_RING_RESET = 1n << 40n;
+
+const REG_SIZE = 4;
+const U32 = 0x1_0000_0000;
+
+/** How the transport raises its interrupt line (an irqfd in the VMM). */
+export interface VirtioIrq {
+  trigger(): void;
+}
+
+export interface VirtioMmioOptions {
+  irq: VirtioIrq;
+  /** Guest-physical base of shared-memory region `id`, or undefined when it is not mapped. */
+  shmBase?: (id: number) => number | undefined;
+}
+
+interface QueueState {
+  num: number;
+  ready: boolean;
+  desc: number;
+  avail: number;
+  used: number;
+  /** QueueReset reads 1 after a reset until the queue is enabled again. */
+  reset: boolean;
+}
+
+function freshQueue(max: number): QueueState {
+  return { num: max, ready: false, desc: 0, avail: 0, used: 0, reset: false };
+}
+
+/** Replace the low or high 32 bits of a 64-bit guest address. */
+function setHalf(old: number, v: number, high: boolean): number {
+  const lo = old % U32;
+  const hi = Math.floor(old / U32);
+  return high ? v * U32 + lo : hi * U32 + v;
+}
+
+export class VirtioMmioTransport {
+  readonly device: VirtioDevice;
+  readonly #mem: GuestMemory;
+  readonly #irq: VirtioIrq;
+  readonly #shmBase: (id: number) => number | undefined;
+  readonly #log: RateLimitedLog;
+  #deviceFeaturesSel = 0;
+  #driverFeaturesSel = 0;
+  #driverFeatures = 0n;
+  #acked = 0n;
+  #queueSel = 0;
+  #queues: QueueState[] = [];
+  #status = 0;
+  #interruptStatus = 0;
+  #configGeneration = 0;
+  #shmSel = 0;
+  #active: (Virtqueue | undefined)[] | null = null;
+  /** Exits served, per register name: cheap counters for stats. */
+  readonly counters = { reads: 0, writes: 0, notifies: 0, interrupts: 0, guestErrors: 0 };
+
+  constructor(device: VirtioDevice, mem: GuestMemory, opts: VirtioMmioOptions) {
+    this.device = device;
+    this.#mem = mem;
+    this.#irq = opts.irq;
+    this.#shmBase = opts.shmBase ?? (() => undefined);
+    this.#log = new RateLimitedLog(`virtio-mmio ${device.name}`);
+    this.#resetState();
+  }
+
+  get interruptStatus(): number {
+    return this.#interruptStatus;
+  }
+  get status(): number {
+    return this.#status;
+  }
+  /** Features the driver acknowledged (valid from FEATURES_OK). */
+  get ackedFeatures(): bigint {
+    return this.#acked;
+  }
+  /** The live queues after DRIVER_OK, else null. */
+  get queues(): readonly (Virtqueue | undefined)[] | null {
+    return this.#active;
+  }
+
+  #guestError(msg: string): void {
+    this.counters.guestErrors++;
+    this.#log.log(msg);
+  }
+
+  #resetState(): void {
+    this.#deviceFeaturesSel = 0;
+    this.#driverFeaturesSel = 0;
+    this.#driverFeatures = 0n;
+    this.#acked = 0n;
+    this.#queueSel = 0;
+    this.#queues = this.device.queueMaxSizes.map((m) => freshQueue(m));
+    this.#status = 0;
+    this.#interruptStatus = 0;
+    this.#shmSel = 0;
+    this.#active = null;
+  }
+
+  /** The interrupt handle given to the device at activation. */
+  readonly #interrupt: VirtioInterrupt = {
+    signalUsedQueue: (_index: number) => this.#raise(VIRTIO_MMIO_INT_VRING),
+    signalConfigChange: () => {
+      this.#configGeneration = (this.#configGeneration + 1) >>> 0;
+      this.#raise(VIRTIO_MMIO_INT_CONFIG);
+    },
+  };
+
+  #raise(bit: number): void {
+    this.#interruptStatus |= bit;
+    this.counters.interrupts++;
+    this.#irq.trigger();
+  }
+
+  /** The device (outside the driver's control) changed its config: bump the generation and interrupt. */
+  configChanged(): void {
+    this.#interrupt.signalConfigChange();
+  }
+
+  read(offset: number, data: Uint8Array): void {
+    this.counters.reads++;
+    if (offset >= VIRTIO_MMIO_CONFIG) {
+      this.device.readConfig(offset - VIRTIO_MMIO_CONFIG, data);
+      return;
+    }
+    data.fill(0);
+    if (data.length !== REG_SIZE || offset % REG_SIZE !== 0) {
+      this.#guestError(`read of ${data.length} bytes at register 0x${offset.toString(16)}; registers are 32-bit`);
+      return;
+    }
+    new DataView(data.buffer, data.byteOffset, REG_SIZE).setUint32(0, this.#readReg(offset) >>> 0, true);
+  }
+
+  #readReg(offset: number): number {
+    const q = this.#queues[this.#queueSel];
+    switch (offset) {
+      case VIRTIO_MMIO_MAGIC_VALUE:
+        return VIRTIO_MMIO_MAGIC;
+      case VIRTIO_MMIO_VERSION:
+        return VIRTIO_MMIO_VERSION_2;
+      case VIRTIO_MMIO_DEVICE_ID:
+        return this.device.deviceType;
+      case VIRTIO_MMIO_VENDOR_ID:
+        return VIRTIO_MMIO_VENDOR_DENOVM;
+      case VIRTIO_MMIO_DEVICE_FEATURES:
+        if (this.#deviceFeaturesSel > 1) return 0;
+        return Number((this.device.features >> BigInt(32 * this.#deviceFeaturesSel)) & 0xffff_ffffn);
+      case VIRTIO_MMIO_QUEUE_NUM_MAX:
+        return q ? this.device.queueMaxSizes[this.#queueSel] : 0;
+      case VIRTIO_MMIO_QUEUE_READY:
+        return q?.ready ? 1 : 0;
+      case VIRTIO_MMIO_QUEUE_RESET:
+        return q?.reset ? 1 : 0;
+      case VIRTIO_MMIO_INTERRUPT_STATUS:
+        return this.#interruptStatus;
+      case VIRTIO_MMIO_STATUS:
+        return this.#status;
+      case VIRTIO_MMIO_SHM_LEN_LOW:
+      case VIRTIO_MMIO_SHM_LEN_HIGH:
+      case VIRTIO_MMIO_SHM_BASE_LOW:
+      case VIRTIO_MMIO_SHM_BASE_HIGH: {
+        const shm = this.#shm();
+        if (!shm) return SHM_ABSENT;
+        const v = offset === VIRTIO_MMIO_SHM_LEN_LOW || offset === VIRTIO_MMIO_SHM_LEN_HIGH ? shm.size : shm.base;
+        const high = offset === VIRTIO_MMIO_SHM_LEN_HIGH || offset === VIRTIO_MMIO_SHM_BASE_HIGH;
+        return high ? Math.floor(v / U32) : v % U32;
+      }
+      case VIRTIO_MMIO_CONFIG_GENERATION:
+        return this.#configGeneration;
+      default:
+        this.#guestError(`read of write-only or unknown register 0x${offset.toString(16)}`);
+        return 0;
+    }
+  }
+
+  /** The selected shared-memory region, when the device has it and the VMM placed it. */
+  #shm(): { size: number; base: number } | undefined {
+    const r = this.device.sharedMemoryRegions?.().find((r) => r.id === this.#shmSel);
+    if (!r) return undefined;
+    const base = this.#shmBase(r.id);
+    return base === undefined ? undefined : { size: r.size, base };
+  }
+
+  write(offset: number, data: Uint8Array): void {
+    this.counters.writes++;
+    if (offset >= VIRTIO_MMIO_CONFIG) {
+      this.device.writeConfig(offset - VIRTIO_MMIO_CONFIG, data);
+      return;
+    }
+    if (data.length !== REG_SIZE || offset % REG_SIZE !== 0) {
+      this.#guestError(`write of ${data.length} bytes at register 0x${offset.toString(16)}; registers are 32-bit`);
+      return;
+    }
+    this.#writeReg(offset, new DataView(data.buffer, data.byteOffset, REG_SIZE).getUint32(0, true));
+  }
+
+  #writeReg(offset: number, v: number): void {
+    const q = this.#queues[this.#queueSel];
+    switch (offset) {
+      case VIRTIO_MMIO_DEVICE_FEATURES_SEL:
+        this.#deviceFeaturesSel = v;
+        return;
+      case VIRTIO_MMIO_DRIVER_FEATURES_SEL:
+        this.#driverFeaturesSel = v;
+        return;
+      case VIRTIO_MMIO_DRIVER_FEATURES: {
+        if (this.#status & VIRTIO_STATUS_FEATURES_OK) {
+          this.#guestError("driver features written after FEATURES_OK; ignored");
+          return;
+        }
+        if (this.#driverFeaturesSel > 1) {
+          if (v !== 0) this.#guestError(`driver features word ${this.#driverFeaturesSel} = 0x${v.toString(16)}`);
+          return;
+        }
+        const shift = BigInt(32 * this.#driverFeaturesSel);
+        this.#driverFeatures = (this.#driverFeatures & ~(0xffff_ffffn << shift)) | (BigInt(v) << shift);
+        return;
+      }
+      case VIRTIO_MMIO_QUEUE_SEL:
+        this.#queueSel = v;
+        return;
+      case VIRTIO_MMIO_QUEUE_NUM:
+      case VIRTIO_MMIO_QUEUE_DESC_LOW:
+      case VIRTIO_MMIO_QUEUE_DESC_HIGH:
+      case VIRTIO_MMIO_QUEUE_AVAIL_LOW:
+      case VIRTIO_MMIO_QUEUE_AVAIL_HIGH:
+      case VIRTIO_MMIO_QUEUE_USED_LOW:
+      case VIRTIO_MMIO_QUEUE_USED_HIGH:
+        this.#writeQueueReg(q, offset, v);
+        return;
+      case VIRTIO_MMIO_QUEUE_READY:
+        this.#setQueueReady(q, v);
+        return;
+      case VIRTIO_MMIO_QUEUE_NOTIFY:
+        this.notify(v);
+        return;
+      case VIRTIO_MMIO_INTERRUPT_ACK:
+        this.#interruptStatus &= ~v;
+        return;
+      case VIRTIO_MMIO_STATUS:
+        this.#setStatus(v);
+        return;
+      case VIRTIO_MMIO_SHM_SEL:
+        this.#shmSel = v;
+        return;
+      case VIRTIO_MMIO_QUEUE_RESET:
+        this.#queueReset(q, v);
+        return;
+      default:
+        this.#guestError(`write of 0x${v.toString(16)} to read-only or unknown register 0x${offset.toString(16)}`);
+    }
+  }
+
+  #writeQueueReg(q: QueueState | undefined, offset: number, v: number): void {
+    if (!q) {
+      this.#guestError(`queue register 0x${offset.toString(16)} written with no queue ${this.#queueSel}`);
+      return;
+    }
+    if (q.ready) {
+      this.#guestError(`queue ${this.#queueSel} register 0x${offset.toString(16)} written while the queue is ready`);
+      return;
+    }
+    switch (offset) {
+      case VIRTIO_MMIO_QUEUE_NUM:
+        q.num = v;
+        return;
+      case VIRTIO_MMIO_QUEUE_DESC_LOW:
+      case VIRTIO_MMIO_QUEUE_DESC_HIGH:
+        q.desc = setHalf(q.desc, v, offset === VIRTIO_MMIO_QUEUE_DESC_HIGH);
+        return;
+      case VIRTIO_MMIO_QUEUE_AVAIL_LOW:
+      case VIRTIO_MMIO_QUEUE_AVAIL_HIGH:
+        q.avail = setHalf(q.avail, v, offset === VIRTIO_MMIO_QUEUE_AVAIL_HIGH);
+        return;
+      default:
+        q.used = setHalf(q.used, v, offset === VIRTIO_MMIO_QUEUE_USED_HIGH);
+    }
+  }
+
+  #setQueueReady(q: QueueState | undefined, v: number): void {
+    if (!q) {
+      this.#guestError(`QueueReady written with no queue ${this.#queueSel}`);
+      return;
+    }
+    if (v === 0) {
+      if (q.ready && this.#active) this.#guestError(`queue ${this.#queueSel} disabled while the device runs; ignored`);
+      else q.ready = false;
+      return;
+    }
+    const max = this.device.queueMaxSizes[this.#queueSel];
+    const addrs = { size: q.num, descTable: q.desc, availRing: q.avail, usedRing: q.used };
+    const why = q.num > max || q.num > VIRTQ_MAX_SIZE
+      ? `size ${q.num} exceeds QueueNumMax ${max}`
+      : Virtqueue.validate(this.#mem, addrs);
+    if (why) {
+      this.#guestError(`queue ${this.#queueSel} not enabled: ${why}`);
+      return;
+    }
+    q.ready = true;
+    q.reset = false;
+  }
+
+  #queueReset(q: QueueState | undefined, v: number): void {
+    if (v !== 1 || !q) {
+      this.#guestError(`QueueReset write of ${v} (queue ${this.#queueSel})`);
+      return;
+    }
+    if (!(this.#acked & VIRTIO_F_RING_RESET)) {
+      this.#guestError("QueueReset without VIRTIO_F_RING_RESET negotiated; ignored");
+      return;
+    }
+    Object.assign(q, freshQueue(this.device.queueMaxSizes[this.#queueSel]), { reset: true });
+    if (this.#active) this.#active[this.#queueSel] = undefined;
+  }
+
+  #setStatus(v: number): void {
+    if (v === 0) {
+      this.device.reset();
+      this.#resetState();
+      return;
+    }
+    const old = this.#status;
+    if ((old & ~v) !== 0) {
+      this.#guestError(`status 0x${v.toString(16)} clears bits of 0x${old.toString(16)}; ignored`);
+      return;
+    }
+    let next = v;
+    const added = v & ~old;
+    if (added & VIRTIO_STATUS_FEATURES_OK) {
+      const offered = this.device.features;
+      const f = this.#driverFeatures;
+      if ((f & ~offered) !== 0n || !(f & VIRTIO_F_VERSION_1)) {
+        this.#guestError(
+          `driver features 0x${f.toString(16)} are not a subset of 0x${offered.toString(16)} with VERSION_1`,
+        );
+        next &= ~VIRTIO_STATUS_FEATURES_OK;
+      } else {
+        this.#acked = f;
+      }
+    }
+    if (added & VIRTIO_STATUS_DRIVER_OK) {
+      if (!(next & VIRTIO_STATUS_FEATURES_OK)) {
+        this.#guestError("DRIVER_OK without FEATURES_OK; ignored");
+        next &= ~VIRTIO_STATUS_DRIVER_OK;
+      } else {
+        this.#status = next;
+        this.#activate();
+        return;
+      }
+    }
+    this.#status = next;
+  }
+
+  #activate(): void {
+    const eventIdx = (this.#acked & VIRTIO_F_EVENT_IDX) !== 0n;
+    const queues = this.#queues.map((q, i) =>
+      q.ready
+        ? new Virtqueue(this.#mem, i, { size: q.num, descTable: q.desc, availRing: q.avail, usedRing: q.used }, {
+          eventIdx,
+        })
+        : undefined
+    );
+    const ctx: ActivateContext = {
+      mem: this.#mem,
+      queues,
+      ackedFeatures: this.#acked,
+      interrupt: this.#interrupt,
+    };
+    try {
+      this.device.activate(ctx);
+      this.#active = queues;
+    } catch (e) {
+      this.#guestError(`activation failed: ${(e as Error).message}; device needs reset`);
+      this.#status |= VIRTIO_STATUS_DEVICE_NEEDS_RESET;
+      this.#interrupt.signalConfigChange();
+    }
+  }
+
+  /** A QueueNotify write (or its ioeventfd): the driver kicked queue `queueIndex`. */
+  notify(queueIndex: number): void {
+    this.counters.notifies++;
+    if (!this.#active) {
+      this.#guestError(`notify of queue ${queueIndex} before DRIVER_OK`);
+      return;
+    }
+    if (!this.#active[queueIndex]) {
+      this.#guestError(`notify of queue ${queueIndex}, which is not enabled`);
+      return;
+    }
+    this.device.queueNotify(queueIndex);
+  }
+}
