@@ -92,6 +92,7 @@ Deno.test("run: --mem and --cpus forms", () => {
   assert.equal(run("-c", "num-cores=2").cpus, 2);
   assert.equal(run("--cpus", "255").cpus, 255);
   usageError(["--mem", "0", "k"], /--mem size: 0 is out of range/);
+  usageError(["--mem", String(2 ** 27 + 1), "k"], /--mem size: 134217729 is out of range/);
   usageError(["--mem", "lots", "k"], /--mem size: "lots" is not a valid number/);
   usageError(["--mem", "bytes=12", "k"], /--mem: unknown key "bytes"/);
   usageError(["--cpus", "0", "k"], /--cpus num-cores: 0 is out of range/);
@@ -269,7 +270,7 @@ Deno.test("run: --cfg JSON file, command line after it", () => {
         kernel: "vmlinux",
         mem: 512,
         cpus: "num-cores=2",
-        block: ["a.img,ro", { path: "b.img", root: true }],
+        block: ["a.img,ro", { path: "b,1.img", root: true }],
         "no-rng": true,
         no_balloon: false,
         params: ["quiet"],
@@ -279,7 +280,7 @@ Deno.test("run: --cfg JSON file, command line after it", () => {
     assert.equal(c.kernel, "vmlinux");
     assert.equal(c.memMiB, 1024);
     assert.equal(c.cpus, 2);
-    assert.deepEqual(c.blocks.map((b) => [b.path, b.ro, b.root]), [["a.img", true, false], ["b.img", false, true]]);
+    assert.deepEqual(c.blocks.map((b) => [b.path, b.ro, b.root]), [["a.img", true, false], ["b,1.img", false, true]]);
     assert.equal(c.rng, false);
     assert.equal(c.balloon, true);
     assert.deepEqual(c.params, ["quiet", "debug"]);

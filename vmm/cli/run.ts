@@ -38,6 +38,11 @@ import {
 
 export { UsageError } from "./keyvalue.ts";
 
+/**
+ * The most guest memory accepted, in MiB (128 TiB): guest RAM, moved up past the 32-bit device hole, stays
+ * inside the 48-bit guest-physical address space of x86_64 4-level paging.
+ */
+export const MAX_MEM_MIB = 2 ** 27;
 /** The highest vCPU count accepted; crosvm and the x86 MP table / xAPIC IDs stop at 255. */
 export const MAX_CPUS = 255;
 /** Serial port numbers are 1..4 (crosvm config.rs validate_serial_parameters: COM1..COM4). */
@@ -223,7 +228,7 @@ const TOUCH_KINDS: readonly InputKind[] = ["multi-touch", "single-touch", "track
 function parseMem(text: string): number {
   const o = parseOption(MEM_SCHEMA, text);
   if (o.size === undefined) return DEFAULT_MEM_MIB;
-  return parseUint(o.size as string, "--mem size", 1);
+  return parseUint(o.size as string, "--mem size", 1, MAX_MEM_MIB);
 }
 
 function parseCpus(text: string): number {
@@ -455,14 +460,21 @@ function scanArgv(argv: readonly string[]): { occurrences: Occurrence[]; positio
   return { occurrences, positionals };
 }
 
-/** A JSON value of a --cfg file turned back into command-line text. */
-function cfgValueText(v: unknown, where: string): string {
-  if (typeof v === "string") return v;
+/**
+ * A JSON value of a --cfg file turned back into command-line text. A top-level string is taken as written
+ * (it is key=value text, like the command line's); strings inside objects and arrays are quoted when they
+ * hold a separator, so {"path": "a,b.img"} stays one path.
+ */
+function cfgValueText(v: unknown, where: string, nested = false): string {
+  if (typeof v === "string") {
+    if (!nested || !/[,=[\]"\\]/.test(v)) return v;
+    return `"${v.replace(/["\\]/g, (c) => `\\${c}`)}"`;
+  }
   if (typeof v === "number" && Number.isFinite(v)) return String(v);
   if (typeof v === "boolean") return String(v);
-  if (Array.isArray(v)) return `[${v.map((x) => cfgValueText(x, where)).join(",")}]`;
+  if (Array.isArray(v)) return `[${v.map((x) => cfgValueText(x, where, true)).join(",")}]`;
   if (v !== null && typeof v === "object") {
-    return Object.entries(v).map(([k, x]) => `${k}=${cfgValueText(x, where)}`).join(",");
+    return Object.entries(v).map(([k, x]) => `${k}=${cfgValueText(x, where, true)}`).join(",");
   }
   throw new UsageError(`${where}: unsupported value ${JSON.stringify(v)}`);
 }
