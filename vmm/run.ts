@@ -1,6 +1,19 @@
-// Placeholder replaced by the lead: runs a VM from a VmConfig and resolves to crosvm's exit code.
-import type { VmConfig } from "./config.ts";
+// `denovm run`: build the VM from a VmConfig, run it, and resolve to crosvm's exit code.
 
-export function runVm(_config: VmConfig): Promise<number> {
-  return Promise.reject(new Error("runVm: not implemented yet"));
+import type { VmConfig } from "./config.ts";
+import { Machine } from "./machine.ts";
+
+export async function runVm(config: VmConfig): Promise<number> {
+  const machine = await Machine.create(config);
+  const onSignal = () => void machine.stop();
+  Deno.addSignalListener("SIGTERM", onSignal);
+  Deno.addSignalListener("SIGINT", onSignal);
+  try {
+    await machine.start();
+    return await machine.exitCode;
+  } finally {
+    Deno.removeSignalListener("SIGTERM", onSignal);
+    Deno.removeSignalListener("SIGINT", onSignal);
+    machine.close();
+  }
 }

@@ -1,0 +1,512 @@
+// Assembling and running a VM from a VmConfig: guest memory, kernel and initrd,
+// boot structures and firmware tables, the KVM VM and its vCPU Workers, legacy
+// devices on the port bus and virtio-mmio transports on the MMIO bus.
+
+import { closeFd, eventfd, eventfdRead, eventfdWrite, pollAsync, POLLIN } from "../ffi/libc.ts";
+import { Cmos, CMOS_PORT_SPAN } from "../devices/legacy/cmos.ts";
+import { I8042, I8042_PORT_SPAN } from "../devices/legacy/i8042.ts";
+import { ACPI_PM_PORT_SPAN, AcpiPm } from "../devices/legacy/acpi_pm.ts";
+import { PvPanic } from "../devices/legacy/pvpanic.ts";
+import { Serial, UART_REGISTER_COUNT } from "../devices/legacy/serial.ts";
+import type { VirtioDevice } from "../devices/virtio/device.ts";
+import { VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport } from "../devices/virtio/mmio.ts";
+import { virtioMmioCmdlineArgs, writeAcpiTables } from "./acpi.ts";
+import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./boot/kernel.ts";
+import { Bus } from "./bus.ts";
+import { kernelCommandLine, type SerialConfig, type VmConfig } from "./config.ts";
+import {
+  EXIT_GUEST_PANIC,
+  EXIT_HOST_ERROR,
+  EXIT_INVALID_ARGS,
+  EXIT_SUCCESS,
+  EXIT_VM_CRASH,
+  EXIT_VM_RESET,
+} from "./cli/exit_codes.ts";
+import { setBootFpu, setBootMsrs, setBootRegisters, setCpuid, setLapicLints, vcpuCpuid, writeBootTables } from "./cpu.ts";
+import {
+  ACPI_RSDP_START,
+  ACPI_SLEEP_CONTROL_PORT,
+  CMOS_INDEX_PORT,
+  e820Map,
+  I8042_DATA_PORT,
+  MiB,
+  PVPANIC_PORT,
+  ramRanges,
+  SERIAL_PORTS,
+  VIRTIO_IRQS,
+  VIRTIO_MMIO_SIZE,
+  VIRTIO_MMIO_START,
+} from "./layout.ts";
+import { OwnedGuestMemory } from "./memory.ts";
+import { writeMpTable } from "./mptable.ts";
+import { createVirtioDevices } from "./virtio_devices.ts";
+import { Vcpu, type VcpuEnd } from "./vcpu.ts";
+import { CMD_PAUSE, CMD_RUN, CMD_STOP, CTL_COMMAND, CTL_PAUSED, CTL_SLOTS } from "./vcpu_channel.ts";
+import { HostError, Kvm, Vm } from "./vm.ts";
+import { installKickHandler } from "../ffi/libc.ts";
+
+/** A problem with what the user asked for, found while building the VM: crosvm exits 35. */
+export class ConfigError extends Error {
+  readonly exitCode = EXIT_INVALID_ARGS;
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigError";
+  }
+}
+
+/** How long stop() waits for vCPU Workers to leave KVM_RUN before terminating them. */
+const STOP_GRACE_MS = 2000;
+
+export interface MachineOptions {
+  /** Called with every byte a console serial port transmits (the library's console capture). */
+  onConsoleOutput?: (bytes: Uint8Array) => void;
+  /** Serve the test guests' debug exit port. */
+  debugExit?: boolean;
+  /** Do not read the process's stdin even when a serial port asks for it (library use). */
+  noStdin?: boolean;
+  /** One-line log messages (defaults to stderr). */
+  log?: (line: string) => void;
+}
+
+interface VirtioSlot {
+  device: VirtioDevice;
+  transport: VirtioMmioTransport;
+  base: number;
+  irq: number;
+  irqFd: number;
+  notifyFds: number[];
+}
+
+async function readUserFile(what: string, path: string): Promise<Uint8Array> {
+  try {
+    return await Deno.readFile(path);
+  } catch (e) {
+    throw new ConfigError(`cannot read ${what} ${path}: ${(e as Error).message}`);
+  }
+}
+
+export class Machine {
+  readonly memory: OwnedGuestMemory;
+  readonly pio = new Bus("port I/O");
+  readonly mmio = new Bus("MMIO");
+  readonly serials: Serial[] = [];
+  readonly virtio: VirtioSlot[] = [];
+  readonly cmdline: string;
+  readonly #kvm: Kvm;
+  readonly #vm: Vm;
+  readonly #vcpuFds: number[] = [];
+  readonly #vcpus: Vcpu[] = [];
+  readonly #control = new SharedArrayBuffer(CTL_SLOTS * 4);
+  readonly #ctl = new Int32Array(this.#control);
+  readonly #files: Deno.FsFile[] = [];
+  readonly #log: (line: string) => void;
+  #exitResolve!: (code: number) => void;
+  #exitCode: number | undefined;
+  #stdinTask: Promise<void> | undefined;
+  #stdinRaw = false;
+  #closed = false;
+  /** Resolves with crosvm's exit code when the VM ends. */
+  readonly exitCode: Promise<number>;
+  /** Why the VM ended, one line (for the library and logs). */
+  exitReason = "";
+
+  private constructor(
+    readonly config: VmConfig,
+    readonly opts: MachineOptions,
+    kvm: Kvm,
+    vm: Vm,
+    memory: OwnedGuestMemory,
+    cmdline: string,
+  ) {
+    this.#kvm = kvm;
+    this.#vm = vm;
+    this.memory = memory;
+    this.cmdline = cmdline;
+    this.#log = opts.log ?? ((l) => console.error(`denovm: ${l}`));
+    this.exitCode = new Promise((r) => this.#exitResolve = r);
+  }
+
+  /** Build a VM ready to start. Throws ConfigError (exit 35) or HostError (exit 1). */
+  static async create(config: VmConfig, opts: MachineOptions = {}): Promise<Machine> {
+    const memBytes = config.memMiB * MiB;
+    if (!Number.isInteger(config.cpus) || config.cpus < 1) throw new ConfigError(`invalid vCPU count ${config.cpus}`);
+    const kernelImage = await readUserFile("kernel", config.kernel);
+    const initrdImage = config.initrd ? await readUserFile("initrd", config.initrd) : undefined;
+
+    // Everything that only needs the user's files is checked before KVM is opened, so bad input
+    // gets exit 35 on any host.
+    let kvm: Kvm | undefined;
+    let vm: Vm | undefined;
+    let memory: OwnedGuestMemory | undefined;
+    let devices: VirtioDevice[] = [];
+    try {
+      memory = OwnedGuestMemory.allocate(ramRanges(memBytes));
+      let kernel;
+      try {
+        kernel = loadKernel(memory, kernelImage);
+      } catch (e) {
+        if (e instanceof KernelFormatError) throw new ConfigError(`kernel ${config.kernel}: ${e.message}`);
+        if (e instanceof GuestTooSmallError) {
+          throw new ConfigError(`--mem ${config.memMiB} MiB is too small for kernel ${config.kernel}: ${e.message}`);
+        }
+        throw e;
+      }
+      let initrd;
+      if (initrdImage) {
+        try {
+          const below4g = ramRanges(memBytes)[0].size;
+          initrd = loadInitrd(memory, initrdImage, kernel, below4g);
+        } catch (e) {
+          if (e instanceof GuestTooSmallError) {
+            throw new ConfigError(`--mem ${config.memMiB} MiB is too small for initrd ${config.initrd}: ${e.message}`);
+          }
+          throw e;
+        }
+      }
+      devices = createVirtioDevices(config);
+      const resources = devices.map((_, i) => ({
+        base: VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE,
+        size: VIRTIO_MMIO_SIZE,
+        irq: VIRTIO_IRQS[i],
+      }));
+      if (devices.length > VIRTIO_IRQS.length) {
+        throw new ConfigError(`${devices.length} virtio devices requested; at most ${VIRTIO_IRQS.length} fit`);
+      }
+      const serialPorts = config.serials.filter((s) => s.hardware === "serial").map((s) => SERIAL_PORTS[s.num - 1]);
+      const cmdline = kernelCommandLine(config, config.virtioMmioCmdline ? virtioMmioCmdlineArgs(resources) : []);
+      try {
+        writeBootParams(memory, { kernel, cmdline, initrd, e820: e820Map(memBytes), acpiRsdp: ACPI_RSDP_START });
+      } catch (e) {
+        if (e instanceof RangeError) throw new ConfigError(e.message);
+        throw e;
+      }
+      writeBootTables(memory);
+      writeMpTable(memory, config.cpus);
+      writeAcpiTables(memory, { cpus: config.cpus, virtioMmio: resources, serial: serialPorts });
+
+      kvm = new Kvm();
+      const max = kvm.maxVcpus;
+      if (config.cpus > max) throw new ConfigError(`${config.cpus} vCPUs requested; this host's KVM allows ${max}`);
+      vm = new Vm(kvm);
+      vm.addGuestMemory(memory);
+      const m = new Machine(config, opts, kvm, vm, memory, cmdline);
+      await m.#addLegacyDevices();
+      m.#addVirtioDevices(devices, resources);
+      m.#createVcpus(kernel.entry);
+      return m;
+    } catch (e) {
+      for (const d of devices) d.close?.();
+      vm?.close();
+      memory?.close();
+      kvm?.close();
+      throw e;
+    }
+  }
+
+  async #serialOutput(s: SerialConfig): Promise<(bytes: Uint8Array) => void> {
+    const capture = s.console || (s.num === 1 && !this.config.serials.some((x) => x.console))
+      ? this.opts.onConsoleOutput
+      : undefined;
+    let sink: (b: Uint8Array) => void = () => {};
+    switch (s.type) {
+      case "stdout":
+        sink = (b) => Deno.stdout.writeSync(b);
+        break;
+      case "syslog":
+        sink = (b) => Deno.stderr.writeSync(b);
+        break;
+      case "file": {
+        if (!s.path) throw new ConfigError(`--serial num=${s.num}: type=file needs path=`);
+        try {
+          const f = await Deno.open(s.path, { write: true, create: true, truncate: true });
+          this.#files.push(f);
+          sink = (b) => f.writeSync(b);
+        } catch (e) {
+          throw new ConfigError(`--serial num=${s.num}: cannot open ${s.path}: ${(e as Error).message}`);
+        }
+        break;
+      }
+      case "unix":
+      case "unix-stream": {
+        if (!s.path) throw new ConfigError(`--serial num=${s.num}: type=${s.type} needs path=`);
+        try {
+          const conn = await Deno.connect({ transport: "unix", path: s.path });
+          this.#files.push(conn as unknown as Deno.FsFile);
+          sink = (b) => void conn.write(b).catch(() => {});
+          this.#pumpInput(conn.readable, s);
+        } catch (e) {
+          throw new ConfigError(`--serial num=${s.num}: cannot connect to ${s.path}: ${(e as Error).message}`);
+        }
+        break;
+      }
+      case "sink":
+        break;
+    }
+    return capture ? (b) => (sink(b), capture(b)) : sink;
+  }
+
+  #pumpInput(stream: ReadableStream<Uint8Array>, s: SerialConfig): void {
+    const idx = s.num - 1;
+    (async () => {
+      for await (const chunk of stream) this.serials[idx]?.enqueueInput(chunk);
+    })().catch(() => {});
+  }
+
+  async #addLegacyDevices(): Promise<void> {
+    for (const s of this.config.serials) {
+      if (s.hardware !== "serial") continue; // virtio-console ports come with the virtio devices
+      const port = SERIAL_PORTS[s.num - 1];
+      const serial = new Serial({ interrupt: () => this.#vm.pulseIrq(port.irq), output: await this.#serialOutput(s) });
+      this.serials[s.num - 1] = serial;
+      this.pio.add(port.base, UART_REGISTER_COUNT, serial, `COM${s.num}`);
+      if (s.input) {
+        try {
+          const f = await Deno.open(s.input, { read: true });
+          this.#files.push(f);
+          this.#pumpInput(f.readable, s);
+        } catch (e) {
+          throw new ConfigError(`--serial num=${s.num}: cannot read input ${s.input}: ${(e as Error).message}`);
+        }
+      } else if (s.stdin && !this.opts.noStdin) {
+        this.#stdinTask = this.#readStdin(serial);
+      }
+    }
+    this.pio.add(I8042_DATA_PORT, I8042_PORT_SPAN, new I8042(() => this.#end(EXIT_VM_RESET, "guest reset (i8042)")), "i8042");
+    this.pio.add(CMOS_INDEX_PORT, CMOS_PORT_SPAN, new Cmos(), "cmos");
+    this.pio.add(
+      ACPI_SLEEP_CONTROL_PORT,
+      ACPI_PM_PORT_SPAN,
+      new AcpiPm({
+        powerOff: () => this.#end(EXIT_SUCCESS, "guest powered off (ACPI S5)"),
+        reset: () => this.#end(EXIT_VM_RESET, "guest reset (ACPI reset register)"),
+        log: this.#log,
+      }),
+      "acpi-pm",
+    );
+    this.pio.add(PVPANIC_PORT, 1, new PvPanic(() => this.#end(EXIT_GUEST_PANIC, "guest panicked (pvpanic)"), this.#log), "pvpanic");
+  }
+
+  async #readStdin(serial: Serial): Promise<void> {
+    if (Deno.stdin.isTerminal()) {
+      Deno.stdin.setRaw(true);
+      this.#stdinRaw = true;
+    }
+    const buf = new Uint8Array(4096);
+    try {
+      while (!this.#closed) {
+        const n = await Deno.stdin.read(buf);
+        if (n === null) break;
+        serial.enqueueInput(buf.slice(0, n));
+      }
+    } catch {
+      // stdin closed or not readable: the guest simply gets no input.
+    }
+  }
+
+  #addVirtioDevices(devices: VirtioDevice[], resources: { base: number; size: number; irq: number }[]): void {
+    devices.forEach((device, i) => {
+      const { base, irq } = resources[i];
+      const irqFd = eventfd();
+      this.#vm.registerIrqfd(irqFd, irq);
+      const transport = new VirtioMmioTransport(device, this.memory, { irq: { trigger: () => eventfdWrite(irqFd) } });
+      const notifyFds = device.queueMaxSizes.map((_, q) => {
+        const fd = eventfd();
+        this.#vm.registerIoeventfd(fd, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, q);
+        return fd;
+      });
+      this.mmio.add(base, VIRTIO_MMIO_SIZE, transport, `virtio-${device.name}`);
+      this.virtio.push({ device, transport, base, irq, irqFd, notifyFds });
+    });
+  }
+
+  /** Turn queue-notify eventfds into transport.notify() calls, off the vCPU path. */
+  async #serveNotifies(): Promise<void> {
+    const all = this.virtio.flatMap((v) => v.notifyFds.map((fd, q) => ({ fd, q, v })));
+    if (all.length === 0) return;
+    while (!this.#closed) {
+      const revents = await pollAsync(all.map((a) => a.fd), POLLIN, 200);
+      if (this.#closed) break;
+      revents.forEach((r, i) => {
+        if (!(r & POLLIN)) return;
+        const a = all[i];
+        eventfdRead(a.fd);
+        try {
+          a.v.transport.notify(a.q);
+        } catch (e) {
+          this.#log(`virtio-${a.v.device.name}: queue ${a.q}: ${(e as Error).message}`);
+        }
+      });
+    }
+  }
+
+  #createVcpus(entry: number): void {
+    const supported = this.#kvm.supportedCpuid();
+    const hideCx16 = pvmHost();
+    for (let id = 0; id < this.config.cpus; id++) {
+      const fd = this.#vm.createVcpu(id);
+      this.#vcpuFds.push(fd);
+      setCpuid(fd, vcpuCpuid(supported, { apicId: id, cpuCount: this.config.cpus, hideCx16 }));
+      setBootMsrs(fd);
+      setBootFpu(fd);
+      setLapicLints(fd);
+      if (id === 0) setBootRegisters(fd, entry);
+    }
+  }
+
+  /** Start the vCPUs; resolves when every Worker is in its loop. */
+  async start(): Promise<void> {
+    installKickHandler();
+    const runSize = this.#kvm.vcpuMmapSize;
+    this.#vcpuFds.forEach((vcpuFd, id) => {
+      const v = new Vcpu({
+        id,
+        vcpuFd,
+        runSize,
+        control: this.#control,
+        pio: this.pio,
+        mmio: this.mmio,
+        debugExit: this.opts.debugExit ?? false,
+      });
+      this.#vcpus.push(v);
+      v.ended.then((end) => this.#vcpuEnded(id, end));
+    });
+    await Promise.all(this.#vcpus.map((v) => v.ready));
+    this.#serveNotifies().catch((e) => this.#log(`virtio notify loop: ${(e as Error).message}`));
+  }
+
+  #vcpuEnded(id: number, end: VcpuEnd): void {
+    switch (end.kind) {
+      case "stopped":
+        return; // we asked for it
+      case "shutdown":
+        return this.#end(EXIT_SUCCESS, `vcpu ${id}: guest shut down`);
+      case "reset":
+        return this.#end(EXIT_VM_RESET, `vcpu ${id}: guest reset`);
+      case "debug-exit":
+        return this.#end(end.code, `vcpu ${id}: debug exit ${end.code}`);
+      case "crash":
+        this.#log(`VM crashed: ${end.detail}`);
+        return this.#end(EXIT_VM_CRASH, end.detail.split("\n")[0]);
+    }
+  }
+
+  /** End the VM with `code` (first reason wins) and tear it down. */
+  #end(code: number, reason: string): void {
+    if (this.#exitCode !== undefined) return;
+    this.#exitCode = code;
+    this.exitReason = reason;
+    this.#shutdown().finally(() => this.#exitResolve(code));
+  }
+
+  async #shutdown(): Promise<void> {
+    Atomics.store(this.#ctl, CTL_COMMAND, CMD_STOP);
+    Atomics.notify(this.#ctl, CTL_COMMAND);
+    for (const v of this.#vcpus) v.kick();
+    const all = Promise.all(this.#vcpus.map((v) => v.ended));
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([all, new Promise((r) => timer = setTimeout(r, STOP_GRACE_MS))]);
+    clearTimeout(timer);
+    for (const v of this.#vcpus) if (!v.isEnded) v.terminate();
+    this.close();
+  }
+
+  /** Stop the VM from the host (crosvm `stop`): exit code 0. */
+  async stop(): Promise<number> {
+    this.#end(EXIT_SUCCESS, "stopped by the host");
+    return await this.exitCode;
+  }
+
+  /** Pause every vCPU (crosvm `suspend`); resolves when all are parked. */
+  async pause(): Promise<void> {
+    Atomics.store(this.#ctl, CTL_COMMAND, CMD_PAUSE);
+    for (const v of this.#vcpus) v.kick();
+    while (Atomics.load(this.#ctl, CTL_PAUSED) < this.#vcpus.filter((v) => !v.isEnded).length) {
+      if (this.#exitCode !== undefined) return;
+      const w = Atomics.waitAsync(this.#ctl, CTL_PAUSED, Atomics.load(this.#ctl, CTL_PAUSED), 100);
+      if (w.async) await w.value;
+    }
+  }
+
+  /** Resume after pause (crosvm `resume`). */
+  resume(): void {
+    if (Atomics.load(this.#ctl, CTL_COMMAND) !== CMD_PAUSE) return;
+    Atomics.store(this.#ctl, CTL_COMMAND, CMD_RUN);
+    Atomics.notify(this.#ctl, CTL_COMMAND);
+  }
+
+  get paused(): boolean {
+    return Atomics.load(this.#ctl, CTL_COMMAND) === CMD_PAUSE;
+  }
+
+  /** Send bytes to a serial port's input (COM1 by default). */
+  sendInput(bytes: Uint8Array, num = 1): void {
+    const s = this.serials[num - 1];
+    if (!s) throw new Error(`no serial port COM${num}`);
+    s.enqueueInput(bytes);
+  }
+
+  /** Exit counters per vCPU (exits served on the main thread). */
+  stats(): Record<string, number> {
+    const out: Record<string, number> = {};
+    this.#vcpus.forEach((v, i) => {
+      out[`vcpu${i}.pio_exits`] = v.counters.pio;
+      out[`vcpu${i}.mmio_exits`] = v.counters.mmio;
+    });
+    for (const v of this.virtio) {
+      for (const [k, n] of Object.entries(v.device.stats?.() ?? {})) out[`${v.device.name}.${k}`] = n;
+    }
+    return out;
+  }
+
+  /** Release every host resource. Safe to call twice. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#stdinRaw) {
+      try {
+        Deno.stdin.setRaw(false);
+      } catch {
+        // stdin already gone
+      }
+    }
+    for (const v of this.virtio) {
+      try {
+        v.device.close?.();
+      } catch (e) {
+        this.#log(`closing ${v.device.name}: ${(e as Error).message}`);
+      }
+      closeFd(v.irqFd);
+      v.notifyFds.forEach(closeFd);
+    }
+    for (const f of this.#files) {
+      try {
+        f.close();
+      } catch {
+        // already closed
+      }
+    }
+    this.#vcpuFds.forEach(closeFd);
+    this.#vm.close();
+    this.#kvm.close();
+    this.memory.close();
+    void this.#stdinTask;
+  }
+}
+
+/** True on hosts whose KVM is kvm_pvm (software; see kvm-here.md): its emulator lacks CMPXCHG16B. */
+export function pvmHost(): boolean {
+  try {
+    Deno.statSync("/sys/module/kvm_pvm");
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Map a thrown error to crosvm's exit code. */
+export function exitCodeFor(e: unknown): number {
+  if (e instanceof ConfigError) return EXIT_INVALID_ARGS;
+  if (e instanceof HostError) return EXIT_HOST_ERROR;
+  const c = (e as { exitCode?: unknown })?.exitCode;
+  return typeof c === "number" ? c : EXIT_HOST_ERROR;
+}
