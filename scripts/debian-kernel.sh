@@ -68,6 +68,8 @@ log "using $pkg (kernel $release)"
 mkdir -p "$out"
 work="$(mktemp -d "$out/.work.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+# apt-get download fetches as the unprivileged _apt user when it can write the target folder.
+chmod 0777 "$work"
 
 (cd "$work" && apt-get download "$pkg" >&2) || die "apt-get download $pkg failed"
 deb="$(ls "$work"/*.deb 2>/dev/null | head -n 1)"

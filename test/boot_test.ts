@@ -26,14 +26,18 @@ import {
   BP_E820_TABLE,
   BP_EXT_CMD_LINE_PTR,
   BP_EXT_RAMDISK_IMAGE,
+  BP_HDR,
   E820_ENTRY_SIZE,
   HDR_BOOT_FLAG,
   HDR_CMD_LINE_PTR,
+  HDR_CMDLINE_SIZE,
   HDR_CODE32_START,
   HDR_HEADER,
   HDR_INITRD_ADDR_MAX,
+  HDR_PREF_ADDRESS,
   HDR_RAMDISK_IMAGE,
   HDR_RAMDISK_SIZE,
+  HDR_RELOCATABLE_KERNEL,
   HDR_SETUP_SECTS,
   HDR_TYPE_OF_LOADER,
   HDR_VERSION,
@@ -222,7 +226,10 @@ Deno.test("command line: too long is refused, the longest allowed fits", async (
   using mem = guest(SMALL);
   const bz = loadKernel(mem, vmlinuz);
   // Debian's header says cmdline_size 2047; the kernel cannot take more than that.
-  const max = new DataView(bz.setupHeader!.buffer, bz.setupHeader!.byteOffset).getUint32(0x238 - 0x1f1, true);
+  const max = new DataView(bz.setupHeader!.buffer, bz.setupHeader!.byteOffset).getUint32(
+    HDR_CMDLINE_SIZE - BP_HDR,
+    true,
+  );
   assert.ok(max < CMDLINE_MAX_SIZE);
   writeBootParams(mem, { kernel: bz, cmdline: "x".repeat(max), e820: e820Map(SMALL) });
   assert.equal(mem.getU8(CMDLINE_START + max), 0);
@@ -236,4 +243,70 @@ Deno.test("command line: too long is refused, the longest allowed fits", async (
     () => writeBootParams(mem, { kernel: elf, cmdline: "y".repeat(CMDLINE_MAX_SIZE), e820: e820Map(SMALL) }),
     /command line/,
   );
+});
+
+/** A minimal ELF64 x86_64 image: one PT_LOAD of `code` at `paddr`, and a PT_NOTE with a 4-byte PVH entry. */
+function tinyElf(paddr: number, code: Uint8Array, pvh: number, opts: { memsz?: number; cutTo?: number } = {}) {
+  const phoff = 0x40, phnum = 2, noteOff = 0x100, codeOff = 0x200;
+  const note = new Uint8Array(12 + 4 + 4);
+  const ndv = new DataView(note.buffer);
+  ndv.setUint32(0, 4, true); // namesz "Xen\0"
+  ndv.setUint32(4, 4, true); // descsz
+  ndv.setUint32(8, 18, true); // XEN_ELFNOTE_PHYS32_ENTRY
+  note.set([0x58, 0x65, 0x6e, 0], 12);
+  ndv.setUint32(16, pvh, true);
+  const img = new Uint8Array(codeOff + code.length);
+  const dv = new DataView(img.buffer);
+  img.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1]);
+  dv.setUint16(0x10, 2, true); // ET_EXEC
+  dv.setUint16(0x12, 62, true); // EM_X86_64
+  dv.setBigUint64(0x18, BigInt(paddr), true); // e_entry
+  dv.setBigUint64(0x20, BigInt(phoff), true);
+  dv.setUint16(0x36, 0x38, true);
+  dv.setUint16(0x38, phnum, true);
+  const ph = (i: number, type: number, off: number, addr: number, filesz: number, memsz: number) => {
+    const at = phoff + i * 0x38;
+    dv.setUint32(at, type, true);
+    dv.setBigUint64(at + 0x08, BigInt(off), true);
+    dv.setBigUint64(at + 0x10, BigInt(addr), true);
+    dv.setBigUint64(at + 0x18, BigInt(addr), true);
+    dv.setBigUint64(at + 0x20, BigInt(filesz), true);
+    dv.setBigUint64(at + 0x28, BigInt(memsz), true);
+  };
+  ph(0, 1, codeOff, paddr, code.length, opts.memsz ?? code.length);
+  ph(1, 4, noteOff, 0, note.length, note.length);
+  img.set(note, noteOff);
+  img.set(code, codeOff);
+  return img.slice(0, opts.cutTo ?? img.length);
+}
+
+Deno.test("ELF: synthetic image — bss zeroed, 4-byte PVH note, low or truncated segments refused", () => {
+  using mem = guest(SMALL);
+  const code = pattern(100);
+  mem.fill(0x200000, 0x2000, 0xee);
+  const k = loadKernel(mem, tinyElf(0x200000, code, 0x200010, { memsz: 0x1000 }));
+  assert.equal(k.kind, "elf");
+  assert.equal(k.entry, 0x200000);
+  assert.equal(k.pvhEntry, 0x200010);
+  assert.equal(k.loadEnd, 0x201000);
+  assert.deepEqual(mem.read(0x200000, 100), code);
+  assert.ok(mem.read(0x200000 + 100, 0x1000 - 100).every((b) => b === 0), "p_memsz beyond p_filesz is zeroed");
+  assert.equal(mem.getU8(0x201000), 0xee, "nothing written past p_memsz");
+
+  assert.throws(() => loadKernel(mem, tinyElf(ZERO_PAGE_START, code, 0)), /below 1 MiB/);
+  assert.throws(() => loadKernel(mem, tinyElf(0x200000, code, 0, { cutTo: 0x200 + 50 })), KernelFormatError);
+  assert.throws(() => loadKernel(mem, tinyElf(SMALL - 10, code, 0)), GuestTooSmallError);
+  assert.throws(() => loadKernel(mem, tinyElf(0x200000, code, 0, { memsz: 10 })), /p_filesz > p_memsz/);
+});
+
+Deno.test("bzImage: a non-relocatable kernel goes to its pref_address", async () => {
+  const { vmlinuz } = await kernels();
+  const fixed = vmlinuz.slice();
+  const dv = new DataView(fixed.buffer);
+  fixed[HDR_RELOCATABLE_KERNEL] = 0;
+  dv.setBigUint64(HDR_PREF_ADDRESS, BigInt(KERNEL_START * 2), true);
+  using mem = guest();
+  const k = loadKernel(mem, fixed);
+  assert.equal(k.loadStart, KERNEL_START * 2);
+  assert.equal(k.entry, KERNEL_START * 2 + STARTUP_64_OFFSET);
 });
