@@ -34,7 +34,6 @@ import {
   msrsStruct,
   REG_NAMES,
   regOffset,
-  type SegmentName,
   SEG_BASE,
   SEG_DB,
   SEG_DPL,
@@ -45,6 +44,7 @@ import {
   SEG_S,
   SEG_SELECTOR,
   SEG_TYPE,
+  type SegmentName,
   SREGS_CR0,
   SREGS_CR3,
   SREGS_CR4,
@@ -300,7 +300,7 @@ export function writeBootTables(mem: GuestMemory): void {
     const pd = PDE_START + d * PAGE_TABLE_SIZE;
     mem.setU64(PDPTE_START + d * 8, BigInt(pd) | PTE_PRESENT | PTE_WRITABLE);
     for (let i = 0; i < ENTRIES_PER_TABLE; i++) {
-      const phys = BigInt((d * ENTRIES_PER_TABLE + i)) * BigInt(LARGE_PAGE_SIZE);
+      const phys = BigInt(d * ENTRIES_PER_TABLE + i) * BigInt(LARGE_PAGE_SIZE);
       mem.setU64(pd + i * 8, phys | PTE_PRESENT | PTE_WRITABLE | PTE_PAGE_SIZE);
     }
   }

@@ -22,7 +22,15 @@ import {
   EXIT_VM_CRASH,
   EXIT_VM_RESET,
 } from "./cli/exit_codes.ts";
-import { setBootFpu, setBootMsrs, setBootRegisters, setCpuid, setLapicLints, vcpuCpuid, writeBootTables } from "./cpu.ts";
+import {
+  setBootFpu,
+  setBootMsrs,
+  setBootRegisters,
+  setCpuid,
+  setLapicLints,
+  vcpuCpuid,
+  writeBootTables,
+} from "./cpu.ts";
 import {
   ACPI_RSDP_START,
   ACPI_SLEEP_CONTROL_PORT,
@@ -271,7 +279,12 @@ export class Machine {
         this.#stdinTask = this.#readStdin(serial);
       }
     }
-    this.pio.add(I8042_DATA_PORT, I8042_PORT_SPAN, new I8042(() => this.#end(EXIT_VM_RESET, "guest reset (i8042)")), "i8042");
+    this.pio.add(
+      I8042_DATA_PORT,
+      I8042_PORT_SPAN,
+      new I8042(() => this.#end(EXIT_VM_RESET, "guest reset (i8042)")),
+      "i8042",
+    );
     this.pio.add(CMOS_INDEX_PORT, CMOS_PORT_SPAN, new Cmos(), "cmos");
     this.pio.add(
       ACPI_SLEEP_CONTROL_PORT,
@@ -283,7 +296,12 @@ export class Machine {
       }),
       "acpi-pm",
     );
-    this.pio.add(PVPANIC_PORT, 1, new PvPanic(() => this.#end(EXIT_GUEST_PANIC, "guest panicked (pvpanic)"), this.#log), "pvpanic");
+    this.pio.add(
+      PVPANIC_PORT,
+      1,
+      new PvPanic(() => this.#end(EXIT_GUEST_PANIC, "guest panicked (pvpanic)"), this.#log),
+      "pvpanic",
+    );
   }
 
   async #readStdin(serial: Serial): Promise<void> {

@@ -96,7 +96,9 @@ export class Vcpu {
           if (io[IO_IS_WRITE]) bus.write(addr, data);
           else bus.read(addr, data);
         } catch (e) {
-          console.error(`denovm: device error at ${pio ? "port" : "mmio"} 0x${addr.toString(16)}: ${(e as Error).message}`);
+          console.error(
+            `denovm: device error at ${pio ? "port" : "mmio"} 0x${addr.toString(16)}: ${(e as Error).message}`,
+          );
         }
         Atomics.store(io, IO_STATE, STATE_RESPONSE);
         Atomics.notify(io, IO_STATE);

@@ -40,10 +40,10 @@ import { EAGAIN, EINTR, libc, MAP_SHARED, mmap, PROT_READ, PROT_WRITE, strerror 
 import { dumpRegisters } from "./cpu.ts";
 import { DEBUG_EXIT_PORT } from "./layout.ts";
 import {
-  CTL_COMMAND,
-  CTL_PAUSED,
   CMD_PAUSE,
   CMD_STOP,
+  CTL_COMMAND,
+  CTL_PAUSED,
   IO_ADDR_HI,
   IO_ADDR_LO,
   IO_DATA_BYTE_OFFSET,
@@ -156,7 +156,10 @@ function run(start: VcpuStartMessage): void {
         // With the in-kernel irqchip HLT is handled by KVM; an exit here only means "look again".
         break;
       case KVM_EXIT_SHUTDOWN:
-        return post({ kind: "crash", detail: `vcpu ${id}: triple fault (KVM_EXIT_SHUTDOWN)\n${dumpRegisters(vcpuFd)}` });
+        return post({
+          kind: "crash",
+          detail: `vcpu ${id}: triple fault (KVM_EXIT_SHUTDOWN)\n${dumpRegisters(vcpuFd)}`,
+        });
       case KVM_EXIT_SYSTEM_EVENT: {
         const type = run.getUint32(RUN_SYSTEM_EVENT_TYPE, true);
         if (type === KVM_SYSTEM_EVENT_SHUTDOWN) return post({ kind: "shutdown" });
@@ -186,7 +189,10 @@ function run(start: VcpuStartMessage): void {
         });
       }
       default:
-        return post({ kind: "crash", detail: `vcpu ${id}: unexpected exit reason ${reason}\n${dumpRegisters(vcpuFd)}` });
+        return post({
+          kind: "crash",
+          detail: `vcpu ${id}: unexpected exit reason ${reason}\n${dumpRegisters(vcpuFd)}`,
+        });
     }
   }
 }

@@ -2,6 +2,10 @@
 // irqchip and PIT, GSI routing, irqfd and ioeventfd.
 
 import {
+  ioeventfdStruct,
+  irqfdStruct,
+  irqLevelStruct,
+  irqRoutingStruct,
   KVM_API_VERSION,
   KVM_CAP_IMMEDIATE_EXIT,
   KVM_CAP_IOEVENTFD,
@@ -42,10 +46,6 @@ import {
   KvmError,
   kvmIoctl,
   kvmIoctlInt,
-  ioeventfdStruct,
-  irqfdStruct,
-  irqLevelStruct,
-  irqRoutingStruct,
   memoryRegion,
 } from "../ffi/kvm.ts";
 import { closeFd, E2BIG, EACCES, ENOENT, EPERM, O_RDWR, openFile, SysError } from "../ffi/libc.ts";

@@ -169,7 +169,7 @@ export class Serial implements BusDevice {
         this.#ier = v & UART_IER_MASK;
         if (enabledThri) this.#thrEmptyPending = true;
         if (
-          (enabledThri) || ((this.#ier & UART_IER_RDI) && this.#input.length > 0)
+          enabledThri || ((this.#ier & UART_IER_RDI) && this.#input.length > 0)
         ) this.opts.interrupt();
         break;
       }
@@ -186,7 +186,7 @@ export class Serial implements BusDevice {
       case UART_SCR:
         this.#scr = v;
         break;
-      // LSR and MSR are read-only.
+        // LSR and MSR are read-only.
     }
   }
 }
