@@ -277,6 +277,9 @@ Deno.test("ACPI: limits are errors, not overruns", () => {
   assert.throws(() => writeAcpiTables(mem, { ...OPTS, cpus: 0 }), RangeError);
   assert.throws(() => writeAcpiTables(mem, { ...OPTS, cpus: 255 }), RangeError);
   assert.throws(() => writeAcpiTables(mem, { ...OPTS, serial: Array(10).fill(SERIAL_PORTS[0]) }), RangeError);
+  // A lone COM2 is still COM2 in the namespace.
+  assert.match(new TextDecoder().decode(dsdtAml({ ...OPTS, serial: [SERIAL_PORTS[1]] })), /COM2/);
+  assert.doesNotMatch(new TextDecoder().decode(dsdtAml({ ...OPTS, serial: [SERIAL_PORTS[1]] })), /COM1/);
   writeAcpiTables(mem, { cpus: 254, virtioMmio: virtio(256), serial: SERIAL_PORTS.slice() });
   walkTables(mem);
 });

@@ -15,6 +15,7 @@ import {
   APIC_START,
   IOAPIC_START,
   IRQ_ACPI_SCI,
+  SERIAL_PORTS,
 } from "./layout.ts";
 import * as aml from "./boot/aml.ts";
 
@@ -264,10 +265,16 @@ export function dsdtAml(opts: AcpiOptions): Uint8Array {
   if (opts.serial.length > 9) throw new RangeError("ACPI: at most 9 serial ports (COM1..COM9)");
   if (opts.virtioMmio.length > 0x100) throw new RangeError("ACPI: at most 256 virtio-mmio devices");
   const devices: aml.Aml[] = [];
+  const used = new Set<number>();
   opts.serial.forEach((s, i) => {
-    devices.push(aml.device(`COM${i + 1}`, [
+    // COMn follows the PC port (0x3f8 is COM1, 0x2f8 COM2, ...), so names and _UIDs match ttyS numbers.
+    const pc = SERIAL_PORTS.findIndex((p) => p.base === s.base);
+    const n = pc >= 0 && !used.has(pc + 1) ? pc + 1 : i + 1;
+    if (used.has(n)) throw new RangeError(`ACPI: two serial ports would both be COM${n}`);
+    used.add(n);
+    devices.push(aml.device(`COM${n}`, [
       aml.name("_HID", aml.eisaId(HID_SERIAL)),
-      aml.name("_UID", aml.integer(i + 1)),
+      aml.name("_UID", aml.integer(n)),
       aml.name("_CRS", aml.resourceTemplate([aml.ioPort(s.base, s.base, 1, SERIAL_IO_LENGTH), aml.irqNoFlags(s.irq)])),
     ]));
   });
