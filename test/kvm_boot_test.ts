@@ -137,6 +137,12 @@ const RFLAGS_IF = 1 << 9;
 const SELECTOR_CODE = 0x08;
 const SELECTOR_DATA = 0x10;
 const GDT_ENTRY_SIZE = 8;
+// Segment descriptor bits (Intel SDM vol. 3 section 3.4.5): present, code/data (S), executable, writable, 64-bit (L).
+const DESC_P = 1n << 47n;
+const DESC_S = 1n << 44n;
+const DESC_CODE = 1n << 43n;
+const DESC_WRITABLE = 1n << 41n;
+const DESC_L = 1n << 53n;
 /** struct setup_header boot_flag and header magic (Linux Documentation/arch/x86/boot.rst). */
 const BOOT_FLAG = 0xaa55;
 /** type_of_loader 0xff: "undefined" loader (boot.rst); what crosvm and Firecracker write. */
@@ -182,6 +188,23 @@ Deno.test({
       const gdt = fields(line(text, "GDT"));
       assert.equal(num(gdt.base), BOOT_GDT_START);
       assert.equal(num(gdt.limit), BOOT_GDT_ENTRIES * GDT_ENTRY_SIZE - 1);
+      const descriptors = new Map(
+        lines(text).filter((l) => l.startsWith("GDTE ")).map((l) => {
+          const [, index, value] = l.split(" ");
+          return [Number(index) * GDT_ENTRY_SIZE, BigInt(value)] as const;
+        }),
+      );
+      assert.equal(descriptors.size, BOOT_GDT_ENTRIES, text);
+      const codeDesc = descriptors.get(SELECTOR_CODE)!;
+      const dataDesc = descriptors.get(SELECTOR_DATA)!;
+      assert.ok(
+        codeDesc & DESC_P && codeDesc & DESC_S && codeDesc & DESC_CODE && codeDesc & DESC_L,
+        `code descriptor 0x${codeDesc.toString(16)}`,
+      );
+      assert.ok(
+        dataDesc & DESC_P && dataDesc & DESC_S && !(dataDesc & DESC_CODE) && dataDesc & DESC_WRITABLE,
+        `data descriptor 0x${dataDesc.toString(16)}`,
+      );
 
       assert.equal(
         line(text, "ZP"),

@@ -56,7 +56,8 @@
 #define MPC_ENTRIES 44
 #define MPC_TYPE_PROCESSOR 0
 #define MPC_PROCESSOR_LEN 20
-#define MPC_OTHER_LEN 8
+#define MPC_OTHER_LEN 8 /* bus (1), I/O APIC (2), I/O interrupt (3), local interrupt (4) */
+#define MPC_TYPE_LAST_BASE 4
 #define MPC_CPU_FLAGS 3
 #define MPC_CPU_ENABLED 1u
 
@@ -72,7 +73,7 @@ static void report_entry(void) {
   printf("ENTRY rsp=0x%llx rflags=0x%llx cs=0x%llx ds=0x%llx ss=0x%llx rsi=0x%llx\n", entry_rsp, entry_rflags,
          entry_cs, entry_ds, entry_ss, boot_params);
   printf("GDT base=0x%llx limit=0x%x\n", gdtr.base, gdtr.limit);
-  for (u32 i = 0; (i + 1) * 8 <= (u32)gdtr.limit + 1; i++) printf("GDT %u 0x%llx\n", i, rd64(gdtr.base + i * 8));
+  for (u32 i = 0; (i + 1) * 8 <= (u32)gdtr.limit + 1; i++) printf("GDTE %u 0x%llx\n", i, rd64(gdtr.base + i * 8));
 }
 
 static void report_zero_page(u64 zp) {
@@ -156,17 +157,27 @@ static void report_mptable(void) {
       printf("MPTABLE bad config table\n");
       return;
     }
-    u32 cpus = 0, count = rd16(mpc + MPC_COUNT);
+    /* Walk the entries by the table's length, as Linux's smp_read_mpc() does (not by the entry count). */
+    u32 cpus = 0, entries = 0, known = 1;
     u64 e = mpc + MPC_ENTRIES, end = mpc + rd16(mpc + MPC_LENGTH);
-    for (u32 i = 0; i < count && e < end; i++) {
-      if (rd8(e) == MPC_TYPE_PROCESSOR) {
+    while (e < end) {
+      u8 type = rd8(e);
+      if (type == MPC_TYPE_PROCESSOR) {
         if (rd8(e + MPC_CPU_FLAGS) & MPC_CPU_ENABLED) cpus++;
         e += MPC_PROCESSOR_LEN;
-      } else {
+      } else if (type <= MPC_TYPE_LAST_BASE) {
         e += MPC_OTHER_LEN;
+      } else {
+        known = 0;
+        break;
       }
+      entries++;
     }
-    printf("MPTABLE cpus=%u %s\n", cpus, ok(e == end));
+    int good = known && e == end && entries == rd16(mpc + MPC_COUNT);
+    if (!good)
+      printf("MPTABLE_DETAIL length=%u count=%u walked=%u known_types=%u\n", rd16(mpc + MPC_LENGTH), rd16(mpc + MPC_COUNT),
+             entries, known);
+    printf("MPTABLE cpus=%u %s\n", cpus, ok(good));
     return;
   }
   printf("MPTABLE bad no floating pointer\n");
