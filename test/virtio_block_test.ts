@@ -1,6 +1,7 @@
 // virtio-blk on a temporary image file, driven through the virtio-mmio registers by the test driver.
 
 import assert from "node:assert/strict";
+import fc from "fast-check";
 import {
   BLK_CFG_BLK_SIZE,
   BLK_CFG_CAPACITY,
@@ -363,4 +364,60 @@ Deno.test("the constructor refuses bad options and a missing image", () => {
   } finally {
     Deno.removeSync(path);
   }
+});
+
+Deno.test("property: random requests always complete with a valid status and never grow the image", () => {
+  using r = rig({ image: pattern(IMAGE_SIZE, 11) });
+  const q = r.drv.queues[0];
+  const mark = r.drv.alloc.mark();
+  const end = IMAGE_SIZE / SECTOR_SIZE;
+  const reqArb = fc.record({
+    type: fc.oneof(
+      fc.constantFrom(VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID),
+      fc.constantFrom(VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES),
+      fc.integer({ min: 0, max: 0xffff_ffff }),
+    ),
+    sector: fc.oneof(fc.integer({ min: 0, max: end + 4 }).map(BigInt), fc.bigInt({ min: 0n, max: (1n << 64n) - 1n })),
+    hdrLen: fc.constantFrom(BLK_OUTHDR_SIZE, BLK_OUTHDR_SIZE, 4, 17),
+    readable: fc.array(fc.integer({ min: 0, max: 2048 }), { maxLength: 3 }),
+    writable: fc.array(fc.integer({ min: 0, max: 2048 }), { maxLength: 3 }),
+    discard: fc.array(
+      fc.record({
+        sector: fc.integer({ min: 0, max: end + 8 }),
+        num: fc.oneof(fc.integer({ min: 0, max: 64 }), fc.constant(0xffff_ffff)),
+        flags: fc.integer({ min: 0, max: 3 }),
+      }),
+      { maxLength: 3 },
+    ),
+    indirect: fc.boolean(),
+  });
+  fc.assert(
+    fc.property(fc.array(reqArb, { minLength: 1, maxLength: 8 }), (reqs) => {
+      r.drv.alloc.resetTo(mark);
+      const subs = reqs.map((x) => {
+        const hdr = outhdr(x.type, x.sector & 0xffff_ffff_ffff_ffffn);
+        const body: Segment[] = x.type === VIRTIO_BLK_T_DISCARD || x.type === VIRTIO_BLK_T_WRITE_ZEROES
+          ? [segs(...x.discard)]
+          : x.readable.map((n) => pattern(n, 3));
+        const head = new Uint8Array(x.hdrLen);
+        head.set(hdr.subarray(0, x.hdrLen));
+        return q.submit([head, ...body, ...x.writable], { indirect: x.indirect });
+      });
+      r.drv.kick(0);
+      const used = q.used();
+      assert.deepEqual(used.map((u) => u.id), subs.map((s) => s.head));
+      subs.forEach((s, i) => {
+        const w = s.buffers.filter((b) => b.writable && b.len > 0);
+        if (used[i].len > 0) {
+          assert.ok(
+            [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP].includes(
+              r.g.mem.getU8(w.at(-1)!.addr + w.at(-1)!.len - 1),
+            ),
+          );
+        }
+      });
+      assert.equal(Deno.statSync(r.path).size, IMAGE_SIZE);
+    }),
+    { numRuns: 200 },
+  );
 });
