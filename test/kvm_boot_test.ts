@@ -28,40 +28,12 @@ import {
 import { EXIT_GUEST_PANIC, EXIT_SUCCESS, EXIT_VM_CRASH, EXIT_VM_RESET } from "../vmm/cli/exit_codes.ts";
 import { loadKernel } from "../vmm/boot/kernel.ts";
 import { OwnedGuestMemory } from "../vmm/memory.ts";
+import { type BootConfig, Vm } from "../mod.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_boot_test: guest boot tests skipped: no /dev/kvm");
 
-// ---- The library API these tests drive (mod.ts, written by the lead) ----
-
-interface BootOptions {
-  kernel: string;
-  initrd?: string;
-  params: string[];
-  memMiB: number;
-  cpus: number;
-}
-interface VmConsole {
-  /** Everything COM1 printed so far. */
-  readonly text: string;
-  waitFor(pattern: RegExp, opts?: { timeout?: number }): Promise<RegExpMatchArray>;
-  send(text: string): unknown;
-}
-interface BootedVm extends AsyncDisposable {
-  readonly console: VmConsole;
-  /** crosvm's exit code once the VM stops. */
-  readonly exitCode: Promise<number>;
-  stop(): Promise<void>;
-}
-interface VmModule {
-  Vm: { boot(opts: BootOptions): Promise<BootedVm> };
-}
-
-// mod.ts is imported at run time so this file type-checks before the library lands.
-async function vmModule(): Promise<VmModule> {
-  const url = new URL("../mod.ts", import.meta.url).href;
-  return (await import(url)) as unknown as VmModule;
-}
+type BootOptions = Omit<BootConfig, "kernel">;
 
 /** Hang protection only (guest code is emulated at a few million instructions/s on some hosts). */
 const GUEST_TIMEOUT_MS = 120_000;
@@ -81,23 +53,20 @@ async function within<T>(p: Promise<T>, what: () => string): Promise<T> {
 interface GuestRun {
   code: number;
   text: string;
+  /** The kernel command line the VMM says it gave the guest. */
+  cmdline: string;
 }
 
-/** Boots a guest, lets `interact` drive it, and waits for the VM to stop by itself. */
-async function runGuest(
-  name: string,
-  opts: Omit<BootOptions, "kernel">,
-  interact?: (vm: BootedVm) => Promise<void>,
-): Promise<GuestRun> {
-  const { Vm } = await vmModule();
+/** Boots a guest (debug exit port on), lets `interact` drive it, and waits for the VM to stop by itself. */
+async function runGuest(name: string, opts: BootOptions, interact?: (vm: Vm) => Promise<void>): Promise<GuestRun> {
   const kernel = await buildGuest(name);
-  await using vm = await Vm.boot({ kernel, ...opts });
+  await using vm = await Vm.boot({ kernel, debugExit: true, ...opts });
   if (interact) await interact(vm);
   const code = await within(vm.exitCode, () => `guest ${name} did not stop; console so far:\n${vm.console.text}`);
-  return { code, text: vm.console.text };
+  return { code, text: vm.console.text, cmdline: vm.cmdline };
 }
 
-function waitFor(vm: BootedVm, pattern: RegExp): Promise<RegExpMatchArray> {
+function waitFor(vm: Vm, pattern: RegExp): Promise<RegExpMatchArray> {
   return vm.console.waitFor(pattern, { timeout: GUEST_TIMEOUT_MS });
 }
 
@@ -174,7 +143,7 @@ Deno.test({
     const initrdPath = await Deno.makeTempFile({ prefix: "denovm-initrd-" });
     try {
       await Deno.writeFile(initrdPath, initrd);
-      const { code, text } = await runGuest("boot_info", { initrd: initrdPath, params, memMiB, cpus });
+      const { code, text, cmdline } = await runGuest("boot_info", { initrd: initrdPath, params, memMiB, cpus });
       assert.equal(code, EXIT_SUCCESS, text);
       assert.ok(lines(text).includes("DONE"), text);
 
@@ -210,7 +179,10 @@ Deno.test({
         line(text, "ZP"),
         `boot_flag=0x${BOOT_FLAG.toString(16)} header=HdrS loader=0x${LOADER_UNDEFINED.toString(16)}`,
       );
-      assert.equal(line(text, "CMDLINE"), params.join(" "));
+      // The guest sees exactly the command line the VMM reports, which ends with our params
+      // (crosvm-style generated part first: panic=-1, console=...).
+      assert.equal(line(text, "CMDLINE"), cmdline);
+      assert.ok(cmdline.endsWith(params.join(" ")), `command line ${JSON.stringify(cmdline)}`);
 
       const memBytes = memMiB * MiB;
       const e820: E820Entry[] = lines(text)
