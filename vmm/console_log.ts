@@ -72,7 +72,7 @@ export class ConsoleLog {
     const re = typeof pattern === "string" ? new RegExp(pattern.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")) : pattern;
     const timeout = opts.timeout ?? 30_000;
     return new Promise((resolve, reject) => {
-      let timer: ReturnType<typeof setTimeout> | undefined;
+      const timer: { id?: ReturnType<typeof setTimeout> } = {};
       const fail = (why: string) => {
         cleanup();
         reject(
@@ -88,7 +88,7 @@ export class ConsoleLog {
       };
       const onAbort = () => fail("aborted");
       const cleanup = () => {
-        clearTimeout(timer);
+        clearTimeout(timer.id);
         this.#waiters.delete(w);
         this.#closeListeners.delete(onClose);
         opts.signal?.removeEventListener("abort", onAbort);
@@ -108,7 +108,7 @@ export class ConsoleLog {
       if (opts.signal?.aborted) return onAbort();
       this.#closeListeners.add(onClose);
       opts.signal?.addEventListener("abort", onAbort);
-      timer = setTimeout(() => fail(`timed out after ${timeout} ms`), timeout);
+      timer.id = setTimeout(() => fail(`timed out after ${timeout} ms`), timeout);
     });
   }
 }

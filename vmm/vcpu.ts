@@ -4,20 +4,7 @@
 import { kickThread } from "../ffi/libc.ts";
 import { RUN_IMMEDIATE_EXIT } from "../ffi/kvm.ts";
 import type { Bus } from "./bus.ts";
-import {
-  IO_ADDR_HI,
-  IO_ADDR_LO,
-  IO_BLOCK_BYTES,
-  IO_DATA_BYTE_OFFSET,
-  IO_IS_WRITE,
-  IO_KIND,
-  IO_SIZE,
-  IO_STATE,
-  KIND_PIO,
-  STATE_REQUEST,
-  STATE_RESPONSE,
-  type VcpuExitMessage,
-} from "./vcpu_channel.ts";
+import { DOORBELL, IO_BLOCK_BYTES, KIND_PIO, serveRequest, type VcpuExitMessage } from "./vcpu_channel.ts";
 
 export type VcpuEnd = Exclude<VcpuExitMessage, { kind: "ready" }>;
 
@@ -50,8 +37,9 @@ export class Vcpu {
     let readyResolve!: () => void;
     this.ready = new Promise((r) => readyResolve = r);
     this.ended = new Promise((resolve) => {
-      this.#worker.onmessage = (e: MessageEvent<VcpuExitMessage>) => {
+      this.#worker.onmessage = (e: MessageEvent<VcpuExitMessage | typeof DOORBELL>) => {
         const m = e.data;
+        if (m === DOORBELL) return this.#serveIo();
         if (m.kind === "ready") {
           this.#tid = m.tid;
           this.#runAddr = m.runAddr;
@@ -67,7 +55,6 @@ export class Vcpu {
         resolve({ kind: "crash", detail: `vcpu ${this.id} worker: ${e.message}` });
       };
     });
-    this.#serveIo();
     this.#worker.postMessage({
       id: opts.id,
       vcpuFd: opts.vcpuFd,
@@ -78,35 +65,22 @@ export class Vcpu {
     });
   }
 
-  /** Answer the worker's accesses until it ends. */
-  async #serveIo(): Promise<void> {
-    const io = new Int32Array(this.#io);
-    const bytes = new Uint8Array(this.#io);
-    while (!this.#ended) {
-      const s = Atomics.load(io, IO_STATE);
-      if (s === STATE_REQUEST) {
-        const size = io[IO_SIZE];
-        const addr = (io[IO_ADDR_HI] >>> 0) * 2 ** 32 + (io[IO_ADDR_LO] >>> 0);
-        const data = bytes.subarray(IO_DATA_BYTE_OFFSET, IO_DATA_BYTE_OFFSET + size);
-        const pio = io[IO_KIND] === KIND_PIO;
-        const bus = pio ? this.opts.pio : this.opts.mmio;
-        if (pio) this.counters.pio++;
-        else this.counters.mmio++;
-        try {
-          if (io[IO_IS_WRITE]) bus.write(addr, data);
-          else bus.read(addr, data);
-        } catch (e) {
-          console.error(
-            `denovm: device error at ${pio ? "port" : "mmio"} 0x${addr.toString(16)}: ${(e as Error).message}`,
-          );
-        }
-        Atomics.store(io, IO_STATE, STATE_RESPONSE);
-        Atomics.notify(io, IO_STATE);
-        continue;
+  /** Answer the worker's pending access from the buses (its doorbell rang). */
+  #serveIo(): void {
+    serveRequest(this.#io, (r) => {
+      const pio = r.kind === KIND_PIO;
+      const bus = pio ? this.opts.pio : this.opts.mmio;
+      if (pio) this.counters.pio++;
+      else this.counters.mmio++;
+      try {
+        if (r.isWrite) bus.write(r.addr, r.data);
+        else bus.read(r.addr, r.data);
+      } catch (e) {
+        console.error(
+          `denovm: device error at ${pio ? "port" : "mmio"} 0x${r.addr.toString(16)}: ${(e as Error).message}`,
+        );
       }
-      const w = Atomics.waitAsync(io, IO_STATE, s, 250);
-      if (w.async) await w.value;
-    }
+    });
   }
 
   /** Make KVM_RUN return now (or right away if the vCPU is about to enter it). */

@@ -48,3 +48,69 @@ export type VcpuExitMessage =
   | { kind: "reset" }
   | { kind: "crash"; detail: string }
   | { kind: "debug-exit"; code: number };
+
+/**
+ * The doorbell a worker posts (as a plain message) after writing a request: the
+ * main thread's onmessage wakes its event loop reliably, which Atomics.waitAsync
+ * does not do in Deno (a test showed the loop exiting under a pending waitAsync).
+ */
+export const DOORBELL = 0;
+
+/**
+ * Worker side: hand one access to the main thread and block until it is answered.
+ * `data` holds the bytes of a write, and receives the bytes of a read.
+ */
+export function exchange(
+  io: Int32Array,
+  ioBytes: Uint8Array,
+  ring: () => void,
+  kind: number,
+  isWrite: boolean,
+  addr: number,
+  size: number,
+  data: Uint8Array,
+): void {
+  io[IO_KIND] = kind;
+  io[IO_IS_WRITE] = isWrite ? 1 : 0;
+  io[IO_SIZE] = size;
+  io[IO_ADDR_LO] = addr % 2 ** 32;
+  io[IO_ADDR_HI] = Math.floor(addr / 2 ** 32);
+  if (isWrite) ioBytes.set(data.subarray(0, size), IO_DATA_BYTE_OFFSET);
+  Atomics.store(io, IO_STATE, STATE_REQUEST);
+  ring();
+  while (Atomics.load(io, IO_STATE) === STATE_REQUEST) Atomics.wait(io, IO_STATE, STATE_REQUEST);
+  if (!isWrite) data.set(ioBytes.subarray(IO_DATA_BYTE_OFFSET, IO_DATA_BYTE_OFFSET + size));
+  Atomics.store(io, IO_STATE, STATE_IDLE);
+}
+
+/** One access as the main thread sees it. */
+export interface ChannelRequest {
+  kind: number;
+  isWrite: boolean;
+  addr: number;
+  /** The access's bytes: read them for a write, fill them for a read. */
+  data: Uint8Array;
+}
+
+/**
+ * Main-thread side, called when the doorbell rings: answer the pending access with
+ * `handle` and wake the worker. Returns false when no request was pending.
+ */
+export function serveRequest(ioBuffer: SharedArrayBuffer, handle: (r: ChannelRequest) => void): boolean {
+  const io = new Int32Array(ioBuffer);
+  if (Atomics.load(io, IO_STATE) !== STATE_REQUEST) return false;
+  const bytes = new Uint8Array(ioBuffer);
+  const size = io[IO_SIZE];
+  try {
+    handle({
+      kind: io[IO_KIND],
+      isWrite: io[IO_IS_WRITE] !== 0,
+      addr: (io[IO_ADDR_HI] >>> 0) * 2 ** 32 + (io[IO_ADDR_LO] >>> 0),
+      data: bytes.subarray(IO_DATA_BYTE_OFFSET, IO_DATA_BYTE_OFFSET + size),
+    });
+  } finally {
+    Atomics.store(io, IO_STATE, STATE_RESPONSE);
+    Atomics.notify(io, IO_STATE);
+  }
+  return true;
+}

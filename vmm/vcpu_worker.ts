@@ -44,17 +44,10 @@ import {
   CMD_STOP,
   CTL_COMMAND,
   CTL_PAUSED,
-  IO_ADDR_HI,
-  IO_ADDR_LO,
-  IO_DATA_BYTE_OFFSET,
-  IO_IS_WRITE,
-  IO_KIND,
-  IO_SIZE,
-  IO_STATE,
+  DOORBELL,
+  exchange,
   KIND_MMIO,
   KIND_PIO,
-  STATE_IDLE,
-  STATE_REQUEST,
   type VcpuExitMessage,
   type VcpuStartMessage,
 } from "./vcpu_channel.ts";
@@ -87,21 +80,7 @@ function run(start: VcpuStartMessage): void {
   const runBytes = new Uint8Array(run.buffer);
   self.postMessage({ kind: "ready", tid: libc().gettid(), runAddr: BigInt(Deno.UnsafePointer.value(runPtr)) });
 
-  /** Hand one access to the main thread and wait for its answer. */
-  const exchange = (kind: number, isWrite: boolean, addr: number, size: number, data: Uint8Array) => {
-    io[IO_KIND] = kind;
-    io[IO_IS_WRITE] = isWrite ? 1 : 0;
-    io[IO_SIZE] = size;
-    io[IO_ADDR_LO] = addr % 2 ** 32;
-    io[IO_ADDR_HI] = Math.floor(addr / 2 ** 32);
-    if (isWrite) ioBytes.set(data.subarray(0, size), IO_DATA_BYTE_OFFSET);
-    Atomics.store(io, IO_STATE, STATE_REQUEST);
-    Atomics.notify(io, IO_STATE);
-    while (Atomics.load(io, IO_STATE) === STATE_REQUEST) Atomics.wait(io, IO_STATE, STATE_REQUEST, 100);
-    if (!isWrite) data.set(ioBytes.subarray(IO_DATA_BYTE_OFFSET, IO_DATA_BYTE_OFFSET + size));
-    Atomics.store(io, IO_STATE, STATE_IDLE);
-    Atomics.notify(io, IO_STATE);
-  };
+  const ring = () => self.postMessage(DOORBELL);
 
   for (;;) {
     const cmd = Atomics.load(ctl, CTL_COMMAND);
@@ -138,7 +117,7 @@ function run(start: VcpuStartMessage): void {
           } else if (port === DEBUG_EXIT_PORT && start.debugExit && out) {
             return post({ kind: "debug-exit", code: data[0] });
           } else {
-            exchange(KIND_PIO, out, port, size, data);
+            exchange(io, ioBytes, ring, KIND_PIO, out, port, size, data);
           }
         }
         break;
@@ -147,7 +126,16 @@ function run(start: VcpuStartMessage): void {
         const addr = Number(run.getBigUint64(RUN_MMIO_PHYS_ADDR, true));
         const len = run.getUint32(RUN_MMIO_LEN, true);
         const isWrite = run.getUint8(RUN_MMIO_IS_WRITE) !== 0;
-        exchange(KIND_MMIO, isWrite, addr, Math.min(len, 8), runBytes.subarray(RUN_MMIO_DATA, RUN_MMIO_DATA + 8));
+        exchange(
+          io,
+          ioBytes,
+          ring,
+          KIND_MMIO,
+          isWrite,
+          addr,
+          Math.min(len, 8),
+          runBytes.subarray(RUN_MMIO_DATA, RUN_MMIO_DATA + 8),
+        );
         break;
       }
       case KVM_EXIT_INTR:
