@@ -344,11 +344,14 @@ export class UnixListener {
   #fd: number;
   readonly path: string;
   readonly #waker?: Waker;
+  /** Inode of the socket file we created: close() removes only that file, not a successor's. */
+  readonly #ino: number | null;
 
   private constructor(fd: number, path: string, waker?: Waker) {
     this.#fd = fd;
     this.path = path;
     this.#waker = waker;
+    this.#ino = Deno.lstatSync(path).ino;
   }
 
   get fd(): number {
@@ -390,13 +393,13 @@ export class UnixListener {
     }
   }
 
-  /** Close the socket and remove its file. */
+  /** Close the socket and remove its file (unless another listener has replaced it since). */
   close(): void {
     if (this.#fd < 0) return;
     closeFd(this.#fd);
     this.#fd = -1;
     try {
-      Deno.removeSync(this.path);
+      if (Deno.lstatSync(this.path).ino === this.#ino) Deno.removeSync(this.path);
     } catch {
       // already gone
     }

@@ -1,0 +1,374 @@
+// User-mode Linux as a test front end for vhost-user devices: Debian's
+// /usr/bin/linux.uml (package user-mode-linux) boots as an ordinary process,
+// connects to vhost-user sockets given as `virtio_uml.device=SOCKET:VIRTIO_ID`
+// (Linux arch/um/drivers/virtio_uml.c) and drives them with the real Linux
+// drivers. The initramfs is built at test time: busybox-static, the kernel
+// modules a test names (with their modules.dep dependencies) and a generated
+// /init that runs the test's shell commands and powers the machine off.
+//
+// Facts this relies on (checked on this machine): UML 6.1 boots an initramfs to
+// /init in about 1.5 s; `con=null con0=fd:0,fd:1` puts the console on stdout;
+// `poweroff -f` ends the process with status 0; UML keeps its RAM in a file under
+// TMPDIR. virtio_uml connects once at boot and does not reconnect: when the
+// back end goes away the device is unregistered.
+
+const REPO_ROOT = new URL("../../", import.meta.url).pathname;
+
+/** Debian's UML kernel and where its modules live. */
+export const UML_BINARY = "/usr/bin/linux.uml";
+export const UML_MODULES_ROOT = "/usr/lib/uml/modules";
+/** A statically linked busybox (package busybox-static). */
+export const BUSYBOX = "/usr/bin/busybox";
+
+/** Where built initramfs archives are cached. */
+export function umlCacheDir(): string {
+  return `${Deno.env.get("DENOVM_CACHE") ?? `${REPO_ROOT}.cache`}/uml`;
+}
+
+function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The UML kernel's module directory version (e.g. "6.1.176"), or undefined. */
+export function umlKernelVersion(): string | undefined {
+  try {
+    return [...Deno.readDirSync(UML_MODULES_ROOT)].filter((e) => e.isDirectory).map((e) => e.name).sort().at(-1);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Why UML tests cannot run here, or undefined when they can. */
+export function umlUnavailableReason(): string | undefined {
+  if (Deno.build.os !== "linux" || Deno.build.arch !== "x86_64") return "user-mode Linux needs x86_64 Linux";
+  if (!exists(UML_BINARY)) return `${UML_BINARY} missing (apt-get install user-mode-linux)`;
+  if (!exists(BUSYBOX)) return `${BUSYBOX} missing (apt-get install busybox-static)`;
+  if (!umlKernelVersion()) return `no modules under ${UML_MODULES_ROOT} (apt-get install user-mode-linux)`;
+  return undefined;
+}
+
+// ---- newc cpio writer (Linux Documentation/driver-api/early-userspace/buffer-format.rst) ----
+
+/** newc magic: "070701" followed by 13 eight-digit hex fields. */
+const CPIO_NEWC_MAGIC = "070701";
+/** Header fields and name/data are padded to 4 bytes. */
+const CPIO_ALIGN = 4;
+const CPIO_TRAILER = "TRAILER!!!";
+/** st_mode file types (linux/stat.h). */
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+const S_IFCHR = 0o020000;
+/** /dev/console is character device 5:1 (Documentation/admin-guide/devices.txt). */
+const CONSOLE_MAJOR = 5;
+const CONSOLE_MINOR = 1;
+
+interface CpioEntry {
+  name: string;
+  mode: number;
+  data?: Uint8Array;
+  rdevMajor?: number;
+  rdevMinor?: number;
+}
+
+function pad(n: number): number {
+  return (CPIO_ALIGN - (n % CPIO_ALIGN)) % CPIO_ALIGN;
+}
+
+/** Encode entries as one newc archive (with trailer). */
+export function cpioNewc(entries: CpioEntry[]): Uint8Array {
+  const enc = new TextEncoder();
+  const parts: Uint8Array[] = [];
+  const hex = (v: number) => v.toString(16).padStart(8, "0");
+  let ino = 1;
+  const add = (e: CpioEntry) => {
+    const name = enc.encode(e.name + "\0");
+    const size = e.data?.length ?? 0;
+    const fields = [
+      ino++, // c_ino
+      e.mode, // c_mode
+      0, // c_uid
+      0, // c_gid
+      e.mode & S_IFDIR ? 2 : 1, // c_nlink
+      0, // c_mtime
+      size, // c_filesize
+      0, // c_devmajor
+      0, // c_devminor
+      e.rdevMajor ?? 0, // c_rdevmajor
+      e.rdevMinor ?? 0, // c_rdevminor
+      name.length, // c_namesize
+      0, // c_check
+    ];
+    const hdr = enc.encode(CPIO_NEWC_MAGIC + fields.map(hex).join(""));
+    parts.push(hdr, name, new Uint8Array(pad(hdr.length + name.length)));
+    if (e.data) parts.push(e.data, new Uint8Array(pad(size)));
+  };
+  entries.forEach(add);
+  add({ name: CPIO_TRAILER, mode: 0 });
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+// ---- Modules ----
+
+/** Module files (relative to the module dir) for `names`, dependencies first (from modules.dep). */
+export function resolveModules(version: string, names: string[]): string[] {
+  const dir = `${UML_MODULES_ROOT}/${version}`;
+  const deps = new Map<string, string[]>();
+  for (const line of Deno.readTextFileSync(`${dir}/modules.dep`).split("\n")) {
+    const colon = line.indexOf(":");
+    if (colon < 0) continue;
+    deps.set(line.slice(0, colon), line.slice(colon + 1).trim().split(/\s+/).filter(Boolean));
+  }
+  const norm = (s: string) => s.replaceAll("-", "_");
+  const byName = new Map<string, string>();
+  for (const path of deps.keys()) byName.set(norm(path.split("/").pop()!.replace(/\.ko(\.\w+)?$/, "")), path);
+  const order: string[] = [];
+  const visit = (path: string) => {
+    if (order.includes(path)) return;
+    for (const d of deps.get(path) ?? []) visit(d);
+    order.push(path);
+  };
+  for (const n of names) {
+    const path = byName.get(norm(n));
+    if (!path) throw new Error(`module ${n} not found in ${dir}/modules.dep (built in, or not packaged?)`);
+    visit(path);
+  }
+  return order;
+}
+
+/** Base initramfs: busybox, directories, /dev/console and the modules (cached by content key). */
+async function baseInitramfs(version: string, modules: string[]): Promise<Uint8Array> {
+  const bb = Deno.statSync(BUSYBOX);
+  const key = await sha256Hex(JSON.stringify({ version, modules, bb: [bb.size, bb.mtime?.getTime()] }));
+  const cached = `${umlCacheDir()}/base-${key.slice(0, 16)}.cpio`;
+  try {
+    return Deno.readFileSync(cached);
+  } catch {
+    // build below
+  }
+  const entries: CpioEntry[] = [];
+  for (const d of ["bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules"]) {
+    entries.push({ name: d, mode: S_IFDIR | 0o755 });
+  }
+  entries.push({ name: "dev/console", mode: S_IFCHR | 0o600, rdevMajor: CONSOLE_MAJOR, rdevMinor: CONSOLE_MINOR });
+  entries.push({ name: "bin/busybox", mode: S_IFREG | 0o755, data: Deno.readFileSync(BUSYBOX) });
+  for (const m of modules) {
+    const base = m.split("/").pop()!;
+    if (/\.ko\.\w+$/.test(base)) throw new Error(`compressed module ${m}: not supported by this helper`);
+    entries.push({
+      name: `lib/modules/${base}`,
+      mode: S_IFREG | 0o644,
+      data: Deno.readFileSync(`${UML_MODULES_ROOT}/${version}/${m}`),
+    });
+  }
+  const archive = cpioNewc(entries);
+  Deno.mkdirSync(umlCacheDir(), { recursive: true });
+  const tmp = `${cached}.${Deno.pid}.tmp`;
+  Deno.writeFileSync(tmp, archive);
+  Deno.renameSync(tmp, cached);
+  return archive;
+}
+
+async function sha256Hex(s: string): Promise<string> {
+  const d = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(s));
+  return [...new Uint8Array(d)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Markers the generated /init prints. */
+export const UML_MARK_START = "UML-INIT-START";
+export const UML_MARK_END = "UML-INIT-END";
+
+/**
+ * A /init script: busybox applets, /proc, /sys, /dev, then the modules (dependencies first),
+ * then `commands` (a shell fragment), then the end marker with the fragment's exit status,
+ * then power off.
+ */
+export function initScript(moduleFiles: string[], commands: string): string {
+  const insmods = moduleFiles.map((m) => `insmod /lib/modules/${m.split("/").pop()}`).join("\n");
+  return `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+${insmods}
+echo ${UML_MARK_START}
+( set -e
+${commands}
+)
+echo "${UML_MARK_END} status=$?"
+poweroff -f
+`;
+}
+
+export interface InitramfsOptions {
+  /** Module names to load at boot (e.g. "virtio_blk"); dependencies are added. */
+  modules: string[];
+  /** Shell commands /init runs (busybox sh, `set -e`). */
+  commands: string;
+}
+
+/** Build an initramfs file for one run; returns its path (a temp file the caller may delete). */
+export async function buildInitramfs(opts: InitramfsOptions): Promise<string> {
+  const version = umlKernelVersion();
+  if (!version) throw new Error(`no UML modules under ${UML_MODULES_ROOT}`);
+  const mods = resolveModules(version, opts.modules);
+  const base = await baseInitramfs(version, mods);
+  // The kernel unpacks concatenated archives in order: the base, then this run's /init.
+  const init = cpioNewc([
+    { name: "init", mode: S_IFREG | 0o755, data: new TextEncoder().encode(initScript(mods, opts.commands)) },
+  ]);
+  const path = await Deno.makeTempFile({ prefix: "denovm-uml-", suffix: ".cpio" });
+  const out = new Uint8Array(base.length + init.length);
+  out.set(base);
+  out.set(init, base.length);
+  await Deno.writeFile(path, out);
+  return path;
+}
+
+// ---- Running UML ----
+
+export interface UmlOptions {
+  initramfs: string;
+  /** vhost-user devices: the socket a back end listens on and the virtio device ID (2 = block). */
+  vhostUser?: { socket: string; deviceId: number }[];
+  /** Guest RAM in MiB (default 128). */
+  memMiB?: number;
+  /** Extra kernel command-line words. */
+  cmdline?: string[];
+  /** Kill the machine if it has not powered off after this long (a hang guard, default 120 s). */
+  hangGuardMs?: number;
+}
+
+export interface UmlResult {
+  /** Process exit code (0 after `poweroff -f`). */
+  code: number;
+  /** Console output (stdout and stderr). */
+  output: string;
+  /** The hang guard had to kill the machine. */
+  killed: boolean;
+  /** Exit status of the test commands, from the end marker, or undefined when /init did not get there. */
+  commandStatus?: number;
+}
+
+/** A running UML machine. */
+export class UmlMachine {
+  readonly #child: Deno.ChildProcess;
+  readonly #tmpdir: string;
+  #output = "";
+  #killed = false;
+  readonly #waiters: { re: RegExp; resolve: () => void }[] = [];
+  readonly #done: Promise<UmlResult>;
+
+  private constructor(child: Deno.ChildProcess, tmpdir: string, hangGuardMs: number) {
+    this.#child = child;
+    this.#tmpdir = tmpdir;
+    const dec = new TextDecoder();
+    const pump = async (stream: ReadableStream<Uint8Array>) => {
+      for await (const chunk of stream) {
+        this.#output += dec.decode(chunk, { stream: true });
+        for (const w of [...this.#waiters]) {
+          if (w.re.test(this.#output)) {
+            this.#waiters.splice(this.#waiters.indexOf(w), 1);
+            w.resolve();
+          }
+        }
+      }
+    };
+    const guard = setTimeout(() => this.kill(), hangGuardMs);
+    this.#done = (async () => {
+      const [status] = await Promise.all([child.status, pump(child.stdout), pump(child.stderr)]);
+      clearTimeout(guard);
+      await Deno.remove(tmpdir, { recursive: true }).catch(() => {});
+      const m = this.#output.match(new RegExp(`${UML_MARK_END} status=(\\d+)`));
+      return {
+        code: status.code,
+        output: this.#output,
+        killed: this.#killed,
+        commandStatus: m ? Number(m[1]) : undefined,
+      };
+    })();
+  }
+
+  /** Boot a machine. */
+  static async start(opts: UmlOptions): Promise<UmlMachine> {
+    const tmpdir = await Deno.makeTempDir({ prefix: "denovm-uml-tmp-" });
+    const args = [
+      `mem=${opts.memMiB ?? 128}M`,
+      `initrd=${opts.initramfs}`,
+      "con=null",
+      "con0=fd:0,fd:1",
+      "quiet",
+      ...(opts.vhostUser ?? []).map((d) => `virtio_uml.device=${d.socket}:${d.deviceId}`),
+      ...(opts.cmdline ?? []),
+    ];
+    const child = new Deno.Command(UML_BINARY, {
+      args,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      // UML keeps guest RAM in a file it creates under TMPDIR.
+      env: { TMPDIR: tmpdir },
+    }).spawn();
+    return new UmlMachine(child, tmpdir, opts.hangGuardMs ?? 120_000);
+  }
+
+  get output(): string {
+    return this.#output;
+  }
+
+  /** Resolves when the console output matches `re` (or rejects if the machine exits first). */
+  waitFor(re: RegExp): Promise<void> {
+    if (re.test(this.#output)) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.#waiters.push({ re, resolve });
+      this.#done.then(() => {
+        if (!re.test(this.#output)) reject(new Error(`UML exited before printing ${re}:\n${this.#output}`));
+      });
+    });
+  }
+
+  /** Resolves with the result once the machine has exited. */
+  wait(): Promise<UmlResult> {
+    return this.#done;
+  }
+
+  /**
+   * Kill the machine (SIGKILL). UML runs guest processes as host child processes that outlive
+   * a killed parent, and it leads its own process group: the whole group is killed.
+   */
+  kill(): void {
+    this.#killed = true;
+    const pid = this.#child.pid;
+    try {
+      // /proc/PID/stat: "pid (comm) state ppid pgrp ..." (proc(5)); comm may hold spaces.
+      const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+      const pgrp = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[2]);
+      if (pgrp === pid) {
+        Deno.kill(-pid, "SIGKILL");
+        return;
+      }
+    } catch {
+      // exited already, or no /proc: fall back to the process itself
+    }
+    try {
+      this.#child.kill("SIGKILL");
+    } catch {
+      // already exited
+    }
+  }
+}
+
+/** Boot, wait for power-off, return the result. */
+export async function runUml(opts: UmlOptions): Promise<UmlResult> {
+  return await (await UmlMachine.start(opts)).wait();
+}
