@@ -61,9 +61,10 @@ export class Vm {
       serials: [librarySerial(echoConsole ?? false)],
       ...rest,
     };
-    let machine: Machine | undefined;
-    const log = new ConsoleLog((text) => machine?.sendInput(new TextEncoder().encode(text)));
-    machine = await Machine.create(full, { onConsoleOutput: (b) => log.push(b), debugExit, noStdin: true });
+    const holder: { machine?: Machine } = {};
+    const log = new ConsoleLog((text) => holder.machine?.sendInput(new TextEncoder().encode(text)));
+    const machine = await Machine.create(full, { onConsoleOutput: (b) => log.push(b), debugExit, noStdin: true });
+    holder.machine = machine;
     const vm = new Vm(machine, log);
     await machine.start();
     return vm;

@@ -190,7 +190,9 @@ export class Machine {
       }
       writeBootTables(memory);
       writeMpTable(memory, config.cpus);
-      writeAcpiTables(memory, { cpus: config.cpus, virtioMmio: resources, serial: serialPorts });
+      // Devices named on the command line are not also listed in the DSDT: Linux would probe them twice.
+      const acpiVirtio = config.virtioMmioCmdline ? [] : resources;
+      writeAcpiTables(memory, { cpus: config.cpus, virtioMmio: acpiVirtio, serial: serialPorts });
 
       kvm = new Kvm();
       const max = kvm.maxVcpus;

@@ -6,9 +6,7 @@ import type { BusDevice } from "../../vmm/bus.ts";
 // Register offsets (serial_reg.h).
 const UART_RX = 0; // in, DLAB=0
 const UART_TX = 0; // out, DLAB=0
-const UART_DLL = 0; // DLAB=1
-const UART_IER = 1; // DLAB=0
-const UART_DLM = 1; // DLAB=1
+const UART_IER = 1; // DLAB=0; with DLAB=1 offsets 0 and 1 are the divisor latch (DLL, DLM)
 const UART_IIR = 2; // in
 const UART_FCR = 2; // out
 const UART_LCR = 3;
