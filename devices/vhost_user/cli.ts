@@ -14,8 +14,8 @@ export const EXIT_INVALID_ARGUMENTS = 35;
 /** Any other failure (cannot open the image, cannot bind the socket). */
 export const EXIT_FAILURE = 1;
 
-/** Device types crosvm's `device` command knows that denovm does not serve yet. */
-const NOT_YET_AVAILABLE = ["net", "console", "vsock", "rng", "balloon", "input", "gpu", "fs", "snd", "wl"];
+/** Device types crosvm's `device` command knows, besides block; each is served by args/<type>.ts when present. */
+const DEVICE_TYPES = ["net", "console", "vsock", "rng", "balloon", "input", "gpu", "fs", "snd", "wl"];
 
 const USAGE = "usage: denovm device block --socket-path PATH --file IMAGE[:read-only]";
 
@@ -74,9 +74,22 @@ export async function runDeviceCommand(argv: string[]): Promise<number> {
         console.error(`denovm device block: cannot open ${a.file}: ${(e as Error).message}`);
         return EXIT_FAILURE;
       }
-    } else if (type !== undefined && NOT_YET_AVAILABLE.includes(type)) {
-      console.error(`denovm device ${type}: not yet available in denovm (only "block" is)`);
-      return EXIT_INVALID_ARGUMENTS;
+    } else if (type !== undefined && DEVICE_TYPES.includes(type)) {
+      // Each other device type lives in args/<type>.ts, exporting parseDeviceArgs (see args/README.md).
+      let mod: { parseDeviceArgs: (args: string[]) => { socketPath: string; device: VirtioDevice } };
+      try {
+        mod = await import(`./args/${type}.ts`);
+      } catch {
+        console.error(`denovm device ${type}: not yet available in denovm`);
+        return EXIT_INVALID_ARGUMENTS;
+      }
+      try {
+        ({ socketPath, device } = mod.parseDeviceArgs(rest));
+      } catch (e) {
+        if ((e as Error).name === "UsageError") throw new UsageError((e as Error).message);
+        console.error(`denovm device ${type}: ${(e as Error).message}`);
+        return EXIT_FAILURE;
+      }
     } else {
       throw new UsageError(type === undefined ? "missing device type" : `unknown device type "${type}"`);
     }
