@@ -42,6 +42,7 @@ import {
   VIRTIO_STATUS_DEVICE_NEEDS_RESET,
   VIRTIO_STATUS_DRIVER,
   VIRTIO_STATUS_DRIVER_OK,
+  VIRTIO_STATUS_FAILED,
   VIRTIO_STATUS_FEATURES_OK,
   VirtioMmioTransport,
 } from "../devices/virtio/mmio.ts";
@@ -331,4 +332,7 @@ Deno.test("a device that fails to activate sets DEVICE_NEEDS_RESET and raises a 
   assert.equal(s.irqs.n, 1);
   s.drv.kick(0);
   assert.deepEqual(s.dev.notified, []);
+  // The driver gives up: FAILED is accepted even without repeating the device's NEEDS_RESET bit.
+  s.drv.writeReg(VIRTIO_MMIO_STATUS, (st & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET) | VIRTIO_STATUS_FAILED);
+  assert.equal(s.drv.readReg(VIRTIO_MMIO_STATUS), st | VIRTIO_STATUS_FAILED);
 });

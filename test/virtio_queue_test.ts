@@ -297,6 +297,8 @@ Deno.test("16-bit indices wrap around (plain and EVENT_IDX)", () => {
       if (round === 0) assert.equal(f.q.needsInterrupt(), true, "used idx moved past 0xffff");
     }
     assert.equal(f.q.nextAvail, (0xfffe + 9) & 0xffff);
+    f.q.nextAvail = 0x1_0007; // a vhost-user front end's base is masked to 16 bits
+    assert.equal(f.q.nextAvail, 7);
     assert.equal(f.dq.usedIdx(), (0xfffe + 9) & 0xffff);
   }
 });

@@ -382,11 +382,12 @@ export class VirtioMmioTransport {
       return;
     }
     const old = this.#status;
-    if ((old & ~v) !== 0) {
+    // Only a reset clears driver-set bits; DEVICE_NEEDS_RESET is the device's and stays set.
+    if ((old & ~v & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET) !== 0) {
       this.#guestError(`status 0x${v.toString(16)} clears bits of 0x${old.toString(16)}; ignored`);
       return;
     }
-    let next = v;
+    let next = v | (old & VIRTIO_STATUS_DEVICE_NEEDS_RESET);
     const added = v & ~old;
     if (added & VIRTIO_STATUS_FEATURES_OK) {
       const offered = this.device.features;

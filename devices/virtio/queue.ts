@@ -236,8 +236,7 @@ export class Virtqueue {
   readonly eventIdx: boolean;
   /** Why the ring itself is unusable (bad size, alignment or address), or null when it is fine. */
   readonly error: string | null;
-  /** Free-running 16-bit index of the next available entry to take. */
-  nextAvail = 0;
+  #nextAvail = 0;
   #nextUsed = 0;
   /** Chains completed with length 0 because they were malformed. */
   malformed = 0;
@@ -249,6 +248,13 @@ export class Virtqueue {
   #signalledUsed = 0;
   #notify = true;
 
+  /** Free-running 16-bit index of the next available entry to take (vhost-user GET/SET_VRING_BASE). */
+  get nextAvail(): number {
+    return this.#nextAvail;
+  }
+  set nextAvail(v: number) {
+    this.#nextAvail = v & 0xffff;
+  }
   /** Free-running 16-bit index of the next used entry to fill. Setting it also restarts interrupt suppression. */
   get nextUsed(): number {
     return this.#nextUsed;
