@@ -332,6 +332,26 @@ Deno.test("denovm device: bad arguments and unimplemented device types exit 35 w
   }
 });
 
+Deno.test("denovm device block: SIGTERM ends it with status 0 and removes its socket", async () => {
+  const { dir, path: socket } = await tempSocketPath("term.sock");
+  const image = `${dir}/disk.img`;
+  await Deno.writeFile(image, new Uint8Array(1 << 20));
+  try {
+    const backend = await BlockBackendProcess.start(socket, image);
+    assert.ok(Deno.lstatSync(socket).isSocket);
+    // A front end connected at that moment is dropped, not waited for.
+    const fe = FrontEnd.connect(socket);
+    assert.equal(u64(await fe.call(R.GET_PROTOCOL_FEATURES)), BACKEND_PROTOCOL_FEATURES);
+    backend.kill("SIGTERM");
+    const st = await backend.exited;
+    fe.close();
+    assert.equal(st.code, 0, backend.stderr);
+    assert.throws(() => Deno.lstatSync(socket), Deno.errors.NotFound);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 // ---- Real Linux: user-mode Linux's virtio_uml front end with the virtio_blk driver ----
 
 const umlReason = umlUnavailableReason() ??

@@ -263,7 +263,6 @@ export interface UmlResult {
 /** A running UML machine. */
 export class UmlMachine {
   readonly #child: Deno.ChildProcess;
-  readonly #tmpdir: string;
   #output = "";
   #killed = false;
   readonly #waiters: { re: RegExp; resolve: () => void }[] = [];
@@ -271,7 +270,6 @@ export class UmlMachine {
 
   private constructor(child: Deno.ChildProcess, tmpdir: string, hangGuardMs: number) {
     this.#child = child;
-    this.#tmpdir = tmpdir;
     const dec = new TextDecoder();
     const pump = async (stream: ReadableStream<Uint8Array>) => {
       for await (const chunk of stream) {
