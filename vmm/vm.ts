@@ -73,7 +73,8 @@ const PIC_IRQS_PER_CHIP = 8;
 export class Kvm {
   readonly fd: number;
 
-  constructor(path = KVM_DEVICE) {
+  /** `path` defaults to $DENOVM_KVM_DEVICE, then /dev/kvm. */
+  constructor(path = Deno.env.get("DENOVM_KVM_DEVICE") ?? KVM_DEVICE) {
     try {
       this.fd = openFile(path, O_RDWR);
     } catch (e) {
@@ -85,7 +86,13 @@ export class Kvm {
       }
       throw new HostError(`cannot open ${path}: ${(e as Error).message}`);
     }
-    const version = kvmIoctlInt(this.fd, KVM_GET_API_VERSION);
+    let version: number;
+    try {
+      version = kvmIoctlInt(this.fd, KVM_GET_API_VERSION);
+    } catch (e) {
+      closeFd(this.fd);
+      throw new HostError(`${path} is not a KVM device: ${(e as Error).message}`);
+    }
     if (version !== KVM_API_VERSION) {
       throw new HostError(`KVM API version ${version}, expected ${KVM_API_VERSION}`);
     }

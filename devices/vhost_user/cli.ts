@@ -77,12 +77,14 @@ export async function runDeviceCommand(argv: string[]): Promise<number> {
     } else if (type !== undefined && DEVICE_TYPES.includes(type)) {
       // Each other device type lives in args/<type>.ts, exporting parseDeviceArgs (see args/README.md).
       let mod: { parseDeviceArgs: (args: string[]) => { socketPath: string; device: VirtioDevice } };
+      const url = new URL(`./args/${type}.ts`, import.meta.url);
       try {
-        mod = await import(`./args/${type}.ts`);
+        Deno.statSync(url);
       } catch {
         console.error(`denovm device ${type}: not yet available in denovm`);
         return EXIT_INVALID_ARGUMENTS;
       }
+      mod = await import(url.href);
       try {
         ({ socketPath, device } = mod.parseDeviceArgs(rest));
       } catch (e) {

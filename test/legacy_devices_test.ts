@@ -1,0 +1,167 @@
+// Legacy devices as a guest driver sees them: register sequences taken from what
+// Linux's drivers do (8250 autoconfig and THRE handling, CMOS reads, i8042 reset,
+// ACPI sleep/reset registers, pvpanic), and the port bus that routes them.
+
+import assert from "node:assert/strict";
+import { AcpiPm } from "../devices/legacy/acpi_pm.ts";
+import { Cmos } from "../devices/legacy/cmos.ts";
+import { I8042 } from "../devices/legacy/i8042.ts";
+import { PvPanic } from "../devices/legacy/pvpanic.ts";
+import { Serial } from "../devices/legacy/serial.ts";
+import { Bus } from "../vmm/bus.ts";
+import {
+  ACPI_RESET_PORT,
+  ACPI_RESET_VALUE,
+  ACPI_SLEEP_CONTROL_PORT,
+  ACPI_SLEEP_TYPE_S5,
+  ACPI_SLP_EN,
+  ACPI_SLP_TYP_SHIFT,
+} from "../vmm/layout.ts";
+
+const rd = (d: { read(o: number, b: Uint8Array): void }, off: number) => {
+  const b = new Uint8Array(1);
+  d.read(off, b);
+  return b[0];
+};
+const wr = (d: { write(o: number, b: Uint8Array): void }, off: number, v: number) => d.write(off, Uint8Array.of(v));
+
+function uart() {
+  const out: number[] = [];
+  let irqs = 0;
+  const s = new Serial({ interrupt: () => irqs++, output: (b) => out.push(...b) });
+  return { s, out, irqs: () => irqs };
+}
+
+Deno.test("8250: Linux's autoconfig probes (scratch, loopback MSR, 16550A FIFO) see a 16550A", () => {
+  const { s } = uart();
+  // Scratch register holds what is written (serial8250 "simple" probe).
+  wr(s, 7, 0xa5);
+  assert.equal(rd(s, 7), 0xa5);
+  // Loopback test: MCR = LOOP | OUT2 | RTS must show DCD | CTS in MSR's high nibble.
+  wr(s, 4, 0x10 | 0x08 | 0x02);
+  assert.equal(rd(s, 6) & 0xf0, 0x90);
+  wr(s, 4, 0x08);
+  // With FIFOs enabled, IIR's top bits read 0b11 (16550A).
+  wr(s, 2, 0x01);
+  assert.equal(rd(s, 2) & 0xc0, 0xc0);
+  // Divisor latch is separate from IER/data when DLAB is set.
+  wr(s, 3, 0x80);
+  wr(s, 0, 0x01);
+  wr(s, 1, 0x00);
+  assert.equal(rd(s, 0), 0x01);
+  wr(s, 3, 0x03);
+  assert.equal(rd(s, 3), 0x03);
+  assert.equal(rd(s, 1), 0);
+});
+
+Deno.test("8250: transmitted bytes reach the sink; THRE interrupt is raised and cleared by reading IIR", () => {
+  const { s, out, irqs } = uart();
+  for (const c of new TextEncoder().encode("hi\n")) wr(s, 0, c);
+  assert.equal(new TextDecoder().decode(Uint8Array.from(out)), "hi\n");
+  assert.equal(irqs(), 0, "no interrupt while IER is 0");
+  assert.equal(rd(s, 5) & 0x60, 0x60, "THRE and TEMT");
+  wr(s, 1, 0x02); // enable THRI: the holding register is empty, so an interrupt is due at once
+  assert.equal(irqs(), 1);
+  assert.equal(rd(s, 2) & 0x0f, 0x02, "IIR says THRI");
+  assert.equal(rd(s, 2) & 0x0f, 0x01, "reading IIR cleared it");
+  wr(s, 0, 0x41);
+  assert.equal(irqs(), 2);
+});
+
+Deno.test("8250: input is readable through RBR with LSR.DR, raises RDI, and loopback echoes", () => {
+  const { s, irqs } = uart();
+  wr(s, 1, 0x01); // RDI
+  s.enqueueInput(new TextEncoder().encode("ab"));
+  assert.equal(irqs(), 1);
+  assert.equal(rd(s, 2) & 0x0f, 0x04, "IIR says RDI");
+  assert.equal(rd(s, 5) & 0x01, 1);
+  assert.equal(rd(s, 0), 0x61);
+  assert.equal(rd(s, 0), 0x62);
+  assert.equal(rd(s, 5) & 0x01, 0, "DR clear once drained");
+  assert.equal(rd(s, 2) & 0x01, 1, "no interrupt pending");
+  wr(s, 4, 0x10); // loopback: a transmitted byte comes back as input, not to the sink
+  wr(s, 0, 0x7a);
+  assert.equal(rd(s, 0), 0x7a);
+  assert.equal(s.txBytes, 0);
+});
+
+Deno.test("CMOS RTC: BCD time of the given clock, 24-hour mode, never update-in-progress", () => {
+  const c = new Cmos(() => new Date(Date.UTC(2026, 10, 25, 21, 7, 59)));
+  const reg = (i: number) => {
+    wr(c, 0, i | 0x80); // NMI-disable bit is ignored in the index
+    return rd(c, 1);
+  };
+  assert.equal(reg(0x00), 0x59);
+  assert.equal(reg(0x02), 0x07);
+  assert.equal(reg(0x04), 0x21);
+  assert.equal(reg(0x07), 0x25);
+  assert.equal(reg(0x08), 0x11);
+  assert.equal(reg(0x09), 0x26);
+  assert.equal(reg(0x32), 0x20);
+  assert.equal(reg(0x0a) & 0x80, 0, "UIP clear");
+  assert.equal(reg(0x0b) & 0x06, 0x02, "24h, BCD");
+  assert.equal(reg(0x0d) & 0x80, 0x80, "valid RAM and time");
+  wr(c, 0, 0x40);
+  wr(c, 1, 0x5a);
+  assert.equal(reg(0x40), 0x5a, "CMOS RAM");
+});
+
+Deno.test("i8042: self-test answers 0x55, command byte round-trips, 0xFE resets", () => {
+  let resets = 0;
+  const k = new I8042(() => resets++);
+  wr(k, 4, 0xaa);
+  assert.equal(rd(k, 4) & 1, 1, "output buffer full");
+  assert.equal(rd(k, 0), 0x55);
+  assert.equal(rd(k, 4) & 1, 0);
+  wr(k, 4, 0x60);
+  wr(k, 0, 0x47);
+  wr(k, 4, 0x20);
+  assert.equal(rd(k, 0), 0x47);
+  assert.equal(resets, 0);
+  wr(k, 4, 0xfe);
+  assert.equal(resets, 1);
+  wr(k, 4, 0xd1); // write output port with the reset line low
+  wr(k, 0, 0xfe);
+  assert.equal(resets, 2);
+});
+
+Deno.test("ACPI PM: S5 with SLP_EN powers off, other sleep types do not, the reset register resets", () => {
+  const events: string[] = [];
+  const pm = new AcpiPm({ powerOff: () => events.push("off"), reset: () => events.push("reset"), log: () => {} });
+  wr(pm, 0, ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT); // no SLP_EN: nothing
+  wr(pm, 0, (3 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN); // S3: not offered
+  assert.deepEqual(events, []);
+  wr(pm, 0, (ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN);
+  assert.deepEqual(events, ["off"]);
+  wr(pm, ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT, 0x7); // wrong value
+  wr(pm, ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT, ACPI_RESET_VALUE);
+  assert.deepEqual(events, ["off", "reset"]);
+});
+
+Deno.test("pvpanic: advertises its events, a PANICKED write reports the panic", () => {
+  let panics = 0;
+  const p = new PvPanic(() => panics++, () => {});
+  assert.equal(rd(p, 0), 0x3);
+  wr(p, 0, 0x2);
+  assert.equal(panics, 0);
+  wr(p, 0, 0x1);
+  assert.equal(panics, 1);
+});
+
+Deno.test("port bus: routes by range, refuses overlaps, answers all-ones where nothing lives", () => {
+  const bus = new Bus("test");
+  const seen: [number, number][] = [];
+  bus.add(0x3f8, 8, { read: (o, d) => d.fill(o), write: (o, d) => seen.push([o, d[0]]) }, "COM1");
+  bus.add(0x70, 2, { read: (_o, d) => d.fill(9), write: () => {} }, "cmos");
+  assert.throws(() => bus.add(0x3fc, 8, { read: () => {}, write: () => {} }, "clash"), /overlaps COM1/);
+  const b = new Uint8Array(1);
+  assert.equal(bus.read(0x3fd, b), true);
+  assert.equal(b[0], 5);
+  bus.write(0x3f8, Uint8Array.of(0x41));
+  assert.deepEqual(seen, [[0, 0x41]]);
+  assert.equal(bus.read(0x71, b), true);
+  assert.equal(b[0], 9);
+  assert.equal(bus.read(0x400, b), false);
+  assert.equal(b[0], 0xff);
+  assert.equal(bus.unhandled, 1);
+});
