@@ -143,7 +143,10 @@ echo "denovm-init: modules loaded:$loaded"
 [ -n "$failed" ] && echo "denovm-init: modules failed:$failed"
 devices=""
 for d in /sys/bus/virtio/devices/*; do
-  [ -e "$d/device" ] && devices="$devices $(basename "$d")=$(cat "$d/device")"
+  [ -e "$d/device" ] || continue
+  driver=unbound
+  [ -e "$d/driver" ] && driver="$(basename "$(readlink "$d/driver")")"
+  devices="$devices $(basename "$d")=$(cat "$d/device"):$driver"
 done
 echo "denovm-init: virtio devices:${devices:- none}"
 echo DENOVM-INIT-OK
