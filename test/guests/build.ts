@@ -24,6 +24,7 @@ export const GUESTS: Readonly<Record<string, readonly string[]>> = {
   triple: ["triple.c"],
   panic: ["panic.c"],
   poweroff: ["poweroff.c"],
+  virtio: ["virtio.c"],
 };
 
 export type GuestName = keyof typeof GUESTS;
