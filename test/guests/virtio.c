@@ -2,7 +2,7 @@
  * A small virtio-mmio driver: finds every virtio-mmio transport in the DSDT (LNRO0005 devices and
  * their _CRS), negotiates VIRTIO_F_VERSION_1 only, sets up one split queue, routes the device's
  * interrupt through the IOAPIC and drives it:
- *   block (id 2):   capacity from config, write sector 1 + read back + compare, read sector 0;
+ *   block (id 2):   capacity from config, write sector 1 + read back + compare (unless read-only), read sector 0;
  *   console (id 3): one message on port 0's transmit queue;
  *   rng (id 4):     64 random bytes.
  * Completion is seen by the interrupt handler (InterruptStatus read, InterruptACK write), never by
@@ -11,7 +11,7 @@
  * Lines (parsed by test/kvm_virtio_test.ts):
  *   VIRTIO found=<n>
  *   VIRTIO dev <i> id=<id> base=0x<b> size=0x<s> gsi=<g> edge=<0|1> low=<0|1>
- *   VIRTIO blk cap=<sectors> rw=ok sum0=<fnv1a-32 hex of sector 0>
+ *   VIRTIO blk cap=<sectors> rw=<ok|ro> sum0=<fnv1a-32 hex of sector 0>   (ro: no write tried)
  *   VIRTIO rng bytes=64 nonzero=<count>
  *   VIRTIO console tx=ok
  *   VIRTIO <name> irqs=<interrupts taken for that device>
@@ -179,6 +179,7 @@ struct vdev {
   u32 size, gsi;
   int edge, active_low;
   u32 id;
+  int read_only; /* block: VIRTIO_BLK_F_RO offered (accepted or not, the device refuses writes) */
   const char *name;
   volatile u32 irqs;      /* interrupts with a used-buffer notification */
   volatile u32 spurious;  /* interrupts with InterruptStatus 0 */
@@ -389,7 +390,7 @@ static void negotiate(struct vdev *d) {
   wr32(d->base + VMMIO_DEVICE_FEATURES_SEL, 0);
   u32 low = rd32(d->base + VMMIO_DEVICE_FEATURES);
   if (!(high & F_VERSION_1_HIGH)) fail("device does not offer VIRTIO_F_VERSION_1", d);
-  if (d->id == VIRTIO_ID_BLOCK && (low & (1u << BLK_F_RO_BIT))) fail("block device is read-only", d);
+  if (d->id == VIRTIO_ID_BLOCK) d->read_only = (low & (1u << BLK_F_RO_BIT)) != 0;
   wr32(d->base + VMMIO_DRIVER_FEATURES_SEL, 0);
   wr32(d->base + VMMIO_DRIVER_FEATURES, 0);
   wr32(d->base + VMMIO_DRIVER_FEATURES_SEL, FEATURE_WORD_HIGH);
@@ -495,18 +496,20 @@ static u32 fnv1a(const u8 *p, u32 n) {
 static void drive_block(struct vdev *d) {
   u64 cap = blk_capacity(d);
   if (cap <= BLK_TEST_SECTOR) fail("block device too small", d);
-  for (u32 i = 0; i < SECTOR_SIZE; i++) blk_data[i] = sector1_byte(i);
-  blk_rw(d, BLK_T_OUT, BLK_TEST_SECTOR);
-  memset(blk_data, 0, SECTOR_SIZE);
-  blk_rw(d, BLK_T_IN, BLK_TEST_SECTOR);
-  for (u32 i = 0; i < SECTOR_SIZE; i++)
-    if (blk_data[i] != sector1_byte(i)) {
-      printf("VIRTIO blk mismatch at %u: 0x%x\n", i, blk_data[i]);
-      fail("sector 1 read back differs", d);
-    }
+  if (!d->read_only) {
+    for (u32 i = 0; i < SECTOR_SIZE; i++) blk_data[i] = sector1_byte(i);
+    blk_rw(d, BLK_T_OUT, BLK_TEST_SECTOR);
+    memset(blk_data, 0, SECTOR_SIZE);
+    blk_rw(d, BLK_T_IN, BLK_TEST_SECTOR);
+    for (u32 i = 0; i < SECTOR_SIZE; i++)
+      if (blk_data[i] != sector1_byte(i)) {
+        printf("VIRTIO blk mismatch at %u: 0x%x\n", i, blk_data[i]);
+        fail("sector 1 read back differs", d);
+      }
+  }
   memset(blk_data, 0, SECTOR_SIZE);
   blk_rw(d, BLK_T_IN, 0);
-  printf("VIRTIO blk cap=%llu rw=ok sum0=%x\n", cap, fnv1a(blk_data, SECTOR_SIZE));
+  printf("VIRTIO blk cap=%llu rw=%s sum0=%x\n", cap, d->read_only ? "ro" : "ok", fnv1a(blk_data, SECTOR_SIZE));
 }
 
 /* ---- rng and console ---- */
