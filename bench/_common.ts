@@ -1,0 +1,130 @@
+// Shared helpers of the benchmarks in bench/ (files starting with "_" are not benchmarks).
+// Each benchmark prints progress on stderr and one JSON object as its last stdout line.
+
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { layoutHeader } from "../test/guests/build.ts";
+
+export const REPO_ROOT: string = join(dirname(fileURLToPath(import.meta.url)), "..");
+export const BENCH_DIR: string = join(REPO_ROOT, "bench");
+
+/** ${DENOVM_CACHE:-<repo>/.cache}/bench: compiled benchmark guests and programs. */
+export function benchCacheDir(): string {
+  return join(Deno.env.get("DENOVM_CACHE") ?? join(REPO_ROOT, ".cache"), "bench");
+}
+
+export function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export const hasKvm: boolean = exists("/dev/kvm");
+/** The host's KVM is kvm_pvm: guest kernel code is emulated, so kernels boot slowly and may stop early. */
+export const kvmPvm: boolean = exists("/sys/module/kvm_pvm");
+
+/** Print the benchmark's result line (the last stdout line, which bench/run.ts reports). */
+export function result(bench: string, fields: Record<string, unknown>): void {
+  console.log(JSON.stringify({ bench, ...fields }));
+}
+
+/** When /dev/kvm is missing: print the skip line and end the process. */
+export function skipWithoutKvm(bench: string): void {
+  if (!hasKvm) {
+    result(bench, { skipped: "no /dev/kvm" });
+    Deno.exit(0);
+  }
+}
+
+export function progress(bench: string, message: string): void {
+  console.error(`${bench}: ${message}`);
+}
+
+export function median(values: number[]): number {
+  const s = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
+}
+
+/** Run a command to completion; throws with its output if it fails. */
+export async function run(cmd: string, args: string[]): Promise<string> {
+  const out = await new Deno.Command(cmd, { args, stdin: "null", stdout: "piped", stderr: "piped" }).output();
+  const text = new TextDecoder().decode(out.stdout);
+  if (!out.success) {
+    throw new Error(`${cmd} ${args.join(" ")} failed (exit ${out.code}): ${new TextDecoder().decode(out.stderr)}`);
+  }
+  return text;
+}
+
+/** Write vmm/layout.ts as a C header (test/guests/build.ts's generator) into `dir`; returns `dir`. */
+export async function writeLayoutHeader(dir: string): Promise<string> {
+  await Deno.mkdir(dir, { recursive: true });
+  const path = join(dir, "layout.h");
+  const text = layoutHeader();
+  if (!exists(path) || (await Deno.readTextFile(path)) !== text) await Deno.writeTextFile(path, text);
+  return dir;
+}
+
+export interface SpawnedOutput {
+  child: Deno.ChildProcess;
+  /** Milliseconds from spawn to the first byte on stdout (rejects if stdout ends first). */
+  firstByteMs: Promise<number>;
+  /** Resolves when the accumulated stdout matches `re`. */
+  waitFor(re: RegExp): Promise<void>;
+}
+
+/** Spawn a process and time its first stdout byte; stdout is accumulated for waitFor. */
+export function spawnTimed(cmd: string, args: string[]): SpawnedOutput {
+  const t0 = performance.now();
+  const child = new Deno.Command(cmd, { args, stdin: "null", stdout: "piped", stderr: "null" }).spawn();
+  let text = "";
+  const waiters: { re: RegExp; resolve: () => void }[] = [];
+  let firstResolve!: (ms: number) => void;
+  let firstReject!: (e: Error) => void;
+  const firstByteMs = new Promise<number>((res, rej) => {
+    firstResolve = res;
+    firstReject = rej;
+  });
+  firstByteMs.catch(() => {});
+  (async () => {
+    const decoder = new TextDecoder();
+    let first = true;
+    for await (const chunk of child.stdout) {
+      if (first && chunk.length > 0) {
+        first = false;
+        firstResolve(performance.now() - t0);
+      }
+      text += decoder.decode(chunk, { stream: true });
+      for (const w of [...waiters]) {
+        if (w.re.test(text)) {
+          waiters.splice(waiters.indexOf(w), 1);
+          w.resolve();
+        }
+      }
+    }
+    if (first) firstReject(new Error(`${cmd} wrote nothing on stdout`));
+  })();
+  return {
+    child,
+    firstByteMs,
+    waitFor: (re) => re.test(text) ? Promise.resolve() : new Promise((resolve) => waiters.push({ re, resolve })),
+  };
+}
+
+/** Kill a child process started by this benchmark and reap it. */
+export async function killChild(child: Deno.ChildProcess): Promise<void> {
+  try {
+    child.kill("SIGKILL");
+  } catch {
+    // already gone
+  }
+  await child.status;
+}
+
+/** The Debian kernel folder (scripts/debian-kernel.sh prints it last). */
+export async function debianKernelDir(): Promise<string> {
+  return (await run("bash", [join(REPO_ROOT, "scripts/debian-kernel.sh")])).trim().split("\n").pop()!;
+}

@@ -1,0 +1,93 @@
+// Start-up: milliseconds from starting the VMM process to the first byte the guest writes on the
+// serial console, for denovm and for QEMU's microvm machine (with KVM), booting Debian's 6.1 kernel
+// with an early console. denovm is also timed with the boot_info test guest, which writes at once:
+// that figure is mostly the VMM's own start-up.
+//
+// Output: {"bench":"startup","denovm_ms":..,"qemu_microvm_ms":..,"denovm_test_guest_ms":..,"repeats":N}
+// (medians; a side that fails reports null and an error field).
+
+import { join } from "node:path";
+import { buildGuest } from "../test/guests/build.ts";
+import {
+  debianKernelDir,
+  killChild,
+  kvmPvm,
+  median,
+  progress,
+  REPO_ROOT,
+  result,
+  skipWithoutKvm,
+  spawnTimed,
+} from "./_common.ts";
+
+const NAME = "startup";
+skipWithoutKvm(NAME);
+
+const REPEATS = Number(Deno.env.get("BENCH_REPEATS") ?? 3);
+const MEM_MIB = 256;
+// earlyprintk: the first lines come out before the console driver starts; noxsave avoids xrstor,
+// which kvm_pvm's emulator lacks (shared/reference/kvm-here.md).
+const PARAMS = "console=ttyS0 earlyprintk=ttyS0 noxsave";
+
+function denovmArgs(kernel: string, params: string): string[] {
+  return ["run", "--allow-all", join(REPO_ROOT, "main.ts"), "run", "--mem", String(MEM_MIB), "-p", params, kernel];
+}
+
+function qemuArgs(vmlinuz: string): string[] {
+  return [
+    ...["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", String(MEM_MIB), "-smp", "1"],
+    ...["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"],
+    ...["-kernel", vmlinuz, "-append", PARAMS],
+  ];
+}
+
+async function firstByteMs(cmd: string, args: string[]): Promise<number> {
+  const p = spawnTimed(cmd, args);
+  try {
+    return await p.firstByteMs;
+  } finally {
+    await killChild(p.child);
+  }
+}
+
+async function medianOf(label: string, cmd: string, args: string[]): Promise<number | { error: string }> {
+  const times: number[] = [];
+  try {
+    for (let i = 0; i < REPEATS; i++) times.push(await firstByteMs(cmd, args));
+  } catch (e) {
+    progress(NAME, `${label}: ${e instanceof Error ? e.message : e}`);
+    return { error: String(e instanceof Error ? e.message : e) };
+  }
+  const m = median(times);
+  progress(
+    NAME,
+    `${label}: ${m.toFixed(1)} ms to the first serial byte (${times.map((t) => t.toFixed(0)).join(", ")})`,
+  );
+  return m;
+}
+
+const kdir = await debianKernelDir();
+if (kvmPvm) progress(NAME, "kvm_pvm host: the kernel's guest code is emulated, expect seconds, not milliseconds");
+const denovm = await medianOf("denovm", Deno.execPath(), denovmArgs(join(kdir, "vmlinux"), PARAMS));
+const qemu = await medianOf("qemu microvm", "qemu-system-x86_64", qemuArgs(join(kdir, "vmlinuz")));
+const testGuest = await medianOf(
+  "denovm, boot_info guest",
+  Deno.execPath(),
+  denovmArgs(await buildGuest("boot_info"), ""),
+);
+
+const field = (v: number | { error: string }) => typeof v === "number" ? Math.round(v * 10) / 10 : null;
+const errors = Object.fromEntries(
+  Object.entries({ denovm, qemu_microvm: qemu, denovm_test_guest: testGuest })
+    .filter(([, v]) => typeof v !== "number")
+    .map(([k, v]) => [k, (v as { error: string }).error]),
+);
+result(NAME, {
+  denovm_ms: field(denovm),
+  qemu_microvm_ms: field(qemu),
+  denovm_test_guest_ms: field(testGuest),
+  repeats: REPEATS,
+  kvm_pvm: kvmPvm,
+  ...(Object.keys(errors).length ? { errors } : {}),
+});
+Deno.exit(0);
