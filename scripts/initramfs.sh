@@ -47,6 +47,14 @@ release="$(cat "$kdir/version")"
 moddir="$kdir/root/lib/modules/$release"
 [[ -d "$moddir" ]] || die "no modules in $moddir"
 
+# Up to date? The stamp is a hash of this script, busybox and the kernel release.
+key="$(cat "${BASH_SOURCE[0]}" "$busybox" "$kdir/version" | sha256sum | cut -d' ' -f1)"
+if [[ -s "$out" && "$(cat "$out_dir/default.stamp" 2>/dev/null)" == "$key" ]]; then
+  log "up to date: $out"
+  echo "$out"
+  exit 0
+fi
+
 work="$(mktemp -d "${TMPDIR:-/tmp}/denovm-initramfs.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 stage="$work/root"
@@ -174,5 +182,6 @@ mkdir -p "$out_dir"
     cpio --quiet -o -H newc -R 0:0 --reproducible
 ) | gzip -9n >"$work/default.cpio.gz"
 mv "$work/default.cpio.gz" "$out"
+echo "$key" >"$out_dir/default.stamp"
 log "wrote $out ($(stat -c %s "$out") bytes)"
 echo "$out"
