@@ -201,7 +201,8 @@ const MISC_ENABLE_FAST_STRING = 1n;
 const MTRR_ENABLE = 1n << 11n;
 const MTRR_TYPE_WRBACK = 6n;
 
-export function setBootMsrs(vcpuFd: number): void {
+/** Set the boot MSRs; returns the indices KVM refused (the caller logs them once). */
+export function setBootMsrs(vcpuFd: number): string[] {
   const entries: [number, bigint][] = [
     [MSR_IA32_SYSENTER_CS, 0n],
     [MSR_IA32_SYSENTER_ESP, 0n],
@@ -215,8 +216,15 @@ export function setBootMsrs(vcpuFd: number): void {
     [MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING],
     [MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRBACK],
   ];
+  // KVM_SET_MSRS stops at the first MSR it refuses and returns how many it set: set the rest one by one
+  // so that one MSR a host's KVM lacks (some lack MTRRs) costs only that MSR.
   const set = kvmIoctl(vcpuFd, KVM_SET_MSRS, msrsStruct(entries));
-  if (set !== entries.length) throw new Error(`KVM_SET_MSRS set ${set} of ${entries.length} MSRs`);
+  const refused: string[] = [];
+  for (const entry of entries.slice(set + 1)) {
+    if (kvmIoctl(vcpuFd, KVM_SET_MSRS, msrsStruct([entry])) !== 1) refused.push(`0x${entry[0].toString(16)}`);
+  }
+  if (set < entries.length) refused.unshift(`0x${entries[set][0].toString(16)}`);
+  return refused;
 }
 
 // ---- FPU (Intel SDM vol. 1, 8.1.5 and 10.2.3: power-up values) ----

@@ -64,6 +64,8 @@ export class ConfigError extends Error {
 
 /** How long stop() waits for vCPU Workers to leave KVM_RUN before terminating them. */
 const STOP_GRACE_MS = 2000;
+/** How often pause() looks whether every vCPU has parked. */
+const PAUSE_POLL_MS = 2;
 
 export interface MachineOptions {
   /** Called with every byte a console serial port transmits (the library's console capture). */
@@ -366,7 +368,8 @@ export class Machine {
       const fd = this.#vm.createVcpu(id);
       this.#vcpuFds.push(fd);
       setCpuid(fd, vcpuCpuid(supported, { apicId: id, cpuCount: this.config.cpus, hideCx16 }));
-      setBootMsrs(fd);
+      const refused = setBootMsrs(fd);
+      if (refused.length > 0 && id === 0) this.#log(`KVM refused boot MSRs ${refused.join(", ")}; continuing without them`);
       setBootFpu(fd);
       setLapicLints(fd);
       if (id === 0) setBootRegisters(fd, entry);
@@ -440,10 +443,10 @@ export class Machine {
   async pause(): Promise<void> {
     Atomics.store(this.#ctl, CTL_COMMAND, CMD_PAUSE);
     for (const v of this.#vcpus) v.kick();
+    // Polled with timers: Atomics.waitAsync does not keep Deno's event loop alive (see vcpu_channel.ts).
     while (Atomics.load(this.#ctl, CTL_PAUSED) < this.#vcpus.filter((v) => !v.isEnded).length) {
       if (this.#exitCode !== undefined) return;
-      const w = Atomics.waitAsync(this.#ctl, CTL_PAUSED, Atomics.load(this.#ctl, CTL_PAUSED), 100);
-      if (w.async) await w.value;
+      await new Promise((r) => setTimeout(r, PAUSE_POLL_MS));
     }
   }
 
