@@ -48,17 +48,19 @@ export function sockaddrUn(path: string): Uint8Array<ArrayBuffer> {
  * Connect a SOCK_SEQPACKET socket to `path`. Returns the non-blocking descriptor; throws SysError
  * ("connect PATH", errno) when nobody listens there (ECONNREFUSED), the file is missing (ENOENT), ...
  */
-export function connectSeqpacket(path: string): number {
+export function connectSeqpacket(path: string, opts: { nonBlockingConnect?: boolean } = {}): number {
   const sa = sockaddrUn(path);
-  const fd = check("socket", libc().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-  // A Unix-domain connect completes or fails at once (or queues in the listener's backlog): do it
-  // blocking, then switch the descriptor to non-blocking for poll-driven I/O.
+  const flags = SOCK_CLOEXEC | (opts.nonBlockingConnect ? SOCK_NONBLOCK : 0);
+  const fd = check("socket", libc().socket(AF_UNIX, SOCK_SEQPACKET | flags, 0));
+  // A Unix-domain connect completes or fails at once, except when the listener's backlog is full: a
+  // blocking connect then waits for room, a non-blocking one fails with EAGAIN. Afterwards the descriptor
+  // is non-blocking either way, for poll-driven I/O.
   if (libc().connect(fd, sa, sa.length) < 0) {
     const e = errno();
     closeFd(fd);
     throw new SysError(`connect ${path}`, e);
   }
-  setNonBlocking(fd);
+  if (!opts.nonBlockingConnect) setNonBlocking(fd);
   return fd;
 }
 

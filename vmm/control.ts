@@ -39,6 +39,8 @@ import { SOCK_CLOEXEC, SOCK_NONBLOCK, UnixStream, WaitCancelled, Waker } from ".
 export const MAX_REQUEST_BYTES = 64 * 1024;
 /** listen(2) backlog of the control socket. */
 const LISTEN_BACKLOG = 64;
+/** Pause after a failed accept4 (e.g. out of descriptors) before trying again. */
+const ACCEPT_RETRY_MS = 100;
 /** Permissions of the socket file: owner read/write only. */
 const SOCKET_MODE = 0o600;
 
@@ -355,7 +357,8 @@ export function encodeReply(reply: unknown): Uint8Array {
 function probeExisting(path: string): boolean {
   let fd: number;
   try {
-    fd = connectSeqpacket(path);
+    // Non-blocking: a live VM whose backlog is full answers EAGAIN instead of making us wait.
+    fd = connectSeqpacket(path, { nonBlockingConnect: true });
   } catch (e) {
     if (e instanceof SysError && e.errno === ECONNREFUSED) return false;
     // A socket of another type with a live listener (EPROTOTYPE), no permission (EACCES), ...: not ours to take.
@@ -483,7 +486,9 @@ export class ControlServer {
       const e = errno();
       if (e === EINTR) continue;
       if (e !== EAGAIN) {
-        console.error(`denovm: control socket: accept4: ${new SysError("accept4", e).message}`);
+        // EMFILE, ENOBUFS, ...: the listener stays readable, so pause instead of spinning on it.
+        console.error(`denovm: control socket: ${new SysError("accept4", e).message}`);
+        await new Promise((r) => setTimeout(r, ACCEPT_RETRY_MS));
       }
       await pollAsync([this.#listenFd, this.#waker.fd], POLLIN, -1);
     }
