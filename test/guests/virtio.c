@@ -14,7 +14,7 @@
  *   VIRTIO blk cap=<sectors> rw=<ok|ro> sum0=<fnv1a-32 hex of sector 0>   (ro: no write tried)
  *   VIRTIO rng bytes=64 nonzero=<count>
  *   VIRTIO console tx=ok
- *   VIRTIO <name> irqs=<interrupts taken for that device>
+ *   VIRTIO irq <i> <name> irqs=<used-buffer interrupts of that device> spurious=<interrupts with status 0>
  *   VIRTIO skip <i> id=<id>          (a device type this guest does not drive)
  *   VIRTIO irqs=<total>
  *   VIRTIO DONE
@@ -575,7 +575,7 @@ void guest_main(void) {
         continue;
     }
     if (!d->irqs) fail("no interrupt", d);
-    printf("VIRTIO %s irqs=%u spurious=%u\n", d->name, d->irqs, d->spurious);
+    printf("VIRTIO irq %u %s irqs=%u spurious=%u\n", i, d->name, d->irqs, d->spurious);
     total += d->irqs;
     wr32(d->base + VMMIO_STATUS, 0); /* reset: the device stops using our queue memory */
   }
