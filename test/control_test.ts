@@ -515,3 +515,67 @@ Deno.test("control: errorOfReply understands crosvm's error shapes", () => {
   assert.equal(errorOfReply("Ok"), undefined);
   assert.equal(errorOfReply({ BalloonStats: {} }), undefined);
 });
+
+Deno.test("control: the socket of a VM process killed with SIGKILL is replaced by the next run", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/vm.sock`;
+    const controlUrl = new URL("../vmm/control.ts", import.meta.url).href;
+    const code = `
+      const { ControlServer } = await import(${JSON.stringify(controlUrl)});
+      const s = new ControlServer(${JSON.stringify(path)}, { powerButton: () => Promise.resolve() });
+      await s.listening;
+      console.log("ready");
+      await new Promise(() => {});
+    `;
+    const child = new Deno.Command(Deno.execPath(), { args: ["eval", code], stdout: "piped", stderr: "inherit" })
+      .spawn();
+    const reader = child.stdout.getReader();
+    const first = await reader.read();
+    assert.equal(new TextDecoder().decode(first.value).trim(), "ready");
+    // While it lives, its socket is not taken, and it answers.
+    const rival = new ControlServer(path, new FakeHandler());
+    await assert.rejects(rival.listening, ControlSocketInUse);
+    await rival.close();
+    assert.equal(await controlRequest(path, "Powerbtn"), "Ok");
+    child.kill("SIGKILL");
+    await child.status;
+    reader.releaseLock();
+    await child.stdout.cancel();
+    assert.ok(Deno.lstatSync(path).isSocket, "a killed process leaves its socket file behind");
+    const handler = new FakeHandler();
+    const server = new ControlServer(path, handler);
+    await server.listening;
+    assert.equal(await controlRequest(path, "ResumeVcpus"), "Ok");
+    assert.deepEqual(handler.calls, [["resume"]]);
+    await server.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: a live listener whose backlog is full is still recognised as live", async () => {
+  const dir = await Deno.makeTempDir();
+  const fds: number[] = [];
+  let listener = -1;
+  try {
+    const path = `${dir}/vm.sock`;
+    listener = listenSeqpacket(path, 0); // never accepts
+    for (let i = 0; i < 1024; i++) {
+      try {
+        fds.push(connectSeqpacket(path, { nonBlockingConnect: true }));
+      } catch {
+        break; // backlog full (EAGAIN)
+      }
+    }
+    assert.ok(fds.length < 1024, "the backlog filled up");
+    const server = new ControlServer(path, new FakeHandler());
+    await assert.rejects(server.listening, ControlSocketInUse);
+    await server.close();
+    assert.ok(Deno.lstatSync(path).isSocket);
+  } finally {
+    fds.forEach(closeFd);
+    closeFd(listener);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
