@@ -50,6 +50,8 @@ const symbols = {
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" }, // int errnum
   dlsym: { parameters: ["pointer", "buffer"], result: "pointer" }, // void *handle, const char *symbol
+  calloc: { parameters: ["usize", "usize"], result: "pointer" }, // size_t nmemb, size_t size
+  free: { parameters: ["pointer"], result: "void" }, // void *ptr
 } as const satisfies Deno.ForeignLibraryInterface;
 
 let lib: Deno.DynamicLibrary<typeof symbols> | undefined;
