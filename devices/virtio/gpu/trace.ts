@@ -1,0 +1,86 @@
+// A trace of virtio-gpu commands in the Chrome trace-event format (JSON array form), which Perfetto and
+// chrome://tracing open: one complete event ("ph":"X") per command with ts/dur in microseconds and
+// args {resource, bytes, ctx}. Events are buffered and appended to the file; close() ends the array
+// (a trace cut short without "]" still loads: the array form allows it).
+
+const FLUSH_EVENTS = 256;
+
+export interface TraceEvent {
+  /** Command type name (protocol.ts COMMAND_NAMES). */
+  name: string;
+  /** Start, microseconds since the trace began. */
+  ts: number;
+  /** Duration in microseconds. */
+  dur: number;
+  resource: number;
+  bytes: number;
+  ctx: number;
+  /** Response type when it was an error. */
+  error?: string;
+}
+
+export class GpuTrace {
+  readonly path: string;
+  #file: Deno.FsFile | null;
+  #pending: string[] = [];
+  #first = true;
+  readonly #enc = new TextEncoder();
+  readonly #origin = performance.now();
+  /** Events written so far. */
+  events = 0;
+
+  constructor(path: string) {
+    this.path = path;
+    this.#file = Deno.openSync(path, { write: true, create: true, truncate: true });
+    this.#write("[\n");
+    this.#write(
+      JSON.stringify({ name: "process_name", ph: "M", pid: 1, tid: 1, args: { name: "denovm virtio-gpu" } }),
+    );
+    this.#first = false;
+  }
+
+  /** Microseconds since the trace began (what `ts` is measured in). */
+  now(): number {
+    return (performance.now() - this.#origin) * 1000;
+  }
+
+  add(e: TraceEvent): void {
+    if (!this.#file) return;
+    const args: Record<string, number | string> = { resource: e.resource, bytes: e.bytes, ctx: e.ctx };
+    if (e.error) args.error = e.error;
+    const ev = {
+      name: e.name,
+      cat: "virtio-gpu",
+      ph: "X",
+      ts: Math.round(e.ts * 1000) / 1000,
+      dur: Math.round(e.dur * 1000) / 1000,
+      pid: 1,
+      tid: 1,
+      args,
+    };
+    this.#pending.push(JSON.stringify(ev));
+    this.events++;
+    if (this.#pending.length >= FLUSH_EVENTS) this.flush();
+  }
+
+  flush(): void {
+    if (!this.#file || this.#pending.length === 0) return;
+    const text = (this.#first ? "" : ",\n") + this.#pending.join(",\n");
+    this.#pending = [];
+    this.#write(text);
+  }
+
+  close(): void {
+    if (!this.#file) return;
+    this.flush();
+    this.#write("\n]\n");
+    this.#file.close();
+    this.#file = null;
+  }
+
+  #write(s: string): void {
+    const b = this.#enc.encode(s);
+    let off = 0;
+    while (off < b.length) off += this.#file!.writeSync(b.subarray(off));
+  }
+}
