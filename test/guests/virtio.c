@@ -70,6 +70,7 @@
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
 #define QUEUE_SIZE 16
+#define MIN_QUEUE_SIZE 4 /* a block request takes 3 descriptors */
 struct vring_desc {
   u64 addr;
   u32 len;
@@ -184,6 +185,7 @@ struct vdev {
   volatile u32 irqs;      /* interrupts with a used-buffer notification */
   volatile u32 spurious;  /* interrupts with InterruptStatus 0 */
   struct vq *q;
+  u16 qsize; /* entries in use: a power of 2, at most QUEUE_SIZE and QueueNumMax */
   u16 last_used;
   u16 next_avail;
 };
@@ -403,11 +405,14 @@ static void setup_queue(struct vdev *d, u32 index) {
   wr32(d->base + VMMIO_QUEUE_SEL, index);
   if (rd32(d->base + VMMIO_QUEUE_READY)) fail("queue already ready after reset", d);
   u32 max = rd32(d->base + VMMIO_QUEUE_NUM_MAX);
-  if (max < QUEUE_SIZE) fail("QueueNumMax too small", d);
+  u32 size = QUEUE_SIZE;
+  while (size > max) size /= 2;
+  if (size < MIN_QUEUE_SIZE) fail("QueueNumMax too small", d);
+  d->qsize = (u16)size;
   struct vq *q = d->q;
   memset(q, 0, sizeof(*q));
   u64 desc = (u64)q->desc, avail = (u64)&q->avail, used = (u64)&q->used;
-  wr32(d->base + VMMIO_QUEUE_NUM, QUEUE_SIZE);
+  wr32(d->base + VMMIO_QUEUE_NUM, size);
   wr32(d->base + VMMIO_QUEUE_DESC_LOW, (u32)desc);
   wr32(d->base + VMMIO_QUEUE_DESC_HIGH, (u32)(desc >> 32));
   wr32(d->base + VMMIO_QUEUE_AVAIL_LOW, (u32)avail);
@@ -425,7 +430,7 @@ static void setup_queue(struct vdev *d, u32 index) {
 static u32 submit_and_wait(struct vdev *d, u32 index, u16 head) {
   struct vq *q = d->q;
   u32 irqs_before = d->irqs;
-  q->avail.ring[d->next_avail % QUEUE_SIZE] = head;
+  q->avail.ring[d->next_avail % d->qsize] = head;
   barrier();
   q->avail.idx = ++d->next_avail;
   barrier();
@@ -439,7 +444,7 @@ static u32 submit_and_wait(struct vdev *d, u32 index, u16 head) {
     __asm__ volatile("sti; hlt" ::: "memory"); /* sti's shadow makes the pair race-free */
   }
   sti();
-  struct vring_used_elem e = q->used.ring[d->last_used % QUEUE_SIZE];
+  struct vring_used_elem e = q->used.ring[d->last_used % d->qsize];
   d->last_used++;
   if (e.id != head) fail("used ring returned another chain", d);
   return e.len;
