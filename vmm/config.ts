@@ -120,7 +120,8 @@ export interface VmConfig {
   rng: boolean;
   balloon: boolean;
   inputs: InputConfig[];
-  vsock?: { cid: number };
+  /** virtio-vsock: guest CID and the host Unix socket of the userspace vsock (Firecracker's design). */
+  vsock?: { cid: number; udsPath?: string };
   gpu?: GpuConfig;
   /** Control socket path. */
   socket?: string;

@@ -8,12 +8,12 @@ import { I8042, I8042_PORT_SPAN } from "../devices/legacy/i8042.ts";
 import { ACPI_PM_PORT_SPAN, AcpiPm } from "../devices/legacy/acpi_pm.ts";
 import { PvPanic } from "../devices/legacy/pvpanic.ts";
 import { Serial, UART_REGISTER_COUNT } from "../devices/legacy/serial.ts";
-import type { VirtioDevice } from "../devices/virtio/device.ts";
+import { VIRTIO_ID_GPU, type VirtioDevice } from "../devices/virtio/device.ts";
 import { VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport } from "../devices/virtio/mmio.ts";
 import { virtioMmioCmdlineArgs, writeAcpiTables } from "./acpi.ts";
 import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./boot/kernel.ts";
 import { Bus } from "./bus.ts";
-import { kernelCommandLine, type SerialConfig, type VmConfig } from "./config.ts";
+import { kernelCommandLine, type VmConfig } from "./config.ts";
 import {
   EXIT_GUEST_PANIC,
   EXIT_HOST_ERROR,
@@ -37,6 +37,7 @@ import {
   CMOS_INDEX_PORT,
   e820Map,
   I8042_DATA_PORT,
+  IRQ_ACPI_SCI,
   MiB,
   PVPANIC_PORT,
   ramRanges,
@@ -47,6 +48,9 @@ import {
 } from "./layout.ts";
 import { OwnedGuestMemory } from "./memory.ts";
 import { writeMpTable } from "./mptable.ts";
+import { ControlServer } from "./control.ts";
+import { machineControlHandler } from "./control_handler.ts";
+import { HostIo } from "./host_io.ts";
 import { createVirtioDevices } from "./virtio_devices.ts";
 import { Vcpu, type VcpuEnd } from "./vcpu.ts";
 import { CMD_PAUSE, CMD_RUN, CMD_STOP, CTL_COMMAND, CTL_PAUSED, CTL_SLOTS } from "./vcpu_channel.ts";
@@ -108,13 +112,11 @@ export class Machine {
   readonly #vcpus: Vcpu[] = [];
   readonly #control = new SharedArrayBuffer(CTL_SLOTS * 4);
   readonly #ctl = new Int32Array(this.#control);
-  readonly #files: Deno.FsFile[] = [];
   readonly #log: (line: string) => void;
   #exitResolve!: (code: number) => void;
   #exitCode: number | undefined;
-  #stdinTask: Promise<void> | undefined;
-  #stdinRaw = false;
   #closed = false;
+  #controlServer: ControlServer | undefined;
   /** Resolves with crosvm's exit code when the VM ends. */
   readonly exitCode: Promise<number>;
   /** Why the VM ended, one line (for the library and logs). */
@@ -127,6 +129,7 @@ export class Machine {
     vm: Vm,
     memory: OwnedGuestMemory,
     cmdline: string,
+    readonly hostIo: HostIo,
   ) {
     this.#kvm = kvm;
     this.#vm = vm;
@@ -149,6 +152,7 @@ export class Machine {
     let vm: Vm | undefined;
     let memory: OwnedGuestMemory | undefined;
     let devices: VirtioDevice[] = [];
+    const hostIo = new HostIo(config.serials, { onConsoleOutput: opts.onConsoleOutput, noStdin: opts.noStdin });
     try {
       memory = OwnedGuestMemory.allocate(ramRanges(memBytes));
       let kernel;
@@ -173,7 +177,12 @@ export class Machine {
           throw e;
         }
       }
-      devices = createVirtioDevices(config);
+      const created = await createVirtioDevices(config, {
+        serialOutput: (s) => hostIo.output(s),
+        defaultVsockPath: `${config.socket ?? `/tmp/denovm-${Deno.pid}`}.vsock`,
+      });
+      devices = created.devices;
+      for (const c of created.consoles) await hostIo.attachInput(c.serial, (b) => c.device.sendInput(b));
       const resources = devices.map((_, i) => ({
         base: VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE,
         size: VIRTIO_MMIO_SIZE,
@@ -201,13 +210,14 @@ export class Machine {
       if (config.cpus > max) throw new ConfigError(`${config.cpus} vCPUs requested; this host's KVM allows ${max}`);
       vm = new Vm(kvm);
       vm.addGuestMemory(memory);
-      const m = new Machine(config, opts, kvm, vm, memory, cmdline);
+      const m = new Machine(config, opts, kvm, vm, memory, cmdline, hostIo);
       await m.#addLegacyDevices();
       m.#addVirtioDevices(devices, resources);
       m.#createVcpus(kernel.entry);
       return m;
     } catch (e) {
       for (const d of devices) d.close?.();
+      hostIo.close();
       vm?.close();
       memory?.close();
       kvm?.close();
@@ -215,73 +225,14 @@ export class Machine {
     }
   }
 
-  async #serialOutput(s: SerialConfig): Promise<(bytes: Uint8Array) => void> {
-    const capture = s.console || (s.num === 1 && !this.config.serials.some((x) => x.console))
-      ? this.opts.onConsoleOutput
-      : undefined;
-    let sink: (b: Uint8Array) => void = () => {};
-    switch (s.type) {
-      case "stdout":
-        sink = (b) => Deno.stdout.writeSync(b);
-        break;
-      case "syslog":
-        sink = (b) => Deno.stderr.writeSync(b);
-        break;
-      case "file": {
-        if (!s.path) throw new ConfigError(`--serial num=${s.num}: type=file needs path=`);
-        try {
-          const f = await Deno.open(s.path, { write: true, create: true, truncate: true });
-          this.#files.push(f);
-          sink = (b) => f.writeSync(b);
-        } catch (e) {
-          throw new ConfigError(`--serial num=${s.num}: cannot open ${s.path}: ${(e as Error).message}`);
-        }
-        break;
-      }
-      case "unix":
-      case "unix-stream": {
-        if (!s.path) throw new ConfigError(`--serial num=${s.num}: type=${s.type} needs path=`);
-        try {
-          const conn = await Deno.connect({ transport: "unix", path: s.path });
-          this.#files.push(conn as unknown as Deno.FsFile);
-          sink = (b) => void conn.write(b).catch(() => {});
-          this.#pumpInput(conn.readable, s);
-        } catch (e) {
-          throw new ConfigError(`--serial num=${s.num}: cannot connect to ${s.path}: ${(e as Error).message}`);
-        }
-        break;
-      }
-      case "sink":
-        break;
-    }
-    return capture ? (b) => (sink(b), capture(b)) : sink;
-  }
-
-  #pumpInput(stream: ReadableStream<Uint8Array>, s: SerialConfig): void {
-    const idx = s.num - 1;
-    (async () => {
-      for await (const chunk of stream) this.serials[idx]?.enqueueInput(chunk);
-    })().catch(() => {});
-  }
-
   async #addLegacyDevices(): Promise<void> {
     for (const s of this.config.serials) {
       if (s.hardware !== "serial") continue; // virtio-console ports come with the virtio devices
       const port = SERIAL_PORTS[s.num - 1];
-      const serial = new Serial({ interrupt: () => this.#vm.pulseIrq(port.irq), output: await this.#serialOutput(s) });
+      const serial = new Serial({ interrupt: () => this.#vm.pulseIrq(port.irq), output: await this.hostIo.output(s) });
       this.serials[s.num - 1] = serial;
       this.pio.add(port.base, UART_REGISTER_COUNT, serial, `COM${s.num}`);
-      if (s.input) {
-        try {
-          const f = await Deno.open(s.input, { read: true });
-          this.#files.push(f);
-          this.#pumpInput(f.readable, s);
-        } catch (e) {
-          throw new ConfigError(`--serial num=${s.num}: cannot read input ${s.input}: ${(e as Error).message}`);
-        }
-      } else if (s.stdin && !this.opts.noStdin) {
-        this.#stdinTask = this.#readStdin(serial);
-      }
+      await this.hostIo.attachInput(s, (b) => serial.enqueueInput(b));
     }
     this.pio.add(
       I8042_DATA_PORT,
@@ -306,23 +257,6 @@ export class Machine {
       new PvPanic(() => this.#end(EXIT_GUEST_PANIC, "guest panicked (pvpanic)"), this.#log),
       "pvpanic",
     );
-  }
-
-  async #readStdin(serial: Serial): Promise<void> {
-    if (Deno.stdin.isTerminal()) {
-      Deno.stdin.setRaw(true);
-      this.#stdinRaw = true;
-    }
-    const buf = new Uint8Array(4096);
-    try {
-      while (!this.#closed) {
-        const n = await Deno.stdin.read(buf);
-        if (n === null) break;
-        serial.enqueueInput(buf.slice(0, n));
-      }
-    } catch {
-      // stdin closed or not readable: the guest simply gets no input.
-    }
   }
 
   #addVirtioDevices(devices: VirtioDevice[], resources: { base: number; size: number; irq: number }[]): void {
@@ -369,7 +303,9 @@ export class Machine {
       this.#vcpuFds.push(fd);
       setCpuid(fd, vcpuCpuid(supported, { apicId: id, cpuCount: this.config.cpus, hideCx16 }));
       const refused = setBootMsrs(fd);
-      if (refused.length > 0 && id === 0) this.#log(`KVM refused boot MSRs ${refused.join(", ")}; continuing without them`);
+      if (refused.length > 0 && id === 0) {
+        this.#log(`KVM refused boot MSRs ${refused.join(", ")}; continuing without them`);
+      }
       setBootFpu(fd);
       setLapicLints(fd);
       if (id === 0) setBootRegisters(fd, entry);
@@ -461,6 +397,42 @@ export class Machine {
     return Atomics.load(this.#ctl, CTL_COMMAND) === CMD_PAUSE;
   }
 
+  /** Press the ACPI power button: the GED's interrupt runs _EVT, which notifies \_SB.PWRB (vmm/acpi.ts). */
+  powerButton(): void {
+    if (this.#exitCode !== undefined) throw new Error("the VM has ended");
+    this.#vm.pulseIrq(IRQ_ACPI_SCI);
+  }
+
+  /** The GPU's copy counters (issue: devices/virtio/gpu). */
+  gpuStats(): object {
+    const gpu = this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as
+      | (VirtioDevice & { gpuStats?: () => object })
+      | undefined;
+    if (!gpu?.gpuStats) throw new Error("not available: this VM has no GPU (--gpu)");
+    return gpu.gpuStats();
+  }
+
+  /** PNG of scanout 0. */
+  screenshot(): Uint8Array {
+    const gpu = this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as
+      | (VirtioDevice & { screenshot?: (scanout?: number) => Uint8Array })
+      | undefined;
+    if (!gpu?.screenshot) throw new Error("not available: this VM has no display (--gpu)");
+    return gpu.screenshot(0);
+  }
+
+  async screenshotTo(path: string): Promise<void> {
+    await Deno.writeFile(path, this.screenshot());
+  }
+
+  /** Serve the control socket (-s/--socket) until the VM ends. */
+  async startControlSocket(): Promise<void> {
+    if (!this.config.socket) return;
+    const server = new ControlServer(this.config.socket, machineControlHandler(this));
+    await server.listening;
+    this.#controlServer = server;
+  }
+
   /** Send bytes to a serial port's input (COM1 by default). */
   sendInput(bytes: Uint8Array, num = 1): void {
     const s = this.serials[num - 1];
@@ -485,13 +457,8 @@ export class Machine {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    if (this.#stdinRaw) {
-      try {
-        Deno.stdin.setRaw(false);
-      } catch {
-        // stdin already gone
-      }
-    }
+    void this.#controlServer?.close();
+    this.hostIo.close();
     for (const v of this.virtio) {
       try {
         v.device.close?.();
@@ -501,18 +468,10 @@ export class Machine {
       closeFd(v.irqFd);
       v.notifyFds.forEach(closeFd);
     }
-    for (const f of this.#files) {
-      try {
-        f.close();
-      } catch {
-        // already closed
-      }
-    }
     this.#vcpuFds.forEach(closeFd);
     this.#vm.close();
     this.#kvm.close();
     this.memory.close();
-    void this.#stdinTask;
   }
 }
 

@@ -9,6 +9,7 @@ export async function runVm(config: VmConfig): Promise<number> {
   Deno.addSignalListener("SIGTERM", onSignal);
   Deno.addSignalListener("SIGINT", onSignal);
   try {
+    await machine.startControlSocket();
     await machine.start();
     return await machine.exitCode;
   } finally {

@@ -1,11 +1,18 @@
 // Which virtio device models a VmConfig asks for, in the order they get
-// virtio-mmio slots (and so /dev/vdX letters for block devices).
+// virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
+// line), then net, consoles, rng, balloon, input, vsock.
 
+import { BalloonDevice } from "../devices/virtio/balloon.ts";
 import { BlockDevice } from "../devices/virtio/block.ts";
+import { ConsoleDevice } from "../devices/virtio/console.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
-import type { VmConfig } from "./config.ts";
+import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../devices/virtio/input.ts";
+import { NetDevice } from "../devices/virtio/net.ts";
+import { RngDevice } from "../devices/virtio/rng.ts";
+import { VsockDevice } from "../devices/virtio/vsock.ts";
+import type { SerialConfig, VmConfig } from "./config.ts";
 
-/** A device model that exists in a later version; asked for explicitly, it is an error. */
+/** A device model this version does not have; asked for explicitly, it is the user's error (exit 35). */
 export class UnavailableDeviceError extends Error {
   readonly exitCode = 35;
   constructor(what: string) {
@@ -14,32 +21,90 @@ export class UnavailableDeviceError extends Error {
   }
 }
 
-/** Build the device models for `config`. Block devices come first, in command-line order. */
-export function createVirtioDevices(config: VmConfig): VirtioDevice[] {
+/** A device that could not be created from what the user gave (a tap that does not exist...): exit 35. */
+export class DeviceConfigError extends Error {
+  readonly exitCode = 35;
+  constructor(message: string) {
+    super(message);
+    this.name = "DeviceConfigError";
+  }
+}
+
+export interface VirtioDeviceContext {
+  /** Where a virtio-console port's output goes (the same sinks as serial ports). */
+  serialOutput(s: SerialConfig): Promise<(bytes: Uint8Array) => void>;
+  /** Default host socket for the userspace vsock when --vsock has no uds-path. */
+  defaultVsockPath: string;
+}
+
+/** What createVirtioDevices built, with the console devices by serial number for input wiring. */
+export interface CreatedDevices {
+  devices: VirtioDevice[];
+  consoles: { serial: SerialConfig; device: ConsoleDevice }[];
+}
+
+async function make<T>(what: string, f: () => T | Promise<T>): Promise<T> {
+  try {
+    return await f();
+  } catch (e) {
+    throw new DeviceConfigError(`${what}: ${(e as Error).message}`);
+  }
+}
+
+/** Build the device models for `config`. On failure every device made so far is closed. */
+export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceContext): Promise<CreatedDevices> {
   const devices: VirtioDevice[] = [];
+  const consoles: CreatedDevices["consoles"] = [];
   try {
     for (const b of config.blocks) {
       devices.push(
-        new BlockDevice({
-          path: b.path,
-          readOnly: b.ro,
-          sparse: b.sparse,
-          blockSize: b.blockSize,
-          id: b.id,
-          direct: b.direct,
-        }),
+        await make(`--block ${b.path}`, () =>
+          new BlockDevice({
+            path: b.path,
+            readOnly: b.ro,
+            sparse: b.sparse,
+            blockSize: b.blockSize,
+            id: b.id,
+            direct: b.direct,
+          })),
       );
     }
-    if (config.nets.length > 0) throw new UnavailableDeviceError("--net");
-    if (config.inputs.length > 0) throw new UnavailableDeviceError("--input");
-    if (config.vsock) throw new UnavailableDeviceError("--vsock");
-    if (config.gpu) throw new UnavailableDeviceError("--gpu");
-    if (config.serials.some((s) => s.hardware === "virtio-console")) {
-      throw new UnavailableDeviceError("--serial hardware=virtio-console");
+    for (const n of config.nets) {
+      if (n.tapName === undefined && n.tapFd === undefined) {
+        throw new UnavailableDeviceError("--net without tap-name= or tap-fd= (host-ip/netmask set-up)");
+      }
+      devices.push(
+        await make(
+          `--net ${n.tapName ?? `tap-fd=${n.tapFd}`}`,
+          () => new NetDevice({ tapName: n.tapName, tapFd: n.tapFd, mac: n.mac }),
+        ),
+      );
     }
+    for (const s of config.serials.filter((s) => s.hardware === "virtio-console").sort((a, b) => a.num - b.num)) {
+      const output = await ctx.serialOutput(s);
+      const device = new ConsoleDevice({ output });
+      devices.push(device);
+      consoles.push({ serial: s, device });
+    }
+    if (config.rng) devices.push(new RngDevice());
+    if (config.balloon) devices.push(new BalloonDevice());
+    for (const i of config.inputs) {
+      if (!INPUT_DEVICE_KINDS.includes(i.kind as InputDeviceKind)) {
+        throw new UnavailableDeviceError(`--input ${i.kind}`);
+      }
+      if (i.path !== undefined) throw new UnavailableDeviceError(`--input ${i.kind}[path=...] (a host event socket)`);
+      devices.push(
+        new InputDevice({ kind: i.kind as InputDeviceKind, width: i.width, height: i.height, name: i.name }),
+      );
+    }
+    if (config.vsock) {
+      const udsPath = config.vsock.udsPath ?? ctx.defaultVsockPath;
+      devices.push(await make(`--vsock ${udsPath}`, () => new VsockDevice({ cid: config.vsock!.cid, udsPath })));
+    }
+    if (config.gpu) throw new UnavailableDeviceError("--gpu");
   } catch (e) {
     for (const d of devices) d.close?.();
     throw e;
   }
-  return devices;
+  return { devices, consoles };
 }

@@ -150,7 +150,14 @@ export const RUN_FLAGS: readonly FlagDef[] = [
     long: "vsock",
     arg: "[cid=]CID",
     help: "virtio-vsock device",
-    keys: [{ form: "cid=CID", help: "guest context ID, 3 or more" }],
+    keys: [
+      { form: "cid=CID", help: "guest context ID, 3 or more" },
+      {
+        form: "uds-path=PATH",
+        help: "host Unix socket (denovm's userspace vsock): `CONNECT <port>` reaches the guest; guest connections " +
+          "to port P reach PATH_P (default: <control socket or /tmp/denovm-PID>.vsock)",
+      },
+    ],
   },
   { long: "cid", arg: "CID", help: "(deprecated, use --vsock) guest vsock context ID" },
   { long: "no-rng", help: "do not add a virtio-rng device" },

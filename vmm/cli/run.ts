@@ -87,7 +87,11 @@ export interface ParseRunOptions {
 
 const MEM_SCHEMA: KvSchema = { option: "--mem", positional: "size", keys: { size: "string" } };
 const CPUS_SCHEMA: KvSchema = { option: "--cpus", positional: "num-cores", keys: { "num-cores": "string" } };
-const VSOCK_SCHEMA: KvSchema = { option: "--vsock", positional: "cid", keys: { cid: "string" } };
+const VSOCK_SCHEMA: KvSchema = {
+  option: "--vsock",
+  positional: "cid",
+  keys: { cid: "string", "uds-path": "string" },
+};
 
 function blockSchema(option: string): KvSchema {
   return {
@@ -237,10 +241,11 @@ function parseCpus(text: string): number {
   return parseUint(o["num-cores"] as string, "--cpus num-cores", 1, MAX_CPUS);
 }
 
-function parseVsockCid(text: string, option: string): number {
+function parseVsock(text: string, option: string): { cid: number; udsPath?: string } {
   const o = parseOption({ ...VSOCK_SCHEMA, option }, text);
   if (o.cid === undefined) throw new UsageError(`${option}: cid is required`);
-  return parseUint(o.cid as string, `${option} cid`, MIN_GUEST_CID, MAX_GUEST_CID);
+  const cid = parseUint(o.cid as string, `${option} cid`, MIN_GUEST_CID, MAX_GUEST_CID);
+  return o["uds-path"] === undefined ? { cid } : { cid, udsPath: o["uds-path"] as string };
 }
 
 /** Block options; `force` is what --disk/--rwdisk/--root/--rwroot impose over the given keys (as crosvm does). */
@@ -622,10 +627,10 @@ export function parseRunArgs(argv: readonly string[], options: ParseRunOptions =
         cfg.inputs.push(parseInput(v));
         break;
       case "vsock":
-        cfg.vsock = { cid: parseVsockCid(v, "--vsock") };
+        cfg.vsock = parseVsock(v, "--vsock");
         break;
       case "cid":
-        cfg.vsock = { cid: parseVsockCid(v, "--cid") };
+        cfg.vsock = parseVsock(v, "--cid");
         break;
       case "no-rng":
         cfg.rng = false;
