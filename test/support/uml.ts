@@ -215,6 +215,11 @@ export interface InitramfsOptions {
   modules: string[];
   /** Shell commands /init runs (busybox sh, `set -e`). */
   commands: string;
+  /**
+   * Extra regular files for this run (e.g. a static test program as "bin/vsock-echo"), added after
+   * the base archive. Their directory must exist in the base (bin, lib, tmp, mnt...). Mode 0755 unless given.
+   */
+  files?: { path: string; data: Uint8Array; mode?: number }[];
 }
 
 /** Build an initramfs file for one run; returns its path (a temp file the caller may delete). */
@@ -226,6 +231,11 @@ export async function buildInitramfs(opts: InitramfsOptions): Promise<string> {
   // The kernel unpacks concatenated archives in order: the base, then this run's /init.
   const init = cpioNewc([
     { name: "init", mode: S_IFREG | 0o755, data: new TextEncoder().encode(initScript(mods, opts.commands)) },
+    ...(opts.files ?? []).map((f) => ({
+      name: f.path.replace(/^\/+/, ""),
+      mode: S_IFREG | (f.mode ?? 0o755),
+      data: f.data,
+    })),
   ]);
   const path = await Deno.makeTempFile({ prefix: "denovm-uml-", suffix: ".cpio" });
   const out = new Uint8Array(base.length + init.length);
