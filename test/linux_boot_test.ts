@@ -278,3 +278,21 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "boot-default.sh: without /dev/kvm, one line saying so and exit code 1",
+  ignore: skipReason(hasKvm ? "/dev/kvm is present, so the script would boot a VM" : undefined, "boot-default"),
+  async fn() {
+    const out = await new Deno.Command("bash", {
+      args: [`${repo}scripts/boot-default.sh`],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(out.code, 1);
+    assert.equal(new TextDecoder().decode(out.stdout), "");
+    const lines = new TextDecoder().decode(out.stderr).trimEnd().split("\n");
+    assert.equal(lines.length, 1, `one line: ${JSON.stringify(lines)}`);
+    assert.match(lines[0], /no \/dev\/kvm/);
+  },
+});
