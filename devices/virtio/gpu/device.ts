@@ -237,7 +237,7 @@ export class GpuDevice implements VirtioDevice {
       this.#eventsRead &= ~new DataView(data.buffer, data.byteOffset, 4).getUint32(0, true);
       return;
     }
-    this.#log.log(`driver wrote ${data.length} bytes of config at ${offset}; ignored`);
+    this.#guestError(`driver wrote ${data.length} bytes of config at ${offset}; ignored`);
   }
 
   activate(ctx: ActivateContext): void {
@@ -311,6 +311,14 @@ export class GpuDevice implements VirtioDevice {
     return this.#cursor;
   }
 
+  /** Sees every guest-error line, before rate limiting (tests, a debug CLI). */
+  guestErrorLine: ((line: string) => void) | undefined;
+
+  #guestError(msg: string): void {
+    this.guestErrorLine?.(`virtio-gpu: ${msg}`);
+    this.#log.log(msg);
+  }
+
   /** Guest errors logged so far (rate-limited log's count). */
   get guestErrors(): number {
     return this.#log.count;
@@ -381,9 +389,9 @@ export class GpuDevice implements VirtioDevice {
       ok = false;
       const code = e instanceof ProtocolError || e instanceof GpuBackendError ? e.response : RESP_ERR_UNSPEC;
       if (!(e instanceof ProtocolError || e instanceof GpuBackendError)) {
-        this.#log.log(`${name}: internal error: ${e instanceof Error ? e.stack ?? e.message : e}`);
+        this.#guestError(`${name}: internal error: ${e instanceof Error ? e.stack ?? e.message : e}`);
       } else {
-        this.#log.log(`${name}: ${e.message}`);
+        this.#guestError(`${name}: ${e.message}`);
       }
       errName = `0x${code.toString(16)}`;
       out = { resp: responseHeader(code, hdr), resource: 0, bytes: 0 };
@@ -409,12 +417,12 @@ export class GpuDevice implements VirtioDevice {
     const w = chain.writer();
     const n = Math.min(resp.length, w.remaining);
     if (n < resp.length && w.remaining > 0) {
-      this.#log.log(`${name}: response of ${resp.length} bytes cut to the ${n} writable bytes`);
+      this.#guestError(`${name}: response of ${resp.length} bytes cut to the ${n} writable bytes`);
     }
     try {
       if (n > 0) w.write(resp.subarray(0, n));
     } catch (e) {
-      this.#log.log(`${name}: response not written: ${e instanceof Error ? e.message : e}`);
+      this.#guestError(`${name}: response not written: ${e instanceof Error ? e.message : e}`);
       return 0;
     }
     return n;
@@ -451,7 +459,9 @@ export class GpuDevice implements VirtioDevice {
       try {
         this.backend.createFence(t, h.fenceId);
       } catch (e) {
-        this.#log.log(`fence ${h.fenceId}: backend refused it (${e instanceof Error ? e.message : e}); answered now`);
+        this.#guestError(
+          `fence ${h.fenceId}: backend refused it (${e instanceof Error ? e.message : e}); answered now`,
+        );
         list[list.length - 1].failed = true;
       }
     }
@@ -1044,7 +1054,7 @@ export class GpuDevice implements VirtioDevice {
       try {
         f();
       } catch (e) {
-        this.#log.log(`reset: ${e instanceof Error ? e.message : e}`);
+        this.#guestError(`reset: ${e instanceof Error ? e.message : e}`);
       }
     };
     for (const r of [...this.#resources.values()]) safely(() => this.#destroyResource(r));
