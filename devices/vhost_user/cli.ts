@@ -76,7 +76,6 @@ export async function runDeviceCommand(argv: string[]): Promise<number> {
       }
     } else if (type !== undefined && DEVICE_TYPES.includes(type)) {
       // Each other device type lives in args/<type>.ts, exporting parseDeviceArgs (see args/README.md).
-      let mod: { parseDeviceArgs: (args: string[]) => { socketPath: string; device: VirtioDevice } };
       const url = new URL(`./args/${type}.ts`, import.meta.url);
       try {
         Deno.statSync(url);
@@ -84,7 +83,9 @@ export async function runDeviceCommand(argv: string[]): Promise<number> {
         console.error(`denovm device ${type}: not yet available in denovm`);
         return EXIT_INVALID_ARGUMENTS;
       }
-      mod = await import(url.href);
+      const mod: { parseDeviceArgs: (args: string[]) => { socketPath: string; device: VirtioDevice } } = await import(
+        url.href
+      );
       try {
         ({ socketPath, device } = mod.parseDeviceArgs(rest));
       } catch (e) {
