@@ -8,6 +8,7 @@
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
+import dgram from "node:dgram";
 import {
   NET_CFG_MAC,
   NET_CFG_MAX_VQ_PAIRS,
@@ -35,8 +36,8 @@ import {
 import { VIRTIO_COMMON_FEATURES, VIRTIO_ID_NET } from "../devices/virtio/device.ts";
 import { VirtioMmioTransport } from "../devices/virtio/mmio.ts";
 import { virtioLog, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../devices/virtio/queue.ts";
-import { configureInterface, interfaceMtu } from "../ffi/tun.ts";
-import { parseNetArgs } from "../devices/vhost_user/args/net.ts";
+import { configureInterface, interfaceMtu, openTap } from "../ffi/tun.ts";
+import { parseDeviceArgs, parseNetArgs } from "../devices/vhost_user/args/net.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "./support/virtio_driver.ts";
 
 const NETNS_ENV = "DENOVM_NET_TEST_NETNS";
@@ -245,6 +246,43 @@ const isEchoReply = (id: number, seq: number) => (f: RxFrame) => {
     ((p[icmp + 4] << 8) | p[icmp + 5]) === id && ((p[icmp + 6] << 8) | p[icmp + 7]) === seq;
 };
 
+const IPPROTO_UDP = 17;
+/** struct udphdr (linux/udp.h): source, dest, len, check (be16 each). */
+const UDP_DEST_OFFSET = 2;
+const UDP_CHECK_OFFSET = 6;
+const UDP_PORT = 9999;
+
+/** Send a UDP datagram from the host stack to the guest and return the frame the device delivered. */
+async function udpFromHost(r: Rig, tag: number): Promise<RxFrame> {
+  const sock = dgram.createSocket("udp4");
+  try {
+    const payload = new Uint8Array(64).fill(tag);
+    const isIt = (f: RxFrame) => {
+      const p = f.frame;
+      const udp = ETH_HLEN + IPV4_HLEN;
+      return p.length >= udp + 8 + payload.length && ((p[12] << 8) | p[13]) === ETHERTYPE_IPV4 &&
+        p[ETH_HLEN + 9] === IPPROTO_UDP && ((p[udp + UDP_DEST_OFFSET] << 8) | p[udp + UDP_DEST_OFFSET + 1]) ===
+          UDP_PORT &&
+        p[udp + 8] === tag;
+    };
+    await new Promise<void>((res, rej) =>
+      sock.send(payload, UDP_PORT, GUEST_IP.join("."), (e: Error | null) => e ? rej(e) : res())
+    );
+    const end = Date.now() + HANG_GUARD_MS;
+    for (;;) {
+      r.collect();
+      const ai = r.received.findIndex(isArpRequestForGuest);
+      if (ai >= 0) r.send(arpReply(r.received.splice(ai, 1)[0].frame.slice(22, 28)));
+      const i = r.received.findIndex(isIt);
+      if (i >= 0) return r.received.splice(i, 1)[0];
+      if (Date.now() > end) assert.fail(`no UDP datagram ${tag}; stats ${JSON.stringify(r.dev.stats())}`);
+      await new Promise((res) => setTimeout(res, 5));
+    }
+  } finally {
+    await new Promise<void>((res) => sock.close(() => res()));
+  }
+}
+
 /** ARP for the host, then return its MAC (from the reply the host stack sent through the tap). */
 async function resolveHost(r: Rig): Promise<Uint8Array> {
   const sent = r.send(arpRequest());
@@ -351,7 +389,7 @@ if (!inner) {
         const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
         console.log(text.split("\n").filter((l) => / \.\.\. |^ok |FAILED|passed|error/i.test(l)).join("\n"));
         assert.ok(out.success, `the tests inside the namespace failed:\n${text}`);
-        assert.match(text, /ok \| 6 passed/, "every inner test ran");
+        assert.match(text, /ok \| 7 passed/, "every inner test ran");
       } finally {
         await new Deno.Command("ip", { args: ["netns", "del", ns] }).output();
       }
@@ -455,6 +493,9 @@ if (inner) {
       assert.equal(r.lines.filter((l) => l.includes("dropped")).length, 3);
       // A plain frame still works.
       await ping(r, hostMac, 1, 4, new Uint8Array(4));
+      // TUNSETOFFLOAD 0: the host stack checksums UDP itself, so the header asks for nothing.
+      const udp = await udpFromHost(r, 1);
+      assert.equal(udp.hdr[NET_HDR_FLAGS], 0);
     } finally {
       await r.close();
     }
@@ -481,6 +522,12 @@ if (inner) {
         await new Promise((res) => setTimeout(res, 5));
       }
       assert.deepEqual([...reply.frame.subarray(icmpAt + 8)], new Array(16).fill(9));
+      // TUNSETOFFLOAD TUN_F_CSUM (GUEST_CSUM acked): the host leaves the UDP checksum to the guest.
+      const udp = await udpFromHost(r2, 2);
+      assert.equal(udp.hdr[NET_HDR_FLAGS], VIRTIO_NET_HDR_F_NEEDS_CSUM);
+      const hv = new DataView(udp.hdr.buffer, udp.hdr.byteOffset);
+      assert.equal(hv.getUint16(NET_HDR_CSUM_START, true), ETH_HLEN + IPV4_HLEN, "checksum starts at the UDP header");
+      assert.equal(hv.getUint16(NET_HDR_CSUM_OFFSET, true), UDP_CHECK_OFFSET);
     } finally {
       await r2.close();
     }
@@ -560,6 +607,34 @@ if (inner) {
       assert.ok(used >= 2);
     } finally {
       await r.close();
+    }
+  });
+
+  Deno.test("denovm device net: crosvm's --device form creates a configured tap; --tap-fd adopts an open one", async () => {
+    const a = parseDeviceArgs(["--device", "/tmp/unused.sock,10.0.5.1,255.255.255.0,02:11:22:33:44:55"]);
+    const dev = a.device as NetDevice;
+    try {
+      assert.equal(a.socketPath, "/tmp/unused.sock");
+      assert.match(dev.tapName, /^tap\d+$/);
+      const show = await new Deno.Command("ip", { args: ["-o", "addr", "show", "dev", dev.tapName] }).output();
+      assert.match(new TextDecoder().decode(show.stdout), /inet 10\.0\.5\.1\/24/);
+      const link = await new Deno.Command("ip", { args: ["-o", "link", "show", "dev", dev.tapName] }).output();
+      const l = new TextDecoder().decode(link.stdout);
+      assert.match(l, /link\/ether 02:11:22:33:44:55/);
+      assert.match(l, /<[^>]*\bUP\b/);
+    } finally {
+      dev.close();
+      await dev.done;
+    }
+    const t = openTap("dvfd0", VIRTIO_NET_HDR_SIZE);
+    const b = parseDeviceArgs(["--tap-fd", `/tmp/unused.sock,${t.fd}`, "--no-offloads"]);
+    const dev2 = b.device as NetDevice;
+    try {
+      assert.equal(dev2.tapName, "dvfd0");
+      assert.equal(dev2.features & NET_OFFLOAD_FEATURES, 0n);
+    } finally {
+      dev2.close(); // closes the adopted fd
+      await dev2.done;
     }
   });
 }
