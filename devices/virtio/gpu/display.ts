@@ -173,6 +173,8 @@ const DTD_FLAGS_DIGITAL_SEPARATE_POS = 0x1e;
 const HBLANK = 160, HFRONT = 48, HSYNC = 32;
 const VFRONT = 3, VSYNC = 6, VBLANK_MIN = 23;
 const REFRESH_HZ = 60;
+/** Largest pixel clock a detailed timing descriptor holds (le16 in 10 kHz units). */
+const DTD_MAX_CLOCK_10KHZ = 0xffff;
 /** DTD fields hold 12 bits of active size. */
 export const EDID_MAX_ACTIVE = 4095;
 /** Assume about 96 dpi for the physical size: 0.264 mm per pixel. */
@@ -208,7 +210,10 @@ export function makeEdid(width: number, height: number, name = "denovm"): Uint8A
   }
   // Descriptor 0: the preferred detailed timing.
   const vblank = Math.max(VBLANK_MIN, Math.ceil(h * 0.03));
-  const clock10k = Math.round(((w + HBLANK) * (h + vblank) * REFRESH_HZ) / 10_000);
+  // The pixel clock field is 16 bits of 10 kHz: very large modes get a lower refresh rate.
+  const total = (w + HBLANK) * (h + vblank);
+  const hz = Math.min(REFRESH_HZ, Math.floor((DTD_MAX_CLOCK_10KHZ * 10_000) / total));
+  const clock10k = Math.min(DTD_MAX_CLOCK_10KHZ, Math.round((total * hz) / 10_000));
   const d = EDID_DESCRIPTOR_OFF;
   e[d] = clock10k & 0xff;
   e[d + 1] = (clock10k >> 8) & 0xff;
