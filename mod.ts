@@ -9,6 +9,8 @@
 import { defaultVmConfig, type SerialConfig, type VmConfig } from "./vmm/config.ts";
 import { ConsoleLog } from "./vmm/console_log.ts";
 import { Machine } from "./vmm/machine.ts";
+import { InputDevice } from "./devices/virtio/input.ts";
+import { compareImages, type CompareOptions, decodePng, type Image } from "./vmm/screen.ts";
 
 export { ConsoleTimeoutError } from "./vmm/console_log.ts";
 export type { VmConfig } from "./vmm/config.ts";
@@ -22,6 +24,8 @@ export {
   EXIT_VM_RESET,
 } from "./vmm/cli/exit_codes.ts";
 export { ConfigError } from "./vmm/machine.ts";
+export { compareImages, decodePng, pixel } from "./vmm/screen.ts";
+export type { CompareOptions, Image, Region } from "./vmm/screen.ts";
 export { HostError } from "./vmm/vm.ts";
 
 /** What Vm.boot takes: a kernel and any VmConfig fields, plus library-only options. */
@@ -31,7 +35,52 @@ export type BootConfig = Partial<VmConfig> & {
   debugExit?: boolean;
   /** Also print the console to this process's stdout. */
   echoConsole?: boolean;
+  /** Where step() saves the console log and a screenshot when a step fails (default $DENOVM_ARTIFACTS or ./artifacts). */
+  artifactsDir?: string;
 };
+
+/** Keyboard, pointer and touch input through the VM's virtio-input devices (--input / `inputs`). */
+export class VmInput {
+  constructor(readonly devices: () => InputDevice[]) {}
+
+  #find(kind: string[], what: string): InputDevice {
+    const d = this.devices().find((x) => kind.includes(x.kind));
+    if (!d) throw new Error(`no ${what} input device in this VM (add inputs: [{ kind: "${kind[0]}" }])`);
+    return d;
+  }
+
+  /** Press and release a key by its evdev code (linux/input-event-codes.h KEY_*). */
+  key(code: number): void {
+    const k = this.#find(["keyboard"], "keyboard");
+    k.sendKey(code, true);
+    k.sendKey(code, false);
+  }
+
+  /** Hold (down=true) or release a key. */
+  keyState(code: number, down: boolean): void {
+    this.#find(["keyboard"], "keyboard").sendKey(code, down);
+  }
+
+  /** Type text (US layout; shift handled). */
+  type(text: string): void {
+    this.#find(["keyboard"], "keyboard").type(text);
+  }
+
+  /** Relative pointer motion (mouse). */
+  move(dx: number, dy: number): void {
+    this.#find(["mouse"], "mouse").move(dx, dy);
+  }
+
+  /** A button click (BTN_LEFT by default) on the mouse. */
+  click(button?: number): void {
+    this.#find(["mouse"], "mouse").click(button);
+  }
+
+  /** A tap at (x, y) on the touch screen. */
+  tap(x: number, y: number): void {
+    this.#find(["multi-touch", "single-touch"], "touch").tap(x, y);
+  }
+}
 
 /** The library's default console: COM1, captured, not on this process's stdout or stdin. */
 function librarySerial(echo: boolean): SerialConfig {
@@ -42,11 +91,21 @@ export class Vm {
   readonly console: ConsoleLog;
   /** crosvm's exit code once the VM has ended (0 power-off/stop, 32 reset, 33 crash, 34 panic). */
   readonly exitCode: Promise<number>;
+  /** Input devices: keyboard, mouse, touch. */
+  readonly input: VmInput;
+  /** The GPU's copy counters. */
+  readonly gpu: { stats: () => object };
   readonly #machine: Machine;
+  readonly #artifactsDir: string;
 
-  private constructor(machine: Machine, console: ConsoleLog) {
+  private constructor(machine: Machine, console: ConsoleLog, artifactsDir: string) {
     this.#machine = machine;
     this.console = console;
+    this.#artifactsDir = artifactsDir;
+    this.input = new VmInput(() =>
+      machine.virtio.map((v) => v.device).filter((d): d is InputDevice => d instanceof InputDevice)
+    );
+    this.gpu = { stats: () => machine.gpuStats() };
     this.exitCode = machine.exitCode.then((code) => {
       console.close(`exit code ${code}: ${machine.exitReason}`);
       return code;
@@ -55,7 +114,7 @@ export class Vm {
 
   /** Build and start a VM. Rejects with ConfigError (bad config) or HostError (no KVM...). */
   static async boot(config: BootConfig): Promise<Vm> {
-    const { debugExit, echoConsole, ...rest } = config;
+    const { debugExit, echoConsole, artifactsDir, ...rest } = config;
     const full: VmConfig = {
       ...defaultVmConfig(config.kernel),
       serials: [librarySerial(echoConsole ?? false)],
@@ -65,7 +124,7 @@ export class Vm {
     const log = new ConsoleLog((text) => holder.machine?.sendInput(new TextEncoder().encode(text)));
     const machine = await Machine.create(full, { onConsoleOutput: (b) => log.push(b), debugExit, noStdin: true });
     holder.machine = machine;
-    const vm = new Vm(machine, log);
+    const vm = new Vm(machine, log, artifactsDir ?? Deno.env.get("DENOVM_ARTIFACTS") ?? "artifacts");
     await machine.start();
     return vm;
   }
@@ -96,6 +155,70 @@ export class Vm {
   /** Stop the VM (as crosvm `stop`); resolves to its exit code (0 unless it had already ended otherwise). */
   async stop(): Promise<number> {
     return await this.#machine.stop();
+  }
+
+  /** Press the ACPI power button (the guest sees the event; a Linux guest with acpid or systemd powers off). */
+  powerButton(): void {
+    this.#machine.powerButton();
+  }
+
+  /** PNG of the first display (needs --gpu / `gpu`). */
+  screenshot(): Uint8Array {
+    return this.#machine.screenshot();
+  }
+
+  /**
+   * Wait until the screen satisfies `check`: a predicate over the decoded screenshot, or a reference
+   * PNG compared with tolerances. Rejects naming what it waited for, with the last console lines.
+   */
+  async waitForScreen(
+    check: ((img: Image) => boolean) | { reference: Uint8Array } & CompareOptions,
+    opts: { timeout?: number; interval?: number; what?: string } = {},
+  ): Promise<Image> {
+    const timeout = opts.timeout ?? 30_000;
+    const deadline = Date.now() + timeout;
+    const reference = typeof check === "function" ? undefined : decodePng(check.reference);
+    let last = "no screenshot taken";
+    for (;;) {
+      const img = decodePng(this.screenshot());
+      if (typeof check === "function") {
+        if (check(img)) return img;
+        last = "the predicate was false";
+      } else {
+        const r = compareImages(img, reference!, check);
+        if (r.matches) return img;
+        last = r.reason ?? "different";
+      }
+      if (Date.now() >= deadline) {
+        throw new Error(
+          `waiting for the screen${opts.what ? ` to show ${opts.what}` : ""}: timed out after ${timeout} ms ` +
+            `(${last})\n--- last console lines ---\n${this.console.tail()}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, opts.interval ?? 100));
+    }
+  }
+
+  /**
+   * Run one step of a test. When it throws, the console log (and a screenshot when there is a
+   * display) are saved under the artifacts folder, and the error says where.
+   */
+  async step<T>(name: string, fn: () => T | Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      const dir = `${this.#artifactsDir}/${name.replace(/[^A-Za-z0-9._-]+/g, "_")}`;
+      await Deno.mkdir(dir, { recursive: true });
+      await Deno.writeTextFile(`${dir}/console.log`, this.console.text);
+      try {
+        await Deno.writeFile(`${dir}/screenshot.png`, this.screenshot());
+      } catch {
+        // no display
+      }
+      const err = e instanceof Error ? e : new Error(String(e));
+      err.message = `step "${name}" failed (console and screenshot saved in ${dir}): ${err.message}`;
+      throw err;
+    }
   }
 
   /** Counters: exits served per vCPU, per-device statistics. */
