@@ -13,9 +13,6 @@ import { VIRTIO_ID_NET } from "../devices/virtio/device.ts";
 const REPO = new URL("../", import.meta.url).pathname;
 /** A hang guard for waits on host processes (a broken back end fails the test instead of hanging it). */
 const HANG_GUARD_MS = 30_000;
-const HOST_IP = "10.0.2.1";
-const GUEST_IP = "10.0.2.2";
-const GUEST_MAC = "52:54:00:12:34:56";
 const HTTP_PORT = 8080;
 /** Size of the file the guest downloads: big enough for many full-size and (with TSO) GSO frames. */
 const BLOB_SIZE = 3 * 1024 * 1024 + 12345;
@@ -108,7 +105,7 @@ const SERVER = `
 const blob = new Uint8Array(await Deno.readFile(Deno.args[0]));
 const hex = async (b) => [...new Uint8Array(await crypto.subtle.digest("SHA-256", b))]
   .map((x) => x.toString(16).padStart(2, "0")).join("");
-Deno.serve({ hostname: "${HOST_IP}", port: ${HTTP_PORT}, onListen: () => console.log("SERVER-READY") }, async (req) => {
+Deno.serve({ hostname: "0.0.0.0", port: ${HTTP_PORT}, onListen: () => console.log("SERVER-READY") }, async (req) => {
   const url = new URL(req.url);
   if (req.method === "GET" && url.pathname === "/blob") return new Response(blob);
   if (req.method === "POST" && url.pathname === "/upload") {
@@ -122,14 +119,77 @@ Deno.serve({ hostname: "${HOST_IP}", port: ${HTTP_PORT}, onListen: () => console
 Deno.addSignalListener("SIGTERM", () => Deno.exit(0));
 `;
 
+/** One virtio-net device: its tap, addresses, MAC and how its back end is started. */
+interface NetCase {
+  label: string;
+  tap: string;
+  hostIp: string;
+  guestIp: string;
+  mac: string;
+  /** `device net` arguments after the socket is known. */
+  args: (socket: string) => string[];
+  offloads: boolean;
+}
+
+const CASES: NetCase[] = [
+  {
+    // denovm's spelling, offloads on (CSUM/GUEST_CSUM/TSO).
+    label: "A",
+    tap: "tap0",
+    hostIp: "10.0.2.1",
+    guestIp: "10.0.2.2",
+    mac: "52:54:00:12:34:56",
+    args: (s) => ["--socket-path", s, "--tap-name", "tap0", "--mac", "52:54:00:12:34:56"],
+    offloads: true,
+  },
+  {
+    // crosvm's spelling (--tap-name SOCKET,NAME), offloads off.
+    label: "B",
+    tap: "tap1",
+    hostIp: "10.0.3.1",
+    guestIp: "10.0.3.2",
+    mac: "52:54:00:12:34:57",
+    args: (s) => [`--tap-name`, `${s},tap1`, "--mac", "52:54:00:12:34:57", "--no-offloads"],
+    offloads: false,
+  },
+];
+
+/** Feature bits (virtio_net.h) whose negotiation the guest reports in sysfs. */
+const OFFLOAD_BITS = { CSUM: 0, GUEST_CSUM: 1, GUEST_TSO4: 7, HOST_TSO4: 11 };
+
+/** Guest commands for one device: find its interface by MAC, configure it, ping, download, upload. */
+function guestCommands(c: NetCase): string {
+  const L = c.label;
+  return `IF=""; n=0
+while [ -z "$IF" ] && [ $n -lt 100 ]; do
+  for i in /sys/class/net/*; do if [ "$(cat $i/address)" = "${c.mac}" ]; then IF=\${i##*/}; fi; done
+  if [ -z "$IF" ]; then sleep 0.1; fi
+  n=$((n+1))
+done
+test -n "$IF"
+echo "${L} IF $IF"
+echo "${L} FEATURES $(cat /sys/class/net/$IF/device/features)"
+ip addr add ${c.guestIp}/24 dev $IF
+ip link set $IF up
+ping -c 3 -W 10 ${c.hostIp} | sed 's/^/${L} /'
+wget -q -O /tmp/blob http://${c.hostIp}:${HTTP_PORT}/blob
+echo "${L} BLOB $(wc -c < /tmp/blob) $(sha256sum /tmp/blob | cut -d' ' -f1)"
+rm /tmp/blob
+seq 1 ${UPLOAD_LINES} > /tmp/up
+echo "${L} SENT $(wc -c < /tmp/up) $(sha256sum /tmp/up | cut -d' ' -f1)"
+wget -q -O /tmp/resp --post-file=/tmp/up http://${c.hostIp}:${HTTP_PORT}/upload
+echo "${L} REPLY $(cat /tmp/resp)"
+echo "${L} STATS $(cat /sys/class/net/$IF/statistics/rx_bytes) $(cat /sys/class/net/$IF/statistics/tx_bytes)"
+`;
+}
+
 Deno.test({
-  name: "UML virtio_net over vhost-user: ping, a 3 MiB download and a 580 KB upload between the guest and " +
-    "a server inside the test's network namespace",
+  name: "UML virtio_net over vhost-user, two devices (offloads on / off, denovm's and crosvm's spellings): " +
+    "ping, a 3 MiB download and a 580 KB upload each, with a server inside the test's network namespace",
   ignore: reason !== undefined,
   async fn() {
     const ns = `denovm-vun-${Deno.pid}`;
     const dir = await Deno.makeTempDir({ prefix: "denovm-vun-" });
-    const socket = `${dir}/net.sock`;
     const blobPath = `${dir}/blob`;
     const data = blob();
     await Deno.writeFile(blobPath, data);
@@ -139,86 +199,85 @@ Deno.test({
     const procs: NsProcess[] = [];
     let initramfs: string | undefined;
     try {
-      for (
-        const cmd of [
-          ["ip", "link", "set", "lo", "up"],
-          ["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"],
-          ["ip", "addr", "add", `${HOST_IP}/24`, "dev", "tap0"],
-          ["ip", "link", "set", "tap0", "up"],
-        ]
-      ) {
+      const setup = [["ip", "link", "set", "lo", "up"]];
+      for (const c of CASES) {
+        setup.push(
+          ["ip", "tuntap", "add", "dev", c.tap, "mode", "tap"],
+          ["ip", "addr", "add", `${c.hostIp}/24`, "dev", c.tap],
+          ["ip", "link", "set", c.tap, "up"],
+        );
+      }
+      for (const cmd of setup) {
         const r = await run("ip", ["netns", "exec", ns, ...cmd]);
         assert.ok(r.ok, `${cmd.join(" ")}: ${r.out}`);
       }
-      const backend = new NsProcess(ns, [
-        Deno.execPath(),
-        "run",
-        "-A",
-        `${REPO}main.ts`,
-        "device",
-        "net",
-        "--socket-path",
-        socket,
-        "--tap-name",
-        "tap0",
-        "--mac",
-        GUEST_MAC,
-      ]);
-      procs.push(backend);
-      await backend.waitFor(/listening on/, "the net back end to listen");
+      const backends: NsProcess[] = [];
+      for (const c of CASES) {
+        const b = new NsProcess(ns, [
+          Deno.execPath(),
+          "run",
+          "-A",
+          `${REPO}main.ts`,
+          "device",
+          "net",
+          ...c.args(`${dir}/${c.tap}.sock`),
+        ]);
+        procs.push(b);
+        backends.push(b);
+      }
+      for (const b of backends) await b.waitFor(/listening on/, "the net back end to listen");
       const server = new NsProcess(ns, [Deno.execPath(), "run", "-A", `${dir}/server.js`, blobPath]);
       procs.push(server);
       await server.waitFor(/SERVER-READY/, "the HTTP server in the namespace");
 
       initramfs = await buildInitramfs({
         modules: ["virtio_net"],
-        commands: `n=0; while ! ip link show eth0 >/dev/null 2>&1 && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
-echo "MAC $(cat /sys/class/net/eth0/address)"
-ip link set lo up
-ip addr add ${GUEST_IP}/24 dev eth0
-ip link set eth0 up
-ping -c 3 -W 10 ${HOST_IP}
-wget -q -O /tmp/blob http://${HOST_IP}:${HTTP_PORT}/blob
-echo "BLOB $(wc -c < /tmp/blob) $(sha256sum /tmp/blob | cut -d' ' -f1)"
-seq 1 ${UPLOAD_LINES} > /tmp/up
-echo "SENT $(wc -c < /tmp/up) $(sha256sum /tmp/up | cut -d' ' -f1)"
-wget -q -O /tmp/resp --post-file=/tmp/up http://${HOST_IP}:${HTTP_PORT}/upload
-echo "REPLY $(cat /tmp/resp)"
-cat /sys/class/net/eth0/statistics/rx_bytes /sys/class/net/eth0/statistics/tx_bytes | tr '\\n' ' '; echo STATS`,
+        commands: `ip link set lo up\n${CASES.map(guestCommands).join("")}`,
       });
       const uml = await UmlMachine.start({
         initramfs,
-        vhostUser: [{ socket, deviceId: VIRTIO_ID_NET }],
+        vhostUser: CASES.map((c) => ({ socket: `${dir}/${c.tap}.sock`, deviceId: VIRTIO_ID_NET })),
         memMiB: 256,
       });
       const res = await uml.wait();
       const out = res.output;
-      assert.equal(res.commandStatus, 0, `guest commands failed:\n${out}\n--- back end ---\n${backend.out}`);
-      // The guest saw the MAC the back end offered.
-      assert.match(out, new RegExp(`MAC ${GUEST_MAC}`));
-      // ping: three requests, three replies.
-      assert.match(out, /3 packets transmitted, 3 packets received/);
-      // Download: every byte arrived intact.
-      const m = out.match(/BLOB (\d+) ([0-9a-f]{64})/);
-      assert.ok(m, out);
-      assert.equal(Number(m[1]), BLOB_SIZE);
-      assert.equal(m[2], await sha256Hex(data));
-      // Upload: what the server received is what the guest sent, and what the test expects.
+      const backendLogs = backends.map((b, i) => `--- back end ${CASES[i].label} ---\n${b.out}`).join("\n");
+      assert.equal(res.commandStatus, 0, `guest commands failed:\n${out}\n${backendLogs}`);
+
       let expected = "";
       for (let i = 1; i <= UPLOAD_LINES; i++) expected += `${i}\n`;
       const upBytes = new TextEncoder().encode(expected);
       const upSha = await sha256Hex(upBytes);
-      assert.match(out, new RegExp(`SENT ${upBytes.length} ${upSha}`));
-      await server.waitFor(/UPLOAD-RECEIVED/, "the upload on the server");
-      assert.match(server.out, new RegExp(`UPLOAD-RECEIVED ${upBytes.length} ${upSha}`));
-      assert.match(out, new RegExp(`REPLY got ${upBytes.length} ${upSha}`));
-      const st = out.match(/(\d+) (\d+) STATS/);
-      assert.ok(st && Number(st[1]) >= BLOB_SIZE && Number(st[2]) >= upBytes.length, out);
-      // The back end served one front end without protocol errors and ends cleanly on SIGTERM.
-      assert.doesNotMatch(backend.out, /dropping the front end/);
-      procs.splice(procs.indexOf(backend), 1);
-      const status = await backend.stop();
-      assert.equal(status.code, 0, backend.out);
+      const blobSha = await sha256Hex(data);
+      for (const c of CASES) {
+        const L = c.label;
+        // Negotiated offloads, as the guest's virtio core reports them (one '0'/'1' per bit, bit 0 first).
+        const f = out.match(new RegExp(`${L} FEATURES ([01]+)`));
+        assert.ok(f, out);
+        for (const [name, bit] of Object.entries(OFFLOAD_BITS)) {
+          assert.equal(f[1][bit], c.offloads ? "1" : "0", `${L}: ${name} negotiated = ${c.offloads}`);
+        }
+        // ping: three requests, three replies.
+        assert.match(out, new RegExp(`${L} 3 packets transmitted, 3 packets received`));
+        // Download: every byte arrived intact.
+        const m = out.match(new RegExp(`${L} BLOB (\\d+) ([0-9a-f]{64})`));
+        assert.ok(m, out);
+        assert.equal(Number(m[1]), BLOB_SIZE);
+        assert.equal(m[2], blobSha);
+        // Upload: the server received exactly what the guest sent and what the test expects.
+        assert.match(out, new RegExp(`${L} SENT ${upBytes.length} ${upSha}`));
+        assert.match(out, new RegExp(`${L} REPLY got ${upBytes.length} ${upSha}`));
+        const st = out.match(new RegExp(`${L} STATS (\\d+) (\\d+)`));
+        assert.ok(st && Number(st[1]) >= BLOB_SIZE && Number(st[2]) >= upBytes.length, out);
+      }
+      assert.equal(server.out.split(`UPLOAD-RECEIVED ${upBytes.length} ${upSha}`).length - 1, CASES.length);
+      // Each back end served its front end without protocol errors and ends cleanly on SIGTERM.
+      for (const b of backends) {
+        assert.doesNotMatch(b.out, /dropping the front end/);
+        procs.splice(procs.indexOf(b), 1);
+        const status = await b.stop();
+        assert.equal(status.code, 0, b.out);
+      }
     } finally {
       for (const p of procs.reverse()) await p.stop();
       await run("ip", ["netns", "del", ns]);
