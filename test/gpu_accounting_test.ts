@@ -185,3 +185,17 @@ Deno.test("property: random streams never throw and every copy lies within the s
     { numRuns: 2000 },
   );
 });
+
+Deno.test("counters of destroyed resources are capped (a guest cannot grow the tables at will)", () => {
+  const acc = new A.GpuAccounting("test");
+  for (let id = 1; id <= A.MAX_DEAD + 1000; id++) {
+    acc.resourceCreated(id);
+    acc.copy("transferToHostBytes", 4, id, 0);
+    acc.resourceGone(id);
+  }
+  acc.resourceCreated(1); // a live resource is never dropped
+  const s = acc.stats();
+  assert.ok(Object.keys(s.resources).length <= A.MAX_DEAD + 1);
+  assert.equal(s.resources["1"].live, true);
+  assert.equal(s.totals.transferToHostBytes, 4 * (A.MAX_DEAD + 1000), "totals keep everything");
+});

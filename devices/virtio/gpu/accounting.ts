@@ -55,6 +55,8 @@ export const VIRGL_PIPE_RES_CREATE_WIDTH = 4;
 export const VIRGL_PIPE_RES_CREATE_HEIGHT = 5;
 export const VIRGL_PIPE_RES_CREATE_BLOB_ID = 11;
 const DWORD = 4;
+/** Counters of destroyed resources / contexts kept for the summary (older ones are dropped). */
+export const MAX_DEAD = 4096;
 
 /** The counters kept per resource, per context and in total. */
 export interface CopyCounters {
@@ -274,6 +276,8 @@ export class GpuAccounting {
   readonly #resources = new Map<number, CopyCounters & { live: boolean }>();
   readonly #contexts = new Map<number, CopyCounters & { live: boolean }>();
   readonly #commands = new Map<string, CommandCounters>();
+  readonly #deadResources: number[] = [];
+  readonly #deadContexts: number[] = [];
   readonly streams = { submits: 0, virglCommands: 0, truncated: 0, streamBytes: 0 };
   readonly mapped = { count: 0, bytes: 0 };
   readonly fences = { created: 0, retired: 0, pending: 0 };
@@ -291,14 +295,23 @@ export class GpuAccounting {
     return c;
   }
 
-  /** Mark a resource or context gone (its counters stay for the summary). */
+  /** Mark a resource or context gone (its counters stay for the summary, the newest MAX_DEAD of them). */
   resourceGone(id: number): void {
-    const c = this.#resources.get(id);
-    if (c) c.live = false;
+    this.#gone(this.#resources, this.#deadResources, id);
   }
   contextGone(id: number): void {
-    const c = this.#contexts.get(id);
-    if (c) c.live = false;
+    this.#gone(this.#contexts, this.#deadContexts, id);
+  }
+
+  #gone(m: Map<number, { live: boolean }>, dead: number[], id: number): void {
+    const c = m.get(id);
+    if (!c) return;
+    c.live = false;
+    dead.push(id);
+    while (dead.length > MAX_DEAD) {
+      const old = dead.shift()!;
+      if (m.get(old)?.live === false) m.delete(old);
+    }
   }
   resourceCreated(id: number): void {
     this.resource(id).live = true;

@@ -168,6 +168,11 @@ export class Backend2D implements GpuBackend {
     }
     const stride = t.stride || r.width * BPP;
     const row = w * BPP;
+    if (x === 0 && w === r.width && stride === row) {
+      // Whole rows, packed: one copy per backing entry.
+      r.backing.read(t.offset, r.pixels, y * row, h * row);
+      return;
+    }
     for (let i = 0; i < h; i++) {
       r.backing.read(t.offset + i * stride, r.pixels, ((y + i) * r.width + x) * BPP, row);
     }

@@ -58,7 +58,15 @@ import {
   type Transfer,
 } from "./backend.ts";
 import { BackingReader } from "./backend_2d.ts";
-import { isVirtioGpuFormat, PIPE_BUFFER, PIPE_TEXTURE_2D, toBgra, VIRTIO_GPU_BYTES_PER_PIXEL } from "./formats.ts";
+import {
+  isVirtioGpuFormat,
+  PIPE_BUFFER,
+  PIPE_TEXTURE_2D,
+  toBgra,
+  virglBytesPerPixel,
+  VIRTIO_GPU_BYTES_PER_PIXEL,
+} from "./formats.ts";
+import { walkVirglCommands } from "./virgl_stream.ts";
 import {
   RESP_ERR_INVALID_CONTEXT_ID,
   RESP_ERR_INVALID_PARAMETER,
@@ -107,8 +115,12 @@ interface VirglResource {
   kind: "3d" | "blob";
   target: number;
   format: number;
+  /** Level 0 size; a buffer's width is its size in bytes. */
   width: number;
   height: number;
+  depth: number;
+  arraySize: number;
+  lastLevel: number;
   /** The iovec array the library holds for the backing (attach_iov or create_blob). */
   iov?: CMemory;
   /** Backing pages, for GUEST blob scanouts. */
@@ -167,6 +179,33 @@ function responseFor(e: VirglError): number {
   if (e.errno === -EINVAL) return RESP_ERR_INVALID_PARAMETER;
   if (e.errno === -ENOMEM) return RESP_ERR_OUT_OF_MEMORY;
   return RESP_ERR_UNSPEC;
+}
+
+/** PIPE_TEXTURE_3D and PIPE_TEXTURE_1D_ARRAY (p_defines.h enum pipe_texture_target). */
+const PIPE_TEXTURE_3D = 3;
+const PIPE_TEXTURE_1D_ARRAY = 6;
+
+/**
+ * Refuse a transfer whose box lies outside the resource at its level, or whose bytes (when the format's
+ * size is known) lie outside the backing, the checks vrend_renderer_transfer_iov makes (check_transfer_bounds,
+ * check_iov_bounds).
+ */
+function checkTransfer(t: Transfer, r: VirglResource): void {
+  const bad = (why: string) => {
+    throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `transfer on resource ${t.resourceId}: ${why}`);
+  };
+  const { x, y, z, w, h, d } = t.box;
+  if (t.level > r.lastLevel) bad(`level ${t.level} > last level ${r.lastLevel}`);
+  const lw = Math.max(1, r.width >>> t.level);
+  const lh = r.target === PIPE_TEXTURE_1D_ARRAY ? r.arraySize : Math.max(1, r.height >>> t.level);
+  const ld = r.target === PIPE_TEXTURE_3D ? Math.max(1, r.depth >>> t.level) : Math.max(1, r.arraySize);
+  if (x + w > lw || y + h > lh || z + d > ld) bad(`box ${x},${y},${z} ${w}x${h}x${d} outside ${lw}x${lh}x${ld}`);
+  const bpp = r.target === PIPE_BUFFER ? 1 : virglBytesPerPixel(r.format);
+  if (bpp === undefined || w === 0 || h === 0 || d === 0 || !r.backing) return;
+  const stride = t.stride || w * bpp;
+  const layerStride = t.layerStride || stride * h;
+  const end = t.offset + (d - 1) * layerStride + (h - 1) * stride + w * bpp;
+  if (end > r.backing.size) bad(`needs ${end} bytes of backing, has ${r.backing.size}`);
 }
 
 export class VirglBackend implements GpuBackend {
@@ -288,6 +327,9 @@ export class VirglBackend implements GpuBackend {
       format: a.format,
       width: a.width,
       height: a.height,
+      depth: a.depth,
+      arraySize: a.arraySize,
+      lastLevel: a.lastLevel,
     });
   }
 
@@ -324,6 +366,9 @@ export class VirglBackend implements GpuBackend {
       format: 0,
       width: a.size,
       height: 1,
+      depth: 1,
+      arraySize: 1,
+      lastLevel: 0,
       iov,
       backing: guestPages ? a.backing : undefined,
       blobMem: a.blobMem,
@@ -380,6 +425,8 @@ export class VirglBackend implements GpuBackend {
       throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `resource ${t.resourceId} is mapped: no transfers`);
     }
     if (!r.iov) throw new GpuBackendError(RESP_ERR_UNSPEC, `resource ${t.resourceId} has no backing`);
+    // Checked here, not only by the library: a transfer it refuses puts the whole context in error.
+    checkTransfer(t, r);
     const box = virglBox(t.box);
     const call = toHost ? "virgl_renderer_transfer_write_iov" : "virgl_renderer_transfer_read_iov";
     this.#call(call, () =>
@@ -453,6 +500,11 @@ export class VirglBackend implements GpuBackend {
       throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `SUBMIT_3D of ${commands.byteLength} bytes (not dwords)`);
     }
     if (commands.byteLength === 0) return;
+    // A stream whose last command runs past its end is accepted by vrend_decode_ctx_submit_cmd (it stops and
+    // marks the context in error): refuse it here.
+    if (walkVirglCommands(commands).truncated) {
+      throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `SUBMIT_3D on ctx ${ctxId}: a command runs past the end`);
+    }
     // The library reads dwords: give it an aligned copy when the guest's bytes are not aligned.
     const buf = commands.byteOffset % 4 === 0 ? commands : commands.slice();
     this.#call("virgl_renderer_submit_cmd", () => this.#v.virgl_renderer_submit_cmd(buf, ctxId, buf.byteLength / 4));

@@ -399,7 +399,9 @@ export class GpuDevice implements VirtioDevice {
     const len = this.#writeResponse(chain, out.resp, name);
     const us = (performance.now() - t0) * 1000;
     this.accounting.command(name, ok, out.bytes, us);
-    this.accounting.touch(out.resource, hdr?.ctxId ?? 0);
+    // Per-id counters only for ids that exist: a hostile guest must not grow the tables at will.
+    const ctxKnown = hdr && this.#contexts.has(hdr.ctxId) ? hdr.ctxId : 0;
+    this.accounting.touch(this.#resources.has(out.resource) ? out.resource : 0, ctxKnown);
     this.#trace?.add({
       name,
       ts: this.#trace.now() - us,
@@ -788,7 +790,8 @@ export class GpuDevice implements VirtioDevice {
           this.accounting.streams.streamBytes += cmd.commands.length;
           if (walk.truncated) this.accounting.streams.truncated++;
           for (const cp of walk.copies) {
-            this.accounting.copy(cp.kind, cp.bytes, cp.resourceId, c.id, cp.estimated);
+            const res = this.#resources.has(cp.resourceId) ? cp.resourceId : 0;
+            this.accounting.copy(cp.kind, cp.bytes, res, c.id, cp.estimated);
             bytes += cp.bytes;
           }
           for (const cr of walk.creates) {
