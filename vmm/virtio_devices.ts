@@ -8,6 +8,7 @@ import { ConsoleDevice } from "../devices/virtio/console.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../devices/virtio/input.ts";
 import { NetDevice } from "../devices/virtio/net.ts";
+import { configureInterface } from "../ffi/tun.ts";
 import { RngDevice } from "../devices/virtio/rng.ts";
 import { VsockDevice } from "../devices/virtio/vsock.ts";
 import type { SerialConfig, VmConfig } from "./config.ts";
@@ -70,8 +71,19 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
       );
     }
     for (const n of config.nets) {
+      if (n.vqPairs !== undefined && n.vqPairs > 1) throw new UnavailableDeviceError("--net vq-pairs above 1");
       if (n.tapName === undefined && n.tapFd === undefined) {
-        throw new UnavailableDeviceError("--net without tap-name= or tap-fd= (host-ip/netmask set-up)");
+        // crosvm's host-ip=,netmask= form: a new tap (named by the kernel) with that host address.
+        if (!n.hostIp || !n.netmask) {
+          throw new DeviceConfigError("--net needs tap-name=, tap-fd=, or host-ip= and netmask=");
+        }
+        const dev = await make("--net host-ip", () => new NetDevice({ tapName: "", mac: n.mac }));
+        devices.push(dev);
+        await make(
+          `--net host-ip=${n.hostIp}`,
+          () => configureInterface(dev.tapName, { ip: n.hostIp, netmask: n.netmask, up: true }),
+        );
+        continue;
       }
       devices.push(
         await make(
