@@ -221,6 +221,11 @@ export class VirglBackend implements GpuBackend {
   readonly #capsets: CapsetInfo[] = [];
   readonly #resources = new Map<number, VirglResource>();
   readonly #contexts = new Map<number, number>(); // ctx id -> capset id (0 = default virgl)
+  /**
+   * Contexts a command failed in. vrend marks such a context in error and then may silently ignore its
+   * later commands (vrend_hw_switch_context skips the check for the current context): refuse them here.
+   */
+  readonly #inError = new Set<number>();
   #fenceHandler: FenceHandler | null = null;
   /** Global (ctx 0) fences in creation order; the library numbers them with 32-bit `seq`. */
   readonly #globalFences: GlobalFence[] = [];
@@ -477,6 +482,7 @@ export class VirglBackend implements GpuBackend {
 
   destroyContext(ctxId: number): void {
     if (!this.#contexts.delete(ctxId)) return;
+    this.#inError.delete(ctxId);
     this.#v.virgl_renderer_context_destroy(ctxId);
     // virglrenderer drops the fences of a destroyed context without retiring them.
     for (const k of [...this.#contextFences.keys()]) if (k.startsWith(`${ctxId}/`)) this.#contextFences.delete(k);
@@ -505,9 +511,17 @@ export class VirglBackend implements GpuBackend {
     if (walkVirglCommands(commands).truncated) {
       throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `SUBMIT_3D on ctx ${ctxId}: a command runs past the end`);
     }
+    if (this.#inError.has(ctxId)) {
+      throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `context ${ctxId} is in error after a failed command`);
+    }
     // The library reads dwords: give it an aligned copy when the guest's bytes are not aligned.
     const buf = commands.byteOffset % 4 === 0 ? commands : commands.slice();
-    this.#call("virgl_renderer_submit_cmd", () => this.#v.virgl_renderer_submit_cmd(buf, ctxId, buf.byteLength / 4));
+    try {
+      this.#call("virgl_renderer_submit_cmd", () => this.#v.virgl_renderer_submit_cmd(buf, ctxId, buf.byteLength / 4));
+    } catch (e) {
+      this.#inError.add(ctxId);
+      throw e;
+    }
   }
 
   // ---- fences ----
@@ -532,6 +546,11 @@ export class VirglBackend implements GpuBackend {
       this.#globalFences.push({ seq, timeline: { ...timeline }, fenceId });
     }
     this.#armWaiter();
+  }
+
+  /** True when a command failed in the context and its later submits are refused. */
+  contextInError(ctxId: number): boolean {
+    return this.#inError.has(ctxId);
   }
 
   /** Fences created and not yet retired. */
@@ -734,6 +753,7 @@ export class VirglBackend implements GpuBackend {
     for (const r of this.#resources.values()) r.iov?.free();
     this.#resources.clear();
     this.#contexts.clear();
+    this.#inError.clear();
     this.#globalFences.length = 0;
     this.#contextFences.clear();
     const wake = this.#wakeFd;
