@@ -104,3 +104,65 @@ echo "AGENT-GOT=$line2"`,
     }
   },
 });
+
+Deno.test({
+  name: "UML virtio_console: `denovm device console --output-file --input-file` as its own process",
+  ignore: umlReason !== undefined,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "denovm-con-cli-" });
+    const socket = `${dir}/con.sock`;
+    const outFile = `${dir}/out.txt`;
+    const inFile = `${dir}/in.txt`;
+    await Deno.writeTextFile(inFile, "line-from-input-file\n");
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        new URL("../main.ts", import.meta.url).pathname,
+        "device",
+        "console",
+        "--socket-path",
+        socket,
+        "--output-file",
+        outFile,
+        "--input-file",
+        inFile,
+      ],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    let stderr = "";
+    const dec = new TextDecoder();
+    const pump = (async () => {
+      for await (const c of child.stderr) stderr += dec.decode(c, { stream: true });
+    })();
+    let initramfs: string | undefined;
+    try {
+      while (!stderr.includes("listening on")) {
+        const done = await Promise.race([pump.then(() => true), new Promise((r) => setTimeout(() => r(false), 50))]);
+        if (done) throw new Error(`the console back end exited: ${stderr}`);
+      }
+      initramfs = await buildInitramfs({
+        modules: ["virtio_console"],
+        commands: `n=0; while [ ! -e /dev/hvc0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+exec 3<>/dev/hvc0
+echo GUEST-TO-OUTPUT-FILE >&3
+read -r line <&3
+echo "HVC-GOT=$line"`,
+      });
+      const r = await (await UmlMachine.start({ initramfs, vhostUser: [{ socket, deviceId: VIRTIO_ID_CONSOLE }] }))
+        .wait();
+      assert.equal(r.commandStatus, 0, r.output);
+      assert.ok(r.output.includes("HVC-GOT=line-from-input-file"), r.output);
+      assert.ok((await Deno.readTextFile(outFile)).includes("GUEST-TO-OUTPUT-FILE"), "the guest's line is in the file");
+    } finally {
+      child.kill("SIGTERM");
+      const st = await child.status;
+      await pump;
+      assert.equal(st.code, 0, stderr);
+      if (initramfs) await Deno.remove(initramfs).catch(() => {});
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});

@@ -131,11 +131,11 @@ function parseCtrl(b: Uint8Array): { id: number; event: number; value: number; e
 }
 
 Deno.test("console: config, features, port 0 output and buffered input", () => {
-  using r = rig({ size: { cols: 80, rows: 25 } });
+  using r = rig({ size: { cols: 80, rows: 25 }, multiport: false });
   assert.equal(r.drv.readReg(0x008), VIRTIO_ID_CONSOLE);
   const f = r.drv.deviceFeatures();
   assert.ok(f & VIRTIO_CONSOLE_F_SIZE);
-  assert.ok(!(f & VIRTIO_CONSOLE_F_MULTIPORT), "a single port does not offer MULTIPORT");
+  assert.ok(!(f & VIRTIO_CONSOLE_F_MULTIPORT), "multiport: false");
   const cfg = new DataView(r.drv.readConfig(0, 12).buffer);
   assert.equal(cfg.getUint16(CONSOLE_CFG_COLS, true), 80);
   assert.equal(cfg.getUint16(CONSOLE_CFG_ROWS, true), 25);
@@ -168,7 +168,7 @@ Deno.test("console: config, features, port 0 output and buffered input", () => {
 });
 
 Deno.test("console: input beyond the limit is dropped and counted, never unbounded", () => {
-  using r = rig({ inputLimit: 8 });
+  using r = rig({ inputLimit: 8, multiport: false });
   r.dev.sendInput(enc.encode("12345"));
   r.dev.sendInput(enc.encode("67890"));
   assert.equal(r.dev.stats().inputDropped, 2);
@@ -201,6 +201,22 @@ function handshake(r: Rig): {
   }
   return { ports, cbufs };
 }
+
+Deno.test("console: by default port 0 alone uses MULTIPORT, and early input waits for the guest's PORT_OPEN", () => {
+  using r = rig();
+  assert.ok(r.drv.deviceFeatures() & VIRTIO_CONSOLE_F_MULTIPORT);
+  assert.equal(r.dev.queueMaxSizes.length, 4);
+  r.dev.sendInput(enc.encode("typed early\n"));
+  // Linux fills the port's receive queue before it marks the console connected.
+  const bufs = r.rx(portRxQueue(0), [64]);
+  assert.equal(r.drv.queues[portRxQueue(0)].used().length, 0, "held before PORT_OPEN");
+  const { ports } = handshake(r);
+  assert.deepEqual([...ports.keys()], [0]);
+  assert.equal(ports.get(0)!.console, true);
+  r.tx(CONSOLE_CONTROL_TXQ, [ctrl(0, VIRTIO_CONSOLE_PORT_OPEN, 1)]);
+  assert.equal(dec.decode(concat(r.received(portRxQueue(0), bufs))), "typed early\n");
+  assert.throws(() => r.dev.openPort("x"), /no free port/);
+});
 
 Deno.test("console: MULTIPORT handshake, console port 0 and a named port both ways, hot-added port", () => {
   using r = rig({ ports: ["org.denovm.agent"], maxPorts: 4 });
@@ -284,7 +300,7 @@ Deno.test("console: property: input split at random points arrives whole through
       fc.array(fc.uint8Array({ minLength: 1, maxLength: 300 }), { minLength: 1, maxLength: 20 }),
       fc.array(fc.integer({ min: 1, max: 200 }), { minLength: 1, maxLength: 30 }),
       (chunks, sizes) => {
-        using r = rig();
+        using r = rig({ multiport: false });
         const want = concat(chunks);
         const got: Uint8Array[] = [];
         let ci = 0;

@@ -68,12 +68,19 @@ export interface ConsoleOptions {
   /** Named ports opened at construction (ids 1, 2, ...). */
   ports?: string[];
   /**
-   * Ports the device offers, port 0 included; more than 1 offers VIRTIO_CONSOLE_F_MULTIPORT.
-   * Default: 1 + ports.length. Give more to openPort() names later (hot-added with PORT_ADD).
+   * Ports the device offers, port 0 included. Default: 1 + ports.length. Give more to openPort()
+   * names later (hot-added with PORT_ADD).
    */
   maxPorts?: number;
   /** Bytes of input buffered per port (default 1 MiB). */
   inputLimit?: number;
+  /**
+   * Offer VIRTIO_CONSOLE_F_MULTIPORT (default true, even for port 0 alone). With it the driver says
+   * when it has opened a port (PORT_OPEN), so input typed before the guest is ready is kept until
+   * then. Without it there is no such signal, and Linux's add_port fills the receive queue before it
+   * marks the console connected: input sent in that window is discarded by the guest.
+   */
+  multiport?: boolean;
 }
 
 /** A named port, host side. */
@@ -144,12 +151,14 @@ export class ConsoleDevice implements VirtioDevice {
     if (!Number.isInteger(this.maxPorts) || this.maxPorts < 1 + names.length || this.maxPorts > 0x7fff) {
       throw new Error(`console: maxPorts ${this.maxPorts} must be an integer in ${1 + names.length}..32767`);
     }
+    const multiport = opts.multiport ?? true;
+    if (!multiport && this.maxPorts > 1) throw new Error("console: named ports need multiport");
     this.#size = opts.size ?? { cols: 0, rows: 0 };
     let f = VIRTIO_COMMON_FEATURES | VIRTIO_CONSOLE_F_EMERG_WRITE;
     if (opts.size) f |= VIRTIO_CONSOLE_F_SIZE;
-    if (this.maxPorts > 1) f |= VIRTIO_CONSOLE_F_MULTIPORT;
+    if (multiport) f |= VIRTIO_CONSOLE_F_MULTIPORT;
     this.features = f;
-    const nq = this.maxPorts > 1 ? 2 * (this.maxPorts + 1) : 2;
+    const nq = multiport ? 2 * (this.maxPorts + 1) : 2;
     this.queueMaxSizes = Array.from({ length: nq }, () => CONSOLE_QUEUE_SIZE);
     this.#ports.push(new Port(this, 0, ""));
     for (const n of names) this.openPort(n);
@@ -168,7 +177,7 @@ export class ConsoleDevice implements VirtioDevice {
     if (nameBytes.length === 0 || nameBytes.length > MAX_PORT_NAME || nameBytes.includes(0)) {
       throw new Error(`console: port name "${name}" must be 1..${MAX_PORT_NAME} bytes without NUL`);
     }
-    if (this.#ports.length >= this.maxPorts) {
+    if (this.#ports.length >= this.maxPorts || !(this.features & VIRTIO_CONSOLE_F_MULTIPORT)) {
       throw new Error(`console: no free port for "${name}" (maxPorts ${this.maxPorts})`);
     }
     const port = new Port(this, this.#ports.length, name);
