@@ -406,7 +406,9 @@ export class InputDevice implements VirtioDevice {
     this.#eventq = ctx.queues[INPUT_EVENT_QUEUE];
     this.#statusq = ctx.queues[INPUT_STATUS_QUEUE];
     this.#interrupt = ctx.interrupt;
+    // Serve what was posted before activation (a vhost-user kick may come before the ring is enabled).
     this.#flush();
+    this.#drainStatus();
   }
 
   /** Queues are dropped; events not yet delivered stay queued for the next activation. */

@@ -35,6 +35,8 @@ export class RngDevice implements VirtioDevice {
   activate(ctx: ActivateContext): void {
     this.#queue = ctx.queues[0];
     this.#interrupt = ctx.interrupt;
+    // Buffers posted before activation (a vhost-user kick that came before the ring was enabled).
+    this.queueNotify(0);
   }
 
   reset(): void {

@@ -1,0 +1,368 @@
+// QEMU (TCG) as a test front end for vhost-user devices that user-mode Linux lacks (input, rng):
+// Debian's qemu-system-x86_64 boots Debian's 6.1 kernel (test/support/kernel.ts) with
+// `-M microvm,accel=tcg`, guest RAM in a shared memfd (vhost-user back ends map it), and QEMU's
+// vhost-user front ends on the virtio-mmio bus (`vhost-user-input`, `vhost-user-rng`). The
+// initramfs is built at test time: busybox-static, the named modules of the Debian kernel (with
+// their dependencies from each module's .modinfo `depends=`) and a generated /init that runs the
+// test's commands, prints an end marker and powers off.
+//
+// Also: `DeviceBackendProcess`, a `denovm device TYPE ...` child process (main.ts) for tests.
+
+import { type DebianKernel, debianKernel } from "./kernel.ts";
+import { BUSYBOX, cpioNewc } from "./uml.ts";
+
+const REPO_ROOT = new URL("../../", import.meta.url).pathname;
+export const QEMU_BINARY = "/usr/bin/qemu-system-x86_64";
+/** Guest RAM (MiB) unless a test asks otherwise. */
+export const QEMU_DEFAULT_MEM_MIB = 256;
+
+/**
+ * Kernel command line: serial console, reboot (QEMU exits: -no-reboot) on panic, and fixed timing
+ * figures instead of calibration, which under TCG is slow and sometimes wrong (tsc_early_khz gives
+ * the TSC frequency, lpj the delay-loop constant; Documentation/admin-guide/kernel-parameters.txt).
+ */
+export const QEMU_KERNEL_ARGS = ["console=ttyS0", "panic=-1", "quiet", "tsc_early_khz=2000000", "lpj=4000000"];
+
+/** Markers the generated /init prints. */
+export const QEMU_MARK_START = "QEMU-INIT-START";
+export const QEMU_MARK_END = "QEMU-INIT-END";
+
+/** st_mode file types (linux/stat.h). */
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+const S_IFCHR = 0o020000;
+/** /dev/console is character device 5:1 (Documentation/admin-guide/devices.txt). */
+const CONSOLE_MAJOR = 5;
+const CONSOLE_MINOR = 1;
+
+function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Why QEMU tests cannot run here, or undefined when they can (the kernel is fetched on first use). */
+export function qemuUnavailableReason(): string | undefined {
+  if (Deno.build.os !== "linux" || Deno.build.arch !== "x86_64") return "the QEMU tests need x86_64 Linux";
+  if (!exists(QEMU_BINARY)) return `${QEMU_BINARY} missing (apt-get install qemu-system-x86)`;
+  if (!exists(BUSYBOX)) return `${BUSYBOX} missing (apt-get install busybox-static)`;
+  const help = new Deno.Command(QEMU_BINARY, { args: ["-device", "help"], stdout: "piped", stderr: "piped" })
+    .outputSync();
+  const text = new TextDecoder().decode(help.stdout) + new TextDecoder().decode(help.stderr);
+  for (const d of ["vhost-user-input", "vhost-user-rng"]) {
+    if (!text.includes(`name "${d}"`)) return `this QEMU has no ${d} device`;
+  }
+  return undefined;
+}
+
+// ---- Modules of the Debian kernel ----
+
+/** The `depends=` list of a module file's .modinfo section (NUL-separated key=value strings). */
+function moduleDepends(ko: Uint8Array): string[] {
+  const text = new TextDecoder("latin1").decode(ko);
+  const m = text.match(/\0depends=([^\0]*)\0/);
+  return m ? m[1].split(",").filter(Boolean) : [];
+}
+
+/** Module files for `names`, dependencies first; built-in modules are skipped. */
+export function resolveDebianModules(k: DebianKernel, names: string[]): string[] {
+  const moddir = `${k.root}/lib/modules/${k.version}`;
+  const byName = new Map<string, string>();
+  const walk = (dir: string) => {
+    for (const e of Deno.readDirSync(dir)) {
+      const p = `${dir}/${e.name}`;
+      if (e.isDirectory) walk(p);
+      else if (e.name.endsWith(".ko")) byName.set(e.name.slice(0, -3).replaceAll("-", "_"), p);
+    }
+  };
+  walk(`${moddir}/kernel`);
+  const builtin = new Set(
+    Deno.readTextFileSync(`${moddir}/modules.builtin`).split("\n").map((l) =>
+      l.split("/").pop()!.replace(/\.ko$/, "").replaceAll("-", "_")
+    ),
+  );
+  const order: string[] = [];
+  const visit = (name: string) => {
+    const n = name.replaceAll("-", "_");
+    const path = byName.get(n);
+    if (!path) {
+      if (builtin.has(n)) return;
+      throw new Error(`module ${name} not found under ${moddir}/kernel (compressed modules are not supported)`);
+    }
+    if (order.includes(path)) return;
+    for (const d of moduleDepends(Deno.readFileSync(path))) visit(d);
+    order.push(path);
+  };
+  names.forEach(visit);
+  return order;
+}
+
+export interface QemuInitramfsOptions {
+  /** Module names to load (e.g. "virtio_input"); dependencies are added. */
+  modules: string[];
+  /** Shell commands /init runs (busybox sh, `set -e`). */
+  commands: string;
+}
+
+/** Build an initramfs for one run; returns its path (a temp file the caller may delete). */
+export async function buildQemuInitramfs(opts: QemuInitramfsOptions): Promise<string> {
+  const k = await debianKernel();
+  const mods = resolveDebianModules(k, opts.modules);
+  const entries: { name: string; mode: number; data?: Uint8Array; rdevMajor?: number; rdevMinor?: number }[] = [];
+  for (const d of ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"]) {
+    entries.push({ name: d, mode: S_IFDIR | 0o755 });
+  }
+  entries.push({ name: "dev/console", mode: S_IFCHR | 0o600, rdevMajor: CONSOLE_MAJOR, rdevMinor: CONSOLE_MINOR });
+  entries.push({ name: "bin/busybox", mode: S_IFREG | 0o755, data: Deno.readFileSync(BUSYBOX) });
+  for (const m of mods) {
+    entries.push({ name: `lib/modules/${m.split("/").pop()}`, mode: S_IFREG | 0o644, data: Deno.readFileSync(m) });
+  }
+  const insmods = mods.map((m) => `insmod /lib/modules/${m.split("/").pop()}`).join("\n");
+  const init = `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+${insmods}
+echo ${QEMU_MARK_START}
+( set -e
+${opts.commands}
+)
+echo "${QEMU_MARK_END} status=$?"
+poweroff -f
+`;
+  entries.push({ name: "init", mode: S_IFREG | 0o755, data: new TextEncoder().encode(init) });
+  const path = await Deno.makeTempFile({ prefix: "denovm-qemu-", suffix: ".cpio" });
+  await Deno.writeFile(path, cpioNewc(entries));
+  return path;
+}
+
+// ---- Running QEMU ----
+
+export interface QemuOptions {
+  initramfs: string;
+  /** vhost-user devices: the QEMU device name (virtio-mmio variant, e.g. "vhost-user-input") and socket. */
+  vhostUser?: { device: string; socket: string; props?: string }[];
+  memMiB?: number;
+  /** Extra kernel command-line words. */
+  append?: string[];
+  /** Kill QEMU if it has not exited after this long (a hang guard, default 180 s). */
+  hangGuardMs?: number;
+}
+
+export interface QemuResult {
+  code: number;
+  output: string;
+  killed: boolean;
+  /** Exit status of the test commands, from the end marker, or undefined when /init did not get there. */
+  commandStatus?: number;
+}
+
+/** The QEMU command line for `opts` (exported so a test failure can show it). */
+export function qemuArgs(k: DebianKernel, opts: QemuOptions): string[] {
+  const mem = opts.memMiB ?? QEMU_DEFAULT_MEM_MIB;
+  const args = [
+    // microvm: virtio-mmio only, no PCI; its default firmware is qboot (bios-microvm.bin). The PIT,
+    // PIC and RTC are asked for explicitly: without a PIT the kernel's TSC calibration under TCG
+    // sometimes fails and the boot then stalls for minutes.
+    "-M",
+    "microvm,accel=tcg,pit=on,pic=on,rtc=on,memory-backend=mem",
+    "-cpu",
+    "max",
+    "-m",
+    `${mem}M`,
+    // vhost-user back ends map guest RAM: it must be a shared file (memfd).
+    "-object",
+    `memory-backend-memfd,id=mem,size=${mem}M,share=on`,
+    // Modern (version 2) virtio-mmio only.
+    "-global",
+    "virtio-mmio.force-legacy=false",
+    "-nographic",
+    "-nodefaults",
+    "-no-reboot",
+    "-serial",
+    "stdio",
+    "-kernel",
+    k.vmlinuz,
+    "-initrd",
+    opts.initramfs,
+    "-append",
+    [...QEMU_KERNEL_ARGS, ...(opts.append ?? [])].join(" "),
+  ];
+  (opts.vhostUser ?? []).forEach((d, i) => {
+    args.push("-chardev", `socket,id=vu${i},path=${d.socket}`);
+    args.push("-device", `${d.device},chardev=vu${i}${d.props ? `,${d.props}` : ""}`);
+  });
+  return args;
+}
+
+/** A running QEMU machine with its serial console on stdout. */
+export class QemuMachine {
+  readonly args: string[];
+  readonly #child: Deno.ChildProcess;
+  #output = "";
+  #killed = false;
+  readonly #waiters: { re: RegExp; resolve: () => void }[] = [];
+  readonly #done: Promise<QemuResult>;
+
+  private constructor(child: Deno.ChildProcess, args: string[], hangGuardMs: number) {
+    this.#child = child;
+    this.args = args;
+    const dec = new TextDecoder();
+    const pump = async (stream: ReadableStream<Uint8Array>) => {
+      for await (const chunk of stream) {
+        this.#output += dec.decode(chunk, { stream: true });
+        for (const w of [...this.#waiters]) {
+          if (w.re.test(this.#output)) {
+            this.#waiters.splice(this.#waiters.indexOf(w), 1);
+            w.resolve();
+          }
+        }
+      }
+    };
+    const guard = setTimeout(() => this.kill(), hangGuardMs);
+    this.#done = (async () => {
+      const [status] = await Promise.all([child.status, pump(child.stdout), pump(child.stderr)]);
+      clearTimeout(guard);
+      const m = this.#output.match(new RegExp(`${QEMU_MARK_END} status=(\\d+)`));
+      return { code: status.code, output: this.#output, killed: this.#killed, commandStatus: m ? Number(m[1]) : undefined };
+    })();
+  }
+
+  static async start(opts: QemuOptions): Promise<QemuMachine> {
+    const k = await debianKernel();
+    const args = qemuArgs(k, opts);
+    const child = new Deno.Command(QEMU_BINARY, { args, stdin: "null", stdout: "piped", stderr: "piped" }).spawn();
+    return new QemuMachine(child, args, opts.hangGuardMs ?? 180_000);
+  }
+
+  get output(): string {
+    return this.#output;
+  }
+
+  /** Resolves when the console output matches `re` (rejects if QEMU exits first). */
+  waitFor(re: RegExp): Promise<void> {
+    if (re.test(this.#output)) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.#waiters.push({ re, resolve });
+      this.#done.then(() => {
+        if (!re.test(this.#output)) reject(new Error(`QEMU exited before printing ${re}:\n${this.#output}`));
+      });
+    });
+  }
+
+  wait(): Promise<QemuResult> {
+    return this.#done;
+  }
+
+  kill(): void {
+    this.#killed = true;
+    try {
+      this.#child.kill("SIGKILL");
+    } catch {
+      // already exited
+    }
+  }
+}
+
+// ---- `denovm device TYPE` back-end processes ----
+
+/** A `denovm device TYPE ...` process (main.ts), ready once it printed its listening line. */
+export class DeviceBackendProcess {
+  readonly #child: Deno.ChildProcess;
+  stderr = "";
+  readonly exited: Promise<Deno.CommandStatus>;
+  #exitedNow = false;
+
+  private constructor(child: Deno.ChildProcess) {
+    this.#child = child;
+    const dec = new TextDecoder();
+    const pump = (async () => {
+      for await (const c of child.stderr) this.stderr += dec.decode(c, { stream: true });
+    })();
+    this.exited = Promise.all([child.status, pump]).then(([s]) => {
+      this.#exitedNow = true;
+      return s;
+    });
+  }
+
+  /** Start `denovm device <type> <args>` and wait (up to `timeoutMs`) for "listening on". */
+  static async start(type: string, args: string[], timeoutMs = 30_000): Promise<DeviceBackendProcess> {
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", `${REPO_ROOT}main.ts`, "device", type, ...args],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const p = new DeviceBackendProcess(child);
+    const end = Date.now() + timeoutMs;
+    while (!p.stderr.includes("listening on") && !p.#exitedNow) {
+      if (Date.now() > end) {
+        p.kill("SIGKILL");
+        throw new Error(`denovm device ${type} did not start listening: ${p.stderr}`);
+      }
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    if (p.#exitedNow) throw new Error(`denovm device ${type} exited early: ${p.stderr}`);
+    return p;
+  }
+
+  kill(signal: Deno.Signal = "SIGTERM"): void {
+    try {
+      this.#child.kill(signal);
+    } catch {
+      // already gone
+    }
+  }
+
+  /** SIGTERM and wait for the exit status. */
+  async stop(): Promise<Deno.CommandStatus> {
+    this.kill("SIGTERM");
+    return await this.exited;
+  }
+}
+
+/** A client for a back end's JSON-line socket (input --event-socket, balloon --control-socket). */
+export class JsonLineClient {
+  readonly #conn: Deno.UnixConn;
+  #buf = "";
+  readonly #reader: ReadableStreamDefaultReader<Uint8Array>;
+
+  private constructor(conn: Deno.UnixConn) {
+    this.#conn = conn;
+    this.#reader = conn.readable.getReader();
+  }
+
+  static async connect(path: string): Promise<JsonLineClient> {
+    return new JsonLineClient(await Deno.connect({ transport: "unix", path }));
+  }
+
+  /** Send one request and return the parsed reply line. */
+  async call(req: unknown): Promise<Record<string, unknown>> {
+    await this.#conn.write(new TextEncoder().encode(JSON.stringify(req) + "\n"));
+    const dec = new TextDecoder();
+    for (;;) {
+      const nl = this.#buf.indexOf("\n");
+      if (nl >= 0) {
+        const line = this.#buf.slice(0, nl);
+        this.#buf = this.#buf.slice(nl + 1);
+        return JSON.parse(line);
+      }
+      const { value, done } = await this.#reader.read();
+      if (done) throw new Error("the back end closed its JSON-line socket");
+      this.#buf += dec.decode(value, { stream: true });
+    }
+  }
+
+  close(): void {
+    try {
+      this.#reader.releaseLock();
+      this.#conn.close();
+    } catch {
+      // closed already
+    }
+  }
+}
