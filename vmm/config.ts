@@ -74,7 +74,7 @@ export interface InputConfig {
 
 /** One virtual display of the GPU (crosvm DisplayParameters). */
 export interface GpuDisplayConfig {
-  /** "windowed" or "borderless_full_screen". */
+  /** "windowed", "borderless_full_screen", or denovm's "web" (served on 127.0.0.1:port). */
   mode: string;
   width: number;
   height: number;
@@ -98,6 +98,8 @@ export interface GpuConfig {
   /** Size in bytes of the host-visible memory window (crosvm's PCI BAR). Default 8 GiB. */
   pciBarSize: number;
   fixedBlobMapping: boolean;
+  /** denovm: write a Chrome trace-event JSON file of every GPU command (trace=PATH). */
+  tracePath?: string;
   egl: boolean;
   gles: boolean;
   glx: boolean;

@@ -8,7 +8,7 @@ import { I8042, I8042_PORT_SPAN } from "../devices/legacy/i8042.ts";
 import { ACPI_PM_PORT_SPAN, AcpiPm } from "../devices/legacy/acpi_pm.ts";
 import { PvPanic } from "../devices/legacy/pvpanic.ts";
 import { Serial, UART_REGISTER_COUNT } from "../devices/legacy/serial.ts";
-import { VIRTIO_ID_GPU, type VirtioDevice } from "../devices/virtio/device.ts";
+import { type SharedMemoryMapper, VIRTIO_ID_GPU, type VirtioDevice } from "../devices/virtio/device.ts";
 import { VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport } from "../devices/virtio/mmio.ts";
 import { virtioMmioCmdlineArgs, writeAcpiTables } from "./acpi.ts";
 import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./boot/kernel.ts";
@@ -36,12 +36,15 @@ import {
   ACPI_SLEEP_CONTROL_PORT,
   CMOS_INDEX_PORT,
   e820Map,
+  GiB,
+  GUEST_PHYS_LIMIT,
   I8042_DATA_PORT,
   IRQ_ACPI_SCI,
   MiB,
   PVPANIC_PORT,
   ramRanges,
   SERIAL_PORTS,
+  sharedMemoryAreaStart,
   VIRTIO_IRQS,
   VIRTIO_MMIO_SIZE,
   VIRTIO_MMIO_START,
@@ -68,6 +71,8 @@ export class ConfigError extends Error {
 
 /** How long stop() waits for vCPU Workers to leave KVM_RUN before terminating them. */
 const STOP_GRACE_MS = 2000;
+/** Alignment of each device's shared-memory window in guest-physical space. */
+const SHM_WINDOW_ALIGN = GiB;
 /** How often pause() looks whether every vCPU has parked. */
 const PAUSE_POLL_MS = 2;
 
@@ -260,11 +265,26 @@ export class Machine {
   }
 
   #addVirtioDevices(devices: VirtioDevice[], resources: { base: number; size: number; irq: number }[]): void {
+    // Shared-memory regions (the GPU's host-visible window) get guest windows above RAM, one after another.
+    let shmNext = sharedMemoryAreaStart(this.config.memMiB * MiB);
     devices.forEach((device, i) => {
       const { base, irq } = resources[i];
       const irqFd = eventfd();
       this.#vm.registerIrqfd(irqFd, irq);
-      const transport = new VirtioMmioTransport(device, this.memory, { irq: { trigger: () => eventfdWrite(irqFd) } });
+      const windows = new Map<number, { base: number; size: number }>();
+      for (const r of device.sharedMemoryRegions?.() ?? []) {
+        const start = Math.ceil(shmNext / SHM_WINDOW_ALIGN) * SHM_WINDOW_ALIGN;
+        if (start + r.size > GUEST_PHYS_LIMIT) {
+          throw new ConfigError(`no guest address room for ${device.name}'s window`);
+        }
+        windows.set(r.id, { base: start, size: r.size });
+        shmNext = start + r.size;
+      }
+      if (windows.size > 0) device.setSharedMemoryMapper?.(this.#shmMapper(device.name, windows));
+      const transport = new VirtioMmioTransport(device, this.memory, {
+        irq: { trigger: () => eventfdWrite(irqFd) },
+        shmBase: (id) => windows.get(id)?.base,
+      });
       const notifyFds = device.queueMaxSizes.map((_, q) => {
         const fd = eventfd();
         this.#vm.registerIoeventfd(fd, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, q);
@@ -273,6 +293,29 @@ export class Machine {
       this.mmio.add(base, VIRTIO_MMIO_SIZE, transport, `virtio-${device.name}`);
       this.virtio.push({ device, transport, base, irq, irqFd, notifyFds });
     });
+  }
+
+  /** Installs a device's mappings into its windows as KVM memory slots; the device never calls KVM. */
+  #shmMapper(name: string, windows: Map<number, { base: number; size: number }>): SharedMemoryMapper {
+    const slots = new Map<string, number>();
+    return {
+      addMapping: (id, offset, hostAddr, length, writable) => {
+        const w = windows.get(id);
+        if (!w || offset < 0 || length <= 0 || offset + length > w.size) {
+          throw new Error(`${name}: mapping ${offset}+${length} is outside shared-memory region ${id}`);
+        }
+        const key = `${id}:${offset}`;
+        if (slots.has(key)) throw new Error(`${name}: region ${id} offset ${offset} is already mapped`);
+        slots.set(key, this.#vm.addSlot(w.base + offset, length, hostAddr, !writable));
+      },
+      removeMapping: (id, offset) => {
+        const key = `${id}:${offset}`;
+        const slot = slots.get(key);
+        if (slot === undefined) throw new Error(`${name}: region ${id} offset ${offset} is not mapped`);
+        this.#vm.removeSlot(slot);
+        slots.delete(key);
+      },
+    };
   }
 
   /** Turn queue-notify eventfds into transport.notify() calls, off the vCPU path. */

@@ -1,12 +1,14 @@
 // Which virtio device models a VmConfig asks for, in the order they get
 // virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
-// line), then net, consoles, rng, balloon, input, vsock.
+// line), then net, consoles, rng, balloon, input, vsock, gpu.
 
 import { BalloonDevice } from "../devices/virtio/balloon.ts";
 import { BlockDevice } from "../devices/virtio/block.ts";
 import { ConsoleDevice } from "../devices/virtio/console.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../devices/virtio/input.ts";
+import { Backend2D } from "../devices/virtio/gpu/backend_2d.ts";
+import { GpuDevice } from "../devices/virtio/gpu/device.ts";
 import { NetDevice } from "../devices/virtio/net.ts";
 import { configureInterface } from "../ffi/tun.ts";
 import { RngDevice } from "../devices/virtio/rng.ts";
@@ -113,7 +115,24 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
       const udsPath = config.vsock.udsPath ?? ctx.defaultVsockPath;
       devices.push(await make(`--vsock ${udsPath}`, () => new VsockDevice({ cid: config.vsock!.cid, udsPath })));
     }
-    if (config.gpu) throw new UnavailableDeviceError("--gpu");
+    if (config.gpu) {
+      const g = config.gpu;
+      if (g.backend === "gfxstream") throw new UnavailableDeviceError("--gpu backend=gfxstream");
+      const backend = g.backend === "2d" ? new Backend2D() : await make("--gpu backend=virglrenderer", async () => {
+        const { VirglBackend } = await import("../devices/virtio/gpu/backend_virgl.ts");
+        return new VirglBackend({ contextTypes: g.contextTypes.length > 0 ? g.contextTypes : undefined });
+      });
+      let displays = g.displays.map((d) => ({ width: d.width, height: d.height }));
+      if (displays.length === 0 && g.width && g.height) displays = [{ width: g.width, height: g.height }];
+      devices.push(
+        new GpuDevice({
+          backend,
+          displays: displays.length > 0 ? displays : undefined,
+          pciBarSize: g.pciBarSize,
+          tracePath: g.tracePath,
+        }),
+      );
+    }
   } catch (e) {
     for (const d of devices) d.close?.();
     throw e;

@@ -98,7 +98,12 @@ export async function runDeviceCommand(argv: string[]): Promise<number> {
     }
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
-    console.error(`denovm device: ${e.message}; ${USAGE}`);
+    const usage = type === "block"
+      ? `; ${USAGE}`
+      : type && DEVICE_TYPES.includes(type)
+      ? ""
+      : `; types: block, ${DEVICE_TYPES.join(", ")}`;
+    console.error(`denovm device: ${e.message}${usage}`);
     return EXIT_INVALID_ARGUMENTS;
   }
 

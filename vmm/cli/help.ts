@@ -116,8 +116,9 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       { form: "context-types=A:B:...", help: "context types the guest may use, e.g. virgl:virgl2:venus" },
       {
         form: "displays=[[DISPLAY],...]",
-        help: "displays; DISPLAY keys: mode=windowed[W,H]|borderless_full_screen, hidden, " +
-          "refresh-rate=HZ, dpi=[X,Y], port=PORT (default: one 1280x1024 display)",
+        help: "displays; DISPLAY keys: mode=windowed[W,H]|web[W,H]|borderless_full_screen, hidden, " +
+          "refresh-rate=HZ, dpi=[X,Y], port=PORT (web: served on 127.0.0.1:PORT with a per-VM token; " +
+          "default: one 1280x1024 display)",
       },
       { form: "width=W,height=H", help: "(deprecated, use displays) one display of W x H" },
       { form: "egl[=BOOL]", help: "render with EGL (default: true)" },
@@ -128,6 +129,7 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       { form: "udmabuf[=BOOL]", help: "create guest blobs with udmabuf (default: false)" },
       { form: "pci-bar-size=SIZE", help: "host-visible memory window in bytes, a power of two (default: 8G)" },
       { form: "fixed-blob-mapping[=BOOL]", help: "map blobs at fixed guest addresses (default: false)" },
+      { form: "trace=PATH", help: "write every GPU command with its bytes copied as Chrome trace JSON (Perfetto)" },
     ],
   },
   {

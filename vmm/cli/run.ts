@@ -144,16 +144,17 @@ const NET_SCHEMA: KvSchema = {
 const GPU_BACKENDS: readonly string[] = ["2d", "2D", "virglrenderer", "3d", "3D", "gfxstream"];
 
 function decodeDisplayMode(v: KvValue, where: string): { mode: string; width?: number; height?: number } {
+  // denovm adds mode=web[W,H]: the display served as a web page (see vmm/web_display/).
   if (v.kind === "scalar") {
-    if (v.text === "windowed" || v.text === "borderless_full_screen") return { mode: v.text };
-    throw new UsageError(`${where}: "${v.text}" is not windowed[W,H] or borderless_full_screen`);
+    if (v.text === "windowed" || v.text === "borderless_full_screen" || v.text === "web") return { mode: v.text };
+    throw new UsageError(`${where}: "${v.text}" is not windowed[W,H], web[W,H] or borderless_full_screen`);
   }
-  if (v.kind === "variant" && v.name === "windowed") {
+  if (v.kind === "variant" && (v.name === "windowed" || v.name === "web")) {
     const dims = asScalarList({ kind: "list", items: v.items }, where);
-    if (dims.length !== 2) throw new UsageError(`${where}: windowed takes [WIDTH,HEIGHT]`);
-    return { mode: "windowed", width: parseUint(dims[0], where, 1), height: parseUint(dims[1], where, 1) };
+    if (dims.length !== 2) throw new UsageError(`${where}: ${v.name} takes [WIDTH,HEIGHT]`);
+    return { mode: v.name, width: parseUint(dims[0], where, 1), height: parseUint(dims[1], where, 1) };
   }
-  throw new UsageError(`${where}: expected windowed[W,H] or borderless_full_screen`);
+  throw new UsageError(`${where}: expected windowed[W,H], web[W,H] or borderless_full_screen`);
 }
 
 const DISPLAY_SCHEMA: KvSchema = {
@@ -212,6 +213,7 @@ const GPU_SCHEMA: KvSchema = {
     udmabuf: "bool",
     "pci-bar-size": "size",
     "fixed-blob-mapping": "bool",
+    trace: "string",
   },
 };
 
@@ -341,6 +343,7 @@ function parseGpu(text: string): GpuConfig {
     }
   }
   const g: GpuConfig = {
+    ...(o.trace === undefined ? {} : { tracePath: o.trace as string }),
     backend,
     contextTypes,
     displays: (o.displays as GpuDisplayConfig[] | undefined) ?? [],
