@@ -455,6 +455,14 @@ export class Machine {
     return gpu.gpuStats();
   }
 
+  /** The GPU's copy summary (a few lines), or undefined without a GPU. */
+  gpuSummary(): string | undefined {
+    const gpu = this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as
+      | (VirtioDevice & { summary?: () => string })
+      | undefined;
+    return gpu?.summary?.();
+  }
+
   /** PNG of scanout 0. */
   screenshot(): Uint8Array {
     const gpu = this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as

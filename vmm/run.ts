@@ -11,7 +11,10 @@ export async function runVm(config: VmConfig): Promise<number> {
   try {
     await machine.startControlSocket();
     await machine.start();
-    return await machine.exitCode;
+    const code = await machine.exitCode;
+    const summary = machine.gpuSummary();
+    if (summary) console.error(summary);
+    return code;
   } finally {
     Deno.removeSignalListener("SIGTERM", onSignal);
     Deno.removeSignalListener("SIGINT", onSignal);
