@@ -777,3 +777,41 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "virgl: context-types with venus: capset 4, a Venus context, a mappable SHM blob mapped twice",
+  ignore,
+  fn() {
+    const vb = new VirglBackend({ contextTypes: ["virgl", "virgl2", "venus"] });
+    try {
+      if (!vb.venus) {
+        console.log("gpu_virgl_test: Venus did not initialise here; checking it is not offered");
+        assert.ok(!vb.capsets().some((c) => c.id === P.VIRTIO_GPU_CAPSET_VENUS));
+        return;
+      }
+      assert.ok(vb.capsets().some((c) => c.id === P.VIRTIO_GPU_CAPSET_VENUS));
+      vb.createContext(1, P.VIRTIO_GPU_CAPSET_VENUS, "venus");
+      vb.createBlob({
+        resourceId: 5,
+        ctxId: 1,
+        blobMem: VIRTIO_GPU_BLOB_MEM_HOST3D,
+        blobFlags: VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+        blobId: 0n,
+        size: 64 * 1024,
+      });
+      const view = (m: { hostAddr: bigint; size: number }) =>
+        new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(m.hostAddr)!, m.size));
+      const pat = pattern(64 * 1024, 7);
+      view(vb.mapResource(5)).set(pat);
+      // 0.10.4 cannot unmap an SHM blob itself (-EINVAL); the backend unmaps it, and a new map sees the bytes.
+      vb.unmapResource(5);
+      const again = vb.mapResource(5);
+      assert.deepEqual(view(again), pat);
+      vb.unmapResource(5);
+      vb.destroyResource(5);
+      vb.destroyContext(1);
+    } finally {
+      vb.close();
+    }
+  },
+});
