@@ -184,7 +184,7 @@ class Client {
   inFlight = 0;
   seq = 0;
   lastSend = -Infinity;
-  timer: number | undefined;
+  timer: ReturnType<typeof setTimeout> | undefined;
   sentWidth = 0;
   sentHeight = 0;
   /** Last mouse position (framebuffer pixels), for relative mice. */
@@ -212,7 +212,7 @@ export class WebDisplay {
   };
   #server: Deno.HttpServer<Deno.NetAddr> | undefined;
   #unsubscribe: (() => void) | undefined;
-  #statsTimer: number | undefined;
+  #statsTimer: ReturnType<typeof setInterval> | undefined;
   #url = "";
   #origin = "";
   #cookieName = "denovm_token";
