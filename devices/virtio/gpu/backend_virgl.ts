@@ -4,7 +4,8 @@
 // ../shared/reference/virglrenderer.md (verified on this kind of machine):
 // - init with USE_EGL | USE_SURFACELESS | THREAD_SYNC; fences retire through virgl_renderer_poll(),
 //   which runs the write_fence / write_context_fence callbacks synchronously on this thread, after the
-//   library's eventfd (virgl_renderer_get_poll_fd) became readable;
+//   library's eventfd (virgl_renderer_get_poll_fd) became readable (waited for off-thread with a
+//   nonblocking poll(2) while fences are outstanding); the fence handler runs after the poll returned;
 // - the callbacks struct and every iovec array the library keeps live in calloc'd memory;
 // - HOST3D blobs are GL buffers created by VIRGL_CCMD_PIPE_RESOURCE_CREATE with MAP_PERSISTENT|COHERENT;
 // - a transfer on a mapped blob leaves a sticky GL error, so it is refused here;
@@ -230,6 +231,8 @@ export class VirglBackend implements GpuBackend {
   /** Global (ctx 0) fences in creation order; the library numbers them with 32-bit `seq`. */
   readonly #globalFences: GlobalFence[] = [];
   #nextSeq = 1;
+  /** Fences the library retired during the current virgl_renderer_poll(), handed out after it returns. */
+  readonly #retiredQueue: { timeline: FenceTimeline; fenceId: bigint }[] = [];
   /** Outstanding per-context fences, by "ctx/ring". */
   readonly #contextFences = new Map<string, number>();
   readonly #pollFd: number;
@@ -562,7 +565,7 @@ export class VirglBackend implements GpuBackend {
 
   poll(): void {
     if (this.#closed) return;
-    this.#v.virgl_renderer_poll();
+    this.#pollNow();
     // The library flushed its eventfd: a waiter blocked on it must not wait for fences that are gone.
     if (this.#waiter && this.pendingFences === 0) this.#kick();
   }
@@ -591,11 +594,20 @@ export class VirglBackend implements GpuBackend {
     this.#retire({ ctxId, ringIdx, perContext: true }, fenceId);
   }
 
+  /** Queue a retired fence; handlers run after virgl_renderer_poll() returned (never inside the library). */
   #retire(timeline: FenceTimeline, fenceId: bigint): void {
-    try {
-      this.#fenceHandler?.(timeline, fenceId);
-    } catch (e) {
-      console.error(`virglrenderer: fence handler failed for fence ${fenceId}: ${(e as Error).message}`);
+    this.#retiredQueue.push({ timeline, fenceId });
+  }
+
+  /** virgl_renderer_poll(), then the fence handler for each fence it retired, in order. */
+  #pollNow(): void {
+    this.#v.virgl_renderer_poll();
+    for (const f of this.#retiredQueue.splice(0)) {
+      try {
+        this.#fenceHandler?.(f.timeline, f.fenceId);
+      } catch (e) {
+        console.error(`virglrenderer: fence handler failed for fence ${f.fenceId}: ${(e as Error).message}`);
+      }
     }
   }
 
@@ -610,7 +622,7 @@ export class VirglBackend implements GpuBackend {
           if (new DataView(this.#pollFds.buffer).getInt16(POLLFD_SIZE + POLLFD_REVENTS, true) & POLLIN) {
             libc().read(this.#wakeFd, new Uint8Array(EVENTFD_VALUE_SIZE), BigInt(EVENTFD_VALUE_SIZE));
           }
-          this.#v.virgl_renderer_poll();
+          this.#pollNow();
         }
       } finally {
         this.#waiter = null;
@@ -734,7 +746,7 @@ export class VirglBackend implements GpuBackend {
     const deadline = performance.now() + CLOSE_DRAIN_MS;
     while (this.pendingFences > 0 && performance.now() < deadline && this.#pollFd >= 0) {
       libc().poll(this.#pollFds.subarray(0, POLLFD_SIZE), 1n, DRAIN_POLL_MS);
-      this.#v.virgl_renderer_poll();
+      this.#pollNow();
     }
     this.#closed = true;
     if (this.#wakeFd >= 0) this.#kick(); // wakes a waiter blocked in poll_async
