@@ -42,7 +42,7 @@ packages=(
   # networking (tap devices), process tools
   iproute2 procps util-linux
   # virtio-gpu: virglrenderer and Mesa (EGL, software GL drivers)
-  libvirglrenderer1 libgl1-mesa-dri libegl-mesa0 libegl1
+  libvirglrenderer1 libgl1-mesa-dri libegl-mesa0 libegl1 libgbm1 mesa-vulkan-drivers
   ca-certificates
 )
 [[ "${DENOVM_SKIP_CHROMIUM:-}" == 1 ]] || packages+=(chromium)
