@@ -25,6 +25,8 @@ export const GUESTS: Readonly<Record<string, readonly string[]>> = {
   panic: ["panic.c"],
   poweroff: ["poweroff.c"],
   virtio: ["virtio.c"],
+  ticker: ["ticker.c"],
+  powerbtn: ["powerbtn.c"],
 };
 
 export type GuestName = keyof typeof GUESTS;
