@@ -25,6 +25,7 @@ export const GUESTS: Readonly<Record<string, readonly string[]>> = {
   panic: ["panic.c"],
   poweroff: ["poweroff.c"],
   virtio: ["virtio.c"],
+  gpu_blob: ["gpu_blob.c"],
   ticker: ["ticker.c"],
   powerbtn: ["powerbtn.c"],
 };
