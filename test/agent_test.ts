@@ -1,0 +1,226 @@
+// The guest agent (agent/agent.c) and its host client (vmm/agent_client.ts).
+// 1. The frame codec on its own.
+// 2. The real agent binary as a host process speaking frames on its stdin/stdout (--stdio).
+// 3. The same binary inside a real Linux (user-mode Linux), on the virtio-console named port
+//    org.denovm.agent served by denovm's ConsoleDevice through vhost-user.
+
+import assert from "node:assert/strict";
+import {
+  AGENT_PORT_NAME,
+  AgentClient,
+  AgentError,
+  type AgentFrame,
+  AgentTimeoutError,
+  type AgentTransport,
+  encodeFrame,
+  FrameDecoder,
+  MAX_OUTPUT,
+} from "../vmm/agent_client.ts";
+import { agentBuildUnavailableReason, buildAgent } from "./support/agent_build.ts";
+import { ConsoleDevice } from "../devices/virtio/console.ts";
+import { VhostUserBackend } from "../devices/vhost_user/backend.ts";
+import { buildInitramfs, umlKernelVersion, UmlMachine, umlUnavailableReason } from "./support/uml.ts";
+
+/** The virtio device ID of consoles (virtio 1.2 section 5). */
+const VIRTIO_ID_CONSOLE = 3;
+
+const buildReason = agentBuildUnavailableReason();
+if (buildReason) console.log(`skipping agent process tests: ${buildReason}`);
+const umlReason = buildReason ?? umlUnavailableReason();
+if (umlReason) console.log(`skipping the agent in user-mode Linux: ${umlReason}`);
+
+const enc = new TextEncoder();
+
+/** Resolves with errors[from..from+n) once the client has reported that many unsolicited errors. */
+function waitErrors(errors: string[], from: number, n: number): Promise<string[]> {
+  return new Promise((resolve) => {
+    const check = () => (errors.length >= from + n ? resolve(errors.slice(from, from + n)) : setTimeout(check, 10));
+    check();
+  });
+}
+
+Deno.test("agent frames: encode/decode round trip, split delivery, junk skipped and reported", () => {
+  const frames: AgentFrame[] = [];
+  const junk: string[] = [];
+  const d = new FrameDecoder((f) => frames.push(f), (w) => junk.push(w));
+  const a = encodeFrame({ op: "exit", id: 1 }, enc.encode("out"));
+  const b = encodeFrame({ op: "hello", version: 1 });
+  const stream = new Uint8Array([...enc.encode("xx garbage "), ...a, ...b]);
+  for (let i = 0; i < stream.length; i += 3) d.push(stream.subarray(i, i + 3));
+  assert.equal(frames.length, 2);
+  assert.deepEqual(frames[0].header, { op: "exit", id: 1 });
+  assert.equal(new TextDecoder().decode(frames[0].payload), "out");
+  assert.deepEqual(frames[1].header, { op: "hello", version: 1 });
+  assert.ok(junk.length >= 1 && junk.every((j) => /skipped \d+ bytes/.test(j)), junk.join("; "));
+  // Out-of-range lengths and a non-JSON header are reported, and the next frame still decodes.
+  junk.length = 0;
+  const bad = new Uint8Array(12);
+  bad.set(enc.encode("dvma"));
+  new DataView(bad.buffer).setUint32(4, 0xffffffff, true);
+  const notJson = encodeFrame({ x: 1 });
+  notJson[12] = "!".charCodeAt(0);
+  d.push(new Uint8Array([...bad, ...notJson, ...a]));
+  assert.equal(frames.length, 3);
+  assert.ok(junk.some((j) => /out of range/.test(j)) && junk.some((j) => /not JSON/.test(j)), junk.join("; "));
+});
+
+/** The agent's shared checks, run against any transport. `raw` writes bytes to the agent unframed. */
+async function exerciseAgent(client: AgentClient, raw: (b: Uint8Array) => void, kernelVersion?: string) {
+  const errors: string[] = [];
+  client.onError((m) => errors.push(m));
+  await client.ready({ timeout: 30_000 });
+  assert.equal(client.hello?.version, 1);
+
+  const u = await client.exec("uname -r");
+  assert.equal(u.code, 0, u.stderr);
+  if (kernelVersion) assert.ok(u.stdout.includes(kernelVersion), `uname -r: ${u.stdout} (want ${kernelVersion})`);
+  assert.equal(u.stderr, "");
+
+  const e = await client.exec("echo err >&2; exit 3");
+  assert.deepEqual([e.code, e.stdout, e.stderr], [3, "", "err\n"]);
+
+  const s = await client.exec(["cat"], { stdin: "line one\nline two\n" });
+  assert.deepEqual([s.code, s.stdout], [0, "line one\nline two\n"]);
+  const bin = new Uint8Array(256).map((_, i) => i);
+  const sb = await client.execBytes("wc -c; true", { stdin: bin });
+  assert.equal(new TextDecoder().decode(sb.stdout).trim(), "256");
+
+  const missing = await client.exec(["/no/such/program"]);
+  assert.equal(missing.code, 127);
+  assert.match(missing.stderr, /no\/such\/program/);
+
+  // Two at once: the slower one is asked first, each answer goes to its own request.
+  const [slow, fast] = await Promise.all([
+    client.exec("sleep 0.3; read x; echo slow-$x", { stdin: "1\n" }),
+    client.exec("echo fast"),
+  ]);
+  assert.equal(slow.stdout, "slow-1\n");
+  assert.equal(fast.stdout, "fast\n");
+  const many = await Promise.all([...Array(8).keys()].map((i) => client.exec(`echo ${i}`)));
+  assert.deepEqual(many.map((r) => r.stdout), [...Array(8).keys()].map((i) => `${i}\n`));
+
+  // A timeout rejects with the command and the limit, and the agent keeps serving.
+  await assert.rejects(client.exec("sleep 5", { timeout: 500 }), (err: Error) => {
+    assert.ok(err instanceof AgentTimeoutError);
+    assert.equal(err.message, 'exec "sleep 5" timed out after 500 ms');
+    return true;
+  });
+  assert.equal((await client.exec("echo still-here")).stdout, "still-here\n");
+
+  // Malformed input: bytes without a frame, a non-JSON header, out-of-range lengths.
+  assert.deepEqual(errors, []);
+  raw(enc.encode("this is not a frame\n"));
+  const bogus = encodeFrame({ op: "ping" });
+  bogus.set(enc.encode("{{{"), 12);
+  raw(bogus);
+  const [skipped, header] = await waitErrors(errors, 0, 2);
+  assert.equal(skipped, "skipped 20 bytes that were not a frame (bad magic)");
+  assert.match(header, /^malformed header: /);
+  const huge = new Uint8Array(12);
+  huge.set(enc.encode("dvma"));
+  new DataView(huge.buffer).setUint32(4, 0x7fffffff, true);
+  raw(huge);
+  assert.match((await waitErrors(errors, 2, 1))[0], /header length 2147483647 .* out of range/);
+  assert.equal((await client.exec("echo after-junk")).stdout, "after-junk\n");
+  // A bad request with an id is that request's error.
+  await assert.rejects(
+    client.exec([""]),
+    (err: Error) => err instanceof AgentError && /exactly one of/.test(err.message),
+  );
+  assert.equal(errors.length, 3, errors.join("\n"));
+}
+
+/** The agent as a host process: frames on its stdin and stdout. */
+function stdioAgent(path: string): { transport: AgentTransport; child: Deno.ChildProcess; done: Promise<void> } {
+  const child = new Deno.Command(path, { args: ["--stdio"], stdin: "piped", stdout: "piped", stderr: "inherit" })
+    .spawn();
+  const writer = child.stdin.getWriter();
+  const listeners: ((b: Uint8Array) => void)[] = [];
+  const done = (async () => {
+    for await (const chunk of child.stdout) for (const l of listeners) l(chunk);
+  })();
+  return {
+    child,
+    done,
+    transport: {
+      write: (b) => void writer.write(b).catch(() => {}),
+      onData: (cb) => listeners.push(cb),
+    },
+  };
+}
+
+Deno.test({
+  name: "agent as a host process (--stdio): exec, stdin, concurrency, timeout, malformed frames",
+  ignore: buildReason !== undefined,
+  async fn() {
+    const path = await buildAgent();
+    const a = stdioAgent(path);
+    const client = new AgentClient(a.transport);
+    try {
+      await exerciseAgent(client, (b) => a.transport.write(b), Deno.osRelease());
+      // Output beyond 16 MiB per stream is dropped and flagged.
+      const big = await client.execBytes(`head -c ${MAX_OUTPUT + 1000} /dev/zero`, { timeout: 30_000 });
+      assert.equal(big.stdout.length, MAX_OUTPUT);
+      assert.equal(big.stdoutTruncated, true);
+      assert.equal(big.stderrTruncated, false);
+      // Killed by a signal: 128 + signal.
+      const k = await client.exec("kill -9 $$");
+      assert.deepEqual([k.code, k.signal], [137, 9]);
+      const cwd = await client.exec("pwd", { cwd: "/tmp" });
+      assert.equal(cwd.stdout, "/tmp\n");
+    } finally {
+      client.close();
+      await a.child.stdin.close().catch(() => {});
+      const st = await a.child.status;
+      await a.done;
+      assert.equal(st.code, 0, "the agent exits cleanly at EOF");
+    }
+  },
+});
+
+Deno.test({
+  name: "agent in user-mode Linux on the virtio-console port org.denovm.agent (ConsoleDevice over vhost-user)",
+  ignore: umlReason !== undefined,
+  async fn() {
+    const agentPath = await buildAgent();
+    const dir = await Deno.makeTempDir({ prefix: "denovm-agent-" });
+    const socket = `${dir}/con.sock`;
+    const device = new ConsoleDevice({ output: () => {}, ports: [AGENT_PORT_NAME] });
+    const port = device.openPort(AGENT_PORT_NAME);
+    const logs: string[] = [];
+    const backend = new VhostUserBackend(device, socket, { log: (l) => logs.push(l) });
+    const served = backend.serve();
+    await backend.listening;
+    let initramfs: string | undefined;
+    let uml: UmlMachine | undefined;
+    const client = new AgentClient(port);
+    try {
+      // /init starts the agent on the named port (it finds /dev/vportNpM through
+      // /sys/class/virtio-ports/*/name itself: no udev here), then waits for the host's "stop" file.
+      initramfs = await buildInitramfs({
+        modules: ["virtio_console"],
+        files: [{ path: "bin/denovm-agent", data: await Deno.readFile(agentPath) }],
+        commands: `/bin/denovm-agent --port ${AGENT_PORT_NAME} &
+agent=$!
+while [ ! -e /tmp/stop ]; do sleep 0.1; done
+kill $agent`,
+      });
+      uml = await UmlMachine.start({ initramfs, vhostUser: [{ socket, deviceId: VIRTIO_ID_CONSOLE }] });
+      await exerciseAgent(client, (b) => port.write(b), umlKernelVersion());
+      const stop = await client.exec("touch /tmp/stop");
+      assert.equal(stop.code, 0);
+      const r = await uml.wait();
+      assert.equal(r.commandStatus, 0, r.output);
+      assert.match(r.output, /denovm-agent: serving on port org\.denovm\.agent/);
+      assert.equal(device.stats().malformed, 0, logs.join("\n"));
+    } finally {
+      client.close();
+      uml?.kill();
+      await uml?.wait();
+      backend.close();
+      await served;
+      if (initramfs) await Deno.remove(initramfs).catch(() => {});
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
