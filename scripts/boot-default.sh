@@ -40,7 +40,7 @@ if [[ -d /sys/module/kvm_pvm ]]; then
     echo "boot-default: could not build the boot_info test guest" >&2
     exit 1
   }
-  exec "${denovm[@]}" run --initrd "$initrd" -p "console=ttyS0 denovm.default=boot_info" "$@" "$guest"
+  exec "${denovm[@]}" run --initrd "$initrd" -p "denovm.default=boot_info" "$@" "$guest"
 fi
 
-exec "${denovm[@]}" run --initrd "$initrd" -p "console=ttyS0" "$@" "$kdir/vmlinux"
+exec "${denovm[@]}" run --initrd "$initrd" "$@" "$kdir/vmlinux"
