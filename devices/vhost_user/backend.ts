@@ -113,6 +113,25 @@ function newVring(): Vring {
   return { num: 0, base: 0, kickFd: -1, callFd: -1, errFd: -1, started: false, enabled: false };
 }
 
+/**
+ * A device that answers front-end requests this back end does not handle itself, such as
+ * VHOST_USER_GPU_SET_SOCKET (vhost-user.rst, request 33: the vhost-user-gpu display socket).
+ */
+export interface VhostUserRequestHandler {
+  /**
+   * Handle `request` (payload and descriptors as received); take the descriptors it keeps out of
+   * `fds` (the rest are closed). Return false when the request is not one the device knows.
+   */
+  vhostUserRequest(request: number, payload: Uint8Array, fds: number[]): boolean;
+  /** The front end went away: drop what the requests above set up. */
+  vhostUserDisconnected?(): void;
+}
+
+function requestHandler(dev: VirtioDevice): VhostUserRequestHandler | undefined {
+  const h = dev as Partial<VhostUserRequestHandler>;
+  return typeof h.vhostUserRequest === "function" ? h as VhostUserRequestHandler : undefined;
+}
+
 export interface VhostUserBackendOptions {
   /** Where log lines go (default: stderr with a "vhost-user <device>:" prefix). */
   log?: (line: string) => void;
@@ -173,6 +192,7 @@ class Session implements VirtioInterrupt {
   /** Release everything this session holds: device state, fds, memory mappings. */
   teardown(): void {
     this.#deactivate();
+    requestHandler(this.#device)?.vhostUserDisconnected?.();
     for (const r of this.#rings) this.#closeRingFds(r);
     closeFd(this.#backendReqFd);
     this.#backendReqFd = -1;
@@ -338,6 +358,7 @@ class Session implements VirtioInterrupt {
       }
       default:
         if (DECLINED_REQUESTS.has(msg.request)) throw new RequestFailed("not supported by this back end");
+        if (requestHandler(dev)?.vhostUserRequest(msg.request, msg.payload, msg.fds)) return;
         throw new VhostUserProtocolError(`unknown request ${msg.request}`);
     }
   }
