@@ -594,7 +594,7 @@ static void start_job(request_t *r, unsigned char *payload, size_t plen) {
   }
   char *sh_argv[] = {"/bin/sh", "-c", r->sh, NULL};
   char **argv = r->sh ? sh_argv : r->argv;
-  if ((r->sh && r->argv) || !argv || !argv[0]) {
+  if ((r->sh && r->argv) || !argv || !argv[0] || !argv[0][0]) {
     send_error(1, r->id, "exec needs exactly one of \"sh\" (a string) or \"argv\" (a non-empty array)");
     return;
   }

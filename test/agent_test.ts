@@ -122,16 +122,20 @@ async function exerciseAgent(client: AgentClient, raw: (b: Uint8Array) => void, 
   raw(huge);
   assert.match((await waitErrors(errors, 2, 1))[0], /header length 2147483647 .* out of range/);
   assert.equal((await client.exec("echo after-junk")).stdout, "after-junk\n");
+  // The 8 length bytes after the rejected magic were skipped on the way to that exec's frame.
+  assert.equal(errors[3], "skipped 8 bytes that were not a frame (bad magic)");
   // A bad request with an id is that request's error.
   await assert.rejects(
     client.exec([""]),
     (err: Error) => err instanceof AgentError && /exactly one of/.test(err.message),
   );
-  assert.equal(errors.length, 3, errors.join("\n"));
+  assert.equal(errors.length, 4, errors.join("\n"));
 }
 
 /** The agent as a host process: frames on its stdin and stdout. */
-function stdioAgent(path: string): { transport: AgentTransport; child: Deno.ChildProcess; done: Promise<void> } {
+function stdioAgent(
+  path: string,
+): { transport: AgentTransport; child: Deno.ChildProcess; done: Promise<void>; closeStdin: () => Promise<void> } {
   const child = new Deno.Command(path, { args: ["--stdio"], stdin: "piped", stdout: "piped", stderr: "inherit" })
     .spawn();
   const writer = child.stdin.getWriter();
@@ -142,6 +146,7 @@ function stdioAgent(path: string): { transport: AgentTransport; child: Deno.Chil
   return {
     child,
     done,
+    closeStdin: () => writer.close().catch(() => {}),
     transport: {
       write: (b) => void writer.write(b).catch(() => {}),
       onData: (cb) => listeners.push(cb),
@@ -170,7 +175,7 @@ Deno.test({
       assert.equal(cwd.stdout, "/tmp\n");
     } finally {
       client.close();
-      await a.child.stdin.close().catch(() => {});
+      await a.closeStdin();
       const st = await a.child.status;
       await a.done;
       assert.equal(st.code, 0, "the agent exits cleanly at EOF");

@@ -98,17 +98,29 @@ export function encodeFrame(header: Record<string, unknown>, payload: Uint8Array
  * reported through `onJunk` (one call per skipped run), never thrown.
  */
 export class FrameDecoder {
-  #buf = new Uint8Array(0);
+  /** Received bytes not parsed yet, joined only once `#need` bytes are there (a large frame is copied once). */
+  #chunks: Uint8Array[] = [];
+  #len = 0;
+  #need = 1;
   constructor(
     private readonly onFrame: (f: AgentFrame) => void,
     private readonly onJunk: (why: string) => void,
   ) {}
 
   push(bytes: Uint8Array): void {
-    const joined = new Uint8Array(this.#buf.length + bytes.length);
-    joined.set(this.#buf);
-    joined.set(bytes, this.#buf.length);
-    let b = joined;
+    if (bytes.length === 0) return;
+    this.#chunks.push(bytes.slice());
+    this.#len += bytes.length;
+    if (this.#len < this.#need) return;
+    let b = this.#chunks.length === 1 ? this.#chunks[0] : new Uint8Array(this.#len);
+    if (this.#chunks.length > 1) {
+      let o = 0;
+      for (const c of this.#chunks) {
+        b.set(c, o);
+        o += c.length;
+      }
+    }
+    this.#need = FRAME_PREFIX;
     for (;;) {
       const skip = findMagic(b);
       if (skip > 0) {
@@ -125,7 +137,10 @@ export class FrameDecoder {
         continue;
       }
       const total = FRAME_PREFIX + hlen + plen;
-      if (b.length < total) break;
+      if (b.length < total) {
+        this.#need = total;
+        break;
+      }
       let header: unknown;
       try {
         header = JSON.parse(
@@ -143,7 +158,8 @@ export class FrameDecoder {
         this.onJunk("frame header is not a JSON object");
       }
     }
-    this.#buf = b.slice();
+    this.#chunks = b.length ? [b.slice()] : [];
+    this.#len = b.length;
   }
 }
 
