@@ -6,6 +6,7 @@
  * (the host-visible window) through SHMSel/SHMLen/SHMBase and maps its first bytes with 2 MiB pages
  * (the window lies above RAM, at 64 GiB or more, outside the boot identity map). Then, on the control
  * queue, with completion seen by polling the used ring (interrupts stay off):
+ *   GET_CAPSET_INFO for each capset, GET_CAPSET VIRGL2 (what the Linux driver does at probe)
  *   CTX_CREATE (context_init = capset VIRGL2)
  *   SUBMIT_3D  VIRGL_CCMD_PIPE_RESOURCE_CREATE buffer, MAP_PERSISTENT|MAP_COHERENT, blob_id
  *   RESOURCE_CREATE_BLOB HOST3D MAPPABLE with that blob_id, CTX_ATTACH_RESOURCE
@@ -18,6 +19,7 @@
  * and powers off. Lines on COM1 (parsed by test/kvm_gpu_test.ts):
  *   GPU dev base=0x<b> found=<virtio-mmio devices>
  *   GPU shm base=0x<window gpa> len=0x<window bytes>
+ *   GPU capsets=<n> virgl2 version=<v> size=<bytes>
  *   GPU map_info=0x<VIRTIO_GPU_MAP_CACHE_*>
  *   GPU blob pattern=ok bytes=<n>
  *   GPU unmap ok
@@ -51,6 +53,7 @@
 #define VMMIO_SHM_LEN_HIGH 0x0b4
 #define VMMIO_SHM_BASE_LOW 0x0b8
 #define VMMIO_SHM_BASE_HIGH 0x0bc
+#define VMMIO_CONFIG 0x100
 #define VMMIO_MAGIC 0x74726976 /* "virt" */
 #define VMMIO_VERSION_MODERN 2
 /* An absent shared-memory region reads as all ones in SHMLen and SHMBase (virtio 1.2 section 4.2.2). */
@@ -112,6 +115,8 @@ struct vq {
 
 /* ---- virtio-gpu commands (virtio 1.2 section 5.7.6; Linux include/uapi/linux/virtio_gpu.h) ---- */
 #define CMD_RESOURCE_ATTACH_BACKING 0x0106
+#define CMD_GET_CAPSET_INFO 0x0108
+#define CMD_GET_CAPSET 0x0109
 #define CMD_RESOURCE_CREATE_BLOB 0x010c
 #define CMD_CTX_CREATE 0x0200
 #define CMD_CTX_ATTACH_RESOURCE 0x0202
@@ -121,12 +126,16 @@ struct vq {
 #define CMD_RESOURCE_MAP_BLOB 0x0208
 #define CMD_RESOURCE_UNMAP_BLOB 0x0209
 #define RESP_OK_NODATA 0x1100
+#define RESP_OK_CAPSET_INFO 0x1102
+#define RESP_OK_CAPSET 0x1103
 #define RESP_OK_MAP_INFO 0x1106
 #define CAPSET_VIRGL2 2
 #define BLOB_MEM_HOST3D 0x0002
 #define BLOB_FLAG_USE_MAPPABLE 0x0001
 #define MAP_CACHE_MASK 0x0f
 #define CTX_DEBUG_NAME_SIZE 64
+/* struct virtio_gpu_config: events_read, events_clear, num_scanouts, num_capsets (le32 each). */
+#define GPU_CONFIG_NUM_CAPSETS 12
 
 struct gpu_hdr {
   u32 type, flags;
@@ -138,6 +147,18 @@ struct gpu_ctx_create {
   struct gpu_hdr hdr;
   u32 nlen, context_init;
   char debug_name[CTX_DEBUG_NAME_SIZE];
+};
+struct gpu_get_capset_info {
+  struct gpu_hdr hdr;
+  u32 capset_index, padding;
+};
+struct gpu_resp_capset_info {
+  struct gpu_hdr hdr;
+  u32 capset_id, capset_max_version, capset_max_size, padding;
+};
+struct gpu_get_capset {
+  struct gpu_hdr hdr;
+  u32 capset_id, capset_version;
 };
 struct gpu_cmd_submit {
   struct gpu_hdr hdr;
@@ -216,7 +237,7 @@ _Static_assert(sizeof(struct gpu_transfer_host_3d) == 72, "transfer_host_3d");
 #define BLOB_SIZE (64u * 1024u) /* test/kvm_gpu_test.ts BLOB_SIZE */
 #define MAP_OFFSET 0
 #define PAGE_SIZE 4096u
-#define RESP_BUF_SIZE 64
+#define RESP_BUF_SIZE 4096 /* room for GET_CAPSET's VIRGL2 caps (1376 bytes with virglrenderer 0.10.4) */
 #define POLL_LIMIT (1u << 28) /* pause iterations before giving up on a response (many seconds) */
 
 /* ---- x86-64 4-level paging (Intel SDM vol. 3, section 4.5) ---- */
@@ -269,7 +290,7 @@ static u64 gpu; /* the GPU transport's base */
 static struct vq queue;
 static u16 next_avail, last_used;
 static u8 cmd_buf[PAGE_SIZE] __attribute__((aligned(16)));
-static u8 resp_buf[RESP_BUF_SIZE] __attribute__((aligned(16)));
+static u8 resp_buf[RESP_BUF_SIZE] __attribute__((aligned(4096)));
 static u8 readback[BLOB_SIZE] __attribute__((aligned(4096)));
 static u64 pt_pool[PT_POOL_TABLES][PT_ENTRIES] __attribute__((aligned(4096)));
 static u32 pt_used;
@@ -583,6 +604,24 @@ void guest_main(void) {
   printf("GPU shm base=0x%llx len=0x%llx\n", shm_base, shm_len);
   if (shm_len < MAP_OFFSET + BLOB_SIZE) fail("window smaller than the blob");
   map_identity(shm_base + MAP_OFFSET, BLOB_SIZE);
+
+  /* The capsets, as the Linux driver reads them at probe (virtio_gpu_get_capsets). Filling the VIRGL2
+   * caps is also when virglrenderer 0.10.4 works out the GL buffer caching type OK_MAP_INFO reports. */
+  u32 ncaps = rd32(gpu + VMMIO_CONFIG + GPU_CONFIG_NUM_CAPSETS);
+  u32 v2_version = 0, v2_size = 0;
+  for (u32 i = 0; i < ncaps; i++) {
+    struct gpu_get_capset_info *ci = cmd(CMD_GET_CAPSET_INFO, 0);
+    ci->capset_index = i;
+    expect(sizeof(*ci), "GET_CAPSET_INFO", RESP_OK_CAPSET_INFO);
+    struct gpu_resp_capset_info *r = (struct gpu_resp_capset_info *)resp_buf;
+    if (r->capset_id == CAPSET_VIRGL2) v2_version = r->capset_max_version, v2_size = r->capset_max_size;
+  }
+  if (!v2_size || v2_size > RESP_BUF_SIZE - sizeof(struct gpu_hdr)) fail("no usable VIRGL2 capset");
+  struct gpu_get_capset *gc = cmd(CMD_GET_CAPSET, 0);
+  gc->capset_id = CAPSET_VIRGL2;
+  gc->capset_version = v2_version;
+  expect(sizeof(*gc), "GET_CAPSET", RESP_OK_CAPSET);
+  printf("GPU capsets=%u virgl2 version=%u size=%u\n", ncaps, v2_version, v2_size);
 
   /* A virgl2 context (CONTEXT_INIT: the capset id in the low byte of context_init). */
   struct gpu_ctx_create *cc = cmd(CMD_CTX_CREATE, CTX_ID);
