@@ -14,6 +14,8 @@ import { buildGuest } from "./guests/build.ts";
 import { IRQ_ACPI_SCI, KERNEL_START, MiB, MMIO_HOLE_START, ramRanges } from "../vmm/layout.ts";
 import { BALLOON_STAT_NAMES, MAX_REQUEST_BYTES, REPLY_OK } from "../vmm/control.ts";
 import { ControlClient, errorOfReply } from "../vmm/control_client.ts";
+import { connectSeqpacket } from "../ffi/unix_socket.ts";
+import { UnixStream } from "../devices/vhost_user/socket.ts";
 import { loadKernel } from "../vmm/boot/kernel.ts";
 import { OwnedGuestMemory } from "../vmm/memory.ts";
 import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../vmm/cli/exit_codes.ts";
@@ -171,6 +173,19 @@ Deno.test({
         }
         const stats = await client.request({ BalloonCommand: "Stats" });
         assert.ok(stats && typeof stats === "object" && "BalloonStats" in stats, JSON.stringify(stats));
+      }
+      // Several clients at once, and one that hangs up before its reply: the others are answered.
+      {
+        const quitter = new UnixStream(connectSeqpacket(sock));
+        await quitter.send(new TextEncoder().encode(JSON.stringify({ BalloonCommand: "Stats" })));
+        quitter.close();
+        const clients = Array.from({ length: 5 }, () => ControlClient.connect(sock));
+        try {
+          const replies = await Promise.all(clients.map((c) => c.request({ BalloonCommand: "Stats" })));
+          for (const r of replies) assert.ok(r && typeof r === "object" && "BalloonStats" in r, JSON.stringify(r));
+        } finally {
+          clients.forEach((c) => c.close());
+        }
       }
       const mark = vm.console.text.length;
       const stillTicking = await nextTick(vm, mark);
