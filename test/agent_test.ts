@@ -12,17 +12,24 @@ import {
   type AgentFrame,
   AgentTimeoutError,
   type AgentTransport,
+  connTransport,
   encodeFrame,
   FrameDecoder,
   MAX_OUTPUT,
 } from "../vmm/agent_client.ts";
 import { agentBuildUnavailableReason, buildAgent } from "./support/agent_build.ts";
 import { ConsoleDevice } from "../devices/virtio/console.ts";
+import { VsockDevice } from "../devices/virtio/vsock.ts";
 import { VhostUserBackend } from "../devices/vhost_user/backend.ts";
 import { buildInitramfs, umlKernelVersion, UmlMachine, umlUnavailableReason } from "./support/uml.ts";
 
-/** The virtio device ID of consoles (virtio 1.2 section 5). */
+/** Virtio device IDs of consoles and vsock (virtio 1.2 section 5). */
 const VIRTIO_ID_CONSOLE = 3;
+const VIRTIO_ID_VSOCK = 19;
+const GUEST_CID = 3;
+const AGENT_VSOCK_PORT = 1024;
+/** Hang guard for the host's connection attempts while the guest boots (not an assertion). */
+const VSOCK_CONNECT_GUARD_MS = 60_000;
 
 const buildReason = agentBuildUnavailableReason();
 if (buildReason) console.log(`skipping agent process tests: ${buildReason}`);
@@ -224,6 +231,89 @@ kill $agent`,
       await uml?.wait();
       backend.close();
       await served;
+      if (initramfs) await Deno.remove(initramfs).catch(() => {});
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+/**
+ * Connect to guest vsock port `port` through a vsock device's Unix socket (`CONNECT <port>\n`,
+ * answered `OK <hostport>\n`), retrying while the guest is not listening yet.
+ */
+async function connectVsock(uds: string, port: number): Promise<ReturnType<typeof connTransport>> {
+  const deadline = Date.now() + VSOCK_CONNECT_GUARD_MS;
+  for (;;) {
+    let conn: Deno.Conn | undefined;
+    try {
+      conn = await Deno.connect({ transport: "unix", path: uds });
+      await conn.write(enc.encode(`CONNECT ${port}\n`));
+      let got = new Uint8Array(0);
+      const buf = new Uint8Array(4096);
+      while (!got.includes(0x0a)) {
+        const n = await conn.read(buf);
+        if (n === null) break;
+        got = new Uint8Array([...got, ...buf.subarray(0, n)]);
+      }
+      const nl = got.indexOf(0x0a);
+      if (nl >= 0 && /^OK \d+$/.test(new TextDecoder().decode(got.subarray(0, nl)))) {
+        return connTransport(conn, got.subarray(nl + 1));
+      }
+    } catch {
+      // the device is not up yet
+    }
+    conn?.close();
+    if (Date.now() > deadline) {
+      throw new Error(`guest vsock port ${port}: no listener after ${VSOCK_CONNECT_GUARD_MS} ms`);
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+Deno.test({
+  name: "agent in user-mode Linux with --vsock (vmw_vsock_virtio_transport, VsockDevice over vhost-user)",
+  ignore: umlReason !== undefined,
+  async fn() {
+    const agentPath = await buildAgent();
+    const dir = await Deno.makeTempDir({ prefix: "denovm-agent-vsock-" });
+    const socket = `${dir}/vu.sock`;
+    const uds = `${dir}/v.sock`;
+    const device = new VsockDevice({ cid: GUEST_CID, udsPath: uds });
+    const logs: string[] = [];
+    const backend = new VhostUserBackend(device, socket, { log: (l) => logs.push(l) });
+    const served = backend.serve();
+    await backend.listening;
+    let initramfs: string | undefined;
+    let uml: UmlMachine | undefined;
+    let transport: ReturnType<typeof connTransport> | undefined;
+    let client: AgentClient | undefined;
+    try {
+      initramfs = await buildInitramfs({
+        modules: ["vmw_vsock_virtio_transport"],
+        files: [{ path: "bin/denovm-agent", data: await Deno.readFile(agentPath) }],
+        commands: `/bin/denovm-agent --vsock ${AGENT_VSOCK_PORT} &
+agent=$!
+while [ ! -e /tmp/stop ]; do sleep 0.1; done
+kill $agent`,
+      });
+      uml = await UmlMachine.start({ initramfs, vhostUser: [{ socket, deviceId: VIRTIO_ID_VSOCK }] });
+      await uml.waitFor(/denovm-agent: listening on vsock port/);
+      transport = await connectVsock(uds, AGENT_VSOCK_PORT);
+      client = new AgentClient(transport);
+      await exerciseAgent(client, (b) => transport!.write(b), umlKernelVersion());
+      assert.equal((await client.exec("touch /tmp/stop")).code, 0);
+      const r = await uml.wait();
+      assert.equal(r.commandStatus, 0, r.output);
+      assert.equal(device.stats().malformed, 0, logs.join("\n"));
+    } finally {
+      client?.close();
+      transport?.close();
+      await transport?.closed;
+      uml?.kill();
+      await uml?.wait();
+      backend.close();
+      await served;
+      device.close();
       if (initramfs) await Deno.remove(initramfs).catch(() => {});
       await Deno.remove(dir, { recursive: true });
     }

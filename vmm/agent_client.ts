@@ -368,3 +368,54 @@ export class AgentClient {
     for (const cb of this.#errorListeners) cb(message);
   }
 }
+
+/**
+ * An AgentTransport over a stream connection (a Unix socket to a vsock device's uds_path after its
+ * `CONNECT <port>` handshake, a TCP socket, ...). Writes are queued in order; `initial` holds bytes
+ * already read past a handshake. `closed` resolves when the peer closes or close() is called.
+ */
+export function connTransport(
+  conn: Deno.Conn,
+  initial?: Uint8Array,
+): AgentTransport & { close(): void; closed: Promise<void> } {
+  const listeners: ((b: Uint8Array) => void)[] = [];
+  const early: Uint8Array[] = initial?.length ? [initial.slice()] : [];
+  let queue = Promise.resolve();
+  let open = true;
+  const closed = (async () => {
+    const buf = new Uint8Array(64 * 1024);
+    try {
+      for (;;) {
+        const n = await conn.read(buf);
+        if (n === null) break;
+        const chunk = buf.slice(0, n);
+        if (listeners.length === 0) early.push(chunk);
+        for (const l of listeners) l(chunk);
+      }
+    } catch {
+      // closed locally or reset: the reader ends
+    }
+  })();
+  return {
+    write(bytes: Uint8Array) {
+      const copy = bytes.slice();
+      queue = queue.then(async () => {
+        for (let o = 0; open && o < copy.length;) o += await conn.write(copy.subarray(o));
+      }).catch(() => {});
+    },
+    onData(cb: (bytes: Uint8Array) => void) {
+      listeners.push(cb);
+      for (const c of early.splice(0)) cb(c);
+    },
+    close() {
+      if (!open) return;
+      open = false;
+      try {
+        conn.close();
+      } catch {
+        // already closed
+      }
+    },
+    closed,
+  };
+}
