@@ -388,16 +388,17 @@ export class InputDevice implements VirtioDevice {
   }
 
   writeConfig(offset: number, data: Uint8Array): void {
-    // Only select and subsel are writable (section 5.8.4).
+    // Only select and subsel are writable (section 5.8.4). Some front ends (QEMU's vhost-user-input)
+    // write the whole structure back: the other bytes are ignored.
+    let writable = false;
     for (let i = 0; i < data.length; i++) {
       const at = offset + i;
       if (at === INPUT_CFG_SELECT) this.#select = data[i];
       else if (at === INPUT_CFG_SUBSEL) this.#subsel = data[i];
-      else {
-        this.#log.log(`driver wrote read-only config byte ${at}; ignored`);
-        return;
-      }
+      else continue;
+      writable = true;
     }
+    if (!writable) this.#log.log(`driver wrote ${data.length} read-only config bytes at ${offset}; ignored`);
   }
 
   // ---- Lifecycle ----

@@ -49,13 +49,68 @@ export function qemuUnavailableReason(): string | undefined {
   if (Deno.build.os !== "linux" || Deno.build.arch !== "x86_64") return "the QEMU tests need x86_64 Linux";
   if (!exists(QEMU_BINARY)) return `${QEMU_BINARY} missing (apt-get install qemu-system-x86)`;
   if (!exists(BUSYBOX)) return `${BUSYBOX} missing (apt-get install busybox-static)`;
-  const help = new Deno.Command(QEMU_BINARY, { args: ["-device", "help"], stdout: "piped", stderr: "piped" })
-    .outputSync();
-  const text = new TextDecoder().decode(help.stdout) + new TextDecoder().decode(help.stderr);
-  for (const d of ["vhost-user-input", "vhost-user-rng"]) {
-    if (!text.includes(`name "${d}"`)) return `this QEMU has no ${d} device`;
+  if (!qemuHasDevice({ binary: QEMU_BINARY }, "vhost-user-rng")) {
+    return "this QEMU has no vhost-user-rng device";
   }
   return undefined;
+}
+
+/** A QEMU build: its binary and, for an unpacked one, its firmware folder (-L). */
+export interface QemuBuild {
+  binary: string;
+  firmwareDir?: string;
+  version: string;
+}
+
+function qemuVersion(binary: string): string {
+  const out = new Deno.Command(binary, { args: ["--version"], stdout: "piped", stderr: "piped" }).outputSync();
+  return new TextDecoder().decode(out.stdout).match(/version (\S+)/)?.[1] ?? "unknown";
+}
+
+/**
+ * Whether `build` has the QEMU device `name`: `-device NAME,help` lists its properties. (Plain
+ * `-device help` would also load every module in the host's QEMU module folder, which a QEMU of
+ * another version cannot load.)
+ */
+export function qemuHasDevice(build: { binary: string }, name: string): boolean {
+  const out = new Deno.Command(build.binary, { args: ["-device", `${name},help`], stdout: "piped", stderr: "piped" })
+    .outputSync();
+  return new TextDecoder().decode(out.stdout).includes(`${name} options:`);
+}
+
+/** Debian's QEMU (7.2 on bookworm). */
+export function systemQemu(): QemuBuild {
+  return { binary: QEMU_BINARY, version: qemuVersion(QEMU_BINARY) };
+}
+
+/** The cache folder of the backports QEMU. */
+function backportsDir(): string {
+  return `${Deno.env.get("DENOVM_CACHE") ?? `${REPO_ROOT}.cache`}/qemu-backports`;
+}
+
+/**
+ * QEMU 7.2's vhost-user-input refuses to start without KVM (backends/vhost-user.c,
+ * vhost_user_backend_dev_init: "vhost initialization failed: requires kvm"); newer QEMU builds it
+ * on vhost-user-base, which works under TCG as vhost-user-rng does. This fetches bookworm-backports'
+ * QEMU (10.x) with test/support/qemu-backports.sh: a private apt configuration (its own sources,
+ * lists and cache under .cache/qemu-backports; the host's apt state and libraries are untouched),
+ * then `dpkg-deb -x` of qemu-system-x86 and qemu-system-data. The binary runs on bookworm's libraries.
+ */
+export async function backportsQemu(): Promise<QemuBuild> {
+  const dir = backportsDir();
+  const binary = `${dir}/root/usr/bin/qemu-system-x86_64`;
+  const firmwareDir = `${dir}/root/usr/share/qemu`;
+  if (!exists(binary) || !exists(firmwareDir)) {
+    const script = new URL("./qemu-backports.sh", import.meta.url).pathname;
+    const out = await new Deno.Command("bash", { args: [script, dir], stdout: "piped", stderr: "piped" }).output();
+    if (!out.success) {
+      const err = new TextDecoder().decode(out.stderr).trim().split("\n").slice(-3).join("; ");
+      throw new Error(`fetching bookworm-backports QEMU failed: ${err}`);
+    }
+  }
+  const version = qemuVersion(binary);
+  if (!/^([89]|[1-9]\d)\./.test(version)) throw new Error(`backports QEMU is ${version}, not 8 or later`);
+  return { binary, firmwareDir, version };
 }
 
 // ---- Modules of the Debian kernel ----
@@ -143,6 +198,8 @@ poweroff -f
 // ---- Running QEMU ----
 
 export interface QemuOptions {
+  /** Which QEMU (default: Debian's). */
+  qemu?: QemuBuild;
   initramfs: string;
   /** vhost-user devices: the QEMU device name (virtio-mmio variant, e.g. "vhost-user-input") and socket. */
   vhostUser?: { device: string; socket: string; props?: string }[];
@@ -165,6 +222,7 @@ export interface QemuResult {
 export function qemuArgs(k: DebianKernel, opts: QemuOptions): string[] {
   const mem = opts.memMiB ?? QEMU_DEFAULT_MEM_MIB;
   const args = [
+    ...(opts.qemu?.firmwareDir ? ["-L", opts.qemu.firmwareDir] : []),
     // microvm: virtio-mmio only, no PCI; its default firmware is qboot (bios-microvm.bin). The PIT,
     // PIC and RTC are asked for explicitly: without a PIT the kernel's TSC calibration under TCG
     // sometimes fails and the boot then stalls for minutes.
@@ -228,14 +286,20 @@ export class QemuMachine {
       const [status] = await Promise.all([child.status, pump(child.stdout), pump(child.stderr)]);
       clearTimeout(guard);
       const m = this.#output.match(new RegExp(`${QEMU_MARK_END} status=(\\d+)`));
-      return { code: status.code, output: this.#output, killed: this.#killed, commandStatus: m ? Number(m[1]) : undefined };
+      return {
+        code: status.code,
+        output: this.#output,
+        killed: this.#killed,
+        commandStatus: m ? Number(m[1]) : undefined,
+      };
     })();
   }
 
   static async start(opts: QemuOptions): Promise<QemuMachine> {
     const k = await debianKernel();
     const args = qemuArgs(k, opts);
-    const child = new Deno.Command(QEMU_BINARY, { args, stdin: "null", stdout: "piped", stderr: "piped" }).spawn();
+    const binary = opts.qemu?.binary ?? QEMU_BINARY;
+    const child = new Deno.Command(binary, { args, stdin: "null", stdout: "piped", stderr: "piped" }).spawn();
     return new QemuMachine(child, args, opts.hangGuardMs ?? 180_000);
   }
 
