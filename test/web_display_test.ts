@@ -24,7 +24,14 @@ import {
   REL_Y,
 } from "../devices/virtio/input/codes.ts";
 import { type InputSink, WebDisplay } from "../vmm/web_display/server.ts";
-import { evdevKeyCode, RECT_FLAG_FULL, RECT_FLAG_LAST, RECT_HEADER_SIZE } from "../vmm/web_display/protocol.ts";
+import {
+  ENCODING_DEFLATE_RGBA,
+  ENCODING_RAW_RGBA,
+  evdevKeyCode,
+  RECT_FLAG_FULL,
+  RECT_FLAG_LAST,
+  RECT_HEADER_SIZE,
+} from "../vmm/web_display/protocol.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const haveChromium = (() => {
@@ -280,6 +287,7 @@ Deno.test({
         const rects = await page.evaluate("window.__denovm.rects") as Record<string, number>[];
         const last = rects.at(-1)!;
         assert.deepEqual([last.x, last.y, last.w, last.h, last.flags], [r.x, r.y, r.width, r.height, RECT_FLAG_LAST]);
+        assert.equal(last.enc, ENCODING_RAW_RGBA);
         assert.equal(last.bytes, RECT_HEADER_SIZE + r.width * r.height * 4);
         assertSamePixels(await canvasRgba(page), res.expectedRgba(), "after the update");
       });
@@ -300,6 +308,26 @@ Deno.test({
         assert.equal(after.rectsSent - before.rectsSent, 1);
         assert.equal(after.bytesSent - before.bytesSent, RECT_HEADER_SIZE + 24 * 8 * 4);
         assertSamePixels(await canvasRgba(page), res.expectedRgba(), "after coalesced updates");
+      });
+
+      await t.step("a flat region is sent deflated and inflated by the page", async () => {
+        await until("acks caught up", () => wd.stats().acks === wd.stats().batchesSent);
+        const before = wd.stats();
+        const framesBefore = await page.evaluate("window.__denovm.frames") as number;
+        const r = { x: 0, y: 120, width: W, height: 80 };
+        res.paint(r, (x) => (x < 200 ? [30, 30, 40] : [200, 180, 20]));
+        display.flush(0, r, res.reader);
+        await waitState(page, "frames", framesBefore + 1);
+        const after = wd.stats();
+        assert.equal(after.rectsSent - before.rectsSent, 1);
+        assert.equal(after.rectsDeflated - before.rectsDeflated, 1);
+        const raw = r.width * r.height * 4;
+        assert.equal(after.deflatedRawBytes - before.deflatedRawBytes, raw);
+        assert.ok(after.bytesSent - before.bytesSent < raw / 20, `${after.bytesSent - before.bytesSent} bytes sent`);
+        const rects = await page.evaluate("window.__denovm.rects") as Record<string, number>[];
+        assert.equal(rects.at(-1)!.enc, ENCODING_DEFLATE_RGBA);
+        assertSamePixels(await canvasRgba(page), res.expectedRgba(), "after the deflated update");
+        assert.equal(await page.evaluate("window.__denovm.errors"), 0);
       });
 
       await t.step("a click and typing reach the input devices", async () => {

@@ -28,7 +28,7 @@ const SCRIPT = String.raw`
 (() => {
   "use strict";
   // protocol.ts: rectangle header offsets and flags.
-  const HDR = 20, ENC_RAW = 0, FLAG_LAST = 1;
+  const HDR = 20, ENC_RAW = 0, ENC_DEFLATE = 1, FLAG_LAST = 1;
   const params = new URLSearchParams(location.search);
   const token = params.get("token");
   const scanout = params.get("scanout") || "0";
@@ -36,9 +36,9 @@ const SCRIPT = String.raw`
   const ctx = screen.getContext("2d");
   const statusEl = document.getElementById("status");
   const state = { connected: false, hello: null, frames: 0, rects: [], rectBytes: 0, statsCount: 0,
-    lastStats: null, rates: null, history: [], errors: 0 };
+    lastStats: null, rates: null, history: [], errors: 0, drawMs: 0 };
   window.__denovm = state;
-  let ws = null;
+  let ws = null, drawing = Promise.resolve();
   const frameTimes = [];
 
   function send(m) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(m)); }
@@ -64,20 +64,31 @@ const SCRIPT = String.raw`
         else if (m.t === "stats") onStats(m);
         return;
       }
-      onRect(ev.data);
+      // Rectangles are drawn in order even when one has to be inflated first.
+      const buf = ev.data;
+      drawing = drawing.then(() => onRect(buf)).catch(() => { state.errors++; });
     };
   }
 
-  function onRect(buf) {
+  async function onRect(buf) {
     if (buf.byteLength < HDR) { state.errors++; return; }
     const v = new DataView(buf);
     const enc = v.getUint8(1), flags = v.getUint8(2), seq = v.getUint32(4, true);
     const x = v.getUint16(8, true), y = v.getUint16(10, true), w = v.getUint16(12, true), h = v.getUint16(14, true);
     const fw = v.getUint16(16, true), fh = v.getUint16(18, true);
-    if (enc !== ENC_RAW || buf.byteLength !== HDR + w * h * 4) { state.errors++; return; }
+    let px;
+    if (enc === ENC_RAW) px = new Uint8ClampedArray(buf, HDR);
+    else if (enc === ENC_DEFLATE) {
+      const s = new Blob([new Uint8Array(buf, HDR)]).stream().pipeThrough(new DecompressionStream("deflate-raw"));
+      px = new Uint8ClampedArray(await new Response(s).arrayBuffer());
+    }
+    if (!px || px.length !== w * h * 4) { state.errors++; return; }
     if (screen.width !== fw || screen.height !== fh) { screen.width = fw; screen.height = fh; }
-    if (w > 0 && h > 0) ctx.putImageData(new ImageData(new Uint8ClampedArray(buf, HDR, w * h * 4), w, h), x, y);
-    state.rects.push({ seq, x, y, w, h, flags, bytes: buf.byteLength });
+    const t0 = performance.now();
+    if (w > 0 && h > 0) ctx.putImageData(new ImageData(px, w, h), x, y);
+    const t = performance.now();
+    state.drawMs += t - t0;
+    state.rects.push({ seq, x, y, w, h, flags, enc, bytes: buf.byteLength, t });
     if (state.rects.length > 1000) state.rects.splice(0, state.rects.length - 1000);
     state.rectBytes += buf.byteLength;
     if (flags & FLAG_LAST) { state.frames++; frameTimes.push(performance.now()); send({ t: "ack", seq }); }

@@ -4,11 +4,15 @@
 // the pixels. Server -> page, text: JSON ({t:"hello"}, {t:"stats"}). Page -> server, text: JSON
 // ({t:"ack"}, {t:"key"}, {t:"pointer"}, {t:"wheel"}, {t:"touch"}).
 //
-// Encoding: raw RGBA (alpha forced opaque), ready for putImageData. Measured on this machine (2 cores):
-// deflate of one 1920x1080 frame through CompressionStream("deflate-raw") took ~600 ms (6.1 MB out of
-// 8.3 MB for desktop-like content), so a whole-screen update would cap the display below 2 fps, while
-// raw frames over a loopback WebSocket cost one BGRA->RGBA pass (~9 ms) and a memcpy; the display
-// listens on loopback by default, where bandwidth is free and CPU is not. bench/web_fps.ts measures it.
+// Encodings, chosen per rectangle (measured on this 2-core machine, busy with other work, 1920x1080):
+// - raw RGBA (alpha forced opaque), ready for putImageData: one BGRA->RGBA pass (~9 ms per frame);
+// - deflate-raw of that RGBA (node:zlib level 1, inflated in the page by DecompressionStream): a desktop
+//   with flat areas shrinks 8.3 MB -> ~90 KB in ~4 ms, but photo-like or noisy content costs 100-500 ms
+//   per frame for almost no gain (CompressionStream, which has no level, took ~600 ms). So the server
+//   samples the rectangle first (share of pixels equal to their left neighbour) and deflates only
+//   rectangles that will compress. The bytes matter even on loopback: headless Chromium here took in
+//   only ~3-10 MB/s over a WebSocket (curl read the same server at ~90 MB/s), so a raw 1080p frame
+//   costs about a second in the browser. PNG/JPEG would need a pure-JS encoder, slower than zlib.
 
 import * as codes from "../../devices/virtio/input/codes.ts";
 
@@ -28,6 +32,8 @@ export const RECT_HEADER_SIZE = 20;
 export const RECT_MSG_KIND = 1;
 /** Pixels are w*h*4 bytes R8G8B8A8, rows packed. */
 export const ENCODING_RAW_RGBA = 0;
+/** The same bytes compressed as raw deflate (RFC 1951, no zlib header): DecompressionStream("deflate-raw"). */
+export const ENCODING_DEFLATE_RGBA = 1;
 /** The last rectangle of a batch: the page acks `seq` once it has drawn it. */
 export const RECT_FLAG_LAST = 1;
 /** The batch redraws the whole framebuffer (first frame, or a mode change). */

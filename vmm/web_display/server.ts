@@ -22,10 +22,12 @@ import {
   REL_Y,
 } from "../../devices/virtio/input/codes.ts";
 import { RateLimitedLog } from "../../devices/virtio/queue.ts";
+import { constants as zlibConstants, deflateRawSync } from "node:zlib";
 import { pageHtml } from "./page.ts";
 import {
   type ClientMessage,
   encodeRectHeader,
+  ENCODING_DEFLATE_RGBA,
   ENCODING_RAW_RGBA,
   evdevButton,
   evdevKeyCode,
@@ -66,6 +68,8 @@ export interface WebDisplayOptions {
   maxFps?: number;
   /** How often stats() is polled and sent (default 500 ms). */
   statsIntervalMs?: number;
+  /** "auto" (default): deflate rectangles that sample as compressible, raw otherwise; "raw": never deflate. */
+  encoding?: "auto" | "raw";
 }
 
 export interface WebDisplayStats {
@@ -75,6 +79,9 @@ export interface WebDisplayStats {
   rectsSent: number;
   /** Bytes of binary rectangle messages (header + pixels). */
   bytesSent: number;
+  /** Rectangles sent deflated, and the raw RGBA bytes they stood for. */
+  rectsDeflated: number;
+  deflatedRawBytes: number;
   /** Batches the pages acknowledged as drawn. */
   acks: number;
   inputMessages: number;
@@ -100,6 +107,13 @@ const MT_TRACKING_ID_NONE = -1;
 /** Touch slots tracked when the device does not manage them (crosvm's multi-touch has 10). */
 const MT_SLOTS = 10;
 const BPP = 4;
+/** Rectangles smaller than this (pixels) are always sent raw: deflate's fixed cost would dominate. */
+const DEFLATE_MIN_PIXELS = 4096;
+/** Compressibility sample: every Nth row; deflate when at least this share of pixels repeat their left neighbour. */
+const DEFLATE_SAMPLE_ROW_STEP = 8;
+const DEFLATE_MIN_REPEAT_SHARE = 0.5;
+/** zlib level 1: the fastest that still finds the runs of a flat desktop. */
+const DEFLATE_LEVEL = 1;
 
 const enc = new TextEncoder();
 
@@ -155,6 +169,23 @@ export function rectToRgba(fb: Framebuffer, r: Rect, out: Uint8Array): void {
   }
 }
 
+/** Whether `r` of the framebuffer looks compressible: sampled rows, share of pixels equal to their left one. */
+export function looksCompressible(fb: Framebuffer, r: Rect): boolean {
+  if (r.width * r.height < DEFLATE_MIN_PIXELS || r.width < 2) return false;
+  const b = fb.bgra;
+  let same = 0, total = 0;
+  for (let y = r.y; y < r.y + r.height; y += DEFLATE_SAMPLE_ROW_STEP) {
+    let i = (y * fb.width + r.x) * BPP;
+    const end = i + r.width * BPP;
+    for (i += BPP; i < end; i += BPP) {
+      // B, G, R (alpha is dropped on the way out).
+      if (b[i] === b[i - BPP] && b[i + 1] === b[i + 1 - BPP] && b[i + 2] === b[i + 2 - BPP]) same++;
+      total++;
+    }
+  }
+  return total > 0 && same >= total * DEFLATE_MIN_REPEAT_SHARE;
+}
+
 function clip(r: Rect, w: number, h: number): Rect | null {
   const x0 = Math.max(0, r.x), y0 = Math.max(0, r.y);
   const x1 = Math.min(w, r.x + r.width), y1 = Math.min(h, r.y + r.height);
@@ -206,6 +237,8 @@ export class WebDisplay {
     batchesSent: 0,
     rectsSent: 0,
     bytesSent: 0,
+    rectsDeflated: 0,
+    deflatedRawBytes: 0,
     acks: 0,
     inputMessages: 0,
     refused: 0,
@@ -465,9 +498,24 @@ export class WebDisplay {
     if (rects.length === 0) return;
     const seq = c.seq = (c.seq + 1) >>> 0;
     rects.forEach((r, i) => {
-      const msg = new Uint8Array(RECT_HEADER_SIZE + r.width * r.height * BPP);
+      const rawBytes = r.width * r.height * BPP;
+      let msg: Uint8Array;
+      let encoding = ENCODING_RAW_RGBA;
+      if (this.#opts.encoding !== "raw" && looksCompressible(fb, r)) {
+        const rgba = new Uint8Array(rawBytes);
+        rectToRgba(fb, r, rgba);
+        const z = deflateRawSync(rgba, { level: DEFLATE_LEVEL, strategy: zlibConstants.Z_DEFAULT_STRATEGY });
+        msg = new Uint8Array(RECT_HEADER_SIZE + z.byteLength);
+        msg.set(z, RECT_HEADER_SIZE);
+        encoding = ENCODING_DEFLATE_RGBA;
+        this.#counters.rectsDeflated++;
+        this.#counters.deflatedRawBytes += rawBytes;
+      } else {
+        msg = new Uint8Array(RECT_HEADER_SIZE + rawBytes);
+        rectToRgba(fb, r, msg.subarray(RECT_HEADER_SIZE));
+      }
       encodeRectHeader({
-        encoding: ENCODING_RAW_RGBA,
+        encoding,
         flags: (i === rects.length - 1 ? RECT_FLAG_LAST : 0) | (full ? RECT_FLAG_FULL : 0),
         scanout: c.scanout,
         seq,
@@ -478,7 +526,6 @@ export class WebDisplay {
         fbWidth: fb.width,
         fbHeight: fb.height,
       }, msg);
-      rectToRgba(fb, r, msg.subarray(RECT_HEADER_SIZE));
       c.ws.send(msg);
       this.#counters.rectsSent++;
       this.#counters.bytesSent += msg.byteLength;
