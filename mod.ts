@@ -125,7 +125,13 @@ export class Vm {
     const machine = await Machine.create(full, { onConsoleOutput: (b) => log.push(b), debugExit, noStdin: true });
     holder.machine = machine;
     const vm = new Vm(machine, log, artifactsDir ?? Deno.env.get("DENOVM_ARTIFACTS") ?? "artifacts");
-    await machine.start();
+    try {
+      await machine.startControlSocket();
+      await machine.start();
+    } catch (e) {
+      machine.close();
+      throw e;
+    }
     return vm;
   }
 
