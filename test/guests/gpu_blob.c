@@ -566,16 +566,17 @@ static u64 *next_table(u64 *table, u32 index) {
   return t;
 }
 
-static void map_identity(u64 base, u64 len) {
-  u64 *pml4 = (u64 *)(READ_CR(3) & PTE_ADDR_MASK);
+/* Add identity 2 MiB pages for [base, base+len) under `pml4`, taking new tables from pt_pool. */
+static void map_identity(u64 *pml4, u64 base, u64 len) {
   for (u64 a = base & ~(LARGE_PAGE_SIZE - 1); a < base + len; a += LARGE_PAGE_SIZE) {
     u64 *pdpt = next_table(pml4, (u32)(a >> PML4_SHIFT) & PT_INDEX_MASK);
     u64 *pd = next_table(pdpt, (u32)(a >> PDPT_SHIFT) & PT_INDEX_MASK);
     pd[(a >> PD_SHIFT) & PT_INDEX_MASK] = a | PTE_PRESENT | PTE_WRITE | PTE_PAGE_SIZE;
   }
-  /* Reloading CR3 flushes the TLB (no global pages here). */
-  __asm__ volatile("mov %%cr3, %%rax\n\tmov %%rax, %%cr3" ::: "rax", "memory");
 }
+
+/* Reloading CR3 flushes the TLB (no global pages here). */
+static void flush_tlb(void) { __asm__ volatile("mov %%cr3, %%rax\n\tmov %%rax, %%cr3" ::: "rax", "memory"); }
 
 void guest_main(void) {
   u64 dsdt = find_dsdt();
@@ -603,7 +604,8 @@ void guest_main(void) {
   if (shm_len == VMMIO_SHM_ABSENT || shm_base == VMMIO_SHM_ABSENT) fail("no host-visible shared memory region");
   printf("GPU shm base=0x%llx len=0x%llx\n", shm_base, shm_len);
   if (shm_len < MAP_OFFSET + BLOB_SIZE) fail("window smaller than the blob");
-  map_identity(shm_base + MAP_OFFSET, BLOB_SIZE);
+  map_identity((u64 *)(READ_CR(3) & PTE_ADDR_MASK), shm_base + MAP_OFFSET, BLOB_SIZE);
+  flush_tlb();
 
   /* The capsets, as the Linux driver reads them at probe (virtio_gpu_get_capsets). Filling the VIRGL2
    * caps is also when virglrenderer 0.10.4 works out the GL buffer caching type OK_MAP_INFO reports. */
