@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -43,6 +44,8 @@ static const unsigned char FRAME_MAGIC[4] = {'d', 'v', 'm', 'a'};
 /* stdout and stderr are each kept up to this many bytes; the rest is counted and dropped. */
 #define MAX_OUTPUT (16 * 1024 * 1024)
 #define MAX_JOBS 64
+/* timeout_ms values at or above this (over 31 years) mean no timeout. */
+#define MAX_TIMEOUT_MS 1e12
 #define MAX_ARGV 1024
 /* After the command exits, its pipes may stay open in background children: wait this long for EOF. */
 #define EXIT_DRAIN_MS 200
@@ -118,19 +121,49 @@ static void buf_free(buf_t *b) {
   b->len = b->cap = 0;
 }
 
-/* A JSON string literal (RFC 8259 section 7) with control characters escaped. */
+/* Length of the valid UTF-8 sequence at s[0..n) (RFC 3629 section 4), or 0 when it is not one. */
+static size_t utf8_valid_len(const unsigned char *s, size_t n) {
+  unsigned c = s[0];
+  size_t len;
+  unsigned min, cp;
+  if (c < 0x80) return 1;
+  if (c >= 0xc2 && c <= 0xdf) len = 2, min = 0x80, cp = c & 0x1f;
+  else if (c >= 0xe0 && c <= 0xef) len = 3, min = 0x800, cp = c & 0x0f;
+  else if (c >= 0xf0 && c <= 0xf4) len = 4, min = 0x10000, cp = c & 0x07;
+  else return 0;
+  if (n < len) return 0;
+  for (size_t i = 1; i < len; i++) {
+    if ((s[i] & 0xc0) != 0x80) return 0;
+    cp = (cp << 6) | (s[i] & 0x3f);
+  }
+  if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
+  return len;
+}
+
+/*
+ * A JSON string literal (RFC 8259 section 7) with control characters escaped and bytes that
+ * are not UTF-8 replaced by U+FFFD, so every header the agent writes is valid JSON text.
+ */
 static void buf_json_str(buf_t *b, const char *s, size_t n) {
+  const unsigned char *u = (const unsigned char *)s;
   buf_str(b, "\"");
-  for (size_t i = 0; i < n; i++) {
-    unsigned char c = (unsigned char)s[i];
+  for (size_t i = 0; i < n;) {
+    unsigned char c = u[i];
+    size_t len = utf8_valid_len(u + i, n - i);
+    if (len == 0) {
+      buf_str(b, "\\ufffd");
+      i++;
+      continue;
+    }
     if (c == '"' || c == '\\') {
       char e[2] = {'\\', (char)c};
       buf_add(b, e, 2);
     } else if (c < 0x20 || c == 0x7f) {
       buf_fmt(b, "\\u%04x", c);
     } else {
-      buf_add(b, &c, 1);
+      buf_add(b, u + i, len);
     }
+    i += len;
   }
   buf_str(b, "\"");
 }
@@ -273,6 +306,7 @@ static int js_number(json_t *j, double *out) {
   if (n == 0) return js_fail(j, "expected a number");
   *out = strtod(tmp, &e);
   if (*e) return js_fail(j, "bad number");
+  if (!isfinite(*out)) return js_fail(j, "number out of range");
   return 0;
 }
 
@@ -658,7 +692,7 @@ static void start_job(request_t *r, unsigned char *payload, size_t plen) {
     if (j->stdin_data) memcpy(j->stdin_data, payload, plen), j->stdin_len = plen;
   }
   if (!j->stdin_len) close_fd(&j->in_fd);
-  if (r->has_timeout && r->timeout_ms > 0) j->deadline = now_ms() + (int64_t)r->timeout_ms;
+  if (r->has_timeout && r->timeout_ms > 0 && r->timeout_ms < MAX_TIMEOUT_MS) j->deadline = now_ms() + (int64_t)r->timeout_ms;
 }
 
 /* ---- Frames from the host ---- */

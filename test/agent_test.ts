@@ -5,6 +5,7 @@
 //    org.denovm.agent served by denovm's ConsoleDevice through vhost-user.
 
 import assert from "node:assert/strict";
+import fc from "fast-check";
 import {
   AGENT_PORT_NAME,
   AgentClient,
@@ -187,6 +188,77 @@ Deno.test({
       await a.done;
       assert.equal(st.code, 0, "the agent exits cleanly at EOF");
     }
+  },
+});
+
+/** A frame around an arbitrary header text (encodeFrame only writes valid JSON). */
+function rawFrame(header: Uint8Array): Uint8Array {
+  const f = new Uint8Array(12 + header.length);
+  f.set(enc.encode("dvma"));
+  new DataView(f.buffer).setUint32(4, header.length, true);
+  f.set(header, 12);
+  return f;
+}
+
+/** Run the agent on `input` (then EOF); returns its exit status and the frames it wrote. */
+async function runAgentOn(
+  path: string,
+  input: Uint8Array,
+): Promise<{ status: Deno.CommandStatus; frames: AgentFrame[]; junk: string[] }> {
+  const child = new Deno.Command(path, { args: ["--stdio"], stdin: "piped", stdout: "piped", stderr: "null" }).spawn();
+  const frames: AgentFrame[] = [];
+  const junk: string[] = [];
+  const d = new FrameDecoder((f) => frames.push(f), (j) => junk.push(j));
+  const reading = (async () => {
+    for await (const c of child.stdout) d.push(c);
+  })();
+  const w = child.stdin.getWriter();
+  await w.write(input).catch(() => {});
+  await w.close().catch(() => {});
+  const status = await child.status;
+  await reading;
+  return { status, frames, junk };
+}
+
+Deno.test({
+  name: "agent survives hostile input: random bytes and mutated frames never crash it, its output stays framed",
+  ignore: buildReason !== undefined,
+  async fn() {
+    const path = await buildAgent();
+    // Harmless requests to mutate (no exec: a mutated command line could do anything).
+    const seeds = [
+      encodeFrame({ op: "ping", id: 7 }),
+      encodeFrame({ op: "kill", id: 3 }),
+      encodeFrame({ op: "nop", id: 1, argv: ["a", "b\u00e9"], timeout_ms: 5, x: [{ y: null }, true, -1.5e3] }),
+      encodeFrame({ op: "ping" }, enc.encode("payload")),
+      rawFrame(enc.encode('{"op":"ping","id":1e999}')),
+      rawFrame(new Uint8Array([...enc.encode('{"op":"'), 0xff, 0xc0, 0x80, ...enc.encode('","id":2}')])),
+    ];
+    const input = fc.oneof(
+      fc.uint8Array({ maxLength: 300 }),
+      fc.tuple(
+        fc.constantFrom(...seeds),
+        fc.array(fc.tuple(fc.nat(), fc.integer({ min: 0, max: 255 })), { maxLength: 6 }),
+      )
+        .map(([seed, flips]) => {
+          const b = seed.slice();
+          for (const [i, v] of flips) b[i % b.length] = v;
+          return b;
+        }),
+      fc.array(fc.constantFrom(...seeds, enc.encode("dvma"), enc.encode('{"id":')), { maxLength: 6 })
+        .map((parts) => new Uint8Array(parts.flatMap((p) => [...p]))),
+    );
+    await fc.assert(
+      fc.asyncProperty(input, async (bytes) => {
+        const r = await runAgentOn(path, bytes);
+        assert.equal(r.status.signal, null, "the agent was not killed by a signal");
+        assert.equal(r.status.code, 0);
+        assert.deepEqual(r.junk, [], "everything the agent wrote is a well-formed frame");
+        assert.equal(r.frames[0]?.header.op, "hello");
+        for (const f of r.frames) assert.ok(["hello", "error"].includes(String(f.header.op)), JSON.stringify(f.header));
+      }),
+      { numRuns: 150 },
+    );
   },
 });
 
