@@ -6,6 +6,7 @@
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
+import { createHash } from "node:crypto";
 import {
   AGENT_PORT_NAME,
   AgentClient,
@@ -19,7 +20,7 @@ import {
   MAX_OUTPUT,
 } from "../vmm/agent_client.ts";
 import { agentBuildUnavailableReason, buildAgent } from "./support/agent_build.ts";
-import { ConsoleDevice } from "../devices/virtio/console.ts";
+import { ConsoleDevice, DEFAULT_INPUT_LIMIT } from "../devices/virtio/console.ts";
 import { VsockDevice } from "../devices/virtio/vsock.ts";
 import { VhostUserBackend } from "../devices/vhost_user/backend.ts";
 import { buildInitramfs, umlKernelVersion, UmlMachine, umlUnavailableReason } from "./support/uml.ts";
@@ -277,7 +278,7 @@ Deno.test({
     await backend.listening;
     let initramfs: string | undefined;
     let uml: UmlMachine | undefined;
-    const client = new AgentClient(port);
+    const client = new AgentClient(port, { maxWrite: DEFAULT_INPUT_LIMIT });
     try {
       // /init starts the agent on the named port (it finds /dev/vportNpM through
       // /sys/class/virtio-ports/*/name itself: no udev here), then waits for the host's "stop" file.
@@ -291,6 +292,14 @@ kill $agent`,
       });
       uml = await UmlMachine.start({ initramfs, vhostUser: [{ socket, deviceId: VIRTIO_ID_CONSOLE }] });
       await exerciseAgent(client, (b) => port.write(b), umlKernelVersion());
+      // stdin of a few hundred KiB crosses the port; a request larger than the port's input buffer is refused.
+      const blob = new Uint8Array(300 * 1024).map((_, i) => (i * 7) & 0xff);
+      const sum = await client.exec("md5sum", { stdin: blob });
+      assert.equal(sum.stdout.split(" ")[0], createHash("md5").update(blob).digest("hex"));
+      await assert.rejects(
+        client.exec("cat", { stdin: new Uint8Array(DEFAULT_INPUT_LIMIT) }),
+        /exceeds what the transport/,
+      );
       const stop = await client.exec("touch /tmp/stop");
       assert.equal(stop.code, 0);
       const r = await uml.wait();

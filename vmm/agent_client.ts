@@ -185,9 +185,19 @@ function describe(cmd: string | string[]): string {
   return JSON.stringify(cmd);
 }
 
+export interface AgentClientOptions {
+  /**
+   * Largest frame the transport takes in one write without dropping bytes (a ConsoleDevice port
+   * buffers at most its inputLimit, 1 MiB by default). An exec whose frame would be larger is
+   * refused with an error instead of corrupting the stream. Default: no limit.
+   */
+  maxWrite?: number;
+}
+
 /** Talks to one denovm-agent over `transport`. */
 export class AgentClient {
   readonly #transport: AgentTransport;
+  readonly #maxWrite: number;
   readonly #pending = new Map<number, Pending>();
   readonly #errorListeners: ((message: string) => void)[] = [];
   readonly #helloWaiters = new Set<() => void>();
@@ -195,8 +205,9 @@ export class AgentClient {
   #hello: Record<string, unknown> | undefined;
   #closed: Error | undefined;
 
-  constructor(transport: AgentTransport) {
+  constructor(transport: AgentTransport, opts: AgentClientOptions = {}) {
     this.#transport = transport;
+    this.#maxWrite = opts.maxWrite ?? Infinity;
     const decoder = new FrameDecoder((f) => this.#frame(f), (why) => this.#emitError(`from the agent: ${why}`));
     transport.onData((b) => decoder.push(b));
   }
@@ -269,6 +280,12 @@ export class AgentClient {
     if (typeof cmd === "string") header.sh = cmd;
     else header.argv = cmd;
     if (opts.cwd !== undefined) header.cwd = opts.cwd;
+    const size = encodeFrame(header).length + (stdin?.length ?? 0);
+    if (size > this.#maxWrite) {
+      throw new RangeError(
+        `exec ${describe(cmd)}: request of ${size} bytes exceeds what the transport takes at once (${this.#maxWrite})`,
+      );
+    }
     const frame = await this.#request(id, header, stdin, timeout, describe(cmd), opts.signal);
     const h = frame.header;
     if (h.op !== "exit") throw new AgentError(`exec ${describe(cmd)}: unexpected reply op ${JSON.stringify(h.op)}`);
