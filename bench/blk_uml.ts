@@ -6,15 +6,16 @@
 //
 // The guest program (bench/c/blk_io.c, static, in the initramfs) times itself: sequential 1 MiB reads,
 // sequential 1 MiB writes, random 4 KiB reads and writes alternating, each for PATTERN_MS per disk,
-// REPS rounds with the disk order alternating. Both back ends use the host page cache (denovm's
+// REPS rounds with the disk order alternating. Each ratio is the median over rounds of that round's
+// denovm / qemu-storage-daemon ratio (the two disks measured back to back, so host load drifts cancel). Both back ends use the host page cache (denovm's
 // `device block` opens without O_DIRECT; qemu-storage-daemon's file driver defaults to cache.direct=off).
 //
 // Output: {"bench":"blk-uml","seq_read_ratio":..,"seq_write_ratio":..,"rand4k_ratio":..,
-//          "denovm_mib_s":{..},"qsd_mib_s":{..}}   ratio = denovm throughput / qemu-storage-daemon's.
+//          "denovm_mib_s":{..},"qsd_mib_s":{..}}   (MiB/s: medians over rounds)   ratio = denovm throughput / qemu-storage-daemon's.
 
 import { join } from "node:path";
 import { buildInitramfs, UmlMachine, umlUnavailableReason } from "../test/support/uml.ts";
-import { BENCH_DIR, benchCacheDir, exists, killChild, progress, REPO_ROOT, result, run } from "./_common.ts";
+import { BENCH_DIR, benchCacheDir, exists, killChild, median, progress, REPO_ROOT, result, run } from "./_common.ts";
 
 const NAME = "blk-uml";
 const QSD = "/usr/bin/qemu-storage-daemon";
@@ -22,8 +23,9 @@ const QSD = "/usr/bin/qemu-storage-daemon";
 const VIRTIO_ID_BLOCK = 2;
 const IMAGE_MIB = 256;
 const DATA_MIB = 192;
-const PATTERN_MS = Number(Deno.env.get("BENCH_PATTERN_MS") ?? 1500);
-const REPS = 2;
+const PATTERN_MS = Number(Deno.env.get("BENCH_PATTERN_MS") ?? 1000);
+/** Rounds; each gives one ratio per pattern (the two disks measured back to back), the median is reported. */
+const REPS = 4;
 const PATTERNS = ["seqread", "seqwrite", "rand4k"] as const;
 type Pattern = typeof PATTERNS[number];
 const BACKENDS = ["denovm", "qsd"] as const;
@@ -101,7 +103,9 @@ function guestScript(): string {
     for (const p of PATTERNS) {
       const order = rep % 2 === 0 ? ["a", "b"] : ["b", "a"];
       for (const d of order) {
-        rounds.push(`r=$(blk_io ${p} /mnt/${d}/data ${PATTERN_MS}); echo "$r backend=$(cat /mnt/${d}/name.txt)"`);
+        rounds.push(
+          `r=$(blk_io ${p} /mnt/${d}/data ${PATTERN_MS}); echo "$r backend=$(cat /mnt/${d}/name.txt) round=${rep}"`,
+        );
       }
     }
   }
@@ -159,26 +163,27 @@ try {
     );
   }
 
-  const sums = new Map<string, { bytes: number; ns: number }>();
-  const re = /BLKIO pattern=(\w+) ops=(\d+) bytes=(\d+) ns=(\d+) backend=(\w+)/g;
+  // Per round and pattern: each back end's MiB/s.
+  const runs = new Map<string, number>();
+  const re = /BLKIO pattern=(\w+) ops=(\d+) bytes=(\d+) ns=(\d+) backend=(\w+) round=(\d+)/g;
   for (const m of r.output.matchAll(re)) {
-    const key = `${m[5]}:${m[1]}`;
-    const s = sums.get(key) ?? { bytes: 0, ns: 0 };
-    s.bytes += Number(m[3]);
-    s.ns += Number(m[4]);
-    sums.set(key, s);
+    const ns = Number(m[4]);
+    if (ns > 0) runs.set(`${m[5]}:${m[1]}:${m[6]}`, Number(m[3]) / (1 << 20) / (ns / 1e9));
   }
-  const mibPerS = (b: BackendName, p: Pattern): number => {
-    const s = sums.get(`${b}:${p}`);
-    if (!s || s.ns === 0) throw new Error(`no ${p} result for ${b} in:\n${r.output}`);
-    return s.bytes / (1 << 20) / (s.ns / 1e9);
+  const mibPerS = (b: BackendName, p: Pattern, rep: number): number => {
+    const v = runs.get(`${b}:${p}:${rep}`);
+    if (v === undefined) throw new Error(`no ${p} result for ${b} in round ${rep}:\n${r.output}`);
+    return v;
   };
+  const reps = [...Array(REPS).keys()];
   const table: Record<BackendName, Record<Pattern, number>> = { denovm: {} as never, qsd: {} as never };
   for (const b of BACKENDS) {
-    for (const p of PATTERNS) table[b][p] = mibPerS(b, p);
-    progress(NAME, `${b}: ${PATTERNS.map((p) => `${p} ${table[b][p].toFixed(1)} MiB/s`).join(", ")}`);
+    for (const p of PATTERNS) table[b][p] = median(reps.map((rep) => mibPerS(b, p, rep)));
+    progress(NAME, `${b} (median): ${PATTERNS.map((p) => `${p} ${table[b][p].toFixed(1)} MiB/s`).join(", ")}`);
   }
-  const ratio = (p: Pattern) => Number((table.denovm[p] / table.qsd[p]).toFixed(3));
+  /** The median over rounds of the round's denovm / qemu-storage-daemon ratio. */
+  const ratio = (p: Pattern) =>
+    Number(median(reps.map((rep) => mibPerS("denovm", p, rep) / mibPerS("qsd", p, rep))).toFixed(3));
   const round = (t: Record<Pattern, number>) =>
     Object.fromEntries(PATTERNS.map((p) => [p, Number(t[p].toFixed(1))])) as Record<Pattern, number>;
   result(NAME, {
