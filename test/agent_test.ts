@@ -73,6 +73,29 @@ Deno.test("agent frames: encode/decode round trip, split delivery, junk skipped 
   assert.ok(junk.some((j) => /out of range/.test(j)) && junk.some((j) => /not JSON/.test(j)), junk.join("; "));
 });
 
+Deno.test("AgentClient: ready() and exec() on a silent transport reject with what timed out", async () => {
+  const sent: Uint8Array[] = [];
+  const client = new AgentClient({ write: (b) => sent.push(b), onData: () => {} });
+  await assert.rejects(client.ready({ timeout: 50 }), (e: Error) => {
+    assert.ok(e instanceof AgentTimeoutError);
+    assert.match(e.message, /^guest agent not ready after 50 ms/);
+    return true;
+  });
+  await assert.rejects(client.exec(["true"], { timeout: 50 }), {
+    name: "AgentTimeoutError",
+    message: 'exec ["true"] timed out after 50 ms',
+  });
+  // The exec request, then the kill for it after the timeout.
+  const headers: Record<string, unknown>[] = [];
+  const d = new FrameDecoder((f) => headers.push(f.header), (j) => assert.fail(j));
+  sent.forEach((b) => d.push(b));
+  const tail = headers.filter((h) => h.op !== "ping");
+  assert.deepEqual(tail, [{ id: 1, op: "exec", timeout_ms: 50, argv: ["true"] }, { op: "kill", id: 1 }]);
+  assert.ok(headers.some((h) => h.op === "ping"));
+  client.close();
+  await assert.rejects(client.exec("true"), /closed/);
+});
+
 /** The agent's shared checks, run against any transport. `raw` writes bytes to the agent unframed. */
 async function exerciseAgent(client: AgentClient, raw: (b: Uint8Array) => void, kernelVersion?: string) {
   const errors: string[] = [];
@@ -180,6 +203,12 @@ Deno.test({
       // Killed by a signal: 128 + signal.
       const k = await client.exec("kill -9 $$");
       assert.deepEqual([k.code, k.signal], [137, 9]);
+      // Aborting a request rejects it and kills the command; the agent keeps serving.
+      const ac = new AbortController();
+      const aborted = client.exec("sleep 30", { signal: ac.signal });
+      ac.abort();
+      await assert.rejects(aborted, /exec "sleep 30" aborted/);
+      assert.equal((await client.exec("echo after-abort")).stdout, "after-abort\n");
       const cwd = await client.exec("pwd", { cwd: "/tmp" });
       assert.equal(cwd.stdout, "/tmp\n");
     } finally {

@@ -289,6 +289,10 @@ export class AgentClient {
     const frame = await this.#request(id, header, stdin, timeout, describe(cmd), opts.signal);
     const h = frame.header;
     if (h.op !== "exit") throw new AgentError(`exec ${describe(cmd)}: unexpected reply op ${JSON.stringify(h.op)}`);
+    // The agent's own timer (it got timeout_ms too) may fire before ours when the host is busy.
+    if (h.timed_out === true) {
+      throw new AgentTimeoutError(describe(cmd), timeout, `exec ${describe(cmd)} timed out after ${timeout} ms`);
+    }
     const outLen = Number(h.stdout_len ?? 0);
     const errLen = Number(h.stderr_len ?? 0);
     if (!Number.isInteger(outLen) || !Number.isInteger(errLen) || outLen + errLen !== frame.payload.length) {
