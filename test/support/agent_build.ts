@@ -3,7 +3,7 @@
 
 const REPO_ROOT = new URL("../../", import.meta.url).pathname;
 export const AGENT_SOURCE = `${REPO_ROOT}agent/agent.c`;
-const GCC_ARGS = ["-static", "-O2", "-Wall", "-Wextra", "-Werror"];
+const GCC_ARGS = ["-static", "-O2", "-Wall", "-Wextra"];
 
 export function agentCacheDir(): string {
   return `${Deno.env.get("DENOVM_CACHE") ?? `${REPO_ROOT}.cache`}/agent`;
