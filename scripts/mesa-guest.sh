@@ -23,7 +23,8 @@ out="$cache/mesa-guest"
 SUITE=bookworm
 MIRROR=http://deb.debian.org/debian
 PACKAGES=(kmscube mesa-utils libgl1-mesa-dri libegl1 libgles2 libgbm1)
-MODULES=(virtio_mmio virtio_blk ext4 virtio_gpu)
+# crc32c_generic: ext4 asks the crypto API for crc32c when it mounts (no depends= names it).
+MODULES=(virtio_mmio virtio_blk crc32c_generic ext4 virtio_gpu)
 BUSYBOX=/bin/busybox
 # Bump when the root's contents or its init change: a stale image is rebuilt.
 ROOT_STAMP="v1 $SUITE ${PACKAGES[*]}"
@@ -113,7 +114,8 @@ else
       grep -qE "/(${name}|${1//_/-})\.ko$" "$moddir/modules.builtin" && return 0
       die "module $name not found in $moddir"
     fi
-    for dep in $(modinfo -F depends "$path" | tr ',' ' '); do add_module "$dep"; done
+    # The .modinfo section's NUL-separated "depends=a,b" string (what modinfo -F depends prints).
+    for dep in $(tr '\0' '\n' <"$path" | sed -n 's/^depends=//p' | head -n 1 | tr ',' ' '); do add_module "$dep"; done
     order+=("$path")
   }
   for m in "${MODULES[@]}"; do add_module "$m"; done
@@ -124,7 +126,9 @@ else
   insmods=""
   for p in "${order[@]}"; do
     cp "$p" "$stage/lib/modules/"
-    insmods+="insmod /lib/modules/$(basename "$p")"$'\n'
+    b="$(basename "$p")"
+    # insmod, unlike modprobe, does not read /proc/cmdline: pass "module.param=value" words on.
+    insmods+="insmod /lib/modules/$b \$(params ${b%.ko})"$'\n'
   done
   cat >"$stage/init" <<EOF
 #!/bin/busybox sh
@@ -132,6 +136,12 @@ else
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# The kernel command line's NAME.param=value words for module NAME (dashes read as underscores).
+params() {
+  for w in \$(cat /proc/cmdline); do
+    case "\$w" in "\$(echo \$1 | tr - _)".*=*) echo "\${w#*.}" ;; esac
+  done
+}
 $insmods
 # virtio-mmio devices probe asynchronously: wait for the disk.
 i=0

@@ -13,7 +13,7 @@
 // the framebuffer as it is when the socket can take them, so a slow front end sees fewer, larger
 // updates and never makes the device wait or queue frames without bound.
 
-import { closeFd } from "../../ffi/libc.ts";
+import { closeFd, EAGAIN, EINTR, errno, libc, pollAsync, POLLERR, POLLHUP, POLLOUT, SysError } from "../../ffi/libc.ts";
 import { GpuDevice, type GpuDeviceOptions } from "../virtio/gpu/device.ts";
 import type { Rect } from "../virtio/gpu/backend.ts";
 import type { VhostUserRequestHandler } from "./backend.ts";
@@ -212,7 +212,27 @@ export class GpuDisplaySocket {
         await new Promise<void>((resolve) => this.#wake = resolve);
         continue;
       }
-      await this.#stream.send(msg);
+      await this.#send(msg);
+    }
+  }
+
+  /** Write all of `msg` (no copies: write(2) straight from the array), waiting while the socket is full. */
+  async #send(msg: Uint8Array): Promise<void> {
+    const fd = this.#stream.fd;
+    let off = 0;
+    while (off < msg.length) {
+      if (this.#closed) throw new WaitCancelled();
+      const n = Number(libc().write(fd, msg.subarray(off), BigInt(msg.length - off)));
+      if (n >= 0) {
+        off += n;
+        continue;
+      }
+      const e = errno();
+      if (e === EINTR) continue;
+      if (e !== EAGAIN) throw new SysError("write", e);
+      const rev = await pollAsync([fd, this.#waker.fd], POLLOUT, -1);
+      if (this.#waker.woken) throw new WaitCancelled();
+      if (rev[0] & (POLLERR | POLLHUP) && !(rev[0] & POLLOUT)) throw new ConnectionClosed();
     }
   }
 
