@@ -231,8 +231,11 @@ class Session implements VirtioInterrupt {
     this.counters.kicks++;
     if (!r.enabled) return;
     const index = this.#rings.indexOf(r);
-    if (!this.#active) this.#activate(true);
-    if (this.#active && r.queue) this.#device.queueNotify(index);
+    if (!this.#active) {
+      this.#activate(true); // activation looks at every ready ring, this one included
+      return;
+    }
+    if (r.queue) this.#device.queueNotify(index);
   }
 
   // ---- Message handling ----
@@ -480,6 +483,11 @@ class Session implements VirtioInterrupt {
     this.#active = true;
     this.counters.activations++;
     this.#device.activate({ mem, queues, ackedFeatures: this.#ackedFeatures, interrupt: this });
+    // A front end may kick before it enables a ring (QEMU does); such kicks were consumed without
+    // being served, so look at every ring once now. A ring with nothing available costs one read.
+    queues.forEach((q, i) => {
+      if (q && !q.error) this.#device.queueNotify(i);
+    });
   }
 
   /** Stop the device; rings remember where they were. */
