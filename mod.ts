@@ -10,6 +10,10 @@ import { defaultVmConfig, type SerialConfig, type VmConfig } from "./vmm/config.
 import { ConsoleLog } from "./vmm/console_log.ts";
 import { Machine } from "./vmm/machine.ts";
 import { InputDevice } from "./devices/virtio/input.ts";
+import { AgentClient, type ExecOptions } from "./vmm/agent_client.ts";
+
+/** Bytes a console port buffers for the guest (ConsoleDevice's default inputLimit): the largest agent request. */
+const AGENT_PORT_INPUT_LIMIT = 1024 * 1024;
 import { compareImages, type CompareOptions, decodePng, type Image } from "./vmm/screen.ts";
 
 export { ConsoleTimeoutError } from "./vmm/console_log.ts";
@@ -96,6 +100,9 @@ export class Vm {
   /** The GPU's copy counters. */
   readonly gpu: { stats: () => object };
   readonly #machine: Machine;
+  #agent: Promise<AgentClient> | undefined;
+  /** The web display's URL with its access token (gpu displays with mode "web"). */
+  webDisplayUrl: string | undefined;
   readonly #artifactsDir: string;
 
   private constructor(machine: Machine, console: ConsoleLog, artifactsDir: string) {
@@ -127,6 +134,7 @@ export class Vm {
     const vm = new Vm(machine, log, artifactsDir ?? Deno.env.get("DENOVM_ARTIFACTS") ?? "artifacts");
     try {
       await machine.startControlSocket();
+      vm.webDisplayUrl = await machine.startWebDisplay();
       await machine.start();
     } catch (e) {
       machine.close();
@@ -161,6 +169,29 @@ export class Vm {
   /** Stop the VM (as crosvm `stop`); resolves to its exit code (0 unless it had already ended otherwise). */
   async stop(): Promise<number> {
     return await this.#machine.stop();
+  }
+
+  /**
+   * Run a command in the guest through the guest agent (agent/README.md) on the virtio-console port
+   * org.denovm.agent: boot with `agent: true` and start `denovm-agent` in the guest. Waits for the
+   * agent's hello first (up to `readyTimeout`, default 60 s).
+   */
+  async exec(
+    cmd: string | string[],
+    opts: ExecOptions & { readyTimeout?: number } = {},
+  ): Promise<{ code: number; stdout: string; stderr: string }> {
+    const port = this.#machine.agentPort;
+    if (!port) throw new Error("vm.exec needs the guest agent's port: boot with { agent: true }");
+    this.#agent ??= (async () => {
+      const client = new AgentClient(port, { maxWrite: AGENT_PORT_INPUT_LIMIT });
+      await client.ready({ timeout: opts.readyTimeout ?? 60_000 });
+      return client;
+    })();
+    const client = await this.#agent.catch((e) => {
+      this.#agent = undefined;
+      throw new Error(`${(e as Error).message}\n--- last console lines ---\n${this.console.tail()}`);
+    });
+    return await client.exec(cmd, opts);
   }
 
   /** Press the ACPI power button (the guest sees the event; a Linux guest with acpid or systemd powers off). */

@@ -127,6 +127,11 @@ export interface VmConfig {
   gpu?: GpuConfig;
   /** Control socket path. */
   socket?: string;
+  /**
+   * Add a virtio-console device with the guest agent's named port (org.denovm.agent; agent/README.md),
+   * for the library's vm.exec(). Off by default; `--agent` on the command line.
+   */
+  agent?: boolean;
   /** Add `virtio_mmio.device=` arguments for each virtio-mmio device to the kernel command line. */
   virtioMmioCmdline: boolean;
   logLevel?: string;

@@ -10,6 +10,10 @@ import { PvPanic } from "../devices/legacy/pvpanic.ts";
 import { Serial, UART_REGISTER_COUNT } from "../devices/legacy/serial.ts";
 import { type SharedMemoryMapper, VIRTIO_ID_GPU, type VirtioDevice } from "../devices/virtio/device.ts";
 import { VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport } from "../devices/virtio/mmio.ts";
+import type { ConsolePort } from "../devices/virtio/console.ts";
+import { GpuDevice } from "../devices/virtio/gpu/device.ts";
+import { InputDevice } from "../devices/virtio/input.ts";
+import { WebDisplay } from "./web_display/server.ts";
 import { virtioMmioCmdlineArgs, writeAcpiTables } from "./acpi.ts";
 import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./boot/kernel.ts";
 import { Bus } from "./bus.ts";
@@ -122,8 +126,11 @@ export class Machine {
   #exitCode: number | undefined;
   #closed = false;
   #controlServer: ControlServer | undefined;
+  #webDisplay: WebDisplay | undefined;
   /** Resolves with crosvm's exit code when the VM ends. */
   readonly exitCode: Promise<number>;
+  /** The guest agent's console port (config.agent). */
+  agentPort: ConsolePort | undefined;
   /** Why the VM ended, one line (for the library and logs). */
   exitReason = "";
 
@@ -157,6 +164,7 @@ export class Machine {
     let vm: Vm | undefined;
     let memory: OwnedGuestMemory | undefined;
     let devices: VirtioDevice[] = [];
+    let agentPort: ConsolePort | undefined;
     const hostIo = new HostIo(config.serials, { onConsoleOutput: opts.onConsoleOutput, noStdin: opts.noStdin });
     try {
       memory = OwnedGuestMemory.allocate(ramRanges(memBytes));
@@ -187,6 +195,7 @@ export class Machine {
         defaultVsockPath: `${config.socket ?? `/tmp/denovm-${Deno.pid}`}.vsock`,
       });
       devices = created.devices;
+      agentPort = created.agentPort;
       for (const c of created.consoles) await hostIo.attachInput(c.serial, (b) => c.device.sendInput(b));
       const resources = devices.map((_, i) => ({
         base: VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE,
@@ -216,6 +225,7 @@ export class Machine {
       vm = new Vm(kvm);
       vm.addGuestMemory(memory);
       const m = new Machine(config, opts, kvm, vm, memory, cmdline, hostIo);
+      m.agentPort = agentPort;
       await m.#addLegacyDevices();
       m.#addVirtioDevices(devices, resources);
       m.#createVcpus(kernel.entry);
@@ -476,6 +486,31 @@ export class Machine {
     await Deno.writeFile(path, this.screenshot());
   }
 
+  /**
+   * Serve `--gpu displays=[[mode=web,port=N]]` as a web page on 127.0.0.1 (vmm/web_display/); returns
+   * its URL, which carries the VM's access token, or undefined when no display asks for it.
+   */
+  async startWebDisplay(): Promise<string | undefined> {
+    const web = this.config.gpu?.displays.find((d) => d.mode === "web");
+    if (!web) return undefined;
+    const gpu = this.virtio.find((v) => v.device instanceof GpuDevice)?.device as GpuDevice | undefined;
+    if (!gpu) return undefined;
+    const inputs = this.virtio.map((v) => v.device).filter((d): d is InputDevice => d instanceof InputDevice);
+    const server = new WebDisplay({
+      display: gpu.display,
+      input: {
+        keyboard: inputs.find((d) => d.kind === "keyboard"),
+        pointer: inputs.find((d) => d.kind === "mouse"),
+        touch: inputs.find((d) => d.kind === "multi-touch" || d.kind === "single-touch"),
+      },
+      stats: () => gpu.gpuStats(),
+      port: web.port ?? 0,
+    });
+    const { url } = await server.start();
+    this.#webDisplay = server;
+    return url;
+  }
+
   /** Serve the control socket (-s/--socket) until the VM ends. */
   async startControlSocket(): Promise<void> {
     if (!this.config.socket) return;
@@ -509,6 +544,7 @@ export class Machine {
     if (this.#closed) return;
     this.#closed = true;
     void this.#controlServer?.close();
+    void this.#webDisplay?.close();
     this.hostIo.close();
     for (const v of this.virtio) {
       try {

@@ -10,6 +10,8 @@ export async function runVm(config: VmConfig): Promise<number> {
   Deno.addSignalListener("SIGINT", onSignal);
   try {
     await machine.startControlSocket();
+    const url = await machine.startWebDisplay();
+    if (url) console.error(`denovm: web display at ${url}`);
     await machine.start();
     const code = await machine.exitCode;
     const summary = machine.gpuSummary();

@@ -4,7 +4,8 @@
 
 import { BalloonDevice } from "../devices/virtio/balloon.ts";
 import { BlockDevice } from "../devices/virtio/block.ts";
-import { ConsoleDevice } from "../devices/virtio/console.ts";
+import { ConsoleDevice, type ConsolePort } from "../devices/virtio/console.ts";
+import { AGENT_PORT_NAME } from "./agent_client.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../devices/virtio/input.ts";
 import { Backend2D } from "../devices/virtio/gpu/backend_2d.ts";
@@ -44,6 +45,8 @@ export interface VirtioDeviceContext {
 export interface CreatedDevices {
   devices: VirtioDevice[];
   consoles: { serial: SerialConfig; device: ConsoleDevice }[];
+  /** The guest agent's port when config.agent is set. */
+  agentPort?: ConsolePort;
 }
 
 async function make<T>(what: string, f: () => T | Promise<T>): Promise<T> {
@@ -58,6 +61,7 @@ async function make<T>(what: string, f: () => T | Promise<T>): Promise<T> {
 export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceContext): Promise<CreatedDevices> {
   const devices: VirtioDevice[] = [];
   const consoles: CreatedDevices["consoles"] = [];
+  let agentPort: ConsolePort | undefined;
   try {
     for (const b of config.blocks) {
       devices.push(
@@ -100,6 +104,12 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
       devices.push(device);
       consoles.push({ serial: s, device });
     }
+    if (config.agent) {
+      // Port 0 is unused (its output is dropped); the agent speaks on the named port.
+      const device = new ConsoleDevice({ output: () => {}, ports: [AGENT_PORT_NAME] });
+      devices.push(device);
+      agentPort = device.openPort(AGENT_PORT_NAME);
+    }
     if (config.rng) devices.push(new RngDevice());
     if (config.balloon) devices.push(new BalloonDevice());
     for (const i of config.inputs) {
@@ -137,5 +147,5 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
     for (const d of devices) d.close?.();
     throw e;
   }
-  return { devices, consoles };
+  return { devices, consoles, agentPort };
 }

@@ -165,6 +165,10 @@ export const RUN_FLAGS: readonly FlagDef[] = [
   { long: "no-rng", help: "do not add a virtio-rng device" },
   { long: "no-balloon", help: "do not add a virtio-balloon device" },
   {
+    long: "agent",
+    help: "add a virtio-console port org.denovm.agent for the guest agent (agent/README.md; the library's vm.exec)",
+  },
+  {
     long: "virtio-mmio-cmdline",
     help: "describe each virtio-mmio device to the kernel with a virtio_mmio.device= argument",
   },

@@ -644,6 +644,9 @@ export function parseRunArgs(argv: readonly string[], options: ParseRunOptions =
       case "virtio-mmio-cmdline":
         cfg.virtioMmioCmdline = true;
         break;
+      case "agent":
+        cfg.agent = true;
+        break;
       case "print-config":
         printConfig = true;
         break;
