@@ -144,6 +144,7 @@ export class GpuDisplaySocket {
   readonly #announced = new Map<number, { width: number; height: number }>();
   #wake: (() => void) | undefined;
   #closed = false;
+  #sending = false;
   readonly done: Promise<void>;
 
   /** Take ownership of `fd` (one end of the front end's socket pair). */
@@ -170,6 +171,11 @@ export class GpuDisplaySocket {
 
   get closed(): boolean {
     return this.#closed;
+  }
+
+  /** Nothing waits to be sent and no write is under way (the front end has every update). */
+  get idle(): boolean {
+    return this.#control.length === 0 && this.#dirty.size === 0 && !this.#sending;
   }
 
   /** Scanout `id`'s framebuffer changed in `rect` (framebuffer coordinates). */
@@ -212,7 +218,12 @@ export class GpuDisplaySocket {
         await new Promise<void>((resolve) => this.#wake = resolve);
         continue;
       }
-      await this.#send(msg);
+      this.#sending = true;
+      try {
+        await this.#send(msg);
+      } finally {
+        this.#sending = false;
+      }
     }
   }
 

@@ -1,0 +1,323 @@
+// kmscube benchmark: real Mesa (Debian's virgl Gallium driver) in a Debian guest under QEMU 10 TCG
+// runs `kmscube -c N` twice in the same run: once with denovm's GPU device behind QEMU's
+// vhost-user-gpu front end (`denovm device gpu`), once with QEMU's own in-process virgl
+// (`-device virtio-gpu-gl-device`). Reports the frames per second of each (kmscube's own
+// "Rendered N frames in T sec" line), their ratio, and the bytes denovm's counters saw copied per
+// frame. Last line: {"bench":"kmscube","fps_ratio":..,"bytes_per_frame":..,...}.
+//
+// Also the harness the vhost-user-gpu test uses (exported): prerequisites (QEMU 10 from
+// bookworm-backports, the Mesa guest, the Debian kernel; scripts/qemu-backports.sh and
+// scripts/mesa-guest.sh fetch and build them once), the QEMU command line, a guest with its serial
+// console on stdio and the HMP monitor on a socket.
+
+import { join } from "node:path";
+import { progress, REPO_ROOT, result } from "./_common.ts";
+
+export const KMSCUBE_BENCH = "kmscube";
+/** Markers scripts/mesa-guest.sh's /sbin/denovm-init prints. */
+export const GUEST_START = "DENOVM-GUEST-START";
+export const GUEST_END = "DENOVM-GUEST-END";
+/** virglrenderer's library (Debian libvirglrenderer1), which `denovm device gpu` loads. */
+export const VIRGLRENDERER_LIB = "/usr/lib/x86_64-linux-gnu/libvirglrenderer.so.1";
+/** Guest RAM: Mesa and llvmpipe-backed virgl need more than the small test guests. */
+export const MESA_GUEST_MEM_MIB = 512;
+/**
+ * Guest kernel words: serial console, exit on panic, fixed timing figures under TCG (as
+ * test/support/qemu.ts), and no fbdev emulation: without fbcon nothing redraws the screen after a
+ * client exits, so the last frame a client showed stays in the device's framebuffer.
+ */
+export const MESA_KERNEL_ARGS = [
+  "console=ttyS0",
+  "panic=-1",
+  "quiet",
+  "tsc_early_khz=2000000",
+  "lpj=4000000",
+  "drm_kms_helper.fbdev_emulation=0",
+];
+
+export interface MesaSetup {
+  qemu: string;
+  /** QEMU_MODULE_DIR for the unpacked QEMU (its modules, not the host's QEMU 7.2 ones). */
+  moduleDir: string;
+  /** -L: firmware (qboot.rom). */
+  dataDir: string;
+  kernel: string;
+  rootImage: string;
+  initramfs: string;
+}
+
+async function script(name: string): Promise<{ dir?: string; error?: string }> {
+  const out = await new Deno.Command("bash", {
+    args: [join(REPO_ROOT, "scripts", name)],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const stderr = new TextDecoder().decode(out.stderr).trim();
+  if (!out.success) return { error: `scripts/${name} failed: ${stderr.split("\n").pop()}` };
+  return { dir: new TextDecoder().decode(out.stdout).trim().split("\n").pop() };
+}
+
+/** Everything the Mesa guest runs need, fetched/built on first use; a string is the reason it cannot run. */
+export async function mesaPrerequisites(): Promise<MesaSetup | string> {
+  if (Deno.build.os !== "linux" || Deno.build.arch !== "x86_64") return "needs x86_64 Linux";
+  try {
+    Deno.statSync(VIRGLRENDERER_LIB);
+  } catch {
+    return `${VIRGLRENDERER_LIB} missing (apt-get install libvirglrenderer1)`;
+  }
+  const q = await script("qemu-backports.sh");
+  if (q.error) return q.error;
+  const m = await script("mesa-guest.sh");
+  if (m.error) return m.error;
+  const k = await script("debian-kernel.sh");
+  if (k.error) return k.error;
+  const version = Deno.readTextFileSync(`${k.dir}/version`).trim();
+  const root = `${q.dir}/root`;
+  return {
+    qemu: `${root}/usr/bin/qemu-system-x86_64`,
+    moduleDir: `${root}/usr/lib/x86_64-linux-gnu/qemu`,
+    dataDir: `${root}/usr/share/qemu`,
+    kernel: `${k.dir}/vmlinuz`,
+    rootImage: `${m.dir}/root.ext4`,
+    initramfs: `${m.dir}/initramfs-${version}.cpio`,
+  };
+}
+
+export interface MesaGuestOptions {
+  /** The GPU: denovm's back end on a vhost-user socket, or QEMU's in-process virgl. */
+  gpu: { vhostUserSocket: string } | { qemuVirgl: true };
+  /** Shell command the guest runs (busybox sh is not there: this is Debian's /bin/sh). */
+  command: string;
+  /** HMP monitor socket path (screendump). */
+  monitor?: string;
+  /** Kill QEMU after this long (a hang guard; default 300 s). */
+  hangGuardMs?: number;
+}
+
+/** The QEMU 10 command line for a Mesa guest. */
+export function mesaQemuArgs(s: MesaSetup, o: MesaGuestOptions): string[] {
+  const mem = MESA_GUEST_MEM_MIB;
+  // Kernel command line: the guest command travels as denovm_cmd="..." (init's environment).
+  if (o.command.includes('"')) throw new Error("the guest command cannot contain a double quote (kernel quoting)");
+  const args = [
+    "-L",
+    s.dataDir,
+    "-bios",
+    "qboot.rom",
+    "-M",
+    "microvm,accel=tcg,pit=on,pic=on,rtc=on,memory-backend=mem",
+    "-cpu",
+    "max",
+    "-m",
+    `${mem}M`,
+    // vhost-user back ends map guest RAM: a shared memfd.
+    "-object",
+    `memory-backend-memfd,id=mem,size=${mem}M,share=on`,
+    "-global",
+    "virtio-mmio.force-legacy=false",
+    "-nodefaults",
+    "-no-reboot",
+    "-serial",
+    "stdio",
+    // A GL-capable display without a GPU: QEMU's egl-headless on Mesa's software GBM.
+    "-display",
+    "egl-headless,rendernode=/dev/null",
+    "-drive",
+    `file=${s.rootImage},if=none,id=root,format=raw,readonly=on`,
+    "-device",
+    "virtio-blk-device,drive=root",
+    "-kernel",
+    s.kernel,
+    "-initrd",
+    s.initramfs,
+    "-append",
+    [...MESA_KERNEL_ARGS, `denovm_cmd="${o.command}"`].join(" "),
+  ];
+  if ("vhostUserSocket" in o.gpu) {
+    args.push("-chardev", `socket,id=gpu,path=${o.gpu.vhostUserSocket}`, "-device", "vhost-user-gpu,chardev=gpu");
+  } else {
+    args.push("-device", "virtio-gpu-gl-device");
+  }
+  if (o.monitor) args.push("-monitor", `unix:${o.monitor},server=on,wait=off`);
+  return args;
+}
+
+/** A Mesa guest under QEMU 10 with its console on stdio (stdin writable: the guest may `read`). */
+export class MesaGuest {
+  readonly args: string[];
+  readonly #child: Deno.ChildProcess;
+  readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #waiters: { re: RegExp; resolve: () => void }[] = [];
+  readonly #done: Promise<{ code: number; output: string; killed: boolean }>;
+  #output = "";
+  #killed = false;
+
+  constructor(s: MesaSetup, o: MesaGuestOptions) {
+    this.args = mesaQemuArgs(s, o);
+    const child = new Deno.Command(s.qemu, {
+      args: this.args,
+      env: { QEMU_MODULE_DIR: s.moduleDir, GBM_ALWAYS_SOFTWARE: "1" },
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    this.#child = child;
+    this.#stdin = child.stdin.getWriter();
+    const dec = new TextDecoder();
+    const pump = async (stream: ReadableStream<Uint8Array>) => {
+      for await (const chunk of stream) {
+        this.#output += dec.decode(chunk, { stream: true });
+        for (const w of [...this.#waiters]) {
+          if (w.re.test(this.#output)) {
+            this.#waiters.splice(this.#waiters.indexOf(w), 1);
+            w.resolve();
+          }
+        }
+      }
+    };
+    const guard = setTimeout(() => this.kill(), o.hangGuardMs ?? 300_000);
+    this.#done = (async () => {
+      const [status] = await Promise.all([child.status, pump(child.stdout), pump(child.stderr)]);
+      clearTimeout(guard);
+      return { code: status.code, output: this.#output, killed: this.#killed };
+    })();
+  }
+
+  get output(): string {
+    return this.#output;
+  }
+
+  /** Resolves when the output matches `re`; rejects if QEMU exits first. */
+  waitFor(re: RegExp): Promise<void> {
+    if (re.test(this.#output)) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.#waiters.push({ re, resolve });
+      this.#done.then(() => {
+        if (!re.test(this.#output)) reject(new Error(`QEMU exited before printing ${re}:\n${this.#output}`));
+      });
+    });
+  }
+
+  /** Type on the guest's serial console. */
+  async type(text: string): Promise<void> {
+    await this.#stdin.write(new TextEncoder().encode(text));
+  }
+
+  wait(): Promise<{ code: number; output: string; killed: boolean }> {
+    return this.#done.finally(() => this.#stdin.close().catch(() => {}));
+  }
+
+  kill(): void {
+    this.#killed = true;
+    try {
+      this.#child.kill("SIGKILL");
+    } catch {
+      // gone
+    }
+  }
+}
+
+/** One HMP command on QEMU's monitor socket; resolves with its output (terminal escapes included). */
+export async function hmp(monitorPath: string, command: string): Promise<string> {
+  const conn = await Deno.connect({ transport: "unix", path: monitorPath });
+  const dec = new TextDecoder();
+  const reader = conn.readable.getReader();
+  let text = "";
+  const untilPrompt = async (count: number) => {
+    while ((text.match(/\(qemu\) /g) ?? []).length < count) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`QEMU monitor closed: ${text}`);
+      text += dec.decode(value, { stream: true });
+    }
+  };
+  try {
+    await untilPrompt(1);
+    await conn.write(new TextEncoder().encode(`${command}\n`));
+    await untilPrompt(2);
+    return text;
+  } finally {
+    reader.releaseLock();
+    conn.close();
+  }
+}
+
+/** A binary PPM (P6, maxval 255) as RGB bytes: QEMU's screendump format. */
+export function parsePpm(data: Uint8Array): { width: number; height: number; rgb: Uint8Array } {
+  // Header: "P6" whitespace width whitespace height whitespace maxval, one whitespace byte, pixels.
+  const head = new TextDecoder("latin1").decode(data.subarray(0, 64));
+  const m = head.match(/^P6\s+(\d+)\s+(\d+)\s+(\d+)\s/);
+  if (!m || m[3] !== "255") throw new Error(`not an 8-bit binary PPM: ${JSON.stringify(head.slice(0, 20))}`);
+  const width = Number(m[1]), height = Number(m[2]);
+  const rgb = data.subarray(m[0].length, m[0].length + width * height * 3);
+  if (rgb.length !== width * height * 3) throw new Error("PPM shorter than its header says");
+  return { width, height, rgb };
+}
+
+/** kmscube's last "Rendered N frames in T sec (F fps)" line. */
+export function kmscubeRate(output: string): { frames: number; seconds: number; fps: number } | undefined {
+  const all = [...output.matchAll(/Rendered (\d+) frames in ([\d.]+) sec \(([\d.]+) fps\)/g)];
+  const m = all.at(-1);
+  return m ? { frames: Number(m[1]), seconds: Number(m[2]), fps: Number(m[3]) } : undefined;
+}
+
+/** The GL renderer kmscube printed (`renderer: "..."`). */
+export function kmscubeRenderer(output: string): string | undefined {
+  return output.match(/renderer: "([^"]*)"/)?.[1];
+}
+
+// ---- the benchmark ----
+
+/** Frames per run: long enough for several of kmscube's two-second reports. */
+const FRAMES = Number(Deno.env.get("KMSCUBE_FRAMES") ?? 600);
+
+async function runGuest(s: MesaSetup, gpu: MesaGuestOptions["gpu"]): Promise<{ fps: number; frames: number }> {
+  const g = new MesaGuest(s, { gpu, command: `kmscube -c ${FRAMES}` });
+  const r = await g.wait();
+  const rate = kmscubeRate(r.output);
+  const renderer = kmscubeRenderer(r.output);
+  if (!rate || !renderer?.includes("virgl")) {
+    throw new Error(`kmscube did not report a virgl frame rate (exit ${r.code}):\n${r.output.slice(-3000)}`);
+  }
+  return rate;
+}
+
+async function main(): Promise<void> {
+  const s = await mesaPrerequisites();
+  if (typeof s === "string") {
+    result(KMSCUBE_BENCH, { skipped: s });
+    return;
+  }
+  const { JsonLineClient, DeviceBackendProcess } = await import("../test/support/qemu.ts");
+  const dir = await Deno.makeTempDir({ prefix: "denovm-kmscube-" });
+  const sock = join(dir, "gpu.sock"), control = join(dir, "control.sock");
+  const dev = await DeviceBackendProcess.start("gpu", ["--socket-path", sock, "--control-socket", control]);
+  let denovm, stats;
+  try {
+    progress(KMSCUBE_BENCH, `denovm device gpu behind vhost-user-gpu: kmscube -c ${FRAMES}`);
+    denovm = await runGuest(s, { vhostUserSocket: sock });
+    const c = await JsonLineClient.connect(control);
+    stats = await c.call({ stats: true }) as {
+      gpu: { totals: { bytesCopied: number }; streams: { submits: number; streamBytes: number } };
+      display: { updateBytes: number };
+    };
+    c.close();
+  } finally {
+    await dev.stop();
+  }
+  progress(KMSCUBE_BENCH, `QEMU's in-process virgl (virtio-gpu-gl-device): kmscube -c ${FRAMES}`);
+  const qemu = await runGuest(s, { qemuVirgl: true });
+  await Deno.remove(dir, { recursive: true }).catch(() => {});
+  const submits = Math.max(1, stats.gpu.streams.submits);
+  result(KMSCUBE_BENCH, {
+    fps_ratio: Number((denovm.fps / qemu.fps).toFixed(3)),
+    bytes_per_frame: Math.round(stats.gpu.totals.bytesCopied / submits),
+    denovm_fps: denovm.fps,
+    qemu_virgl_fps: qemu.fps,
+    frames: FRAMES,
+    stream_bytes_per_frame: Math.round(stats.gpu.streams.streamBytes / submits),
+    display_update_bytes_per_frame: Math.round(stats.display.updateBytes / submits),
+  });
+}
+
+if (import.meta.main) await main();
