@@ -64,6 +64,19 @@ import { CMD_PAUSE, CMD_RUN, CMD_STOP, CTL_COMMAND, CTL_PAUSED, CTL_SLOTS } from
 import { HostError, Kvm, Vm } from "./vm.ts";
 import { installKickHandler } from "../ffi/libc.ts";
 
+/** What Machine needs of a VM (vmm/vm.ts Vm): memory slots, interrupt lines, irqfd and ioeventfd. */
+export type VmHandle = Pick<
+  Vm,
+  | "addGuestMemory"
+  | "addSlot"
+  | "removeSlot"
+  | "pulseIrq"
+  | "registerIrqfd"
+  | "registerIoeventfd"
+  | "createVcpu"
+  | "close"
+>;
+
 /** A problem with what the user asked for, found while building the VM: crosvm exits 35. */
 export class ConfigError extends Error {
   readonly exitCode = EXIT_INVALID_ARGS;
@@ -87,6 +100,12 @@ export interface MachineOptions {
   debugExit?: boolean;
   /** Do not read the process's stdin even when a serial port asks for it (library use). */
   noStdin?: boolean;
+  /**
+   * Build on this VM instead of opening /dev/kvm. Such a machine has devices, buses and guest memory
+   * but no vCPUs: start() runs only its device side. Tests use it to drive the assembled devices as
+   * a guest would.
+   */
+  vm?: VmHandle;
   /** One-line log messages (defaults to stderr). */
   log?: (line: string) => void;
 }
@@ -115,8 +134,8 @@ export class Machine {
   readonly serials: Serial[] = [];
   readonly virtio: VirtioSlot[] = [];
   readonly cmdline: string;
-  readonly #kvm: Kvm;
-  readonly #vm: Vm;
+  readonly #kvm: Kvm | undefined;
+  readonly #vm: VmHandle;
   readonly #vcpuFds: number[] = [];
   readonly #vcpus: Vcpu[] = [];
   readonly #control = new SharedArrayBuffer(CTL_SLOTS * 4);
@@ -137,8 +156,8 @@ export class Machine {
   private constructor(
     readonly config: VmConfig,
     readonly opts: MachineOptions,
-    kvm: Kvm,
-    vm: Vm,
+    kvm: Kvm | undefined,
+    vm: VmHandle,
     memory: OwnedGuestMemory,
     cmdline: string,
     readonly hostIo: HostIo,
@@ -161,7 +180,7 @@ export class Machine {
     // Everything that only needs the user's files is checked before KVM is opened, so bad input
     // gets exit 35 on any host.
     let kvm: Kvm | undefined;
-    let vm: Vm | undefined;
+    let vm: VmHandle | undefined;
     let memory: OwnedGuestMemory | undefined;
     let devices: VirtioDevice[] = [];
     let agentPort: ConsolePort | undefined;
@@ -219,16 +238,20 @@ export class Machine {
       const acpiVirtio = config.virtioMmioCmdline ? [] : resources;
       writeAcpiTables(memory, { cpus: config.cpus, virtioMmio: acpiVirtio, serial: serialPorts });
 
-      kvm = new Kvm();
-      const max = kvm.maxVcpus;
-      if (config.cpus > max) throw new ConfigError(`${config.cpus} vCPUs requested; this host's KVM allows ${max}`);
-      vm = new Vm(kvm);
+      if (opts.vm) {
+        vm = opts.vm;
+      } else {
+        kvm = new Kvm();
+        const max = kvm.maxVcpus;
+        if (config.cpus > max) throw new ConfigError(`${config.cpus} vCPUs requested; this host's KVM allows ${max}`);
+        vm = new Vm(kvm);
+      }
       vm.addGuestMemory(memory);
       const m = new Machine(config, opts, kvm, vm, memory, cmdline, hostIo);
       m.agentPort = agentPort;
       await m.#addLegacyDevices();
       m.#addVirtioDevices(devices, resources);
-      m.#createVcpus(kernel.entry);
+      if (kvm) m.#createVcpus(kvm, kernel.entry);
       return m;
     } catch (e) {
       for (const d of devices) d.close?.();
@@ -348,8 +371,8 @@ export class Machine {
     }
   }
 
-  #createVcpus(entry: number): void {
-    const supported = this.#kvm.supportedCpuid();
+  #createVcpus(kvm: Kvm, entry: number): void {
+    const supported = kvm.supportedCpuid();
     const hideCx16 = pvmHost();
     for (let id = 0; id < this.config.cpus; id++) {
       const fd = this.#vm.createVcpu(id);
@@ -367,6 +390,11 @@ export class Machine {
 
   /** Start the vCPUs; resolves when every Worker is in its loop. */
   async start(): Promise<void> {
+    if (!this.#kvm) {
+      // Built on MachineOptions.vm: the device side runs, there are no vCPUs.
+      this.#serveNotifies().catch((e) => this.#log(`virtio notify loop: ${(e as Error).message}`));
+      return;
+    }
     installKickHandler();
     const runSize = this.#kvm.vcpuMmapSize;
     this.#vcpuFds.forEach((vcpuFd, id) => {
@@ -557,7 +585,7 @@ export class Machine {
     }
     this.#vcpuFds.forEach(closeFd);
     this.#vm.close();
-    this.#kvm.close();
+    this.#kvm?.close();
     this.memory.close();
   }
 }
