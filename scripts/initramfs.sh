@@ -48,7 +48,7 @@ moddir="$kdir/root/lib/modules/$release"
 [[ -d "$moddir" ]] || die "no modules in $moddir"
 
 # Up to date? The stamp is a hash of this script, busybox and the kernel release.
-key="$(cat "${BASH_SOURCE[0]}" "$busybox" "$kdir/version" | sha256sum | cut -d' ' -f1)"
+key="$(cat "${BASH_SOURCE[0]}" "$busybox" "$kdir/version" "$repo/agent/agent.c" | sha256sum | cut -d' ' -f1)"
 if [[ -s "$out" && "$(cat "$out_dir/default.stamp" 2>/dev/null)" == "$key" ]]; then
   log "up to date: $out"
   echo "$out"
@@ -122,6 +122,8 @@ log "kernel $release: ${#order[@]} modules: ${order[*]}"
 
 cp "$busybox" "$stage/bin/busybox"
 ln -s busybox "$stage/bin/sh"
+# The guest agent (agent/README.md): /init starts it when the VM has its console port (`--agent`).
+gcc -static -O2 -Wall -o "$stage/bin/denovm-agent" "$repo/agent/agent.c" || die "building agent/agent.c failed (gcc, libc6-dev)"
 
 cat >"$stage/init" <<'EOF'
 #!/bin/busybox sh
@@ -157,6 +159,10 @@ for d in /sys/bus/virtio/devices/*; do
   devices="$devices $(basename "$d")=$(cat "$d/device"):$driver"
 done
 echo "denovm-init: virtio devices:${devices:- none}"
+# The guest agent serves vm.exec() on the port org.denovm.agent when the VM has one (--agent).
+if grep -qx org.denovm.agent /sys/class/virtio-ports/*/name 2>/dev/null; then
+  denovm-agent --port org.denovm.agent 2>/dev/console &
+fi
 echo DENOVM-INIT-OK
 
 for word in $(cat /proc/cmdline); do
