@@ -6,7 +6,7 @@
 //   vm.console.send("root\n");
 //   console.log(await vm.stop());
 
-import { defaultVmConfig, type SerialConfig, type VmConfig } from "./vmm/config.ts";
+import { defaultVmConfig, type GpuConfig, gpuConfig, type SerialConfig, type VmConfig } from "./vmm/config.ts";
 import { ConsoleLog } from "./vmm/console_log.ts";
 import { Machine } from "./vmm/machine.ts";
 import { InputDevice } from "./devices/virtio/input.ts";
@@ -18,7 +18,7 @@ import { compareImages, type CompareOptions, decodePng, type Image } from "./vmm
 
 export { ConsoleTimeoutError } from "./vmm/console_log.ts";
 export type { VmConfig } from "./vmm/config.ts";
-export { defaultVmConfig, kernelCommandLine } from "./vmm/config.ts";
+export { defaultVmConfig, gpuConfig, kernelCommandLine } from "./vmm/config.ts";
 export {
   EXIT_GUEST_PANIC,
   EXIT_HOST_ERROR,
@@ -33,7 +33,9 @@ export type { CompareOptions, Image, Region } from "./vmm/screen.ts";
 export { HostError } from "./vmm/vm.ts";
 
 /** What Vm.boot takes: a kernel and any VmConfig fields, plus library-only options. */
-export type BootConfig = Partial<VmConfig> & {
+export type BootConfig = Partial<Omit<VmConfig, "gpu">> & {
+  /** The GPU; unset keys take crosvm's defaults (vmm/config.ts gpuConfig). */
+  gpu?: Partial<GpuConfig>;
   kernel: string;
   /** Serve the test guests' debug exit port (a write of N ends the VM with exit code N). */
   debugExit?: boolean;
@@ -121,11 +123,12 @@ export class Vm {
 
   /** Build and start a VM. Rejects with ConfigError (bad config) or HostError (no KVM...). */
   static async boot(config: BootConfig): Promise<Vm> {
-    const { debugExit, echoConsole, artifactsDir, ...rest } = config;
+    const { debugExit, echoConsole, artifactsDir, gpu, ...rest } = config;
     const full: VmConfig = {
       ...defaultVmConfig(config.kernel),
       serials: [librarySerial(echoConsole ?? false)],
       ...rest,
+      ...(gpu ? { gpu: gpuConfig(gpu) } : {}),
     };
     const holder: { machine?: Machine } = {};
     const log = new ConsoleLog((text) => holder.machine?.sendInput(new TextEncoder().encode(text)));

@@ -175,6 +175,24 @@ export function defaultVmConfig(kernel: string): VmConfig {
   };
 }
 
+/** A GPU config with crosvm's defaults (gpu/parameters.rs GpuParameters::default) under `partial`. */
+export function gpuConfig(partial: Partial<GpuConfig> = {}): GpuConfig {
+  return {
+    backend: "2d",
+    contextTypes: [],
+    displays: [],
+    pciBarSize: DEFAULT_GPU_PCI_BAR_SIZE,
+    fixedBlobMapping: false,
+    egl: true,
+    gles: true,
+    glx: false,
+    surfaceless: true,
+    vulkan: false,
+    udmabuf: false,
+    ...partial,
+  };
+}
+
 /** Linux's name for the virtio block device at `index` in probe order: vda..vdz, vdaa, vdab, ... */
 export function diskName(index: number, prefix = "/dev/vd"): string {
   const ALPHABET_LEN = 26; // a..z
