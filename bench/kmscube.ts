@@ -299,7 +299,7 @@ async function main(): Promise<void> {
     const c = await JsonLineClient.connect(control);
     stats = await c.call({ stats: true }) as {
       gpu: { totals: { bytesCopied: number }; streams: { submits: number; streamBytes: number } };
-      display: { updateBytes: number };
+      display: { updateBytes: number; scanoutReadbackBytes: number };
     };
     c.close();
   } finally {
@@ -316,6 +316,7 @@ async function main(): Promise<void> {
     qemu_virgl_fps: qemu.fps,
     frames: FRAMES,
     stream_bytes_per_frame: Math.round(stats.gpu.streams.streamBytes / submits),
+    scanout_readback_bytes_per_frame: Math.round(stats.display.scanoutReadbackBytes / submits),
     display_update_bytes_per_frame: Math.round(stats.display.updateBytes / submits),
   });
 }

@@ -98,7 +98,14 @@ interface Stats {
     streams: { submits: number; virglCommands: number; truncated: number; streamBytes: number };
     commands: Record<string, { count: number; errors: number }>;
   };
-  display: { scanouts: number; updates: number; updateBytes: number; sockets: number; idle: boolean };
+  display: {
+    scanouts: number;
+    updates: number;
+    updateBytes: number;
+    sockets: number;
+    idle: boolean;
+    scanoutReadbackBytes: number;
+  };
   framebuffer: { width: number; height: number };
 }
 
@@ -223,6 +230,8 @@ Deno.test({
       assert.ok(st.gpu.commands.RESOURCE_FLUSH.count >= FRAMES);
       assert.equal(st.display.sockets, 1);
       assert.ok(st.display.scanouts >= 1 && st.display.updates >= 1);
+      // Every flush read the whole 1280x1024 frame back from the scanout resource.
+      assert.ok(st.display.scanoutReadbackBytes >= FRAMES * ours.width * ours.height * 4);
 
       await guest.type("\n");
       const r = await guest.wait();

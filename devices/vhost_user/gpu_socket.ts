@@ -309,6 +309,8 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
     coalesced: 0,
     frontEndFeatures: -1,
   };
+  /** Bytes RESOURCE_FLUSH read back from scanout resources into the framebuffer (a copy per frame). */
+  scanoutReadbackBytes = 0;
   /** Display sockets the front end gave. */
   socketsReceived = 0;
   #folded: GpuSocketCounters = { scanouts: 0, updates: 0, updateBytes: 0, coalesced: 0, frontEndFeatures: -1 };
@@ -317,6 +319,8 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
     super(opts);
     this.#socketLog = opts.log ?? ((line) => console.error(`vhost-user gpu: ${line}`));
     this.display.onUpdate((id, rect) => {
+      // RESOURCE_FLUSH read these pixels back from the scanout's resource into the framebuffer.
+      this.scanoutReadbackBytes += rect.width * rect.height * GPU_UPDATE_BYTES_PER_PIXEL;
       this.#socket?.update(id, rect);
       this.#refreshTotals();
     });
@@ -363,6 +367,7 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
       displayUpdates: this.socketTotals.updates,
       displayUpdateBytes: this.socketTotals.updateBytes,
       displayCoalesced: this.socketTotals.coalesced,
+      scanoutReadbackBytes: this.scanoutReadbackBytes,
     };
   }
 

@@ -106,7 +106,12 @@ export function handleGpuControl(dev: VhostUserGpuDevice, req: unknown): unknown
       ok: true,
       gpu: dev.gpuStats(),
       device: dev.stats(),
-      display: { ...dev.socketTotals, sockets: dev.socketsReceived, idle: dev.displaySocket?.idle ?? true },
+      display: {
+        ...dev.socketTotals,
+        sockets: dev.socketsReceived,
+        idle: dev.displaySocket?.idle ?? true,
+        scanoutReadbackBytes: dev.scanoutReadbackBytes,
+      },
       framebuffer: { width: dev.display.framebuffer(0).width, height: dev.display.framebuffer(0).height },
     };
   }
