@@ -38,7 +38,7 @@ packages=(
   # guests and front ends: user-mode Linux, QEMU (TCG reference and vhost-user front end)
   user-mode-linux qemu-system-x86 qemu-utils
   # initramfs, disk images, ACPI table compiler/disassembler
-  busybox-static cpio gzip xz-utils zstd e2fsprogs acpica-tools
+  busybox-static cpio gzip xz-utils zstd e2fsprogs acpica-tools debootstrap
   # networking (tap devices), process tools
   iproute2 procps util-linux
   # virtio-gpu: virglrenderer and Mesa (EGL, software GL drivers)
