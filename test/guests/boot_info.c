@@ -64,12 +64,7 @@
 static const char *ok(int good) { return good ? "ok" : "bad"; }
 
 static void report_entry(void) {
-  struct {
-    u16 limit;
-    u64 base;
-  } __attribute__((packed)) gdtr, idtr;
-  __asm__ volatile("sgdt %0" : "=m"(gdtr));
-  __asm__ volatile("sidt %0" : "=m"(idtr));
+  struct desc_ptr gdtr = sgdt();
   printf("ENTRY rsp=0x%llx rflags=0x%llx cs=0x%llx ds=0x%llx ss=0x%llx rsi=0x%llx\n", entry_rsp, entry_rflags,
          entry_cs, entry_ds, entry_ss, boot_params);
   printf("GDT base=0x%llx limit=0x%x\n", gdtr.base, gdtr.limit);

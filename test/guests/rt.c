@@ -58,6 +58,11 @@ int serial_getc(void) {
   return inb(COM1_BASE + UART_RBR);
 }
 
+int serial_poll(void) {
+  if (!(inb(COM1_BASE + UART_LSR) & UART_LSR_DR)) return -1;
+  return inb(COM1_BASE + UART_RBR);
+}
+
 static void put_unsigned(u64 v, unsigned base) {
   char buf[24];
   int i = 0;
@@ -172,10 +177,7 @@ static irq_handler handlers[IDT_VECTORS];
 extern const u64 isr_table[IDT_VECTORS];
 
 void idt_load(void) {
-  struct {
-    u16 limit;
-    u64 base;
-  } __attribute__((packed)) d = {sizeof(idt) - 1, (u64)idt};
+  struct desc_ptr d = {sizeof(idt) - 1, (u64)idt};
   __asm__ volatile("lidt %0" ::"m"(d));
 }
 
@@ -259,6 +261,34 @@ void ioapic_route(u32 pin, u8 vector, u32 dest_apic_id, int level, int active_lo
   ioapic_write(IOAPIC_REDTBL(pin), low);
 }
 
+/* ---- 8259 PIC data ports (OCW1 = interrupt mask) and 8254 PIT ---- */
+#define PIC1_DATA_PORT 0x21
+#define PIC2_DATA_PORT 0xa1
+#define PIC_MASK_ALL 0xff
+#define PIT_CH0_PORT 0x40
+#define PIT_CMD_PORT 0x43
+#define PIT_CMD_CH0_LOHI_MODE2 0x34 /* channel 0, lobyte/hibyte access, mode 2 (rate generator), binary */
+#define PIT_HZ 1193182              /* input clock */
+
+void pic_mask_all(void) {
+  outb(PIC1_DATA_PORT, PIC_MASK_ALL);
+  outb(PIC2_DATA_PORT, PIC_MASK_ALL);
+}
+
+void irq_route_here(struct irq_route route, u8 vector, irq_handler handler) {
+  pic_mask_all();
+  lapic_enable();
+  irq_register(vector, handler);
+  ioapic_route(route.pin, vector, lapic_id(), route.level, route.active_low);
+}
+
+void pit_start_periodic(u32 hz) {
+  u32 divisor = PIT_HZ / hz;
+  outb(PIT_CMD_PORT, PIT_CMD_CH0_LOHI_MODE2);
+  outb(PIT_CH0_PORT, (u8)divisor);
+  outb(PIT_CH0_PORT, (u8)(divisor >> 8));
+}
+
 /* ---- ACPI (ACPI 6.4 section 5.2) ---- */
 #define RSDP_SEARCH_END 0x100000 /* the BIOS read-only area ends at 1 MiB (ACPI 6.4 section 5.2.5.1) */
 #define RSDP_ALIGN 16
@@ -296,6 +326,38 @@ u64 acpi_find_table(const char sig[4]) {
     if (memcmp((const void *)t, sig, 4) == 0) return t;
   }
   return 0;
+}
+
+/* MADT interrupt source override (ACPI 6.4 section 5.2.12.5): offsets and MPS INTI flags. */
+#define MADT_ENTRIES 44
+#define MADT_TYPE_ISO 2
+#define ISO_SOURCE 3
+#define ISO_GSI 4
+#define ISO_FLAGS 8
+#define ISO_POLARITY_MASK 0x3
+#define ISO_POLARITY_LOW 0x3
+#define ISO_TRIGGER_SHIFT 2
+#define ISO_TRIGGER_MASK 0x3
+#define ISO_TRIGGER_LEVEL 0x3
+
+struct irq_route acpi_irq_route(u32 source, int level, int active_low) {
+  struct irq_route r = {source, level, active_low};
+  u64 madt = acpi_find_table("APIC");
+  if (!madt) return r;
+  u32 len = rd32(madt + SDT_LENGTH);
+  for (u32 off = MADT_ENTRIES; off + 2 <= len;) {
+    u8 type = rd8(madt + off), elen = rd8(madt + off + 1);
+    if (elen < 2) break;
+    if (type == MADT_TYPE_ISO && rd8(madt + off + ISO_SOURCE) == source) {
+      u16 flags = rd16(madt + off + ISO_FLAGS);
+      u32 polarity = flags & ISO_POLARITY_MASK, trigger = (flags >> ISO_TRIGGER_SHIFT) & ISO_TRIGGER_MASK;
+      r.pin = rd32(madt + off + ISO_GSI);
+      if (polarity) r.active_low = polarity == ISO_POLARITY_LOW;
+      if (trigger) r.level = trigger == ISO_TRIGGER_LEVEL;
+    }
+    off += elen;
+  }
+  return r;
 }
 
 /* ---- Entry from start.S ---- */

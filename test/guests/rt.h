@@ -56,6 +56,22 @@ static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
 static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 
+/* Operand of lgdt/lidt/sgdt/sidt: 16-bit limit, 64-bit base (Intel SDM vol. 3 section 3.5.1). */
+struct desc_ptr {
+  u16 limit;
+  u64 base;
+} __attribute__((packed));
+static inline struct desc_ptr sgdt(void) {
+  struct desc_ptr d;
+  __asm__ volatile("sgdt %0" : "=m"(d));
+  return d;
+}
+static inline struct desc_ptr sidt(void) {
+  struct desc_ptr d;
+  __asm__ volatile("sidt %0" : "=m"(d));
+  return d;
+}
+
 /* IA32_EFER (Intel SDM vol. 4, MSR 0xC0000080) and IA32_APIC_BASE (MSR 0x1B). */
 #define MSR_EFER 0xc0000080u
 #define MSR_APIC_BASE 0x1bu
@@ -78,6 +94,7 @@ void serial_init(void);
 void putc(char c);
 void puts(const char *s); /* no newline added */
 int serial_getc(void);    /* blocks polling LSR data-ready */
+int serial_poll(void);    /* the next received byte, or -1 when none is waiting (does not block) */
 /* printf-lite: %s %c %d %u %x %p, with l/ll size modifiers; %% */
 void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -105,6 +122,30 @@ u32 lapic_id(void);
 void lapic_eoi(void);
 void lapic_send_ipi(u32 apic_id, u32 icr_low);
 void ioapic_route(u32 pin, u8 vector, u32 dest_apic_id, int level, int active_low);
+
+/* Masks every input of both 8259 PICs (OCW1), so only the IOAPIC delivers. */
+void pic_mask_all(void);
+
+/* Where an interrupt source arrives on the IOAPIC, and how it is signalled. */
+struct irq_route {
+  u32 pin;
+  int level, active_low;
+};
+/*
+ * The route of interrupt `source` (an ISA IRQ, or the SCI): the MADT's interrupt source override for
+ * it (ACPI 6.4 section 5.2.12.5) if there is one, else the identity pin. `level` and `active_low` are
+ * kept where there is no override or where it says "conforms to the bus" (0).
+ */
+struct irq_route acpi_irq_route(u32 source, int level, int active_low);
+/*
+ * Delivers `route` to this CPU only through the IOAPIC: masks both 8259 PICs, enables this CPU's
+ * LAPIC, registers `handler` for `vector` and points the IOAPIC pin at it.
+ */
+void irq_route_here(struct irq_route route, u8 vector, irq_handler handler);
+
+/* ---- 8254 PIT (Intel 82C54 data sheet) ---- */
+#define ISA_IRQ_PIT 0                /* channel 0's output is ISA IRQ 0 */
+void pit_start_periodic(u32 hz);    /* channel 0, mode 2 (rate generator) at about `hz` interrupts a second */
 
 /* ---- ACPI tables (ACPI 6.4 chapter 5) ---- */
 int acpi_checksum_ok(u64 pa, u32 len);

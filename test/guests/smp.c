@@ -49,12 +49,7 @@ static void ap_entry64(void) {
 }
 
 static void start_ap(u32 apic_id, u32 index) {
-  struct {
-    u16 limit;
-    u64 base;
-  } __attribute__((packed)) gdtr, idtr;
-  __asm__ volatile("sgdt %0" : "=m"(gdtr));
-  __asm__ volatile("sidt %0" : "=m"(idtr));
+  struct desc_ptr gdtr = sgdt(), idtr = sidt();
   *(volatile u64 *)tramp_addr(tramp_cr3) = READ_CR(3);
   *(volatile u64 *)tramp_addr(tramp_stack) = (u64)&ap_stacks[index][AP_STACK_SIZE];
   *(volatile u64 *)tramp_addr(tramp_entry) = (u64)ap_entry64;

@@ -170,11 +170,6 @@ static const char HID_VIRTIO_MMIO[] = "LNRO0005"; /* Linux drivers/virtio/virtio
 #define WATCHDOG_COUNT 0x400000u  /* about 67 ms at a 1 GHz APIC clock / 16 */
 #define WATCHDOG_TICKS 150u       /* about 10 s of no completion: give up */
 
-/* 8259 PIC data ports (OCW1 = mask register): all masked, the IOAPIC delivers. */
-#define PIC1_DATA_PORT 0x21
-#define PIC2_DATA_PORT 0xa1
-#define PIC_MASK_ALL 0xff
-
 struct vdev {
   u64 base;
   u32 size, gsi;
@@ -541,8 +536,7 @@ void guest_main(void) {
   discover(dsdt);
   printf("VIRTIO found=%u\n", ndevs);
 
-  outb(PIC1_DATA_PORT, PIC_MASK_ALL);
-  outb(PIC2_DATA_PORT, PIC_MASK_ALL);
+  pic_mask_all();
   lapic_enable();
   irq_register(WATCHDOG_VECTOR, on_watchdog);
   wr32(APIC_START + LAPIC_TIMER_DIVIDE, LAPIC_TIMER_DIVIDE_BY_16);
