@@ -4,6 +4,8 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { layoutHeader } from "../test/guests/build.ts";
+import { KERNEL_START } from "../vmm/layout.ts";
+import type { BootConfig } from "../mod.ts";
 
 export const REPO_ROOT: string = join(dirname(fileURLToPath(import.meta.url)), "..");
 export const BENCH_DIR: string = join(REPO_ROOT, "bench");
@@ -127,4 +129,72 @@ export async function killChild(child: Deno.ChildProcess): Promise<void> {
 /** The Debian kernel folder (scripts/debian-kernel.sh prints it last). */
 export async function debianKernelDir(): Promise<string> {
   return (await run("bash", [join(REPO_ROOT, "scripts/debian-kernel.sh")])).trim().split("\n").pop()!;
+}
+
+/**
+ * Builds one of the exit benchmarks' freestanding loop guests (bench/guest/<source>, linked by
+ * bench/guest/exit_loop.ld at KERNEL_START, with layout.h from `dir`) as `dir`/`name`; `defines`
+ * become -DNAME=VALUE. Returns the ELF's path.
+ */
+export async function buildLoopGuest(
+  dir: string,
+  source: string,
+  name: string,
+  defines: Record<string, string | number>,
+): Promise<string> {
+  const out = join(dir, name);
+  await run("gcc", [
+    ...["-nostdlib", "-static", "-no-pie", "-fno-pic", `-I${dir}`],
+    ...["-Wl,--build-id=none", "-Wl,-z,noexecstack", "-Wl,-z,max-page-size=4096"],
+    `-Wl,--defsym=KERNEL_START=0x${KERNEL_START.toString(16)}`,
+    ...["-T", join(BENCH_DIR, "guest", "exit_loop.ld")],
+    ...Object.entries(defines).map(([k, v]) => `-D${k}=${v}`),
+    "-o",
+    out,
+    join(BENCH_DIR, "guest", source),
+  ]);
+  return out;
+}
+
+/** Compiles bench/c/<name>.c (a C KVM loop, with layout.h from `dir`) to `dir`/<name>; returns its path. */
+export async function buildBenchC(dir: string, name: string): Promise<string> {
+  const out = join(dir, name);
+  await run("gcc", ["-O2", "-Wall", "-Werror", `-I${dir}`, "-o", out, join(BENCH_DIR, "c", `${name}.c`)]);
+  return out;
+}
+
+/** Milliseconds from Vm.boot to the VM's end for `kernel`, a guest that takes the debug exit by itself. */
+export async function denovmRunMs(
+  kernel: string,
+  extra: Omit<BootConfig, "kernel"> = {},
+): Promise<number> {
+  const { Vm } = await import("../mod.ts");
+  const t0 = performance.now();
+  const vm = await Vm.boot({ kernel, params: [], memMiB: 64, cpus: 1, debugExit: true, ...extra });
+  const code = await vm.exitCode;
+  const ms = performance.now() - t0;
+  if (code !== 0) throw new Error(`guest ${kernel} ended with exit code ${code}: ${vm.exitReason}`);
+  return ms;
+}
+
+/**
+ * Nanoseconds per loop iteration under denovm: after one warm-up run (module loading, worker
+ * start-up), the median run time of `loopGuest` minus that of `emptyGuest` (the same guest with 0
+ * iterations) over `repeats` runs each, divided by `loops`.
+ */
+export async function denovmNsPerLoop(
+  emptyGuest: string,
+  loopGuest: string,
+  loops: number,
+  repeats: number,
+  extra: Omit<BootConfig, "kernel"> = {},
+): Promise<number> {
+  await denovmRunMs(emptyGuest, extra);
+  const base: number[] = [];
+  const full: number[] = [];
+  for (let i = 0; i < repeats; i++) {
+    base.push(await denovmRunMs(emptyGuest, extra));
+    full.push(await denovmRunMs(loopGuest, extra));
+  }
+  return ((median(full) - median(base)) * 1e6) / loops;
 }

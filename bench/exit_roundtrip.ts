@@ -9,11 +9,12 @@
 // Output: {"bench":"exit_roundtrip","loops":N,"c_ns_per_exit":..,"denovm_ns_per_exit":..,
 //          "denovm_device_ns_per_exit":..}
 
-import { join } from "node:path";
-import { DEBUG_EXIT_PORT, KERNEL_START, SERIAL_PORTS } from "../vmm/layout.ts";
+import { DEBUG_EXIT_PORT, SERIAL_PORTS } from "../vmm/layout.ts";
 import {
-  BENCH_DIR,
   benchCacheDir,
+  buildBenchC,
+  buildLoopGuest,
+  denovmNsPerLoop,
   median,
   progress,
   result,
@@ -35,54 +36,19 @@ const COM1_SCRATCH_PORT = SERIAL_PORTS[0].base + UART_SCR_OFFSET;
 
 const dir = await writeLayoutHeader(benchCacheDir());
 
-async function buildGuest(loops: number, port: number): Promise<string> {
-  const out = join(dir, `exit_loop-${loops}-${port.toString(16)}.elf`);
-  await run("gcc", [
-    ...["-nostdlib", "-static", "-no-pie", "-fno-pic", `-I${dir}`],
-    ...["-Wl,--build-id=none", "-Wl,-z,noexecstack", "-Wl,-z,max-page-size=4096"],
-    `-Wl,--defsym=KERNEL_START=0x${KERNEL_START.toString(16)}`,
-    ...["-T", join(BENCH_DIR, "guest", "exit_loop.ld")],
-    `-DLOOPS=${loops}`,
-    `-DBENCH_PORT=0x${port.toString(16)}`,
-    "-o",
-    out,
-    join(BENCH_DIR, "guest", "exit_loop.S"),
-  ]);
-  return out;
-}
-
-async function buildC(): Promise<string> {
-  const out = join(dir, "exit_roundtrip");
-  await run("gcc", ["-O2", "-Wall", "-Werror", `-I${dir}`, "-o", out, join(BENCH_DIR, "c", "exit_roundtrip.c")]);
-  return out;
-}
-
-/** Milliseconds from Vm.boot to the VM's end for `kernel` (the guest exits by itself). */
-async function denovmRunMs(kernel: string): Promise<number> {
-  const { Vm } = await import("../mod.ts");
-  const t0 = performance.now();
-  const vm = await Vm.boot({ kernel, params: [], memMiB: 64, cpus: 1, debugExit: true });
-  const code = await vm.exitCode;
-  const ms = performance.now() - t0;
-  if (code !== 0) throw new Error(`guest ${kernel} ended with exit code ${code}: ${vm.exitReason}`);
-  return ms;
+function buildGuest(loops: number, port: number): Promise<string> {
+  return buildLoopGuest(dir, "exit_loop.S", `exit_loop-${loops}-${port.toString(16)}.elf`, {
+    LOOPS: loops,
+    BENCH_PORT: `0x${port.toString(16)}`,
+  });
 }
 
 async function denovmNsPerExit(port: number): Promise<number> {
-  const empty = await buildGuest(0, port);
-  const loop = await buildGuest(LOOPS, port);
-  await denovmRunMs(empty); // warm up: module loading, worker start-up
-  const base: number[] = [];
-  const full: number[] = [];
-  for (let i = 0; i < REPEATS; i++) {
-    base.push(await denovmRunMs(empty));
-    full.push(await denovmRunMs(loop));
-  }
-  return ((median(full) - median(base)) * 1e6) / LOOPS;
+  return denovmNsPerLoop(await buildGuest(0, port), await buildGuest(LOOPS, port), LOOPS, REPEATS);
 }
 
 progress(NAME, `building guests and the C loop (LOOPS=${LOOPS}, debug exit port 0x${DEBUG_EXIT_PORT.toString(16)})`);
-const cBin = await buildC();
+const cBin = await buildBenchC(dir, "exit_roundtrip");
 const cGuest = await buildGuest(LOOPS, POST_CODE_PORT);
 const cRuns: number[] = [];
 for (let i = 0; i < REPEATS; i++) {

@@ -11,11 +11,11 @@
 // they compile. Output: {"bench":"mmio-exit","denovm_us":..,"c_us":..,"ratio":..,"loops":N}
 // ratio = denovm_us / c_us (goal <= 1.2).
 
-import { join } from "node:path";
-import { KERNEL_START } from "../vmm/layout.ts";
 import {
-  BENCH_DIR,
   benchCacheDir,
+  buildBenchC,
+  buildLoopGuest,
+  denovmNsPerLoop,
   median,
   progress,
   result,
@@ -30,44 +30,16 @@ const REPEATS = 3;
 
 const dir = await writeLayoutHeader(benchCacheDir());
 
-async function buildGuest(loops: number): Promise<string> {
-  const out = join(dir, `mmio_loop-${loops}.elf`);
-  await run("gcc", [
-    ...["-nostdlib", "-static", "-no-pie", "-fno-pic", `-I${dir}`],
-    ...["-Wl,--build-id=none", "-Wl,-z,noexecstack", "-Wl,-z,max-page-size=4096"],
-    `-Wl,--defsym=KERNEL_START=0x${KERNEL_START.toString(16)}`,
-    ...["-T", join(BENCH_DIR, "guest", "exit_loop.ld")],
-    `-DLOOPS=${loops}`,
-    "-o",
-    out,
-    join(BENCH_DIR, "guest", "mmio_loop.S"),
-  ]);
-  return out;
-}
-
-async function buildC(): Promise<string> {
-  const out = join(dir, "mmio_exit");
-  await run("gcc", ["-O2", "-Wall", "-Werror", `-I${dir}`, "-o", out, join(BENCH_DIR, "c", "mmio_exit.c")]);
-  return out;
+function buildGuest(loops: number): Promise<string> {
+  return buildLoopGuest(dir, "mmio_loop.S", `mmio_loop-${loops}.elf`, { LOOPS: loops });
 }
 
 progress(NAME, `building the guests and the C loop (LOOPS=${LOOPS})`);
-const cBin = await buildC();
+const cBin = await buildBenchC(dir, "mmio_exit");
 const emptyGuest = await buildGuest(0);
 const loopGuest = await buildGuest(LOOPS);
 progress(NAME, `built ${cBin}, ${emptyGuest}, ${loopGuest}`);
 skipWithoutKvm(NAME);
-
-/** Milliseconds from Vm.boot to the VM's end for `kernel` (the guest exits by itself). */
-async function denovmRunMs(kernel: string): Promise<number> {
-  const { Vm } = await import("../mod.ts");
-  const t0 = performance.now();
-  const vm = await Vm.boot({ kernel, params: [], memMiB: 64, cpus: 1, debugExit: true, rng: true, balloon: false });
-  const code = await vm.exitCode;
-  const ms = performance.now() - t0;
-  if (code !== 0) throw new Error(`guest ${kernel} ended with exit code ${code}: ${vm.exitReason}`);
-  return ms;
-}
 
 const cRuns: number[] = [];
 for (let i = 0; i < REPEATS; i++) {
@@ -83,14 +55,7 @@ for (let i = 0; i < REPEATS; i++) {
 const cNs = median(cRuns);
 progress(NAME, `C: ${cNs.toFixed(0)} ns per read`);
 
-await denovmRunMs(emptyGuest); // warm up: module loading, worker start-up
-const base: number[] = [];
-const full: number[] = [];
-for (let i = 0; i < REPEATS; i++) {
-  base.push(await denovmRunMs(emptyGuest));
-  full.push(await denovmRunMs(loopGuest));
-}
-const denovmNs = ((median(full) - median(base)) * 1e6) / LOOPS;
+const denovmNs = await denovmNsPerLoop(emptyGuest, loopGuest, LOOPS, REPEATS, { rng: true, balloon: false });
 progress(NAME, `denovm: ${denovmNs.toFixed(0)} ns per read`);
 
 result(NAME, {
