@@ -8,6 +8,14 @@ import * as P from "../devices/virtio/gpu/protocol.ts";
 import { VirtioMmioTransport } from "../devices/virtio/mmio.ts";
 import type { SharedMemoryMapper } from "../devices/virtio/device.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../test/support/virtio_driver.ts";
+import { VIRGL_FORMAT_R8_UNORM } from "../devices/virtio/gpu/formats.ts";
+import {
+  PIPE_BIND_VERTEX_BUFFER,
+  PIPE_BUFFER,
+  PIPE_RESOURCE_FLAG_MAP_COHERENT,
+  PIPE_RESOURCE_FLAG_MAP_PERSISTENT,
+  VirglStream,
+} from "../devices/virtio/gpu/virgl_stream.ts";
 
 export const MiB = 1024 * 1024;
 
@@ -128,4 +136,42 @@ export class GpuRig {
     this.g.close();
     if (!intact) throw new Error("the device touched memory outside the guest");
   }
+}
+
+/** RESOURCE_MAP_BLOB of resource `id` at `offset` in the host-visible window (struct virtio_gpu_resource_map_blob). */
+export const mapBlob = (id: number, offset: number): Uint8Array =>
+  gpuCmd(P.CMD_RESOURCE_MAP_BLOB, [id, 0, BigInt(offset)]);
+/** RESOURCE_UNMAP_BLOB of resource `id` (struct virtio_gpu_resource_unmap_blob). */
+export const unmapBlob = (id: number): Uint8Array => gpuCmd(P.CMD_RESOURCE_UNMAP_BLOB, [id, 0]);
+
+/** Requires VIRGL and RESOURCE_BLOB both negotiated, then creates 3D context `ctxId` (CTX_CREATE). */
+export function createVirglContext(rig: GpuRig, ctxId: number): void {
+  if (!(rig.acked & P.VIRTIO_GPU_F_VIRGL) || !(rig.acked & P.VIRTIO_GPU_F_RESOURCE_BLOB)) {
+    throw new Error("VIRGL and RESOURCE_BLOB not both negotiated");
+  }
+  rig.ok(gpuCmd(P.CMD_CTX_CREATE, [0, 0], { ctxId }, new Uint8Array(P.CTX_DEBUG_NAME_SIZE)));
+}
+
+/**
+ * Resource `id`: a HOST3D mappable buffer blob of `size` bytes in context `ctxId`, created the way Mesa's
+ * virgl driver does (a PIPE_RESOURCE_CREATE with `blobId` in SUBMIT_3D, then RESOURCE_CREATE_BLOB).
+ */
+export function createHostBlob(rig: GpuRig, ctxId: number, id: number, blobId: number, size: number): void {
+  const create = new VirglStream().pipeResourceCreate({
+    target: PIPE_BUFFER,
+    format: VIRGL_FORMAT_R8_UNORM,
+    bind: PIPE_BIND_VERTEX_BUFFER,
+    width: size,
+    flags: PIPE_RESOURCE_FLAG_MAP_PERSISTENT | PIPE_RESOURCE_FLAG_MAP_COHERENT,
+    blobId,
+  }).bytes();
+  rig.ok(gpuCmd(P.CMD_SUBMIT_3D, [create.length, 0], { ctxId }, create));
+  rig.ok(gpuCmd(P.CMD_RESOURCE_CREATE_BLOB, [
+    id,
+    P.VIRTIO_GPU_BLOB_MEM_HOST3D,
+    P.VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+    0,
+    BigInt(blobId),
+    BigInt(size),
+  ], { ctxId }));
 }

@@ -21,15 +21,8 @@
 import * as P from "../devices/virtio/gpu/protocol.ts";
 import { Backend2D } from "../devices/virtio/gpu/backend_2d.ts";
 import { VirglBackend } from "../devices/virtio/gpu/backend_virgl.ts";
-import { VIRGL_FORMAT_R8_UNORM, VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM } from "../devices/virtio/gpu/formats.ts";
-import {
-  PIPE_BIND_VERTEX_BUFFER,
-  PIPE_BUFFER,
-  PIPE_RESOURCE_FLAG_MAP_COHERENT,
-  PIPE_RESOURCE_FLAG_MAP_PERSISTENT,
-  VirglStream,
-} from "../devices/virtio/gpu/virgl_stream.ts";
-import { gpuCmd, GpuRig, MiB } from "./_gpu.ts";
+import { VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM } from "../devices/virtio/gpu/formats.ts";
+import { createHostBlob, createVirglContext, gpuCmd, GpuRig, mapBlob, MiB, unmapBlob } from "./_gpu.ts";
 import { progress, result } from "./_common.ts";
 
 const NAME = "gpu-copies";
@@ -145,33 +138,14 @@ function virglBlobPath(src: Uint8Array[]): { bytesPerFrame: number; path: string
   const backend = new VirglBackend();
   const rig = new GpuRig({ backend, guestBytes: 8 * MiB, arenaEnd: 8 * MiB, displays: [{ width: W, height: H }] });
   try {
-    if (!(rig.acked & P.VIRTIO_GPU_F_VIRGL) || !(rig.acked & P.VIRTIO_GPU_F_RESOURCE_BLOB)) {
-      throw new Error("VIRGL and RESOURCE_BLOB not both negotiated");
-    }
-    rig.ok(gpuCmd(P.CMD_CTX_CREATE, [0, 0], { ctxId: CTX }, new Uint8Array(P.CTX_DEBUG_NAME_SIZE)));
+    createVirglContext(rig, CTX);
     const blobId = 1, id = 10, offset = 0;
-    const create = new VirglStream().pipeResourceCreate({
-      target: PIPE_BUFFER,
-      format: VIRGL_FORMAT_R8_UNORM,
-      bind: PIPE_BIND_VERTEX_BUFFER,
-      width: FRAME,
-      flags: PIPE_RESOURCE_FLAG_MAP_PERSISTENT | PIPE_RESOURCE_FLAG_MAP_COHERENT,
-      blobId,
-    }).bytes();
-    rig.ok(gpuCmd(P.CMD_SUBMIT_3D, [create.length, 0], { ctxId: CTX }, create));
-    rig.ok(gpuCmd(P.CMD_RESOURCE_CREATE_BLOB, [
-      id,
-      P.VIRTIO_GPU_BLOB_MEM_HOST3D,
-      P.VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
-      0,
-      BigInt(blobId),
-      BigInt(FRAME),
-    ], { ctxId: CTX }));
-    rig.ok(gpuCmd(P.CMD_RESOURCE_MAP_BLOB, [id, 0, BigInt(offset)]), P.RESP_OK_MAP_INFO);
+    createHostBlob(rig, CTX, id, blobId, FRAME);
+    rig.ok(mapBlob(id, offset), P.RESP_OK_MAP_INFO);
     const win = rig.mapper.view(offset).subarray(0, FRAME);
     rig.ok(setScanoutBlob(id));
     const bytesPerFrame = blobFrames(rig, id, (f) => win.set(f), src);
-    rig.ok(gpuCmd(P.CMD_RESOURCE_UNMAP_BLOB, [id, 0]));
+    rig.ok(unmapBlob(id));
     rig.ok(unref(id));
     return { bytesPerFrame, path: "virgl HOST3D blob mapped through a test mapper" };
   } finally {

@@ -14,15 +14,7 @@
 
 import * as P from "../devices/virtio/gpu/protocol.ts";
 import { VirglBackend } from "../devices/virtio/gpu/backend_virgl.ts";
-import { VIRGL_FORMAT_R8_UNORM } from "../devices/virtio/gpu/formats.ts";
-import {
-  PIPE_BIND_VERTEX_BUFFER,
-  PIPE_BUFFER,
-  PIPE_RESOURCE_FLAG_MAP_COHERENT,
-  PIPE_RESOURCE_FLAG_MAP_PERSISTENT,
-  VirglStream,
-} from "../devices/virtio/gpu/virgl_stream.ts";
-import { gpuCmd, GpuRig, MiB } from "./_gpu.ts";
+import { createHostBlob as createBlob, createVirglContext, GpuRig, mapBlob, MiB, unmapBlob } from "./_gpu.ts";
 import { hasKvm, median, progress, result } from "./_common.ts";
 import { Kvm } from "../vmm/vm.ts";
 import { KVM_CAP_NR_MEMSLOTS } from "../ffi/kvm.ts";
@@ -48,26 +40,9 @@ try {
 const rig = new GpuRig({ backend, guestBytes: 8 * MiB, arenaEnd: 8 * MiB });
 let nextBlobId = 1;
 
-/** A HOST3D mappable buffer blob, created the way Mesa's virgl driver does (PIPE_RESOURCE_CREATE + blob). */
+/** A HOST3D mappable buffer blob with the next blob id. */
 function createHostBlob(id: number, size: number): void {
-  const blobId = nextBlobId++;
-  const create = new VirglStream().pipeResourceCreate({
-    target: PIPE_BUFFER,
-    format: VIRGL_FORMAT_R8_UNORM,
-    bind: PIPE_BIND_VERTEX_BUFFER,
-    width: size,
-    flags: PIPE_RESOURCE_FLAG_MAP_PERSISTENT | PIPE_RESOURCE_FLAG_MAP_COHERENT,
-    blobId,
-  }).bytes();
-  rig.ok(gpuCmd(P.CMD_SUBMIT_3D, [create.length, 0], { ctxId: CTX }, create));
-  rig.ok(gpuCmd(P.CMD_RESOURCE_CREATE_BLOB, [
-    id,
-    P.VIRTIO_GPU_BLOB_MEM_HOST3D,
-    P.VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
-    0,
-    BigInt(blobId),
-    BigInt(size),
-  ], { ctxId: CTX }));
+  createBlob(rig, CTX, id, nextBlobId++, size);
 }
 
 /** KVM_CAP_NR_MEMSLOTS on this host, or null without /dev/kvm. */
@@ -80,14 +55,8 @@ function kvmMemslots(): number | null {
   }
 }
 
-const mapBlob = (id: number, offset: number) => gpuCmd(P.CMD_RESOURCE_MAP_BLOB, [id, 0, BigInt(offset)]);
-const unmapBlob = (id: number) => gpuCmd(P.CMD_RESOURCE_UNMAP_BLOB, [id, 0]);
-
 try {
-  if (!(rig.acked & P.VIRTIO_GPU_F_VIRGL) || !(rig.acked & P.VIRTIO_GPU_F_RESOURCE_BLOB)) {
-    throw new Error("VIRGL and RESOURCE_BLOB not both negotiated");
-  }
-  rig.ok(gpuCmd(P.CMD_CTX_CREATE, [0, 0], { ctxId: CTX }, new Uint8Array(P.CTX_DEBUG_NAME_SIZE)));
+  createVirglContext(rig, CTX);
 
   // 1. Round trips on one blob, at a few offsets in turn (as a guest's allocator would place it).
   const loopId = 1;
