@@ -150,6 +150,17 @@ function pattern(len: number, seed = 0): Uint8Array {
   return Uint8Array.from({ length: len }, (_, i) => (i * 131 + (i >> 8) * 7 + 0x5a + seed) & 0xff);
 }
 
+/** Byte arrays equal; on a mismatch, names the first differing offset (a deepEqual diff of 64 KiB is huge). */
+function assertBytes(got: Uint8Array, want: Uint8Array, what: string): void {
+  assert.equal(got.length, want.length, `${what}: length`);
+  const i = got.findIndex((b, k) => b !== want[k]);
+  assert.equal(
+    i,
+    -1,
+    `${what}: first difference at byte ${i}: 0x${got[i]?.toString(16)} != 0x${want[i]?.toString(16)}`,
+  );
+}
+
 /** A virtio-gpu control command: header then le32 (number) / le64 (bigint) fields, then `tail`. */
 function gpuCmd(type: number, body: (number | bigint)[], ctxId = 0, tail?: Uint8Array): Uint8Array {
   const bodyLen = body.reduce<number>((n, x) => n + (typeof x === "bigint" ? 8 : 4), 0);
@@ -415,11 +426,11 @@ Deno.test({
       // The guest's stores through the window: straight into the blob's memory.
       const pat = pattern(BLOB_SIZE);
       env.mapper.guestWrite(shmBase, pat);
-      assert.deepEqual(env.mapper.guestRead(shmBase, BLOB_SIZE), pat);
+      assertBytes(env.mapper.guestRead(shmBase, BLOB_SIZE), pat, "read through the window");
       assert.throws(() => env.mapper.guestWrite(shmBase + BLOB_SIZE, new Uint8Array(1)), /KVM_EXIT_MMIO/);
 
       const got = copyAndReadBack(env, blob, dst, entries);
-      assert.deepEqual(got, pat, "the pattern written through the window came back through the GPU");
+      assertBytes(got, pat, "the pattern written through the window came back through the GPU");
 
       const s = env.dev.gpuStats();
       for (const k of COPY_KINDS) assert.equal(s.resources[String(blob)][k], 0, `blob ${k}`);
@@ -484,7 +495,7 @@ Deno.test({
       // Two windows onto two different blobs.
       env.mapper.guestWrite(WINDOW_BASE, pattern(16, 1));
       env.mapper.guestWrite(WINDOW_BASE + MiB, pattern(16, 2));
-      assert.deepEqual(env.mapper.guestRead(WINDOW_BASE, 16), pattern(16, 1));
+      assertBytes(env.mapper.guestRead(WINDOW_BASE, 16), pattern(16, 1), "first blob's window");
       assert.notEqual(env.mapper.slotAt(WINDOW_BASE, 1)!.hostAddr, env.mapper.slotAt(WINDOW_BASE + MiB, 1)!.hostAddr);
 
       // Transfers on a mapped blob (virglrenderer would leave a sticky GL error): refused, nothing counted.
@@ -550,7 +561,7 @@ Deno.test({
       // A full pattern after all that, through the GPU and back.
       const pat = pattern(BLOB_SIZE, 99);
       env.mapper.guestWrite(WINDOW_BASE + 5 * MiB, pat);
-      assert.deepEqual(copyAndReadBack(env, blob, dst, entries), pat);
+      assertBytes(copyAndReadBack(env, blob, dst, entries), pat, "read-back after the cycles");
       const after = env.dev.gpuStats();
       assert.equal(after.resources[String(blob)].bytesCopied, 0);
       assert.equal(after.totals.bytesCopied, BLOB_SIZE);
