@@ -286,6 +286,10 @@ export class VirglBackend implements GpuBackend {
       this.#v.virgl_renderer_get_cap_set(id, maxVer, maxSize);
       if (maxSize[0] > 0) this.#capsets.push({ id, maxVersion: maxVer[0], maxSize: maxSize[0] });
     }
+    // virglrenderer 0.10.4 works out the host-visible caching type (map_info) only while it fills
+    // the VIRGL2 capset: fill it once now, so a guest that never asks for it still gets CACHED maps.
+    const virgl2 = this.#capsets.find((c) => c.id === CONTEXT_TYPE_CAPSETS["virgl2"]);
+    if (virgl2) this.#v.virgl_renderer_fill_caps(virgl2.id, virgl2.maxVersion, new Uint8Array(virgl2.maxSize));
   }
 
   // ---- capsets ----
