@@ -13,7 +13,14 @@
 // struct virtio_balloon_stat records; the device keeps it and returns it when the host asks for
 // fresh numbers (requestStats()); the driver refills and posts it again.
 
-import { type ActivateContext, VIRTIO_COMMON_FEATURES, VIRTIO_ID_BALLOON, type VirtioDevice } from "./device.ts";
+import {
+  type ActivateContext,
+  readConfigSpace,
+  serveQueue,
+  VIRTIO_COMMON_FEATURES,
+  VIRTIO_ID_BALLOON,
+  type VirtioDevice,
+} from "./device.ts";
 import { type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
 import type { GuestMemory } from "../../vmm/memory.ts";
 import { EINVAL, errno, libc, MADV_DONTNEED, MADV_REMOVE, strerror } from "../../ffi/libc.ts";
@@ -186,9 +193,7 @@ export class BalloonDevice implements VirtioDevice {
 
   readConfig(offset: number, data: Uint8Array): void {
     const cfg = this.#config();
-    data.fill(0);
-    if (offset < 0 || offset >= cfg.length) return;
-    data.set(cfg.subarray(offset, offset + data.length));
+    readConfigSpace(cfg, offset, data);
   }
 
   writeConfig(offset: number, data: Uint8Array): void {
@@ -232,11 +237,10 @@ export class BalloonDevice implements VirtioDevice {
     if (!q) return;
     if (index === BALLOON_INFLATE_QUEUE || index === BALLOON_DEFLATE_QUEUE) {
       const inflate = index === BALLOON_INFLATE_QUEUE;
-      for (let chain = q.pop(); chain; chain = q.pop()) {
+      serveQueue(q, index, this.#interrupt, (chain) => {
         this.#pfns(chain, inflate);
-        q.addUsed(chain.head, 0);
-      }
-      if (q.needsInterrupt()) this.#interrupt?.signalUsedQueue(index);
+        return 0;
+      });
     } else if (index === BALLOON_STATS_QUEUE) {
       for (let chain = q.pop(); chain; chain = q.pop()) {
         if (this.#statsChain) {

@@ -2,7 +2,14 @@
 // file. Requests are served synchronously in queueNotify: data moves with pread/pwrite straight
 // between the file and guest memory (no copy through JS). The image is never truncated or rewritten.
 
-import { type ActivateContext, VIRTIO_COMMON_FEATURES, VIRTIO_ID_BLOCK, type VirtioDevice } from "./device.ts";
+import {
+  type ActivateContext,
+  readConfigSpace,
+  serveQueue,
+  VIRTIO_COMMON_FEATURES,
+  VIRTIO_ID_BLOCK,
+  type VirtioDevice,
+} from "./device.ts";
 import { ChainError, type ChainReader, type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
 import type { GuestMemory } from "../../vmm/memory.ts";
 import {
@@ -203,9 +210,7 @@ export class BlockDevice implements VirtioDevice {
 
   readConfig(offset: number, data: Uint8Array): void {
     const cfg = this.#config();
-    data.fill(0);
-    if (offset < 0 || offset >= cfg.length) return;
-    data.set(cfg.subarray(offset, offset + data.length));
+    readConfigSpace(cfg, offset, data);
   }
 
   writeConfig(offset: number, data: Uint8Array): void {
@@ -240,13 +245,7 @@ export class BlockDevice implements VirtioDevice {
   queueNotify(index: number): void {
     const q = this.#queue;
     if (index !== 0 || !q) return;
-    for (;;) {
-      const chain = q.pop();
-      if (!chain) break;
-      const len = this.#process(chain);
-      q.addUsed(chain.head, len);
-    }
-    if (q.needsInterrupt()) this.#interrupt?.signalUsedQueue(0);
+    serveQueue(q, 0, this.#interrupt, (chain) => this.#process(chain));
   }
 
   /** Serve one request; returns the number of bytes written into the chain. */

@@ -6,7 +6,13 @@
 // receive buffers (or, for multiport ports, has not opened the port); output is delivered as it
 // arrives. Guest input is hostile: a bad control message or chain costs one log line.
 
-import { type ActivateContext, VIRTIO_COMMON_FEATURES, VIRTIO_ID_CONSOLE, type VirtioDevice } from "./device.ts";
+import {
+  type ActivateContext,
+  readConfigSpace,
+  VIRTIO_COMMON_FEATURES,
+  VIRTIO_ID_CONSOLE,
+  type VirtioDevice,
+} from "./device.ts";
 import { ChainError, RateLimitedLog, type Virtqueue } from "./queue.ts";
 
 // ---- Feature bits (virtio_console.h) ----
@@ -209,9 +215,7 @@ export class ConsoleDevice implements VirtioDevice {
     v.setUint16(CONSOLE_CFG_COLS, this.#size.cols, true);
     v.setUint16(CONSOLE_CFG_ROWS, this.#size.rows, true);
     v.setUint32(CONSOLE_CFG_MAX_NR_PORTS, this.maxPorts, true);
-    data.fill(0);
-    if (offset < 0 || offset >= b.length) return;
-    data.set(b.subarray(offset, offset + data.length));
+    readConfigSpace(b, offset, data);
   }
 
   writeConfig(offset: number, data: Uint8Array): void {

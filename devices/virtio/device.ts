@@ -3,7 +3,7 @@
 // translates registers or protocol messages into these calls.
 
 import type { GuestMemory } from "../../vmm/memory.ts";
-import type { Virtqueue } from "./queue.ts";
+import type { DescriptorChain, Virtqueue } from "./queue.ts";
 
 /** Device IDs (virtio 1.2 spec, section 5 "Device Types"). */
 export const VIRTIO_ID_NET = 1;
@@ -82,4 +82,31 @@ export interface VirtioDevice {
   close?(): void;
   /** Counters for stats (bytes, requests, errors). */
   stats?(): Record<string, number>;
+}
+
+// ---- Helpers the device models share ----
+
+/**
+ * VirtioDevice.readConfig over a device's configuration space `cfg`: copies it from `offset` into
+ * `data`; bytes outside it read as 0.
+ */
+export function readConfigSpace(cfg: Uint8Array, offset: number, data: Uint8Array): void {
+  data.fill(0);
+  if (offset < 0 || offset >= cfg.length) return;
+  data.set(cfg.subarray(offset, offset + data.length));
+}
+
+/**
+ * Serves every available chain of queue `index` (`q`) in order: `serve` handles one chain and returns
+ * the number of bytes it wrote into it, which goes to the used ring with the chain. Then interrupts the
+ * driver if it wants an interrupt for what was used (Virtqueue.needsInterrupt).
+ */
+export function serveQueue(
+  q: Virtqueue,
+  index: number,
+  interrupt: VirtioInterrupt | undefined,
+  serve: (chain: DescriptorChain) => number,
+): void {
+  for (let chain = q.pop(); chain; chain = q.pop()) q.addUsed(chain.head, serve(chain));
+  if (q.needsInterrupt()) interrupt?.signalUsedQueue(index);
 }

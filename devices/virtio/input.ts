@@ -8,7 +8,14 @@
 // The host injects events through the API (sendKey, type, move, click, moveTo, tap, touch*...).
 // Events wait in a bounded queue until the guest has posted event buffers.
 
-import { type ActivateContext, VIRTIO_COMMON_FEATURES, VIRTIO_ID_INPUT, type VirtioDevice } from "./device.ts";
+import {
+  type ActivateContext,
+  readConfigSpace,
+  serveQueue,
+  VIRTIO_COMMON_FEATURES,
+  VIRTIO_ID_INPUT,
+  type VirtioDevice,
+} from "./device.ts";
 import { RateLimitedLog, type Virtqueue } from "./queue.ts";
 import {
   ABS_MT_POSITION_X,
@@ -382,9 +389,7 @@ export class InputDevice implements VirtioDevice {
     const answer = this.#answer();
     cfg[INPUT_CFG_SIZE] = answer.length;
     cfg.set(answer, INPUT_CFG_UNION);
-    data.fill(0);
-    if (offset < 0 || offset >= cfg.length) return;
-    data.set(cfg.subarray(offset, offset + data.length));
+    readConfigSpace(cfg, offset, data);
   }
 
   writeConfig(offset: number, data: Uint8Array): void {
@@ -473,7 +478,7 @@ export class InputDevice implements VirtioDevice {
   #drainStatus(): void {
     const q = this.#statusq;
     if (!q) return;
-    for (let chain = q.pop(); chain; chain = q.pop()) {
+    serveQueue(q, INPUT_STATUS_QUEUE, this.#interrupt, (chain) => {
       const r = chain.reader();
       while (r.remaining >= INPUT_EVENT_SIZE) {
         const b = r.read(INPUT_EVENT_SIZE);
@@ -483,9 +488,8 @@ export class InputDevice implements VirtioDevice {
         this.#stats.statusEvents++;
         if (type === EV_LED) this.leds.set(code, v.getInt32(INPUT_EVENT_VALUE, true));
       }
-      q.addUsed(chain.head, 0);
-    }
-    if (q.needsInterrupt()) this.#interrupt?.signalUsedQueue(INPUT_STATUS_QUEUE);
+      return 0;
+    });
   }
 
   // ---- Injection API ----

@@ -19,6 +19,8 @@
 
 import {
   type ActivateContext,
+  readConfigSpace,
+  serveQueue,
   VIRTIO_COMMON_FEATURES,
   VIRTIO_ID_NET,
   type VirtioDevice,
@@ -209,9 +211,7 @@ export class NetDevice implements VirtioDevice {
 
   readConfig(offset: number, data: Uint8Array): void {
     const cfg = this.#config();
-    data.fill(0);
-    if (offset < 0 || offset >= cfg.length) return;
-    data.set(cfg.subarray(offset, offset + data.length));
+    readConfigSpace(cfg, offset, data);
   }
 
   writeConfig(offset: number, data: Uint8Array): void {
@@ -291,13 +291,11 @@ export class NetDevice implements VirtioDevice {
   #serveTx(): void {
     const q = this.#tx;
     if (!q) return;
-    let used = false;
-    for (let chain = q.pop(); chain; chain = q.pop()) {
+    // Every TX used entry is added here and followed by needsInterrupt, so with nothing used it is false.
+    serveQueue(q, NET_TX_QUEUE, this.#interrupt, (chain) => {
       this.#transmit(chain);
-      q.addUsed(chain.head, 0);
-      used = true;
-    }
-    if (used && q.needsInterrupt()) this.#interrupt?.signalUsedQueue(NET_TX_QUEUE);
+      return 0;
+    });
   }
 
   /** Send one chain's header + frame to the tap; a bad chain is dropped with one log line. */

@@ -3,7 +3,13 @@
 // bytes. No feature bits, no configuration space. Bytes come from crypto.getRandomValues (the host's
 // CSPRNG), at most RNG_MAX_BYTES_PER_REQUEST per chain so a guest cannot make one request stall the VMM.
 
-import { type ActivateContext, VIRTIO_COMMON_FEATURES, VIRTIO_ID_RNG, type VirtioDevice } from "./device.ts";
+import {
+  type ActivateContext,
+  serveQueue,
+  VIRTIO_COMMON_FEATURES,
+  VIRTIO_ID_RNG,
+  type VirtioDevice,
+} from "./device.ts";
 import { RateLimitedLog, type Virtqueue } from "./queue.ts";
 
 /** One request queue ("requestq", section 5.4.2). */
@@ -55,7 +61,7 @@ export class RngDevice implements VirtioDevice {
   queueNotify(index: number): void {
     const q = this.#queue;
     if (index !== 0 || !q) return;
-    for (let chain = q.pop(); chain; chain = q.pop()) {
+    serveQueue(q, 0, this.#interrupt, (chain) => {
       this.#stats.requests++;
       const w = chain.writer();
       let want = Math.min(chain.writableLength, RNG_MAX_BYTES_PER_REQUEST);
@@ -77,8 +83,7 @@ export class RngDevice implements VirtioDevice {
         this.#log.log(`cannot fill request: ${(e as Error).message}`);
       }
       this.#stats.bytes += w.bytesWritten;
-      q.addUsed(chain.head, w.bytesWritten);
-    }
-    if (q.needsInterrupt()) this.#interrupt?.signalUsedQueue(0);
+      return w.bytesWritten;
+    });
   }
 }
