@@ -12,6 +12,8 @@
 
 import { join } from "node:path";
 import { progress, REPO_ROOT, result } from "./_common.ts";
+import { type ConsoleExit, ConsoleProcess } from "../test/support/guest_process.ts";
+import { DeviceBackendProcess, JsonLineClient, microvmArgs } from "../test/support/qemu.ts";
 
 export const KMSCUBE_BENCH = "kmscube";
 /** Markers scripts/mesa-guest.sh's /sbin/denovm-init prints. */
@@ -105,17 +107,7 @@ export function mesaQemuArgs(s: MesaSetup, o: MesaGuestOptions): string[] {
     s.dataDir,
     "-bios",
     "qboot.rom",
-    "-M",
-    "microvm,accel=tcg,pit=on,pic=on,rtc=on,memory-backend=mem",
-    "-cpu",
-    "max",
-    "-m",
-    `${mem}M`,
-    // vhost-user back ends map guest RAM: a shared memfd.
-    "-object",
-    `memory-backend-memfd,id=mem,size=${mem}M,share=on`,
-    "-global",
-    "virtio-mmio.force-legacy=false",
+    ...microvmArgs(mem),
     "-nodefaults",
     "-no-reboot",
     "-serial",
@@ -146,12 +138,8 @@ export function mesaQemuArgs(s: MesaSetup, o: MesaGuestOptions): string[] {
 /** A Mesa guest under QEMU 10 with its console on stdio (stdin writable: the guest may `read`). */
 export class MesaGuest {
   readonly args: string[];
-  readonly #child: Deno.ChildProcess;
+  readonly #proc: ConsoleProcess;
   readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;
-  readonly #waiters: { re: RegExp; resolve: () => void }[] = [];
-  readonly #done: Promise<{ code: number; output: string; killed: boolean }>;
-  #output = "";
-  #killed = false;
 
   constructor(s: MesaSetup, o: MesaGuestOptions) {
     this.args = mesaQemuArgs(s, o);
@@ -162,41 +150,17 @@ export class MesaGuest {
       stdout: "piped",
       stderr: "piped",
     }).spawn();
-    this.#child = child;
     this.#stdin = child.stdin.getWriter();
-    const dec = new TextDecoder();
-    const pump = async (stream: ReadableStream<Uint8Array>) => {
-      for await (const chunk of stream) {
-        this.#output += dec.decode(chunk, { stream: true });
-        for (const w of [...this.#waiters]) {
-          if (w.re.test(this.#output)) {
-            this.#waiters.splice(this.#waiters.indexOf(w), 1);
-            w.resolve();
-          }
-        }
-      }
-    };
-    const guard = setTimeout(() => this.kill(), o.hangGuardMs ?? 300_000);
-    this.#done = (async () => {
-      const [status] = await Promise.all([child.status, pump(child.stdout), pump(child.stderr)]);
-      clearTimeout(guard);
-      return { code: status.code, output: this.#output, killed: this.#killed };
-    })();
+    this.#proc = new ConsoleProcess(child, { label: "QEMU", hangGuardMs: o.hangGuardMs ?? 300_000 });
   }
 
   get output(): string {
-    return this.#output;
+    return this.#proc.output;
   }
 
   /** Resolves when the output matches `re`; rejects if QEMU exits first. */
   waitFor(re: RegExp): Promise<void> {
-    if (re.test(this.#output)) return Promise.resolve();
-    return new Promise((resolve, reject) => {
-      this.#waiters.push({ re, resolve });
-      this.#done.then(() => {
-        if (!re.test(this.#output)) reject(new Error(`QEMU exited before printing ${re}:\n${this.#output}`));
-      });
-    });
+    return this.#proc.waitFor(re);
   }
 
   /** Type on the guest's serial console. */
@@ -204,17 +168,12 @@ export class MesaGuest {
     await this.#stdin.write(new TextEncoder().encode(text));
   }
 
-  wait(): Promise<{ code: number; output: string; killed: boolean }> {
-    return this.#done.finally(() => this.#stdin.close().catch(() => {}));
+  wait(): Promise<ConsoleExit> {
+    return this.#proc.done.finally(() => this.#stdin.close().catch(() => {}));
   }
 
   kill(): void {
-    this.#killed = true;
-    try {
-      this.#child.kill("SIGKILL");
-    } catch {
-      // gone
-    }
+    this.#proc.kill();
   }
 }
 
@@ -288,7 +247,6 @@ async function main(): Promise<void> {
     result(KMSCUBE_BENCH, { skipped: s });
     return;
   }
-  const { JsonLineClient, DeviceBackendProcess } = await import("../test/support/qemu.ts");
   const dir = await Deno.makeTempDir({ prefix: "denovm-kmscube-" });
   const sock = join(dir, "gpu.sock"), control = join(dir, "control.sock");
   const dev = await DeviceBackendProcess.start("gpu", ["--socket-path", sock, "--control-socket", control]);

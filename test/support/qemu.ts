@@ -9,7 +9,17 @@
 // Also: `DeviceBackendProcess`, a `denovm device TYPE ...` child process (main.ts) for tests.
 
 import { type DebianKernel, debianKernel } from "./kernel.ts";
-import { BUSYBOX, cpioNewc } from "./uml.ts";
+import {
+  BUSYBOX,
+  busyboxBaseEntries,
+  busyboxInitScript,
+  type ConsoleExit,
+  ConsoleProcess,
+  cpioNewc,
+  exists,
+  initCommandStatus,
+  S_IFREG,
+} from "./guest_process.ts";
 
 const REPO_ROOT = new URL("../../", import.meta.url).pathname;
 export const QEMU_BINARY = "/usr/bin/qemu-system-x86_64";
@@ -26,23 +36,6 @@ export const QEMU_KERNEL_ARGS = ["console=ttyS0", "panic=-1", "quiet", "tsc_earl
 /** Markers the generated /init prints. */
 export const QEMU_MARK_START = "QEMU-INIT-START";
 export const QEMU_MARK_END = "QEMU-INIT-END";
-
-/** st_mode file types (linux/stat.h). */
-const S_IFDIR = 0o040000;
-const S_IFREG = 0o100000;
-const S_IFCHR = 0o020000;
-/** /dev/console is character device 5:1 (Documentation/admin-guide/devices.txt). */
-const CONSOLE_MAJOR = 5;
-const CONSOLE_MINOR = 1;
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Why QEMU tests cannot run here, or undefined when they can (the kernel is fetched on first use). */
 export function qemuUnavailableReason(): string | undefined {
@@ -166,29 +159,8 @@ export interface QemuInitramfsOptions {
 export async function buildQemuInitramfs(opts: QemuInitramfsOptions): Promise<string> {
   const k = await debianKernel();
   const mods = resolveDebianModules(k, opts.modules);
-  const entries: { name: string; mode: number; data?: Uint8Array; rdevMajor?: number; rdevMinor?: number }[] = [];
-  for (const d of ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"]) {
-    entries.push({ name: d, mode: S_IFDIR | 0o755 });
-  }
-  entries.push({ name: "dev/console", mode: S_IFCHR | 0o600, rdevMajor: CONSOLE_MAJOR, rdevMinor: CONSOLE_MINOR });
-  entries.push({ name: "bin/busybox", mode: S_IFREG | 0o755, data: Deno.readFileSync(BUSYBOX) });
-  for (const m of mods) {
-    entries.push({ name: `lib/modules/${m.split("/").pop()}`, mode: S_IFREG | 0o644, data: Deno.readFileSync(m) });
-  }
-  const insmods = mods.map((m) => `insmod /lib/modules/${m.split("/").pop()}`).join("\n");
-  const init = `#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-${insmods}
-echo ${QEMU_MARK_START}
-( set -e
-${opts.commands}
-)
-echo "${QEMU_MARK_END} status=$?"
-poweroff -f
-`;
+  const entries = busyboxBaseEntries(["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"], mods);
+  const init = busyboxInitScript(mods, opts.commands, QEMU_MARK_START, QEMU_MARK_END);
   entries.push({ name: "init", mode: S_IFREG | 0o755, data: new TextEncoder().encode(init) });
   const path = await Deno.makeTempFile({ prefix: "denovm-qemu-", suffix: ".cpio" });
   await Deno.writeFile(path, cpioNewc(entries));
@@ -210,12 +182,32 @@ export interface QemuOptions {
   hangGuardMs?: number;
 }
 
-export interface QemuResult {
-  code: number;
-  output: string;
-  killed: boolean;
+export interface QemuResult extends ConsoleExit {
   /** Exit status of the test commands, from the end marker, or undefined when /init did not get there. */
   commandStatus?: number;
+}
+
+/**
+ * The microvm machine of the QEMU front ends (also bench/kmscube.ts): TCG, virtio-mmio only, no PCI,
+ * `memMiB` of guest RAM in a shared memfd (vhost-user back ends map it), modern virtio-mmio only.
+ */
+export function microvmArgs(memMiB: number): string[] {
+  return [
+    // The PIT, PIC and RTC are asked for explicitly: without a PIT the kernel's TSC calibration under
+    // TCG sometimes fails and the boot then stalls for minutes.
+    "-M",
+    "microvm,accel=tcg,pit=on,pic=on,rtc=on,memory-backend=mem",
+    "-cpu",
+    "max",
+    "-m",
+    `${memMiB}M`,
+    // vhost-user back ends map guest RAM: it must be a shared file (memfd).
+    "-object",
+    `memory-backend-memfd,id=mem,size=${memMiB}M,share=on`,
+    // Modern (version 2) virtio-mmio only.
+    "-global",
+    "virtio-mmio.force-legacy=false",
+  ];
 }
 
 /** The QEMU command line for `opts` (exported so a test failure can show it). */
@@ -223,21 +215,8 @@ export function qemuArgs(k: DebianKernel, opts: QemuOptions): string[] {
   const mem = opts.memMiB ?? QEMU_DEFAULT_MEM_MIB;
   const args = [
     ...(opts.qemu?.firmwareDir ? ["-L", opts.qemu.firmwareDir] : []),
-    // microvm: virtio-mmio only, no PCI; its default firmware is qboot (bios-microvm.bin). The PIT,
-    // PIC and RTC are asked for explicitly: without a PIT the kernel's TSC calibration under TCG
-    // sometimes fails and the boot then stalls for minutes.
-    "-M",
-    "microvm,accel=tcg,pit=on,pic=on,rtc=on,memory-backend=mem",
-    "-cpu",
-    "max",
-    "-m",
-    `${mem}M`,
-    // vhost-user back ends map guest RAM: it must be a shared file (memfd).
-    "-object",
-    `memory-backend-memfd,id=mem,size=${mem}M,share=on`,
-    // Modern (version 2) virtio-mmio only.
-    "-global",
-    "virtio-mmio.force-legacy=false",
+    // microvm's default firmware is qboot (bios-microvm.bin).
+    ...microvmArgs(mem),
     "-nographic",
     "-nodefaults",
     "-no-reboot",
@@ -260,39 +239,13 @@ export function qemuArgs(k: DebianKernel, opts: QemuOptions): string[] {
 /** A running QEMU machine with its serial console on stdout. */
 export class QemuMachine {
   readonly args: string[];
-  readonly #child: Deno.ChildProcess;
-  #output = "";
-  #killed = false;
-  readonly #waiters: { re: RegExp; resolve: () => void }[] = [];
+  readonly #proc: ConsoleProcess;
   readonly #done: Promise<QemuResult>;
 
   private constructor(child: Deno.ChildProcess, args: string[], hangGuardMs: number) {
-    this.#child = child;
     this.args = args;
-    const dec = new TextDecoder();
-    const pump = async (stream: ReadableStream<Uint8Array>) => {
-      for await (const chunk of stream) {
-        this.#output += dec.decode(chunk, { stream: true });
-        for (const w of [...this.#waiters]) {
-          if (w.re.test(this.#output)) {
-            this.#waiters.splice(this.#waiters.indexOf(w), 1);
-            w.resolve();
-          }
-        }
-      }
-    };
-    const guard = setTimeout(() => this.kill(), hangGuardMs);
-    this.#done = (async () => {
-      const [status] = await Promise.all([child.status, pump(child.stdout), pump(child.stderr)]);
-      clearTimeout(guard);
-      const m = this.#output.match(new RegExp(`${QEMU_MARK_END} status=(\\d+)`));
-      return {
-        code: status.code,
-        output: this.#output,
-        killed: this.#killed,
-        commandStatus: m ? Number(m[1]) : undefined,
-      };
-    })();
+    this.#proc = new ConsoleProcess(child, { label: "QEMU", hangGuardMs });
+    this.#done = this.#proc.done.then((r) => ({ ...r, commandStatus: initCommandStatus(r.output, QEMU_MARK_END) }));
   }
 
   static async start(opts: QemuOptions): Promise<QemuMachine> {
@@ -304,18 +257,12 @@ export class QemuMachine {
   }
 
   get output(): string {
-    return this.#output;
+    return this.#proc.output;
   }
 
   /** Resolves when the console output matches `re` (rejects if QEMU exits first). */
   waitFor(re: RegExp): Promise<void> {
-    if (re.test(this.#output)) return Promise.resolve();
-    return new Promise((resolve, reject) => {
-      this.#waiters.push({ re, resolve });
-      this.#done.then(() => {
-        if (!re.test(this.#output)) reject(new Error(`QEMU exited before printing ${re}:\n${this.#output}`));
-      });
-    });
+    return this.#proc.waitFor(re);
   }
 
   wait(): Promise<QemuResult> {
@@ -323,12 +270,7 @@ export class QemuMachine {
   }
 
   kill(): void {
-    this.#killed = true;
-    try {
-      this.#child.kill("SIGKILL");
-    } catch {
-      // already exited
-    }
+    this.#proc.kill();
   }
 }
 

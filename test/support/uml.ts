@@ -12,26 +12,29 @@
 // TMPDIR. virtio_uml connects once at boot and does not reconnect: when the
 // back end goes away the device is unregistered.
 
+import {
+  BUSYBOX,
+  busyboxBaseEntries,
+  busyboxInitScript,
+  type ConsoleExit,
+  ConsoleProcess,
+  cpioNewc,
+  exists,
+  initCommandStatus,
+  S_IFREG,
+} from "./guest_process.ts";
+
+export { BUSYBOX, cpioNewc };
+
 const REPO_ROOT = new URL("../../", import.meta.url).pathname;
 
 /** Debian's UML kernel and where its modules live. */
 export const UML_BINARY = "/usr/bin/linux.uml";
 export const UML_MODULES_ROOT = "/usr/lib/uml/modules";
-/** A statically linked busybox (package busybox-static). */
-export const BUSYBOX = "/usr/bin/busybox";
 
 /** Where built initramfs archives are cached. */
 export function umlCacheDir(): string {
   return `${Deno.env.get("DENOVM_CACHE") ?? `${REPO_ROOT}.cache`}/uml`;
-}
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** The UML kernel's module directory version (e.g. "6.1.176"), or undefined. */
@@ -50,72 +53,6 @@ export function umlUnavailableReason(): string | undefined {
   if (!exists(BUSYBOX)) return `${BUSYBOX} missing (apt-get install busybox-static)`;
   if (!umlKernelVersion()) return `no modules under ${UML_MODULES_ROOT} (apt-get install user-mode-linux)`;
   return undefined;
-}
-
-// ---- newc cpio writer (Linux Documentation/driver-api/early-userspace/buffer-format.rst) ----
-
-/** newc magic: "070701" followed by 13 eight-digit hex fields. */
-const CPIO_NEWC_MAGIC = "070701";
-/** Header fields and name/data are padded to 4 bytes. */
-const CPIO_ALIGN = 4;
-const CPIO_TRAILER = "TRAILER!!!";
-/** st_mode file types (linux/stat.h). */
-const S_IFDIR = 0o040000;
-const S_IFREG = 0o100000;
-const S_IFCHR = 0o020000;
-/** /dev/console is character device 5:1 (Documentation/admin-guide/devices.txt). */
-const CONSOLE_MAJOR = 5;
-const CONSOLE_MINOR = 1;
-
-interface CpioEntry {
-  name: string;
-  mode: number;
-  data?: Uint8Array;
-  rdevMajor?: number;
-  rdevMinor?: number;
-}
-
-function pad(n: number): number {
-  return (CPIO_ALIGN - (n % CPIO_ALIGN)) % CPIO_ALIGN;
-}
-
-/** Encode entries as one newc archive (with trailer). */
-export function cpioNewc(entries: CpioEntry[]): Uint8Array {
-  const enc = new TextEncoder();
-  const parts: Uint8Array[] = [];
-  const hex = (v: number) => v.toString(16).padStart(8, "0");
-  let ino = 1;
-  const add = (e: CpioEntry) => {
-    const name = enc.encode(e.name + "\0");
-    const size = e.data?.length ?? 0;
-    const fields = [
-      ino++, // c_ino
-      e.mode, // c_mode
-      0, // c_uid
-      0, // c_gid
-      e.mode & S_IFDIR ? 2 : 1, // c_nlink
-      0, // c_mtime
-      size, // c_filesize
-      0, // c_devmajor
-      0, // c_devminor
-      e.rdevMajor ?? 0, // c_rdevmajor
-      e.rdevMinor ?? 0, // c_rdevminor
-      name.length, // c_namesize
-      0, // c_check
-    ];
-    const hdr = enc.encode(CPIO_NEWC_MAGIC + fields.map(hex).join(""));
-    parts.push(hdr, name, new Uint8Array(pad(hdr.length + name.length)));
-    if (e.data) parts.push(e.data, new Uint8Array(pad(size)));
-  };
-  entries.forEach(add);
-  add({ name: CPIO_TRAILER, mode: 0 });
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }
 
 // ---- Modules ----
@@ -156,21 +93,13 @@ async function baseInitramfs(version: string, modules: string[]): Promise<Uint8A
   } catch {
     // build below
   }
-  const entries: CpioEntry[] = [];
-  for (const d of ["bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules"]) {
-    entries.push({ name: d, mode: S_IFDIR | 0o755 });
-  }
-  entries.push({ name: "dev/console", mode: S_IFCHR | 0o600, rdevMajor: CONSOLE_MAJOR, rdevMinor: CONSOLE_MINOR });
-  entries.push({ name: "bin/busybox", mode: S_IFREG | 0o755, data: Deno.readFileSync(BUSYBOX) });
   for (const m of modules) {
-    const base = m.split("/").pop()!;
-    if (/\.ko\.\w+$/.test(base)) throw new Error(`compressed module ${m}: not supported by this helper`);
-    entries.push({
-      name: `lib/modules/${base}`,
-      mode: S_IFREG | 0o644,
-      data: Deno.readFileSync(`${UML_MODULES_ROOT}/${version}/${m}`),
-    });
+    if (/\.ko\.\w+$/.test(m)) throw new Error(`compressed module ${m}: not supported by this helper`);
   }
+  const entries = busyboxBaseEntries(
+    ["bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules"],
+    modules.map((m) => `${UML_MODULES_ROOT}/${version}/${m}`),
+  );
   const archive = cpioNewc(entries);
   Deno.mkdirSync(umlCacheDir(), { recursive: true });
   const tmp = `${cached}.${Deno.pid}.tmp`;
@@ -194,20 +123,7 @@ export const UML_MARK_END = "UML-INIT-END";
  * then power off.
  */
 export function initScript(moduleFiles: string[], commands: string): string {
-  const insmods = moduleFiles.map((m) => `insmod /lib/modules/${m.split("/").pop()}`).join("\n");
-  return `#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-${insmods}
-echo ${UML_MARK_START}
-( set -e
-${commands}
-)
-echo "${UML_MARK_END} status=$?"
-poweroff -f
-`;
+  return busyboxInitScript(moduleFiles, commands, UML_MARK_START, UML_MARK_END);
 }
 
 export interface InitramfsOptions {
@@ -259,52 +175,24 @@ export interface UmlOptions {
   hangGuardMs?: number;
 }
 
-export interface UmlResult {
-  /** Process exit code (0 after `poweroff -f`). */
-  code: number;
-  /** Console output (stdout and stderr). */
-  output: string;
-  /** The hang guard had to kill the machine. */
-  killed: boolean;
+export interface UmlResult extends ConsoleExit {
   /** Exit status of the test commands, from the end marker, or undefined when /init did not get there. */
   commandStatus?: number;
 }
 
 /** A running UML machine. */
 export class UmlMachine {
-  readonly #child: Deno.ChildProcess;
-  #output = "";
-  #killed = false;
-  readonly #waiters: { re: RegExp; resolve: () => void }[] = [];
+  readonly #proc: ConsoleProcess;
   readonly #done: Promise<UmlResult>;
 
   private constructor(child: Deno.ChildProcess, tmpdir: string, hangGuardMs: number) {
-    this.#child = child;
-    const dec = new TextDecoder();
-    const pump = async (stream: ReadableStream<Uint8Array>) => {
-      for await (const chunk of stream) {
-        this.#output += dec.decode(chunk, { stream: true });
-        for (const w of [...this.#waiters]) {
-          if (w.re.test(this.#output)) {
-            this.#waiters.splice(this.#waiters.indexOf(w), 1);
-            w.resolve();
-          }
-        }
-      }
-    };
-    const guard = setTimeout(() => this.kill(), hangGuardMs);
-    this.#done = (async () => {
-      const [status] = await Promise.all([child.status, pump(child.stdout), pump(child.stderr)]);
-      clearTimeout(guard);
-      await Deno.remove(tmpdir, { recursive: true }).catch(() => {});
-      const m = this.#output.match(new RegExp(`${UML_MARK_END} status=(\\d+)`));
-      return {
-        code: status.code,
-        output: this.#output,
-        killed: this.#killed,
-        commandStatus: m ? Number(m[1]) : undefined,
-      };
-    })();
+    this.#proc = new ConsoleProcess(child, {
+      label: "UML",
+      hangGuardMs,
+      kill: killUml,
+      afterExit: () => Deno.remove(tmpdir, { recursive: true }).catch(() => {}),
+    });
+    this.#done = this.#proc.done.then((r) => ({ ...r, commandStatus: initCommandStatus(r.output, UML_MARK_END) }));
   }
 
   /** Boot a machine. */
@@ -331,18 +219,12 @@ export class UmlMachine {
   }
 
   get output(): string {
-    return this.#output;
+    return this.#proc.output;
   }
 
   /** Resolves when the console output matches `re` (or rejects if the machine exits first). */
   waitFor(re: RegExp): Promise<void> {
-    if (re.test(this.#output)) return Promise.resolve();
-    return new Promise((resolve, reject) => {
-      this.#waiters.push({ re, resolve });
-      this.#done.then(() => {
-        if (!re.test(this.#output)) reject(new Error(`UML exited before printing ${re}:\n${this.#output}`));
-      });
-    });
+    return this.#proc.waitFor(re);
   }
 
   /** Resolves with the result once the machine has exited. */
@@ -350,29 +232,33 @@ export class UmlMachine {
     return this.#done;
   }
 
-  /**
-   * Kill the machine (SIGKILL). UML runs guest processes as host child processes that outlive
-   * a killed parent, and it leads its own process group: the whole group is killed.
-   */
+  /** Kill the machine (SIGKILL to its process group; see killUml). */
   kill(): void {
-    this.#killed = true;
-    const pid = this.#child.pid;
-    try {
-      // /proc/PID/stat: "pid (comm) state ppid pgrp ..." (proc(5)); comm may hold spaces.
-      const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-      const pgrp = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[2]);
-      if (pgrp === pid) {
-        Deno.kill(-pid, "SIGKILL");
-        return;
-      }
-    } catch {
-      // exited already, or no /proc: fall back to the process itself
+    this.#proc.kill();
+  }
+}
+
+/**
+ * SIGKILL a UML machine. UML runs guest processes as host child processes that outlive a killed
+ * parent, and it leads its own process group: the whole group is killed.
+ */
+function killUml(child: Deno.ChildProcess): void {
+  const pid = child.pid;
+  try {
+    // /proc/PID/stat: "pid (comm) state ppid pgrp ..." (proc(5)); comm may hold spaces.
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    const pgrp = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[2]);
+    if (pgrp === pid) {
+      Deno.kill(-pid, "SIGKILL");
+      return;
     }
-    try {
-      this.#child.kill("SIGKILL");
-    } catch {
-      // already exited
-    }
+  } catch {
+    // exited already, or no /proc: fall back to the process itself
+  }
+  try {
+    child.kill("SIGKILL");
+  } catch {
+    // already exited
   }
 }
 
