@@ -7,6 +7,8 @@ import { parseArgs } from "node:util";
 import { BlockDevice } from "../virtio/block.ts";
 import type { VirtioDevice } from "../virtio/device.ts";
 import { VhostUserBackend } from "./backend.ts";
+import { SOCKET_OPTIONS, socketPathOption } from "./args/common.ts";
+import { UsageError } from "../../vmm/cli/keyvalue.ts";
 
 /** crosvm exit codes (src/main.rs CommandStatus). */
 export const EXIT_SUCCESS = 0;
@@ -18,8 +20,6 @@ export const EXIT_FAILURE = 1;
 const DEVICE_TYPES = ["net", "console", "vsock", "rng", "balloon", "input", "gpu", "fs", "snd", "wl"];
 
 const USAGE = "usage: denovm device block --socket-path PATH --file IMAGE[:read-only]";
-
-class UsageError extends Error {}
 
 interface BlockArgs {
   socketPath: string;
@@ -34,8 +34,7 @@ export function parseBlockArgs(args: string[]): BlockArgs {
     ({ values } = parseArgs({
       args,
       options: {
-        "socket-path": { type: "string" },
-        socket: { type: "string" },
+        ...SOCKET_OPTIONS,
         file: { type: "string" },
       },
       strict: true,
@@ -44,11 +43,7 @@ export function parseBlockArgs(args: string[]): BlockArgs {
   } catch (e) {
     throw new UsageError((e as Error).message.split("\n")[0]);
   }
-  const socketPath = values["socket-path"] ?? values.socket;
-  if (!socketPath) throw new UsageError("block: --socket-path PATH is required");
-  if (values["socket-path"] && values.socket && values["socket-path"] !== values.socket) {
-    throw new UsageError("block: give either --socket-path or --socket, not both");
-  }
+  const socketPath = socketPathOption("block", values);
   if (!values.file) throw new UsageError("block: --file IMAGE[:read-only] is required");
   // PATH followed by ':'-separated options; the only option is read-only.
   const [file, ...opts] = values.file.split(":");

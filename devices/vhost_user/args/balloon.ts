@@ -15,7 +15,7 @@ import { UsageError } from "../../../vmm/cli/keyvalue.ts";
 import { BALLOON_STAT_NAMES, BalloonDevice } from "../../virtio/balloon.ts";
 import type { VirtioDevice } from "../../virtio/device.ts";
 import { serveJsonLines } from "./input.ts";
-import { parseOptions, socketPathOption } from "./rng.ts";
+import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 /** How long {"stats":true} waits for the guest's answer before replying with the old numbers. */
 const STATS_WAIT_MS = 5000;
@@ -62,14 +62,13 @@ export async function handleBalloonRequest(dev: BalloonDevice, req: unknown): Pr
 
 export function parseDeviceArgs(args: string[]): { socketPath: string; device: VirtioDevice } {
   const v = parseOptions("balloon", args, {
-    "socket-path": { type: "string" },
-    socket: { type: "string" },
+    ...SOCKET_OPTIONS,
     target: { type: "string" },
     "control-socket": { type: "string" },
     "no-stats": { type: "boolean" },
     "no-deflate-on-oom": { type: "boolean" },
   });
-  const socketPath = socketPathOption("balloon", v as { "socket-path"?: string; socket?: string });
+  const socketPath = socketPathOption("balloon", v);
   const device = new BalloonDevice({
     statsQueue: !v["no-stats"],
     deflateOnOom: !v["no-deflate-on-oom"],

@@ -4,10 +4,10 @@
 // `--input-file INFILE` (guest input read from a file instead of stdin), `--syslog` (crosvm logs the
 // output to syslog; denovm writes it to stderr and reads no stdin, as crosvm does in that mode).
 
-import { parseArgs } from "node:util";
 import { ConsoleDevice } from "../../virtio/console.ts";
 import type { VirtioDevice } from "../../virtio/device.ts";
 import { UsageError } from "../../../vmm/cli/keyvalue.ts";
+import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 export const CONSOLE_USAGE = "usage: denovm device console --socket-path PATH [--output-file OUTFILE] " +
   "[--input-file INFILE] [--syslog]\n" +
@@ -23,33 +23,18 @@ export interface ConsoleArgs {
 
 /** Parse `console` options; throws UsageError with a one-line reason. */
 export function parseConsoleArgs(args: string[]): ConsoleArgs {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      options: {
-        "socket-path": { type: "string" },
-        socket: { type: "string" },
-        "output-file": { type: "string" },
-        "input-file": { type: "string" },
-        syslog: { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
-      strict: true,
-      allowPositionals: false,
-    }));
-  } catch (e) {
-    throw new UsageError(`console: ${(e as Error).message.split("\n")[0]}`);
-  }
+  const values = parseOptions("console", args, {
+    ...SOCKET_OPTIONS,
+    "output-file": { type: "string" },
+    "input-file": { type: "string" },
+    syslog: { type: "boolean" },
+    help: { type: "boolean", short: "h" },
+  });
   if (values.help) {
     console.log(CONSOLE_USAGE);
     Deno.exit(0);
   }
-  const socketPath = values["socket-path"] ?? values.socket;
-  if (!socketPath) throw new UsageError("console: --socket-path PATH is required");
-  if (values["socket-path"] && values.socket && values["socket-path"] !== values.socket) {
-    throw new UsageError("console: give either --socket-path or --socket, not both");
-  }
+  const socketPath = socketPathOption("console", values);
   if (values.syslog && values["output-file"]) {
     throw new UsageError("console: --output-file and --syslog cannot be used together");
   }

@@ -22,7 +22,7 @@ import { Backend2D } from "../../virtio/gpu/backend_2d.ts";
 import { VirglBackend } from "../../virtio/gpu/backend_virgl.ts";
 import { VhostUserGpuDevice } from "../gpu_socket.ts";
 import { type JsonLineServer, serveJsonLines } from "./input.ts";
-import { parseOptions, socketPathOption } from "./rng.ts";
+import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 /** Context types the virglrenderer backend knows (backend_virgl.ts CONTEXT_TYPE_CAPSETS). */
 const CONTEXT_TYPES = ["virgl", "virgl2", "venus"];
@@ -50,8 +50,7 @@ function positiveInt(v: unknown, what: string): number {
 /** Parse the words after `denovm device gpu`; throws UsageError with a one-line reason. */
 export function parseGpuArgs(args: string[]): GpuDeviceArgs {
   const values = parseOptions("gpu", args, {
-    "socket-path": { type: "string" },
-    socket: { type: "string" },
+    ...SOCKET_OPTIONS,
     backend: { type: "string" },
     "context-types": { type: "string" },
     width: { type: "string" },
@@ -60,7 +59,7 @@ export function parseGpuArgs(args: string[]): GpuDeviceArgs {
     "control-socket": { type: "string" },
     params: { type: "string" },
   });
-  const socketPath = socketPathOption("gpu", values as { "socket-path"?: string; socket?: string });
+  const socketPath = socketPathOption("gpu", values);
   let params: Record<string, unknown> = {};
   if (values.params !== undefined) {
     try {

@@ -19,7 +19,7 @@ import { UsageError } from "../../../vmm/cli/keyvalue.ts";
 import type { VirtioDevice } from "../../virtio/device.ts";
 import { INPUT_DEVICE_KINDS, type InputDevice as InputDeviceT, type InputDeviceKind } from "../../virtio/input.ts";
 import { InputDevice } from "../../virtio/input.ts";
-import { parseOptions, socketPathOption } from "./rng.ts";
+import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 /** A Unix socket server taking JSON lines; each line's handler result is sent back as one JSON line. */
 export interface JsonLineServer {
@@ -179,8 +179,7 @@ function parseInputSpec(spec: string): { kind: string; opts: Record<string, stri
 
 export function parseDeviceArgs(args: string[]): { socketPath: string; device: VirtioDevice } {
   const v = parseOptions("input", args, {
-    "socket-path": { type: "string" },
-    socket: { type: "string" },
+    ...SOCKET_OPTIONS,
     kind: { type: "string" },
     input: { type: "string" },
     width: { type: "string" },

@@ -14,6 +14,7 @@ import { UsageError } from "../../../vmm/cli/keyvalue.ts";
 import type { VirtioDevice } from "../../virtio/device.ts";
 import { NetDevice } from "../../virtio/net.ts";
 import { configureInterface, parseIpv4, parseMac } from "../../../ffi/tun.ts";
+import { givenSocketPath, SOCKET_OPTIONS } from "./common.ts";
 
 const USAGE = "usage: denovm device net --socket-path PATH (--tap-name NAME | --tap-fd FD) [--mac MAC] " +
   "| --tap-name PATH,NAME | --tap-fd PATH,FD | --device PATH,IP,NETMASK,MAC";
@@ -53,8 +54,7 @@ export function parseNetArgs(args: string[]): NetArgs {
     ({ values } = parseArgs({
       args,
       options: {
-        "socket-path": { type: "string" },
-        socket: { type: "string" },
+        ...SOCKET_OPTIONS,
         "tap-name": { type: "string", multiple: true },
         "tap-fd": { type: "string", multiple: true },
         device: { type: "string", multiple: true },
@@ -67,10 +67,7 @@ export function parseNetArgs(args: string[]): NetArgs {
   } catch (e) {
     throw new UsageError(`net: ${(e as Error).message.split("\n")[0]}`);
   }
-  if (values["socket-path"] && values.socket && values["socket-path"] !== values.socket) {
-    usage("give either --socket-path or --socket, not both");
-  }
-  const given = values["socket-path"] ?? values.socket;
+  const given = givenSocketPath("net", values, usage);
   const names = values["tap-name"] ?? [];
   const fds = values["tap-fd"] ?? [];
   const devices = values.device ?? [];

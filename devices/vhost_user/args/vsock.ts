@@ -6,10 +6,10 @@
 // Unix listener `UDS_P`. crosvm's `--vhost-vsock-device` / `--device` (a host vhost-vsock node)
 // has no meaning here and is refused.
 
-import { parseArgs } from "node:util";
 import { VsockDevice } from "../../virtio/vsock.ts";
 import type { VirtioDevice } from "../../virtio/device.ts";
 import { parseUint, UsageError } from "../../../vmm/cli/keyvalue.ts";
+import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 export const VSOCK_USAGE = "usage: denovm device vsock --socket-path PATH --cid N --uds-path UDS\n" +
   "  Userspace virtio-vsock (denovm's form; crosvm's vsock back end uses the host's /dev/vhost-vsock).\n" +
@@ -24,34 +24,19 @@ export interface VsockArgs {
 
 /** Parse `vsock` options; throws UsageError with a one-line reason. */
 export function parseVsockArgs(args: string[]): VsockArgs {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args,
-      options: {
-        "socket-path": { type: "string" },
-        socket: { type: "string" },
-        cid: { type: "string" },
-        "uds-path": { type: "string" },
-        device: { type: "string" },
-        "vhost-vsock-device": { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-      strict: true,
-      allowPositionals: false,
-    }));
-  } catch (e) {
-    throw new UsageError(`vsock: ${(e as Error).message.split("\n")[0]}`);
-  }
+  const values = parseOptions("vsock", args, {
+    ...SOCKET_OPTIONS,
+    cid: { type: "string" },
+    "uds-path": { type: "string" },
+    device: { type: "string" },
+    "vhost-vsock-device": { type: "string" },
+    help: { type: "boolean", short: "h" },
+  });
   if (values.help) {
     console.log(VSOCK_USAGE);
     Deno.exit(0);
   }
-  const socketPath = values["socket-path"] ?? values.socket;
-  if (!socketPath) throw new UsageError("vsock: --socket-path PATH is required");
-  if (values["socket-path"] && values.socket && values["socket-path"] !== values.socket) {
-    throw new UsageError("vsock: give either --socket-path or --socket, not both");
-  }
+  const socketPath = socketPathOption("vsock", values);
   if (values.device || values["vhost-vsock-device"]) {
     throw new UsageError("vsock: denovm's vsock is userspace; use --uds-path instead of a vhost-vsock device");
   }
