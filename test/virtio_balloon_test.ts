@@ -16,13 +16,7 @@ import {
   VIRTIO_BALLOON_S_MEMFREE,
   VIRTIO_BALLOON_S_MEMTOT,
 } from "../devices/virtio/balloon.ts";
-import {
-  VIRTIO_MMIO_CONFIG,
-  VIRTIO_MMIO_CONFIG_GENERATION,
-  VIRTIO_MMIO_INT_CONFIG,
-  VirtioMmioTransport,
-} from "../devices/virtio/mmio.ts";
-import { virtioLog } from "../devices/virtio/queue.ts";
+import { VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_INT_CONFIG } from "../devices/virtio/mmio.ts";
 import { VIRTIO_ID_BALLOON } from "../devices/virtio/device.ts";
 import { GuestMemory } from "../vmm/memory.ts";
 import {
@@ -37,7 +31,8 @@ import {
   PROT_READ,
   PROT_WRITE,
 } from "../ffi/libc.ts";
-import { GuardedGuestMemory, VirtioTestDriver } from "./support/virtio_driver.ts";
+import { GuardedGuestMemory } from "./support/virtio_driver.ts";
+import { captureVirtioLog, mmioRig } from "./support/device_rig.ts";
 
 const MiB = 1024 * 1024;
 const GUEST_SIZE = 8 * MiB;
@@ -65,20 +60,16 @@ function rig(mem?: GuestMemory) {
   const dev = new BalloonDevice();
   const g = mem ? undefined : new GuardedGuestMemory([{ start: 0, size: GUEST_SIZE }]);
   const m = mem ?? g!.mem;
-  const irqs = { n: 0 };
-  const t = new VirtioMmioTransport(dev, m, { irq: { trigger: () => irqs.n++ } });
-  const drv = new VirtioTestDriver(t, m, { start: 0x1000, end: BALLOON_AREA });
+  const { drv, irqs } = mmioRig(dev, m, BALLOON_AREA);
   drv.init();
-  const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
+  const log = captureVirtioLog();
   const mark = drv.alloc.mark();
   return {
     dev,
     drv,
     mem: m,
     irqs,
-    lines,
+    lines: log.lines,
     /** Send PFNs on the inflate (0) or deflate (1) queue; returns the used entries. */
     send(queue: number, pfns: number[]) {
       drv.alloc.resetTo(mark);
@@ -89,7 +80,7 @@ function rig(mem?: GuestMemory) {
       assert.deepEqual(used, [{ id: sub.head, len: 0 }]);
     },
     [Symbol.dispose]() {
-      virtioLog.sink = old;
+      log.restore();
       if (g) {
         assert.ok(g.canaryIntact(), "no access outside guest memory");
         g.close();

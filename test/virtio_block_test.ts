@@ -29,10 +29,10 @@ import {
   VIRTIO_BLK_T_WRITE_ZEROES,
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 } from "../devices/virtio/block.ts";
-import { VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_STATUS, VirtioMmioTransport } from "../devices/virtio/mmio.ts";
-import { virtioLog } from "../devices/virtio/queue.ts";
+import { VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_STATUS } from "../devices/virtio/mmio.ts";
 import { VIRTIO_ID_BLOCK } from "../devices/virtio/device.ts";
 import { GuardedGuestMemory, type Segment, VirtioTestDriver } from "./support/virtio_driver.ts";
+import { captureVirtioLog, closeDeviceRig, mmioRig } from "./support/device_rig.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_SIZE = 4 * MiB;
@@ -93,20 +93,16 @@ function rig(opts: Partial<BlockOptions> & { image?: Uint8Array; sparseFile?: bo
     direct: opts.direct ?? false,
   });
   const g = new GuardedGuestMemory([{ start: 0, size: 16 * MiB }]);
-  const irqs = { n: 0 };
-  const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => irqs.n++ } });
-  const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: 16 * MiB });
+  const { drv, irqs } = mmioRig(dev, g.mem, 16 * MiB);
   drv.init();
-  const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
+  const log = captureVirtioLog();
   return {
     path,
     dev,
     drv,
     g,
     irqs,
-    lines,
+    lines: log.lines,
     req(type, sector, data, o) {
       const body = data === undefined ? [] : Array.isArray(data) ? data : [data];
       const q = drv.queues[0];
@@ -127,10 +123,7 @@ function rig(opts: Partial<BlockOptions> & { image?: Uint8Array; sparseFile?: bo
       return { status, len: used[0].len, data: out };
     },
     [Symbol.dispose]() {
-      virtioLog.sink = old;
-      assert.ok(g.canaryIntact(), "no access outside guest memory");
-      dev.close();
-      g.close();
+      closeDeviceRig(log, g, dev);
       Deno.removeSync(path);
     },
   };

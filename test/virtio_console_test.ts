@@ -26,9 +26,9 @@ import {
   VIRTIO_CONSOLE_PORT_READY,
 } from "../devices/virtio/console.ts";
 import { VIRTIO_ID_CONSOLE } from "../devices/virtio/device.ts";
-import { VirtioMmioTransport } from "../devices/virtio/mmio.ts";
-import { virtioLog, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../devices/virtio/queue.ts";
+import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../devices/virtio/queue.ts";
 import { GuardedGuestMemory, type Segment, VirtioTestDriver } from "./support/virtio_driver.ts";
+import { captureVirtioLog, closeDeviceRig, mmioRig } from "./support/device_rig.ts";
 
 const MiB = 1024 * 1024;
 const enc = new TextEncoder();
@@ -57,12 +57,8 @@ function rig(opts: Partial<ConsoleOptions> = {}, features?: bigint): Rig {
   const out: Uint8Array[] = [];
   const dev = new ConsoleDevice({ output: (b) => out.push(b.slice()), ...opts });
   const g = new GuardedGuestMemory([{ start: 0, size: 16 * MiB }]);
-  const irqs = { n: 0 };
-  const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => irqs.n++ } });
-  const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: 16 * MiB });
-  const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
+  const { drv, irqs } = mmioRig(dev, g.mem, 16 * MiB);
+  const log = captureVirtioLog();
   drv.init({ features, queueSize: 64 });
   return {
     dev,
@@ -70,7 +66,7 @@ function rig(opts: Partial<ConsoleOptions> = {}, features?: bigint): Rig {
     g,
     out,
     irqs,
-    lines,
+    lines: log.lines,
     rx(qi, sizes) {
       const res = sizes.map((n) => {
         const s = drv.queues[qi].submit([n]);
@@ -93,10 +89,7 @@ function rig(opts: Partial<ConsoleOptions> = {}, features?: bigint): Rig {
       drv.queues[qi].used();
     },
     [Symbol.dispose]() {
-      virtioLog.sink = old;
-      assert.ok(g.canaryIntact(), "no access outside guest memory");
-      dev.close();
-      g.close();
+      closeDeviceRig(log, g, dev);
     },
   };
 }

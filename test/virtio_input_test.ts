@@ -49,30 +49,26 @@ import {
   SYN_REPORT,
 } from "../devices/virtio/input/codes.ts";
 import { handleInputRequest } from "../devices/vhost_user/args/input.ts";
-import { VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID, VirtioMmioTransport } from "../devices/virtio/mmio.ts";
-import { virtioLog } from "../devices/virtio/queue.ts";
+import { VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID } from "../devices/virtio/mmio.ts";
 import { VIRTIO_ID_INPUT } from "../devices/virtio/device.ts";
-import { GuardedGuestMemory, type Submitted, VirtioTestDriver } from "./support/virtio_driver.ts";
+import { GuardedGuestMemory, type Submitted } from "./support/virtio_driver.ts";
+import { captureVirtioLog, closeDeviceRig, mmioRig } from "./support/device_rig.ts";
 
 const MiB = 1024 * 1024;
 
 function rig(kind: InputDeviceKind, opts: { width?: number; height?: number } = {}) {
   const dev = new InputDevice({ kind, ...opts });
   const g = new GuardedGuestMemory([{ start: 0, size: 4 * MiB }]);
-  const irqs = { n: 0 };
-  const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => irqs.n++ } });
-  const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: 4 * MiB });
+  const { t, drv, irqs } = mmioRig(dev, g.mem, 4 * MiB);
   drv.init();
-  const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
+  const log = captureVirtioLog();
   const posted: Submitted[] = [];
   return {
     dev,
     drv,
     g,
     irqs,
-    lines,
+    lines: log.lines,
     /** Post `n` event buffers (one event each, as Linux does) and kick. */
     post(n: number, size = INPUT_EVENT_SIZE) {
       for (let i = 0; i < n; i++) posted.push(drv.queues[0].submit([size]));
@@ -98,10 +94,7 @@ function rig(kind: InputDeviceKind, opts: { width?: number; height?: number } = 
       return all.slice(INPUT_CFG_UNION, INPUT_CFG_UNION + all[INPUT_CFG_SIZE]);
     },
     [Symbol.dispose]() {
-      virtioLog.sink = old;
-      assert.ok(g.canaryIntact(), "no access outside guest memory");
-      dev.close();
-      g.close();
+      closeDeviceRig(log, g, dev);
     },
   };
 }

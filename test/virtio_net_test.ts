@@ -34,11 +34,11 @@ import {
   VIRTIO_NET_S_LINK_UP,
 } from "../devices/virtio/net.ts";
 import { VIRTIO_COMMON_FEATURES, VIRTIO_ID_NET } from "../devices/virtio/device.ts";
-import { VirtioMmioTransport } from "../devices/virtio/mmio.ts";
-import { virtioLog, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../devices/virtio/queue.ts";
+import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../devices/virtio/queue.ts";
 import { configureInterface, interfaceMtu, openTap } from "../ffi/tun.ts";
 import { parseDeviceArgs, parseNetArgs } from "../devices/vhost_user/args/net.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "./support/virtio_driver.ts";
+import { captureVirtioLog, mmioRig } from "./support/device_rig.ts";
 
 const NETNS_ENV = "DENOVM_NET_TEST_NETNS";
 const inner = Deno.env.get(NETNS_ENV);
@@ -157,15 +157,11 @@ interface Rig {
 }
 
 function rig(opts: { features?: bigint; offloads?: boolean; repost?: boolean } = {}): Rig {
-  const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
+  const log = captureVirtioLog();
   const dev = new NetDevice({ tapName: TAP, mac: GUEST_MAC, offloads: opts.offloads });
   configureInterface(TAP, { ip: HOST_IP.join("."), netmask: "255.255.255.0" });
   const g = new GuardedGuestMemory([{ start: 0, size: 32 * MiB }]);
-  const irqs = { n: 0 };
-  const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => irqs.n++ } });
-  const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: 32 * MiB });
+  const { drv, irqs } = mmioRig(dev, g.mem, 32 * MiB);
   const acked = drv.init({ features: opts.features });
   const rxPosted = new Map<number, { addr: number; len: number }>();
   const received: RxFrame[] = [];
@@ -175,7 +171,7 @@ function rig(opts: { features?: bigint; offloads?: boolean; repost?: boolean } =
     g,
     acked,
     irqs,
-    lines,
+    lines: log.lines,
     rxPosted,
     received,
     postRx(n, size = VIRTIO_NET_HDR_SIZE + 1518) {
@@ -220,7 +216,7 @@ function rig(opts: { features?: bigint; offloads?: boolean; repost?: boolean } =
     async close() {
       dev.close();
       await dev.done;
-      virtioLog.sink = old;
+      log.restore();
       assert.ok(g.canaryIntact(), "no access outside guest memory");
       g.close();
     },

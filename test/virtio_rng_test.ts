@@ -3,10 +3,10 @@
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { RNG_MAX_BYTES_PER_REQUEST, RngDevice } from "../devices/virtio/rng.ts";
-import { VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_INT_VRING, VirtioMmioTransport } from "../devices/virtio/mmio.ts";
-import { virtioLog } from "../devices/virtio/queue.ts";
+import { VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_INT_VRING } from "../devices/virtio/mmio.ts";
 import { VIRTIO_F_VERSION_1, VIRTIO_ID_RNG } from "../devices/virtio/device.ts";
-import { GuardedGuestMemory, type Segment, VirtioTestDriver } from "./support/virtio_driver.ts";
+import { GuardedGuestMemory, type Segment } from "./support/virtio_driver.ts";
+import { captureVirtioLog, closeDeviceRig, mmioRig } from "./support/device_rig.ts";
 
 const MiB = 1024 * 1024;
 /** What the test driver fills writable buffers with before submitting them. */
@@ -15,20 +15,16 @@ const UNTOUCHED = 0xee;
 function rig() {
   const dev = new RngDevice();
   const g = new GuardedGuestMemory([{ start: 0, size: 4 * MiB }]);
-  const irqs = { n: 0 };
-  const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => irqs.n++ } });
-  const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: 4 * MiB });
+  const { drv, irqs } = mmioRig(dev, g.mem, 4 * MiB);
   drv.init();
-  const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
+  const log = captureVirtioLog();
   const mark = drv.alloc.mark();
   return {
     dev,
     drv,
     g,
     irqs,
-    lines,
+    lines: log.lines,
     /** Submit one chain, kick, return the used length and the bytes of its writable buffers. */
     req(segs: Segment[]): { len: number; data: Uint8Array } {
       drv.alloc.resetTo(mark);
@@ -48,10 +44,7 @@ function rig() {
       return { len: used[0].len, data };
     },
     [Symbol.dispose]() {
-      virtioLog.sink = old;
-      assert.ok(g.canaryIntact(), "no access outside guest memory");
-      dev.close();
-      g.close();
+      closeDeviceRig(log, g, dev);
     },
   };
 }

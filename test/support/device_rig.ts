@@ -1,0 +1,58 @@
+// Scaffolding the virtio device tests share: a device on the virtio-mmio transport over guest memory,
+// driven by the test driver (test/support/virtio_driver.ts) with its interrupts counted, and the virtio
+// log lines captured so a test can assert on them.
+
+import assert from "node:assert/strict";
+import { VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
+import type { VirtioDevice } from "../../devices/virtio/device.ts";
+import { virtioLog } from "../../devices/virtio/queue.ts";
+import type { GuestMemory } from "../../vmm/memory.ts";
+import type { GuardedGuestMemory } from "./virtio_driver.ts";
+import { VirtioTestDriver } from "./virtio_driver.ts";
+
+/** Where the test driver's arena starts: the first page stays unused, as guest page 0 usually is. */
+export const DRIVER_ARENA_START = 0x1000;
+
+export interface MmioRig {
+  t: VirtioMmioTransport;
+  drv: VirtioTestDriver;
+  /** Interrupts the transport raised. */
+  irqs: { n: number };
+}
+
+/**
+ * `dev` on a virtio-mmio transport over `mem` (interrupts counted in `irqs`), with a test driver whose
+ * rings and buffers go from DRIVER_ARENA_START to `arenaEnd`. The driver is not initialised yet.
+ */
+export function mmioRig(dev: VirtioDevice, mem: GuestMemory, arenaEnd: number): MmioRig {
+  const irqs = { n: 0 };
+  const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => irqs.n++ } });
+  const drv = new VirtioTestDriver(t, mem, { start: DRIVER_ARENA_START, end: arenaEnd });
+  return { t, drv, irqs };
+}
+
+export interface CapturedLog {
+  /** Lines logged since the capture began. */
+  lines: string[];
+  /** Give the log its previous sink back. */
+  restore(): void;
+}
+
+/** Sends virtioLog lines into `lines` (instead of its sink) until restore(). */
+export function captureVirtioLog(): CapturedLog {
+  const lines: string[] = [];
+  const old = virtioLog.sink;
+  virtioLog.sink = (l) => lines.push(l);
+  return { lines, restore: () => virtioLog.sink = old };
+}
+
+/**
+ * The end of a device test: the log sink restored, the canary around guest memory checked (the device
+ * touched nothing outside the guest), then the device and the memory closed.
+ */
+export function closeDeviceRig(log: CapturedLog, g: GuardedGuestMemory, dev: { close?(): void }): void {
+  log.restore();
+  assert.ok(g.canaryIntact(), "no access outside guest memory");
+  dev.close?.();
+  g.close();
+}
