@@ -6,6 +6,7 @@ import { fileURLToPath } from "node:url";
 import { layoutHeader } from "../test/guests/build.ts";
 import { KERNEL_START } from "../vmm/layout.ts";
 import type { BootConfig } from "../mod.ts";
+import { exists } from "../test/support/guest_process.ts";
 
 export const REPO_ROOT: string = join(dirname(fileURLToPath(import.meta.url)), "..");
 export const BENCH_DIR: string = join(REPO_ROOT, "bench");
@@ -15,14 +16,7 @@ export function benchCacheDir(): string {
   return join(Deno.env.get("DENOVM_CACHE") ?? join(REPO_ROOT, ".cache"), "bench");
 }
 
-export function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
+export { exists };
 
 export const hasKvm: boolean = exists("/dev/kvm");
 /** The host's KVM is kvm_pvm: guest kernel code is emulated, so kernels boot slowly and may stop early. */
