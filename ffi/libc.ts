@@ -50,6 +50,7 @@ const symbols = {
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" }, // int errnum
   dlsym: { parameters: ["pointer", "buffer"], result: "pointer" }, // void *handle, const char *symbol
+  flock: { parameters: ["i32", "i32"], result: "i32" }, // int fd, int operation
   calloc: { parameters: ["usize", "usize"], result: "pointer" }, // size_t nmemb, size_t size
   free: { parameters: ["pointer"], result: "void" }, // void *ptr
 } as const satisfies Deno.ForeignLibraryInterface;
@@ -98,6 +99,10 @@ export const POLLOUT = 0x4;
 export const POLLERR = 0x8;
 export const POLLHUP = 0x10;
 export const POLLNVAL = 0x20;
+/** flock(2) operations (sys/file.h). */
+export const LOCK_SH = 1;
+export const LOCK_EX = 2;
+export const LOCK_NB = 4;
 /** fallocate(2) modes (linux/falloc.h). */
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;

@@ -414,3 +414,25 @@ Deno.test("property: random requests always complete with a valid status and nev
     { numRuns: 200 },
   );
 });
+
+Deno.test("block: an image is locked like crosvm's lock=true: one writer, or readers only", async () => {
+  const path = await Deno.makeTempFile();
+  await Deno.writeFile(path, new Uint8Array(4096));
+  const opts = { path, readOnly: false, sparse: false, blockSize: 512, direct: false };
+  const writer = new BlockDevice(opts);
+  try {
+    assert.throws(() => new BlockDevice(opts), /in use by another process/);
+    assert.throws(() => new BlockDevice({ ...opts, readOnly: true }), /in use by another process/);
+    const unlocked = new BlockDevice({ ...opts, lock: false });
+    unlocked.close();
+  } finally {
+    writer.close();
+  }
+  const r1 = new BlockDevice({ ...opts, readOnly: true });
+  const r2 = new BlockDevice({ ...opts, readOnly: true });
+  assert.throws(() => new BlockDevice(opts), /in use by another process/);
+  r1.close();
+  r2.close();
+  new BlockDevice(opts).close();
+  await Deno.remove(path);
+});

@@ -42,6 +42,8 @@ export interface BlockConfig {
   id?: string;
   /** Open with O_DIRECT. */
   direct: boolean;
+  /** Lock the image (exclusive when writable, shared when read-only). crosvm default: true. */
+  lock?: boolean;
 }
 
 export interface NetConfig {

@@ -73,6 +73,7 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
             blockSize: b.blockSize,
             id: b.id,
             direct: b.direct,
+            lock: b.lock,
           })),
       );
     }

@@ -14,6 +14,7 @@ import { ChainError, type ChainReader, type DescriptorChain, RateLimitedLog, typ
 import type { GuestMemory } from "../../vmm/memory.ts";
 import {
   closeFd,
+  EAGAIN,
   EINTR,
   EINVAL,
   EOPNOTSUPP,
@@ -24,10 +25,14 @@ import {
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
   libc,
+  LOCK_EX,
+  LOCK_NB,
+  LOCK_SH,
   O_DIRECT,
   O_RDONLY,
   O_RDWR,
   openFile,
+  strerror,
   SysError,
 } from "../../ffi/libc.ts";
 
@@ -101,6 +106,8 @@ export interface BlockOptions {
   id?: string;
   /** Open with O_DIRECT (bypass the host page cache). */
   direct: boolean;
+  /** Take an flock on the image (exclusive when writable, shared when read-only); default true. */
+  lock?: boolean;
 }
 
 const STAT_NAMES = [
@@ -172,6 +179,21 @@ export class BlockDevice implements VirtioDevice {
       }
     } else {
       this.#fd = openFile(path, flags);
+    }
+    // Like crosvm (lock=true): one writer or many readers per image, so two VMs never write one disk.
+    if (opts.lock ?? true) {
+      if (libc().flock(this.#fd, (readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) < 0) {
+        const e = errno();
+        closeFd(this.#fd);
+        this.#fd = -1;
+        throw new Error(
+          e === EAGAIN
+            ? `disk image ${path} is in use by another process (${
+              readOnly ? "a writer" : "a reader or writer"
+            } holds its lock)`
+            : `cannot lock disk image ${path}: ${strerror(e)}`,
+        );
+      }
     }
     const size = Deno.statSync(path).size;
     this.capacityBytes = size - (size % SECTOR_SIZE);

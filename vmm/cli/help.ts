@@ -64,6 +64,7 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       { form: "block-size=BYTES", help: "reported block size, a multiple of 512 (default: 512)" },
       { form: "id=STRING", help: "device serial, up to 20 ASCII characters (default: none)" },
       { form: "direct[=BOOL]", help: "open with O_DIRECT, bypassing the host page cache (default: false)" },
+      { form: "lock[=BOOL]", help: "lock the image so no other VM writes it at the same time (default: true)" },
     ],
   },
   {

@@ -105,6 +105,7 @@ function blockSchema(option: string): KvSchema {
       "block-size": "uint",
       id: "string",
       direct: "bool",
+      lock: "bool",
     },
     // crosvm devices/src/virtio/block/mod.rs DiskOption serde aliases.
     aliases: { block_size: "block-size", o_direct: "direct" },
@@ -261,6 +262,7 @@ function parseBlock(text: string, option: string, force: Partial<BlockConfig> = 
     sparse: (o.sparse as boolean | undefined) ?? true,
     blockSize: (o["block-size"] as number | undefined) ?? DEFAULT_BLOCK_SIZE,
     direct: (o.direct as boolean | undefined) ?? false,
+    ...(o.lock === undefined ? {} : { lock: o.lock as boolean }),
     ...force,
   };
   if (b.blockSize === 0 || b.blockSize % SECTOR_SIZE !== 0) {
