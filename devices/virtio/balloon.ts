@@ -192,8 +192,7 @@ export class BalloonDevice implements VirtioDevice {
   }
 
   readConfig(offset: number, data: Uint8Array): void {
-    const cfg = this.#config();
-    readConfigSpace(cfg, offset, data);
+    readConfigSpace(this.#config(), offset, data);
   }
 
   writeConfig(offset: number, data: Uint8Array): void {

@@ -231,8 +231,7 @@ export class BlockDevice implements VirtioDevice {
   }
 
   readConfig(offset: number, data: Uint8Array): void {
-    const cfg = this.#config();
-    readConfigSpace(cfg, offset, data);
+    readConfigSpace(this.#config(), offset, data);
   }
 
   writeConfig(offset: number, data: Uint8Array): void {

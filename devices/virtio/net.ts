@@ -210,8 +210,7 @@ export class NetDevice implements VirtioDevice {
   }
 
   readConfig(offset: number, data: Uint8Array): void {
-    const cfg = this.#config();
-    readConfigSpace(cfg, offset, data);
+    readConfigSpace(this.#config(), offset, data);
   }
 
   writeConfig(offset: number, data: Uint8Array): void {
