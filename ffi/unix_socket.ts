@@ -3,7 +3,7 @@
 // reused from there, not redefined. Sending and receiving packets goes through its UnixStream class, whose
 // recvmsg/sendmsg calls work the same on a SOCK_SEQPACKET descriptor (one call = one packet).
 
-import { AF_UNIX, setNonBlocking, SOCK_CLOEXEC, SOCK_NONBLOCK, UNIX_PATH_MAX } from "../devices/vhost_user/socket.ts";
+import { AF_UNIX, setNonBlocking, SOCK_CLOEXEC, SOCK_NONBLOCK, UNIX_PATH_MAX } from "./socket.ts";
 import { check, closeFd, EAGAIN, EINTR, errno, libc, SysError } from "./libc.ts";
 
 /** Connection-oriented, record-preserving socket type (linux/net.h enum sock_type: SOCK_SEQPACKET = 5). */

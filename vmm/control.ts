@@ -33,7 +33,8 @@
 
 import { closeFd, EAGAIN, EINTR, errno, libc, pollAsync, POLLIN, SysError } from "../ffi/libc.ts";
 import { connectSeqpacket, ECONNREFUSED, fitsSunPath, listenSeqpacket } from "../ffi/unix_socket.ts";
-import { SOCK_CLOEXEC, SOCK_NONBLOCK, UnixStream, WaitCancelled, Waker } from "../devices/vhost_user/socket.ts";
+import { SOCK_CLOEXEC, SOCK_NONBLOCK } from "../ffi/socket.ts";
+import { UnixStream, WaitCancelled, Waker } from "../devices/vhost_user/socket.ts";
 
 /** Largest request packet accepted; a bigger one gets an error reply. */
 export const MAX_REQUEST_BYTES = 64 * 1024;

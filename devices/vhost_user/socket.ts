@@ -11,10 +11,7 @@ import {
   eventfd,
   eventfdRead,
   eventfdWrite,
-  F_GETFL,
-  F_SETFL,
   libc,
-  O_NONBLOCK,
   pollAsync,
   POLLERR,
   POLLHUP,
@@ -22,89 +19,44 @@ import {
   POLLOUT,
   SysError,
 } from "../../ffi/libc.ts";
+import {
+  AF_UNIX,
+  CMSG_HDR_SIZE,
+  CMSG_LEN_OFF,
+  CMSG_LEVEL_OFF,
+  CMSG_TYPE_OFF,
+  cmsgAlign,
+  cmsgLen,
+  cmsgSpace,
+  FD_SIZE,
+  IOVEC_BASE,
+  IOVEC_LEN,
+  IOVEC_SIZE,
+  MAX_FDS_PER_MESSAGE,
+  MSG_CMSG_CLOEXEC,
+  MSG_CTRUNC,
+  MSG_NOSIGNAL,
+  MSGHDR_CONTROL,
+  MSGHDR_CONTROLLEN,
+  MSGHDR_FLAGS,
+  MSGHDR_IOV,
+  MSGHDR_IOVLEN,
+  MSGHDR_NAME,
+  MSGHDR_NAMELEN,
+  MSGHDR_SIZE,
+  ptrValue,
+  SCM_RIGHTS,
+  setNonBlocking,
+  SHUT_RDWR,
+  SOCK_CLOEXEC,
+  SOCK_NONBLOCK,
+  SOCK_STREAM,
+  sockaddrUn,
+  SOL_SOCKET,
+} from "../../ffi/socket.ts";
 
-// Socket constants (Linux include/linux/socket.h, asm-generic/socket.h, linux/net.h).
-/** Address family for Unix sockets (linux/socket.h AF_UNIX). */
-export const AF_UNIX = 1;
-/** Byte stream socket type (linux/net.h SOCK_STREAM). */
-export const SOCK_STREAM = 1;
-/** socket()/accept4() flag: non-blocking (linux/net.h SOCK_NONBLOCK = O_NONBLOCK). */
-export const SOCK_NONBLOCK = 0o4000;
-/** socket()/accept4() flag: close-on-exec (linux/net.h SOCK_CLOEXEC = O_CLOEXEC). */
-export const SOCK_CLOEXEC = 0o2000000;
-/** Socket-level option level (asm-generic/socket.h SOL_SOCKET). */
-export const SOL_SOCKET = 1;
-/** Ancillary message type carrying file descriptors (linux/socket.h SCM_RIGHTS). */
-export const SCM_RIGHTS = 1;
-/** sendmsg flag: no SIGPIPE when the peer is gone (linux/socket.h MSG_NOSIGNAL). */
-export const MSG_NOSIGNAL = 0x4000;
-/** recvmsg result flag: control data was truncated (linux/socket.h MSG_CTRUNC). */
-export const MSG_CTRUNC = 0x8;
-/** recvmsg flag: received fds get close-on-exec (linux/socket.h MSG_CMSG_CLOEXEC). */
-export const MSG_CMSG_CLOEXEC = 0x40000000;
-/** shutdown() how: both directions (linux/net.h SHUT_RDWR). */
-export const SHUT_RDWR = 2;
-
-// struct sockaddr_un (linux/un.h): sa_family_t sun_family (u16); char sun_path[108].
-const SOCKADDR_UN_FAMILY = 0;
-const SOCKADDR_UN_PATH = 2;
-/** UNIX_PATH_MAX (linux/un.h): sun_path bytes including the terminating NUL. */
-export const UNIX_PATH_MAX = 108;
-const SOCKADDR_UN_SIZE = SOCKADDR_UN_PATH + UNIX_PATH_MAX;
-
-// struct iovec (bits/types/struct_iovec.h, x86_64): void *iov_base; size_t iov_len.
-const IOVEC_BASE = 0;
-const IOVEC_LEN = 8;
-const IOVEC_SIZE = 16;
-
-// struct msghdr (bits/socket.h, x86_64 glibc).
-const MSGHDR_NAME = 0; // void *msg_name
-const MSGHDR_NAMELEN = 8; // socklen_t msg_namelen
-const MSGHDR_IOV = 16; // struct iovec *msg_iov
-const MSGHDR_IOVLEN = 24; // size_t msg_iovlen
-const MSGHDR_CONTROL = 32; // void *msg_control
-const MSGHDR_CONTROLLEN = 40; // size_t msg_controllen
-const MSGHDR_FLAGS = 48; // int msg_flags
-const MSGHDR_SIZE = 56;
-
-// struct cmsghdr (bits/socket.h, x86_64): size_t cmsg_len; int cmsg_level; int cmsg_type; data.
-const CMSG_LEN_OFF = 0;
-const CMSG_LEVEL_OFF = 8;
-const CMSG_TYPE_OFF = 12;
-const CMSG_HDR_SIZE = 16;
-/** CMSG_ALIGN boundary: sizeof(size_t) on x86_64. */
-const CMSG_ALIGNMENT = 8;
-const FD_SIZE = 4;
-
-/** Most descriptors accepted in one message (vhost-user sends at most 8, one per memory region). */
-export const MAX_FDS_PER_MESSAGE = 16;
-
-function cmsgAlign(n: number): number {
-  return (n + CMSG_ALIGNMENT - 1) & ~(CMSG_ALIGNMENT - 1);
-}
-/** CMSG_SPACE(n): header plus aligned payload. */
-function cmsgSpace(n: number): number {
-  return CMSG_HDR_SIZE + cmsgAlign(n);
-}
-/** CMSG_LEN(n): header plus unpadded payload. */
-function cmsgLen(n: number): number {
-  return CMSG_HDR_SIZE + n;
-}
-
-function ptrValue(buf: Uint8Array): bigint {
-  return BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf)));
-}
-
-function sockaddrUn(path: string): Uint8Array<ArrayBuffer> {
-  const bytes = new TextEncoder().encode(path);
-  if (bytes.length === 0 || bytes.length >= UNIX_PATH_MAX) {
-    throw new Error(`unix socket path must be 1..${UNIX_PATH_MAX - 1} bytes: ${path}`);
-  }
-  const sa = new Uint8Array(SOCKADDR_UN_SIZE);
-  new DataView(sa.buffer).setUint16(SOCKADDR_UN_FAMILY, AF_UNIX, true);
-  sa.set(bytes, SOCKADDR_UN_PATH);
-  return sa;
-}
+/** Re-exported for the users that import socket constants from here. */
+export { AF_UNIX, setNonBlocking, SOCK_CLOEXEC, SOCK_NONBLOCK, UNIX_PATH_MAX } from "../../ffi/socket.ts";
 
 /** The peer closed the connection. */
 export class ConnectionClosed extends Error {
@@ -331,12 +283,6 @@ function parseRights(control: Uint8Array, controlLen: number): number[] {
     off += cmsgAlign(len);
   }
   return fds;
-}
-
-/** Put an fd in non-blocking mode. */
-export function setNonBlocking(fd: number): void {
-  const fl = check("fcntl F_GETFL", libc().fcntl(fd, F_GETFL, 0n));
-  check("fcntl F_SETFL", libc().fcntl(fd, F_SETFL, BigInt(fl | O_NONBLOCK)));
 }
 
 /** A listening Unix stream socket bound to a filesystem path. */
