@@ -8,9 +8,9 @@
 // exactly the read-back bytes for the transfer.
 //
 // The boot test needs /dev/kvm (and virglrenderer) and skips without. Two tests always run: the guest
-// builds and holds no instruction the kvm_pvm emulator lacks, and the guest's own DSDT scanner and
-// page-table code, compiled for the host around gpu_blob.c, find the transports in denovm's DSDT and map
-// the window where the MMU will look. test/gpu_zero_copy_test.ts runs the same command sequence here
+// builds and holds no instruction the kvm_pvm emulator lacks, and the guest's own DSDT scanner
+// (virtio_mmio.c) and page-table code, compiled for the host around gpu_blob.c, find the transports in
+// denovm's DSDT and map the window where the MMU will look. test/gpu_zero_copy_test.ts runs the same command sequence here
 // without KVM.
 
 import assert from "node:assert/strict";
@@ -132,6 +132,9 @@ const LARGE_PAGE = 2 * MiB;
 /** Low addresses the boot tables map (the guest image at KERNEL_START): must stay identity. */
 const LOW_PROBES = [0x1000, 0x100_0000, 0xbfff_ffff];
 
+/** The virtio-mmio support gpu_blob.c is linked with (test/guests/build.ts GUESTS). */
+const VIRTIO_MMIO_SRC = join(GUESTS_DIR, "virtio_mmio.c");
+
 function harness(dsdt: Uint8Array): string {
   const u64 = (n: number) => `0x${n.toString(16)}ull`;
   const cases = MAP_CASES.map((c) =>
@@ -171,8 +174,8 @@ static u64 walk(u64 va) {
 }
 static void probe(u64 va) { say("walk "), hex(va), say(" "), hex(walk(va)), say("\\n"); }
 int main(void) {
-  discover((u64)dsdt_table);
-  for (u32 i = 0; i < nmmio; i++) say("dev "), hex(mmio_bases[i]), say("\\n");
+  nmmio = vmmio_discover((u64)dsdt_table, mmio, MAX_DEVICES);
+  for (u32 i = 0; i < nmmio; i++) say("dev "), hex(mmio[i].base), say("\\n");
   boot_pml4[0] = (u64)boot_pdpt | PTE_PRESENT | PTE_WRITE;
   for (u64 i = 0; i < 4; i++) {
     boot_pdpt[i] = (u64)boot_pd[i] | PTE_PRESENT | PTE_WRITE;
@@ -200,7 +203,7 @@ Deno.test("gpu_blob guest's DSDT scanner and page-table code (compiled for the h
     const src = join(dir, "harness.c"), exe = join(dir, "harness");
     await Deno.writeTextFile(src, harness(mem.read(tables.dsdt.addr, tables.dsdt.size)));
     const cc = await new Deno.Command("gcc", {
-      args: ["-O1", "-fno-builtin", "-Wall", "-Werror", `-I${dir}`, `-I${GUESTS_DIR}`, "-o", exe, src],
+      args: ["-O1", "-fno-builtin", "-Wall", "-Werror", `-I${dir}`, `-I${GUESTS_DIR}`, "-o", exe, src, VIRTIO_MMIO_SRC],
       stdout: "piped",
       stderr: "piped",
     }).output();

@@ -51,6 +51,9 @@ function sector0Pattern(): Uint8Array {
   return Uint8Array.from({ length: SECTOR_SIZE }, (_, i) => (i * 7 + 3) & 0xff);
 }
 
+/** The virtio-mmio support the virtio guest is linked with (test/guests/build.ts GUESTS). */
+const VIRTIO_MMIO_SRC = join(GUESTS_DIR, "virtio_mmio.c");
+
 /** FNV-1a, 32 bits, as the guest computes it. */
 function fnv1a(data: Uint8Array): number {
   let h = 2166136261;
@@ -156,9 +159,10 @@ Deno.test("virtio guest builds and uses no instruction the kvm_pvm emulator lack
 });
 
 /**
- * A host program around the guest's own DSDT scanner: test/guests/virtio.c is included as is (its
- * port I/O and MMIO helpers are never called), the runtime functions it links against are stubs, and
- * main() runs discover() on the DSDT bytes compiled in and prints one line per virtio-mmio device.
+ * A host program around the guest's own DSDT scanner: test/guests/virtio.c is included as is and linked
+ * with test/guests/virtio_mmio.c, the scanner they share (their port I/O and MMIO helpers are never
+ * called), the runtime functions they link against are stubs, and main() runs virtio.c's discover() on
+ * the DSDT bytes compiled in and prints one line per virtio-mmio device.
  */
 function scannerHarness(dsdt: Uint8Array): string {
   return `#include "virtio.c"
@@ -172,6 +176,7 @@ int acpi_checksum_ok(u64 pa, u32 len) { (void)pa, (void)len; return 1; }
 void irq_register(u8 vector, irq_handler handler) { (void)vector, (void)handler; }
 void ioapic_route(u32 pin, u8 vector, u32 dest, int level, int low) { (void)pin, (void)vector, (void)dest, (void)level, (void)low; }
 void lapic_enable(void) {}
+void pic_mask_all(void) {}
 u32 lapic_id(void) { return 0; }
 static void hex(u64 v) {
   char b[17];
@@ -183,9 +188,10 @@ static void hex(u64 v) {
 int main(void) {
   discover((u64)dsdt_table);
   for (u32 i = 0; i < ndevs; i++) {
-    hex(devs[i].base), say(" "), hex(devs[i].size), say(" "), hex(devs[i].gsi);
-    say(devs[i].edge ? " edge" : " level");
-    say(devs[i].active_low ? " low\\n" : " high\\n");
+    const struct vmmio_transport *t = &devs[i].mmio;
+    hex(t->base), say(" "), hex(t->size), say(" "), hex(t->gsi);
+    say(t->edge ? " edge" : " level");
+    say(t->active_low ? " low\\n" : " high\\n");
   }
   return 0;
 }
@@ -205,7 +211,7 @@ async function scanDsdt(dir: string, count: number): Promise<string[]> {
   const exe = join(dir, `scan${count}`);
   await Deno.writeTextFile(src, scannerHarness(mem.read(tables.dsdt.addr, tables.dsdt.size)));
   const cc = await new Deno.Command("gcc", {
-    args: ["-O1", "-fno-builtin", "-Wall", "-Werror", `-I${dir}`, `-I${GUESTS_DIR}`, "-o", exe, src],
+    args: ["-O1", "-fno-builtin", "-Wall", "-Werror", `-I${dir}`, `-I${GUESTS_DIR}`, "-o", exe, src, VIRTIO_MMIO_SRC],
     stdout: "piped",
     stderr: "piped",
   }).output();

@@ -24,8 +24,8 @@ export const GUESTS: Readonly<Record<string, readonly string[]>> = {
   triple: ["triple.c"],
   panic: ["panic.c"],
   poweroff: ["poweroff.c"],
-  virtio: ["virtio.c"],
-  gpu_blob: ["gpu_blob.c"],
+  virtio: ["virtio.c", "virtio_mmio.c"],
+  gpu_blob: ["gpu_blob.c", "virtio_mmio.c"],
   ticker: ["ticker.c"],
   powerbtn: ["powerbtn.c"],
 };
@@ -33,7 +33,7 @@ export const GUESTS: Readonly<Record<string, readonly string[]>> = {
 export type GuestName = keyof typeof GUESTS;
 
 const COMMON_SOURCES = ["start.S", "rt.c"];
-const HEADERS = ["rt.h"];
+const HEADERS = ["rt.h", "virtio_mmio.h"];
 const LINKER_SCRIPT = "guest.ld";
 
 /**

@@ -25,51 +25,12 @@
  *   GPU unmap ok
  *   GPU DONE
  * or GPU FAIL <reason> and debug exit GUEST_EXIT_FAILURE.
+ *
+ * The transport side (DSDT scan, device initialization, queue set-up) is virtio_mmio.c, shared with virtio.c.
  */
-#include "rt.h"
+#include "virtio_mmio.h"
 
-/* ---- virtio-mmio registers (virtio 1.2 section 4.2.2; Linux include/uapi/linux/virtio_mmio.h) ---- */
-#define VMMIO_MAGIC_VALUE 0x000
-#define VMMIO_VERSION 0x004
-#define VMMIO_DEVICE_ID 0x008
-#define VMMIO_DEVICE_FEATURES 0x010
-#define VMMIO_DEVICE_FEATURES_SEL 0x014
-#define VMMIO_DRIVER_FEATURES 0x020
-#define VMMIO_DRIVER_FEATURES_SEL 0x024
-#define VMMIO_QUEUE_SEL 0x030
-#define VMMIO_QUEUE_NUM_MAX 0x034
-#define VMMIO_QUEUE_NUM 0x038
-#define VMMIO_QUEUE_READY 0x044
-#define VMMIO_QUEUE_NOTIFY 0x050
-#define VMMIO_STATUS 0x070
-#define VMMIO_QUEUE_DESC_LOW 0x080
-#define VMMIO_QUEUE_DESC_HIGH 0x084
-#define VMMIO_QUEUE_AVAIL_LOW 0x090
-#define VMMIO_QUEUE_AVAIL_HIGH 0x094
-#define VMMIO_QUEUE_USED_LOW 0x0a0
-#define VMMIO_QUEUE_USED_HIGH 0x0a4
-#define VMMIO_SHM_SEL 0x0ac
-#define VMMIO_SHM_LEN_LOW 0x0b0
-#define VMMIO_SHM_LEN_HIGH 0x0b4
-#define VMMIO_SHM_BASE_LOW 0x0b8
-#define VMMIO_SHM_BASE_HIGH 0x0bc
-#define VMMIO_CONFIG 0x100
-#define VMMIO_MAGIC 0x74726976 /* "virt" */
-#define VMMIO_VERSION_MODERN 2
-/* An absent shared-memory region reads as all ones in SHMLen and SHMBase (virtio 1.2 section 4.2.2). */
-#define VMMIO_SHM_ABSENT 0xffffffffffffffffull
-
-/* Device status bits (virtio 1.2 section 2.1). */
-#define STATUS_ACKNOWLEDGE 1u
-#define STATUS_DRIVER 2u
-#define STATUS_DRIVER_OK 4u
-#define STATUS_FEATURES_OK 8u
-#define STATUS_FAILED 128u
-
-/* Feature bits: VIRTIO_F_VERSION_1 is bit 32 (section 6), bit 0 of word 1; virtio-gpu's in word 0
- * (section 5.7.3; linux/virtio_gpu.h VIRTIO_GPU_F_*). */
-#define FEATURE_WORD_HIGH 1
-#define F_VERSION_1_HIGH 1u
+/* virtio-gpu's feature bits, all in word 0 (virtio 1.2 section 5.7.3; linux/virtio_gpu.h VIRTIO_GPU_F_*). */
 #define GPU_F_VIRGL (1u << 0)
 #define GPU_F_RESOURCE_BLOB (1u << 3)
 #define GPU_F_CONTEXT_INIT (1u << 4)
@@ -79,39 +40,6 @@
 #define VIRTIO_ID_GPU 16
 #define GPU_SHM_ID_HOST_VISIBLE 1
 #define GPU_CONTROL_QUEUE 0
-
-/* Split virtqueue (virtio 1.2 section 2.7; virtio_ring.h). */
-#define VRING_DESC_F_NEXT 1
-#define VRING_DESC_F_WRITE 2
-#define QUEUE_SIZE 16
-struct vring_desc {
-  u64 addr;
-  u32 len;
-  u16 flags;
-  u16 next;
-};
-struct vring_avail {
-  u16 flags;
-  u16 idx;
-  u16 ring[QUEUE_SIZE];
-  u16 used_event;
-};
-struct vring_used_elem {
-  u32 id;
-  u32 len;
-};
-struct vring_used {
-  u16 flags;
-  u16 idx;
-  struct vring_used_elem ring[QUEUE_SIZE];
-  u16 avail_event;
-};
-struct vq {
-  struct vring_desc desc[QUEUE_SIZE];
-  struct vring_avail avail;
-  u8 pad[6];
-  struct vring_used used;
-} __attribute__((aligned(4096)));
 
 /* ---- virtio-gpu commands (virtio 1.2 section 5.7.6; Linux include/uapi/linux/virtio_gpu.h) ---- */
 #define CMD_RESOURCE_ATTACH_BACKING 0x0106
@@ -253,42 +181,13 @@ _Static_assert(sizeof(struct gpu_transfer_host_3d) == 72, "transfer_host_3d");
 #define LARGE_PAGE_SIZE (2ull << 20)
 #define PT_POOL_TABLES 4
 
-/* ---- DSDT (ACPI 6.4 section 5.2.11.1) and the AML it holds (section 20.2), as in virtio.c ---- */
-#define SDT_LENGTH 4
-#define SDT_HEADER_LEN 36
-#define FADT_DSDT 40
-#define FADT_X_DSDT 140
-#define AML_NAME_OP 0x08
-#define AML_STRING_PREFIX 0x0d
-#define AML_BUFFER_OP 0x11
-#define AML_EXT_OP_PREFIX 0x5b
-#define AML_DEVICE_OP 0x82
-#define AML_ZERO_OP 0x00
-#define AML_ONE_OP 0x01
-#define AML_BYTE_PREFIX 0x0a
-#define AML_WORD_PREFIX 0x0b
-#define AML_DWORD_PREFIX 0x0c
-#define AML_ROOT_CHAR 0x5c
-#define AML_PARENT_PREFIX 0x5e
-#define AML_DUAL_NAME_PREFIX 0x2e
-#define AML_MULTI_NAME_PREFIX 0x2f
-#define AML_NAME_SEG_LEN 4
-#define RES_LARGE 0x80
-#define RES_LARGE_HEADER 3
-#define RES_SMALL_LEN_MASK 0x07
-#define RES_SMALL_NAME_SHIFT 3
-#define RES_SMALL_NAME_MASK 0x0f
-#define RES_SMALL_END_TAG 0x0f
-#define RES_MEMORY32_FIXED 0x86 /* 6.4.3.4: info, base (le32), length (le32) */
-#define RES_MEMORY32_FIXED_LEN 9
-static const char HID_VIRTIO_MMIO[] = "LNRO0005";
-#define MAX_DEVICES 16
+#define MAX_DEVICES 16 /* virtio-mmio transports kept from the DSDT */
 
-static u64 mmio_bases[MAX_DEVICES];
+static struct vmmio_transport mmio[MAX_DEVICES];
 static u32 nmmio;
 static u64 gpu; /* the GPU transport's base */
 static struct vq queue;
-static u16 next_avail, last_used;
+static struct vmmio_queue ctrlq;
 static u8 cmd_buf[PAGE_SIZE] __attribute__((aligned(16)));
 static u8 resp_buf[RESP_BUF_SIZE] __attribute__((aligned(4096)));
 static u8 readback[BLOB_SIZE] __attribute__((aligned(4096)));
@@ -303,192 +202,17 @@ static void fail(const char *what) {
 /* The pattern written through the window (test/kvm_gpu_test.ts computes the same). */
 static u8 pattern_byte(u32 i) { return (u8)(i * 131u + (i >> 8) * 7u + 0x5a); }
 
-/* ---- DSDT discovery: the Memory32Fixed base of every LNRO0005 device ---- */
-
-static u64 find_dsdt(void) {
-  u64 fadt = acpi_find_table("FACP");
-  if (!fadt) return 0;
-  u32 len = rd32(fadt + SDT_LENGTH);
-  u64 dsdt = len >= FADT_X_DSDT + 8 ? rd64(fadt + FADT_X_DSDT) : 0;
-  if (!dsdt) dsdt = rd32(fadt + FADT_DSDT);
-  if (!dsdt || memcmp((const void *)dsdt, "DSDT", 4) != 0 || !acpi_checksum_ok(dsdt, rd32(dsdt + SDT_LENGTH))) return 0;
-  return dsdt;
-}
-
-/* PkgLength (ACPI 6.4 section 20.2.4): its value (counting its own bytes) and its size in *n. */
-static u32 pkg_length(const u8 *p, const u8 *end, u32 *n) {
-  if (p >= end) return 0;
-  u32 extra = p[0] >> 6;
-  if (p + 1 + extra > end) return 0;
-  *n = 1 + extra;
-  if (!extra) return p[0] & 0x3f;
-  u32 v = p[0] & 0x0f;
-  for (u32 i = 0; i < extra; i++) v |= (u32)p[1 + i] << (4 + 8 * i);
-  return v;
-}
-
-/* Length of the NameString at p (section 20.2.2), or 0. */
-static u32 name_string_len(const u8 *p, const u8 *end) {
-  const u8 *q = p;
-  if (q < end && *q == AML_ROOT_CHAR) q++;
-  while (q < end && *q == AML_PARENT_PREFIX) q++;
-  if (q >= end) return 0;
-  u32 segs = 1;
-  if (*q == AML_DUAL_NAME_PREFIX) segs = 2, q++;
-  else if (*q == AML_MULTI_NAME_PREFIX) {
-    if (q + 1 >= end) return 0;
-    segs = q[1], q += 2;
-  } else if (*q == AML_ZERO_OP) return (u32)(q + 1 - p);
-  for (u32 s = 0; s < segs; s++, q += AML_NAME_SEG_LEN) {
-    if (q + AML_NAME_SEG_LEN > end) return 0;
-    for (u32 i = 0; i < AML_NAME_SEG_LEN; i++) {
-      u8 c = q[i];
-      int ok = (c >= 'A' && c <= 'Z') || c == '_' || (i > 0 && c >= '0' && c <= '9');
-      if (!ok) return 0;
-    }
-  }
-  return (u32)(q - p);
-}
-
-/* Integer data object (ZeroOp, OneOp, Byte/Word/DWord prefix); bytes used in *n. */
-static int aml_integer(const u8 *p, const u8 *end, u32 *v, u32 *n) {
-  if (p >= end) return 0;
-  u32 size;
-  switch (p[0]) {
-    case AML_ZERO_OP: *v = 0, *n = 1; return 1;
-    case AML_ONE_OP: *v = 1, *n = 1; return 1;
-    case AML_BYTE_PREFIX: size = 1; break;
-    case AML_WORD_PREFIX: size = 2; break;
-    case AML_DWORD_PREFIX: size = 4; break;
-    default: return 0;
-  }
-  if (p + 1 + size > end) return 0;
-  *v = 0;
-  for (u32 i = 0; i < size; i++) *v |= (u32)p[1 + i] << (8 * i);
-  *n = 1 + size;
-  return 1;
-}
-
-static int is_name_of(const u8 *p, const u8 *end, const char *seg) {
-  return p + 1 + AML_NAME_SEG_LEN <= end && p[0] == AML_NAME_OP && memcmp(p + 1, seg, AML_NAME_SEG_LEN) == 0;
-}
-
-/* The Memory32Fixed base of a resource template, or 0. */
-static u64 crs_base(const u8 *p, const u8 *end) {
-  while (p < end) {
-    if (p[0] & RES_LARGE) {
-      if (p + RES_LARGE_HEADER > end) return 0;
-      u32 len = p[1] | (u32)p[2] << 8;
-      const u8 *b = p + RES_LARGE_HEADER;
-      if (b + len > end) return 0;
-      if (p[0] == RES_MEMORY32_FIXED && len >= RES_MEMORY32_FIXED_LEN)
-        return b[1] | (u32)b[2] << 8 | (u32)b[3] << 16 | (u32)b[4] << 24;
-      p = b + len;
-    } else {
-      if (((p[0] >> RES_SMALL_NAME_SHIFT) & RES_SMALL_NAME_MASK) == RES_SMALL_END_TAG) break;
-      p += 1 + (p[0] & RES_SMALL_LEN_MASK);
-    }
-  }
-  return 0;
-}
-
-/* The base of a LNRO0005 Device body [p, end), or 0. Nested devices are skipped. */
-static u64 device_base(const u8 *p, const u8 *end) {
-  int hid = 0;
-  u64 base = 0;
-  u32 hid_len = sizeof(HID_VIRTIO_MMIO); /* with its NUL */
-  while (p < end) {
-    if (p + 1 < end && p[0] == AML_EXT_OP_PREFIX && p[1] == AML_DEVICE_OP) {
-      u32 n, len = pkg_length(p + 2, end, &n);
-      if (len < n || p + 2 + len > end) return 0;
-      p += 2 + len;
-      continue;
-    }
-    if (is_name_of(p, end, "_HID")) {
-      const u8 *v = p + 1 + AML_NAME_SEG_LEN;
-      if (v + 1 + hid_len <= end && v[0] == AML_STRING_PREFIX && memcmp(v + 1, HID_VIRTIO_MMIO, hid_len) == 0) hid = 1;
-      p = v;
-      continue;
-    }
-    if (is_name_of(p, end, "_CRS") && p + 1 + AML_NAME_SEG_LEN < end && p[1 + AML_NAME_SEG_LEN] == AML_BUFFER_OP) {
-      const u8 *b = p + 2 + AML_NAME_SEG_LEN;
-      u32 n, len = pkg_length(b, end, &n);
-      const u8 *bend = b + len;
-      u32 size, sn;
-      if (len < n || bend > end || !aml_integer(b + n, bend, &size, &sn)) return 0;
-      const u8 *data = b + n + sn;
-      if (data + size > bend) return 0;
-      base = crs_base(data, data + size);
-      p = bend;
-      continue;
-    }
-    p++;
-  }
-  return hid ? base : 0;
-}
-
-static void discover(u64 dsdt) {
-  const u8 *start = (const u8 *)(dsdt + SDT_HEADER_LEN);
-  const u8 *end = (const u8 *)(dsdt + rd32(dsdt + SDT_LENGTH));
-  for (const u8 *p = start; p + 2 < end && nmmio < MAX_DEVICES; p++) {
-    if (p[0] != AML_EXT_OP_PREFIX || p[1] != AML_DEVICE_OP) continue;
-    u32 n, len = pkg_length(p + 2, end, &n);
-    if (len < n || p + 2 + len > end) continue;
-    const u8 *body = p + 2 + n, *dend = p + 2 + len;
-    u32 nl = name_string_len(body, dend);
-    if (!nl) continue;
-    u64 base = device_base(body + nl, dend);
-    if (base) mmio_bases[nmmio++] = base;
-  }
-}
-
 /* ---- Device set-up (virtio 1.2 section 3.1.1) ---- */
 
-static void set_status(u32 bits) { wr32(gpu + VMMIO_STATUS, rd32(gpu + VMMIO_STATUS) | bits); }
+static void check(const char *err) {
+  if (err) fail(err);
+}
 
 static void negotiate(void) {
-  wr32(gpu + VMMIO_STATUS, 0);
-  if (rd32(gpu + VMMIO_STATUS) != 0) fail("reset did not clear status");
-  set_status(STATUS_ACKNOWLEDGE);
-  set_status(STATUS_DRIVER);
-  wr32(gpu + VMMIO_DEVICE_FEATURES_SEL, FEATURE_WORD_HIGH);
-  u32 high = rd32(gpu + VMMIO_DEVICE_FEATURES);
-  wr32(gpu + VMMIO_DEVICE_FEATURES_SEL, 0);
-  u32 low = rd32(gpu + VMMIO_DEVICE_FEATURES);
-  if (!(high & F_VERSION_1_HIGH)) fail("no VIRTIO_F_VERSION_1");
-  if ((low & GPU_FEATURES) != GPU_FEATURES) {
-    printf("GPU features offered=0x%x\n", low);
-    fail("VIRGL, RESOURCE_BLOB or CONTEXT_INIT not offered");
-  }
-  wr32(gpu + VMMIO_DRIVER_FEATURES_SEL, 0);
-  wr32(gpu + VMMIO_DRIVER_FEATURES, GPU_FEATURES);
-  wr32(gpu + VMMIO_DRIVER_FEATURES_SEL, FEATURE_WORD_HIGH);
-  wr32(gpu + VMMIO_DRIVER_FEATURES, F_VERSION_1_HIGH);
-  set_status(STATUS_FEATURES_OK);
-  if (!(rd32(gpu + VMMIO_STATUS) & STATUS_FEATURES_OK)) fail("FEATURES_OK not accepted");
-}
-
-static void setup_queue(void) {
-  wr32(gpu + VMMIO_QUEUE_SEL, GPU_CONTROL_QUEUE);
-  if (rd32(gpu + VMMIO_QUEUE_NUM_MAX) < QUEUE_SIZE) fail("control queue too small");
-  memset(&queue, 0, sizeof(queue));
-  u64 desc = (u64)queue.desc, avail = (u64)&queue.avail, used = (u64)&queue.used;
-  wr32(gpu + VMMIO_QUEUE_NUM, QUEUE_SIZE);
-  wr32(gpu + VMMIO_QUEUE_DESC_LOW, (u32)desc);
-  wr32(gpu + VMMIO_QUEUE_DESC_HIGH, (u32)(desc >> 32));
-  wr32(gpu + VMMIO_QUEUE_AVAIL_LOW, (u32)avail);
-  wr32(gpu + VMMIO_QUEUE_AVAIL_HIGH, (u32)(avail >> 32));
-  wr32(gpu + VMMIO_QUEUE_USED_LOW, (u32)used);
-  wr32(gpu + VMMIO_QUEUE_USED_HIGH, (u32)(used >> 32));
-  wr32(gpu + VMMIO_QUEUE_READY, 1);
-  if (rd32(gpu + VMMIO_QUEUE_READY) != 1) fail("QueueReady did not stick");
-}
-
-/* Shared-memory region `id`: its guest-physical base and length (all ones when absent). */
-static void read_shm(u32 id, u64 *base, u64 *len) {
-  wr32(gpu + VMMIO_SHM_SEL, id);
-  *len = (u64)rd32(gpu + VMMIO_SHM_LEN_LOW) | (u64)rd32(gpu + VMMIO_SHM_LEN_HIGH) << 32;
-  *base = (u64)rd32(gpu + VMMIO_SHM_BASE_LOW) | (u64)rd32(gpu + VMMIO_SHM_BASE_HIGH) << 32;
+  u32 offered;
+  const char *err = vmmio_negotiate(gpu, GPU_FEATURES, &offered);
+  if (err && (offered & GPU_FEATURES) != GPU_FEATURES) printf("GPU features offered=0x%x\n", offered);
+  check(err);
 }
 
 /* ---- Control queue: one command, one response, completion by polling the used ring ---- */
@@ -498,22 +222,16 @@ static u32 send(u32 len, const char *name) {
   memset(resp_buf, 0, sizeof(resp_buf));
   queue.desc[0] = (struct vring_desc){(u64)cmd_buf, len, VRING_DESC_F_NEXT, 1};
   queue.desc[1] = (struct vring_desc){(u64)resp_buf, RESP_BUF_SIZE, VRING_DESC_F_WRITE, 0};
-  queue.avail.ring[next_avail % QUEUE_SIZE] = 0;
-  barrier();
-  queue.avail.idx = ++next_avail;
-  barrier();
-  wr32(gpu + VMMIO_QUEUE_NOTIFY, GPU_CONTROL_QUEUE);
+  vmmio_queue_kick(gpu, GPU_CONTROL_QUEUE, &ctrlq, 0);
   u32 spins = 0;
-  while (*(volatile u16 *)&queue.used.idx == last_used) {
+  while (!vmmio_queue_has_used(&ctrlq)) {
     if (++spins > POLL_LIMIT) {
       printf("GPU no response to %s\n", name);
       fail("no response");
     }
     cpu_relax();
   }
-  barrier();
-  struct vring_used_elem e = queue.used.ring[last_used % QUEUE_SIZE];
-  last_used++;
+  struct vring_used_elem e = vmmio_queue_take_used(&ctrlq);
   if (e.id != 0) fail("used ring returned another chain");
   if (e.len < sizeof(struct gpu_hdr)) fail("short response");
   return ((struct gpu_hdr *)resp_buf)->type;
@@ -579,14 +297,12 @@ static void map_identity(u64 *pml4, u64 base, u64 len) {
 static void flush_tlb(void) { __asm__ volatile("mov %%cr3, %%rax\n\tmov %%rax, %%cr3" ::: "rax", "memory"); }
 
 void guest_main(void) {
-  u64 dsdt = find_dsdt();
+  u64 dsdt = vmmio_find_dsdt();
   if (!dsdt) fail("no DSDT");
-  discover(dsdt);
+  nmmio = vmmio_discover(dsdt, mmio, MAX_DEVICES);
   for (u32 i = 0; i < nmmio && !gpu; i++) {
-    u64 b = mmio_bases[i];
-    if (rd32(b + VMMIO_MAGIC_VALUE) == VMMIO_MAGIC && rd32(b + VMMIO_VERSION) == VMMIO_VERSION_MODERN &&
-        rd32(b + VMMIO_DEVICE_ID) == VIRTIO_ID_GPU)
-      gpu = b;
+    u64 b = mmio[i].base;
+    if (!vmmio_check_transport(b) && rd32(b + VMMIO_DEVICE_ID) == VIRTIO_ID_GPU) gpu = b;
   }
   if (!gpu) {
     printf("GPU found=%u\n", nmmio);
@@ -595,12 +311,11 @@ void guest_main(void) {
   printf("GPU dev base=0x%llx found=%u\n", gpu, nmmio);
 
   negotiate();
-  setup_queue();
-  set_status(STATUS_DRIVER_OK);
-  if (rd32(gpu + VMMIO_STATUS) & STATUS_FAILED) fail("device failed");
+  check(vmmio_setup_queue(gpu, GPU_CONTROL_QUEUE, &ctrlq, &queue, QUEUE_SIZE));
+  check(vmmio_driver_ok(gpu));
 
   u64 shm_base, shm_len;
-  read_shm(GPU_SHM_ID_HOST_VISIBLE, &shm_base, &shm_len);
+  vmmio_read_shm(gpu, GPU_SHM_ID_HOST_VISIBLE, &shm_base, &shm_len);
   if (shm_len == VMMIO_SHM_ABSENT || shm_base == VMMIO_SHM_ABSENT) fail("no host-visible shared memory region");
   printf("GPU shm base=0x%llx len=0x%llx\n", shm_base, shm_len);
   if (shm_len < MAP_OFFSET + BLOB_SIZE) fail("window smaller than the blob");
