@@ -23,7 +23,7 @@ import {
   writeLayoutHeader,
 } from "./_common.ts";
 
-const NAME = "exit_roundtrip";
+const NAME = "exit-roundtrip";
 skipWithoutKvm(NAME);
 
 const LOOPS = Number(Deno.env.get("BENCH_LOOPS") ?? 100_000);
