@@ -146,6 +146,7 @@ struct vm {
   int used;
   int fd;
   char script[64];
+  uint64_t loop_count; /* "loop" iterations, read from the environment when the VM is created */
   struct slot slots[FAKE_NR_MEMSLOTS];
   struct vcpu vcpus[FAKE_MAX_VCPUS];
 };
@@ -573,7 +574,7 @@ static int script_echo(struct vcpu *v) {
 }
 
 static int script_loop(struct vcpu *v) {
-  uint64_t total = (uint64_t)env_int("DENOVM_FAKE_KVM_LOOP_COUNT", (int)LOOP_DEFAULT_COUNT);
+  uint64_t total = v->vm->loop_count;
   switch (v->phase) {
   case 0:
     if (v->counter < total) {
@@ -772,6 +773,7 @@ static int system_ioctl(unsigned long req, unsigned long arg) {
     vm->fd = fd;
     const char *script = getenv("DENOVM_FAKE_KVM_SCRIPT");
     snprintf(vm->script, sizeof vm->script, "%s", script ? script : "halt");
+    vm->loop_count = (uint64_t)env_int("DENOVM_FAKE_KVM_LOOP_COUNT", (int)LOOP_DEFAULT_COUNT);
     add_fd(fd, FD_VM, vm, NULL);
     pthread_mutex_unlock(&lock);
     log_event("create_vm", "\"fd\":%d,\"script\":\"%s\"", fd, vm->script);
