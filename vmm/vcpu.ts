@@ -1,7 +1,7 @@
 // The main-thread side of a vCPU: starts its Worker, answers its port and MMIO
 // accesses from the buses, kicks it out of KVM_RUN, and reports how it ended.
 
-import { kickThread } from "../ffi/libc.ts";
+import { kickThread, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE } from "../ffi/libc.ts";
 import { RUN_IMMEDIATE_EXIT } from "../ffi/kvm.ts";
 import type { Bus } from "./bus.ts";
 import { DOORBELL, IO_BLOCK_BYTES, KIND_PIO, serveRequest, type VcpuExitMessage } from "./vcpu_channel.ts";
@@ -23,7 +23,12 @@ export class Vcpu {
   readonly #worker: Worker;
   readonly #io = new SharedArrayBuffer(IO_BLOCK_BYTES);
   #tid = 0;
-  #runAddr = 0n;
+  /**
+   * The main thread's own mapping of struct kvm_run, for kick()'s immediate_exit. The worker unmaps
+   * its mapping before it reports its end, so kicking through it could touch unmapped memory; this
+   * one is removed when the worker has ended (no kick after that), so no mapping outlives the vCPU.
+   */
+  #run: NonNullable<Deno.PointerValue> | undefined;
   #ended = false;
   readonly ready: Promise<void>;
   /** Resolves when the worker stops, with why. */
@@ -33,6 +38,7 @@ export class Vcpu {
 
   constructor(private readonly opts: VcpuOptions) {
     this.id = opts.id;
+    this.#run = mmap(opts.runSize, PROT_READ | PROT_WRITE, MAP_SHARED, opts.vcpuFd, 0);
     this.#worker = new Worker(new URL("./vcpu_worker.ts", import.meta.url), { type: "module" });
     let readyResolve!: () => void;
     this.ready = new Promise((r) => readyResolve = r);
@@ -42,16 +48,15 @@ export class Vcpu {
         if (m === DOORBELL) return this.#serveIo();
         if (m.kind === "ready") {
           this.#tid = m.tid;
-          this.#runAddr = m.runAddr;
           readyResolve();
           return;
         }
-        this.#ended = true;
+        this.#end();
         resolve(m);
       };
       this.#worker.onerror = (e) => {
         e.preventDefault();
-        this.#ended = true;
+        this.#end();
         resolve({ kind: "crash", detail: `vcpu ${this.id} worker: ${e.message}` });
       };
     });
@@ -85,10 +90,16 @@ export class Vcpu {
 
   /** Make KVM_RUN return now (or right away if the vCPU is about to enter it). */
   kick(): void {
-    if (this.#ended || !this.#tid) return;
-    const p = Deno.UnsafePointer.create(this.#runAddr);
-    if (p) new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(p, RUN_IMMEDIATE_EXIT + 1))[RUN_IMMEDIATE_EXIT] = 1;
+    if (this.#ended || !this.#tid || !this.#run) return;
+    new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(this.#run, RUN_IMMEDIATE_EXIT + 1))[RUN_IMMEDIATE_EXIT] = 1;
     kickThread(this.#tid);
+  }
+
+  /** The worker is gone (or given up on): no more kicks, drop the main thread's run mapping. */
+  #end(): void {
+    this.#ended = true;
+    if (this.#run) munmap(this.#run, this.opts.runSize);
+    this.#run = undefined;
   }
 
   get isEnded(): boolean {
@@ -96,7 +107,7 @@ export class Vcpu {
   }
 
   terminate(): void {
-    this.#ended = true;
+    this.#end();
     this.#worker.terminate();
   }
 }

@@ -42,7 +42,7 @@ export interface VcpuStartMessage {
 
 /** What a vCPU Worker reports. */
 export type VcpuExitMessage =
-  | { kind: "ready"; tid: number; runAddr: bigint }
+  | { kind: "ready"; tid: number }
   | { kind: "stopped" }
   | { kind: "shutdown" }
   | { kind: "reset" }

@@ -36,7 +36,7 @@ import {
   RUN_MMIO_PHYS_ADDR,
   RUN_SYSTEM_EVENT_TYPE,
 } from "../ffi/kvm.ts";
-import { EAGAIN, EINTR, libc, MAP_SHARED, mmap, PROT_READ, PROT_WRITE, strerror } from "../ffi/libc.ts";
+import { EAGAIN, EINTR, libc, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE, strerror } from "../ffi/libc.ts";
 import { dumpRegisters } from "./cpu.ts";
 import { DEBUG_EXIT_PORT } from "./layout.ts";
 import {
@@ -56,35 +56,49 @@ import {
 const POST_CODE_PORT = 0x80;
 const ISA_FLOATING_BUS = 0xff;
 
+type VcpuEnd = Exclude<VcpuExitMessage, { kind: "ready" }>;
+
 self.onmessage = (e: MessageEvent<VcpuStartMessage>) => {
   self.onmessage = null;
+  let end: VcpuEnd;
   try {
-    run(e.data);
+    end = runVcpu(e.data);
   } catch (err) {
-    post({ kind: "crash", detail: `vcpu ${e.data.id}: ${(err as Error).message}` });
+    end = { kind: "crash", detail: `vcpu ${e.data.id}: ${(err as Error).message}` };
   }
+  // Posted only after runVcpu() unmapped the run page: the main thread kicks through its own mapping.
+  self.postMessage(end);
   self.close();
 };
 
-function post(m: VcpuExitMessage): void {
-  self.postMessage(m);
+/**
+ * Map the vCPU's struct kvm_run and call KVM_RUN until the VM ends; returns why. The mapping is
+ * removed on the way out: a live mapping of a vCPU fd keeps KVM's vCPU, and with it the whole VM
+ * (irqchip, PIT thread, irqfds), alive after the fds are closed.
+ */
+function runVcpu(start: VcpuStartMessage): VcpuEnd {
+  const runPtr = mmap(start.runSize, PROT_READ | PROT_WRITE, MAP_SHARED, start.vcpuFd, 0);
+  try {
+    return runLoop(start, runPtr);
+  } finally {
+    munmap(runPtr, start.runSize);
+  }
 }
 
-function run(start: VcpuStartMessage): void {
+function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>): VcpuEnd {
   const { vcpuFd, id, runSize } = start;
   const ctl = new Int32Array(start.control);
   const io = new Int32Array(start.io);
   const ioBytes = new Uint8Array(start.io);
-  const runPtr = mmap(runSize, PROT_READ | PROT_WRITE, MAP_SHARED, vcpuFd, 0);
   const run = new DataView(Deno.UnsafePointerView.getArrayBuffer(runPtr, runSize));
   const runBytes = new Uint8Array(run.buffer);
-  self.postMessage({ kind: "ready", tid: libc().gettid(), runAddr: BigInt(Deno.UnsafePointer.value(runPtr)) });
+  self.postMessage({ kind: "ready", tid: libc().gettid() });
 
   const ring = () => self.postMessage(DOORBELL);
 
   for (;;) {
     const cmd = Atomics.load(ctl, CTL_COMMAND);
-    if (cmd === CMD_STOP) return post({ kind: "stopped" });
+    if (cmd === CMD_STOP) return { kind: "stopped" };
     if (cmd === CMD_PAUSE) {
       Atomics.add(ctl, CTL_PAUSED, 1);
       Atomics.notify(ctl, CTL_PAUSED);
@@ -100,7 +114,7 @@ function run(start: VcpuStartMessage): void {
         runBytes[RUN_IMMEDIATE_EXIT] = 0;
         continue;
       }
-      return post({ kind: "crash", detail: `vcpu ${id}: KVM_RUN: ${strerror(err)}\n${dumpRegisters(vcpuFd)}` });
+      return { kind: "crash", detail: `vcpu ${id}: KVM_RUN: ${strerror(err)}\n${dumpRegisters(vcpuFd)}` };
     }
     const reason = run.getUint32(RUN_EXIT_REASON, true);
     switch (reason) {
@@ -115,7 +129,7 @@ function run(start: VcpuStartMessage): void {
           if (port === POST_CODE_PORT) {
             if (!out) data.fill(ISA_FLOATING_BUS);
           } else if (port === DEBUG_EXIT_PORT && start.debugExit && out) {
-            return post({ kind: "debug-exit", code: data[0] });
+            return { kind: "debug-exit", code: data[0] };
           } else {
             exchange(io, ioBytes, ring, KIND_PIO, out, port, size, data);
           }
@@ -144,16 +158,16 @@ function run(start: VcpuStartMessage): void {
         // With the in-kernel irqchip HLT is handled by KVM; an exit here only means "look again".
         break;
       case KVM_EXIT_SHUTDOWN:
-        return post({
+        return {
           kind: "crash",
           detail: `vcpu ${id}: triple fault (KVM_EXIT_SHUTDOWN)\n${dumpRegisters(vcpuFd)}`,
-        });
+        };
       case KVM_EXIT_SYSTEM_EVENT: {
         const type = run.getUint32(RUN_SYSTEM_EVENT_TYPE, true);
-        if (type === KVM_SYSTEM_EVENT_SHUTDOWN) return post({ kind: "shutdown" });
-        if (type === KVM_SYSTEM_EVENT_RESET) return post({ kind: "reset" });
+        if (type === KVM_SYSTEM_EVENT_SHUTDOWN) return { kind: "shutdown" };
+        if (type === KVM_SYSTEM_EVENT_RESET) return { kind: "reset" };
         if (type === KVM_SYSTEM_EVENT_CRASH) {
-          return post({ kind: "crash", detail: `vcpu ${id}: system event crash\n${dumpRegisters(vcpuFd)}` });
+          return { kind: "crash", detail: `vcpu ${id}: system event crash\n${dumpRegisters(vcpuFd)}` };
         }
         break;
       }
@@ -164,23 +178,23 @@ function run(start: VcpuStartMessage): void {
           { length: n },
           (_, i) => "0x" + run.getBigUint64(RUN_INTERNAL_DATA + 8 * i, true).toString(16),
         );
-        return post({
+        return {
           kind: "crash",
           detail: `vcpu ${id}: KVM internal error, suberror ${sub} [${data.join(" ")}]\n${dumpRegisters(vcpuFd)}`,
-        });
+        };
       }
       case KVM_EXIT_FAIL_ENTRY: {
         const why = run.getBigUint64(RUN_FAIL_ENTRY_REASON, true);
-        return post({
+        return {
           kind: "crash",
           detail: `vcpu ${id}: VM entry failed, reason 0x${why.toString(16)}\n${dumpRegisters(vcpuFd)}`,
-        });
+        };
       }
       default:
-        return post({
+        return {
           kind: "crash",
           detail: `vcpu ${id}: unexpected exit reason ${reason}\n${dumpRegisters(vcpuFd)}`,
-        });
+        };
     }
   }
 }
