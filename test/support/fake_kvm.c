@@ -55,6 +55,7 @@
 #define FAKE_VCPU_MMAP_SIZE (FAKE_VCPU_MMAP_PAGES * PAGE_SIZE)
 #define MAX_VMS 16
 #define MAX_FAKE_FDS 64
+#define MAX_RUN_MAPS 8
 
 // ---- x86 facts (Intel SDM) not in the exported uapi headers ----
 /** IA32_EFER bits (Intel SDM vol. 3A, 2.2.1): long mode enable and active. */
@@ -124,7 +125,10 @@ struct vcpu {
   struct kvm_lapic_state lapic;
   struct kvm_mp_state mp;
   int tid_logged;
-  uint64_t runs, eintr_immediate, eintr_signal;
+  uint64_t runs, eintr_immediate, eintr_signal, eagain;
+  /* the VMM's mappings of this vCPU's fd: a live mapping keeps a real KVM vCPU (and its VM) alive */
+  uintptr_t maps[MAX_RUN_MAPS];
+  int nmaps;
   /* scripted guest */
   int phase;
   enum await_kind await;
@@ -650,7 +654,14 @@ static int vcpu_run(struct vcpu *v) {
     v->await = AWAIT_NONE;
   }
   if (__atomic_load_n(&run->immediate_exit, __ATOMIC_SEQ_CST)) return interrupted(v, 0);
-  if (v->id != 0) return block_until_kicked(v);
+  if (v->id != 0) {
+    /* An AP's first KVM_RUN after the guest's INIT returns -1/EAGAIN once (see kvm-here.md). */
+    if (v->eagain == 0) {
+      v->eagain++;
+      return fail(EAGAIN);
+    }
+    return block_until_kicked(v);
+  }
   for (;;) {
     if (v->text_pos < v->text_len) {
       return exit_out(v, LAYOUT_SERIAL_COM1_BASE + UART_TX, 1, (uint8_t)v->text[v->text_pos++]);
@@ -1016,9 +1027,11 @@ int close(int fd) {
   if (f) {
     if (f->kind == FD_VCPU) {
       struct vcpu *v = f->vcpu;
-      log_event("close_vcpu", "\"vcpu\":%d,\"runs\":%llu,\"eintr_immediate\":%llu,\"eintr_signal\":%llu", v->id,
-                (unsigned long long)v->runs, (unsigned long long)v->eintr_immediate,
-                (unsigned long long)v->eintr_signal);
+      log_event("close_vcpu",
+                "\"vcpu\":%d,\"runs\":%llu,\"eintr_immediate\":%llu,\"eintr_signal\":%llu,\"eagain\":%llu,"
+                "\"still_mapped\":%d",
+                v->id, (unsigned long long)v->runs, (unsigned long long)v->eintr_immediate,
+                (unsigned long long)v->eintr_signal, (unsigned long long)v->eagain, v->nmaps);
       /* The run page stays mapped: a vCPU thread the VMM gave up on may still be inside KVM_RUN. */
       v->used = 0;
     } else if (f->kind == FD_VM) {
@@ -1062,7 +1075,8 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
     pthread_mutex_lock(&lock);
     struct fake_fd *f = find_fd(fd);
     int kind = f ? (int)f->kind : 0;
-    int id = f && f->vcpu ? f->vcpu->id : -1;
+    struct vcpu *vc = f ? f->vcpu : NULL;
+    int id = vc ? vc->id : -1;
     pthread_mutex_unlock(&lock);
     if (kind && kind != FD_VCPU) {
       errno = ENODEV;
@@ -1074,7 +1088,13 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
         return MAP_FAILED;
       }
       void *p = real_mmap(addr, len, prot, flags, fd, off);
-      log_event("mmap_run", "\"vcpu\":%d,\"len\":%zu,\"shared\":%d", id, len, (flags & MAP_SHARED) != 0);
+      if (p != MAP_FAILED) {
+        pthread_mutex_lock(&lock);
+        if (vc->nmaps < MAX_RUN_MAPS) vc->maps[vc->nmaps++] = (uintptr_t)p;
+        pthread_mutex_unlock(&lock);
+      }
+      log_event("mmap_run", "\"vcpu\":%d,\"len\":%zu,\"shared\":%d,\"tid\":%ld", id, len,
+                (flags & MAP_SHARED) != 0, (long)syscall(SYS_gettid));
       return p;
     }
   }
@@ -1083,5 +1103,21 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
 
 int munmap(void *addr, size_t len) {
   resolve_real();
+  int vcpu = -1;
+  pthread_mutex_lock(&lock);
+  for (int i = 0; i < MAX_VMS && vcpu < 0; i++) {
+    for (int j = 0; j < FAKE_MAX_VCPUS && vcpu < 0; j++) {
+      struct vcpu *v = &vms[i].vcpus[j];
+      for (int k = 0; k < v->nmaps; k++) {
+        if (v->maps[k] == (uintptr_t)addr) {
+          v->maps[k] = v->maps[--v->nmaps];
+          vcpu = v->id;
+          break;
+        }
+      }
+    }
+  }
+  pthread_mutex_unlock(&lock);
+  if (vcpu >= 0) log_event("munmap_run", "\"vcpu\":%d,\"tid\":%ld", vcpu, (long)syscall(SYS_gettid));
   return real_munmap(addr, len);
 }
