@@ -64,34 +64,66 @@ const SCRIPT = String.raw`
         else if (m.t === "stats") onStats(m);
         return;
       }
-      // Rectangles are drawn in order even when one has to be inflated first.
-      const buf = ev.data;
-      drawing = drawing.then(() => onRect(buf)).catch(() => { state.errors++; });
+      // Each rectangle starts decoding as soon as it arrives; they are drawn in arrival order.
+      const decoded = decodeRect(ev.data);
+      decoded.catch(() => {});
+      drawing = drawing.then(() => decoded).then(drawRect).catch(() => { state.errors++; });
     };
   }
 
-  async function onRect(buf) {
-    if (buf.byteLength < HDR) { state.errors++; return; }
-    const v = new DataView(buf);
-    const enc = v.getUint8(1), flags = v.getUint8(2), seq = v.getUint32(4, true);
-    const x = v.getUint16(8, true), y = v.getUint16(10, true), w = v.getUint16(12, true), h = v.getUint16(14, true);
-    const fw = v.getUint16(16, true), fh = v.getUint16(18, true);
-    let px;
-    if (enc === ENC_RAW) px = new Uint8ClampedArray(buf, HDR);
-    else if (enc === ENC_DEFLATE) {
-      const s = new Blob([new Uint8Array(buf, HDR)]).stream().pipeThrough(new DecompressionStream("deflate-raw"));
-      px = new Uint8ClampedArray(await new Response(s).arrayBuffer());
+  // Inflate a whole deflate-raw message: the writer gets the one chunk, the reader's chunks are joined.
+  // (A Blob -> stream -> Response pipe took ~1.8x longer for the same 8 MB here.)
+  async function inflate(bytes, size) {
+    const ds = new DecompressionStream("deflate-raw");
+    const w = ds.writable.getWriter();
+    w.write(bytes).catch(() => {});
+    w.close().catch(() => {});
+    const r = ds.readable.getReader();
+    const out = new Uint8ClampedArray(size);
+    let n = 0;
+    for (;;) {
+      const { done, value } = await r.read();
+      if (done) break;
+      if (n + value.length > size) throw new Error("inflated rect too large");
+      out.set(value, n);
+      n += value.length;
     }
-    if (!px || px.length !== w * h * 4) { state.errors++; return; }
-    if (screen.width !== fw || screen.height !== fh) { screen.width = fw; screen.height = fh; }
+    if (n !== size) throw new Error("inflated rect too small");
+    return out;
+  }
+
+  async function decodeRect(buf) {
+    if (buf.byteLength < HDR) throw new Error("short rect message");
     const t0 = performance.now();
-    if (w > 0 && h > 0) ctx.putImageData(new ImageData(px, w, h), x, y);
+    const v = new DataView(buf);
+    const m = { enc: v.getUint8(1), flags: v.getUint8(2), seq: v.getUint32(4, true),
+      x: v.getUint16(8, true), y: v.getUint16(10, true), w: v.getUint16(12, true), h: v.getUint16(14, true),
+      fw: v.getUint16(16, true), fh: v.getUint16(18, true), bytes: buf.byteLength, px: null, decodeMs: 0 };
+    const size = m.w * m.h * 4;
+    if (m.enc === ENC_RAW) m.px = new Uint8ClampedArray(buf, HDR);
+    else if (m.enc === ENC_DEFLATE) m.px = await inflate(new Uint8Array(buf, HDR), size);
+    if (!m.px || m.px.length !== size) throw new Error("bad rect");
+    m.decodeMs = performance.now() - t0;
+    return m;
+  }
+
+  let batchDecodeMs = 0, batchDrawMs = 0;
+  function drawRect(m) {
+    if (screen.width !== m.fw || screen.height !== m.fh) { screen.width = m.fw; screen.height = m.fh; }
+    const t0 = performance.now();
+    if (m.w > 0 && m.h > 0) ctx.putImageData(new ImageData(m.px, m.w, m.h), m.x, m.y);
     const t = performance.now();
     state.drawMs += t - t0;
-    state.rects.push({ seq, x, y, w, h, flags, enc, bytes: buf.byteLength, t });
+    batchDrawMs += t - t0;
+    batchDecodeMs += m.decodeMs;
+    state.rects.push({ seq: m.seq, x: m.x, y: m.y, w: m.w, h: m.h, flags: m.flags, enc: m.enc, bytes: m.bytes, t });
     if (state.rects.length > 1000) state.rects.splice(0, state.rects.length - 1000);
-    state.rectBytes += buf.byteLength;
-    if (flags & FLAG_LAST) { state.frames++; frameTimes.push(performance.now()); send({ t: "ack", seq }); }
+    state.rectBytes += m.bytes;
+    if (m.flags & FLAG_LAST) {
+      state.frames++; frameTimes.push(t);
+      send({ t: "ack", seq: m.seq, decodeMs: batchDecodeMs, drawMs: batchDrawMs });
+      batchDecodeMs = 0; batchDrawMs = 0;
+    }
   }
 
   // ---- input ----

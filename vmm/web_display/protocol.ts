@@ -85,9 +85,13 @@ export function decodeRectHeader(b: Uint8Array): RectHeader {
   };
 }
 
+/** The largest page timing an ack may report (ms); more is clamped. */
+const ACK_MS_MAX = 3_600_000;
+
 /** Page -> server messages. Coordinates are framebuffer pixels (the page undoes its CSS scaling). */
 export type ClientMessage =
-  | { t: "ack"; seq: number }
+  /** decodeMs/drawMs: what decoding and drawing the batch took the page (for stats; optional). */
+  | { t: "ack"; seq: number; decodeMs?: number; drawMs?: number }
   /** `code` is KeyboardEvent.code (a physical key, independent of the layout). */
   | { t: "key"; code: string; down: boolean }
   /** Mouse: button is MouseEvent.button (0 left, 1 middle, 2 right) for down/up. */
@@ -109,8 +113,12 @@ export function parseClientMessage(text: string): ClientMessage | null {
   const o = m as Record<string, unknown>;
   const num = (v: unknown) => typeof v === "number" && Number.isFinite(v);
   switch (o.t) {
-    case "ack":
-      return num(o.seq) ? { t: "ack", seq: o.seq as number } : null;
+    case "ack": {
+      if (!num(o.seq)) return null;
+      // Page timings are only statistics: anything odd counts as 0, a huge value as an hour at most.
+      const ms = (v: unknown) => (num(v) && (v as number) > 0 ? Math.min(v as number, ACK_MS_MAX) : 0);
+      return { t: "ack", seq: o.seq as number, decodeMs: ms(o.decodeMs), drawMs: ms(o.drawMs) };
+    }
     case "key":
       return typeof o.code === "string" && o.code.length <= 64 && typeof o.down === "boolean"
         ? { t: "key", code: o.code, down: o.down }
