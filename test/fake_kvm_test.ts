@@ -214,18 +214,35 @@ const CLI_EXITS: [script: string, code: number, stderr?: RegExp][] = [
   ["sysevent-reset", EXIT_VM_RESET],
   ["sysevent-shutdown", EXIT_SUCCESS],
   ["sysevent-crash", EXIT_VM_CRASH, /system event crash[^]*cr3=0x0*9000/],
+  ["fail-entry", EXIT_VM_CRASH, /VM entry failed, reason 0x80000021/],
+  ["unknown-exit", EXIT_VM_CRASH, /unexpected exit reason 1\b/],
+  ["run-error", EXIT_VM_CRASH, /KVM_RUN: Bad address/],
 ];
 
 for (const [script, code, stderr] of CLI_EXITS) {
   Deno.test(`fake KVM, CLI: guest "${script}" → exit code ${code}`, async () => {
-    const r = await runCli(script, [guest]);
+    // Two vCPUs: however vCPU 0 ends the VM, the AP (blocked in KVM_RUN) must be kicked out too.
+    const r = await runCli(script, ["--cpus", "2", guest]);
     assert.equal(r.code, code, `stdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
     if (stderr) assert.match(r.stderr, stderr);
-    // However it ended, the VMM closed every KVM fd.
+    // However it ended, the VMM closed every KVM fd and unmapped every run page.
     assert.equal(of(r.events, "close_vm").length, 1);
-    assert.equal(of(r.events, "close_vcpu").length, 1);
+    const closes = of(r.events, "close_vcpu");
+    assert.deepEqual(closes.map((e) => [e.vcpu, e.still_mapped]), [[0, 0], [1, 0]]);
   });
 }
+
+Deno.test("fake KVM, CLI: a string I/O exit (rep outsb, count > 1) delivers every byte", async () => {
+  const r = await runCli("string-io", [guest]);
+  assert.equal(r.code, EXIT_SUCCESS, r.stderr);
+  assert.equal(r.stdout, "rep outsb ok\n");
+});
+
+Deno.test("fake KVM, CLI: HLT and interrupt-window exits are re-entered, not fatal", async () => {
+  const r = await runCli("hlt", [guest]);
+  assert.equal(r.code, EXIT_SUCCESS, r.stderr);
+  assert.equal(r.stdout, "re-entered 6 times\n");
+});
 
 Deno.test("fake KVM, CLI: a KVM without immediate_exit is a host error (exit 1) naming it", async () => {
   const KVM_CAP_IMMEDIATE_EXIT = 136; // linux/kvm.h
@@ -384,7 +401,8 @@ Deno.test("fake KVM, library: MMIO exits reach the virtio-mmio transport of a bl
   try {
     const code = await within(vm.exitCode, () => `console: ${vm.console.text}`);
     assert.equal(code, EXIT_SUCCESS);
-    assert.match(vm.console.text, new RegExp(`MMIO ok device=${VIRTIO_ID_BLOCK} status=0\n`));
+    // The status the guest wrote (ACKNOWLEDGE | DRIVER, virtio 1.2 2.1) read back through the transport.
+    assert.match(vm.console.text, new RegExp(`MMIO ok device=${VIRTIO_ID_BLOCK} status=3\n`));
     assert.ok(vm.stats()["vcpu0.mmio_exits"] >= 5);
     const events = await readFakeKvmLog(log);
     const notify = of(events, "ioeventfd");

@@ -25,6 +25,7 @@
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <linux/serial_reg.h>
+#include <linux/virtio_config.h>
 #include <linux/virtio_mmio.h>
 #include <misc/pvpanic.h>
 #include <pthread.h>
@@ -527,7 +528,7 @@ static int script_mmio(struct vcpu *v) {
   case 3:
     v->aux2 = v->answer; /* device id */
     v->phase = 4;
-    return exit_mmio(v, base + VIRTIO_MMIO_STATUS, 4, 1, 0); /* reset the device */
+    return exit_mmio(v, base + VIRTIO_MMIO_STATUS, 4, 1, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
   case 4:
     v->phase = 5;
     return exit_mmio(v, base + VIRTIO_MMIO_STATUS, 4, 0, 0);
@@ -540,6 +541,9 @@ static int script_mmio(struct vcpu *v) {
     return NEXT;
   case 6:
     v->phase = 7;
+    return exit_mmio(v, base + VIRTIO_MMIO_STATUS, 4, 1, 0); /* reset the device */
+  case 7:
+    v->phase = 8;
     return exit_s5(v);
   default:
     return block_until_kicked(v);
@@ -618,6 +622,65 @@ static int script_spin(struct vcpu *v) {
   }
 }
 
+/** `rep outsb` to COM1: one KVM_EXIT_IO carrying the whole string (count > 1), then S5. */
+static int script_string_io(struct vcpu *v) {
+  static const char msg[] = "rep outsb ok\n";
+  switch (v->phase) {
+  case 0: {
+    v->phase = 1;
+    struct kvm_run *run = v->run;
+    exit_out(v, LAYOUT_SERIAL_COM1_BASE + UART_TX, 1, 0);
+    run->io.count = sizeof msg - 1;
+    memcpy((uint8_t *)run + run->io.data_offset, msg, sizeof msg - 1);
+    return 0;
+  }
+  case 1:
+    v->phase = 2;
+    return exit_s5(v);
+  default:
+    return block_until_kicked(v);
+  }
+}
+
+/** Exits the VMM must simply re-enter on (HLT, interrupt window), a few of each, then S5. */
+#define HLT_EXITS 6
+static int script_hlt(struct vcpu *v) {
+  if (v->phase < HLT_EXITS) {
+    v->run->exit_reason = v->phase++ % 2 ? KVM_EXIT_IRQ_WINDOW_OPEN : KVM_EXIT_HLT;
+    return 0;
+  }
+  switch (v->phase) {
+  case HLT_EXITS:
+    v->phase++;
+    say(v, "re-entered %d times\n", HLT_EXITS);
+    return NEXT;
+  case HLT_EXITS + 1:
+    v->phase++;
+    return exit_s5(v);
+  default:
+    return block_until_kicked(v);
+  }
+}
+
+static int script_fail_entry(struct vcpu *v) {
+  if (v->phase++ != 0) return block_until_kicked(v);
+  v->run->exit_reason = KVM_EXIT_FAIL_ENTRY;
+  v->run->fail_entry.hardware_entry_failure_reason = 0x80000021; /* VMX: invalid guest state (SDM 26.8) */
+  return 0;
+}
+
+static int script_unknown_exit(struct vcpu *v) {
+  if (v->phase++ != 0) return block_until_kicked(v);
+  v->run->exit_reason = KVM_EXIT_EXCEPTION; /* not one a VMM with an in-kernel irqchip ever sees */
+  return 0;
+}
+
+/** KVM_RUN itself fails (as with a bad memory slot): -1/EFAULT. */
+static int script_run_error(struct vcpu *v) {
+  if (v->phase++ != 0) return block_until_kicked(v);
+  return fail(EFAULT);
+}
+
 static int run_script(struct vcpu *v) {
   const char *s = v->vm->script;
   if (!strcmp(s, "boot")) return script_boot(v);
@@ -634,6 +697,11 @@ static int run_script(struct vcpu *v) {
   if (!strcmp(s, "echo")) return script_echo(v);
   if (!strcmp(s, "loop")) return script_loop(v);
   if (!strcmp(s, "spin")) return script_spin(v);
+  if (!strcmp(s, "string-io")) return script_string_io(v);
+  if (!strcmp(s, "hlt")) return script_hlt(v);
+  if (!strcmp(s, "fail-entry")) return script_fail_entry(v);
+  if (!strcmp(s, "unknown-exit")) return script_unknown_exit(v);
+  if (!strcmp(s, "run-error")) return script_run_error(v);
   /* no script (or "halt"): the guest idles until the VMM stops it */
   return block_until_kicked(v);
 }
