@@ -451,3 +451,49 @@ Deno.test("fake KVM, library: the debug exit port ends the VM with the guest's c
     await Deno.remove(log);
   }
 });
+
+Deno.test("fake KVM, library: stop while paused ends the VM with 0 and every vCPU thread", async () => {
+  const { vm, log } = await bootFake("spin", { cpus: 2 });
+  try {
+    await vm.console.waitFor(/T/, { timeout: HANG_GUARD_MS });
+    await vm.pause();
+    assert.equal(await within(vm.stop(), () => "stop while paused did not end the VM"), EXIT_SUCCESS);
+    const events = await readFakeKvmLog(log);
+    const tids = of(events, "run_thread").map((e) => e.tid as number);
+    await within(
+      (async () => {
+        while (tids.some(threadExists)) await new Promise((r) => setTimeout(r, 10));
+      })(),
+      () => `vCPU threads ${tids.filter(threadExists)} still exist`,
+    );
+    assert.deepEqual(of(events, "close_vcpu").map((e) => [e.vcpu, e.still_mapped]), [[0, 0], [1, 0]]);
+  } finally {
+    await vm.stop();
+    await Deno.remove(log);
+  }
+});
+
+Deno.test("fake KVM, library: two VMs in one process pause and stop independently", async () => {
+  const a = await bootFake("spin", {});
+  const b = await bootFake("spin", { cpus: 2 });
+  const ticks = (vm: typeof a.vm) => (vm.console.text.match(/T/g) ?? []).length;
+  try {
+    await a.vm.console.waitFor(/T/, { timeout: HANG_GUARD_MS });
+    await a.vm.pause();
+    const aPaused = ticks(a.vm);
+    // B keeps running while A is paused.
+    const bNow = ticks(b.vm);
+    await b.vm.console.waitFor(new RegExp(`(T[^T]*){${bNow + 2}}`), { timeout: HANG_GUARD_MS });
+    assert.equal(ticks(a.vm), aPaused, "pausing A paused nothing else: A itself stayed paused");
+    assert.equal(await b.vm.stop(), EXIT_SUCCESS);
+    // A is still there: resume it and see it run.
+    a.vm.resume();
+    await a.vm.console.waitFor(new RegExp(`(T[^T]*){${aPaused + 1}}`), { timeout: HANG_GUARD_MS });
+    assert.equal(await a.vm.stop(), EXIT_SUCCESS);
+  } finally {
+    await a.vm.stop();
+    await b.vm.stop();
+    await Deno.remove(a.log);
+    await Deno.remove(b.log);
+  }
+});
