@@ -86,11 +86,19 @@ export class Kvm {
       }
       throw new HostError(`cannot open ${path}: ${(e as Error).message}`);
     }
+    try {
+      this.#checkHost(path);
+    } catch (e) {
+      closeFd(this.fd); // the caller never gets this object, so nothing else would close it
+      throw e;
+    }
+  }
+
+  #checkHost(path: string): void {
     let version: number;
     try {
       version = kvmIoctlInt(this.fd, KVM_GET_API_VERSION);
     } catch (e) {
-      closeFd(this.fd);
       throw new HostError(`${path} is not a KVM device: ${(e as Error).message}`);
     }
     if (version !== KVM_API_VERSION) {
@@ -161,17 +169,22 @@ export class Vm {
 
   constructor(readonly kvm: Kvm) {
     this.fd = kvmIoctlInt(kvm.fd, KVM_CREATE_VM, 0);
-    this.maxSlots = kvm.checkExtension(KVM_CAP_NR_MEMSLOTS) || 32;
-    // Intel VMX needs a real-mode TSS and identity map page; both live in the MMIO hole.
-    kvmIoctlInt(this.fd, KVM_SET_TSS_ADDR, KVM_TSS_START);
-    const idmap = new Uint8Array(8);
-    new DataView(idmap.buffer).setBigUint64(0, BigInt(KVM_IDENTITY_MAP_START), true);
-    kvmIoctl(this.fd, KVM_SET_IDENTITY_MAP_ADDR, idmap);
-    kvmIoctlInt(this.fd, KVM_CREATE_IRQCHIP, 0);
-    const pit = new Uint8Array(KVM_PIT_CONFIG_SIZE);
-    new DataView(pit.buffer).setUint32(0, KVM_PIT_SPEAKER_DUMMY, true); // flags
-    kvmIoctl(this.fd, KVM_CREATE_PIT2, pit);
-    this.#setPcRouting();
+    try {
+      this.maxSlots = kvm.checkExtension(KVM_CAP_NR_MEMSLOTS) || 32;
+      // Intel VMX needs a real-mode TSS and identity map page; both live in the MMIO hole.
+      kvmIoctlInt(this.fd, KVM_SET_TSS_ADDR, KVM_TSS_START);
+      const idmap = new Uint8Array(8);
+      new DataView(idmap.buffer).setBigUint64(0, BigInt(KVM_IDENTITY_MAP_START), true);
+      kvmIoctl(this.fd, KVM_SET_IDENTITY_MAP_ADDR, idmap);
+      kvmIoctlInt(this.fd, KVM_CREATE_IRQCHIP, 0);
+      const pit = new Uint8Array(KVM_PIT_CONFIG_SIZE);
+      new DataView(pit.buffer).setUint32(0, KVM_PIT_SPEAKER_DUMMY, true); // flags
+      kvmIoctl(this.fd, KVM_CREATE_PIT2, pit);
+      this.#setPcRouting();
+    } catch (e) {
+      closeFd(this.fd); // the caller never gets this object, so nothing else would close it
+      throw e;
+    }
   }
 
   /**
