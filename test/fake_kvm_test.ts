@@ -17,6 +17,7 @@ import { parseRunArgs } from "../vmm/cli/run.ts";
 import { kernelCommandLine } from "../vmm/config.ts";
 import { loadKernel } from "../vmm/boot/kernel.ts";
 import { OwnedGuestMemory } from "../vmm/memory.ts";
+import * as KVM from "../ffi/kvm.ts";
 import { APIC_LVT_LINT0, APIC_LVT_LINT1, KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_MEM_READONLY } from "../ffi/kvm.ts";
 import {
   e820Map,
@@ -250,6 +251,35 @@ Deno.test("fake KVM, CLI: a KVM without immediate_exit is a host error (exit 1) 
   assert.equal(r.code, EXIT_HOST_ERROR);
   assert.match(r.stderr, /KVM lacks a capability denovm needs: immediate_exit/);
   assert.equal(of(r.events, "create_vm").length, 0);
+  assert.equal(of(r.events, "close_system").length, 1, "the /dev/kvm fd was closed");
+});
+
+for (const request of ["KVM_CREATE_PIT2", "KVM_SET_GSI_ROUTING", "KVM_SET_CPUID2", "KVM_SET_LAPIC"] as const) {
+  Deno.test(`fake KVM, CLI: a failing ${request} is a host error naming it, and every KVM fd is closed`, async () => {
+    const r = await runCli("poweroff", ["--cpus", "2", guest], { DENOVM_FAKE_KVM_FAIL_IOCTL: String(KVM[request]) });
+    assert.equal(r.code, EXIT_HOST_ERROR, r.stderr);
+    assert.match(r.stderr, new RegExp(`${request}: Cannot allocate memory`));
+    assert.equal(of(r.events, "failed_ioctl").length, 1);
+    assert.equal(of(r.events, "close_system").length, 1, "the /dev/kvm fd was closed");
+    assert.equal(of(r.events, "close_vm").length, of(r.events, "create_vm").length, "the VM fd was closed");
+  });
+}
+
+// Known bug, reported: when vCPU set-up fails, Machine.create's clean-up (vmm/machine.ts, the catch
+// after `new Machine(...)`) closes the VM, memory and /dev/kvm but not the vCPU fds it already
+// created, nor the virtio irqfd/ioeventfd eventfds: a library user leaks them on every such failure.
+const VCPU_FD_LEAK = "vmm/machine.ts does not close vCPU fds when vCPU set-up fails (reported bug)";
+console.log(`fake_kvm_test: vCPU fd clean-up test skipped: ${VCPU_FD_LEAK}`);
+Deno.test({
+  name: "fake KVM, CLI: a failing KVM_SET_CPUID2 leaves no vCPU fd open",
+  ignore: true,
+  async fn() {
+    const r = await runCli("poweroff", ["--cpus", "2", guest], {
+      DENOVM_FAKE_KVM_FAIL_IOCTL: String(KVM.KVM_SET_CPUID2),
+    });
+    assert.equal(r.code, EXIT_HOST_ERROR, r.stderr);
+    assert.equal(of(r.events, "close_vcpu").length, of(r.events, "create_vcpu").length, "every vCPU fd was closed");
+  },
 });
 
 Deno.test("fake KVM, CLI: more vCPUs than KVM_CAP_MAX_VCPUS is an invalid-arguments exit", async () => {

@@ -167,6 +167,8 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct vm vms[MAX_VMS];
 static struct fake_fd fds[MAX_FAKE_FDS];
 static int log_fd = -1;
+/** $DENOVM_FAKE_KVM_FAIL_IOCTL (read when the KVM device is opened): this request fails with ENOMEM. */
+static unsigned long fail_request;
 static char log_path[4096];
 
 static int (*real_open)(const char *, int, ...);
@@ -1079,6 +1081,8 @@ int open(const char *path, int flags, ...) {
   if (strcmp(path, kvm_device_path()) == 0) {
     pthread_mutex_lock(&lock);
     open_log_locked();
+    const char *f = getenv("DENOVM_FAKE_KVM_FAIL_IOCTL");
+    fail_request = f && *f ? strtoul(f, NULL, 0) : 0;
     int fd = new_memfd("fake-kvm", 0);
     if (fd >= 0) add_fd(fd, FD_SYSTEM, NULL, NULL);
     pthread_mutex_unlock(&lock);
@@ -1125,6 +1129,10 @@ int ioctl(int fd, unsigned long req, ...) {
   struct fake_fd copy = f ? *f : (struct fake_fd){0};
   pthread_mutex_unlock(&lock);
   if (!f) return real_ioctl(fd, req, arg);
+  if (fail_request && req == fail_request) {
+    log_event("failed_ioctl", "\"req\":%lu", req);
+    return fail(ENOMEM);
+  }
   switch (copy.kind) {
   case FD_SYSTEM:
     return system_ioctl(req, arg);
