@@ -107,7 +107,8 @@ display.setScanout(0, { resourceId: 1, rect: full });
 const background = desktopBackground();
 const screen = new Uint32Array(background);
 const screenBytes = new Uint8Array(screen.buffer);
-let win = { x: 0, y: 0 }, dir = { x: WIN_STEP_X, y: WIN_STEP_Y };
+let win = { x: 0, y: 0 };
+const dir = { x: WIN_STEP_X, y: WIN_STEP_Y };
 function moveWindow(): void {
   for (let y = win.y; y < win.y + WIN_H; y++) {
     screen.set(background.subarray(y * WIDTH + win.x, y * WIDTH + win.x + WIN_W), y * WIDTH + win.x);

@@ -23,11 +23,15 @@ import {
   REL_X,
   REL_Y,
 } from "../devices/virtio/input/codes.ts";
-import { type InputSink, WebDisplay } from "../vmm/web_display/server.ts";
+import { changedRects, type InputSink, TILE_SIZE, WebDisplay } from "../vmm/web_display/server.ts";
+import { encodeRectPng } from "../vmm/web_display/png.ts";
+import { decodePngRgba } from "../devices/virtio/gpu/png.ts";
 import {
   ENCODING_DEFLATE_RGBA,
+  ENCODING_PNG,
   ENCODING_RAW_RGBA,
   evdevKeyCode,
+  parseClientMessage,
   RECT_FLAG_FULL,
   RECT_FLAG_LAST,
   RECT_HEADER_SIZE,
@@ -234,6 +238,91 @@ Deno.test("web display: KeyboardEvent.code -> evdev key codes", () => {
   assert.equal(evdevKeyCode("toString"), undefined);
 });
 
+Deno.test("web display: change detection sends only changed tiles, merged, and updates the shadow", () => {
+  const fbw = 300, fbh = 200;
+  const fb = { width: fbw, height: fbh, bgra: new Uint8Array(fbw * fbh * 4) };
+  const px = new Uint32Array(fb.bgra.buffer);
+  for (let i = 0; i < px.length; i++) px[i] = (i * 2654435761) >>> 0;
+  const shadow = new Uint32Array(px);
+  const all = { x: 0, y: 0, width: fbw, height: fbh };
+  // Nothing changed: nothing to send, every tile (5 x 4, edges clipped) compared.
+  assert.deepEqual(changedRects(fb, shadow, [all]), { rects: [], tiles: 20, changed: 0 });
+  // One pixel in tile (1, 0), and two in the tiles below each other at column 3 (rows 1 and 2): one rect for
+  // the first, one merged rect for the other two.
+  px[10 * fbw + 70] ^= 1;
+  px[70 * fbw + 200] ^= 1;
+  px[150 * fbw + 210] ^= 1;
+  const d = changedRects(fb, shadow, [all]);
+  assert.equal(d.changed, 3);
+  assert.deepEqual(d.rects, [
+    { x: TILE_SIZE, y: 0, width: TILE_SIZE, height: TILE_SIZE },
+    { x: 3 * TILE_SIZE, y: TILE_SIZE, width: TILE_SIZE, height: 2 * TILE_SIZE },
+  ]);
+  assert.deepEqual(shadow, px, "the shadow now holds what was sent");
+  // The bottom-right tile is clipped to the framebuffer (300 x 200).
+  px[199 * fbw + 299] ^= 1;
+  assert.deepEqual(changedRects(fb, shadow, [all]).rects, [{
+    x: 4 * TILE_SIZE,
+    y: 3 * TILE_SIZE,
+    width: 44,
+    height: 8,
+  }]);
+  // Tiles in one row merge; the flushed region clips the pieces (a flush of only part of a tile).
+  px[100 * fbw + 5] ^= 1;
+  px[100 * fbw + 70] ^= 1;
+  const part = changedRects(fb, shadow, [{ x: 2, y: 90, width: 140, height: 20 }]);
+  assert.deepEqual(part.rects, [{ x: 2, y: 90, width: 2 * TILE_SIZE - 2, height: 20 }]);
+  assert.equal(part.tiles, 3);
+  // A change outside the flushed region is not looked at (the page is told only of flushed regions).
+  px[190 * fbw + 10] ^= 1;
+  assert.deepEqual(changedRects(fb, shadow, [{ x: 100, y: 0, width: 50, height: 50 }]).rects, []);
+});
+
+Deno.test("web display: the PNG encoding of a rect decodes to the rect's RGBA, opaque", () => {
+  const fbw = 100, fbh = 40;
+  const fb = { width: fbw, height: fbh, bgra: new Uint8Array(fbw * fbh * 4) };
+  for (let i = 0; i < fb.bgra.length; i++) fb.bgra[i] = (i * 7 + (i >> 9)) & 0xff;
+  const r = { x: 13, y: 5, width: 61, height: 30 };
+  for (const level of [1, 6]) {
+    const file = encodeRectPng(fb, r, level, 20);
+    assert.deepEqual([...file.subarray(0, 20)], new Array(20).fill(0), "the reserved header room");
+    const img = decodePngRgba(file.subarray(20));
+    assert.equal(img.width, r.width);
+    assert.equal(img.height, r.height);
+    for (let y = 0; y < r.height; y++) {
+      for (let x = 0; x < r.width; x++) {
+        const s = ((r.y + y) * fbw + r.x + x) * 4, d = (y * r.width + x) * 4;
+        assert.deepEqual(
+          [...img.rgba.subarray(d, d + 4)],
+          [fb.bgra[s + 2], fb.bgra[s + 1], fb.bgra[s], 0xff],
+          `pixel (${x}, ${y})`,
+        );
+      }
+    }
+  }
+});
+
+Deno.test("web display: acks carry the page's timings, sanitized", () => {
+  assert.deepEqual(parseClientMessage('{"t":"ack","seq":3,"decodeMs":1.5,"drawMs":2}'), {
+    t: "ack",
+    seq: 3,
+    decodeMs: 1.5,
+    drawMs: 2,
+  });
+  assert.deepEqual(parseClientMessage('{"t":"ack","seq":3}'), { t: "ack", seq: 3, decodeMs: 0, drawMs: 0 });
+  assert.deepEqual(parseClientMessage('{"t":"ack","seq":4,"decodeMs":-5,"drawMs":"x"}'), {
+    t: "ack",
+    seq: 4,
+    decodeMs: 0,
+    drawMs: 0,
+  });
+  assert.equal(
+    (parseClientMessage('{"t":"ack","seq":4,"decodeMs":1e300}') as { decodeMs: number }).decodeMs,
+    3_600_000,
+  );
+  assert.equal(parseClientMessage('{"t":"ack"}'), null);
+});
+
 Deno.test({
   name: "web display: Chromium sees the frame, only changed rectangles, input, token, counters",
   ignore: !haveChromium,
@@ -310,7 +399,31 @@ Deno.test({
         assertSamePixels(await canvasRgba(page), res.expectedRgba(), "after coalesced updates");
       });
 
-      await t.step("a flat region is sent deflated and inflated by the page", async () => {
+      await t.step("a whole-screen flush sends only the tiles that changed", async () => {
+        await until("acks caught up", () => wd.stats().acks === wd.stats().batchesSent);
+        // An unchanged whole-screen flush is compared and nothing is sent.
+        const idle = wd.stats();
+        display.flush(0, { x: 0, y: 0, width: W, height: H }, res.reader);
+        await until("the flush compared", () => wd.stats().tilesCompared > idle.tilesCompared);
+        assert.equal(wd.stats().batchesSent, idle.batchesSent);
+        assert.equal(wd.stats().tilesChanged, idle.tilesChanged);
+        // Five pixels changed inside tile (1, 1): that tile alone goes out.
+        const before = wd.stats();
+        const framesBefore = await page.evaluate("window.__denovm.frames") as number;
+        res.paint({ x: 70, y: 70, width: 5, height: 1 }, () => [1, 2, 3]);
+        display.flush(0, { x: 0, y: 0, width: W, height: H }, res.reader);
+        await waitState(page, "frames", framesBefore + 1);
+        const after = wd.stats();
+        assert.equal(after.batchesSent - before.batchesSent, 1);
+        assert.equal(after.rectsSent - before.rectsSent, 1);
+        assert.equal(after.tilesChanged - before.tilesChanged, 1);
+        const last = (await page.evaluate("window.__denovm.rects") as Record<string, number>[]).at(-1)!;
+        assert.deepEqual([last.x, last.y, last.w, last.h], [TILE_SIZE, TILE_SIZE, TILE_SIZE, TILE_SIZE]);
+        assert.ok(after.bytesSent - before.bytesSent <= RECT_HEADER_SIZE + TILE_SIZE * TILE_SIZE * 4);
+        assertSamePixels(await canvasRgba(page), res.expectedRgba(), "after the tile update");
+      });
+
+      await t.step("a flat region is sent as PNG and decoded by the page", async () => {
         await until("acks caught up", () => wd.stats().acks === wd.stats().batchesSent);
         const before = wd.stats();
         const framesBefore = await page.evaluate("window.__denovm.frames") as number;
@@ -325,8 +438,8 @@ Deno.test({
         assert.equal(after.deflatedRawBytes - before.deflatedRawBytes, raw);
         assert.ok(after.bytesSent - before.bytesSent < raw / 20, `${after.bytesSent - before.bytesSent} bytes sent`);
         const rects = await page.evaluate("window.__denovm.rects") as Record<string, number>[];
-        assert.equal(rects.at(-1)!.enc, ENCODING_DEFLATE_RGBA);
-        assertSamePixels(await canvasRgba(page), res.expectedRgba(), "after the deflated update");
+        assert.equal(rects.at(-1)!.enc, ENCODING_PNG);
+        assertSamePixels(await canvasRgba(page), res.expectedRgba(), "after the PNG update");
         assert.equal(await page.evaluate("window.__denovm.errors"), 0);
       });
 
@@ -481,6 +594,42 @@ Deno.test({
       const sum = (code: number) => rel.filter((e) => e.code === code).reduce((n, e) => n + e.value, 0);
       assert.equal(sum(REL_X), 40);
       assert.equal(sum(REL_Y), 20);
+    } finally {
+      await browser.close();
+      await wd.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "web display: encoding deflate is inflated by the page pixel-exact",
+  ignore: !haveChromium,
+  sanitizeOps: false,
+  sanitizeResources: false,
+  fn: async () => {
+    const res = new FakeResource();
+    res.paint({ x: 0, y: 0, width: W, height: 100 }, (x) => (x < 150 ? [10, 20, 30] : [250, 240, 5]));
+    const display = new HeadlessDisplay([{ width: W, height: H }]);
+    display.setScanout(0, { resourceId: 1, rect: { x: 0, y: 0, width: W, height: H } });
+    display.flush(0, { x: 0, y: 0, width: W, height: H }, res.reader);
+    const wd = new WebDisplay({ display, encoding: "deflate" });
+    const { url } = await wd.start();
+    const browser = await launch();
+    try {
+      const page = browser.page;
+      await page.goto(url);
+      await waitState(page, "frames", 1);
+      assertSamePixels(await canvasRgba(page), res.expectedRgba(), "first frame");
+      const r = { x: 0, y: 0, width: W, height: 100 };
+      res.paint(r, (x, y) => (y < 50 ? [x < 100 ? 90 : 91, 1, 2] : [3, 4, 5]));
+      display.flush(0, r, res.reader);
+      await waitState(page, "frames", 2);
+      const rects = await page.evaluate("window.__denovm.rects") as Record<string, number>[];
+      assert.ok(rects.length >= 2);
+      assert.ok(rects.slice(1).every((x) => x.enc === ENCODING_DEFLATE_RGBA), JSON.stringify(rects));
+      assert.ok(wd.stats().rectsDeflated >= 1);
+      assertSamePixels(await canvasRgba(page), res.expectedRgba(), "after the deflated update");
+      assert.equal(await page.evaluate("window.__denovm.errors"), 0);
     } finally {
       await browser.close();
       await wd.close();

@@ -28,7 +28,7 @@ const SCRIPT = String.raw`
 (() => {
   "use strict";
   // protocol.ts: rectangle header offsets and flags.
-  const HDR = 20, ENC_RAW = 0, ENC_DEFLATE = 1, FLAG_LAST = 1;
+  const HDR = 20, ENC_RAW = 0, ENC_DEFLATE = 1, ENC_PNG = 2, FLAG_LAST = 1;
   const params = new URLSearchParams(location.search);
   const token = params.get("token");
   const scanout = params.get("scanout") || "0";
@@ -98,11 +98,18 @@ const SCRIPT = String.raw`
     const v = new DataView(buf);
     const m = { enc: v.getUint8(1), flags: v.getUint8(2), seq: v.getUint32(4, true),
       x: v.getUint16(8, true), y: v.getUint16(10, true), w: v.getUint16(12, true), h: v.getUint16(14, true),
-      fw: v.getUint16(16, true), fh: v.getUint16(18, true), bytes: buf.byteLength, px: null, decodeMs: 0 };
+      fw: v.getUint16(16, true), fh: v.getUint16(18, true), bytes: buf.byteLength, px: null, bitmap: null,
+      decodeMs: 0 };
     const size = m.w * m.h * 4;
     if (m.enc === ENC_RAW) m.px = new Uint8ClampedArray(buf, HDR);
     else if (m.enc === ENC_DEFLATE) m.px = await inflate(new Uint8Array(buf, HDR), size);
-    if (!m.px || m.px.length !== size) throw new Error("bad rect");
+    else if (m.enc === ENC_PNG) {
+      // Decoded by the browser (off the main thread); no colour management, so the pixels stay exact.
+      m.bitmap = await createImageBitmap(new Blob([new Uint8Array(buf, HDR)], { type: "image/png" }),
+        { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+      if (m.bitmap.width !== m.w || m.bitmap.height !== m.h) { m.bitmap.close(); throw new Error("bad png rect"); }
+    }
+    if (!m.bitmap && (!m.px || m.px.length !== size)) throw new Error("bad rect");
     m.decodeMs = performance.now() - t0;
     return m;
   }
@@ -111,7 +118,10 @@ const SCRIPT = String.raw`
   function drawRect(m) {
     if (screen.width !== m.fw || screen.height !== m.fh) { screen.width = m.fw; screen.height = m.fh; }
     const t0 = performance.now();
-    if (m.w > 0 && m.h > 0) ctx.putImageData(new ImageData(m.px, m.w, m.h), m.x, m.y);
+    if (m.bitmap) {
+      ctx.drawImage(m.bitmap, m.x, m.y);
+      m.bitmap.close();
+    } else if (m.w > 0 && m.h > 0) ctx.putImageData(new ImageData(m.px, m.w, m.h), m.x, m.y);
     const t = performance.now();
     state.drawMs += t - t0;
     batchDrawMs += t - t0;

@@ -4,15 +4,18 @@
 // the pixels. Server -> page, text: JSON ({t:"hello"}, {t:"stats"}). Page -> server, text: JSON
 // ({t:"ack"}, {t:"key"}, {t:"pointer"}, {t:"wheel"}, {t:"touch"}).
 //
-// Encodings, chosen per rectangle (measured on this 2-core machine, busy with other work, 1920x1080):
-// - raw RGBA (alpha forced opaque), ready for putImageData: one BGRA->RGBA pass (~9 ms per frame);
-// - deflate-raw of that RGBA (node:zlib level 1, inflated in the page by DecompressionStream): a desktop
-//   with flat areas shrinks 8.3 MB -> ~90 KB in ~4 ms, but photo-like or noisy content costs 100-500 ms
-//   per frame for almost no gain (CompressionStream, which has no level, took ~600 ms). So the server
-//   samples the rectangle first (share of pixels equal to their left neighbour) and deflates only
-//   rectangles that will compress. The bytes matter even on loopback: headless Chromium here took in
-//   only ~3-10 MB/s over a WebSocket (curl read the same server at ~90 MB/s), so a raw 1080p frame
-//   costs about a second in the browser. PNG/JPEG would need a pure-JS encoder, slower than zlib.
+// What goes out (measured on this 2-core machine, busy with other work, 1920x1080, bench/web_fps.ts):
+// - only tiles that changed: the server keeps, per page, a copy of the last frame it sent and compares each
+//   flushed region with it in TILE_SIZE tiles (server.ts), since guests often flush far more than they
+//   redraw (a 1080p compare costs ~5 ms);
+// - raw RGBA (alpha forced opaque), ready for putImageData: no decode cost in the page; what photo-like or
+//   noisy content gets, since nothing cheap compresses it;
+// - PNG of that RGBA (filter 0, zlib level 6), for rectangles a sample says will compress: decoded natively by
+//   createImageBitmap, which took ~72 ms for a deflated 1080p desktop where DecompressionStream("deflate-raw")
+//   took 190-270 ms (and a JS RGB->RGBA expansion alone ~40-100 ms, so RGB on the wire does not pay);
+// - deflate-raw of that RGBA (option encoding "deflate"), inflated by DecompressionStream.
+// The page acks each batch with its decode/draw milliseconds. The page's WebSocket intake here was ~57 MB/s
+// without DevTools, ~6 MB/s under Playwright (its CDP session copies every frame to the client).
 
 import * as codes from "../../devices/virtio/input/codes.ts";
 
@@ -34,6 +37,11 @@ export const RECT_MSG_KIND = 1;
 export const ENCODING_RAW_RGBA = 0;
 /** The same bytes compressed as raw deflate (RFC 1951, no zlib header): DecompressionStream("deflate-raw"). */
 export const ENCODING_DEFLATE_RGBA = 1;
+/**
+ * A PNG file (ISO/IEC 15948) of the rectangle, 8-bit RGBA, filter type 0: the page decodes it natively with
+ * createImageBitmap, ~3-4x faster here than DecompressionStream inflating the same deflate stream.
+ */
+export const ENCODING_PNG = 2;
 /** The last rectangle of a batch: the page acks `seq` once it has drawn it. */
 export const RECT_FLAG_LAST = 1;
 /** The batch redraws the whole framebuffer (first frame, or a mode change). */

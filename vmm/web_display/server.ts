@@ -24,10 +24,12 @@ import {
 import { RateLimitedLog } from "../../devices/virtio/queue.ts";
 import { constants as zlibConstants, deflateRawSync } from "node:zlib";
 import { pageHtml } from "./page.ts";
+import { encodeRectPng } from "./png.ts";
 import {
   type ClientMessage,
   encodeRectHeader,
   ENCODING_DEFLATE_RGBA,
+  ENCODING_PNG,
   ENCODING_RAW_RGBA,
   evdevButton,
   evdevKeyCode,
@@ -68,8 +70,12 @@ export interface WebDisplayOptions {
   maxFps?: number;
   /** How often stats() is polled and sent (default 500 ms). */
   statsIntervalMs?: number;
-  /** "auto" (default): deflate rectangles that sample as compressible, raw otherwise; "raw": never deflate. */
-  encoding?: "auto" | "raw";
+  /**
+   * "auto" (default): rectangles that sample as compressible go as PNG (decoded natively by the page), the
+   * rest raw; "deflate": compressible ones as deflate-raw (inflated by DecompressionStream, slower in the page);
+   * "raw": never compress (fastest on loopback when the page's CPU is the limit).
+   */
+  encoding?: "auto" | "deflate" | "raw";
 }
 
 export interface WebDisplayStats {
@@ -79,7 +85,7 @@ export interface WebDisplayStats {
   rectsSent: number;
   /** Bytes of binary rectangle messages (header + pixels). */
   bytesSent: number;
-  /** Rectangles sent deflated, and the raw RGBA bytes they stood for. */
+  /** Rectangles sent compressed (PNG or deflate-raw), and the raw RGBA bytes they stood for. */
   rectsDeflated: number;
   deflatedRawBytes: number;
   /** Tiles (TILE_SIZE squares, clipped to the flushed region) compared with what the page has, and those changed. */
@@ -617,13 +623,19 @@ export class WebDisplay {
       const rawBytes = r.width * r.height * BPP;
       let msg: Uint8Array;
       let encoding = ENCODING_RAW_RGBA;
-      if (this.#opts.encoding !== "raw" && looksCompressible(fb, r)) {
-        const rgba = new Uint8Array(rawBytes);
-        rectToRgba(fb, r, rgba);
-        const z = deflateRawSync(rgba, { level: DEFLATE_LEVEL, strategy: zlibConstants.Z_DEFAULT_STRATEGY });
-        msg = new Uint8Array(RECT_HEADER_SIZE + z.byteLength);
-        msg.set(z, RECT_HEADER_SIZE);
-        encoding = ENCODING_DEFLATE_RGBA;
+      const how = this.#opts.encoding ?? "auto";
+      if (how !== "raw" && looksCompressible(fb, r)) {
+        if (how === "deflate") {
+          const rgba = new Uint8Array(rawBytes);
+          rectToRgba(fb, r, rgba);
+          const z = deflateRawSync(rgba, { level: DEFLATE_LEVEL, strategy: zlibConstants.Z_DEFAULT_STRATEGY });
+          msg = new Uint8Array(RECT_HEADER_SIZE + z.byteLength);
+          msg.set(z, RECT_HEADER_SIZE);
+          encoding = ENCODING_DEFLATE_RGBA;
+        } else {
+          msg = encodeRectPng(fb, r, DEFLATE_LEVEL, RECT_HEADER_SIZE);
+          encoding = ENCODING_PNG;
+        }
         this.#counters.rectsDeflated++;
         this.#counters.deflatedRawBytes += rawBytes;
       } else {
