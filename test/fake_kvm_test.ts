@@ -265,14 +265,8 @@ for (const request of ["KVM_CREATE_PIT2", "KVM_SET_GSI_ROUTING", "KVM_SET_CPUID2
   });
 }
 
-// Known bug, reported: when vCPU set-up fails, Machine.create's clean-up (vmm/machine.ts, the catch
-// after `new Machine(...)`) closes the VM, memory and /dev/kvm but not the vCPU fds it already
-// created, nor the virtio irqfd/ioeventfd eventfds: a library user leaks them on every such failure.
-const VCPU_FD_LEAK = "vmm/machine.ts does not close vCPU fds when vCPU set-up fails (reported bug)";
-console.log(`fake_kvm_test: vCPU fd clean-up test skipped: ${VCPU_FD_LEAK}`);
 Deno.test({
   name: "fake KVM, CLI: a failing KVM_SET_CPUID2 leaves no vCPU fd open",
-  ignore: true,
   async fn() {
     const r = await runCli("poweroff", ["--cpus", "2", guest], {
       DENOVM_FAKE_KVM_FAIL_IOCTL: String(KVM.KVM_SET_CPUID2),

@@ -184,6 +184,7 @@ export class Machine {
     let memory: OwnedGuestMemory | undefined;
     let devices: VirtioDevice[] = [];
     let agentPort: ConsolePort | undefined;
+    let machine: Machine | undefined;
     const hostIo = new HostIo(config.serials, { onConsoleOutput: opts.onConsoleOutput, noStdin: opts.noStdin });
     try {
       memory = OwnedGuestMemory.allocate(ramRanges(memBytes));
@@ -247,13 +248,20 @@ export class Machine {
         vm = new Vm(kvm);
       }
       vm.addGuestMemory(memory);
-      const m = new Machine(config, opts, kvm, vm, memory, cmdline, hostIo);
-      m.agentPort = agentPort;
-      await m.#addLegacyDevices();
-      m.#addVirtioDevices(devices, resources);
-      if (kvm) m.#createVcpus(kvm, kernel.entry);
-      return m;
+      machine = new Machine(config, opts, kvm, vm, memory, cmdline, hostIo);
+      machine.agentPort = agentPort;
+      await machine.#addLegacyDevices();
+      machine.#addVirtioDevices(devices, resources);
+      if (kvm) machine.#createVcpus(kvm, kernel.entry);
+      return machine;
     } catch (e) {
+      if (machine) {
+        // close() releases what the machine took over (devices on its bus, irqfds, vCPU fds, the VM, memory).
+        const adopted = new Set(machine.virtio.map((v) => v.device));
+        for (const d of devices) if (!adopted.has(d)) d.close?.();
+        machine.close();
+        throw e;
+      }
       for (const d of devices) d.close?.();
       hostIo.close();
       vm?.close();
