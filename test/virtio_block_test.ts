@@ -436,3 +436,28 @@ Deno.test("block: an image is locked like crosvm's lock=true: one writer, or rea
   new BlockDevice(opts).close();
   await Deno.remove(path);
 });
+
+Deno.test("block: resize grows the image and the capacity the guest reads; shrinking is refused", async () => {
+  const path = await Deno.makeTempFile();
+  const data = new Uint8Array(8192).map((_, i) => i & 0xff);
+  await Deno.writeFile(path, data);
+  const dev = new BlockDevice({ path, readOnly: false, sparse: true, blockSize: 512, direct: false });
+  try {
+    const capacity = () => {
+      const b = new Uint8Array(8);
+      dev.readConfig(0, b);
+      return new DataView(b.buffer).getBigUint64(0, true);
+    };
+    assert.equal(capacity(), 16n);
+    dev.resize(65536);
+    assert.equal(capacity(), 128n);
+    assert.equal((await Deno.stat(path)).size, 65536);
+    assert.deepEqual((await Deno.readFile(path)).subarray(0, 8192), data, "the old contents are kept");
+    assert.throws(() => dev.resize(4096), /shrinking it would lose data/);
+    assert.throws(() => dev.resize(65537), /whole number of 512-byte sectors/);
+    assert.equal((await Deno.stat(path)).size, 65536);
+  } finally {
+    dev.close();
+    await Deno.remove(path);
+  }
+});

@@ -1,6 +1,7 @@
 // What a running VM does for each control-socket request (vmm/control.ts).
 
 import { BalloonDevice } from "../devices/virtio/balloon.ts";
+import { BlockDevice } from "../devices/virtio/block.ts";
 import * as balloon from "../devices/virtio/balloon.ts";
 import type { BalloonStatName, BalloonStatsReply, ControlHandler, DisplayListReply } from "./control.ts";
 import type { Machine } from "./machine.ts";
@@ -49,7 +50,12 @@ export function machineControlHandler(m: Machine): ControlHandler {
       }
       return { stats, balloon_actual: b.actualPages * BALLOON_PAGE_SIZE };
     },
-    diskResize: () => Promise.reject(new Error("not available: disk resize is not supported by denovm yet")),
+    diskResize: (index, bytes) => {
+      const disks = m.virtio.map((v) => v.device).filter((d): d is BlockDevice => d instanceof BlockDevice);
+      const disk = disks[index];
+      if (!disk) return Promise.reject(new Error(`no disk ${index} (this VM has ${disks.length})`));
+      return Promise.resolve(disk.resize(bytes));
+    },
     gpuListDisplays: (): Promise<DisplayListReply> => {
       const gpu = m.config.gpu;
       if (!gpu) return Promise.reject(new Error("not available: this VM has no GPU (--gpu)"));

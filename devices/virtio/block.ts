@@ -13,6 +13,7 @@ import {
 import { ChainError, type ChainReader, type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
 import type { GuestMemory } from "../../vmm/memory.ts";
 import {
+  check,
   closeFd,
   EAGAIN,
   EINTR,
@@ -143,7 +144,7 @@ export class BlockDevice implements VirtioDevice {
   readonly sparse: boolean;
   readonly blockSize: number;
   /** Disk size in bytes (whole 512-byte sectors of the image). */
-  readonly capacityBytes: number;
+  #capacityBytes: number;
   readonly #id: Uint8Array;
   #fd: number;
   #direct: boolean;
@@ -196,7 +197,7 @@ export class BlockDevice implements VirtioDevice {
       }
     }
     const size = Deno.statSync(path).size;
-    this.capacityBytes = size - (size % SECTOR_SIZE);
+    this.#capacityBytes = size - (size % SECTOR_SIZE);
     const idText = opts.id ?? path.split("/").pop() ?? "";
     this.#id = new Uint8Array(VIRTIO_BLK_ID_BYTES);
     this.#id.set(new TextEncoder().encode(idText).subarray(0, VIRTIO_BLK_ID_BYTES));
@@ -204,6 +205,30 @@ export class BlockDevice implements VirtioDevice {
     if (readOnly) f |= VIRTIO_BLK_F_RO;
     if (sparse && !readOnly) f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
     this.features = f;
+  }
+
+  /** Bytes the guest sees (the image's size rounded down to whole sectors). */
+  get capacityBytes(): number {
+    return this.#capacityBytes;
+  }
+
+  /**
+   * Grow the disk to `bytes` (crosvm `disk resize`): the image file is extended (sparse) and the
+   * guest is told through a config-change interrupt. Shrinking is refused: it would cut off data
+   * on the user's image.
+   */
+  resize(bytes: number): void {
+    if (this.readOnly) throw new Error(`disk ${this.path} is read-only`);
+    if (!Number.isSafeInteger(bytes) || bytes % SECTOR_SIZE !== 0) {
+      throw new Error(`new size ${bytes} is not a whole number of ${SECTOR_SIZE}-byte sectors`);
+    }
+    if (bytes < this.#capacityBytes) {
+      throw new Error(`disk ${this.path} is ${this.#capacityBytes} bytes; shrinking it would lose data`);
+    }
+    if (bytes === this.#capacityBytes) return;
+    check("ftruncate", libc().ftruncate(this.#fd, BigInt(bytes)));
+    this.#capacityBytes = bytes;
+    this.#interrupt?.signalConfigChange();
   }
 
   /** Whether the image is really open with O_DIRECT. */
@@ -214,7 +239,7 @@ export class BlockDevice implements VirtioDevice {
   #config(): Uint8Array {
     const b = new Uint8Array(BLK_CONFIG_SIZE);
     const v = new DataView(b.buffer);
-    v.setBigUint64(BLK_CFG_CAPACITY, BigInt(this.capacityBytes / SECTOR_SIZE), true);
+    v.setBigUint64(BLK_CFG_CAPACITY, BigInt(this.#capacityBytes / SECTOR_SIZE), true);
     v.setUint32(BLK_CFG_SEG_MAX, SEG_MAX, true);
     v.setUint32(BLK_CFG_BLK_SIZE, this.blockSize, true);
     if (this.features & VIRTIO_BLK_F_DISCARD) {
@@ -391,7 +416,7 @@ export class BlockDevice implements VirtioDevice {
       throw new RequestError(VIRTIO_BLK_S_IOERR, `request length ${len} is not a multiple of ${SECTOR_SIZE}`);
     }
     const off = sector << SECTOR_SHIFT;
-    if (off + BigInt(len) > BigInt(this.capacityBytes)) {
+    if (off + BigInt(len) > BigInt(this.#capacityBytes)) {
       throw new RequestError(VIRTIO_BLK_S_IOERR, `sector ${sector} + ${len} bytes is past the end of the disk`);
     }
     return Number(off);

@@ -255,7 +255,8 @@ export function mainHelp(): string {
     "  device TYPE [OPTIONS]      run a vhost-user device backend",
     "  version                    print the version",
   ];
-  for (const c of CONTROL_COMMANDS) out.push(`  ${c.usage.padEnd(27)}${c.help}`);
+  const width = Math.max(...CONTROL_COMMANDS.map((c) => c.usage.length)) + 2;
+  for (const c of CONTROL_COMMANDS) out.push(`  ${c.usage.padEnd(width)}${c.help}`);
   out.push("", "Exit codes: 0 stopped, 32 reset, 33 crash, 34 guest panic, 35 invalid arguments, 36 watchdog,");
   out.push("1 host error.");
   return out.join("\n") + "\n";
