@@ -261,15 +261,14 @@ export function changedRects(
         tiles++;
         if (!pieceChanged(cur, shadow, fb.width, px0, px1, py0, py1)) continue;
         changed++;
-        for (let y = py0; y < py1; y++) {
-          shadow.set(cur.subarray(y * fb.width + px0, y * fb.width + px1), y * fb.width + px0);
-        }
         const last = runs.at(-1);
         if (last && last[1] === px0) last[1] = px1;
         else runs.push([px0, px1]);
       }
       const next = new Map<string, Rect>();
       for (const [a, b] of runs) {
+        // The page will have these pixels: one copy per row of the run.
+        for (let y = py0; y < py1; y++) shadow.set(cur.subarray(y * fb.width + a, y * fb.width + b), y * fb.width + a);
         const key = `${a},${b}`;
         const up = open.get(key);
         if (up) {
