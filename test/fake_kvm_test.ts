@@ -521,3 +521,12 @@ Deno.test("fake KVM, library: two VMs in one process pause and stop independentl
     await Deno.remove(b.log);
   }
 });
+
+// Last in this file: the environment set at the top is process-wide and `deno test` runs the other test
+// files in this same process; their subprocesses must see the real host, not the fake KVM.
+Deno.test("fake KVM: its environment is removed again for the test files that follow", () => {
+  for (const k of Object.keys(fakeKvmEnv(shim, "halt", ""))) Deno.env.delete(k);
+  for (const k of ["DENOVM_FAKE_KVM_SCRIPT", "DENOVM_FAKE_KVM_LOG"]) Deno.env.delete(k);
+  assert.equal(Deno.env.get("DENOVM_LIBC"), undefined);
+  assert.equal(Deno.env.get("DENOVM_KVM_DEVICE"), undefined);
+});
