@@ -21,7 +21,7 @@ function supported(entries: number[][]): Uint8Array {
 }
 
 const HOST = supported([
-  [0x1, 0, 0x000906ea, 0x00100800 | 0xff000000, (1 << 13) | 1, 0x0fabfbff],
+  [0x1, 0, 0x000906ea, 0x00100800 | 0xff000000, (1 << 13) | (1 << 26) | (1 << 28) | 1, 0x0fabfbff],
   [0x4, 0, 0x1c004121, 0, 0, 0], // L1d
   [0x4, 1, 0x1c004122, 0, 0, 0], // L1i
   [0x4, 2, 0x1c004143, 0, 0, 0], // L2
@@ -60,9 +60,15 @@ Deno.test("CPUID: each vCPU sees its own APIC id and the VM's topology (leaves 1
   assert.equal(cpuidEntry(HOST, 0x1)![1] >>> 24, 0xff);
 });
 
-Deno.test("CPUID: CMPXCHG16B is hidden on request (kvm_pvm's emulator lacks it)", () => {
-  const c = vcpuCpuid(HOST, { apicId: 0, cpuCount: 1, hideCx16: true });
+Deno.test("CPUID: CMPXCHG16B and XSAVE/AVX are hidden on request (kvm_pvm's emulator lacks them)", () => {
+  const host = vcpuCpuid(HOST, { apicId: 0, cpuCount: 1, hideCx16: false });
+  const c = vcpuCpuid(HOST, { apicId: 0, cpuCount: 1, hideCx16: true, hideXsave: true });
   assert.equal((cpuidEntry(c, 0x1)![2] >> 13) & 1, 0);
+  assert.equal((cpuidEntry(c, 0x1)![2] >> 26) & 1, 0, "XSAVE hidden");
+  assert.equal((cpuidEntry(c, 0x1)![2] >> 28) & 1, 0, "AVX hidden");
+  assert.equal((cpuidEntry(host, 0x1)![2] >> 26) & 1, 1, "XSAVE offered when not asked to hide it");
+  const others = ~((1 << 13) | (1 << 26) | (1 << 28));
+  assert.equal(cpuidEntry(c, 0x1)![2] & others, cpuidEntry(host, 0x1)![2] & others, "nothing else changed");
 });
 
 Deno.test("boot tables: the GDT holds 64-bit code and flat data, the page tables identity-map 4 GiB in 2 MiB pages", () => {

@@ -78,6 +78,9 @@ const LEAF1_EBX_COUNT_SHIFT = 16;
 /** Leaf 1 ECX bit 31: running under a hypervisor; bit 13: CMPXCHG16B. EDX bit 28: HTT. */
 const LEAF1_ECX_HYPERVISOR = 1 << 31;
 const LEAF1_ECX_CX16 = 1 << 13;
+/** Leaf 1 ECX bit 26: XSAVE; bit 27: OSXSAVE (reflects CR4, left as KVM reports); bit 28: AVX. */
+const LEAF1_ECX_XSAVE = 1 << 26;
+const LEAF1_ECX_AVX = 1 << 28;
 const LEAF1_EDX_HTT = 1 << 28;
 /** Leaf 4 EAX: cores per package - 1 in 31..26, threads sharing this cache - 1 in 25..14, cache level in 7..5. */
 const LEAF4_EAX_CORES_SHIFT = 26;
@@ -97,6 +100,11 @@ export interface CpuidOptions {
   cpuCount: number;
   /** Hide CMPXCHG16B: the kvm_pvm instruction emulator lacks it (see kvm-here.md). */
   hideCx16: boolean;
+  /**
+   * Hide XSAVE (and so AVX, which needs it): the kvm_pvm emulator lacks xsave/xrstor, which Linux
+   * otherwise uses for every context switch (kvm-here.md: a kernel needs `noxsave` there).
+   */
+  hideXsave?: boolean;
 }
 
 /** Adjust KVM's supported CPUID for one vCPU; returns a new struct kvm_cpuid2. */
@@ -119,6 +127,7 @@ export function vcpuCpuid(supported: Uint8Array, o: CpuidOptions): Uint8Array<Ar
         );
         let ecx = get(CPUID_ECX) | LEAF1_ECX_HYPERVISOR;
         if (o.hideCx16) ecx &= ~LEAF1_ECX_CX16;
+        if (o.hideXsave) ecx &= ~(LEAF1_ECX_XSAVE | LEAF1_ECX_AVX);
         set(CPUID_ECX, ecx);
         let edx = get(CPUID_EDX);
         edx = o.cpuCount > 1 ? edx | LEAF1_EDX_HTT : edx & ~LEAF1_EDX_HTT;

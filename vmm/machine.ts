@@ -381,11 +381,12 @@ export class Machine {
 
   #createVcpus(kvm: Kvm, entry: number): void {
     const supported = kvm.supportedCpuid();
+    // kvm_pvm's instruction emulator lacks CMPXCHG16B and XSAVE/XRSTOR: do not offer them there.
     const hideCx16 = pvmHost();
     for (let id = 0; id < this.config.cpus; id++) {
       const fd = this.#vm.createVcpu(id);
       this.#vcpuFds.push(fd);
-      setCpuid(fd, vcpuCpuid(supported, { apicId: id, cpuCount: this.config.cpus, hideCx16 }));
+      setCpuid(fd, vcpuCpuid(supported, { apicId: id, cpuCount: this.config.cpus, hideCx16, hideXsave: hideCx16 }));
       const refused = setBootMsrs(fd);
       if (refused.length > 0 && id === 0) {
         this.#log(`KVM refused boot MSRs ${refused.join(", ")}; continuing without them`);
