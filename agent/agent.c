@@ -54,13 +54,19 @@ static const unsigned char FRAME_MAGIC[4] = {'d', 'v', 'm', 'a'};
 
 /* ---- Small helpers ---- */
 
+/* One log line, written with a single write(2) so other console output cannot split it. */
 static void logf_(const char *fmt, ...) {
+  char line[512];
+  int n = snprintf(line, sizeof line, "denovm-agent: ");
   va_list ap;
   va_start(ap, fmt);
-  fprintf(stderr, "denovm-agent: ");
-  vfprintf(stderr, fmt, ap);
-  fprintf(stderr, "\n");
+  int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
   va_end(ap);
+  if (m < 0) m = 0;
+  size_t len = (size_t)n + ((size_t)m < sizeof line - (size_t)n - 1 ? (size_t)m : sizeof line - (size_t)n - 2);
+  line[len++] = '\n';
+  ssize_t w = write(2, line, len);
+  (void)w;
 }
 
 static int64_t now_ms(void) {

@@ -160,9 +160,16 @@ for d in /sys/bus/virtio/devices/*; do
 done
 echo "denovm-init: virtio devices:${devices:- none}"
 # The guest agent serves vm.exec() on the port org.denovm.agent when the VM has one (--agent).
-if grep -qx org.denovm.agent /sys/class/virtio-ports/*/name 2>/dev/null; then
-  denovm-agent --port org.denovm.agent 2>/dev/console &
-fi
+# A port's name arrives a little after virtio_console loads: when the VM has a virtio console
+# (device id 3), look for the agent's port for up to about 2 s; without one, do not wait.
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  if grep -qx org.denovm.agent /sys/class/virtio-ports/*/name 2>/dev/null; then
+    denovm-agent --port org.denovm.agent 2>/dev/console &
+    break
+  fi
+  grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null || break
+  sleep 0.2
+done
 echo DENOVM-INIT-OK
 
 for word in $(cat /proc/cmdline); do
