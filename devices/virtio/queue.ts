@@ -59,6 +59,21 @@ export function usedRingBytes(size: number): number {
   return VIRTQ_USED_RING + VIRTQ_USED_ELEM_SIZE * size + 2; // + avail_event
 }
 
+// ---- Memory ordering ----
+
+/** A word no one else uses: an atomic read-modify-write of it is the fence below. */
+const FENCE_WORD = new Int32Array(new SharedArrayBuffer(4));
+
+/**
+ * A full memory barrier (Linux smp_mb/virtio_mb): stores before it are visible to the driver before
+ * loads after it read guest memory. Plain typed-array accesses carry no ordering, and x86 lets a load
+ * pass an earlier store still in the store buffer; an atomic read-modify-write is a locked instruction
+ * on x86 (a full fence on every architecture), and V8 keeps plain accesses on their side of it.
+ */
+export function memoryFence(): void {
+  Atomics.add(FENCE_WORD, 0, 1);
+}
+
 // ---- Logging: one line per guest error, rate limited ----
 
 /** Where virtio guest-error lines go; tests replace it to count lines. */
@@ -451,6 +466,11 @@ export class Virtqueue {
     const now = this.#nextUsed;
     if (old === now) return false;
     this.#signalledUsed = now;
+    // The used index stores must be visible before used_event / the flags are read: the driver
+    // writes used_event, fences, then re-reads the used index before it waits (virtqueue_get_buf,
+    // virtqueue_enable_cb). Without the fence both sides can read the other's old value: no
+    // interrupt is sent and the driver sleeps on buffers it never sees (vhost's vhost_notify fences too).
+    memoryFence();
     const mem = this.#mem;
     if (this.eventIdx) {
       const usedEvent = mem.getU16(this.addrs.availRing + VIRTQ_AVAIL_RING + VIRTQ_AVAIL_ELEM_SIZE * this.size);
@@ -473,6 +493,8 @@ export class Virtqueue {
     const a = this.addrs.usedRing + VIRTQ_USED_FLAGS;
     const flags = this.#mem.getU16(a);
     this.#mem.setU16(a, enable ? flags & ~VRING_USED_F_NO_NOTIFY : flags | VRING_USED_F_NO_NOTIFY);
+    // Kicks asked for again: the flag must be visible before the available index is read again.
+    if (enable) memoryFence();
   }
 
   /** Re-enable kicks and report whether chains arrived meanwhile (the usual race-free loop end). */
@@ -481,8 +503,15 @@ export class Virtqueue {
     return this.hasAvailable();
   }
 
+  /**
+   * Ask for a kick once the driver publishes entry nextAvail. The store must be visible before the
+   * available index is read again: the driver publishes its index, fences, then reads avail_event
+   * (virtqueue_kick_prepare). Without the fence each side can read the other's old value: the driver
+   * skips the kick and the device never sees the new chain (vhost's vhost_enable_notify fences too).
+   */
   #writeAvailEvent(): void {
     this.#mem.setU16(this.addrs.usedRing + VIRTQ_USED_RING + VIRTQ_USED_ELEM_SIZE * this.size, this.nextAvail);
+    memoryFence();
   }
 }
 
