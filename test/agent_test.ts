@@ -23,7 +23,7 @@ import { agentBuildUnavailableReason, buildAgent } from "./support/agent_build.t
 import { ConsoleDevice, DEFAULT_INPUT_LIMIT } from "../devices/virtio/console.ts";
 import { VsockDevice } from "../devices/virtio/vsock.ts";
 import { VhostUserBackend } from "../devices/vhost_user/backend.ts";
-import { buildInitramfs, umlKernelVersion, UmlMachine, umlUnavailableReason } from "./support/uml.ts";
+import { buildInitramfs, umlKernelVersion, UmlMachine, type UmlResult, umlUnavailableReason } from "./support/uml.ts";
 
 /** Virtio device IDs of consoles and vsock (virtio 1.2 section 5). */
 const VIRTIO_ID_CONSOLE = 3;
@@ -162,6 +162,30 @@ async function exerciseAgent(client: AgentClient, raw: (b: Uint8Array) => void, 
     (err: Error) => err instanceof AgentError && /exactly one of/.test(err.message),
   );
   assert.equal(errors.length, 4, errors.join("\n"));
+}
+
+/**
+ * Run `touch /tmp/stop`, on which the test's /init kills the agent and powers the guest off. /init polls
+ * for the file, so it can kill the agent after touch made the file but before the agent wrote the
+ * reply: the reply is not required, the guest's end is (it proves the command ran). A reply that does
+ * come says exit code 0. Fails when the command neither answered nor ended the guest within the exec
+ * timeout (the request or its reply stuck on the way).
+ */
+async function stopGuest(client: AgentClient, uml: UmlMachine): Promise<UmlResult> {
+  const stop = client.exec("touch /tmp/stop").then((r) => r, (e: Error) => e);
+  const first = await Promise.race([uml.wait(), stop]);
+  if (first instanceof Error) throw first;
+  if ("stdout" in first) assert.equal(first.code, 0, first.stderr);
+  const end = await uml.wait();
+  client.close("the guest ended");
+  const late = await stop;
+  assert.ok(!(late instanceof Error) || late.message === "the guest ended", String(late));
+  return end;
+}
+
+/** The last lines of a guest's console, to put next to a failure. */
+function consoleTail(output: string, lines = 40): string {
+  return output.split("\n").slice(-lines).join("\n");
 }
 
 /** The agent as a host process: frames on its stdin and stdout. */
@@ -329,12 +353,18 @@ kill $agent`,
         client.exec("cat", { stdin: new Uint8Array(DEFAULT_INPUT_LIMIT) }),
         /exceeds what the transport/,
       );
-      const stop = await client.exec("touch /tmp/stop");
-      assert.equal(stop.code, 0);
-      const r = await uml.wait();
+      const r = await stopGuest(client, uml);
       assert.equal(r.commandStatus, 0, r.output);
       assert.match(r.output, /denovm-agent: serving on port org\.denovm\.agent/);
       assert.equal(device.stats().malformed, 0, logs.join("\n"));
+    } catch (e) {
+      // Where things stood, for a failure that only shows up now and then.
+      uml?.kill();
+      const end = await uml?.wait();
+      console.error(`device stats ${JSON.stringify(device.stats())}, back end ${JSON.stringify(backend.counters)}`);
+      if (logs.length) console.error(logs.join("\n"));
+      if (end) console.error(`guest console (last lines):\n${consoleTail(end.output)}`);
+      throw e;
     } finally {
       client.close();
       uml?.kill();
@@ -411,10 +441,15 @@ kill $agent`,
       transport = await connectVsock(uds, AGENT_VSOCK_PORT);
       client = new AgentClient(transport);
       await exerciseAgent(client, (b) => transport!.write(b), umlKernelVersion());
-      assert.equal((await client.exec("touch /tmp/stop")).code, 0);
-      const r = await uml.wait();
+      const r = await stopGuest(client, uml);
       assert.equal(r.commandStatus, 0, r.output);
       assert.equal(device.stats().malformed, 0, logs.join("\n"));
+    } catch (e) {
+      uml?.kill();
+      const end = await uml?.wait();
+      if (logs.length) console.error(logs.join("\n"));
+      if (end) console.error(`guest console (last lines):\n${consoleTail(end.output)}`);
+      throw e;
     } finally {
       client?.close();
       transport?.close();
