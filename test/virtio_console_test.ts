@@ -25,10 +25,26 @@ import {
   VIRTIO_CONSOLE_PORT_OPEN,
   VIRTIO_CONSOLE_PORT_READY,
 } from "../devices/virtio/console.ts";
-import { VIRTIO_ID_CONSOLE } from "../devices/virtio/device.ts";
-import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../devices/virtio/queue.ts";
-import { GuardedGuestMemory, type Segment, VirtioTestDriver } from "./support/virtio_driver.ts";
-import { captureVirtioLog, closeDeviceRig, mmioRig } from "./support/device_rig.ts";
+import { VIRTIO_F_EVENT_IDX, VIRTIO_ID_CONSOLE } from "../devices/virtio/device.ts";
+import {
+  VIRTQ_DESC_F_NEXT,
+  VIRTQ_DESC_F_WRITE,
+  VIRTQ_USED_ELEM_ID,
+  VIRTQ_USED_ELEM_LEN,
+  VIRTQ_USED_ELEM_SIZE,
+  VIRTQ_USED_IDX,
+  VIRTQ_USED_RING,
+  Virtqueue,
+} from "../devices/virtio/queue.ts";
+import type { GuestMemory } from "../vmm/memory.ts";
+import {
+  DriverQueue,
+  GuardedGuestMemory,
+  GuestAllocator,
+  type Segment,
+  VirtioTestDriver,
+} from "./support/virtio_driver.ts";
+import { captureVirtioLog, closeDeviceRig, DRIVER_ARENA_START, mmioRig } from "./support/device_rig.ts";
 
 const MiB = 1024 * 1024;
 const enc = new TextEncoder();
@@ -355,4 +371,389 @@ Deno.test("console: property: random descriptor chains on every queue never thro
     ),
     { numRuns: 80 },
   );
+});
+
+// ---- EVENT_IDX: the ring protocol as Linux's virtio_ring.c and virtio_console.c run it ----
+
+/** vring_need_event (virtio_ring.h): whether moving from `old` to `next` passes `event`. */
+function needEvent(event: number, next: number, old: number): boolean {
+  return ((next - event - 1) & 0xffff) < ((next - old) & 0xffff);
+}
+
+/**
+ * The driver side of one split queue with VIRTIO_F_EVENT_IDX, step by step as Linux's virtio_ring.c:
+ * virtqueue_add (publish), virtqueue_kick_prepare (kick only when avail_event was passed),
+ * virtqueue_get_buf (writes used_event = last_used_idx after each buffer, callbacks being enabled).
+ */
+class EventIdxDriverQueue {
+  #lastUsed = 0;
+  /** avail_idx at the last kick_prepare: the "old" of vring_need_event. */
+  #kickedFrom = 0;
+  constructor(readonly q: DriverQueue, readonly mem: GuestMemory) {}
+  add(head: number, addr: number, len: number, writable: boolean): void {
+    this.q.writeDesc(head, { addr, len, flags: writable ? VIRTQ_DESC_F_WRITE : 0, next: 0 });
+    this.q.publish(head);
+  }
+  kickPrepare(): boolean {
+    const old = this.#kickedFrom;
+    this.#kickedFrom = this.q.availIdx;
+    return needEvent(this.q.availEvent(), this.q.availIdx, old);
+  }
+  getBuf(): { id: number; len: number } | null {
+    const u = this.q.addrs.usedRing;
+    if (this.mem.getU16(u + VIRTQ_USED_IDX) === this.#lastUsed) return null;
+    const e = u + VIRTQ_USED_RING + VIRTQ_USED_ELEM_SIZE * (this.#lastUsed % this.q.size);
+    const r = { id: this.mem.getU32(e + VIRTQ_USED_ELEM_ID), len: this.mem.getU32(e + VIRTQ_USED_ELEM_LEN) };
+    this.#lastUsed = (this.#lastUsed + 1) & 0xffff;
+    this.q.setUsedEvent(this.#lastUsed);
+    return r;
+  }
+}
+
+/** Port 0 (no MULTIPORT: connected from the start) on two queues with EVENT_IDX, interrupts counted per queue. */
+function eventIdxRig(queueSize: number) {
+  const out: Uint8Array[] = [];
+  const dev = new ConsoleDevice({ output: (b) => out.push(b.slice()), multiport: false, inputLimit: 64 * MiB });
+  assert.ok(dev.features & VIRTIO_F_EVENT_IDX);
+  const g = new GuardedGuestMemory([{ start: 0, size: 16 * MiB }]);
+  const alloc = new GuestAllocator(g.mem, DRIVER_ARENA_START, 16 * MiB);
+  const dqs = [0, 1].map((i) => new DriverQueue(g.mem, i, queueSize, alloc));
+  const irqs = [0, 0];
+  const queues = dqs.map((d, i) => new Virtqueue(g.mem, i, d.addrs, { eventIdx: true }));
+  const log = captureVirtioLog();
+  dev.activate({
+    mem: g.mem,
+    queues,
+    ackedFeatures: dev.features,
+    interrupt: { signalUsedQueue: (i) => irqs[i]++, signalConfigChange: () => {} },
+  });
+  return {
+    dev,
+    out,
+    irqs,
+    alloc,
+    mem: g.mem,
+    rx: new EventIdxDriverQueue(dqs[0], g.mem),
+    tx: new EventIdxDriverQueue(dqs[1], g.mem),
+    [Symbol.dispose]() {
+      assert.deepEqual(log.lines, []);
+      closeDeviceRig(log, g, dev);
+    },
+  };
+}
+
+/** A small deterministic PRNG (xorshift32) for long schedules from one fast-check seed. */
+function prng(seed: number): (n: number) => number {
+  let s = (seed >>> 0) || 1;
+  return (n) => {
+    s ^= s << 13;
+    s >>>= 0;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    s >>>= 0;
+    return s % n;
+  };
+}
+
+/**
+ * Host input larger than the guest's posted receive buffers: the guest (virtio_console.c's reader) takes
+ * used buffers with get_buf, re-posts each one after reading it and kicks only as kick_prepare allows; it
+ * sleeps when get_buf finds nothing and wakes only on an interrupt of the receive queue. A stall is the
+ * guest asleep with no interrupt coming and the host's bytes not all delivered.
+ */
+function runRx(seed: number, total: number, opts: { queueSize: number; posted: number; bufSize: number }): void {
+  using r = eventIdxRig(opts.queueSize);
+  const rand = prng(seed);
+  const want = new Uint8Array(total).map((_, i) => (i * 131 + (i >> 8)) & 0xff);
+  const got = new Uint8Array(total);
+  let sent = 0;
+  let received = 0;
+  const bufs = Array.from({ length: opts.posted }, () => r.alloc.alloc(opts.bufSize));
+  const repost = (head: number) => r.rx.add(head, bufs[head], opts.bufSize, true);
+  for (let h = 0; h < opts.posted; h++) repost(h);
+  if (r.rx.kickPrepare()) r.dev.queueNotify(0);
+  let asleepAt = -1; // receive interrupts seen when the reader went to sleep, or -1 when awake
+  while (received < total) {
+    if (sent < total && rand(3) === 0) {
+      const n = Math.min(total - sent, 1 + rand(opts.bufSize * 4));
+      r.dev.sendInput(want.subarray(sent, sent + n));
+      sent += n;
+    }
+    if (asleepAt >= 0) {
+      if (r.irqs[0] > asleepAt) asleepAt = -1; // in_intr wakes the reader
+      else if (sent === total) {
+        assert.fail(
+          `stall: reader asleep, no interrupt coming, ${received} of ${total} bytes delivered; ` +
+            `${r.dev.stats().bytesIn} bytes moved by the device`,
+        );
+      }
+      continue;
+    }
+    const reads = 1 + rand(3);
+    for (let k = 0; k < reads; k++) {
+      const u = r.rx.getBuf();
+      if (!u) {
+        asleepAt = r.irqs[0];
+        break;
+      }
+      assert.ok(u.id < opts.posted && u.len <= opts.bufSize);
+      got.set(r.mem.read(bufs[u.id], u.len), received);
+      received += u.len;
+      repost(u.id);
+      // virtio_console's add_inbuf kicks after each buffer; batching sometimes covers kick_prepare's "old".
+      if (rand(2) === 0 && r.rx.kickPrepare()) r.dev.queueNotify(0);
+    }
+    if (r.rx.kickPrepare()) r.dev.queueNotify(0);
+  }
+  assert.deepEqual(got, want);
+}
+
+/**
+ * Guest output through a transmit ring smaller than the data: the writer reclaims used buffers with
+ * get_buf, posts one buffer per write and kicks as kick_prepare allows; with no free descriptor it sleeps
+ * until an interrupt of the transmit queue.
+ */
+function runTx(seed: number, total: number, opts: { queueSize: number; bufSize: number }): void {
+  using r = eventIdxRig(opts.queueSize);
+  const rand = prng(seed);
+  const data = new Uint8Array(total).map((_, i) => (i * 7 + (i >> 9)) & 0xff);
+  const bufs = Array.from({ length: opts.queueSize }, () => r.alloc.alloc(opts.bufSize));
+  const free = Array.from({ length: opts.queueSize }, (_, i) => i);
+  let sent = 0;
+  let asleepAt = -1;
+  while (sent < total) {
+    if (asleepAt >= 0) {
+      if (r.irqs[1] === asleepAt) {
+        assert.fail(
+          `stall: writer asleep with ${sent} of ${total} bytes posted; avail ${r.tx.q.availIdx} avail_event ${r.tx.q.availEvent()} used ${r.tx.q.usedIdx()} out ${
+            concat(r.out).length
+          }`,
+        );
+      }
+      asleepAt = -1;
+    }
+    const reclaim = () => {
+      for (let u = r.tx.getBuf(); u; u = r.tx.getBuf()) free.push(u.id);
+    };
+    reclaim();
+    if (free.length === 0) {
+      // A batch ends with a kick; then wait_event re-checks its condition before sleeping.
+      if (r.tx.kickPrepare()) r.dev.queueNotify(1);
+      reclaim();
+      if (free.length === 0) {
+        asleepAt = r.irqs[1];
+        continue;
+      }
+    }
+    const head = free.shift()!;
+    const n = Math.min(total - sent, 1 + rand(opts.bufSize));
+    r.mem.write(bufs[head], data.subarray(sent, sent + n));
+    r.tx.add(head, bufs[head], n, false);
+    sent += n;
+    if ((rand(3) !== 0 || sent === total) && r.tx.kickPrepare()) r.dev.queueNotify(1);
+  }
+  assert.deepEqual(concat(r.out), data);
+}
+
+Deno.test("console: EVENT_IDX receive: input beyond the posted buffers, re-posted as Linux does, never stalls", () => {
+  fc.assert(
+    fc.property(fc.integer(), fc.integer({ min: 1, max: 16 }), (seed, posted) => {
+      runRx(seed, 20_000, { queueSize: 16, posted, bufSize: 64 });
+    }),
+    { numRuns: 60 },
+  );
+});
+
+Deno.test("console: EVENT_IDX transmit: output beyond the ring, kicks suppressed as Linux does, never stalls", () => {
+  fc.assert(
+    fc.property(fc.integer(), fc.constantFrom(1, 2, 4, 16), (seed, queueSize) => {
+      runTx(seed, 20_000, { queueSize, bufSize: 64 });
+    }),
+    { numRuns: 60 },
+  );
+});
+
+Deno.test("console: EVENT_IDX both ways across the 16-bit index wrap", () => {
+  // More than 65536 buffers each way: avail_event, used_event and the indices wrap.
+  runRx(1, 70_000 * 4, { queueSize: 8, posted: 8, bufSize: 4 });
+  runTx(2, 70_000 * 4, { queueSize: 8, bufSize: 4 });
+});
+
+/**
+ * The guest side of the two-thread test below, run in a Worker: Linux's virtio_ring.c as a driver that
+ * reclaims with callbacks disabled (virtio_blk's virtblk_done loop): virtqueue_add + virtqueue_kick_prepare
+ * (virtio_mb, then avail_event); virtqueue_disable_cb (used_event = 0), virtqueue_get_buf until empty,
+ * virtqueue_enable_cb (used_event = last_used_idx, virtio_mb, re-read the used index); it waits for an
+ * interrupt when the ring is full. Atomics on `ctl` play the kick eventfd, the interrupt and the waits; a
+ * full barrier is an atomic read-modify-write of a private word.
+ */
+const EVENT_IDX_GUEST = `
+import * as Q from ${JSON.stringify(new URL("../devices/virtio/queue.ts", import.meta.url).href)};
+self.onmessage = (e) => {
+  const { ctlBuf, hostAddr, memSize, ring, bufs, messages, spin } = e.data;
+  const ctl = new Int32Array(ctlBuf);
+  const [KICKS, IRQS, ASLEEP, ASLEEP_AT, ABORT, DONE] = [0, 1, 2, 3, 4, 5];
+  const m = new DataView(Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(hostAddr), memSize));
+  const fenceWord = new Int32Array(new SharedArrayBuffer(4));
+  const mb = () => Atomics.add(fenceWord, 0, 1);
+  const size = ring.size;
+  const usedEventAt = ring.availRing + Q.VIRTQ_AVAIL_RING + Q.VIRTQ_AVAIL_ELEM_SIZE * size;
+  const availEventAt = ring.usedRing + Q.VIRTQ_USED_RING + Q.VIRTQ_USED_ELEM_SIZE * size;
+  const free = Array.from({ length: size }, (_, i) => i);
+  let availIdx = 0, kickedFrom = 0, lastUsed = 0;
+  const usedIdx = () => m.getUint16(ring.usedRing + Q.VIRTQ_USED_IDX, true);
+  const getBuf = () => {
+    if (usedIdx() === lastUsed) return false;
+    const el = ring.usedRing + Q.VIRTQ_USED_RING + Q.VIRTQ_USED_ELEM_SIZE * (lastUsed % size);
+    free.push(m.getUint32(el + Q.VIRTQ_USED_ELEM_ID, true));
+    lastUsed = (lastUsed + 1) & 0xffff;
+    return true;
+  };
+  // virtblk_done: do { disable_cb; while (get_buf) ...; } while (!enable_cb);
+  const reclaim = () => {
+    for (;;) {
+      m.setUint16(usedEventAt, 0, true);
+      while (getBuf());
+      m.setUint16(usedEventAt, lastUsed, true);
+      mb();
+      if (usedIdx() === lastUsed) return;
+    }
+  };
+  for (let i = 0; i < messages && !Atomics.load(ctl, ABORT);) {
+    if (free.length === 0) {
+      const seen = Atomics.load(ctl, IRQS);
+      reclaim();
+      if (free.length > 0) continue;
+      // Spin a while first, so both threads often run their halves of the protocol at the same time.
+      for (let n = 0; n < spin && Atomics.load(ctl, IRQS) === seen; n++);
+      Atomics.store(ctl, ASLEEP_AT, seen);
+      Atomics.store(ctl, ASLEEP, 1);
+      Atomics.wait(ctl, IRQS, seen);
+      Atomics.store(ctl, ASLEEP, 0);
+      reclaim();
+      continue;
+    }
+    const head = free.shift();
+    const d = ring.descTable + Q.VIRTQ_DESC_SIZE * head;
+    m.setUint32(bufs + 4 * head, i, true);
+    m.setBigUint64(d + Q.VIRTQ_DESC_ADDR, BigInt(bufs + 4 * head), true);
+    m.setUint32(d + Q.VIRTQ_DESC_LEN, 4, true);
+    m.setUint16(d + Q.VIRTQ_DESC_FLAGS, 0, true);
+    m.setUint16(ring.availRing + Q.VIRTQ_AVAIL_RING + Q.VIRTQ_AVAIL_ELEM_SIZE * (availIdx % size), head, true);
+    availIdx = (availIdx + 1) & 0xffff;
+    m.setUint16(ring.availRing + Q.VIRTQ_AVAIL_IDX, availIdx, true);
+    i++;
+    mb();
+    const ev = m.getUint16(availEventAt, true);
+    if (((availIdx - ev - 1) & 0xffff) < ((availIdx - kickedFrom) & 0xffff)) {
+      Atomics.add(ctl, KICKS, 1);
+      Atomics.notify(ctl, KICKS);
+    }
+    kickedFrom = availIdx;
+  }
+  Atomics.store(ctl, DONE, 1);
+  Atomics.add(ctl, KICKS, 1);
+  Atomics.notify(ctl, KICKS);
+  postMessage("done");
+};
+`;
+
+Deno.test("console: EVENT_IDX with the driver on another thread: 100000 messages, no kick or interrupt lost", async () => {
+  // The device and a Linux-like driver run the ring protocol at the same time. Note: this did not catch
+  // the device's missing fences (queue.ts memoryFence) in 2 million messages here; the reordering window
+  // is a few nanoseconds. It checks that the protocol holds up under real concurrency.
+  const MESSAGES = 100_000;
+  const RING = 4;
+  const [KICKS, IRQS, ASLEEP, ASLEEP_AT, ABORT, DONE] = [0, 1, 2, 3, 4, 5];
+  /** How long the device thread sleeps in Atomics.wait before it looks for a stall (not an assertion). */
+  const IDLE_CHECK_MS = 50;
+  /** Loads of the counter each side spins for before it sleeps on it. */
+  const SPIN = 20_000;
+  const g = new GuardedGuestMemory([{ start: 0, size: 1 * MiB }]);
+  const alloc = new GuestAllocator(g.mem, DRIVER_ARENA_START, 1 * MiB);
+  const rxq = new DriverQueue(g.mem, 0, RING, alloc);
+  const txq = new DriverQueue(g.mem, 1, RING, alloc);
+  const bufs = alloc.alloc(4 * RING);
+  const ctl = new Int32Array(new SharedArrayBuffer(4 * 8));
+  let got = 0;
+  let bad = "";
+  const dev = new ConsoleDevice({
+    multiport: false,
+    output: (b) => {
+      for (let o = 0; o + 4 <= b.length; o += 4) {
+        const v = new DataView(b.buffer, b.byteOffset + o, 4).getUint32(0, true);
+        if (v !== got && !bad) bad = `message ${v} arrived where ${got} was due`;
+        got++;
+      }
+    },
+  });
+  const queues = [rxq, txq].map((d, i) => new Virtqueue(g.mem, i, d.addrs, { eventIdx: true }));
+  dev.activate({
+    mem: g.mem,
+    queues,
+    ackedFeatures: dev.features,
+    interrupt: {
+      signalUsedQueue: () => {
+        Atomics.add(ctl, IRQS, 1);
+        Atomics.notify(ctl, IRQS);
+      },
+      signalConfigChange: () => {},
+    },
+  });
+  const worker = new Worker(URL.createObjectURL(new Blob([EVENT_IDX_GUEST], { type: "text/javascript" })), {
+    type: "module",
+  });
+  const finished = new Promise<void>((resolve, reject) => {
+    worker.onmessage = () => resolve();
+    worker.onerror = (e) => {
+      e.preventDefault();
+      reject(new Error(e.message));
+    };
+  });
+  let stall = "";
+  try {
+    worker.postMessage({
+      ctlBuf: ctl.buffer,
+      hostAddr: g.mem.hostAddress(0, 1),
+      memSize: 1 * MiB,
+      ring: txq.addrs,
+      bufs,
+      messages: MESSAGES,
+      spin: SPIN,
+    });
+    // The device thread: serve the transmit queue on every kick, as the vhost-user back end does.
+    let seenKicks = 0;
+    for (;;) {
+      const k = Atomics.load(ctl, KICKS);
+      if (k !== seenKicks) {
+        seenKicks = k;
+        dev.queueNotify(1);
+        if (Atomics.load(ctl, DONE)) break;
+        continue;
+      }
+      let spun = 0;
+      while (spun < SPIN && Atomics.load(ctl, KICKS) === k) spun++;
+      if (spun < SPIN || Atomics.wait(ctl, KICKS, k, IDLE_CHECK_MS) !== "timed-out") continue;
+      // Stable state check: the driver waits for an interrupt that no one will send and no kick is pending.
+      if (
+        Atomics.load(ctl, ASLEEP) && Atomics.load(ctl, ASLEEP_AT) === Atomics.load(ctl, IRQS) &&
+        Atomics.load(ctl, KICKS) === seenKicks
+      ) {
+        stall = `stall after ${got} of ${MESSAGES} messages: available ${txq.availIdx}, device took ` +
+          `${queues[1].nextAvail}, used ${txq.usedIdx()}, avail_event ${txq.availEvent()}`;
+        Atomics.store(ctl, ABORT, 1);
+        Atomics.add(ctl, IRQS, 1);
+        Atomics.notify(ctl, IRQS);
+        break;
+      }
+    }
+    await finished;
+  } finally {
+    worker.terminate();
+    dev.close();
+    g.close();
+  }
+  assert.equal(stall, "");
+  assert.equal(bad, "");
+  assert.equal(got, MESSAGES);
 });
