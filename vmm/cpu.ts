@@ -388,5 +388,23 @@ export function dumpRegisters(vcpuFd: number): string {
   );
   const lines: string[] = [];
   for (let i = 0; i < parts.length; i += 4) lines.push(parts.slice(i, i + 4).join(" "));
+  const rip = r.getBigUint64(regOffset("rip"), true);
+  const cs = s.getUint16(sregsSegmentOffset("cs") + SEG_SELECTOR, true);
+  if (rip === RESET_RIP && cs === RESET_CS_SELECTOR) lines.push(RESET_STATE_NOTE);
   return lines.join("\n");
 }
+
+/**
+ * RIP and CS selector of a vCPU after RESET or INIT (Intel SDM vol. 3A, table 10-1 "IA-32 and
+ * Intel 64 Processor States Following Power-up, Reset, or INIT"; AMD APM vol. 2, 14.1.3).
+ */
+const RESET_RIP = 0xfff0n;
+const RESET_CS_SELECTOR = 0xf000;
+
+/**
+ * Printed under a dump that shows the reset state. On AMD hosts KVM re-initializes a vCPU on a
+ * shutdown intercept (arch/x86/kvm/svm/svm.c, shutdown_interception: the VMCB is undefined after
+ * SHUTDOWN), so the registers at the fault are gone before userspace can read them.
+ */
+export const RESET_STATE_NOTE =
+  "note: these are the vCPU's reset values; on AMD (SVM) hosts KVM re-initializes a vCPU after a shutdown, so the state at the fault is lost";

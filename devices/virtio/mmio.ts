@@ -114,6 +114,8 @@ export class VirtioMmioTransport {
   #configGeneration = 0;
   #shmSel = 0;
   #active: (Virtqueue | undefined)[] | null = null;
+  /** Queues the driver kicked after setting them up but before DRIVER_OK; delivered at activation. */
+  readonly #earlyNotifies = new Set<number>();
   /** Exits served, per register name: cheap counters for stats. */
   readonly counters = { reads: 0, writes: 0, notifies: 0, interrupts: 0, guestErrors: 0 };
 
@@ -157,6 +159,7 @@ export class VirtioMmioTransport {
     this.#interruptStatus = 0;
     this.#shmSel = 0;
     this.#active = null;
+    this.#earlyNotifies.clear();
   }
 
   /** The interrupt handle given to the device at activation. */
@@ -432,6 +435,9 @@ export class VirtioMmioTransport {
     try {
       this.device.activate(ctx);
       this.#active = queues;
+      const early = [...this.#earlyNotifies];
+      this.#earlyNotifies.clear();
+      for (const i of early) if (queues[i]) this.device.queueNotify(i);
     } catch (e) {
       this.#guestError(`activation failed: ${(e as Error).message}; device needs reset`);
       this.#status |= VIRTIO_STATUS_DEVICE_NEEDS_RESET;
@@ -443,7 +449,12 @@ export class VirtioMmioTransport {
   notify(queueIndex: number): void {
     this.counters.notifies++;
     if (!this.#active) {
-      this.#guestError(`notify of queue ${queueIndex} before DRIVER_OK`);
+      // Linux's virtio_balloon kicks its stats queue in probe, before DRIVER_OK (init_vqs in
+      // drivers/virtio/virtio_balloon.c). Keep the kick of a ready queue and deliver it at
+      // activation rather than losing the buffer it announced.
+      const q = this.#queues[queueIndex];
+      if (q?.ready && (this.#status & VIRTIO_STATUS_FEATURES_OK)) this.#earlyNotifies.add(queueIndex);
+      else this.#guestError(`notify of queue ${queueIndex} before the queue is ready; ignored`);
       return;
     }
     if (!this.#active[queueIndex]) {
