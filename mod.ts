@@ -194,7 +194,18 @@ export class Vm {
       this.#agent = undefined;
       throw new Error(`${(e as Error).message}\n--- last console lines ---\n${this.console.tail()}`);
     });
-    return await client.exec(cmd, opts);
+    // A VM that ends while the command runs fails the call at once, not at its timeout.
+    const ended = this.exitCode.then((code): never => {
+      throw new Error(`exec ${JSON.stringify(cmd)}: the VM ended first (exit code ${code})`);
+    });
+    try {
+      return await Promise.race([client.exec(cmd, opts), ended]);
+    } catch (e) {
+      const err = e instanceof Error ? e : new Error(String(e));
+      const ended = this.exitReason ? `\nthe VM has ended: ${this.exitReason}` : "";
+      err.message = `${err.message}${ended}\n--- last console lines ---\n${this.console.tail()}`;
+      throw err;
+    }
   }
 
   /** Press the ACPI power button (the guest sees the event; a Linux guest with acpid or systemd powers off). */

@@ -5,7 +5,9 @@
 # Where the host's KVM cannot run an unmodified kernel (kvm_pvm: the host is itself a VM and
 # its KVM emulates guest kernel code), say so in one line and boot the built-in test guest
 # boot_info instead, which prints what the VMM handed it (command line, e820 map, initrd).
-# Without /dev/kvm at all, say so in one line and exit 1.
+# Without /dev/kvm at all, say so in one line and boot the default guest in a nested KVM host
+# (scripts/nested-kvm.sh: kvm_amd on QEMU TCG's emulated SVM; slow but real); with
+# DENOVM_NESTED=off, or without QEMU, say so in one line and exit 1.
 #
 # Extra arguments are passed to `denovm run` before the kernel path.
 set -euo pipefail
@@ -20,7 +22,13 @@ else
 fi
 
 if [[ ! -e /dev/kvm ]]; then
-  echo "boot-default: this host has no /dev/kvm, so no VM can run here (a KVM-capable Linux host is needed)" >&2
+  # No KVM at all: run the same boot inside a nested host whose kvm_amd runs on QEMU TCG's
+  # emulated SVM (scripts/nested-kvm.sh), unless DENOVM_NESTED=off or QEMU is missing.
+  if [[ "${DENOVM_NESTED:-}" != off ]] && command -v qemu-system-x86_64 >/dev/null; then
+    echo "boot-default: this host has no /dev/kvm; booting the default guest in a nested KVM host under QEMU TCG (scripts/nested-kvm.sh): slow, a minute or two to the shell" >&2
+    exec bash "$repo/scripts/nested-kvm.sh" -- bash "$repo/scripts/boot-default.sh" "$@"
+  fi
+  echo "boot-default: this host has no /dev/kvm, so no VM can run here (a KVM-capable Linux host is needed, or qemu-system-x86 for a nested one)" >&2
   exit 1
 fi
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the default guest's initramfs: busybox-static, the virtio modules of Debian's 6.1
-# kernel (with their dependencies, loaded in dependency order), and an /init that mounts
+# kernel with evdev and ext4 (with their dependencies, loaded in dependency order), and an /init that mounts
 # proc/sys/dev, loads the modules, prints DENOVM-INIT-OK and starts a shell on the console.
 # With `denovm.poweroff` on the kernel command line, /init powers off after the marker.
 #
@@ -29,6 +29,10 @@ WANTED_MODULES=(
   virtio_balloon
   virtio_input
   vmw_vsock_virtio_transport
+  virtio_gpu     # a framebuffer console on the GPU's scanout (screenshots of the shell)
+  evdev          # /dev/input/event* for the virtio-input devices
+  ext4           # disks: mount an ext4 image given with --block
+  crc32c_generic # ext4's metadata checksums (requested at mount time; no modprobe here)
 )
 
 busybox="${DENOVM_BUSYBOX:-/bin/busybox}"
@@ -48,7 +52,7 @@ moddir="$kdir/root/lib/modules/$release"
 [[ -d "$moddir" ]] || die "no modules in $moddir"
 
 # Up to date? The stamp is a hash of this script, busybox and the kernel release.
-key="$(cat "${BASH_SOURCE[0]}" "$busybox" "$kdir/version" "$repo/agent/agent.c" | sha256sum | cut -d' ' -f1)"
+key="$(cat "${BASH_SOURCE[0]}" "$repo/scripts/lib/kmodules.sh" "$busybox" "$kdir/version" "$repo/agent/agent.c" | sha256sum | cut -d' ' -f1)"
 if [[ -s "$out" && "$(cat "$out_dir/default.stamp" 2>/dev/null)" == "$key" ]]; then
   log "up to date: $out"
   echo "$out"
@@ -60,63 +64,12 @@ trap 'rm -rf "$work"' EXIT
 stage="$work/root"
 mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run,etc,root,"lib/modules/$release"}
 
-# ---- Modules: resolve names to files, read .modinfo depends=, order dependencies first ----
+# ---- Modules: the wanted ones and their dependencies, dependencies first ----
 
-# Path of module $1 under $moddir (any of .ko, .ko.xz, .ko.zst, .ko.gz), '-' and '_' equal.
-module_file() {
-  local pattern="${1//[-_]/[-_]}"
-  find "$moddir/kernel" -regextype posix-extended -regex ".*/${pattern}\.ko(\.xz|\.zst|\.gz)?" -print -quit
-}
-
-# Uncompressed copy of module $1 (a file path) at $2.
-decompress_module() {
-  case "$1" in
-    *.ko.xz) xz -dc "$1" >"$2" ;;
-    *.ko.zst) zstd -dcq "$1" >"$2" ;;
-    *.ko.gz) gzip -dc "$1" >"$2" ;;
-    *.ko) cp "$1" "$2" ;;
-    *) die "unknown module file type: $1" ;;
-  esac
-}
-
-# The depends= field of the .modinfo section of an uncompressed module, comma-separated.
-module_depends() {
-  objcopy -O binary --only-section=.modinfo "$1" "$work/modinfo" || die "objcopy failed on $1"
-  tr '\0' '\n' <"$work/modinfo" | sed -n 's/^depends=//p' | head -n 1
-}
-
-declare -A done_mod=()
-order=()
-add_module() {
-  local name="${1//-/_}"
-  [[ -n "${done_mod[$name]:-}" ]] && return 0
-  done_mod[$name]=visiting
-  local src
-  src="$(module_file "$name")"
-  if [[ -z "$src" ]]; then
-    # Built into the kernel: nothing to load.
-    if grep -Eq "/${name//_/[-_]}\.ko$" "$moddir/modules.builtin" 2>/dev/null; then
-      done_mod[$name]=builtin
-      return 0
-    fi
-    die "module $name not found in $moddir"
-  fi
-  local ko="$stage/lib/modules/$release/$name.ko"
-  decompress_module "$src" "$ko"
-  local deps dep
-  deps="$(module_depends "$ko")"
-  IFS=',' read -r -a dep_list <<<"$deps"
-  for dep in "${dep_list[@]}"; do
-    [[ -n "$dep" ]] || continue
-    [[ "${done_mod[${dep//-/_}]:-}" == visiting ]] && die "module dependency loop at $dep"
-    add_module "$dep"
-  done
-  done_mod[$name]=yes
-  order+=("$name")
-}
-for m in "${WANTED_MODULES[@]}"; do add_module "$m"; done
-printf '%s\n' "${order[@]}" >"$stage/lib/modules/$release/load.order"
-log "kernel $release: ${#order[@]} modules: ${order[*]}"
+# shellcheck source=lib/kmodules.sh
+source "$repo/scripts/lib/kmodules.sh"
+kmodules_stage "$moddir" "$stage/lib/modules/$release" "${WANTED_MODULES[@]}" || die "cannot stage the kernel modules"
+log "kernel $release: $(wc -l <"$stage/lib/modules/$release/load.order") modules: $(tr '\n' ' ' <"$stage/lib/modules/$release/load.order")"
 
 # ---- busybox and /init ----
 

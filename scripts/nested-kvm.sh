@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Run a command with a real /dev/kvm on a host that has none (or only kvm_pvm).
+#
+# QEMU's TCG emulates AMD's SVM with nested paging (`-cpu max`), so a Linux VM under TCG can
+# load kvm_amd and offer a hardware-style KVM: unmodified guests, real VM exits, an in-kernel
+# irqchip. This script boots Debian's 6.1 kernel that way with a small initramfs, mounts this
+# host's root file system read-only through 9p with a tmpfs overlay on top (so the command
+# sees the same files at the same paths, and its writes vanish at exit), and runs COMMAND there
+# as root, in the current directory, with the current environment. Everything runs at TCG speed:
+# slow, but every KVM code path is the real one.
+#
+# Usage: scripts/nested-kvm.sh [--mem MiB] [--cpus N] [--share DIR]... [--] COMMAND [ARG...]
+#   --mem MiB    memory of the nested host (default 6144)
+#   --cpus N     its vCPUs (default: this host's, at most 4)
+#   --share DIR  mount DIR read-write at the same path (writes reach this host); repeatable
+#
+# The command's output (stdout and stderr together) arrives on this script's stdout; the
+# script exits with the command's exit status, or 1 with one line on stderr when the nested
+# host could not run it. Needs qemu-system-x86 and the kernel of scripts/debian-kernel.sh
+# (scripts/setup.sh installs both).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${DENOVM_CACHE:-$repo/.cache}"
+
+die() {
+  echo "nested-kvm: $*" >&2
+  exit 1
+}
+
+mem=6144
+cpus="$(nproc)"
+((cpus > 4)) && cpus=4
+shares=()
+while (($#)); do
+  case "$1" in
+    --mem) mem="${2:?--mem needs MiB}"; shift 2 ;;
+    --cpus) cpus="${2:?--cpus needs a count}"; shift 2 ;;
+    --share) shares+=("$(realpath "${2:?--share needs a folder}")"); shift 2 ;;
+    --) shift; break ;;
+    -*) die "unknown option $1 (usage: nested-kvm.sh [--mem MiB] [--cpus N] [--share DIR]... [--] COMMAND...)" ;;
+    *) break ;;
+  esac
+done
+(($#)) || die "no command given (usage: nested-kvm.sh [--mem MiB] [--cpus N] [--share DIR]... [--] COMMAND...)"
+[[ "$mem" =~ ^[0-9]+$ && "$cpus" =~ ^[0-9]+$ ]] || die "--mem and --cpus take numbers"
+for d in "${shares[@]}"; do [[ -d "$d" ]] || die "--share $d: not a folder"; done
+
+qemu="${DENOVM_QEMU:-qemu-system-x86_64}"
+command -v "$qemu" >/dev/null || die "$qemu not found (Debian package qemu-system-x86)"
+busybox="${DENOVM_BUSYBOX:-/bin/busybox}"
+[[ -x "$busybox" ]] || die "$busybox not found (Debian package busybox-static)"
+
+kdir="$(bash "$repo/scripts/debian-kernel.sh" 2>/dev/null | tail -n 1)"
+[[ -s "$kdir/vmlinuz" ]] || die "no kernel: scripts/debian-kernel.sh failed"
+release="$(cat "$kdir/version")"
+
+# ---- The nested host's initramfs (cached; rebuilt when this script, busybox or the kernel change) ----
+
+# kvm_amd for /dev/kvm; 9p over virtio-pci for this host's files; overlay for the writable layer.
+NESTED_MODULES=(kvm_amd 9pnet_virtio 9p virtio_pci overlay)
+out_dir="$cache/nested"
+initrd="$out_dir/init.cpio.gz"
+key="$(cat "${BASH_SOURCE[0]}" "$repo/scripts/lib/kmodules.sh" "$busybox" "$kdir/version" | sha256sum | cut -d' ' -f1)"
+if [[ ! -s "$initrd" || "$(cat "$out_dir/stamp" 2>/dev/null)" != "$key" ]]; then
+  work="$(mktemp -d "${TMPDIR:-/tmp}/denovm-nested.XXXXXX")"
+  stage="$work/root"
+  mkdir -p "$stage"/{bin,proc,sys,dev,host,upper,merged}
+  # shellcheck source=lib/kmodules.sh
+  source "$repo/scripts/lib/kmodules.sh"
+  kmodules_stage "$kdir/root/lib/modules/$release" "$stage/modules" "${NESTED_MODULES[@]}" || die "cannot stage kernel modules"
+  cp "$busybox" "$stage/bin/busybox"
+  # /init: mount everything, run /run/denovm-nested/cmd.sh (from the job share) chrooted into
+  # the overlay, record its status in the job share, power off.
+  cat >"$stage/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+stty -F /dev/console -onlcr 2>/dev/null
+fail() { echo "nested-kvm: $*" >/dev/console; poweroff -f; }
+while read -r m; do insmod "/modules/$m.ko" || fail "insmod $m failed"; done </modules/load.order
+[ -c /dev/kvm ] || fail "kvm_amd loaded but there is no /dev/kvm (QEMU without SVM?)"
+p9="trans=virtio,version=9p2000.L,msize=512000"
+mount -t 9p -o "$p9,ro,cache=loose" host /host || fail "cannot mount the host's root"
+mount -t tmpfs -o mode=0755 upper /upper
+mkdir -p /upper/data /upper/work
+mount -t overlay -o lowerdir=/host,upperdir=/upper/data,workdir=/upper/work overlay /merged || fail "overlay failed"
+for d in proc sys dev; do mount --bind "/$d" "/merged/$d"; done
+mkdir -p /merged/dev/pts /merged/dev/shm /merged/run/denovm-nested
+mount -t devpts devpts /merged/dev/pts
+mount -t tmpfs tmpfs /merged/dev/shm
+mount -t 9p -o "$p9" job /merged/run/denovm-nested || fail "cannot mount the job folder"
+i=0
+while read -r dir; do
+  mount -t 9p -o "$p9" "share$i" "/merged$dir" || fail "cannot mount share $dir"
+  i=$((i + 1))
+done </merged/run/denovm-nested/shares
+chroot /merged /bin/bash /run/denovm-nested/cmd.sh </dev/console >/dev/console 2>&1
+echo "$?" >/merged/run/denovm-nested/status
+sync
+poweroff -f
+EOF
+  chmod +x "$stage/init"
+  mkdir -p "$out_dir"
+  (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) >"$initrd.tmp"
+  mv "$initrd.tmp" "$initrd"
+  echo "$key" >"$out_dir/stamp"
+  rm -rf "$work"
+fi
+
+# ---- The job: command, environment, working directory, shares ----
+
+job="$(mktemp -d "${TMPDIR:-/tmp}/denovm-nested-job.XXXXXX")"
+qemu_pid=""
+cleanup() {
+  [[ -n "$qemu_pid" ]] && kill "$qemu_pid" 2>/dev/null
+  rm -rf "$job"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+{
+  echo "# generated by scripts/nested-kvm.sh"
+  # The caller's environment, minus what describes this host's terminal session.
+  export -p | grep -Ev '^declare -x (OLDPWD|SHLVL|_|TERM_PROGRAM|SSH_[A-Z_]*)=' || true
+  printf 'cd %q || exit 1\n' "$PWD"
+  printf 'exec'
+  printf ' %q' "$@"
+  printf '\n'
+} >"$job/cmd.sh"
+printf '%s\n' "${shares[@]+"${shares[@]}"}" | sed '/^$/d' >"$job/shares"
+
+p9opts="security_model=none,multidevs=remap"
+args=(
+  -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem"
+  -nodefaults -no-user-config -display none -no-reboot
+  -chardev stdio,id=con,signal=off -serial chardev:con
+  -kernel "$kdir/vmlinuz" -initrd "$initrd"
+  -append "console=ttyS0 quiet loglevel=1 panic=-1"
+  -virtfs "local,path=/,mount_tag=host,readonly=on,$p9opts"
+  -virtfs "local,path=$job,mount_tag=job,$p9opts"
+)
+i=0
+for d in "${shares[@]+"${shares[@]}"}"; do
+  args+=(-virtfs "local,path=$d,mount_tag=share$i,$p9opts")
+  i=$((i + 1))
+done
+
+# A terminal on stdin reaches the command (through the nested host's console); else nothing does.
+if [[ -t 0 ]]; then
+  "$qemu" "${args[@]}" &
+else
+  "$qemu" "${args[@]}" </dev/null &
+fi
+qemu_pid=$!
+wait "$qemu_pid" || true
+qemu_pid=""
+[[ -s "$job/status" ]] || die "the nested host stopped before the command finished (see the lines above)"
+exit "$(cat "$job/status")"
