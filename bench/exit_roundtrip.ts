@@ -24,7 +24,7 @@ import {
 } from "./_common.ts";
 
 const NAME = "exit-roundtrip";
-skipWithoutKvm(NAME);
+await skipWithoutKvm(NAME, import.meta.url);
 
 const LOOPS = Number(Deno.env.get("BENCH_LOOPS") ?? 100_000);
 const REPEATS = 3;

@@ -39,7 +39,7 @@ const cBin = await buildBenchC(dir, "mmio_exit");
 const emptyGuest = await buildGuest(0);
 const loopGuest = await buildGuest(LOOPS);
 progress(NAME, `built ${cBin}, ${emptyGuest}, ${loopGuest}`);
-skipWithoutKvm(NAME);
+await skipWithoutKvm(NAME, import.meta.url);
 
 const cRuns: number[] = [];
 for (let i = 0; i < REPEATS; i++) {

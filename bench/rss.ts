@@ -20,7 +20,7 @@ import {
 } from "./_common.ts";
 
 const NAME = "rss";
-skipWithoutKvm(NAME);
+await skipWithoutKvm(NAME, import.meta.url);
 
 const MEM_MIB = 256;
 const STAGE = kvmPvm ? "command-line" : "init";

@@ -21,7 +21,7 @@ import {
 } from "./_common.ts";
 
 const NAME = "startup";
-skipWithoutKvm(NAME);
+await skipWithoutKvm(NAME, import.meta.url);
 
 const REPEATS = Number(Deno.env.get("BENCH_REPEATS") ?? 3);
 const MEM_MIB = 256;

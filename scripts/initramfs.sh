@@ -123,6 +123,14 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do
   grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null || break
   sleep 0.2
 done
+# With a GPU, Linux's framebuffer console is tty1, the foreground VT: a shell there takes what
+# the virtio keyboard types (the serial console keeps its own shell below).
+if [ -e /dev/fb0 ] && [ -e /dev/tty1 ]; then
+  (while true; do
+    setsid sh -c 'exec sh </dev/tty1 >/dev/tty1 2>&1'
+    sleep 1
+  done) &
+fi
 echo DENOVM-INIT-OK
 
 for word in $(cat /proc/cmdline); do

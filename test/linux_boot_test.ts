@@ -12,7 +12,7 @@
 import assert from "node:assert/strict";
 import { E820_RAM, E820_RESERVED, e820Map, MiB } from "../vmm/layout.ts";
 import { debianKernel } from "./support/kernel.ts";
-import { type Image, pixel, Vm } from "../mod.ts";
+import { decodePng, type Image, pixel, Vm } from "../mod.ts";
 import { controlCall } from "../vmm/control_client.ts";
 
 const repo = new URL("..", import.meta.url).pathname;
@@ -20,6 +20,13 @@ const hasKvm = exists("/dev/kvm");
 const kvmPvm = exists("/sys/module/kvm_pvm");
 const hasQemu = which("qemu-system-x86_64");
 const hasCpio = which("cpio");
+/**
+ * vCPUs of the Linux guests. In the nested KVM host (scripts/nested-kvm.sh) Linux with two vCPUs
+ * broke about one run in three, below denovm: an RCU stall with CPU 0 never answering CPU 1's
+ * NMI, a triple fault of vCPU 1, and once the nested host's own kernel hit a stack guard page
+ * in KVM_RUN. With one vCPU it has not; SMP bring-up is proven there by the smp test guest.
+ */
+const LINUX_CPUS = Deno.env.get("DENOVM_IN_NESTED_HOST") ? 1 : 2;
 
 function exists(path: string): boolean {
   try {
@@ -107,7 +114,7 @@ Deno.test({
       initrd,
       params: ["console=ttyS0", "denovm.poweroff"],
       memMiB: 256,
-      cpus: 2,
+      cpus: LINUX_CPUS,
     });
     await vm.console.waitFor(/^denovm-init: modules loaded:.* virtio_mmio /m, { timeout: 300_000 });
     await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: 300_000 });
@@ -160,7 +167,7 @@ Deno.test({
         initrd,
         params: ["console=ttyS0"],
         memMiB,
-        cpus: 2,
+        cpus: LINUX_CPUS,
         agent: true,
         socket,
         blocks: [
@@ -177,14 +184,14 @@ Deno.test({
         return r.stdout;
       };
 
-      // Every device bound to its Linux driver; both vCPUs up; the RTC has the host's date.
+      // Every device bound to its Linux driver; every vCPU up; the RTC has the host's date.
       const bound = await sh("for d in /sys/bus/virtio/devices/*; do basename $(readlink $d/driver); done");
       for (
         const driver of ["virtio_blk", "virtio_rng", "virtio_balloon", "virtio_input", "virtio_gpu", "virtio_console"]
       ) {
         assert.ok(bound.split("\n").includes(driver), `${driver} bound: ${bound}`);
       }
-      assert.equal((await sh("nproc")).trim(), "2");
+      assert.equal((await sh("nproc")).trim(), String(LINUX_CPUS));
       assert.equal((await sh("date -u +%Y")).trim(), String(new Date().getUTCFullYear()));
 
       // GPU: Linux's framebuffer (fbdev emulation over virtio-gpu) is our scanout. Paint rows
@@ -311,6 +318,53 @@ Deno.test({
         await run("debugfs", ["-R", "cat /guest.txt", `${dir}/disk.img`]),
         "written by Linux under denovm\n",
       );
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "linux: the README's library example (examples/boot_type_screenshot.ts) runs to the end",
+  ignore: skipReason(
+    !hasKvm
+      ? "no /dev/kvm"
+      : kvmPvm
+      ? "kvm_pvm: this host's KVM cannot run an unmodified Linux kernel (no hardware virtualization)"
+      : undefined,
+    "README example",
+  ),
+  async fn() {
+    const kernel = await debianKernel();
+    const initrd = await defaultInitramfs();
+    const dir = await Deno.makeTempDir({ prefix: "denovm-example-" });
+    try {
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "--allow-all",
+          "--config",
+          `${repo}deno.json`,
+          `${repo}examples/boot_type_screenshot.ts`,
+          kernel.vmlinux,
+          initrd,
+        ],
+        cwd: dir,
+        env: { DENOVM_ARTIFACTS: `${dir}/artifacts` },
+        stdin: "null",
+        stdout: "piped",
+        stderr: "piped",
+        signal: AbortSignal.timeout(15 * 60_000),
+      }).output();
+      const stdout = new TextDecoder().decode(out.stdout);
+      const show = `stdout:\n${stdout}\nstderr:\n${new TextDecoder().decode(out.stderr)}`;
+      assert.equal(out.code, 0, show);
+      assert.match(stdout, new RegExp(`^uname -r: ${regexEscape(kernel.version)} \\(exit 0\\)$`, "m"), show);
+      assert.match(stdout, /^screenshot 800x600: typed text at the top/m, show);
+      assert.match(stdout, /^exit code 0$/m, show);
+      const png = await Deno.readFile(`${dir}/screenshot.png`);
+      const img = decodePng(png);
+      assert.deepEqual([img.width, img.height], [800, 600]);
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
