@@ -72,12 +72,6 @@ export interface VirtioIrq {
 
 export interface VirtioMmioOptions {
   irq: VirtioIrq;
-  /**
-   * Where InterruptStatus lives: element `index` of a shared Int32Array, so that a vCPU thread can
-   * answer the InterruptStatus read and InterruptACK write of every interrupt itself (vmm/vcpu_worker.ts)
-   * while this transport raises bits with Atomics. Default: a private cell.
-   */
-  interruptCell?: { cells: Int32Array; index: number };
   /** Guest-physical base of shared-memory region `id`, or undefined when it is not mapped. */
   shmBase?: (id: number) => number | undefined;
 }
@@ -116,9 +110,7 @@ export class VirtioMmioTransport {
   #queueSel = 0;
   #queues: QueueState[] = [];
   #status = 0;
-  /** InterruptStatus, shared with the vCPU threads (see VirtioMmioOptions.interruptCell). */
-  readonly #isr: Int32Array;
-  readonly #isrIndex: number;
+  #interruptStatus = 0;
   #configGeneration = 0;
   #shmSel = 0;
   #active: (Virtqueue | undefined)[] | null = null;
@@ -133,13 +125,11 @@ export class VirtioMmioTransport {
     this.#irq = opts.irq;
     this.#shmBase = opts.shmBase ?? (() => undefined);
     this.#log = new RateLimitedLog(`virtio-mmio ${device.name}`);
-    this.#isr = opts.interruptCell?.cells ?? new Int32Array(new SharedArrayBuffer(4));
-    this.#isrIndex = opts.interruptCell?.index ?? 0;
     this.#resetState();
   }
 
   get interruptStatus(): number {
-    return Atomics.load(this.#isr, this.#isrIndex);
+    return this.#interruptStatus;
   }
   get status(): number {
     return this.#status;
@@ -166,7 +156,7 @@ export class VirtioMmioTransport {
     this.#queueSel = 0;
     this.#queues = this.device.queueMaxSizes.map((m) => freshQueue(m));
     this.#status = 0;
-    Atomics.store(this.#isr, this.#isrIndex, 0);
+    this.#interruptStatus = 0;
     this.#shmSel = 0;
     this.#active = null;
     this.#earlyNotifies.clear();
@@ -182,7 +172,7 @@ export class VirtioMmioTransport {
   };
 
   #raise(bit: number): void {
-    Atomics.or(this.#isr, this.#isrIndex, bit);
+    this.#interruptStatus |= bit;
     this.counters.interrupts++;
     this.#irq.trigger();
   }
@@ -227,7 +217,7 @@ export class VirtioMmioTransport {
       case VIRTIO_MMIO_QUEUE_RESET:
         return q?.reset ? 1 : 0;
       case VIRTIO_MMIO_INTERRUPT_STATUS:
-        return Atomics.load(this.#isr, this.#isrIndex);
+        return this.#interruptStatus;
       case VIRTIO_MMIO_STATUS:
         return this.#status;
       case VIRTIO_MMIO_SHM_LEN_LOW:
@@ -310,7 +300,7 @@ export class VirtioMmioTransport {
         this.notify(v);
         return;
       case VIRTIO_MMIO_INTERRUPT_ACK:
-        Atomics.and(this.#isr, this.#isrIndex, ~v);
+        this.#interruptStatus &= ~v;
         return;
       case VIRTIO_MMIO_STATUS:
         this.#setStatus(v);
