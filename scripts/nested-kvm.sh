@@ -11,7 +11,7 @@
 #
 # Usage: scripts/nested-kvm.sh [--mem MiB] [--cpus N] [--share DIR]... [--] COMMAND [ARG...]
 #   --mem MiB    memory of the nested host (default 6144)
-#   --cpus N     its vCPUs (default: this host's, at most 4)
+#   --cpus N     its vCPUs (default 1; see below)
 #   --share DIR  mount DIR read-write at the same path (writes reach this host); repeatable
 #
 # The command's output (stdout and stderr together) arrives on this script's stdout; the
@@ -29,8 +29,10 @@ die() {
 }
 
 mem=6144
-cpus="$(nproc)"
-((cpus > 4)) && cpus=4
+# One vCPU by default: with two, a nested host sometimes stopped making progress (and once its
+# kernel hit a stack guard page inside KVM_RUN), which looks like QEMU's multi-threaded TCG and
+# its SVM emulation disagreeing; with one there are no cross-vCPU races in the emulator.
+cpus=1
 shares=()
 while (($#)); do
   case "$1" in
