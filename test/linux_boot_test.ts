@@ -573,6 +573,8 @@ Deno.test({
       ? "/dev/kvm is present: the script boots directly (the full boot test covers that)"
       : !hasQemu
       ? "qemu-system-x86_64 is not installed"
+      : Deno.env.get("DENOVM_NESTED_TESTS") !== "1"
+      ? "the nested KVM host stalls in about half the runs (README); DENOVM_NESTED_TESTS=1 runs this"
       : undefined,
     "boot-default nested",
   ),
