@@ -27,6 +27,12 @@ const hasCpio = which("cpio");
  * in KVM_RUN. With one vCPU it has not; SMP bring-up is proven there by the smp test guest.
  */
 const LINUX_CPUS = Deno.env.get("DENOVM_IN_NESTED_HOST") ? 1 : 2;
+/** Why this host cannot boot an unmodified Linux kernel under denovm, or undefined. */
+const fullLinuxUnavailable = !hasKvm
+  ? "no /dev/kvm"
+  : kvmPvm
+  ? "kvm_pvm: this host's KVM cannot run an unmodified Linux kernel (no hardware virtualization)"
+  : undefined;
 
 function exists(path: string): boolean {
   try {
@@ -99,11 +105,7 @@ Deno.test({
 Deno.test({
   name: "linux: Debian 6.1 boots the default initramfs to /init and powers off",
   ignore: skipReason(
-    !hasKvm
-      ? "no /dev/kvm"
-      : kvmPvm
-      ? "kvm_pvm: this host's KVM cannot run an unmodified Linux kernel (no hardware virtualization)"
-      : undefined,
+    fullLinuxUnavailable,
     "linux full boot",
   ),
   async fn() {
@@ -140,13 +142,10 @@ Deno.test({
   name:
     "linux: Debian 6.1 under denovm drives disk, rng, balloon, keyboard, GPU framebuffer and the agent's console port",
   ignore: skipReason(
-    !hasKvm
-      ? "no /dev/kvm"
-      : kvmPvm
-      ? "kvm_pvm: this host's KVM cannot run an unmodified Linux kernel (no hardware virtualization)"
-      : !which("mkfs.ext4") || !which("debugfs")
-      ? "mkfs.ext4 and debugfs are needed (Debian package e2fsprogs)"
-      : undefined,
+    fullLinuxUnavailable ??
+      (!which("mkfs.ext4") || !which("debugfs")
+        ? "mkfs.ext4 and debugfs are needed (Debian package e2fsprogs)"
+        : undefined),
     "linux devices",
   ),
   async fn() {
@@ -327,11 +326,7 @@ Deno.test({
 Deno.test({
   name: "linux: the README's library example (examples/boot_type_screenshot.ts) runs to the end",
   ignore: skipReason(
-    !hasKvm
-      ? "no /dev/kvm"
-      : kvmPvm
-      ? "kvm_pvm: this host's KVM cannot run an unmodified Linux kernel (no hardware virtualization)"
-      : undefined,
+    fullLinuxUnavailable,
     "README example",
   ),
   async fn() {
