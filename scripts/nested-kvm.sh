@@ -94,6 +94,24 @@ mkdir -p /merged/dev/pts /merged/dev/shm /merged/run/denovm-nested
 mount -t devpts devpts /merged/dev/pts
 mount -t tmpfs tmpfs /merged/dev/shm
 mount -t 9p -o "$p9" job /merged/run/denovm-nested || fail "cannot mount the job folder"
+# A heartbeat in the job folder every 20 s: the nested host's uptime and load, and each task's
+# state and wait channel, so that a run that stops making progress shows where it waits.
+(
+  while sleep 20; do
+    {
+      echo "uptime $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
+      for p in /proc/[0-9]*; do
+        pcomm="$(cat "$p/comm" 2>/dev/null)"
+        for t in "$p"/task/[0-9]*; do
+          read -r _ comm state _ <"$t/stat" 2>/dev/null || continue
+          case "$state$pcomm" in [SI]deno) ;; [SI]*) continue ;; esac
+          echo "  ${t#/proc/} $pcomm $comm $state $(cat "$t/wchan" 2>/dev/null)"
+        done
+      done
+    } >/merged/run/denovm-nested/heartbeat.new 2>/dev/null
+    mv /merged/run/denovm-nested/heartbeat.new /merged/run/denovm-nested/heartbeat
+  done
+) &
 i=0
 while read -r dir; do
   mount -t 9p -o "$p9" "share$i" "/merged$dir" || fail "cannot mount share $dir"
@@ -117,7 +135,14 @@ fi
 job="$(mktemp -d "${TMPDIR:-/tmp}/denovm-nested-job.XXXXXX")"
 qemu_pid=""
 cleanup() {
-  [[ -n "$qemu_pid" ]] && kill "$qemu_pid" 2>/dev/null
+  if [[ -n "$qemu_pid" ]]; then
+    kill "$qemu_pid" 2>/dev/null
+    # Interrupted while the nested host ran: say where it was.
+    if [[ -s "$job/heartbeat" ]]; then
+      echo "nested-kvm: interrupted; the nested host's last heartbeat:" >&2
+      cat "$job/heartbeat" >&2
+    fi
+  fi
   rm -rf "$job"
 }
 trap cleanup EXIT

@@ -30,6 +30,8 @@ const KVM_TEST_NAMES = /^(kvm|linux)[ :]/;
 
 /** Generous: the whole set takes about 6 minutes at TCG speed on a 2-core machine. */
 const NESTED_TIMEOUT_MS = 40 * 60_000;
+/** The longest single test takes about 3 minutes there; 8 without a line of output is a stall. */
+const NO_PROGRESS_MS = 8 * 60_000;
 
 function which(cmd: string): boolean {
   return (Deno.env.get("PATH") ?? "").split(":").some((d) => d && existsSync(`${d}/${cmd}`));
@@ -121,6 +123,10 @@ Deno.test({
         `--junit-path=${out}/junit.xml`,
         ...KVM_TEST_FILES,
       ];
+      // The log is written as the run goes, so a run that stops shows where; a run with no output
+      // for NO_PROGRESS_MS is stopped (nested-kvm.sh then prints the nested host's last heartbeat).
+      const logFile = await Deno.open(logPath, { write: true, create: true, truncate: true });
+      const watchdog = new AbortController();
       const child = new Deno.Command("bash", {
         args: [script, "--share", out, "--", ...inner],
         cwd: repo,
@@ -128,16 +134,32 @@ Deno.test({
         stdin: "null",
         stdout: "piped",
         stderr: "piped",
-        signal: AbortSignal.timeout(NESTED_TIMEOUT_MS),
+        signal: AbortSignal.any([AbortSignal.timeout(NESTED_TIMEOUT_MS), watchdog.signal]),
       }).spawn();
-      const [result, stdout, stderr] = await Promise.all([
-        child.status,
-        new Response(child.stdout).text(),
-        new Response(child.stderr).text(),
-      ]);
-      const log = `${stdout}\n--- stderr ---\n${stderr}`;
-      await Deno.writeTextFile(logPath, log);
-      const tail = () => `nested run log: ${logPath}; its last lines:\n${log.split("\n").slice(-40).join("\n")}`;
+      let lastOutput = Date.now();
+      let stalled = false;
+      const timer = setInterval(() => {
+        if (Date.now() - lastOutput > NO_PROGRESS_MS) {
+          stalled = true;
+          watchdog.abort();
+        }
+      }, 10_000);
+      const lines: string[] = [];
+      const pump = async (stream: ReadableStream<Uint8Array>, prefix: string) => {
+        for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+          lastOutput = Date.now();
+          await logFile.write(new TextEncoder().encode(prefix ? chunk.replace(/^/gm, prefix) : chunk));
+          lines.push(...chunk.split("\n"));
+          lines.splice(0, Math.max(0, lines.length - 40));
+        }
+      };
+      const [result] = await Promise.all([child.status, pump(child.stdout, ""), pump(child.stderr, "stderr: ")])
+        .finally(() => {
+          clearInterval(timer);
+          logFile.close();
+        });
+      const tail = () => `nested run log: ${logPath}; its last lines:\n${lines.join("\n")}`;
+      assert.ok(!stalled, `the nested run printed nothing for ${NO_PROGRESS_MS / 60_000} minutes\n${tail()}`);
 
       let xml = "";
       try {
