@@ -48,6 +48,7 @@ import {
 } from "../devices/virtio/mmio.ts";
 import { virtioLog } from "../devices/virtio/queue.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "./support/virtio_driver.ts";
+import { virtioInterruptRegisters } from "../vmm/vcpu_channel.ts";
 
 const DEVICE_FEATURE_BIT_3 = 1n << 3n;
 const FAKE_ID = 42;
@@ -86,11 +87,14 @@ class FakeDevice implements VirtioDevice {
   }
 }
 
-function setup(shmBase?: (id: number) => number | undefined) {
+function setup(
+  shmBase?: (id: number) => number | undefined,
+  interruptCell?: { cells: Int32Array; index: number },
+) {
   const g = new GuardedGuestMemory([{ start: 0, size: 1024 * 1024 }]);
   const dev = new FakeDevice();
   const irqs = { n: 0 };
-  const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => irqs.n++ }, shmBase });
+  const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => irqs.n++ }, shmBase, interruptCell });
   const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: 1024 * 1024 });
   const lines: string[] = [];
   const old = virtioLog.sink;
@@ -342,4 +346,46 @@ Deno.test("a device that fails to activate sets DEVICE_NEEDS_RESET and raises a 
   // The driver gives up: FAILED is accepted even without repeating the device's NEEDS_RESET bit.
   s.drv.writeReg(VIRTIO_MMIO_STATUS, (st & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET) | VIRTIO_STATUS_FAILED);
   assert.equal(s.drv.readReg(VIRTIO_MMIO_STATUS), st | VIRTIO_STATUS_FAILED);
+});
+
+Deno.test("InterruptStatus and InterruptACK as a vCPU answers them: from the shared cell, without the transport", () => {
+  // Transport 1 of two at BASES[1]; the vCPU side is vcpu_channel.ts virtioInterruptRegisters.
+  const BASES = [0xd000_0000, 0xd000_1000];
+  const cells = new SharedArrayBuffer(BASES.length * 4);
+  using s = setup(undefined, { cells: new Int32Array(cells), index: 1 });
+  const vcpu = virtioInterruptRegisters({ cells, bases: BASES }, 0)!;
+  const run = new DataView(new ArrayBuffer(8));
+  const vcpuRead = (addr: number) => {
+    run.setUint32(0, 0xdead, true);
+    assert.ok(vcpu(addr, 4, false, run), `0x${addr.toString(16)} served by the vCPU`);
+    return run.getUint32(0, true);
+  };
+  s.drv.init({ queueSize: 16 });
+  const irqsBefore = s.irqs.n;
+  s.dev.ctx!.interrupt.signalUsedQueue(0);
+  s.dev.ctx!.interrupt.signalConfigChange();
+  assert.equal(s.irqs.n, irqsBefore + 2);
+  const both = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
+  assert.equal(vcpuRead(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS), both, "the vCPU sees what the transport raised");
+  assert.equal(vcpuRead(BASES[0] + VIRTIO_MMIO_INTERRUPT_STATUS), 0, "the other transport's cell");
+  // ACK of the ring bit by the vCPU; the transport (main thread) sees only the config bit left.
+  run.setUint32(0, VIRTIO_MMIO_INT_VRING, true);
+  assert.ok(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_ACK, 4, true, run));
+  assert.equal(s.t.interruptStatus, VIRTIO_MMIO_INT_CONFIG);
+  assert.equal(s.drv.readReg(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+  // ACK through the transport; the vCPU reads 0.
+  s.drv.writeReg(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
+  assert.equal(vcpuRead(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+  // Everything else goes to the main thread: other registers, other sizes, writes of the status,
+  // reads of the ACK, addresses outside the transports.
+  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_STATUS, 4, false, run), false);
+  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS, 2, false, run), false);
+  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS, 4, true, run), false);
+  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_ACK, 4, false, run), false);
+  assert.equal(vcpu(0xd000_2000 + VIRTIO_MMIO_INTERRUPT_STATUS, 4, false, run), false);
+  // A reset clears the shared cell too.
+  s.dev.ctx!.interrupt.signalUsedQueue(0);
+  s.drv.writeReg(VIRTIO_MMIO_STATUS, 0);
+  assert.equal(vcpuRead(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+  assert.equal(virtioInterruptRegisters({ cells, bases: [] }, 0), undefined, "no transports: no fast path");
 });

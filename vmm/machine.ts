@@ -60,7 +60,15 @@ import { machineControlHandler } from "./control_handler.ts";
 import { HostIo } from "./host_io.ts";
 import { createVirtioDevices } from "./virtio_devices.ts";
 import { Vcpu, type VcpuEnd } from "./vcpu.ts";
-import { CMD_PAUSE, CMD_RUN, CMD_STOP, CTL_COMMAND, CTL_PAUSED, CTL_SLOTS } from "./vcpu_channel.ts";
+import {
+  CMD_PAUSE,
+  CMD_RUN,
+  CMD_STOP,
+  CTL_COMMAND,
+  CTL_PAUSED,
+  CTL_SLOTS,
+  type VirtioInterruptCells,
+} from "./vcpu_channel.ts";
 import { HostError, Kvm, Vm } from "./vm.ts";
 import { installKickHandler } from "../ffi/libc.ts";
 
@@ -133,6 +141,8 @@ export class Machine {
   readonly mmio = new Bus("MMIO");
   readonly serials: Serial[] = [];
   readonly virtio: VirtioSlot[] = [];
+  /** The transports' shared InterruptStatus cells (see vcpu_channel.ts VirtioInterruptCells). */
+  #virtioInterrupts: VirtioInterruptCells | undefined;
   readonly cmdline: string;
   readonly #kvm: Kvm | undefined;
   readonly #vm: VmHandle;
@@ -308,6 +318,11 @@ export class Machine {
   #addVirtioDevices(devices: VirtioDevice[], resources: { base: number; size: number; irq: number }[]): void {
     // Shared-memory regions (the GPU's host-visible window) get guest windows above RAM, one after another.
     let shmNext = sharedMemoryAreaStart(this.config.memMiB * MiB);
+    // InterruptStatus of every transport, shared with the vCPU workers, which answer the status read
+    // and the ACK write of each interrupt themselves.
+    const cells = new SharedArrayBuffer(Math.max(1, devices.length) * Int32Array.BYTES_PER_ELEMENT);
+    this.#virtioInterrupts = { cells, bases: resources.slice(0, devices.length).map((r) => r.base) };
+    const cellArray = new Int32Array(cells);
     devices.forEach((device, i) => {
       const { base, irq } = resources[i];
       const irqFd = eventfd();
@@ -324,6 +339,7 @@ export class Machine {
       if (windows.size > 0) device.setSharedMemoryMapper?.(this.#shmMapper(device.name, windows));
       const transport = new VirtioMmioTransport(device, this.memory, {
         irq: { trigger: () => eventfdWrite(irqFd) },
+        interruptCell: { cells: cellArray, index: i },
         shmBase: (id) => windows.get(id)?.base,
       });
       const notifyFds = device.queueMaxSizes.map((_, q) => {
@@ -415,6 +431,7 @@ export class Machine {
         pio: this.pio,
         mmio: this.mmio,
         debugExit: this.opts.debugExit ?? false,
+        virtioInterrupts: this.#virtioInterrupts,
       });
       this.#vcpus.push(v);
       v.ended.then((end) => this.#vcpuEnded(id, end));

@@ -4,7 +4,14 @@
 import { kickThread, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE } from "../ffi/libc.ts";
 import { RUN_IMMEDIATE_EXIT } from "../ffi/kvm.ts";
 import type { Bus } from "./bus.ts";
-import { DOORBELL, IO_BLOCK_BYTES, KIND_PIO, serveRequest, type VcpuExitMessage } from "./vcpu_channel.ts";
+import {
+  DOORBELL,
+  IO_BLOCK_BYTES,
+  KIND_PIO,
+  serveRequest,
+  type VcpuExitMessage,
+  type VirtioInterruptCells,
+} from "./vcpu_channel.ts";
 
 export type VcpuEnd = Exclude<VcpuExitMessage, { kind: "ready" }>;
 
@@ -16,6 +23,7 @@ export interface VcpuOptions {
   pio: Bus;
   mmio: Bus;
   debugExit: boolean;
+  virtioInterrupts?: VirtioInterruptCells;
 }
 
 export class Vcpu {
@@ -67,6 +75,7 @@ export class Vcpu {
       control: opts.control,
       io: this.#io,
       debugExit: opts.debugExit,
+      virtioInterrupts: opts.virtioInterrupts,
     });
   }
 

@@ -3,6 +3,8 @@
 // I/O block (one per vCPU, Int32Array + bytes): one port or MMIO access in flight.
 
 /** Control block slots. */
+import { VIRTIO_MMIO_SIZE } from "./layout.ts";
+import { VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS } from "../devices/virtio/mmio.ts";
 export const CTL_COMMAND = 0;
 export const CTL_PAUSED = 1;
 export const CTL_SLOTS = 2;
@@ -38,6 +40,18 @@ export interface VcpuStartMessage {
   io: SharedArrayBuffer;
   /** Serve the test guests' debug exit port in the worker. */
   debugExit: boolean;
+  /**
+   * virtio-mmio transports whose InterruptStatus read and InterruptACK write the worker answers
+   * itself from `interruptStatus` (one Int32 per transport, shared with the main thread), so the
+   * two exits of every virtio interrupt never wait for the main thread.
+   */
+  virtioInterrupts?: VirtioInterruptCells;
+}
+
+/** The shared InterruptStatus cells: transport i (at guest-physical bases[i]) uses element i. */
+export interface VirtioInterruptCells {
+  cells: SharedArrayBuffer;
+  bases: number[];
 }
 
 /** What a vCPU Worker reports. */
@@ -113,4 +127,38 @@ export function serveRequest(ioBuffer: SharedArrayBuffer, handle: (r: ChannelReq
     Atomics.notify(io, IO_STATE);
   }
   return true;
+}
+
+/** virtio-mmio registers are 32 bits wide (virtio 1.2, 4.2.2). */
+const VIRTIO_MMIO_REGISTER_SIZE = 4;
+
+/**
+ * The vCPU's own answer to the two virtio-mmio accesses of every interrupt, InterruptStatus reads
+ * and InterruptACK writes, from the status cells the transports share: returns a function of an
+ * MMIO exit (`run` is struct kvm_run, its data at `dataOffset`) that is true when it served the
+ * access and false for everything else (the main thread serves those). The transports set bits
+ * with Atomics.or before signalling the irqfd.
+ */
+export function virtioInterruptRegisters(
+  shared: VirtioInterruptCells,
+  dataOffset: number,
+): ((addr: number, len: number, isWrite: boolean, run: DataView) => boolean) | undefined {
+  if (shared.bases.length === 0) return undefined;
+  const cells = new Int32Array(shared.cells);
+  const slotOf = new Map(shared.bases.map((base, i) => [base, i]));
+  return (addr, len, isWrite, run) => {
+    if (len !== VIRTIO_MMIO_REGISTER_SIZE) return false;
+    const offset = addr % VIRTIO_MMIO_SIZE;
+    const slot = slotOf.get(addr - offset);
+    if (slot === undefined) return false;
+    if (!isWrite && offset === VIRTIO_MMIO_INTERRUPT_STATUS) {
+      run.setUint32(dataOffset, Atomics.load(cells, slot), true);
+      return true;
+    }
+    if (isWrite && offset === VIRTIO_MMIO_INTERRUPT_ACK) {
+      Atomics.and(cells, slot, ~run.getUint32(dataOffset, true));
+      return true;
+    }
+    return false;
+  };
 }

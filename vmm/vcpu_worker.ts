@@ -50,6 +50,7 @@ import {
   KIND_PIO,
   type VcpuExitMessage,
   type VcpuStartMessage,
+  virtioInterruptRegisters,
 } from "./vcpu_channel.ts";
 
 /** Port 0x80 is the POST-code port; Linux writes it for I/O delays. Reads see an idle ISA bus. */
@@ -95,6 +96,7 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
   self.postMessage({ kind: "ready", tid: libc().gettid() });
 
   const ring = () => self.postMessage(DOORBELL);
+  const interrupts = start.virtioInterrupts && virtioInterruptRegisters(start.virtioInterrupts, RUN_MMIO_DATA);
 
   for (;;) {
     const cmd = Atomics.load(ctl, CTL_COMMAND);
@@ -140,6 +142,7 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
         const addr = Number(run.getBigUint64(RUN_MMIO_PHYS_ADDR, true));
         const len = run.getUint32(RUN_MMIO_LEN, true);
         const isWrite = run.getUint8(RUN_MMIO_IS_WRITE) !== 0;
+        if (interrupts?.(addr, len, isWrite, run)) break;
         exchange(
           io,
           ioBytes,

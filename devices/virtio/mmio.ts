@@ -72,6 +72,12 @@ export interface VirtioIrq {
 
 export interface VirtioMmioOptions {
   irq: VirtioIrq;
+  /**
+   * Where InterruptStatus lives: element `index` of a shared Int32Array, so that a vCPU thread can
+   * answer the InterruptStatus read and InterruptACK write of every interrupt itself (vmm/vcpu_worker.ts)
+   * while this transport raises bits with Atomics. Default: a private cell.
+   */
+  interruptCell?: { cells: Int32Array; index: number };
   /** Guest-physical base of shared-memory region `id`, or undefined when it is not mapped. */
   shmBase?: (id: number) => number | undefined;
 }
@@ -110,7 +116,9 @@ export class VirtioMmioTransport {
   #queueSel = 0;
   #queues: QueueState[] = [];
   #status = 0;
-  #interruptStatus = 0;
+  /** InterruptStatus, shared with the vCPU threads (see VirtioMmioOptions.interruptCell). */
+  readonly #isr: Int32Array;
+  readonly #isrIndex: number;
   #configGeneration = 0;
   #shmSel = 0;
   #active: (Virtqueue | undefined)[] | null = null;
@@ -125,11 +133,13 @@ export class VirtioMmioTransport {
     this.#irq = opts.irq;
     this.#shmBase = opts.shmBase ?? (() => undefined);
     this.#log = new RateLimitedLog(`virtio-mmio ${device.name}`);
+    this.#isr = opts.interruptCell?.cells ?? new Int32Array(new SharedArrayBuffer(4));
+    this.#isrIndex = opts.interruptCell?.index ?? 0;
     this.#resetState();
   }
 
   get interruptStatus(): number {
-    return this.#interruptStatus;
+    return Atomics.load(this.#isr, this.#isrIndex);
   }
   get status(): number {
     return this.#status;
@@ -156,7 +166,7 @@ export class VirtioMmioTransport {
     this.#queueSel = 0;
     this.#queues = this.device.queueMaxSizes.map((m) => freshQueue(m));
     this.#status = 0;
-    this.#interruptStatus = 0;
+    Atomics.store(this.#isr, this.#isrIndex, 0);
     this.#shmSel = 0;
     this.#active = null;
     this.#earlyNotifies.clear();
@@ -172,7 +182,7 @@ export class VirtioMmioTransport {
   };
 
   #raise(bit: number): void {
-    this.#interruptStatus |= bit;
+    Atomics.or(this.#isr, this.#isrIndex, bit);
     this.counters.interrupts++;
     this.#irq.trigger();
   }
@@ -217,7 +227,7 @@ export class VirtioMmioTransport {
       case VIRTIO_MMIO_QUEUE_RESET:
         return q?.reset ? 1 : 0;
       case VIRTIO_MMIO_INTERRUPT_STATUS:
-        return this.#interruptStatus;
+        return Atomics.load(this.#isr, this.#isrIndex);
       case VIRTIO_MMIO_STATUS:
         return this.#status;
       case VIRTIO_MMIO_SHM_LEN_LOW:
@@ -300,7 +310,7 @@ export class VirtioMmioTransport {
         this.notify(v);
         return;
       case VIRTIO_MMIO_INTERRUPT_ACK:
-        this.#interruptStatus &= ~v;
+        Atomics.and(this.#isr, this.#isrIndex, ~v);
         return;
       case VIRTIO_MMIO_STATUS:
         this.#setStatus(v);
