@@ -6,8 +6,8 @@
 // (served inside the vCPU worker: the bare round trip) and COM1's scratch register (a real device
 // behind the VMM's I/O dispatch). C: timed inside the KVM_RUN loop.
 //
-// Output: {"bench":"exit_roundtrip","loops":N,"c_ns_per_exit":..,"denovm_ns_per_exit":..,
-//          "denovm_device_ns_per_exit":..}
+// Output: {"bench":"exit-roundtrip","denovm_us":..,"c_us":..,"ratio":..,"loops":N,"c_ns_per_exit":..,
+//          "denovm_ns_per_exit":..,"denovm_device_ns_per_exit":..} (ratio: the POST-code port against C)
 
 import { DEBUG_EXIT_PORT, SERIAL_PORTS } from "../vmm/layout.ts";
 import {
@@ -61,9 +61,13 @@ const post = await denovmNsPerExit(POST_CODE_PORT);
 progress(NAME, `denovm, POST-code port: ${post.toFixed(0)} ns per exit`);
 const device = await denovmNsPerExit(COM1_SCRATCH_PORT);
 progress(NAME, `denovm, COM1 scratch register: ${device.toFixed(0)} ns per exit`);
+const cNs = median(cRuns);
 result(NAME, {
+  denovm_us: Number((post / 1000).toFixed(3)),
+  c_us: Number((cNs / 1000).toFixed(3)),
+  ratio: Number((post / cNs).toFixed(3)),
   loops: LOOPS,
-  c_ns_per_exit: Math.round(median(cRuns)),
+  c_ns_per_exit: Math.round(cNs),
   denovm_ns_per_exit: Math.round(post),
   denovm_device_ns_per_exit: Math.round(device),
 });

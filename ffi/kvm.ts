@@ -190,6 +190,8 @@ export const RUN_IO_COUNT = RUN_UNION + 4;
 export const RUN_IO_DATA_OFFSET = RUN_UNION + 8;
 export const RUN_MMIO_PHYS_ADDR = RUN_UNION + 0;
 export const RUN_MMIO_DATA = RUN_UNION + 8;
+/** mmio.data is __u8 data[8]. */
+export const RUN_MMIO_DATA_BYTES = 8;
 export const RUN_MMIO_LEN = RUN_UNION + 16;
 export const RUN_MMIO_IS_WRITE = RUN_UNION + 20;
 export const RUN_FAIL_ENTRY_REASON = RUN_UNION + 0;
@@ -299,8 +301,11 @@ export function kvmIoctlInt(fd: number, req: number, arg: number | bigint = 0): 
 }
 
 /** KVM_RUN without throwing: returns 0 or the errno (EINTR after a kick, EAGAIN after INIT). */
+/** KVM_RUN as the BigInt the ioctl symbol takes, made once: this call runs on every exit. */
+const KVM_RUN_REQUEST = BigInt(KVM_RUN);
+
 export function kvmRun(vcpuFd: number): number {
-  const r = libc().ioctl_int(vcpuFd, BigInt(KVM_RUN), 0n);
+  const r = libc().ioctl_int(vcpuFd, KVM_RUN_REQUEST, 0n);
   return r < 0 ? errno() : 0;
 }
 

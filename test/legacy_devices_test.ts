@@ -85,6 +85,55 @@ Deno.test("8250: input is readable through RBR with LSR.DR, raises RDI, and loop
   assert.equal(s.txBytes, 0);
 });
 
+Deno.test("8250 shared by a vCPU thread: its output reaches the host side in order, input reaches it", () => {
+  const out: number[] = [];
+  let ready = 0;
+  const host = new Serial({ interrupt: () => {}, output: (b) => out.push(...b) });
+  let vcpuIrqs = 0;
+  const vcpu = new Serial({ interrupt: () => vcpuIrqs++, outputReady: () => ready++, state: host.state });
+  for (const c of new TextEncoder().encode("boot\n")) wr(vcpu, 0, c);
+  assert.equal(ready, 1, "one wake-up when the ring went from empty to not empty");
+  assert.deepEqual(out, [], "nothing delivered until the host side drains");
+  host.drainOutput();
+  assert.equal(new TextDecoder().decode(Uint8Array.from(out)), "boot\n");
+  assert.equal(host.txBytes, 5);
+  wr(vcpu, 0, 0x21);
+  assert.equal(ready, 2);
+  // Registers are one state: what the vCPU side programs, the host side sees, and the reverse.
+  wr(vcpu, 1, 0x01); // RDI
+  assert.equal(rd(host, 1), 0x01);
+  host.enqueueInput(Uint8Array.of(0x71));
+  assert.equal(rd(vcpu, 5) & 0x01, 1, "LSR.DR on the vCPU side");
+  assert.equal(rd(vcpu, 0), 0x71);
+  assert.equal(host.pendingInput, 0);
+  assert.throws(() => vcpu.drainOutput(), /vCPU side/);
+  assert.throws(() => new Serial({ interrupt: () => {}, state: new SharedArrayBuffer(8) }), RangeError);
+  assert.equal(vcpuIrqs, 0);
+});
+
+Deno.test("8250 shared by a vCPU thread: a writer finding the output ring full waits for room, nothing lost", async () => {
+  const out: number[] = [];
+  const host = new Serial({ interrupt: () => {}, output: (b) => out.push(...b) });
+  // Four times the ring, from another thread, drained only when that thread says so.
+  const bytes = Uint8Array.from({ length: 4 * (1 << 14) }, (_, i) => (i * 7) & 0xff);
+  const worker = new Worker(new URL("./support/uart_writer_worker.ts", import.meta.url), { type: "module" });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      worker.onmessage = (e) => {
+        host.drainOutput();
+        if (e.data === "done") resolve();
+      };
+      worker.onerror = (e) => reject(new Error(e.message));
+      worker.postMessage({ state: host.state, bytes });
+    });
+  } finally {
+    worker.terminate();
+  }
+  assert.equal(out.length, bytes.length);
+  assert.ok(out.every((b, i) => b === bytes[i]), "every byte, in order");
+  assert.equal(host.txBytes, bytes.length);
+});
+
 Deno.test("CMOS RTC: BCD time of the given clock, 24-hour mode, never update-in-progress", () => {
   const c = new Cmos(() => new Date(Date.UTC(2026, 10, 25, 21, 7, 59)));
   const reg = (i: number) => {

@@ -67,6 +67,7 @@ import {
   CTL_COMMAND,
   CTL_PAUSED,
   CTL_SLOTS,
+  type VcpuSerial,
   type VirtioInterruptCells,
 } from "./vcpu_channel.ts";
 import { HostError, Kvm, Vm } from "./vm.ts";
@@ -141,6 +142,9 @@ export class Machine {
   readonly mmio = new Bus("MMIO");
   readonly serials: Serial[] = [];
   readonly virtio: VirtioSlot[] = [];
+  /** The UARTs as the vCPU workers serve them (see VcpuSerial), and their irqfds. */
+  readonly #vcpuSerials: VcpuSerial[] = [];
+  readonly #serialIrqFds: number[] = [];
   /** The transports' shared InterruptStatus cells (see vcpu_channel.ts VirtioInterruptCells). */
   #virtioInterrupts: VirtioInterruptCells | undefined;
   readonly cmdline: string;
@@ -285,7 +289,13 @@ export class Machine {
     for (const s of this.config.serials) {
       if (s.hardware !== "serial") continue; // virtio-console ports come with the virtio devices
       const port = SERIAL_PORTS[s.num - 1];
-      const serial = new Serial({ interrupt: () => this.#vm.pulseIrq(port.irq), output: await this.hostIo.output(s) });
+      // The UART's interrupt is an irqfd, so that a vCPU thread serving the guest's accesses raises it
+      // as the main thread does.
+      const irqFd = eventfd();
+      this.#serialIrqFds.push(irqFd);
+      this.#vm.registerIrqfd(irqFd, port.irq);
+      const serial = new Serial({ interrupt: () => eventfdWrite(irqFd), output: await this.hostIo.output(s) });
+      this.#vcpuSerials.push({ base: port.base, state: serial.state, irqFd });
       this.serials[s.num - 1] = serial;
       this.pio.add(port.base, UART_REGISTER_COUNT, serial, `COM${s.num}`);
       await this.hostIo.attachInput(s, (b) => serial.enqueueInput(b));
@@ -432,6 +442,8 @@ export class Machine {
         mmio: this.mmio,
         debugExit: this.opts.debugExit ?? false,
         virtioInterrupts: this.#virtioInterrupts,
+        serials: this.#vcpuSerials,
+        serialOutput: () => this.#drainSerials(),
       });
       this.#vcpus.push(v);
       v.ended.then((end) => this.#vcpuEnded(id, end));
@@ -593,10 +605,16 @@ export class Machine {
     return out;
   }
 
+  /** Take what the vCPUs' UARTs transmitted to the consoles. */
+  #drainSerials(): void {
+    for (const serial of this.serials) serial?.drainOutput();
+  }
+
   /** Release every host resource. Safe to call twice. */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#drainSerials();
     void this.#controlServer?.close();
     void this.#webDisplay?.close();
     this.hostIo.close();
@@ -609,6 +627,7 @@ export class Machine {
       closeFd(v.irqFd);
       v.notifyFds.forEach(closeFd);
     }
+    this.#serialIrqFds.forEach(closeFd);
     this.#vcpuFds.forEach(closeFd);
     this.#vm.close();
     this.#kvm?.close();

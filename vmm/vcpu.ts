@@ -8,8 +8,10 @@ import {
   DOORBELL,
   IO_BLOCK_BYTES,
   KIND_PIO,
+  SERIAL_OUTPUT,
   serveRequest,
   type VcpuExitMessage,
+  type VcpuSerial,
   type VirtioInterruptCells,
 } from "./vcpu_channel.ts";
 
@@ -24,6 +26,9 @@ export interface VcpuOptions {
   mmio: Bus;
   debugExit: boolean;
   virtioInterrupts?: VirtioInterruptCells;
+  serials?: VcpuSerial[];
+  /** A UART the worker serves has output: take it (Serial.drainOutput). */
+  serialOutput?: () => void;
 }
 
 export class Vcpu {
@@ -51,9 +56,10 @@ export class Vcpu {
     let readyResolve!: () => void;
     this.ready = new Promise((r) => readyResolve = r);
     this.ended = new Promise((resolve) => {
-      this.#worker.onmessage = (e: MessageEvent<VcpuExitMessage | typeof DOORBELL>) => {
+      this.#worker.onmessage = (e: MessageEvent<VcpuExitMessage | typeof DOORBELL | typeof SERIAL_OUTPUT>) => {
         const m = e.data;
         if (m === DOORBELL) return this.#serveIo();
+        if (m === SERIAL_OUTPUT) return opts.serialOutput?.();
         if (m.kind === "ready") {
           this.#tid = m.tid;
           readyResolve();
@@ -76,6 +82,7 @@ export class Vcpu {
       io: this.#io,
       debugExit: opts.debugExit,
       virtioInterrupts: opts.virtioInterrupts,
+      serials: opts.serials,
     });
   }
 

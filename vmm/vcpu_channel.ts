@@ -2,9 +2,10 @@
 // Control block (one per VM, Int32Array): the command all vCPUs obey and how many are paused.
 // I/O block (one per vCPU, Int32Array + bytes): one port or MMIO access in flight.
 
-/** Control block slots. */
 import { VIRTIO_MMIO_SIZE } from "./layout.ts";
 import { VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS } from "../devices/virtio/mmio.ts";
+
+/** Control block slots. */
 export const CTL_COMMAND = 0;
 export const CTL_PAUSED = 1;
 export const CTL_SLOTS = 2;
@@ -46,6 +47,15 @@ export interface VcpuStartMessage {
    * two exits of every virtio interrupt never wait for the main thread.
    */
   virtioInterrupts?: VirtioInterruptCells;
+  /** UARTs the worker serves itself, over the state the main thread's Serial shares. */
+  serials?: VcpuSerial[];
+}
+
+/** A UART as a vCPU worker serves it: its ports, its shared state, the irqfd of its interrupt. */
+export interface VcpuSerial {
+  base: number;
+  state: SharedArrayBuffer;
+  irqFd: number;
 }
 
 /** The shared InterruptStatus cells: transport i (at guest-physical bases[i]) uses element i. */
@@ -69,6 +79,8 @@ export type VcpuExitMessage =
  * does not do in Deno (a test showed the loop exiting under a pending waitAsync).
  */
 export const DOORBELL = 0;
+/** What a worker posts when a UART it serves has output for the main thread to take. */
+export const SERIAL_OUTPUT = 1;
 
 /**
  * Worker side: hand one access to the main thread and block until it is answered.

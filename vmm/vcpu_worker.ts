@@ -31,13 +31,26 @@ import {
   RUN_IO_PORT,
   RUN_IO_SIZE,
   RUN_MMIO_DATA,
+  RUN_MMIO_DATA_BYTES,
   RUN_MMIO_IS_WRITE,
   RUN_MMIO_LEN,
   RUN_MMIO_PHYS_ADDR,
   RUN_SYSTEM_EVENT_TYPE,
 } from "../ffi/kvm.ts";
-import { EAGAIN, EINTR, libc, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE, strerror } from "../ffi/libc.ts";
+import {
+  EAGAIN,
+  EINTR,
+  eventfdWrite,
+  libc,
+  MAP_SHARED,
+  mmap,
+  munmap,
+  PROT_READ,
+  PROT_WRITE,
+  strerror,
+} from "../ffi/libc.ts";
 import { dumpRegisters } from "./cpu.ts";
+import { Serial, UART_REGISTER_COUNT } from "../devices/legacy/serial.ts";
 import { DEBUG_EXIT_PORT } from "./layout.ts";
 import {
   CMD_PAUSE,
@@ -48,6 +61,7 @@ import {
   exchange,
   KIND_MMIO,
   KIND_PIO,
+  SERIAL_OUTPUT,
   type VcpuExitMessage,
   type VcpuStartMessage,
   virtioInterruptRegisters,
@@ -56,6 +70,14 @@ import {
 /** Port 0x80 is the POST-code port; Linux writes it for I/O delays. Reads see an idle ISA bus. */
 const POST_CODE_PORT = 0x80;
 const ISA_FLOATING_BUS = 0xff;
+
+/**
+ * io.data_offset of struct kvm_run: a u64 offset of the data within the kvm_run mapping, which is a
+ * few pages, so its low 32 bits are the whole value (read without a BigInt on every exit).
+ */
+function ioDataOffset(run: DataView): number {
+  return run.getUint32(RUN_IO_DATA_OFFSET, true);
+}
 
 type VcpuEnd = Exclude<VcpuExitMessage, { kind: "ready" }>;
 
@@ -96,6 +118,17 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
   self.postMessage({ kind: "ready", tid: libc().gettid() });
 
   const ring = () => self.postMessage(DOORBELL);
+  // The UARTs: this thread serves the guest's accesses (console output, status polls) itself.
+  const uarts = (start.serials ?? []).map((u) => ({
+    base: u.base,
+    serial: new Serial({
+      interrupt: () => eventfdWrite(u.irqFd),
+      outputReady: () => self.postMessage(SERIAL_OUTPUT),
+      state: u.state,
+    }),
+  }));
+  const uartAt = (port: number) => uarts.find((u) => port >= u.base && port < u.base + UART_REGISTER_COUNT);
+  const mmioData = runBytes.subarray(RUN_MMIO_DATA, RUN_MMIO_DATA + RUN_MMIO_DATA_BYTES);
   const interrupts = start.virtioInterrupts && virtioInterruptRegisters(start.virtioInterrupts, RUN_MMIO_DATA);
 
   for (;;) {
@@ -125,34 +158,30 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
         const size = run.getUint8(RUN_IO_SIZE);
         const port = run.getUint16(RUN_IO_PORT, true);
         const count = run.getUint32(RUN_IO_COUNT, true);
-        const off = Number(run.getBigUint64(RUN_IO_DATA_OFFSET, true));
+        if (port === POST_CODE_PORT) {
+          // The cheapest exit there is: no device, nothing to hand over.
+          if (!out) runBytes.fill(ISA_FLOATING_BUS, ioDataOffset(run), ioDataOffset(run) + count * size);
+          break;
+        }
+        const off = ioDataOffset(run);
+        const uart = uartAt(port);
         for (let i = 0; i < count; i++) {
           const data = runBytes.subarray(off + i * size, off + (i + 1) * size);
-          if (port === POST_CODE_PORT) {
-            if (!out) data.fill(ISA_FLOATING_BUS);
+          if (uart) {
+            if (out) uart.serial.write(port - uart.base, data);
+            else uart.serial.read(port - uart.base, data);
           } else if (port === DEBUG_EXIT_PORT && start.debugExit && out) {
             return { kind: "debug-exit", code: data[0] };
-          } else {
-            exchange(io, ioBytes, ring, KIND_PIO, out, port, size, data);
-          }
+          } else exchange(io, ioBytes, ring, KIND_PIO, out, port, size, data);
         }
         break;
       }
       case KVM_EXIT_MMIO: {
-        const addr = Number(run.getBigUint64(RUN_MMIO_PHYS_ADDR, true));
+        const addr = run.getUint32(RUN_MMIO_PHYS_ADDR, true) + run.getUint32(RUN_MMIO_PHYS_ADDR + 4, true) * 2 ** 32;
         const len = run.getUint32(RUN_MMIO_LEN, true);
         const isWrite = run.getUint8(RUN_MMIO_IS_WRITE) !== 0;
         if (interrupts?.(addr, len, isWrite, run)) break;
-        exchange(
-          io,
-          ioBytes,
-          ring,
-          KIND_MMIO,
-          isWrite,
-          addr,
-          Math.min(len, 8),
-          runBytes.subarray(RUN_MMIO_DATA, RUN_MMIO_DATA + 8),
-        );
+        exchange(io, ioBytes, ring, KIND_MMIO, isWrite, addr, Math.min(len, RUN_MMIO_DATA_BYTES), mmioData);
         break;
       }
       case KVM_EXIT_INTR:

@@ -47,145 +47,290 @@ const MSR_CONNECTED = UART_MSR_DCD | UART_MSR_DSR | UART_MSR_CTS;
 const DEFAULT_BAUD_DIVISOR = 12;
 /** Input bytes kept while the guest is not reading (older bytes are kept, newer dropped). */
 const INPUT_BUFFER_LIMIT = 1 << 16;
+/** Transmitted bytes not yet taken by the host side; a writer finding it full waits for room. */
+const OUTPUT_BUFFER_SIZE = 1 << 14;
+
+// The UART's state, in a SharedArrayBuffer so that the vCPU threads and the main thread serve the same
+// UART: Int32 cells first, then the two byte rings. Ring positions count bytes ever queued (they wrap
+// at 2^31, the ring index is position % size); head is the next byte to take, tail the next free.
+const S_LOCK = 0;
+const S_IER = 1;
+const S_LCR = 2;
+const S_MCR = 3;
+const S_SCR = 4;
+const S_DLL = 5;
+const S_DLM = 6;
+const S_FIFO = 7;
+const S_THRE_PENDING = 8;
+const S_RX_HEAD = 9;
+const S_RX_TAIL = 10;
+const S_TX_HEAD = 11;
+const S_TX_TAIL = 12;
+const S_TX_BYTES = 13;
+const S_RX_BYTES = 14;
+const S_DROPPED = 15;
+const S_CELLS = 16;
+const RX_RING_START = S_CELLS * Int32Array.BYTES_PER_ELEMENT;
+const TX_RING_START = RX_RING_START + INPUT_BUFFER_LIMIT;
+const STATE_BYTES = TX_RING_START + OUTPUT_BUFFER_SIZE;
+/** How long a writer facing a full output ring sleeps between looks (ms). */
+const OUTPUT_FULL_WAIT_MS = 10;
 
 export interface SerialOptions {
-  /** Raise the UART's interrupt (an edge). */
+  /** Raise the UART's interrupt (an edge). Called from whichever thread served the access. */
   interrupt: () => void;
-  /** Bytes the guest transmitted. */
-  output: (bytes: Uint8Array) => void;
+  /**
+   * Host side: bytes the guest transmitted, delivered as they are written. The host side also takes
+   * what vCPU-side instances queued, in drainOutput().
+   */
+  output?: (bytes: Uint8Array) => void;
+  /**
+   * vCPU side (no `output`): the output ring went from empty to not empty, or is full; the host side
+   * must call drainOutput() soon. A full ring makes the writing vCPU wait for room.
+   */
+  outputReady?: () => void;
+  /** The state to share: another instance's `state` (default: a new UART in its reset state). */
+  state?: SharedArrayBuffer;
 }
 
+/**
+ * One UART. Its registers and both byte rings live in `state`, a SharedArrayBuffer: a vCPU Worker
+ * builds its own Serial over the same state and serves the guest's accesses itself (the guest's
+ * console writes and status polls then never wait for the main thread), while the main thread adds
+ * input and takes the output. Every access holds a spin lock in the state for a few instructions.
+ */
 export class Serial implements BusDevice {
-  #ier = 0;
-  #lcr = 0x3; // 8N1
-  #mcr = UART_MCR_OUT2;
-  #scr = 0;
-  #dll = DEFAULT_BAUD_DIVISOR;
-  #dlm = 0;
-  #fifo = false;
-  #thrEmptyPending = false;
-  readonly #input: number[] = [];
-  /** Bytes transmitted and received, for stats. */
-  txBytes = 0;
-  rxBytes = 0;
-  droppedInput = 0;
+  readonly state: SharedArrayBuffer;
+  readonly #s: Int32Array;
+  readonly #rx: Uint8Array;
+  readonly #tx: Uint8Array;
 
-  constructor(readonly opts: SerialOptions) {}
+  constructor(readonly opts: SerialOptions) {
+    if (opts.state && opts.state.byteLength !== STATE_BYTES) throw new RangeError("Serial: foreign state buffer");
+    this.state = opts.state ?? new SharedArrayBuffer(STATE_BYTES);
+    this.#s = new Int32Array(this.state, 0, S_CELLS);
+    this.#rx = new Uint8Array(this.state, RX_RING_START, INPUT_BUFFER_LIMIT);
+    this.#tx = new Uint8Array(this.state, TX_RING_START, OUTPUT_BUFFER_SIZE);
+    if (!opts.state) {
+      this.#s[S_LCR] = 0x3; // 8N1
+      this.#s[S_MCR] = UART_MCR_OUT2;
+      this.#s[S_DLL] = DEFAULT_BAUD_DIVISOR;
+    }
+  }
+
+  #lock(): void {
+    while (Atomics.compareExchange(this.#s, S_LOCK, 0, 1) !== 0) Atomics.wait(this.#s, S_LOCK, 1, 1);
+  }
+  #unlock(): void {
+    Atomics.store(this.#s, S_LOCK, 0);
+    Atomics.notify(this.#s, S_LOCK, 1);
+  }
+
+  #inputLength(): number {
+    return (this.#s[S_RX_TAIL] - this.#s[S_RX_HEAD]) | 0;
+  }
+  /** Queue one input byte (lock held); false when the buffer is full. */
+  #pushInput(b: number): boolean {
+    if (this.#inputLength() >= INPUT_BUFFER_LIMIT) {
+      this.#s[S_DROPPED]++;
+      return false;
+    }
+    const tail = this.#s[S_RX_TAIL];
+    this.#rx[(tail >>> 0) % INPUT_BUFFER_LIMIT] = b;
+    this.#s[S_RX_TAIL] = (tail + 1) | 0;
+    return true;
+  }
+
+  /** Bytes transmitted and received, and input bytes dropped because the buffer was full. */
+  get txBytes(): number {
+    return Atomics.load(this.#s, S_TX_BYTES);
+  }
+  get rxBytes(): number {
+    return Atomics.load(this.#s, S_RX_BYTES);
+  }
+  get droppedInput(): number {
+    return Atomics.load(this.#s, S_DROPPED);
+  }
 
   /** Bytes from the host for the guest to read. */
   enqueueInput(bytes: Uint8Array): void {
-    const wasEmpty = this.#input.length === 0;
-    for (const b of bytes) {
-      if (this.#input.length >= INPUT_BUFFER_LIMIT) {
-        this.droppedInput++;
-        continue;
-      }
-      this.#input.push(b);
+    this.#lock();
+    let raise = false;
+    try {
+      const wasEmpty = this.#inputLength() === 0;
+      for (const b of bytes) this.#pushInput(b);
+      raise = wasEmpty && this.#inputLength() > 0 && (this.#s[S_IER] & UART_IER_RDI) !== 0;
+    } finally {
+      this.#unlock();
     }
-    if (wasEmpty && this.#input.length > 0 && (this.#ier & UART_IER_RDI)) this.opts.interrupt();
+    if (raise) this.opts.interrupt();
   }
 
   get pendingInput(): number {
-    return this.#input.length;
+    return (Atomics.load(this.#s, S_RX_TAIL) - Atomics.load(this.#s, S_RX_HEAD)) | 0;
+  }
+
+  /** Host side: hand every queued output byte to `output`. */
+  drainOutput(): void {
+    const output = this.opts.output;
+    if (!output) throw new Error("Serial.drainOutput: this instance has no output (it is a vCPU side)");
+    this.#lock();
+    let bytes: Uint8Array;
+    try {
+      const head = this.#s[S_TX_HEAD];
+      const n = (this.#s[S_TX_TAIL] - head) | 0;
+      bytes = new Uint8Array(n);
+      for (let i = 0; i < n; i++) bytes[i] = this.#tx[((head + i) >>> 0) % OUTPUT_BUFFER_SIZE];
+      this.#s[S_TX_HEAD] = (head + n) | 0;
+    } finally {
+      this.#unlock();
+    }
+    Atomics.notify(this.#s, S_TX_HEAD);
+    if (bytes.length) output(bytes);
+  }
+
+  /** Queue one transmitted byte for the host side, waiting for room if the ring is full. */
+  #transmit(b: number): void {
+    for (;;) {
+      const head = this.#s[S_TX_HEAD];
+      const tail = this.#s[S_TX_TAIL];
+      if (((tail - head) | 0) < OUTPUT_BUFFER_SIZE) {
+        this.#tx[(tail >>> 0) % OUTPUT_BUFFER_SIZE] = b;
+        this.#s[S_TX_TAIL] = (tail + 1) | 0;
+        this.#s[S_TX_BYTES]++;
+        if (this.opts.output) {
+          this.#unlock();
+          try {
+            this.drainOutput();
+          } finally {
+            this.#lock();
+          }
+        } else if (tail === head) this.opts.outputReady?.();
+        return;
+      }
+      // Full: the host side has not taken the output yet (a slow console). Wait, as a real UART's
+      // holding register stays busy; the guest's vCPU waits with it.
+      this.#unlock();
+      try {
+        this.opts.outputReady?.();
+        Atomics.wait(this.#s, S_TX_HEAD, head, OUTPUT_FULL_WAIT_MS);
+      } finally {
+        this.#lock();
+      }
+    }
   }
 
   #loop(): boolean {
-    return (this.#mcr & UART_MCR_LOOP) !== 0;
+    return (this.#s[S_MCR] & UART_MCR_LOOP) !== 0;
   }
 
   read(offset: number, data: Uint8Array): void {
     data.fill(0);
-    const dlab = (this.#lcr & UART_LCR_DLAB) !== 0;
-    switch (offset) {
-      case UART_RX:
-        if (dlab) data[0] = this.#dll;
-        else {
-          const b = this.#input.shift();
-          data[0] = b ?? 0;
-          if (b !== undefined) this.rxBytes++;
-        }
-        break;
-      case UART_IER:
-        data[0] = dlab ? this.#dlm : this.#ier;
-        break;
-      case UART_IIR: {
-        let iir = UART_IIR_NO_INT;
-        if ((this.#ier & UART_IER_RDI) && this.#input.length > 0) iir = UART_IIR_RDI;
-        else if ((this.#ier & UART_IER_THRI) && this.#thrEmptyPending) {
-          iir = UART_IIR_THRI;
-          this.#thrEmptyPending = false; // reading IIR clears a THRE interrupt
-        }
-        data[0] = iir | (this.#fifo ? UART_IIR_FIFO_ENABLED : 0);
-        break;
-      }
-      case UART_LCR:
-        data[0] = this.#lcr;
-        break;
-      case UART_MCR:
-        data[0] = this.#mcr;
-        break;
-      case UART_LSR:
-        data[0] = UART_LSR_THRE | UART_LSR_TEMT | (this.#input.length > 0 ? UART_LSR_DR : 0);
-        break;
-      case UART_MSR:
-        if (this.#loop()) {
-          const m = this.#mcr;
-          data[0] = (m & UART_MCR_RTS ? UART_MSR_CTS : 0) | (m & UART_MCR_DTR ? UART_MSR_DSR : 0) |
-            (m & UART_MCR_OUT1 ? UART_MSR_RI : 0) | (m & UART_MCR_OUT2 ? UART_MSR_DCD : 0);
-        } else data[0] = MSR_CONNECTED;
-        break;
-      case UART_SCR:
-        data[0] = this.#scr;
-        break;
+    this.#lock();
+    try {
+      data[0] = this.#read(offset);
+    } finally {
+      this.#unlock();
     }
   }
 
-  write(offset: number, data: Uint8Array): void {
-    const v = data[0];
-    const dlab = (this.#lcr & UART_LCR_DLAB) !== 0;
+  #read(offset: number): number {
+    const s = this.#s;
+    const dlab = (s[S_LCR] & UART_LCR_DLAB) !== 0;
     switch (offset) {
-      case UART_TX:
+      case UART_RX: {
+        if (dlab) return s[S_DLL];
+        if (this.#inputLength() === 0) return 0;
+        const head = s[S_RX_HEAD];
+        s[S_RX_HEAD] = (head + 1) | 0;
+        s[S_RX_BYTES]++;
+        return this.#rx[(head >>> 0) % INPUT_BUFFER_LIMIT];
+      }
+      case UART_IER:
+        return dlab ? s[S_DLM] : s[S_IER];
+      case UART_IIR: {
+        let iir = UART_IIR_NO_INT;
+        if ((s[S_IER] & UART_IER_RDI) && this.#inputLength() > 0) iir = UART_IIR_RDI;
+        else if ((s[S_IER] & UART_IER_THRI) && s[S_THRE_PENDING]) {
+          iir = UART_IIR_THRI;
+          s[S_THRE_PENDING] = 0; // reading IIR clears a THRE interrupt
+        }
+        return iir | (s[S_FIFO] ? UART_IIR_FIFO_ENABLED : 0);
+      }
+      case UART_LCR:
+        return s[S_LCR];
+      case UART_MCR:
+        return s[S_MCR];
+      case UART_LSR:
+        return UART_LSR_THRE | UART_LSR_TEMT | (this.#inputLength() > 0 ? UART_LSR_DR : 0);
+      case UART_MSR: {
+        if (!this.#loop()) return MSR_CONNECTED;
+        const m = s[S_MCR];
+        return (m & UART_MCR_RTS ? UART_MSR_CTS : 0) | (m & UART_MCR_DTR ? UART_MSR_DSR : 0) |
+          (m & UART_MCR_OUT1 ? UART_MSR_RI : 0) | (m & UART_MCR_OUT2 ? UART_MSR_DCD : 0);
+      }
+      case UART_SCR:
+        return s[S_SCR];
+    }
+    return 0;
+  }
+
+  write(offset: number, data: Uint8Array): void {
+    this.#lock();
+    let raise = false;
+    try {
+      raise = this.#write(offset, data[0]);
+    } finally {
+      this.#unlock();
+    }
+    if (raise) this.opts.interrupt();
+  }
+
+  /** One register write (lock held); true when it raises the interrupt. */
+  #write(offset: number, v: number): boolean {
+    const s = this.#s;
+    const dlab = (s[S_LCR] & UART_LCR_DLAB) !== 0;
+    switch (offset) {
+      case UART_TX: {
         if (dlab) {
-          this.#dll = v;
-          break;
+          s[S_DLL] = v;
+          return false;
         }
-        if (this.#loop()) this.enqueueInput(data.subarray(0, 1));
-        else {
-          this.txBytes++;
-          this.opts.output(data.slice(0, 1));
-        }
+        let received = false;
+        if (this.#loop()) {
+          const wasEmpty = this.#inputLength() === 0;
+          received = this.#pushInput(v) && wasEmpty && (s[S_IER] & UART_IER_RDI) !== 0;
+        } else this.#transmit(v);
         // The byte left at once: the holding register is empty again.
-        this.#thrEmptyPending = true;
-        if (this.#ier & UART_IER_THRI) this.opts.interrupt();
-        break;
+        s[S_THRE_PENDING] = 1;
+        return received || (s[S_IER] & UART_IER_THRI) !== 0;
+      }
       case UART_IER: {
         if (dlab) {
-          this.#dlm = v;
-          break;
+          s[S_DLM] = v;
+          return false;
         }
-        const enabledThri = (v & UART_IER_THRI) && !(this.#ier & UART_IER_THRI);
-        this.#ier = v & UART_IER_MASK;
-        if (enabledThri) this.#thrEmptyPending = true;
-        if (
-          enabledThri || ((this.#ier & UART_IER_RDI) && this.#input.length > 0)
-        ) this.opts.interrupt();
-        break;
+        const enabledThri = (v & UART_IER_THRI) && !(s[S_IER] & UART_IER_THRI);
+        s[S_IER] = v & UART_IER_MASK;
+        if (enabledThri) s[S_THRE_PENDING] = 1;
+        return !!enabledThri || ((s[S_IER] & UART_IER_RDI) !== 0 && this.#inputLength() > 0);
       }
       case UART_FCR:
-        this.#fifo = (v & UART_FCR_ENABLE_FIFO) !== 0;
-        if (v & UART_FCR_CLEAR_RCVR) this.#input.length = 0;
-        break;
+        s[S_FIFO] = v & UART_FCR_ENABLE_FIFO;
+        if (v & UART_FCR_CLEAR_RCVR) s[S_RX_HEAD] = s[S_RX_TAIL];
+        return false;
       case UART_LCR:
-        this.#lcr = v;
-        break;
+        s[S_LCR] = v;
+        return false;
       case UART_MCR:
-        this.#mcr = v;
-        break;
+        s[S_MCR] = v;
+        return false;
       case UART_SCR:
-        this.#scr = v;
-        break;
+        s[S_SCR] = v;
+        return false;
         // LSR and MSR are read-only.
     }
+    return false;
   }
 }
 

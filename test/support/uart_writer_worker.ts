@@ -1,0 +1,24 @@
+/// <reference lib="deno.worker" />
+// A vCPU's side of a shared UART, for test/legacy_devices_test.ts: writes the bytes it is given to
+// the transmit register as a guest's console driver does (THR, then an LSR poll), from its own
+// thread, and says when it is done.
+
+import { Serial } from "../../devices/legacy/serial.ts";
+
+/** 8250 registers (Linux include/uapi/linux/serial_reg.h). */
+const UART_TX = 0;
+const UART_LSR = 5;
+
+self.onmessage = (e: MessageEvent<{ state: SharedArrayBuffer; bytes: Uint8Array }>) => {
+  const serial = new Serial({
+    interrupt: () => {},
+    outputReady: () => self.postMessage("ready"),
+    state: e.data.state,
+  });
+  const lsr = new Uint8Array(1);
+  for (const b of e.data.bytes) {
+    serial.write(UART_TX, Uint8Array.of(b));
+    serial.read(UART_LSR, lsr);
+  }
+  self.postMessage("done");
+};
