@@ -3,11 +3,15 @@
 // with an early console. denovm is also timed with the boot_info test guest, which writes at once:
 // that figure is mostly the VMM's own start-up.
 //
-// Output: {"bench":"startup","denovm_ms":..,"qemu_microvm_ms":..,"denovm_test_guest_ms":..,"repeats":N}
-// (medians; a side that fails reports null and an error field).
+// Output: {"bench":"startup","denovm_ms":..,"qemu_microvm_ms":..,"ratio":..,"denovm_setup_ms":..,
+//          "denovm_setup":{"runtime_ms":..,"vm_build_ms":..,"vcpu_start_ms":..,"setup_ms":..},
+//          "denovm_test_guest_ms":..,"repeats":N}
+// (medians; ratio = denovm_ms / qemu_microvm_ms; denovm_setup is denovm's own account of its start-up, from
+// DENOVM_TIMINGS (vmm/run.ts); a side that fails reports null and an error field).
 
 import { join } from "node:path";
 import { buildGuest } from "../test/guests/build.ts";
+import { TIMINGS_ENV } from "../vmm/run.ts";
 import {
   debianKernelDir,
   killChild,
@@ -76,15 +80,50 @@ const testGuest = await medianOf(
   denovmArgs(await buildGuest("boot_info"), ""),
 );
 
+/** denovm's own account of its start-up (DENOVM_TIMINGS, vmm/run.ts) with the boot_info guest: medians. */
+async function setupTimings(kernel: string): Promise<Record<string, number> | { error: string }> {
+  const runs: Record<string, number>[] = [];
+  try {
+    for (let i = 0; i < REPEATS; i++) {
+      const child = new Deno.Command(Deno.execPath(), {
+        args: denovmArgs(kernel, ""),
+        env: { [TIMINGS_ENV]: "1" },
+        stdin: "null",
+        stdout: "null",
+        stderr: "piped",
+      }).spawn();
+      let text = "";
+      const decoder = new TextDecoder();
+      for await (const chunk of child.stderr) {
+        text += decoder.decode(chunk, { stream: true });
+        if (/denovm: timings: .*\n/.test(text)) break;
+      }
+      await killChild(child);
+      const m = text.match(/denovm: timings: (.*)\n/);
+      if (!m) throw new Error(`denovm printed no timings: ${text.trim().split("\n").at(-1)}`);
+      runs.push(JSON.parse(m[1]));
+    }
+  } catch (e) {
+    return { error: String(e instanceof Error ? e.message : e) };
+  }
+  const out = Object.fromEntries(Object.keys(runs[0]).map((k) => [k, median(runs.map((r) => r[k]))]));
+  progress(NAME, `denovm's own start-up (boot_info guest): ${JSON.stringify(out)}`);
+  return out;
+}
+const setup = await setupTimings(await buildGuest("boot_info"));
+
 const field = (v: number | { error: string }) => typeof v === "number" ? Math.round(v * 10) / 10 : null;
 const errors = Object.fromEntries(
-  Object.entries({ denovm, qemu_microvm: qemu, denovm_test_guest: testGuest })
-    .filter(([, v]) => typeof v !== "number")
+  Object.entries({ denovm, qemu_microvm: qemu, denovm_test_guest: testGuest, denovm_setup: setup })
+    .filter(([, v]) => typeof v !== "number" && (v as { error?: string }).error !== undefined)
     .map(([k, v]) => [k, (v as { error: string }).error]),
 );
 result(NAME, {
   denovm_ms: field(denovm),
   qemu_microvm_ms: field(qemu),
+  ratio: typeof denovm === "number" && typeof qemu === "number" ? Math.round((denovm / qemu) * 1000) / 1000 : null,
+  denovm_setup_ms: "error" in setup ? null : setup.setup_ms,
+  denovm_setup: "error" in setup ? null : setup,
   denovm_test_guest_ms: field(testGuest),
   repeats: REPEATS,
   kvm_pvm: kvmPvm,

@@ -69,7 +69,9 @@ const S_TX_TAIL = 12;
 const S_TX_BYTES = 13;
 const S_RX_BYTES = 14;
 const S_DROPPED = 15;
-const S_CELLS = 16;
+/** 1 while a vCPU side's wake-up (outputReady) is outstanding: one per drain, not one per byte. */
+const S_OUTPUT_WAKE = 16;
+const S_CELLS = 17;
 const RX_RING_START = S_CELLS * Int32Array.BYTES_PER_ELEMENT;
 const TX_RING_START = RX_RING_START + INPUT_BUFFER_LIMIT;
 const STATE_BYTES = TX_RING_START + OUTPUT_BUFFER_SIZE;
@@ -85,8 +87,9 @@ export interface SerialOptions {
    */
   output?: (bytes: Uint8Array) => void;
   /**
-   * vCPU side (no `output`): the output ring went from empty to not empty, or is full; the host side
-   * must call drainOutput() soon. A full ring makes the writing vCPU wait for room.
+   * vCPU side (no `output`): there is output and no wake-up is outstanding since the last drain, or
+   * the ring is full; the host side must call drainOutput() soon. A full ring makes the writing vCPU
+   * wait for room.
    */
   outputReady?: () => void;
   /** The state to share: another instance's `state` (default: a new UART in its reset state). */
@@ -177,6 +180,7 @@ export class Serial implements BusDevice {
     this.#lock();
     let bytes: Uint8Array;
     try {
+      Atomics.store(this.#s, S_OUTPUT_WAKE, 0);
       const head = this.#s[S_TX_HEAD];
       const n = (this.#s[S_TX_TAIL] - head) | 0;
       bytes = new Uint8Array(n);
@@ -205,7 +209,7 @@ export class Serial implements BusDevice {
           } finally {
             this.#lock();
           }
-        } else if (tail === head) this.opts.outputReady?.();
+        } else if (Atomics.exchange(this.#s, S_OUTPUT_WAKE, 1) === 0) this.opts.outputReady?.();
         return;
       }
       // Full: the host side has not taken the output yet (a slow console). Wait, as a real UART's
