@@ -15,7 +15,7 @@
 // The last line is `{"bench":"web-fps","fps":..,"width":1920,"height":1080,...}`.
 //
 // Usage: deno run --allow-all bench/web_fps.ts [--seconds N] [--max-fps N] [--flush-hz N] [--playwright]
-//                                              [--encoding auto|raw|lossy]
+//                                              [--encoding auto|png|deflate|raw]
 
 import type { Rect } from "../devices/virtio/gpu/backend.ts";
 import { HeadlessDisplay } from "../devices/virtio/gpu/display.ts";

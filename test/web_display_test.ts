@@ -23,7 +23,7 @@ import {
   REL_X,
   REL_Y,
 } from "../devices/virtio/input/codes.ts";
-import { changedRects, type InputSink, TILE_SIZE, WebDisplay } from "../vmm/web_display/server.ts";
+import { changedRects, type InputSink, isLoopback, TILE_SIZE, WebDisplay } from "../vmm/web_display/server.ts";
 import { encodeRectPng } from "../vmm/web_display/png.ts";
 import { decodePngRgba } from "../devices/virtio/gpu/png.ts";
 import {
@@ -278,6 +278,13 @@ Deno.test("web display: change detection sends only changed tiles, merged, and u
   assert.deepEqual(changedRects(fb, shadow, [{ x: 100, y: 0, width: 50, height: 50 }]).rects, []);
 });
 
+Deno.test("web display: isLoopback knows this machine's addresses from others", () => {
+  for (const h of ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "::ffff:127.0.0.1"]) assert.ok(isLoopback(h), h);
+  for (const h of ["10.0.0.1", "192.168.1.2", "::", "fe80::1", "128.0.0.1", "::ffff:10.0.0.1", "localhost"]) {
+    assert.ok(!isLoopback(h), h);
+  }
+});
+
 Deno.test("web display: the PNG encoding of a rect decodes to the rect's RGBA, opaque", () => {
   const fbw = 100, fbh = 40;
   const fb = { width: fbw, height: fbh, bgra: new Uint8Array(fbw * fbh * 4) };
@@ -342,6 +349,8 @@ Deno.test({
       input: { keyboard, pointer: tablet, touch },
       stats: fakeStats.stats,
       statsIntervalMs: 100,
+      // PNG for compressible rectangles even on loopback, where "auto" sends raw (tested below).
+      encoding: "png",
     });
     const { url } = await wd.start();
     const origin = new URL(url).origin;
@@ -583,6 +592,10 @@ Deno.test({
       const page = browser.page;
       await page.goto(url);
       await waitState(page, "frames", 1);
+      // "auto" to a page on loopback: raw, never PNG or deflate.
+      const rects = await page.evaluate("window.__denovm.rects") as Record<string, number>[];
+      assert.ok(rects.length > 0 && rects.every((r) => r.enc === ENCODING_RAW_RGBA));
+      assert.equal(wd.stats().rectsDeflated, 0);
       const a = await clientPoint(page, 10, 10), b = await clientPoint(page, 50, 30);
       await page.mouse.move(a.x, a.y);
       await page.mouse.move(b.x, b.y);

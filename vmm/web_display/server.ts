@@ -71,11 +71,13 @@ export interface WebDisplayOptions {
   /** How often stats() is polled and sent (default 500 ms). */
   statsIntervalMs?: number;
   /**
-   * "auto" (default): rectangles that sample as compressible go as PNG (decoded natively by the page), the
-   * rest raw; "deflate": compressible ones as deflate-raw (inflated by DecompressionStream, slower in the page);
-   * "raw": never compress (fastest on loopback when the page's CPU is the limit).
+   * "auto" (default): raw to a page on this machine (loopback), where bandwidth is plentiful and the page's
+   * PNG decode is the limit (bench/web_fps.ts: 24 fps against 16 for a 1080p desktop); to a page elsewhere,
+   * rectangles that sample as compressible go as PNG (decoded natively by the page) and the rest raw;
+   * "png": that second choice everywhere; "deflate": compressible ones as deflate-raw (inflated by
+   * DecompressionStream, slower in the page); "raw": never compress.
    */
-  encoding?: "auto" | "deflate" | "raw";
+  encoding?: "auto" | "png" | "deflate" | "raw";
 }
 
 export interface WebDisplayStats {
@@ -322,7 +324,13 @@ class Client {
   readonly buttonsDown = new Set<number>();
   /** PointerEvent.pointerId -> touch slot. */
   readonly touches = new Map<number, number>();
-  constructor(readonly ws: WebSocket, readonly scanout: number) {}
+  constructor(readonly ws: WebSocket, readonly scanout: number, readonly loopback: boolean) {}
+}
+
+/** Whether a peer address is this machine's loopback (127.0.0.0/8, ::1, ::ffff:127.x.y.z). */
+export function isLoopback(hostname: string): boolean {
+  const h = hostname.toLowerCase().replace(/^\[|\]$/g, "");
+  return h === "::1" || /^(::ffff:)?127\.\d+\.\d+\.\d+$/.test(h);
 }
 
 export class WebDisplay {
@@ -396,7 +404,7 @@ export class WebDisplay {
             this.#log.log(`request failed: ${e}`);
             return new Response("internal error", { status: 500 });
           },
-        }, (req) => this.#handle(req));
+        }, (req, info) => this.#handle(req, info.remoteAddr.hostname));
       } catch (e) {
         reject(e);
       }
@@ -435,7 +443,7 @@ export class WebDisplay {
     });
   }
 
-  #handle(req: Request): Response {
+  #handle(req: Request, peer: string): Response {
     const url = new URL(req.url);
     const how = this.#authorized(req, url);
     if (!how) return this.#refuse();
@@ -453,7 +461,7 @@ export class WebDisplay {
         return new Response(`no scanout ${url.searchParams.get("scanout")}\n`, { status: 404 });
       }
       const { socket, response } = Deno.upgradeWebSocket(req);
-      this.#accept(socket, scanout);
+      this.#accept(socket, scanout, isLoopback(peer));
       return response;
     }
     if (url.pathname !== "/" || (req.method !== "GET" && req.method !== "HEAD")) {
@@ -477,8 +485,8 @@ export class WebDisplay {
 
   // ---- WebSocket ----
 
-  #accept(ws: WebSocket, scanout: number): void {
-    const c = new Client(ws, scanout);
+  #accept(ws: WebSocket, scanout: number, loopback: boolean): void {
+    const c = new Client(ws, scanout, loopback);
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
       this.#clients.add(c);
@@ -622,7 +630,8 @@ export class WebDisplay {
       const rawBytes = r.width * r.height * BPP;
       let msg: Uint8Array;
       let encoding = ENCODING_RAW_RGBA;
-      const how = this.#opts.encoding ?? "auto";
+      const asked = this.#opts.encoding ?? "auto";
+      const how = asked === "auto" ? (c.loopback ? "raw" : "png") : asked;
       if (how !== "raw" && looksCompressible(fb, r)) {
         if (how === "deflate") {
           const rgba = new Uint8Array(rawBytes);
