@@ -12,6 +12,7 @@
 import assert from "node:assert/strict";
 import { E820_RAM, E820_RESERVED, e820Map, MiB } from "../vmm/layout.ts";
 import { debianKernel } from "./support/kernel.ts";
+import { nestedTestsOff } from "./support/nested.ts";
 import { decodePng, type Image, pixel, Vm } from "../mod.ts";
 import { controlCall } from "../vmm/control_client.ts";
 
@@ -568,9 +569,7 @@ Deno.test({
       ? "/dev/kvm is present: the script boots directly (the full boot test covers that)"
       : !hasQemu
       ? "qemu-system-x86_64 is not installed"
-      : Deno.env.get("DENOVM_NESTED_TESTS") !== "1"
-      ? "the nested KVM host stalls in about half the runs (README); DENOVM_NESTED_TESTS=1 runs this"
-      : undefined,
+      : nestedTestsOff(),
     "boot-default nested",
   ),
   async fn() {

@@ -13,6 +13,7 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { XMLParser } from "fast-xml-parser";
+import { nestedTestsOff } from "./support/nested.ts";
 
 const repo = fileURLToPath(new URL("..", import.meta.url));
 const script = `${repo}scripts/nested-kvm.sh`;
@@ -42,10 +43,7 @@ function skipReason(): string | undefined {
     return "this host's KVM is hardware-backed: the KVM tests ran directly";
   }
   if (!which("qemu-system-x86_64")) return "qemu-system-x86_64 is not installed (scripts/setup.sh installs it)";
-  if (Deno.env.get("DENOVM_NESTED_TESTS") !== "1") {
-    return "the nested KVM host stalls in about half the runs (README); DENOVM_NESTED_TESTS=1 runs these";
-  }
-  return undefined;
+  return nestedTestsOff();
 }
 const skip = skipReason();
 if (skip) console.log(`nested_kvm_test: skipped: ${skip}`);
