@@ -20,6 +20,7 @@ import {
   POLLERR,
   POLLHUP,
   POLLIN,
+  pollSync,
   PROT_READ,
   PROT_WRITE,
 } from "../../ffi/libc.ts";
@@ -135,6 +136,22 @@ function requestHandler(dev: VirtioDevice): VhostUserRequestHandler | undefined 
 export interface VhostUserBackendOptions {
   /** Where log lines go (default: stderr with a "vhost-user <device>:" prefix). */
   log?: (line: string) => void;
+  /**
+   * Wait for kicks and messages with a blocking poll(2) on this thread instead of the asynchronous one:
+   * a wake-up is then one system call, not a hop through Deno's blocking-call threads and back through
+   * the event loop. Only for a process that does nothing else (`denovm device block`) and a device that
+   * does its work synchronously: the event loop turns only between polls (every BLOCKING_POLL_MS at
+   * least, and when a signal interrupts the poll).
+   */
+  blockingPoll?: boolean;
+}
+
+/** How long a blocking poll waits before the event loop gets a turn (signals, timers), in ms. */
+const BLOCKING_POLL_MS = 100;
+
+/** One turn of the event loop. */
+function yieldToEventLoop(): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, 0));
 }
 
 /** One front-end connection's state. */
@@ -167,11 +184,20 @@ class Session implements VirtioInterrupt {
   }
 
   /** Serve until the front end disconnects (resolves) or a protocol error (throws). */
-  async run(waker: Waker): Promise<void> {
+  async run(waker: Waker, blockingPoll = false): Promise<void> {
+    let lastTurn = performance.now();
     for (;;) {
       const kickRings = this.#rings.filter((r) => r.started && r.kickFd >= 0);
       const fds = [this.#sock.fd, waker.fd, ...kickRings.map((r) => r.kickFd)];
-      const rev = await pollAsync(fds, POLLIN, -1);
+      let rev: number[];
+      if (blockingPoll) {
+        rev = pollSync(fds, POLLIN, BLOCKING_POLL_MS);
+        const now = performance.now();
+        if (rev.every((r) => r === 0) || now - lastTurn >= BLOCKING_POLL_MS) {
+          await yieldToEventLoop();
+          lastTurn = now;
+        }
+      } else rev = await pollAsync(fds, POLLIN, -1);
       if (waker.woken) throw new WaitCancelled();
       kickRings.forEach((r, i) => {
         if (rev[i + 2] & (POLLIN | POLLERR | POLLHUP)) this.#kicked(r);
@@ -528,6 +554,7 @@ export class VhostUserBackend {
   readonly socketPath: string;
   readonly #log: (line: string) => void;
   readonly #waker = new Waker();
+  readonly #blockingPoll: boolean;
   #listener?: UnixListener;
   #session?: Session;
   #listening = Promise.withResolvers<void>();
@@ -539,6 +566,7 @@ export class VhostUserBackend {
     this.socketPath = socketPath;
     const prefix = `vhost-user ${device.name}:`;
     this.#log = opts.log ?? ((line) => console.error(`${prefix} ${line}`));
+    this.#blockingPoll = opts.blockingPoll ?? false;
   }
 
   /** Resolves once the socket is listening (front ends may connect). */
@@ -574,7 +602,7 @@ export class VhostUserBackend {
         const session = new Session(this.device, sock, this.#log);
         this.#session = session;
         try {
-          await session.run(this.#waker);
+          await session.run(this.#waker, this.#blockingPoll);
           this.#log("front end disconnected; waiting for the next one");
         } catch (e) {
           if (e instanceof WaitCancelled) break;

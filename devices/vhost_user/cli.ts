@@ -102,7 +102,9 @@ export async function runDeviceCommand(argv: string[]): Promise<number> {
     return EXIT_INVALID_ARGUMENTS;
   }
 
-  const backend = new VhostUserBackend(device, socketPath);
+  // The block device does its work synchronously, and this process does nothing else: it waits with a
+  // blocking poll (see VhostUserBackendOptions.blockingPoll).
+  const backend = new VhostUserBackend(device, socketPath, { blockingPoll: type === "block" });
   const stop = () => backend.close();
   const signals: Deno.Signal[] = ["SIGTERM", "SIGINT"];
   for (const s of signals) Deno.addSignalListener(s, stop);
