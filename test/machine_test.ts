@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import { BlockDevice } from "../devices/virtio/block.ts";
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_GPU } from "../devices/virtio/device.ts";
 import { decodePngRgba } from "../devices/virtio/gpu/png.ts";
+import { InputDevice } from "../devices/virtio/input.ts";
 import type { VirtioMmioTransport } from "../devices/virtio/mmio.ts";
 import { defaultVmConfig, type VmConfig } from "../vmm/config.ts";
 import { controlCall } from "../vmm/control_client.ts";
@@ -169,9 +170,10 @@ Deno.test("machine without KVM: the control socket adjusts the balloon and stops
   await Deno.remove(dir, { recursive: true });
 });
 
-Deno.test("machine without KVM: a 2D GPU scanout shows in screenshot() and the web display needs its token", async () => {
+Deno.test("machine without KVM: a 2D GPU scanout shows in screenshot(), the web display needs its token, its keys reach the virtio keyboard", async () => {
   const dir = await Deno.makeTempDir();
   const { machine } = await machineWith({
+    inputs: [{ kind: "keyboard" }],
     gpu: {
       backend: "2d",
       contextTypes: [],
@@ -202,6 +204,27 @@ Deno.test("machine without KVM: a 2D GPU scanout shows in screenshot() and the w
     const refused = await fetch(bare, { headers: { cookie: "" } });
     assert.equal(refused.status, 403);
     await refused.body?.cancel();
+    // A key typed in the page reaches this machine's virtio keyboard (no driver here: the events wait
+    // in the device for the guest's buffers): press and release, each with its SYN_REPORT.
+    const keyboard = machine.virtio.map((v) => v.device).find((d) => d instanceof InputDevice) as InputDevice;
+    assert.equal(keyboard.pendingEvents, 0);
+    const wsUrl = new URL(url!);
+    wsUrl.protocol = "ws:";
+    wsUrl.pathname = "/ws";
+    const ws = new WebSocket(wsUrl);
+    try {
+      await new Promise((resolve, reject) => {
+        ws.onopen = resolve;
+        ws.onerror = () => reject(new Error("web display socket refused"));
+      });
+      ws.send(JSON.stringify({ t: "key", code: "KeyA", down: true }));
+      ws.send(JSON.stringify({ t: "key", code: "KeyA", down: false }));
+      const deadline = Date.now() + 10_000;
+      while (keyboard.pendingEvents < 4 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(keyboard.pendingEvents, 4);
+    } finally {
+      ws.close();
+    }
   } finally {
     await machine.stop();
     await Deno.remove(dir, { recursive: true });
