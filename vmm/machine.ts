@@ -59,7 +59,7 @@ import { ControlServer } from "./control.ts";
 import { machineControlHandler } from "./control_handler.ts";
 import { HostIo } from "./host_io.ts";
 import { createVirtioDevices } from "./virtio_devices.ts";
-import { Vcpu, type VcpuEnd } from "./vcpu.ts";
+import { spawnVcpuWorker, Vcpu, type VcpuEnd } from "./vcpu.ts";
 import {
   CMD_PAUSE,
   CMD_RUN,
@@ -142,6 +142,8 @@ export class Machine {
   readonly mmio = new Bus("MMIO");
   readonly serials: Serial[] = [];
   readonly virtio: VirtioSlot[] = [];
+  /** vCPU Workers spawned by create(), not yet given their vCPU by start(). */
+  #idleWorkers: Worker[] = [];
   /** The UARTs as the vCPU workers serve them (see VcpuSerial), and their irqfds. */
   readonly #vcpuSerials: VcpuSerial[] = [];
   readonly #serialIrqFds: number[] = [];
@@ -200,6 +202,9 @@ export class Machine {
     let agentPort: ConsolePort | undefined;
     let machine: Machine | undefined;
     const hostIo = new HostIo(config.serials, { onConsoleOutput: opts.onConsoleOutput, noStdin: opts.noStdin });
+    // The vCPU Workers start loading now, on their own threads, while this one builds the VM; start()
+    // hands each its vCPU.
+    const workers = opts.vm ? [] : Array.from({ length: config.cpus }, () => spawnVcpuWorker());
     try {
       memory = OwnedGuestMemory.allocate(ramRanges(memBytes));
       let kernel;
@@ -263,12 +268,14 @@ export class Machine {
       }
       vm.addGuestMemory(memory);
       machine = new Machine(config, opts, kvm, vm, memory, cmdline, hostIo);
+      machine.#idleWorkers = workers;
       machine.agentPort = agentPort;
       await machine.#addLegacyDevices();
       machine.#addVirtioDevices(devices, resources);
       if (kvm) machine.#createVcpus(kvm, kernel.entry);
       return machine;
     } catch (e) {
+      if (!machine) { for (const w of workers) w.terminate(); }
       if (machine) {
         // close() releases what the machine took over (devices on its bus, irqfds, vCPU fds, the VM, memory).
         const adopted = new Set(machine.virtio.map((v) => v.device));
@@ -432,8 +439,10 @@ export class Machine {
     }
     installKickHandler();
     const runSize = this.#kvm.vcpuMmapSize;
+    const workers = this.#idleWorkers.splice(0);
     this.#vcpuFds.forEach((vcpuFd, id) => {
       const v = new Vcpu({
+        worker: workers[id],
         id,
         vcpuFd,
         runSize,
@@ -615,6 +624,7 @@ export class Machine {
     if (this.#closed) return;
     this.#closed = true;
     this.#drainSerials();
+    for (const w of this.#idleWorkers.splice(0)) w.terminate();
     void this.#controlServer?.close();
     void this.#webDisplay?.close();
     this.hostIo.close();

@@ -17,7 +17,14 @@ import {
 
 export type VcpuEnd = Exclude<VcpuExitMessage, { kind: "ready" }>;
 
+/** A vCPU Worker, loading; Vcpu gives it its vCPU (spawned early so it loads while the VM is built). */
+export function spawnVcpuWorker(): Worker {
+  return new Worker(new URL("./vcpu_worker.ts", import.meta.url), { type: "module" });
+}
+
 export interface VcpuOptions {
+  /** The Worker to run on (from spawnVcpuWorker); a new one by default. */
+  worker?: Worker;
   id: number;
   vcpuFd: number;
   runSize: number;
@@ -52,7 +59,7 @@ export class Vcpu {
   constructor(private readonly opts: VcpuOptions) {
     this.id = opts.id;
     this.#run = mmap(opts.runSize, PROT_READ | PROT_WRITE, MAP_SHARED, opts.vcpuFd, 0);
-    this.#worker = new Worker(new URL("./vcpu_worker.ts", import.meta.url), { type: "module" });
+    this.#worker = opts.worker ?? spawnVcpuWorker();
     let readyResolve!: () => void;
     this.ready = new Promise((r) => readyResolve = r);
     this.ended = new Promise((resolve) => {
