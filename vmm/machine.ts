@@ -624,6 +624,7 @@ export class Machine {
     if (this.#closed) return;
     this.#closed = true;
     this.#drainSerials();
+    for (const serial of this.serials) serial?.closeHost();
     for (const w of this.#idleWorkers.splice(0)) w.terminate();
     void this.#controlServer?.close();
     void this.#webDisplay?.close();

@@ -7,6 +7,7 @@ import type { Bus } from "./bus.ts";
 import {
   DOORBELL,
   IO_BLOCK_BYTES,
+  IO_TID,
   KIND_PIO,
   SERIAL_OUTPUT,
   serveRequest,
@@ -113,9 +114,13 @@ export class Vcpu {
 
   /** Make KVM_RUN return now (or right away if the vCPU is about to enter it). */
   kick(): void {
-    if (this.#ended || !this.#tid || !this.#run) return;
+    if (this.#ended || !this.#run) return;
+    // immediate_exit first: a worker about to enter KVM_RUN returns at once and looks at the command.
     new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(this.#run, RUN_IMMEDIATE_EXIT + 1))[RUN_IMMEDIATE_EXIT] = 1;
-    kickThread(this.#tid);
+    // The signal, for a worker already inside KVM_RUN; its thread id is in the I/O block before it enters
+    // (the "ready" message may not have been read yet: a VM can end while its last vCPU is starting).
+    const tid = this.#tid || Atomics.load(new Int32Array(this.#io), IO_TID);
+    if (tid) kickThread(tid);
   }
 
   /** The worker is gone (or given up on): no more kicks, drop the main thread's run mapping. */

@@ -23,7 +23,12 @@ export const IO_ADDR_LO = 4;
 export const IO_ADDR_HI = 5;
 /** Byte offset of the up-to-8 data bytes in the I/O block. */
 export const IO_DATA_BYTE_OFFSET = 24;
-export const IO_BLOCK_BYTES = 32;
+/**
+ * The worker's thread id (Int32 slot, after the data bytes), stored before it first enters KVM_RUN, so
+ * that a kick finds the thread even before the main thread has read the worker's "ready" message.
+ */
+export const IO_TID = 8;
+export const IO_BLOCK_BYTES = 40;
 /** IO_STATE values: the worker posts a request, the main thread answers, the worker consumes. */
 export const STATE_IDLE = 0;
 export const STATE_REQUEST = 1;

@@ -59,6 +59,7 @@ import {
   CTL_PAUSED,
   DOORBELL,
   exchange,
+  IO_TID,
   KIND_MMIO,
   KIND_PIO,
   SERIAL_OUTPUT,
@@ -115,7 +116,9 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
   const ioBytes = new Uint8Array(start.io);
   const run = new DataView(Deno.UnsafePointerView.getArrayBuffer(runPtr, runSize));
   const runBytes = new Uint8Array(run.buffer);
-  self.postMessage({ kind: "ready", tid: libc().gettid() });
+  const tid = libc().gettid();
+  Atomics.store(io, IO_TID, tid);
+  self.postMessage({ kind: "ready", tid });
 
   const ring = () => self.postMessage(DOORBELL);
   // The UARTs: this thread serves the guest's accesses (console output, status polls) itself.

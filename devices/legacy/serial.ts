@@ -71,7 +71,9 @@ const S_RX_BYTES = 14;
 const S_DROPPED = 15;
 /** 1 while a vCPU side's wake-up (outputReady) is outstanding: one per drain, not one per byte. */
 const S_OUTPUT_WAKE = 16;
-const S_CELLS = 17;
+/** 1 once the host side is gone (the VM is ending): output is dropped instead of waited on. */
+const S_HOST_CLOSED = 17;
+const S_CELLS = 18;
 const RX_RING_START = S_CELLS * Int32Array.BYTES_PER_ELEMENT;
 const TX_RING_START = RX_RING_START + INPUT_BUFFER_LIMIT;
 const STATE_BYTES = TX_RING_START + OUTPUT_BUFFER_SIZE;
@@ -193,9 +195,19 @@ export class Serial implements BusDevice {
     if (bytes.length) output(bytes);
   }
 
+  /**
+   * Host side: the VM is ending and nothing will drain the output any more; a vCPU waiting for room
+   * in a full ring stops waiting, and later output is dropped.
+   */
+  closeHost(): void {
+    Atomics.store(this.#s, S_HOST_CLOSED, 1);
+    Atomics.notify(this.#s, S_TX_HEAD);
+  }
+
   /** Queue one transmitted byte for the host side, waiting for room if the ring is full. */
   #transmit(b: number): void {
     for (;;) {
+      if (Atomics.load(this.#s, S_HOST_CLOSED)) return;
       const head = this.#s[S_TX_HEAD];
       const tail = this.#s[S_TX_TAIL];
       if (((tail - head) | 0) < OUTPUT_BUFFER_SIZE) {

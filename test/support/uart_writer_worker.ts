@@ -20,5 +20,5 @@ self.onmessage = (e: MessageEvent<{ state: SharedArrayBuffer; bytes: Uint8Array 
     serial.write(UART_TX, Uint8Array.of(b));
     serial.read(UART_LSR, lsr);
   }
-  self.postMessage("done");
+  self.postMessage(`done ${serial.txBytes}`);
 };
