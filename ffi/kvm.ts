@@ -300,10 +300,10 @@ export function kvmIoctlInt(fd: number, req: number, arg: number | bigint = 0): 
   return r;
 }
 
-/** KVM_RUN without throwing: returns 0 or the errno (EINTR after a kick, EAGAIN after INIT). */
 /** KVM_RUN as the BigInt the ioctl symbol takes, made once: this call runs on every exit. */
 const KVM_RUN_REQUEST = BigInt(KVM_RUN);
 
+/** KVM_RUN without throwing: returns 0 or the errno (EINTR after a kick, EAGAIN after INIT). */
 export function kvmRun(vcpuFd: number): number {
   const r = libc().ioctl_int(vcpuFd, KVM_RUN_REQUEST, 0n);
   return r < 0 ? errno() : 0;

@@ -144,9 +144,8 @@ export class Machine {
   readonly virtio: VirtioSlot[] = [];
   /** vCPU Workers spawned by create(), not yet given their vCPU by start(). */
   #idleWorkers: Worker[] = [];
-  /** The UARTs as the vCPU workers serve them (see VcpuSerial), and their irqfds. */
+  /** The UARTs as the vCPU workers serve them (see VcpuSerial), irqfds included. */
   readonly #vcpuSerials: VcpuSerial[] = [];
-  readonly #serialIrqFds: number[] = [];
   /** The transports' shared InterruptStatus cells (see vcpu_channel.ts VirtioInterruptCells). */
   #virtioInterrupts: VirtioInterruptCells | undefined;
   readonly cmdline: string;
@@ -275,7 +274,6 @@ export class Machine {
       if (kvm) machine.#createVcpus(kvm, kernel.entry);
       return machine;
     } catch (e) {
-      if (!machine) { for (const w of workers) w.terminate(); }
       if (machine) {
         // close() releases what the machine took over (devices on its bus, irqfds, vCPU fds, the VM, memory).
         const adopted = new Set(machine.virtio.map((v) => v.device));
@@ -283,6 +281,7 @@ export class Machine {
         machine.close();
         throw e;
       }
+      for (const w of workers) w.terminate();
       for (const d of devices) d.close?.();
       hostIo.close();
       vm?.close();
@@ -299,7 +298,6 @@ export class Machine {
       // The UART's interrupt is an irqfd, so that a vCPU thread serving the guest's accesses raises it
       // as the main thread does.
       const irqFd = eventfd();
-      this.#serialIrqFds.push(irqFd);
       this.#vm.registerIrqfd(irqFd, port.irq);
       const serial = new Serial({ interrupt: () => eventfdWrite(irqFd), output: await this.hostIo.output(s) });
       this.#vcpuSerials.push({ base: port.base, state: serial.state, irqFd });
@@ -638,7 +636,7 @@ export class Machine {
       closeFd(v.irqFd);
       v.notifyFds.forEach(closeFd);
     }
-    this.#serialIrqFds.forEach(closeFd);
+    for (const s of this.#vcpuSerials) closeFd(s.irqFd);
     this.#vcpuFds.forEach(closeFd);
     this.#vm.close();
     this.#kvm?.close();

@@ -48,7 +48,7 @@ export interface VcpuStartMessage {
   debugExit: boolean;
   /**
    * virtio-mmio transports whose InterruptStatus read and InterruptACK write the worker answers
-   * itself from `interruptStatus` (one Int32 per transport, shared with the main thread), so the
+   * itself from `cells` (one Int32 per transport, shared with the main thread), so the
    * two exits of every virtio interrupt never wait for the main thread.
    */
   virtioInterrupts?: VirtioInterruptCells;

@@ -161,12 +161,12 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
         const size = run.getUint8(RUN_IO_SIZE);
         const port = run.getUint16(RUN_IO_PORT, true);
         const count = run.getUint32(RUN_IO_COUNT, true);
+        const off = ioDataOffset(run);
         if (port === POST_CODE_PORT) {
           // The cheapest exit there is: no device, nothing to hand over.
-          if (!out) runBytes.fill(ISA_FLOATING_BUS, ioDataOffset(run), ioDataOffset(run) + count * size);
+          if (!out) runBytes.fill(ISA_FLOATING_BUS, off, off + count * size);
           break;
         }
-        const off = ioDataOffset(run);
         const uart = uartAt(port);
         for (let i = 0; i < count; i++) {
           const data = runBytes.subarray(off + i * size, off + (i + 1) * size);

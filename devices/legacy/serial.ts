@@ -54,6 +54,9 @@ const OUTPUT_BUFFER_SIZE = 1 << 14;
 // UART: Int32 cells first, then the two byte rings. Ring positions count bytes ever queued (they wrap
 // at 2^31, the ring index is position % size); head is the next byte to take, tail the next free.
 const S_LOCK = 0;
+const LOCK_FREE = 0;
+const LOCK_HELD = 1;
+const LOCK_CONTENDED = 2;
 const S_IER = 1;
 const S_LCR = 2;
 const S_MCR = 3;
@@ -102,7 +105,7 @@ export interface SerialOptions {
  * One UART. Its registers and both byte rings live in `state`, a SharedArrayBuffer: a vCPU Worker
  * builds its own Serial over the same state and serves the guest's accesses itself (the guest's
  * console writes and status polls then never wait for the main thread), while the main thread adds
- * input and takes the output. Every access holds a spin lock in the state for a few instructions.
+ * input and takes the output. Every access holds a lock in the state for a few instructions.
  */
 export class Serial implements BusDevice {
   readonly state: SharedArrayBuffer;
@@ -123,12 +126,16 @@ export class Serial implements BusDevice {
     }
   }
 
+  // The lock word: LOCK_FREE, LOCK_HELD, or LOCK_CONTENDED (held, and someone may be waiting); only
+  // an unlock of a contended lock wakes a waiter, so the usual uncontended access makes no wake call.
   #lock(): void {
-    while (Atomics.compareExchange(this.#s, S_LOCK, 0, 1) !== 0) Atomics.wait(this.#s, S_LOCK, 1, 1);
+    if (Atomics.compareExchange(this.#s, S_LOCK, LOCK_FREE, LOCK_HELD) === LOCK_FREE) return;
+    while (Atomics.exchange(this.#s, S_LOCK, LOCK_CONTENDED) !== LOCK_FREE) {
+      Atomics.wait(this.#s, S_LOCK, LOCK_CONTENDED);
+    }
   }
   #unlock(): void {
-    Atomics.store(this.#s, S_LOCK, 0);
-    Atomics.notify(this.#s, S_LOCK, 1);
+    if (Atomics.exchange(this.#s, S_LOCK, LOCK_FREE) === LOCK_CONTENDED) Atomics.notify(this.#s, S_LOCK, 1);
   }
 
   #inputLength(): number {
