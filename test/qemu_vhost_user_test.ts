@@ -5,7 +5,7 @@
 //   bytes from /dev/hwrng that our back end produced.
 // - input: QEMU 7.2's vhost-user-input refuses to run without KVM ("vhost initialization failed:
 //   requires kvm", backends/vhost-user.c), so this test uses bookworm-backports' QEMU 10, unpacked
-//   under .cache/qemu-backports (test/support/qemu-backports.sh; nothing is installed on the host).
+//   under .cache/qemu10 (scripts/qemu-backports.sh; nothing is installed on the host).
 //   Keys typed through the back end's --event-socket arrive in the guest's /dev/input/event0 as
 //   struct input_event records, which the guest prints with hexdump and the test decodes.
 

@@ -48,15 +48,16 @@ export function qemuUnavailableReason(): string | undefined {
   return undefined;
 }
 
-/** A QEMU build: its binary and, for an unpacked one, its firmware folder (-L). */
+/** A QEMU build: its binary and, for an unpacked one, its firmware folder (-L) and environment. */
 export interface QemuBuild {
   binary: string;
   firmwareDir?: string;
+  env?: Record<string, string>;
   version: string;
 }
 
-function qemuVersion(binary: string): string {
-  const out = new Deno.Command(binary, { args: ["--version"], stdout: "piped", stderr: "piped" }).outputSync();
+function qemuVersion(binary: string, env?: Record<string, string>): string {
+  const out = new Deno.Command(binary, { args: ["--version"], env, stdout: "piped", stderr: "piped" }).outputSync();
   return new TextDecoder().decode(out.stdout).match(/version (\S+)/)?.[1] ?? "unknown";
 }
 
@@ -65,9 +66,9 @@ function qemuVersion(binary: string): string {
  * `-device help` would also load every module in the host's QEMU module folder, which a QEMU of
  * another version cannot load.)
  */
-export function qemuHasDevice(build: { binary: string }, name: string): boolean {
-  const out = new Deno.Command(build.binary, { args: ["-device", `${name},help`], stdout: "piped", stderr: "piped" })
-    .outputSync();
+export function qemuHasDevice(build: { binary: string; env?: Record<string, string> }, name: string): boolean {
+  const args = ["-device", `${name},help`];
+  const out = new Deno.Command(build.binary, { args, env: build.env, stdout: "piped", stderr: "piped" }).outputSync();
   return new TextDecoder().decode(out.stdout).includes(`${name} options:`);
 }
 
@@ -76,34 +77,29 @@ export function systemQemu(): QemuBuild {
   return { binary: QEMU_BINARY, version: qemuVersion(QEMU_BINARY) };
 }
 
-/** The cache folder of the backports QEMU. */
-function backportsDir(): string {
-  return `${Deno.env.get("DENOVM_CACHE") ?? `${REPO_ROOT}.cache`}/qemu-backports`;
-}
-
 /**
  * QEMU 7.2's vhost-user-input refuses to start without KVM (backends/vhost-user.c,
  * vhost_user_backend_dev_init: "vhost initialization failed: requires kvm"); newer QEMU builds it
- * on vhost-user-base, which works under TCG as vhost-user-rng does. This fetches bookworm-backports'
- * QEMU (10.x) with test/support/qemu-backports.sh: a private apt configuration (its own sources,
- * lists and cache under .cache/qemu-backports; the host's apt state and libraries are untouched),
- * then `dpkg-deb -x` of qemu-system-x86 and qemu-system-data. The binary runs on bookworm's libraries.
+ * on vhost-user-base, which works under TCG as vhost-user-rng does. This unpacks bookworm-backports'
+ * QEMU (10.x) with scripts/qemu-backports.sh (a private apt configuration, `dpkg-deb -x`; the host's
+ * apt state and libraries are untouched). The binary runs on bookworm's libraries; its modules are
+ * found through QEMU_MODULE_DIR (`env`), not in the host's QEMU 7.2 module folder.
  */
 export async function backportsQemu(): Promise<QemuBuild> {
-  const dir = backportsDir();
-  const binary = `${dir}/root/usr/bin/qemu-system-x86_64`;
-  const firmwareDir = `${dir}/root/usr/share/qemu`;
-  if (!exists(binary) || !exists(firmwareDir)) {
-    const script = new URL("./qemu-backports.sh", import.meta.url).pathname;
-    const out = await new Deno.Command("bash", { args: [script, dir], stdout: "piped", stderr: "piped" }).output();
-    if (!out.success) {
-      const err = new TextDecoder().decode(out.stderr).trim().split("\n").slice(-3).join("; ");
-      throw new Error(`fetching bookworm-backports QEMU failed: ${err}`);
-    }
+  const script = `${REPO_ROOT}scripts/qemu-backports.sh`;
+  const out = await new Deno.Command("bash", { args: [script], stdout: "piped", stderr: "piped" }).output();
+  const lines = new TextDecoder().decode(out.stdout).trim().split("\n");
+  if (!out.success) {
+    const err = new TextDecoder().decode(out.stderr).trim().split("\n").slice(-3).join("; ");
+    throw new Error(`fetching bookworm-backports QEMU failed: ${err}`);
   }
-  const version = qemuVersion(binary);
+  const dir = lines[lines.length - 1];
+  const root = `${dir}/root`;
+  const binary = `${root}/usr/bin/qemu-system-x86_64`;
+  const env = { QEMU_MODULE_DIR: `${root}/usr/lib/x86_64-linux-gnu/qemu` };
+  const version = qemuVersion(binary, env);
   if (!/^([89]|[1-9]\d)\./.test(version)) throw new Error(`backports QEMU is ${version}, not 8 or later`);
-  return { binary, firmwareDir, version };
+  return { binary, firmwareDir: `${root}/usr/share/qemu`, env, version };
 }
 
 // ---- Modules of the Debian kernel ----
@@ -252,7 +248,8 @@ export class QemuMachine {
     const k = await debianKernel();
     const args = qemuArgs(k, opts);
     const binary = opts.qemu?.binary ?? QEMU_BINARY;
-    const child = new Deno.Command(binary, { args, stdin: "null", stdout: "piped", stderr: "piped" }).spawn();
+    const env = opts.qemu?.env;
+    const child = new Deno.Command(binary, { args, env, stdin: "null", stdout: "piped", stderr: "piped" }).spawn();
     return new QemuMachine(child, args, opts.hangGuardMs ?? 180_000);
   }
 
