@@ -159,6 +159,25 @@ Deno.test("8250 shared by a vCPU thread: a writer waiting on a full ring is let 
   }
 });
 
+Deno.test("8250 shared by a vCPU thread: a vCPU terminated inside the UART's lock does not block the final drain", async () => {
+  const out: number[] = [];
+  const host = new Serial({ interrupt: () => {}, output: (b) => out.push(...b) });
+  const worker = new Worker(new URL("./support/uart_writer_worker.ts", import.meta.url), { type: "module" });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      worker.onmessage = (e) => e.data === "holding" && resolve();
+      worker.onerror = (e) => reject(new Error(e.message));
+      worker.postMessage({ state: host.state, bytes: Uint8Array.of(0x58), hold: new SharedArrayBuffer(4) });
+    });
+  } finally {
+    worker.terminate();
+  }
+  // What Machine does after terminating a vCPU that did not stop: without this the drain would wait forever.
+  host.releaseLockOfEndedVcpus();
+  host.drainOutput();
+  assert.deepEqual(out, [0x58]);
+});
+
 Deno.test("CMOS RTC: BCD time of the given clock, 24-hour mode, never update-in-progress", () => {
   const c = new Cmos(() => new Date(Date.UTC(2026, 10, 25, 21, 7, 59)));
   const reg = (i: number) => {

@@ -491,7 +491,9 @@ export class Machine {
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([all, new Promise((r) => timer = setTimeout(r, STOP_GRACE_MS))]);
     clearTimeout(timer);
-    for (const v of this.#vcpus) if (!v.isEnded) v.terminate();
+    const stuck = this.#vcpus.filter((v) => !v.isEnded);
+    for (const v of stuck) v.terminate();
+    if (stuck.length) { for (const serial of this.serials) serial?.releaseLockOfEndedVcpus(); }
     this.close();
   }
 

@@ -211,6 +211,15 @@ export class Serial implements BusDevice {
     Atomics.notify(this.#s, S_TX_HEAD);
   }
 
+  /**
+   * Host side: every vCPU side is gone, some by Worker.terminate() (a vCPU that did not stop in
+   * time), which may have ended one inside its few locked instructions. Nobody else can hold the
+   * lock now: free it, so the final drainOutput() cannot wait for a dead thread.
+   */
+  releaseLockOfEndedVcpus(): void {
+    Atomics.store(this.#s, S_LOCK, LOCK_FREE);
+  }
+
   /** Queue one transmitted byte for the host side, waiting for room if the ring is full. */
   #transmit(b: number): void {
     for (;;) {

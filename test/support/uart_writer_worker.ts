@@ -1,7 +1,8 @@
 /// <reference lib="deno.worker" />
 // A vCPU's side of a shared UART, for test/legacy_devices_test.ts: writes the bytes it is given to
 // the transmit register as a guest's console driver does (THR, then an LSR poll), from its own
-// thread, and says when it is done.
+// thread, and says when it is done. Given `hold`, its first output wake-up (which the UART makes with
+// its lock held) never returns: it says "holding" and waits forever, as a vCPU terminated there would.
 
 import { Serial } from "../../devices/legacy/serial.ts";
 
@@ -9,10 +10,15 @@ import { Serial } from "../../devices/legacy/serial.ts";
 const UART_TX = 0;
 const UART_LSR = 5;
 
-self.onmessage = (e: MessageEvent<{ state: SharedArrayBuffer; bytes: Uint8Array }>) => {
+self.onmessage = (e: MessageEvent<{ state: SharedArrayBuffer; bytes: Uint8Array; hold?: SharedArrayBuffer }>) => {
+  const hold = e.data.hold;
   const serial = new Serial({
     interrupt: () => {},
-    outputReady: () => self.postMessage("ready"),
+    outputReady: () => {
+      if (!hold) return self.postMessage("ready");
+      self.postMessage("holding");
+      Atomics.wait(new Int32Array(hold), 0, 0);
+    },
     state: e.data.state,
   });
   const lsr = new Uint8Array(1);
