@@ -17,7 +17,10 @@
 # The command's output (stdout and stderr together) arrives on this script's stdout; the
 # script exits with the command's exit status, or 1 with one line on stderr when the nested
 # host could not run it. Needs qemu-system-x86 and the kernel of scripts/debian-kernel.sh
-# (scripts/setup.sh installs both).
+# (scripts/setup.sh installs both). The nested host runs under bookworm-backports' QEMU 10
+# (scripts/qemu-backports.sh unpacks it into the cache; nothing is installed): under QEMU 7.2's
+# SVM emulation the nested host sometimes stopped scheduling anything for minutes while an L2 guest
+# ran, and 10.0 also runs the nested suite faster. DENOVM_QEMU names another QEMU binary.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,7 +51,18 @@ done
 [[ "$mem" =~ ^[0-9]+$ && "$cpus" =~ ^[0-9]+$ ]] || die "--mem and --cpus take numbers"
 for d in "${shares[@]}"; do [[ -d "$d" ]] || die "--share $d: not a folder"; done
 
-qemu="${DENOVM_QEMU:-qemu-system-x86_64}"
+qemu_firmware=()
+if [[ -n "${DENOVM_QEMU:-}" ]]; then
+  qemu="$DENOVM_QEMU"
+elif q10="$(bash "$repo/scripts/qemu-backports.sh" 2>/dev/null | tail -n 1)" && [[ -x "$q10/root/usr/bin/qemu-system-x86_64" ]]; then
+  qemu="$q10/root/usr/bin/qemu-system-x86_64"
+  # Its own option ROMs first; the BIOS (package seabios, not unpacked) from the host's folder.
+  qemu_firmware=(-L "$q10/root/usr/share/qemu" -L /usr/share/seabios)
+  export QEMU_MODULE_DIR="$q10/root/usr/lib/x86_64-linux-gnu/qemu"
+else
+  qemu=qemu-system-x86_64
+  echo "nested-kvm: bookworm-backports' QEMU is not available (scripts/qemu-backports.sh failed); using $qemu" >&2
+fi
 command -v "$qemu" >/dev/null || die "$qemu not found (Debian package qemu-system-x86)"
 busybox="${DENOVM_BUSYBOX:-/bin/busybox}"
 [[ -x "$busybox" ]] || die "$busybox not found (Debian package busybox-static)"
@@ -137,10 +151,24 @@ fi
 
 job="$(mktemp -d "${TMPDIR:-/tmp}/denovm-nested-job.XXXXXX")"
 qemu_pid=""
+watch_pid=""
+# The nested host's CPU state from QEMU's monitor (a pair of FIFOs, $job/monitor.in and .out):
+# where its one vCPU is when it stops making progress.
+cpu_state() {
+  [[ -p "$job/monitor.in" ]] || return 0
+  echo "nested-kvm: the nested host's CPU ($1):" >&2
+  {
+    printf 'info registers\n' >"$job/monitor.in"
+    sleep 1
+    timeout 2 cat "$job/monitor.out" | tr -d '\r' | grep -E '^(RIP|RAX|RSP|CS |EFER|CR0)' >&2
+  } || true
+}
 cleanup() {
+  if [[ -n "$watch_pid" ]]; then kill "$watch_pid" 2>/dev/null || true; fi
   if [[ -n "$qemu_pid" ]]; then
-    kill "$qemu_pid" 2>/dev/null
     # Interrupted while the nested host ran: say where it was.
+    cpu_state "when interrupted"
+    kill "$qemu_pid" 2>/dev/null
     if [[ -s "$job/heartbeat" ]]; then
       echo "nested-kvm: interrupted; the nested host's last heartbeat:" >&2
       cat "$job/heartbeat" >&2
@@ -164,8 +192,11 @@ trap 'exit 130' INT TERM
 printf '%s\n' "${shares[@]+"${shares[@]}"}" | sed '/^$/d' >"$job/shares"
 
 p9opts="security_model=none,multidevs=remap"
+mkfifo "$job/monitor.in" "$job/monitor.out"
 args=(
+  "${qemu_firmware[@]+"${qemu_firmware[@]}"}"
   -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem"
+  -chardev "pipe,id=mon,path=$job/monitor" -mon chardev=mon,mode=readline
   -nodefaults -no-user-config -display none -no-reboot
   -chardev stdio,id=con,signal=off -serial chardev:con
   -kernel "$kdir/vmlinuz" -initrd "$initrd"
@@ -186,6 +217,24 @@ else
   "$qemu" "${args[@]}" </dev/null &
 fi
 qemu_pid=$!
+# A heartbeat older than 2 minutes means the nested host stopped scheduling its own tasks: say so
+# once, with its heartbeat and CPU state, while it is still in that state.
+(
+  # (sleep's descriptors go nowhere: the caller's pipes must close when QEMU ends.)
+  while sleep 30 </dev/null >/dev/null 2>&1; do
+    [[ -s "$job/heartbeat" ]] || continue
+    age=$(($(date +%s) - $(stat -c %Y "$job/heartbeat")))
+    if ((age > 120)); then
+      echo "nested-kvm: no heartbeat from the nested host for ${age} s; the last one:" >&2
+      cat "$job/heartbeat" >&2
+      cpu_state "now"
+      sleep 5
+      cpu_state "5 s later"
+      break
+    fi
+  done
+) &
+watch_pid=$!
 wait "$qemu_pid" || true
 qemu_pid=""
 [[ -s "$job/status" ]] || die "the nested host stopped before the command finished (see the lines above)"

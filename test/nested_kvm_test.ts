@@ -25,10 +25,8 @@ const KVM_TEST_FILES = [
   "test/kvm_control_test.ts",
   "test/kvm_gpu_test.ts",
   "test/linux_boot_test.ts",
+  "test/kvm_many_vms_test.ts",
 ];
-// Not run here: test/kvm_many_vms_test.ts. Its 20 guests starve the nested host's one emulated CPU: in
-// one CI run the nested host stopped scheduling anything, its own heartbeat included, for over 8 minutes
-// (it passed in five other runs, in 1.5-5 minutes). It runs wherever the host's KVM is hardware-backed.
 const KVM_TEST_NAMES = /^(kvm|linux)[ :]/;
 
 /** Generous: the whole set takes about 6 minutes at TCG speed on a 2-core machine. */
