@@ -85,8 +85,8 @@ export function median(values: number[]): number {
 }
 
 /** Run a command to completion; throws with its output if it fails. */
-export async function run(cmd: string, args: string[]): Promise<string> {
-  const out = await new Deno.Command(cmd, { args, stdin: "null", stdout: "piped", stderr: "piped" }).output();
+export async function run(cmd: string, args: string[], env?: Record<string, string>): Promise<string> {
+  const out = await new Deno.Command(cmd, { args, env, stdin: "null", stdout: "piped", stderr: "piped" }).output();
   const text = new TextDecoder().decode(out.stdout);
   if (!out.success) {
     throw new Error(`${cmd} ${args.join(" ")} failed (exit ${out.code}): ${new TextDecoder().decode(out.stderr)}`);

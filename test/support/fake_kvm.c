@@ -102,7 +102,7 @@
 #define SPIN_TICK_NS 50000000ll
 /** "echo" polls the UART's LSR this often while no byte is ready. */
 #define ECHO_POLL_NS 1000000ll
-/** "loop": iterations of out 0x80 (overridable by $DENOVM_FAKE_KVM_LOOP_COUNT); every Nth is an in. */
+/** "loop": iterations of out 0x80 (overridable by $DENOVM_FAKE_KVM_LOOP_COUNT); every Nth is an in. "exit-loop": outs only. */
 #define LOOP_DEFAULT_COUNT 1000000ull
 #define LOOP_IN_EVERY 1000ull
 
@@ -151,7 +151,7 @@ struct vm {
   int used;
   int fd;
   char script[64];
-  uint64_t loop_count; /* "loop" iterations, read from the environment when the VM is created */
+  uint64_t loop_count; /* "loop" and "exit-loop" iterations, read from the environment when the VM is created */
   struct slot slots[FAKE_NR_MEMSLOTS];
   struct vcpu vcpus[FAKE_MAX_VCPUS];
 };
@@ -612,6 +612,22 @@ static int script_loop(struct vcpu *v) {
   }
 }
 
+/**
+ * The exit-overhead benchmark's guest (bench/exit_overhead.ts): loop_count writes to the POST-code
+ * port, nothing else, then the debug exit; both denovm and the C loop of bench/c/exit_roundtrip.c run it.
+ */
+static int script_exit_loop(struct vcpu *v) {
+  if (v->phase == 0) {
+    if (v->counter < v->vm->loop_count) {
+      v->counter++;
+      return exit_out(v, POST_CODE_PORT, 1, (uint32_t)(v->counter & 0xff));
+    }
+    v->phase = 1;
+    return exit_out(v, LAYOUT_DEBUG_EXIT_PORT, 1, 0);
+  }
+  return block_until_kicked(v);
+}
+
 static int script_spin(struct vcpu *v) {
   for (;;) {
     int64_t due = v->last_tick_ns + SPIN_TICK_NS - now_ns();
@@ -685,6 +701,7 @@ static int script_run_error(struct vcpu *v) {
 
 static int run_script(struct vcpu *v) {
   const char *s = v->vm->script;
+  if (!strcmp(s, "exit-loop")) return script_exit_loop(v); /* first: it is timed */
   if (!strcmp(s, "boot")) return script_boot(v);
   if (!strcmp(s, "reset")) return script_one_out(v, LAYOUT_I8042_COMMAND_PORT, I8042_CMD_RESET);
   if (!strcmp(s, "panic")) return script_one_out(v, LAYOUT_PVPANIC_PORT, PVPANIC_PANICKED);
