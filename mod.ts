@@ -214,7 +214,7 @@ export class Vm {
   }
 
   /** PNG of the first display (needs --gpu / `gpu`). */
-  screenshot(): Uint8Array {
+  screenshot(): Promise<Uint8Array> {
     return this.#machine.screenshot();
   }
 
@@ -228,10 +228,10 @@ export class Vm {
   ): Promise<Image> {
     const timeout = opts.timeout ?? 30_000;
     const deadline = Date.now() + timeout;
-    const reference = typeof check === "function" ? undefined : decodePng(check.reference);
+    const reference = typeof check === "function" ? undefined : await decodePng(check.reference);
     let last = "no screenshot taken";
     for (;;) {
-      const img = decodePng(this.screenshot());
+      const img = await decodePng(await this.screenshot());
       if (typeof check === "function") {
         if (check(img)) return img;
         last = "the predicate was false";
@@ -262,7 +262,7 @@ export class Vm {
       await Deno.mkdir(dir, { recursive: true });
       await Deno.writeTextFile(`${dir}/console.log`, this.console.text);
       try {
-        await Deno.writeFile(`${dir}/screenshot.png`, this.screenshot());
+        await Deno.writeFile(`${dir}/screenshot.png`, await this.screenshot());
       } catch {
         // no display
       }

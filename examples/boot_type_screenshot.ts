@@ -37,7 +37,7 @@ const shot = await vm.step(
   "screen",
   () => vm.waitForScreen((img) => lit(img, 0, 32) > 100 && lit(img, 300, 600) === 0, { timeout: 30_000 }),
 );
-await Deno.writeFile("screenshot.png", vm.screenshot());
+await Deno.writeFile("screenshot.png", await vm.screenshot());
 console.log(`screenshot ${shot.width}x${shot.height}: typed text at the top, saved as screenshot.png`);
 console.log(vm.gpu.stats()); // bytes copied per resource and per context
 console.log(`exit code ${await vm.stop()}`); // 0

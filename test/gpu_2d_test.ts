@@ -365,7 +365,7 @@ for (
     F.VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM,
   ]
 ) {
-  Deno.test(`2D pipeline: pattern -> transfer -> scanout -> flush -> PNG pixels (format ${format})`, () => {
+  Deno.test(`2D pipeline: pattern -> transfer -> scanout -> flush -> PNG pixels (format ${format})`, async () => {
     using r = rig();
     const W = 64, H = 32;
     const px = pattern(W, H, format);
@@ -377,7 +377,7 @@ for (
     r.dev.display.onUpdate((s, rect) => updates.push({ s, rect }));
     r.ok(flush(7, 0, 0, W, H));
     assert.deepEqual(updates, [{ s: 0, rect: { x: 0, y: 0, width: W, height: H } }]);
-    const img = decodePngRgba(r.dev.screenshot(0));
+    const img = await decodePngRgba(await r.dev.screenshot(0));
     assert.equal(img.width, W);
     assert.equal(img.height, H);
     for (let i = 0; i < W * H; i++) {
@@ -391,7 +391,7 @@ for (
   });
 }
 
-Deno.test("partial transfer with offset, flush of a sub-rectangle only, scanout of a sub-rectangle", () => {
+Deno.test("partial transfer with offset, flush of a sub-rectangle only, scanout of a sub-rectangle", async () => {
   using r = rig();
   const W = 40, H = 20, fmt = F.VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM;
   const first = pattern(W, H, 1);
@@ -415,7 +415,7 @@ Deno.test("partial transfer with offset, flush of a sub-rectangle only, scanout 
   r.dev.display.onUpdate((_s, rect) => updates.push(rect));
   r.ok(flush(3, 0, 0, 16, 10));
   assert.deepEqual(updates, [{ x: 0, y: 0, width: 8, height: 6 }], "flushed part of the scanout, in its coordinates");
-  const img = decodePngRgba(r.dev.screenshot());
+  const img = await decodePngRgba(await r.dev.screenshot());
   assert.equal(img.width, 24);
   for (let y = 0; y < 12; y++) {
     for (let x = 0; x < 24; x++) {
@@ -495,7 +495,7 @@ Deno.test("bad inputs: the right error, one log line, no crash", () => {
   r.ok(create2d(1, fmt, 8, 8));
 });
 
-Deno.test("GUEST blob on SET_SCANOUT_BLOB: pixels straight from guest pages, no bytes copied", () => {
+Deno.test("GUEST blob on SET_SCANOUT_BLOB: pixels straight from guest pages, no bytes copied", async () => {
   using r = rig();
   const W = 32, H = 16, stride = W * 4 + 64, offset = 128;
   const size = offset + stride * H;
@@ -512,7 +512,7 @@ Deno.test("GUEST blob on SET_SCANOUT_BLOB: pixels straight from guest pages, no 
   r.err(setScanout(0, 4, 0, 0, W, H), P.RESP_ERR_INVALID_PARAMETER, /SET_SCANOUT_BLOB/);
   r.ok(sb(W, H, stride, offset));
   r.ok(flush(4, 0, 0, W, H));
-  const shot = decodePngRgba(r.dev.screenshot());
+  const shot = await decodePngRgba(await r.dev.screenshot());
   for (let i = 0; i < W * H; i++) {
     assert.deepEqual([...shot.rgba.subarray(4 * i, 4 * i + 4)], expectRgba(F.VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM, px, i));
   }

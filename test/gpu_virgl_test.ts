@@ -697,7 +697,7 @@ Deno.test({
 
       send(gpuCmd(P.CMD_SET_SCANOUT, [0, 0, W, H, 0, rt]));
       send(gpuCmd(P.CMD_RESOURCE_FLUSH, [0, 0, W, H, rt, 0]));
-      const png = decodePngRgba(dev.screenshot(0));
+      const png = await decodePngRgba(await dev.screenshot(0));
       assert.equal(png.width, W);
       assert.equal(png.height, H);
       for (let i = 0; i < W * H; i++) {

@@ -60,10 +60,10 @@ function solid(w: number, h: number, rgb: [number, number, number]): Image {
   return { width: w, height: h, rgba };
 }
 
-Deno.test("screen: PNG round trip, pixel access, and tolerant comparison", () => {
+Deno.test("screen: PNG round trip, pixel access, and tolerant comparison", async () => {
   const a = solid(8, 4, [10, 20, 30]);
   a.rgba.set([200, 0, 0, 255], (1 * 8 + 2) * 4);
-  const back = decodePng(encodePngRgba(a.width, a.height, a.rgba));
+  const back = await decodePng(await encodePngRgba(a.width, a.height, a.rgba));
   assert.deepEqual(pixel(back, 2, 1), [200, 0, 0, 255]);
   assert.deepEqual(pixel(back, 0, 0), [10, 20, 30, 255]);
   const ref = solid(8, 4, [12, 20, 30]);

@@ -359,7 +359,7 @@ Deno.test({
       assert.match(stdout, /^screenshot 800x600: typed text at the top/m, show);
       assert.match(stdout, /^exit code 0$/m, show);
       const png = await Deno.readFile(`${dir}/screenshot.png`);
-      const img = decodePng(png);
+      const img = await decodePng(png);
       assert.deepEqual([img.width, img.height], [800, 600]);
     } finally {
       await Deno.remove(dir, { recursive: true });

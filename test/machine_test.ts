@@ -191,7 +191,7 @@ Deno.test("machine without KVM: a 2D GPU scanout shows in screenshot(), the web 
   try {
     const gpu = machine.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)!;
     assert.ok(gpu);
-    const png = decodePngRgba(machine.screenshot());
+    const png = await decodePngRgba(await machine.screenshot());
     assert.deepEqual([png.width, png.height], [32, 16]);
     assert.ok("totals" in (machine.gpuStats() as Record<string, unknown>));
     const url = await machine.startWebDisplay();

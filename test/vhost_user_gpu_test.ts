@@ -149,7 +149,7 @@ Deno.test({
       // Our screenshot: the last frame kmscube flushed.
       const png = join(dir, "denovm.png");
       assert.equal((await client.call({ screenshot: png })).ok, true);
-      const ours = decodePngRgba(await Deno.readFile(png));
+      const ours = await decodePngRgba(await Deno.readFile(png));
       assert.deepEqual([ours.width, ours.height], [1280, 1024]);
       const at = (
         x: number,

@@ -285,7 +285,7 @@ Deno.test("web display: isLoopback knows this machine's addresses from others", 
   }
 });
 
-Deno.test("web display: the PNG encoding of a rect decodes to the rect's RGBA, opaque", () => {
+Deno.test("web display: the PNG encoding of a rect decodes to the rect's RGBA, opaque", async () => {
   const fbw = 100, fbh = 40;
   const fb = { width: fbw, height: fbh, bgra: new Uint8Array(fbw * fbh * 4) };
   for (let i = 0; i < fb.bgra.length; i++) fb.bgra[i] = (i * 7 + (i >> 9)) & 0xff;
@@ -293,7 +293,7 @@ Deno.test("web display: the PNG encoding of a rect decodes to the rect's RGBA, o
   for (const level of [1, 6]) {
     const file = encodeRectPng(fb, r, level, 20);
     assert.deepEqual([...file.subarray(0, 20)], new Array(20).fill(0), "the reserved header room");
-    const img = decodePngRgba(file.subarray(20));
+    const img = await decodePngRgba(file.subarray(20));
     assert.equal(img.width, r.width);
     assert.equal(img.height, r.height);
     for (let y = 0; y < r.height; y++) {

@@ -13,7 +13,7 @@ import { VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport } from "../devices/virtio
 import type { ConsolePort } from "../devices/virtio/console.ts";
 import { GpuDevice } from "../devices/virtio/gpu/device.ts";
 import { InputDevice } from "../devices/virtio/input.ts";
-import { WebDisplay } from "./web_display/server.ts";
+import type { WebDisplay } from "./web_display/server.ts";
 import { virtioMmioCmdlineArgs, writeAcpiTables } from "./acpi.ts";
 import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./boot/kernel.ts";
 import { Bus } from "./bus.ts";
@@ -549,16 +549,16 @@ export class Machine {
   }
 
   /** PNG of scanout 0. */
-  screenshot(): Uint8Array {
+  screenshot(): Promise<Uint8Array> {
     const gpu = this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as
-      | (VirtioDevice & { screenshot?: (scanout?: number) => Uint8Array })
+      | (VirtioDevice & { screenshot?: (scanout?: number) => Promise<Uint8Array> })
       | undefined;
-    if (!gpu?.screenshot) throw new Error("not available: this VM has no display (--gpu)");
+    if (!gpu?.screenshot) return Promise.reject(new Error("not available: this VM has no display (--gpu)"));
     return gpu.screenshot(0);
   }
 
   async screenshotTo(path: string): Promise<void> {
-    await Deno.writeFile(path, this.screenshot());
+    await Deno.writeFile(path, await this.screenshot());
   }
 
   /**
@@ -571,6 +571,8 @@ export class Machine {
     const gpu = this.virtio.find((v) => v.device instanceof GpuDevice)?.device as GpuDevice | undefined;
     if (!gpu) return undefined;
     const inputs = this.virtio.map((v) => v.device).filter((d): d is InputDevice => d instanceof InputDevice);
+    // Imported here, not with the VMM: most VMs have no web display (and its PNG path loads node:zlib).
+    const { WebDisplay } = await import("./web_display/server.ts");
     const server = new WebDisplay({
       display: gpu.display,
       input: {
@@ -582,6 +584,11 @@ export class Machine {
       port: web.port ?? 0,
     });
     const { url } = await server.start();
+    if (this.#closed) {
+      // The VM ended while the display started.
+      await server.close();
+      return undefined;
+    }
     this.#webDisplay = server;
     return url;
   }

@@ -10,7 +10,7 @@ export interface Image {
   rgba: Uint8Array;
 }
 
-export function decodePng(png: Uint8Array): Image {
+export function decodePng(png: Uint8Array): Promise<Image> {
   return decodePngRgba(png);
 }
 

@@ -97,7 +97,7 @@ export function parseGpuArgs(args: string[]): GpuDeviceArgs {
 }
 
 /** Answer one control-socket request. */
-export function handleGpuControl(dev: VhostUserGpuDevice, req: unknown): unknown {
+export async function handleGpuControl(dev: VhostUserGpuDevice, req: unknown): Promise<unknown> {
   if (typeof req !== "object" || req === null) throw new Error("expected a JSON object");
   const r = req as Record<string, unknown>;
   if (r.stats) {
@@ -115,7 +115,7 @@ export function handleGpuControl(dev: VhostUserGpuDevice, req: unknown): unknown
     };
   }
   if (typeof r.screenshot === "string") {
-    Deno.writeFileSync(r.screenshot, dev.screenshot(0));
+    await Deno.writeFile(r.screenshot, await dev.screenshot(0));
     return { ok: true, path: r.screenshot };
   }
   if (r.summary) return { ok: true, summary: dev.summary() };

@@ -302,7 +302,7 @@ export class GpuDevice implements VirtioDevice {
   }
 
   /** A PNG of scanout `id`. */
-  screenshot(id = 0): Uint8Array {
+  screenshot(id = 0): Promise<Uint8Array> {
     return this.display.screenshot(id);
   }
 

@@ -114,7 +114,7 @@ export class HeadlessDisplay {
   }
 
   /** The scanout as a PNG (RGB from the framebuffer, alpha forced opaque: a screen has no alpha). */
-  screenshot(id = 0): Uint8Array {
+  screenshot(id = 0): Promise<Uint8Array> {
     const fb = this.framebuffer(id);
     const n = fb.width * fb.height;
     const rgba = new Uint8Array(n * BPP);

@@ -1,15 +1,18 @@
 // PNG encoding and decoding for screenshots, through the maintained fast-png package (pinned in deno.json).
+// It is imported on first use, not with the VMM: loading an npm package (and Deno's Node compatibility
+// layer with it) took ~55 ms of denovm's start-up, on the path to the guest's first instruction.
 
-import { decode, encode } from "fast-png";
+let fastPng: Promise<typeof import("fast-png")> | undefined;
+const loadPng = () => fastPng ??= import("fast-png");
 
 /** Encode RGBA8 pixels (width * height * 4 bytes) as a PNG file. */
-export function encodePngRgba(width: number, height: number, rgba: Uint8Array): Uint8Array {
-  return encode({ width, height, data: rgba, channels: 4, depth: 8 });
+export async function encodePngRgba(width: number, height: number, rgba: Uint8Array): Promise<Uint8Array> {
+  return (await loadPng()).encode({ width, height, data: rgba, channels: 4, depth: 8 });
 }
 
 /** Decode a PNG into RGBA8 pixels (for tests and tools); throws on a file that is not 8-bit RGB(A). */
-export function decodePngRgba(png: Uint8Array): { width: number; height: number; rgba: Uint8Array } {
-  const img = decode(png);
+export async function decodePngRgba(png: Uint8Array): Promise<{ width: number; height: number; rgba: Uint8Array }> {
+  const img = (await loadPng()).decode(png);
   if (img.depth !== 8) throw new Error(`PNG depth ${img.depth} is not 8`);
   const n = img.width * img.height;
   const src = img.data as Uint8Array;
