@@ -90,6 +90,7 @@ export const MAP_NORESERVE = 0x4000;
 /** madvise(2) advice (asm-generic/mman-common.h). */
 export const MADV_DONTNEED = 4;
 export const MADV_REMOVE = 9;
+export const MADV_HUGEPAGE = 14;
 /** eventfd(2) flags (sys/eventfd.h). */
 export const EFD_CLOEXEC = O_CLOEXEC;
 export const EFD_NONBLOCK = O_NONBLOCK;
@@ -192,6 +193,26 @@ export function mmap(
 /** Anonymous private read-write memory, e.g. guest RAM. */
 export function mmapAnon(length: number): NonNullable<Deno.PointerValue> {
   return mmap(length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
+}
+
+/**
+ * Anonymous private read-write memory starting at a multiple of `align` (a power of two), with
+ * transparent huge pages asked for (MADV_HUGEPAGE; refused quietly where THP is off). For guest RAM:
+ * KVM maps a guest range with a large page only when host and guest addresses agree modulo the page
+ * size (Documentation/virt/kvm/mmu.rst; QEMU aligns its RAM for the same reason), and mmap(2) alone
+ * aligns to 4 KiB. Over-maps by `align`, then unmaps the unaligned head and the tail.
+ */
+export function mmapAnonAligned(length: number, align: number): NonNullable<Deno.PointerValue> {
+  const raw = mmapAnon(length + align);
+  const base = BigInt(Deno.UnsafePointer.value(raw));
+  const a = BigInt(align);
+  const aligned = (base + a - 1n) & ~(a - 1n);
+  const head = Number(aligned - base);
+  if (head > 0) munmap(raw, head);
+  if (align - head > 0) munmap(Deno.UnsafePointer.create(aligned + BigInt(length)), align - head);
+  const p = Deno.UnsafePointer.create(aligned)!;
+  libc().madvise(p, BigInt(length), MADV_HUGEPAGE);
+  return p;
 }
 
 export function munmap(ptr: Deno.PointerValue, length: number): void {

@@ -145,6 +145,10 @@ function assertBootState(events: FakeKvmEvent[], rip: number, mem = DEFAULT_MEM_
     ram.map((e) => ({ start: e.guest, size: e.size })),
     ramRanges(mem),
   );
+  // Host addresses agree with guest addresses modulo 2 MiB, so KVM can map the RAM with large pages.
+  for (const e of ram) {
+    assert.equal((e.host as number) % (2 * 1024 * 1024), (e.guest as number) % (2 * 1024 * 1024), JSON.stringify(e));
+  }
   const regs = of(events, "set_regs");
   assert.deepEqual(regs.map((e) => e.vcpu), [0], "boot registers are set on vCPU 0 only");
   assert.equal(regs[0].rip, rip);

@@ -2,7 +2,11 @@
 // Every access names a guest-physical address and a length and is checked
 // against the regions; nothing else does pointer arithmetic on guest addresses.
 
-import { mmapAnon, munmap } from "../ffi/libc.ts";
+import { mmapAnonAligned, munmap } from "../ffi/libc.ts";
+import { MiB } from "./layout.ts";
+
+/** x86-64's 2 MiB page: guest RAM's host mapping is aligned to it so KVM can map it with large pages. */
+const HUGE_PAGE_SIZE = 2 * MiB;
 
 /** An access outside guest RAM, or one that straddles two regions. */
 export class GuestMemoryError extends Error {
@@ -175,7 +179,7 @@ export class OwnedGuestMemory extends GuestMemory {
     const maps: { ptr: Deno.PointerObject; size: number }[] = [];
     const descs: RegionDescriptor[] = [];
     for (const r of ranges) {
-      const ptr = mmapAnon(r.size);
+      const ptr = mmapAnonAligned(r.size, HUGE_PAGE_SIZE);
       maps.push({ ptr, size: r.size });
       descs.push({ guestBase: r.start, size: r.size, hostAddr: BigInt(Deno.UnsafePointer.value(ptr)) });
     }
