@@ -388,4 +388,10 @@ Deno.test("InterruptStatus and InterruptACK as a vCPU answers them: from the sha
   s.drv.writeReg(VIRTIO_MMIO_STATUS, 0);
   assert.equal(vcpuRead(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS), 0);
   assert.equal(virtioInterruptRegisters({ cells, bases: [] }, 0), undefined, "no transports: no fast path");
+  // A window between two transports that has none, and the address just below the first: the main thread's.
+  const gapped = virtioInterruptRegisters({ cells, bases: [0xd000_0000, 0xd000_2000] }, 0)!;
+  assert.equal(gapped(0xd000_1000 + VIRTIO_MMIO_INTERRUPT_STATUS, 4, false, run), false);
+  assert.equal(gapped(0xd000_2000 + VIRTIO_MMIO_INTERRUPT_STATUS, 4, false, run), true);
+  assert.equal(gapped(0xd000_0000 - 4, 4, false, run), false);
+  assert.throws(() => virtioInterruptRegisters({ cells, bases: [0xd000_0000, 0xd000_0800] }, 0), RangeError);
 });

@@ -162,12 +162,24 @@ export function virtioInterruptRegisters(
 ): ((addr: number, len: number, isWrite: boolean, run: DataView) => boolean) | undefined {
   if (shared.bases.length === 0) return undefined;
   const cells = new Int32Array(shared.cells);
-  const slotOf = new Map(shared.bases.map((base, i) => [base, i]));
+  // Transport windows are VIRTIO_MMIO_SIZE apart from the lowest one: a table from window number to
+  // cell (-1 for a window without a transport) instead of a Map, and no `%` on an address above 2^31
+  // (a floating-point remainder): this runs on every virtio interrupt.
+  const first = Math.min(...shared.bases);
+  if (shared.bases.some((b) => (b - first) % VIRTIO_MMIO_SIZE !== 0)) {
+    throw new RangeError(`virtio-mmio bases not on a ${VIRTIO_MMIO_SIZE}-byte grid: ${shared.bases}`);
+  }
+  const slotOf = new Int32Array((Math.max(...shared.bases) - first) / VIRTIO_MMIO_SIZE + 1).fill(-1);
+  shared.bases.forEach((b, i) => slotOf[(b - first) / VIRTIO_MMIO_SIZE] = i);
+  const span = slotOf.length * VIRTIO_MMIO_SIZE;
   return (addr, len, isWrite, run) => {
     if (len !== VIRTIO_MMIO_REGISTER_SIZE) return false;
-    const offset = addr % VIRTIO_MMIO_SIZE;
-    const slot = slotOf.get(addr - offset);
-    if (slot === undefined) return false;
+    const rel = addr - first;
+    if (rel < 0 || rel >= span) return false;
+    const window = Math.floor(rel / VIRTIO_MMIO_SIZE);
+    const slot = slotOf[window];
+    if (slot < 0) return false;
+    const offset = rel - window * VIRTIO_MMIO_SIZE;
     if (!isWrite && offset === VIRTIO_MMIO_INTERRUPT_STATUS) {
       run.setUint32(dataOffset, Atomics.load(cells, slot), true);
       return true;
