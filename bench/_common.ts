@@ -105,16 +105,32 @@ export async function writeLayoutHeader(dir: string): Promise<string> {
 
 export interface SpawnedOutput {
   child: Deno.ChildProcess;
-  /** Milliseconds from spawn to the first byte on stdout (rejects if stdout ends first). */
+  /** Milliseconds from spawn to the first byte on the watched stream (rejects if it ends first). */
   firstByteMs: Promise<number>;
-  /** Resolves when the accumulated stdout matches `re`. */
+  /** Resolves when the watched stream's accumulated text matches `re`. */
   waitFor(re: RegExp): Promise<void>;
+  /** The watched stream's text so far. */
+  text(): string;
 }
 
-/** Spawn a process and time its first stdout byte; stdout is accumulated for waitFor. */
-export function spawnTimed(cmd: string, args: string[]): SpawnedOutput {
+export interface SpawnTimedOptions {
+  /** The stream to time and accumulate (default stdout); the other one is discarded. */
+  stream?: "stdout" | "stderr";
+  /** Extra environment variables. */
+  env?: Record<string, string>;
+}
+
+/** Spawn a process and time the first byte of its stdout (or stderr); the text is kept for waitFor. */
+export function spawnTimed(cmd: string, args: string[], opts: SpawnTimedOptions = {}): SpawnedOutput {
+  const watched = opts.stream ?? "stdout";
   const t0 = performance.now();
-  const child = new Deno.Command(cmd, { args, stdin: "null", stdout: "piped", stderr: "null" }).spawn();
+  const child = new Deno.Command(cmd, {
+    args,
+    env: opts.env,
+    stdin: "null",
+    stdout: watched === "stdout" ? "piped" : "null",
+    stderr: watched === "stderr" ? "piped" : "null",
+  }).spawn();
   let text = "";
   const waiters: { re: RegExp; resolve: () => void }[] = [];
   let firstResolve!: (ms: number) => void;
@@ -127,7 +143,7 @@ export function spawnTimed(cmd: string, args: string[]): SpawnedOutput {
   (async () => {
     const decoder = new TextDecoder();
     let first = true;
-    for await (const chunk of child.stdout) {
+    for await (const chunk of child[watched]) {
       if (first && chunk.length > 0) {
         first = false;
         firstResolve(performance.now() - t0);
@@ -140,12 +156,13 @@ export function spawnTimed(cmd: string, args: string[]): SpawnedOutput {
         }
       }
     }
-    if (first) firstReject(new Error(`${cmd} wrote nothing on stdout`));
+    if (first) firstReject(new Error(`${cmd} wrote nothing on ${watched}`));
   })();
   return {
     child,
     firstByteMs,
     waitFor: (re) => re.test(text) ? Promise.resolve() : new Promise((resolve) => waiters.push({ re, resolve })),
+    text: () => text,
   };
 }
 
@@ -165,8 +182,8 @@ export async function debianKernelDir(): Promise<string> {
 }
 
 /**
- * Builds one of the exit benchmarks' freestanding loop guests (bench/guest/<source>, linked by
- * bench/guest/exit_loop.ld at KERNEL_START, with layout.h from `dir`) as `dir`/`name`; `defines`
+ * Builds one of the benchmarks' freestanding guests (bench/guest/<source>, linked by
+ * bench/guest/<linkerScript> at KERNEL_START, with layout.h from `dir`) as `dir`/`name`; `defines`
  * become -DNAME=VALUE. Returns the ELF's path.
  */
 export async function buildLoopGuest(
@@ -174,13 +191,14 @@ export async function buildLoopGuest(
   source: string,
   name: string,
   defines: Record<string, string | number>,
+  linkerScript = "exit_loop.ld",
 ): Promise<string> {
   const out = join(dir, name);
   await run("gcc", [
     ...["-nostdlib", "-static", "-no-pie", "-fno-pic", `-I${dir}`],
     ...["-Wl,--build-id=none", "-Wl,-z,noexecstack", "-Wl,-z,max-page-size=4096"],
     `-Wl,--defsym=KERNEL_START=0x${KERNEL_START.toString(16)}`,
-    ...["-T", join(BENCH_DIR, "guest", "exit_loop.ld")],
+    ...["-T", join(BENCH_DIR, "guest", linkerScript)],
     ...Object.entries(defines).map(([k, v]) => `-D${k}=${v}`),
     "-o",
     out,

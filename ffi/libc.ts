@@ -55,18 +55,42 @@ const symbols = {
   free: { parameters: ["pointer"], result: "void" }, // void *ptr
 } as const satisfies Deno.ForeignLibraryInterface;
 
-let lib: Deno.DynamicLibrary<typeof symbols> | undefined;
+type LibcSymbols = Deno.DynamicLibrary<typeof symbols>["symbols"];
+type LibcName = keyof typeof symbols;
 
-/** The libc symbol table, opened on first use. */
-export function libc(): Deno.DynamicLibrary<typeof symbols>["symbols"] {
-  if (!lib) {
-    try {
-      lib = Deno.dlopen(libcPath(), symbols);
-    } catch (e) {
-      throw new Error(`cannot load the C library ${libcPath()} (package libc6): ${(e as Error).message}`);
-    }
+let table: LibcSymbols | undefined;
+
+/** Bind one symbol (its own dlopen handle; the library is loaded once and reference-counted). */
+function bind<K extends LibcName>(name: K): LibcSymbols[K] {
+  try {
+    const one = { [name]: symbols[name] } as Pick<typeof symbols, K>;
+    return Deno.dlopen(libcPath(), one).symbols[name] as LibcSymbols[K];
+  } catch (e) {
+    throw new Error(`cannot load ${name} from the C library ${libcPath()} (package libc6): ${(e as Error).message}`);
   }
-  return lib.symbols;
+}
+
+/**
+ * The libc symbol table. Each symbol is bound on its first call: Deno builds a call trampoline for
+ * every symbol it binds (~0.2 ms each), and binding all of them at once took ~10 ms of every
+ * start-up, most of them for symbols a given command never calls. Until then the table holds a
+ * stand-in that binds the symbol, puts it in its place and calls it; afterwards the property is the
+ * foreign function itself, so hot paths (KVM_RUN on every exit) call it directly.
+ */
+export function libc(): LibcSymbols {
+  if (!table) {
+    const t = {} as Record<LibcName, unknown>;
+    for (const name of Object.keys(symbols) as LibcName[]) {
+      let bound: ((...args: unknown[]) => unknown) | undefined;
+      t[name] = (...args: unknown[]) => {
+        bound ??= bind(name) as unknown as (...args: unknown[]) => unknown;
+        t[name] = bound;
+        return bound(...args);
+      };
+    }
+    table = t as LibcSymbols;
+  }
+  return table;
 }
 
 // Values from Linux's asm-generic/fcntl.h, asm-generic/mman-common.h, asm-generic/errno-base.h.

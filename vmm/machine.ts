@@ -11,7 +11,7 @@ import { Serial, UART_REGISTER_COUNT } from "../devices/legacy/serial.ts";
 import { type SharedMemoryMapper, VIRTIO_ID_GPU, type VirtioDevice } from "../devices/virtio/device.ts";
 import { VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport } from "../devices/virtio/mmio.ts";
 import type { ConsolePort } from "../devices/virtio/console.ts";
-import { GpuDevice } from "../devices/virtio/gpu/device.ts";
+import type { GpuDevice } from "../devices/virtio/gpu/device.ts";
 import { InputDevice } from "../devices/virtio/input.ts";
 import type { WebDisplay } from "./web_display/server.ts";
 import { virtioMmioCmdlineArgs, writeAcpiTables } from "./acpi.ts";
@@ -531,29 +531,30 @@ export class Machine {
     this.#vm.pulseIrq(IRQ_ACPI_SCI);
   }
 
+  /**
+   * The GPU device, if the VM has one. Found by its virtio device type: its module is loaded only
+   * for VMs with a GPU (vmm/virtio_devices.ts), so there is no class to test against here.
+   */
+  #gpu(): GpuDevice | undefined {
+    return this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as GpuDevice | undefined;
+  }
+
   /** The GPU's copy counters (issue: devices/virtio/gpu). */
   gpuStats(): object {
-    const gpu = this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as
-      | (VirtioDevice & { gpuStats?: () => object })
-      | undefined;
-    if (!gpu?.gpuStats) throw new Error("not available: this VM has no GPU (--gpu)");
+    const gpu = this.#gpu();
+    if (!gpu) throw new Error("not available: this VM has no GPU (--gpu)");
     return gpu.gpuStats();
   }
 
   /** The GPU's copy summary (a few lines), or undefined without a GPU. */
   gpuSummary(): string | undefined {
-    const gpu = this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as
-      | (VirtioDevice & { summary?: () => string })
-      | undefined;
-    return gpu?.summary?.();
+    return this.#gpu()?.summary();
   }
 
   /** PNG of scanout 0. */
   screenshot(): Promise<Uint8Array> {
-    const gpu = this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as
-      | (VirtioDevice & { screenshot?: (scanout?: number) => Promise<Uint8Array> })
-      | undefined;
-    if (!gpu?.screenshot) return Promise.reject(new Error("not available: this VM has no display (--gpu)"));
+    const gpu = this.#gpu();
+    if (!gpu) return Promise.reject(new Error("not available: this VM has no display (--gpu)"));
     return gpu.screenshot(0);
   }
 
@@ -568,7 +569,7 @@ export class Machine {
   async startWebDisplay(): Promise<string | undefined> {
     const web = this.config.gpu?.displays.find((d) => d.mode === "web");
     if (!web) return undefined;
-    const gpu = this.virtio.find((v) => v.device instanceof GpuDevice)?.device as GpuDevice | undefined;
+    const gpu = this.#gpu();
     if (!gpu) return undefined;
     const inputs = this.virtio.map((v) => v.device).filter((d): d is InputDevice => d instanceof InputDevice);
     // Imported here, not with the VMM: most VMs have no web display (and its PNG path loads node:zlib).

@@ -1,6 +1,8 @@
 // Which virtio device models a VmConfig asks for, in the order they get
 // virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
-// line), then net, consoles, rng, balloon, input, vsock, gpu.
+// line), then net, consoles, rng, balloon, input, vsock, gpu. The net, vsock and gpu
+// models (and the tap and virglrenderer bindings) are imported only when asked for:
+// loading them with every VM cost about 10 ms of start-up.
 
 import { BalloonDevice } from "../devices/virtio/balloon.ts";
 import { BlockDevice } from "../devices/virtio/block.ts";
@@ -8,12 +10,7 @@ import { ConsoleDevice, type ConsolePort } from "../devices/virtio/console.ts";
 import { AGENT_PORT_NAME } from "./agent_client.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../devices/virtio/input.ts";
-import { Backend2D } from "../devices/virtio/gpu/backend_2d.ts";
-import { GpuDevice } from "../devices/virtio/gpu/device.ts";
-import { NetDevice } from "../devices/virtio/net.ts";
-import { configureInterface } from "../ffi/tun.ts";
 import { RngDevice } from "../devices/virtio/rng.ts";
-import { VsockDevice } from "../devices/virtio/vsock.ts";
 import type { SerialConfig, VmConfig } from "./config.ts";
 
 /** A device model this version does not have; asked for explicitly, it is the user's error (exit 35). */
@@ -77,27 +74,31 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
           })),
       );
     }
-    for (const n of config.nets) {
-      if (n.vqPairs !== undefined && n.vqPairs > 1) throw new UnavailableDeviceError("--net vq-pairs above 1");
-      if (n.tapName === undefined && n.tapFd === undefined) {
-        // crosvm's host-ip=,netmask= form: a new tap (named by the kernel) with that host address.
-        if (!n.hostIp || !n.netmask) {
-          throw new DeviceConfigError("--net needs tap-name=, tap-fd=, or host-ip= and netmask=");
+    if (config.nets.length > 0) {
+      const { NetDevice } = await import("../devices/virtio/net.ts");
+      for (const n of config.nets) {
+        if (n.vqPairs !== undefined && n.vqPairs > 1) throw new UnavailableDeviceError("--net vq-pairs above 1");
+        if (n.tapName === undefined && n.tapFd === undefined) {
+          // crosvm's host-ip=,netmask= form: a new tap (named by the kernel) with that host address.
+          if (!n.hostIp || !n.netmask) {
+            throw new DeviceConfigError("--net needs tap-name=, tap-fd=, or host-ip= and netmask=");
+          }
+          const dev = await make("--net host-ip", () => new NetDevice({ tapName: "", mac: n.mac }));
+          devices.push(dev);
+          const { configureInterface } = await import("../ffi/tun.ts");
+          await make(
+            `--net host-ip=${n.hostIp}`,
+            () => configureInterface(dev.tapName, { ip: n.hostIp, netmask: n.netmask, up: true }),
+          );
+          continue;
         }
-        const dev = await make("--net host-ip", () => new NetDevice({ tapName: "", mac: n.mac }));
-        devices.push(dev);
-        await make(
-          `--net host-ip=${n.hostIp}`,
-          () => configureInterface(dev.tapName, { ip: n.hostIp, netmask: n.netmask, up: true }),
+        devices.push(
+          await make(
+            `--net ${n.tapName ?? `tap-fd=${n.tapFd}`}`,
+            () => new NetDevice({ tapName: n.tapName, tapFd: n.tapFd, mac: n.mac }),
+          ),
         );
-        continue;
       }
-      devices.push(
-        await make(
-          `--net ${n.tapName ?? `tap-fd=${n.tapFd}`}`,
-          () => new NetDevice({ tapName: n.tapName, tapFd: n.tapFd, mac: n.mac }),
-        ),
-      );
     }
     for (const s of config.serials.filter((s) => s.hardware === "virtio-console").sort((a, b) => a.num - b.num)) {
       const output = await ctx.serialOutput(s);
@@ -124,15 +125,19 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
     }
     if (config.vsock) {
       const udsPath = config.vsock.udsPath ?? ctx.defaultVsockPath;
+      const { VsockDevice } = await import("../devices/virtio/vsock.ts");
       devices.push(await make(`--vsock ${udsPath}`, () => new VsockDevice({ cid: config.vsock!.cid, udsPath })));
     }
     if (config.gpu) {
       const g = config.gpu;
       if (g.backend === "gfxstream") throw new UnavailableDeviceError("--gpu backend=gfxstream");
-      const backend = g.backend === "2d" ? new Backend2D() : await make("--gpu backend=virglrenderer", async () => {
-        const { VirglBackend } = await import("../devices/virtio/gpu/backend_virgl.ts");
-        return new VirglBackend({ contextTypes: g.contextTypes.length > 0 ? g.contextTypes : undefined });
-      });
+      const { GpuDevice } = await import("../devices/virtio/gpu/device.ts");
+      const backend = g.backend === "2d"
+        ? new (await import("../devices/virtio/gpu/backend_2d.ts")).Backend2D()
+        : await make("--gpu backend=virglrenderer", async () => {
+          const { VirglBackend } = await import("../devices/virtio/gpu/backend_virgl.ts");
+          return new VirglBackend({ contextTypes: g.contextTypes.length > 0 ? g.contextTypes : undefined });
+        });
       let displays = g.displays.map((d) => ({ width: d.width, height: d.height }));
       if (displays.length === 0 && g.width && g.height) displays = [{ width: g.width, height: g.height }];
       devices.push(
