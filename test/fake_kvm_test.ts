@@ -387,6 +387,12 @@ Deno.test("fake KVM, library: two vCPUs — pause stops the guest, resume restar
     "the AP was kicked out of KVM_RUN for pause and for stop",
   );
 
+  // The AP's Worker is created only once the boot vCPU runs (Machine.start): when vCPU 0's Worker
+  // mapped its run page, on its way into KVM_RUN, it was the only vCPU Worker of this process.
+  const bspWorkerMap = of(events, "mmap_run").find((e) => e.vcpu === 0 && e.tid !== Deno.pid);
+  assert.ok(bspWorkerMap, "vCPU 0's Worker mapped its run page");
+  assert.equal((bspWorkerMap.workers as number) - workersBefore.length, 1, "Workers when the boot vCPU started");
+
   // What the VMM told KVM.
   assertBootState(events, entry);
   assert.deepEqual(of(events, "create_vcpu").map((e) => e.id), [0, 1]);

@@ -20,6 +20,7 @@
 #define _GNU_SOURCE
 #include <asm/bootparam.h>
 #include <asm/processor-flags.h>
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -1182,6 +1183,26 @@ int ioctl(int fd, unsigned long req, ...) {
   return fail(EBADF);
 }
 
+/* Threads of this process that are Deno Workers (named "worker-N"), for the mmap_run event. */
+static int worker_threads(void) {
+  DIR *d = opendir("/proc/self/task");
+  if (!d) return -1;
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    if (e->d_name[0] == '.') continue;
+    char path[300], comm[32] = "";
+    snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+    int fd = real_open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue; /* the thread ended meanwhile */
+    ssize_t r = read(fd, comm, sizeof comm - 1);
+    real_close(fd);
+    if (r > 0 && !strncmp(comm, "worker-", 7)) n++;
+  }
+  closedir(d);
+  return n;
+}
+
 void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
   resolve_real();
   if (fd >= 0) {
@@ -1206,8 +1227,8 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
         if (vc->nmaps < MAX_RUN_MAPS) vc->maps[vc->nmaps++] = (uintptr_t)p;
         pthread_mutex_unlock(&lock);
       }
-      log_event("mmap_run", "\"vcpu\":%d,\"len\":%zu,\"shared\":%d,\"tid\":%ld", id, len,
-                (flags & MAP_SHARED) != 0, (long)syscall(SYS_gettid));
+      log_event("mmap_run", "\"vcpu\":%d,\"len\":%zu,\"shared\":%d,\"tid\":%ld,\"workers\":%d", id, len,
+                (flags & MAP_SHARED) != 0, (long)syscall(SYS_gettid), worker_threads());
       return p;
     }
   }
