@@ -1,9 +1,9 @@
 // denovm: a crosvm-compatible VMM. `denovm [--log-level L] <command> ...`; see `denovm --help`.
 // Every invalid command line ends with one `denovm: <what is wrong>` line on stderr and crosvm's
-// invalid-arguments exit code (35); see vmm/cli/exit_codes.ts for all exit codes.
+// invalid-arguments exit code (35); see core/exit_codes.ts for all exit codes.
 
 import { checkControlArgs, isControlCommand } from "./vmm/cli/control.ts";
-import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "./vmm/cli/exit_codes.ts";
+import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "./core/exit_codes.ts";
 import { DENOVM_VERSION, mainHelp, runHelp } from "./vmm/cli/help.ts";
 import { UsageError } from "./vmm/cli/keyvalue.ts";
 import { parseRunArgs } from "./vmm/cli/run.ts";
@@ -105,15 +105,15 @@ export async function main(args: readonly string[]): Promise<number> {
         writeStdout(JSON.stringify(parsed.config, null, 2) + "\n");
         return EXIT_SUCCESS;
       }
-      const vmm = await load("the VMM (vmm/run.ts)", () => import("./vmm/run.ts"));
+      const vmm = await load("the VMM (vmm/cli/run_vm.ts)", () => import("./vmm/cli/run_vm.ts"));
       if (!vmm) return EXIT_HOST_ERROR;
       return await vmm.runVm(parsed.config);
     }
     if (command === "device") {
       if (rest.length === 0) throw new UsageError("device: missing device TYPE");
       const m = await load(
-        "vhost-user devices (devices/vhost_user/cli.ts)",
-        () => import("./devices/vhost_user/cli.ts"),
+        "vhost-user devices (vmm/cli/device.ts)",
+        () => import("./vmm/cli/device.ts"),
       );
       if (!m) return EXIT_HOST_ERROR;
       return await m.runDeviceCommand(rest);
@@ -130,7 +130,7 @@ export async function main(args: readonly string[]): Promise<number> {
     if (isControlCommand(command)) {
       const argv = [command, ...rest];
       checkControlArgs(argv);
-      const m = await load("the control client (vmm/control_client.ts)", () => import("./vmm/control_client.ts"));
+      const m = await load("the control client (vmm/control/client.ts)", () => import("./vmm/control/client.ts"));
       if (!m) return EXIT_HOST_ERROR;
       const code = await m.sendControlCommand(argv);
       return typeof code === "number" ? code : EXIT_SUCCESS;

@@ -7,16 +7,16 @@
 //   console.log(await vm.stop());
 
 import { defaultVmConfig, type GpuConfig, gpuConfig, type SerialConfig, type VmConfig } from "./vmm/config.ts";
-import { ConsoleLog } from "./vmm/console_log.ts";
+import { ConsoleLog } from "./vmm/library/console_log.ts";
 import { Machine } from "./vmm/machine.ts";
 import { InputDevice } from "./devices/virtio/input.ts";
-import { AgentClient, type ExecOptions } from "./vmm/agent_client.ts";
+import { AgentClient, type ExecOptions } from "./vmm/library/agent_client.ts";
 
 /** Bytes a console port buffers for the guest (ConsoleDevice's default inputLimit): the largest agent request. */
 const AGENT_PORT_INPUT_LIMIT = 1024 * 1024;
-import { compareImages, type CompareOptions, decodePng, type Image } from "./vmm/screen.ts";
+import { compareImages, type CompareOptions, decodePng, type Image } from "./vmm/library/screen.ts";
 
-export { ConsoleTimeoutError } from "./vmm/console_log.ts";
+export { ConsoleTimeoutError } from "./vmm/library/console_log.ts";
 export type { VmConfig } from "./vmm/config.ts";
 export { defaultVmConfig, gpuConfig, kernelCommandLine } from "./vmm/config.ts";
 export {
@@ -26,11 +26,11 @@ export {
   EXIT_SUCCESS,
   EXIT_VM_CRASH,
   EXIT_VM_RESET,
-} from "./vmm/cli/exit_codes.ts";
+} from "./core/exit_codes.ts";
 export { ConfigError } from "./vmm/machine.ts";
-export { compareImages, decodePng, pixel } from "./vmm/screen.ts";
-export type { CompareOptions, Image, Region } from "./vmm/screen.ts";
-export { HostError } from "./vmm/vm.ts";
+export { compareImages, decodePng, pixel } from "./vmm/library/screen.ts";
+export type { CompareOptions, Image, Region } from "./vmm/library/screen.ts";
+export { HostError } from "./vmm/kvm/vm.ts";
 
 /** What Vm.boot takes: a kernel and any VmConfig fields, plus library-only options. */
 export type BootConfig = Partial<Omit<VmConfig, "gpu">> & {

@@ -4,7 +4,7 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { layoutHeader } from "../test/guests/build.ts";
-import { KERNEL_START } from "../vmm/layout.ts";
+import { KERNEL_START } from "../vmm/arch/layout.ts";
 import type { BootConfig } from "../mod.ts";
 import { exists } from "../test/support/guest_process.ts";
 
@@ -107,7 +107,7 @@ export async function run(cmd: string, args: string[], env?: Record<string, stri
   return text;
 }
 
-/** Write vmm/layout.ts as a C header (test/guests/build.ts's generator) into `dir`; returns `dir`. */
+/** Write vmm/arch/layout.ts as a C header (test/guests/build.ts's generator) into `dir`; returns `dir`. */
 export async function writeLayoutHeader(dir: string): Promise<string> {
   await Deno.mkdir(dir, { recursive: true });
   const path = join(dir, "layout.h");

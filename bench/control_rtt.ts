@@ -6,7 +6,7 @@
 //
 // Usage: deno run --allow-all bench/control_rtt.ts [--iterations N]
 
-import type { ControlHandler } from "../vmm/control.ts";
+import type { ControlHandler } from "../vmm/control/server.ts";
 
 const WORKER_NAME = "denovm-control-rtt-server";
 
@@ -38,7 +38,7 @@ function percentile(xs: number[], p: number): number {
 const round = (x: number) => Math.round(x * 10) / 10;
 
 async function serveInWorker(): Promise<void> {
-  const { ControlServer } = await import("../vmm/control.ts");
+  const { ControlServer } = await import("../vmm/control/server.ts");
   const scope = self as unknown as {
     onmessage: ((e: MessageEvent) => void) | null;
     postMessage(m: unknown): void;
@@ -71,7 +71,7 @@ function ask(worker: Worker, msg: unknown): Promise<{ ok: boolean; error?: strin
 }
 
 async function main(): Promise<void> {
-  const { ControlClient } = await import("../vmm/control_client.ts");
+  const { ControlClient } = await import("../vmm/control/client.ts");
   const i = Deno.args.indexOf("--iterations");
   const iterations = i >= 0 ? Number(Deno.args[i + 1]) : 2000;
   if (!Number.isInteger(iterations) || iterations < 10) throw new Error("--iterations must be an integer >= 10");

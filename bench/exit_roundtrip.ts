@@ -9,7 +9,7 @@
 // Output: {"bench":"exit-roundtrip","denovm_us":..,"c_us":..,"ratio":..,"loops":N,"c_ns_per_exit":..,
 //          "denovm_ns_per_exit":..,"denovm_device_ns_per_exit":..} (ratio: the POST-code port against C)
 
-import { DEBUG_EXIT_PORT, SERIAL_PORTS } from "../vmm/layout.ts";
+import { DEBUG_EXIT_PORT, SERIAL_PORTS } from "../vmm/arch/layout.ts";
 import {
   benchCacheDir,
   buildBenchC,

@@ -14,10 +14,10 @@
 //          "linux":{"denovm_ms":..,"qemu_microvm_ms":..,"ratio":..},"denovm_setup_ms":..,
 //          "denovm_setup":{"runtime_ms":..,"vm_build_ms":..,"vcpu_start_ms":..,"setup_ms":..},"repeats":N}
 // (medians; ratio = denovm_ms / qemu_microvm_ms; denovm_setup is denovm's own account of its start-up, from
-// DENOVM_TIMINGS (vmm/run.ts); a side that fails reports null and an error field).
+// DENOVM_TIMINGS (vmm/cli/run_vm.ts); a side that fails reports null and an error field).
 
 import { join } from "node:path";
-import { TIMINGS_ENV } from "../vmm/run.ts";
+import { TIMINGS_ENV } from "../vmm/cli/run_vm.ts";
 import {
   benchCacheDir,
   buildLoopGuest,
@@ -111,7 +111,7 @@ async function medianOf(
   return m;
 }
 
-/** The timings line denovm prints on stderr with DENOVM_TIMINGS (vmm/run.ts). */
+/** The timings line denovm prints on stderr with DENOVM_TIMINGS (vmm/cli/run_vm.ts). */
 const TIMINGS_LINE = /denovm: timings: (.*)\n/;
 
 /** denovm's own account of its start-up with `kernel`: medians of each field. */

@@ -19,7 +19,7 @@
 
 import type { Rect } from "../devices/virtio/gpu/backend.ts";
 import { HeadlessDisplay } from "../devices/virtio/gpu/display.ts";
-import { WebDisplay, type WebDisplayOptions } from "../vmm/web_display/server.ts";
+import { WebDisplay, type WebDisplayOptions } from "../vmm/ui/web_display/server.ts";
 import { exists, progress, result } from "./_common.ts";
 
 const BENCH = "web-fps";

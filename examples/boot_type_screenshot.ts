@@ -1,5 +1,5 @@
 // The README's library example, kept type-checked (`deno task check`) and run by
-// test/linux_boot_test.ts where KVM runs Linux (or in the nested KVM host). By hand:
+// test/nested/linux_boot_test.ts where KVM runs Linux (or in the nested KVM host). By hand:
 //   deno run -A examples/boot_type_screenshot.ts [KERNEL [INITRD]]
 import { type Image, pixel, Vm } from "../mod.ts";
 

@@ -1,7 +1,7 @@
 // The KVM API: every ioctl number and struct layout denovm uses, once.
 // Source: Linux include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h
 // (Debian linux-libc-dev installs them as /usr/include/linux/kvm.h and
-// /usr/include/x86_64-linux-gnu/asm/kvm.h). test/kvm_abi_test.ts compiles a C
+// /usr/include/x86_64-linux-gnu/asm/kvm.h). ffi/kvm_test.ts compiles a C
 // program against those headers and checks every number here.
 
 import { errno, libc, SysError } from "./libc.ts";

@@ -1,4 +1,4 @@
-// Unix SOCK_SEQPACKET sockets through libc FFI: the pieces devices/vhost_user/socket.ts (stream sockets)
+// Unix SOCK_SEQPACKET sockets through libc FFI: the pieces core/unix_socket.ts (stream sockets)
 // does not export. Constants it already exports (AF_UNIX, SOCK_NONBLOCK, SOCK_CLOEXEC, UNIX_PATH_MAX) are
 // reused from there, not redefined. Sending and receiving packets goes through its UnixStream class, whose
 // recvmsg/sendmsg calls work the same on a SOCK_SEQPACKET descriptor (one call = one packet).

@@ -3,7 +3,7 @@
 // (google/crosvm src/crosvm/cmdline.rs RunCommand, devices/src/serial_device.rs SerialParameters,
 // devices/src/virtio/block/mod.rs DiskOption, devices/src/virtio/gpu/parameters.rs GpuParameters).
 
-import { SERIAL_PORTS } from "./layout.ts";
+import { SERIAL_PORTS } from "./arch/layout.ts";
 
 /** Where a serial port's output goes (crosvm SerialType). */
 export type SerialType = "stdout" | "sink" | "file" | "syslog" | "unix" | "unix-stream";

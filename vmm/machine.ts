@@ -13,10 +13,10 @@ import { VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport } from "../devices/virtio
 import type { ConsolePort } from "../devices/virtio/console.ts";
 import type { GpuDevice } from "../devices/virtio/gpu/device.ts";
 import { InputDevice } from "../devices/virtio/input.ts";
-import type { WebDisplay } from "./web_display/server.ts";
-import { virtioMmioCmdlineArgs, writeAcpiTables } from "./acpi.ts";
-import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./boot/kernel.ts";
-import { Bus } from "./bus.ts";
+import type { WebDisplay } from "./ui/web_display/server.ts";
+import { virtioMmioCmdlineArgs, writeAcpiTables } from "./arch/acpi.ts";
+import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./arch/boot/kernel.ts";
+import { Bus } from "../core/bus.ts";
 import { kernelCommandLine, type VmConfig } from "./config.ts";
 import {
   EXIT_GUEST_PANIC,
@@ -25,7 +25,7 @@ import {
   EXIT_SUCCESS,
   EXIT_VM_CRASH,
   EXIT_VM_RESET,
-} from "./cli/exit_codes.ts";
+} from "../core/exit_codes.ts";
 import {
   setBootFpu,
   setBootMsrs,
@@ -34,7 +34,7 @@ import {
   setLapicLints,
   vcpuCpuid,
   writeBootTables,
-} from "./cpu.ts";
+} from "./arch/cpu.ts";
 import {
   ACPI_RSDP_START,
   ACPI_SLEEP_CONTROL_PORT,
@@ -52,14 +52,14 @@ import {
   VIRTIO_IRQS,
   VIRTIO_MMIO_SIZE,
   VIRTIO_MMIO_START,
-} from "./layout.ts";
-import { OwnedGuestMemory } from "./memory.ts";
-import { writeMpTable } from "./mptable.ts";
-import { ControlServer } from "./control.ts";
-import { machineControlHandler } from "./control_handler.ts";
-import { HostIo } from "./host_io.ts";
-import { createVirtioDevices } from "./virtio_devices.ts";
-import { spawnVcpuWorker, Vcpu, type VcpuEnd } from "./vcpu.ts";
+} from "./arch/layout.ts";
+import { OwnedGuestMemory } from "../core/memory.ts";
+import { writeMpTable } from "./arch/mptable.ts";
+import { ControlServer } from "./control/server.ts";
+import { machineControlHandler } from "./control/handler.ts";
+import { HostIo } from "./device_manager/host_io.ts";
+import { createVirtioDevices } from "./device_manager/virtio_devices.ts";
+import { spawnVcpuWorker, Vcpu, type VcpuEnd } from "./kvm/vcpu.ts";
 import {
   CMD_PAUSE,
   CMD_RUN,
@@ -69,11 +69,11 @@ import {
   CTL_SLOTS,
   type VcpuSerial,
   type VirtioInterruptCells,
-} from "./vcpu_channel.ts";
-import { HostError, Kvm, Vm } from "./vm.ts";
+} from "./kvm/vcpu_channel.ts";
+import { HostError, Kvm, Vm } from "./kvm/vm.ts";
 import { installKickHandler } from "../ffi/libc.ts";
 
-/** What Machine needs of a VM (vmm/vm.ts Vm): memory slots, interrupt lines, irqfd and ioeventfd. */
+/** What Machine needs of a VM (vmm/kvm/vm.ts Vm): memory slots, interrupt lines, irqfd and ioeventfd. */
 export type VmHandle = Pick<
   Vm,
   | "addGuestMemory"
@@ -541,7 +541,7 @@ export class Machine {
     return Atomics.load(this.#ctl, CTL_COMMAND) === CMD_PAUSE;
   }
 
-  /** Press the ACPI power button: the GED's interrupt runs _EVT, which notifies \_SB.PWRB (vmm/acpi.ts). */
+  /** Press the ACPI power button: the GED's interrupt runs _EVT, which notifies \_SB.PWRB (vmm/arch/acpi.ts). */
   powerButton(): void {
     if (this.#exitCode !== undefined) throw new Error("the VM has ended");
     this.#vm.pulseIrq(IRQ_ACPI_SCI);
@@ -549,7 +549,7 @@ export class Machine {
 
   /**
    * The GPU device, if the VM has one. Found by its virtio device type: its module is loaded only
-   * for VMs with a GPU (vmm/virtio_devices.ts), so there is no class to test against here.
+   * for VMs with a GPU (vmm/device_manager/virtio_devices.ts), so there is no class to test against here.
    */
   #gpu(): GpuDevice | undefined {
     return this.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)?.device as GpuDevice | undefined;
@@ -589,7 +589,7 @@ export class Machine {
     if (!gpu) return undefined;
     const inputs = this.virtio.map((v) => v.device).filter((d): d is InputDevice => d instanceof InputDevice);
     // Imported here, not with the VMM: most VMs have no web display (and its PNG path loads node:zlib).
-    const { WebDisplay } = await import("./web_display/server.ts");
+    const { WebDisplay } = await import("./ui/web_display/server.ts");
     const server = new WebDisplay({
       display: gpu.display,
       input: {

@@ -5,7 +5,7 @@
  *
  * Entered like a vmlinux at its 64-bit entry (Linux Documentation/arch/x86/boot.rst, "64-bit Boot
  * Protocol"). Only plain integer instructions, so it runs under an emulating KVM too. Built by
- * bench/exit_roundtrip.ts with -DLOOPS=<n> -DBENCH_PORT=<port>; layout.h comes from vmm/layout.ts.
+ * bench/exit_roundtrip.ts with -DLOOPS=<n> -DBENCH_PORT=<port>; layout.h comes from vmm/arch/layout.ts.
  */
 #include "layout.h"
 

@@ -3,7 +3,7 @@
  * both VMMs boot: denovm enters it at its 64-bit entry (Linux Documentation/arch/x86/boot.rst,
  * "64-bit Boot Protocol"), QEMU at its PVH entry (32-bit protected mode, paging off), which the
  * Xen ELF note below names (xen/include/public/elfnote.h; QEMU's x86 -kernel loads an ELF that
- * has it the PVH way). Linked by first_byte.ld; layout.h comes from vmm/layout.ts.
+ * has it the PVH way). Linked by first_byte.ld; layout.h comes from vmm/arch/layout.ts.
  */
 #include "layout.h"
 

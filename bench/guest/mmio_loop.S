@@ -7,7 +7,7 @@
  *
  * Entered like a vmlinux at its 64-bit entry (Linux Documentation/arch/x86/boot.rst, "64-bit Boot
  * Protocol") with the low 4 GiB identity-mapped. Only plain integer instructions. Built by
- * bench/mmio_exit.ts with -DLOOPS=<n> and bench/guest/exit_loop.ld; layout.h comes from vmm/layout.ts.
+ * bench/mmio_exit.ts with -DLOOPS=<n> and bench/guest/exit_loop.ld; layout.h comes from vmm/arch/layout.ts.
  */
 #include "layout.h"
 

@@ -2,7 +2,7 @@
 // power off), sleep status, and the reset register. ACPI 6.4 sections 4.8.3.7
 // (sleep control/status registers) and 4.8.3.6 (reset register).
 
-import type { BusDevice } from "../../vmm/bus.ts";
+import type { BusDevice } from "../../core/bus.ts";
 import {
   ACPI_RESET_PORT,
   ACPI_RESET_VALUE,
@@ -11,7 +11,7 @@ import {
   ACPI_SLP_EN,
   ACPI_SLP_TYP_MASK,
   ACPI_SLP_TYP_SHIFT,
-} from "../../vmm/layout.ts";
+} from "../../vmm/arch/layout.ts";
 
 /** Ports from the sleep control register to the reset register. */
 export const ACPI_PM_PORT_SPAN = ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT + 1;

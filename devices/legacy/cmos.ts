@@ -2,7 +2,7 @@
 // wall clock at boot instead of waiting on a dead RTC. Register indices from
 // Linux include/linux/mc146818rtc.h.
 
-import type { BusDevice } from "../../vmm/bus.ts";
+import type { BusDevice } from "../../core/bus.ts";
 
 const RTC_SECONDS = 0x00;
 const RTC_MINUTES = 0x02;

@@ -3,8 +3,8 @@
 // answers. Commands from the IBM PC/AT technical reference as Linux's
 // drivers/input/serio/i8042.h names them.
 
-import type { BusDevice } from "../../vmm/bus.ts";
-import { I8042_COMMAND_PORT, I8042_DATA_PORT } from "../../vmm/layout.ts";
+import type { BusDevice } from "../../core/bus.ts";
+import { I8042_COMMAND_PORT, I8042_DATA_PORT } from "../../vmm/arch/layout.ts";
 
 const I8042_CMD_CTL_RCTR = 0x20; // read the command byte
 const I8042_CMD_CTL_WCTR = 0x60; // write the command byte

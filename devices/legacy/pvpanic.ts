@@ -1,7 +1,7 @@
 // pvpanic: the guest writes here when it panics (QEMU docs/specs/pvpanic.rst;
 // Linux drivers/misc/pvpanic). crosvm exits 34 on a guest panic.
 
-import type { BusDevice } from "../../vmm/bus.ts";
+import type { BusDevice } from "../../core/bus.ts";
 
 /** Event bits (pvpanic.rst; Linux include/uapi/misc/pvpanic.h). */
 const PVPANIC_PANICKED = 1 << 0;

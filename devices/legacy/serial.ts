@@ -1,7 +1,7 @@
 // 8250/16550A UART as Linux's 8250 driver sees it. Register numbers and bits from
 // Linux include/uapi/linux/serial_reg.h.
 
-import type { BusDevice } from "../../vmm/bus.ts";
+import type { BusDevice } from "../../core/bus.ts";
 
 // Register offsets (serial_reg.h).
 const UART_RX = 0; // in, DLAB=0

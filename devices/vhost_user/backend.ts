@@ -24,7 +24,7 @@ import {
   PROT_READ,
   PROT_WRITE,
 } from "../../ffi/libc.ts";
-import { GuestMemory, GuestMemoryError, type RegionDescriptor } from "../../vmm/memory.ts";
+import { GuestMemory, GuestMemoryError, type RegionDescriptor } from "../../core/memory.ts";
 import type { VirtioDevice, VirtioInterrupt } from "../virtio/device.ts";
 import { VIRTIO_F_EVENT_IDX } from "../virtio/device.ts";
 import { availRingBytes, descTableBytes, usedRingBytes, VIRTQ_MAX_SIZE, Virtqueue } from "../virtio/queue.ts";
@@ -56,7 +56,14 @@ import {
   type VringAddr,
   vringStatePayload,
 } from "./protocol.ts";
-import { ConnectionClosed, setNonBlocking, UnixListener, type UnixStream, WaitCancelled, Waker } from "./socket.ts";
+import {
+  ConnectionClosed,
+  setNonBlocking,
+  UnixListener,
+  type UnixStream,
+  WaitCancelled,
+  Waker,
+} from "../../core/unix_socket.ts";
 
 /**
  * Protocol features this back end offers (vhost-user.rst "Protocol features"). BACKEND_REQ gives

@@ -17,7 +17,7 @@ import { closeFd, EAGAIN, EINTR, errno, libc, pollAsync, POLLERR, POLLHUP, POLLO
 import { GpuDevice, type GpuDeviceOptions } from "../virtio/gpu/device.ts";
 import type { Rect } from "../virtio/gpu/backend.ts";
 import type { VhostUserRequestHandler } from "./backend.ts";
-import { ConnectionClosed, setNonBlocking, UnixStream, WaitCancelled, Waker } from "./socket.ts";
+import { ConnectionClosed, setNonBlocking, UnixStream, WaitCancelled, Waker } from "../../core/unix_socket.ts";
 
 /** Front-end request: the display socket (vhost-user.rst "Front-end message types"). */
 export const VHOST_USER_GPU_SET_SOCKET = 33;

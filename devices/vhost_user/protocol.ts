@@ -4,7 +4,7 @@
 // little-endian (native x86_64).
 
 import { closeFd } from "../../ffi/libc.ts";
-import type { UnixStream } from "./socket.ts";
+import type { UnixStream } from "../../core/unix_socket.ts";
 
 // Header (vhost-user.rst "Header"): u32 request; u32 flags; u32 size (payload bytes).
 const HDR_REQUEST = 0;

@@ -22,7 +22,7 @@ import {
   type VirtioDevice,
 } from "./device.ts";
 import { type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
-import type { GuestMemory } from "../../vmm/memory.ts";
+import type { GuestMemory } from "../../core/memory.ts";
 import { EINVAL, errno, libc, MADV_DONTNEED, MADV_REMOVE, strerror } from "../../ffi/libc.ts";
 
 // ---- Feature bits (virtio_balloon.h) ----

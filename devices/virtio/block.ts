@@ -11,7 +11,7 @@ import {
   type VirtioDevice,
 } from "./device.ts";
 import { ChainError, type ChainReader, type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
-import type { GuestMemory } from "../../vmm/memory.ts";
+import type { GuestMemory } from "../../core/memory.ts";
 import {
   check,
   closeFd,

@@ -2,7 +2,7 @@
 // VirtioDevice; a transport (virtio-mmio in the VMM, or a vhost-user backend)
 // translates registers or protocol messages into these calls.
 
-import type { GuestMemory } from "../../vmm/memory.ts";
+import type { GuestMemory } from "../../core/memory.ts";
 import type { DescriptorChain, Virtqueue } from "./queue.ts";
 
 /** Device IDs (virtio 1.2 spec, section 5 "Device Types"). */

@@ -5,7 +5,7 @@
 import { type ActivateContext, VIRTIO_F_VERSION_1, type VirtioDevice, type VirtioInterrupt } from "./device.ts";
 import { RateLimitedLog, VIRTQ_MAX_SIZE, Virtqueue } from "./queue.ts";
 import { VIRTIO_F_EVENT_IDX } from "./device.ts";
-import type { GuestMemory } from "../../vmm/memory.ts";
+import type { GuestMemory } from "../../core/memory.ts";
 
 // ---- Register offsets (virtio_mmio.h, spec 4.2.2 table "MMIO Device Register Layout") ----
 export const VIRTIO_MMIO_MAGIC_VALUE = 0x000;
@@ -74,7 +74,7 @@ export interface VirtioMmioOptions {
   irq: VirtioIrq;
   /**
    * Where InterruptStatus lives: element `index` of a shared Int32Array, so that a vCPU thread can
-   * answer the InterruptStatus read and InterruptACK write of every interrupt itself (vmm/vcpu_worker.ts)
+   * answer the InterruptStatus read and InterruptACK write of every interrupt itself (vmm/kvm/vcpu_worker.ts)
    * while this transport raises bits with Atomics. Default: a private cell.
    */
   interruptCell?: { cells: Int32Array; index: number };

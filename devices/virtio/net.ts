@@ -27,7 +27,7 @@ import {
   type VirtioInterrupt,
 } from "./device.ts";
 import { ChainError, type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
-import { GuestMemoryError } from "../../vmm/memory.ts";
+import { GuestMemoryError } from "../../core/memory.ts";
 import {
   closeFd,
   eventfd,

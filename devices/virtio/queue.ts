@@ -3,7 +3,7 @@
 // owns the used ring. Everything read from guest memory is hostile: a malformed chain is
 // consumed, logged in one rate-limited line and completed with length 0, never thrown.
 
-import { type GuestMemory, GuestMemoryError } from "../../vmm/memory.ts";
+import { type GuestMemory, GuestMemoryError } from "../../core/memory.ts";
 
 // ---- Layout numbers (virtio 1.2 section 2.7.5 "The Virtqueue Descriptor Table") ----
 

@@ -16,7 +16,7 @@
  *   SUBMIT_3D  VIRGL_CCMD_RESOURCE_COPY_REGION blob -> buffer
  *   TRANSFER_FROM_HOST_3D of the buffer into its backing, compared with the pattern
  *   RESOURCE_UNMAP_BLOB
- * and powers off. Lines on COM1 (parsed by test/kvm_gpu_test.ts):
+ * and powers off. Lines on COM1 (parsed by test/kvm/gpu_test.ts):
  *   GPU dev base=0x<b> found=<virtio-mmio devices>
  *   GPU shm base=0x<window gpa> len=0x<window bytes>
  *   GPU capsets=<n> virgl2 version=<v> size=<bytes>
@@ -162,7 +162,7 @@ _Static_assert(sizeof(struct gpu_transfer_host_3d) == 72, "transfer_host_3d");
 #define BLOB_RES_ID 1
 #define COPY_RES_ID 2
 #define BLOB_ID 7
-#define BLOB_SIZE (64u * 1024u) /* test/kvm_gpu_test.ts BLOB_SIZE */
+#define BLOB_SIZE (64u * 1024u) /* test/kvm/gpu_test.ts BLOB_SIZE */
 #define MAP_OFFSET 0
 #define PAGE_SIZE 4096u
 #define RESP_BUF_SIZE 4096 /* room for GET_CAPSET's VIRGL2 caps (1376 bytes with virglrenderer 0.10.4) */
@@ -199,7 +199,7 @@ static void fail(const char *what) {
   debug_exit(GUEST_EXIT_FAILURE);
 }
 
-/* The pattern written through the window (test/kvm_gpu_test.ts computes the same). */
+/* The pattern written through the window (test/kvm/gpu_test.ts computes the same). */
 static u8 pattern_byte(u32 i) { return (u8)(i * 131u + (i >> 8) * 7u + 0x5a); }
 
 /* ---- Device set-up (virtio 1.2 section 3.1.1) ---- */

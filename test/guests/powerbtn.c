@@ -12,7 +12,7 @@
 
 /* FADT SCI_INT: u16 at offset 46 (ACPI 6.4 section 5.2.9, table 5.9). */
 #define FADT_SCI_INT 46
-/* Without an FADT: the SCI denovm uses (vmm/layout.ts IRQ_ACPI_SCI). */
+/* Without an FADT: the SCI denovm uses (vmm/arch/layout.ts IRQ_ACPI_SCI). */
 #define DEFAULT_SCI IRQ_ACPI_SCI
 
 static void on_power_button(struct irq_frame *f) {

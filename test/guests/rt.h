@@ -4,7 +4,7 @@
  * The guests are entered like a Linux vmlinux (64-bit boot protocol,
  * Documentation/arch/x86/boot.rst): long mode, identity-mapped low memory,
  * RSI = the zero page, interrupts off. Addresses come from layout.h, which
- * build.ts generates from vmm/layout.ts.
+ * build.ts generates from vmm/arch/layout.ts.
  */
 #ifndef GUEST_RT_H
 #define GUEST_RT_H

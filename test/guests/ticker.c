@@ -9,7 +9,7 @@
 #define TICK_VECTOR 0x30
 /*
  * Ten lines a second from 20 interrupts a second: the guest wakes no more often than it has to, so
- * that 20 tickers at once (test/kvm_many_vms_test.ts) cost the host little, even the nested KVM host
+ * that 20 tickers at once (test/kvm/many_vms_test.ts) cost the host little, even the nested KVM host
  * whose one emulated CPU runs them all.
  */
 #define TICKS_PER_LINE 2

@@ -8,7 +8,7 @@
  * Completion is seen by the interrupt handler (InterruptStatus read, InterruptACK write), never by
  * polling the used ring. One line per fact on COM1, then VIRTIO DONE and ACPI power-off.
  *
- * Lines (parsed by test/kvm_virtio_test.ts):
+ * Lines (parsed by test/kvm/virtio_test.ts):
  *   VIRTIO found=<n>
  *   VIRTIO dev <i> id=<id> base=0x<b> size=0x<s> gsi=<g> edge=<0|1> low=<0|1>
  *   VIRTIO blk cap=<sectors> rw=<ok|ro> sum0=<fnv1a-32 hex of sector 0>   (ro: no write tried)
@@ -182,7 +182,7 @@ static void blk_rw(struct vdev *d, u32 type, u64 sector) {
   if (len < 1) fail("block used length", d);
 }
 
-/* The pattern written to sector 1 (test/kvm_virtio_test.ts computes the same). */
+/* The pattern written to sector 1 (test/kvm/virtio_test.ts computes the same). */
 static u8 sector1_byte(u32 i) { return (u8)(i * 13 + 0x3c); }
 
 /* FNV-1a, 32 bits. */

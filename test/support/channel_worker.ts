@@ -1,8 +1,8 @@
 /// <reference lib="deno.worker" />
 // A stand-in for a vCPU Worker: performs accesses through the real vCPU channel
-// (vmm/vcpu_channel.ts exchange) the way the KVM loop does, without KVM.
+// (vmm/kvm/vcpu_channel.ts exchange) the way the KVM loop does, without KVM.
 
-import { DOORBELL, exchange, KIND_MMIO, KIND_PIO } from "../../vmm/vcpu_channel.ts";
+import { DOORBELL, exchange, KIND_MMIO, KIND_PIO } from "../../vmm/kvm/vcpu_channel.ts";
 
 self.onmessage = (e: MessageEvent<{ io: SharedArrayBuffer; count: number }>) => {
   const io = new Int32Array(e.data.io);

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import { virtioLog } from "../../devices/virtio/queue.ts";
-import type { GuestMemory } from "../../vmm/memory.ts";
+import type { GuestMemory } from "../../core/memory.ts";
 import type { GuardedGuestMemory } from "./virtio_driver.ts";
 import { VirtioTestDriver } from "./virtio_driver.ts";
 

@@ -1,5 +1,5 @@
-// A fake /dev/kvm for hosts without KVM, so that denovm's KVM-facing code (vmm/vm.ts, vmm/cpu.ts,
-// vmm/vcpu.ts, vmm/vcpu_worker.ts, vmm/machine.ts) runs for real in tests.
+// A fake /dev/kvm for hosts without KVM, so that denovm's KVM-facing code (vmm/kvm/vm.ts, vmm/arch/cpu.ts,
+// vmm/kvm/vcpu.ts, vmm/kvm/vcpu_worker.ts, vmm/machine.ts) runs for real in tests.
 //
 // How it is used: denovm loads libc through ffi/libc.ts from $DENOVM_LIBC. This shared object links
 // against libc and defines only open, close, ioctl, mmap and munmap; Deno.dlopen + dlsym look in this
@@ -14,7 +14,7 @@
 // wait for INIT/SIPI. What the VMM asked for is written to $DENOVM_FAKE_KVM_LOG, one JSON object per
 // line, for the tests to check.
 //
-// Guest-physical addresses and ports come from vmm/layout.ts: test/support/fake_kvm.ts passes them
+// Guest-physical addresses and ports come from vmm/arch/layout.ts: test/support/fake_kvm.ts passes them
 // as -D definitions (LAYOUT_*), so this file hard-codes none of them.
 
 #define _GNU_SOURCE
@@ -41,7 +41,7 @@
 #include <unistd.h>
 
 #ifndef LAYOUT_SERIAL_COM1_BASE
-#error "build with test/support/fake_kvm.ts: it passes vmm/layout.ts values as LAYOUT_* definitions"
+#error "build with test/support/fake_kvm.ts: it passes vmm/arch/layout.ts values as LAYOUT_* definitions"
 #endif
 
 // ---- What the fake KVM reports ----
@@ -89,11 +89,11 @@
 /** virtio-mmio magic value "virt" and the modern transport version (virtio 1.2, 4.2.2). */
 #define VIRTIO_MMIO_MAGIC 0x74726976u
 #define VIRTIO_MMIO_MODERN_VERSION 2
-/** ACPI sleep control register value for S5 (vmm/layout.ts, ACPI 6.4 4.8.3.7). */
+/** ACPI sleep control register value for S5 (vmm/arch/layout.ts, ACPI 6.4 4.8.3.7). */
 #define ACPI_S5_VALUE ((LAYOUT_ACPI_SLEEP_TYPE_S5 << LAYOUT_ACPI_SLP_TYP_SHIFT) | LAYOUT_ACPI_SLP_EN)
-/** Port 0x80, the POST code port (vmm/vcpu_worker.ts POST_CODE_PORT): the worker answers it itself. */
+/** Port 0x80, the POST code port (vmm/kvm/vcpu_worker.ts POST_CODE_PORT): the worker answers it itself. */
 #define POST_CODE_PORT 0x80
-/** What an in from an idle ISA port reads (vmm/vcpu_worker.ts ISA_FLOATING_BUS). */
+/** What an in from an idle ISA port reads (vmm/kvm/vcpu_worker.ts ISA_FLOATING_BUS). */
 #define ISA_FLOATING_BUS 0xff
 
 // ---- Scripted-guest timing ----

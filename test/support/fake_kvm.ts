@@ -1,7 +1,7 @@
 // Builds test/support/fake_kvm.c, the fake /dev/kvm, into a shared object that denovm loads as its
 // libc (DENOVM_LIBC); see the comment at the top of fake_kvm.c for how it works and what it fakes.
 // The object is cached under ${DENOVM_CACHE:-<repo>/.cache}/fake_kvm/ by a hash of the source, the
-// compiler flags and the vmm/layout.ts values it is compiled with.
+// compiler flags and the vmm/arch/layout.ts values it is compiled with.
 
 import { createHash } from "node:crypto";
 import { dirname, join } from "node:path";
@@ -16,13 +16,13 @@ import {
   PVPANIC_PORT,
   SERIAL_PORTS,
   VIRTIO_MMIO_START,
-} from "../../vmm/layout.ts";
+} from "../../vmm/arch/layout.ts";
 
 const SUPPORT_DIR = dirname(fileURLToPath(import.meta.url));
 const SOURCE = join(SUPPORT_DIR, "fake_kvm.c");
 const REPO_ROOT = join(SUPPORT_DIR, "..", "..");
 
-/** The vmm/layout.ts values the fake's scripted guests use, passed as -DLAYOUT_<NAME>=<value>. */
+/** The vmm/arch/layout.ts values the fake's scripted guests use, passed as -DLAYOUT_<NAME>=<value>. */
 export const FAKE_KVM_LAYOUT: Readonly<Record<string, number>> = {
   SERIAL_COM1_BASE: SERIAL_PORTS[0].base,
   I8042_COMMAND_PORT,

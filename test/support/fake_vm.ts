@@ -1,12 +1,12 @@
-// A stand-in for the KVM VM (vmm/vm.ts) that records what the VMM asked for and
+// A stand-in for the KVM VM (vmm/kvm/vm.ts) that records what the VMM asked for and
 // plays KVM's part for MMIO accesses: a write that matches a registered ioeventfd
 // signals that eventfd instead of reaching the device (as KVM_IOEVENTFD does), and
 // irqfds are the eventfds the test watches for interrupts. No vCPUs.
 
 import { eventfdRead, eventfdWrite, POLLIN, pollSync } from "../../ffi/libc.ts";
-import type { Bus } from "../../vmm/bus.ts";
+import type { Bus } from "../../core/bus.ts";
 import type { VmHandle } from "../../vmm/machine.ts";
-import type { GuestMemory } from "../../vmm/memory.ts";
+import type { GuestMemory } from "../../core/memory.ts";
 
 export class FakeVm implements VmHandle {
   readonly slots = new Map<number, { guestAddr: number; size: number; hostAddr: bigint; readonly: boolean }>();

@@ -3,7 +3,7 @@
 // without a VM. Also guarded guest memory: guest regions inside one host mapping whose
 // surrounding bytes hold a canary, to prove a device never touched memory outside the guest.
 
-import { GuestMemory } from "../../vmm/memory.ts";
+import { GuestMemory } from "../../core/memory.ts";
 import { mmapAnon, munmap } from "../../ffi/libc.ts";
 import {
   availRingBytes,

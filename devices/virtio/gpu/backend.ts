@@ -13,7 +13,7 @@
 //   callback given to setFenceHandler once the work before it is done (synchronously inside
 //   createFence is allowed). Retiring fence N of a timeline means every fence <= N there is done.
 
-import type { GuestMemory } from "../../../vmm/memory.ts";
+import type { GuestMemory } from "../../../core/memory.ts";
 
 /** A 3D box (struct virtio_gpu_box in linux/virtio_gpu.h, also struct virgl_box). */
 export interface Box {

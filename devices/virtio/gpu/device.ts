@@ -16,7 +16,7 @@ import {
   type VirtioDevice,
 } from "../device.ts";
 import { type DescriptorChain, RateLimitedLog, type Virtqueue } from "../queue.ts";
-import type { GuestMemory } from "../../../vmm/memory.ts";
+import type { GuestMemory } from "../../../core/memory.ts";
 import {
   type Backing,
   type BackingEntry,

@@ -1,0 +1,196 @@
+// Guest memory: the one abstraction through which denovm touches guest RAM.
+// Every access names a guest-physical address and a length and is checked
+// against the regions; nothing else does pointer arithmetic on guest addresses.
+
+import { mmapAnonAligned, munmap } from "../ffi/libc.ts";
+import { MiB } from "../vmm/arch/layout.ts";
+
+/** x86-64's 2 MiB page: guest RAM's host mapping is aligned to it so KVM can map it with large pages. */
+const HUGE_PAGE_SIZE = 2 * MiB;
+
+/** An access outside guest RAM, or one that straddles two regions. */
+export class GuestMemoryError extends Error {
+  constructor(readonly addr: number, readonly length: number) {
+    super(`guest memory access out of range: 0x${addr.toString(16)} + ${length}`);
+    this.name = "GuestMemoryError";
+  }
+}
+
+/** How a region can be rebuilt in another thread (Worker): numbers and a host address only. */
+export interface RegionDescriptor {
+  /** Guest-physical address of the first byte. */
+  guestBase: number;
+  /** Length in bytes. */
+  size: number;
+  /** Host virtual address of the first byte. */
+  hostAddr: bigint;
+  /** For vhost-user: the front end's virtual address of the first byte (vring addresses use it). */
+  userAddr?: bigint;
+}
+
+interface Region extends RegionDescriptor {
+  bytes: Uint8Array<ArrayBuffer>;
+  view: DataView<ArrayBuffer>;
+}
+
+/** Regions of guest memory that are host mappings. */
+export class GuestMemory {
+  readonly #regions: Region[];
+
+  constructor(descriptors: RegionDescriptor[]) {
+    this.#regions = descriptors
+      .map((d) => {
+        const ptr = Deno.UnsafePointer.create(d.hostAddr);
+        if (!ptr) throw new Error("guest memory region with a null host address");
+        const ab = Deno.UnsafePointerView.getArrayBuffer(ptr, d.size);
+        return { ...d, bytes: new Uint8Array(ab), view: new DataView(ab) };
+      })
+      .sort((a, b) => a.guestBase - b.guestBase);
+    for (let i = 1; i < this.#regions.length; i++) {
+      const p = this.#regions[i - 1];
+      if (p.guestBase + p.size > this.#regions[i].guestBase) throw new Error("overlapping guest memory regions");
+    }
+  }
+
+  /** Region descriptors, to rebuild the same view in a Worker. */
+  get descriptors(): RegionDescriptor[] {
+    return this.#regions.map(({ guestBase, size, hostAddr, userAddr }) => ({ guestBase, size, hostAddr, userAddr }));
+  }
+
+  /** Total bytes of guest memory. */
+  get size(): number {
+    return this.#regions.reduce((n, r) => n + r.size, 0);
+  }
+
+  #find(addr: number, length: number): [Region, number] {
+    if (!Number.isSafeInteger(addr) || !Number.isSafeInteger(length) || addr < 0 || length < 0) {
+      throw new GuestMemoryError(addr, length);
+    }
+    for (const r of this.#regions) {
+      if (addr >= r.guestBase && addr < r.guestBase + r.size) {
+        const off = addr - r.guestBase;
+        if (length > r.size - off) break;
+        return [r, off];
+      }
+    }
+    throw new GuestMemoryError(addr, length);
+  }
+
+  /** True when [addr, addr+length) lies inside one region. */
+  isValid(addr: number, length: number): boolean {
+    try {
+      this.#find(addr, length);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** A live view of guest bytes (no copy). Writes through it reach the guest. */
+  slice(addr: number, length: number): Uint8Array<ArrayBuffer> {
+    const [r, off] = this.#find(addr, length);
+    return r.bytes.subarray(off, off + length);
+  }
+
+  /** A copy of guest bytes. */
+  read(addr: number, length: number): Uint8Array<ArrayBuffer> {
+    return this.slice(addr, length).slice();
+  }
+
+  /** Copy bytes into the guest. */
+  write(addr: number, data: Uint8Array): void {
+    this.slice(addr, data.length).set(data);
+  }
+
+  /** Fill guest bytes with a value. */
+  fill(addr: number, length: number, value = 0): void {
+    this.slice(addr, length).fill(value);
+  }
+
+  /** Host address of guest bytes, for handing to system calls (pread/pwrite into the guest). */
+  hostAddress(addr: number, length: number): bigint {
+    const [r, off] = this.#find(addr, length);
+    return r.hostAddr + BigInt(off);
+  }
+
+  /** Translate a vhost-user front end's virtual address to a guest-physical one. */
+  userToGuest(userAddr: bigint, length: number): number {
+    for (const r of this.#regions) {
+      if (r.userAddr === undefined) continue;
+      if (userAddr >= r.userAddr && userAddr + BigInt(length) <= r.userAddr + BigInt(r.size)) {
+        return r.guestBase + Number(userAddr - r.userAddr);
+      }
+    }
+    throw new GuestMemoryError(Number(userAddr), length);
+  }
+
+  getU8(addr: number): number {
+    const [r, off] = this.#find(addr, 1);
+    return r.view.getUint8(off);
+  }
+  getU16(addr: number): number {
+    const [r, off] = this.#find(addr, 2);
+    return r.view.getUint16(off, true);
+  }
+  getU32(addr: number): number {
+    const [r, off] = this.#find(addr, 4);
+    return r.view.getUint32(off, true);
+  }
+  /** A 64-bit value as a bigint (use getU64Number when it is an address or length). */
+  getU64(addr: number): bigint {
+    const [r, off] = this.#find(addr, 8);
+    return r.view.getBigUint64(off, true);
+  }
+  /** A 64-bit value that must fit a safe integer (guest addresses); larger values throw. */
+  getU64Number(addr: number): number {
+    const v = this.getU64(addr);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new GuestMemoryError(Number.MAX_SAFE_INTEGER, 0);
+    return Number(v);
+  }
+  setU8(addr: number, v: number): void {
+    const [r, off] = this.#find(addr, 1);
+    r.view.setUint8(off, v);
+  }
+  setU16(addr: number, v: number): void {
+    const [r, off] = this.#find(addr, 2);
+    r.view.setUint16(off, v, true);
+  }
+  setU32(addr: number, v: number): void {
+    const [r, off] = this.#find(addr, 4);
+    r.view.setUint32(off, v, true);
+  }
+  setU64(addr: number, v: bigint | number): void {
+    const [r, off] = this.#find(addr, 8);
+    r.view.setBigUint64(off, BigInt(v), true);
+  }
+}
+
+/** Guest RAM that this process allocated (anonymous mappings), unmapped on close. */
+export class OwnedGuestMemory extends GuestMemory {
+  readonly #maps: { ptr: Deno.PointerObject; size: number }[];
+
+  private constructor(descs: RegionDescriptor[], maps: { ptr: Deno.PointerObject; size: number }[]) {
+    super(descs);
+    this.#maps = maps;
+  }
+
+  /** Allocate anonymous memory for each range. */
+  static allocate(ranges: { start: number; size: number }[]): OwnedGuestMemory {
+    const maps: { ptr: Deno.PointerObject; size: number }[] = [];
+    const descs: RegionDescriptor[] = [];
+    for (const r of ranges) {
+      const ptr = mmapAnonAligned(r.size, HUGE_PAGE_SIZE);
+      maps.push({ ptr, size: r.size });
+      descs.push({ guestBase: r.start, size: r.size, hostAddr: BigInt(Deno.UnsafePointer.value(ptr)) });
+    }
+    return new OwnedGuestMemory(descs, maps);
+  }
+
+  close(): void {
+    for (const m of this.#maps.splice(0)) munmap(m.ptr, m.size);
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}

@@ -1,0 +1,357 @@
+// Unix stream sockets with SCM_RIGHTS file-descriptor passing, through libc FFI.
+// Every socket is non-blocking; waiting happens in pollAsync (a helper thread),
+// so the event loop keeps running while a peer is silent.
+
+import {
+  check,
+  closeFd,
+  EAGAIN,
+  EINTR,
+  errno,
+  eventfd,
+  eventfdRead,
+  eventfdWrite,
+  libc,
+  pollAsync,
+  POLLERR,
+  POLLHUP,
+  POLLIN,
+  POLLOUT,
+  SysError,
+} from "../ffi/libc.ts";
+import {
+  AF_UNIX,
+  CMSG_HDR_SIZE,
+  CMSG_LEN_OFF,
+  CMSG_LEVEL_OFF,
+  CMSG_TYPE_OFF,
+  cmsgAlign,
+  cmsgLen,
+  cmsgSpace,
+  FD_SIZE,
+  IOVEC_BASE,
+  IOVEC_LEN,
+  IOVEC_SIZE,
+  MAX_FDS_PER_MESSAGE,
+  MSG_CMSG_CLOEXEC,
+  MSG_CTRUNC,
+  MSG_NOSIGNAL,
+  MSGHDR_CONTROL,
+  MSGHDR_CONTROLLEN,
+  MSGHDR_FLAGS,
+  MSGHDR_IOV,
+  MSGHDR_IOVLEN,
+  MSGHDR_NAME,
+  MSGHDR_NAMELEN,
+  MSGHDR_SIZE,
+  ptrValue,
+  SCM_RIGHTS,
+  setNonBlocking,
+  SHUT_RDWR,
+  SOCK_CLOEXEC,
+  SOCK_NONBLOCK,
+  SOCK_STREAM,
+  sockaddrUn,
+  SOL_SOCKET,
+} from "../ffi/socket.ts";
+
+/** Re-exported for the users that import socket constants from here. */
+export { AF_UNIX, setNonBlocking, SOCK_CLOEXEC, SOCK_NONBLOCK, UNIX_PATH_MAX } from "../ffi/socket.ts";
+
+/** The peer closed the connection. */
+export class ConnectionClosed extends Error {
+  constructor() {
+    super("connection closed by peer");
+    this.name = "ConnectionClosed";
+  }
+}
+
+/** The wait was interrupted by a Waker (shutdown requested). */
+export class WaitCancelled extends Error {
+  constructor() {
+    super("wait cancelled");
+    this.name = "WaitCancelled";
+  }
+}
+
+/** An eventfd that interrupts every pending wait that includes it; used for shutdown. */
+export class Waker {
+  readonly fd: number = eventfd();
+  #woken = false;
+  get woken(): boolean {
+    return this.#woken;
+  }
+  wake(): void {
+    this.#woken = true;
+    eventfdWrite(this.fd);
+  }
+  /** Clear a wake-up so the Waker can be used again. */
+  clear(): void {
+    this.#woken = false;
+    eventfdRead(this.fd);
+  }
+  close(): void {
+    closeFd(this.fd);
+  }
+}
+
+/** A received chunk: the bytes and any descriptors that came with them (owned by the caller). */
+export interface Received {
+  data: Uint8Array<ArrayBuffer>;
+  fds: number[];
+}
+
+/** A connected Unix stream socket. */
+export class UnixStream {
+  #fd: number;
+  readonly #waker?: Waker;
+
+  /** Wrap a connected non-blocking socket; `waker` (optional) cancels waits. */
+  constructor(fd: number, waker?: Waker) {
+    this.#fd = fd;
+    this.#waker = waker;
+  }
+
+  get fd(): number {
+    return this.#fd;
+  }
+
+  /** Connect to a listening socket at `path`. */
+  static connect(path: string, waker?: Waker): UnixStream {
+    const sa = sockaddrUn(path);
+    const fd = check("socket", libc().socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    // Connect blocking (a Unix socket connect completes or fails at once), then switch to non-blocking.
+    if (libc().connect(fd, sa, sa.length) < 0) {
+      const e = errno();
+      closeFd(fd);
+      throw new SysError(`connect ${path}`, e);
+    }
+    setNonBlocking(fd);
+    return new UnixStream(fd, waker);
+  }
+
+  /** Wait until the socket is readable (or hung up); throws WaitCancelled if the waker fires. */
+  async waitReadable(): Promise<void> {
+    await this.#wait(POLLIN);
+  }
+
+  async #wait(events: number): Promise<void> {
+    for (;;) {
+      if (this.#fd < 0) throw new ConnectionClosed();
+      const fds = this.#waker ? [this.#fd, this.#waker.fd] : [this.#fd];
+      const rev = await pollAsync(fds, events, -1);
+      if (this.#waker?.woken) throw new WaitCancelled();
+      if (rev[0] & (events | POLLHUP | POLLERR)) return;
+    }
+  }
+
+  /**
+   * One recvmsg of up to `max` bytes. Returns null when nothing is pending (EAGAIN);
+   * throws ConnectionClosed at end of stream.
+   */
+  tryRecv(max: number): Received | null {
+    const data = new Uint8Array(max);
+    const control = new Uint8Array(cmsgSpace(MAX_FDS_PER_MESSAGE * FD_SIZE));
+    const iov = new Uint8Array(IOVEC_SIZE);
+    const iv = new DataView(iov.buffer);
+    iv.setBigUint64(IOVEC_BASE, ptrValue(data), true);
+    iv.setBigUint64(IOVEC_LEN, BigInt(max), true);
+    const msg = new Uint8Array(MSGHDR_SIZE);
+    const mv = new DataView(msg.buffer);
+    mv.setBigUint64(MSGHDR_NAME, 0n, true);
+    mv.setUint32(MSGHDR_NAMELEN, 0, true);
+    mv.setBigUint64(MSGHDR_IOV, ptrValue(iov), true);
+    mv.setBigUint64(MSGHDR_IOVLEN, 1n, true);
+    mv.setBigUint64(MSGHDR_CONTROL, ptrValue(control), true);
+    mv.setBigUint64(MSGHDR_CONTROLLEN, BigInt(control.length), true);
+    let n: number;
+    for (;;) {
+      n = Number(libc().recvmsg(this.#fd, msg, MSG_CMSG_CLOEXEC));
+      if (n >= 0) break;
+      const e = errno();
+      if (e === EINTR) continue;
+      if (e === EAGAIN) return null;
+      throw new SysError("recvmsg", e);
+    }
+    const fds = parseRights(control, Number(mv.getBigUint64(MSGHDR_CONTROLLEN, true)));
+    if (mv.getInt32(MSGHDR_FLAGS, true) & MSG_CTRUNC) {
+      fds.forEach(closeFd);
+      throw new Error("recvmsg: too many file descriptors in one message (control data truncated)");
+    }
+    if (n === 0) {
+      fds.forEach(closeFd);
+      throw new ConnectionClosed();
+    }
+    return { data: data.subarray(0, n), fds };
+  }
+
+  /**
+   * Receive exactly `length` bytes, waiting as needed. Descriptors that arrive with any
+   * of those bytes are returned (the caller owns them).
+   */
+  async recvExact(length: number): Promise<Received> {
+    const out = new Uint8Array(length);
+    const fds: number[] = [];
+    let got = 0;
+    try {
+      while (got < length) {
+        const r = this.tryRecv(length - got);
+        if (r === null) {
+          await this.#wait(POLLIN);
+          continue;
+        }
+        out.set(r.data, got);
+        got += r.data.length;
+        fds.push(...r.fds);
+      }
+    } catch (e) {
+      fds.forEach(closeFd);
+      throw e;
+    }
+    return { data: out, fds };
+  }
+
+  /** Send all of `data`; `fds` travel with the first byte (SCM_RIGHTS). */
+  async send(data: Uint8Array, fds: number[] = []): Promise<void> {
+    if (fds.length > MAX_FDS_PER_MESSAGE) throw new Error(`too many descriptors to send: ${fds.length}`);
+    let off = 0;
+    let pendingFds = fds;
+    while (off < data.length) {
+      const chunk = data.slice(off);
+      const iov = new Uint8Array(IOVEC_SIZE);
+      const iv = new DataView(iov.buffer);
+      iv.setBigUint64(IOVEC_BASE, ptrValue(chunk), true);
+      iv.setBigUint64(IOVEC_LEN, BigInt(chunk.length), true);
+      const msg = new Uint8Array(MSGHDR_SIZE);
+      const mv = new DataView(msg.buffer);
+      mv.setBigUint64(MSGHDR_IOV, ptrValue(iov), true);
+      mv.setBigUint64(MSGHDR_IOVLEN, 1n, true);
+      let control: Uint8Array | undefined;
+      if (pendingFds.length > 0) {
+        control = new Uint8Array(cmsgSpace(pendingFds.length * FD_SIZE));
+        const cv = new DataView(control.buffer);
+        cv.setBigUint64(CMSG_LEN_OFF, BigInt(cmsgLen(pendingFds.length * FD_SIZE)), true);
+        cv.setInt32(CMSG_LEVEL_OFF, SOL_SOCKET, true);
+        cv.setInt32(CMSG_TYPE_OFF, SCM_RIGHTS, true);
+        pendingFds.forEach((fd, i) => cv.setInt32(CMSG_HDR_SIZE + i * FD_SIZE, fd, true));
+        mv.setBigUint64(MSGHDR_CONTROL, ptrValue(control), true);
+        mv.setBigUint64(MSGHDR_CONTROLLEN, BigInt(control.length), true);
+      }
+      const n = Number(libc().sendmsg(this.#fd, msg, MSG_NOSIGNAL));
+      if (n < 0) {
+        const e = errno();
+        if (e === EINTR) continue;
+        if (e === EAGAIN) {
+          await this.#wait(POLLOUT);
+          continue;
+        }
+        throw new SysError("sendmsg", e);
+      }
+      off += n;
+      pendingFds = [];
+    }
+  }
+
+  close(): void {
+    if (this.#fd >= 0) {
+      libc().shutdown(this.#fd, SHUT_RDWR);
+      closeFd(this.#fd);
+      this.#fd = -1;
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/** File descriptors from the SCM_RIGHTS messages in a received control buffer. */
+function parseRights(control: Uint8Array, controlLen: number): number[] {
+  const cv = new DataView(control.buffer, control.byteOffset, control.byteLength);
+  const fds: number[] = [];
+  let off = 0;
+  const end = Math.min(controlLen, control.length);
+  while (off + CMSG_HDR_SIZE <= end) {
+    const len = Number(cv.getBigUint64(off + CMSG_LEN_OFF, true));
+    if (len < CMSG_HDR_SIZE || off + len > end) break;
+    if (
+      cv.getInt32(off + CMSG_LEVEL_OFF, true) === SOL_SOCKET && cv.getInt32(off + CMSG_TYPE_OFF, true) === SCM_RIGHTS
+    ) {
+      const count = Math.floor((len - CMSG_HDR_SIZE) / FD_SIZE);
+      for (let i = 0; i < count; i++) fds.push(cv.getInt32(off + CMSG_HDR_SIZE + i * FD_SIZE, true));
+    }
+    off += cmsgAlign(len);
+  }
+  return fds;
+}
+
+/** A listening Unix stream socket bound to a filesystem path. */
+export class UnixListener {
+  #fd: number;
+  readonly path: string;
+  readonly #waker?: Waker;
+  /** Inode of the socket file we created: close() removes only that file, not a successor's. */
+  readonly #ino: number | null;
+
+  private constructor(fd: number, path: string, waker?: Waker) {
+    this.#fd = fd;
+    this.path = path;
+    this.#waker = waker;
+    this.#ino = Deno.lstatSync(path).ino;
+  }
+
+  get fd(): number {
+    return this.#fd;
+  }
+
+  /**
+   * Bind and listen at `path`. A stale socket file there (left by a killed process) is
+   * replaced; any other kind of file is an error.
+   */
+  static listen(path: string, waker?: Waker, backlog = 8): UnixListener {
+    const sa = sockaddrUn(path);
+    try {
+      const st = Deno.lstatSync(path);
+      if (!st.isSocket) throw new Error(`${path} exists and is not a socket`);
+      Deno.removeSync(path);
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+    }
+    const fd = check("socket", libc().socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (libc().bind(fd, sa, sa.length) < 0 || libc().listen(fd, backlog) < 0) {
+      const e = errno();
+      closeFd(fd);
+      throw new SysError(`bind/listen ${path}`, e);
+    }
+    return new UnixListener(fd, path, waker);
+  }
+
+  /** Wait for and accept one connection; throws WaitCancelled if the waker fires first. */
+  async accept(): Promise<UnixStream> {
+    for (;;) {
+      const fd = libc().accept4(this.#fd, null, null, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd >= 0) return new UnixStream(fd, this.#waker);
+      const e = errno();
+      if (e !== EAGAIN && e !== EINTR) throw new SysError("accept4", e);
+      const fds = this.#waker ? [this.#fd, this.#waker.fd] : [this.#fd];
+      await pollAsync(fds, POLLIN, -1);
+      if (this.#waker?.woken) throw new WaitCancelled();
+    }
+  }
+
+  /** Close the socket and remove its file (unless another listener has replaced it since). */
+  close(): void {
+    if (this.#fd < 0) return;
+    closeFd(this.#fd);
+    this.#fd = -1;
+    try {
+      if (Deno.lstatSync(this.path).ino === this.#ino) Deno.removeSync(this.path);
+    } catch {
+      // already gone
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}

@@ -1,0 +1,544 @@
+// denovm's KVM-facing code run end to end on a fake /dev/kvm (test/support/fake_kvm.c), on any host.
+//
+// The fake is a shared object loaded as denovm's libc (DENOVM_LIBC): it answers the KVM ioctls,
+// records what the VMM asked for in a JSON-lines log, and plays a scripted guest on vCPU 0. So the
+// real code paths run: Kvm/Vm set-up (vmm/kvm/vm.ts), vCPU state (vmm/arch/cpu.ts), the vCPU Workers and their
+// channel (vmm/kvm/vcpu.ts, vmm/kvm/vcpu_worker.ts), Machine start/stop/pause/resume and exit codes
+// (vmm/machine.ts), the CLI (main.ts) and the library (mod.ts). What a real KVM would do with the
+// state (run the guest) is what the tests with /dev/kvm check (kvm_boot_test.ts and others).
+
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { buildFakeKvm, fakeKvmEnv, type FakeKvmEvent, readFakeKvmLog } from "../support/fake_kvm.ts";
+import { buildGuest } from "../guests/build.ts";
+import { type DebianKernel, debianKernel } from "../support/kernel.ts";
+import { parseRunArgs } from "../../vmm/cli/run.ts";
+import { kernelCommandLine } from "../../vmm/config.ts";
+import { loadKernel } from "../../vmm/arch/boot/kernel.ts";
+import { OwnedGuestMemory } from "../../core/memory.ts";
+import * as KVM from "../../ffi/kvm.ts";
+import { APIC_LVT_LINT0, APIC_LVT_LINT1, KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_MEM_READONLY } from "../../ffi/kvm.ts";
+import {
+  e820Map,
+  KVM_IDENTITY_MAP_START,
+  KVM_TSS_START,
+  MiB,
+  PML4_START,
+  ramRanges,
+  SERIAL_PORTS,
+  VIRTIO_IRQS,
+  VIRTIO_MMIO_START,
+  ZERO_PAGE_START,
+} from "../../vmm/arch/layout.ts";
+import { VIRTIO_MMIO_QUEUE_NOTIFY } from "../../devices/virtio/mmio.ts";
+import {
+  EXIT_GUEST_PANIC,
+  EXIT_HOST_ERROR,
+  EXIT_INVALID_ARGS,
+  EXIT_SUCCESS,
+  EXIT_VM_CRASH,
+  EXIT_VM_RESET,
+} from "../../core/exit_codes.ts";
+
+const MAIN_TS = fileURLToPath(new URL("../../main.ts", import.meta.url));
+/** Hang protection only: every scenario here ends in well under a second of guest time. */
+const HANG_GUARD_MS = 60_000;
+/** Default guest RAM of the CLI and the library (vmm/config.ts DEFAULT_MEM_MIB). */
+const DEFAULT_MEM_BYTES = 256 * MiB;
+
+// Control register and EFER bits (Intel SDM vol. 3A, 2.5 and 2.2.1), as vmm/arch/cpu.ts sets them.
+const X86_CR0_PE = 0x1;
+const X86_CR0_PG = 0x80000000;
+const X86_CR4_PAE = 0x20;
+const EFER_LME = 0x100;
+const EFER_LMA = 0x400;
+/** Local APIC LVT delivery mode, bits 10..8 (Intel SDM vol. 3A, 11.5.1): ExtINT 7, NMI 4. */
+const lvtMode = (v: number) => (v >> 8) & 0x7;
+const APIC_MODE_EXTINT = 7;
+const APIC_MODE_NMI = 4;
+/** CPUID leaf 1 EBX bits 31..24: initial APIC id (Intel SDM vol. 2A). */
+const leaf1ApicId = (ebx: number) => ebx >>> 24;
+/** The boot MSRs vmm/arch/cpu.ts sets (Linux msr-index.h): SYSENTER_CS, LSTAR, MISC_ENABLE, MTRRdefType. */
+const MSR_IA32_SYSENTER_CS = 0x174;
+const MSR_LSTAR = 0xc0000082;
+const MSR_IA32_MISC_ENABLE = 0x1a0;
+const MSR_MTRR_DEF_TYPE = 0x2ff;
+/** virtio device ids (virtio 1.2, 5): block. */
+const VIRTIO_ID_BLOCK = 2;
+
+const shim = await buildFakeKvm();
+// This process's libc (ffi/libc.ts, opened on first use) is the fake from here on, for the library
+// tests below; nothing in this file calls libc() before this line.
+for (const [k, v] of Object.entries(fakeKvmEnv(shim, "halt", ""))) Deno.env.set(k, v);
+const guest = await buildGuest("boot_info");
+const entry = kernelEntry(await Deno.readFile(guest));
+
+let debian: DebianKernel | undefined;
+try {
+  debian = await debianKernel();
+} catch (e) {
+  console.log(`fake_kvm_test: Debian kernel boot-protocol runs skipped: ${(e as Error).message}`);
+}
+
+/** The entry point denovm's loader finds in `image` (what RIP must be). */
+function kernelEntry(image: Uint8Array): number {
+  const mem = OwnedGuestMemory.allocate(ramRanges(DEFAULT_MEM_BYTES));
+  try {
+    return loadKernel(mem, image).entry;
+  } finally {
+    mem.close();
+  }
+}
+
+async function tempLog(): Promise<string> {
+  return await Deno.makeTempFile({ prefix: "fake-kvm-", suffix: ".jsonl" });
+}
+
+const of = (events: FakeKvmEvent[], ev: string) => events.filter((e) => e.ev === ev);
+
+interface CliRun {
+  code: number;
+  stdout: string;
+  stderr: string;
+  events: FakeKvmEvent[];
+}
+
+/** `denovm run ARGS` as a subprocess on the fake KVM playing `script`. */
+async function runCli(script: string, args: string[], env: Record<string, string> = {}): Promise<CliRun> {
+  const log = await tempLog();
+  try {
+    const cmd = new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-all", MAIN_TS, "run", ...args],
+      env: { ...fakeKvmEnv(shim, script, log), ...env },
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    });
+    const child = cmd.spawn();
+    const timer = setTimeout(() => child.kill("SIGKILL"), HANG_GUARD_MS);
+    const out = await child.output();
+    clearTimeout(timer);
+    const dec = new TextDecoder();
+    return {
+      code: out.code,
+      stdout: dec.decode(out.stdout),
+      stderr: dec.decode(out.stderr),
+      events: await readFakeKvmLog(log),
+    };
+  } finally {
+    await Deno.remove(log);
+  }
+}
+
+/** Checks the boot state the fake recorded for vCPU 0 of a one-vCPU VM with `mem` bytes of RAM. */
+function assertBootState(events: FakeKvmEvent[], rip: number, mem = DEFAULT_MEM_BYTES): void {
+  assert.equal(of(events, "open").length, 1);
+  assert.deepEqual(of(events, "tss_addr").map((e) => e.addr), [KVM_TSS_START]);
+  assert.deepEqual(of(events, "identity_map_addr").map((e) => e.addr), [KVM_IDENTITY_MAP_START]);
+  assert.equal(of(events, "create_irqchip").length, 1);
+  assert.equal(of(events, "create_pit2").length, 1);
+  assert.equal(of(events, "gsi_routing")[0].gsi0_ioapic_pin, 2, "the PIT (GSI 0) reaches IOAPIC pin 2");
+  // One memory slot per RAM range, at its guest address, none read-only.
+  const ram = of(events, "memslot").filter((e) => ((e.flags as number) & KVM_MEM_READONLY) === 0);
+  assert.deepEqual(
+    ram.map((e) => ({ start: e.guest, size: e.size })),
+    ramRanges(mem),
+  );
+  // Host addresses agree with guest addresses modulo 2 MiB, so KVM can map the RAM with large pages.
+  for (const e of ram) {
+    assert.equal((e.host as number) % (2 * 1024 * 1024), (e.guest as number) % (2 * 1024 * 1024), JSON.stringify(e));
+  }
+  const regs = of(events, "set_regs");
+  assert.deepEqual(regs.map((e) => e.vcpu), [0], "boot registers are set on vCPU 0 only");
+  assert.equal(regs[0].rip, rip);
+  assert.equal(regs[0].rsi, ZERO_PAGE_START);
+  const sregs = of(events, "set_sregs");
+  assert.deepEqual(sregs.map((e) => e.vcpu), [0]);
+  const s = sregs[0] as Record<string, number>;
+  assert.equal(s.cr3, PML4_START);
+  assert.equal(s.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE | X86_CR0_PG);
+  assert.equal(s.cr4 & X86_CR4_PAE, X86_CR4_PAE);
+  assert.equal(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+  assert.equal(s.cs, 0x8);
+  assert.equal(s.cs_l, 1);
+  // Every fd the VMM got from KVM was closed at the end.
+  assert.equal(of(events, "close_system").length, 1);
+  assert.equal(of(events, "close_vm").length, 1);
+  assert.equal(of(events, "close_vcpu").length, of(events, "create_vcpu").length);
+}
+
+// ---- (a) the CLI ----
+
+Deno.test("fake KVM, CLI: boot protocol — the guest reads back exactly the command line and e820 map denovm wrote", async () => {
+  const args = ["-p", "hello=1", guest];
+  const r = await runCli("boot", args);
+  assert.equal(r.code, EXIT_SUCCESS, r.stderr);
+  const cmdline = kernelCommandLine(parseRunArgs(args).config);
+  assert.equal(r.stdout, `${cmdline}\ne820=${e820Map(DEFAULT_MEM_BYTES).length}\n`);
+  assert.equal(of(r.events, "boot_params")[0].cmdline, cmdline);
+  assertBootState(r.events, entry);
+  // The supported CPUID did not fit in 64 entries: the VMM grew the buffer after E2BIG.
+  const cpuid = of(r.events, "supported_cpuid");
+  assert.equal(cpuid[0].result, "E2BIG");
+  assert.equal(cpuid.at(-1)!.result, undefined);
+  assert.equal(of(r.events, "set_cpuid")[0].nent, cpuid.at(-1)!.nent);
+  // COM1's interrupt is an irqfd (the vCPU worker serving the UART raises it); the default virtio
+  // devices (rng, balloon) have an irqfd each and an ioeventfd per queue.
+  const irqfds = of(r.events, "irqfd").map((e) => e.gsi);
+  assert.equal(irqfds[0], SERIAL_PORTS[0].irq);
+  assert.deepEqual(irqfds.slice(1), VIRTIO_IRQS.slice(0, irqfds.length - 1));
+  assert.ok(irqfds.length >= 2);
+  for (const e of of(r.events, "ioeventfd")) {
+    assert.equal((e.addr as number) % 0x1000, VIRTIO_MMIO_QUEUE_NOTIFY);
+    assert.equal((e.flags as number) & KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_DATAMATCH);
+  }
+});
+
+for (const [name, which] of [["vmlinuz (bzImage)", "vmlinuz"], ["vmlinux (ELF)", "vmlinux"]] as const) {
+  Deno.test({
+    name: `fake KVM, CLI: Debian's ${name} gets the boot protocol right (entry, zero page, command line)`,
+    ignore: !debian,
+    async fn() {
+      const kernel = debian![which];
+      const args = ["--mem", "512", "-p", "quiet", kernel];
+      const r = await runCli("boot", args);
+      assert.equal(r.code, EXIT_SUCCESS, r.stderr);
+      assert.equal(
+        r.stdout,
+        `${kernelCommandLine(parseRunArgs(args).config)}\ne820=${e820Map(512 * MiB).length}\n`,
+      );
+      assertBootState(r.events, kernelEntry(await Deno.readFile(kernel)), 512 * MiB);
+    },
+  });
+}
+
+const CLI_EXITS: [script: string, code: number, stderr?: RegExp][] = [
+  ["reset", EXIT_VM_RESET],
+  ["panic", EXIT_GUEST_PANIC],
+  ["poweroff", EXIT_SUCCESS],
+  ["triple", EXIT_VM_CRASH, new RegExp(`triple fault[^]*rip=0x0*${entry.toString(16)} `)],
+  ["internal", EXIT_VM_CRASH, /KVM internal error, suberror 1 \[0xfa4e 0x[0-9a-f]+\][^]*rip=0x/],
+  ["sysevent-reset", EXIT_VM_RESET],
+  ["sysevent-shutdown", EXIT_SUCCESS],
+  ["sysevent-crash", EXIT_VM_CRASH, /system event crash[^]*cr3=0x0*9000/],
+  ["fail-entry", EXIT_VM_CRASH, /VM entry failed, reason 0x80000021/],
+  ["unknown-exit", EXIT_VM_CRASH, /unexpected exit reason 1\b/],
+  ["run-error", EXIT_VM_CRASH, /KVM_RUN: Bad address/],
+];
+
+for (const [script, code, stderr] of CLI_EXITS) {
+  Deno.test(`fake KVM, CLI: guest "${script}" → exit code ${code}`, async () => {
+    // Two vCPUs: however vCPU 0 ends the VM, the AP (blocked in KVM_RUN) must be kicked out too.
+    const r = await runCli(script, ["--cpus", "2", guest]);
+    assert.equal(r.code, code, `stdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
+    if (stderr) assert.match(r.stderr, stderr);
+    // However it ended, the VMM closed every KVM fd and unmapped every run page.
+    assert.equal(of(r.events, "close_vm").length, 1);
+    const closes = of(r.events, "close_vcpu");
+    assert.deepEqual(closes.map((e) => [e.vcpu, e.still_mapped]), [[0, 0], [1, 0]]);
+  });
+}
+
+Deno.test("fake KVM, CLI: a string I/O exit (rep outsb, count > 1) delivers every byte", async () => {
+  const r = await runCli("string-io", [guest]);
+  assert.equal(r.code, EXIT_SUCCESS, r.stderr);
+  assert.equal(r.stdout, "rep outsb ok\n");
+});
+
+Deno.test("fake KVM, CLI: HLT and interrupt-window exits are re-entered, not fatal", async () => {
+  const r = await runCli("hlt", [guest]);
+  assert.equal(r.code, EXIT_SUCCESS, r.stderr);
+  assert.equal(r.stdout, "re-entered 6 times\n");
+});
+
+Deno.test("fake KVM, CLI: a KVM without immediate_exit is a host error (exit 1) naming it", async () => {
+  const KVM_CAP_IMMEDIATE_EXIT = 136; // linux/kvm.h
+  const r = await runCli("poweroff", [guest], { DENOVM_FAKE_KVM_NO_CAP: String(KVM_CAP_IMMEDIATE_EXIT) });
+  assert.equal(r.code, EXIT_HOST_ERROR);
+  assert.match(r.stderr, /KVM lacks a capability denovm needs: immediate_exit/);
+  assert.equal(of(r.events, "create_vm").length, 0);
+  assert.equal(of(r.events, "close_system").length, 1, "the /dev/kvm fd was closed");
+});
+
+for (const request of ["KVM_CREATE_PIT2", "KVM_SET_GSI_ROUTING", "KVM_SET_CPUID2", "KVM_SET_LAPIC"] as const) {
+  Deno.test(`fake KVM, CLI: a failing ${request} is a host error naming it, and every KVM fd is closed`, async () => {
+    const r = await runCli("poweroff", ["--cpus", "2", guest], { DENOVM_FAKE_KVM_FAIL_IOCTL: String(KVM[request]) });
+    assert.equal(r.code, EXIT_HOST_ERROR, r.stderr);
+    assert.match(r.stderr, new RegExp(`${request}: Cannot allocate memory`));
+    assert.equal(of(r.events, "failed_ioctl").length, 1);
+    assert.equal(of(r.events, "close_system").length, 1, "the /dev/kvm fd was closed");
+    assert.equal(of(r.events, "close_vm").length, of(r.events, "create_vm").length, "the VM fd was closed");
+  });
+}
+
+Deno.test({
+  name: "fake KVM, CLI: a failing KVM_SET_CPUID2 leaves no vCPU fd open",
+  async fn() {
+    const r = await runCli("poweroff", ["--cpus", "2", guest], {
+      DENOVM_FAKE_KVM_FAIL_IOCTL: String(KVM.KVM_SET_CPUID2),
+    });
+    assert.equal(r.code, EXIT_HOST_ERROR, r.stderr);
+    assert.equal(of(r.events, "close_vcpu").length, of(r.events, "create_vcpu").length, "every vCPU fd was closed");
+  },
+});
+
+Deno.test("fake KVM, CLI: more vCPUs than KVM_CAP_MAX_VCPUS is an invalid-arguments exit", async () => {
+  const r = await runCli("poweroff", ["--cpus", "9", guest]);
+  assert.equal(r.code, EXIT_INVALID_ARGS);
+  assert.match(r.stderr, /9 vCPUs requested; this host's KVM allows 8/);
+});
+
+Deno.test("fake KVM, CLI: an MSR KVM refuses is logged once and the others are still set", async () => {
+  const r = await runCli("poweroff", ["--cpus", "2", guest], {
+    DENOVM_FAKE_KVM_REFUSE_MSR: String(MSR_IA32_MISC_ENABLE),
+  });
+  assert.equal(r.code, EXIT_SUCCESS, r.stderr);
+  assert.equal(r.stderr.match(/KVM refused boot MSRs 0x1a0; continuing without them/g)?.length, 1, r.stderr);
+  for (const vcpu of [0, 1]) {
+    const calls = of(r.events, "set_msrs").filter((e) => e.vcpu === vcpu);
+    const set = calls.flatMap((e) => e.msrs as [number, number][]).map(([i]) => i);
+    assert.ok(!set.includes(MSR_IA32_MISC_ENABLE));
+    assert.ok(set.includes(MSR_MTRR_DEF_TYPE), "the MSR after the refused one was set on its own");
+  }
+});
+
+// ---- (b)-(f) the library, in this process ----
+// This process's libc is the fake (set at the top); mod.ts is loaded only now so that no module
+// evaluation can open libc before that.
+const { Vm } = await import("../../mod.ts");
+type BootConfig = Parameters<typeof Vm.boot>[0];
+
+/** Boot the library on the fake playing `script`; returns the VM and its log path. */
+async function bootFake(script: string, config: Omit<BootConfig, "kernel">) {
+  const log = await tempLog();
+  Deno.env.set("DENOVM_FAKE_KVM_SCRIPT", script);
+  Deno.env.set("DENOVM_FAKE_KVM_LOG", log);
+  const vm = await Vm.boot({ kernel: guest, ...config });
+  return { vm, log };
+}
+
+async function within<T>(p: Promise<T>, what: () => string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const guard = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out: ${what()}`)), HANG_GUARD_MS);
+  });
+  try {
+    return await Promise.race([p, guard]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function threadExists(tid: number): boolean {
+  return existsSync(`/proc/self/task/${tid}`);
+}
+
+/** This process's threads named like Deno's Worker threads ("worker-N"). */
+function workerThreads(): string[] {
+  return [...Deno.readDirSync("/proc/self/task")].filter((t) => {
+    try {
+      return Deno.readTextFileSync(`/proc/self/task/${t.name}/comm`).startsWith("worker-");
+    } catch {
+      return false; // the thread ended while we looked
+    }
+  }).map((t) => t.name);
+}
+
+Deno.test("fake KVM, library: two vCPUs — pause stops the guest, resume restarts it, stop ends every vCPU thread", async () => {
+  const workersBefore = workerThreads();
+  const { vm, log } = await bootFake("spin", { cpus: 2 });
+  const ticks = () => (vm.console.text.match(/T/g) ?? []).length;
+  try {
+    await vm.console.waitFor(/TT/, { timeout: HANG_GUARD_MS });
+    await vm.pause();
+    // Paused: no vCPU is inside KVM_RUN, so the guest's clock-driven output cannot grow.
+    const atPause = ticks();
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(ticks(), atPause, "a paused guest printed");
+    vm.resume();
+    await vm.console.waitFor(new RegExp(`(T[^T]*){${atPause + 2}}`), { timeout: HANG_GUARD_MS });
+    assert.equal(await vm.stop(), EXIT_SUCCESS);
+  } finally {
+    await vm.stop();
+  }
+  const events = await readFakeKvmLog(log);
+  await Deno.remove(log);
+
+  // Both vCPU threads left KVM_RUN (the AP was blocked in it until kicked) and are gone.
+  const tids = of(events, "run_thread").map((e) => e.tid as number);
+  assert.equal(tids.length, 2);
+  await within(
+    (async () => {
+      while (tids.some(threadExists)) await new Promise((r) => setTimeout(r, 10));
+    })(),
+    () => `vCPU threads ${tids.filter(threadExists)} still exist`,
+  );
+  assert.deepEqual(workerThreads(), workersBefore);
+  const closes = of(events, "close_vcpu");
+  assert.equal(closes.length, 2);
+  assert.equal(closes.find((e) => e.vcpu === 1)!.eagain, 1, "the AP's EAGAIN (after INIT) was retried");
+  // A live mapping of a vCPU fd keeps a real KVM vCPU, and with it the whole VM (irqchip, PIT thread,
+  // irqfds), alive after close: every run-page mapping must be gone when the fds are closed.
+  assert.deepEqual(closes.map((e) => [e.vcpu, e.still_mapped]), [[0, 0], [1, 0]], "run pages still mapped at close");
+  const ap = closes.find((e) => e.vcpu === 1)!;
+  assert.ok(
+    (ap.eintr_signal as number) + (ap.eintr_immediate as number) >= 2,
+    "the AP was kicked out of KVM_RUN for pause and for stop",
+  );
+
+  // The AP's Worker is created only once the boot vCPU runs (Machine.start): when vCPU 0's Worker
+  // mapped its run page, on its way into KVM_RUN, it was the only vCPU Worker of this process.
+  const bspWorkerMap = of(events, "mmap_run").find((e) => e.vcpu === 0 && e.tid !== Deno.pid);
+  assert.ok(bspWorkerMap, "vCPU 0's Worker mapped its run page");
+  assert.equal((bspWorkerMap.workers as number) - workersBefore.length, 1, "Workers when the boot vCPU started");
+
+  // What the VMM told KVM.
+  assertBootState(events, entry);
+  assert.deepEqual(of(events, "create_vcpu").map((e) => e.id), [0, 1]);
+  const cpuid = of(events, "set_cpuid");
+  assert.deepEqual(cpuid.map((e) => [e.vcpu, leaf1ApicId(e.leaf1_ebx as number), e.leafb_x2apic_id]), [
+    [0, 0, 0],
+    [1, 1, 1],
+  ]);
+  for (const vcpu of [0, 1]) {
+    const msrs = of(events, "set_msrs").filter((e) => e.vcpu === vcpu).flatMap((e) => e.msrs as [number, number][]);
+    const indices = msrs.map(([i]) => i);
+    for (const m of [MSR_IA32_SYSENTER_CS, MSR_LSTAR, MSR_IA32_MISC_ENABLE, MSR_MTRR_DEF_TYPE]) {
+      assert.ok(indices.includes(m), `vCPU ${vcpu} MSR 0x${m.toString(16)}`);
+    }
+    const lapic = of(events, "set_lapic").filter((e) => e.vcpu === vcpu);
+    assert.equal(lapic.length, 1);
+    assert.equal(
+      lvtMode(lapic[0].lint0 as number),
+      APIC_MODE_EXTINT,
+      `vCPU ${vcpu} LINT0 (0x${APIC_LVT_LINT0.toString(16)})`,
+    );
+    assert.equal(
+      lvtMode(lapic[0].lint1 as number),
+      APIC_MODE_NMI,
+      `vCPU ${vcpu} LINT1 (0x${APIC_LVT_LINT1.toString(16)})`,
+    );
+    assert.equal(lapic[0].id, vcpu);
+    assert.equal(of(events, "set_fpu").filter((e) => e.vcpu === vcpu).length, 1);
+    const maps = of(events, "mmap_run").filter((e) => e.vcpu === vcpu);
+    assert.ok(maps.length >= 1);
+    assert.equal(of(events, "munmap_run").filter((e) => e.vcpu === vcpu).length, maps.length);
+  }
+});
+
+Deno.test("fake KVM, library: MMIO exits reach the virtio-mmio transport of a block device", async () => {
+  const disk = await Deno.makeTempFile({ prefix: "fake-kvm-disk-" });
+  await Deno.truncate(disk, 1 * MiB);
+  const { vm, log } = await bootFake("mmio", {
+    blocks: [{ path: disk, ro: false, root: false, sparse: true, blockSize: 512, direct: false }],
+    rng: false,
+    balloon: false,
+  });
+  try {
+    const code = await within(vm.exitCode, () => `console: ${vm.console.text}`);
+    assert.equal(code, EXIT_SUCCESS);
+    // The status the guest wrote (ACKNOWLEDGE | DRIVER, virtio 1.2 2.1) read back through the transport.
+    assert.match(vm.console.text, new RegExp(`MMIO ok device=${VIRTIO_ID_BLOCK} status=3\n`));
+    assert.ok(vm.stats()["vcpu0.mmio_exits"] >= 5);
+    const events = await readFakeKvmLog(log);
+    const notify = of(events, "ioeventfd");
+    assert.deepEqual(notify.map((e) => e.addr), [VIRTIO_MMIO_START + VIRTIO_MMIO_QUEUE_NOTIFY]);
+  } finally {
+    await vm.stop();
+    await Deno.remove(disk);
+    await Deno.remove(log);
+  }
+});
+
+Deno.test("fake KVM, library: serial input typed with vm.console.send is read by the guest and echoed", async () => {
+  const { vm, log } = await bootFake("echo", {});
+  try {
+    vm.console.send("hi there q");
+    const code = await within(vm.exitCode, () => `console: ${vm.console.text}`);
+    assert.equal(code, EXIT_SUCCESS);
+    assert.match(vm.console.text, /hi there q\r?\necho done after 10 bytes/);
+  } finally {
+    await vm.stop();
+    await Deno.remove(log);
+  }
+});
+
+Deno.test("fake KVM, library: a million port-0x80 exits are served inside the vCPU worker", async () => {
+  const { vm, log } = await bootFake("loop", {});
+  try {
+    const code = await within(vm.exitCode, () => `console: ${vm.console.text}`);
+    assert.equal(code, EXIT_SUCCESS);
+    assert.match(vm.console.text, /loop=1000000 in=1000 bad=0\n/);
+    // Only the power-off crossed to the main thread: the worker served the report's UART writes too.
+    assert.equal(vm.stats()["vcpu0.pio_exits"], 1);
+  } finally {
+    await vm.stop();
+    await Deno.remove(log);
+  }
+});
+
+Deno.test("fake KVM, library: the debug exit port ends the VM with the guest's code", async () => {
+  const { vm, log } = await bootFake("debugexit", { debugExit: true });
+  try {
+    assert.equal(await within(vm.exitCode, () => "no debug exit"), 7);
+  } finally {
+    await vm.stop();
+    await Deno.remove(log);
+  }
+});
+
+Deno.test("fake KVM, library: stop while paused ends the VM with 0 and every vCPU thread", async () => {
+  const { vm, log } = await bootFake("spin", { cpus: 2 });
+  try {
+    await vm.console.waitFor(/T/, { timeout: HANG_GUARD_MS });
+    await vm.pause();
+    assert.equal(await within(vm.stop(), () => "stop while paused did not end the VM"), EXIT_SUCCESS);
+    const events = await readFakeKvmLog(log);
+    const tids = of(events, "run_thread").map((e) => e.tid as number);
+    await within(
+      (async () => {
+        while (tids.some(threadExists)) await new Promise((r) => setTimeout(r, 10));
+      })(),
+      () => `vCPU threads ${tids.filter(threadExists)} still exist`,
+    );
+    assert.deepEqual(of(events, "close_vcpu").map((e) => [e.vcpu, e.still_mapped]), [[0, 0], [1, 0]]);
+  } finally {
+    await vm.stop();
+    await Deno.remove(log);
+  }
+});
+
+Deno.test("fake KVM, library: two VMs in one process pause and stop independently", async () => {
+  const a = await bootFake("spin", {});
+  const b = await bootFake("spin", { cpus: 2 });
+  const ticks = (vm: typeof a.vm) => (vm.console.text.match(/T/g) ?? []).length;
+  try {
+    await a.vm.console.waitFor(/T/, { timeout: HANG_GUARD_MS });
+    await a.vm.pause();
+    const aPaused = ticks(a.vm);
+    // B keeps running while A is paused.
+    const bNow = ticks(b.vm);
+    await b.vm.console.waitFor(new RegExp(`(T[^T]*){${bNow + 2}}`), { timeout: HANG_GUARD_MS });
+    assert.equal(ticks(a.vm), aPaused, "pausing A paused nothing else: A itself stayed paused");
+    assert.equal(await b.vm.stop(), EXIT_SUCCESS);
+    // A is still there: resume it and see it run.
+    a.vm.resume();
+    await a.vm.console.waitFor(new RegExp(`(T[^T]*){${aPaused + 1}}`), { timeout: HANG_GUARD_MS });
+    assert.equal(await a.vm.stop(), EXIT_SUCCESS);
+  } finally {
+    await a.vm.stop();
+    await b.vm.stop();
+    await Deno.remove(a.log);
+    await Deno.remove(b.log);
+  }
+});
+
+// Last in this file: the environment set at the top is process-wide and `deno test` runs the other test
+// files in this same process; their subprocesses must see the real host, not the fake KVM.
+Deno.test("fake KVM: its environment is removed again for the test files that follow", () => {
+  for (const k of Object.keys(fakeKvmEnv(shim, "halt", ""))) Deno.env.delete(k);
+  for (const k of ["DENOVM_FAKE_KVM_SCRIPT", "DENOVM_FAKE_KVM_LOG"]) Deno.env.delete(k);
+  assert.equal(Deno.env.get("DENOVM_LIBC"), undefined);
+  assert.equal(Deno.env.get("DENOVM_KVM_DEVICE"), undefined);
+});

@@ -1,0 +1,184 @@
+// The KVM tests, run for real where this host cannot run them itself.
+//
+// Without /dev/kvm, or with kvm_pvm (which cannot run an unmodified Linux kernel), the tests that
+// need KVM skip here. This file runs them anyway, in a nested host: Debian's kernel under QEMU's
+// TCG with emulated AMD SVM, whose kvm_amd gives a hardware-style /dev/kvm
+// (scripts/nested-kvm.sh). The nested host sees this checkout read-only at the same path; the
+// inner `deno test` writes a JUnit report to a shared folder, and each inner test becomes a step
+// here, failing with the inner failure's message. An inner test that skips is a failure too:
+// /dev/kvm is there, so nothing may skip. Where this host's KVM is hardware-backed the KVM tests
+// already ran directly and this file skips.
+
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { XMLParser } from "fast-xml-parser";
+import { nestedTestsOff } from "../support/nested.ts";
+
+const repo = fileURLToPath(new URL("../..", import.meta.url));
+const script = `${repo}scripts/nested-kvm.sh`;
+
+/** The test files with tests that need /dev/kvm, and the names of those tests. */
+const KVM_TEST_FILES = [
+  "test/kvm/boot_test.ts",
+  "test/kvm/virtio_test.ts",
+  "test/kvm/control_test.ts",
+  "test/kvm/gpu_test.ts",
+  "test/nested/linux_boot_test.ts",
+  "test/kvm/many_vms_test.ts",
+];
+const KVM_TEST_NAMES = /^(kvm|linux)[ :]/;
+
+/** Generous: the whole set takes about 6 minutes at TCG speed on a 2-core machine. */
+const NESTED_TIMEOUT_MS = 40 * 60_000;
+/** The longest single test takes about 3 minutes there; 8 without a line of output is a stall. */
+const NO_PROGRESS_MS = 8 * 60_000;
+
+function which(cmd: string): boolean {
+  return (Deno.env.get("PATH") ?? "").split(":").some((d) => d && existsSync(`${d}/${cmd}`));
+}
+
+function skipReason(): string | undefined {
+  if (existsSync("/dev/kvm") && !existsSync("/sys/module/kvm_pvm")) {
+    return "this host's KVM is hardware-backed: the KVM tests ran directly";
+  }
+  if (!which("qemu-system-x86_64")) return "qemu-system-x86_64 is not installed (scripts/setup.sh installs it)";
+  return nestedTestsOff();
+}
+const skip = skipReason();
+if (skip) console.log(`nested_kvm_test: skipped: ${skip}`);
+
+interface InnerCase {
+  name: string;
+  file: string;
+  failure?: string;
+  skipped: boolean;
+}
+
+/** The test cases of a Deno JUnit report, without the entries for steps ("parent > step"). */
+function parseJunit(xml: string): InnerCase[] {
+  const parser = new XMLParser({
+    ignoreAttributes: false,
+    attributeNamePrefix: "",
+    isArray: (name) => name === "testsuite" || name === "testcase",
+  });
+  const doc = parser.parse(xml);
+  const cases: InnerCase[] = [];
+  for (const suite of doc?.testsuites?.testsuite ?? []) {
+    for (const c of suite.testcase ?? []) {
+      const name = String(c.name);
+      if (name.includes(" > ")) continue;
+      const failure = c.failure === undefined
+        ? undefined
+        : typeof c.failure === "string"
+        ? c.failure
+        : `${c.failure.message ?? ""}\n${c.failure["#text"] ?? ""}`;
+      cases.push({ name, file: String(c.classname ?? suite.name), failure, skipped: c.skipped !== undefined });
+    }
+  }
+  return cases;
+}
+
+Deno.test("parseJunit reads Deno's JUnit report: passes, failures with their text, skips; steps left out", () => {
+  const xml = `<?xml version="1.0" encoding="UTF-8"?>
+<testsuites name="deno test" tests="4" failures="1" errors="0" time="0.015">
+  <testsuite name="./a_test.ts" tests="4" disabled="1" errors="0" failures="1">
+    <testcase name="kvm: one" classname="./a_test.ts" time="0.002" line="1" col="6"></testcase>
+    <testcase name="kvm: two &amp; more" classname="./a_test.ts" time="0.002" line="2" col="6">
+      <failure message="Uncaught Error: boom">Error: boom
+    at file:///a_test.ts:2:43</failure>
+    </testcase>
+    <testcase name="kvm: three" classname="./a_test.ts" time="0.000" line="3" col="6"><skipped/></testcase>
+    <testcase name="kvm: three &gt; inner" classname="./a_test.ts" time="0.000" line="3" col="9"></testcase>
+  </testsuite>
+</testsuites>`;
+  const cases = parseJunit(xml);
+  assert.deepEqual(cases.map((c) => [c.name, c.file, c.skipped, c.failure !== undefined]), [
+    ["kvm: one", "./a_test.ts", false, false],
+    ["kvm: two & more", "./a_test.ts", false, true],
+    ["kvm: three", "./a_test.ts", true, false],
+  ]);
+  assert.match(cases[1].failure!, /Uncaught Error: boom[\s\S]*a_test\.ts:2:43/);
+  assert.deepEqual(parseJunit(""), []);
+});
+
+Deno.test({
+  name: "nested KVM: the KVM tests pass under kvm_amd in QEMU TCG's emulated SVM",
+  ignore: skip !== undefined,
+  sanitizeResources: false,
+  async fn(t) {
+    const out = await Deno.makeTempDir({ prefix: "denovm-nested-out-" });
+    const cache = Deno.env.get("DENOVM_CACHE") ?? `${repo}.cache`;
+    const logPath = `${cache}/nested/last-run.log`;
+    try {
+      await Deno.mkdir(`${cache}/nested`, { recursive: true });
+      const inner = [
+        Deno.execPath(),
+        "test",
+        "--allow-all",
+        "--no-check",
+        `--filter=/${KVM_TEST_NAMES.source}/`,
+        `--junit-path=${out}/junit.xml`,
+        ...KVM_TEST_FILES,
+      ];
+      // The log is written as the run goes, so a run that stops shows where; a run with no output
+      // for NO_PROGRESS_MS is stopped (nested-kvm.sh then prints the nested host's last heartbeat).
+      const logFile = await Deno.open(logPath, { write: true, create: true, truncate: true });
+      const watchdog = new AbortController();
+      const child = new Deno.Command("bash", {
+        args: [script, "--share", out, "--", ...inner],
+        cwd: repo,
+        env: { NO_COLOR: "1", DENOVM_CACHE: cache },
+        stdin: "null",
+        stdout: "piped",
+        stderr: "piped",
+        signal: AbortSignal.any([AbortSignal.timeout(NESTED_TIMEOUT_MS), watchdog.signal]),
+      }).spawn();
+      let lastOutput = Date.now();
+      let stalled = false;
+      const timer = setInterval(() => {
+        if (Date.now() - lastOutput > NO_PROGRESS_MS) {
+          stalled = true;
+          watchdog.abort();
+        }
+      }, 10_000);
+      const lines: string[] = [];
+      const pump = async (stream: ReadableStream<Uint8Array>, prefix: string) => {
+        for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+          lastOutput = Date.now();
+          await logFile.write(new TextEncoder().encode(prefix ? chunk.replace(/^/gm, prefix) : chunk));
+          lines.push(...chunk.split("\n"));
+          lines.splice(0, Math.max(0, lines.length - 40));
+        }
+      };
+      const [result] = await Promise.all([child.status, pump(child.stdout, ""), pump(child.stderr, "stderr: ")])
+        .finally(() => {
+          clearInterval(timer);
+          logFile.close();
+        });
+      const tail = () => `nested run log: ${logPath}; its last lines:\n${lines.join("\n")}`;
+      assert.ok(!stalled, `the nested run printed nothing for ${NO_PROGRESS_MS / 60_000} minutes\n${tail()}`);
+
+      let xml = "";
+      try {
+        xml = await Deno.readTextFile(`${out}/junit.xml`);
+      } catch {
+        assert.fail(`the nested run wrote no JUnit report (exit ${result.code})\n${tail()}`);
+      }
+      // The report lists the tests the filter left out as skipped too: keep the selected ones.
+      const cases = parseJunit(xml).filter((c) => KVM_TEST_NAMES.test(c.name));
+      for (const file of KVM_TEST_FILES) {
+        assert.ok(cases.some((c) => c.file.endsWith(file.slice("test/".length))), `no test of ${file} ran\n${tail()}`);
+      }
+      for (const c of cases) {
+        await t.step(c.name, () => {
+          if (c.skipped) throw new Error(`skipped in the nested host, which has /dev/kvm (${c.file})`);
+          if (c.failure !== undefined) throw new Error(`${c.file}: ${c.failure}\n${tail()}`);
+        });
+      }
+      assert.equal(result.code, 0, `the nested run failed without a failed test\n${tail()}`);
+    } finally {
+      await Deno.remove(out, { recursive: true }).catch(() => {});
+    }
+  },
+});

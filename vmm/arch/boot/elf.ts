@@ -1,0 +1,161 @@
+// ELF64 x86_64 kernel (vmlinux) loader: PT_LOAD segments at their physical addresses.
+// Field offsets: System V ABI, "ELF-64 Object File Format" v1.5 (Elf64_Ehdr, Elf64_Phdr, Elf64_Nhdr),
+// as in Linux include/uapi/linux/elf.h.
+
+import type { GuestMemory } from "../../../core/memory.ts";
+import { HIGH_MEMORY_START } from "../layout.ts";
+import { INITRD_ADDR_MAX_2_03 } from "./bootparam.ts";
+import { GuestTooSmallError, hex, KernelFormatError } from "./errors.ts";
+import type { KernelInfo } from "./types.ts";
+
+// ---- Elf64_Ehdr ----
+/** e_ident[0..3] = 0x7f 'E' 'L' 'F'. */
+const ELF_MAGIC = [0x7f, 0x45, 0x4c, 0x46];
+/** e_ident[EI_CLASS]; ELFCLASS64 = 2. */
+const EI_CLASS = 4;
+const ELFCLASS64 = 2;
+/** e_ident[EI_DATA]; ELFDATA2LSB = 1. */
+const EI_DATA = 5;
+const ELFDATA2LSB = 1;
+/** Elf64_Half e_type; ET_EXEC = 2, ET_DYN = 3. */
+const E_TYPE = 0x10;
+const ET_EXEC = 2;
+const ET_DYN = 3;
+/** Elf64_Half e_machine; EM_X86_64 = 62. */
+const E_MACHINE = 0x12;
+const EM_X86_64 = 62;
+/** Elf64_Addr e_entry. */
+const E_ENTRY = 0x18;
+/** Elf64_Off e_phoff. */
+const E_PHOFF = 0x20;
+/** Elf64_Half e_phentsize, e_phnum. */
+const E_PHENTSIZE = 0x36;
+const E_PHNUM = 0x38;
+/** sizeof(Elf64_Ehdr). */
+const EHDR_SIZE = 0x40;
+
+// ---- Elf64_Phdr ----
+const P_TYPE = 0x00;
+const P_OFFSET = 0x08;
+const P_PADDR = 0x18;
+const P_FILESZ = 0x20;
+const P_MEMSZ = 0x28;
+/** sizeof(Elf64_Phdr). */
+const PHDR_SIZE = 0x38;
+const PT_LOAD = 1;
+const PT_NOTE = 4;
+
+// ---- Elf64_Nhdr (4-byte fields; name and desc each padded to 4 bytes) ----
+const NHDR_SIZE = 12;
+const NOTE_ALIGN = 4;
+/** Xen's PVH entry note: XEN_ELFNOTE_PHYS32_ENTRY (Xen include/public/elfnote.h), owner "Xen". */
+const XEN_ELFNOTE_PHYS32_ENTRY = 18;
+const XEN_NOTE_NAME = "Xen";
+
+/** True when the image starts with the ELF magic. */
+export function isElf(image: Uint8Array): boolean {
+  return image.length >= ELF_MAGIC.length && ELF_MAGIC.every((b, i) => image[i] === b);
+}
+
+function u64(dv: DataView, off: number, what: string): number {
+  const v = dv.getBigUint64(off, true);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new KernelFormatError(`ELF ${what} ${hex(Number(v))} is out of range`);
+  return Number(v);
+}
+
+function alignUp(n: number, a: number): number {
+  return Math.ceil(n / a) * a;
+}
+
+/** Load an ELF64 x86_64 kernel's PT_LOAD segments at their p_paddr. */
+export function loadElf(mem: GuestMemory, image: Uint8Array): KernelInfo {
+  if (!isElf(image)) throw new KernelFormatError("not an ELF file: no \\x7fELF magic");
+  if (image.length < EHDR_SIZE) {
+    throw new KernelFormatError(`ELF file truncated inside its header (${image.length} bytes)`);
+  }
+  if (image[EI_CLASS] !== ELFCLASS64) throw new KernelFormatError("ELF kernel is not 64-bit (ELFCLASS64 needed)");
+  if (image[EI_DATA] !== ELFDATA2LSB) throw new KernelFormatError("ELF kernel is not little-endian");
+  const dv = new DataView(image.buffer, image.byteOffset, image.byteLength);
+  const machine = dv.getUint16(E_MACHINE, true);
+  if (machine !== EM_X86_64) throw new KernelFormatError(`ELF kernel is for machine ${machine}, not x86_64 (62)`);
+  const type = dv.getUint16(E_TYPE, true);
+  if (type !== ET_EXEC && type !== ET_DYN) throw new KernelFormatError(`ELF file type ${type} is not an executable`);
+
+  const phoff = u64(dv, E_PHOFF, "e_phoff");
+  const phentsize = dv.getUint16(E_PHENTSIZE, true);
+  const phnum = dv.getUint16(E_PHNUM, true);
+  if (phentsize < PHDR_SIZE) throw new KernelFormatError(`ELF e_phentsize ${phentsize} is smaller than Elf64_Phdr`);
+  if (phnum === 0) throw new KernelFormatError("ELF kernel has no program headers");
+  if (phoff + phnum * phentsize > image.length) {
+    throw new KernelFormatError("ELF file truncated inside its program headers");
+  }
+
+  let loadStart = Infinity;
+  let loadEnd = 0;
+  let pvhEntry: number | undefined;
+  for (let i = 0; i < phnum; i++) {
+    const ph = phoff + i * phentsize;
+    const ptype = dv.getUint32(ph + P_TYPE, true);
+    const offset = u64(dv, ph + P_OFFSET, "p_offset");
+    const filesz = u64(dv, ph + P_FILESZ, "p_filesz");
+    if (ptype !== PT_LOAD && ptype !== PT_NOTE) continue;
+    if (offset + filesz > image.length) {
+      throw new KernelFormatError(
+        `ELF file truncated: segment ${i} needs bytes up to ${offset + filesz}, file has ${image.length}`,
+      );
+    }
+    if (ptype === PT_NOTE) {
+      pvhEntry ??= findPvhEntry(image.subarray(offset, offset + filesz));
+      continue;
+    }
+    const paddr = u64(dv, ph + P_PADDR, "p_paddr");
+    const memsz = u64(dv, ph + P_MEMSZ, "p_memsz");
+    if (filesz > memsz) throw new KernelFormatError(`ELF segment ${i} has p_filesz > p_memsz`);
+    if (memsz === 0) continue;
+    if (paddr < HIGH_MEMORY_START) {
+      throw new KernelFormatError(`ELF segment ${i} at ${hex(paddr)} overlaps the boot area below 1 MiB`);
+    }
+    if (!mem.isValid(paddr, memsz)) {
+      throw new GuestTooSmallError(
+        `kernel segment ${i} (${hex(paddr)}..${hex(paddr + memsz)}) does not fit guest RAM (${mem.size} bytes)`,
+      );
+    }
+    mem.write(paddr, image.subarray(offset, offset + filesz));
+    mem.fill(paddr + filesz, memsz - filesz);
+    loadStart = Math.min(loadStart, paddr);
+    loadEnd = Math.max(loadEnd, paddr + memsz);
+  }
+  if (loadEnd === 0) throw new KernelFormatError("ELF kernel has no loadable segments");
+
+  const entry = u64(dv, E_ENTRY, "e_entry");
+  if (entry < loadStart || entry >= loadEnd) {
+    throw new KernelFormatError(
+      `ELF entry ${hex(entry)} is outside the loaded segments ${hex(loadStart)}..${hex(loadEnd)}`,
+    );
+  }
+  return { kind: "elf", entry, loadStart, loadEnd, initrdAddrMax: INITRD_ADDR_MAX_2_03, pvhEntry };
+}
+
+/** The XEN_ELFNOTE_PHYS32_ENTRY value in a PT_NOTE segment, if any. */
+function findPvhEntry(notes: Uint8Array): number | undefined {
+  const dv = new DataView(notes.buffer, notes.byteOffset, notes.byteLength);
+  let off = 0;
+  while (off + NHDR_SIZE <= notes.length) {
+    const namesz = dv.getUint32(off, true);
+    const descsz = dv.getUint32(off + 4, true);
+    const type = dv.getUint32(off + 8, true);
+    const nameOff = off + NHDR_SIZE;
+    const descOff = nameOff + alignUp(namesz, NOTE_ALIGN);
+    const next = descOff + alignUp(descsz, NOTE_ALIGN);
+    if (next > notes.length) return undefined;
+    const name = new TextDecoder().decode(notes.subarray(nameOff, nameOff + namesz)).replace(/\0+$/, "");
+    if (name === XEN_NOTE_NAME && type === XEN_ELFNOTE_PHYS32_ENTRY) {
+      // Linux emits it as a 32-bit .long (arch/x86/platform/pvh/head.S), some builds as 64 bits.
+      if (descsz === 4) return dv.getUint32(descOff, true);
+      if (descsz === 8) return dv.getUint32(descOff, true) + dv.getUint32(descOff + 4, true) * 2 ** 32;
+      return undefined;
+    }
+    off = next;
+  }
+  return undefined;
+}

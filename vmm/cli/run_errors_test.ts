@@ -1,0 +1,73 @@
+// `denovm run` with bad input: one line naming the problem and crosvm's exit code
+// (35 for what the user gave, 1 for host faults). The checks on the user's files
+// happen before KVM is opened, so these run on any host.
+
+import assert from "node:assert/strict";
+import { debianKernel } from "../../test/support/kernel.ts";
+
+const main = new URL("../../main.ts", import.meta.url).pathname;
+
+async function run(args: string[], env: Record<string, string> = {}) {
+  const out = await new Deno.Command("deno", {
+    args: ["run", "--allow-all", main, "run", ...args],
+    env,
+    stdin: "null",
+  }).output();
+  const stderr = new TextDecoder().decode(out.stderr).trim();
+  return { code: out.code, lines: stderr === "" ? [] : stderr.split("\n") };
+}
+
+function assertOneLine(r: { code: number; lines: string[] }, code: number, re: RegExp) {
+  assert.equal(r.code, code, r.lines.join("\n"));
+  assert.equal(r.lines.length, 1, `expected one line, got:\n${r.lines.join("\n")}`);
+  assert.match(r.lines[0], /^denovm: /);
+  assert.match(r.lines[0], re);
+}
+
+Deno.test("run: a file that is neither bzImage nor ELF → 35", async () => {
+  const f = await Deno.makeTempFile();
+  await Deno.writeTextFile(f, "#!/bin/sh\necho not a kernel\n");
+  assertOneLine(await run([f]), 35, /neither a bzImage nor an ELF/);
+  await Deno.remove(f);
+});
+
+Deno.test("run: memory too small for the kernel, or for kernel + initrd → 35", async () => {
+  const k = await debianKernel();
+  assertOneLine(await run(["-m", "8", k.vmlinux]), 35, /--mem 8 MiB is too small for kernel/);
+  const initrd = await Deno.makeTempFile();
+  await Deno.writeFile(initrd, new Uint8Array(200 * 1024 * 1024));
+  assertOneLine(await run(["-m", "128", "-i", initrd, k.vmlinuz]), 35, /too small for initrd/);
+  await Deno.remove(initrd);
+});
+
+Deno.test("run: a kernel command line longer than the kernel accepts → 35", async () => {
+  const k = await debianKernel();
+  assertOneLine(await run(["-p", "x".repeat(5000), k.vmlinuz]), 35, /command line is \d+ bytes/);
+});
+
+Deno.test("run: no KVM device, or a file that is not one → 1 with one line", async () => {
+  const k = await debianKernel();
+  assertOneLine(
+    await run([k.vmlinuz], { DENOVM_KVM_DEVICE: "/nonexistent/kvm" }),
+    1,
+    /\/nonexistent\/kvm does not exist: this host has no KVM/,
+  );
+  assertOneLine(await run([k.vmlinuz], { DENOVM_KVM_DEVICE: "/dev/null" }), 1, /\/dev\/null is not a KVM device/);
+});
+
+Deno.test({
+  name: "run: more vCPUs than this host's KVM allows → 35",
+  ignore: !(() => {
+    try {
+      Deno.statSync("/dev/kvm");
+      return true;
+    } catch {
+      console.log("run_errors_test: vCPU limit test skipped: no /dev/kvm");
+      return false;
+    }
+  })(),
+  fn: async () => {
+    const k = await debianKernel();
+    assertOneLine(await run(["-c", "255", k.vmlinuz]), 35, /vCPUs requested; this host's KVM allows/);
+  },
+});

@@ -1,0 +1,209 @@
+// Control-socket client: `denovm stop|suspend|resume|powerbtn|balloon SIZE|balloon_stats|disk resize INDEX SIZE|
+// gpu list-displays|gpu stats|screenshot PATH|snapshot take PATH SOCKET`. Sends the same JSON as crosvm's
+// client (see vmm/control/server.ts for the protocol) and prints results the way crosvm's src/main.rs does:
+// `balloon_stats` prints the whole reply as pretty JSON, `gpu list-displays` prints {"displays": ...} as
+// pretty JSON; commands that only need "Ok" print nothing. Exit 0 on success, 1 on an error reply or an
+// unreachable socket, with one `denovm: ...` line on stderr.
+
+import { parseSize, parseUint } from "../cli/keyvalue.ts";
+import { checkControlArgs } from "../cli/control.ts";
+import { connectSeqpacket, readPacket } from "../../ffi/unix_socket.ts";
+import { UnixStream } from "../../core/unix_socket.ts";
+import { type ControlRequest, encodeRequest, REPLY_OK } from "./server.ts";
+import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit_codes.ts";
+
+/** Largest reply accepted; a reply that fills the buffer is reported as too large. */
+export const MAX_REPLY_BYTES = 1 << 20;
+
+/** An error reply from the VM ({"ErrString": ...}, or crosvm's {"Err": errno}). */
+export class ControlError extends Error {
+  constructor(message: string, readonly reply: unknown) {
+    super(message);
+    this.name = "ControlError";
+  }
+}
+
+/** The error text of an error reply, or undefined when `reply` is not one. */
+export function errorOfReply(reply: unknown): string | undefined {
+  if (reply === null || typeof reply !== "object" || Array.isArray(reply)) return undefined;
+  const r = reply as Record<string, unknown>;
+  if (typeof r.ErrString === "string") return r.ErrString;
+  if (typeof r.Err === "string") return r.Err;
+  // crosvm's VmResponse::Err(SysError) carries a bare errno.
+  if (typeof r.Err === "number") return `error (errno ${r.Err})`;
+  return undefined;
+}
+
+/** One connection to a VM's control socket; requests on it are answered in order. */
+export class ControlClient {
+  readonly #stream: UnixStream;
+  readonly #buf = new Uint8Array(MAX_REPLY_BYTES);
+  #busy: Promise<unknown> = Promise.resolve();
+
+  private constructor(readonly path: string, fd: number) {
+    this.#stream = new UnixStream(fd);
+  }
+
+  /** Connect to the control socket at `path`; throws SysError("connect PATH") when no VM listens there. */
+  static connect(path: string): ControlClient {
+    return new ControlClient(path, connectSeqpacket(path));
+  }
+
+  /** Send one JSON request (any JSON value) and wait for the JSON reply. */
+  request(json: unknown): Promise<unknown> {
+    const run = this.#busy.then(() => this.#roundTrip(json), () => this.#roundTrip(json));
+    this.#busy = run.catch(() => {});
+    return run;
+  }
+
+  /** Send raw bytes as one packet and wait for the reply (tests use it for malformed requests). */
+  requestRaw(packet: Uint8Array): Promise<unknown> {
+    const run = this.#busy.then(() => this.#roundTripRaw(packet), () => this.#roundTripRaw(packet));
+    this.#busy = run.catch(() => {});
+    return run;
+  }
+
+  #roundTrip(json: unknown): Promise<unknown> {
+    return this.#roundTripRaw(new TextEncoder().encode(JSON.stringify(json)));
+  }
+
+  async #roundTripRaw(packet: Uint8Array): Promise<unknown> {
+    await this.#stream.send(packet);
+    for (;;) {
+      const n = readPacket(this.#stream.fd, this.#buf);
+      if (n === null) {
+        await this.#stream.waitReadable();
+        continue;
+      }
+      if (n === 0) throw new Error(`control socket ${this.path} closed the connection without a reply`);
+      if (n >= this.#buf.length) throw new Error(`reply from ${this.path} is too large`);
+      const text = new TextDecoder().decode(this.#buf.subarray(0, n));
+      try {
+        return JSON.parse(text);
+      } catch {
+        throw new Error(`malformed reply from ${this.path}: ${text.slice(0, 80)}`);
+      }
+    }
+  }
+
+  close(): void {
+    this.#stream.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/**
+ * One request on a fresh connection (what each CLI command does). Resolves to the reply; throws
+ * SysError when the socket cannot be reached. Error replies are returned, not thrown.
+ */
+export async function controlRequest(socketPath: string, json: unknown): Promise<unknown> {
+  using client = ControlClient.connect(socketPath);
+  return await client.request(json);
+}
+
+/** Like controlRequest with a decoded request, but throws ControlError on an error reply. */
+export async function controlCall(socketPath: string, req: ControlRequest): Promise<unknown> {
+  const reply = await controlRequest(socketPath, encodeRequest(req));
+  const err = errorOfReply(reply);
+  if (err !== undefined) throw new ControlError(err, reply);
+  return reply;
+}
+
+function absolute(path: string): string {
+  return path.startsWith("/") ? path : `${Deno.cwd()}/${path}`;
+}
+
+/** The request and socket path a control command line means (argv starts with the command word). */
+export function requestForArgv(argv: readonly string[]): { request: ControlRequest; socket: string } {
+  checkControlArgs(argv);
+  const [cmd, ...rest] = argv;
+  const socket = rest[rest.length - 1];
+  switch (cmd) {
+    case "stop":
+      return { request: { kind: "stop" }, socket };
+    case "suspend":
+      return { request: { kind: "suspend" }, socket };
+    case "resume":
+      return { request: { kind: "resume" }, socket };
+    case "powerbtn":
+      return { request: { kind: "powerbtn" }, socket };
+    case "balloon":
+      return { request: { kind: "balloonAdjust", bytes: parseSize(rest[0], "balloon SIZE") }, socket };
+    case "balloon_stats":
+      return { request: { kind: "balloonStats" }, socket };
+    case "disk":
+      return {
+        request: {
+          kind: "diskResize",
+          index: parseUint(rest[1], "disk INDEX"),
+          bytes: parseSize(rest[2], "disk SIZE"),
+        },
+        socket,
+      };
+    case "gpu":
+      return { request: { kind: rest[0] === "stats" ? "gpuStats" : "gpuListDisplays" }, socket };
+    case "screenshot":
+      return { request: { kind: "screenshot", path: absolute(rest[0]) }, socket };
+    case "snapshot":
+      return { request: { kind: "snapshotTake", path: absolute(rest[1]) }, socket };
+  }
+  throw new Error(`unknown control command "${cmd}"`);
+}
+
+const encoder = new TextEncoder();
+
+function fail(message: string): number {
+  Deno.stderr.writeSync(encoder.encode(`denovm: ${message.replace(/\s*\n\s*/g, "; ")}\n`));
+  return EXIT_HOST_ERROR;
+}
+
+function printJson(value: unknown): void {
+  // serde_json::to_string_pretty: two-space indent, "key": value.
+  Deno.stdout.writeSync(encoder.encode(JSON.stringify(value, null, 2) + "\n"));
+}
+
+function isVariant(reply: unknown, name: string): reply is Record<string, unknown> {
+  return reply !== null && typeof reply === "object" && !Array.isArray(reply) && Object.hasOwn(reply, name);
+}
+
+/**
+ * Run a control command (argv = ["balloon", "1G", "/run/vm.sock"], ...): send it, print its result,
+ * resolve to the exit code (0 success, 1 error reply or unreachable socket). Throws UsageError on a
+ * malformed command line (main.ts has already checked it).
+ */
+export async function sendControlCommand(argv: string[]): Promise<number> {
+  const { request, socket } = requestForArgv(argv);
+  const cmd = argv[0] === "gpu" || argv[0] === "disk" || argv[0] === "snapshot" ? `${argv[0]} ${argv[1]}` : argv[0];
+  let reply: unknown;
+  try {
+    reply = await controlRequest(socket, encodeRequest(request));
+  } catch (e) {
+    return fail(`${cmd}: cannot reach the VM at ${socket}: ${e instanceof Error ? e.message : String(e)}`);
+  }
+  const err = errorOfReply(reply);
+  if (err !== undefined) return fail(`${cmd}: ${err}`);
+  switch (request.kind) {
+    case "balloonStats":
+      if (!isVariant(reply, "BalloonStats")) break;
+      printJson(reply);
+      return EXIT_SUCCESS;
+    case "gpuListDisplays": {
+      if (!isVariant(reply, "GpuResponse")) break;
+      const gpu = reply.GpuResponse;
+      if (!isVariant(gpu, "DisplayList")) break;
+      const list = gpu.DisplayList as { displays?: unknown };
+      printJson({ displays: list.displays ?? {} });
+      return EXIT_SUCCESS;
+    }
+    case "gpuStats":
+      if (!isVariant(reply, "DenovmGpuStats")) break;
+      printJson(reply.DenovmGpuStats);
+      return EXIT_SUCCESS;
+    default:
+      if (reply === REPLY_OK) return EXIT_SUCCESS;
+  }
+  return fail(`${cmd}: unexpected response: ${JSON.stringify(reply)}`);
+}

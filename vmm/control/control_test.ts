@@ -1,0 +1,581 @@
+// Control socket: ControlServer (vmm/control/server.ts) with a recording fake handler, driven by the real client
+// (vmm/control/client.ts) in-process and through `deno run main.ts <command> SOCKET` subprocesses, by raw
+// packets carrying crosvm's exact JSON, and by an independent client (Python's socket module).
+
+import assert from "node:assert/strict";
+import { closeFd } from "../../ffi/libc.ts";
+import { connectSeqpacket, listenSeqpacket } from "../../ffi/unix_socket.ts";
+import {
+  type BalloonStatsReply,
+  type ControlHandler,
+  ControlServer,
+  ControlSocketInUse,
+  decodeRequest,
+  type DisplayListReply,
+  encodeRequest,
+  MAX_REQUEST_BYTES,
+} from "./server.ts";
+import { ControlClient, controlRequest, errorOfReply, sendControlCommand } from "./client.ts";
+
+const MAIN = new URL("../../main.ts", import.meta.url).pathname;
+
+type Call = [string, ...unknown[]];
+
+const STATS: BalloonStatsReply = {
+  stats: { free_memory: 123 * 4096, total_memory: 256 << 20, swap_in: 0 },
+  balloon_actual: 64 << 20,
+};
+const DISPLAYS: DisplayListReply = {
+  displays: { "0": { mode: { windowed: [1280, 800] }, hidden: false, refresh_rate: 60, dpi: [320, 320] } },
+};
+const GPU_STATS = { transfer_to_host_bytes: 4096, inline_write_bytes: 12, blob_mapped_bytes: 0 };
+
+/** Records every call; `absent` names methods that throw "not available"; `gate` holds suspend() open. */
+class FakeHandler implements ControlHandler {
+  calls: Call[] = [];
+  absent = new Set<string>();
+  gate: Promise<void> | undefined;
+  inSuspend = 0;
+  maxInSuspend = 0;
+  onSuspendEnter: (() => void) | undefined;
+  #record(name: string, ...args: unknown[]): void {
+    this.calls.push([name, ...args]);
+    if (this.absent.has(name)) throw new Error(`not available: no device for ${name}`);
+  }
+  stop(): Promise<void> {
+    this.#record("stop");
+    return Promise.resolve();
+  }
+  async suspend(): Promise<void> {
+    this.#record("suspend");
+    this.inSuspend++;
+    this.maxInSuspend = Math.max(this.maxInSuspend, this.inSuspend);
+    this.onSuspendEnter?.();
+    try {
+      if (this.gate) await this.gate;
+    } finally {
+      this.inSuspend--;
+    }
+  }
+  resume(): Promise<void> {
+    this.#record("resume");
+    return Promise.resolve();
+  }
+  powerButton(): Promise<void> {
+    this.#record("powerButton");
+    return Promise.resolve();
+  }
+  balloonAdjust(bytes: number): Promise<void> {
+    this.#record("balloonAdjust", bytes);
+    return Promise.resolve();
+  }
+  balloonStats(): Promise<BalloonStatsReply> {
+    this.#record("balloonStats");
+    return Promise.resolve(STATS);
+  }
+  diskResize(index: number, bytes: number): Promise<void> {
+    this.#record("diskResize", index, bytes);
+    return Promise.resolve();
+  }
+  gpuListDisplays(): Promise<DisplayListReply> {
+    this.#record("gpuListDisplays");
+    return Promise.resolve(DISPLAYS);
+  }
+  gpuStats(): Promise<object> {
+    this.#record("gpuStats");
+    return Promise.resolve(GPU_STATS);
+  }
+  screenshot(path: string): Promise<void> {
+    this.#record("screenshot", path);
+    return Promise.resolve();
+  }
+}
+
+/** A temp dir with a socket path in it, a running server, and cleanup. */
+async function withServer(
+  fn: (ctx: { path: string; dir: string; handler: FakeHandler; server: ControlServer }) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-ctl-test-" });
+  const path = `${dir}/vm.sock`;
+  const handler = new FakeHandler();
+  const server = new ControlServer(path, handler);
+  try {
+    await server.listening;
+    await fn({ path, dir, handler, server });
+  } finally {
+    await server.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** Send one raw packet on a fresh connection and return the parsed reply. */
+async function rawRequest(path: string, text: string | Uint8Array): Promise<unknown> {
+  using c = ControlClient.connect(path);
+  return await c.requestRaw(typeof text === "string" ? new TextEncoder().encode(text) : text);
+}
+
+async function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", MAIN, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+/** Wait (bounded by a retry count, not asserted on time) until `cond` holds. */
+async function until(cond: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 500 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(cond(), `never happened: ${what}`);
+}
+
+Deno.test("control: every subcommand through the in-process client reaches the handler with its arguments", async () => {
+  await withServer(async ({ path, dir, handler }) => {
+    const cases: [string[], Call][] = [
+      [["stop", path], ["stop"]],
+      [["suspend", path], ["suspend"]],
+      [["resume", path], ["resume"]],
+      [["powerbtn", path], ["powerButton"]],
+      [["balloon", "512M", path], ["balloonAdjust", 512 * 2 ** 20]],
+      [["balloon", "1073741824", path], ["balloonAdjust", 1073741824]],
+      [["balloon_stats", path], ["balloonStats"]],
+      [["disk", "resize", "2", "8G", path], ["diskResize", 2, 8 * 2 ** 30]],
+      [["gpu", "list-displays", path], ["gpuListDisplays"]],
+      [["gpu", "stats", path], ["gpuStats"]],
+      [["screenshot", `${dir}/shot.png`, path], ["screenshot", `${dir}/shot.png`]],
+    ];
+    for (const [argv, call] of cases) {
+      handler.calls = [];
+      const code = await sendControlCommand(argv);
+      assert.equal(code, 0, argv.join(" "));
+      // stop() runs right after the reply is sent.
+      await until(() => handler.calls.length === 1, `${argv[0]} handler call`);
+      assert.deepEqual(handler.calls, [call], argv.join(" "));
+    }
+  });
+});
+
+Deno.test("control: a relative screenshot path is sent as an absolute path", async () => {
+  await withServer(async ({ path, handler }) => {
+    assert.equal(await sendControlCommand(["screenshot", "out/shot.png", path]), 0);
+    assert.deepEqual(handler.calls, [["screenshot", `${Deno.cwd()}/out/shot.png`]]);
+  });
+});
+
+Deno.test("control: `deno run main.ts <command> SOCKET` subprocesses: exit codes, printed JSON, handler calls", async () => {
+  await withServer(async ({ path, handler }) => {
+    let r = await runCli(["suspend", path]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, "");
+    r = await runCli(["balloon", "256M", path]);
+    assert.equal(r.code, 0, r.stderr);
+    r = await runCli(["disk", "resize", "0", "1048576", path]);
+    assert.equal(r.code, 0, r.stderr);
+
+    r = await runCli(["balloon_stats", path]);
+    assert.equal(r.code, 0, r.stderr);
+    const stats = JSON.parse(r.stdout);
+    assert.equal(stats.BalloonStats.balloon_actual, 64 << 20);
+    assert.equal(stats.BalloonStats.stats.free_memory, 123 * 4096);
+    assert.equal(stats.BalloonStats.stats.major_faults, null, "stats the device lacks are null, as in crosvm");
+    assert.ok(r.stdout.startsWith('{\n  "BalloonStats": {\n'), "pretty JSON like serde_json::to_string_pretty");
+
+    r = await runCli(["gpu", "list-displays", path]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.deepEqual(JSON.parse(r.stdout), DISPLAYS);
+
+    r = await runCli(["gpu", "stats", path]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.deepEqual(JSON.parse(r.stdout), GPU_STATS);
+
+    r = await runCli(["stop", path]);
+    assert.equal(r.code, 0, r.stderr);
+    await until(() => handler.calls.some((c) => c[0] === "stop"), "stop call");
+
+    assert.deepEqual(handler.calls, [
+      ["suspend"],
+      ["balloonAdjust", 256 << 20],
+      ["diskResize", 0, 1048576],
+      ["balloonStats"],
+      ["gpuListDisplays"],
+      ["gpuStats"],
+      ["stop"],
+    ]);
+
+    handler.absent.add("powerButton");
+    r = await runCli(["powerbtn", path]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stdout, "");
+    assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+    assert.match(r.stderr, /^denovm: powerbtn: not available: no device for powerButton\n$/);
+  });
+});
+
+Deno.test("control: unreachable socket → exit 1 with one stderr line (subprocess); bad arguments → 35", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const r = await runCli(["stop", `${dir}/nothing.sock`]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stdout, "");
+    assert.match(r.stderr, /^denovm: stop: cannot reach the VM at .*nothing\.sock: connect .*No such file.*\n$/);
+    const bad = await runCli(["balloon", "lots", `${dir}/nothing.sock`]);
+    assert.equal(bad.code, 35);
+    assert.equal(await sendControlCommand(["resume", `${dir}/nothing.sock`]), 1);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: crosvm's exact request JSON is understood and answered in crosvm's reply shapes", async () => {
+  await withServer(async ({ path, handler }) => {
+    const exact: [string, unknown, Call][] = [
+      ['"SuspendVcpus"', "Ok", ["suspend"]],
+      ['"ResumeVcpus"', "Ok", ["resume"]],
+      ['"SuspendVm"', "Ok", ["suspend"]],
+      ['"ResumeVm"', "Ok", ["resume"]],
+      ['"Powerbtn"', "Ok", ["powerButton"]],
+      ['{"BalloonCommand":{"Adjust":{"num_bytes":1073741824,"wait_for_success":false}}}', "Ok", [
+        "balloonAdjust",
+        1073741824,
+      ]],
+      ['{"DiskCommand":{"disk_index":1,"command":{"Resize":{"new_size":4096}}}}', "Ok", ["diskResize", 1, 4096]],
+      ['{"BalloonCommand":"Stats"}', {
+        BalloonStats: {
+          stats: {
+            swap_in: 0,
+            swap_out: null,
+            major_faults: null,
+            minor_faults: null,
+            free_memory: 123 * 4096,
+            total_memory: 256 << 20,
+            available_memory: null,
+            disk_caches: null,
+            hugetlb_allocations: null,
+            hugetlb_failures: null,
+            shared_memory: null,
+            unevictable_memory: null,
+          },
+          balloon_actual: 64 << 20,
+        },
+      }, ["balloonStats"]],
+      ['{"GpuCommand":"ListDisplays"}', { GpuResponse: { DisplayList: DISPLAYS } }, ["gpuListDisplays"]],
+      // serde also accepts a unit variant as {"Name":null}.
+      ['{"Powerbtn":null}', "Ok", ["powerButton"]],
+      ['"DenovmGpuStats"', { DenovmGpuStats: GPU_STATS }, ["gpuStats"]],
+      ['{"DenovmScreenshot":{"path":"/tmp/x.png"}}', "Ok", ["screenshot", "/tmp/x.png"]],
+      ['"Exit"', "Ok", ["stop"]],
+    ];
+    for (const [json, reply, call] of exact) {
+      handler.calls = [];
+      assert.deepEqual(await rawRequest(path, json), reply, json);
+      await until(() => handler.calls.length === 1, json);
+      assert.deepEqual(handler.calls, [call], json);
+    }
+  });
+});
+
+Deno.test("control: the client sends byte-for-byte what serde_json produces for crosvm's VmRequest", () => {
+  const wire = (v: unknown) => JSON.stringify(v);
+  assert.equal(wire(encodeRequest({ kind: "stop" })), '"Exit"');
+  assert.equal(wire(encodeRequest({ kind: "suspend" })), '"SuspendVcpus"');
+  assert.equal(wire(encodeRequest({ kind: "resume" })), '"ResumeVcpus"');
+  assert.equal(wire(encodeRequest({ kind: "powerbtn" })), '"Powerbtn"');
+  assert.equal(
+    wire(encodeRequest({ kind: "balloonAdjust", bytes: 1 << 30 })),
+    '{"BalloonCommand":{"Adjust":{"num_bytes":1073741824,"wait_for_success":false}}}',
+  );
+  assert.equal(wire(encodeRequest({ kind: "balloonStats" })), '{"BalloonCommand":"Stats"}');
+  assert.equal(
+    wire(encodeRequest({ kind: "diskResize", index: 3, bytes: 512 })),
+    '{"DiskCommand":{"disk_index":3,"command":{"Resize":{"new_size":512}}}}',
+  );
+  assert.equal(wire(encodeRequest({ kind: "gpuListDisplays" })), '{"GpuCommand":"ListDisplays"}');
+  assert.equal(
+    wire(encodeRequest({ kind: "snapshotTake", path: "/s" })),
+    '{"Snapshot":{"Take":{"snapshot_path":"/s","compress_memory":false,"encrypt":false}}}',
+  );
+  // Round trip: every request decodes back to itself.
+  for (
+    const req of [
+      { kind: "stop" },
+      { kind: "balloonAdjust", bytes: 5 },
+      { kind: "diskResize", index: 0, bytes: 1 },
+      { kind: "screenshot", path: "/a.png" },
+      { kind: "gpuStats" },
+      { kind: "snapshotTake", path: "/s" },
+    ] as const
+  ) {
+    assert.deepEqual(decodeRequest(JSON.parse(JSON.stringify(encodeRequest(req)))), req);
+  }
+});
+
+Deno.test("control: an independent SOCK_SEQPACKET client (Python) stops the VM with crosvm's JSON", async () => {
+  const py = await new Deno.Command("python3", { args: ["-c", "0"] }).output().catch(() => undefined);
+  if (!py?.success) {
+    console.log("skipped: python3 not available");
+    return;
+  }
+  await withServer(async ({ path, handler }) => {
+    const script = `
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.send(b'"Exit"')
+sys.stdout.write(s.recv(65536).decode())
+`;
+    const out = await new Deno.Command("python3", { args: ["-c", script, path], stdout: "piped" }).output();
+    assert.ok(out.success);
+    assert.equal(new TextDecoder().decode(out.stdout), '"Ok"');
+    await until(() => handler.calls.length === 1, "stop call");
+    assert.deepEqual(handler.calls, [["stop"]]);
+  });
+});
+
+Deno.test("control: 5 clients at once are served concurrently", async () => {
+  await withServer(async ({ path, handler, server }) => {
+    let release!: () => void;
+    handler.gate = new Promise((r) => release = r);
+    let entered = 0;
+    const allIn = new Promise<void>((resolve) => {
+      handler.onSuspendEnter = () => {
+        if (++entered === 5) resolve();
+      };
+    });
+    const clients = Array.from({ length: 5 }, () => ControlClient.connect(path));
+    try {
+      const replies = clients.map((c) => c.request("SuspendVcpus"));
+      await allIn; // all 5 requests are inside the handler at the same time
+      assert.equal(handler.maxInSuspend, 5);
+      assert.equal(server.connections, 5);
+      release();
+      assert.deepEqual(await Promise.all(replies), ["Ok", "Ok", "Ok", "Ok", "Ok"]);
+      // Each connection keeps working afterwards.
+      assert.deepEqual(await Promise.all(clients.map((c) => c.request("Powerbtn"))), Array(5).fill("Ok"));
+    } finally {
+      clients.forEach((c) => c.close());
+    }
+    await until(() => server.connections === 0, "connections closed");
+  });
+});
+
+Deno.test("control: malformed, unknown and oversized requests get error replies; the server keeps serving", async () => {
+  await withServer(async ({ path, handler }) => {
+    using c = ControlClient.connect(path);
+    const bad: [string | Uint8Array, RegExp][] = [
+      ["{not json", /^malformed request/],
+      [new Uint8Array([0x22, 0xff, 0xfe, 0x22]), /^malformed request/], // not UTF-8
+      ['"Sleepbtn"', /^unsupported request "Sleepbtn"/],
+      ['"NoSuchThing"', /^unsupported request/],
+      ['{"BalloonCommand":"WorkingSet"}', /^unsupported balloon command/],
+      ['{"BalloonCommand":{"Adjust":{"num_bytes":-1,"wait_for_success":false}}}', /num_bytes/],
+      ['{"BalloonCommand":{"Adjust":{"num_bytes":18446744073709551615}}}', /num_bytes/],
+      ['{"BalloonCommand":{"Adjust":{}}}', /missing field "num_bytes"/],
+      ['{"DiskCommand":{"disk_index":"0","command":{"Resize":{"new_size":1}}}}', /disk_index/],
+      ['{"Exit":1}', /Exit takes no data/],
+      ['{"A":1,"B":2}', /one-key object/],
+      ["[1,2]", /one-key object/],
+      ["null", /one-key object/],
+      ['{"DenovmScreenshot":{"path":""}}', /path/],
+      ["x".repeat(MAX_REQUEST_BYTES + 1), /too large/],
+      [new Uint8Array(200 * 1024).fill(0x20), /too large/],
+    ];
+    for (const [packet, re] of bad) {
+      const reply = typeof packet === "string"
+        ? await c.requestRaw(new TextEncoder().encode(packet))
+        : await c.requestRaw(packet);
+      const err = errorOfReply(reply);
+      assert.ok(err !== undefined, `error reply for ${String(packet).slice(0, 40)}: ${JSON.stringify(reply)}`);
+      assert.match(err, re);
+      assert.deepEqual(Object.keys(reply as object), ["ErrString"]);
+      assert.equal(await c.request("Powerbtn"), "Ok", "same connection still works");
+    }
+    // A request just at the limit is read whole (and then rejected only for its content).
+    const atLimit = JSON.stringify("x".repeat(MAX_REQUEST_BYTES - 2));
+    assert.match(errorOfReply(await c.requestRaw(new TextEncoder().encode(atLimit)))!, /unsupported request/);
+    assert.equal(handler.calls.filter((x) => x[0] !== "powerButton").length, 0, "no bad request reached the VM");
+    // Handler errors (device absent) become error replies too.
+    handler.absent.add("balloonStats");
+    assert.match(errorOfReply(await c.request({ BalloonCommand: "Stats" }))!, /^not available: /);
+    assert.match(errorOfReply(await c.request({ Snapshot: { Take: { snapshot_path: "/s" } } }))!, /^not available/);
+  });
+});
+
+Deno.test("control: a client that disconnects mid-request harms nothing", async () => {
+  await withServer(async ({ path, handler, server }) => {
+    let release!: () => void;
+    handler.gate = new Promise((r) => release = r);
+    const entered = new Promise<void>((r) => handler.onSuspendEnter = r);
+    const fd = connectSeqpacket(path);
+    const req = new TextEncoder().encode('"SuspendVcpus"');
+    const { libc } = await import("../../ffi/libc.ts");
+    assert.equal(Number(libc().write(fd, req, BigInt(req.length))), req.length);
+    await entered;
+    closeFd(fd); // gone before the reply
+    release();
+    await until(() => server.connections === 0, "the dead connection is dropped");
+    // A connection that hangs up without sending anything, and one that sends an empty packet.
+    closeFd(connectSeqpacket(path));
+    const fd2 = connectSeqpacket(path);
+    libc().write(fd2, new Uint8Array(0), 0n);
+    closeFd(fd2);
+    handler.gate = undefined;
+    assert.equal(await controlRequest(path, "ResumeVcpus"), "Ok");
+    assert.deepEqual(handler.calls, [["suspend"], ["resume"]]);
+    await until(() => server.connections === 0, "all connections dropped");
+  });
+});
+
+Deno.test("control: socket file is mode 0600 and removed on close; close is idempotent", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/vm.sock`;
+    const server = new ControlServer(path, new FakeHandler());
+    await server.listening;
+    const st = Deno.lstatSync(path);
+    assert.ok(st.isSocket);
+    assert.equal(st.mode! & 0o777, 0o600);
+    assert.deepEqual([...Deno.readDirSync(dir)].map((e) => e.name), ["vm.sock"], "no temporary files left");
+    await Promise.all([server.close(), server.close()]);
+    assert.throws(() => Deno.lstatSync(path), Deno.errors.NotFound);
+    assert.throws(() => connectSeqpacket(path));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: a stale socket file (crashed run) is replaced", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/vm.sock`;
+    closeFd(listenSeqpacket(path, 1)); // bound, then the "VM" died: the file stays, nobody listens
+    assert.ok(Deno.lstatSync(path).isSocket);
+    const staleIno = Deno.lstatSync(path).ino;
+    const handler = new FakeHandler();
+    const server = new ControlServer(path, handler);
+    await server.listening;
+    assert.notEqual(Deno.lstatSync(path).ino, staleIno);
+    assert.equal(await controlRequest(path, "Powerbtn"), "Ok");
+    assert.deepEqual(handler.calls, [["powerButton"]]);
+    await server.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: a live socket is never stolen; a non-socket file is left alone", async () => {
+  await withServer(async ({ path, dir, handler }) => {
+    const ino = Deno.lstatSync(path).ino;
+    const second = new ControlServer(path, new FakeHandler());
+    await assert.rejects(second.listening, (e) => {
+      assert.ok(e instanceof ControlSocketInUse);
+      assert.equal(e.message, `control socket ${path} is in use by a running VM`);
+      return true;
+    });
+    await second.close(); // closing a server that never listened must not remove the live file
+    assert.equal(Deno.lstatSync(path).ino, ino);
+    assert.equal(await controlRequest(path, "ResumeVcpus"), "Ok");
+    assert.deepEqual(handler.calls, [["resume"]]);
+
+    const file = `${dir}/plain`;
+    Deno.writeTextFileSync(file, "keep me");
+    const third = new ControlServer(file, new FakeHandler());
+    await assert.rejects(third.listening, /exists and is not a socket/);
+    await third.close();
+    assert.equal(Deno.readTextFileSync(file), "keep me");
+  });
+});
+
+Deno.test("control: closing the server while a handler runs does not hang; clients see the hang-up", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/vm.sock`;
+    const handler = new FakeHandler();
+    handler.gate = new Promise(() => {}); // never resolves
+    const entered = new Promise<void>((r) => handler.onSuspendEnter = r);
+    const server = new ControlServer(path, handler);
+    await server.listening;
+    using idle = ControlClient.connect(path);
+    using busy = ControlClient.connect(path);
+    const pending = busy.request("SuspendVcpus");
+    await entered;
+    await server.close();
+    await assert.rejects(pending, /closed the connection without a reply/);
+    await assert.rejects(idle.request("Powerbtn"), /closed the connection|Broken pipe|Connection reset/);
+    assert.throws(() => Deno.lstatSync(path), Deno.errors.NotFound);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: errorOfReply understands crosvm's error shapes", () => {
+  assert.equal(errorOfReply({ ErrString: "boom" }), "boom");
+  assert.equal(errorOfReply({ Err: 22 }), "error (errno 22)");
+  assert.equal(errorOfReply({ Err: "x" }), "x");
+  assert.equal(errorOfReply("Ok"), undefined);
+  assert.equal(errorOfReply({ BalloonStats: {} }), undefined);
+});
+
+Deno.test("control: the socket of a VM process killed with SIGKILL is replaced by the next run", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/vm.sock`;
+    const controlUrl = new URL("./server.ts", import.meta.url).href;
+    const code = `
+      const { ControlServer } = await import(${JSON.stringify(controlUrl)});
+      const s = new ControlServer(${JSON.stringify(path)}, { powerButton: () => Promise.resolve() });
+      await s.listening;
+      console.log("ready");
+      await new Promise(() => {});
+    `;
+    const child = new Deno.Command(Deno.execPath(), { args: ["eval", code], stdout: "piped", stderr: "inherit" })
+      .spawn();
+    const reader = child.stdout.getReader();
+    const first = await reader.read();
+    assert.equal(new TextDecoder().decode(first.value).trim(), "ready");
+    // While it lives, its socket is not taken, and it answers.
+    const rival = new ControlServer(path, new FakeHandler());
+    await assert.rejects(rival.listening, ControlSocketInUse);
+    await rival.close();
+    assert.equal(await controlRequest(path, "Powerbtn"), "Ok");
+    child.kill("SIGKILL");
+    await child.status;
+    reader.releaseLock();
+    await child.stdout.cancel();
+    assert.ok(Deno.lstatSync(path).isSocket, "a killed process leaves its socket file behind");
+    const handler = new FakeHandler();
+    const server = new ControlServer(path, handler);
+    await server.listening;
+    assert.equal(await controlRequest(path, "ResumeVcpus"), "Ok");
+    assert.deepEqual(handler.calls, [["resume"]]);
+    await server.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: a live listener whose backlog is full is still recognised as live", async () => {
+  const dir = await Deno.makeTempDir();
+  const fds: number[] = [];
+  let listener = -1;
+  try {
+    const path = `${dir}/vm.sock`;
+    listener = listenSeqpacket(path, 0); // never accepts
+    for (let i = 0; i < 1024; i++) {
+      try {
+        fds.push(connectSeqpacket(path, { nonBlockingConnect: true }));
+      } catch {
+        break; // backlog full (EAGAIN)
+      }
+    }
+    assert.ok(fds.length < 1024, "the backlog filled up");
+    const server = new ControlServer(path, new FakeHandler());
+    await assert.rejects(server.listening, ControlSocketInUse);
+    await server.close();
+    assert.ok(Deno.lstatSync(path).isSocket);
+  } finally {
+    fds.forEach(closeFd);
+    closeFd(listener);
+    await Deno.remove(dir, { recursive: true });
+  }
+});

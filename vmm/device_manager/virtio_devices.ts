@@ -1,0 +1,157 @@
+// Which virtio device models a VmConfig asks for, in the order they get
+// virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
+// line), then net, consoles, rng, balloon, input, vsock, gpu. The net, vsock and gpu
+// models (and the tap and virglrenderer bindings) are imported only when asked for:
+// loading them with every VM cost about 7 ms of start-up.
+
+import { BalloonDevice } from "../../devices/virtio/balloon.ts";
+import { BlockDevice } from "../../devices/virtio/block.ts";
+import { ConsoleDevice, type ConsolePort } from "../../devices/virtio/console.ts";
+import { AGENT_PORT_NAME } from "../library/agent_client.ts";
+import type { VirtioDevice } from "../../devices/virtio/device.ts";
+import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../../devices/virtio/input.ts";
+import { RngDevice } from "../../devices/virtio/rng.ts";
+import type { SerialConfig, VmConfig } from "../config.ts";
+
+/** A device model this version does not have; asked for explicitly, it is the user's error (exit 35). */
+export class UnavailableDeviceError extends Error {
+  readonly exitCode = 35;
+  constructor(what: string) {
+    super(`${what} is not available in this version of denovm`);
+    this.name = "UnavailableDeviceError";
+  }
+}
+
+/** A device that could not be created from what the user gave (a tap that does not exist...): exit 35. */
+export class DeviceConfigError extends Error {
+  readonly exitCode = 35;
+  constructor(message: string) {
+    super(message);
+    this.name = "DeviceConfigError";
+  }
+}
+
+export interface VirtioDeviceContext {
+  /** Where a virtio-console port's output goes (the same sinks as serial ports). */
+  serialOutput(s: SerialConfig): Promise<(bytes: Uint8Array) => void>;
+  /** Default host socket for the userspace vsock when --vsock has no uds-path. */
+  defaultVsockPath: string;
+}
+
+/** What createVirtioDevices built, with the console devices by serial number for input wiring. */
+export interface CreatedDevices {
+  devices: VirtioDevice[];
+  consoles: { serial: SerialConfig; device: ConsoleDevice }[];
+  /** The guest agent's port when config.agent is set. */
+  agentPort?: ConsolePort;
+}
+
+async function make<T>(what: string, f: () => T | Promise<T>): Promise<T> {
+  try {
+    return await f();
+  } catch (e) {
+    throw new DeviceConfigError(`${what}: ${(e as Error).message}`);
+  }
+}
+
+/** Build the device models for `config`. On failure every device made so far is closed. */
+export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceContext): Promise<CreatedDevices> {
+  const devices: VirtioDevice[] = [];
+  const consoles: CreatedDevices["consoles"] = [];
+  let agentPort: ConsolePort | undefined;
+  try {
+    for (const b of config.blocks) {
+      devices.push(
+        await make(`--block ${b.path}`, () =>
+          new BlockDevice({
+            path: b.path,
+            readOnly: b.ro,
+            sparse: b.sparse,
+            blockSize: b.blockSize,
+            id: b.id,
+            direct: b.direct,
+            lock: b.lock,
+          })),
+      );
+    }
+    if (config.nets.length > 0) {
+      const { NetDevice } = await import("../../devices/virtio/net.ts");
+      for (const n of config.nets) {
+        if (n.vqPairs !== undefined && n.vqPairs > 1) throw new UnavailableDeviceError("--net vq-pairs above 1");
+        if (n.tapName === undefined && n.tapFd === undefined) {
+          // crosvm's host-ip=,netmask= form: a new tap (named by the kernel) with that host address.
+          if (!n.hostIp || !n.netmask) {
+            throw new DeviceConfigError("--net needs tap-name=, tap-fd=, or host-ip= and netmask=");
+          }
+          const dev = await make("--net host-ip", () => new NetDevice({ tapName: "", mac: n.mac }));
+          devices.push(dev);
+          const { configureInterface } = await import("../../ffi/tun.ts");
+          await make(
+            `--net host-ip=${n.hostIp}`,
+            () => configureInterface(dev.tapName, { ip: n.hostIp, netmask: n.netmask, up: true }),
+          );
+          continue;
+        }
+        devices.push(
+          await make(
+            `--net ${n.tapName ?? `tap-fd=${n.tapFd}`}`,
+            () => new NetDevice({ tapName: n.tapName, tapFd: n.tapFd, mac: n.mac }),
+          ),
+        );
+      }
+    }
+    for (const s of config.serials.filter((s) => s.hardware === "virtio-console").sort((a, b) => a.num - b.num)) {
+      const output = await ctx.serialOutput(s);
+      const device = new ConsoleDevice({ output });
+      devices.push(device);
+      consoles.push({ serial: s, device });
+    }
+    if (config.agent) {
+      // Port 0 is unused (its output is dropped); the agent speaks on the named port.
+      const device = new ConsoleDevice({ output: () => {}, ports: [AGENT_PORT_NAME] });
+      devices.push(device);
+      agentPort = device.openPort(AGENT_PORT_NAME);
+    }
+    if (config.rng) devices.push(new RngDevice());
+    if (config.balloon) devices.push(new BalloonDevice());
+    for (const i of config.inputs) {
+      if (!INPUT_DEVICE_KINDS.includes(i.kind as InputDeviceKind)) {
+        throw new UnavailableDeviceError(`--input ${i.kind}`);
+      }
+      if (i.path !== undefined) throw new UnavailableDeviceError(`--input ${i.kind}[path=...] (a host event socket)`);
+      devices.push(
+        new InputDevice({ kind: i.kind as InputDeviceKind, width: i.width, height: i.height, name: i.name }),
+      );
+    }
+    if (config.vsock) {
+      const udsPath = config.vsock.udsPath ?? ctx.defaultVsockPath;
+      const { VsockDevice } = await import("../../devices/virtio/vsock.ts");
+      devices.push(await make(`--vsock ${udsPath}`, () => new VsockDevice({ cid: config.vsock!.cid, udsPath })));
+    }
+    if (config.gpu) {
+      const g = config.gpu;
+      if (g.backend === "gfxstream") throw new UnavailableDeviceError("--gpu backend=gfxstream");
+      const { GpuDevice } = await import("../../devices/virtio/gpu/device.ts");
+      const backend = g.backend === "2d"
+        ? new (await import("../../devices/virtio/gpu/backend_2d.ts")).Backend2D()
+        : await make("--gpu backend=virglrenderer", async () => {
+          const { VirglBackend } = await import("../../devices/virtio/gpu/backend_virgl.ts");
+          return new VirglBackend({ contextTypes: g.contextTypes.length > 0 ? g.contextTypes : undefined });
+        });
+      let displays = g.displays.map((d) => ({ width: d.width, height: d.height }));
+      if (displays.length === 0 && g.width && g.height) displays = [{ width: g.width, height: g.height }];
+      devices.push(
+        new GpuDevice({
+          backend,
+          displays: displays.length > 0 ? displays : undefined,
+          pciBarSize: g.pciBarSize,
+          tracePath: g.tracePath,
+        }),
+      );
+    }
+  } catch (e) {
+    for (const d of devices) d.close?.();
+    throw e;
+  }
+  return { devices, consoles, agentPort };
+}

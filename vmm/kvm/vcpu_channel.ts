@@ -1,0 +1,193 @@
+// The shared-memory channel between a vCPU Worker and the main thread.
+// Control block (one per VM, Int32Array): the command all vCPUs obey and how many are paused.
+// I/O block (one per vCPU, Int32Array + bytes): one port or MMIO access in flight.
+
+import { VIRTIO_MMIO_SIZE } from "../arch/layout.ts";
+import { VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS } from "../../devices/virtio/mmio.ts";
+
+/** Control block slots. */
+export const CTL_COMMAND = 0;
+export const CTL_PAUSED = 1;
+export const CTL_SLOTS = 2;
+/** Commands. */
+export const CMD_RUN = 0;
+export const CMD_PAUSE = 1;
+export const CMD_STOP = 2;
+
+/** I/O block slots (Int32 indices). */
+export const IO_STATE = 0;
+export const IO_KIND = 1;
+export const IO_IS_WRITE = 2;
+export const IO_SIZE = 3;
+export const IO_ADDR_LO = 4;
+export const IO_ADDR_HI = 5;
+/** Byte offset of the up-to-8 data bytes in the I/O block. */
+export const IO_DATA_BYTE_OFFSET = 24;
+/**
+ * The worker's thread id (Int32 slot, after the data bytes), stored before it first enters KVM_RUN, so
+ * that a kick finds the thread even before the main thread has read the worker's "ready" message.
+ */
+export const IO_TID = 8;
+export const IO_BLOCK_BYTES = 40;
+/** IO_STATE values: the worker posts a request, the main thread answers, the worker consumes. */
+export const STATE_IDLE = 0;
+export const STATE_REQUEST = 1;
+export const STATE_RESPONSE = 2;
+/** IO_KIND values. */
+export const KIND_PIO = 1;
+export const KIND_MMIO = 2;
+
+/** What the main thread sends a vCPU Worker to start it. */
+export interface VcpuStartMessage {
+  id: number;
+  vcpuFd: number;
+  runSize: number;
+  control: SharedArrayBuffer;
+  io: SharedArrayBuffer;
+  /** Serve the test guests' debug exit port in the worker. */
+  debugExit: boolean;
+  /**
+   * virtio-mmio transports whose InterruptStatus read and InterruptACK write the worker answers
+   * itself from `cells` (one Int32 per transport, shared with the main thread), so the
+   * two exits of every virtio interrupt never wait for the main thread.
+   */
+  virtioInterrupts?: VirtioInterruptCells;
+  /** UARTs the worker serves itself, over the state the main thread's Serial shares. */
+  serials?: VcpuSerial[];
+}
+
+/** A UART as a vCPU worker serves it: its ports, its shared state, the irqfd of its interrupt. */
+export interface VcpuSerial {
+  base: number;
+  state: SharedArrayBuffer;
+  irqFd: number;
+}
+
+/** The shared InterruptStatus cells: transport i (at guest-physical bases[i]) uses element i. */
+export interface VirtioInterruptCells {
+  cells: SharedArrayBuffer;
+  bases: number[];
+}
+
+/** What a vCPU Worker reports. */
+export type VcpuExitMessage =
+  | { kind: "ready"; tid: number }
+  | { kind: "stopped" }
+  | { kind: "shutdown" }
+  | { kind: "reset" }
+  | { kind: "crash"; detail: string }
+  | { kind: "debug-exit"; code: number };
+
+/**
+ * The doorbell a worker posts (as a plain message) after writing a request: the
+ * main thread's onmessage wakes its event loop reliably, which Atomics.waitAsync
+ * does not do in Deno (a test showed the loop exiting under a pending waitAsync).
+ */
+export const DOORBELL = 0;
+/** What a worker posts when a UART it serves has output for the main thread to take. */
+export const SERIAL_OUTPUT = 1;
+
+/**
+ * Worker side: hand one access to the main thread and block until it is answered.
+ * `data` holds the bytes of a write, and receives the bytes of a read.
+ */
+export function exchange(
+  io: Int32Array,
+  ioBytes: Uint8Array,
+  ring: () => void,
+  kind: number,
+  isWrite: boolean,
+  addr: number,
+  size: number,
+  data: Uint8Array,
+): void {
+  io[IO_KIND] = kind;
+  io[IO_IS_WRITE] = isWrite ? 1 : 0;
+  io[IO_SIZE] = size;
+  io[IO_ADDR_LO] = addr % 2 ** 32;
+  io[IO_ADDR_HI] = Math.floor(addr / 2 ** 32);
+  if (isWrite) ioBytes.set(data.subarray(0, size), IO_DATA_BYTE_OFFSET);
+  Atomics.store(io, IO_STATE, STATE_REQUEST);
+  ring();
+  while (Atomics.load(io, IO_STATE) === STATE_REQUEST) Atomics.wait(io, IO_STATE, STATE_REQUEST);
+  if (!isWrite) data.set(ioBytes.subarray(IO_DATA_BYTE_OFFSET, IO_DATA_BYTE_OFFSET + size));
+  Atomics.store(io, IO_STATE, STATE_IDLE);
+}
+
+/** One access as the main thread sees it. */
+export interface ChannelRequest {
+  kind: number;
+  isWrite: boolean;
+  addr: number;
+  /** The access's bytes: read them for a write, fill them for a read. */
+  data: Uint8Array;
+}
+
+/**
+ * Main-thread side, called when the doorbell rings: answer the pending access with
+ * `handle` and wake the worker. Returns false when no request was pending.
+ */
+export function serveRequest(ioBuffer: SharedArrayBuffer, handle: (r: ChannelRequest) => void): boolean {
+  const io = new Int32Array(ioBuffer);
+  if (Atomics.load(io, IO_STATE) !== STATE_REQUEST) return false;
+  const bytes = new Uint8Array(ioBuffer);
+  const size = io[IO_SIZE];
+  try {
+    handle({
+      kind: io[IO_KIND],
+      isWrite: io[IO_IS_WRITE] !== 0,
+      addr: (io[IO_ADDR_HI] >>> 0) * 2 ** 32 + (io[IO_ADDR_LO] >>> 0),
+      data: bytes.subarray(IO_DATA_BYTE_OFFSET, IO_DATA_BYTE_OFFSET + size),
+    });
+  } finally {
+    Atomics.store(io, IO_STATE, STATE_RESPONSE);
+    Atomics.notify(io, IO_STATE);
+  }
+  return true;
+}
+
+/** virtio-mmio registers are 32 bits wide (virtio 1.2, 4.2.2). */
+const VIRTIO_MMIO_REGISTER_SIZE = 4;
+
+/**
+ * The vCPU's own answer to the two virtio-mmio accesses of every interrupt, InterruptStatus reads
+ * and InterruptACK writes, from the status cells the transports share: returns a function of an
+ * MMIO exit (`run` is struct kvm_run, its data at `dataOffset`) that is true when it served the
+ * access and false for everything else (the main thread serves those). The transports set bits
+ * with Atomics.or before signalling the irqfd.
+ */
+export function virtioInterruptRegisters(
+  shared: VirtioInterruptCells,
+  dataOffset: number,
+): ((addr: number, len: number, isWrite: boolean, run: DataView) => boolean) | undefined {
+  if (shared.bases.length === 0) return undefined;
+  const cells = new Int32Array(shared.cells);
+  // Transport windows are VIRTIO_MMIO_SIZE apart from the lowest one: a table from window number to
+  // cell (-1 for a window without a transport) instead of a Map, and no `%` on an address above 2^31
+  // (a floating-point remainder): this runs on every virtio interrupt.
+  const first = Math.min(...shared.bases);
+  if (shared.bases.some((b) => (b - first) % VIRTIO_MMIO_SIZE !== 0)) {
+    throw new RangeError(`virtio-mmio bases not on a ${VIRTIO_MMIO_SIZE}-byte grid: ${shared.bases}`);
+  }
+  const slotOf = new Int32Array((Math.max(...shared.bases) - first) / VIRTIO_MMIO_SIZE + 1).fill(-1);
+  shared.bases.forEach((b, i) => slotOf[(b - first) / VIRTIO_MMIO_SIZE] = i);
+  const span = slotOf.length * VIRTIO_MMIO_SIZE;
+  return (addr, len, isWrite, run) => {
+    if (len !== VIRTIO_MMIO_REGISTER_SIZE) return false;
+    const rel = addr - first;
+    if (rel < 0 || rel >= span) return false;
+    const window = Math.floor(rel / VIRTIO_MMIO_SIZE);
+    const slot = slotOf[window];
+    if (slot < 0) return false;
+    const offset = rel - window * VIRTIO_MMIO_SIZE;
+    if (!isWrite && offset === VIRTIO_MMIO_INTERRUPT_STATUS) {
+      run.setUint32(dataOffset, Atomics.load(cells, slot), true);
+      return true;
+    }
+    if (isWrite && offset === VIRTIO_MMIO_INTERRUPT_ACK) {
+      Atomics.and(cells, slot, ~run.getUint32(dataOffset, true));
+      return true;
+    }
+    return false;
+  };
+}
