@@ -1,9 +1,9 @@
 // denovm: a crosvm-compatible VMM. `denovm [--log-level L] <command> ...`; see `denovm --help`.
 // Every invalid command line ends with one `denovm: <what is wrong>` line on stderr and crosvm's
-// invalid-arguments exit code (35); see core/exit_codes.ts for all exit codes.
+// invalid-arguments exit code (35); see core/exit.ts for all exit codes.
 
 import { checkControlArgs, isControlCommand } from "./vmm/cli/control.ts";
-import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "./core/exit_codes.ts";
+import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "./core/exit.ts";
 import { DENOVM_VERSION, mainHelp, runHelp } from "./vmm/cli/help.ts";
 import { UsageError } from "./vmm/cli/keyvalue.ts";
 import { parseRunArgs } from "./vmm/cli/run.ts";

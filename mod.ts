@@ -26,7 +26,7 @@ export {
   EXIT_SUCCESS,
   EXIT_VM_CRASH,
   EXIT_VM_RESET,
-} from "./core/exit_codes.ts";
+} from "./core/exit.ts";
 export { ConfigError } from "./vmm/machine.ts";
 export { compareImages, decodePng, pixel } from "./vmm/library/screen.ts";
 export type { CompareOptions, Image, Region } from "./vmm/library/screen.ts";

@@ -19,13 +19,13 @@ import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBoo
 import { Bus } from "../core/bus.ts";
 import { kernelCommandLine, type VmConfig } from "./config.ts";
 import {
+  ConfigError,
   EXIT_GUEST_PANIC,
-  EXIT_HOST_ERROR,
-  EXIT_INVALID_ARGS,
   EXIT_SUCCESS,
   EXIT_VM_CRASH,
   EXIT_VM_RESET,
-} from "../core/exit_codes.ts";
+  exitCodeFor,
+} from "../core/exit.ts";
 import {
   setBootFpu,
   setBootMsrs,
@@ -70,7 +70,7 @@ import {
   type VcpuSerial,
   type VirtioInterruptCells,
 } from "./kvm/vcpu_channel.ts";
-import { HostError, Kvm, Vm } from "./kvm/vm.ts";
+import { Kvm, Vm } from "./kvm/vm.ts";
 import { installKickHandler } from "../ffi/libc.ts";
 
 /** What Machine needs of a VM (vmm/kvm/vm.ts Vm): memory slots, interrupt lines, irqfd and ioeventfd. */
@@ -86,14 +86,7 @@ export type VmHandle = Pick<
   | "close"
 >;
 
-/** A problem with what the user asked for, found while building the VM: crosvm exits 35. */
-export class ConfigError extends Error {
-  readonly exitCode = EXIT_INVALID_ARGS;
-  constructor(message: string) {
-    super(message);
-    this.name = "ConfigError";
-  }
-}
+export { ConfigError, exitCodeFor };
 
 /** How long stop() waits for vCPU Workers to leave KVM_RUN before terminating them. */
 const STOP_GRACE_MS = 2000;
@@ -678,12 +671,4 @@ export function pvmHost(): boolean {
   } catch {
     return false;
   }
-}
-
-/** Map a thrown error to crosvm's exit code. */
-export function exitCodeFor(e: unknown): number {
-  if (e instanceof ConfigError) return EXIT_INVALID_ARGS;
-  if (e instanceof HostError) return EXIT_HOST_ERROR;
-  const c = (e as { exitCode?: unknown })?.exitCode;
-  return typeof c === "number" ? c : EXIT_HOST_ERROR;
 }

@@ -21,7 +21,8 @@ import {
   VIRTIO_ID_BALLOON,
   type VirtioDevice,
 } from "./device.ts";
-import { type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
+import { type DescriptorChain, type Virtqueue } from "./queue.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 import type { GuestMemory } from "../../core/memory.ts";
 import { EINVAL, errno, libc, MADV_DONTNEED, MADV_REMOVE, strerror } from "../../ffi/libc.ts";
 

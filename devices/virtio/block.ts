@@ -10,7 +10,8 @@ import {
   VIRTIO_ID_BLOCK,
   type VirtioDevice,
 } from "./device.ts";
-import { ChainError, type ChainReader, type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
+import { ChainError, type ChainReader, type DescriptorChain, type Virtqueue } from "./queue.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 import type { GuestMemory } from "../../core/memory.ts";
 import {
   check,

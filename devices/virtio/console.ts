@@ -13,7 +13,8 @@ import {
   VIRTIO_ID_CONSOLE,
   type VirtioDevice,
 } from "./device.ts";
-import { ChainError, RateLimitedLog, type Virtqueue } from "./queue.ts";
+import { ChainError, type Virtqueue } from "./queue.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 
 // ---- Feature bits (virtio_console.h) ----
 /** VIRTIO_CONSOLE_F_SIZE: cols/rows in config are valid. */

@@ -16,7 +16,8 @@ import {
   VIRTIO_ID_INPUT,
   type VirtioDevice,
 } from "./device.ts";
-import { RateLimitedLog, type Virtqueue } from "./queue.ts";
+import { type Virtqueue } from "./queue.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 import {
   ABS_MT_POSITION_X,
   ABS_MT_POSITION_Y,

@@ -3,7 +3,8 @@
 // and ioeventfds here and wires VirtioIrq to an irqfd; nothing here knows about KVM.
 
 import { type ActivateContext, VIRTIO_F_VERSION_1, type VirtioDevice, type VirtioInterrupt } from "./device.ts";
-import { RateLimitedLog, VIRTQ_MAX_SIZE, Virtqueue } from "./queue.ts";
+import { VIRTQ_MAX_SIZE, Virtqueue } from "./queue.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 import { VIRTIO_F_EVENT_IDX } from "./device.ts";
 import type { GuestMemory } from "../../core/memory.ts";
 

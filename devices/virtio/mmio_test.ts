@@ -46,7 +46,7 @@ import {
   VIRTIO_STATUS_FEATURES_OK,
   VirtioMmioTransport,
 } from "./mmio.ts";
-import { virtioLog } from "./queue.ts";
+import { guestLog } from "../../core/log.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../test/support/virtio_driver.ts";
 import { virtioInterruptRegisters } from "../../vmm/kvm/vcpu_channel.ts";
 
@@ -97,8 +97,8 @@ function setup(
   const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => irqs.n++ }, shmBase, interruptCell });
   const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: 1024 * 1024 });
   const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
+  const old = guestLog.sink;
+  guestLog.sink = (l) => lines.push(l);
   return {
     g,
     dev,
@@ -107,7 +107,7 @@ function setup(
     irqs,
     lines,
     [Symbol.dispose]() {
-      virtioLog.sink = old;
+      guestLog.sink = old;
       assert.ok(g.canaryIntact());
       g.close();
     },

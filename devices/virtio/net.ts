@@ -26,7 +26,8 @@ import {
   type VirtioDevice,
   type VirtioInterrupt,
 } from "./device.ts";
-import { ChainError, type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
+import { ChainError, type DescriptorChain, type Virtqueue } from "./queue.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 import { GuestMemoryError } from "../../core/memory.ts";
 import {
   closeFd,

@@ -4,6 +4,7 @@
 // consumed, logged in one rate-limited line and completed with length 0, never thrown.
 
 import { type GuestMemory, GuestMemoryError } from "../../core/memory.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 
 // ---- Layout numbers (virtio 1.2 section 2.7.5 "The Virtqueue Descriptor Table") ----
 
@@ -72,27 +73,6 @@ const FENCE_WORD = new Int32Array(new SharedArrayBuffer(4));
  */
 export function memoryFence(): void {
   Atomics.add(FENCE_WORD, 0, 1);
-}
-
-// ---- Logging: one line per guest error, rate limited ----
-
-/** Where virtio guest-error lines go; tests replace it to count lines. */
-export const virtioLog = { sink: (line: string): void => console.warn(line) };
-
-/** Logs the first `burst` lines, then one line every `every` occurrences with a count. */
-export class RateLimitedLog {
-  #count = 0;
-  constructor(readonly prefix: string, readonly burst = 10, readonly every = 1000) {}
-  get count(): number {
-    return this.#count;
-  }
-  log(msg: string): void {
-    this.#count++;
-    if (this.#count <= this.burst) virtioLog.sink(`${this.prefix}: ${msg}`);
-    else if (this.#count % this.every === 0) {
-      virtioLog.sink(`${this.prefix}: ${msg} (${this.#count} guest errors so far)`);
-    }
-  }
 }
 
 // ---- Descriptor chains ----

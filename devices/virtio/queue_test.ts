@@ -3,15 +3,10 @@
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import {
-  ChainError,
-  virtioLog,
-  VIRTQ_DESC_F_INDIRECT,
-  VIRTQ_DESC_F_NEXT,
-  VIRTQ_DESC_F_WRITE,
-  Virtqueue,
-} from "./queue.ts";
-import { RateLimitedLog, VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY } from "./queue.ts";
+import { ChainError, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue } from "./queue.ts";
+import { guestLog } from "../../core/log.ts";
+import { VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY } from "./queue.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 import { DriverQueue, GuardedGuestMemory, GuestAllocator } from "../../test/support/virtio_driver.ts";
 
 const MiB = 1024 * 1024;
@@ -33,15 +28,15 @@ function fixture(size = 16, eventIdx = false): Fixture {
   const dq = new DriverQueue(g.mem, 0, size, alloc);
   const q = new Virtqueue(g.mem, 0, dq.addrs, { eventIdx });
   const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
+  const old = guestLog.sink;
+  guestLog.sink = (l) => lines.push(l);
   return {
     g,
     dq,
     q,
     lines,
     [Symbol.dispose]() {
-      virtioLog.sink = old;
+      guestLog.sink = old;
       assert.ok(g.canaryIntact(), "canary around guest memory intact");
       g.close();
     },

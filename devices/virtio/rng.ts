@@ -10,7 +10,8 @@ import {
   VIRTIO_ID_RNG,
   type VirtioDevice,
 } from "./device.ts";
-import { RateLimitedLog, type Virtqueue } from "./queue.ts";
+import { type Virtqueue } from "./queue.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 
 /** One request queue ("requestq", section 5.4.2). */
 export const RNG_QUEUE_SIZE = 256;

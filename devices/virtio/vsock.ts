@@ -12,7 +12,8 @@
 // separately from close). Hostile packets get an RST and one log line, never an exception.
 
 import { type ActivateContext, VIRTIO_COMMON_FEATURES, VIRTIO_ID_VSOCK, type VirtioDevice } from "./device.ts";
-import { ChainError, type DescriptorChain, RateLimitedLog, type Virtqueue } from "./queue.ts";
+import { ChainError, type DescriptorChain, type Virtqueue } from "./queue.ts";
+import { RateLimitedLog } from "../../core/log.ts";
 
 // ---- struct virtio_vsock_hdr (virtio_vsock.h, packed, little-endian) ----
 export const VSOCK_HDR_SIZE = 44;

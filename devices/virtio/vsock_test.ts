@@ -28,7 +28,8 @@ import {
 } from "./vsock.ts";
 import { VIRTIO_ID_VSOCK } from "./device.ts";
 import { VirtioMmioTransport } from "./mmio.ts";
-import { virtioLog, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "./queue.ts";
+import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "./queue.ts";
+import { guestLog } from "../../core/log.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../test/support/virtio_driver.ts";
 
 const MiB = 1024 * 1024;
@@ -60,7 +61,7 @@ class Rig {
   readonly dev: VsockDevice;
   readonly drv: VirtioTestDriver;
   readonly lines: string[] = [];
-  readonly #oldSink = virtioLog.sink;
+  readonly #oldSink = guestLog.sink;
   /** Guest-side inbox: every packet the device put in the rx queue. */
   readonly inbox: Packet[] = [];
   readonly #rxBufs = new Map<number, number>();
@@ -71,7 +72,7 @@ class Rig {
     this.dev = new VsockDevice({ cid: GUEST_CID, udsPath: this.uds });
     const t = new VirtioMmioTransport(this.dev, this.g.mem, { irq: { trigger: () => this.#collect() } });
     this.drv = new VirtioTestDriver(t, this.g.mem, { start: 0x1000, end: 32 * MiB });
-    virtioLog.sink = (l) => this.lines.push(l);
+    guestLog.sink = (l) => this.lines.push(l);
     if (opts.activate !== false) {
       this.drv.init({ queueSize: 128 });
       this.postRx(RX_BUFS);
@@ -139,7 +140,7 @@ class Rig {
   }
 
   close(): void {
-    virtioLog.sink = this.#oldSink;
+    guestLog.sink = this.#oldSink;
     assert.ok(this.g.canaryIntact(), "no access outside guest memory");
     this.dev.close();
     this.g.close();

@@ -25,7 +25,7 @@ import {
   ramRanges,
   ZERO_PAGE_START,
 } from "../../vmm/arch/layout.ts";
-import { EXIT_GUEST_PANIC, EXIT_SUCCESS, EXIT_VM_CRASH, EXIT_VM_RESET } from "../../core/exit_codes.ts";
+import { EXIT_GUEST_PANIC, EXIT_SUCCESS, EXIT_VM_CRASH, EXIT_VM_RESET } from "../../core/exit.ts";
 import { loadKernel } from "../../vmm/arch/boot/kernel.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
 import { type BootConfig, Vm } from "../../mod.ts";

@@ -18,7 +18,7 @@ import { connectSeqpacket } from "../../ffi/unix_socket.ts";
 import { UnixStream } from "../../core/unix_socket.ts";
 import { loadKernel } from "../../vmm/arch/boot/kernel.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
-import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit_codes.ts";
+import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit.ts";
 import { type BootConfig, Vm } from "../../mod.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");

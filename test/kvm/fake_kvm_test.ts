@@ -39,7 +39,7 @@ import {
   EXIT_SUCCESS,
   EXIT_VM_CRASH,
   EXIT_VM_RESET,
-} from "../../core/exit_codes.ts";
+} from "../../core/exit.ts";
 
 const MAIN_TS = fileURLToPath(new URL("../../main.ts", import.meta.url));
 /** Hang protection only: every scenario here ends in well under a second of guest time. */

@@ -22,7 +22,7 @@ import { VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START } from "../../vmm/arch/layout.ts";
 import { writeAcpiTables } from "../../vmm/arch/acpi.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
 import { DEFAULT_GPU_PCI_BAR_SIZE, type GpuConfig } from "../../vmm/config.ts";
-import { EXIT_SUCCESS } from "../../core/exit_codes.ts";
+import { EXIT_SUCCESS } from "../../core/exit.ts";
 import type { GpuStats } from "../../devices/virtio/gpu/accounting.ts";
 import { VIRTIO_GPU_MAP_CACHE_CACHED } from "../../devices/virtio/gpu/protocol.ts";
 import { Vm } from "../../mod.ts";

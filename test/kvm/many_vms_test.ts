@@ -14,7 +14,7 @@ import { REPLY_OK } from "../../vmm/control/server.ts";
 import { ControlClient } from "../../vmm/control/client.ts";
 import { loadKernel } from "../../vmm/arch/boot/kernel.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
-import { EXIT_SUCCESS } from "../../core/exit_codes.ts";
+import { EXIT_SUCCESS } from "../../core/exit.ts";
 import { type BootConfig, Vm } from "../../mod.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");

@@ -23,7 +23,7 @@ import { writeAcpiTables } from "../../vmm/arch/acpi.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
 import type { BlockConfig, SerialConfig } from "../../vmm/config.ts";
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_RNG } from "../../devices/virtio/device.ts";
-import { EXIT_SUCCESS } from "../../core/exit_codes.ts";
+import { EXIT_SUCCESS } from "../../core/exit.ts";
 import { type BootConfig, Vm } from "../../mod.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
-import { virtioLog } from "../../devices/virtio/queue.ts";
+import { guestLog } from "../../core/log.ts";
 import type { GuestMemory } from "../../core/memory.ts";
 import type { GuardedGuestMemory } from "./virtio_driver.ts";
 import { VirtioTestDriver } from "./virtio_driver.ts";
@@ -38,12 +38,12 @@ export interface CapturedLog {
   restore(): void;
 }
 
-/** Sends virtioLog lines into `lines` (instead of its sink) until restore(). */
+/** Sends guestLog lines into `lines` (instead of its sink) until restore(). */
 export function captureVirtioLog(): CapturedLog {
   const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
-  return { lines, restore: () => virtioLog.sink = old };
+  const old = guestLog.sink;
+  guestLog.sink = (l) => lines.push(l);
+  return { lines, restore: () => guestLog.sink = old };
 }
 
 /**

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { defaultVmConfig, diskName, kernelCommandLine, type VmConfig } from "../config.ts";
 import { checkControlArgs } from "./control.ts";
-import { EXIT_INVALID_ARGS } from "../../core/exit_codes.ts";
+import { EXIT_INVALID_ARGS } from "../../core/exit.ts";
 import { mainHelp, RUN_FLAGS, runHelp } from "./help.ts";
 import { parseKeyValues, parseSize, UsageError } from "./keyvalue.ts";
 import { parseRunArgs } from "./run.ts";

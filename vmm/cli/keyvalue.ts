@@ -5,10 +5,8 @@
 //  2. `decodeKeyValues(schema, entries)` checks them against an option's schema: the first item may omit
 //     its key (the schema's positional key), a bare key means true, unknown and repeated keys are errors.
 
-/** A command-line or --cfg error: exits with crosvm's invalid-arguments code. */
-export class UsageError extends Error {
-  override name = "UsageError";
-}
+import { UsageError } from "../../core/exit.ts";
+export { UsageError };
 
 export type KvValue =
   | { kind: "scalar"; text: string; quoted: boolean }

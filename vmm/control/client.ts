@@ -10,7 +10,7 @@ import { checkControlArgs } from "../cli/control.ts";
 import { connectSeqpacket, readPacket } from "../../ffi/unix_socket.ts";
 import { UnixStream } from "../../core/unix_socket.ts";
 import { type ControlRequest, encodeRequest, REPLY_OK } from "./server.ts";
-import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit_codes.ts";
+import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit.ts";
 
 /** Largest reply accepted; a reply that fills the buffer is reported as too large. */
 export const MAX_REPLY_BYTES = 1 << 20;

@@ -3,10 +3,10 @@
 // unix socket), shared by 8250 ports and virtio-console ports.
 
 import type { SerialConfig } from "../config.ts";
+import { ConfigError } from "../../core/exit.ts";
 
 /** A serial option that cannot be honoured (file not writable, socket refused): exit 35. */
-export class SerialConfigError extends Error {
-  readonly exitCode = 35;
+export class SerialConfigError extends ConfigError {
   constructor(message: string) {
     super(message);
     this.name = "SerialConfigError";

@@ -12,10 +12,10 @@ import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../../devices/virtio/input.ts";
 import { RngDevice } from "../../devices/virtio/rng.ts";
 import type { SerialConfig, VmConfig } from "../config.ts";
+import { ConfigError } from "../../core/exit.ts";
 
 /** A device model this version does not have; asked for explicitly, it is the user's error (exit 35). */
-export class UnavailableDeviceError extends Error {
-  readonly exitCode = 35;
+export class UnavailableDeviceError extends ConfigError {
   constructor(what: string) {
     super(`${what} is not available in this version of denovm`);
     this.name = "UnavailableDeviceError";
@@ -23,8 +23,7 @@ export class UnavailableDeviceError extends Error {
 }
 
 /** A device that could not be created from what the user gave (a tap that does not exist...): exit 35. */
-export class DeviceConfigError extends Error {
-  readonly exitCode = 35;
+export class DeviceConfigError extends ConfigError {
   constructor(message: string) {
     super(message);
     this.name = "DeviceConfigError";

@@ -52,14 +52,8 @@ import { closeFd, E2BIG, EACCES, ENOENT, EPERM, O_RDWR, openFile, SysError } fro
 import { IOAPIC_PINS, KVM_IDENTITY_MAP_START, KVM_TSS_START } from "../arch/layout.ts";
 import type { GuestMemory } from "../../core/memory.ts";
 
-/** A fault of the host (no /dev/kvm, no permission, KVM too old): crosvm exits 1 for these. */
-export class HostError extends Error {
-  readonly exitCode = 1;
-  constructor(message: string) {
-    super(message);
-    this.name = "HostError";
-  }
-}
+import { HostError } from "../../core/exit.ts";
+export { HostError };
 
 export const KVM_DEVICE = "/dev/kvm";
 

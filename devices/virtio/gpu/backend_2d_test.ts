@@ -24,7 +24,7 @@ import { decodePngRgba } from "./png.ts";
 import { EDID_BLOCK_SIZE } from "./display.ts";
 import { VIRGL_CCMD_RESOURCE_INLINE_WRITE, VIRGL_CCMD_TRANSFER3D, VIRGL_TRANSFER_FROM_HOST } from "./accounting.ts";
 import { VirtioMmioTransport } from "../mmio.ts";
-import { virtioLog } from "../queue.ts";
+import { guestLog } from "../../../core/log.ts";
 import type { SharedMemoryMapper } from "../device.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../../test/support/virtio_driver.ts";
 
@@ -229,8 +229,8 @@ function rig(opts: {
   const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: ARENA_END });
   const acked = drv.init({ features: opts.features });
   const lines: string[] = [];
-  const old = virtioLog.sink;
-  virtioLog.sink = (l) => lines.push(l);
+  const old = guestLog.sink;
+  guestLog.sink = (l) => lines.push(l);
   const base = drv.alloc.mark();
   const readResp = (addr: number, len: number): Resp => {
     const bytes = g.mem.read(addr, len);
@@ -275,10 +275,10 @@ function rig(opts: {
       const before = lines.length;
       const errs = dev.guestErrors;
       const seen: string[] = [];
-      virtioLog.sink = (l) => seen.push(l);
+      guestLog.sink = (l) => seen.push(l);
       dev.guestErrorLine = (l: string) => seen.push(l);
       const r = this.send(c);
-      virtioLog.sink = (l) => lines.push(l);
+      guestLog.sink = (l) => lines.push(l);
       dev.guestErrorLine = undefined;
       assert.equal(r.type, code, `want 0x${code.toString(16)} got 0x${r.type.toString(16)}`);
       assert.equal(dev.guestErrors, errs + 1, `one guest error, got: ${seen.join(" | ")}`);
@@ -286,7 +286,7 @@ function rig(opts: {
       if (re) assert.match(seen.join("\n"), re);
     },
     [Symbol.dispose]() {
-      virtioLog.sink = old;
+      guestLog.sink = old;
       assert.ok(g.canaryIntact(), "no access outside guest memory");
       dev.close();
       g.close();

@@ -15,7 +15,8 @@ import {
   VIRTIO_ID_GPU,
   type VirtioDevice,
 } from "../device.ts";
-import { type DescriptorChain, RateLimitedLog, type Virtqueue } from "../queue.ts";
+import { type DescriptorChain, type Virtqueue } from "../queue.ts";
+import { RateLimitedLog } from "../../../core/log.ts";
 import type { GuestMemory } from "../../../core/memory.ts";
 import {
   type Backing,

@@ -10,7 +10,7 @@
 
 import assert from "node:assert/strict";
 import type { SharedMemoryMapper } from "../device.ts";
-import { virtioLog } from "../queue.ts";
+import { guestLog } from "../../../core/log.ts";
 import {
   VIRTIO_MMIO_SHM_BASE_HIGH,
   VIRTIO_MMIO_SHM_BASE_LOW,
@@ -239,9 +239,9 @@ function setUp() {
   });
   const drv = new VirtioTestDriver(t, g.mem, ARENA);
   const errors: string[] = [];
-  const savedSink = virtioLog.sink;
+  const savedSink = guestLog.sink;
   dev.guestErrorLine = (l) => errors.push(l);
-  virtioLog.sink = () => {}; // the lines are counted through guestErrorLine; keep the test output quiet
+  guestLog.sink = () => {}; // the lines are counted through guestErrorLine; keep the test output quiet
 
   const acked = drv.init({
     features: (1n << 32n) | P.VIRTIO_GPU_F_VIRGL | P.VIRTIO_GPU_F_RESOURCE_BLOB | P.VIRTIO_GPU_F_CONTEXT_INIT,
@@ -306,7 +306,7 @@ function setUp() {
       return interrupts;
     },
     close() {
-      virtioLog.sink = savedSink;
+      guestLog.sink = savedSink;
       dev.close();
       g.close();
     },

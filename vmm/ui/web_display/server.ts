@@ -21,7 +21,7 @@ import {
   REL_X,
   REL_Y,
 } from "../../../devices/virtio/input/codes.ts";
-import { RateLimitedLog } from "../../../devices/virtio/queue.ts";
+import { RateLimitedLog } from "../../../core/log.ts";
 import { constants as zlibConstants, deflateRawSync } from "node:zlib";
 import { pageHtml } from "./page.ts";
 import { encodeRectPng } from "./png.ts";

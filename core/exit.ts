@@ -39,3 +39,40 @@ export function exitCodeMessage(code: number): string {
       return `exiting with code ${code}`;
   }
 }
+
+/** An error whose kind decides the process's exit code (crosvm's CommandStatus). */
+export class ExitCodeError extends Error {
+  constructor(readonly exitCode: number, message: string) {
+    super(message);
+  }
+}
+
+/** Something the user asked for cannot be done as asked (a flag, a file, a device setting): crosvm exits 35. */
+export class UsageError extends ExitCodeError {
+  constructor(message: string) {
+    super(EXIT_INVALID_ARGS, message);
+    this.name = "UsageError";
+  }
+}
+
+/** A fault of the host (no /dev/kvm, no permission, KVM too old): crosvm exits 1 for these. */
+export class HostError extends ExitCodeError {
+  constructor(message: string) {
+    super(EXIT_HOST_ERROR, message);
+    this.name = "HostError";
+  }
+}
+
+/** The exit code for a thrown error: its own when it carries one, else the host-error code 1. */
+export function exitCodeFor(e: unknown): number {
+  const c = (e as { exitCode?: unknown })?.exitCode;
+  return typeof c === "number" ? c : EXIT_HOST_ERROR;
+}
+
+/** A problem with what the user asked for, found while building the VM (a file, a device setting): exit 35. */
+export class ConfigError extends UsageError {
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigError";
+  }
+}
