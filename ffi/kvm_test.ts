@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import * as kvm from "./kvm.ts";
 
-const here = new URL("../test", import.meta.url).pathname;
+const here = new URL("./", import.meta.url).pathname;
 
 async function headerValues(): Promise<Map<string, number>> {
   const exe = await Deno.makeTempFile({ prefix: "kvm_abi" });
