@@ -15,7 +15,7 @@
 import { UsageError } from "../keyvalue.ts";
 import { BALLOON_STAT_NAMES, BalloonDevice } from "../../../devices/virtio/balloon.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
-import { parseOptions, serveJsonLines, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
+import { closeWithDevice, parseOptions, serveJsonLines, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 /** How long {"stats":true} waits for the guest's answer before replying with the old numbers. */
 const STATS_WAIT_MS = 5000;
@@ -76,12 +76,7 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
   });
   const control = v["control-socket"];
   if (typeof control === "string") {
-    const server = serveJsonLines(control, (req) => handleBalloonRequest(device, req));
-    const close = device.close.bind(device);
-    device.close = () => {
-      server.close();
-      close();
-    };
+    closeWithDevice(device, serveJsonLines(control, (req) => handleBalloonRequest(device, req)));
   }
   return { socketPath, device };
 }

@@ -147,3 +147,12 @@ export function serveJsonLines(path: string, handle: (req: unknown) => unknown |
     },
   };
 }
+
+/** Close `server` too when `device` is closed. */
+export function closeWithDevice(device: { close(): void }, server: JsonLineServer): void {
+  const close = device.close.bind(device);
+  device.close = () => {
+    server.close();
+    close();
+  };
+}

@@ -27,7 +27,7 @@ import {
   type InputDeviceKind,
 } from "../../../devices/virtio/input.ts";
 import { InputDevice } from "../../../devices/virtio/input.ts";
-import { parseOptions, serveJsonLines, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
+import { closeWithDevice, parseOptions, serveJsonLines, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 // ---- run ----
 
@@ -184,12 +184,7 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
   });
   const eventSocket = v["event-socket"];
   if (eventSocket) {
-    const server = serveJsonLines(eventSocket, (req) => handleInputRequest(device, req));
-    const close = device.close.bind(device);
-    device.close = () => {
-      server.close();
-      close();
-    };
+    closeWithDevice(device, serveJsonLines(eventSocket, (req) => handleInputRequest(device, req)));
   }
   return { socketPath, device };
 }

@@ -18,15 +18,22 @@ const MAX_DIMENSION = 0xffff;
 
 /** The frame counters of WebDisplayStats (server.ts), shared by every page's stream. */
 export interface FrameCounters {
+  /** Batches (one per tick: every changed rectangle since the last one) and their rectangle messages. */
   batchesSent: number;
   rectsSent: number;
+  /** Bytes of binary rectangle messages (header + pixels). */
   bytesSent: number;
+  /** Rectangles sent compressed (PNG or deflate-raw), and the raw RGBA bytes they stood for. */
   rectsDeflated: number;
   deflatedRawBytes: number;
+  /** Tiles (TILE_SIZE squares, clipped to the flushed region) compared with what the page has, and those changed. */
   tilesCompared: number;
   tilesChanged: number;
+  /** Milliseconds the server spent preparing and sending batches (change detection, conversion, deflate). */
   encodeMs: number;
+  /** Batches the pages acknowledged as drawn. */
   acks: number;
+  /** Milliseconds the pages reported (in their acks) decoding and drawing the batches. */
   pageDecodeMs: number;
   pageDrawMs: number;
 }

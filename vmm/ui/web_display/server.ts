@@ -38,26 +38,9 @@ export interface WebDisplayOptions {
   encoding?: "auto" | Compression;
 }
 
-export interface WebDisplayStats {
+/** The display's counters: the frame counters of every page (frames.ts), and the ones below. */
+export interface WebDisplayStats extends FrameCounters {
   clients: number;
-  /** Batches (one per tick: every changed rectangle since the last one) and their rectangle messages. */
-  batchesSent: number;
-  rectsSent: number;
-  /** Bytes of binary rectangle messages (header + pixels). */
-  bytesSent: number;
-  /** Rectangles sent compressed (PNG or deflate-raw), and the raw RGBA bytes they stood for. */
-  rectsDeflated: number;
-  deflatedRawBytes: number;
-  /** Tiles (TILE_SIZE squares, clipped to the flushed region) compared with what the page has, and those changed. */
-  tilesCompared: number;
-  tilesChanged: number;
-  /** Milliseconds the server spent preparing and sending batches (change detection, conversion, deflate). */
-  encodeMs: number;
-  /** Batches the pages acknowledged as drawn. */
-  acks: number;
-  /** Milliseconds the pages reported (in their acks) decoding and drawing the batches. */
-  pageDecodeMs: number;
-  pageDrawMs: number;
   inputMessages: number;
   /** Requests refused for a missing or wrong token or origin. */
   refused: number;
@@ -83,7 +66,7 @@ export class WebDisplay {
   readonly #clients = new Set<Client>();
   readonly #log = new RateLimitedLog("web display");
   readonly #minIntervalMs: number;
-  readonly #counters: Omit<WebDisplayStats, "clients"> & FrameCounters = {
+  readonly #counters: Omit<WebDisplayStats, "clients"> = {
     batchesSent: 0,
     rectsSent: 0,
     bytesSent: 0,
