@@ -6,7 +6,7 @@
 //
 // Usage: deno run --allow-all bench/control_rtt.ts [--iterations N]
 
-import type { ControlHandler } from "../vmm/control/server.ts";
+import type { ControlHandler } from "../vmm/control/protocol.ts";
 
 const WORKER_NAME = "denovm-control-rtt-server";
 

@@ -6,9 +6,11 @@
 import { SERIAL_PORTS } from "./arch/layout.ts";
 
 /** Where a serial port's output goes (crosvm SerialType). */
-export type SerialType = "stdout" | "sink" | "file" | "syslog" | "unix" | "unix-stream";
+export const SERIAL_TYPES = ["stdout", "sink", "file", "syslog", "unix", "unix-stream"] as const;
+export type SerialType = typeof SERIAL_TYPES[number];
 /** Which device model backs a serial port (crosvm SerialHardware). */
-export type SerialHardware = "serial" | "virtio-console" | "debugcon";
+export const SERIAL_HARDWARE = ["serial", "virtio-console", "debugcon"] as const;
+export type SerialHardware = typeof SERIAL_HARDWARE[number];
 
 export interface SerialConfig {
   type: SerialType;
@@ -55,15 +57,20 @@ export interface NetConfig {
   vqPairs?: number;
 }
 
-export type InputKind =
-  | "keyboard"
-  | "mouse"
-  | "multi-touch"
-  | "single-touch"
-  | "evdev"
-  | "switches"
-  | "rotary"
-  | "trackpad";
+/** crosvm's `--input` kinds (src/crosvm/config.rs InputDeviceOption). */
+export const INPUT_KINDS = [
+  "keyboard",
+  "mouse",
+  "multi-touch",
+  "single-touch",
+  "evdev",
+  "switches",
+  "rotary",
+  "trackpad",
+] as const;
+export type InputKind = typeof INPUT_KINDS[number];
+/** The input kinds that are touch surfaces, with a width and height. */
+export const TOUCH_INPUT_KINDS: readonly InputKind[] = ["multi-touch", "single-touch", "trackpad"];
 
 export interface InputConfig {
   kind: InputKind;

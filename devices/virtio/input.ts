@@ -97,6 +97,7 @@ import {
   REL_Y,
   SYN_REPORT,
 } from "./input/codes.ts";
+import { MT_TRACKING_ID_MAX, MultiTouchSlots } from "./input/multitouch.ts";
 
 // ---- virtio_input.h ----
 
@@ -237,8 +238,6 @@ export const US_LAYOUT: ReadonlyMap<string, readonly [number, boolean]> = (() =>
 
 /** Highest key code a keyboard announces: the first 256 codes (KEY_RESERVED 0 excluded), as a PC keyboard. */
 const KEYBOARD_LAST_KEY = 0xff;
-/** The value evdev uses for "contact lifted" in ABS_MT_TRACKING_ID. */
-const MT_TRACKING_ID_NONE = -1;
 
 /** A bitmap (little-endian bit order, as the kernel's bitmaps) with the given bits set, just long enough. */
 function bitmap(bits: number[]): Uint8Array {
@@ -278,9 +277,8 @@ export class InputDevice implements VirtioDevice {
   readonly #pending: InputEvent[] = [];
   /** LED states the guest reported on the status queue (code -> value). */
   readonly leds = new Map<number, number>();
-  /** Multi-touch: tracking id of each slot's contact (-1 when lifted), and the next id to hand out. */
-  readonly #slots = new Array<number>(INPUT_MT_SLOTS).fill(MT_TRACKING_ID_NONE);
-  #nextTrackingId = 0;
+  /** Multi-touch: each slot's contact. */
+  readonly #touch = new MultiTouchSlots(INPUT_MT_SLOTS);
   readonly #log = new RateLimitedLog("virtio-input");
   readonly #stats: Record<StatName, number> = Object.fromEntries(STAT_NAMES.map((n) => [n, 0])) as Record<
     StatName,
@@ -329,7 +327,7 @@ export class InputDevice implements VirtioDevice {
         events.set(EV_KEY, [BTN_TOUCH]);
         xy();
         abs.set(ABS_MT_SLOT, { min: 0, max: INPUT_MT_SLOTS - 1 });
-        abs.set(ABS_MT_TRACKING_ID, { min: 0, max: 0xffff });
+        abs.set(ABS_MT_TRACKING_ID, { min: 0, max: MT_TRACKING_ID_MAX });
         abs.set(ABS_MT_POSITION_X, { min: 0, max: this.width - 1 });
         abs.set(ABS_MT_POSITION_Y, { min: 0, max: this.height - 1 });
         break;
@@ -596,13 +594,7 @@ export class InputDevice implements VirtioDevice {
     this.#requireKind("moveTo", "single-touch", "multi-touch");
     this.#checkPoint(x, y);
     const ev: InputEvent[] = [];
-    if (this.kind === "multi-touch" && this.#slots[0] !== MT_TRACKING_ID_NONE) {
-      ev.push(
-        { type: EV_ABS, code: ABS_MT_SLOT, value: 0 },
-        { type: EV_ABS, code: ABS_MT_POSITION_X, value: x },
-        { type: EV_ABS, code: ABS_MT_POSITION_Y, value: y },
-      );
-    }
+    if (this.kind === "multi-touch" && this.#touch.isDown(0)) ev.push(...this.#touch.move(0, x, y));
     ev.push({ type: EV_ABS, code: ABS_X, value: x }, { type: EV_ABS, code: ABS_Y, value: y });
     return this.sendEvents(ev);
   }
@@ -626,53 +618,26 @@ export class InputDevice implements VirtioDevice {
     }
   }
 
-  #contacts(): number {
-    return this.#slots.filter((id) => id !== MT_TRACKING_ID_NONE).length;
-  }
-
   /** Put a contact down in `slot` (multi-touch, protocol B: Documentation/input/multi-touch-protocol.rst). */
   touchDown(slot: number, x: number, y: number): boolean {
     this.#checkSlot(slot);
     this.#checkPoint(x, y);
-    const wasTouching = this.#contacts() > 0;
-    if (this.#slots[slot] === MT_TRACKING_ID_NONE) {
-      this.#slots[slot] = this.#nextTrackingId;
-      this.#nextTrackingId = (this.#nextTrackingId + 1) & 0xffff;
-    }
-    const ev: InputEvent[] = [
-      { type: EV_ABS, code: ABS_MT_SLOT, value: slot },
-      { type: EV_ABS, code: ABS_MT_TRACKING_ID, value: this.#slots[slot] },
-      { type: EV_ABS, code: ABS_MT_POSITION_X, value: x },
-      { type: EV_ABS, code: ABS_MT_POSITION_Y, value: y },
-    ];
-    if (!wasTouching) ev.push({ type: EV_KEY, code: BTN_TOUCH, value: 1 });
-    ev.push({ type: EV_ABS, code: ABS_X, value: x }, { type: EV_ABS, code: ABS_Y, value: y });
-    return this.sendEvents(ev);
+    return this.sendEvents(this.#touch.down(slot, x, y));
   }
 
   /** Move the contact in `slot` (it must be down). */
   touchMove(slot: number, x: number, y: number): boolean {
     this.#checkSlot(slot);
     this.#checkPoint(x, y);
-    if (this.#slots[slot] === MT_TRACKING_ID_NONE) throw new Error(`input: slot ${slot} has no contact`);
-    return this.sendEvents([
-      { type: EV_ABS, code: ABS_MT_SLOT, value: slot },
-      { type: EV_ABS, code: ABS_MT_POSITION_X, value: x },
-      { type: EV_ABS, code: ABS_MT_POSITION_Y, value: y },
-    ]);
+    if (!this.#touch.isDown(slot)) throw new Error(`input: slot ${slot} has no contact`);
+    return this.sendEvents(this.#touch.move(slot, x, y));
   }
 
   /** Lift the contact in `slot`. */
   touchUp(slot: number): boolean {
     this.#checkSlot(slot);
-    if (this.#slots[slot] === MT_TRACKING_ID_NONE) return true;
-    this.#slots[slot] = MT_TRACKING_ID_NONE;
-    const ev: InputEvent[] = [
-      { type: EV_ABS, code: ABS_MT_SLOT, value: slot },
-      { type: EV_ABS, code: ABS_MT_TRACKING_ID, value: MT_TRACKING_ID_NONE },
-    ];
-    if (this.#contacts() === 0) ev.push({ type: EV_KEY, code: BTN_TOUCH, value: 0 });
-    return this.sendEvents(ev);
+    if (!this.#touch.isDown(slot)) return true;
+    return this.sendEvents(this.#touch.up(slot));
   }
 }
 

@@ -48,7 +48,7 @@ import {
   REL_Y,
   SYN_REPORT,
 } from "./input/codes.ts";
-import { handleInputRequest } from "../../vmm/cli/device/input.ts";
+import { handleInputRequest } from "../../vmm/cli/devices/input.ts";
 import { VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID } from "./mmio.ts";
 import { VIRTIO_ID_INPUT } from "./device.ts";
 import { GuardedGuestMemory, type Submitted } from "../../test/support/virtio_driver.ts";

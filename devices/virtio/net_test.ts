@@ -36,7 +36,7 @@ import {
 import { VIRTIO_COMMON_FEATURES, VIRTIO_ID_NET } from "./device.ts";
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "./queue.ts";
 import { configureInterface, interfaceMtu, openTap } from "../../ffi/tun.ts";
-import { parseDeviceArgs, parseNetArgs } from "../../vmm/cli/device/net.ts";
+import { parseDeviceArgs, parseNetArgs } from "../../vmm/cli/devices/net.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../test/support/virtio_driver.ts";
 import { captureVirtioLog, mmioRig } from "../../test/support/device_rig.ts";
 

@@ -53,8 +53,8 @@ export const VSOCK_CONFIG_SIZE = 8;
 
 /** Well-known CIDs (linux/vm_sockets.h): the host is 2; 0, 1, 2 and U32_MAX (VMADDR_CID_ANY) are reserved. */
 export const VMADDR_CID_HOST = 2;
-const MIN_GUEST_CID = 3;
-const MAX_GUEST_CID = 0xffff_fffe;
+export const MIN_GUEST_CID = 3;
+export const MAX_GUEST_CID = 0xffff_fffe;
 
 /** Queues (spec 5.10.2): rx (device to driver), tx, event. */
 export const VSOCK_RXQ = 0;

@@ -12,7 +12,7 @@ import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { buildGuest } from "../guests/build.ts";
 import { IRQ_ACPI_SCI, KERNEL_START, MiB, MMIO_HOLE_START, ramRanges } from "../../vmm/arch/layout.ts";
-import { BALLOON_STAT_NAMES, MAX_REQUEST_BYTES, REPLY_OK } from "../../vmm/control/server.ts";
+import { BALLOON_STAT_NAMES, MAX_REQUEST_BYTES, REPLY_OK } from "../../vmm/control/protocol.ts";
 import { ControlClient, errorOfReply } from "../../vmm/control/client.ts";
 import { connectSeqpacket } from "../../ffi/unix_socket.ts";
 import { UnixStream } from "../../core/unix_socket.ts";

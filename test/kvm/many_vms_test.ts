@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { buildGuest } from "../guests/build.ts";
 import { KERNEL_START, MiB, ramRanges } from "../../vmm/arch/layout.ts";
-import { REPLY_OK } from "../../vmm/control/server.ts";
+import { REPLY_OK } from "../../vmm/control/protocol.ts";
 import { ControlClient } from "../../vmm/control/client.ts";
 import { loadKernel } from "../../vmm/arch/boot/kernel.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";

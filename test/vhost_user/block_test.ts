@@ -25,7 +25,7 @@ import type { ActivateContext, VirtioDevice } from "../../devices/virtio/device.
 import { VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1 } from "../../devices/virtio/device.ts";
 import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "../../devices/virtio/queue.ts";
 import { BACKEND_PROTOCOL_FEATURES, VhostUserBackend } from "../../devices/vhost_user/backend.ts";
-import { parseBlockArgs } from "../../vmm/cli/device.ts";
+import { parseBlockArgs } from "../../vmm/cli/devices/block.ts";
 import {
   configPayload,
   encodeMessage,

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { ConsoleDevice } from "../../devices/virtio/console.ts";
 import { VhostUserBackend } from "../../devices/vhost_user/backend.ts";
-import { parseConsoleArgs } from "../../vmm/cli/device/console.ts";
+import { parseConsoleArgs } from "../../vmm/cli/devices/serial.ts";
 import { buildInitramfs, UmlMachine, umlUnavailableReason } from "../support/uml.ts";
 
 /** The virtio device ID of consoles (virtio 1.2 section 5). */

@@ -31,7 +31,7 @@ import {
   VHOST_USER_GPU_HDR_SIZE,
   VhostUserGpuRequest,
 } from "../../devices/vhost_user/gpu_socket.ts";
-import { parseGpuArgs } from "../../vmm/cli/device/gpu.ts";
+import { parseGpuArgs } from "../../vmm/cli/devices/gpu.ts";
 import { decodePngRgba } from "../../devices/virtio/gpu/png.ts";
 
 Deno.test("vhost-user-gpu display socket: SCANOUT and UPDATE layouts (vhost-user-gpu.rst)", () => {

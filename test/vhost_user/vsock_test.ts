@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { VsockDevice } from "../../devices/virtio/vsock.ts";
 import { VhostUserBackend } from "../../devices/vhost_user/backend.ts";
-import { parseVsockArgs } from "../../vmm/cli/device/vsock.ts";
+import { parseVsockArgs } from "../../vmm/cli/devices/vsock.ts";
 import { buildInitramfs, UmlMachine, umlUnavailableReason } from "../support/uml.ts";
 
 /** The virtio device ID of vsock (virtio 1.2 section 5). */

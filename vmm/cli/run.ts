@@ -1,40 +1,18 @@
 // `denovm run [OPTIONS] KERNEL`: argv (and --cfg JSON files) → a validated VmConfig.
 // Option names, keys, defaults and checks follow crosvm's `run` (google/crosvm src/crosvm/cmdline.rs
-// RunCommand and its TryFrom<RunCommand> for Config; src/crosvm/config.rs; src/crosvm/gpu_config.rs).
+// RunCommand and its TryFrom<RunCommand> for Config; src/crosvm/config.rs). This module scans argv and
+// --cfg files, parses the machine's own options (kernel, memory, vCPUs, sockets) and hands each device
+// option to its family's module in devices/ (block, serial, net, gpu, input, vsock).
 
-import {
-  type BlockConfig,
-  DEFAULT_BLOCK_SIZE,
-  DEFAULT_CPUS,
-  DEFAULT_DISPLAY_HEIGHT,
-  DEFAULT_DISPLAY_WIDTH,
-  DEFAULT_GPU_PCI_BAR_SIZE,
-  DEFAULT_MEM_MIB,
-  defaultSerial,
-  type GpuBackend,
-  type GpuConfig,
-  type GpuDisplayConfig,
-  type InputConfig,
-  type InputKind,
-  type NetConfig,
-  type SerialConfig,
-  type SerialHardware,
-  type SerialType,
-  type VmConfig,
-} from "../config.ts";
+import { DEFAULT_CPUS, DEFAULT_MEM_MIB, type VmConfig } from "../config.ts";
 import { type FlagDef, RUN_FLAGS } from "./help.ts";
-import {
-  asScalarList,
-  asUint,
-  decodeKeyValues,
-  type KvEntry,
-  type KvSchema,
-  type KvValue,
-  parseKeyValues,
-  parseOption,
-  parseUint,
-  UsageError,
-} from "./keyvalue.ts";
+import { type KvSchema, parseOption, parseUint, UsageError } from "./keyvalue.ts";
+import { parseBlockOption } from "./devices/block.ts";
+import { parseGpuOption } from "./devices/gpu.ts";
+import { parseInputOption } from "./devices/input.ts";
+import { parseNetOption } from "./devices/net.ts";
+import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
+import { parseVsockOption } from "./devices/vsock.ts";
 
 export { UsageError } from "./keyvalue.ts";
 
@@ -45,30 +23,6 @@ export { UsageError } from "./keyvalue.ts";
 export const MAX_MEM_MIB = 2 ** 27;
 /** The highest vCPU count accepted; crosvm and the x86 MP table / xAPIC IDs stop at 255. */
 export const MAX_CPUS = 255;
-/** Serial port numbers are 1..4 (crosvm config.rs validate_serial_parameters: COM1..COM4). */
-export const MAX_SERIAL_NUM = 4;
-/** virtio-blk serial length (Linux include/uapi/linux/virtio_blk.h VIRTIO_BLK_ID_BYTES). */
-export const VIRTIO_BLK_ID_BYTES = 20;
-/** Sector size every block size must be a multiple of (virtio spec 5.2.6: requests are in 512-byte sectors). */
-export const SECTOR_SIZE = 512;
-/** Lowest guest vsock CID: 0 hypervisor, 1 loopback, 2 host are reserved (Linux include/uapi/linux/vm_sockets.h). */
-export const MIN_GUEST_CID = 3;
-/** VMADDR_CID_ANY (0xffffffff) cannot be a guest CID (vm_sockets.h). */
-export const MAX_GUEST_CID = 0xffff_fffe;
-/** Most displays one virtio-gpu device has (virtio spec 5.7.4, VIRTIO_GPU_MAX_SCANOUTS). */
-export const VIRTIO_GPU_MAX_SCANOUTS = 16;
-/** Capset names the guest can ask for, as crosvm/rutabaga spell them (linux virtio_gpu.h VIRTIO_GPU_CAPSET_*). */
-export const GPU_CONTEXT_TYPES: readonly string[] = [
-  "virgl",
-  "virgl2",
-  "gfxstream-vulkan",
-  "venus",
-  "cross-domain",
-  "drm",
-  "gfxstream-gles",
-  "gfxstream-composer",
-  "magma",
-];
 
 export interface RunCommand {
   config: VmConfig;
@@ -83,154 +37,10 @@ export interface ParseRunOptions {
   checkFiles?: boolean;
 }
 
-// ---- Key=value schemas ----
+// ---- The machine's own options ----
 
 const MEM_SCHEMA: KvSchema = { option: "--mem", positional: "size", keys: { size: "string" } };
 const CPUS_SCHEMA: KvSchema = { option: "--cpus", positional: "num-cores", keys: { "num-cores": "string" } };
-const VSOCK_SCHEMA: KvSchema = {
-  option: "--vsock",
-  positional: "cid",
-  keys: { cid: "string", "uds-path": "string" },
-};
-
-function blockSchema(option: string): KvSchema {
-  return {
-    option,
-    positional: "path",
-    keys: {
-      path: "string",
-      ro: "bool",
-      root: "bool",
-      sparse: "bool",
-      "block-size": "uint",
-      id: "string",
-      direct: "bool",
-      lock: "bool",
-    },
-    // crosvm devices/src/virtio/block/mod.rs DiskOption serde aliases.
-    aliases: { block_size: "block-size", o_direct: "direct" },
-  };
-}
-
-const SERIAL_TYPES: readonly SerialType[] = ["stdout", "sink", "file", "syslog", "unix", "unix-stream"];
-const SERIAL_HARDWARE: readonly SerialHardware[] = ["serial", "virtio-console", "debugcon"];
-const SERIAL_SCHEMA: KvSchema = {
-  option: "--serial",
-  positional: "type",
-  keys: {
-    type: { enum: SERIAL_TYPES },
-    hardware: { enum: SERIAL_HARDWARE },
-    num: "string",
-    path: "string",
-    input: "string",
-    console: "bool",
-    earlycon: "bool",
-    stdin: "bool",
-    name: "string",
-  },
-};
-
-const NET_SCHEMA: KvSchema = {
-  option: "--net",
-  keys: {
-    "tap-name": "string",
-    "tap-fd": "uint",
-    "host-ip": "string",
-    netmask: "string",
-    mac: "string",
-    "vq-pairs": "string",
-  },
-};
-
-const GPU_BACKENDS: readonly string[] = ["2d", "2D", "virglrenderer", "3d", "3D", "gfxstream"];
-
-function decodeDisplayMode(v: KvValue, where: string): { mode: string; width?: number; height?: number } {
-  // denovm adds mode=web[W,H]: the display served as a web page (see vmm/web_display/).
-  if (v.kind === "scalar") {
-    if (v.text === "windowed" || v.text === "borderless_full_screen" || v.text === "web") return { mode: v.text };
-    throw new UsageError(`${where}: "${v.text}" is not windowed[W,H], web[W,H] or borderless_full_screen`);
-  }
-  if (v.kind === "variant" && (v.name === "windowed" || v.name === "web")) {
-    const dims = asScalarList({ kind: "list", items: v.items }, where);
-    if (dims.length !== 2) throw new UsageError(`${where}: ${v.name} takes [WIDTH,HEIGHT]`);
-    return { mode: v.name, width: parseUint(dims[0], where, 1), height: parseUint(dims[1], where, 1) };
-  }
-  throw new UsageError(`${where}: expected windowed[W,H], web[W,H] or borderless_full_screen`);
-}
-
-const DISPLAY_SCHEMA: KvSchema = {
-  option: "--gpu displays",
-  positional: "mode",
-  keys: {
-    mode: { decode: decodeDisplayMode },
-    hidden: "bool",
-    "refresh-rate": "uint",
-    dpi: { decode: (v, where) => asScalarList(v, where).map((s) => parseUint(s, where)) },
-    "horizontal-dpi": "uint",
-    "vertical-dpi": "uint",
-    port: { decode: (v, where) => asUint(v, where, 1, 65535) },
-  },
-};
-
-function decodeDisplay(items: KvEntry[]): GpuDisplayConfig {
-  const d = decodeKeyValues(DISPLAY_SCHEMA, items);
-  const mode = (d.mode as ReturnType<typeof decodeDisplayMode> | undefined) ?? { mode: "windowed" };
-  const dpi = d.dpi as number[] | undefined;
-  if (dpi !== undefined && dpi.length !== 2) throw new UsageError(`--gpu displays dpi: takes [X,Y]`);
-  const out: GpuDisplayConfig = {
-    mode: mode.mode,
-    width: mode.width ?? DEFAULT_DISPLAY_WIDTH,
-    height: mode.height ?? DEFAULT_DISPLAY_HEIGHT,
-  };
-  if (d.port !== undefined) out.port = d.port as number;
-  if (d.hidden !== undefined) out.hidden = d.hidden as boolean;
-  if (d["refresh-rate"] !== undefined) out.refreshRate = d["refresh-rate"] as number;
-  return out;
-}
-
-function decodeDisplays(v: KvValue, where: string): GpuDisplayConfig[] {
-  if (v.kind !== "list") throw new UsageError(`${where}: expected [[DISPLAY],...]`);
-  // displays=[[mode=windowed[W,H]],[...]] is crosvm's form; also take a single display without the inner [].
-  if (v.items.length > 0 && v.items.every((e) => e.key === undefined && e.value.kind === "list")) {
-    return v.items.map((e) => decodeDisplay((e.value as { items: KvEntry[] }).items));
-  }
-  return v.items.length === 0 ? [] : [decodeDisplay(v.items)];
-}
-
-const GPU_SCHEMA: KvSchema = {
-  option: "--gpu",
-  positional: "backend",
-  keys: {
-    backend: { enum: GPU_BACKENDS },
-    "context-types": "string",
-    displays: { decode: decodeDisplays },
-    width: "uint",
-    height: "uint",
-    egl: "bool",
-    gles: "bool",
-    glx: "bool",
-    surfaceless: "bool",
-    vulkan: "bool",
-    udmabuf: "bool",
-    "pci-bar-size": "size",
-    "fixed-blob-mapping": "bool",
-    trace: "string",
-  },
-};
-
-const INPUT_KINDS: readonly InputKind[] = [
-  "keyboard",
-  "mouse",
-  "multi-touch",
-  "single-touch",
-  "evdev",
-  "switches",
-  "rotary",
-  "trackpad",
-];
-const TOUCH_KINDS: readonly InputKind[] = ["multi-touch", "single-touch", "trackpad"];
-
-// ---- Per-option decoders ----
 
 function parseMem(text: string): number {
   const o = parseOption(MEM_SCHEMA, text);
@@ -242,178 +52,6 @@ function parseCpus(text: string): number {
   const o = parseOption(CPUS_SCHEMA, text);
   if (o["num-cores"] === undefined) return DEFAULT_CPUS;
   return parseUint(o["num-cores"] as string, "--cpus num-cores", 1, MAX_CPUS);
-}
-
-function parseVsock(text: string, option: string): { cid: number; udsPath?: string } {
-  const o = parseOption({ ...VSOCK_SCHEMA, option }, text);
-  if (o.cid === undefined) throw new UsageError(`${option}: cid is required`);
-  const cid = parseUint(o.cid as string, `${option} cid`, MIN_GUEST_CID, MAX_GUEST_CID);
-  return o["uds-path"] === undefined ? { cid } : { cid, udsPath: o["uds-path"] as string };
-}
-
-/** Block options; `force` is what --disk/--rwdisk/--root/--rwroot impose over the given keys (as crosvm does). */
-function parseBlock(text: string, option: string, force: Partial<BlockConfig> = {}): BlockConfig {
-  const o = parseOption(blockSchema(option), text);
-  if (o.path === undefined || o.path === "") throw new UsageError(`${option}: path is required`);
-  const b: BlockConfig = {
-    path: o.path as string,
-    ro: (o.ro as boolean | undefined) ?? false,
-    root: (o.root as boolean | undefined) ?? false,
-    sparse: (o.sparse as boolean | undefined) ?? true,
-    blockSize: (o["block-size"] as number | undefined) ?? DEFAULT_BLOCK_SIZE,
-    direct: (o.direct as boolean | undefined) ?? false,
-    ...(o.lock === undefined ? {} : { lock: o.lock as boolean }),
-    ...force,
-  };
-  if (b.blockSize === 0 || b.blockSize % SECTOR_SIZE !== 0) {
-    throw new UsageError(`${option} block-size: ${b.blockSize} is not a multiple of ${SECTOR_SIZE}`);
-  }
-  if (o.id !== undefined) {
-    const id = o.id as string;
-    // deno-lint-ignore no-control-regex
-    if (id.length > VIRTIO_BLK_ID_BYTES || !/^[\x00-\x7f]*$/.test(id)) {
-      throw new UsageError(`${option} id: "${id}" is not at most ${VIRTIO_BLK_ID_BYTES} ASCII characters`);
-    }
-    b.id = id;
-  }
-  return b;
-}
-
-function parseSerial(text: string): SerialConfig {
-  const o = parseOption(SERIAL_SCHEMA, text);
-  const s: SerialConfig = {
-    type: (o.type as SerialType | undefined) ?? "sink",
-    hardware: (o.hardware as SerialHardware | undefined) ?? "serial",
-    num: o.num === undefined ? 1 : parseUint(o.num as string, "--serial num", 1, MAX_SERIAL_NUM),
-    console: (o.console as boolean | undefined) ?? false,
-    earlycon: (o.earlycon as boolean | undefined) ?? false,
-    stdin: (o.stdin as boolean | undefined) ?? false,
-  };
-  if (o.path !== undefined) s.path = o.path as string;
-  if (o.input !== undefined) s.input = o.input as string;
-  if (o.name !== undefined) s.name = o.name as string;
-  if (s.stdin && s.input !== undefined) throw new UsageError("--serial: stdin and input cannot both be given");
-  if ((s.type === "file" || s.type === "unix" || s.type === "unix-stream") && s.path === undefined) {
-    throw new UsageError(`--serial: type=${s.type} needs path=`);
-  }
-  if (s.earlycon && s.hardware !== "serial") {
-    throw new UsageError(`--serial: earlycon is not supported for hardware=${s.hardware}`);
-  }
-  return s;
-}
-
-const IPV4 = /^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$/;
-const MAC = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i;
-
-function parseNet(text: string): NetConfig {
-  const o = parseOption(NET_SCHEMA, text);
-  const n: NetConfig = {};
-  if (o["tap-name"] !== undefined) n.tapName = o["tap-name"] as string;
-  if (o["tap-fd"] !== undefined) n.tapFd = o["tap-fd"] as number;
-  for (const [key, field] of [["host-ip", "hostIp"], ["netmask", "netmask"]] as const) {
-    if (o[key] === undefined) continue;
-    const ip = o[key] as string;
-    if (!IPV4.test(ip)) throw new UsageError(`--net ${key}: "${ip}" is not an IPv4 address`);
-    n[field] = ip;
-  }
-  if (o.mac !== undefined) {
-    if (!MAC.test(o.mac as string)) throw new UsageError(`--net mac: "${o.mac}" is not a MAC address`);
-    n.mac = (o.mac as string).toLowerCase();
-  }
-  if (o["vq-pairs"] !== undefined) n.vqPairs = parseUint(o["vq-pairs"] as string, "--net vq-pairs", 1);
-  // crosvm NetParametersMode: exactly one of tap-name, tap-fd, or host-ip + netmask + mac.
-  const modes = [n.tapName !== undefined, n.tapFd !== undefined, n.hostIp !== undefined || n.netmask !== undefined]
-    .filter(Boolean).length;
-  if (modes !== 1) throw new UsageError("--net: give exactly one of tap-name, tap-fd, or host-ip + netmask + mac");
-  if ((n.hostIp !== undefined || n.netmask !== undefined) && (!n.hostIp || !n.netmask || !n.mac)) {
-    throw new UsageError("--net: host-ip, netmask and mac must be given together");
-  }
-  return n;
-}
-
-function parseGpu(text: string): GpuConfig {
-  const o = parseOption(GPU_SCHEMA, text);
-  const backendText = ((o.backend as string | undefined) ?? "2d").toLowerCase();
-  // crosvm devices/src/virtio/gpu/mod.rs GpuMode: "3d" is an alias of "virglrenderer".
-  const backend: GpuBackend = backendText === "3d" ? "virglrenderer" : backendText as GpuBackend;
-  const contextTypes = o["context-types"] === undefined
-    ? []
-    : (o["context-types"] as string).split(":").filter((s) => s !== "");
-  for (const c of contextTypes) {
-    if (!GPU_CONTEXT_TYPES.includes(c)) {
-      throw new UsageError(`--gpu context-types: unknown context type "${c}" (known: ${GPU_CONTEXT_TYPES.join(", ")})`);
-    }
-  }
-  const g: GpuConfig = {
-    ...(o.trace === undefined ? {} : { tracePath: o.trace as string }),
-    backend,
-    contextTypes,
-    displays: (o.displays as GpuDisplayConfig[] | undefined) ?? [],
-    pciBarSize: (o["pci-bar-size"] as number | undefined) ?? DEFAULT_GPU_PCI_BAR_SIZE,
-    fixedBlobMapping: (o["fixed-blob-mapping"] as boolean | undefined) ?? false,
-    // Defaults from crosvm gpu/parameters.rs GpuParameters::default.
-    egl: (o.egl as boolean | undefined) ?? true,
-    gles: (o.gles as boolean | undefined) ?? true,
-    glx: (o.glx as boolean | undefined) ?? false,
-    surfaceless: (o.surfaceless as boolean | undefined) ?? true,
-    vulkan: (o.vulkan as boolean | undefined) ?? false,
-    udmabuf: (o.udmabuf as boolean | undefined) ?? false,
-  };
-  // crosvm src/crosvm/gpu_config.rs: width and height (deprecated) make one windowed display, both or neither.
-  const width = o.width as number | undefined;
-  const height = o.height as number | undefined;
-  if ((width === undefined) !== (height === undefined)) {
-    throw new UsageError("--gpu: width and height must be given together");
-  }
-  if (width !== undefined && height !== undefined) {
-    if (width === 0 || height === 0) throw new UsageError("--gpu: width and height must be at least 1");
-    g.width = width;
-    g.height = height;
-    g.displays.push({ mode: "windowed", width, height });
-  }
-  if (g.displays.length === 0) {
-    g.displays.push({ mode: "windowed", width: DEFAULT_DISPLAY_WIDTH, height: DEFAULT_DISPLAY_HEIGHT });
-  }
-  if (g.displays.length > VIRTIO_GPU_MAX_SCANOUTS) {
-    throw new UsageError(`--gpu displays: at most ${VIRTIO_GPU_MAX_SCANOUTS} displays`);
-  }
-  if (!isPowerOfTwo(g.pciBarSize)) {
-    throw new UsageError(`--gpu pci-bar-size: ${g.pciBarSize} is not a power of two`);
-  }
-  return g;
-}
-
-function isPowerOfTwo(n: number): boolean {
-  return n > 0 && Number.isInteger(Math.log2(n)) && 2 ** Math.log2(n) === n;
-}
-
-const TOUCH_SCHEMA_KEYS = { path: "string", width: "uint", height: "uint", name: "string" } as const;
-
-function parseInput(text: string): InputConfig {
-  const entries = parseKeyValues(text, "--input");
-  if (entries.length !== 1 || entries[0].key !== undefined) {
-    throw new UsageError(`--input: expected TYPE or TYPE[key=value,...], got "${text}"`);
-  }
-  const v = entries[0].value;
-  const kindText = v.kind === "scalar" ? v.text : v.kind === "variant" ? v.name : "";
-  if (!(INPUT_KINDS as readonly string[]).includes(kindText)) {
-    throw new UsageError(`--input: unknown input type "${kindText}" (known: ${INPUT_KINDS.join(", ")})`);
-  }
-  const kind = kindText as InputKind;
-  const input: InputConfig = { kind };
-  if (v.kind !== "variant") return input;
-  const touch = TOUCH_KINDS.includes(kind);
-  const o = decodeKeyValues({
-    option: `--input ${kind}`,
-    positional: "path",
-    keys: touch ? TOUCH_SCHEMA_KEYS : { path: "string" },
-  }, v.items);
-  if (o.path !== undefined) input.path = o.path as string;
-  if (o.width !== undefined) input.width = o.width as number;
-  if (o.height !== undefined) input.height = o.height as number;
-  if (o.name !== undefined) input.name = o.name as string;
-  if (input.width === 0 || input.height === 0) throw new UsageError(`--input ${kind}: width and height must be >= 1`);
-  return input;
 }
 
 // ---- argv scanning ----
@@ -605,37 +243,37 @@ export function parseRunArgs(argv: readonly string[], options: ParseRunOptions =
         cfg.socket = v;
         break;
       case "block":
-        cfg.blocks.push(parseBlock(v, "--block"));
+        cfg.blocks.push(parseBlockOption(v, "--block"));
         break;
       case "disk":
-        cfg.blocks.push(parseBlock(v, "--disk", { ro: true, root: false }));
+        cfg.blocks.push(parseBlockOption(v, "--disk", { ro: true, root: false }));
         break;
       case "rwdisk":
-        cfg.blocks.push(parseBlock(v, "--rwdisk", { ro: false, root: false }));
+        cfg.blocks.push(parseBlockOption(v, "--rwdisk", { ro: false, root: false }));
         break;
       case "root":
-        cfg.blocks.push(parseBlock(v, "--root", { ro: true, root: true }));
+        cfg.blocks.push(parseBlockOption(v, "--root", { ro: true, root: true }));
         break;
       case "rwroot":
-        cfg.blocks.push(parseBlock(v, "--rwroot", { ro: false, root: true }));
+        cfg.blocks.push(parseBlockOption(v, "--rwroot", { ro: false, root: true }));
         break;
       case "serial":
-        cfg.serials.push(parseSerial(v));
+        cfg.serials.push(parseSerialOption(v));
         break;
       case "net":
-        cfg.nets.push(parseNet(v));
+        cfg.nets.push(parseNetOption(v));
         break;
       case "gpu":
-        cfg.gpu = parseGpu(v);
+        cfg.gpu = parseGpuOption(v);
         break;
       case "input":
-        cfg.inputs.push(parseInput(v));
+        cfg.inputs.push(parseInputOption(v));
         break;
       case "vsock":
-        cfg.vsock = parseVsock(v, "--vsock");
+        cfg.vsock = parseVsockOption(v, "--vsock");
         break;
       case "cid":
-        cfg.vsock = parseVsock(v, "--cid");
+        cfg.vsock = parseVsockOption(v, "--cid");
         break;
       case "no-rng":
         cfg.rng = false;
@@ -671,12 +309,7 @@ export function parseRunArgs(argv: readonly string[], options: ParseRunOptions =
 
   validateSerials(cfg.serials);
   if (cfg.blocks.filter((b) => b.root).length > 1) throw new UsageError("only one root disk can be given");
-  // crosvm arch/src/serial.rs set_default_serial_parameters: with no console port, COM1 (if not
-  // configured) becomes a stdout + stdin console.
-  if (!cfg.serials.some((s) => s.console) && !cfg.serials.some((s) => s.hardware === "serial" && s.num === 1)) {
-    const stdinTaken = cfg.serials.some((s) => s.stdin);
-    cfg.serials.unshift({ ...defaultSerial(), stdin: !stdinTaken });
-  }
+  addDefaultSerial(cfg.serials);
 
   if (options.checkFiles ?? true) {
     checkReadableFile(cfg.kernel, "kernel");
@@ -684,18 +317,4 @@ export function parseRunArgs(argv: readonly string[], options: ParseRunOptions =
     for (const b of cfg.blocks) checkReadableFile(b.path, "block");
   }
   return { config: cfg, printConfig, help: false };
-}
-
-/** crosvm's cross-port checks (cmdline.rs, the serial loop of TryFrom<RunCommand> for Config). */
-function validateSerials(serials: SerialConfig[]): void {
-  const keys = new Set<string>();
-  for (const s of serials) {
-    const key = `${s.hardware}:${s.num}`;
-    if (keys.has(key)) throw new UsageError(`--serial: hardware=${s.hardware} num=${s.num} given twice`);
-    keys.add(key);
-  }
-  const count = (pred: (s: SerialConfig) => boolean) => serials.filter(pred).length;
-  if (count((s) => s.console) > 1) throw new UsageError("--serial: more than one console");
-  if (count((s) => s.earlycon) > 1) throw new UsageError("--serial: more than one earlycon");
-  if (count((s) => s.stdin) > 1) throw new UsageError("--serial: more than one port reads stdin");
 }

@@ -1,6 +1,6 @@
 // Control-socket client: `denovm stop|suspend|resume|powerbtn|balloon SIZE|balloon_stats|disk resize INDEX SIZE|
 // gpu list-displays|gpu stats|screenshot PATH|snapshot take PATH SOCKET`. Sends the same JSON as crosvm's
-// client (see vmm/control/server.ts for the protocol) and prints results the way crosvm's src/main.rs does:
+// client (see vmm/control/protocol.ts for the protocol) and prints results the way crosvm's src/main.rs does:
 // `balloon_stats` prints the whole reply as pretty JSON, `gpu list-displays` prints {"displays": ...} as
 // pretty JSON; commands that only need "Ok" print nothing. Exit 0 on success, 1 on an error reply or an
 // unreachable socket, with one `denovm: ...` line on stderr.
@@ -9,7 +9,7 @@ import { parseSize, parseUint } from "../cli/keyvalue.ts";
 import { checkControlArgs } from "../cli/control.ts";
 import { connectSeqpacket, readPacket } from "../../ffi/unix_socket.ts";
 import { UnixStream } from "../../core/unix_socket.ts";
-import { type ControlRequest, encodeRequest, REPLY_OK } from "./server.ts";
+import { type ControlRequest, encodeRequest, REPLY_OK } from "./protocol.ts";
 import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit.ts";
 
 /** Largest reply accepted; a reply that fills the buffer is reported as too large. */

@@ -8,13 +8,12 @@ import { connectSeqpacket, listenSeqpacket } from "../../ffi/unix_socket.ts";
 import {
   type BalloonStatsReply,
   type ControlHandler,
-  ControlServer,
-  ControlSocketInUse,
   decodeRequest,
   type DisplayListReply,
   encodeRequest,
   MAX_REQUEST_BYTES,
-} from "./server.ts";
+} from "./protocol.ts";
+import { ControlServer, ControlSocketInUse } from "./server.ts";
 import { ControlClient, controlRequest, errorOfReply, sendControlCommand } from "./client.ts";
 
 const MAIN = new URL("../../main.ts", import.meta.url).pathname;

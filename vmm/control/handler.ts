@@ -1,9 +1,9 @@
-// What a running VM does for each control-socket request (vmm/control/server.ts).
+// What a running VM does for each control-socket request (vmm/control/protocol.ts).
 
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
 import { BlockDevice } from "../../devices/virtio/block.ts";
 import * as balloon from "../../devices/virtio/balloon.ts";
-import type { BalloonStatName, BalloonStatsReply, ControlHandler, DisplayListReply } from "./server.ts";
+import type { BalloonStatName, BalloonStatsReply, ControlHandler, DisplayListReply } from "./protocol.ts";
 import type { Machine } from "../machine.ts";
 
 /** crosvm's stat names (vm_control BalloonStats) for the virtio-balloon tags (linux/virtio_balloon.h). */

@@ -4,18 +4,15 @@
 // the pixels. Server -> page, text: JSON ({t:"hello"}, {t:"stats"}). Page -> server, text: JSON
 // ({t:"ack"}, {t:"key"}, {t:"pointer"}, {t:"wheel"}, {t:"touch"}).
 //
-// What goes out (measured on this 2-core machine, busy with other work, 1920x1080, bench/web_fps.ts):
+// What goes out:
 // - only tiles that changed: the server keeps, per page, a copy of the last frame it sent and compares each
-//   flushed region with it in TILE_SIZE tiles (server.ts), since guests often flush far more than they
-//   redraw (a 1080p compare costs ~5 ms);
+//   flushed region with it in TILE_SIZE tiles (tiles.ts), since guests often flush far more than they redraw;
 // - raw RGBA (alpha forced opaque), ready for putImageData: no decode cost in the page; what photo-like or
 //   noisy content gets, since nothing cheap compresses it;
 // - PNG of that RGBA (filter 0, zlib level 6), for rectangles a sample says will compress: decoded natively by
-//   createImageBitmap, which took ~72 ms for a deflated 1080p desktop where DecompressionStream("deflate-raw")
-//   took 190-270 ms (and a JS RGB->RGBA expansion alone ~40-100 ms, so RGB on the wire does not pay);
+//   createImageBitmap, faster than DecompressionStream("deflate-raw") plus a copy in JavaScript;
 // - deflate-raw of that RGBA (option encoding "deflate"), inflated by DecompressionStream.
-// The page acks each batch with its decode/draw milliseconds. The page's WebSocket intake here was ~57 MB/s
-// without DevTools, ~6 MB/s under Playwright (its CDP session copies every frame to the client).
+// The page acks each batch with its decode/draw milliseconds.
 
 import * as codes from "../../../devices/virtio/input/codes.ts";
 
@@ -39,7 +36,7 @@ export const ENCODING_RAW_RGBA = 0;
 export const ENCODING_DEFLATE_RGBA = 1;
 /**
  * A PNG file (ISO/IEC 15948) of the rectangle, 8-bit RGBA, filter type 0: the page decodes it natively with
- * createImageBitmap, ~3-4x faster here than DecompressionStream inflating the same deflate stream.
+ * createImageBitmap, faster than DecompressionStream inflating the same deflate stream.
  */
 export const ENCODING_PNG = 2;
 /** The last rectangle of a batch: the page acks `seq` once it has drawn it. */

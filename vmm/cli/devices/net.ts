@@ -1,5 +1,8 @@
-// `denovm device net ...`: the virtio-net device model (devices/virtio/net.ts) on a tap as a
-// vhost-user back end. crosvm's spellings (google/crosvm
+// The net family: `run --net key=value,...` (crosvm NetParameters: tap-name, tap-fd, or host-ip +
+// netmask + mac) and `denovm device net ...`, the virtio-net device model (devices/virtio/net.ts) on a tap
+// as a vhost-user back end. See common.ts for how the family modules are organised.
+//
+// `device net` takes crosvm's spellings (google/crosvm
 // devices/src/virtio/vhost/user/device/net/sys/linux.rs, `Options`):
 //   --tap-name SOCKET_PATH,TAP_NAME       open (or create) the named tap
 //   --tap-fd SOCKET_PATH,TAP_FD           use an inherited tap fd
@@ -10,11 +13,66 @@
 // crosvm accepts several devices in one process; denovm serves exactly one.
 
 import { parseArgs } from "node:util";
-import { UsageError } from "../keyvalue.ts";
+import { type KvSchema, parseOption, parseUint, UsageError } from "../keyvalue.ts";
+import type { NetConfig } from "../../config.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
 import { NetDevice } from "../../../devices/virtio/net.ts";
 import { configureInterface, parseIpv4, parseMac } from "../../../ffi/tun.ts";
 import { givenSocketPath, SOCKET_OPTIONS } from "./common.ts";
+
+// ---- run ----
+
+const NET_SCHEMA: KvSchema = {
+  option: "--net",
+  keys: {
+    "tap-name": "string",
+    "tap-fd": "uint",
+    "host-ip": "string",
+    netmask: "string",
+    mac: "string",
+    "vq-pairs": "string",
+  },
+};
+
+const IPV4 = /^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$/;
+
+function isMac(text: string): boolean {
+  try {
+    parseMac(text);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** `run --net`. */
+export function parseNetOption(text: string): NetConfig {
+  const o = parseOption(NET_SCHEMA, text);
+  const n: NetConfig = {};
+  if (o["tap-name"] !== undefined) n.tapName = o["tap-name"] as string;
+  if (o["tap-fd"] !== undefined) n.tapFd = o["tap-fd"] as number;
+  for (const [key, field] of [["host-ip", "hostIp"], ["netmask", "netmask"]] as const) {
+    if (o[key] === undefined) continue;
+    const ip = o[key] as string;
+    if (!IPV4.test(ip)) throw new UsageError(`--net ${key}: "${ip}" is not an IPv4 address`);
+    n[field] = ip;
+  }
+  if (o.mac !== undefined) {
+    if (!isMac(o.mac as string)) throw new UsageError(`--net mac: "${o.mac}" is not a MAC address`);
+    n.mac = (o.mac as string).toLowerCase();
+  }
+  if (o["vq-pairs"] !== undefined) n.vqPairs = parseUint(o["vq-pairs"] as string, "--net vq-pairs", 1);
+  // crosvm NetParametersMode: exactly one of tap-name, tap-fd, or host-ip + netmask + mac.
+  const modes = [n.tapName !== undefined, n.tapFd !== undefined, n.hostIp !== undefined || n.netmask !== undefined]
+    .filter(Boolean).length;
+  if (modes !== 1) throw new UsageError("--net: give exactly one of tap-name, tap-fd, or host-ip + netmask + mac");
+  if ((n.hostIp !== undefined || n.netmask !== undefined) && (!n.hostIp || !n.netmask || !n.mac)) {
+    throw new UsageError("--net: host-ip, netmask and mac must be given together");
+  }
+  return n;
+}
+
+// ---- device net ----
 
 const USAGE = "usage: denovm device net --socket-path PATH (--tap-name NAME | --tap-fd FD) [--mac MAC] " +
   "| --tap-name PATH,NAME | --tap-fd PATH,FD | --device PATH,IP,NETMASK,MAC";
@@ -115,7 +173,7 @@ export function parseNetArgs(args: string[]): NetArgs {
   return { socketPath, tap, mac: values.mac, offloads: !values["no-offloads"] };
 }
 
-/** Open the tap and build the device (args/README.md). Host failures are plain errors (exit 1). */
+/** Open the tap and build the device (common.ts). Host failures are plain errors (exit 1). */
 export function parseDeviceArgs(args: string[]): { socketPath: string; device: VirtioDevice } {
   const a = parseNetArgs(args);
   const common = { mac: a.mac, offloads: a.offloads };

@@ -1,3 +1,6 @@
+// The input family: `run --input TYPE[key=value,...]` (crosvm's input kinds, vmm/config.ts INPUT_KINDS)
+// and `denovm device input`. See common.ts for how the family modules are organised.
+//
 // `denovm device input --socket-path PATH --kind KIND [--width W --height H] [--name N]
 //  [--event-socket PATH]`: the virtio-input device model (devices/virtio/input.ts) as a vhost-user
 // back end. KIND is keyboard, mouse, single-touch or multi-touch (crosvm's --input kinds; the
@@ -15,7 +18,8 @@
 //   {"events":[{"type":1,"code":30,"value":1}, ...]}   a raw batch (EV_SYN appended if missing)
 //   {"stats":true}                    answers {"ok":true,"stats":{...},"leds":{code:value}}
 
-import { UsageError } from "../keyvalue.ts";
+import { decodeKeyValues, parseKeyValues, UsageError } from "../keyvalue.ts";
+import { INPUT_KINDS, type InputConfig, type InputKind, TOUCH_INPUT_KINDS } from "../../config.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
 import {
   INPUT_DEVICE_KINDS,
@@ -23,84 +27,41 @@ import {
   type InputDeviceKind,
 } from "../../../devices/virtio/input.ts";
 import { InputDevice } from "../../../devices/virtio/input.ts";
-import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
+import { closeWithDevice, parseOptions, serveJsonLines, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
-/** A Unix socket server taking JSON lines; each line's handler result is sent back as one JSON line. */
-export interface JsonLineServer {
-  close(): void;
-}
+// ---- run ----
 
-/** Listen on `path` (a stale socket file is replaced) and answer each JSON line with `handle`'s result. */
-export function serveJsonLines(path: string, handle: (req: unknown) => unknown | Promise<unknown>): JsonLineServer {
-  try {
-    if (Deno.lstatSync(path).isSocket) Deno.removeSync(path);
-  } catch {
-    // absent
+const TOUCH_SCHEMA_KEYS = { path: "string", width: "uint", height: "uint", name: "string" } as const;
+
+/** `run --input TYPE[key=value,...]`. */
+export function parseInputOption(text: string): InputConfig {
+  const entries = parseKeyValues(text, "--input");
+  if (entries.length !== 1 || entries[0].key !== undefined) {
+    throw new UsageError(`--input: expected TYPE or TYPE[key=value,...], got "${text}"`);
   }
-  const listener = Deno.listen({ transport: "unix", path });
-  const conns = new Set<Deno.Conn>();
-  let closed = false;
-  const serveConn = async (conn: Deno.Conn) => {
-    const enc = new TextEncoder();
-    const dec = new TextDecoder();
-    let buf = "";
-    try {
-      for await (const chunk of conn.readable) {
-        buf += dec.decode(chunk, { stream: true });
-        for (let nl = buf.indexOf("\n"); nl >= 0; nl = buf.indexOf("\n")) {
-          const line = buf.slice(0, nl).trim();
-          buf = buf.slice(nl + 1);
-          if (!line) continue;
-          let reply: unknown;
-          try {
-            reply = await handle(JSON.parse(line));
-          } catch (e) {
-            reply = { ok: false, error: (e as Error).message };
-          }
-          await conn.write(enc.encode(JSON.stringify(reply) + "\n"));
-        }
-      }
-    } catch {
-      // the client went away
-    } finally {
-      conns.delete(conn);
-      try {
-        conn.close();
-      } catch {
-        // closed already
-      }
-    }
-  };
-  (async () => {
-    try {
-      for await (const conn of listener) {
-        conns.add(conn);
-        serveConn(conn);
-      }
-    } catch (e) {
-      if (!closed) console.error(`event socket ${path}: ${(e as Error).message}`);
-    }
-  })();
-  return {
-    close() {
-      if (closed) return;
-      closed = true;
-      listener.close();
-      for (const c of conns) {
-        try {
-          c.close();
-        } catch {
-          // closed already
-        }
-      }
-      try {
-        Deno.removeSync(path);
-      } catch {
-        // gone
-      }
-    },
-  };
+  const v = entries[0].value;
+  const kindText = v.kind === "scalar" ? v.text : v.kind === "variant" ? v.name : "";
+  if (!(INPUT_KINDS as readonly string[]).includes(kindText)) {
+    throw new UsageError(`--input: unknown input type "${kindText}" (known: ${INPUT_KINDS.join(", ")})`);
+  }
+  const kind = kindText as InputKind;
+  const input: InputConfig = { kind };
+  if (v.kind !== "variant") return input;
+  const touch = TOUCH_INPUT_KINDS.includes(kind);
+  const o = decodeKeyValues({
+    option: `--input ${kind}`,
+    positional: "path",
+    keys: touch ? TOUCH_SCHEMA_KEYS : { path: "string" },
+  }, v.items);
+  if (o.path !== undefined) input.path = o.path as string;
+  if (o.width !== undefined) input.width = o.width as number;
+  if (o.height !== undefined) input.height = o.height as number;
+  if (o.name !== undefined) input.name = o.name as string;
+  if (input.width === 0 || input.height === 0) throw new UsageError(`--input ${kind}: width and height must be >= 1`);
+  return input;
 }
+
+// ---- device input ----
 
 function nums(v: unknown, n: number, what: string): number[] {
   if (!Array.isArray(v) || v.length !== n || !v.every((x) => typeof x === "number" && Number.isInteger(x))) {
@@ -211,7 +172,7 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
   if (!(INPUT_DEVICE_KINDS as string[]).includes(kind)) {
     throw new UsageError(`input: unknown kind "${kind}" (known: ${INPUT_DEVICE_KINDS.join(", ")})`);
   }
-  const touch = kind === "single-touch" || kind === "multi-touch";
+  const touch = (TOUCH_INPUT_KINDS as readonly string[]).includes(kind);
   if (!touch && (width !== undefined || height !== undefined)) {
     throw new UsageError(`input: width and height apply to touch devices, not ${kind}`);
   }
@@ -223,12 +184,7 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
   });
   const eventSocket = v["event-socket"];
   if (eventSocket) {
-    const server = serveJsonLines(eventSocket, (req) => handleInputRequest(device, req));
-    const close = device.close.bind(device);
-    device.close = () => {
-      server.close();
-      close();
-    };
+    closeWithDevice(device, serveJsonLines(eventSocket, (req) => handleInputRequest(device, req)));
   }
   return { socketPath, device };
 }

@@ -1,4 +1,7 @@
-// `denovm device vsock`: crosvm's `device vsock` takes `--socket PATH` (or `--socket-path`) and
+// The vsock family: `run --vsock [cid=]CID[,uds-path=UDS]` (or the older `--cid`) and `denovm device
+// vsock`. See common.ts for how the family modules are organised.
+//
+// crosvm's `device vsock` takes `--socket PATH` (or `--socket-path`) and
 // `--cid N` and forwards to the host kernel's /dev/vhost-vsock (google/crosvm
 // devices/src/virtio/vhost/user/device/vsock.rs). denovm serves vsock in userspace instead, with
 // Firecracker's host side: `--uds-path UDS` names the Unix socket that host programs connect to
@@ -6,10 +9,28 @@
 // Unix listener `UDS_P`. crosvm's `--vhost-vsock-device` / `--device` (a host vhost-vsock node)
 // has no meaning here and is refused.
 
-import { VsockDevice } from "../../../devices/virtio/vsock.ts";
+import { MAX_GUEST_CID, MIN_GUEST_CID, VsockDevice } from "../../../devices/virtio/vsock.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
-import { parseUint, UsageError } from "../keyvalue.ts";
+import { type KvSchema, parseOption, parseUint, UsageError } from "../keyvalue.ts";
 import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
+
+// ---- run ----
+
+const VSOCK_SCHEMA: KvSchema = {
+  option: "--vsock",
+  positional: "cid",
+  keys: { cid: "string", "uds-path": "string" },
+};
+
+/** `run --vsock` and its older spelling `--cid` (`option`). */
+export function parseVsockOption(text: string, option: string): { cid: number; udsPath?: string } {
+  const o = parseOption({ ...VSOCK_SCHEMA, option }, text);
+  if (o.cid === undefined) throw new UsageError(`${option}: cid is required`);
+  const cid = parseUint(o.cid as string, `${option} cid`, MIN_GUEST_CID, MAX_GUEST_CID);
+  return o["uds-path"] === undefined ? { cid } : { cid, udsPath: o["uds-path"] as string };
+}
+
+// ---- device vsock ----
 
 export const VSOCK_USAGE = "usage: denovm device vsock --socket-path PATH --cid N --uds-path UDS\n" +
   "  Userspace virtio-vsock (denovm's form; crosvm's vsock back end uses the host's /dev/vhost-vsock).\n" +
@@ -41,12 +62,12 @@ export function parseVsockArgs(args: string[]): VsockArgs {
     throw new UsageError("vsock: denovm's vsock is userspace; use --uds-path instead of a vhost-vsock device");
   }
   if (values.cid === undefined) throw new UsageError("vsock: --cid N is required");
-  const cid = parseUint(values.cid, "vsock: --cid", 3, 0xffff_fffe);
+  const cid = parseUint(values.cid, "vsock: --cid", MIN_GUEST_CID, MAX_GUEST_CID);
   if (!values["uds-path"]) throw new UsageError("vsock: --uds-path UDS is required (the host-side Unix socket)");
   return { socketPath, cid, udsPath: values["uds-path"] };
 }
 
-/** Build the device (see args/README.md); it listens on the UDS path at once. */
+/** Build the device (common.ts); it listens on the UDS path at once. */
 export function parseDeviceArgs(args: string[]): { socketPath: string; device: VirtioDevice } {
   const a = parseVsockArgs(args);
   return { socketPath: a.socketPath, device: new VsockDevice({ cid: a.cid, udsPath: a.udsPath }) };

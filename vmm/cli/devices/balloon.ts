@@ -1,6 +1,7 @@
 // `denovm device balloon --socket-path PATH [--target BYTES] [--control-socket PATH]
 //  [--no-stats] [--no-deflate-on-oom]`: the virtio-balloon device model (devices/virtio/balloon.ts)
-// as a vhost-user back end.
+// as a vhost-user back end. `run` has a balloon unless `--no-balloon` is given (no keys to parse). See
+// common.ts for how the family modules are organised.
 //
 // Setting the balloon of a running back end: with `--control-socket PATH` the process listens on a
 // Unix stream socket that takes one JSON object per line and answers each with one JSON line:
@@ -14,8 +15,7 @@
 import { UsageError } from "../keyvalue.ts";
 import { BALLOON_STAT_NAMES, BalloonDevice } from "../../../devices/virtio/balloon.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
-import { serveJsonLines } from "./input.ts";
-import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
+import { closeWithDevice, parseOptions, serveJsonLines, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 /** How long {"stats":true} waits for the guest's answer before replying with the old numbers. */
 const STATS_WAIT_MS = 5000;
@@ -76,12 +76,7 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
   });
   const control = v["control-socket"];
   if (typeof control === "string") {
-    const server = serveJsonLines(control, (req) => handleBalloonRequest(device, req));
-    const close = device.close.bind(device);
-    device.close = () => {
-      server.close();
-      close();
-    };
+    closeWithDevice(device, serveJsonLines(control, (req) => handleBalloonRequest(device, req)));
   }
   return { socketPath, device };
 }
