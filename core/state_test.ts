@@ -13,6 +13,7 @@ import {
   stateBytes,
   stateData,
   StateError,
+  stateInteger,
   stateNumber,
   stateRecord,
   stateString,
@@ -98,6 +99,7 @@ Deno.test("state: field readers accept their kind and refuse every other one wit
   const readers: [string, (v: StateValue | undefined) => unknown][] = [
     ["record", (v) => stateRecord(v, "field.x")],
     ["number", (v) => stateNumber(v, "field.x")],
+    ["number", (v) => stateInteger(v, "field.x", 0, 10)],
     ["boolean", (v) => stateBoolean(v, "field.x")],
     ["string", (v) => stateString(v, "field.x")],
     ["bytes", (v) => stateBytes(v, "field.x")],
@@ -125,6 +127,12 @@ Deno.test("state: numbers are checked against their range and must be finite; by
   assert.throws(() => stateNumber(NaN, "n"), StateError);
   assert.throws(() => stateNumber(Infinity, "n"), StateError);
   assert.throws(() => stateNumber(-Infinity, "n"), StateError);
+  assert.equal(stateInteger(0x7f, "index", 0, 0x7f), 0x7f);
+  assert.equal(stateInteger(-3, "delta", -5, 5), -3);
+  assert.throws(() => stateInteger(1.5, "index", 0, 0x7f), /index: expected an integer in \[0, 127\], got 1.5/);
+  assert.throws(() => stateInteger(0x80, "index", 0, 0x7f), StateError);
+  assert.throws(() => stateInteger(NaN, "index", 0, 0x7f), StateError);
+  assert.throws(() => stateInteger("1", "index", 0, 0x7f), StateError);
   assert.deepEqual(stateBytes(new Uint8Array(128), "ram", 128).length, 128);
   assert.throws(() => stateBytes(new Uint8Array(127), "ram", 128), /ram: expected 128 bytes, got 127/);
 });

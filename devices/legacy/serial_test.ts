@@ -1,29 +1,11 @@
-// Legacy devices as a guest driver sees them: register sequences taken from what
-// Linux's drivers do (8250 autoconfig and THRE handling, CMOS reads, i8042 reset,
-// ACPI sleep/reset registers, pvpanic), and the port bus that routes them.
+// The 8250 UART as Linux's 8250 driver sees it (autoconfig probes, THRE handling, input and loopback),
+// shared between the host side and vCPU Workers, and its saved state: a round trip through the snapshot
+// encoding into a fresh UART that the guest goes on using, and refusal of malformed records.
 
 import assert from "node:assert/strict";
-import { AcpiPm } from "./acpi_pm.ts";
-import { Cmos } from "./cmos.ts";
-import { I8042 } from "./i8042.ts";
-import { PvPanic } from "./pvpanic.ts";
-import { Serial } from "./serial.ts";
-import { Bus } from "../../core/bus.ts";
-import {
-  ACPI_RESET_PORT,
-  ACPI_RESET_VALUE,
-  ACPI_SLEEP_CONTROL_PORT,
-  ACPI_SLEEP_TYPE_S5,
-  ACPI_SLP_EN,
-  ACPI_SLP_TYP_SHIFT,
-} from "../../vmm/arch/layout.ts";
-
-const rd = (d: { read(o: number, b: Uint8Array): void }, off: number) => {
-  const b = new Uint8Array(1);
-  d.read(off, b);
-  return b[0];
-};
-const wr = (d: { write(o: number, b: Uint8Array): void }, off: number, v: number) => d.write(off, Uint8Array.of(v));
+import { Serial, SERIAL_STATE_TYPE, SERIAL_STATE_VERSION } from "./serial.ts";
+import { StateError } from "../../core/state.ts";
+import { rd, roundTrip, withData, wr } from "../../test/support/port_io.ts";
 
 function uart() {
   const out: number[] = [];
@@ -178,83 +160,128 @@ Deno.test("8250 shared by a vCPU thread: a vCPU terminated inside the UART's loc
   assert.deepEqual(out, [0x58]);
 });
 
-Deno.test("CMOS RTC: BCD time of the given clock, 24-hour mode, never update-in-progress", () => {
-  const c = new Cmos(() => new Date(Date.UTC(2026, 10, 25, 21, 7, 59)));
-  const reg = (i: number) => {
-    wr(c, 0, i | 0x80); // NMI-disable bit is ignored in the index
-    return rd(c, 1);
-  };
-  assert.equal(reg(0x00), 0x59);
-  assert.equal(reg(0x02), 0x07);
-  assert.equal(reg(0x04), 0x21);
-  assert.equal(reg(0x07), 0x25);
-  assert.equal(reg(0x08), 0x11);
-  assert.equal(reg(0x09), 0x26);
-  assert.equal(reg(0x32), 0x20);
-  assert.equal(reg(0x0a) & 0x80, 0, "UIP clear");
-  assert.equal(reg(0x0b) & 0x06, 0x02, "24h, BCD");
-  assert.equal(reg(0x0d) & 0x80, 0x80, "valid RAM and time");
-  wr(c, 0, 0x40);
-  wr(c, 1, 0x5a);
-  assert.equal(reg(0x40), 0x5a, "CMOS RAM");
+// 8250 register offsets and bits (Linux include/uapi/linux/serial_reg.h).
+const RBR = 0, DLL = 0, IER = 1, DLM = 1, IIR = 2, FCR = 2, LCR = 3, MCR = 4, LSR = 5, SCR = 7;
+const IER_RDI = 0x01, IER_THRI = 0x02;
+const IIR_NO_INT = 0x01, IIR_THRI = 0x02, IIR_RDI = 0x04, IIR_ID_MASK = 0x0f, IIR_FIFO = 0xc0;
+const LCR_DLAB = 0x80, LCR_8N1 = 0x03, MCR_OUT2 = 0x08, MCR_DTR = 0x01, LSR_DR = 0x01;
+
+/** A UART as a booted guest leaves it: 115200 baud, FIFOs on, RDI enabled, a scratch value, input half read. */
+function programmed() {
+  const { s, out, irqs } = uart();
+  wr(s, LCR, LCR_DLAB | LCR_8N1);
+  wr(s, DLL, 0x01);
+  wr(s, DLM, 0x00);
+  wr(s, LCR, LCR_8N1);
+  wr(s, FCR, 0x01);
+  wr(s, MCR, MCR_OUT2 | MCR_DTR);
+  wr(s, SCR, 0x5c);
+  wr(s, IER, IER_RDI);
+  for (const c of new TextEncoder().encode("ok\n")) wr(s, 0, c);
+  s.enqueueInput(new TextEncoder().encode("login"));
+  assert.equal(rd(s, RBR), 0x6c, "the guest read the first input byte");
+  return { s, out, irqs };
+}
+
+Deno.test("8250 state: registers, pending input and counters survive a round trip into a fresh UART", () => {
+  const { s } = programmed();
+  const saved = s.saveState();
+  assert.equal(saved.type, SERIAL_STATE_TYPE);
+  assert.equal(saved.version, SERIAL_STATE_VERSION);
+  const { s: t, out, irqs } = uart();
+  t.restoreState(roundTrip(saved));
+  assert.deepEqual(t.saveState(), saved, "the restored UART saves the same state");
+  // What the guest reads next is what it would have read from the old UART.
+  assert.equal(rd(t, LCR), LCR_8N1);
+  assert.equal(rd(t, MCR), MCR_OUT2 | MCR_DTR);
+  assert.equal(rd(t, SCR), 0x5c);
+  assert.equal(rd(t, IER), IER_RDI);
+  assert.equal(rd(t, IIR), IIR_RDI | IIR_FIFO, "input pending, FIFOs on");
+  assert.equal(rd(t, LSR) & LSR_DR, LSR_DR);
+  wr(t, LCR, LCR_DLAB | LCR_8N1);
+  assert.deepEqual([rd(t, DLL), rd(t, DLM)], [0x01, 0x00], "the divisor latch");
+  wr(t, LCR, LCR_8N1);
+  const rest = [0, 1, 2, 3].map(() => rd(t, RBR));
+  assert.equal(new TextDecoder().decode(Uint8Array.from(rest)), "ogin");
+  assert.equal(rd(t, LSR) & LSR_DR, 0);
+  assert.equal(rd(t, IIR) & IIR_ID_MASK, IIR_NO_INT);
+  assert.equal(t.rxBytes, 5);
+  assert.equal(t.txBytes, 3);
+  assert.equal(t.pendingInput, 0);
+  // New input raises RDI as before; output goes to the new host side.
+  t.enqueueInput(Uint8Array.of(0x0a));
+  assert.equal(irqs(), 1);
+  wr(t, 0, 0x21);
+  assert.deepEqual(out, [0x21]);
+  assert.equal(t.txBytes, 4);
+  assert.equal(irqs(), 1, "THRI is off: the transmit raised nothing");
 });
 
-Deno.test("i8042: self-test answers 0x55, command byte round-trips, 0xFE resets", () => {
-  let resets = 0;
-  const k = new I8042(() => resets++);
-  wr(k, 4, 0xaa);
-  assert.equal(rd(k, 4) & 1, 1, "output buffer full");
-  assert.equal(rd(k, 0), 0x55);
-  assert.equal(rd(k, 4) & 1, 0);
-  wr(k, 4, 0x60);
-  wr(k, 0, 0x47);
-  wr(k, 4, 0x20);
-  assert.equal(rd(k, 0), 0x47);
-  assert.equal(resets, 0);
-  wr(k, 4, 0xfe);
-  assert.equal(resets, 1);
-  wr(k, 4, 0xd1); // write output port with the reset line low
-  wr(k, 0, 0xfe);
-  assert.equal(resets, 2);
+Deno.test("8250 state: a pending THRE interrupt and output not yet taken by the host side are kept", () => {
+  const host = new Serial({ interrupt: () => {}, output: () => {} });
+  const vcpu = new Serial({ interrupt: () => {}, outputReady: () => {}, state: host.state });
+  wr(vcpu, IER, IER_THRI); // enabling THRI with an empty holding register makes a THRE interrupt pending
+  for (const c of new TextEncoder().encode("panic")) wr(vcpu, 0, c);
+  assert.equal(host.quiescent(), false, "output the host side has not taken");
+  const saved = roundTrip(host.saveState());
+  const out: number[] = [];
+  const restored = new Serial({ interrupt: () => {}, output: (b) => out.push(...b) });
+  restored.restoreState(saved);
+  assert.equal(restored.quiescent(), false);
+  assert.equal(rd(restored, IIR) & IIR_ID_MASK, IIR_THRI, "the THRE interrupt is still pending");
+  assert.equal(rd(restored, IIR) & IIR_ID_MASK, IIR_NO_INT, "and reading IIR cleared it");
+  restored.drainOutput();
+  assert.equal(new TextDecoder().decode(Uint8Array.from(out)), "panic");
+  assert.equal(restored.quiescent(), true);
+  // A vCPU Worker's instance over the restored state sees the restored registers.
+  const vcpu2 = new Serial({ interrupt: () => {}, outputReady: () => {}, state: restored.state });
+  assert.equal(rd(vcpu2, IER), IER_THRI);
 });
 
-Deno.test("ACPI PM: S5 with SLP_EN powers off, other sleep types do not, the reset register resets", () => {
-  const events: string[] = [];
-  const pm = new AcpiPm({ powerOff: () => events.push("off"), reset: () => events.push("reset"), log: () => {} });
-  wr(pm, 0, ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT); // no SLP_EN: nothing
-  wr(pm, 0, (3 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN); // S3: not offered
-  assert.deepEqual(events, []);
-  wr(pm, 0, (ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN);
-  assert.deepEqual(events, ["off"]);
-  wr(pm, ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT, 0x7); // wrong value
-  wr(pm, ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT, ACPI_RESET_VALUE);
-  assert.deepEqual(events, ["off", "reset"]);
+Deno.test("8250 state: quiescent is false while an access holds the UART's lock", async () => {
+  const host = new Serial({ interrupt: () => {}, output: () => {} });
+  assert.equal(host.quiescent(), true);
+  const worker = new Worker(new URL("../../test/support/uart_writer_worker.ts", import.meta.url), { type: "module" });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      worker.onmessage = (e) => e.data === "holding" && resolve();
+      worker.onerror = (e) => reject(new Error(e.message));
+      worker.postMessage({ state: host.state, bytes: Uint8Array.of(0x58), hold: new SharedArrayBuffer(4) });
+    });
+    assert.equal(host.quiescent(), false);
+  } finally {
+    worker.terminate();
+  }
+  host.releaseLockOfEndedVcpus();
+  host.drainOutput();
+  assert.equal(host.quiescent(), true);
 });
 
-Deno.test("pvpanic: advertises its events, a PANICKED write reports the panic", () => {
-  let panics = 0;
-  const p = new PvPanic(() => panics++, () => {});
-  assert.equal(rd(p, 0), 0x3);
-  wr(p, 0, 0x2);
-  assert.equal(panics, 0);
-  wr(p, 0, 0x1);
-  assert.equal(panics, 1);
-});
-
-Deno.test("port bus: routes by range, refuses overlaps, answers all-ones where nothing lives", () => {
-  const bus = new Bus("test");
-  const seen: [number, number][] = [];
-  bus.add(0x3f8, 8, { read: (o, d) => d.fill(o), write: (o, d) => seen.push([o, d[0]]) }, "COM1");
-  bus.add(0x70, 2, { read: (_o, d) => d.fill(9), write: () => {} }, "cmos");
-  assert.throws(() => bus.add(0x3fc, 8, { read: () => {}, write: () => {} }, "clash"), /overlaps COM1/);
-  const b = new Uint8Array(1);
-  assert.equal(bus.read(0x3fd, b), true);
-  assert.equal(b[0], 5);
-  bus.write(0x3f8, Uint8Array.of(0x41));
-  assert.deepEqual(seen, [[0, 0x41]]);
-  assert.equal(bus.read(0x71, b), true);
-  assert.equal(b[0], 9);
-  assert.equal(bus.read(0x400, b), false);
-  assert.equal(b[0], 0xff);
-  assert.equal(bus.unhandled, 1);
+Deno.test("8250 state: malformed records are refused and leave the UART as it was", () => {
+  const { s } = programmed();
+  const good = s.saveState();
+  const bad: [string, ReturnType<Serial["saveState"]>][] = [
+    ["another kind", { ...good, type: "cmos" }],
+    ["another version", { ...good, version: SERIAL_STATE_VERSION + 1 }],
+    ["data not a record", { ...good, data: [1, 2] }],
+    ["IER with reserved bits", withData(good, { ier: 0x10 })],
+    ["LCR above a byte", withData(good, { lcr: 0x100 })],
+    ["fractional divisor", withData(good, { dll: 1.5 })],
+    ["negative scratch", withData(good, { scr: -1 })],
+    ["missing MCR", withData(good, { mcr: undefined })],
+    ["fifo not a boolean", withData(good, { fifo: 1 })],
+    ["input not bytes", withData(good, { input: "login" })],
+    ["input beyond the buffer", withData(good, { input: new Uint8Array((1 << 16) + 1) })],
+    ["output beyond the ring", withData(good, { output: new Uint8Array((1 << 14) + 1) })],
+    ["counter beyond an Int32", withData(good, { txBytes: 2 ** 31 })],
+  ];
+  const { s: t } = uart();
+  wr(t, SCR, 0x11);
+  const before = t.saveState();
+  for (const [what, state] of bad) {
+    assert.throws(() => t.restoreState(roundTrip(state)), StateError, what);
+    assert.deepEqual(t.saveState(), before, `${what}: nothing changed`);
+  }
+  t.restoreState(good);
+  assert.equal(rd(t, SCR), 0x5c);
 });
