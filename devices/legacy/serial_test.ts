@@ -141,9 +141,8 @@ Deno.test("8250 shared by a vCPU thread: a writer waiting on a full ring is let 
   }
 });
 
-Deno.test("8250 shared by a vCPU thread: a vCPU terminated inside the UART's lock does not block the final drain", async () => {
-  const out: number[] = [];
-  const host = new Serial({ interrupt: () => {}, output: (b) => out.push(...b) });
+/** A vCPU-side Worker that writes 0x58 and stops inside the UART's lock (its output wake-up never returns). */
+async function vcpuHoldingTheLock(host: Serial): Promise<Worker> {
   const worker = new Worker(new URL("../../test/support/uart_writer_worker.ts", import.meta.url), { type: "module" });
   try {
     await new Promise<void>((resolve, reject) => {
@@ -151,9 +150,17 @@ Deno.test("8250 shared by a vCPU thread: a vCPU terminated inside the UART's loc
       worker.onerror = (e) => reject(new Error(e.message));
       worker.postMessage({ state: host.state, bytes: Uint8Array.of(0x58), hold: new SharedArrayBuffer(4) });
     });
-  } finally {
+  } catch (e) {
     worker.terminate();
+    throw e;
   }
+  return worker;
+}
+
+Deno.test("8250 shared by a vCPU thread: a vCPU terminated inside the UART's lock does not block the final drain", async () => {
+  const out: number[] = [];
+  const host = new Serial({ interrupt: () => {}, output: (b) => out.push(...b) });
+  (await vcpuHoldingTheLock(host)).terminate();
   // What Machine does after terminating a vCPU that did not stop: without this the drain would wait forever.
   host.releaseLockOfEndedVcpus();
   host.drainOutput();
@@ -241,13 +248,8 @@ Deno.test("8250 state: a pending THRE interrupt and output not yet taken by the 
 Deno.test("8250 state: quiescent is false while an access holds the UART's lock", async () => {
   const host = new Serial({ interrupt: () => {}, output: () => {} });
   assert.equal(host.quiescent(), true);
-  const worker = new Worker(new URL("../../test/support/uart_writer_worker.ts", import.meta.url), { type: "module" });
+  const worker = await vcpuHoldingTheLock(host);
   try {
-    await new Promise<void>((resolve, reject) => {
-      worker.onmessage = (e) => e.data === "holding" && resolve();
-      worker.onerror = (e) => reject(new Error(e.message));
-      worker.postMessage({ state: host.state, bytes: Uint8Array.of(0x58), hold: new SharedArrayBuffer(4) });
-    });
     assert.equal(host.quiescent(), false);
   } finally {
     worker.terminate();
