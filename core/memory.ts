@@ -3,7 +3,7 @@
 // against the regions; nothing else does pointer arithmetic on guest addresses.
 
 import { mmapAnonAligned, munmap } from "../ffi/libc.ts";
-import { MiB } from "../vmm/arch/layout.ts";
+import { MiB } from "./units.ts";
 
 /** x86-64's 2 MiB page: guest RAM's host mapping is aligned to it so KVM can map it with large pages. */
 const HUGE_PAGE_SIZE = 2 * MiB;

@@ -71,6 +71,14 @@ export function stateNumber(value: StateValue | undefined, what: string, min = -
   return value;
 }
 
+/** A field of a state record as an integer within [min, max] (registers, indices, counters); throws StateError otherwise. */
+export function stateInteger(value: StateValue | undefined, what: string, min: number, max: number): number {
+  if (typeof value !== "number" || !Number.isInteger(value) || value < min || value > max) {
+    throw new StateError(`${what}: expected an integer in [${min}, ${max}], got ${describe(value)}`);
+  }
+  return value;
+}
+
 /** A field of a state record as a boolean; throws StateError otherwise. */
 export function stateBoolean(value: StateValue | undefined, what: string): boolean {
   if (typeof value !== "boolean") throw new StateError(`${what}: expected a boolean, got ${describe(value)}`);

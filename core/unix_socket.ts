@@ -1,6 +1,8 @@
-// Unix stream sockets with SCM_RIGHTS file-descriptor passing, through libc FFI.
-// Every socket is non-blocking; waiting happens in pollAsync (a helper thread),
-// so the event loop keeps running while a peer is silent.
+// Unix sockets through libc FFI: stream sockets with SCM_RIGHTS file-descriptor passing (UnixStream,
+// UnixListener) and SOCK_SEQPACKET sockets (connectSeqpacket, listenSeqpacket, readPacket). Every socket is
+// non-blocking; waiting happens in pollAsync (a helper thread), so the event loop keeps running while a peer
+// is silent. Constants and struct layouts come from ffi/socket.ts. UnixStream's recvmsg/sendmsg work the same
+// on a SOCK_SEQPACKET descriptor (one call = one packet).
 
 import {
   check,
@@ -50,13 +52,22 @@ import {
   SHUT_RDWR,
   SOCK_CLOEXEC,
   SOCK_NONBLOCK,
+  SOCK_SEQPACKET,
   SOCK_STREAM,
   sockaddrUn,
   SOL_SOCKET,
 } from "../ffi/socket.ts";
 
 /** Re-exported for the users that import socket constants from here. */
-export { AF_UNIX, setNonBlocking, SOCK_CLOEXEC, SOCK_NONBLOCK, UNIX_PATH_MAX } from "../ffi/socket.ts";
+export {
+  AF_UNIX,
+  fitsSunPath,
+  setNonBlocking,
+  SOCK_CLOEXEC,
+  SOCK_NONBLOCK,
+  SOCK_SEQPACKET,
+  UNIX_PATH_MAX,
+} from "../ffi/socket.ts";
 
 /** The peer closed the connection. */
 export class ConnectionClosed extends Error {
@@ -353,5 +364,58 @@ export class UnixListener {
 
   [Symbol.dispose](): void {
     this.close();
+  }
+}
+
+/**
+ * Connect a SOCK_SEQPACKET socket to `path`. Returns the non-blocking descriptor; throws SysError
+ * ("connect PATH", errno) when nobody listens there (ECONNREFUSED), the file is missing (ENOENT), ...
+ */
+export function connectSeqpacket(path: string, opts: { nonBlockingConnect?: boolean } = {}): number {
+  const sa = sockaddrUn(path);
+  const flags = SOCK_CLOEXEC | (opts.nonBlockingConnect ? SOCK_NONBLOCK : 0);
+  const fd = check("socket", libc().socket(AF_UNIX, SOCK_SEQPACKET | flags, 0));
+  // A Unix-domain connect completes or fails at once, except when the listener's backlog is full: a
+  // blocking connect then waits for room, a non-blocking one fails with EAGAIN. Afterwards the descriptor
+  // is non-blocking either way, for poll-driven I/O.
+  if (libc().connect(fd, sa, sa.length) < 0) {
+    const e = errno();
+    closeFd(fd);
+    throw new SysError(`connect ${path}`, e);
+  }
+  if (!opts.nonBlockingConnect) setNonBlocking(fd);
+  return fd;
+}
+
+/** A non-blocking SOCK_SEQPACKET socket bound to `path` and listening; throws SysError("bind PATH" / "listen"). */
+export function listenSeqpacket(path: string, backlog: number): number {
+  const sa = sockaddrUn(path);
+  const fd = check("socket", libc().socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (libc().bind(fd, sa, sa.length) < 0) {
+    const e = errno();
+    closeFd(fd);
+    throw new SysError(`bind ${path}`, e);
+  }
+  if (libc().listen(fd, backlog) < 0) {
+    const e = errno();
+    closeFd(fd);
+    throw new SysError(`listen ${path}`, e);
+  }
+  return fd;
+}
+
+/**
+ * Read one packet from a non-blocking SOCK_SEQPACKET descriptor into `buf` (read(2) takes one record).
+ * Returns its length, 0 when the peer has hung up, null when nothing is pending (EAGAIN). A packet longer
+ * than `buf` is cut to `buf.length` by the kernel: callers treat a full buffer as "too large".
+ */
+export function readPacket(fd: number, buf: Uint8Array<ArrayBuffer>): number | null {
+  for (;;) {
+    const n = Number(libc().read(fd, buf, BigInt(buf.length)));
+    if (n >= 0) return n;
+    const e = errno();
+    if (e === EINTR) continue;
+    if (e === EAGAIN) return null;
+    throw new SysError("read", e);
   }
 }

@@ -9,6 +9,8 @@ import { check, F_GETFL, F_SETFL, libc, O_NONBLOCK } from "./libc.ts";
 export const AF_UNIX = 1;
 /** Byte stream socket type (linux/net.h SOCK_STREAM). */
 export const SOCK_STREAM = 1;
+/** Connection-oriented, record-preserving socket type (linux/net.h enum sock_type: SOCK_SEQPACKET = 5). */
+export const SOCK_SEQPACKET = 5;
 /** socket()/accept4() flag: non-blocking (linux/net.h SOCK_NONBLOCK = O_NONBLOCK). */
 export const SOCK_NONBLOCK = 0o4000;
 /** socket()/accept4() flag: close-on-exec (linux/net.h SOCK_CLOEXEC = O_CLOEXEC). */
@@ -25,6 +27,18 @@ export const MSG_CTRUNC = 0x8;
 export const MSG_CMSG_CLOEXEC = 0x40000000;
 /** shutdown() how: both directions (linux/net.h SHUT_RDWR). */
 export const SHUT_RDWR = 2;
+
+// errno values of socket calls (asm-generic/errno.h).
+/** Nobody listens on the socket file (asm-generic/errno.h ECONNREFUSED). */
+export const ECONNREFUSED = 111;
+/** The address is already bound (asm-generic/errno.h EADDRINUSE). */
+export const EADDRINUSE = 98;
+/** Socket type mismatch, e.g. SEQPACKET connect to a STREAM listener (asm-generic/errno.h EPROTOTYPE). */
+export const EPROTOTYPE = 91;
+/** Broken pipe: the peer closed before we sent (asm-generic/errno.h EPIPE). */
+export const EPIPE = 32;
+/** Connection reset by peer (asm-generic/errno.h ECONNRESET). */
+export const ECONNRESET = 104;
 
 // struct sockaddr_un (linux/un.h): sa_family_t sun_family (u16); char sun_path[108].
 export const SOCKADDR_UN_FAMILY = 0;
@@ -76,6 +90,13 @@ export function ptrValue(buf: Uint8Array): bigint {
   return BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf)));
 }
 
+/** Whether `path` fits in sun_path with its terminating NUL. */
+export function fitsSunPath(path: string): boolean {
+  const n = new TextEncoder().encode(path).length;
+  return n > 0 && n < UNIX_PATH_MAX;
+}
+
+/** A struct sockaddr_un for a filesystem path; throws when the path does not fit sun_path. */
 export function sockaddrUn(path: string): Uint8Array<ArrayBuffer> {
   const bytes = new TextEncoder().encode(path);
   if (bytes.length === 0 || bytes.length >= UNIX_PATH_MAX) {

@@ -3,6 +3,7 @@
 // Linux include/linux/mc146818rtc.h.
 
 import type { BusDevice } from "../../core/bus.ts";
+import { type DeviceState, stateBytes, stateData, type Stateful, stateInteger, stateRecord } from "../../core/state.ts";
 
 const RTC_SECONDS = 0x00;
 const RTC_MINUTES = 0x02;
@@ -32,7 +33,11 @@ const bcd = (n: number) => ((Math.floor(n / 10) % 10) << 4) | (n % 10);
 /** Two ports: index at offset 0, data at offset 1. */
 export const CMOS_PORT_SPAN = 2;
 
-export class Cmos implements BusDevice {
+/** The kind and layout version of the CMOS's saved state. */
+export const CMOS_STATE_TYPE = "cmos";
+export const CMOS_STATE_VERSION = 1;
+
+export class Cmos implements BusDevice, Stateful {
   #index = 0;
   readonly #ram = new Uint8Array(CMOS_SIZE);
 
@@ -90,5 +95,23 @@ export class Cmos implements BusDevice {
     if (offset === 0) this.#index = data[0] & CMOS_INDEX_MASK;
     else if (this.#index === RTC_REG_B) this.#ram[RTC_REG_B] = data[0];
     else if (this.#index > RTC_REG_D) this.#ram[this.#index] = data[0]; // plain CMOS RAM; the clock is the host's
+  }
+
+  /** Every access completes at once. */
+  quiescent(): boolean {
+    return true;
+  }
+
+  /** The selected index and the RAM (register B and the bytes the guest stored); the clock is the host's. */
+  saveState(): DeviceState {
+    return { type: CMOS_STATE_TYPE, version: CMOS_STATE_VERSION, data: { index: this.#index, ram: this.#ram.slice() } };
+  }
+
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, CMOS_STATE_TYPE, CMOS_STATE_VERSION), CMOS_STATE_TYPE);
+    const index = stateInteger(d.index, `${CMOS_STATE_TYPE} index`, 0, CMOS_INDEX_MASK);
+    const ram = stateBytes(d.ram, `${CMOS_STATE_TYPE} ram`, CMOS_SIZE);
+    this.#index = index;
+    this.#ram.set(ram);
   }
 }

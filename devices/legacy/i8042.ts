@@ -4,6 +4,7 @@
 // drivers/input/serio/i8042.h names them.
 
 import type { BusDevice } from "../../core/bus.ts";
+import { type DeviceState, stateData, StateError, type Stateful, stateInteger, stateRecord } from "../../core/state.ts";
 import { I8042_COMMAND_PORT, I8042_DATA_PORT } from "../../vmm/arch/layout.ts";
 
 const I8042_CMD_CTL_RCTR = 0x20; // read the command byte
@@ -23,11 +24,18 @@ const I8042_STR_SYSFLAG = 0x04; // system flag: self-test passed
 const OUTPUT_PORT_RESET_BIT = 0x01;
 /** Keyboard answer to any command: 0xFE resend (no keyboard attached). */
 const KBD_RESEND = 0xfe;
+/** The commands whose parameter byte the controller waits for on the data port. */
+const COMMANDS_WITH_PARAMETER = [I8042_CMD_CTL_WCTR, I8042_CMD_WRITE_OUTPUT_PORT];
+const BYTE_MAX = 0xff;
+
+/** The kind and layout version of the controller's saved state. */
+export const I8042_STATE_TYPE = "i8042";
+export const I8042_STATE_VERSION = 1;
 
 /** The span of ports registered on the I/O bus: 0x60..0x64. */
 export const I8042_PORT_SPAN = I8042_COMMAND_PORT - I8042_DATA_PORT + 1;
 
-export class I8042 implements BusDevice {
+export class I8042 implements BusDevice, Stateful {
   #ctr = 0;
   #out: number | undefined;
   #pending: number | undefined;
@@ -77,5 +85,35 @@ export class I8042 implements BusDevice {
       } else this.#out = KBD_RESEND;
       this.#pending = undefined;
     }
+  }
+
+  /** Every access completes at once. */
+  quiescent(): boolean {
+    return true;
+  }
+
+  /** The command byte, the output buffer (null when empty) and a command waiting for its parameter. */
+  saveState(): DeviceState {
+    return {
+      type: I8042_STATE_TYPE,
+      version: I8042_STATE_VERSION,
+      data: { commandByte: this.#ctr, output: this.#out ?? null, pendingCommand: this.#pending ?? null },
+    };
+  }
+
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, I8042_STATE_TYPE, I8042_STATE_VERSION), I8042_STATE_TYPE);
+    const ctr = stateInteger(d.commandByte, `${I8042_STATE_TYPE} commandByte`, 0, BYTE_MAX);
+    const out = d.output === null ? undefined : stateInteger(d.output, `${I8042_STATE_TYPE} output`, 0, BYTE_MAX);
+    let pending: number | undefined;
+    if (d.pendingCommand !== null) {
+      pending = stateInteger(d.pendingCommand, `${I8042_STATE_TYPE} pendingCommand`, 0, BYTE_MAX);
+      if (!COMMANDS_WITH_PARAMETER.includes(pending)) {
+        throw new StateError(`${I8042_STATE_TYPE} pendingCommand: 0x${pending.toString(16)} takes no parameter`);
+      }
+    }
+    this.#ctr = ctr;
+    this.#out = out;
+    this.#pending = pending;
   }
 }

@@ -2,6 +2,16 @@
 // Linux include/uapi/linux/serial_reg.h.
 
 import type { BusDevice } from "../../core/bus.ts";
+import {
+  type DeviceState,
+  stateBoolean,
+  stateBytes,
+  stateData,
+  StateError,
+  type Stateful,
+  stateInteger,
+  stateRecord,
+} from "../../core/state.ts";
 
 // Register offsets (serial_reg.h).
 const UART_RX = 0; // in, DLAB=0
@@ -83,6 +93,14 @@ const STATE_BYTES = TX_RING_START + OUTPUT_BUFFER_SIZE;
 /** How long a writer facing a full output ring sleeps between looks (ms). */
 const OUTPUT_FULL_WAIT_MS = 10;
 
+/** The kind and layout version of a UART's saved state. */
+export const SERIAL_STATE_TYPE = "8250";
+export const SERIAL_STATE_VERSION = 1;
+/** Registers hold one byte; the counters are Int32 cells. */
+const BYTE_MAX = 0xff;
+const INT32_MIN = -(2 ** 31);
+const INT32_MAX = 2 ** 31 - 1;
+
 export interface SerialOptions {
   /** Raise the UART's interrupt (an edge). Called from whichever thread served the access. */
   interrupt: () => void;
@@ -107,7 +125,7 @@ export interface SerialOptions {
  * console writes and status polls then never wait for the main thread), while the main thread adds
  * input and takes the output. Every access holds a lock in the state for a few instructions.
  */
-export class Serial implements BusDevice {
+export class Serial implements BusDevice, Stateful {
   readonly state: SharedArrayBuffer;
   readonly #s: Int32Array;
   readonly #rx: Uint8Array;
@@ -363,6 +381,97 @@ export class Serial implements BusDevice {
         // LSR and MSR are read-only.
     }
     return false;
+  }
+
+  /** Nothing in progress: no access holds the lock, and the host side has taken every transmitted byte. */
+  quiescent(): boolean {
+    return Atomics.load(this.#s, S_LOCK) === LOCK_FREE &&
+      Atomics.load(this.#s, S_TX_TAIL) === Atomics.load(this.#s, S_TX_HEAD);
+  }
+
+  /**
+   * The registers, the input the guest has not read and the output the host side has not taken, and the
+   * counters. The state is shared with the vCPU Workers' instances: call this while no vCPU runs.
+   */
+  saveState(): DeviceState {
+    this.#lock();
+    try {
+      const s = this.#s;
+      const ring = (buf: Uint8Array, size: number, head: number, tail: number) => {
+        const out = new Uint8Array((tail - head) | 0);
+        for (let i = 0; i < out.length; i++) out[i] = buf[((head + i) >>> 0) % size];
+        return out;
+      };
+      return {
+        type: SERIAL_STATE_TYPE,
+        version: SERIAL_STATE_VERSION,
+        data: {
+          ier: s[S_IER],
+          lcr: s[S_LCR],
+          mcr: s[S_MCR],
+          scr: s[S_SCR],
+          dll: s[S_DLL],
+          dlm: s[S_DLM],
+          fifo: s[S_FIFO] !== 0,
+          threPending: s[S_THRE_PENDING] !== 0,
+          input: ring(this.#rx, INPUT_BUFFER_LIMIT, s[S_RX_HEAD], s[S_RX_TAIL]),
+          output: ring(this.#tx, OUTPUT_BUFFER_SIZE, s[S_TX_HEAD], s[S_TX_TAIL]),
+          txBytes: s[S_TX_BYTES],
+          rxBytes: s[S_RX_BYTES],
+          droppedInput: s[S_DROPPED],
+        },
+      };
+    } finally {
+      this.#unlock();
+    }
+  }
+
+  /**
+   * Take a saved UART state (every field checked first; nothing changes when one is refused). Call it while no
+   * vCPU runs: the vCPU Workers' instances share this state. The interrupt line is not raised: its level
+   * is the interrupt controller's state, restored with it.
+   */
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, SERIAL_STATE_TYPE, SERIAL_STATE_VERSION), SERIAL_STATE_TYPE);
+    const reg = (key: string, max = BYTE_MAX) => stateInteger(d[key], `${SERIAL_STATE_TYPE} ${key}`, 0, max);
+    const counter = (key: string) => stateInteger(d[key], `${SERIAL_STATE_TYPE} ${key}`, INT32_MIN, INT32_MAX);
+    const ier = reg("ier", UART_IER_MASK);
+    const lcr = reg("lcr"), mcr = reg("mcr"), scr = reg("scr"), dll = reg("dll"), dlm = reg("dlm");
+    const fifo = stateBoolean(d.fifo, `${SERIAL_STATE_TYPE} fifo`);
+    const threPending = stateBoolean(d.threPending, `${SERIAL_STATE_TYPE} threPending`);
+    const input = stateBytes(d.input, `${SERIAL_STATE_TYPE} input`);
+    const output = stateBytes(d.output, `${SERIAL_STATE_TYPE} output`);
+    if (input.length > INPUT_BUFFER_LIMIT) {
+      throw new StateError(`${SERIAL_STATE_TYPE} input: ${input.length} bytes, the buffer holds ${INPUT_BUFFER_LIMIT}`);
+    }
+    if (output.length > OUTPUT_BUFFER_SIZE) {
+      throw new StateError(`${SERIAL_STATE_TYPE} output: ${output.length} bytes, the ring holds ${OUTPUT_BUFFER_SIZE}`);
+    }
+    const txBytes = counter("txBytes"), rxBytes = counter("rxBytes"), dropped = counter("droppedInput");
+    this.#lock();
+    try {
+      const s = this.#s;
+      s[S_IER] = ier;
+      s[S_LCR] = lcr;
+      s[S_MCR] = mcr;
+      s[S_SCR] = scr;
+      s[S_DLL] = dll;
+      s[S_DLM] = dlm;
+      s[S_FIFO] = fifo ? UART_FCR_ENABLE_FIFO : 0;
+      s[S_THRE_PENDING] = threPending ? 1 : 0;
+      this.#rx.set(input, 0);
+      s[S_RX_HEAD] = 0;
+      s[S_RX_TAIL] = input.length;
+      this.#tx.set(output, 0);
+      s[S_TX_HEAD] = 0;
+      s[S_TX_TAIL] = output.length;
+      s[S_TX_BYTES] = txBytes;
+      s[S_RX_BYTES] = rxBytes;
+      s[S_DROPPED] = dropped;
+      s[S_OUTPUT_WAKE] = 0;
+    } finally {
+      this.#unlock();
+    }
   }
 }
 

@@ -2,9 +2,10 @@
 // Guest addresses are plain numbers: x86_64 guests have at most 48 physical
 // address bits, well inside a double's 53-bit integer range.
 
-export const KiB = 1024;
-export const MiB = 1024 * KiB;
-export const GiB = 1024 * MiB;
+import { GiB } from "../../core/units.ts";
+
+/** The size units, for the users of the layout. */
+export { GiB, KiB, MiB } from "../../core/units.ts";
 
 // ---- Low memory: boot structures the VMM writes before the first instruction ----
 

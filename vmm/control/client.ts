@@ -7,8 +7,7 @@
 
 import { parseSize, parseUint } from "../cli/keyvalue.ts";
 import { checkControlArgs } from "../cli/control.ts";
-import { connectSeqpacket, readPacket } from "../../ffi/unix_socket.ts";
-import { UnixStream } from "../../core/unix_socket.ts";
+import { connectSeqpacket, readPacket, UnixStream } from "../../core/unix_socket.ts";
 import { type ControlRequest, encodeRequest, REPLY_OK } from "./protocol.ts";
 import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit.ts";
 

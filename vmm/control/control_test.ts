@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import { closeFd } from "../../ffi/libc.ts";
-import { connectSeqpacket, listenSeqpacket } from "../../ffi/unix_socket.ts";
+import { connectSeqpacket, listenSeqpacket } from "../../core/unix_socket.ts";
 import {
   type BalloonStatsReply,
   type ControlHandler,

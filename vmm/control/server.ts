@@ -11,9 +11,8 @@
 // a crashed run (connect → ECONNREFUSED) is replaced; one that a live process answers on is never taken.
 
 import { closeFd, EAGAIN, EINTR, errno, libc, pollAsync, POLLIN, SysError } from "../../ffi/libc.ts";
-import { connectSeqpacket, ECONNREFUSED, fitsSunPath, listenSeqpacket } from "../../ffi/unix_socket.ts";
-import { SOCK_CLOEXEC, SOCK_NONBLOCK } from "../../ffi/socket.ts";
-import { UnixStream, WaitCancelled, Waker } from "../../core/unix_socket.ts";
+import { ECONNREFUSED, fitsSunPath, SOCK_CLOEXEC, SOCK_NONBLOCK } from "../../ffi/socket.ts";
+import { connectSeqpacket, listenSeqpacket, UnixStream, WaitCancelled, Waker } from "../../core/unix_socket.ts";
 import { type ControlHandler, encodeReply, errorText, handlePacket, MAX_REQUEST_BYTES } from "./protocol.ts";
 
 /** listen(2) backlog of the control socket. */

@@ -1,0 +1,51 @@
+// The hardware-reduced ACPI sleep control and reset registers as Linux's ACPI code writes them, and their
+// (empty) saved state: it round-trips, the device behaves the same after it, other records are refused.
+
+import assert from "node:assert/strict";
+import { ACPI_PM_STATE_TYPE, ACPI_PM_STATE_VERSION, AcpiPm } from "./acpi_pm.ts";
+import { StateError } from "../../core/state.ts";
+import { roundTrip, wr } from "../../test/support/port_io.ts";
+
+// Sleep control register fields (ACPI 6.4 section 4.8.3.7: SLP_TYPx bits 4:2, SLP_EN bit 5); the S5 sleep
+// type is the value denovm's DSDT gives in its \_S5 package; the reset register (FADT RESET_REG, value
+// RESET_VALUE) sits two ports after the sleep control register, past the sleep status register.
+const ACPI_SLP_TYP_SHIFT = 2;
+const ACPI_SLP_EN = 1 << 5;
+const ACPI_SLEEP_TYPE_S5 = 5;
+const ACPI_RESET_OFFSET = 2;
+const ACPI_RESET_VALUE = 0x1;
+
+Deno.test("ACPI PM: S5 with SLP_EN powers off, other sleep types do not, the reset register resets", () => {
+  const events: string[] = [];
+  const pm = new AcpiPm({ powerOff: () => events.push("off"), reset: () => events.push("reset"), log: () => {} });
+  wr(pm, 0, ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT); // no SLP_EN: nothing
+  wr(pm, 0, (3 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN); // S3: not offered
+  assert.deepEqual(events, []);
+  wr(pm, 0, (ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN);
+  assert.deepEqual(events, ["off"]);
+  wr(pm, ACPI_RESET_OFFSET, 0x7); // wrong value
+  wr(pm, ACPI_RESET_OFFSET, ACPI_RESET_VALUE);
+  assert.deepEqual(events, ["off", "reset"]);
+});
+
+Deno.test("ACPI PM state: an empty record round-trips and the registers act the same after it", () => {
+  const events: string[] = [];
+  const saved = new AcpiPm({ powerOff: () => {}, reset: () => {} }).saveState();
+  assert.deepEqual(saved, { type: ACPI_PM_STATE_TYPE, version: ACPI_PM_STATE_VERSION, data: {} });
+  const pm = new AcpiPm({ powerOff: () => events.push("off"), reset: () => events.push("reset") });
+  pm.restoreState(roundTrip(saved));
+  assert.equal(pm.quiescent(), true);
+  wr(pm, 0, (ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN);
+  wr(pm, ACPI_RESET_OFFSET, ACPI_RESET_VALUE);
+  assert.deepEqual(events, ["off", "reset"]);
+  for (
+    const bad of [
+      { ...saved, type: "pvpanic" },
+      { ...saved, version: ACPI_PM_STATE_VERSION + 1 },
+      { ...saved, data: [] },
+      { ...saved, data: null },
+    ]
+  ) {
+    assert.throws(() => pm.restoreState(bad), StateError);
+  }
+});
