@@ -8,7 +8,7 @@ import {
   DEFAULT_CPUS,
   DEFAULT_DISPLAY_HEIGHT,
   DEFAULT_DISPLAY_WIDTH,
-  DEFAULT_GPU_PCI_BAR_SIZE,
+  DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE,
   DEFAULT_MEM_MIB,
   defaultSerial,
   type GpuBackend,
@@ -349,7 +349,7 @@ function parseGpu(text: string): GpuConfig {
     backend,
     contextTypes,
     displays: (o.displays as GpuDisplayConfig[] | undefined) ?? [],
-    pciBarSize: (o["pci-bar-size"] as number | undefined) ?? DEFAULT_GPU_PCI_BAR_SIZE,
+    hostVisibleWindowSize: (o["pci-bar-size"] as number | undefined) ?? DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE,
     fixedBlobMapping: (o["fixed-blob-mapping"] as boolean | undefined) ?? false,
     // Defaults from crosvm gpu/parameters.rs GpuParameters::default.
     egl: (o.egl as boolean | undefined) ?? true,
@@ -377,8 +377,8 @@ function parseGpu(text: string): GpuConfig {
   if (g.displays.length > VIRTIO_GPU_MAX_SCANOUTS) {
     throw new UsageError(`--gpu displays: at most ${VIRTIO_GPU_MAX_SCANOUTS} displays`);
   }
-  if (!isPowerOfTwo(g.pciBarSize)) {
-    throw new UsageError(`--gpu pci-bar-size: ${g.pciBarSize} is not a power of two`);
+  if (!isPowerOfTwo(g.hostVisibleWindowSize)) {
+    throw new UsageError(`--gpu pci-bar-size: ${g.hostVisibleWindowSize} is not a power of two`);
   }
   return g;
 }

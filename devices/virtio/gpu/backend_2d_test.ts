@@ -210,7 +210,7 @@ interface Resp {
 function rig(opts: {
   backend?: GpuBackend;
   displays?: { width: number; height: number }[];
-  pciBarSize?: number;
+  hostVisibleWindowSize?: number;
   tracePath?: string;
   features?: bigint;
 } = {}) {
@@ -219,7 +219,7 @@ function rig(opts: {
   const dev = new GpuDevice({
     backend,
     displays: opts.displays,
-    pciBarSize: opts.pciBarSize,
+    hostVisibleWindowSize: opts.hostVisibleWindowSize,
     tracePath: opts.tracePath,
   });
   const mapper = new FakeMapper();
@@ -667,7 +667,7 @@ Deno.test("copy counters per resource and per context: TRANSFER_*_3D and virgl s
 Deno.test("blob map/unmap through the SharedMemoryMapper: 5000 cycles, window bounds, overlap, double map", () => {
   const backend = new FakeBackend();
   const window = 64 * MiB;
-  using r = rig({ backend, pciBarSize: window });
+  using r = rig({ backend, hostVisibleWindowSize: window });
   assert.deepEqual(r.dev.sharedMemoryRegions(), [{ id: P.VIRTIO_GPU_SHM_ID_HOST_VISIBLE, size: window }]);
   r.ok(ctxCreate(1, P.VIRTIO_GPU_CAPSET_VIRGL2));
   const MAP = P.VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE;

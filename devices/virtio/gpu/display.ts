@@ -10,6 +10,12 @@ import { encodePngRgba } from "./png.ts";
 
 const BPP = 4;
 
+/** A scanout's display mode (crosvm `displays=[[mode=windowed[W,H]]]`). */
+export interface DisplayConfig {
+  width: number;
+  height: number;
+}
+
 export interface ScanoutSource {
   resourceId: number;
   /** The part of the resource shown. */
@@ -39,7 +45,7 @@ export class HeadlessDisplay {
   readonly #scanouts: Scanout[];
   readonly #handlers = new Set<UpdateHandler>();
 
-  constructor(modes: { width: number; height: number }[]) {
+  constructor(modes: readonly DisplayConfig[]) {
     this.#scanouts = modes.map((m) => ({ source: null, fb: blank(m.width, m.height), flushes: 0 }));
   }
 
@@ -98,6 +104,11 @@ export class HeadlessDisplay {
       }
     }
     return { rect: out, bytes: px.length };
+  }
+
+  /** Replace scanout `id`'s framebuffer with saved pixels (the caller checked id and sizes). */
+  setFramebuffer(id: number, fb: Framebuffer): void {
+    this.#scanouts[id].fb = { width: fb.width, height: fb.height, bgra: fb.bgra.slice() };
   }
 
   /** Be told of every framebuffer update; returns a function that unsubscribes. */
