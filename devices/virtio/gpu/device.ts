@@ -176,6 +176,7 @@ export class GpuDevice implements VirtioDevice, Stateful {
 
   reset(): void {
     this.#dropAll();
+    this.#executor.deactivate();
     this.#queues = [];
     this.#interrupt = undefined;
     this.#acked = 0n;
@@ -280,8 +281,9 @@ export class GpuDevice implements VirtioDevice, Stateful {
   }
 
   /**
-   * Take a saved state into this device before the driver activates it: the 2D resources, GUEST blobs,
-   * scanouts, cursor and fence timelines. Backing pages are attached at activation.
+   * Take a saved state into this device, which has no resources yet: the 2D resources, GUEST blobs,
+   * scanouts, cursor and fence timelines. Backing pages are attached now if the device is active, else at
+   * activation (the transport's restore activates it).
    */
   restoreState(state: DeviceState): void {
     const s = decodeGpuState(state, this.#modes);

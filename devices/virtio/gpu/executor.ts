@@ -144,7 +144,13 @@ export class GpuExecutor {
   activate(mem: GuestMemory, ackedFeatures: bigint): void {
     this.#mem = mem;
     this.#acked = ackedFeatures;
-    this.#attachRestoredBackings();
+    this.#attachRestoredBackings(false);
+  }
+
+  /** Device reset: no guest memory, no features until the next activation. */
+  deactivate(): void {
+    this.#mem = undefined;
+    this.#acked = 0n;
   }
 
   /** The cursor as the guest last set it, or null. */
@@ -694,8 +700,6 @@ export class GpuExecutor {
     this.#contexts.clear();
     this.#window.clear();
     this.#cursor = null;
-    this.#mem = undefined;
-    this.#acked = 0n;
     for (let i = 0; i < this.#display.count; i++) this.#display.setScanout(i, null);
   }
 
@@ -754,10 +758,10 @@ export class GpuExecutor {
 
   /**
    * Rebuild saved resources, scanouts and cursor (checked by state.ts) in a device that has none. Backing
-   * pages are attached when the device is activated and guest memory is known.
+   * pages are attached now when the device is active, else when it is activated and guest memory is known.
    */
   restore(saved: { resources: SavedResource[]; scanouts: SavedScanout[]; cursor: Cursor | null }): void {
-    if (!this.empty || this.#mem) throw new StateError("virtio-gpu: restore into a device already in use");
+    if (!this.empty) throw new StateError("virtio-gpu: restore into a device that already has resources");
     try {
       for (const s of saved.resources) {
         if (s.kind === "2d") {
@@ -790,6 +794,7 @@ export class GpuExecutor {
         this.#display.setFramebuffer(i, s.framebuffer);
       });
       this.#cursor = saved.cursor ? { ...saved.cursor } : null;
+      if (this.#mem) this.#attachRestoredBackings(true);
     } catch (e) {
       this.dropAll();
       if (e instanceof StateError) throw e;
@@ -799,10 +804,11 @@ export class GpuExecutor {
 
   /**
    * Attach the backing pages of restored resources (GUEST blobs are created in the backend only now: it
-   * reads them through guest memory). A page outside guest memory costs its resource the backing (2D) or
-   * the resource itself (blob), with one log line.
+   * reads them through guest memory). With `strict` a page outside guest memory is a StateError; without
+   * (at activation, when nothing can be refused) it costs its resource the backing (2D) or the resource
+   * itself (blob), with one log line.
    */
-  #attachRestoredBackings(): void {
+  #attachRestoredBackings(strict: boolean): void {
     for (const r of [...this.#resources.values()]) {
       const ranges = r.pendingBacking;
       if (!ranges) continue;
@@ -824,7 +830,9 @@ export class GpuExecutor {
         }
         r.backing = backing;
       } catch (e) {
-        this.#guestError(`restored resource ${r.id}: backing not attached: ${e instanceof Error ? e.message : e}`);
+        const msg = `restored resource ${r.id}: backing not attached: ${e instanceof Error ? e.message : e}`;
+        if (strict) throw new StateError(`virtio-gpu: ${msg}`);
+        this.#guestError(msg);
         if (r.kind === "blob") this.#destroyResource(r);
       }
     }

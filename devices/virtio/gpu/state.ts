@@ -146,7 +146,7 @@ export function decodeGpuState(state: DeviceState, modes: readonly DisplayConfig
     const show = (l: readonly DisplayConfig[]) => l.map((m) => `${m.width}x${m.height}`).join(", ");
     throw new StateError(`virtio-gpu: saved with scanouts ${show(saved)}, this device has ${show(modes)}`);
   }
-  const eventsRead = u32(config.eventsRead, "virtio-gpu config.eventsRead");
+  const eventsRead = u32(config.eventsRead, "config.eventsRead");
 
   const resources = stateArray(d.resources, "virtio-gpu resources").map((v, i) => resource(v, `resource [${i}]`));
   const byId = new Map<number, SavedResource>();
