@@ -1,7 +1,8 @@
-// The interface between the virtio-gpu device model (device.ts) and a renderer. The device parses and
-// validates guest commands, owns ids, fences, the host-visible window and the copy accounting; a backend
-// only holds resource contents and does the copies or rendering. Two backends implement it: the pure
-// TypeScript 2D backend (backend_2d.ts) and virglrenderer through FFI (written against this file).
+// The interface between the virtio-gpu device model and a renderer. The device (device.ts with executor.ts,
+// fences.ts and window.ts) parses and validates guest commands, owns ids, fences, the host-visible window
+// and the copy accounting; a backend only holds resource contents and does the copies or rendering. Two
+// backends implement it: the pure TypeScript 2D backend (backend_2d.ts) and virglrenderer through FFI
+// (backend_virgl.ts).
 //
 // Rules for implementers:
 // - Every call comes from one thread (the device's). Arguments are already validated against what the

@@ -1,6 +1,6 @@
 // The headless display: one framebuffer per scanout (B8G8R8A8), updated on RESOURCE_FLUSH with just the
-// flushed rectangle read back from the scanout's resource, PNG screenshots, and change hooks for a
-// later live view (web display, VNC...).
+// flushed rectangle read back from the scanout's resource, PNG screenshots, and change hooks for live
+// views (the web display, the vhost-user display socket).
 //
 // A scanout shows the rectangle `rect` of its resource at the framebuffer's (0,0); the framebuffer has
 // the rectangle's size (the display mode's size until the first SET_SCANOUT).
