@@ -104,8 +104,8 @@ export interface GpuConfig {
   /** Deprecated crosvm keys, kept as given; they also produce a display when both are set. */
   width?: number;
   height?: number;
-  /** Size in bytes of the host-visible memory window (crosvm's PCI BAR). Default 8 GiB. */
-  pciBarSize: number;
+  /** Bytes of the host-visible window, virtio-gpu shared-memory region 1 (crosvm's `pci-bar-size`). Default 8 GiB. */
+  hostVisibleWindowSize: number;
   fixedBlobMapping: boolean;
   /** denovm: write a Chrome trace-event JSON file of every GPU command (trace=PATH). */
   tracePath?: string;
@@ -152,8 +152,8 @@ export const DEFAULT_MEM_MIB = 256;
 export const DEFAULT_CPUS = 1;
 /** crosvm's default reported block size (devices/src/virtio/block/mod.rs block_option_block_size_default). */
 export const DEFAULT_BLOCK_SIZE = 512;
-/** crosvm's default GPU PCI BAR size, 1 << 33 = 8 GiB (gpu/parameters.rs GpuParameters::default). */
-export const DEFAULT_GPU_PCI_BAR_SIZE = 2 ** 33;
+/** crosvm's default `pci-bar-size`, the host-visible window: 1 << 33 = 8 GiB (gpu/parameters.rs GpuParameters::default). */
+export const DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE = 2 ** 33;
 /** crosvm's default display size (vm_control/src/gpu.rs DEFAULT_DISPLAY_WIDTH/HEIGHT). */
 export const DEFAULT_DISPLAY_WIDTH = 1280;
 export const DEFAULT_DISPLAY_HEIGHT = 1024;
@@ -190,7 +190,7 @@ export function gpuConfig(partial: Partial<GpuConfig> = {}): GpuConfig {
     backend: "2d",
     contextTypes: [],
     displays: [],
-    pciBarSize: DEFAULT_GPU_PCI_BAR_SIZE,
+    hostVisibleWindowSize: DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE,
     fixedBlobMapping: false,
     egl: true,
     gles: true,

@@ -21,7 +21,7 @@ import { GiB, MiB, ramRanges, SERIAL_PORTS, sharedMemoryAreaStart, VIRTIO_IRQS }
 import { VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START } from "../../vmm/arch/layout.ts";
 import { writeAcpiTables } from "../../vmm/arch/acpi.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
-import { DEFAULT_GPU_PCI_BAR_SIZE, type GpuConfig } from "../../vmm/config.ts";
+import { DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE, type GpuConfig } from "../../vmm/config.ts";
 import { EXIT_SUCCESS } from "../../core/exit.ts";
 import type { GpuStats } from "../../devices/virtio/gpu/accounting.ts";
 import { VIRTIO_GPU_MAP_CACHE_CACHED } from "../../devices/virtio/gpu/protocol.ts";
@@ -58,7 +58,7 @@ function gpuConfig(): GpuConfig {
     backend: "virglrenderer",
     contextTypes: [],
     displays: [],
-    pciBarSize: DEFAULT_GPU_PCI_BAR_SIZE,
+    hostVisibleWindowSize: DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE,
     fixedBlobMapping: false,
     egl: true,
     gles: true,
@@ -251,7 +251,11 @@ Deno.test({
 
     const shm = one(lines, "shm", text);
     const windowBase = Math.ceil(sharedMemoryAreaStart(MEM_MIB * MiB) / SHM_WINDOW_ALIGN) * SHM_WINDOW_ALIGN;
-    assert.deepEqual(shm, { base: `0x${windowBase.toString(16)}`, len: `0x${gpu.pciBarSize.toString(16)}` }, text);
+    assert.deepEqual(
+      shm,
+      { base: `0x${windowBase.toString(16)}`, len: `0x${gpu.hostVisibleWindowSize.toString(16)}` },
+      text,
+    );
     assert.ok(windowBase >= 64 * GiB, "the window lies at 64 GiB or above");
     const capsets = one(lines, "capsets", text);
     assert.ok(Number(capsets.capsets) >= 1, text);

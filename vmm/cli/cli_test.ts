@@ -181,7 +181,7 @@ Deno.test("run: --gpu forms", () => {
     backend: "virglrenderer",
     contextTypes: ["virgl", "virgl2", "venus"],
     displays: [{ mode: "windowed", width: 1280, height: 720 }],
-    pciBarSize: 8 * 2 ** 30,
+    hostVisibleWindowSize: 8 * 2 ** 30,
     fixedBlobMapping: false,
     egl: true,
     gles: true,
@@ -207,7 +207,7 @@ Deno.test("run: --gpu forms", () => {
   const old = run("--gpu", "width=1024,height=768,pci-bar-size=256M,udmabuf").gpu!;
   assert.deepEqual(old.displays, [{ mode: "windowed", width: 1024, height: 768 }]);
   assert.equal(old.width, 1024);
-  assert.equal(old.pciBarSize, 256 * 2 ** 20);
+  assert.equal(old.hostVisibleWindowSize, 256 * 2 ** 20);
   assert.equal(old.udmabuf, true);
   usageError(["--gpu", "backend=metal", "k"], /--gpu backend: "metal" is not one of/);
   usageError(["--gpu", "context-types=virgl:dx12", "k"], /unknown context type "dx12"/);

@@ -143,7 +143,7 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
         new GpuDevice({
           backend,
           displays: displays.length > 0 ? displays : undefined,
-          pciBarSize: g.pciBarSize,
+          hostVisibleWindowSize: g.hostVisibleWindowSize,
           tracePath: g.tracePath,
         }),
       );

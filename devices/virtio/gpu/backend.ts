@@ -1,7 +1,8 @@
-// The interface between the virtio-gpu device model (device.ts) and a renderer. The device parses and
-// validates guest commands, owns ids, fences, the host-visible window and the copy accounting; a backend
-// only holds resource contents and does the copies or rendering. Two backends implement it: the pure
-// TypeScript 2D backend (backend_2d.ts) and virglrenderer through FFI (written against this file).
+// The interface between the virtio-gpu device model and a renderer. The device (device.ts with executor.ts,
+// fences.ts and window.ts) parses and validates guest commands, owns ids, fences, the host-visible window
+// and the copy accounting; a backend only holds resource contents and does the copies or rendering. Two
+// backends implement it: the pure TypeScript 2D backend (backend_2d.ts) and virglrenderer through FFI
+// (backend_virgl.ts).
 //
 // Rules for implementers:
 // - Every call comes from one thread (the device's). Arguments are already validated against what the
@@ -14,6 +15,7 @@
 //   createFence is allowed). Retiring fence N of a timeline means every fence <= N there is done.
 
 import type { GuestMemory } from "../../../core/memory.ts";
+import type { Create3DFields } from "./protocol.ts";
 
 /** A 3D box (struct virtio_gpu_box in linux/virtio_gpu.h, also struct virgl_box). */
 export interface Box {
@@ -69,19 +71,7 @@ export interface Create2D {
 }
 
 /** RESOURCE_CREATE_3D (struct virtio_gpu_resource_create_3d; virgl_renderer_resource_create_args). */
-export interface Create3D {
-  resourceId: number;
-  target: number;
-  format: number;
-  bind: number;
-  width: number;
-  height: number;
-  depth: number;
-  arraySize: number;
-  lastLevel: number;
-  nrSamples: number;
-  flags: number;
-}
+export type Create3D = { resourceId: number } & Create3DFields;
 
 /** RESOURCE_CREATE_BLOB (struct virtio_gpu_resource_create_blob). */
 export interface CreateBlob {
@@ -191,6 +181,14 @@ export interface GpuBackend {
    * scanout the device passes the blob's layout in `layout`.
    */
   readPixels(resourceId: number, rect: Rect, layout?: BlobLayout): Uint8Array;
+
+  /**
+   * The host copy of a 2D resource, width * height * 4 bytes in its format, for a saved state. Absent in
+   * backends that cannot read their resources back.
+   */
+  hostContents?(resourceId: number): Uint8Array;
+  /** Fill a 2D resource just created with createResource2D from bytes hostContents gave. */
+  restoreHostContents?(resourceId: number, contents: Uint8Array): void;
 
   close(): void;
 }

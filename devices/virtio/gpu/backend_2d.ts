@@ -239,6 +239,20 @@ export class Backend2D implements GpuBackend {
     return out;
   }
 
+  hostContents(id: number): Uint8Array {
+    const r = this.#get(id);
+    if (r.kind !== "2d") throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `resource ${id} is a blob`);
+    return r.pixels.slice();
+  }
+
+  restoreHostContents(id: number, contents: Uint8Array): void {
+    const r = this.#get(id);
+    if (r.kind !== "2d" || contents.length !== r.pixels.length) {
+      throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `${contents.length} bytes do not fit resource ${id}`);
+    }
+    r.pixels.set(contents);
+  }
+
   close(): void {
     this.resources.clear();
   }

@@ -27,80 +27,25 @@ import { VirtioMmioTransport } from "../mmio.ts";
 import { guestLog } from "../../../core/log.ts";
 import type { SharedMemoryMapper } from "../device.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../../test/support/virtio_driver.ts";
+import {
+  attach,
+  cmd,
+  create2d,
+  createBlob,
+  ctxCreate,
+  flush,
+  mapBlob,
+  setScanout,
+  submit,
+  transfer2d,
+  unmapBlob,
+} from "../../../test/support/gpu_commands.ts";
 
 const MiB = 1024 * 1024;
 /** Rings and commands live below this; resource backing pages above it. */
 const ARENA_END = 8 * MiB;
 const DATA_BASE = 8 * MiB;
 const GUEST_SIZE = 32 * MiB;
-
-// ---- command encoding (struct layouts of linux/virtio_gpu.h) ----
-
-interface HdrOpts {
-  flags?: number;
-  fenceId?: bigint;
-  ctxId?: number;
-  ringIdx?: number;
-}
-
-function cmd(type: number, body: (number | bigint)[] = [], o: HdrOpts = {}, tail?: Uint8Array): Uint8Array {
-  // Body items: numbers are le32, bigints le64.
-  const bodyLen = body.reduce<number>((n, x) => n + (typeof x === "bigint" ? 8 : 4), 0);
-  const b = new Uint8Array(P.HDR_SIZE + bodyLen + (tail?.length ?? 0));
-  const v = new DataView(b.buffer);
-  v.setUint32(P.HDR_TYPE, type, true);
-  v.setUint32(P.HDR_FLAGS, o.flags ?? 0, true);
-  v.setBigUint64(P.HDR_FENCE_ID, o.fenceId ?? 0n, true);
-  v.setUint32(P.HDR_CTX_ID, o.ctxId ?? 0, true);
-  v.setUint8(P.HDR_RING_IDX, o.ringIdx ?? 0);
-  let off = P.HDR_SIZE;
-  for (const x of body) {
-    if (typeof x === "bigint") {
-      v.setBigUint64(off, x, true);
-      off += 8;
-    } else {
-      v.setUint32(off, x >>> 0, true);
-      off += 4;
-    }
-  }
-  if (tail) b.set(tail, off);
-  return b;
-}
-
-const create2d = (id: number, format: number, w: number, h: number) =>
-  cmd(P.CMD_RESOURCE_CREATE_2D, [id, format, w, h]);
-const attach = (id: number, entries: { addr: number | bigint; len: number }[]) =>
-  cmd(P.CMD_RESOURCE_ATTACH_BACKING, [id, entries.length, ...entries.flatMap((e) => [BigInt(e.addr), e.len, 0])]);
-const transfer2d = (id: number, x: number, y: number, w: number, h: number, offset: number | bigint) =>
-  cmd(P.CMD_TRANSFER_TO_HOST_2D, [x, y, w, h, BigInt(offset), id, 0]);
-const setScanout = (scanout: number, id: number, x: number, y: number, w: number, h: number) =>
-  cmd(P.CMD_SET_SCANOUT, [x, y, w, h, scanout, id]);
-const flush = (id: number, x: number, y: number, w: number, h: number) =>
-  cmd(P.CMD_RESOURCE_FLUSH, [x, y, w, h, id, 0]);
-const ctxCreate = (ctx: number, contextInit = 0, o: HdrOpts = {}) =>
-  cmd(P.CMD_CTX_CREATE, [0, contextInit], { ...o, ctxId: ctx }, new Uint8Array(P.CTX_DEBUG_NAME_SIZE));
-const submit = (ctx: number, stream: Uint8Array, o: HdrOpts = {}) =>
-  cmd(P.CMD_SUBMIT_3D, [stream.length, 0], { ...o, ctxId: ctx }, stream);
-const createBlob = (
-  id: number,
-  blobMem: number,
-  flags: number,
-  blobId: bigint,
-  size: number,
-  entries: { addr: number; len: number }[] = [],
-  ctxId = 0,
-) =>
-  cmd(P.CMD_RESOURCE_CREATE_BLOB, [
-    id,
-    blobMem,
-    flags,
-    entries.length,
-    blobId,
-    BigInt(size),
-    ...entries.flatMap((e) => [BigInt(e.addr), e.len, 0]),
-  ], { ctxId });
-const mapBlob = (id: number, offset: number | bigint) => cmd(P.CMD_RESOURCE_MAP_BLOB, [id, 0, BigInt(offset)]);
-const unmapBlob = (id: number) => cmd(P.CMD_RESOURCE_UNMAP_BLOB, [id, 0]);
 
 // ---- fakes ----
 
@@ -210,7 +155,7 @@ interface Resp {
 function rig(opts: {
   backend?: GpuBackend;
   displays?: { width: number; height: number }[];
-  pciBarSize?: number;
+  hostVisibleWindowSize?: number;
   tracePath?: string;
   features?: bigint;
 } = {}) {
@@ -219,7 +164,7 @@ function rig(opts: {
   const dev = new GpuDevice({
     backend,
     displays: opts.displays,
-    pciBarSize: opts.pciBarSize,
+    hostVisibleWindowSize: opts.hostVisibleWindowSize,
     tracePath: opts.tracePath,
   });
   const mapper = new FakeMapper();
@@ -667,7 +612,7 @@ Deno.test("copy counters per resource and per context: TRANSFER_*_3D and virgl s
 Deno.test("blob map/unmap through the SharedMemoryMapper: 5000 cycles, window bounds, overlap, double map", () => {
   const backend = new FakeBackend();
   const window = 64 * MiB;
-  using r = rig({ backend, pciBarSize: window });
+  using r = rig({ backend, hostVisibleWindowSize: window });
   assert.deepEqual(r.dev.sharedMemoryRegions(), [{ id: P.VIRTIO_GPU_SHM_ID_HOST_VISIBLE, size: window }]);
   r.ok(ctxCreate(1, P.VIRTIO_GPU_CAPSET_VIRGL2));
   const MAP = P.VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE;

@@ -69,6 +69,9 @@ import {
 } from "./formats.ts";
 import { walkVirglCommands } from "./virgl_stream.ts";
 import {
+  type Create3DFields,
+  CREATE_3D_DEFAULTS,
+  pickCreate3DFields,
   RESP_ERR_INVALID_CONTEXT_ID,
   RESP_ERR_INVALID_PARAMETER,
   RESP_ERR_INVALID_RESOURCE_ID,
@@ -112,16 +115,9 @@ export interface VirglBackendOptions {
   contextTypes?: string[];
 }
 
-interface VirglResource {
+/** A resource: its create-3D fields (level 0 size; a buffer's width is its size in bytes) and host side. */
+interface VirglResource extends Create3DFields {
   kind: "3d" | "blob";
-  target: number;
-  format: number;
-  /** Level 0 size; a buffer's width is its size in bytes. */
-  width: number;
-  height: number;
-  depth: number;
-  arraySize: number;
-  lastLevel: number;
   /** The iovec array the library holds for the backing (attach_iov or create_blob). */
   iov?: CMemory;
   /** Backing pages, for GUEST blob scanouts. */
@@ -315,17 +311,13 @@ export class VirglBackend implements GpuBackend {
       throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `unknown 2D format ${a.format}`);
     }
     this.createResource3D({
+      ...CREATE_3D_DEFAULTS,
       resourceId: a.resourceId,
       target: PIPE_TEXTURE_2D,
       format: a.format,
       bind: BIND_2D,
       width: a.width,
       height: a.height,
-      depth: 1,
-      arraySize: 1,
-      lastLevel: 0,
-      nrSamples: 0,
-      flags: 0,
     });
   }
 
@@ -333,16 +325,7 @@ export class VirglBackend implements GpuBackend {
     this.#requireFree(a.resourceId);
     const args = resourceCreateArgs({ handle: a.resourceId, ...a });
     this.#call("virgl_renderer_resource_create", () => this.#v.virgl_renderer_resource_create(args, null, 0));
-    this.#resources.set(a.resourceId, {
-      kind: "3d",
-      target: a.target,
-      format: a.format,
-      width: a.width,
-      height: a.height,
-      depth: a.depth,
-      arraySize: a.arraySize,
-      lastLevel: a.lastLevel,
-    });
+    this.#resources.set(a.resourceId, { ...pickCreate3DFields(a), kind: "3d" });
   }
 
   createBlob(a: CreateBlob): void {
@@ -374,13 +357,11 @@ export class VirglBackend implements GpuBackend {
     }
     this.#resources.set(a.resourceId, {
       kind: "blob",
+      ...CREATE_3D_DEFAULTS,
       target: PIPE_BUFFER,
       format: 0,
+      bind: 0,
       width: a.size,
-      height: 1,
-      depth: 1,
-      arraySize: 1,
-      lastLevel: 0,
       iov,
       backing: guestPages ? a.backing : undefined,
       blobMem: a.blobMem,

@@ -1,6 +1,6 @@
 // The headless display: one framebuffer per scanout (B8G8R8A8), updated on RESOURCE_FLUSH with just the
-// flushed rectangle read back from the scanout's resource, PNG screenshots, and change hooks for a
-// later live view (web display, VNC...).
+// flushed rectangle read back from the scanout's resource, PNG screenshots, and change hooks for live
+// views (the web display, the vhost-user display socket).
 //
 // A scanout shows the rectangle `rect` of its resource at the framebuffer's (0,0); the framebuffer has
 // the rectangle's size (the display mode's size until the first SET_SCANOUT).
@@ -9,6 +9,12 @@ import type { BlobLayout, Rect } from "./backend.ts";
 import { encodePngRgba } from "./png.ts";
 
 const BPP = 4;
+
+/** A scanout's display mode (crosvm `displays=[[mode=windowed[W,H]]]`). */
+export interface DisplayConfig {
+  width: number;
+  height: number;
+}
 
 export interface ScanoutSource {
   resourceId: number;
@@ -39,7 +45,7 @@ export class HeadlessDisplay {
   readonly #scanouts: Scanout[];
   readonly #handlers = new Set<UpdateHandler>();
 
-  constructor(modes: { width: number; height: number }[]) {
+  constructor(modes: readonly DisplayConfig[]) {
     this.#scanouts = modes.map((m) => ({ source: null, fb: blank(m.width, m.height), flushes: 0 }));
   }
 
@@ -98,6 +104,11 @@ export class HeadlessDisplay {
       }
     }
     return { rect: out, bytes: px.length };
+  }
+
+  /** Replace scanout `id`'s framebuffer with saved pixels (the caller checked id and sizes). */
+  setFramebuffer(id: number, fb: Framebuffer): void {
+    this.#scanouts[id].fb = { width: fb.width, height: fb.height, bgra: fb.bgra.slice() };
   }
 
   /** Be told of every framebuffer update; returns a function that unsubscribes. */

@@ -1,6 +1,6 @@
 // PNG encoding and decoding for screenshots, through the maintained fast-png package (pinned in deno.json).
-// It is imported on first use, not with the VMM: loading an npm package (and Deno's Node compatibility
-// layer with it) took ~55 ms of denovm's start-up, on the path to the guest's first instruction.
+// It is imported on first use, not with the VMM: loading an npm package brings in Deno's Node
+// compatibility layer, which would otherwise sit on the start-up path to the guest's first instruction.
 
 let fastPng: Promise<typeof import("fast-png")> | undefined;
 const loadPng = () => fastPng ??= import("fast-png");

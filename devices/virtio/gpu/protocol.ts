@@ -116,7 +116,8 @@ export const VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST = 0x0003;
 export const VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE = 0x0001;
 export const VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE = 0x0002;
 export const VIRTIO_GPU_BLOB_FLAG_USE_CROSS_DEVICE = 0x0004;
-const BLOB_FLAGS_KNOWN = VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE | VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE |
+/** Every blob flag virtio_gpu.h defines. */
+export const VIRTIO_GPU_BLOB_FLAGS_KNOWN = VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE | VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE |
   VIRTIO_GPU_BLOB_FLAG_USE_CROSS_DEVICE;
 export const VIRTIO_GPU_MAP_CACHE_MASK = 0x0f;
 export const VIRTIO_GPU_MAP_CACHE_NONE = 0x00;
@@ -188,6 +189,47 @@ export const SCANOUT_BLOB_PLANES = 4;
 /** Largest nr_entries accepted in ATTACH_BACKING / CREATE_BLOB (crosvm caps a command at the queue's bytes). */
 export const MAX_MEM_ENTRIES = 16384;
 
+// ---- RESOURCE_CREATE_3D ----
+
+/**
+ * The fields of struct virtio_gpu_resource_create_3d after resource_id, in wire order, each a le32 (then
+ * le32 padding). virglrenderer's struct virgl_renderer_resource_create_args (after handle) and the
+ * VIRGL_CCMD_PIPE_RESOURCE_CREATE payload (before blob_id) carry the same fields in the same order.
+ */
+export const CREATE_3D_FIELDS = [
+  "target",
+  "format",
+  "bind",
+  "width",
+  "height",
+  "depth",
+  "arraySize",
+  "lastLevel",
+  "nrSamples",
+  "flags",
+] as const;
+export type Create3DField = typeof CREATE_3D_FIELDS[number];
+/** The create-3D fields by name. */
+export type Create3DFields = { [K in Create3DField]: number };
+/** Just the create-3D fields of `a` (an object that may carry more). */
+export function pickCreate3DFields(a: Create3DFields): Create3DFields {
+  const out = {} as Create3DFields;
+  for (const f of CREATE_3D_FIELDS) out[f] = a[f];
+  return out;
+}
+
+/** The fields a single-level, single-layer, single-sample resource leaves at their neutral values. */
+export const CREATE_3D_DEFAULTS: Omit<Create3DFields, "target" | "format" | "bind" | "width"> = {
+  height: 1,
+  depth: 1,
+  arraySize: 1,
+  lastLevel: 0,
+  nrSamples: 0,
+  flags: 0,
+};
+/** Byte offset of the first create-3D field: after the header and resource_id. */
+const CREATE_3D_FIELDS_OFFSET = HDR_SIZE + 4;
+
 // ---- Decoded commands ----
 
 export interface CtrlHdr {
@@ -237,21 +279,7 @@ export type Command =
   | { kind: "ctx_destroy"; hdr: CtrlHdr }
   | { kind: "ctx_attach_resource"; hdr: CtrlHdr; resourceId: number }
   | { kind: "ctx_detach_resource"; hdr: CtrlHdr; resourceId: number }
-  | {
-    kind: "resource_create_3d";
-    hdr: CtrlHdr;
-    resourceId: number;
-    target: number;
-    format: number;
-    bind: number;
-    width: number;
-    height: number;
-    depth: number;
-    arraySize: number;
-    lastLevel: number;
-    nrSamples: number;
-    flags: number;
-  }
+  | ({ kind: "resource_create_3d"; hdr: CtrlHdr; resourceId: number } & Create3DFields)
   | {
     kind: "transfer_to_host_3d" | "transfer_from_host_3d";
     hdr: CtrlHdr;
@@ -434,7 +462,7 @@ export function parseCommand(bytes: Uint8Array): Command {
       return { kind: "assign_uuid", hdr, resourceId: u32(H) };
     case CMD_RESOURCE_CREATE_BLOB: {
       const blobFlags = u32(H + 8);
-      if (blobFlags & ~BLOB_FLAGS_KNOWN) {
+      if (blobFlags & ~VIRTIO_GPU_BLOB_FLAGS_KNOWN) {
         throw new ProtocolError(RESP_ERR_INVALID_PARAMETER, `${name}: unknown blob flags 0x${blobFlags.toString(16)}`);
       }
       return {
@@ -484,22 +512,11 @@ export function parseCommand(bytes: Uint8Array): Command {
       return { kind: "ctx_attach_resource", hdr, resourceId: u32(H) };
     case CMD_CTX_DETACH_RESOURCE:
       return { kind: "ctx_detach_resource", hdr, resourceId: u32(H) };
-    case CMD_RESOURCE_CREATE_3D:
-      return {
-        kind: "resource_create_3d",
-        hdr,
-        resourceId: u32(H),
-        target: u32(H + 4),
-        format: u32(H + 8),
-        bind: u32(H + 12),
-        width: u32(H + 16),
-        height: u32(H + 20),
-        depth: u32(H + 24),
-        arraySize: u32(H + 28),
-        lastLevel: u32(H + 32),
-        nrSamples: u32(H + 36),
-        flags: u32(H + 40),
-      };
+    case CMD_RESOURCE_CREATE_3D: {
+      const fields = {} as Create3DFields;
+      CREATE_3D_FIELDS.forEach((f, i) => fields[f] = u32(CREATE_3D_FIELDS_OFFSET + 4 * i));
+      return { kind: "resource_create_3d", hdr, resourceId: u32(H), ...fields };
+    }
     case CMD_TRANSFER_TO_HOST_3D:
     case CMD_TRANSFER_FROM_HOST_3D: {
       const o = H + BOX_SIZE;

@@ -3,6 +3,8 @@
 // src/virgl_protocol.h (0.10.4) and is decoded by src/vrend_decode.c; Gallium numbers (PIPE_*) from Mesa's
 // src/gallium/include/pipe/p_defines.h.
 
+import { type Create3DFields, CREATE_3D_DEFAULTS, CREATE_3D_FIELDS } from "./protocol.ts";
+
 // ---- enum virgl_context_cmd (virgl_protocol.h) ----
 export const VIRGL_CCMD_NOP = 0;
 export const VIRGL_CCMD_CREATE_OBJECT = 1;
@@ -107,20 +109,14 @@ export interface StreamBox {
   d: number;
 }
 
-export interface PipeResourceCreate {
-  target: number;
-  format: number;
-  bind: number;
-  width: number;
-  height?: number;
-  depth?: number;
-  arraySize?: number;
-  lastLevel?: number;
-  nrSamples?: number;
-  flags?: number;
-  /** The blob id RESOURCE_CREATE_BLOB (HOST3D) names afterwards (a u32 in the stream). */
-  blobId: number;
-}
+/** A PIPE_RESOURCE_CREATE: the create-3D fields (those left out take CREATE_3D_DEFAULTS) and a blob id. */
+export type PipeResourceCreate =
+  & Pick<Create3DFields, "target" | "format" | "bind" | "width">
+  & Partial<Create3DFields>
+  & {
+    /** The blob id RESOURCE_CREATE_BLOB (HOST3D) names afterwards (a u32 in the stream). */
+    blobId: number;
+  };
 
 /** Builds one SUBMIT_3D payload. Methods chain; `bytes()` gives the little-endian stream. */
 export class VirglStream {
@@ -138,19 +134,8 @@ export class VirglStream {
 
   /** VIRGL_CCMD_PIPE_RESOURCE_CREATE (vrend_decode_pipe_resource_create): a resource for a later HOST3D blob. */
   pipeResourceCreate(a: PipeResourceCreate): this {
-    return this.#cmd(VIRGL_CCMD_PIPE_RESOURCE_CREATE, 0, [
-      a.target,
-      a.format,
-      a.bind,
-      a.width,
-      a.height ?? 1,
-      a.depth ?? 1,
-      a.arraySize ?? 1,
-      a.lastLevel ?? 0,
-      a.nrSamples ?? 0,
-      a.flags ?? 0,
-      a.blobId,
-    ]);
+    const fields: Create3DFields = { ...CREATE_3D_DEFAULTS, ...a };
+    return this.#cmd(VIRGL_CCMD_PIPE_RESOURCE_CREATE, 0, [...CREATE_3D_FIELDS.map((f) => fields[f]), a.blobId]);
   }
 
   /** VIRGL_CCMD_CREATE_OBJECT of VIRGL_OBJECT_SURFACE on a texture (level, layers first..last). */

@@ -226,7 +226,7 @@ function setUp() {
   const dev = new GpuDevice({
     backend: new VirglBackend(),
     displays: [{ width: 64, height: 48 }],
-    pciBarSize: WINDOW_SIZE,
+    hostVisibleWindowSize: WINDOW_SIZE,
   });
   const windows = new Map<number, { base: number; size: number }>();
   for (const r of dev.sharedMemoryRegions()) windows.set(r.id, { base: WINDOW_BASE, size: r.size });

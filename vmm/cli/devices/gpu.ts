@@ -33,7 +33,7 @@ import {
 import {
   DEFAULT_DISPLAY_HEIGHT,
   DEFAULT_DISPLAY_WIDTH,
-  DEFAULT_GPU_PCI_BAR_SIZE,
+  DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE,
   type GpuBackend as GpuBackendName,
   type GpuConfig,
   gpuConfig,
@@ -168,7 +168,7 @@ export function parseGpuOption(text: string): GpuConfig {
     backend,
     contextTypes,
     displays: (o.displays as GpuDisplayConfig[] | undefined) ?? [],
-    pciBarSize: (o["pci-bar-size"] as number | undefined) ?? DEFAULT_GPU_PCI_BAR_SIZE,
+    hostVisibleWindowSize: (o["pci-bar-size"] as number | undefined) ?? DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE,
     fixedBlobMapping: (o["fixed-blob-mapping"] as boolean | undefined) ?? defaults.fixedBlobMapping,
     egl: (o.egl as boolean | undefined) ?? defaults.egl,
     gles: (o.gles as boolean | undefined) ?? defaults.gles,
@@ -195,8 +195,8 @@ export function parseGpuOption(text: string): GpuConfig {
   if (g.displays.length > VIRTIO_GPU_MAX_SCANOUTS) {
     throw new UsageError(`--gpu displays: at most ${VIRTIO_GPU_MAX_SCANOUTS} displays`);
   }
-  if (!isPowerOfTwo(g.pciBarSize)) {
-    throw new UsageError(`--gpu pci-bar-size: ${g.pciBarSize} is not a power of two`);
+  if (!isPowerOfTwo(g.hostVisibleWindowSize)) {
+    throw new UsageError(`--gpu pci-bar-size: ${g.hostVisibleWindowSize} is not a power of two`);
   }
   return g;
 }
