@@ -3,7 +3,7 @@
 // ACPI sleep/reset registers, pvpanic), and the port bus that routes them.
 
 import assert from "node:assert/strict";
-import { AcpiPm } from "./acpi_pm.ts";
+import { ACPI_SLP_EN, ACPI_SLP_TYP_SHIFT, AcpiPm } from "./acpi_pm.ts";
 import { Cmos } from "./cmos.ts";
 import { I8042 } from "./i8042.ts";
 import { PvPanic } from "./pvpanic.ts";
@@ -14,8 +14,8 @@ import {
   ACPI_RESET_VALUE,
   ACPI_SLEEP_CONTROL_PORT,
   ACPI_SLEEP_TYPE_S5,
-  ACPI_SLP_EN,
-  ACPI_SLP_TYP_SHIFT,
+  I8042_COMMAND_PORT,
+  I8042_DATA_PORT,
 } from "../../vmm/arch/layout.ts";
 
 const rd = (d: { read(o: number, b: Uint8Array): void }, off: number) => {
@@ -201,7 +201,8 @@ Deno.test("CMOS RTC: BCD time of the given clock, 24-hour mode, never update-in-
 
 Deno.test("i8042: self-test answers 0x55, command byte round-trips, 0xFE resets", () => {
   let resets = 0;
-  const k = new I8042(() => resets++);
+  const k = new I8042({ dataPort: I8042_DATA_PORT, commandPort: I8042_COMMAND_PORT, onReset: () => resets++ });
+  assert.equal(k.portSpan, 5, "ports 0x60..0x64");
   wr(k, 4, 0xaa);
   assert.equal(rd(k, 4) & 1, 1, "output buffer full");
   assert.equal(rd(k, 0), 0x55);
@@ -220,7 +221,16 @@ Deno.test("i8042: self-test answers 0x55, command byte round-trips, 0xFE resets"
 
 Deno.test("ACPI PM: S5 with SLP_EN powers off, other sleep types do not, the reset register resets", () => {
   const events: string[] = [];
-  const pm = new AcpiPm({ powerOff: () => events.push("off"), reset: () => events.push("reset"), log: () => {} });
+  const pm = new AcpiPm(
+    {
+      sleepControlPort: ACPI_SLEEP_CONTROL_PORT,
+      resetPort: ACPI_RESET_PORT,
+      resetValue: ACPI_RESET_VALUE,
+      s5SleepType: ACPI_SLEEP_TYPE_S5,
+    },
+    { powerOff: () => events.push("off"), reset: () => events.push("reset"), log: () => {} },
+  );
+  assert.equal(pm.portSpan, ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT + 1);
   wr(pm, 0, ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT); // no SLP_EN: nothing
   wr(pm, 0, (3 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN); // S3: not offered
   assert.deepEqual(events, []);
