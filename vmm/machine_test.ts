@@ -1,4 +1,4 @@
-// The assembled machine without KVM: Machine.create builds guest memory, firmware
+// The assembled machine without KVM: buildMachine builds guest memory, firmware
 // tables, buses and every virtio device from a VmConfig on a FakeVm that plays KVM's
 // part for ioeventfd and irqfd. A test driver then talks to the devices through the
 // MMIO bus exactly as a guest would, so the VMM's own wiring (slots, GSIs, notify
@@ -20,7 +20,9 @@ import {
   VIRTIO_MMIO_SIZE,
   VIRTIO_MMIO_START,
 } from "./arch/layout.ts";
-import { Machine } from "./machine.ts";
+import type { Machine } from "./machine.ts";
+import { buildMachine } from "./builder.ts";
+import { gpuStats, screenshot, startWebDisplay } from "./library/gpu_front.ts";
 import { buildGuest } from "../test/guests/build.ts";
 import { FakeVm } from "../test/support/fake_vm.ts";
 import { VirtioTestDriver } from "../test/support/virtio_driver.ts";
@@ -41,11 +43,11 @@ function blkHeader(type: number, sector: number): Uint8Array {
 
 /** A driver whose register accesses go through the machine's MMIO bus, with KVM's ioeventfd semantics. */
 function busDriver(machine: Machine, vm: FakeVm, slot: number): VirtioTestDriver {
-  const v = machine.virtio[slot];
+  const v = machine.devices.virtio[slot];
   const transport = {
     device: v.device,
-    read: (off: number, data: Uint8Array) => void machine.mmio.read(v.base + off, data),
-    write: (off: number, data: Uint8Array) => void vm.mmioWrite(machine.mmio, v.base + off, data),
+    read: (off: number, data: Uint8Array) => void machine.devices.mmio.read(v.base + off, data),
+    write: (off: number, data: Uint8Array) => void vm.mmioWrite(machine.devices.mmio, v.base + off, data),
   } as unknown as VirtioMmioTransport;
   // Driver rings and buffers live in guest RAM above where the test guest and its tables are.
   return new VirtioTestDriver(transport, machine.memory, { start: 32 * MiB + slot * MiB, end: 33 * MiB + slot * MiB });
@@ -61,7 +63,7 @@ async function machineWith(extra: Partial<VmConfig>, dir: string): Promise<{ mac
     socket: `${dir}/vm.sock`,
     ...extra,
   };
-  const machine = await Machine.create(config, { vm, noStdin: true, log: () => {} });
+  const machine = await buildMachine(config, { vm, noStdin: true, log: () => {} });
   return { machine, vm };
 }
 
@@ -88,9 +90,9 @@ Deno.test("machine without KVM: devices in order on the MMIO bus, DSDT entries, 
     },
   }, dir);
   try {
-    const names = machine.virtio.map((v) => v.device.name);
+    const names = machine.devices.virtio.map((v) => v.device.name);
     assert.deepEqual(names, ["block", "console", "rng", "balloon", "input", "gpu"]);
-    machine.virtio.forEach((v, i) => {
+    machine.devices.virtio.forEach((v, i) => {
       assert.equal(v.base, VIRTIO_MMIO_START + i * VIRTIO_MMIO_SIZE);
       assert.equal(v.irq, VIRTIO_IRQS[i]);
       assert.equal(vm.irqfds.get(v.irq), v.irqFd, "the device's interrupt is an irqfd on its GSI");
@@ -102,10 +104,16 @@ Deno.test("machine without KVM: devices in order on the MMIO bus, DSDT entries, 
     const acpi = new TextDecoder("latin1").decode(
       machine.memory.read(ACPI_TABLES_START, ACPI_TABLES_END - ACPI_TABLES_START),
     );
-    assert.equal(acpi.split("LNRO0005").length - 1, machine.virtio.length);
+    assert.equal(acpi.split("LNRO0005").length - 1, machine.devices.virtio.length);
     // Guest RAM is one slot; a 2D GPU has no host-visible window, so nothing else is mapped.
     assert.equal(vm.slots.size, 1);
-    assert.deepEqual(machine.pio.list().map((r) => r.name).sort(), ["COM1", "acpi-pm", "cmos", "i8042", "pvpanic"]);
+    assert.deepEqual(machine.devices.pio.list().map((r) => r.name).sort(), [
+      "COM1",
+      "acpi-pm",
+      "cmos",
+      "i8042",
+      "pvpanic",
+    ]);
   } finally {
     await machine.stop();
     await Deno.remove(dir, { recursive: true });
@@ -123,22 +131,22 @@ Deno.test("machine without KVM: a guest driver writes and reads the disk through
   }, dir);
   try {
     await machine.start(); // device side only: the notify loop
-    const slot = machine.virtio.findIndex((v) => v.device.deviceType === VIRTIO_ID_BLOCK);
-    assert.ok(machine.virtio[slot].device instanceof BlockDevice);
+    const slot = machine.devices.virtio.findIndex((v) => v.device.deviceType === VIRTIO_ID_BLOCK);
+    assert.ok(machine.devices.virtio[slot].device instanceof BlockDevice);
     const drv = busDriver(machine, vm, slot);
     drv.init();
     const q = drv.queues[0];
     const pattern = new Uint8Array(2 * SECTOR).map((_, i) => (0xa5 ^ i) & 0xff);
     q.submit([blkHeader(VIRTIO_BLK_T_OUT, 3), pattern, 1]);
     drv.kick(0);
-    assert.ok((await vm.waitIrq(machine.virtio[slot].irq)) > 0n, "completion interrupt through the irqfd");
+    assert.ok((await vm.waitIrq(machine.devices.virtio[slot].irq)) > 0n, "completion interrupt through the irqfd");
     drv.ackInterrupt();
     const done = q.used();
     assert.equal(done.length, 1);
     q.setUsedEvent(q.usedIdx()); // as Linux's virtqueue_enable_cb does: interrupt me at the next used entry
     const sub = q.submit([blkHeader(VIRTIO_BLK_T_IN, 3), 2 * SECTOR, 1]);
     drv.kick(0);
-    assert.ok((await vm.waitIrq(machine.virtio[slot].irq)) > 0n);
+    assert.ok((await vm.waitIrq(machine.devices.virtio[slot].irq)) > 0n);
     assert.equal(q.used().length, 1);
     const [, data, status] = sub.buffers;
     assert.equal(machine.memory.getU8(status.addr), VIRTIO_BLK_S_OK);
@@ -160,7 +168,9 @@ Deno.test("machine without KVM: the control socket adjusts the balloon and stops
   const sock = `${dir}/vm.sock`;
   assert.equal((await Deno.stat(sock)).mode! & 0o777, 0o600);
   await controlCall(sock, { kind: "balloonAdjust", bytes: 8 * MiB });
-  const balloon = machine.virtio.find((v) => v.device.name === "balloon")!.device as unknown as { targetPages: number };
+  const balloon = machine.devices.virtio.find((v) => v.device.name === "balloon")!.device as unknown as {
+    targetPages: number;
+  };
   assert.equal(balloon.targetPages, 8 * MiB / 4096);
   await assert.rejects(controlCall(sock, { kind: "diskResize", index: 0, bytes: 4096 }), /no disk 0 \(this VM has 0\)/);
   await controlCall(sock, { kind: "stop" });
@@ -189,12 +199,12 @@ Deno.test("machine without KVM: a 2D GPU scanout shows in screenshot(), the web 
     },
   }, dir);
   try {
-    const gpu = machine.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)!;
+    const gpu = machine.devices.virtio.find((v) => v.device.deviceType === VIRTIO_ID_GPU)!;
     assert.ok(gpu);
-    const png = await decodePngRgba(await machine.screenshot());
+    const png = await decodePngRgba(await screenshot(machine));
     assert.deepEqual([png.width, png.height], [32, 16]);
-    assert.ok("totals" in (machine.gpuStats() as Record<string, unknown>));
-    const url = await machine.startWebDisplay();
+    assert.ok("totals" in (gpuStats(machine) as Record<string, unknown>));
+    const url = await startWebDisplay(machine);
     assert.ok(url);
     const ok = await fetch(url!);
     assert.equal(ok.status, 200);
@@ -206,7 +216,7 @@ Deno.test("machine without KVM: a 2D GPU scanout shows in screenshot(), the web 
     await refused.body?.cancel();
     // A key typed in the page reaches this machine's virtio keyboard (no driver here: the events wait
     // in the device for the guest's buffers): press and release, each with its SYN_REPORT.
-    const keyboard = machine.virtio.map((v) => v.device).find((d) => d instanceof InputDevice) as InputDevice;
+    const keyboard = machine.devices.virtio.map((v) => v.device).find((d) => d instanceof InputDevice) as InputDevice;
     assert.equal(keyboard.pendingEvents, 0);
     const wsUrl = new URL(url!);
     wsUrl.protocol = "ws:";

@@ -4,19 +4,26 @@
 
 import type { BusDevice } from "../../core/bus.ts";
 import { type DeviceState, stateData, type Stateful, stateRecord } from "../../core/state.ts";
-import {
-  ACPI_RESET_PORT,
-  ACPI_RESET_VALUE,
-  ACPI_SLEEP_CONTROL_PORT,
-  ACPI_SLEEP_TYPE_S5,
-  ACPI_SLP_EN,
-  ACPI_SLP_TYP_MASK,
-  ACPI_SLP_TYP_SHIFT,
-} from "../../vmm/arch/layout.ts";
 
-/** Ports from the sleep control register to the reset register. */
-export const ACPI_PM_PORT_SPAN = ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT + 1;
-const RESET_OFFSET = ACPI_RESET_PORT - ACPI_SLEEP_CONTROL_PORT;
+/** SLP_TYPx: bits 2..4 of the sleep control register (ACPI 6.4 section 4.8.3.7). */
+export const ACPI_SLP_TYP_SHIFT = 2;
+export const ACPI_SLP_TYP_MASK = 0x7;
+/** SLP_EN: bit 5 of the sleep control register. */
+export const ACPI_SLP_EN = 1 << 5;
+
+/** Where the registers are and the values the firmware tables declare for them. */
+export interface AcpiPmRegisters {
+  /** The sleep control register's port (FADT SLEEP_CONTROL_REG): the device is registered from here. */
+  sleepControlPort: number;
+  /** The reset register's port (FADT RESET_REG), above the sleep control register. */
+  resetPort: number;
+  /** The value whose write to the reset register resets (FADT RESET_VALUE). */
+  resetValue: number;
+  /** SLP_TYPx of S5 (soft off), as the DSDT's \_S5 package declares it. */
+  s5SleepType: number;
+}
+
+/** The sleep control register is the first port. */
 const CONTROL_OFFSET = 0;
 
 /** The kind and layout version of the ACPI PM registers' saved state. */
@@ -24,7 +31,20 @@ export const ACPI_PM_STATE_TYPE = "acpi-pm";
 export const ACPI_PM_STATE_VERSION = 1;
 
 export class AcpiPm implements BusDevice, Stateful {
-  constructor(readonly on: { powerOff: () => void; reset: () => void; log?: (line: string) => void }) {}
+  /** How many ports to register on the bus: from the sleep control register to the reset register. */
+  readonly portSpan: number;
+  readonly #resetOffset: number;
+
+  constructor(
+    readonly registers: AcpiPmRegisters,
+    readonly on: { powerOff: () => void; reset: () => void; log?: (line: string) => void },
+  ) {
+    if (registers.resetPort <= registers.sleepControlPort) {
+      throw new RangeError("ACPI PM: the reset register must be above the sleep control register");
+    }
+    this.#resetOffset = registers.resetPort - registers.sleepControlPort;
+    this.portSpan = this.#resetOffset + 1;
+  }
 
   read(_offset: number, data: Uint8Array): void {
     data.fill(0);
@@ -34,9 +54,9 @@ export class AcpiPm implements BusDevice, Stateful {
     const v = data[0];
     if (offset === CONTROL_OFFSET && (v & ACPI_SLP_EN)) {
       const type = (v >> ACPI_SLP_TYP_SHIFT) & ACPI_SLP_TYP_MASK;
-      if (type === ACPI_SLEEP_TYPE_S5) this.on.powerOff();
+      if (type === this.registers.s5SleepType) this.on.powerOff();
       else this.on.log?.(`guest asked for ACPI sleep type ${type}, which denovm does not offer; ignored`);
-    } else if (offset === RESET_OFFSET && v === ACPI_RESET_VALUE) {
+    } else if (offset === this.#resetOffset && v === this.registers.resetValue) {
       this.on.reset();
     }
   }

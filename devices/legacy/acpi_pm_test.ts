@@ -2,22 +2,32 @@
 // (empty) saved state: it round-trips, the device behaves the same after it, other records are refused.
 
 import assert from "node:assert/strict";
-import { ACPI_PM_STATE_TYPE, ACPI_PM_STATE_VERSION, AcpiPm } from "./acpi_pm.ts";
+import { ACPI_PM_STATE_TYPE, ACPI_PM_STATE_VERSION, ACPI_SLP_EN, ACPI_SLP_TYP_SHIFT, AcpiPm } from "./acpi_pm.ts";
 import { StateError } from "../../core/state.ts";
 import { roundTrip, wr } from "../../test/support/port_io.ts";
 
-// Sleep control register fields (ACPI 6.4 section 4.8.3.7: SLP_TYPx bits 4:2, SLP_EN bit 5); the S5 sleep
-// type is the value denovm's DSDT gives in its \_S5 package; the reset register (FADT RESET_REG, value
-// RESET_VALUE) sits two ports after the sleep control register, past the sleep status register.
-const ACPI_SLP_TYP_SHIFT = 2;
-const ACPI_SLP_EN = 1 << 5;
+// The registers as denovm's FADT places them: the S5 sleep type is the value its DSDT gives in the \_S5
+// package; the reset register (FADT RESET_REG, value RESET_VALUE) sits two ports after the sleep control
+// register, past the sleep status register.
+const ACPI_SLEEP_CONTROL_PORT = 0x604;
 const ACPI_SLEEP_TYPE_S5 = 5;
 const ACPI_RESET_OFFSET = 2;
 const ACPI_RESET_VALUE = 0x1;
+const REGISTERS = {
+  sleepControlPort: ACPI_SLEEP_CONTROL_PORT,
+  resetPort: ACPI_SLEEP_CONTROL_PORT + ACPI_RESET_OFFSET,
+  resetValue: ACPI_RESET_VALUE,
+  s5SleepType: ACPI_SLEEP_TYPE_S5,
+};
 
 Deno.test("ACPI PM: S5 with SLP_EN powers off, other sleep types do not, the reset register resets", () => {
   const events: string[] = [];
-  const pm = new AcpiPm({ powerOff: () => events.push("off"), reset: () => events.push("reset"), log: () => {} });
+  const pm = new AcpiPm(REGISTERS, {
+    powerOff: () => events.push("off"),
+    reset: () => events.push("reset"),
+    log: () => {},
+  });
+  assert.equal(pm.portSpan, ACPI_RESET_OFFSET + 1);
   wr(pm, 0, ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT); // no SLP_EN: nothing
   wr(pm, 0, (3 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN); // S3: not offered
   assert.deepEqual(events, []);
@@ -30,9 +40,9 @@ Deno.test("ACPI PM: S5 with SLP_EN powers off, other sleep types do not, the res
 
 Deno.test("ACPI PM state: an empty record round-trips and the registers act the same after it", () => {
   const events: string[] = [];
-  const saved = new AcpiPm({ powerOff: () => {}, reset: () => {} }).saveState();
+  const saved = new AcpiPm(REGISTERS, { powerOff: () => {}, reset: () => {} }).saveState();
   assert.deepEqual(saved, { type: ACPI_PM_STATE_TYPE, version: ACPI_PM_STATE_VERSION, data: {} });
-  const pm = new AcpiPm({ powerOff: () => events.push("off"), reset: () => events.push("reset") });
+  const pm = new AcpiPm(REGISTERS, { powerOff: () => events.push("off"), reset: () => events.push("reset") });
   pm.restoreState(roundTrip(saved));
   assert.equal(pm.quiescent(), true);
   wr(pm, 0, (ACPI_SLEEP_TYPE_S5 << ACPI_SLP_TYP_SHIFT) | ACPI_SLP_EN);

@@ -5,7 +5,6 @@
 
 import type { BusDevice } from "../../core/bus.ts";
 import { type DeviceState, stateData, StateError, type Stateful, stateInteger, stateRecord } from "../../core/state.ts";
-import { I8042_COMMAND_PORT, I8042_DATA_PORT } from "../../vmm/arch/layout.ts";
 
 const I8042_CMD_CTL_RCTR = 0x20; // read the command byte
 const I8042_CMD_CTL_WCTR = 0x60; // write the command byte
@@ -32,29 +31,45 @@ const BYTE_MAX = 0xff;
 export const I8042_STATE_TYPE = "i8042";
 export const I8042_STATE_VERSION = 1;
 
-/** The span of ports registered on the I/O bus: 0x60..0x64. */
-export const I8042_PORT_SPAN = I8042_COMMAND_PORT - I8042_DATA_PORT + 1;
+export interface I8042Options {
+  /** The data port (0x60 on a PC): the device is registered on the port bus from here. */
+  dataPort: number;
+  /** The command and status port (0x64 on a PC), above the data port. */
+  commandPort: number;
+  /** The guest pulsed the CPU reset line. */
+  onReset: () => void;
+}
 
 export class I8042 implements BusDevice, Stateful {
   #ctr = 0;
   #out: number | undefined;
   #pending: number | undefined;
+  readonly onReset: () => void;
+  /** The command port's offset from the data port. */
+  readonly #commandOffset: number;
+  /** How many ports to register on the bus: from the data port to the command port. */
+  readonly portSpan: number;
 
-  constructor(readonly onReset: () => void) {}
+  constructor(opts: I8042Options) {
+    if (opts.commandPort <= opts.dataPort) throw new RangeError("i8042: the command port must be above the data port");
+    this.onReset = opts.onReset;
+    this.#commandOffset = opts.commandPort - opts.dataPort;
+    this.portSpan = this.#commandOffset + 1;
+  }
 
   read(offset: number, data: Uint8Array): void {
     data.fill(0);
     if (offset === 0) {
       data[0] = this.#out ?? 0;
       this.#out = undefined;
-    } else if (offset === I8042_COMMAND_PORT - I8042_DATA_PORT) {
+    } else if (offset === this.#commandOffset) {
       data[0] = I8042_STR_SYSFLAG | (this.#out !== undefined ? I8042_STR_OBF : 0);
     }
   }
 
   write(offset: number, data: Uint8Array): void {
     const v = data[0];
-    if (offset === I8042_COMMAND_PORT - I8042_DATA_PORT) {
+    if (offset === this.#commandOffset) {
       switch (v) {
         case I8042_CMD_CTL_RCTR:
           this.#out = this.#ctr;

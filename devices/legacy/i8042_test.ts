@@ -6,9 +6,14 @@ import { I8042, I8042_STATE_TYPE, I8042_STATE_VERSION } from "./i8042.ts";
 import { StateError } from "../../core/state.ts";
 import { rd, roundTrip, withData, wr } from "../../test/support/port_io.ts";
 
+/** The PC's keyboard controller ports (data 0x60, command/status 0x64). */
+const PC_PORTS = { dataPort: 0x60, commandPort: 0x64 };
+const kbc = (onReset: () => void): I8042 => new I8042({ ...PC_PORTS, onReset });
+
 Deno.test("i8042: self-test answers 0x55, command byte round-trips, 0xFE resets", () => {
   let resets = 0;
-  const k = new I8042(() => resets++);
+  const k = kbc(() => resets++);
+  assert.equal(k.portSpan, 5, "ports 0x60..0x64");
   wr(k, 4, 0xaa);
   assert.equal(rd(k, 4) & 1, 1, "output buffer full");
   assert.equal(rd(k, 0), 0x55);
@@ -31,14 +36,14 @@ const CMD_READ_CTR = 0x20, CMD_WRITE_CTR = 0x60, CMD_SELF_TEST = 0xaa, CMD_WRITE
 const STR_OBF = 0x01, SELF_TEST_OK = 0x55;
 
 Deno.test("i8042 state: command byte and a full output buffer survive a round trip", () => {
-  const k = new I8042(() => {});
+  const k = kbc(() => {});
   wr(k, COMMAND, CMD_WRITE_CTR);
   wr(k, DATA, 0x65);
   wr(k, COMMAND, CMD_SELF_TEST); // leaves 0x55 in the output buffer
   const saved = k.saveState();
   assert.equal(saved.type, I8042_STATE_TYPE);
   assert.equal(saved.version, I8042_STATE_VERSION);
-  const t = new I8042(() => {});
+  const t = kbc(() => {});
   t.restoreState(roundTrip(saved));
   assert.deepEqual(t.saveState(), saved);
   assert.equal(rd(t, COMMAND) & STR_OBF, STR_OBF, "output buffer still full");
@@ -49,16 +54,16 @@ Deno.test("i8042 state: command byte and a full output buffer survive a round tr
 });
 
 Deno.test("i8042 state: a command waiting for its parameter completes after the restore", () => {
-  const k = new I8042(() => {});
+  const k = kbc(() => {});
   wr(k, COMMAND, CMD_WRITE_OUTPUT_PORT);
   let resets = 0;
-  const t = new I8042(() => resets++);
+  const t = kbc(() => resets++);
   t.restoreState(roundTrip(k.saveState()));
   wr(t, DATA, 0xfe); // the output port with the reset line low
   assert.equal(resets, 1);
-  const w = new I8042(() => {});
+  const w = kbc(() => {});
   wr(w, COMMAND, CMD_WRITE_CTR);
-  const u = new I8042(() => {});
+  const u = kbc(() => {});
   u.restoreState(roundTrip(w.saveState()));
   wr(u, DATA, 0x47);
   wr(u, COMMAND, CMD_READ_CTR);
@@ -66,11 +71,11 @@ Deno.test("i8042 state: a command waiting for its parameter completes after the 
 });
 
 Deno.test("i8042 state: malformed records are refused and leave the controller as it was", () => {
-  const k = new I8042(() => {});
+  const k = kbc(() => {});
   wr(k, COMMAND, CMD_WRITE_CTR);
   wr(k, DATA, 0x11);
   const before = k.saveState();
-  const good = new I8042(() => {}).saveState();
+  const good = kbc(() => {}).saveState();
   const bad: [string, ReturnType<I8042["saveState"]>][] = [
     ["another kind", { ...good, type: "cmos" }],
     ["another version", { ...good, version: I8042_STATE_VERSION + 1 }],

@@ -75,8 +75,8 @@ export interface VirtioMmioOptions {
   irq: VirtioIrq;
   /**
    * Where InterruptStatus lives: element `index` of a shared Int32Array, so that a vCPU thread can
-   * answer the InterruptStatus read and InterruptACK write of every interrupt itself (vmm/kvm/vcpu_worker.ts)
-   * while this transport raises bits with Atomics. Default: a private cell.
+   * answer the InterruptStatus read and InterruptACK write of every interrupt itself (see
+   * virtioInterruptRegisters) while this transport raises bits with Atomics. Default: a private cell.
    */
   interruptCell?: { cells: Int32Array; index: number };
   /** Guest-physical base of shared-memory region `id`, or undefined when it is not mapped. */
@@ -102,6 +102,75 @@ function setHalf(old: number, v: number, high: boolean): number {
   const lo = old % U32;
   const hi = Math.floor(old / U32);
   return high ? v * U32 + lo : hi * U32 + v;
+}
+
+// ---- InterruptStatus and InterruptACK, served by the transport and by the vCPU threads ----
+//
+// A transport's InterruptStatus is one Int32 cell in shared memory. The transport sets bits with
+// Atomics.or before it signals its interrupt; the two accesses of every interrupt (the driver reads
+// InterruptStatus, then writes the bits it handled to InterruptACK) are answered by these functions,
+// both from the transport's read()/write() and from a vCPU thread that serves them itself.
+
+/** The InterruptStatus read: the cell's bits. */
+function interruptStatusOf(cells: Int32Array, index: number): number {
+  return Atomics.load(cells, index);
+}
+
+/** The InterruptACK write: clear the bits the driver handled. */
+function acknowledgeInterrupt(cells: Int32Array, index: number, bits: number): void {
+  Atomics.and(cells, index, ~bits);
+}
+
+/**
+ * The InterruptStatus cells of a VM's transports: transport i, whose register window starts at
+ * guest-physical bases[i], uses element i of `cells`. The windows lie on a grid of `windowSize` bytes.
+ */
+export interface VirtioInterruptCells {
+  cells: SharedArrayBuffer;
+  bases: readonly number[];
+  windowSize: number;
+}
+
+/**
+ * A vCPU thread's answer to the InterruptStatus read and InterruptACK write of every transport in
+ * `shared`: returns a function of an MMIO access (guest-physical `addr`, `len` bytes, its data at
+ * byte `at` of `data`) that is true when it served the access and false for everything else, or
+ * undefined when there are no transports. It runs on every virtio interrupt: the window is found in
+ * a table indexed by window number (-1 where no transport is), with no Map and no `%` on an address
+ * above 2^31 (a floating-point remainder).
+ */
+export function virtioInterruptRegisters(
+  shared: VirtioInterruptCells,
+  data: DataView,
+): ((addr: number, len: number, isWrite: boolean, at: number) => boolean) | undefined {
+  const { bases, windowSize } = shared;
+  if (bases.length === 0) return undefined;
+  const cells = new Int32Array(shared.cells);
+  const first = Math.min(...bases);
+  if (bases.some((b) => (b - first) % windowSize !== 0)) {
+    throw new RangeError(`virtio-mmio bases not on a ${windowSize}-byte grid: ${bases}`);
+  }
+  const slotOf = new Int32Array((Math.max(...bases) - first) / windowSize + 1).fill(-1);
+  bases.forEach((b, i) => slotOf[(b - first) / windowSize] = i);
+  const span = slotOf.length * windowSize;
+  return (addr, len, isWrite, at) => {
+    if (len !== REG_SIZE) return false;
+    const rel = addr - first;
+    if (rel < 0 || rel >= span) return false;
+    const window = Math.floor(rel / windowSize);
+    const slot = slotOf[window];
+    if (slot < 0) return false;
+    const offset = rel - window * windowSize;
+    if (!isWrite && offset === VIRTIO_MMIO_INTERRUPT_STATUS) {
+      data.setUint32(at, interruptStatusOf(cells, slot), true);
+      return true;
+    }
+    if (isWrite && offset === VIRTIO_MMIO_INTERRUPT_ACK) {
+      acknowledgeInterrupt(cells, slot, data.getUint32(at, true));
+      return true;
+    }
+    return false;
+  };
 }
 
 export class VirtioMmioTransport {
@@ -140,7 +209,7 @@ export class VirtioMmioTransport {
   }
 
   get interruptStatus(): number {
-    return Atomics.load(this.#isr, this.#isrIndex);
+    return interruptStatusOf(this.#isr, this.#isrIndex);
   }
   get status(): number {
     return this.#status;
@@ -228,7 +297,7 @@ export class VirtioMmioTransport {
       case VIRTIO_MMIO_QUEUE_RESET:
         return q?.reset ? 1 : 0;
       case VIRTIO_MMIO_INTERRUPT_STATUS:
-        return Atomics.load(this.#isr, this.#isrIndex);
+        return interruptStatusOf(this.#isr, this.#isrIndex);
       case VIRTIO_MMIO_STATUS:
         return this.#status;
       case VIRTIO_MMIO_SHM_LEN_LOW:
@@ -311,7 +380,7 @@ export class VirtioMmioTransport {
         this.notify(v);
         return;
       case VIRTIO_MMIO_INTERRUPT_ACK:
-        Atomics.and(this.#isr, this.#isrIndex, ~v);
+        acknowledgeInterrupt(this.#isr, this.#isrIndex, v);
         return;
       case VIRTIO_MMIO_STATUS:
         this.#setStatus(v);

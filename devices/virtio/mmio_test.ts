@@ -44,11 +44,11 @@ import {
   VIRTIO_STATUS_DRIVER_OK,
   VIRTIO_STATUS_FAILED,
   VIRTIO_STATUS_FEATURES_OK,
+  virtioInterruptRegisters,
   VirtioMmioTransport,
 } from "./mmio.ts";
 import { guestLog } from "../../core/log.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../test/support/virtio_driver.ts";
-import { virtioInterruptRegisters } from "../../vmm/kvm/vcpu_channel.ts";
 
 const DEVICE_FEATURE_BIT_3 = 1n << 3n;
 const FAKE_ID = 42;
@@ -349,15 +349,16 @@ Deno.test("a device that fails to activate sets DEVICE_NEEDS_RESET and raises a 
 });
 
 Deno.test("InterruptStatus and InterruptACK as a vCPU answers them: from the shared cell, without the transport", () => {
-  // Transport 1 of two at BASES[1]; the vCPU side is vcpu_channel.ts virtioInterruptRegisters.
+  // Transport 1 of two at BASES[1], on the VMM's grid of 4 KiB windows; the vCPU side is virtioInterruptRegisters.
   const BASES = [0xd000_0000, 0xd000_1000];
+  const WINDOW = 0x1000;
   const cells = new SharedArrayBuffer(BASES.length * 4);
   using s = setup(undefined, { cells: new Int32Array(cells), index: 1 });
-  const vcpu = virtioInterruptRegisters({ cells, bases: BASES }, 0)!;
   const run = new DataView(new ArrayBuffer(8));
+  const vcpu = virtioInterruptRegisters({ cells, bases: BASES, windowSize: WINDOW }, run)!;
   const vcpuRead = (addr: number) => {
     run.setUint32(0, 0xdead, true);
-    assert.ok(vcpu(addr, 4, false, run), `0x${addr.toString(16)} served by the vCPU`);
+    assert.ok(vcpu(addr, 4, false, 0), `0x${addr.toString(16)} served by the vCPU`);
     return run.getUint32(0, true);
   };
   s.drv.init({ queueSize: 16 });
@@ -370,7 +371,7 @@ Deno.test("InterruptStatus and InterruptACK as a vCPU answers them: from the sha
   assert.equal(vcpuRead(BASES[0] + VIRTIO_MMIO_INTERRUPT_STATUS), 0, "the other transport's cell");
   // ACK of the ring bit by the vCPU; the transport (main thread) sees only the config bit left.
   run.setUint32(0, VIRTIO_MMIO_INT_VRING, true);
-  assert.ok(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_ACK, 4, true, run));
+  assert.ok(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_ACK, 4, true, 0));
   assert.equal(s.t.interruptStatus, VIRTIO_MMIO_INT_CONFIG);
   assert.equal(s.drv.readReg(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
   // ACK through the transport; the vCPU reads 0.
@@ -378,20 +379,27 @@ Deno.test("InterruptStatus and InterruptACK as a vCPU answers them: from the sha
   assert.equal(vcpuRead(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS), 0);
   // Everything else goes to the main thread: other registers, other sizes, writes of the status,
   // reads of the ACK, addresses outside the transports.
-  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_STATUS, 4, false, run), false);
-  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS, 2, false, run), false);
-  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS, 4, true, run), false);
-  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_ACK, 4, false, run), false);
-  assert.equal(vcpu(0xd000_2000 + VIRTIO_MMIO_INTERRUPT_STATUS, 4, false, run), false);
+  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_STATUS, 4, false, 0), false);
+  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS, 2, false, 0), false);
+  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS, 4, true, 0), false);
+  assert.equal(vcpu(BASES[1] + VIRTIO_MMIO_INTERRUPT_ACK, 4, false, 0), false);
+  assert.equal(vcpu(0xd000_2000 + VIRTIO_MMIO_INTERRUPT_STATUS, 4, false, 0), false);
   // A reset clears the shared cell too.
   s.dev.ctx!.interrupt.signalUsedQueue(0);
   s.drv.writeReg(VIRTIO_MMIO_STATUS, 0);
   assert.equal(vcpuRead(BASES[1] + VIRTIO_MMIO_INTERRUPT_STATUS), 0);
-  assert.equal(virtioInterruptRegisters({ cells, bases: [] }, 0), undefined, "no transports: no fast path");
+  assert.equal(
+    virtioInterruptRegisters({ cells, bases: [], windowSize: WINDOW }, run),
+    undefined,
+    "no transports: no fast path",
+  );
   // A window between two transports that has none, and the address just below the first: the main thread's.
-  const gapped = virtioInterruptRegisters({ cells, bases: [0xd000_0000, 0xd000_2000] }, 0)!;
-  assert.equal(gapped(0xd000_1000 + VIRTIO_MMIO_INTERRUPT_STATUS, 4, false, run), false);
-  assert.equal(gapped(0xd000_2000 + VIRTIO_MMIO_INTERRUPT_STATUS, 4, false, run), true);
-  assert.equal(gapped(0xd000_0000 - 4, 4, false, run), false);
-  assert.throws(() => virtioInterruptRegisters({ cells, bases: [0xd000_0000, 0xd000_0800] }, 0), RangeError);
+  const gapped = virtioInterruptRegisters({ cells, bases: [0xd000_0000, 0xd000_2000], windowSize: WINDOW }, run)!;
+  assert.equal(gapped(0xd000_1000 + VIRTIO_MMIO_INTERRUPT_STATUS, 4, false, 0), false);
+  assert.equal(gapped(0xd000_2000 + VIRTIO_MMIO_INTERRUPT_STATUS, 4, false, 0), true);
+  assert.equal(gapped(0xd000_0000 - 4, 4, false, 0), false);
+  assert.throws(
+    () => virtioInterruptRegisters({ cells, bases: [0xd000_0000, 0xd000_0800], windowSize: WINDOW }, run),
+    RangeError,
+  );
 });

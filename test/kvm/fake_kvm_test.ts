@@ -2,7 +2,7 @@
 //
 // The fake is a shared object loaded as denovm's libc (DENOVM_LIBC): it answers the KVM ioctls,
 // records what the VMM asked for in a JSON-lines log, and plays a scripted guest on vCPU 0. So the
-// real code paths run: Kvm/Vm set-up (vmm/kvm/vm.ts), vCPU state (vmm/arch/cpu.ts), the vCPU Workers and their
+// real code paths run: Kvm/KvmVm set-up (vmm/kvm/vm.ts), vCPU state (vmm/arch/cpu.ts), the vCPU Workers and their
 // channel (vmm/kvm/vcpu.ts, vmm/kvm/vcpu_worker.ts), Machine start/stop/pause/resume and exit codes
 // (vmm/machine.ts), the CLI (main.ts) and the library (mod.ts). What a real KVM would do with the
 // state (run the guest) is what the tests with /dev/kvm check (kvm_boot_test.ts and others).

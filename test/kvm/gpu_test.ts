@@ -20,6 +20,7 @@ import { buildGuest, GUESTS_DIR, layoutHeader } from "../guests/build.ts";
 import { GiB, MiB, ramRanges, SERIAL_PORTS, sharedMemoryAreaStart, VIRTIO_IRQS } from "../../vmm/arch/layout.ts";
 import { VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START } from "../../vmm/arch/layout.ts";
 import { writeAcpiTables } from "../../vmm/arch/acpi.ts";
+import { SHM_WINDOW_ALIGN } from "../../vmm/device_manager/shared_memory.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
 import { DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE, type GpuConfig } from "../../vmm/config.ts";
 import { EXIT_SUCCESS } from "../../core/exit.ts";
@@ -49,8 +50,6 @@ const COPY_RES = 2;
 const CTX = 1;
 /** Capset VIRGL2's max_version with virglrenderer 0.10.4 (reference/virglrenderer.md). */
 const VIRGL2_MAX_VERSION = 2;
-/** The VMM aligns each shared-memory window to 1 GiB (vmm/machine.ts SHM_WINDOW_ALIGN). */
-const SHM_WINDOW_ALIGN = GiB;
 
 /** The GPU as `--gpu backend=virglrenderer` configures it (vmm/cli/run.ts defaults). */
 function gpuConfig(): GpuConfig {

@@ -1,11 +1,11 @@
-// A stand-in for the KVM VM (vmm/kvm/vm.ts) that records what the VMM asked for and
+// A stand-in for the KVM VM (vmm/kvm/vm.ts KvmVm) that records what the VMM asked for and
 // plays KVM's part for MMIO accesses: a write that matches a registered ioeventfd
 // signals that eventfd instead of reaching the device (as KVM_IOEVENTFD does), and
 // irqfds are the eventfds the test watches for interrupts. No vCPUs.
 
 import { eventfdRead, eventfdWrite, POLLIN, pollSync } from "../../ffi/libc.ts";
 import type { Bus } from "../../core/bus.ts";
-import type { VmHandle } from "../../vmm/machine.ts";
+import type { VmHandle } from "../../vmm/kvm/vm.ts";
 import type { GuestMemory } from "../../core/memory.ts";
 
 export class FakeVm implements VmHandle {

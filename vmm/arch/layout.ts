@@ -154,12 +154,9 @@ export function sharedMemoryAreaStart(memBytes: number): number {
 /** The highest guest-physical address + 1 the VMM will place anything at (48-bit guests). */
 export const GUEST_PHYS_LIMIT = 2 ** 48;
 
-// ---- ACPI sleep control values (ACPI 6.4 section 4.8.3.7, Sleep Control Register) ----
+// ---- ACPI sleep types (ACPI 6.4 section 4.8.3.7, Sleep Control Register) ----
 
 /** SLP_TYPx for S5 (soft off) as declared in the DSDT's \_S5 package. */
 export const ACPI_SLEEP_TYPE_S5 = 5;
-/** SLP_TYPx field position in the sleep control register (bits 2..4). */
-export const ACPI_SLP_TYP_SHIFT = 2;
-export const ACPI_SLP_TYP_MASK = 0x7;
-/** SLP_EN: bit 5 of the sleep control register. */
-export const ACPI_SLP_EN = 1 << 5;
+/** The sleep control register's fields, for the test guests' layout.h (the device defines them). */
+export { ACPI_SLP_EN, ACPI_SLP_TYP_MASK, ACPI_SLP_TYP_SHIFT } from "../../devices/legacy/acpi_pm.ts";

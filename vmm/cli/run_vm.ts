@@ -1,7 +1,8 @@
 // `denovm run`: build the VM from a VmConfig, run it, and resolve to crosvm's exit code.
 
 import type { VmConfig } from "../config.ts";
-import { Machine } from "../machine.ts";
+import { buildMachine } from "../builder.ts";
+import { gpuSummary, startWebDisplay } from "../library/gpu_front.ts";
 
 /**
  * With DENOVM_TIMINGS set, `run` prints where its start-up time went, on stderr, once the vCPUs run:
@@ -14,14 +15,14 @@ export const TIMINGS_ENV = "DENOVM_TIMINGS";
 
 export async function runVm(config: VmConfig): Promise<number> {
   const tCreate = performance.now();
-  const machine = await Machine.create(config);
+  const machine = await buildMachine(config);
   const tBuilt = performance.now();
   const onSignal = () => void machine.stop();
   Deno.addSignalListener("SIGTERM", onSignal);
   Deno.addSignalListener("SIGINT", onSignal);
   try {
     await machine.startControlSocket();
-    const url = await machine.startWebDisplay();
+    const url = await startWebDisplay(machine);
     if (url) console.error(`denovm: web display at ${url}`);
     await machine.start();
     if (Deno.env.get(TIMINGS_ENV)) {
@@ -36,7 +37,7 @@ export async function runVm(config: VmConfig): Promise<number> {
       console.error(`denovm: timings: ${JSON.stringify(timings)}`);
     }
     const code = await machine.exitCode;
-    const summary = machine.gpuSummary();
+    const summary = gpuSummary(machine);
     if (summary) console.error(summary);
     return code;
   } finally {

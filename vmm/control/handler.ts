@@ -5,6 +5,7 @@ import { BlockDevice } from "../../devices/virtio/block.ts";
 import * as balloon from "../../devices/virtio/balloon.ts";
 import type { BalloonStatName, BalloonStatsReply, ControlHandler, DisplayListReply } from "./protocol.ts";
 import type { Machine } from "../machine.ts";
+import { gpuStats, screenshotTo } from "../library/gpu_front.ts";
 
 /** crosvm's stat names (vm_control BalloonStats) for the virtio-balloon tags (linux/virtio_balloon.h). */
 const STAT_TAGS: [number, BalloonStatName][] = [
@@ -25,7 +26,7 @@ const BALLOON_PAGE_SIZE = 4096;
 const STATS_WAIT_MS = 2000;
 
 function balloonOf(m: Machine): BalloonDevice {
-  const d = m.virtio.find((v) => v.device instanceof BalloonDevice)?.device as BalloonDevice | undefined;
+  const d = m.devices.virtio.find((v) => v.device instanceof BalloonDevice)?.device as BalloonDevice | undefined;
   if (!d) throw new Error("not available: this VM has no balloon device (--no-balloon)");
   return d;
 }
@@ -51,7 +52,7 @@ export function machineControlHandler(m: Machine): ControlHandler {
       return { stats, balloon_actual: b.actualPages * BALLOON_PAGE_SIZE };
     },
     diskResize: (index, bytes) => {
-      const disks = m.virtio.map((v) => v.device).filter((d): d is BlockDevice => d instanceof BlockDevice);
+      const disks = m.devices.virtio.map((v) => v.device).filter((d): d is BlockDevice => d instanceof BlockDevice);
       const disk = disks[index];
       if (!disk) return Promise.reject(new Error(`no disk ${index} (this VM has ${disks.length})`));
       return Promise.resolve(disk.resize(bytes));
@@ -70,7 +71,7 @@ export function machineControlHandler(m: Machine): ControlHandler {
       });
       return Promise.resolve({ displays });
     },
-    gpuStats: () => Promise.resolve(m.gpuStats()),
-    screenshot: (path) => m.screenshotTo(path),
+    gpuStats: () => Promise.resolve(gpuStats(m)),
+    screenshot: (path) => screenshotTo(m, path),
   };
 }

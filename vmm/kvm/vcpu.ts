@@ -4,16 +4,16 @@
 import { kickThread, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE } from "../../ffi/libc.ts";
 import { RUN_IMMEDIATE_EXIT } from "../../ffi/kvm.ts";
 import type { Bus } from "../../core/bus.ts";
+import type { WorkerDevice } from "../device_manager/worker_devices.ts";
 import {
+  DEVICE_WAKE,
   DOORBELL,
   IO_BLOCK_BYTES,
   IO_TID,
   KIND_PIO,
-  SERIAL_OUTPUT,
   serveRequest,
   type VcpuExitMessage,
-  type VcpuSerial,
-  type VirtioInterruptCells,
+  type VcpuStartMessage,
 } from "./vcpu_channel.ts";
 
 export type VcpuEnd = Exclude<VcpuExitMessage, { kind: "ready" }>;
@@ -33,10 +33,10 @@ export interface VcpuOptions {
   pio: Bus;
   mmio: Bus;
   debugExit: boolean;
-  virtioInterrupts?: VirtioInterruptCells;
-  serials?: VcpuSerial[];
-  /** A UART the worker serves has output: take it (Serial.drainOutput). */
-  serialOutput?: () => void;
+  /** Devices the worker serves itself. */
+  devices?: readonly WorkerDevice[];
+  /** A device the worker serves has something for the main thread (a UART's output): take it. */
+  deviceWake?: () => void;
 }
 
 export class Vcpu {
@@ -64,10 +64,10 @@ export class Vcpu {
     let readyResolve!: () => void;
     this.ready = new Promise((r) => readyResolve = r);
     this.ended = new Promise((resolve) => {
-      this.#worker.onmessage = (e: MessageEvent<VcpuExitMessage | typeof DOORBELL | typeof SERIAL_OUTPUT>) => {
+      this.#worker.onmessage = (e: MessageEvent<VcpuExitMessage | typeof DOORBELL | typeof DEVICE_WAKE>) => {
         const m = e.data;
         if (m === DOORBELL) return this.#serveIo();
-        if (m === SERIAL_OUTPUT) return opts.serialOutput?.();
+        if (m === DEVICE_WAKE) return opts.deviceWake?.();
         if (m.kind === "ready") {
           this.#tid = m.tid;
           readyResolve();
@@ -82,16 +82,16 @@ export class Vcpu {
         resolve({ kind: "crash", detail: `vcpu ${this.id} worker: ${e.message}` });
       };
     });
-    this.#worker.postMessage({
+    const start: VcpuStartMessage = {
       id: opts.id,
       vcpuFd: opts.vcpuFd,
       runSize: opts.runSize,
       control: opts.control,
       io: this.#io,
       debugExit: opts.debugExit,
-      virtioInterrupts: opts.virtioInterrupts,
-      serials: opts.serials,
-    });
+      devices: opts.devices ?? [],
+    };
+    this.#worker.postMessage(start);
   }
 
   /** Answer the worker's pending access from the buses (its doorbell rang). */

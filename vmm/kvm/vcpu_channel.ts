@@ -2,8 +2,7 @@
 // Control block (one per VM, Int32Array): the command all vCPUs obey and how many are paused.
 // I/O block (one per vCPU, Int32Array + bytes): one port or MMIO access in flight.
 
-import { VIRTIO_MMIO_SIZE } from "../arch/layout.ts";
-import { VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS } from "../../devices/virtio/mmio.ts";
+import type { WorkerDevice } from "../device_manager/worker_devices.ts";
 
 /** Control block slots. */
 export const CTL_COMMAND = 0;
@@ -46,27 +45,8 @@ export interface VcpuStartMessage {
   io: SharedArrayBuffer;
   /** Serve the test guests' debug exit port in the worker. */
   debugExit: boolean;
-  /**
-   * virtio-mmio transports whose InterruptStatus read and InterruptACK write the worker answers
-   * itself from `cells` (one Int32 per transport, shared with the main thread), so the
-   * two exits of every virtio interrupt never wait for the main thread.
-   */
-  virtioInterrupts?: VirtioInterruptCells;
-  /** UARTs the worker serves itself, over the state the main thread's Serial shares. */
-  serials?: VcpuSerial[];
-}
-
-/** A UART as a vCPU worker serves it: its ports, its shared state, the irqfd of its interrupt. */
-export interface VcpuSerial {
-  base: number;
-  state: SharedArrayBuffer;
-  irqFd: number;
-}
-
-/** The shared InterruptStatus cells: transport i (at guest-physical bases[i]) uses element i. */
-export interface VirtioInterruptCells {
-  cells: SharedArrayBuffer;
-  bases: number[];
+  /** Devices the worker serves itself (see vmm/device_manager/worker_devices.ts). */
+  devices: readonly WorkerDevice[];
 }
 
 /** What a vCPU Worker reports. */
@@ -81,11 +61,11 @@ export type VcpuExitMessage =
 /**
  * The doorbell a worker posts (as a plain message) after writing a request: the
  * main thread's onmessage wakes its event loop reliably, which Atomics.waitAsync
- * does not do in Deno (a test showed the loop exiting under a pending waitAsync).
+ * does not do in Deno (the event loop can exit while a waitAsync is pending).
  */
 export const DOORBELL = 0;
-/** What a worker posts when a UART it serves has output for the main thread to take. */
-export const SERIAL_OUTPUT = 1;
+/** What a worker posts when a device it serves has something for the main thread (a UART's output). */
+export const DEVICE_WAKE = 1;
 
 /**
  * Worker side: hand one access to the main thread and block until it is answered.
@@ -144,50 +124,4 @@ export function serveRequest(ioBuffer: SharedArrayBuffer, handle: (r: ChannelReq
     Atomics.notify(io, IO_STATE);
   }
   return true;
-}
-
-/** virtio-mmio registers are 32 bits wide (virtio 1.2, 4.2.2). */
-const VIRTIO_MMIO_REGISTER_SIZE = 4;
-
-/**
- * The vCPU's own answer to the two virtio-mmio accesses of every interrupt, InterruptStatus reads
- * and InterruptACK writes, from the status cells the transports share: returns a function of an
- * MMIO exit (`run` is struct kvm_run, its data at `dataOffset`) that is true when it served the
- * access and false for everything else (the main thread serves those). The transports set bits
- * with Atomics.or before signalling the irqfd.
- */
-export function virtioInterruptRegisters(
-  shared: VirtioInterruptCells,
-  dataOffset: number,
-): ((addr: number, len: number, isWrite: boolean, run: DataView) => boolean) | undefined {
-  if (shared.bases.length === 0) return undefined;
-  const cells = new Int32Array(shared.cells);
-  // Transport windows are VIRTIO_MMIO_SIZE apart from the lowest one: a table from window number to
-  // cell (-1 for a window without a transport) instead of a Map, and no `%` on an address above 2^31
-  // (a floating-point remainder): this runs on every virtio interrupt.
-  const first = Math.min(...shared.bases);
-  if (shared.bases.some((b) => (b - first) % VIRTIO_MMIO_SIZE !== 0)) {
-    throw new RangeError(`virtio-mmio bases not on a ${VIRTIO_MMIO_SIZE}-byte grid: ${shared.bases}`);
-  }
-  const slotOf = new Int32Array((Math.max(...shared.bases) - first) / VIRTIO_MMIO_SIZE + 1).fill(-1);
-  shared.bases.forEach((b, i) => slotOf[(b - first) / VIRTIO_MMIO_SIZE] = i);
-  const span = slotOf.length * VIRTIO_MMIO_SIZE;
-  return (addr, len, isWrite, run) => {
-    if (len !== VIRTIO_MMIO_REGISTER_SIZE) return false;
-    const rel = addr - first;
-    if (rel < 0 || rel >= span) return false;
-    const window = Math.floor(rel / VIRTIO_MMIO_SIZE);
-    const slot = slotOf[window];
-    if (slot < 0) return false;
-    const offset = rel - window * VIRTIO_MMIO_SIZE;
-    if (!isWrite && offset === VIRTIO_MMIO_INTERRUPT_STATUS) {
-      run.setUint32(dataOffset, Atomics.load(cells, slot), true);
-      return true;
-    }
-    if (isWrite && offset === VIRTIO_MMIO_INTERRUPT_ACK) {
-      Atomics.and(cells, slot, ~run.getUint32(dataOffset, true));
-      return true;
-    }
-    return false;
-  };
 }

@@ -37,35 +37,23 @@ import {
   RUN_MMIO_PHYS_ADDR,
   RUN_SYSTEM_EVENT_TYPE,
 } from "../../ffi/kvm.ts";
-import {
-  EAGAIN,
-  EINTR,
-  eventfdWrite,
-  libc,
-  MAP_SHARED,
-  mmap,
-  munmap,
-  PROT_READ,
-  PROT_WRITE,
-  strerror,
-} from "../../ffi/libc.ts";
+import { EAGAIN, EINTR, libc, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE, strerror } from "../../ffi/libc.ts";
 import { dumpRegisters } from "../arch/cpu.ts";
-import { Serial, UART_REGISTER_COUNT } from "../../devices/legacy/serial.ts";
+import { workerDeviceTable } from "../device_manager/worker_devices.ts";
 import { DEBUG_EXIT_PORT } from "../arch/layout.ts";
 import {
   CMD_PAUSE,
   CMD_STOP,
   CTL_COMMAND,
   CTL_PAUSED,
+  DEVICE_WAKE,
   DOORBELL,
   exchange,
   IO_TID,
   KIND_MMIO,
   KIND_PIO,
-  SERIAL_OUTPUT,
   type VcpuExitMessage,
   type VcpuStartMessage,
-  virtioInterruptRegisters,
 } from "./vcpu_channel.ts";
 
 /** Port 0x80 is the POST-code port; Linux writes it for I/O delays. Reads see an idle ISA bus. */
@@ -121,24 +109,14 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
   self.postMessage({ kind: "ready", tid });
 
   const ring = () => self.postMessage(DOORBELL);
-  // The UARTs: this thread serves the guest's accesses (console output, status polls) itself.
-  const uarts = (start.serials ?? []).map((u) => ({
-    base: u.base,
-    serial: new Serial({
-      interrupt: () => eventfdWrite(u.irqFd),
-      outputReady: () => self.postMessage(SERIAL_OUTPUT),
-      state: u.state,
-    }),
-  }));
-  const uartAt = (port: number) => uarts.find((u) => port >= u.base && port < u.base + UART_REGISTER_COUNT);
+  // The devices this thread serves itself (a UART, the virtio InterruptStatus/ACK registers).
+  const devices = workerDeviceTable(start.devices, { run, runBytes, wake: () => self.postMessage(DEVICE_WAKE) });
   const mmioData = runBytes.subarray(RUN_MMIO_DATA, RUN_MMIO_DATA + RUN_MMIO_DATA_BYTES);
-  const interrupts = start.virtioInterrupts && virtioInterruptRegisters(start.virtioInterrupts, RUN_MMIO_DATA);
 
   // The command (run, pause, stop) is read before the first KVM_RUN and after every kick, not on
   // every exit: the main thread stores a command before it kicks (Vcpu.kick: immediate_exit, then the
   // signal), so KVM_RUN returns EINTR after any command, whether the kick finds this thread inside
-  // KVM_RUN or serving an exit. Reading the shared word on every exit cost ~8 us per exit in the
-  // nested host (exit_roundtrip 1.17-1.21 before, 1.02-1.14 after) and 7 ns natively.
+  // KVM_RUN or serving an exit.
   let lookAtCommand = true;
   for (;;) {
     if (lookAtCommand) {
@@ -178,15 +156,11 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
           if (!out) runBytes.fill(ISA_FLOATING_BUS, off, off + count * size);
           break;
         }
-        const uart = uartAt(port);
         for (let i = 0; i < count; i++) {
-          const data = runBytes.subarray(off + i * size, off + (i + 1) * size);
-          if (uart) {
-            if (out) uart.serial.write(port - uart.base, data);
-            else uart.serial.read(port - uart.base, data);
-          } else if (port === DEBUG_EXIT_PORT && start.debugExit && out) {
-            return { kind: "debug-exit", code: data[0] };
-          } else exchange(io, ioBytes, ring, KIND_PIO, out, port, size, data);
+          const at = off + i * size;
+          if (devices.pio(port, size, out, at)) continue;
+          if (port === DEBUG_EXIT_PORT && start.debugExit && out) return { kind: "debug-exit", code: runBytes[at] };
+          exchange(io, ioBytes, ring, KIND_PIO, out, port, size, runBytes.subarray(at, at + size));
         }
         break;
       }
@@ -194,7 +168,7 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
         const addr = run.getUint32(RUN_MMIO_PHYS_ADDR, true) + run.getUint32(RUN_MMIO_PHYS_ADDR + 4, true) * 2 ** 32;
         const len = run.getUint32(RUN_MMIO_LEN, true);
         const isWrite = run.getUint8(RUN_MMIO_IS_WRITE) !== 0;
-        if (interrupts?.(addr, len, isWrite, run)) break;
+        if (devices.mmio(addr, len, isWrite, RUN_MMIO_DATA)) break;
         exchange(io, ioBytes, ring, KIND_MMIO, isWrite, addr, Math.min(len, RUN_MMIO_DATA_BYTES), mmioData);
         break;
       }

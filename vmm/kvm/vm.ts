@@ -28,14 +28,12 @@ import {
   KVM_GET_VCPU_MMAP_SIZE,
   KVM_IOEVENTFD,
   KVM_IOEVENTFD_FLAG_DATAMATCH,
-  KVM_IOEVENTFD_FLAG_DEASSIGN,
   KVM_IOEVENTFD_FLAG_PIO,
   KVM_IRQ_LINE,
   KVM_IRQCHIP_IOAPIC,
   KVM_IRQCHIP_PIC_MASTER,
   KVM_IRQCHIP_PIC_SLAVE,
   KVM_IRQFD,
-  KVM_IRQFD_FLAG_DEASSIGN,
   KVM_MEM_READONLY,
   KVM_PIT_CONFIG_SIZE,
   KVM_PIT_SPEAKER_DUMMY,
@@ -53,7 +51,6 @@ import { IOAPIC_PINS, KVM_IDENTITY_MAP_START, KVM_TSS_START } from "../arch/layo
 import type { GuestMemory } from "../../core/memory.ts";
 
 import { HostError } from "../../core/exit.ts";
-export { HostError };
 
 export const KVM_DEVICE = "/dev/kvm";
 
@@ -154,7 +151,7 @@ interface Slot {
 }
 
 /** A VM: created with its irqchip and PIT, holding its memory slots. */
-export class Vm {
+export class KvmVm {
   readonly fd: number;
   readonly #slots = new Map<number, Slot>();
   readonly #freeSlots: number[] = [];
@@ -223,10 +220,6 @@ export class Vm {
     this.#freeSlots.push(slot);
   }
 
-  get slotCount(): number {
-    return this.#slots.size;
-  }
-
   createVcpu(id: number): number {
     return kvmIoctlInt(this.fd, KVM_CREATE_VCPU, id);
   }
@@ -247,19 +240,9 @@ export class Vm {
     kvmIoctl(this.fd, KVM_IRQFD, irqfdStruct(fd, gsi));
   }
 
-  unregisterIrqfd(fd: number, gsi: number): void {
-    kvmIoctl(this.fd, KVM_IRQFD, irqfdStruct(fd, gsi, KVM_IRQFD_FLAG_DEASSIGN));
-  }
-
   /** Guest writes of `len` bytes equal to `datamatch` at `addr` signal eventfd `fd` (KVM_IOEVENTFD). */
   registerIoeventfd(fd: number, addr: number, len: number, datamatch?: number, pio = false): void {
     let flags = pio ? KVM_IOEVENTFD_FLAG_PIO : 0;
-    if (datamatch !== undefined) flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
-    kvmIoctl(this.fd, KVM_IOEVENTFD, ioeventfdStruct(addr, len, fd, flags, BigInt(datamatch ?? 0)));
-  }
-
-  unregisterIoeventfd(fd: number, addr: number, len: number, datamatch?: number, pio = false): void {
-    let flags = KVM_IOEVENTFD_FLAG_DEASSIGN | (pio ? KVM_IOEVENTFD_FLAG_PIO : 0);
     if (datamatch !== undefined) flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
     kvmIoctl(this.fd, KVM_IOEVENTFD, ioeventfdStruct(addr, len, fd, flags, BigInt(datamatch ?? 0)));
   }
@@ -268,3 +251,16 @@ export class Vm {
     closeFd(this.fd);
   }
 }
+
+/** What the builder, the device manager and Machine use of a VM (KvmVm, or a stand-in in tests). */
+export type VmHandle = Pick<
+  KvmVm,
+  | "addGuestMemory"
+  | "addSlot"
+  | "removeSlot"
+  | "pulseIrq"
+  | "registerIrqfd"
+  | "registerIoeventfd"
+  | "createVcpu"
+  | "close"
+>;

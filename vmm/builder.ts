@@ -1,0 +1,207 @@
+// Building a VM from a VmConfig: the user's files, guest memory, kernel and initrd, boot parameters,
+// MP table and ACPI tables, the KVM VM and its vCPUs, and the devices (through the device manager).
+// What it builds is a Machine, ready to start; on any error everything taken so far is released.
+
+import { closeFd } from "../ffi/libc.ts";
+import { ConfigError } from "../core/exit.ts";
+import { OwnedGuestMemory } from "../core/memory.ts";
+import type { VirtioDevice } from "../devices/virtio/device.ts";
+import { virtioMmioCmdlineArgs, writeAcpiTables } from "./arch/acpi.ts";
+import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./arch/boot/kernel.ts";
+import {
+  setBootFpu,
+  setBootMsrs,
+  setBootRegisters,
+  setCpuid,
+  setLapicLints,
+  vcpuCpuid,
+  writeBootTables,
+} from "./arch/cpu.ts";
+import { ACPI_RSDP_START, e820Map, MiB, ramRanges, SERIAL_PORTS, sharedMemoryAreaStart } from "./arch/layout.ts";
+import { writeMpTable } from "./arch/mptable.ts";
+import { kernelCommandLine, type VmConfig } from "./config.ts";
+import { HostIo } from "./device_manager/host_io.ts";
+import type { GuestRequest } from "./device_manager/legacy.ts";
+import { DeviceManager } from "./device_manager/manager.ts";
+import { virtioMmioResources } from "./device_manager/mmio.ts";
+import { createVirtioDevices } from "./device_manager/virtio_devices.ts";
+import { spawnVcpuWorker } from "./kvm/vcpu.ts";
+import { Kvm, KvmVm, type VmHandle } from "./kvm/vm.ts";
+import { Machine } from "./machine.ts";
+
+export interface MachineOptions {
+  /** Called with every byte a console serial port transmits (the library's console capture). */
+  onConsoleOutput?: (bytes: Uint8Array) => void;
+  /** Serve the test guests' debug exit port. */
+  debugExit?: boolean;
+  /** Do not read the process's stdin even when a serial port asks for it (library use). */
+  noStdin?: boolean;
+  /**
+   * Build on this VM instead of opening /dev/kvm. Such a machine has devices, buses and guest memory
+   * but no vCPUs: start() runs only its device side. Tests use it to drive the assembled devices as
+   * a guest would.
+   */
+  vm?: VmHandle;
+  /** One-line log messages (defaults to stderr). */
+  log?: (line: string) => void;
+}
+
+async function readUserFile(what: string, path: string): Promise<Uint8Array> {
+  try {
+    return await Deno.readFile(path);
+  } catch (e) {
+    throw new ConfigError(`cannot read ${what} ${path}: ${(e as Error).message}`);
+  }
+}
+
+/** True on hosts whose KVM is kvm_pvm (software): its instruction emulator lacks CMPXCHG16B. */
+export function pvmHost(): boolean {
+  try {
+    Deno.statSync("/sys/module/kvm_pvm");
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Create the VM's vCPUs and set each up to boot (CPUID, MSRs, FPU, LAPIC; registers of the boot vCPU). */
+function createVcpus(
+  kvm: Kvm,
+  vm: VmHandle,
+  cpus: number,
+  entry: number,
+  fds: number[],
+  log: (line: string) => void,
+): void {
+  const supported = kvm.supportedCpuid();
+  // kvm_pvm's instruction emulator lacks CMPXCHG16B and XSAVE/XRSTOR: do not offer them there.
+  const hideCx16 = pvmHost();
+  for (let id = 0; id < cpus; id++) {
+    const fd = vm.createVcpu(id);
+    fds.push(fd);
+    setCpuid(fd, vcpuCpuid(supported, { apicId: id, cpuCount: cpus, hideCx16, hideXsave: hideCx16 }));
+    const refused = setBootMsrs(fd);
+    if (refused.length > 0 && id === 0) log(`KVM refused boot MSRs ${refused.join(", ")}; continuing without them`);
+    setBootFpu(fd);
+    setLapicLints(fd);
+    if (id === 0) setBootRegisters(fd, entry);
+  }
+}
+
+/** Build a VM ready to start. Throws ConfigError (exit 35) or HostError (exit 1). */
+export async function buildMachine(config: VmConfig, opts: MachineOptions = {}): Promise<Machine> {
+  const memBytes = config.memMiB * MiB;
+  if (!Number.isInteger(config.cpus) || config.cpus < 1) throw new ConfigError(`invalid vCPU count ${config.cpus}`);
+  const kernelImage = await readUserFile("kernel", config.kernel);
+  const initrdImage = config.initrd ? await readUserFile("initrd", config.initrd) : undefined;
+  const log = opts.log ?? ((l) => console.error(`denovm: ${l}`));
+
+  // Everything that only needs the user's files is checked before KVM is opened, so bad input
+  // gets exit 35 on any host.
+  let kvm: Kvm | undefined;
+  let vm: VmHandle | undefined;
+  let memory: OwnedGuestMemory | undefined;
+  let virtio: VirtioDevice[] = [];
+  let devices: DeviceManager | undefined;
+  const vcpuFds: number[] = [];
+  const hostIo = new HostIo(config.serials, { onConsoleOutput: opts.onConsoleOutput, noStdin: opts.noStdin });
+  // The boot vCPU's Worker starts loading now, on its own thread, while this one builds the VM;
+  // Machine.start() hands it its vCPU. The other vCPUs' Workers are created once the boot vCPU runs.
+  const workers = opts.vm ? [] : [spawnVcpuWorker()];
+  try {
+    memory = OwnedGuestMemory.allocate(ramRanges(memBytes));
+    let kernel;
+    try {
+      kernel = loadKernel(memory, kernelImage);
+    } catch (e) {
+      if (e instanceof KernelFormatError) throw new ConfigError(`kernel ${config.kernel}: ${e.message}`);
+      if (e instanceof GuestTooSmallError) {
+        throw new ConfigError(`--mem ${config.memMiB} MiB is too small for kernel ${config.kernel}: ${e.message}`);
+      }
+      throw e;
+    }
+    let initrd;
+    if (initrdImage) {
+      try {
+        const below4g = ramRanges(memBytes)[0].size;
+        initrd = loadInitrd(memory, initrdImage, kernel, below4g);
+      } catch (e) {
+        if (e instanceof GuestTooSmallError) {
+          throw new ConfigError(`--mem ${config.memMiB} MiB is too small for initrd ${config.initrd}: ${e.message}`);
+        }
+        throw e;
+      }
+    }
+    const created = await createVirtioDevices(config, {
+      serialOutput: (s) => hostIo.output(s),
+      defaultVsockPath: `${config.socket ?? `/tmp/denovm-${Deno.pid}`}.vsock`,
+    });
+    virtio = created.devices;
+    for (const c of created.consoles) await hostIo.attachInput(c.serial, (b) => c.device.sendInput(b));
+    const resources = virtioMmioResources(virtio.length);
+    const serialPorts = config.serials.filter((s) => s.hardware === "serial").map((s) => SERIAL_PORTS[s.num - 1]);
+    const cmdline = kernelCommandLine(config, config.virtioMmioCmdline ? virtioMmioCmdlineArgs(resources) : []);
+    try {
+      writeBootParams(memory, { kernel, cmdline, initrd, e820: e820Map(memBytes), acpiRsdp: ACPI_RSDP_START });
+    } catch (e) {
+      if (e instanceof RangeError) throw new ConfigError(e.message);
+      throw e;
+    }
+    writeBootTables(memory);
+    writeMpTable(memory, config.cpus);
+    // Devices named on the command line are not also listed in the DSDT: Linux would probe them twice.
+    const acpiVirtio = config.virtioMmioCmdline ? [] : resources;
+    writeAcpiTables(memory, { cpus: config.cpus, virtioMmio: acpiVirtio, serial: serialPorts });
+
+    if (opts.vm) {
+      vm = opts.vm;
+    } else {
+      kvm = new Kvm();
+      const max = kvm.maxVcpus;
+      if (config.cpus > max) throw new ConfigError(`${config.cpus} vCPUs requested; this host's KVM allows ${max}`);
+      vm = new KvmVm(kvm);
+    }
+    vm.addGuestMemory(memory);
+    // The guest can make requests only once its vCPUs run, which is after the Machine exists.
+    let onGuestRequest: (request: GuestRequest, reason: string) => void = () => {};
+    devices = new DeviceManager({
+      vm,
+      memory,
+      hostIo,
+      sharedMemoryStart: sharedMemoryAreaStart(memBytes),
+      onGuestRequest: (request, reason) => onGuestRequest(request, reason),
+      log,
+    });
+    devices.agentPort = created.agentPort;
+    await devices.addLegacy(config.serials);
+    devices.addVirtio(virtio, resources);
+    if (kvm) createVcpus(kvm, vm, config.cpus, kernel.entry, vcpuFds, log);
+    return new Machine(
+      {
+        config,
+        kvm,
+        vm,
+        memory,
+        cmdline,
+        devices,
+        vcpuFds,
+        idleWorkers: workers,
+        debugExit: opts.debugExit ?? false,
+        log,
+      },
+      (handler) => onGuestRequest = handler,
+    );
+  } catch (e) {
+    for (const w of workers) w.terminate();
+    // The device manager closes what it took over (devices on its buses, their fds, the host ends).
+    const adopted = new Set<VirtioDevice>(devices?.virtio.map((v) => v.device) ?? []);
+    for (const d of virtio) if (!adopted.has(d)) d.close?.();
+    if (devices) devices.close();
+    else hostIo.close();
+    vcpuFds.forEach(closeFd);
+    vm?.close();
+    memory?.close();
+    kvm?.close();
+    throw e;
+  }
+}

@@ -1,0 +1,263 @@
+// The library's VM: boot one from the same config the CLI builds, watch and type on its console,
+// run commands through the guest agent, look at its screen, pause, resume, stop, and read how it
+// ended. mod.ts is the library's entry and exports it.
+
+import { defaultVmConfig, type GpuConfig, gpuConfig, type SerialConfig, type VmConfig } from "../config.ts";
+import { ConsoleLog } from "./console_log.ts";
+import type { Machine } from "../machine.ts";
+import { buildMachine } from "../builder.ts";
+import type { InputDevice } from "../../devices/virtio/input.ts";
+import { AgentClient, type ExecOptions } from "./agent_client.ts";
+import { compareImages, type CompareOptions, decodePng, type Image } from "./screen.ts";
+import { gpuStats, inputDevicesOf, screenshot, startWebDisplay } from "./gpu_front.ts";
+
+/** Bytes a console port buffers for the guest (ConsoleDevice's default inputLimit): the largest agent request. */
+const AGENT_PORT_INPUT_LIMIT = 1024 * 1024;
+
+/** What Vm.boot takes: a kernel and any VmConfig fields, plus library-only options. */
+export type BootConfig = Partial<Omit<VmConfig, "gpu">> & {
+  /** The GPU; unset keys take crosvm's defaults (vmm/config.ts gpuConfig). */
+  gpu?: Partial<GpuConfig>;
+  kernel: string;
+  /** Serve the test guests' debug exit port (a write of N ends the VM with exit code N). */
+  debugExit?: boolean;
+  /** Also print the console to this process's stdout. */
+  echoConsole?: boolean;
+  /** Where step() saves the console log and a screenshot when a step fails (default $DENOVM_ARTIFACTS or ./artifacts). */
+  artifactsDir?: string;
+};
+
+/** Keyboard, pointer and touch input through the VM's virtio-input devices (--input / `inputs`). */
+export class VmInput {
+  constructor(readonly devices: () => InputDevice[]) {}
+
+  #find(kind: string[], what: string): InputDevice {
+    const d = this.devices().find((x) => kind.includes(x.kind));
+    if (!d) throw new Error(`no ${what} input device in this VM (add inputs: [{ kind: "${kind[0]}" }])`);
+    return d;
+  }
+
+  /** Press and release a key by its evdev code (linux/input-event-codes.h KEY_*). */
+  key(code: number): void {
+    const k = this.#find(["keyboard"], "keyboard");
+    k.sendKey(code, true);
+    k.sendKey(code, false);
+  }
+
+  /** Hold (down=true) or release a key. */
+  keyState(code: number, down: boolean): void {
+    this.#find(["keyboard"], "keyboard").sendKey(code, down);
+  }
+
+  /** Type text (US layout; shift handled). */
+  type(text: string): void {
+    this.#find(["keyboard"], "keyboard").type(text);
+  }
+
+  /** Relative pointer motion (mouse). */
+  move(dx: number, dy: number): void {
+    this.#find(["mouse"], "mouse").move(dx, dy);
+  }
+
+  /** A button click (BTN_LEFT by default) on the mouse. */
+  click(button?: number): void {
+    this.#find(["mouse"], "mouse").click(button);
+  }
+
+  /** A tap at (x, y) on the touch screen. */
+  tap(x: number, y: number): void {
+    this.#find(["multi-touch", "single-touch"], "touch").tap(x, y);
+  }
+}
+
+/** The library's default console: COM1, captured, not on this process's stdout or stdin. */
+function librarySerial(echo: boolean): SerialConfig {
+  return { type: echo ? "stdout" : "sink", hardware: "serial", num: 1, console: true, earlycon: false, stdin: false };
+}
+
+export class Vm {
+  readonly console: ConsoleLog;
+  /** crosvm's exit code once the VM has ended (0 power-off/stop, 32 reset, 33 crash, 34 panic). */
+  readonly exitCode: Promise<number>;
+  /** Input devices: keyboard, mouse, touch. */
+  readonly input: VmInput;
+  /** The GPU's copy counters. */
+  readonly gpu: { stats: () => object };
+  readonly #machine: Machine;
+  #agent: Promise<AgentClient> | undefined;
+  /** The web display's URL with its access token (gpu displays with mode "web"). */
+  webDisplayUrl: string | undefined;
+  readonly #artifactsDir: string;
+
+  private constructor(machine: Machine, console: ConsoleLog, artifactsDir: string) {
+    this.#machine = machine;
+    this.console = console;
+    this.#artifactsDir = artifactsDir;
+    this.input = new VmInput(() => inputDevicesOf(machine));
+    this.gpu = { stats: () => gpuStats(machine) };
+    this.exitCode = machine.exitCode.then((code) => {
+      console.close(`exit code ${code}: ${machine.exitReason}`);
+      return code;
+    });
+  }
+
+  /** Build and start a VM. Rejects with ConfigError (bad config) or HostError (no KVM...). */
+  static async boot(config: BootConfig): Promise<Vm> {
+    const { debugExit, echoConsole, artifactsDir, gpu, ...rest } = config;
+    const full: VmConfig = {
+      ...defaultVmConfig(config.kernel),
+      serials: [librarySerial(echoConsole ?? false)],
+      ...rest,
+      ...(gpu ? { gpu: gpuConfig(gpu) } : {}),
+    };
+    const holder: { machine?: Machine } = {};
+    const log = new ConsoleLog((text) => holder.machine?.sendInput(new TextEncoder().encode(text)));
+    const machine = await buildMachine(full, { onConsoleOutput: (b) => log.push(b), debugExit, noStdin: true });
+    holder.machine = machine;
+    const vm = new Vm(machine, log, artifactsDir ?? Deno.env.get("DENOVM_ARTIFACTS") ?? "artifacts");
+    try {
+      await machine.startControlSocket();
+      vm.webDisplayUrl = await startWebDisplay(machine);
+      await machine.start();
+    } catch (e) {
+      machine.close();
+      throw e;
+    }
+    return vm;
+  }
+
+  /** The kernel command line the guest received. */
+  get cmdline(): string {
+    return this.#machine.cmdline;
+  }
+
+  /** Why the VM ended (empty while it runs). */
+  get exitReason(): string {
+    return this.#machine.exitReason;
+  }
+
+  /** Type text on the console port. */
+  send(text: string): void {
+    this.console.send(text);
+  }
+
+  async pause(): Promise<void> {
+    await this.#machine.pause();
+  }
+
+  resume(): void {
+    this.#machine.resume();
+  }
+
+  /** Stop the VM (as crosvm `stop`); resolves to its exit code (0 unless it had already ended otherwise). */
+  async stop(): Promise<number> {
+    return await this.#machine.stop();
+  }
+
+  /**
+   * Run a command in the guest through the guest agent (agent/README.md) on the virtio-console port
+   * org.denovm.agent: boot with `agent: true` and start `denovm-agent` in the guest. Waits for the
+   * agent's hello first (up to `readyTimeout`, default 60 s).
+   */
+  async exec(
+    cmd: string | string[],
+    opts: ExecOptions & { readyTimeout?: number } = {},
+  ): Promise<{ code: number; stdout: string; stderr: string }> {
+    const port = this.#machine.devices.agentPort;
+    if (!port) throw new Error("vm.exec needs the guest agent's port: boot with { agent: true }");
+    this.#agent ??= (async () => {
+      const client = new AgentClient(port, { maxWrite: AGENT_PORT_INPUT_LIMIT });
+      await client.ready({ timeout: opts.readyTimeout ?? 60_000 });
+      return client;
+    })();
+    const client = await this.#agent.catch((e) => {
+      this.#agent = undefined;
+      throw new Error(`${(e as Error).message}\n--- last console lines ---\n${this.console.tail()}`);
+    });
+    // A VM that ends while the command runs fails the call at once, not at its timeout.
+    const ended = this.exitCode.then((code): never => {
+      throw new Error(`exec ${JSON.stringify(cmd)}: the VM ended first (exit code ${code})`);
+    });
+    try {
+      return await Promise.race([client.exec(cmd, opts), ended]);
+    } catch (e) {
+      const err = e instanceof Error ? e : new Error(String(e));
+      const ended = this.exitReason ? `\nthe VM has ended: ${this.exitReason}` : "";
+      err.message = `${err.message}${ended}\n--- last console lines ---\n${this.console.tail()}`;
+      throw err;
+    }
+  }
+
+  /** Press the ACPI power button (the guest sees the event; a Linux guest with acpid or systemd powers off). */
+  powerButton(): void {
+    this.#machine.powerButton();
+  }
+
+  /** PNG of the first display (needs --gpu / `gpu`). */
+  screenshot(): Promise<Uint8Array> {
+    return screenshot(this.#machine);
+  }
+
+  /**
+   * Wait until the screen satisfies `check`: a predicate over the decoded screenshot, or a reference
+   * PNG compared with tolerances. Rejects naming what it waited for, with the last console lines.
+   */
+  async waitForScreen(
+    check: ((img: Image) => boolean) | { reference: Uint8Array } & CompareOptions,
+    opts: { timeout?: number; interval?: number; what?: string } = {},
+  ): Promise<Image> {
+    const timeout = opts.timeout ?? 30_000;
+    const deadline = Date.now() + timeout;
+    const reference = typeof check === "function" ? undefined : await decodePng(check.reference);
+    let last = "no screenshot taken";
+    for (;;) {
+      const img = await decodePng(await this.screenshot());
+      if (typeof check === "function") {
+        if (check(img)) return img;
+        last = "the predicate was false";
+      } else {
+        const r = compareImages(img, reference!, check);
+        if (r.matches) return img;
+        last = r.reason ?? "different";
+      }
+      if (Date.now() >= deadline) {
+        throw new Error(
+          `waiting for the screen${opts.what ? ` to show ${opts.what}` : ""}: timed out after ${timeout} ms ` +
+            `(${last})\n--- last console lines ---\n${this.console.tail()}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, opts.interval ?? 100));
+    }
+  }
+
+  /**
+   * Run one step of a test. When it throws, the console log (and a screenshot when there is a
+   * display) are saved under the artifacts folder, and the error says where.
+   */
+  async step<T>(name: string, fn: () => T | Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      const dir = `${this.#artifactsDir}/${name.replace(/[^A-Za-z0-9._-]+/g, "_")}`;
+      await Deno.mkdir(dir, { recursive: true });
+      await Deno.writeTextFile(`${dir}/console.log`, this.console.text);
+      try {
+        await Deno.writeFile(`${dir}/screenshot.png`, await this.screenshot());
+      } catch {
+        // no display
+      }
+      const err = e instanceof Error ? e : new Error(String(e));
+      err.message = `step "${name}" failed (console and screenshot saved in ${dir}): ${err.message}`;
+      throw err;
+    }
+  }
+
+  /** Counters: exits served per vCPU, per-device statistics. */
+  stats(): Record<string, number> {
+    return this.#machine.stats();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop();
+  }
+}
