@@ -1,11 +1,13 @@
 // Builds denovm's freestanding test guests with the host gcc and caches the ELF files.
 //
 // Each guest is start.S + rt.c + <name>.c (+ extra sources listed in GUESTS), linked by guest.ld at
-// KERNEL_START. The C header layout.h is generated from vmm/arch/layout.ts so the guests and the VMM
-// share one source of addresses. The cache key is a hash of every input, so an edit to a source,
+// KERNEL_START. The C header layout.h is generated from vmm/arch/layout.ts (and the ACPI sleep control
+// register's fields, which the ACPI PM device defines) so the guests and the VMM share one source of
+// addresses. The cache key is a hash of every input, so an edit to a source,
 // to the flags or to vmm/arch/layout.ts rebuilds.
 
 import * as layout from "../../vmm/arch/layout.ts";
+import { ACPI_SLP_EN, ACPI_SLP_TYP_MASK, ACPI_SLP_TYP_SHIFT } from "../../devices/legacy/acpi_pm.ts";
 import { createHash } from "node:crypto";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -80,7 +82,8 @@ function define(name: string, v: number): string {
 }
 
 /**
- * layout.h: every non-negative integer exported by vmm/arch/layout.ts as a C/assembler macro. Arrays of
+ * layout.h: every non-negative integer exported by vmm/arch/layout.ts, and the sleep control register's
+ * fields, as a C/assembler macro. Arrays of
  * numbers become NAME_<i>; arrays of objects become NAME_<i>_<FIELD> (e.g. SERIAL_PORTS_0_BASE).
  */
 export function layoutHeader(): string {
@@ -94,7 +97,8 @@ export function layoutHeader(): string {
     "#define LAYOUT_C(x) x##ULL",
     "#endif",
   ];
-  for (const [key, value] of Object.entries(layout).sort(([a], [b]) => a.localeCompare(b))) {
+  const exported = { ...layout, ACPI_SLP_EN, ACPI_SLP_TYP_MASK, ACPI_SLP_TYP_SHIFT };
+  for (const [key, value] of Object.entries(exported).sort(([a], [b]) => a.localeCompare(b))) {
     if (typeof value === "number") {
       lines.push(define(key, value));
     } else if (Array.isArray(value)) {

@@ -158,5 +158,3 @@ export const GUEST_PHYS_LIMIT = 2 ** 48;
 
 /** SLP_TYPx for S5 (soft off) as declared in the DSDT's \_S5 package. */
 export const ACPI_SLEEP_TYPE_S5 = 5;
-/** The sleep control register's fields, for the test guests' layout.h (the device defines them). */
-export { ACPI_SLP_EN, ACPI_SLP_TYP_MASK, ACPI_SLP_TYP_SHIFT } from "../../devices/legacy/acpi_pm.ts";

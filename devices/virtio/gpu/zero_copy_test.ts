@@ -1,7 +1,7 @@
 // virtio-gpu's zero-copy blob path end to end without KVM: the real transport (VirtioMmioTransport),
 // device (GpuDevice) and renderer (VirglBackend on Debian's libvirglrenderer1, EGL surfaceless), driven
 // through real split queues in guest memory by the test driver, with a shared-memory mapper that behaves
-// like the VMM's (vmm/machine.ts #shmMapper over vmm/kvm/vm.ts addSlot/removeSlot): each mapping becomes a
+// like the VMM's (vmm/device_manager/shared_memory.ts over vmm/kvm/vm.ts addSlot/removeSlot): each mapping becomes a
 // numbered "memory slot" at window base + offset, slot numbers are reused, overlapping or out-of-window
 // slots are refused, and only a finite number exist. The guest's stores through the window are made the
 // way KVM makes them: the guest-physical address is looked up in the slots and the bytes land at the
@@ -30,7 +30,7 @@ import {
   VirglStream,
 } from "./virgl_stream.ts";
 import { VIRGL_FORMAT_R8_UNORM } from "./formats.ts";
-import { GiB, MiB, sharedMemoryAreaStart } from "../../../vmm/arch/layout.ts";
+import { GiB, MiB } from "../../../core/units.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../../test/support/virtio_driver.ts";
 
 const PAGE = 4096;
@@ -41,8 +41,8 @@ const ARENA = { start: 0x1000, end: 8 * MiB };
 const DATA = 8 * MiB;
 /** The host-visible window (shared-memory region 1): its size (crosvm pci-bar-size) and guest address. */
 const WINDOW_SIZE = 64 * MiB;
-/** The VMM aligns each window to 1 GiB inside the shared-memory area (vmm/machine.ts SHM_WINDOW_ALIGN). */
-const WINDOW_BASE = Math.ceil(sharedMemoryAreaStart(MEM_SIZE) / GiB) * GiB;
+/** Where the VMM's device manager places the first window for this RAM size: the shared-memory area above RAM starts at 64 GiB. */
+const WINDOW_BASE = 64 * GiB;
 /** Same size as the KVM guest's blob (test/guests/gpu_blob.c BLOB_SIZE). */
 const BLOB_SIZE = 64 * 1024;
 /** Slots the test mapper has: far fewer than the map/unmap cycles, so only reuse lets them all succeed. */
