@@ -4,7 +4,7 @@
 // --socket-path PATH`, with the older `--socket` spelling).
 
 import { parseArgs } from "node:util";
-import { BlockDevice } from "../../devices/virtio/block.ts";
+import { BlockDevice } from "../../devices/virtio/block/device.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import { VhostUserBackend } from "../../devices/vhost_user/backend.ts";
 import { SOCKET_OPTIONS, socketPathOption } from "./device/common.ts";
