@@ -53,6 +53,11 @@ export interface ActivateContext {
   queues: (Virtqueue | undefined)[];
   ackedFeatures: bigint;
   interrupt: VirtioInterrupt;
+  /**
+   * The queues continue from a saved state, and the device's own state was restored before
+   * (Stateful.restoreState): carry on from it instead of starting afresh.
+   */
+  restored?: boolean;
 }
 
 export interface VirtioDevice {
