@@ -5,8 +5,11 @@
 
 import {
   type ActivateContext,
+  checkSavedIdentity,
+  featuresField,
   readConfigSpace,
   serveQueue,
+  stateCounters,
   VIRTIO_COMMON_FEATURES,
   VIRTIO_ID_BLOCK,
   type VirtioDevice,
@@ -15,6 +18,7 @@ import { ChainError, type ChainReader, type DescriptorChain, type Virtqueue } fr
 import { RateLimitedLog } from "../../../core/log.ts";
 import type { GuestMemory } from "../../../core/memory.ts";
 import { SysError } from "../../../ffi/libc.ts";
+import { type DeviceState, stateData, StateError, type Stateful, stateRecord } from "../../../core/state.ts";
 import { type Disk, DiskError, SECTOR_SIZE } from "./disk.ts";
 import { RawDisk } from "./raw.ts";
 
@@ -116,7 +120,11 @@ class RequestError extends Error {
   }
 }
 
-export class BlockDevice implements VirtioDevice {
+/** The kind and layout version of a virtio-blk device's saved state. */
+export const BLOCK_STATE_TYPE = "virtio-blk";
+export const BLOCK_STATE_VERSION = 1;
+
+export class BlockDevice implements VirtioDevice, Stateful {
   readonly deviceType = VIRTIO_ID_BLOCK;
   readonly name = "block";
   readonly queueMaxSizes: readonly number[] = [BLOCK_QUEUE_SIZE];
@@ -367,5 +375,33 @@ export class BlockDevice implements VirtioDevice {
       throw new RequestError(VIRTIO_BLK_S_IOERR, `sector ${sector} + ${len} bytes is past the end of the disk`);
     }
     return Number(off);
+  }
+
+  // ---- Device state (core/state.ts) ----
+
+  /** False while a request is taken from the queue and its status not yet written back. */
+  quiescent(): boolean {
+    return this.#queue?.quiescent() ?? true;
+  }
+
+  /** The configuration space (capacity included), the feature offer and the counters. */
+  saveState(): DeviceState {
+    return {
+      type: BLOCK_STATE_TYPE,
+      version: BLOCK_STATE_VERSION,
+      data: { features: featuresField(this.features), config: this.#config(), stats: { ...this.#stats } },
+    };
+  }
+
+  /**
+   * Take a saved state into a device not yet activated. The image must be the one saved with: the same
+   * capacity, block size and offer, or the guest would see its disk change under it.
+   */
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, BLOCK_STATE_TYPE, BLOCK_STATE_VERSION), "virtio-blk state");
+    const what = `virtio-blk ${this.path}`;
+    if (this.#queue) throw new StateError(`${what}: restore into a device a driver has activated`);
+    checkSavedIdentity(what, d, this.features, this.#config());
+    Object.assign(this.#stats, stateCounters(d.stats, STAT_NAMES, what));
   }
 }
