@@ -8,6 +8,7 @@ import {
   BLK_CFG_MAX_DISCARD_SEG,
   BLK_CFG_SEG_MAX,
   BLK_CFG_WRITE_ZEROES_MAY_UNMAP,
+  BLK_CONFIG_SIZE,
   BLK_DISCARD_SEG_SIZE,
   BLK_OUTHDR_SIZE,
   BlockDevice,
@@ -32,7 +33,11 @@ import {
 import { VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_STATUS } from "../mmio.ts";
 import { VIRTIO_ID_BLOCK } from "../device.ts";
 import { GuardedGuestMemory, type Segment, VirtioTestDriver } from "../../../test/support/virtio_driver.ts";
-import { captureVirtioLog, closeDeviceRig, mmioRig } from "../../../test/support/device_rig.ts";
+import { captureVirtioLog, closeDeviceRig, mmioRig, reattachRig, roundTrip } from "../../../test/support/device_rig.ts";
+import type { Disk } from "./disk.ts";
+import type { GuestBuffer } from "../queue.ts";
+import type { GuestMemory } from "../../../core/memory.ts";
+import { type DeviceState, StateError, type StateValue } from "../../../core/state.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_SIZE = 4 * MiB;
@@ -451,6 +456,150 @@ Deno.test("block: the device opens its image through the raw back end, locked un
     assert.equal(dev.capacityBytes, 4096);
     dev.close();
     new BlockDevice(opts).close();
+  } finally {
+    Deno.removeSync(path);
+  }
+});
+
+// ---- Saved state ----
+
+/** A disk in memory that calls `during` in the middle of every read (a request in flight). */
+class MemDisk implements Disk {
+  readonly path = "mem.img";
+  readonly readOnly = false;
+  readonly direct = false;
+  readonly bytes = new Uint8Array(MiB);
+  during = () => {};
+  get capacityBytes(): number {
+    return this.bytes.length;
+  }
+  read(mem: GuestMemory, segs: readonly GuestBuffer[], offset: number): void {
+    this.during();
+    for (const s of segs) {
+      mem.write(s.addr, this.bytes.subarray(offset, offset + s.len));
+      offset += s.len;
+    }
+  }
+  write(mem: GuestMemory, segs: readonly GuestBuffer[], offset: number): void {
+    for (const s of segs) {
+      this.bytes.set(mem.read(s.addr, s.len), offset);
+      offset += s.len;
+    }
+  }
+  flush(): void {}
+  discard(): void {}
+  writeZeroes(offset: number, len: number): void {
+    this.bytes.fill(0, offset, offset + len);
+  }
+  resize(): void {}
+  close(): void {}
+  stats(): Record<string, number> {
+    return {};
+  }
+}
+
+Deno.test("block state: a fresh device on the same image continues: config, next used index, counters", () => {
+  using r = rig({ id: "serial-7" });
+  const data = pattern(2 * SECTOR_SIZE, 5);
+  assert.equal(r.req(VIRTIO_BLK_T_OUT, 10, data).status, VIRTIO_BLK_S_OK);
+  assert.equal(r.req(VIRTIO_BLK_T_FLUSH, 0).status, VIRTIO_BLK_S_OK);
+  assert.ok(r.dev.quiescent());
+  const cfg = r.drv.readConfig(0, BLK_CONFIG_SIZE);
+  const devState = roundTrip(r.dev.saveState());
+  const tState = roundTrip(r.drv.transport.saveState());
+  r.dev.close(); // its lock goes with it
+  const dev2 = new BlockDevice({
+    path: r.path,
+    readOnly: false,
+    sparse: true,
+    blockSize: 4096,
+    id: "serial-7",
+    direct: false,
+  });
+  try {
+    const to = reattachRig({ t: r.drv.transport, drv: r.drv, irqs: r.irqs }, dev2, r.g.mem);
+    dev2.restoreState(devState);
+    to.t.restoreState(tState);
+    assert.deepEqual(to.drv.readConfig(0, BLK_CONFIG_SIZE), cfg);
+    const q = to.drv.queues[0];
+    q.setUsedEvent(2); // EVENT_IDX: an interrupt once entry 2 is used
+    const sub = q.submit([outhdr(VIRTIO_BLK_T_IN, 10), 2 * SECTOR_SIZE, 1]);
+    to.drv.kick(0);
+    assert.deepEqual(q.used(), [{ id: sub.head, len: 2 * SECTOR_SIZE + 1 }]);
+    assert.equal(q.usedIdx(), 3, "the third request on the ring");
+    assert.deepEqual(r.g.mem.read(sub.buffers[1].addr, 2 * SECTOR_SIZE), data);
+    assert.equal(to.irqs.n, 1);
+    const s = dev2.stats();
+    assert.equal(s.writes, 1);
+    assert.equal(s.flushes, 1);
+    assert.equal(s.reads, 1);
+    // A device the driver has activated is not a restore target.
+    assert.throws(() => dev2.restoreState(devState), StateError);
+  } finally {
+    dev2.close();
+  }
+});
+
+Deno.test("block state: quiescent is false while a request is with the back end", () => {
+  const disk = new MemDisk();
+  const dev = new BlockDevice({ path: disk.path, readOnly: false, sparse: false, blockSize: 512, direct: false, disk });
+  const g = new GuardedGuestMemory([{ start: 0, size: 4 * MiB }]);
+  try {
+    const { drv } = mmioRig(dev, g.mem, 4 * MiB);
+    drv.init();
+    const seen: boolean[] = [];
+    disk.during = () => seen.push(dev.quiescent());
+    const q = drv.queues[0];
+    q.submit([outhdr(VIRTIO_BLK_T_IN, 0), SECTOR_SIZE, 1]);
+    drv.kick(0);
+    assert.deepEqual(seen, [false], "in flight during the read");
+    assert.equal(q.used().length, 1);
+    assert.ok(dev.quiescent(), "quiescent once the status is written");
+  } finally {
+    dev.close();
+    g.close();
+  }
+});
+
+Deno.test("block state: a wrong type, version, another image size or malformed fields are refused", () => {
+  using r = rig();
+  const good = r.dev.saveState();
+  const data = good.data as Record<string, StateValue>;
+  const path = Deno.makeTempFileSync();
+  try {
+    Deno.truncateSync(path, IMAGE_SIZE);
+    const opts = { path, readOnly: false, sparse: true, blockSize: 4096, direct: false };
+    const bad: [string, DeviceState][] = [
+      ["type", { ...good, type: "virtio-net" }],
+      ["version", { ...good, version: 2 }],
+      ["data", { ...good, data: "x" }],
+      ["config", { ...good, data: { ...data, config: new Uint8Array(BLK_CONFIG_SIZE) } }],
+      ["features", { ...good, data: { ...data, features: "0x1" } }],
+      ["stats", { ...good, data: { ...data, stats: { ...(data.stats as Record<string, StateValue>), reads: -1 } } }],
+      ["no stats", { ...good, data: { ...data, stats: null } }],
+    ];
+    for (const [what, st] of bad) {
+      const dev = new BlockDevice(opts);
+      try {
+        assert.throws(() => dev.restoreState(st), StateError, what);
+      } finally {
+        dev.close();
+      }
+    }
+    // Another capacity or block size is another disk.
+    Deno.truncateSync(path, 2 * IMAGE_SIZE);
+    for (const o of [opts, { ...opts, blockSize: 512 }]) {
+      const dev = new BlockDevice(o);
+      try {
+        assert.throws(() => dev.restoreState(good), StateError);
+      } finally {
+        dev.close();
+      }
+    }
+    Deno.truncateSync(path, IMAGE_SIZE);
+    const dev = new BlockDevice(opts);
+    dev.restoreState(good);
+    dev.close();
   } finally {
     Deno.removeSync(path);
   }
