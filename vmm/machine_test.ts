@@ -5,7 +5,7 @@
 // eventfds, irqfds, shared-memory windows, control socket, web display) is exercised.
 
 import assert from "node:assert/strict";
-import { BlockDevice } from "../devices/virtio/block.ts";
+import { BlockDevice } from "../devices/virtio/block/device.ts";
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_GPU } from "../devices/virtio/device.ts";
 import { decodePngRgba } from "../devices/virtio/gpu/png.ts";
 import { InputDevice } from "../devices/virtio/input.ts";

@@ -15,8 +15,12 @@
 
 import {
   type ActivateContext,
+  checkSavedIdentity,
+  featuresField,
   readConfigSpace,
   serveQueue,
+  stateCounters,
+  stateInteger,
   VIRTIO_COMMON_FEATURES,
   VIRTIO_ID_BALLOON,
   type VirtioDevice,
@@ -24,6 +28,17 @@ import {
 import { type DescriptorChain, type Virtqueue } from "./queue.ts";
 import { RateLimitedLog } from "../../core/log.ts";
 import type { GuestMemory } from "../../core/memory.ts";
+import {
+  type DeviceState,
+  stateArray,
+  stateBytes,
+  stateData,
+  StateError,
+  type Stateful,
+  stateNumber,
+  stateRecord,
+  stateString,
+} from "../../core/state.ts";
 import { EINVAL, errno, libc, MADV_DONTNEED, MADV_REMOVE, strerror } from "../../ffi/libc.ts";
 
 // ---- Feature bits (virtio_balloon.h) ----
@@ -108,7 +123,12 @@ const STAT_NAMES = [
 ] as const;
 type StatName = typeof STAT_NAMES[number];
 
-export class BalloonDevice implements VirtioDevice {
+/** The kind and layout version of a virtio-balloon device's saved state. */
+export const BALLOON_STATE_TYPE = "virtio-balloon";
+export const BALLOON_STATE_VERSION = 1;
+const U64_MAX = (1n << 64n) - 1n;
+
+export class BalloonDevice implements VirtioDevice, Stateful {
   readonly deviceType = VIRTIO_ID_BALLOON;
   readonly name = "balloon";
   readonly queueMaxSizes: readonly number[];
@@ -118,8 +138,8 @@ export class BalloonDevice implements VirtioDevice {
   #mem: GuestMemory | undefined;
   #queues: (Virtqueue | undefined)[] = [];
   #interrupt: ActivateContext["interrupt"] | undefined;
-  /** The stats buffer the driver posted, held until the host wants fresh numbers. */
-  #statsChain: DescriptorChain | undefined;
+  /** Head of the stats buffer the driver posted, held until the host wants fresh numbers. */
+  #statsHead: number | undefined;
   #guestStats: BalloonGuestStats | undefined;
   readonly #statsWaiters: (() => void)[] = [];
   /** MADV_REMOVE is refused (EINVAL) on private anonymous memory: then MADV_DONTNEED is used. */
@@ -173,11 +193,11 @@ export class BalloonDevice implements VirtioDevice {
    */
   requestStats(): Promise<boolean> {
     const q = this.#queues[BALLOON_STATS_QUEUE];
-    const chain = this.#statsChain;
-    if (!q || !chain) return Promise.resolve(false);
-    this.#statsChain = undefined;
+    const head = this.#statsHead;
+    if (!q || head === undefined) return Promise.resolve(false);
+    this.#statsHead = undefined;
     const done = new Promise<boolean>((resolve) => this.#statsWaiters.push(() => resolve(true)));
-    q.addUsed(chain.head, 0);
+    q.addUsed(head, 0);
     if (q.needsInterrupt()) this.#interrupt?.signalUsedQueue(BALLOON_STATS_QUEUE);
     return done;
   }
@@ -216,7 +236,7 @@ export class BalloonDevice implements VirtioDevice {
     this.#mem = undefined;
     this.#queues = [];
     this.#interrupt = undefined;
-    this.#statsChain = undefined;
+    this.#statsHead = undefined;
     // A reset driver forgets its balloon: every page is the guest's again.
     this.#actual = 0;
   }
@@ -243,13 +263,13 @@ export class BalloonDevice implements VirtioDevice {
       });
     } else if (index === BALLOON_STATS_QUEUE) {
       for (let chain = q.pop(); chain; chain = q.pop()) {
-        if (this.#statsChain) {
+        if (this.#statsHead !== undefined) {
           // The driver keeps one buffer in flight; give an extra one back.
           this.#log.log("a second stats buffer while one is held; returned");
-          q.addUsed(this.#statsChain.head, 0);
+          q.addUsed(this.#statsHead, 0);
         }
         this.#readStats(chain);
-        this.#statsChain = chain;
+        this.#statsHead = chain.head;
       }
       if (q.needsInterrupt()) this.#interrupt?.signalUsedQueue(index);
     }
@@ -341,6 +361,73 @@ export class BalloonDevice implements VirtioDevice {
     this.#stats.statsReports++;
     this.#guestStats = { at: Date.now(), values };
     for (const w of this.#statsWaiters.splice(0)) w();
+  }
+
+  // ---- Device state (core/state.ts) ----
+
+  /**
+   * False while an inflate or deflate buffer is taken and not returned. The stats buffer the device holds
+   * on purpose does not count: its head is part of the state.
+   */
+  quiescent(): boolean {
+    const held = this.#statsHead === undefined ? 0 : 1;
+    return this.#queues.every((q, i) => !q || q.inFlight <= (i === BALLOON_STATS_QUEUE ? held : 0));
+  }
+
+  /** Target and actual size, the held stats buffer, the guest's last statistics and the counters. */
+  saveState(): DeviceState {
+    const g = this.#guestStats;
+    return {
+      type: BALLOON_STATE_TYPE,
+      version: BALLOON_STATE_VERSION,
+      data: {
+        features: featuresField(this.features),
+        config: this.#config(),
+        statsHead: this.#statsHead ?? null,
+        guestStats: g ? { at: g.at, values: [...g.values].map(([tag, v]) => [tag, v.toString()]) } : null,
+        stats: { ...this.#stats },
+      },
+    };
+  }
+
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, BALLOON_STATE_TYPE, BALLOON_STATE_VERSION), "virtio-balloon state");
+    const what = "virtio-balloon";
+    if (this.#queues.length > 0) throw new StateError(`${what}: restore into a device a driver has activated`);
+    // num_pages and actual are state; the rest of the configuration space must be this device's.
+    const saved = stateBytes(d.config, `${what} config`, BALLOON_CONFIG_SIZE).slice();
+    const view = new DataView(saved.buffer);
+    const numPages = view.getUint32(BALLOON_CFG_NUM_PAGES, true);
+    const actual = view.getUint32(BALLOON_CFG_ACTUAL, true);
+    const mine = this.#config();
+    const mineView = new DataView(mine.buffer);
+    mineView.setUint32(BALLOON_CFG_NUM_PAGES, numPages, true);
+    mineView.setUint32(BALLOON_CFG_ACTUAL, actual, true);
+    checkSavedIdentity(what, { features: d.features ?? null, config: saved }, this.features, mine);
+    const statsHead = d.statsHead === null ? undefined : stateInteger(d.statsHead, `${what} statsHead`, 0, 0xffff);
+    if (statsHead !== undefined && !(this.features & VIRTIO_BALLOON_F_STATS_VQ)) {
+      throw new StateError(`${what}: a held stats buffer without a stats queue`);
+    }
+    let guestStats: BalloonGuestStats | undefined;
+    if (d.guestStats !== null) {
+      const g = stateRecord(d.guestStats, `${what} guestStats`);
+      const values = new Map<number, bigint>();
+      for (const e of stateArray(g.values, `${what} guestStats values`)) {
+        const [tag, v] = stateArray(e, `${what} guestStats entry`);
+        const text = stateString(v, `${what} guestStats value`);
+        if (!/^\d{1,20}$/.test(text) || BigInt(text) > U64_MAX) {
+          throw new StateError(`${what} guestStats value "${text}" is not a u64`);
+        }
+        values.set(stateInteger(tag, `${what} guestStats tag`, 0, 0xffff), BigInt(text));
+      }
+      guestStats = { at: stateNumber(g.at, `${what} guestStats at`), values };
+    }
+    const stats = stateCounters(d.stats, STAT_NAMES, what);
+    this.#numPages = numPages;
+    this.#actual = actual;
+    this.#statsHead = statsHead;
+    this.#guestStats = guestStats;
+    Object.assign(this.#stats, stats);
   }
 }
 

@@ -8,13 +8,29 @@
 
 import {
   type ActivateContext,
+  featuresField,
+  queuesQuiescent,
   readConfigSpace,
+  stateCounters,
+  stateInteger,
   VIRTIO_COMMON_FEATURES,
   VIRTIO_ID_CONSOLE,
   type VirtioDevice,
 } from "./device.ts";
 import { ChainError, type Virtqueue } from "./queue.ts";
 import { RateLimitedLog } from "../../core/log.ts";
+import {
+  type DeviceState,
+  stateArray,
+  stateBoolean,
+  stateBytes,
+  stateData,
+  StateError,
+  type Stateful,
+  stateRecord,
+  stateString,
+  type StateValue,
+} from "../../core/state.ts";
 
 // ---- Feature bits (virtio_console.h) ----
 /** VIRTIO_CONSOLE_F_SIZE: cols/rows in config are valid. */
@@ -128,7 +144,11 @@ const STAT_NAMES = [
 ] as const;
 type StatName = typeof STAT_NAMES[number];
 
-export class ConsoleDevice implements VirtioDevice {
+/** The kind and layout version of a virtio-console device's saved state. */
+export const CONSOLE_STATE_TYPE = "virtio-console";
+export const CONSOLE_STATE_VERSION = 1;
+
+export class ConsoleDevice implements VirtioDevice, Stateful {
   readonly deviceType = VIRTIO_ID_CONSOLE;
   readonly name = "console";
   readonly queueMaxSizes: readonly number[];
@@ -233,12 +253,14 @@ export class ConsoleDevice implements VirtioDevice {
     this.#queues = ctx.queues;
     this.#interrupt = ctx.interrupt;
     this.#multiport = (ctx.ackedFeatures & VIRTIO_CONSOLE_F_MULTIPORT) !== 0n;
-    this.#driverReady = false;
-    this.#controlOut = [];
-    for (const p of this.#ports) {
-      p.added = false;
-      // Without MULTIPORT port 0 exists and is open from the start (spec 5.3.6.1).
-      p.guestConnected = !this.#multiport && p.id === 0;
+    if (!ctx.restored) {
+      this.#driverReady = false;
+      this.#controlOut = [];
+      for (const p of this.#ports) {
+        p.added = false;
+        // Without MULTIPORT port 0 exists and is open from the start (spec 5.3.6.1).
+        p.guestConnected = !this.#multiport && p.id === 0;
+      }
     }
     this.#flushAll();
   }
@@ -479,5 +501,124 @@ export class ConsoleDevice implements VirtioDevice {
     if (port.added) return;
     port.added = true;
     this.#sendControl(port.id, VIRTIO_CONSOLE_PORT_ADD, 0);
+  }
+
+  // ---- Device state (core/state.ts) ----
+
+  /** False while a buffer is taken from a queue and not yet returned. */
+  quiescent(): boolean {
+    return queuesQuiescent(this.#queues);
+  }
+
+  /**
+   * The console size, each port (name, whether the driver added and opened it, input waiting for the
+   * guest), the control messages not yet delivered and the counters. Host listeners are not state.
+   */
+  saveState(): DeviceState {
+    const joined = (parts: Uint8Array[]) => {
+      const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+      let o = 0;
+      for (const p of parts) {
+        out.set(p, o);
+        o += p.length;
+      }
+      return out;
+    };
+    return {
+      type: CONSOLE_STATE_TYPE,
+      version: CONSOLE_STATE_VERSION,
+      data: {
+        features: featuresField(this.features),
+        maxPorts: this.maxPorts,
+        cols: this.#size.cols,
+        rows: this.#size.rows,
+        driverReady: this.#driverReady,
+        ports: this.#ports.map((p) => ({
+          name: p.name,
+          added: p.added,
+          guestConnected: p.guestConnected,
+          pending: joined(p.pending),
+        })),
+        controlOut: this.#controlOut.map((m) => m.slice()),
+        stats: { ...this.#stats },
+      },
+    };
+  }
+
+  /**
+   * Take a saved state into a device not yet activated. Ports opened after construction are created
+   * again by name; host code finds them with openPort(name).
+   */
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, CONSOLE_STATE_TYPE, CONSOLE_STATE_VERSION), "virtio-console state");
+    const what = "virtio-console";
+    if (this.#queues.length > 0) throw new StateError(`${what}: restore into a device a driver has activated`);
+    const features = stateString(d.features, `${what} features`);
+    if (features !== featuresField(this.features)) {
+      throw new StateError(`${what}: saved features ${features}, this device offers ${featuresField(this.features)}`);
+    }
+    const maxPorts = stateInteger(d.maxPorts, `${what} maxPorts`, 1, 0x7fff);
+    if (maxPorts !== this.maxPorts) {
+      throw new StateError(`${what}: saved ${maxPorts} ports, this device has ${this.maxPorts}`);
+    }
+    const cols = stateInteger(d.cols, `${what} cols`, 0, 0xffff);
+    const rows = stateInteger(d.rows, `${what} rows`, 0, 0xffff);
+    const driverReady = stateBoolean(d.driverReady, `${what} driverReady`);
+    const saved = stateArray(d.ports, `${what} ports`).map((v, id) => {
+      const p = stateRecord(v, `${what} port ${id}`);
+      const pending = stateBytes(p.pending, `${what} port ${id} pending`);
+      if (pending.length > this.#inputLimit) {
+        throw new StateError(
+          `${what} port ${id}: ${pending.length} bytes of input, beyond the ${this.#inputLimit}-byte limit`,
+        );
+      }
+      return {
+        name: stateString(p.name, `${what} port ${id} name`),
+        added: stateBoolean(p.added, `${what} port ${id} added`),
+        guestConnected: stateBoolean(p.guestConnected, `${what} port ${id} guestConnected`),
+        pending,
+      };
+    });
+    if (saved.length < 1 || saved.length > this.maxPorts || saved[0].name !== "") {
+      throw new StateError(`${what}: ${saved.length} ports saved (port 0 the console, at most ${this.maxPorts})`);
+    }
+    if (saved.length < this.#ports.length) {
+      throw new StateError(`${what}: ${saved.length} ports saved, this device was built with ${this.#ports.length}`);
+    }
+    saved.forEach((p, id) => {
+      if (id < this.#ports.length && this.#ports[id].name !== p.name) {
+        throw new StateError(`${what}: saved port ${id} is "${p.name}", this device's is "${this.#ports[id].name}"`);
+      }
+      if (id > 0 && saved.findIndex((q) => q.name === p.name) !== id) {
+        throw new StateError(`${what}: port name "${p.name}" saved twice`);
+      }
+    });
+    const controlOut = stateArray(d.controlOut, `${what} controlOut`).map((v: StateValue) => {
+      const m = stateBytes(v, `${what} control message`);
+      if (m.length < CONSOLE_CTRL_SIZE || m.length > CONSOLE_CTRL_SIZE + MAX_PORT_NAME) {
+        throw new StateError(`${what}: a control message of ${m.length} bytes`);
+      }
+      return m.slice();
+    });
+    const stats = stateCounters(d.stats, STAT_NAMES, what);
+    for (const p of saved.slice(this.#ports.length)) {
+      const nameBytes = new TextEncoder().encode(p.name);
+      if (nameBytes.length === 0 || nameBytes.length > MAX_PORT_NAME || nameBytes.includes(0)) {
+        throw new StateError(`${what}: port name "${p.name}" must be 1..${MAX_PORT_NAME} bytes without NUL`);
+      }
+    }
+    // Every field checked: take them (new ports are created without announcing them).
+    for (const p of saved.slice(this.#ports.length)) this.#ports.push(new Port(this, this.#ports.length, p.name));
+    saved.forEach((p, id) => {
+      const port = this.#ports[id];
+      port.added = p.added;
+      port.guestConnected = p.guestConnected;
+      port.pending = p.pending.length > 0 ? [p.pending.slice()] : [];
+      port.pendingBytes = p.pending.length;
+    });
+    this.#size = { cols, rows };
+    this.#driverReady = driverReady;
+    this.#controlOut = controlOut;
+    Object.assign(this.#stats, stats);
   }
 }

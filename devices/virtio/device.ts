@@ -4,6 +4,7 @@
 
 import type { GuestMemory } from "../../core/memory.ts";
 import type { DescriptorChain, Virtqueue } from "./queue.ts";
+import { stateBytes, StateError, stateNumber, stateRecord, stateString, type StateValue } from "../../core/state.ts";
 
 /** Device IDs (virtio 1.2 spec, section 5 "Device Types"). */
 export const VIRTIO_ID_NET = 1;
@@ -53,6 +54,11 @@ export interface ActivateContext {
   queues: (Virtqueue | undefined)[];
   ackedFeatures: bigint;
   interrupt: VirtioInterrupt;
+  /**
+   * The queues continue from a saved state, and the device's own state was restored before
+   * (Stateful.restoreState): carry on from it instead of starting afresh.
+   */
+  restored?: boolean;
 }
 
 export interface VirtioDevice {
@@ -109,4 +115,59 @@ export function serveQueue(
 ): void {
   for (let chain = q.pop(); chain; chain = q.pop()) q.addUsed(chain.head, serve(chain));
   if (q.needsInterrupt()) interrupt?.signalUsedQueue(index);
+}
+
+// ---- Device state helpers ----
+
+/** True when no live queue has a chain taken and not completed. */
+export function queuesQuiescent(queues: readonly (Virtqueue | undefined)[]): boolean {
+  return queues.every((q) => q?.quiescent() ?? true);
+}
+
+/** Feature bits as a state field (state records have no 64-bit integers). */
+export function featuresField(features: bigint): string {
+  return `0x${features.toString(16)}`;
+}
+
+/**
+ * Checks that the saved feature offer and configuration space are this device's own (a restore goes
+ * into a device built from the same configuration); throws StateError naming the difference.
+ */
+export function checkSavedIdentity(
+  what: string,
+  d: { [key: string]: StateValue },
+  features: bigint,
+  config: Uint8Array,
+): void {
+  const saved = stateString(d.features, `${what} features`);
+  if (saved !== featuresField(features)) {
+    throw new StateError(`${what}: saved features ${saved}, this device offers ${featuresField(features)}`);
+  }
+  const cfg = stateBytes(d.config, `${what} config`);
+  if (cfg.length !== config.length || cfg.some((b, i) => b !== config[i])) {
+    throw new StateError(`${what}: the saved configuration space differs from this device's (another configuration?)`);
+  }
+}
+
+/** A device's counters from a state field: each of `names` as a non-negative safe integer. */
+export function stateCounters<N extends string>(
+  value: StateValue | undefined,
+  names: readonly N[],
+  what: string,
+): Record<N, number> {
+  const r = stateRecord(value, `${what} counters`);
+  const out = {} as Record<N, number>;
+  for (const n of names) {
+    const v = stateNumber(r[n], `${what} counter ${n}`, 0, Number.MAX_SAFE_INTEGER);
+    if (!Number.isInteger(v)) throw new StateError(`${what} counter ${n}: ${v} is not an integer`);
+    out[n] = v;
+  }
+  return out;
+}
+
+/** An integer field of a state record within [min, max]; throws StateError otherwise. */
+export function stateInteger(value: StateValue | undefined, what: string, min: number, max: number): number {
+  const v = stateNumber(value, what, min, max);
+  if (!Number.isInteger(v)) throw new StateError(`${what}: ${v} is not an integer`);
+  return v;
 }

@@ -10,14 +10,27 @@
 
 import {
   type ActivateContext,
+  featuresField,
+  queuesQuiescent,
   readConfigSpace,
   serveQueue,
+  stateCounters,
+  stateInteger,
   VIRTIO_COMMON_FEATURES,
   VIRTIO_ID_INPUT,
   type VirtioDevice,
 } from "./device.ts";
 import { type Virtqueue } from "./queue.ts";
 import { RateLimitedLog } from "../../core/log.ts";
+import {
+  type DeviceState,
+  stateArray,
+  stateData,
+  StateError,
+  type Stateful,
+  stateRecord,
+  stateString,
+} from "../../core/state.ts";
 import {
   ABS_MT_POSITION_X,
   ABS_MT_POSITION_Y,
@@ -97,7 +110,7 @@ import {
   REL_Y,
   SYN_REPORT,
 } from "./input/codes.ts";
-import { MT_TRACKING_ID_MAX, MultiTouchSlots } from "./input/multitouch.ts";
+import { MT_TRACKING_ID_MAX, MT_TRACKING_ID_NONE, MultiTouchSlots } from "./input/multitouch.ts";
 
 // ---- virtio_input.h ----
 
@@ -257,7 +270,11 @@ interface Capabilities {
 const STAT_NAMES = ["eventsSent", "batchesQueued", "batchesDropped", "statusEvents", "malformed"] as const;
 type StatName = typeof STAT_NAMES[number];
 
-export class InputDevice implements VirtioDevice {
+/** The kind and layout version of a virtio-input device's saved state. */
+export const INPUT_STATE_TYPE = "virtio-input";
+export const INPUT_STATE_VERSION = 1;
+
+export class InputDevice implements VirtioDevice, Stateful {
   readonly deviceType = VIRTIO_ID_INPUT;
   readonly name = "input";
   readonly queueMaxSizes: readonly number[] = [INPUT_QUEUE_SIZE, INPUT_QUEUE_SIZE];
@@ -638,6 +655,86 @@ export class InputDevice implements VirtioDevice {
     this.#checkSlot(slot);
     if (!this.#touch.isDown(slot)) return true;
     return this.sendEvents(this.#touch.up(slot));
+  }
+
+  // ---- Device state (core/state.ts) ----
+
+  /** False while a buffer is taken from a queue and not yet returned. */
+  quiescent(): boolean {
+    return queuesQuiescent([this.#eventq, this.#statusq]);
+  }
+
+  /**
+   * What the device describes (kind, names, surface), the driver's config selection, the events
+   * waiting for guest buffers (type, code, value triples), the LEDs, the touch contacts and the counters.
+   */
+  saveState(): DeviceState {
+    return {
+      type: INPUT_STATE_TYPE,
+      version: INPUT_STATE_VERSION,
+      data: {
+        features: featuresField(this.features),
+        identity: [this.kind, this.deviceName, this.serial, String(this.width), String(this.height)],
+        select: this.#select,
+        subsel: this.#subsel,
+        pending: this.#pending.flatMap((e) => [e.type, e.code, e.value]),
+        leds: [...this.leds].flat(),
+        slots: [...this.#touch.trackingIds],
+        nextTrackingId: this.#touch.nextTrackingId,
+        stats: { ...this.#stats },
+      },
+    };
+  }
+
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, INPUT_STATE_TYPE, INPUT_STATE_VERSION), "virtio-input state");
+    const what = `virtio-input ${this.kind}`;
+    if (this.#eventq || this.#statusq) throw new StateError(`${what}: restore into a device a driver has activated`);
+    const features = stateString(d.features, `${what} features`);
+    const identity = stateArray(d.identity, `${what} identity`).map((v) => stateString(v, `${what} identity`));
+    const mine = [this.kind, this.deviceName, this.serial, String(this.width), String(this.height)];
+    if (features !== featuresField(this.features) || identity.join("\0") !== mine.join("\0")) {
+      throw new StateError(`${what}: saved as ${identity.join(", ")}; this device is ${mine.join(", ")}`);
+    }
+    const select = stateInteger(d.select, `${what} select`, 0, 0xff);
+    const subsel = stateInteger(d.subsel, `${what} subsel`, 0, 0xff);
+    const flat = stateArray(d.pending, `${what} pending`);
+    if (flat.length % 3 !== 0 || flat.length / 3 > INPUT_MAX_PENDING_EVENTS) {
+      throw new StateError(
+        `${what}: ${flat.length} pending numbers are not at most ${INPUT_MAX_PENDING_EVENTS} events`,
+      );
+    }
+    const pending: InputEvent[] = [];
+    for (let i = 0; i < flat.length; i += 3) {
+      pending.push({
+        type: stateInteger(flat[i], `${what} pending type`, 0, 0xffff),
+        code: stateInteger(flat[i + 1], `${what} pending code`, 0, 0xffff),
+        value: stateInteger(flat[i + 2], `${what} pending value`, -(2 ** 31), 2 ** 31 - 1),
+      });
+    }
+    const ledList = stateArray(d.leds, `${what} leds`);
+    if (ledList.length % 2 !== 0) throw new StateError(`${what}: leds are not code, value pairs`);
+    const leds: [number, number][] = [];
+    for (let i = 0; i < ledList.length; i += 2) {
+      leds.push([
+        stateInteger(ledList[i], `${what} led code`, 0, 0xffff),
+        stateInteger(ledList[i + 1], `${what} led value`, -(2 ** 31), 2 ** 31 - 1),
+      ]);
+    }
+    const slots = stateArray(d.slots, `${what} slots`).map((v) =>
+      stateInteger(v, `${what} slot`, MT_TRACKING_ID_NONE, MT_TRACKING_ID_MAX)
+    );
+    if (slots.length !== INPUT_MT_SLOTS) throw new StateError(`${what}: ${slots.length} touch slots saved`);
+    const nextTrackingId = stateInteger(d.nextTrackingId, `${what} nextTrackingId`, 0, MT_TRACKING_ID_MAX);
+    const stats = stateCounters(d.stats, STAT_NAMES, what);
+    this.#select = select;
+    this.#subsel = subsel;
+    this.#pending.splice(0, this.#pending.length, ...pending);
+    this.leds.clear();
+    for (const [code, value] of leds) this.leds.set(code, value);
+    this.#touch.trackingIds.splice(0, INPUT_MT_SLOTS, ...slots);
+    this.#touch.nextTrackingId = nextTrackingId;
+    Object.assign(this.#stats, stats);
   }
 }
 

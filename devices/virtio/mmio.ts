@@ -7,6 +7,17 @@ import { VIRTQ_MAX_SIZE, Virtqueue } from "./queue.ts";
 import { RateLimitedLog } from "../../core/log.ts";
 import { VIRTIO_F_EVENT_IDX } from "./device.ts";
 import type { GuestMemory } from "../../core/memory.ts";
+import {
+  type DeviceState,
+  stateArray,
+  stateBoolean,
+  stateData,
+  StateError,
+  stateNumber,
+  stateRecord,
+  stateString,
+  type StateValue,
+} from "../../core/state.ts";
 
 // ---- Register offsets (virtio_mmio.h, spec 4.2.2 table "MMIO Device Register Layout") ----
 export const VIRTIO_MMIO_MAGIC_VALUE = 0x000;
@@ -543,4 +554,199 @@ export class VirtioMmioTransport {
     }
     this.device.queueNotify(queueIndex);
   }
+
+  // ---- Device state (core/state.ts) ----
+
+  /** The register file holds no request in flight: its state is complete at any time (the device reports its own). */
+  quiescent(): boolean {
+    return true;
+  }
+
+  /** The registers the driver set up, the negotiated features, interrupt state and each live ring's state. */
+  saveState(): DeviceState {
+    const queues: StateValue[] = this.#queues.map((q, i) => ({
+      num: q.num,
+      ready: q.ready,
+      desc: q.desc,
+      avail: q.avail,
+      used: q.used,
+      reset: q.reset,
+      ring: ringState(this.#active?.[i]),
+    }));
+    return {
+      type: VIRTIO_MMIO_STATE_TYPE,
+      version: VIRTIO_MMIO_STATE_VERSION,
+      data: {
+        deviceType: this.device.deviceType,
+        status: this.#status,
+        deviceFeaturesSel: this.#deviceFeaturesSel,
+        driverFeaturesSel: this.#driverFeaturesSel,
+        driverFeatures: `0x${this.#driverFeatures.toString(16)}`,
+        ackedFeatures: `0x${this.#acked.toString(16)}`,
+        queueSel: this.#queueSel,
+        shmSel: this.#shmSel,
+        interruptStatus: this.interruptStatus,
+        configGeneration: this.#configGeneration,
+        active: this.#active !== null,
+        earlyNotifies: [...this.#earlyNotifies],
+        queues,
+      },
+    };
+  }
+
+  /**
+   * Continue from a saved state, on a transport not yet touched by a driver. The device's own state is
+   * restored first; when the saved driver had set DRIVER_OK, the device is then activated with the
+   * restored rings (ActivateContext.restored).
+   */
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, VIRTIO_MMIO_STATE_TYPE, VIRTIO_MMIO_STATE_VERSION), "virtio-mmio state");
+    const what = `virtio-mmio ${this.device.name}`;
+    if (this.#status !== 0 || this.#active) {
+      throw new StateError(`${what}: restore into a transport a driver has set up`);
+    }
+    const deviceType = stateNumber(d.deviceType, `${what} deviceType`);
+    if (deviceType !== this.device.deviceType) {
+      throw new StateError(`${what}: a state of device type ${deviceType} for device type ${this.device.deviceType}`);
+    }
+    const u32 = (v: StateValue | undefined, name: string) => {
+      const n = stateNumber(v, `${what} ${name}`, 0, U32 - 1);
+      if (!Number.isInteger(n)) throw new StateError(`${what} ${name}: ${n} is not an integer`);
+      return n;
+    };
+    const features = (v: StateValue | undefined, name: string) => {
+      const text = stateString(v, `${what} ${name}`);
+      if (!/^0x[0-9a-f]{1,16}$/.test(text)) {
+        throw new StateError(`${what} ${name}: "${text}" is not a 64-bit hex value`);
+      }
+      return BigInt(text);
+    };
+    const status = u32(d.status, "status");
+    if (status > 0xff) throw new StateError(`${what} status: 0x${status.toString(16)} is wider than a byte`);
+    const driverFeatures = features(d.driverFeatures, "driverFeatures");
+    const acked = features(d.ackedFeatures, "ackedFeatures");
+    const offered = this.device.features;
+    if ((acked & ~offered) !== 0n) {
+      throw new StateError(
+        `${what}: negotiated features 0x${acked.toString(16)} are not all offered (0x${offered.toString(16)})`,
+      );
+    }
+    if ((status & VIRTIO_STATUS_FEATURES_OK) && !(acked & VIRTIO_F_VERSION_1)) {
+      throw new StateError(`${what}: FEATURES_OK without VERSION_1 negotiated`);
+    }
+    const interruptStatus = u32(d.interruptStatus, "interruptStatus");
+    if (interruptStatus & ~(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG)) {
+      throw new StateError(`${what} interruptStatus: unknown bits 0x${interruptStatus.toString(16)}`);
+    }
+    const active = stateBoolean(d.active, `${what} active`);
+    if (active && !(status & VIRTIO_STATUS_DRIVER_OK)) throw new StateError(`${what}: active without DRIVER_OK`);
+    const savedQueues = stateArray(d.queues, `${what} queues`);
+    const maxSizes = this.device.queueMaxSizes;
+    if (savedQueues.length !== maxSizes.length) {
+      throw new StateError(`${what}: ${savedQueues.length} queues saved, the device has ${maxSizes.length}`);
+    }
+    const addr = (v: StateValue | undefined, name: string) => {
+      const n = stateNumber(v, `${what} ${name}`, 0, U32 * U32);
+      if (!Number.isInteger(n)) throw new StateError(`${what} ${name}: ${n} is not an integer`);
+      return n;
+    };
+    const queues: QueueState[] = [];
+    const rings: (StateValue | null)[] = [];
+    savedQueues.forEach((v, i) => {
+      const q = stateRecord(v, `${what} queue ${i}`);
+      const qs: QueueState = {
+        num: u32(q.num, `queue ${i} num`),
+        ready: stateBoolean(q.ready, `${what} queue ${i} ready`),
+        desc: addr(q.desc, `queue ${i} desc`),
+        avail: addr(q.avail, `queue ${i} avail`),
+        used: addr(q.used, `queue ${i} used`),
+        reset: stateBoolean(q.reset, `${what} queue ${i} reset`),
+      };
+      if (qs.ready) {
+        const addrs = { size: qs.num, descTable: qs.desc, availRing: qs.avail, usedRing: qs.used };
+        const why = qs.num > maxSizes[i]
+          ? `size ${qs.num} exceeds QueueNumMax ${maxSizes[i]}`
+          : Virtqueue.validate(this.#mem, addrs);
+        if (why) throw new StateError(`${what} queue ${i}: ${why}`);
+      }
+      const ring = q.ring ?? null;
+      if (ring !== null && !(active && qs.ready)) {
+        throw new StateError(`${what} queue ${i}: a ring state for a queue that is not live`);
+      }
+      queues.push(qs);
+      rings.push(ring);
+    });
+    const early = stateArray(d.earlyNotifies, `${what} earlyNotifies`).map((v) => {
+      const i = u32(v, "earlyNotifies entry");
+      if (i >= maxSizes.length || !queues[i].ready) {
+        throw new StateError(`${what}: early notify of queue ${i}, not ready`);
+      }
+      return i;
+    });
+    const live: (Virtqueue | undefined)[] = [];
+    if (active) {
+      const eventIdx = (acked & VIRTIO_F_EVENT_IDX) !== 0n;
+      queues.forEach((q, i) => {
+        const ring = rings[i];
+        if (ring === null) {
+          live.push(undefined);
+          return;
+        }
+        const r = stateRecord(ring, `${what} queue ${i} ring`);
+        const vq = new Virtqueue(
+          this.#mem,
+          i,
+          { size: q.num, descTable: q.desc, availRing: q.avail, usedRing: q.used },
+          {
+            eventIdx,
+          },
+        );
+        vq.restoreState({
+          type: stateString(r.type, `${what} queue ${i} ring type`),
+          version: stateNumber(r.version, `${what} queue ${i} ring version`),
+          data: r.data ?? null,
+        });
+        live.push(vq);
+      });
+    }
+    // Every field checked: take them.
+    this.#status = status;
+    this.#deviceFeaturesSel = u32(d.deviceFeaturesSel, "deviceFeaturesSel");
+    this.#driverFeaturesSel = u32(d.driverFeaturesSel, "driverFeaturesSel");
+    this.#driverFeatures = driverFeatures;
+    this.#acked = acked;
+    this.#queueSel = u32(d.queueSel, "queueSel");
+    this.#shmSel = u32(d.shmSel, "shmSel");
+    this.#configGeneration = u32(d.configGeneration, "configGeneration");
+    this.#queues = queues;
+    this.#earlyNotifies.clear();
+    for (const i of early) this.#earlyNotifies.add(i);
+    Atomics.store(this.#isr, this.#isrIndex, interruptStatus);
+    if (!active) return;
+    try {
+      this.device.activate({
+        mem: this.#mem,
+        queues: live,
+        ackedFeatures: acked,
+        interrupt: this.#interrupt,
+        restored: true,
+      });
+    } catch (e) {
+      this.device.reset();
+      this.#resetState();
+      throw new StateError(`${what}: the device refused the restored queues: ${(e as Error).message}`);
+    }
+    this.#active = live;
+  }
+}
+
+/** The kind and layout version of a virtio-mmio transport's saved state. */
+export const VIRTIO_MMIO_STATE_TYPE = "virtio-mmio";
+export const VIRTIO_MMIO_STATE_VERSION = 1;
+
+/** A live ring's saved state as a field of the transport's record. */
+function ringState(q: Virtqueue | undefined): StateValue {
+  if (!q) return null;
+  const { type, version, data } = q.saveState();
+  return { type, version, data };
 }

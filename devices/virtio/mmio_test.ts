@@ -48,6 +48,7 @@ import {
   VirtioMmioTransport,
 } from "./mmio.ts";
 import { guestLog } from "../../core/log.ts";
+import { decodeState, type DeviceState, encodeState, StateError, type StateValue } from "../../core/state.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../test/support/virtio_driver.ts";
 
 const DEVICE_FEATURE_BIT_3 = 1n << 3n;
@@ -402,4 +403,114 @@ Deno.test("InterruptStatus and InterruptACK as a vCPU answers them: from the sha
     () => virtioInterruptRegisters({ cells, bases: [0xd000_0000, 0xd000_0800], windowSize: WINDOW }, run),
     RangeError,
   );
+});
+
+// ---- Saved state ----
+
+/** Registers a driver can read back, per queue and globally. */
+function visibleRegisters(drv: VirtioTestDriver, queues: number): number[] {
+  const out = [VIRTIO_MMIO_STATUS, VIRTIO_MMIO_INTERRUPT_STATUS, VIRTIO_MMIO_CONFIG_GENERATION].map((r) =>
+    drv.readReg(r)
+  );
+  const sel = drv.readReg(VIRTIO_MMIO_DEVICE_FEATURES);
+  for (let i = 0; i < queues; i++) {
+    drv.writeReg(VIRTIO_MMIO_QUEUE_SEL, i);
+    out.push(drv.readReg(VIRTIO_MMIO_QUEUE_READY), drv.readReg(VIRTIO_MMIO_QUEUE_RESET));
+  }
+  return [...out, sel];
+}
+
+Deno.test("state: a running transport restores into a fresh one; the device continues on the same rings", () => {
+  using s = setup();
+  s.drv.init({ features: ~DEVICE_FEATURE_BIT_3 });
+  const q0 = s.drv.queues[0];
+  for (let i = 0; i < 3; i++) {
+    const sub = q0.submit([Uint8Array.of(i), 8]);
+    const c = s.dev.ctx!.queues[0]!.pop()!;
+    assert.equal(c.head, sub.head);
+    s.dev.ctx!.queues[0]!.addUsed(c.head, 5);
+    s.dev.ctx!.interrupt.signalUsedQueue(0);
+  }
+  q0.used();
+  s.t.configChanged();
+  s.drv.writeReg(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+  s.drv.writeReg(VIRTIO_MMIO_SHM_SEL, 3);
+  const saved = s.t.saveState();
+  const before = visibleRegisters(s.drv, 2);
+
+  const dev2 = new FakeDevice();
+  const t2 = new VirtioMmioTransport(dev2, s.g.mem, { irq: { trigger: () => {} } });
+  t2.restoreState(decodeState(encodeState(saved)));
+  const drv2 = s.drv.attach(t2);
+  assert.deepEqual(visibleRegisters(drv2, 2), before);
+  assert.deepEqual(t2.saveState(), saved, "the whole register file came back");
+  assert.ok(dev2.ctx?.restored, "the device was activated as restored");
+  assert.equal(dev2.ctx.ackedFeatures, s.t.ackedFeatures);
+  assert.equal(dev2.ctx.ackedFeatures & DEVICE_FEATURE_BIT_3, 0n);
+  // The next request is taken from where the first transport stopped and completes at used index 3.
+  const sub = q0.submit([Uint8Array.of(9), 8]);
+  drv2.kick(0);
+  assert.deepEqual(dev2.notified, [0]);
+  const rq = dev2.ctx.queues[0]!;
+  const c = rq.pop()!;
+  assert.equal(c.head, sub.head);
+  rq.addUsed(c.head, 7);
+  assert.deepEqual(q0.used(), [{ id: sub.head, len: 7 }]);
+  assert.equal(q0.usedIdx(), 4);
+  assert.equal(drv2.ackInterrupt(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+  assert.ok(t2.quiescent());
+});
+
+Deno.test("state: a transport saved before DRIVER_OK keeps the early kick and activates later", () => {
+  using s = setup();
+  s.drv.negotiate();
+  s.drv.setupQueue(0);
+  s.drv.kick(0); // before DRIVER_OK: held for activation
+  const saved = decodeState(encodeState(s.t.saveState()));
+  const dev2 = new FakeDevice();
+  const t2 = new VirtioMmioTransport(dev2, s.g.mem, { irq: { trigger: () => {} } });
+  t2.restoreState(saved);
+  assert.equal(dev2.ctx, undefined, "not activated yet");
+  const drv2 = s.drv.attach(t2);
+  drv2.setupQueue(1);
+  drv2.driverOk();
+  const ctx = dev2.ctx as ActivateContext | undefined;
+  assert.ok(ctx);
+  assert.ok(!ctx.restored);
+  assert.deepEqual(dev2.notified, [0]);
+});
+
+Deno.test("state: a wrong type, version, device or malformed field is refused with StateError", () => {
+  using s = setup();
+  s.drv.init();
+  const good = s.t.saveState();
+  const data = good.data as Record<string, StateValue>;
+  const queues = data.queues as Record<string, StateValue>[];
+  const fresh = () => new VirtioMmioTransport(new FakeDevice(), s.g.mem, { irq: { trigger: () => {} } });
+  const bad: [string, DeviceState][] = [
+    ["type", { ...good, type: "virtqueue" }],
+    ["version", { ...good, version: 0 }],
+    ["deviceType", { ...good, data: { ...data, deviceType: 2 } }],
+    ["queue count", { ...good, data: { ...data, queues: queues.slice(0, 1) } }],
+    ["features not offered", { ...good, data: { ...data, ackedFeatures: "0x100000000ffffffff" } }],
+    ["features text", { ...good, data: { ...data, driverFeatures: "12" } }],
+    ["status", { ...good, data: { ...data, status: 0x100 } }],
+    ["interrupt bits", { ...good, data: { ...data, interruptStatus: 4 } }],
+    ["queue size", { ...good, data: { ...data, queues: [{ ...queues[0], num: 128 }, queues[1]] } }],
+    ["queue outside memory", { ...good, data: { ...data, queues: [{ ...queues[0], used: 2 ** 40 }, queues[1]] } }],
+    ["ring of a disabled queue", { ...good, data: { ...data, queues: [queues[0], { ...queues[1], ready: false }] } }],
+    ["ring index", {
+      ...good,
+      data: {
+        ...data,
+        queues: [{ ...queues[0], ring: { ...(queues[0].ring as Record<string, StateValue>), data: null } }, queues[1]],
+      },
+    }],
+    ["early notify", { ...good, data: { ...data, earlyNotifies: [7] } }],
+    ["selector", { ...good, data: { ...data, queueSel: -1 } }],
+  ];
+  for (const [what, st] of bad) assert.throws(() => fresh().restoreState(st), StateError, what);
+  // A transport a driver already set up is not a restore target.
+  assert.throws(() => s.t.restoreState(good), StateError);
+  fresh().restoreState(good);
 });

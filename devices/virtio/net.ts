@@ -19,8 +19,12 @@
 
 import {
   type ActivateContext,
+  checkSavedIdentity,
+  featuresField,
+  queuesQuiescent,
   readConfigSpace,
   serveQueue,
+  stateCounters,
   VIRTIO_COMMON_FEATURES,
   VIRTIO_ID_NET,
   type VirtioDevice,
@@ -29,6 +33,7 @@ import {
 import { ChainError, type DescriptorChain, type Virtqueue } from "./queue.ts";
 import { RateLimitedLog } from "../../core/log.ts";
 import { GuestMemoryError } from "../../core/memory.ts";
+import { type DeviceState, stateBytes, stateData, StateError, type Stateful, stateRecord } from "../../core/state.ts";
 import {
   closeFd,
   eventfd,
@@ -142,7 +147,11 @@ export function formatMac(m: Uint8Array): string {
   return [...m].map((b) => b.toString(16).padStart(2, "0")).join(":");
 }
 
-export class NetDevice implements VirtioDevice {
+/** The kind and layout version of a virtio-net device's saved state. */
+export const NET_STATE_TYPE = "virtio-net";
+export const NET_STATE_VERSION = 1;
+
+export class NetDevice implements VirtioDevice, Stateful {
   readonly deviceType = VIRTIO_ID_NET;
   readonly name = "net";
   readonly queueMaxSizes: readonly number[] = [NET_QUEUE_SIZE, NET_QUEUE_SIZE];
@@ -230,6 +239,8 @@ export class NetDevice implements VirtioDevice {
     } catch (e) {
       this.#log.log(`cannot set tap offloads: ${(e as Error).message}`);
     }
+    // A frame held over (from before a restore) goes to the guest first.
+    if (this.#pendingLen > 0) this.#drainRx();
     this.#wakeLoop();
     // Frames the driver queued before DRIVER_OK.
     if (this.#tx) this.queueNotify(NET_TX_QUEUE);
@@ -442,5 +453,52 @@ export class NetDevice implements VirtioDevice {
     this.#stats.rxPackets++;
     this.#stats.rxBytes += len - VIRTIO_NET_HDR_SIZE;
     return len;
+  }
+
+  // ---- Device state (core/state.ts) ----
+
+  /** False while a chain is taken from a queue and not yet returned. */
+  quiescent(): boolean {
+    return queuesQuiescent([this.#rx, this.#tx]);
+  }
+
+  /**
+   * The configuration space (the MAC, random when none was configured), the feature offer, the
+   * received frame waiting for a guest buffer and the counters. The tap is the host's and stays.
+   */
+  saveState(): DeviceState {
+    return {
+      type: NET_STATE_TYPE,
+      version: NET_STATE_VERSION,
+      data: {
+        features: featuresField(this.features),
+        config: this.#config(),
+        pendingFrame: this.#rxBuf.slice(0, this.#pendingLen),
+        stats: { ...this.#stats },
+      },
+    };
+  }
+
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, NET_STATE_TYPE, NET_STATE_VERSION), "virtio-net state");
+    const what = `virtio-net ${this.tapName}`;
+    if (this.#rx || this.#tx) throw new StateError(`${what}: restore into a device a driver has activated`);
+    const cfg = stateBytes(d.config, `${what} config`, NET_CONFIG_SIZE);
+    // The MAC is the guest's (a random one was drawn when none was configured); the rest must match.
+    const mine = this.#config();
+    mine.set(cfg.subarray(NET_CFG_MAC, NET_CFG_MAC + ETH_ALEN), NET_CFG_MAC);
+    checkSavedIdentity(what, d, this.features, mine);
+    if (cfg[NET_CFG_MAC] & 0x01) {
+      throw new StateError(`${what}: saved MAC ${formatMac(cfg.subarray(0, ETH_ALEN))} is multicast`);
+    }
+    const frame = stateBytes(d.pendingFrame, `${what} pendingFrame`);
+    if (frame.length !== 0 && (frame.length <= VIRTIO_NET_HDR_SIZE || frame.length > this.#rxBuf.length)) {
+      throw new StateError(`${what}: a held frame of ${frame.length} bytes`);
+    }
+    const stats = stateCounters(d.stats, STAT_NAMES, what);
+    this.mac.set(cfg.subarray(NET_CFG_MAC, NET_CFG_MAC + ETH_ALEN));
+    this.#rxBuf.set(frame);
+    this.#pendingLen = frame.length;
+    Object.assign(this.#stats, stats);
   }
 }

@@ -13,6 +13,7 @@ import {
   NET_CFG_MAC,
   NET_CFG_MAX_VQ_PAIRS,
   NET_CFG_STATUS,
+  NET_CONFIG_SIZE,
   NET_HDR_CSUM_OFFSET,
   NET_HDR_CSUM_START,
   NET_HDR_FLAGS,
@@ -38,7 +39,8 @@ import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "./
 import { configureInterface, interfaceMtu, openTap } from "../../ffi/tun.ts";
 import { parseDeviceArgs, parseNetArgs } from "../../vmm/cli/devices/net.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../test/support/virtio_driver.ts";
-import { captureVirtioLog, mmioRig } from "../../test/support/device_rig.ts";
+import { captureVirtioLog, mmioRig, reattachRig, roundTrip } from "../../test/support/device_rig.ts";
+import { StateError, type StateValue } from "../../core/state.ts";
 
 const NETNS_ENV = "DENOVM_NET_TEST_NETNS";
 const inner = Deno.env.get(NETNS_ENV);
@@ -385,7 +387,7 @@ if (!inner) {
         const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
         console.log(text.split("\n").filter((l) => / \.\.\. |^ok |FAILED|passed|error/i.test(l)).join("\n"));
         assert.ok(out.success, `the tests inside the namespace failed:\n${text}`);
-        assert.match(text, /ok \| 7 passed/, "every inner test ran");
+        assert.match(text, /ok \| 8 passed/, "every inner test ran");
       } finally {
         await new Deno.Command("ip", { args: ["netns", "del", ns] }).output();
       }
@@ -602,6 +604,93 @@ if (inner) {
       const used = q.usedIdx();
       assert.ok(used >= 2);
     } finally {
+      await r.close();
+    }
+  });
+
+  Deno.test("state: a fresh device on the same tap keeps the MAC, delivers a held frame and continues the rings", async () => {
+    const r = rig({ repost: false });
+    let dev2: NetDevice | undefined;
+    try {
+      r.postRx(4);
+      const hostMac = await resolveHost(r);
+      r.postRx(2);
+      assert.ok(r.dev.quiescent());
+      const cfg = r.drv.readConfig(0, NET_CONFIG_SIZE);
+      const rxq = r.drv.queues[NET_RX_QUEUE];
+      const rxUsed = rxq.usedIdx();
+      const saved = roundTrip(r.dev.saveState());
+      const tState = roundTrip(r.drv.transport.saveState());
+      // A frame the device had read from the tap and not yet delivered (a stall), as the state holds it.
+      const held = concat(
+        new Uint8Array(VIRTIO_NET_HDR_SIZE),
+        GUEST_MAC_BYTES,
+        hostMac,
+        [0x88, 0xb5],
+        new Uint8Array(46).fill(7),
+      );
+      const withFrame = { ...saved, data: { ...(saved.data as Record<string, StateValue>), pendingFrame: held } };
+      r.dev.close();
+      await r.dev.done;
+      dev2 = new NetDevice({ tapName: TAP }); // a random MAC until the state says otherwise
+      configureInterface(TAP, { ip: HOST_IP.join("."), netmask: "255.255.255.0" });
+      for (
+        const [what, patch] of [
+          ["frame", { pendingFrame: new Uint8Array(5) }],
+          ["multicast MAC", { config: Uint8Array.from([1, 0, 0, 0, 0, 2, 1, 0, 1, 0]) }],
+          ["config", { config: new Uint8Array(NET_CONFIG_SIZE) }],
+          ["features", { features: "0x1" }],
+          ["stats", { stats: null }],
+        ] as [string, Record<string, StateValue>][]
+      ) {
+        const st = { ...saved, data: { ...(saved.data as Record<string, StateValue>), ...patch } };
+        assert.throws(() => dev2!.restoreState(st), StateError, what);
+      }
+      assert.throws(() => dev2!.restoreState({ ...saved, version: 2 }), StateError);
+      const to = reattachRig({ t: r.drv.transport, drv: r.drv, irqs: r.irqs }, dev2, r.g.mem);
+      dev2.restoreState(withFrame);
+      to.t.restoreState(tState);
+      assert.deepEqual(to.drv.readConfig(0, NET_CONFIG_SIZE), cfg, "the same MAC and status");
+      assert.deepEqual(dev2.mac, GUEST_MAC_BYTES);
+      // The held frame went into the next receive buffer at activation.
+      r.collect();
+      assert.equal(rxq.usedIdx(), (rxUsed + 1) & 0xffff);
+      const f = r.received.at(-1)!;
+      assert.deepEqual(f.frame, held.subarray(VIRTIO_NET_HDR_SIZE));
+      // Transmit and receive go on through the restored device.
+      r.postRx(4);
+      to.drv.kick(NET_RX_QUEUE);
+      const txq = r.drv.queues[NET_TX_QUEUE];
+      const send = (frame: Uint8Array) => {
+        const sub = txq.submit([hdr(), frame]);
+        to.drv.kick(NET_TX_QUEUE);
+        assert.deepEqual(txq.used(), [{ id: sub.head, len: 0 }]);
+      };
+      // The tap is a new interface (the old one went with the first device's fd): a new host MAC.
+      send(arpRequest());
+      const newHostMac = (await r.waitFrame(isArpReply, "the ARP reply through the restored device")).frame.slice(
+        22,
+        28,
+      );
+      send(icmpEcho(newHostMac, 9, 1, Uint8Array.of(5, 6)));
+      let echo: RxFrame | undefined;
+      const end = Date.now() + HANG_GUARD_MS;
+      while (!echo) {
+        r.collect();
+        const ai = r.received.findIndex(isArpRequestForGuest);
+        if (ai >= 0) send(arpReply(r.received.splice(ai, 1)[0].frame.slice(22, 28)));
+        const i = r.received.findIndex(isEchoReply(9, 1));
+        if (i >= 0) echo = r.received.splice(i, 1)[0];
+        else if (Date.now() > end) assert.fail(`no echo reply; stats ${JSON.stringify(dev2.stats())}`);
+        else await new Promise((res) => setTimeout(res, 5));
+      }
+      assert.deepEqual([...echo.frame.subarray(ETH_HLEN + IPV4_HLEN + 8)], [5, 6]);
+      assert.ok(dev2.stats().rxPackets >= 2 && dev2.stats().txPackets >= 2, "counters continue");
+      assert.ok(dev2.quiescent());
+      assert.throws(() => dev2!.restoreState(saved), StateError, "the device is active");
+    } finally {
+      dev2?.close();
+      await dev2?.done;
       await r.close();
     }
   });

@@ -5,6 +5,15 @@
 
 import { type GuestMemory, GuestMemoryError } from "../../core/memory.ts";
 import { RateLimitedLog } from "../../core/log.ts";
+import {
+  type DeviceState,
+  stateBoolean,
+  stateData,
+  StateError,
+  type Stateful,
+  stateNumber,
+  stateRecord,
+} from "../../core/state.ts";
 
 // ---- Layout numbers (virtio 1.2 section 2.7.5 "The Virtqueue Descriptor Table") ----
 
@@ -223,8 +232,15 @@ export interface QueueAddresses {
 
 class MalformedChain extends Error {}
 
-/** A split virtqueue, device side. */
-export class Virtqueue {
+/** The kind and layout version of a virtqueue's saved state. */
+export const VIRTQUEUE_STATE_TYPE = "virtqueue";
+export const VIRTQUEUE_STATE_VERSION = 1;
+
+/**
+ * A split virtqueue, device side. It exists only while the driver has the queue enabled (the transport
+ * keeps the ready flag); its state is the ring's place and size plus the device's indices into it.
+ */
+export class Virtqueue implements Stateful {
   readonly index: number;
   readonly size: number;
   readonly addrs: Readonly<QueueAddresses>;
@@ -242,6 +258,8 @@ export class Virtqueue {
   /** nextUsed when needsInterrupt last returned (the "old" index of vring_need_event). */
   #signalledUsed = 0;
   #notify = true;
+  /** Chains returned by pop() and not yet given back with addUsed(). */
+  #inFlight = 0;
 
   /** Free-running 16-bit index of the next available entry to take (vhost-user GET/SET_VRING_BASE). */
   get nextAvail(): number {
@@ -328,10 +346,13 @@ export class Virtqueue {
       this.nextAvail = (this.nextAvail + 1) % U16;
       if (this.eventIdx && this.#notify) this.#writeAvailEvent();
       try {
-        return this.#walk(head);
+        const chain = this.#walk(head);
+        this.#inFlight++;
+        return chain;
       } catch (e) {
         if (!(e instanceof MalformedChain) && !(e instanceof GuestMemoryError)) throw e;
         this.malformed++;
+        this.#inFlight++; // the addUsed below completes it
         this.lastError = `malformed chain at head ${head}: ${e.message}; completed with length 0`;
         this.#log.log(this.lastError);
         this.addUsed(head, 0);
@@ -431,6 +452,7 @@ export class Virtqueue {
     mem.setU32(elem + VIRTQ_USED_ELEM_ID, head);
     mem.setU32(elem + VIRTQ_USED_ELEM_LEN, len >>> 0);
     this.#nextUsed = (this.#nextUsed + 1) % U16;
+    if (this.#inFlight > 0) this.#inFlight--;
     // x86 keeps stores in order: the element is visible before the index that publishes it.
     mem.setU16(this.addrs.usedRing + VIRTQ_USED_IDX, this.#nextUsed);
   }
@@ -481,6 +503,76 @@ export class Virtqueue {
   enableNotification(): boolean {
     this.setNotification(true);
     return this.hasAvailable();
+  }
+
+  /** Chains taken from the ring (pop) and not yet completed (addUsed). */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
+  /** True when every chain taken from the ring has been completed. */
+  quiescent(): boolean {
+    return this.#inFlight === 0;
+  }
+
+  /** Where the ring is, the device's indices into it and the interrupt/kick suppression state. */
+  saveState(): DeviceState {
+    return {
+      type: VIRTQUEUE_STATE_TYPE,
+      version: VIRTQUEUE_STATE_VERSION,
+      data: {
+        index: this.index,
+        size: this.size,
+        descTable: this.addrs.descTable,
+        availRing: this.addrs.availRing,
+        usedRing: this.addrs.usedRing,
+        eventIdx: this.eventIdx,
+        nextAvail: this.#nextAvail,
+        nextUsed: this.#nextUsed,
+        signalledUsed: this.#signalledUsed,
+        notify: this.#notify,
+        inFlight: this.#inFlight,
+        malformed: this.malformed,
+      },
+    };
+  }
+
+  /**
+   * Continue from a saved state. The queue must have been built for the same ring (index, size,
+   * addresses, EVENT_IDX): the transport rebuilds it from its own saved registers first.
+   */
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, VIRTQUEUE_STATE_TYPE, VIRTQUEUE_STATE_VERSION), "virtqueue state");
+    const what = `virtqueue ${this.index}`;
+    const same: [string, number | boolean, number | boolean][] = [
+      ["index", stateNumber(d.index, `${what} index`), this.index],
+      ["size", stateNumber(d.size, `${what} size`), this.size],
+      ["descTable", stateNumber(d.descTable, `${what} descTable`), this.addrs.descTable],
+      ["availRing", stateNumber(d.availRing, `${what} availRing`), this.addrs.availRing],
+      ["usedRing", stateNumber(d.usedRing, `${what} usedRing`), this.addrs.usedRing],
+      ["eventIdx", stateBoolean(d.eventIdx, `${what} eventIdx`), this.eventIdx],
+    ];
+    for (const [name, saved, mine] of same) {
+      if (saved !== mine) throw new StateError(`${what}: saved ${name} ${saved} is not this queue's ${mine}`);
+    }
+    const nextAvail = stateNumber(d.nextAvail, `${what} nextAvail`, 0, 0xffff);
+    const nextUsed = stateNumber(d.nextUsed, `${what} nextUsed`, 0, 0xffff);
+    const signalledUsed = stateNumber(d.signalledUsed, `${what} signalledUsed`, 0, 0xffff);
+    const notify = stateBoolean(d.notify, `${what} notify`);
+    const inFlight = stateNumber(d.inFlight, `${what} inFlight`, 0, this.size);
+    const malformed = stateNumber(d.malformed, `${what} malformed`, 0);
+    for (const [name, v] of [["nextAvail", nextAvail], ["nextUsed", nextUsed], ["signalledUsed", signalledUsed]]) {
+      if (!Number.isInteger(v)) throw new StateError(`${what} ${name}: ${v} is not an integer`);
+    }
+    if (!Number.isInteger(inFlight) || !Number.isSafeInteger(malformed)) {
+      throw new StateError(`${what}: inFlight ${inFlight} and malformed ${malformed} must be integers`);
+    }
+    this.#nextAvail = nextAvail;
+    this.#nextUsed = nextUsed;
+    this.#signalledUsed = signalledUsed;
+    this.#notify = notify;
+    this.#inFlight = inFlight;
+    this.malformed = malformed;
   }
 
   /**

@@ -7,6 +7,7 @@ import { ChainError, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRIT
 import { guestLog } from "../../core/log.ts";
 import { VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY } from "./queue.ts";
 import { RateLimitedLog } from "../../core/log.ts";
+import { decodeState, type DeviceState, encodeState, StateError, type StateValue } from "../../core/state.ts";
 import { DriverQueue, GuardedGuestMemory, GuestAllocator } from "../../test/support/virtio_driver.ts";
 
 const MiB = 1024 * 1024;
@@ -381,4 +382,85 @@ Deno.test("property: a device writing every writable byte of hostile chains stay
     }),
     { numRuns: 300 },
   );
+});
+
+// ---- Saved state ----
+
+Deno.test("state: a restored queue continues at the saved indices, with EVENT_IDX suppression intact", () => {
+  using f = fixture(8, true);
+  // Nine chains through an 8-entry ring: the indices are past a wrap of the ring.
+  for (let i = 0; i < 9; i++) {
+    f.dq.submit([bytes(i), 4]);
+    const c = f.q.pop()!;
+    f.q.addUsed(c.head, 1);
+    f.dq.used();
+  }
+  f.dq.setUsedEvent(8); // an interrupt once entry 8 is used
+  assert.equal(f.q.needsInterrupt(), true);
+  f.dq.setUsedEvent(9); // and the next once entry 9 is used
+  const pending = f.dq.submit([bytes(42), 4]); // published, not taken yet
+  const state = decodeState(encodeState(f.q.saveState()));
+  const q2 = new Virtqueue(f.g.mem, 0, f.dq.addrs, { eventIdx: true });
+  q2.restoreState(state);
+  assert.equal(q2.nextAvail, 9);
+  assert.equal(q2.nextUsed, 9);
+  assert.ok(q2.quiescent());
+  const c = q2.pop()!;
+  assert.equal(c.head, pending.head);
+  assert.deepEqual([...c.reader().read(1)], [42]);
+  assert.equal(f.dq.availEvent(), 10, "avail_event follows the restored index");
+  q2.addUsed(c.head, 3);
+  assert.deepEqual(f.dq.used(), [{ id: pending.head, len: 3 }]);
+  assert.equal(f.dq.usedIdx(), 10);
+  assert.equal(q2.needsInterrupt(), true, "entry 9 was used");
+  q2.addUsed(0, 0);
+  assert.equal(q2.needsInterrupt(), false, "no interrupt asked for entry 10");
+});
+
+Deno.test("state: quiescent is false while a chain is taken and not completed; malformed chains complete", () => {
+  using f = fixture();
+  f.dq.submit([bytes(1), 4]);
+  f.dq.submit([bytes(2), 4]);
+  const a = f.q.pop()!;
+  const b = f.q.pop()!;
+  assert.equal(f.q.inFlight, 2);
+  assert.equal(f.q.quiescent(), false);
+  f.q.addUsed(a.head, 0);
+  assert.equal(f.q.quiescent(), false);
+  const saved = f.q.saveState();
+  f.q.addUsed(b.head, 0);
+  assert.ok(f.q.quiescent());
+  // A chain whose head is out of range is completed by pop itself.
+  f.dq.publish(99);
+  assert.equal(f.q.pop(), null);
+  assert.equal(f.q.malformed, 1);
+  assert.ok(f.q.quiescent());
+  // The in-flight count is part of the state: a queue restored mid-request is not quiescent.
+  const q2 = new Virtqueue(f.g.mem, 0, f.dq.addrs, { eventIdx: false });
+  q2.restoreState(decodeState(encodeState(saved)));
+  assert.equal(q2.inFlight, 1);
+  q2.addUsed(b.head, 0);
+  assert.ok(q2.quiescent());
+});
+
+Deno.test("state: a wrong type, version, ring or malformed field is refused with StateError", () => {
+  using f = fixture(8);
+  const good = f.q.saveState();
+  const data = good.data as Record<string, StateValue>;
+  const fresh = () => new Virtqueue(f.g.mem, 0, f.dq.addrs, { eventIdx: false });
+  const bad: [string, DeviceState][] = [
+    ["type", { ...good, type: "virtio-mmio" }],
+    ["version", { ...good, version: 2 }],
+    ["data", { ...good, data: [1, 2] }],
+    ["size", { ...good, data: { ...data, size: 16 } }],
+    ["usedRing", { ...good, data: { ...data, usedRing: data.usedRing as number + 4 } }],
+    ["eventIdx", { ...good, data: { ...data, eventIdx: true } }],
+    ["nextAvail", { ...good, data: { ...data, nextAvail: 0x10000 } }],
+    ["nextUsed", { ...good, data: { ...data, nextUsed: 1.5 } }],
+    ["notify", { ...good, data: { ...data, notify: 1 } }],
+    ["inFlight", { ...good, data: { ...data, inFlight: 9 } }],
+    ["missing", { ...good, data: { ...data, signalledUsed: null } }],
+  ];
+  for (const [what, s] of bad) assert.throws(() => fresh().restoreState(s), StateError, what);
+  fresh().restoreState(good);
 });

@@ -5,13 +5,16 @@
 
 import {
   type ActivateContext,
+  featuresField,
   serveQueue,
+  stateCounters,
   VIRTIO_COMMON_FEATURES,
   VIRTIO_ID_RNG,
   type VirtioDevice,
 } from "./device.ts";
 import { type Virtqueue } from "./queue.ts";
 import { RateLimitedLog } from "../../core/log.ts";
+import { type DeviceState, stateData, StateError, type Stateful, stateRecord, stateString } from "../../core/state.ts";
 
 /** One request queue ("requestq", section 5.4.2). */
 export const RNG_QUEUE_SIZE = 256;
@@ -20,7 +23,12 @@ export const RNG_MAX_BYTES_PER_REQUEST = 64 * 1024;
 /** crypto.getRandomValues fills at most 65536 bytes per call (Web Crypto, QuotaExceededError). */
 const GET_RANDOM_VALUES_MAX = 65536;
 
-export class RngDevice implements VirtioDevice {
+/** The kind and layout version of a virtio-rng device's saved state. */
+export const RNG_STATE_TYPE = "virtio-rng";
+export const RNG_STATE_VERSION = 1;
+const STAT_NAMES = ["requests", "bytes", "emptyRequests", "errors"] as const;
+
+export class RngDevice implements VirtioDevice, Stateful {
   readonly deviceType = VIRTIO_ID_RNG;
   readonly name = "rng";
   readonly queueMaxSizes: readonly number[] = [RNG_QUEUE_SIZE];
@@ -86,5 +94,33 @@ export class RngDevice implements VirtioDevice {
       this.#stats.bytes += w.bytesWritten;
       return w.bytesWritten;
     });
+  }
+
+  // ---- Device state (core/state.ts) ----
+
+  /** False while a request is taken from the queue and not yet filled. */
+  quiescent(): boolean {
+    return this.#queue?.quiescent() ?? true;
+  }
+
+  /** No configuration space and nothing held between requests: the feature offer and the counters. */
+  saveState(): DeviceState {
+    return {
+      type: RNG_STATE_TYPE,
+      version: RNG_STATE_VERSION,
+      data: { features: featuresField(this.features), stats: { ...this.#stats } },
+    };
+  }
+
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, RNG_STATE_TYPE, RNG_STATE_VERSION), "virtio-rng state");
+    if (this.#queue) throw new StateError("virtio-rng: restore into a device a driver has activated");
+    const features = stateString(d.features, "virtio-rng features");
+    if (features !== featuresField(this.features)) {
+      throw new StateError(
+        `virtio-rng: saved features ${features}, this device offers ${featuresField(this.features)}`,
+      );
+    }
+    Object.assign(this.#stats, stateCounters(d.stats, STAT_NAMES, "virtio-rng"));
   }
 }

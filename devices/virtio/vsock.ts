@@ -11,9 +11,19 @@
 // SHUTDOWN with both flags (Unix streams here have no half-close signal the device can observe
 // separately from close). Hostile packets get an RST and one log line, never an exception.
 
-import { type ActivateContext, VIRTIO_COMMON_FEATURES, VIRTIO_ID_VSOCK, type VirtioDevice } from "./device.ts";
+import {
+  type ActivateContext,
+  featuresField,
+  queuesQuiescent,
+  stateCounters,
+  stateInteger,
+  VIRTIO_COMMON_FEATURES,
+  VIRTIO_ID_VSOCK,
+  type VirtioDevice,
+} from "./device.ts";
 import { ChainError, type DescriptorChain, type Virtqueue } from "./queue.ts";
 import { RateLimitedLog } from "../../core/log.ts";
+import { type DeviceState, stateData, StateError, type Stateful, stateRecord, stateString } from "../../core/state.ts";
 
 // ---- struct virtio_vsock_hdr (virtio_vsock.h, packed, little-endian) ----
 export const VSOCK_HDR_SIZE = 44;
@@ -191,7 +201,11 @@ const STAT_NAMES = [
 ] as const;
 type StatName = typeof STAT_NAMES[number];
 
-export class VsockDevice implements VirtioDevice {
+/** The kind and layout version of a virtio-vsock device's saved state. */
+export const VSOCK_STATE_TYPE = "virtio-vsock";
+export const VSOCK_STATE_VERSION = 1;
+
+export class VsockDevice implements VirtioDevice, Stateful {
   readonly deviceType = VIRTIO_ID_VSOCK;
   readonly name = "vsock";
   readonly queueMaxSizes: readonly number[] = [VSOCK_QUEUE_SIZE, VSOCK_QUEUE_SIZE, VSOCK_QUEUE_SIZE];
@@ -207,6 +221,8 @@ export class VsockDevice implements VirtioDevice {
   #active = false;
   #nextHostPort = FIRST_HOST_PORT;
   #closed = false;
+  /** A transport reset is owed to the driver (after a restore) and waits for an event buffer. */
+  #resetPending = false;
   readonly #log = new RateLimitedLog("virtio-vsock");
   readonly #stats: Record<StatName, number> = Object.fromEntries(STAT_NAMES.map((n) => [n, 0])) as Record<
     StatName,
@@ -246,6 +262,7 @@ export class VsockDevice implements VirtioDevice {
     this.#queues = ctx.queues;
     this.#interrupt = ctx.interrupt;
     this.#active = true;
+    if (this.#resetPending) this.#resetPending = !this.transportReset();
   }
 
   reset(): void {
@@ -255,6 +272,7 @@ export class VsockDevice implements VirtioDevice {
     for (const c of [...this.#conns.values()]) this.#drop(c);
     this.#rxPending = [];
     this.#controlPending = 0;
+    this.#resetPending = false;
   }
 
   /** Stop listening, remove the socket file, close every connection. */
@@ -305,7 +323,8 @@ export class VsockDevice implements VirtioDevice {
     if (!this.#active || !this.#queues[index]) return;
     if (index === VSOCK_TXQ) this.#processTx();
     else if (index === VSOCK_RXQ) this.#flushRx();
-    // The event queue only holds buffers for transportReset().
+    // The event queue only holds buffers for transportReset(); one may be owed since a restore.
+    else if (index === VSOCK_EVQ && this.#resetPending) this.#resetPending = !this.transportReset();
   }
 
   // ---- Guest to device ----
@@ -689,5 +708,54 @@ export class VsockDevice implements VirtioDevice {
       if (data) this.#stats.bytesToGuest += n;
     }
     if (used && q.needsInterrupt()) this.#interrupt?.signalUsedQueue(VSOCK_RXQ);
+  }
+
+  // ---- Device state (core/state.ts) ----
+
+  /** False while a packet is taken from a queue and not yet returned. */
+  quiescent(): boolean {
+    return queuesQuiescent(this.#queues);
+  }
+
+  /**
+   * The guest's CID, the next host port and the counters. Connections are host sockets and cannot be
+   * carried over: a restored device has none and tells the driver with a transport reset event.
+   */
+  saveState(): DeviceState {
+    return {
+      type: VSOCK_STATE_TYPE,
+      version: VSOCK_STATE_VERSION,
+      data: {
+        features: featuresField(this.features),
+        cid: this.cid,
+        nextHostPort: this.#nextHostPort,
+        stats: { ...this.#stats },
+      },
+    };
+  }
+
+  /**
+   * Take a saved state into a device not yet activated. When the transport then activates it, the
+   * driver gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (at once, or at its next event-queue kick when no
+   * event buffer is posted): Linux's virtio_transport then resets every socket it had and reads the
+   * guest CID again, as after a Firecracker snapshot restore.
+   */
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, VSOCK_STATE_TYPE, VSOCK_STATE_VERSION), "virtio-vsock state");
+    const what = `virtio-vsock ${this.udsPath}`;
+    if (this.#active) throw new StateError(`${what}: restore into a device a driver has activated`);
+    const features = stateString(d.features, `${what} features`);
+    if (features !== featuresField(this.features)) {
+      throw new StateError(`${what}: saved features ${features}, this device offers ${featuresField(this.features)}`);
+    }
+    const cid = stateInteger(d.cid, `${what} cid`, MIN_GUEST_CID, MAX_GUEST_CID);
+    if (cid !== this.cid) {
+      throw new StateError(`${what}: saved for guest CID ${cid}; this device serves CID ${this.cid}`);
+    }
+    const nextHostPort = stateInteger(d.nextHostPort, `${what} nextHostPort`, 0, U32 - 1);
+    const stats = stateCounters(d.stats, STAT_NAMES, what);
+    this.#nextHostPort = nextHostPort;
+    Object.assign(this.#stats, stats);
+    this.#resetPending = true;
   }
 }

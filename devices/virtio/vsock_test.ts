@@ -19,6 +19,8 @@ import {
   VIRTIO_VSOCK_TYPE_STREAM,
   VMADDR_CID_HOST,
   VSOCK_BUF_ALLOC,
+  VSOCK_CONFIG_SIZE,
+  VSOCK_EVENT_SIZE,
   VSOCK_EVQ,
   VSOCK_HDR_SIZE,
   VSOCK_RXQ,
@@ -31,6 +33,8 @@ import { VirtioMmioTransport } from "./mmio.ts";
 import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "./queue.ts";
 import { guestLog } from "../../core/log.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../test/support/virtio_driver.ts";
+import { reattachRig, roundTrip } from "../../test/support/device_rig.ts";
+import { type DeviceState, StateError, type StateValue } from "../../core/state.ts";
 
 const MiB = 1024 * 1024;
 const GUEST_CID = 42;
@@ -453,4 +457,89 @@ Deno.test("vsock: property: random descriptor chains never throw or escape guest
     ),
     { numRuns: 60 },
   );
+});
+
+// ---- Saved state ----
+
+Deno.test("vsock state: a restored device resets the driver's connections with the transport reset event", async () => {
+  const r = new Rig();
+  let dev2: VsockDevice | undefined;
+  try {
+    const { c, hostPort } = await hostConnect(r, 5000);
+    const ev = r.drv.queues[VSOCK_EVQ].submit([VSOCK_EVENT_SIZE]);
+    r.drv.kick(VSOCK_EVQ);
+    assert.ok(r.dev.quiescent());
+    const devState = roundTrip(r.dev.saveState());
+    const tState = roundTrip(r.drv.transport.saveState());
+    const cfg = r.drv.readConfig(0, VSOCK_CONFIG_SIZE);
+    r.dev.close(); // the host side goes: its listener and connections
+    assert.equal(await c.read(new Uint8Array(1)).catch(() => null), null, "the host connection is closed");
+    c.close();
+    dev2 = new VsockDevice({ cid: GUEST_CID, udsPath: r.uds });
+    const to = reattachRig({ t: r.drv.transport, drv: r.drv, irqs: { n: 0 } }, dev2, r.g.mem);
+    dev2.restoreState(devState);
+    to.t.restoreState(tState);
+    // Activation delivered the reset into the buffer the driver had posted.
+    assert.deepEqual(r.drv.queues[VSOCK_EVQ].used(), [{ id: ev.head, len: VSOCK_EVENT_SIZE }]);
+    assert.equal(r.g.mem.getU32(ev.buffers[0].addr), VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+    assert.deepEqual(to.drv.readConfig(0, VSOCK_CONFIG_SIZE), cfg, "the same guest CID");
+    // A new host connection reaches the guest through the restored device, on the next host port.
+    const c2 = await Deno.connect({ transport: "unix", path: r.uds });
+    await c2.write(enc.encode("CONNECT 5001\n"));
+    const req = await r.next((p) => p.hdr.op === VIRTIO_VSOCK_OP_REQUEST && p.hdr.dstPort === 5001, "REQUEST");
+    assert.equal(req.hdr.srcPort, hostPort + 1);
+    assert.equal(req.hdr.dstCid, BigInt(GUEST_CID));
+    assert.equal(dev2.stats().hostConnections, 2);
+    c2.close();
+    assert.throws(() => dev2!.restoreState(devState), StateError, "the device is active");
+  } finally {
+    dev2?.close();
+    r.close();
+  }
+});
+
+Deno.test("vsock state: with no event buffer posted the reset waits for the driver's next one", () => {
+  const r = new Rig();
+  let dev2: VsockDevice | undefined;
+  try {
+    const devState = roundTrip(r.dev.saveState());
+    const tState = roundTrip(r.drv.transport.saveState());
+    r.dev.close();
+    dev2 = new VsockDevice({ cid: GUEST_CID, udsPath: r.uds });
+    const to = reattachRig({ t: r.drv.transport, drv: r.drv, irqs: { n: 0 } }, dev2, r.g.mem);
+    dev2.restoreState(devState);
+    to.t.restoreState(tState);
+    const evq = r.drv.queues[VSOCK_EVQ];
+    assert.deepEqual(evq.used(), []);
+    const ev = evq.submit([VSOCK_EVENT_SIZE]);
+    to.drv.kick(VSOCK_EVQ);
+    assert.deepEqual(evq.used(), [{ id: ev.head, len: VSOCK_EVENT_SIZE }]);
+    evq.submit([VSOCK_EVENT_SIZE]);
+    to.drv.kick(VSOCK_EVQ);
+    assert.deepEqual(evq.used(), [], "one reset only");
+  } finally {
+    dev2?.close();
+    r.close();
+  }
+});
+
+Deno.test("vsock state: a wrong type, version, CID or malformed field is refused", () => {
+  const r = new Rig({ activate: false });
+  try {
+    const good = r.dev.saveState();
+    const data = good.data as Record<string, StateValue>;
+    const bad: [string, DeviceState][] = [
+      ["type", { ...good, type: "virtio-net" }],
+      ["version", { ...good, version: 9 }],
+      ["cid", { ...good, data: { ...data, cid: GUEST_CID + 1 } }],
+      ["reserved cid", { ...good, data: { ...data, cid: 2 } }],
+      ["nextHostPort", { ...good, data: { ...data, nextHostPort: -1 } }],
+      ["features", { ...good, data: { ...data, features: 1 } }],
+      ["stats", { ...good, data: { ...data, stats: {} } }],
+    ];
+    for (const [what, st] of bad) assert.throws(() => r.dev.restoreState(st), StateError, what);
+    r.dev.restoreState(good);
+  } finally {
+    r.close();
+  }
 });

@@ -7,6 +7,7 @@ import { VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import { guestLog } from "../../core/log.ts";
 import type { GuestMemory } from "../../core/memory.ts";
+import { decodeState, type DeviceState, encodeState, type Stateful } from "../../core/state.ts";
 import type { GuardedGuestMemory } from "./virtio_driver.ts";
 import { VirtioTestDriver } from "./virtio_driver.ts";
 
@@ -29,6 +30,39 @@ export function mmioRig(dev: VirtioDevice, mem: GuestMemory, arenaEnd: number): 
   const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => irqs.n++ } });
   const drv = new VirtioTestDriver(t, mem, { start: DRIVER_ARENA_START, end: arenaEnd });
   return { t, drv, irqs };
+}
+
+/**
+ * `dev` on a fresh transport over the same guest memory, driven by `from`'s driver (its rings and
+ * buffers carry over, as a restored guest's would). Restore the device's and the transport's state next.
+ */
+export function reattachRig(from: MmioRig, dev: VirtioDevice, mem: GuestMemory): MmioRig {
+  const irqs = { n: 0 };
+  const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => irqs.n++ } });
+  return { t, drv: from.drv.attach(t), irqs };
+}
+
+/** A state as a snapshot file would carry it: encoded and decoded again. */
+export function roundTrip(state: DeviceState): DeviceState {
+  return decodeState(encodeState(state));
+}
+
+/**
+ * Save `from`'s transport and its device `fromDev`, restore both into `dev` on a fresh transport over the same
+ * memory (device first, then the transport, which activates it), through encodeState/decodeState.
+ */
+export function saveAndRestore(
+  from: MmioRig,
+  fromDev: Stateful,
+  dev: VirtioDevice & Stateful,
+  mem: GuestMemory,
+): MmioRig {
+  const devState = roundTrip(fromDev.saveState());
+  const tState = roundTrip(from.t.saveState());
+  const to = reattachRig(from, dev, mem);
+  dev.restoreState(devState);
+  to.t.restoreState(tState);
+  return to;
 }
 
 export interface CapturedLog {

@@ -9,14 +9,13 @@ import { fileURLToPath } from "node:url";
 import {
   ACPI_SLEEP_CONTROL_PORT,
   ACPI_SLEEP_TYPE_S5,
-  ACPI_SLP_EN,
-  ACPI_SLP_TYP_SHIFT,
   DEBUG_EXIT_PORT,
   I8042_COMMAND_PORT,
   PVPANIC_PORT,
   SERIAL_PORTS,
   VIRTIO_MMIO_START,
 } from "../../vmm/arch/layout.ts";
+import { ACPI_SLP_EN, ACPI_SLP_TYP_SHIFT } from "../../devices/legacy/acpi_pm.ts";
 
 const SUPPORT_DIR = dirname(fileURLToPath(import.meta.url));
 const SOURCE = join(SUPPORT_DIR, "fake_kvm.c");

@@ -281,12 +281,20 @@ export class VirtioTestDriver {
   readonly queues: DriverQueue[] = [];
   readonly alloc: GuestAllocator;
 
+  /** `arena` is where rings and buffers go, or an allocator already in use there. */
   constructor(
     readonly transport: VirtioMmioTransport,
     readonly mem: GuestMemory,
-    arena: { start: number; end: number },
+    arena: { start: number; end: number } | GuestAllocator,
   ) {
-    this.alloc = new GuestAllocator(mem, arena.start, arena.end);
+    this.alloc = arena instanceof GuestAllocator ? arena : new GuestAllocator(mem, arena.start, arena.end);
+  }
+
+  /** The same driver (its queues, buffers and allocator) talking to `transport`, e.g. a restored device's. */
+  attach(transport: VirtioMmioTransport): VirtioTestDriver {
+    const d = new VirtioTestDriver(transport, this.mem, this.alloc);
+    this.queues.forEach((q, i) => d.queues[i] = q);
+    return d;
   }
 
   readReg(offset: number): number {

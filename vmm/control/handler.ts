@@ -1,7 +1,7 @@
 // What a running VM does for each control-socket request (vmm/control/protocol.ts).
 
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
-import { BlockDevice } from "../../devices/virtio/block.ts";
+import { BlockDevice } from "../../devices/virtio/block/device.ts";
 import * as balloon from "../../devices/virtio/balloon.ts";
 import type { BalloonStatName, BalloonStatsReply, ControlHandler, DisplayListReply } from "./protocol.ts";
 import type { Machine } from "../machine.ts";

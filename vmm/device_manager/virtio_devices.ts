@@ -5,7 +5,7 @@
 // loading them with every VM cost about 7 ms of start-up.
 
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
-import { BlockDevice } from "../../devices/virtio/block.ts";
+import { BlockDevice } from "../../devices/virtio/block/device.ts";
 import { ConsoleDevice, type ConsolePort } from "../../devices/virtio/console.ts";
 import { AGENT_PORT_NAME } from "../library/agent_client.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";

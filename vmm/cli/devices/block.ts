@@ -4,7 +4,7 @@
 // `--socket` spelling). See common.ts for how the family modules are organised.
 
 import { parseArgs } from "node:util";
-import { BlockDevice, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES } from "../../../devices/virtio/block.ts";
+import { BlockDevice, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES } from "../../../devices/virtio/block/device.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
 import { type BlockConfig, DEFAULT_BLOCK_SIZE } from "../../config.ts";
 import { type KvSchema, parseOption, UsageError } from "../keyvalue.ts";

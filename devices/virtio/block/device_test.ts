@@ -1,4 +1,4 @@
-// virtio-blk on a temporary image file, driven through the virtio-mmio registers by the test driver.
+// virtio-blk on a temporary raw image file, driven through the virtio-mmio registers by the test driver.
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
@@ -8,6 +8,7 @@ import {
   BLK_CFG_MAX_DISCARD_SEG,
   BLK_CFG_SEG_MAX,
   BLK_CFG_WRITE_ZEROES_MAY_UNMAP,
+  BLK_CONFIG_SIZE,
   BLK_DISCARD_SEG_SIZE,
   BLK_OUTHDR_SIZE,
   BlockDevice,
@@ -28,11 +29,15 @@ import {
   VIRTIO_BLK_T_OUT,
   VIRTIO_BLK_T_WRITE_ZEROES,
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-} from "./block.ts";
-import { VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_STATUS } from "./mmio.ts";
-import { VIRTIO_ID_BLOCK } from "./device.ts";
-import { GuardedGuestMemory, type Segment, VirtioTestDriver } from "../../test/support/virtio_driver.ts";
-import { captureVirtioLog, closeDeviceRig, mmioRig } from "../../test/support/device_rig.ts";
+} from "./device.ts";
+import { VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_STATUS } from "../mmio.ts";
+import { VIRTIO_ID_BLOCK } from "../device.ts";
+import { GuardedGuestMemory, type Segment, VirtioTestDriver } from "../../../test/support/virtio_driver.ts";
+import { captureVirtioLog, closeDeviceRig, mmioRig, reattachRig, roundTrip } from "../../../test/support/device_rig.ts";
+import type { Disk } from "./disk.ts";
+import type { GuestBuffer } from "../queue.ts";
+import type { GuestMemory } from "../../../core/memory.ts";
+import { type DeviceState, StateError, type StateValue } from "../../../core/state.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_SIZE = 4 * MiB;
@@ -415,28 +420,6 @@ Deno.test("property: random requests always complete with a valid status and nev
   );
 });
 
-Deno.test("block: an image is locked like crosvm's lock=true: one writer, or readers only", async () => {
-  const path = await Deno.makeTempFile();
-  await Deno.writeFile(path, new Uint8Array(4096));
-  const opts = { path, readOnly: false, sparse: false, blockSize: 512, direct: false };
-  const writer = new BlockDevice(opts);
-  try {
-    assert.throws(() => new BlockDevice(opts), /in use by another process/);
-    assert.throws(() => new BlockDevice({ ...opts, readOnly: true }), /in use by another process/);
-    const unlocked = new BlockDevice({ ...opts, lock: false });
-    unlocked.close();
-  } finally {
-    writer.close();
-  }
-  const r1 = new BlockDevice({ ...opts, readOnly: true });
-  const r2 = new BlockDevice({ ...opts, readOnly: true });
-  assert.throws(() => new BlockDevice(opts), /in use by another process/);
-  r1.close();
-  r2.close();
-  new BlockDevice(opts).close();
-  await Deno.remove(path);
-});
-
 Deno.test("block: resize grows the image and the capacity the guest reads; shrinking is refused", async () => {
   const path = await Deno.makeTempFile();
   const data = new Uint8Array(8192).map((_, i) => i & 0xff);
@@ -459,5 +442,165 @@ Deno.test("block: resize grows the image and the capacity the guest reads; shrin
   } finally {
     dev.close();
     await Deno.remove(path);
+  }
+});
+
+Deno.test("block: the device opens its image through the raw back end, locked unless lock is false", () => {
+  const path = Deno.makeTempFileSync();
+  try {
+    Deno.writeFileSync(path, new Uint8Array(4096));
+    const opts = { path, readOnly: false, sparse: false, blockSize: 512, direct: false };
+    const dev = new BlockDevice(opts);
+    assert.throws(() => new BlockDevice(opts), /in use by another process/);
+    new BlockDevice({ ...opts, lock: false }).close();
+    assert.equal(dev.capacityBytes, 4096);
+    dev.close();
+    new BlockDevice(opts).close();
+  } finally {
+    Deno.removeSync(path);
+  }
+});
+
+// ---- Saved state ----
+
+/** A disk in memory that calls `during` in the middle of every read (a request in flight). */
+class MemDisk implements Disk {
+  readonly path = "mem.img";
+  readonly readOnly = false;
+  readonly direct = false;
+  readonly bytes = new Uint8Array(MiB);
+  during = () => {};
+  get capacityBytes(): number {
+    return this.bytes.length;
+  }
+  read(mem: GuestMemory, segs: readonly GuestBuffer[], offset: number): void {
+    this.during();
+    for (const s of segs) {
+      mem.write(s.addr, this.bytes.subarray(offset, offset + s.len));
+      offset += s.len;
+    }
+  }
+  write(mem: GuestMemory, segs: readonly GuestBuffer[], offset: number): void {
+    for (const s of segs) {
+      this.bytes.set(mem.read(s.addr, s.len), offset);
+      offset += s.len;
+    }
+  }
+  flush(): void {}
+  discard(): void {}
+  writeZeroes(offset: number, len: number): void {
+    this.bytes.fill(0, offset, offset + len);
+  }
+  resize(): void {}
+  close(): void {}
+  stats(): Record<string, number> {
+    return {};
+  }
+}
+
+Deno.test("block state: a fresh device on the same image continues: config, next used index, counters", () => {
+  using r = rig({ id: "serial-7" });
+  const data = pattern(2 * SECTOR_SIZE, 5);
+  assert.equal(r.req(VIRTIO_BLK_T_OUT, 10, data).status, VIRTIO_BLK_S_OK);
+  assert.equal(r.req(VIRTIO_BLK_T_FLUSH, 0).status, VIRTIO_BLK_S_OK);
+  assert.ok(r.dev.quiescent());
+  const cfg = r.drv.readConfig(0, BLK_CONFIG_SIZE);
+  const devState = roundTrip(r.dev.saveState());
+  const tState = roundTrip(r.drv.transport.saveState());
+  r.dev.close(); // its lock goes with it
+  const dev2 = new BlockDevice({
+    path: r.path,
+    readOnly: false,
+    sparse: true,
+    blockSize: 4096,
+    id: "serial-7",
+    direct: false,
+  });
+  try {
+    const to = reattachRig({ t: r.drv.transport, drv: r.drv, irqs: r.irqs }, dev2, r.g.mem);
+    dev2.restoreState(devState);
+    to.t.restoreState(tState);
+    assert.deepEqual(to.drv.readConfig(0, BLK_CONFIG_SIZE), cfg);
+    const q = to.drv.queues[0];
+    q.setUsedEvent(2); // EVENT_IDX: an interrupt once entry 2 is used
+    const sub = q.submit([outhdr(VIRTIO_BLK_T_IN, 10), 2 * SECTOR_SIZE, 1]);
+    to.drv.kick(0);
+    assert.deepEqual(q.used(), [{ id: sub.head, len: 2 * SECTOR_SIZE + 1 }]);
+    assert.equal(q.usedIdx(), 3, "the third request on the ring");
+    assert.deepEqual(r.g.mem.read(sub.buffers[1].addr, 2 * SECTOR_SIZE), data);
+    assert.equal(to.irqs.n, 1);
+    const s = dev2.stats();
+    assert.equal(s.writes, 1);
+    assert.equal(s.flushes, 1);
+    assert.equal(s.reads, 1);
+    // A device the driver has activated is not a restore target.
+    assert.throws(() => dev2.restoreState(devState), StateError);
+  } finally {
+    dev2.close();
+  }
+});
+
+Deno.test("block state: quiescent is false while a request is with the back end", () => {
+  const disk = new MemDisk();
+  const dev = new BlockDevice({ path: disk.path, readOnly: false, sparse: false, blockSize: 512, direct: false, disk });
+  const g = new GuardedGuestMemory([{ start: 0, size: 4 * MiB }]);
+  try {
+    const { drv } = mmioRig(dev, g.mem, 4 * MiB);
+    drv.init();
+    const seen: boolean[] = [];
+    disk.during = () => seen.push(dev.quiescent());
+    const q = drv.queues[0];
+    q.submit([outhdr(VIRTIO_BLK_T_IN, 0), SECTOR_SIZE, 1]);
+    drv.kick(0);
+    assert.deepEqual(seen, [false], "in flight during the read");
+    assert.equal(q.used().length, 1);
+    assert.ok(dev.quiescent(), "quiescent once the status is written");
+  } finally {
+    dev.close();
+    g.close();
+  }
+});
+
+Deno.test("block state: a wrong type, version, another image size or malformed fields are refused", () => {
+  using r = rig();
+  const good = r.dev.saveState();
+  const data = good.data as Record<string, StateValue>;
+  const path = Deno.makeTempFileSync();
+  try {
+    Deno.truncateSync(path, IMAGE_SIZE);
+    const opts = { path, readOnly: false, sparse: true, blockSize: 4096, direct: false };
+    const bad: [string, DeviceState][] = [
+      ["type", { ...good, type: "virtio-net" }],
+      ["version", { ...good, version: 2 }],
+      ["data", { ...good, data: "x" }],
+      ["config", { ...good, data: { ...data, config: new Uint8Array(BLK_CONFIG_SIZE) } }],
+      ["features", { ...good, data: { ...data, features: "0x1" } }],
+      ["stats", { ...good, data: { ...data, stats: { ...(data.stats as Record<string, StateValue>), reads: -1 } } }],
+      ["no stats", { ...good, data: { ...data, stats: null } }],
+    ];
+    for (const [what, st] of bad) {
+      const dev = new BlockDevice(opts);
+      try {
+        assert.throws(() => dev.restoreState(st), StateError, what);
+      } finally {
+        dev.close();
+      }
+    }
+    // Another capacity or block size is another disk.
+    Deno.truncateSync(path, 2 * IMAGE_SIZE);
+    for (const o of [opts, { ...opts, blockSize: 512 }]) {
+      const dev = new BlockDevice(o);
+      try {
+        assert.throws(() => dev.restoreState(good), StateError);
+      } finally {
+        dev.close();
+      }
+    }
+    Deno.truncateSync(path, IMAGE_SIZE);
+    const dev = new BlockDevice(opts);
+    dev.restoreState(good);
+    dev.close();
+  } finally {
+    Deno.removeSync(path);
   }
 });

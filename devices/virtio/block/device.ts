@@ -1,42 +1,26 @@
-// virtio-blk (virtio 1.2 spec, section 5.2; Linux include/uapi/linux/virtio_blk.h) over a raw image
-// file. Requests are served synchronously in queueNotify: data moves with pread/pwrite straight
-// between the file and guest memory (no copy through JS). The image is never truncated or rewritten.
+// virtio-blk (virtio 1.2 spec, section 5.2; Linux include/uapi/linux/virtio_blk.h): the request parsing.
+// Requests are served synchronously in queueNotify: each is checked against the disk's capacity and the
+// negotiated features, then handed to the disk back end (disk.ts; the raw file of raw.ts by default),
+// which moves the data between the image and guest memory.
 
 import {
   type ActivateContext,
+  checkSavedIdentity,
+  featuresField,
   readConfigSpace,
   serveQueue,
+  stateCounters,
   VIRTIO_COMMON_FEATURES,
   VIRTIO_ID_BLOCK,
   type VirtioDevice,
-} from "./device.ts";
-import { ChainError, type ChainReader, type DescriptorChain, type Virtqueue } from "./queue.ts";
-import { RateLimitedLog } from "../../core/log.ts";
-import type { GuestMemory } from "../../core/memory.ts";
-import {
-  check,
-  closeFd,
-  EAGAIN,
-  EINTR,
-  EINVAL,
-  EOPNOTSUPP,
-  errno,
-  F_GETFL,
-  F_SETFL,
-  FALLOC_FL_KEEP_SIZE,
-  FALLOC_FL_PUNCH_HOLE,
-  FALLOC_FL_ZERO_RANGE,
-  libc,
-  LOCK_EX,
-  LOCK_NB,
-  LOCK_SH,
-  O_DIRECT,
-  O_RDONLY,
-  O_RDWR,
-  openFile,
-  strerror,
-  SysError,
-} from "../../ffi/libc.ts";
+} from "../device.ts";
+import { ChainError, type ChainReader, type DescriptorChain, type Virtqueue } from "../queue.ts";
+import { RateLimitedLog } from "../../../core/log.ts";
+import type { GuestMemory } from "../../../core/memory.ts";
+import { SysError } from "../../../ffi/libc.ts";
+import { type DeviceState, stateData, StateError, type Stateful, stateRecord } from "../../../core/state.ts";
+import { type Disk, DiskError, SECTOR_SIZE } from "./disk.ts";
+import { RawDisk } from "./raw.ts";
 
 // ---- Feature bits (virtio_blk.h) ----
 export const VIRTIO_BLK_F_SIZE_MAX = 1n << 1n;
@@ -61,8 +45,8 @@ export const VIRTIO_BLK_S_UNSUPP = 2;
 export const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1;
 /** VIRTIO_BLK_ID_BYTES (virtio_blk.h): GET_ID answers 20 bytes. */
 export const VIRTIO_BLK_ID_BYTES = 20;
-/** Capacity and request sectors are always 512 bytes (section 5.2.6). */
-export const SECTOR_SIZE = 512;
+export { SECTOR_SIZE };
+/** log2(SECTOR_SIZE): a sector number to a byte offset. */
 const SECTOR_SHIFT = 9n;
 
 /** struct virtio_blk_outhdr: le32 type, le32 ioprio, le64 sector. */
@@ -97,7 +81,7 @@ const MAX_DISCARD_SECTORS = Math.floor(0xffff_ffff / SECTOR_SIZE);
 const MAX_DISCARD_SEG = 32;
 
 export interface BlockOptions {
-  /** Raw image file. */
+  /** The image file (a raw image unless `disk` is given). */
   path: string;
   readOnly: boolean;
   /** Offer DISCARD/WRITE_ZEROES and punch holes for them. */
@@ -110,6 +94,8 @@ export interface BlockOptions {
   direct: boolean;
   /** Take an flock on the image (exclusive when writable, shared when read-only); default true. */
   lock?: boolean;
+  /** An open back end to serve instead of opening `path` as a raw image (`direct` and `lock` are then its own). */
+  disk?: Disk;
 }
 
 const STAT_NAMES = [
@@ -124,7 +110,6 @@ const STAT_NAMES = [
   "errors",
   "unsupported",
   "malformed",
-  "directFallbacks",
 ] as const;
 type StatName = typeof STAT_NAMES[number];
 
@@ -135,7 +120,11 @@ class RequestError extends Error {
   }
 }
 
-export class BlockDevice implements VirtioDevice {
+/** The kind and layout version of a virtio-blk device's saved state. */
+export const BLOCK_STATE_TYPE = "virtio-blk";
+export const BLOCK_STATE_VERSION = 1;
+
+export class BlockDevice implements VirtioDevice, Stateful {
   readonly deviceType = VIRTIO_ID_BLOCK;
   readonly name = "block";
   readonly queueMaxSizes: readonly number[] = [BLOCK_QUEUE_SIZE];
@@ -144,11 +133,8 @@ export class BlockDevice implements VirtioDevice {
   readonly readOnly: boolean;
   readonly sparse: boolean;
   readonly blockSize: number;
-  /** Disk size in bytes (whole 512-byte sectors of the image). */
-  #capacityBytes: number;
+  readonly #disk: Disk;
   readonly #id: Uint8Array;
-  #fd: number;
-  #direct: boolean;
   #mem: GuestMemory | undefined;
   #queue: Virtqueue | undefined;
   #interrupt: ActivateContext["interrupt"] | undefined;
@@ -168,37 +154,7 @@ export class BlockDevice implements VirtioDevice {
     this.readOnly = readOnly;
     this.sparse = sparse;
     this.blockSize = blockSize;
-    const flags = readOnly ? O_RDONLY : O_RDWR;
-    this.#direct = opts.direct;
-    if (opts.direct) {
-      try {
-        this.#fd = openFile(path, flags | O_DIRECT);
-      } catch (e) {
-        if (!(e instanceof SysError) || e.errno !== EINVAL) throw e;
-        console.warn(`block ${path}: the filesystem refuses O_DIRECT; using the page cache`);
-        this.#direct = false;
-        this.#fd = openFile(path, flags);
-      }
-    } else {
-      this.#fd = openFile(path, flags);
-    }
-    // Like crosvm (lock=true): one writer or many readers per image, so two VMs never write one disk.
-    if (opts.lock ?? true) {
-      if (libc().flock(this.#fd, (readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) < 0) {
-        const e = errno();
-        closeFd(this.#fd);
-        this.#fd = -1;
-        throw new Error(
-          e === EAGAIN
-            ? `disk image ${path} is in use by another process (${
-              readOnly ? "a writer" : "a reader or writer"
-            } holds its lock)`
-            : `cannot lock disk image ${path}: ${strerror(e)}`,
-        );
-      }
-    }
-    const size = Deno.statSync(path).size;
-    this.#capacityBytes = size - (size % SECTOR_SIZE);
+    this.#disk = opts.disk ?? new RawDisk({ path, readOnly, direct: opts.direct, lock: opts.lock });
     const idText = opts.id ?? path.split("/").pop() ?? "";
     this.#id = new Uint8Array(VIRTIO_BLK_ID_BYTES);
     this.#id.set(new TextEncoder().encode(idText).subarray(0, VIRTIO_BLK_ID_BYTES));
@@ -210,7 +166,7 @@ export class BlockDevice implements VirtioDevice {
 
   /** Bytes the guest sees (the image's size rounded down to whole sectors). */
   get capacityBytes(): number {
-    return this.#capacityBytes;
+    return this.#disk.capacityBytes;
   }
 
   /**
@@ -223,24 +179,23 @@ export class BlockDevice implements VirtioDevice {
     if (!Number.isSafeInteger(bytes) || bytes % SECTOR_SIZE !== 0) {
       throw new Error(`new size ${bytes} is not a whole number of ${SECTOR_SIZE}-byte sectors`);
     }
-    if (bytes < this.#capacityBytes) {
-      throw new Error(`disk ${this.path} is ${this.#capacityBytes} bytes; shrinking it would lose data`);
+    if (bytes < this.capacityBytes) {
+      throw new Error(`disk ${this.path} is ${this.capacityBytes} bytes; shrinking it would lose data`);
     }
-    if (bytes === this.#capacityBytes) return;
-    check("ftruncate", libc().ftruncate(this.#fd, BigInt(bytes)));
-    this.#capacityBytes = bytes;
+    if (bytes === this.capacityBytes) return;
+    this.#disk.resize(bytes);
     this.#interrupt?.signalConfigChange();
   }
 
   /** Whether the image is really open with O_DIRECT. */
   get direct(): boolean {
-    return this.#direct;
+    return this.#disk.direct;
   }
 
   #config(): Uint8Array {
     const b = new Uint8Array(BLK_CONFIG_SIZE);
     const v = new DataView(b.buffer);
-    v.setBigUint64(BLK_CFG_CAPACITY, BigInt(this.#capacityBytes / SECTOR_SIZE), true);
+    v.setBigUint64(BLK_CFG_CAPACITY, BigInt(this.capacityBytes / SECTOR_SIZE), true);
     v.setUint32(BLK_CFG_SEG_MAX, SEG_MAX, true);
     v.setUint32(BLK_CFG_BLK_SIZE, this.blockSize, true);
     if (this.features & VIRTIO_BLK_F_DISCARD) {
@@ -281,12 +236,11 @@ export class BlockDevice implements VirtioDevice {
 
   close(): void {
     this.reset();
-    closeFd(this.#fd);
-    this.#fd = -1;
+    this.#disk.close();
   }
 
   stats(): Record<string, number> {
-    return { ...this.#stats };
+    return { ...this.#stats, ...this.#disk.stats() };
   }
 
   queueNotify(index: number): void {
@@ -320,7 +274,7 @@ export class BlockDevice implements VirtioDevice {
         if (status === VIRTIO_BLK_S_UNSUPP) this.#stats.unsupported++;
         else this.#stats.errors++;
         this.#log.log(e.message);
-      } else if (e instanceof ChainError || e instanceof SysError) {
+      } else if (e instanceof ChainError || e instanceof DiskError || e instanceof SysError) {
         status = VIRTIO_BLK_S_IOERR;
         this.#stats.errors++;
         this.#log.log(`request at head ${chain.head}: ${e.message}`);
@@ -349,7 +303,7 @@ export class BlockDevice implements VirtioDevice {
     switch (type) {
       case VIRTIO_BLK_T_IN: {
         const off = this.#range(sector, dataInLen);
-        this.#io(mem, "read", w.segments(dataInLen), off);
+        this.#disk.read(mem, w.segments(dataInLen), off);
         this.#stats.reads++;
         this.#stats.bytesRead += dataInLen;
         return dataInLen;
@@ -358,13 +312,13 @@ export class BlockDevice implements VirtioDevice {
         if (this.readOnly) throw new RequestError(VIRTIO_BLK_S_IOERR, `write to a read-only disk (head ${chain.head})`);
         const len = r.remaining;
         const off = this.#range(sector, len);
-        this.#io(mem, "write", r.segments(len), off);
+        this.#disk.write(mem, r.segments(len), off);
         this.#stats.writes++;
         this.#stats.bytesWritten += len;
         return 0;
       }
       case VIRTIO_BLK_T_FLUSH: {
-        if (!this.readOnly) this.#sys("fdatasync", libc().fdatasync(this.#fd));
+        this.#disk.flush();
         this.#stats.flushes++;
         return 0;
       }
@@ -399,8 +353,8 @@ export class BlockDevice implements VirtioDevice {
           }
           if (num > MAX_DISCARD_SECTORS) throw new RequestError(VIRTIO_BLK_S_IOERR, `discard of ${num} sectors`);
           const off = this.#range(s, num * SECTOR_SIZE);
-          if (discard) this.#discard(off, num * SECTOR_SIZE);
-          else this.#writeZeroes(off, num * SECTOR_SIZE, (flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0);
+          if (discard) this.#disk.discard(off, num * SECTOR_SIZE);
+          else this.#disk.writeZeroes(off, num * SECTOR_SIZE, (flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0);
         }
         if (discard) this.#stats.discards++;
         else this.#stats.writeZeroes++;
@@ -417,92 +371,37 @@ export class BlockDevice implements VirtioDevice {
       throw new RequestError(VIRTIO_BLK_S_IOERR, `request length ${len} is not a multiple of ${SECTOR_SIZE}`);
     }
     const off = sector << SECTOR_SHIFT;
-    if (off + BigInt(len) > BigInt(this.#capacityBytes)) {
+    if (off + BigInt(len) > BigInt(this.capacityBytes)) {
       throw new RequestError(VIRTIO_BLK_S_IOERR, `sector ${sector} + ${len} bytes is past the end of the disk`);
     }
     return Number(off);
   }
 
-  /** pread/pwrite each guest buffer in place, retrying short transfers and EINTR. */
-  #io(mem: GuestMemory, op: "read" | "write", segs: { addr: number; len: number }[], offset: number): void {
-    let off = offset;
-    for (const s of segs) {
-      let done = 0;
-      while (done < s.len) {
-        const ptr = Deno.UnsafePointer.create(mem.hostAddress(s.addr + done, s.len - done));
-        const n = s.len - done;
-        let ret = Number(
-          op === "read"
-            ? libc().pread_ptr(this.#fd, ptr, BigInt(n), BigInt(off))
-            : libc().pwrite_ptr(this.#fd, ptr, BigInt(n), BigInt(off)),
-        );
-        if (ret < 0) {
-          const e = errno();
-          if (e === EINTR) continue;
-          if (e === EINVAL && this.#direct) {
-            ret = this.#buffered(op, ptr, n, off);
-          } else {
-            throw new SysError(op === "read" ? "pread" : "pwrite", e);
-          }
-        }
-        if (ret === 0) {
-          if (op === "write") throw new RequestError(VIRTIO_BLK_S_IOERR, `pwrite at ${off} wrote nothing`);
-          mem.fill(s.addr + done, n); // the image shrank under us: the rest reads as zeroes
-          ret = n;
-        }
-        done += ret;
-        off += ret;
-      }
-    }
+  // ---- Device state (core/state.ts) ----
+
+  /** False while a request is taken from the queue and its status not yet written back. */
+  quiescent(): boolean {
+    return this.#queue?.quiescent() ?? true;
   }
 
-  /** One transfer without O_DIRECT, for guest buffers that O_DIRECT's alignment rules refuse. */
-  #buffered(op: "read" | "write", ptr: Deno.PointerValue, n: number, off: number): number {
-    const lc = libc();
-    const fl = this.#sys("fcntl F_GETFL", lc.fcntl(this.#fd, F_GETFL, 0n));
-    this.#sys("fcntl F_SETFL", lc.fcntl(this.#fd, F_SETFL, BigInt(fl & ~O_DIRECT)));
-    try {
-      this.#stats.directFallbacks++;
-      for (;;) {
-        const ret = Number(
-          op === "read"
-            ? lc.pread_ptr(this.#fd, ptr, BigInt(n), BigInt(off))
-            : lc.pwrite_ptr(this.#fd, ptr, BigInt(n), BigInt(off)),
-        );
-        if (ret < 0 && errno() === EINTR) continue;
-        return this.#sys(op === "read" ? "pread" : "pwrite", ret);
-      }
-    } finally {
-      lc.fcntl(this.#fd, F_SETFL, BigInt(fl));
-    }
+  /** The configuration space (capacity included), the feature offer and the counters. */
+  saveState(): DeviceState {
+    return {
+      type: BLOCK_STATE_TYPE,
+      version: BLOCK_STATE_VERSION,
+      data: { features: featuresField(this.features), config: this.#config(), stats: { ...this.#stats } },
+    };
   }
 
-  #discard(off: number, len: number): void {
-    if (len === 0) return;
-    const ret = libc().fallocate(this.#fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, BigInt(off), BigInt(len));
-    // Discard is a hint: a filesystem that cannot punch holes keeps the data.
-    if (ret < 0 && errno() !== EOPNOTSUPP) throw new SysError("fallocate PUNCH_HOLE", errno());
-  }
-
-  #writeZeroes(off: number, len: number, unmap: boolean): void {
-    if (len === 0) return;
-    const lc = libc();
-    const mode = unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
-    if (lc.fallocate(this.#fd, mode, BigInt(off), BigInt(len)) === 0) return;
-    if (errno() !== EOPNOTSUPP) throw new SysError("fallocate", errno());
-    // No fallocate mode here: write zeroes.
-    const chunk = new Uint8Array(Math.min(len, 1 << 20));
-    for (let done = 0; done < len;) {
-      const n = Math.min(chunk.length, len - done);
-      const ret = Number(lc.pwrite(this.#fd, chunk, BigInt(n), BigInt(off + done)));
-      if (ret < 0 && errno() === EINTR) continue;
-      if (ret <= 0) throw new SysError("pwrite zeroes", errno());
-      done += ret;
-    }
-  }
-
-  #sys(call: string, ret: number | bigint): number {
-    if (ret < 0) throw new SysError(call, errno());
-    return Number(ret);
+  /**
+   * Take a saved state into a device not yet activated. The image must be the one saved with: the same
+   * capacity, block size and offer, or the guest would see its disk change under it.
+   */
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, BLOCK_STATE_TYPE, BLOCK_STATE_VERSION), "virtio-blk state");
+    const what = `virtio-blk ${this.path}`;
+    if (this.#queue) throw new StateError(`${what}: restore into a device a driver has activated`);
+    checkSavedIdentity(what, d, this.features, this.#config());
+    Object.assign(this.#stats, stateCounters(d.stats, STAT_NAMES, what));
   }
 }
