@@ -9,6 +9,7 @@ import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { virtioMmioCmdlineArgs, writeAcpiTables } from "./arch/acpi.ts";
 import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./arch/boot/kernel.ts";
 import {
+  MAX_VCPUS,
   setBootFpu,
   setBootMsrs,
   setBootRegisters,
@@ -91,7 +92,9 @@ function createVcpus(
 /** Build a VM ready to start. Throws ConfigError (exit 35) or HostError (exit 1). */
 export async function buildMachine(config: VmConfig, opts: MachineOptions = {}): Promise<Machine> {
   const memBytes = config.memMiB * MiB;
-  if (!Number.isInteger(config.cpus) || config.cpus < 1) throw new ConfigError(`invalid vCPU count ${config.cpus}`);
+  if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > MAX_VCPUS) {
+    throw new ConfigError(`invalid vCPU count ${config.cpus}: 1..${MAX_VCPUS}`);
+  }
   const kernelImage = await readUserFile("kernel", config.kernel);
   const initrdImage = config.initrd ? await readUserFile("initrd", config.initrd) : undefined;
   const log = opts.log ?? ((l) => console.error(`denovm: ${l}`));

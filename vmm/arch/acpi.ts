@@ -215,8 +215,16 @@ function fadt(dsdtAddr: number): Uint8Array {
   return sdt("FACP", FADT_REVISION, t.subarray(SDT_HEADER_SIZE));
 }
 
+/**
+ * Most CPUs the MADT describes: its Processor Local APIC entries carry 8-bit APIC IDs (ACPI 6.4 section
+ * 5.2.12.2), 0xff is the broadcast ID, and the I/O APIC's ID follows the last CPU's.
+ */
+export const ACPI_MAX_CPUS = 254;
+
 function madt(cpus: number): Uint8Array {
-  if (!Number.isInteger(cpus) || cpus < 1 || cpus > 254) throw new RangeError(`ACPI: ${cpus} CPUs; 1..254 supported`);
+  if (!Number.isInteger(cpus) || cpus < 1 || cpus > ACPI_MAX_CPUS) {
+    throw new RangeError(`ACPI: ${cpus} CPUs; 1..${ACPI_MAX_CPUS} supported`);
+  }
   const entries: number[] = [];
   const u16 = (v: number) => [v & 0xff, v >> 8];
   const u32 = (v: number) => [v & 0xff, (v >>> 8) & 0xff, (v >>> 16) & 0xff, v >>> 24];

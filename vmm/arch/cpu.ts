@@ -66,6 +66,11 @@ import {
   ZERO_PAGE_START,
 } from "./layout.ts";
 import type { GuestMemory } from "../../core/memory.ts";
+import { ACPI_MAX_CPUS } from "./acpi.ts";
+import { MPTABLE_MAX_CPUS } from "./mptable.ts";
+
+/** The most vCPUs a VM can have: as many as both the MP table and the ACPI MADT describe. */
+export const MAX_VCPUS = Math.min(MPTABLE_MAX_CPUS, ACPI_MAX_CPUS);
 
 // ---- CPUID (Intel SDM vol. 2A, CPUID instruction) ----
 const CPUID_LEAF_FEATURES = 0x1;

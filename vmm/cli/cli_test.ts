@@ -8,6 +8,7 @@ import { EXIT_INVALID_ARGS } from "../../core/exit.ts";
 import { mainHelp, RUN_FLAGS, runHelp } from "./help.ts";
 import { parseKeyValues, parseSize, UsageError } from "./keyvalue.ts";
 import { parseRunArgs } from "./run.ts";
+import { MAX_VCPUS } from "../arch/cpu.ts";
 
 const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 
@@ -90,12 +91,16 @@ Deno.test("run: --mem and --cpus forms", () => {
   assert.equal(run("--mem=2048").memMiB, 2048);
   assert.equal(run("--cpus", "4").cpus, 4);
   assert.equal(run("-c", "num-cores=2").cpus, 2);
-  assert.equal(run("--cpus", "255").cpus, 255);
+  // The MP table and the MADT describe at most 254 CPUs (APIC IDs are 8-bit, 0xff broadcasts, the I/O APIC
+  // takes the next ID): the same limit for the parser, the builder and --help.
+  assert.equal(MAX_VCPUS, 254);
+  assert.equal(run("--cpus", "254").cpus, 254);
   usageError(["--mem", "0", "k"], /--mem size: 0 is out of range/);
   usageError(["--mem", String(2 ** 27 + 1), "k"], /--mem size: 134217729 is out of range/);
   usageError(["--mem", "lots", "k"], /--mem size: "lots" is not a valid number/);
   usageError(["--mem", "bytes=12", "k"], /--mem: unknown key "bytes"/);
   usageError(["--cpus", "0", "k"], /--cpus num-cores: 0 is out of range/);
+  usageError(["--cpus", "255", "k"], /--cpus num-cores: 255 is out of range \(1\.\.254\)/);
   usageError(["--cpus", "256", "k"], /--cpus num-cores: 256 is out of range/);
   usageError(["--mem", "1", "--mem", "2", "k"], /--mem given more than once/);
 });

@@ -2,6 +2,8 @@
 // `--help` prints it. Flag names, keys and defaults follow crosvm's `run` (google/crosvm
 // src/crosvm/cmdline.rs); the wording is denovm's own.
 
+import { MAX_VCPUS } from "../arch/cpu.ts";
+
 /** denovm's version, printed by `denovm version` when deno.json has no "version". */
 export const DENOVM_VERSION = "0.1.0";
 
@@ -47,7 +49,7 @@ export const RUN_FLAGS: readonly FlagDef[] = [
     short: "c",
     arg: "[num-cores=]N",
     help: "virtual CPUs",
-    keys: [{ form: "num-cores=NUM", help: "number of vCPUs, 1..255 (default: 1)" }],
+    keys: [{ form: "num-cores=NUM", help: `number of vCPUs, 1..${MAX_VCPUS} (default: 1)` }],
   },
   { long: "socket", short: "s", arg: "PATH", help: "control socket to create (for stop, balloon, gpu ...)" },
   {

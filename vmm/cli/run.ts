@@ -7,6 +7,7 @@
 import { DEFAULT_CPUS, DEFAULT_MEM_MIB, type VmConfig } from "../config.ts";
 import { type FlagDef, RUN_FLAGS } from "./help.ts";
 import { type KvSchema, parseOption, parseUint, UsageError } from "./keyvalue.ts";
+import { MAX_VCPUS } from "../arch/cpu.ts";
 import { parseBlockOption } from "./devices/block.ts";
 import { parseGpuOption } from "./devices/gpu.ts";
 import { parseInputOption } from "./devices/input.ts";
@@ -21,8 +22,6 @@ export { UsageError } from "./keyvalue.ts";
  * inside the 48-bit guest-physical address space of x86_64 4-level paging.
  */
 export const MAX_MEM_MIB = 2 ** 27;
-/** The highest vCPU count accepted; crosvm and the x86 MP table / xAPIC IDs stop at 255. */
-export const MAX_CPUS = 255;
 
 export interface RunCommand {
   config: VmConfig;
@@ -51,7 +50,7 @@ function parseMem(text: string): number {
 function parseCpus(text: string): number {
   const o = parseOption(CPUS_SCHEMA, text);
   if (o["num-cores"] === undefined) return DEFAULT_CPUS;
-  return parseUint(o["num-cores"] as string, "--cpus num-cores", 1, MAX_CPUS);
+  return parseUint(o["num-cores"] as string, "--cpus num-cores", 1, MAX_VCPUS);
 }
 
 // ---- argv scanning ----
