@@ -1,22 +1,15 @@
 // virtio-input driven through the virtio-mmio registers by the test driver: configuration space
 // (select/subsel answers), event layout and EV_SYN batches, queueing until the guest posts buffers,
-// the bounded queue, the status queue, the event-socket request handler, and a property test.
+// the bounded queue, the status queue, and a property test.
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import {
   INPUT_ABSINFO_MAX,
   INPUT_ABSINFO_MIN,
-  INPUT_CFG_SELECT,
-  INPUT_CFG_SIZE,
-  INPUT_CFG_SUBSEL,
-  INPUT_CFG_UNION,
-  INPUT_CONFIG_SIZE,
   INPUT_EVENT_SIZE,
   INPUT_MAX_PENDING_EVENTS,
   INPUT_MT_SLOTS,
-  InputDevice,
-  type InputDeviceKind,
   type InputEvent,
   VIRTIO_INPUT_CFG_ABS_INFO,
   VIRTIO_INPUT_CFG_EV_BITS,
@@ -46,68 +39,15 @@ import {
   LED_CAPSL,
   REL_X,
   REL_Y,
-  SYN_REPORT,
 } from "./input/codes.ts";
-import { handleInputRequest } from "../../vmm/cli/devices/input.ts";
-import { VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID } from "./mmio.ts";
+import { VIRTIO_MMIO_DEVICE_ID } from "./mmio.ts";
 import { VIRTIO_ID_INPUT } from "./device.ts";
-import { GuardedGuestMemory, type Submitted } from "../../test/support/virtio_driver.ts";
-import { captureVirtioLog, closeDeviceRig, mmioRig } from "../../test/support/device_rig.ts";
+import { inputRig, key, syn } from "../../test/support/input_rig.ts";
 
-const MiB = 1024 * 1024;
-
-function rig(kind: InputDeviceKind, opts: { width?: number; height?: number } = {}) {
-  const dev = new InputDevice({ kind, ...opts });
-  const g = new GuardedGuestMemory([{ start: 0, size: 4 * MiB }]);
-  const { t, drv, irqs } = mmioRig(dev, g.mem, 4 * MiB);
-  drv.init();
-  const log = captureVirtioLog();
-  const posted: Submitted[] = [];
-  return {
-    dev,
-    drv,
-    g,
-    irqs,
-    lines: log.lines,
-    /** Post up to `n` event buffers (one event each, as Linux does; no more than the ring has room for) and kick. */
-    post(n: number, size = INPUT_EVENT_SIZE): number {
-      const room = Math.max(0, dev.queueMaxSizes[0] - posted.length);
-      const count = Math.min(n, room);
-      for (let i = 0; i < count; i++) posted.push(drv.queues[0].submit([size]));
-      drv.kick(0);
-      return count;
-    },
-    /** Events the device delivered since the last call, in order. */
-    events(): InputEvent[] {
-      const out: InputEvent[] = [];
-      for (const u of drv.queues[0].used()) {
-        const i = posted.findIndex((p) => p.head === u.id);
-        const sub = posted.splice(i, 1)[0];
-        assert.equal(u.len, INPUT_EVENT_SIZE);
-        const v = new DataView(g.mem.read(sub.buffers[0].addr, INPUT_EVENT_SIZE).buffer);
-        out.push({ type: v.getUint16(0, true), code: v.getUint16(2, true), value: v.getInt32(4, true) });
-      }
-      return out;
-    },
-    /** Select/subsel, then the size and the union's answer. */
-    cfg(select: number, subsel: number): Uint8Array {
-      t.write(VIRTIO_MMIO_CONFIG + INPUT_CFG_SELECT, Uint8Array.of(select));
-      t.write(VIRTIO_MMIO_CONFIG + INPUT_CFG_SUBSEL, Uint8Array.of(subsel));
-      const all = drv.readConfig(0, INPUT_CONFIG_SIZE);
-      return all.slice(INPUT_CFG_UNION, INPUT_CFG_UNION + all[INPUT_CFG_SIZE]);
-    },
-    [Symbol.dispose]() {
-      closeDeviceRig(log, g, dev);
-    },
-  };
-}
-
-const syn: InputEvent = { type: EV_SYN, code: SYN_REPORT, value: 0 };
-const key = (code: number, value: number): InputEvent => ({ type: EV_KEY, code, value });
 const hasBit = (bm: Uint8Array, bit: number) => ((bm[bit >> 3] ?? 0) >> (bit & 7) & 1) === 1;
 
 Deno.test("input: config space of a keyboard (name, ids, event types, keys, LEDs, repeat)", () => {
-  using r = rig("keyboard");
+  using r = inputRig("keyboard");
   assert.equal(r.drv.readReg(VIRTIO_MMIO_DEVICE_ID), VIRTIO_ID_INPUT);
   assert.equal(new TextDecoder().decode(r.cfg(VIRTIO_INPUT_CFG_ID_NAME, 0)), "denovm virtio keyboard");
   const ids = new DataView(r.cfg(VIRTIO_INPUT_CFG_ID_DEVIDS, 0).buffer);
@@ -126,7 +66,7 @@ Deno.test("input: config space of a keyboard (name, ids, event types, keys, LEDs
 });
 
 Deno.test("input: config space of touch devices (ABS_INFO ranges, INPUT_PROP_DIRECT, slots)", () => {
-  using r = rig("multi-touch", { width: 800, height: 600 });
+  using r = inputRig("multi-touch", { width: 800, height: 600 });
   assert.ok(hasBit(r.cfg(VIRTIO_INPUT_CFG_PROP_BITS, 0), INPUT_PROP_DIRECT));
   const abs = r.cfg(VIRTIO_INPUT_CFG_EV_BITS, EV_ABS);
   for (const a of [ABS_X, ABS_Y, ABS_MT_SLOT, ABS_MT_TRACKING_ID, ABS_MT_POSITION_X, ABS_MT_POSITION_Y]) {
@@ -142,7 +82,7 @@ Deno.test("input: config space of touch devices (ABS_INFO ranges, INPUT_PROP_DIR
 });
 
 Deno.test("input: events wait for guest buffers, then arrive one per buffer in EV_SYN batches", () => {
-  using r = rig("keyboard");
+  using r = inputRig("keyboard");
   r.dev.type("A1");
   assert.equal(r.dev.pendingEvents, 10);
   r.irqs.n = 0;
@@ -160,7 +100,7 @@ Deno.test("input: events wait for guest buffers, then arrive one per buffer in E
 
 Deno.test("input: mouse and multi-touch sequences", () => {
   {
-    using r = rig("mouse");
+    using r = inputRig("mouse");
     r.post(32);
     r.dev.move(5, -3);
     r.dev.click();
@@ -174,7 +114,7 @@ Deno.test("input: mouse and multi-touch sequences", () => {
       syn,
     ]);
   }
-  using r = rig("multi-touch", { width: 100, height: 100 });
+  using r = inputRig("multi-touch", { width: 100, height: 100 });
   r.post(64);
   r.dev.touchDown(0, 10, 20);
   r.dev.touchDown(1, 30, 40);
@@ -200,7 +140,7 @@ Deno.test("input: mouse and multi-touch sequences", () => {
 });
 
 Deno.test("input: the pending queue is bounded (whole batches dropped), short buffers are returned", () => {
-  using r = rig("keyboard");
+  using r = inputRig("keyboard");
   let accepted = 0;
   while (r.dev.sendKey(KEY_A, true)) accepted++;
   assert.equal(accepted, INPUT_MAX_PENDING_EVENTS / 2);
@@ -214,7 +154,7 @@ Deno.test("input: the pending queue is bounded (whole batches dropped), short bu
 });
 
 Deno.test("input: LED events on the status queue are recorded and the buffers returned", () => {
-  using r = rig("keyboard");
+  using r = inputRig("keyboard");
   const ev = new Uint8Array(INPUT_EVENT_SIZE * 2);
   const v = new DataView(ev.buffer);
   v.setUint16(0, EV_LED, true);
@@ -228,19 +168,6 @@ Deno.test("input: LED events on the status queue are recorded and the buffers re
   assert.equal(r.dev.leds.get(LED_CAPSL), 1);
 });
 
-Deno.test("input: event-socket requests", () => {
-  using r = rig("single-touch", { width: 50, height: 50 });
-  r.post(16);
-  assert.deepEqual(handleInputRequest(r.dev, { tap: [1, 2] }), { ok: true, pending: 0 });
-  assert.equal(r.events().length, 6);
-  assert.throws(() => handleInputRequest(r.dev, { tap: [1] }), /2 integers/);
-  assert.throws(() => handleInputRequest(r.dev, { bogus: 1 }), /unknown request/);
-  assert.throws(() => handleInputRequest(r.dev, { type: "x" }), /keyboard/);
-  const res = handleInputRequest(r.dev, { events: [{ type: EV_KEY, code: BTN_TOUCH, value: 1 }] });
-  assert.equal(res.ok, true);
-  assert.deepEqual(r.events(), [key(BTN_TOUCH, 1), syn]);
-});
-
 Deno.test("input property: every event sent while the queue has room arrives once, in order", () => {
   fc.assert(
     fc.property(
@@ -252,7 +179,7 @@ Deno.test("input property: every event sent while the queue has room arrives onc
         { maxLength: 40 },
       ),
       (ops) => {
-        using r = rig("keyboard");
+        using r = inputRig("keyboard");
         const sent: InputEvent[] = [];
         const got: InputEvent[] = [];
         let buffers = 0;

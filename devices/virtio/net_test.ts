@@ -1,10 +1,8 @@
 // virtio-net on a real tap, driven through the virtio-mmio registers by the test driver.
 //
-// The tap lives in a network namespace the test creates: the outer test (run normally) makes a
-// namespace, runs this same file inside it (`ip netns exec NS deno test ...` with
-// DENOVM_NET_TEST_NETNS set) and deletes the namespace. Inside, the device creates tap "dvnet0",
-// the test gives it 10.0.2.1/24 and plays a guest at 10.0.2.2 that ARPs and pings the host
-// stack through the device. Nothing leaves the namespace.
+// The tap lives in a network namespace the test creates (test/support/netns.ts: this file re-runs itself
+// inside it). Inside, the device creates tap "dvnet0", the test gives it 10.0.2.1/24 and plays a guest at
+// 10.0.2.2 that ARPs and pings the host stack through the device. Nothing leaves the namespace.
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
@@ -36,14 +34,12 @@ import {
 } from "./net.ts";
 import { VIRTIO_COMMON_FEATURES, VIRTIO_ID_NET } from "./device.ts";
 import { VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from "./queue.ts";
-import { configureInterface, interfaceMtu, openTap } from "../../ffi/tun.ts";
-import { parseDeviceArgs, parseNetArgs } from "../../vmm/cli/devices/net.ts";
+import { configureInterface, interfaceMtu } from "../../ffi/tun.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../test/support/virtio_driver.ts";
 import { captureVirtioLog, mmioRig, reattachRig, roundTrip } from "../../test/support/device_rig.ts";
 import { StateError, type StateValue } from "../../core/state.ts";
+import { insideNetns, testInNetns } from "../../test/support/netns.ts";
 
-const NETNS_ENV = "DENOVM_NET_TEST_NETNS";
-const inner = Deno.env.get(NETNS_ENV);
 const MiB = 1024 * 1024;
 /** A hang guard for waits on the device (a broken device fails the test instead of hanging it). */
 const HANG_GUARD_MS = 20_000;
@@ -308,96 +304,15 @@ async function ping(r: Rig, hostMac: Uint8Array, id: number, seq: number, data: 
   }
 }
 
-// ---- Outside the namespace: argument parsing, and the namespace runner ----
+// ---- Outside the namespace: the namespace runner ----
 
-if (!inner) {
-  Deno.test("denovm device net: crosvm's --tap-name/--tap-fd/--device forms and denovm's --socket-path form", () => {
-    assert.deepEqual(parseNetArgs(["--socket-path", "/s", "--tap-name", "tap0", "--mac", "02:00:00:00:00:01"]), {
-      socketPath: "/s",
-      tap: { kind: "name", name: "tap0" },
-      mac: "02:00:00:00:00:01",
-      offloads: true,
-    });
-    assert.deepEqual(parseNetArgs(["--tap-name", "/run/s.sock,tap1"]).tap, { kind: "name", name: "tap1" });
-    assert.equal(parseNetArgs(["--tap-name", "/run/s.sock,tap1"]).socketPath, "/run/s.sock");
-    assert.deepEqual(parseNetArgs(["--tap-fd", "/s,7", "--no-offloads"]), {
-      socketPath: "/s",
-      tap: { kind: "fd", fd: 7 },
-      mac: undefined,
-      offloads: false,
-    });
-    assert.deepEqual(parseNetArgs(["--socket", "/s", "--tap-fd", "9"]).tap, { kind: "fd", fd: 9 });
-    assert.deepEqual(parseNetArgs(["--device", "/s,10.0.2.1,255.255.255.0,12:34:56:78:9a:bc"]), {
-      socketPath: "/s",
-      tap: { kind: "new", hostIp: "10.0.2.1", netmask: "255.255.255.0", hostMac: "12:34:56:78:9a:bc" },
-      mac: undefined,
-      offloads: true,
-    });
-    for (
-      const bad of [
-        [],
-        ["--tap-name", "tap0"], // no socket
-        ["--socket-path", "/a", "--socket", "/b", "--tap-name", "t"],
-        ["--tap-name", "/s,a", "--tap-fd", "/s,3"],
-        ["--tap-fd", "/s,x"],
-        ["--device", "/s,10.0.2.1,255.255.255.0"],
-        ["--device", "/s,10.0.2.300,255.255.255.0,12:34:56:78:9a:bc"],
-        ["--socket-path", "/s", "--tap-name", "t", "--mac", "01:00:00:00:00:01"], // multicast
-        ["--socket-path", "/s", "--tap-name", "t", "--mac", "zz"],
-        ["--socket-path", "/s", "--tap-name", "t", "--bogus"],
-      ]
-    ) {
-      assert.throws(() => parseNetArgs(bad), (e: Error) => e.name === "UsageError", bad.join(" "));
-    }
-  });
-
-  const netnsReason = await (async () => {
-    if (Deno.build.os !== "linux") return "network namespaces need Linux";
-    try {
-      const name = `denovm-probe-${Deno.pid}`;
-      const add = await new Deno.Command("ip", { args: ["netns", "add", name], stderr: "piped" }).output();
-      if (!add.success) return `ip netns add failed: ${new TextDecoder().decode(add.stderr).trim()}`;
-      await new Deno.Command("ip", { args: ["netns", "del", name] }).output();
-      return undefined;
-    } catch (e) {
-      return `ip (iproute2) unavailable: ${(e as Error).message}`;
-    }
-  })();
-  if (netnsReason) console.log(`skipping virtio-net tap tests: ${netnsReason}`);
-
-  Deno.test({
-    name: "virtio-net tap tests, run inside a fresh network namespace",
-    ignore: netnsReason !== undefined,
-    async fn() {
-      const ns = `denovm-net-${Deno.pid}`;
-      const add = await new Deno.Command("ip", { args: ["netns", "add", ns] }).output();
-      assert.ok(add.success, "ip netns add");
-      try {
-        // No IPv6 on new interfaces: no router solicitations or MLD reports competing for rx buffers.
-        const v6 = await new Deno.Command("ip", {
-          args: ["netns", "exec", ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6"],
-        }).output();
-        if (!v6.success) console.log("could not disable IPv6 in the namespace; continuing");
-        const out = await new Deno.Command("ip", {
-          args: ["netns", "exec", ns, Deno.execPath(), "test", "--allow-all", new URL(import.meta.url).pathname],
-          env: { [NETNS_ENV]: ns, NO_COLOR: "1" },
-          stdout: "piped",
-          stderr: "piped",
-        }).output();
-        const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-        console.log(text.split("\n").filter((l) => / \.\.\. |^ok |FAILED|passed|error/i.test(l)).join("\n"));
-        assert.ok(out.success, `the tests inside the namespace failed:\n${text}`);
-        assert.match(text, /ok \| 8 passed/, "every inner test ran");
-      } finally {
-        await new Deno.Command("ip", { args: ["netns", "del", ns] }).output();
-      }
-    },
-  });
+if (!insideNetns) {
+  await testInNetns({ what: "virtio-net tap tests", file: import.meta.url, innerTests: 7 });
 }
 
 // ---- Inside the namespace ----
 
-if (inner) {
+if (insideNetns) {
   Deno.test("config space, features, queues", async () => {
     const r = rig();
     try {
@@ -692,34 +607,6 @@ if (inner) {
       dev2?.close();
       await dev2?.done;
       await r.close();
-    }
-  });
-
-  Deno.test("denovm device net: crosvm's --device form creates a configured tap; --tap-fd adopts an open one", async () => {
-    const a = parseDeviceArgs(["--device", "/tmp/unused.sock,10.0.5.1,255.255.255.0,02:11:22:33:44:55"]);
-    const dev = a.device as NetDevice;
-    try {
-      assert.equal(a.socketPath, "/tmp/unused.sock");
-      assert.match(dev.tapName, /^tap\d+$/);
-      const show = await new Deno.Command("ip", { args: ["-o", "addr", "show", "dev", dev.tapName] }).output();
-      assert.match(new TextDecoder().decode(show.stdout), /inet 10\.0\.5\.1\/24/);
-      const link = await new Deno.Command("ip", { args: ["-o", "link", "show", "dev", dev.tapName] }).output();
-      const l = new TextDecoder().decode(link.stdout);
-      assert.match(l, /link\/ether 02:11:22:33:44:55/);
-      assert.match(l, /<[^>]*\bUP\b/);
-    } finally {
-      dev.close();
-      await dev.done;
-    }
-    const t = openTap("dvfd0", VIRTIO_NET_HDR_SIZE);
-    const b = parseDeviceArgs(["--tap-fd", `/tmp/unused.sock,${t.fd}`, "--no-offloads"]);
-    const dev2 = b.device as NetDevice;
-    try {
-      assert.equal(dev2.tapName, "dvfd0");
-      assert.equal(dev2.features & NET_OFFLOAD_FEATURES, 0n);
-    } finally {
-      dev2.close(); // closes the adopted fd
-      await dev2.done;
     }
   });
 }
