@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { BlockDevice } from "../devices/virtio/block/device.ts";
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_GPU } from "../devices/virtio/device.ts";
 import { decodePngRgba } from "../devices/virtio/gpu/png.ts";
-import { InputDevice } from "../devices/virtio/input.ts";
+import { InputDevice } from "../devices/virtio/input/device.ts";
 import type { VirtioMmioTransport } from "../devices/virtio/mmio.ts";
 import { defaultVmConfig, type VmConfig } from "./config.ts";
 import { controlCall } from "./control/client.ts";

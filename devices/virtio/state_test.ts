@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import { RngDevice } from "./rng.ts";
-import { INPUT_EVENT_SIZE, InputDevice } from "./input.ts";
+import { INPUT_EVENT_SIZE, InputDevice } from "./input/device.ts";
 import { CONSOLE_CONFIG_SIZE, ConsoleDevice, portRxQueue, portTxQueue } from "./console.ts";
 import {
   BALLOON_CONFIG_SIZE,

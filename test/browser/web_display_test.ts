@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { type BrowserContext, chromium, type Page } from "playwright-core";
 import type { Rect } from "../../devices/virtio/gpu/backend.ts";
 import { HeadlessDisplay } from "../../devices/virtio/gpu/display.ts";
-import { InputDevice, type InputEvent, type InputOptions } from "../../devices/virtio/input.ts";
+import { InputDevice, type InputEvent, type InputOptions } from "../../devices/virtio/input/device.ts";
 import {
   ABS_MT_POSITION_X,
   ABS_MT_POSITION_Y,

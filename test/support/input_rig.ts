@@ -12,7 +12,7 @@ import {
   InputDevice,
   type InputDeviceKind,
   type InputEvent,
-} from "../../devices/virtio/input.ts";
+} from "../../devices/virtio/input/device.ts";
 import { EV_KEY, EV_SYN, SYN_REPORT } from "../../devices/virtio/input/codes.ts";
 import { VIRTIO_MMIO_CONFIG } from "../../devices/virtio/mmio.ts";
 import { GuardedGuestMemory, type Submitted } from "./virtio_driver.ts";

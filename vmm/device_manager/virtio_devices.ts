@@ -9,7 +9,7 @@ import { BlockDevice } from "../../devices/virtio/block/device.ts";
 import { ConsoleDevice, type ConsolePort } from "../../devices/virtio/console.ts";
 import { AGENT_PORT_NAME } from "../library/agent_client.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
-import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../../devices/virtio/input.ts";
+import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../../devices/virtio/input/device.ts";
 import { RngDevice } from "../../devices/virtio/rng.ts";
 import type { SerialConfig, VmConfig } from "../config.ts";
 import { ConfigError } from "../../core/exit.ts";

@@ -4,7 +4,7 @@
 
 import { VIRTIO_ID_GPU } from "../../devices/virtio/device.ts";
 import type { GpuDevice } from "../../devices/virtio/gpu/device.ts";
-import { InputDevice } from "../../devices/virtio/input.ts";
+import { InputDevice } from "../../devices/virtio/input/device.ts";
 import type { Machine } from "../machine.ts";
 
 /**

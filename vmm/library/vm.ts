@@ -6,7 +6,7 @@ import { defaultVmConfig, type GpuConfig, gpuConfig, type SerialConfig, type VmC
 import { ConsoleLog } from "./console_log.ts";
 import type { Machine } from "../machine.ts";
 import { buildMachine } from "../builder.ts";
-import type { InputDevice } from "../../devices/virtio/input.ts";
+import type { InputDevice } from "../../devices/virtio/input/device.ts";
 import { AgentClient, type ExecOptions } from "./agent_client.ts";
 import { compareImages, type CompareOptions, decodePng, type Image } from "./screen.ts";
 import { gpuStats, inputDevicesOf, screenshot, startWebDisplay } from "./gpu_front.ts";

@@ -4,10 +4,10 @@
 // with the last, and ABS_X/ABS_Y follow the newest contact for single-touch readers.
 //
 // MultiTouchSlots keeps the slot table and produces the event sequence of each change; the caller sends
-// the events (InputDevice in ../input.ts, and the web display's input bridge for sinks without their own
+// the events (InputDevice in device.ts, and the web display's input bridge for sinks without their own
 // slot handling).
 
-import type { InputEvent } from "../input.ts";
+import type { InputEvent } from "./device.ts";
 import {
   ABS_MT_POSITION_X,
   ABS_MT_POSITION_Y,

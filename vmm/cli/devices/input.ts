@@ -2,7 +2,7 @@
 // and `denovm device input`. See common.ts for how the family modules are organised.
 //
 // `denovm device input --socket-path PATH --kind KIND [--width W --height H] [--name N]
-//  [--event-socket PATH]`: the virtio-input device model (devices/virtio/input.ts) as a vhost-user
+//  [--event-socket PATH]`: the virtio-input device model (devices/virtio/input/device.ts) as a vhost-user
 // back end. KIND is keyboard, mouse, single-touch or multi-touch (crosvm's --input kinds; the
 // crosvm-style `--input multi-touch[width=800,height=600]` spelling is accepted too).
 //
@@ -25,8 +25,8 @@ import {
   INPUT_DEVICE_KINDS,
   type InputDevice as InputDeviceT,
   type InputDeviceKind,
-} from "../../../devices/virtio/input.ts";
-import { InputDevice } from "../../../devices/virtio/input.ts";
+} from "../../../devices/virtio/input/device.ts";
+import { InputDevice } from "../../../devices/virtio/input/device.ts";
 import { closeWithDevice, parseOptions, serveJsonLines, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 // ---- run ----

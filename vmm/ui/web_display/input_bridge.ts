@@ -5,8 +5,8 @@
 // touch screen, and without a touch screen the first contact drives the pointer. What a page holds down is
 // released when it goes away, so the guest never sees a stuck key.
 
-import type { InputEvent } from "../../../devices/virtio/input.ts";
-import { INPUT_MT_SLOTS } from "../../../devices/virtio/input.ts";
+import type { InputEvent } from "../../../devices/virtio/input/device.ts";
+import { INPUT_MT_SLOTS } from "../../../devices/virtio/input/device.ts";
 import { firstFreeSlot, MultiTouchSlots } from "../../../devices/virtio/input/multitouch.ts";
 import {
   ABS_X,
@@ -26,7 +26,7 @@ import { type ClientMessage, evdevButton, evdevKeyCode } from "./protocol.ts";
 const MAX_WHEEL_CLICKS = 100;
 
 /**
- * What the display needs of an input device: InputDevice (devices/virtio/input.ts) fits. `kind` decides
+ * What the display needs of an input device: InputDevice (devices/virtio/input/device.ts) fits. `kind` decides
  * how pointer events are sent: "mouse" relative (REL_X/REL_Y), "single-touch"/"multi-touch" as touch
  * contacts, any other kind (a tablet) as ABS_X/ABS_Y plus BTN_* buttons. Absolute coordinates are
  * scaled from the framebuffer to the device's width x height.

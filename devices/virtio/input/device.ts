@@ -19,9 +19,9 @@ import {
   VIRTIO_COMMON_FEATURES,
   VIRTIO_ID_INPUT,
   type VirtioDevice,
-} from "./device.ts";
-import { type Virtqueue } from "./queue.ts";
-import { RateLimitedLog } from "../../core/log.ts";
+} from "../device.ts";
+import { type Virtqueue } from "../queue.ts";
+import { RateLimitedLog } from "../../../core/log.ts";
 import {
   type DeviceState,
   stateArray,
@@ -30,7 +30,7 @@ import {
   type Stateful,
   stateRecord,
   stateString,
-} from "../../core/state.ts";
+} from "../../../core/state.ts";
 import {
   ABS_MT_POSITION_X,
   ABS_MT_POSITION_Y,
@@ -109,8 +109,8 @@ import {
   REL_X,
   REL_Y,
   SYN_REPORT,
-} from "./input/codes.ts";
-import { MT_TRACKING_ID_MAX, MT_TRACKING_ID_NONE, MultiTouchSlots } from "./input/multitouch.ts";
+} from "./codes.ts";
+import { MT_TRACKING_ID_MAX, MT_TRACKING_ID_NONE, MultiTouchSlots } from "./multitouch.ts";
 
 // ---- virtio_input.h ----
 

@@ -16,7 +16,7 @@ import {
   VIRTIO_INPUT_CFG_ID_DEVIDS,
   VIRTIO_INPUT_CFG_ID_NAME,
   VIRTIO_INPUT_CFG_PROP_BITS,
-} from "./input.ts";
+} from "./device.ts";
 import {
   ABS_MT_POSITION_X,
   ABS_MT_POSITION_Y,
@@ -39,10 +39,10 @@ import {
   LED_CAPSL,
   REL_X,
   REL_Y,
-} from "./input/codes.ts";
-import { VIRTIO_MMIO_DEVICE_ID } from "./mmio.ts";
-import { VIRTIO_ID_INPUT } from "./device.ts";
-import { inputRig, key, syn } from "../../test/support/input_rig.ts";
+} from "./codes.ts";
+import { VIRTIO_MMIO_DEVICE_ID } from "../mmio.ts";
+import { VIRTIO_ID_INPUT } from "../device.ts";
+import { inputRig, key, syn } from "../../../test/support/input_rig.ts";
 
 const hasBit = (bm: Uint8Array, bit: number) => ((bm[bit >> 3] ?? 0) >> (bit & 7) & 1) === 1;
 
