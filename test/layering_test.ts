@@ -371,8 +371,8 @@ Deno.test("layering: the checker reports each broken rule in a fake tree, and no
       "core/memory.ts": `// import { x } from "../vmm/machine.ts";\nconst s = "from '../vmm/machine.ts'";\n` +
         `export { Machine } from "../mod.ts";\n`,
       "devices/serial.ts": `import { Bus } from "../core/units.ts";\nimport fc from "fast-check";\n` +
-        `const w = new URL("../vmm/worker.ts", import.meta.url);\nawait import("./support/rig.ts");\n`,
-      "devices/serial_test.ts": `import { rig } from "./support/rig.ts";\nimport "../main.ts";\n` +
+        `const w = new URL("../vmm/worker.ts", import.meta.url);\nawait import("../test/support/rig.ts");\n`,
+      "devices/serial_test.ts": `import { rig } from "../test/support/rig.ts";\nimport "../main.ts";\n` +
         `import { parse } from "../vmm/cli/parse.ts";\nimport { join } from "std";\n` +
         `import { b } from "../bench/run.ts";\n`,
       "vmm/arch/layout.ts":
