@@ -8,6 +8,8 @@
 #   4. npm dependencies of deno.json prefetched into Deno's cache.
 #   5. Debian's 6.1 kernel (scripts/debian-kernel.sh) and the default initramfs
 #      (scripts/initramfs.sh) under ${DENOVM_CACHE:-<repo>/.cache}.
+#   6. Where bookworm's user-mode Linux cannot run (an XSAVE area larger than it handles, e.g.
+#      AMX), a newer one from Debian sid under the cache (scripts/uml-sid.sh --if-needed).
 #
 # Environment: DENOVM_CACHE (cache folder), DENOVM_SKIP_CHROMIUM=1 (leave out chromium,
 # which only the web tests need), DENOVM_BIN (where the denovm command goes).
@@ -35,8 +37,9 @@ export DEBIAN_FRONTEND=noninteractive
 packages=(
   # build the test guests, the C benchmark, and read kernel modules
   gcc binutils make libc6-dev
-  # guests and front ends: user-mode Linux, QEMU (TCG reference and vhost-user front end)
-  user-mode-linux qemu-system-x86 qemu-utils
+  # guests and front ends: user-mode Linux, QEMU (TCG reference and vhost-user front end);
+  # patchelf points a newer UML at its private libc (scripts/uml-sid.sh)
+  user-mode-linux qemu-system-x86 qemu-utils patchelf
   # initramfs, disk images, ACPI table compiler/disassembler
   busybox-static cpio gzip xz-utils zstd e2fsprogs acpica-tools debootstrap
   # networking (tap devices), process tools
@@ -107,6 +110,15 @@ kdir="$(bash "$repo/scripts/debian-kernel.sh" </dev/null | tail -n 1)" || die "s
 say "kernel $(cat "$kdir/version"): $kdir"
 initrd="$(bash "$repo/scripts/initramfs.sh" </dev/null 2>/dev/null | tail -n 1)" || die "scripts/initramfs.sh failed"
 say "initramfs: $initrd"
+
+# ---- 6. A user-mode Linux that runs on this host ----
+uml_dir="$(bash "$repo/scripts/uml-sid.sh" --if-needed </dev/null | tail -n 1)" || die "scripts/uml-sid.sh failed"
+if [[ -n "$uml_dir" ]]; then
+  say "user-mode Linux $(cat "$uml_dir/version") from sid: $uml_dir (bookworm's cannot run on this host)"
+else
+  say "user-mode Linux: the system's /usr/bin/linux.uml"
+fi
+
 if [[ -e /dev/kvm ]]; then
   say "/dev/kvm: present$([[ -d /sys/module/kvm_pvm ]] && echo " (kvm_pvm: guest kernels cannot run unmodified)")"
 else

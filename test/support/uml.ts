@@ -1,16 +1,18 @@
-// User-mode Linux as a test front end for vhost-user devices: Debian's
-// /usr/bin/linux.uml (package user-mode-linux) boots as an ordinary process,
-// connects to vhost-user sockets given as `virtio_uml.device=SOCKET:VIRTIO_ID`
-// (Linux arch/um/drivers/virtio_uml.c) and drives them with the real Linux
-// drivers. The initramfs is built at test time: busybox-static, the kernel
-// modules a test names (with their modules.dep dependencies) and a generated
-// /init that runs the test's shell commands and powers the machine off.
+// User-mode Linux as a test front end for vhost-user devices: a UML kernel boots as an ordinary
+// process, connects to vhost-user sockets given as `virtio_uml.device=SOCKET:VIRTIO_ID`
+// (Linux arch/um/drivers/virtio_uml.c) and drives them with the real Linux drivers. The initramfs
+// is built at test time: busybox-static, the kernel modules a test names (with their modules.dep
+// dependencies) and a generated /init that runs the test's shell commands and powers the machine off.
 //
-// Facts this relies on (checked on this machine): UML 6.1 boots an initramfs to
-// /init in about 1.5 s; `con=null con0=fd:0,fd:1` puts the console on stdout;
-// `poweroff -f` ends the process with status 0; UML keeps its RAM in a file under
-// TMPDIR. virtio_uml connects once at boot and does not reconnect: when the
-// back end goes away the device is unregistered.
+// Which UML: Debian's /usr/bin/linux.uml (bookworm: 6.1), except on hosts where it cannot run user
+// processes (an XSAVE area larger than it handles, e.g. AMX: see UML_FP_REGS_FAILURE). There
+// scripts/uml-sid.sh (run by scripts/setup.sh) unpacks Debian sid's UML under $DENOVM_CACHE/uml-sid,
+// and that one is used whenever it is present. Without it such a host skips the UML tests, naming why.
+//
+// Facts this relies on (checked with UML 6.1 and 7.2): UML boots an initramfs to /init in about
+// 1.5 s; `con=null con0=fd:0,fd:1` puts the console on stdout; `poweroff -f` ends the process with
+// status 0; UML keeps its RAM in a file under TMPDIR. virtio_uml connects once at boot and does not
+// reconnect: when the back end goes away the device is unregistered.
 
 import {
   BUSYBOX,
@@ -28,38 +30,163 @@ export { BUSYBOX, cpioNewc };
 
 const REPO_ROOT = new URL("../../", import.meta.url).pathname;
 
-/** Debian's UML kernel and where its modules live. */
-export const UML_BINARY = "/usr/bin/linux.uml";
-export const UML_MODULES_ROOT = "/usr/lib/uml/modules";
+/** Debian's UML kernel (package user-mode-linux) and where its modules live. */
+export const SYSTEM_UML_BINARY = "/usr/bin/linux.uml";
+export const SYSTEM_UML_MODULES_ROOT = "/usr/lib/uml/modules";
 
-/** Where built initramfs archives are cached. */
+function cacheRoot(): string {
+  return Deno.env.get("DENOVM_CACHE") ?? `${REPO_ROOT}.cache`;
+}
+
+/** Where built initramfs archives (and the system UML's probe verdict) are cached. */
 export function umlCacheDir(): string {
-  return `${Deno.env.get("DENOVM_CACHE") ?? `${REPO_ROOT}.cache`}/uml`;
+  return `${cacheRoot()}/uml`;
+}
+
+/**
+ * The newer UML scripts/uml-sid.sh unpacks (Debian sid's user-mode-linux with its own loader and
+ * libc), which it prepares only on hosts where the system's UML cannot run user processes.
+ */
+export function sidUmlDir(): string {
+  return `${cacheRoot()}/uml-sid`;
+}
+
+/** A UML kernel binary and its module root. */
+export interface UmlInstall {
+  binary: string;
+  modulesRoot: string;
+  /** "sid" for the one under sidUmlDir(), "system" for Debian's installed package. */
+  source: "sid" | "system";
+}
+
+/** The UML the tests run: the one scripts/uml-sid.sh prepared when it is there, else the system's. */
+export function umlInstall(): UmlInstall {
+  const root = `${sidUmlDir()}/root`;
+  const binary = `${root}/usr/bin/linux.uml`;
+  if (exists(`${sidUmlDir()}/version`) && exists(binary)) {
+    return { binary, modulesRoot: `${root}/usr/lib/uml/modules`, source: "sid" };
+  }
+  return { binary: SYSTEM_UML_BINARY, modulesRoot: SYSTEM_UML_MODULES_ROOT, source: "system" };
 }
 
 /** The UML kernel's module directory version (e.g. "6.1.176"), or undefined. */
 export function umlKernelVersion(): string | undefined {
   try {
-    return [...Deno.readDirSync(UML_MODULES_ROOT)].filter((e) => e.isDirectory).map((e) => e.name).sort().at(-1);
+    return [...Deno.readDirSync(umlInstall().modulesRoot)].filter((e) => e.isDirectory).map((e) => e.name).sort()
+      .at(-1);
   } catch {
     return undefined;
   }
 }
 
+/**
+ * What UML prints when the host kernel refuses its FPU register buffer: UML passes a buffer of a
+ * size fixed at build time to ptrace(PTRACE_SETREGSET, NT_X86_XSTATE), and the host takes only its
+ * whole user XSAVE area, which AMX tile data makes larger than UML 6.1 (and 6.12) allow for.
+ */
+export const UML_FP_REGS_FAILURE = "ptrace set fp regs failed";
+
 /** Why UML tests cannot run here, or undefined when they can. */
 export function umlUnavailableReason(): string | undefined {
   if (Deno.build.os !== "linux" || Deno.build.arch !== "x86_64") return "user-mode Linux needs x86_64 Linux";
-  if (!exists(UML_BINARY)) return `${UML_BINARY} missing (apt-get install user-mode-linux)`;
+  const uml = umlInstall();
+  if (!exists(uml.binary)) return `${uml.binary} missing (apt-get install user-mode-linux)`;
   if (!exists(BUSYBOX)) return `${BUSYBOX} missing (apt-get install busybox-static)`;
-  if (!umlKernelVersion()) return `no modules under ${UML_MODULES_ROOT} (apt-get install user-mode-linux)`;
+  const version = umlKernelVersion();
+  if (!version) return `no modules under ${uml.modulesRoot} (apt-get install user-mode-linux)`;
+  if (uml.source === "system" && systemUmlHitsFpRegsLimit(uml.binary)) {
+    return `user-mode Linux ${version} cannot run on this host: ${UML_FP_REGS_FAILURE} ` +
+      "(XSAVE area larger than UML supports, e.g. AMX); scripts/uml-sid.sh prepares a newer UML that can";
+  }
   return undefined;
+}
+
+let probeVerdict: boolean | undefined;
+
+/**
+ * Whether the system UML fails on this host with UML_FP_REGS_FAILURE: one boot of a busybox
+ * initramfs per process, its verdict kept in umlCacheDir() under a key of the binary, the host
+ * kernel release and the CPU flags. Only that failure counts: a boot that fails any other way is
+ * reported as runnable, so the tests run and fail on it.
+ */
+function systemUmlHitsFpRegsLimit(binary: string): boolean {
+  if (probeVerdict !== undefined) return probeVerdict;
+  const st = Deno.statSync(binary);
+  const flags = /^flags\s*:(.*)$/m.exec(readTextOr("/proc/cpuinfo", ""))?.[1]?.trim() ?? "";
+  const key = fnv1a64(JSON.stringify([binary, st.size, st.mtime?.getTime(), Deno.osRelease(), flags]));
+  const file = `${umlCacheDir()}/probe-${key}.txt`;
+  const cached = readTextOr(file, "").trim();
+  if (cached === "ok" || cached === "fp-regs") return probeVerdict = cached === "fp-regs";
+
+  const tmpdir = Deno.makeTempDirSync({ prefix: "denovm-uml-probe-" });
+  let verdict: "ok" | "fp-regs" | undefined;
+  try {
+    const initrd = `${tmpdir}/probe.cpio`;
+    Deno.writeFileSync(
+      initrd,
+      cpioNewc([
+        ...busyboxBaseEntries(["bin", "dev", "proc", "sys"]),
+        { name: "init", mode: S_IFREG | 0o755, data: new TextEncoder().encode(initScript([], "true")) },
+      ]),
+    );
+    // coreutils timeout signals its whole process group, so UML's child processes go with it.
+    const out = new Deno.Command("timeout", {
+      args: [
+        "-s",
+        "KILL",
+        String(PROBE_GUARD_S),
+        binary,
+        "mem=64M",
+        `initrd=${initrd}`,
+        "con=null",
+        "con0=fd:0,fd:1",
+        "quiet",
+      ],
+      stdin: "null",
+      env: { TMPDIR: tmpdir },
+    }).outputSync();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    if (initCommandStatus(text, UML_MARK_END) === 0) verdict = "ok";
+    else if (text.includes(UML_FP_REGS_FAILURE)) verdict = "fp-regs";
+  } finally {
+    Deno.removeSync(tmpdir, { recursive: true });
+  }
+  if (verdict) {
+    try {
+      Deno.mkdirSync(umlCacheDir(), { recursive: true });
+      Deno.writeTextFileSync(file, `${verdict}\n`);
+    } catch {
+      // an unwritable cache only costs the next process another probe
+    }
+  }
+  return probeVerdict = verdict === "fp-regs";
+}
+
+/** Hang guard of the probe boot, in seconds (a boot takes about 1.5 s). */
+const PROBE_GUARD_S = 60;
+
+function readTextOr(path: string, fallback: string): string {
+  try {
+    return Deno.readTextFileSync(path);
+  } catch {
+    return fallback;
+  }
+}
+
+/** FNV-1a, 64-bit (a cache key, not a security hash): 16 hex digits. */
+function fnv1a64(s: string): string {
+  const FNV_OFFSET_BASIS = 0xcbf29ce484222325n;
+  const FNV_PRIME = 0x100000001b3n;
+  let h = FNV_OFFSET_BASIS;
+  for (const b of new TextEncoder().encode(s)) h = BigInt.asUintN(64, (h ^ BigInt(b)) * FNV_PRIME);
+  return h.toString(16).padStart(16, "0");
 }
 
 // ---- Modules ----
 
 /** Module files (relative to the module dir) for `names`, dependencies first (from modules.dep). */
 export function resolveModules(version: string, names: string[]): string[] {
-  const dir = `${UML_MODULES_ROOT}/${version}`;
+  const dir = `${umlInstall().modulesRoot}/${version}`;
   const deps = new Map<string, string[]>();
   for (const line of Deno.readTextFileSync(`${dir}/modules.dep`).split("\n")) {
     const colon = line.indexOf(":");
@@ -86,7 +213,8 @@ export function resolveModules(version: string, names: string[]): string[] {
 /** Base initramfs: busybox, directories, /dev/console and the modules (cached by content key). */
 async function baseInitramfs(version: string, modules: string[]): Promise<Uint8Array> {
   const bb = Deno.statSync(BUSYBOX);
-  const key = await sha256Hex(JSON.stringify({ version, modules, bb: [bb.size, bb.mtime?.getTime()] }));
+  const modulesRoot = umlInstall().modulesRoot;
+  const key = await sha256Hex(JSON.stringify({ modulesRoot, version, modules, bb: [bb.size, bb.mtime?.getTime()] }));
   const cached = `${umlCacheDir()}/base-${key.slice(0, 16)}.cpio`;
   try {
     return Deno.readFileSync(cached);
@@ -98,7 +226,7 @@ async function baseInitramfs(version: string, modules: string[]): Promise<Uint8A
   }
   const entries = busyboxBaseEntries(
     ["bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules"],
-    modules.map((m) => `${UML_MODULES_ROOT}/${version}/${m}`),
+    modules.map((m) => `${modulesRoot}/${version}/${m}`),
   );
   const archive = cpioNewc(entries);
   Deno.mkdirSync(umlCacheDir(), { recursive: true });
@@ -141,7 +269,7 @@ export interface InitramfsOptions {
 /** Build an initramfs file for one run; returns its path (a temp file the caller may delete). */
 export async function buildInitramfs(opts: InitramfsOptions): Promise<string> {
   const version = umlKernelVersion();
-  if (!version) throw new Error(`no UML modules under ${UML_MODULES_ROOT}`);
+  if (!version) throw new Error(`no UML modules under ${umlInstall().modulesRoot}`);
   const mods = resolveModules(version, opts.modules);
   const base = await baseInitramfs(version, mods);
   // The kernel unpacks concatenated archives in order: the base, then this run's /init.
@@ -207,7 +335,7 @@ export class UmlMachine {
       ...(opts.vhostUser ?? []).map((d) => `virtio_uml.device=${d.socket}:${d.deviceId}`),
       ...(opts.cmdline ?? []),
     ];
-    const child = new Deno.Command(UML_BINARY, {
+    const child = new Deno.Command(umlInstall().binary, {
       args,
       stdin: "null",
       stdout: "piped",
