@@ -72,8 +72,8 @@ function bind<K extends LibcName>(name: K): LibcSymbols[K] {
 
 /**
  * The libc symbol table. Each symbol is bound on its first call: Deno builds a call trampoline for
- * every symbol it binds (~0.2 ms each), and binding all of them at once took ~10 ms of every
- * start-up, most of them for symbols a given command never calls. Until then the table holds a
+ * every symbol it binds, and a given command calls only some of them, so binding them all at start-up
+ * would cost every command the time of all the trampolines. Until then the table holds a
  * stand-in that binds the symbol, puts it in its place and calls it; afterwards the property is the
  * foreign function itself, so hot paths (KVM_RUN on every exit) call it directly.
  */

@@ -29,7 +29,7 @@ const GUEST_TIMEOUT_MS = 120_000;
 const SUSPENDED_WATCH_MS = 500;
 /** A socket file is removed by the control server's close(), which runs just after the exit code settles. */
 const SOCKET_REMOVAL_TIMEOUT_MS = 5_000;
-/** Permissions of the control socket file (issue 5: "created with mode 0600"). */
+/** Permissions of the control socket file: only its owner may connect (0600). */
 const SOCKET_MODE = 0o600;
 /** A TICK line as the ticker guest prints it (the UART console turns "\n" into "\r\n"). */
 const TICK_LINE = /^TICK (\d+)\r?\n/m;

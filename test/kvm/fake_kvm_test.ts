@@ -5,7 +5,7 @@
 // real code paths run: Kvm/KvmVm set-up (vmm/kvm/vm.ts), vCPU state (vmm/arch/cpu.ts), the vCPU Workers and their
 // channel (vmm/kvm/vcpu.ts, vmm/kvm/vcpu_worker.ts), Machine start/stop/pause/resume and exit codes
 // (vmm/machine.ts), the CLI (main.ts) and the library (mod.ts). What a real KVM would do with the
-// state (run the guest) is what the tests with /dev/kvm check (kvm_boot_test.ts and others).
+// state (run the guest) is what the tests with /dev/kvm check (test/kvm/boot_test.ts and others).
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";

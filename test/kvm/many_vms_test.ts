@@ -20,7 +20,7 @@ import { type BootConfig, Vm } from "../../mod.ts";
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_many_vms_test: 20-VM test skipped: no /dev/kvm");
 
-/** How many VMs the rig runs at once (issue 5, "Many VMs"). */
+/** How many VMs the rig runs at once. */
 const VM_COUNT = 20;
 /** Guest memory per VM: the ticker guest needs almost none. */
 const VM_MEM_MIB = 32;

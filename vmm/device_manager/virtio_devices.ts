@@ -1,8 +1,8 @@
 // Which virtio device models a VmConfig asks for, in the order they get
 // virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
 // line), then net, consoles, rng, balloon, input, vsock, gpu. The net, vsock and gpu
-// models (and the tap and virglrenderer bindings) are imported only when asked for:
-// loading them with every VM cost about 7 ms of start-up.
+// models (and the tap and virglrenderer bindings) are imported only when asked for, so
+// a VM without them does not load them at start-up.
 
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
 import { BlockDevice } from "../../devices/virtio/block/device.ts";
