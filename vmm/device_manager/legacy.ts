@@ -22,7 +22,7 @@ import {
 import type { SerialConfig } from "../config.ts";
 import type { VmHandle } from "../kvm/vm.ts";
 import type { HostIo } from "./host_io.ts";
-import type { WorkerDevice } from "./worker_devices.ts";
+import type { WorkerDevice } from "../kvm/worker_devices.ts";
 
 /** pvpanic is one port (QEMU docs/specs/pvpanic.rst). */
 const PVPANIC_PORT_SPAN = 1;

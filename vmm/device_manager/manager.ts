@@ -13,7 +13,7 @@ import type { HostIo } from "./host_io.ts";
 import { type GuestRequestHandler, LegacyDevices } from "./legacy.ts";
 import { VirtioMmioDevices, type VirtioMmioResource, type VirtioSlot } from "./mmio.ts";
 import { SharedMemoryArea } from "./shared_memory.ts";
-import type { WorkerDevice } from "./worker_devices.ts";
+import type { WorkerDevice } from "../kvm/worker_devices.ts";
 
 export interface DeviceManagerOptions {
   vm: Pick<VmHandle, "registerIrqfd" | "registerIoeventfd" | "addSlot" | "removeSlot">;

@@ -11,7 +11,7 @@ import { VIRTIO_MMIO_QUEUE_NOTIFY, type VirtioInterruptCells, VirtioMmioTranspor
 import { VIRTIO_IRQS, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START } from "../arch/layout.ts";
 import type { VmHandle } from "../kvm/vm.ts";
 import { type SharedMemoryArea, sharedMemoryMapper } from "./shared_memory.ts";
-import type { WorkerDevice } from "./worker_devices.ts";
+import type { WorkerDevice } from "../kvm/worker_devices.ts";
 
 /** QueueNotify is a 32-bit register whose value is the queue index: the ioeventfd matches both. */
 const QUEUE_NOTIFY_SIZE = 4;

@@ -4,7 +4,7 @@
 import { kickThread, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE } from "../../ffi/libc.ts";
 import { RUN_IMMEDIATE_EXIT } from "../../ffi/kvm.ts";
 import type { Bus } from "../../core/bus.ts";
-import type { WorkerDevice } from "../device_manager/worker_devices.ts";
+import type { WorkerDevice } from "./worker_devices.ts";
 import {
   DEVICE_WAKE,
   DOORBELL,

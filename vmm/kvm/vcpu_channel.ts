@@ -2,7 +2,7 @@
 // Control block (one per VM, Int32Array): the command all vCPUs obey and how many are paused.
 // I/O block (one per vCPU, Int32Array + bytes): one port or MMIO access in flight.
 
-import type { WorkerDevice } from "../device_manager/worker_devices.ts";
+import type { WorkerDevice } from "./worker_devices.ts";
 
 /** Control block slots. */
 export const CTL_COMMAND = 0;
@@ -45,7 +45,7 @@ export interface VcpuStartMessage {
   io: SharedArrayBuffer;
   /** Serve the test guests' debug exit port in the worker. */
   debugExit: boolean;
-  /** Devices the worker serves itself (see vmm/device_manager/worker_devices.ts). */
+  /** Devices the worker serves itself (see worker_devices.ts). */
   devices: readonly WorkerDevice[];
 }
 

@@ -39,7 +39,7 @@ import {
 } from "../../ffi/kvm.ts";
 import { EAGAIN, EINTR, libc, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE, strerror } from "../../ffi/libc.ts";
 import { dumpRegisters } from "../arch/cpu.ts";
-import { workerDeviceTable } from "../device_manager/worker_devices.ts";
+import { workerDeviceTable } from "./worker_devices.ts";
 import { DEBUG_EXIT_PORT } from "../arch/layout.ts";
 import {
   CMD_PAUSE,
