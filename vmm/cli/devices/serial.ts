@@ -10,6 +10,7 @@
 
 import { ConsoleDevice } from "../../../devices/virtio/console.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
+import { EXIT_SUCCESS } from "../../../core/exit.ts";
 import { type KvSchema, parseOption, parseUint, UsageError } from "../keyvalue.ts";
 import {
   defaultSerial,
@@ -117,7 +118,7 @@ export function parseConsoleArgs(args: string[]): ConsoleArgs {
   });
   if (values.help) {
     console.log(CONSOLE_USAGE);
-    Deno.exit(0);
+    Deno.exit(EXIT_SUCCESS);
   }
   const socketPath = socketPathOption("console", values);
   if (values.syslog && values["output-file"]) {

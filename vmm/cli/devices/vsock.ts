@@ -11,6 +11,7 @@
 
 import { MAX_GUEST_CID, MIN_GUEST_CID, VsockDevice } from "../../../devices/virtio/vsock.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
+import { EXIT_SUCCESS } from "../../../core/exit.ts";
 import { type KvSchema, parseOption, parseUint, UsageError } from "../keyvalue.ts";
 import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
@@ -55,7 +56,7 @@ export function parseVsockArgs(args: string[]): VsockArgs {
   });
   if (values.help) {
     console.log(VSOCK_USAGE);
-    Deno.exit(0);
+    Deno.exit(EXIT_SUCCESS);
   }
   const socketPath = socketPathOption("vsock", values);
   if (values.device || values["vhost-vsock-device"]) {
