@@ -81,12 +81,17 @@ export function captureVirtioLog(): CapturedLog {
 }
 
 /**
- * The end of a device test: the log sink restored, the canary around guest memory checked (the device
- * touched nothing outside the guest), then the device and the memory closed.
+ * The end of a device test: the canary around guest memory checked (the device touched nothing outside the
+ * guest), then the device and the memory closed.
  */
-export function closeDeviceRig(log: CapturedLog, g: GuardedGuestMemory, dev: { close?(): void }): void {
-  log.restore();
+export function closeGuardedDevice(g: GuardedGuestMemory, dev: { close?(): void }): void {
   assert.ok(g.canaryIntact(), "no access outside guest memory");
   dev.close?.();
   g.close();
+}
+
+/** closeGuardedDevice after giving the log its sink back. */
+export function closeDeviceRig(log: CapturedLog, g: GuardedGuestMemory, dev: { close?(): void }): void {
+  log.restore();
+  closeGuardedDevice(g, dev);
 }
