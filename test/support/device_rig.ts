@@ -7,7 +7,14 @@ import { VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import { guestLog } from "../../core/log.ts";
 import type { GuestMemory } from "../../core/memory.ts";
-import { decodeState, type DeviceState, encodeState, type Stateful } from "../../core/state.ts";
+import {
+  decodeState,
+  type DeviceState,
+  encodeState,
+  StateError,
+  type Stateful,
+  type StateValue,
+} from "../../core/state.ts";
 import type { GuardedGuestMemory } from "./virtio_driver.ts";
 import { VirtioTestDriver } from "./virtio_driver.ts";
 
@@ -63,6 +70,39 @@ export function saveAndRestore(
   dev.restoreState(devState);
   to.t.restoreState(tState);
   return to;
+}
+
+/**
+ * Every state in `bad`, and `good` with another type, the next version or data that is no record, is
+ * refused with StateError by a fresh device from `make`; `good` itself is taken. Each device is closed.
+ */
+export function assertRefused(
+  make: () => Stateful & { close?(): void },
+  good: DeviceState,
+  bad: [string, DeviceState][],
+): void {
+  const all: [string, DeviceState][] = [
+    ["type", { ...good, type: "virtio-other" }],
+    ["version", { ...good, version: good.version + 1 }],
+    ["data", { ...good, data: [] }],
+    ...bad,
+  ];
+  for (const [what, st] of all) {
+    const d = make();
+    try {
+      assert.throws(() => d.restoreState(st), StateError, what);
+    } finally {
+      d.close?.();
+    }
+  }
+  const d = make();
+  d.restoreState(good);
+  d.close?.();
+}
+
+/** `good` with the fields of `patch` put into its data record. */
+export function withData(good: DeviceState, patch: Record<string, StateValue>): DeviceState {
+  return { ...good, data: { ...(good.data as Record<string, StateValue>), ...patch } };
 }
 
 export interface CapturedLog {
