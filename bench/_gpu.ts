@@ -8,45 +8,14 @@ import * as P from "../devices/virtio/gpu/protocol.ts";
 import { VirtioMmioTransport } from "../devices/virtio/mmio.ts";
 import type { SharedMemoryMapper } from "../devices/virtio/device.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../test/support/virtio_driver.ts";
-import { VIRGL_FORMAT_R8_UNORM } from "../devices/virtio/gpu/formats.ts";
 import {
-  PIPE_BIND_VERTEX_BUFFER,
-  PIPE_BUFFER,
-  PIPE_RESOURCE_FLAG_MAP_COHERENT,
-  PIPE_RESOURCE_FLAG_MAP_PERSISTENT,
-  VirglStream,
-} from "../devices/virtio/gpu/virgl_stream.ts";
+  createHostBlob as createHostBlobCmd,
+  ctxCreate,
+  hostBufferStream,
+  submit,
+} from "../test/support/gpu_commands.ts";
 
 export const MiB = 1024 * 1024;
-
-/** Header options of a control command (struct virtio_gpu_ctrl_hdr, linux/virtio_gpu.h). */
-export interface HdrOpts {
-  fenceId?: bigint;
-  ctxId?: number;
-}
-
-/** Encode a command: the header, then `body` (numbers as le32, bigints as le64), then `tail`. */
-export function gpuCmd(type: number, body: (number | bigint)[] = [], o: HdrOpts = {}, tail?: Uint8Array): Uint8Array {
-  const bodyLen = body.reduce<number>((n, x) => n + (typeof x === "bigint" ? 8 : 4), 0);
-  const b = new Uint8Array(P.HDR_SIZE + bodyLen + (tail?.length ?? 0));
-  const v = new DataView(b.buffer);
-  v.setUint32(P.HDR_TYPE, type, true);
-  v.setUint32(P.HDR_FLAGS, o.fenceId !== undefined ? P.VIRTIO_GPU_FLAG_FENCE : 0, true);
-  v.setBigUint64(P.HDR_FENCE_ID, o.fenceId ?? 0n, true);
-  v.setUint32(P.HDR_CTX_ID, o.ctxId ?? 0, true);
-  let off = P.HDR_SIZE;
-  for (const x of body) {
-    if (typeof x === "bigint") {
-      v.setBigUint64(off, x, true);
-      off += 8;
-    } else {
-      v.setUint32(off, x >>> 0, true);
-      off += 4;
-    }
-  }
-  if (tail) b.set(tail, off);
-  return b;
-}
 
 /**
  * Stands in for the VMM's mapper (KVM memory slots in the window): records live mappings, refuses overlaps
@@ -138,18 +107,12 @@ export class GpuRig {
   }
 }
 
-/** RESOURCE_MAP_BLOB of resource `id` at `offset` in the host-visible window (struct virtio_gpu_resource_map_blob). */
-export const mapBlob = (id: number, offset: number): Uint8Array =>
-  gpuCmd(P.CMD_RESOURCE_MAP_BLOB, [id, 0, BigInt(offset)]);
-/** RESOURCE_UNMAP_BLOB of resource `id` (struct virtio_gpu_resource_unmap_blob). */
-export const unmapBlob = (id: number): Uint8Array => gpuCmd(P.CMD_RESOURCE_UNMAP_BLOB, [id, 0]);
-
 /** Requires VIRGL and RESOURCE_BLOB both negotiated, then creates 3D context `ctxId` (CTX_CREATE). */
 export function createVirglContext(rig: GpuRig, ctxId: number): void {
   if (!(rig.acked & P.VIRTIO_GPU_F_VIRGL) || !(rig.acked & P.VIRTIO_GPU_F_RESOURCE_BLOB)) {
     throw new Error("VIRGL and RESOURCE_BLOB not both negotiated");
   }
-  rig.ok(gpuCmd(P.CMD_CTX_CREATE, [0, 0], { ctxId }, new Uint8Array(P.CTX_DEBUG_NAME_SIZE)));
+  rig.ok(ctxCreate(ctxId));
 }
 
 /**
@@ -157,21 +120,6 @@ export function createVirglContext(rig: GpuRig, ctxId: number): void {
  * virgl driver does (a PIPE_RESOURCE_CREATE with `blobId` in SUBMIT_3D, then RESOURCE_CREATE_BLOB).
  */
 export function createHostBlob(rig: GpuRig, ctxId: number, id: number, blobId: number, size: number): void {
-  const create = new VirglStream().pipeResourceCreate({
-    target: PIPE_BUFFER,
-    format: VIRGL_FORMAT_R8_UNORM,
-    bind: PIPE_BIND_VERTEX_BUFFER,
-    width: size,
-    flags: PIPE_RESOURCE_FLAG_MAP_PERSISTENT | PIPE_RESOURCE_FLAG_MAP_COHERENT,
-    blobId,
-  }).bytes();
-  rig.ok(gpuCmd(P.CMD_SUBMIT_3D, [create.length, 0], { ctxId }, create));
-  rig.ok(gpuCmd(P.CMD_RESOURCE_CREATE_BLOB, [
-    id,
-    P.VIRTIO_GPU_BLOB_MEM_HOST3D,
-    P.VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
-    0,
-    BigInt(blobId),
-    BigInt(size),
-  ], { ctxId }));
+  rig.ok(submit(ctxId, hostBufferStream(blobId, size)));
+  rig.ok(createHostBlobCmd(ctxId, id, blobId, size));
 }

@@ -22,7 +22,19 @@ import * as P from "../devices/virtio/gpu/protocol.ts";
 import { Backend2D } from "../devices/virtio/gpu/backend_2d.ts";
 import { VirglBackend } from "../devices/virtio/gpu/backend_virgl.ts";
 import { VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM } from "../devices/virtio/gpu/formats.ts";
-import { createHostBlob, createVirglContext, gpuCmd, GpuRig, mapBlob, MiB, unmapBlob } from "./_gpu.ts";
+import { createHostBlob, createVirglContext, GpuRig, MiB } from "./_gpu.ts";
+import {
+  attach,
+  create2d,
+  createBlob,
+  flush,
+  mapBlob,
+  setScanout,
+  setScanoutBlob,
+  transfer2d,
+  unmapBlob,
+  unref,
+} from "../test/support/gpu_commands.ts";
 import { progress, result } from "./_common.ts";
 
 const NAME = "gpu-copies";
@@ -42,20 +54,6 @@ const BACKING_B = BACKING_A + 16 * MiB;
 const GUEST_BYTES = BACKING_B + 16 * MiB;
 const B8G8R8A8 = VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM;
 const CTX = 1;
-
-// Command bodies (struct layouts of linux/virtio_gpu.h, after the header).
-const rect = (w = W, h = H) => [0, 0, w, h];
-const create2d = (id: number) => gpuCmd(P.CMD_RESOURCE_CREATE_2D, [id, B8G8R8A8, W, H]);
-const attach = (id: number, entries: { addr: number; len: number }[]) =>
-  gpuCmd(P.CMD_RESOURCE_ATTACH_BACKING, [id, entries.length, ...entries.flatMap((e) => [BigInt(e.addr), e.len, 0])]);
-const transfer2d = (id: number) => gpuCmd(P.CMD_TRANSFER_TO_HOST_2D, [...rect(), 0n, id, 0]);
-const setScanout = (id: number) => gpuCmd(P.CMD_SET_SCANOUT, [...rect(), 0, id]);
-const flush = (id: number) => gpuCmd(P.CMD_RESOURCE_FLUSH, [...rect(), id, 0]);
-/** struct virtio_gpu_set_scanout_blob: rect, scanout_id, resource_id, width, height, format, padding,
- * strides[4], offsets[4]. */
-const setScanoutBlob = (id: number) =>
-  gpuCmd(P.CMD_SET_SCANOUT_BLOB, [...rect(), 0, id, W, H, B8G8R8A8, 0, STRIDE, 0, 0, 0, 0, 0, 0, 0]);
-const unref = (id: number) => gpuCmd(P.CMD_RESOURCE_UNREF, [id, 0]);
 
 /** Two distinct frames, so every update really changes the bytes. */
 function frames(): Uint8Array[] {
@@ -85,9 +83,9 @@ function transferPath(
   src: Uint8Array[],
 ): { bytesPerFrame: number; gbps: number; memcpyGbps: number } {
   const memDst = new Uint8Array(FRAME);
-  rig.ok(create2d(id));
+  rig.ok(create2d(id, B8G8R8A8, W, H));
   rig.ok(attach(id, backing));
-  rig.ok(setScanout(id));
+  rig.ok(setScanout(0, id, 0, 0, W, H));
   /** The guest draws: the frame goes into its backing pages, in backing order. */
   const draw = (f: Uint8Array) => {
     let off = 0;
@@ -98,8 +96,8 @@ function transferPath(
   };
   for (let i = 0; i < WARMUP; i++) {
     draw(src[i % 2]);
-    rig.ok(transfer2d(id));
-    rig.ok(flush(id));
+    rig.ok(transfer2d(id, 0, 0, W, H, 0));
+    rig.ok(flush(id, 0, 0, W, H));
     memDst.set(src[i % 2]);
   }
   const before = rig.dev.gpuStats().totals.bytesCopied;
@@ -108,13 +106,13 @@ function transferPath(
   for (let i = 0; i < FRAMES; i++) {
     draw(src[i % 2]);
     const t0 = performance.now();
-    rig.ok(transfer2d(id));
+    rig.ok(transfer2d(id, 0, 0, W, H, 0));
     const t1 = performance.now();
     memDst.set(src[i % 2]);
     const t2 = performance.now();
     ms += t1 - t0;
     memcpyMs += t2 - t1;
-    rig.ok(flush(id));
+    rig.ok(flush(id, 0, 0, W, H));
   }
   if (memDst[0] !== src[(FRAMES - 1) % 2][0]) throw new Error("memcpy check failed");
   const copied = rig.dev.gpuStats().totals.bytesCopied - before;
@@ -143,7 +141,7 @@ function virglBlobPath(src: Uint8Array[]): { bytesPerFrame: number; path: string
     createHostBlob(rig, CTX, id, blobId, FRAME);
     rig.ok(mapBlob(id, offset), P.RESP_OK_MAP_INFO);
     const win = rig.mapper.view(offset).subarray(0, FRAME);
-    rig.ok(setScanoutBlob(id));
+    rig.ok(setScanoutBlob(0, id, W, H, B8G8R8A8, STRIDE));
     const bytesPerFrame = blobFrames(rig, id, (f) => win.set(f), src);
     rig.ok(unmapBlob(id));
     rig.ok(unref(id));
@@ -163,18 +161,15 @@ function guestBlobPath(src: Uint8Array[]): { bytesPerFrame: number; path: string
   });
   try {
     const id = 11;
-    rig.ok(gpuCmd(P.CMD_RESOURCE_CREATE_BLOB, [
+    rig.ok(createBlob(
       id,
       P.VIRTIO_GPU_BLOB_MEM_GUEST,
       P.VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE,
-      1,
       0n,
-      BigInt(FRAME),
-      BigInt(BACKING_A),
       FRAME,
-      0,
-    ]));
-    rig.ok(setScanoutBlob(id));
+      [{ addr: BACKING_A, len: FRAME }],
+    ));
+    rig.ok(setScanoutBlob(0, id, W, H, B8G8R8A8, STRIDE));
     const pages = rig.g.mem.slice(BACKING_A, FRAME);
     const bytesPerFrame = blobFrames(rig, id, (f) => pages.set(f), src);
     rig.ok(unref(id));
@@ -188,7 +183,7 @@ function blobFrames(rig: GpuRig, id: number, draw: (f: Uint8Array) => void, src:
   const before = rig.dev.gpuStats().totals.bytesCopied;
   for (let i = 0; i < FRAMES; i++) {
     draw(src[i % 2]);
-    rig.ok(flush(id));
+    rig.ok(flush(id, 0, 0, W, H));
   }
   checkScreen(rig, src[(FRAMES - 1) % 2]);
   return (rig.dev.gpuStats().totals.bytesCopied - before) / FRAMES;

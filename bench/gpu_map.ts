@@ -14,7 +14,8 @@
 
 import * as P from "../devices/virtio/gpu/protocol.ts";
 import { VirglBackend } from "../devices/virtio/gpu/backend_virgl.ts";
-import { createHostBlob as createBlob, createVirglContext, GpuRig, mapBlob, MiB, unmapBlob } from "./_gpu.ts";
+import { createHostBlob as createBlob, createVirglContext, GpuRig, MiB } from "./_gpu.ts";
+import { mapBlob, unmapBlob } from "../test/support/gpu_commands.ts";
 import { hasKvm, median, progress, result } from "./_common.ts";
 import { Kvm } from "../vmm/kvm/vm.ts";
 import { KVM_CAP_NR_MEMSLOTS } from "../ffi/kvm.ts";

@@ -10,10 +10,11 @@
 #   root/usr/share/qemu/                    its firmware (qboot.rom): pass -L with this
 # The directory is printed on stdout as the last line; progress goes to stderr.
 #
-# How: apt-get with a private configuration (its own sources list holding only bookworm-backports,
-# its own lists and archive cache under the folder) runs `update` and `download`; the host's apt
-# sources, its package database and its libraries are left alone. The backports build links
-# against bookworm's libraries, so no newer host library is needed (checked at the end with ldd).
+# How: scripts/lib/debpkgs.sh (apt-get with a private configuration whose sources list holds only
+# bookworm-backports, its lists and archive cache under the folder) runs `update` and `download` and
+# unpacks the packages; the host's apt sources, its package database and its libraries are left
+# alone. The backports build links against bookworm's libraries, so no newer host library is needed
+# (checked at the end with ldd).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,33 +47,12 @@ command -v apt-get >/dev/null || die "apt-get not found (a Debian host is needed
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found"
 [[ -f "$KEYRING" ]] || die "$KEYRING missing (apt-get install debian-archive-keyring)"
 
-apt_dir="$out/apt"
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$out/dl"
-# A separate list file just for this download.
-echo "deb [signed-by=$KEYRING] $MIRROR $SUITE main" >"$apt_dir/backports.list"
-apt_opts=(
-  -o "Dir::Etc::sourcelist=$apt_dir/backports.list"
-  -o "Dir::Etc::sourceparts=-"
-  -o "Dir::State::Lists=$apt_dir/lists"
-  -o "Dir::Cache=$apt_dir/cache"
-  -o "APT::Get::List-Cleanup=0"
-)
+# shellcheck source=lib/debpkgs.sh
+source "$repo/scripts/lib/debpkgs.sh"
 log "apt-get update ($SUITE only, private lists)"
-apt-get "${apt_opts[@]}" update >&2 || die "apt-get update of $SUITE failed"
-
-rm -f "$out"/dl/*.deb
-log "apt-get download ${PACKAGES[*]}"
-(cd "$out/dl" && apt-get "${apt_opts[@]}" download "${PACKAGES[@]/%//$SUITE}" >&2) ||
-  die "apt-get download failed"
-
-rm -rf "$root.tmp"
-mkdir -p "$root.tmp"
-for deb in "$out"/dl/*.deb; do
-  log "unpacking $(basename "$deb")"
-  dpkg-deb -x "$deb" "$root.tmp"
-done
-rm -rf "$root"
-mv "$root.tmp" "$root"
+debpkgs_update "$out" "deb [signed-by=$KEYRING] $MIRROR $SUITE main" || die "apt-get update of $SUITE failed"
+debpkgs_download "$out" "${PACKAGES[@]/%//$SUITE}" || die "apt-get download failed"
+debpkgs_unpack "$out" "$root" || die "unpacking the packages failed"
 
 [[ -x "$bin" ]] || die "no $bin in the packages"
 # Host libraries: every library the binary and the modules we use need must resolve.

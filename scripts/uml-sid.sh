@@ -22,9 +22,10 @@
 # The directory is printed on stdout as the last line; progress goes to stderr.
 # test/support/uml.ts uses this UML when the folder is there, and the system's otherwise.
 #
-# How: apt-get with a private configuration (its own sources list holding only sid and trixie,
-# its own lists and archive cache under the folder, removed once the packages are unpacked) runs
-# `update` and `download`; the host's apt sources, package database and libraries are left alone.
+# How: scripts/lib/debpkgs.sh (apt-get with a private configuration whose sources list holds only sid
+# and trixie, its lists and archive cache under the folder, removed once the packages are unpacked)
+# runs `update` and `download` and unpacks the packages; the host's apt sources, package database and
+# libraries are left alone.
 # sid's linux.uml is linked against a newer glibc than bookworm's, so the libc6 package (trixie's
 # when new enough, else sid's) is unpacked beside it and the binary is pointed at that loader and
 # library folder; nothing outside the folder uses them.
@@ -116,46 +117,25 @@ command -v dpkg-deb >/dev/null || die "dpkg-deb not found"
 command -v patchelf >/dev/null || die "patchelf not found (apt-get install patchelf)"
 [[ -f "$KEYRING" ]] || die "$KEYRING missing (apt-get install debian-archive-keyring)"
 
-apt_dir="$out/apt"
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$out/dl"
-{
-  echo "deb [signed-by=$KEYRING] $MIRROR $UML_SUITE main"
-  echo "deb [signed-by=$KEYRING] $MIRROR $LIBC_SUITE main"
-} >"$apt_dir/sources.list"
-apt_opts=(
-  -o "Dir::Etc::sourcelist=$apt_dir/sources.list"
-  -o "Dir::Etc::sourceparts=-"
-  -o "Dir::State::Lists=$apt_dir/lists"
-  -o "Dir::Cache=$apt_dir/cache"
-  -o "APT::Get::List-Cleanup=0"
-)
+# shellcheck source=lib/debpkgs.sh
+source "$repo/scripts/lib/debpkgs.sh"
 log "apt-get update ($UML_SUITE and $LIBC_SUITE only, private lists)"
-apt-get "${apt_opts[@]}" update >&2 || die "apt-get update of $UML_SUITE/$LIBC_SUITE failed"
+debpkgs_update "$out" "deb [signed-by=$KEYRING] $MIRROR $UML_SUITE main" \
+  "deb [signed-by=$KEYRING] $MIRROR $LIBC_SUITE main" || die "apt-get update of $UML_SUITE/$LIBC_SUITE failed"
 
 # The libc version the UML package asks for ("libc6 (>= 2.38)"), and a libc6 that satisfies it.
-uml_depends="$(apt-cache "${apt_opts[@]}" show "user-mode-linux/$UML_SUITE" | awk -F': ' '/^Depends:/ {print $2; exit}')"
+uml_depends="$(apt-cache "${DEBPKGS_APT_OPTS[@]}" show "user-mode-linux/$UML_SUITE" | awk -F': ' '/^Depends:/ {print $2; exit}')"
 need_libc="$(sed -n 's/.*libc6 (>= \([^)]*\)).*/\1/p' <<<"$uml_depends")"
 libc_suite="$LIBC_SUITE"
-libc_version="$(apt-cache "${apt_opts[@]}" show "libc6/$LIBC_SUITE" | awk -F': ' '/^Version:/ {print $2; exit}')"
+libc_version="$(apt-cache "${DEBPKGS_APT_OPTS[@]}" show "libc6/$LIBC_SUITE" | awk -F': ' '/^Version:/ {print $2; exit}')"
 if [[ -n "$need_libc" ]] && ! dpkg --compare-versions "$libc_version" ge "$need_libc"; then
   log "$LIBC_SUITE's libc6 $libc_version is older than the $need_libc user-mode-linux needs: using $UML_SUITE's"
   libc_suite="$UML_SUITE"
 fi
 
-rm -f "$out"/dl/*.deb
-log "apt-get download user-mode-linux/$UML_SUITE libc6/$libc_suite"
-(cd "$out/dl" && apt-get "${apt_opts[@]}" download "user-mode-linux/$UML_SUITE" "libc6/$libc_suite" >&2) ||
-  die "apt-get download failed"
-
-rm -rf "$root.tmp"
-mkdir -p "$root.tmp"
-for deb in "$out"/dl/*.deb; do
-  log "unpacking $(basename "$deb")"
-  dpkg-deb -x "$deb" "$root.tmp"
-done
-rm -rf "$root"
-mv "$root.tmp" "$root"
-rm -rf "$out/dl" "$apt_dir"
+debpkgs_download "$out" "user-mode-linux/$UML_SUITE" "libc6/$libc_suite" || die "apt-get download failed"
+debpkgs_unpack "$out" "$root" || die "unpacking the packages failed"
+rm -rf "$out/dl" "$out/apt"
 
 [[ -x "$bin" ]] || die "no $bin in the packages"
 [[ -x "$libdir/ld-linux-x86-64.so.2" && -f "$libdir/libc.so.6" ]] || die "no loader or libc under $libdir"

@@ -19,7 +19,14 @@ import type { VirtioDevice } from "./device.ts";
 import { type DeviceState, StateError, type Stateful, type StateValue } from "../../core/state.ts";
 import { EV_KEY, EV_LED, EV_SYN, KEY_A, LED_CAPSL } from "./input/codes.ts";
 import { GuardedGuestMemory } from "../../test/support/virtio_driver.ts";
-import { captureVirtioLog, mmioRig, saveAndRestore } from "../../test/support/device_rig.ts";
+import {
+  assertRefused,
+  captureVirtioLog,
+  closeDeviceRig,
+  mmioRig,
+  saveAndRestore,
+  withData,
+} from "../../test/support/device_rig.ts";
 
 const MiB = 1024 * 1024;
 const GUEST_SIZE = 8 * MiB;
@@ -37,37 +44,9 @@ function start<D extends Dev>(dev: D) {
     dev,
     rig,
     [Symbol.dispose]() {
-      log.restore();
-      assert.ok(g.canaryIntact(), "no access outside guest memory");
-      dev.close?.();
-      g.close();
+      closeDeviceRig(log, g, dev);
     },
   };
-}
-
-/** Every bad state in `bad` is refused by a fresh device from `make`; `good` is taken. */
-function assertRefused(make: () => Dev, good: DeviceState, bad: [string, DeviceState][]): void {
-  const all: [string, DeviceState][] = [
-    ["type", { ...good, type: "virtio-other" }],
-    ["version", { ...good, version: good.version + 1 }],
-    ["data", { ...good, data: [] }],
-    ...bad,
-  ];
-  for (const [what, st] of all) {
-    const d = make();
-    try {
-      assert.throws(() => d.restoreState(st), StateError, what);
-    } finally {
-      d.close?.();
-    }
-  }
-  const d = make();
-  d.restoreState(good);
-  d.close?.();
-}
-
-function withData(good: DeviceState, patch: Record<string, StateValue>): DeviceState {
-  return { ...good, data: { ...(good.data as Record<string, StateValue>), ...patch } };
 }
 
 /** A restored device cannot take a state again: a driver has activated it. */

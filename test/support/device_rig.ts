@@ -7,7 +7,14 @@ import { VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import { guestLog } from "../../core/log.ts";
 import type { GuestMemory } from "../../core/memory.ts";
-import { decodeState, type DeviceState, encodeState, type Stateful } from "../../core/state.ts";
+import {
+  decodeState,
+  type DeviceState,
+  encodeState,
+  StateError,
+  type Stateful,
+  type StateValue,
+} from "../../core/state.ts";
 import type { GuardedGuestMemory } from "./virtio_driver.ts";
 import { VirtioTestDriver } from "./virtio_driver.ts";
 
@@ -65,6 +72,39 @@ export function saveAndRestore(
   return to;
 }
 
+/**
+ * Every state in `bad`, and `good` with another type, the next version or data that is no record, is
+ * refused with StateError by a fresh device from `make`; `good` itself is taken. Each device is closed.
+ */
+export function assertRefused(
+  make: () => Stateful & { close?(): void },
+  good: DeviceState,
+  bad: [string, DeviceState][],
+): void {
+  const all: [string, DeviceState][] = [
+    ["type", { ...good, type: "virtio-other" }],
+    ["version", { ...good, version: good.version + 1 }],
+    ["data", { ...good, data: [] }],
+    ...bad,
+  ];
+  for (const [what, st] of all) {
+    const d = make();
+    try {
+      assert.throws(() => d.restoreState(st), StateError, what);
+    } finally {
+      d.close?.();
+    }
+  }
+  const d = make();
+  d.restoreState(good);
+  d.close?.();
+}
+
+/** `good` with the fields of `patch` put into its data record. */
+export function withData(good: DeviceState, patch: Record<string, StateValue>): DeviceState {
+  return { ...good, data: { ...(good.data as Record<string, StateValue>), ...patch } };
+}
+
 export interface CapturedLog {
   /** Lines logged since the capture began. */
   lines: string[];
@@ -81,12 +121,17 @@ export function captureVirtioLog(): CapturedLog {
 }
 
 /**
- * The end of a device test: the log sink restored, the canary around guest memory checked (the device
- * touched nothing outside the guest), then the device and the memory closed.
+ * The end of a device test: the canary around guest memory checked (the device touched nothing outside the
+ * guest), then the device and the memory closed.
  */
-export function closeDeviceRig(log: CapturedLog, g: GuardedGuestMemory, dev: { close?(): void }): void {
-  log.restore();
+export function closeGuardedDevice(g: GuardedGuestMemory, dev: { close?(): void }): void {
   assert.ok(g.canaryIntact(), "no access outside guest memory");
   dev.close?.();
   g.close();
+}
+
+/** closeGuardedDevice after giving the log its sink back. */
+export function closeDeviceRig(log: CapturedLog, g: GuardedGuestMemory, dev: { close?(): void }): void {
+  log.restore();
+  closeGuardedDevice(g, dev);
 }

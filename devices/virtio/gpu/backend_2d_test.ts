@@ -23,10 +23,9 @@ import * as F from "./formats.ts";
 import { decodePngRgba } from "./png.ts";
 import { EDID_BLOCK_SIZE } from "./display.ts";
 import { VIRGL_CCMD_RESOURCE_INLINE_WRITE, VIRGL_CCMD_TRANSFER3D, VIRGL_TRANSFER_FROM_HOST } from "./accounting.ts";
-import { VirtioMmioTransport } from "../mmio.ts";
 import { guestLog } from "../../../core/log.ts";
 import type { SharedMemoryMapper } from "../device.ts";
-import { GuardedGuestMemory, VirtioTestDriver } from "../../../test/support/virtio_driver.ts";
+import { GuardedGuestMemory } from "../../../test/support/virtio_driver.ts";
 import {
   attach,
   cmd,
@@ -35,11 +34,13 @@ import {
   ctxCreate,
   flush,
   mapBlob,
+  pattern,
   setScanout,
   submit,
   transfer2d,
   unmapBlob,
 } from "../../../test/support/gpu_commands.ts";
+import { captureVirtioLog, closeDeviceRig, mmioRig } from "../../../test/support/device_rig.ts";
 
 const MiB = 1024 * 1024;
 /** Rings and commands live below this; resource backing pages above it. */
@@ -169,13 +170,10 @@ function rig(opts: {
   });
   const mapper = new FakeMapper();
   dev.setSharedMemoryMapper(mapper);
-  const irqs = { n: 0 };
-  const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => irqs.n++ } });
-  const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: ARENA_END });
+  const { drv, irqs } = mmioRig(dev, g.mem, ARENA_END);
   const acked = drv.init({ features: opts.features });
-  const lines: string[] = [];
-  const old = guestLog.sink;
-  guestLog.sink = (l) => lines.push(l);
+  const log = captureVirtioLog();
+  const lines = log.lines;
   const base = drv.alloc.mark();
   const readResp = (addr: number, len: number): Resp => {
     const bytes = g.mem.read(addr, len);
@@ -231,19 +229,9 @@ function rig(opts: {
       if (re) assert.match(seen.join("\n"), re);
     },
     [Symbol.dispose]() {
-      guestLog.sink = old;
-      assert.ok(g.canaryIntact(), "no access outside guest memory");
-      dev.close();
-      g.close();
+      closeDeviceRig(log, g, dev);
     },
   };
-}
-
-/** Guest pixels: a deterministic pattern, 4 bytes per pixel. */
-function pattern(w: number, h: number, seed: number): Uint8Array {
-  const b = new Uint8Array(w * h * 4);
-  for (let i = 0; i < b.length; i++) b[i] = (i * 7 + seed * 13 + (i >> 8) * 3) & 0xff;
-  return b;
 }
 
 /** Write `data` into guest pages at DATA_BASE and describe them as three uneven entries. */

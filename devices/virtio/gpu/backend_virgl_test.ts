@@ -37,6 +37,18 @@ import { VirtioMmioTransport } from "../mmio.ts";
 import type { SharedMemoryMapper } from "../device.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../../test/support/virtio_driver.ts";
 import {
+  attach,
+  cmd,
+  createHostBlob as createHostBlobCmd,
+  ctxAttach,
+  flush,
+  hostBufferStream,
+  mapBlob,
+  setScanout,
+  submit,
+  unmapBlob,
+} from "../../../test/support/gpu_commands.ts";
+import {
   RESP_ERR_INVALID_CONTEXT_ID,
   RESP_ERR_INVALID_PARAMETER,
   RESP_ERR_INVALID_RESOURCE_ID,
@@ -185,15 +197,7 @@ function createBuffer(size: number): { id: number; backing: Backing } {
 let nextBlobId = 1;
 function createHostBlob(size: number, flags = PIPE_RESOURCE_FLAG_MAP_PERSISTENT | PIPE_RESOURCE_FLAG_MAP_COHERENT) {
   const blobId = nextBlobId++;
-  const s = new VirglStream().pipeResourceCreate({
-    target: PIPE_BUFFER,
-    format: VIRGL_FORMAT_R8_UNORM,
-    bind: PIPE_BIND_VERTEX_BUFFER,
-    width: size,
-    flags,
-    blobId,
-  });
-  be().submit3D(CTX, s.bytes());
+  be().submit3D(CTX, hostBufferStream(blobId, size, flags));
   const id = nextId++;
   be().createBlob({
     resourceId: id,
@@ -590,34 +594,6 @@ Deno.test({
 
 // ---- GpuDevice with the virglrenderer backend, driven through virtio-mmio by the test driver ----
 
-/** A virtio-gpu control command: header then le32 (number) / le64 (bigint) fields, then `tail`. */
-function gpuCmd(
-  type: number,
-  body: (number | bigint)[],
-  o: { ctxId?: number; fenceId?: bigint } = {},
-  tail?: Uint8Array,
-) {
-  const bodyLen = body.reduce<number>((n, x) => n + (typeof x === "bigint" ? 8 : 4), 0);
-  const b = new Uint8Array(P.HDR_SIZE + bodyLen + (tail?.length ?? 0));
-  const v = new DataView(b.buffer);
-  v.setUint32(P.HDR_TYPE, type, true);
-  v.setUint32(P.HDR_FLAGS, o.fenceId !== undefined ? P.VIRTIO_GPU_FLAG_FENCE : 0, true);
-  v.setBigUint64(P.HDR_FENCE_ID, o.fenceId ?? 0n, true);
-  v.setUint32(P.HDR_CTX_ID, o.ctxId ?? 0, true);
-  let off = P.HDR_SIZE;
-  for (const x of body) {
-    if (typeof x === "bigint") {
-      v.setBigUint64(off, x, true);
-      off += 8;
-    } else {
-      v.setUint32(off, x >>> 0, true);
-      off += 4;
-    }
-  }
-  if (tail) b.set(tail, off);
-  return b;
-}
-
 /** Records what the device installs in the host-visible window (a KVM memory slot in a real VM). */
 class RecordingMapper implements SharedMemoryMapper {
   readonly live = new Map<number, { hostAddr: bigint; length: number }>();
@@ -669,19 +645,19 @@ Deno.test({
       };
 
       // Capset info as the Linux driver asks for it at probe.
-      const info = send(gpuCmd(P.CMD_GET_CAPSET_INFO, [0, 0]), P.RESP_OK_CAPSET_INFO);
+      const info = send(cmd(P.CMD_GET_CAPSET_INFO, [0, 0]), P.RESP_OK_CAPSET_INFO);
       assert.equal(new DataView(info.buffer).getUint32(P.HDR_SIZE, true), P.VIRTIO_GPU_CAPSET_VIRGL);
 
       const ctx = 1, rt = 10;
-      send(gpuCmd(P.CMD_CTX_CREATE, [4, 0], { ctxId: ctx }, new Uint8Array(P.CTX_DEBUG_NAME_SIZE)));
+      send(cmd(P.CMD_CTX_CREATE, [4, 0], { ctxId: ctx }, new Uint8Array(P.CTX_DEBUG_NAME_SIZE)));
       const bind = PIPE_BIND_RENDER_TARGET | PIPE_BIND_SAMPLER_VIEW | PIPE_BIND_SCANOUT;
-      send(gpuCmd(P.CMD_RESOURCE_CREATE_3D, [rt, PIPE_TEXTURE_2D, B8G8R8A8, bind, W, H, 1, 1, 0, 0, 0, 0]));
-      send(gpuCmd(P.CMD_CTX_ATTACH_RESOURCE, [rt, 0], { ctxId: ctx }));
+      send(cmd(P.CMD_RESOURCE_CREATE_3D, [rt, PIPE_TEXTURE_2D, B8G8R8A8, bind, W, H, 1, 1, 0, 0, 0, 0]));
+      send(ctxAttach(ctx, rt));
       const [r, gr, b] = [0x20, 0x40, 0xe0];
       const stream = new VirglStream().createSurface(1, rt, B8G8R8A8).setFramebufferState([1])
         .clear(PIPE_CLEAR_COLOR0, [r / 255, gr / 255, b / 255, 1]).bytes();
       // A fenced SUBMIT_3D: its response waits for the fence, which the backend retires off its eventfd.
-      const fenced = post(gpuCmd(P.CMD_SUBMIT_3D, [stream.length, 0], { ctxId: ctx, fenceId: 7n }, stream));
+      const fenced = post(submit(ctx, stream, { fenceId: 7n }));
       let used = q.used();
       for (let i = 0; used.length === 0 && i < 1000; i++) {
         await vb.drainFences();
@@ -695,8 +671,8 @@ Deno.test({
       assert.equal(fresp.getBigUint64(P.HDR_FENCE_ID, true), 7n, "fence id echoed");
       drv.alloc.resetTo(base);
 
-      send(gpuCmd(P.CMD_SET_SCANOUT, [0, 0, W, H, 0, rt]));
-      send(gpuCmd(P.CMD_RESOURCE_FLUSH, [0, 0, W, H, rt, 0]));
+      send(setScanout(0, rt, 0, 0, W, H));
+      send(flush(rt, 0, 0, W, H));
       const png = await decodePngRgba(await dev.screenshot(0));
       assert.equal(png.width, W);
       assert.equal(png.height, H);
@@ -708,25 +684,10 @@ Deno.test({
       // Zero copy through the device: a HOST3D blob mapped in the window, written through the mapping,
       // copied by the GPU into a buffer the guest reads back with TRANSFER_FROM_HOST_3D.
       const size = 16 * 1024, blobId = 77, blob = 20, dst = 21;
-      const create = new VirglStream().pipeResourceCreate({
-        target: PIPE_BUFFER,
-        format: VIRGL_FORMAT_R8_UNORM,
-        bind: PIPE_BIND_VERTEX_BUFFER,
-        width: size,
-        flags: PIPE_RESOURCE_FLAG_MAP_PERSISTENT | PIPE_RESOURCE_FLAG_MAP_COHERENT,
-        blobId,
-      }).bytes();
-      send(gpuCmd(P.CMD_SUBMIT_3D, [create.length, 0], { ctxId: ctx }, create));
-      send(gpuCmd(P.CMD_RESOURCE_CREATE_BLOB, [
-        blob,
-        P.VIRTIO_GPU_BLOB_MEM_HOST3D,
-        P.VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
-        0,
-        BigInt(blobId),
-        BigInt(size),
-      ], { ctxId: ctx }));
-      send(gpuCmd(P.CMD_CTX_ATTACH_RESOURCE, [blob, 0], { ctxId: ctx }));
-      const mi = send(gpuCmd(P.CMD_RESOURCE_MAP_BLOB, [blob, 0, 0x20_0000n]), P.RESP_OK_MAP_INFO);
+      send(submit(ctx, hostBufferStream(blobId, size)));
+      send(createHostBlobCmd(ctx, blob, blobId, size));
+      send(ctxAttach(ctx, blob));
+      const mi = send(mapBlob(blob, 0x20_0000n), P.RESP_OK_MAP_INFO);
       assert.equal(new DataView(mi.buffer).getUint32(P.HDR_SIZE, true), P.VIRTIO_GPU_MAP_CACHE_CACHED);
       const slot = mapper.live.get(0x20_0000);
       assert.ok(slot && slot.length >= size, "the blob is installed in the window");
@@ -737,7 +698,7 @@ Deno.test({
       win.set(pat); // what the guest's stores through the window do
 
       send(
-        gpuCmd(P.CMD_RESOURCE_CREATE_3D, [
+        cmd(P.CMD_RESOURCE_CREATE_3D, [
           dst,
           PIPE_BUFFER,
           VIRGL_FORMAT_R8_UNORM,
@@ -752,23 +713,23 @@ Deno.test({
           0,
         ]),
       );
-      send(gpuCmd(P.CMD_RESOURCE_ATTACH_BACKING, [dst, 1, BigInt(DATA), size, 0]));
-      send(gpuCmd(P.CMD_CTX_ATTACH_RESOURCE, [dst, 0], { ctxId: ctx }));
+      send(attach(dst, [{ addr: DATA, len: size }]));
+      send(ctxAttach(ctx, dst));
       const box = { x: 0, y: 0, z: 0, w: size, h: 1, d: 1 };
       const copy = new VirglStream().resourceCopyRegion(dst, 0, 0, 0, 0, blob, 0, box).bytes();
-      send(gpuCmd(P.CMD_SUBMIT_3D, [copy.length, 0], { ctxId: ctx }, copy));
+      send(submit(ctx, copy));
       // TRANSFER_FROM_HOST_3D: box, offset, resource_id, level, stride, layer_stride.
-      send(gpuCmd(P.CMD_TRANSFER_FROM_HOST_3D, [0, 0, 0, size, 1, 1, 0n, dst, 0, 0, 0], { ctxId: ctx }));
+      send(cmd(P.CMD_TRANSFER_FROM_HOST_3D, [0, 0, 0, size, 1, 1, 0n, dst, 0, 0, 0], { ctxId: ctx }));
       assert.deepEqual(g.mem.read(DATA, size), pat, "the pattern written through the window came back");
       // Transfers on the mapped blob are refused; unmap removes the window mapping.
       send(
-        gpuCmd(P.CMD_TRANSFER_TO_HOST_3D, [0, 0, 0, size, 1, 1, 0n, blob, 0, 0, 0], { ctxId: ctx }),
+        cmd(P.CMD_TRANSFER_TO_HOST_3D, [0, 0, 0, size, 1, 1, 0n, blob, 0, 0, 0], { ctxId: ctx }),
         P.RESP_ERR_INVALID_PARAMETER,
       );
       const stats = dev.gpuStats();
       assert.equal(stats.resources[String(blob)].bytesCopied, 0, "no byte of the blob was copied");
       assert.equal(stats.resources[String(dst)].transferFromHostBytes, size, "exactly the read-back bytes");
-      send(gpuCmd(P.CMD_RESOURCE_UNMAP_BLOB, [blob, 0]));
+      send(unmapBlob(blob));
       assert.equal(mapper.live.size, 0);
       assert.ok(g.canaryIntact(), "no access outside guest memory");
     } finally {

@@ -21,6 +21,7 @@ import {
   type Command,
   commandName,
   type CtrlHdr,
+  type CursorFields,
   type MemEntry,
   ProtocolError,
   RESP_ERR_INVALID_CONTEXT_ID,
@@ -69,15 +70,8 @@ export interface Outcome {
   bytes: number;
 }
 
-/** The cursor as UPDATE_CURSOR / MOVE_CURSOR last set it (struct virtio_gpu_update_cursor). */
-export interface Cursor {
-  scanoutId: number;
-  x: number;
-  y: number;
-  resourceId: number;
-  hotX: number;
-  hotY: number;
-}
+/** The cursor as UPDATE_CURSOR / MOVE_CURSOR last set it. */
+export type Cursor = CursorFields;
 
 interface ResourceState {
   id: number;

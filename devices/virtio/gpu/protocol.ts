@@ -293,16 +293,20 @@ export type Command =
   | { kind: "submit_3d"; hdr: CtrlHdr; commands: Uint8Array }
   | { kind: "resource_map_blob"; hdr: CtrlHdr; resourceId: number; offset: bigint }
   | { kind: "resource_unmap_blob"; hdr: CtrlHdr; resourceId: number }
-  | {
-    kind: "update_cursor" | "move_cursor";
-    hdr: CtrlHdr;
-    scanoutId: number;
-    x: number;
-    y: number;
-    resourceId: number;
-    hotX: number;
-    hotY: number;
-  };
+  | ({ kind: "update_cursor" | "move_cursor"; hdr: CtrlHdr } & CursorFields);
+
+/**
+ * The fields of UPDATE_CURSOR / MOVE_CURSOR (struct virtio_gpu_update_cursor: the position's scanout and
+ * place, the cursor resource and its hot spot; MOVE_CURSOR uses only the position).
+ */
+export interface CursorFields {
+  scanoutId: number;
+  x: number;
+  y: number;
+  resourceId: number;
+  hotX: number;
+  hotY: number;
+}
 
 /** struct virtio_gpu_mem_entry, unchecked (the device validates it against guest memory). */
 export interface MemEntry {

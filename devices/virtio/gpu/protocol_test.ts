@@ -6,17 +6,7 @@ import fc from "fast-check";
 import * as P from "./protocol.ts";
 import * as F from "./formats.ts";
 import { EDID_BLOCK_SIZE, EDID_MAX_ACTIVE, intersect, makeEdid } from "./display.ts";
-
-function hdr(type: number, size: number, o: { flags?: number; fence?: bigint; ctx?: number; ring?: number } = {}) {
-  const b = new Uint8Array(size);
-  const v = new DataView(b.buffer);
-  v.setUint32(P.HDR_TYPE, type, true);
-  v.setUint32(P.HDR_FLAGS, o.flags ?? 0, true);
-  v.setBigUint64(P.HDR_FENCE_ID, o.fence ?? 0n, true);
-  v.setUint32(P.HDR_CTX_ID, o.ctx ?? 0, true);
-  v.setUint8(P.HDR_RING_IDX, o.ring ?? 0);
-  return { b, v };
-}
+import { header as hdr } from "../../../test/support/gpu_commands.ts";
 
 Deno.test("struct sizes match linux/virtio_gpu.h", () => {
   // sizeof() of each struct in the header (packed, little-endian).
@@ -41,9 +31,9 @@ Deno.test("struct sizes match linux/virtio_gpu.h", () => {
 Deno.test("decoder: header fields and each command's fields", () => {
   const { b, v } = hdr(P.CMD_TRANSFER_TO_HOST_3D, P.SIZEOF_TRANSFER_HOST_3D, {
     flags: 3,
-    fence: 0x1_0000_0002n,
-    ctx: 7,
-    ring: 5,
+    fenceId: 0x1_0000_0002n,
+    ctxId: 7,
+    ringIdx: 5,
   });
   [1, 2, 3, 4, 5, 6].forEach((x, i) => v.setUint32(24 + 4 * i, x, true));
   v.setBigUint64(48, 4096n, true);
@@ -76,7 +66,7 @@ Deno.test("decoder: header fields and each command's fields", () => {
     assert.equal(bc.size, 8192n);
     assert.deepEqual(bc.entries, [{ addr: 0x1000n, length: 4096 }, { addr: 0x3000n, length: 4096 }]);
   }
-  const ctx = hdr(P.CMD_CTX_CREATE, P.SIZEOF_CTX_CREATE, { ctx: 3 });
+  const ctx = hdr(P.CMD_CTX_CREATE, P.SIZEOF_CTX_CREATE, { ctxId: 3 });
   ctx.v.setUint32(24, 4, true);
   ctx.v.setUint32(28, 0x104, true);
   ctx.b.set(new TextEncoder().encode("mesa"), 32);

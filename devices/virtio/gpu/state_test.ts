@@ -19,11 +19,10 @@ import {
   VIRTIO_STATUS_ACKNOWLEDGE,
   VIRTIO_STATUS_DRIVER,
   VIRTIO_STATUS_FEATURES_OK,
-  VirtioMmioTransport,
 } from "../mmio.ts";
 import { guestLog } from "../../../core/log.ts";
 import { decodeState, type DeviceState, encodeState, StateError, type StateValue } from "../../../core/state.ts";
-import { GuardedGuestMemory, VirtioTestDriver } from "../../../test/support/virtio_driver.ts";
+import { GuardedGuestMemory } from "../../../test/support/virtio_driver.ts";
 import {
   attach,
   cmd,
@@ -31,9 +30,12 @@ import {
   createBlob,
   ctxCreate,
   flush,
+  pattern,
   setScanout,
+  setScanoutBlob,
   transfer2d,
 } from "../../../test/support/gpu_commands.ts";
+import { closeGuardedDevice, mmioRig } from "../../../test/support/device_rig.ts";
 
 const MiB = 1024 * 1024;
 /** Rings and commands live below this; resource backing pages above it. */
@@ -73,8 +75,7 @@ function side(opts: { backend?: GpuBackend; restore?: DeviceState; pagesFrom?: G
   if (opts.pagesFrom) g.mem.write(DATA_BASE, opts.pagesFrom.mem.read(DATA_BASE, GUEST_SIZE - DATA_BASE));
   const dev = new GpuDevice({ backend: opts.backend ?? new Backend2D(), displays: DISPLAYS });
   if (opts.restore) dev.restoreState(opts.restore);
-  const t = new VirtioMmioTransport(dev, g.mem, { irq: { trigger: () => {} } });
-  const drv = new VirtioTestDriver(t, g.mem, { start: 0x1000, end: ARENA_END });
+  const { drv } = mmioRig(dev, g.mem, ARENA_END);
   if (opts.restore) {
     // negotiate() without its status-0 write, which would reset the device.
     drv.writeReg(VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE);
@@ -114,18 +115,9 @@ function side(opts: { backend?: GpuBackend; restore?: DeviceState; pagesFrom?: G
       return { head: sub.head, read: () => read(sub.buffers[1].addr, P.HDR_SIZE) };
     },
     [Symbol.dispose]() {
-      assert.ok(g.canaryIntact(), "no access outside guest memory");
-      dev.close();
-      g.close();
+      closeGuardedDevice(g, dev);
     },
   };
-}
-
-/** A deterministic guest pattern, 4 bytes per pixel. */
-function pattern(w: number, h: number, seed: number): Uint8Array {
-  const b = new Uint8Array(w * h * 4);
-  for (let i = 0; i < b.length; i++) b[i] = (i * 7 + seed * 13 + (i >> 8) * 3) & 0xff;
-  return b;
 }
 
 /** Places `data` at `addr` as two uneven backing entries 64 KiB apart. */
@@ -138,8 +130,6 @@ function place(mem: GuardedGuestMemory["mem"], data: Uint8Array, addr: number) {
 
 const updateCursor = (scanout: number, x: number, y: number, id: number, hx: number, hy: number) =>
   cmd(P.CMD_UPDATE_CURSOR, [scanout, x, y, 0, id, hx, hy, 0]);
-const setScanoutBlob = (scanout: number, id: number, w: number, h: number, fmt: number, stride: number) =>
-  cmd(P.CMD_SET_SCANOUT_BLOB, [0, 0, w, h, scanout, id, w, h, fmt, 0, stride, 0, 0, 0, 0, 0, 0, 0]);
 const fenced = (c: Uint8Array, fenceId: bigint): Uint8Array => {
   const out = c.slice();
   const v = new DataView(out.buffer);

@@ -22,16 +22,21 @@ import {
 import { GpuDevice } from "./device.ts";
 import { VirglBackend } from "./backend_virgl.ts";
 import * as P from "./protocol.ts";
-import {
-  PIPE_BIND_VERTEX_BUFFER,
-  PIPE_BUFFER,
-  PIPE_RESOURCE_FLAG_MAP_COHERENT,
-  PIPE_RESOURCE_FLAG_MAP_PERSISTENT,
-  VirglStream,
-} from "./virgl_stream.ts";
+import { PIPE_BIND_VERTEX_BUFFER, PIPE_BUFFER, VirglStream } from "./virgl_stream.ts";
 import { VIRGL_FORMAT_R8_UNORM } from "./formats.ts";
 import { GiB, MiB } from "../../../core/units.ts";
 import { GuardedGuestMemory, VirtioTestDriver } from "../../../test/support/virtio_driver.ts";
+import {
+  attach,
+  cmd,
+  createHostBlob,
+  ctxAttach,
+  ctxCreate,
+  hostBufferStream,
+  mapBlob,
+  submit,
+  unmapBlob,
+} from "../../../test/support/gpu_commands.ts";
 
 const PAGE = 4096;
 /** Guest RAM of the test (one region at 0) and the driver's ring/buffer arena inside it. */
@@ -161,62 +166,12 @@ function assertBytes(got: Uint8Array, want: Uint8Array, what: string): void {
   );
 }
 
-/** A virtio-gpu control command: header then le32 (number) / le64 (bigint) fields, then `tail`. */
-function gpuCmd(type: number, body: (number | bigint)[], ctxId = 0, tail?: Uint8Array): Uint8Array {
-  const bodyLen = body.reduce<number>((n, x) => n + (typeof x === "bigint" ? 8 : 4), 0);
-  const b = new Uint8Array(P.HDR_SIZE + bodyLen + (tail?.length ?? 0));
-  const v = new DataView(b.buffer);
-  v.setUint32(P.HDR_TYPE, type, true);
-  v.setUint32(P.HDR_CTX_ID, ctxId, true);
-  let off = P.HDR_SIZE;
-  for (const x of body) {
-    if (typeof x === "bigint") {
-      v.setBigUint64(off, x, true);
-      off += 8;
-    } else {
-      v.setUint32(off, x >>> 0, true);
-      off += 4;
-    }
-  }
-  if (tail) b.set(tail, off);
-  return b;
-}
-
-// Command builders for the sequence (field order from linux/virtio_gpu.h).
+// Commands of the sequence in context CTX (field order from linux/virtio_gpu.h).
 const CTX = 1;
-const ctxCreate = (ctx: number, contextInit: number) => {
-  const name = new TextEncoder().encode("zero_copy");
-  const debugName = new Uint8Array(P.CTX_DEBUG_NAME_SIZE);
-  debugName.set(name);
-  return gpuCmd(P.CMD_CTX_CREATE, [name.length, contextInit], ctx, debugName);
-};
-const submit3d = (stream: Uint8Array, ctx = CTX) => gpuCmd(P.CMD_SUBMIT_3D, [stream.length, 0], ctx, stream);
-const createHostBlob = (res: number, blobId: number, size: number) =>
-  gpuCmd(P.CMD_RESOURCE_CREATE_BLOB, [
-    res,
-    P.VIRTIO_GPU_BLOB_MEM_HOST3D,
-    P.VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
-    0,
-    BigInt(blobId),
-    BigInt(size),
-  ], CTX);
-const ctxAttach = (res: number) => gpuCmd(P.CMD_CTX_ATTACH_RESOURCE, [res, 0], CTX);
-const mapBlob = (res: number, offset: bigint | number) =>
-  gpuCmd(P.CMD_RESOURCE_MAP_BLOB, [res, 0, BigInt(offset)], CTX);
-const unmapBlob = (res: number) => gpuCmd(P.CMD_RESOURCE_UNMAP_BLOB, [res, 0], CTX);
+const IN_CTX = { ctxId: CTX };
 /** TRANSFER_*_HOST_3D of a whole buffer: box, offset, resource_id, level, stride, layer_stride. */
 const transfer3d = (type: number, res: number, size: number) =>
-  gpuCmd(type, [0, 0, 0, size, 1, 1, 0n, res, 0, 0, 0], CTX);
-/** The PIPE_RESOURCE_CREATE Mesa's virgl driver sends before RESOURCE_CREATE_BLOB (reference/virglrenderer.md). */
-const blobBufferStream = (blobId: number, size: number) =>
-  new VirglStream().pipeResourceCreate({
-    target: PIPE_BUFFER,
-    format: VIRGL_FORMAT_R8_UNORM,
-    bind: PIPE_BIND_VERTEX_BUFFER,
-    width: size,
-    flags: PIPE_RESOURCE_FLAG_MAP_PERSISTENT | PIPE_RESOURCE_FLAG_MAP_COHERENT,
-    blobId,
-  }).bytes();
+  cmd(type, [0, 0, 0, size, 1, 1, 0n, res, 0, 0, 0], IN_CTX);
 const copyStream = (dst: number, src: number, size: number) =>
   new VirglStream().resourceCopyRegion(dst, 0, 0, 0, 0, src, 0, { x: 0, y: 0, z: 0, w: size, h: 1, d: 1 }).bytes();
 
@@ -278,7 +233,7 @@ function setUp() {
   const numCapsets = new DataView(drv.readConfig(P.GPU_CFG_NUM_CAPSETS, 4).buffer).getUint32(0, true);
   const capsets = new Map<number, { maxVersion: number; maxSize: number }>();
   for (let i = 0; i < numCapsets; i++) {
-    const r = send(gpuCmd(P.CMD_GET_CAPSET_INFO, [i, 0]), P.RESP_OK_CAPSET_INFO);
+    const r = send(cmd(P.CMD_GET_CAPSET_INFO, [i, 0]), P.RESP_OK_CAPSET_INFO);
     capsets.set(r.getUint32(P.HDR_SIZE, true), {
       maxVersion: r.getUint32(P.HDR_SIZE + 4, true),
       maxSize: r.getUint32(P.HDR_SIZE + 8, true),
@@ -287,7 +242,7 @@ function setUp() {
   const v2 = capsets.get(P.VIRTIO_GPU_CAPSET_VIRGL2);
   assert.ok(v2, `capset VIRGL2 offered (${[...capsets.keys()]})`);
   const caps = send(
-    gpuCmd(P.CMD_GET_CAPSET, [P.VIRTIO_GPU_CAPSET_VIRGL2, v2.maxVersion]),
+    cmd(P.CMD_GET_CAPSET, [P.VIRTIO_GPU_CAPSET_VIRGL2, v2.maxVersion]),
     P.RESP_OK_CAPSET,
     P.HDR_SIZE + v2.maxSize,
   );
@@ -338,11 +293,11 @@ function readBacking(env: Env, entries: { addr: number; len: number }[]): Uint8A
 
 /** CTX_CREATE (virgl2), the blob's buffer, the HOST3D blob, attached; a guest-backed copy target. */
 function createBlobAndTarget(env: Env, blob: number, blobId: number, dst: number) {
-  env.send(submit3d(blobBufferStream(blobId, BLOB_SIZE)));
-  env.send(createHostBlob(blob, blobId, BLOB_SIZE));
-  env.send(ctxAttach(blob));
+  env.send(submit(CTX, hostBufferStream(blobId, BLOB_SIZE)));
+  env.send(createHostBlob(CTX, blob, blobId, BLOB_SIZE));
+  env.send(ctxAttach(CTX, blob));
   env.send(
-    gpuCmd(P.CMD_RESOURCE_CREATE_3D, [
+    cmd(P.CMD_RESOURCE_CREATE_3D, [
       dst,
       PIPE_BUFFER,
       VIRGL_FORMAT_R8_UNORM,
@@ -359,16 +314,16 @@ function createBlobAndTarget(env: Env, blob: number, blobId: number, dst: number
   );
   const entries = backingEntries(BLOB_SIZE);
   env.send(
-    gpuCmd(P.CMD_RESOURCE_ATTACH_BACKING, [dst, entries.length, ...entries.flatMap((e) => [BigInt(e.addr), e.len, 0])]),
+    attach(dst, entries),
   );
-  env.send(ctxAttach(dst));
+  env.send(ctxAttach(CTX, dst));
   return entries;
 }
 
 /** Copy blob → dst on the host GPU, read dst back into its guest pages, return them. */
 function copyAndReadBack(env: Env, blob: number, dst: number, entries: { addr: number; len: number }[]) {
   for (const e of entries) env.g.mem.fill(e.addr, e.len, 0);
-  env.send(submit3d(copyStream(dst, blob, BLOB_SIZE)));
+  env.send(submit(CTX, copyStream(dst, blob, BLOB_SIZE)));
   env.send(transfer3d(P.CMD_TRANSFER_FROM_HOST_3D, dst, BLOB_SIZE));
   return readBacking(env, entries);
 }
@@ -404,11 +359,11 @@ Deno.test({
       assert.equal(env.drv.readReg(VIRTIO_MMIO_SHM_BASE_HIGH), SHM_ABSENT_WORD);
 
       const blob = 1, dst = 2, blobId = 7;
-      env.send(ctxCreate(CTX, P.VIRTIO_GPU_CAPSET_VIRGL2));
+      env.send(ctxCreate(CTX, P.VIRTIO_GPU_CAPSET_VIRGL2, {}, "zero_copy"));
       const entries = createBlobAndTarget(env, blob, blobId, dst);
       assert.equal(env.mapper.slots.size, 0, "nothing mapped before RESOURCE_MAP_BLOB");
 
-      const mi = env.send(mapBlob(blob, 0), P.RESP_OK_MAP_INFO);
+      const mi = env.send(mapBlob(blob, 0, IN_CTX), P.RESP_OK_MAP_INFO);
       assert.equal(mi.getUint32(P.HDR_SIZE, true) & P.VIRTIO_GPU_MAP_CACHE_MASK, P.VIRTIO_GPU_MAP_CACHE_CACHED);
       assert.equal(env.mapper.slots.size, 1);
       const slot = env.mapper.slotAt(shmBase, BLOB_SIZE)!;
@@ -448,7 +403,7 @@ Deno.test({
       assert.equal(flat.mappedNow, 1);
       assert.equal(flat.guestErrors, 0);
 
-      env.send(unmapBlob(blob));
+      env.send(unmapBlob(blob, IN_CTX));
       assert.equal(env.mapper.slots.size, 0, "UNMAP_BLOB removed the slot");
       assert.equal(env.mapper.removes, 1);
       assert.throws(() => env.mapper.guestRead(shmBase, 4), /KVM_EXIT_MMIO/, "the window is empty again");
@@ -469,28 +424,28 @@ Deno.test({
     const env = setUp();
     try {
       const blob = 1, dst = 2, other = 3;
-      env.send(ctxCreate(CTX, P.VIRTIO_GPU_CAPSET_VIRGL2));
+      env.send(ctxCreate(CTX, P.VIRTIO_GPU_CAPSET_VIRGL2, {}, "zero_copy"));
       createBlobAndTarget(env, blob, 11, dst);
-      env.send(submit3d(blobBufferStream(12, BLOB_SIZE)));
-      env.send(createHostBlob(other, 12, BLOB_SIZE));
-      env.send(ctxAttach(other));
+      env.send(submit(CTX, hostBufferStream(12, BLOB_SIZE)));
+      env.send(createHostBlob(CTX, other, 12, BLOB_SIZE));
+      env.send(ctxAttach(CTX, other));
       const E = P.RESP_ERR_INVALID_PARAMETER;
 
       // Offsets outside the window, or with the blob running past its end, or not page aligned.
-      env.refuse(mapBlob(blob, WINDOW_SIZE), E, "offset = window size", /outside the window/);
-      env.refuse(mapBlob(blob, 2n ** 63n), E, "offset 2^63", /outside the window/);
-      env.refuse(mapBlob(blob, WINDOW_SIZE - PAGE), E, "blob past the end", /runs past/);
-      env.refuse(mapBlob(blob, PAGE / 2), E, "unaligned offset", /outside the window/);
+      env.refuse(mapBlob(blob, WINDOW_SIZE, IN_CTX), E, "offset = window size", /outside the window/);
+      env.refuse(mapBlob(blob, 2n ** 63n, IN_CTX), E, "offset 2^63", /outside the window/);
+      env.refuse(mapBlob(blob, WINDOW_SIZE - PAGE, IN_CTX), E, "blob past the end", /runs past/);
+      env.refuse(mapBlob(blob, PAGE / 2, IN_CTX), E, "unaligned offset", /outside the window/);
       assert.equal(env.mapper.adds, 0, "no slot was installed for a refused map");
       // Not a mappable blob; unknown resource.
-      env.refuse(mapBlob(dst, 0), E, "map of a 3D buffer", /not a mappable blob/);
-      env.refuse(mapBlob(999, 0), P.RESP_ERR_INVALID_RESOURCE_ID, "map of an unknown resource");
+      env.refuse(mapBlob(dst, 0, IN_CTX), E, "map of a 3D buffer", /not a mappable blob/);
+      env.refuse(mapBlob(999, 0, IN_CTX), P.RESP_ERR_INVALID_RESOURCE_ID, "map of an unknown resource");
 
-      env.send(mapBlob(blob, 0), P.RESP_OK_MAP_INFO);
-      env.refuse(mapBlob(blob, MiB), E, "double map", /already mapped/);
-      env.refuse(mapBlob(other, PAGE), E, "overlapping another mapping", /overlaps/);
+      env.send(mapBlob(blob, 0, IN_CTX), P.RESP_OK_MAP_INFO);
+      env.refuse(mapBlob(blob, MiB, IN_CTX), E, "double map", /already mapped/);
+      env.refuse(mapBlob(other, PAGE, IN_CTX), E, "overlapping another mapping", /overlaps/);
       assert.equal(env.mapper.slots.size, 1);
-      env.send(mapBlob(other, MiB), P.RESP_OK_MAP_INFO);
+      env.send(mapBlob(other, MiB, IN_CTX), P.RESP_OK_MAP_INFO);
       assert.equal(env.mapper.slots.size, 2, "a second blob at its own offset");
       // Two windows onto two different blobs.
       env.mapper.guestWrite(WINDOW_BASE, pattern(16, 1));
@@ -504,16 +459,16 @@ Deno.test({
       env.refuse(transfer3d(P.CMD_TRANSFER_FROM_HOST_3D, blob, BLOB_SIZE), E, "FROM_HOST on mapped", /mapped blob/);
       assert.equal(env.dev.gpuStats().totals.bytesCopied, copiedBefore);
 
-      env.send(unmapBlob(blob));
+      env.send(unmapBlob(blob, IN_CTX));
       assert.equal(env.mapper.slotAt(WINDOW_BASE, 1), undefined, "slot removed on unmap");
-      env.refuse(unmapBlob(blob), E, "unmap of unmapped", /not mapped/);
-      env.refuse(unmapBlob(dst), E, "unmap of a never-mapped buffer", /not mapped/);
-      env.refuse(unmapBlob(999), P.RESP_ERR_INVALID_RESOURCE_ID, "unmap of an unknown resource");
+      env.refuse(unmapBlob(blob, IN_CTX), E, "unmap of unmapped", /not mapped/);
+      env.refuse(unmapBlob(dst, IN_CTX), E, "unmap of a never-mapped buffer", /not mapped/);
+      env.refuse(unmapBlob(999, IN_CTX), P.RESP_ERR_INVALID_RESOURCE_ID, "unmap of an unknown resource");
       // The freed range maps again; destroying a mapped blob unmaps it.
-      env.send(mapBlob(blob, 0), P.RESP_OK_MAP_INFO);
-      env.send(gpuCmd(P.CMD_RESOURCE_UNREF, [other, 0]));
+      env.send(mapBlob(blob, 0, IN_CTX), P.RESP_OK_MAP_INFO);
+      env.send(cmd(P.CMD_RESOURCE_UNREF, [other, 0]));
       assert.equal(env.mapper.slotAt(WINDOW_BASE + MiB, 1), undefined, "RESOURCE_UNREF removed the blob's slot");
-      env.send(unmapBlob(blob));
+      env.send(unmapBlob(blob, IN_CTX));
       assert.equal(env.mapper.slots.size, 0);
       assert.deepEqual(env.dev.gpuStats().mapped, { count: 0, bytes: 0 });
       assert.ok(env.g.canaryIntact());
@@ -530,17 +485,17 @@ Deno.test({
     const env = setUp();
     try {
       const blob = 1, dst = 2;
-      env.send(ctxCreate(CTX, P.VIRTIO_GPU_CAPSET_VIRGL2));
+      env.send(ctxCreate(CTX, P.VIRTIO_GPU_CAPSET_VIRGL2, {}, "zero_copy"));
       const entries = createBlobAndTarget(env, blob, 21, dst);
       const marker = new Uint8Array(4);
       for (let i = 0; i < MAP_CYCLES; i++) {
         const offset = (i % 16) * MiB;
-        env.send(mapBlob(blob, offset), P.RESP_OK_MAP_INFO);
+        env.send(mapBlob(blob, offset, IN_CTX), P.RESP_OK_MAP_INFO);
         assert.equal(env.mapper.slots.size, 1);
         // Each cycle's store lands in the same host memory, wherever the window puts it.
         new DataView(marker.buffer).setUint32(0, i, true);
         env.mapper.guestWrite(WINDOW_BASE + offset + 4 * (i % 64), marker);
-        env.send(unmapBlob(blob));
+        env.send(unmapBlob(blob, IN_CTX));
         assert.equal(env.mapper.slots.size, 0);
       }
       assert.equal(env.mapper.adds, MAP_CYCLES);
@@ -553,7 +508,7 @@ Deno.test({
       assert.equal(s.totals.bytesCopied, 0);
 
       // The last 64 cycles' markers are all there (written through 16 different window offsets).
-      env.send(mapBlob(blob, 5 * MiB), P.RESP_OK_MAP_INFO);
+      env.send(mapBlob(blob, 5 * MiB, IN_CTX), P.RESP_OK_MAP_INFO);
       const head = env.mapper.guestRead(WINDOW_BASE + 5 * MiB, 4 * 64);
       for (let i = MAP_CYCLES - 64; i < MAP_CYCLES; i++) {
         assert.equal(new DataView(head.buffer).getUint32(4 * (i % 64), true), i, `marker of cycle ${i}`);
@@ -565,7 +520,7 @@ Deno.test({
       const after = env.dev.gpuStats();
       assert.equal(after.resources[String(blob)].bytesCopied, 0);
       assert.equal(after.totals.bytesCopied, BLOB_SIZE);
-      env.send(unmapBlob(blob));
+      env.send(unmapBlob(blob, IN_CTX));
       assert.deepEqual(env.errors, []);
       assert.ok(env.g.canaryIntact());
     } finally {
