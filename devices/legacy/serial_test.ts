@@ -141,30 +141,45 @@ Deno.test("8250 shared by a vCPU thread: a writer waiting on a full ring is let 
   }
 });
 
-/** A vCPU-side Worker that writes 0x58 and stops inside the UART's lock (its output wake-up never returns). */
-async function vcpuHoldingTheLock(host: Serial): Promise<Worker> {
+/**
+ * A vCPU-side Worker that writes 0x58 and stops inside the UART's lock (its output wake-up does not return
+ * until `wake()`). terminate() cannot interrupt a thread blocked in Atomics.wait, so a test wakes it once it
+ * is done: the thread then sees its termination and ends, leaving no thread behind for later tests.
+ */
+async function vcpuHoldingTheLock(host: Serial): Promise<{ worker: Worker; wake: () => void }> {
   const worker = new Worker(new URL("../../test/support/uart_writer_worker.ts", import.meta.url), { type: "module" });
+  const hold = new Int32Array(new SharedArrayBuffer(4));
+  const wake = () => {
+    Atomics.store(hold, 0, 1);
+    Atomics.notify(hold, 0);
+  };
   try {
     await new Promise<void>((resolve, reject) => {
       worker.onmessage = (e) => e.data === "holding" && resolve();
       worker.onerror = (e) => reject(new Error(e.message));
-      worker.postMessage({ state: host.state, bytes: Uint8Array.of(0x58), hold: new SharedArrayBuffer(4) });
+      worker.postMessage({ state: host.state, bytes: Uint8Array.of(0x58), hold: hold.buffer });
     });
   } catch (e) {
     worker.terminate();
+    wake();
     throw e;
   }
-  return worker;
+  return { worker, wake };
 }
 
 Deno.test("8250 shared by a vCPU thread: a vCPU terminated inside the UART's lock does not block the final drain", async () => {
   const out: number[] = [];
   const host = new Serial({ interrupt: () => {}, output: (b) => out.push(...b) });
-  (await vcpuHoldingTheLock(host)).terminate();
-  // What Machine does after terminating a vCPU that did not stop: without this the drain would wait forever.
-  host.releaseLockOfEndedVcpus();
-  host.drainOutput();
-  assert.deepEqual(out, [0x58]);
+  const vcpu = await vcpuHoldingTheLock(host);
+  vcpu.worker.terminate();
+  try {
+    // What Machine does after terminating a vCPU that did not stop: without this the drain would wait forever.
+    host.releaseLockOfEndedVcpus();
+    host.drainOutput();
+    assert.deepEqual(out, [0x58]);
+  } finally {
+    vcpu.wake();
+  }
 });
 
 // 8250 register offsets and bits (Linux include/uapi/linux/serial_reg.h).
@@ -248,15 +263,19 @@ Deno.test("8250 state: a pending THRE interrupt and output not yet taken by the 
 Deno.test("8250 state: quiescent is false while an access holds the UART's lock", async () => {
   const host = new Serial({ interrupt: () => {}, output: () => {} });
   assert.equal(host.quiescent(), true);
-  const worker = await vcpuHoldingTheLock(host);
+  const vcpu = await vcpuHoldingTheLock(host);
   try {
     assert.equal(host.quiescent(), false);
   } finally {
-    worker.terminate();
+    vcpu.worker.terminate();
   }
-  host.releaseLockOfEndedVcpus();
-  host.drainOutput();
-  assert.equal(host.quiescent(), true);
+  try {
+    host.releaseLockOfEndedVcpus();
+    host.drainOutput();
+    assert.equal(host.quiescent(), true);
+  } finally {
+    vcpu.wake();
+  }
 });
 
 Deno.test("8250 state: malformed records are refused and leave the UART as it was", () => {

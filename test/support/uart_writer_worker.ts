@@ -2,7 +2,8 @@
 // A vCPU's side of a shared UART, for devices/legacy/serial_test.ts: writes the bytes it is given to
 // the transmit register as a guest's console driver does (THR, then an LSR poll), from its own
 // thread, and says when it is done. Given `hold`, its first output wake-up (which the UART makes with
-// its lock held) never returns: it says "holding" and waits forever, as a vCPU terminated there would.
+// its lock held) does not return: it says "holding" and waits on `hold` as a vCPU stopped there would, until
+// the test, having terminated it, wakes it so that its thread can end.
 
 import { Serial } from "../../devices/legacy/serial.ts";
 
