@@ -31,6 +31,7 @@ import {
   stateString,
   type StateValue,
 } from "../../core/state.ts";
+import { concatBytes } from "../../core/bytes.ts";
 
 // ---- Feature bits (virtio_console.h) ----
 /** VIRTIO_CONSOLE_F_SIZE: cols/rows in config are valid. */
@@ -515,15 +516,6 @@ export class ConsoleDevice implements VirtioDevice, Stateful {
    * guest), the control messages not yet delivered and the counters. Host listeners are not state.
    */
   saveState(): DeviceState {
-    const joined = (parts: Uint8Array[]) => {
-      const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-      let o = 0;
-      for (const p of parts) {
-        out.set(p, o);
-        o += p.length;
-      }
-      return out;
-    };
     return {
       type: CONSOLE_STATE_TYPE,
       version: CONSOLE_STATE_VERSION,
@@ -537,7 +529,7 @@ export class ConsoleDevice implements VirtioDevice, Stateful {
           name: p.name,
           added: p.added,
           guestConnected: p.guestConnected,
-          pending: joined(p.pending),
+          pending: concatBytes(p.pending),
         })),
         controlOut: this.#controlOut.map((m) => m.slice()),
         stats: { ...this.#stats },

@@ -44,6 +44,7 @@ import {
   type Segment,
   VirtioTestDriver,
 } from "../../test/support/virtio_driver.ts";
+import { concatBytes } from "../../core/bytes.ts";
 import { captureVirtioLog, closeDeviceRig, DRIVER_ARENA_START, mmioRig } from "../../test/support/device_rig.ts";
 
 const MiB = 1024 * 1024;
@@ -110,15 +111,7 @@ function rig(opts: Partial<ConsoleOptions> = {}, features?: bigint): Rig {
   };
 }
 
-function concat(parts: Uint8Array[]): Uint8Array {
-  const o = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let i = 0;
-  for (const p of parts) {
-    o.set(p, i);
-    i += p.length;
-  }
-  return o;
-}
+const concat = concatBytes;
 
 function ctrl(id: number, event: number, value: number): Uint8Array {
   const b = new Uint8Array(CONSOLE_CTRL_SIZE);

@@ -39,6 +39,7 @@ import { GuardedGuestMemory, VirtioTestDriver } from "../../test/support/virtio_
 import { captureVirtioLog, mmioRig, reattachRig, roundTrip } from "../../test/support/device_rig.ts";
 import { StateError, type StateValue } from "../../core/state.ts";
 import { insideNetns, testInNetns } from "../../test/support/netns.ts";
+import { concatBytes } from "../../core/bytes.ts";
 
 const MiB = 1024 * 1024;
 /** A hang guard for waits on the device (a broken device fails the test instead of hanging it). */
@@ -62,15 +63,7 @@ const GUEST_MAC = "02:00:00:00:00:02";
 const GUEST_MAC_BYTES = Uint8Array.from([2, 0, 0, 0, 0, 2]);
 const TAP = "dvnet0";
 
-function concat(...parts: ArrayLike<number>[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
-}
+const concat = (...parts: ArrayLike<number>[]): Uint8Array => concatBytes(parts);
 function be16(v: number): number[] {
   return [(v >> 8) & 0xff, v & 0xff];
 }

@@ -3,6 +3,8 @@
 // they boot (a newc cpio archive with busybox and a generated /init) and the running process whose
 // console (stdout and stderr) a test reads and waits on, with a hang guard.
 
+import { concatBytes } from "../../core/bytes.ts";
+
 /** A statically linked busybox (package busybox-static). */
 export const BUSYBOX = "/usr/bin/busybox";
 
@@ -72,13 +74,7 @@ export function cpioNewc(entries: CpioEntry[]): Uint8Array {
   };
   entries.forEach(add);
   add({ name: CPIO_TRAILER, mode: 0 });
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
+  return concatBytes(parts);
 }
 
 /**
