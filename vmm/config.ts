@@ -154,9 +154,7 @@ export const DEFAULT_CPUS = 1;
 export const DEFAULT_BLOCK_SIZE = 512;
 /** crosvm's default `pci-bar-size`, the host-visible window: 1 << 33 = 8 GiB (gpu/parameters.rs GpuParameters::default). */
 export const DEFAULT_GPU_HOST_VISIBLE_WINDOW_SIZE = 2 ** 33;
-/** crosvm's default display size (vm_control/src/gpu.rs DEFAULT_DISPLAY_WIDTH/HEIGHT). */
-export const DEFAULT_DISPLAY_WIDTH = 1280;
-export const DEFAULT_DISPLAY_HEIGHT = 1024;
+export { DEFAULT_DISPLAY_HEIGHT, DEFAULT_DISPLAY_WIDTH } from "../devices/virtio/gpu/defaults.ts";
 /** crosvm's default display refresh rate in Hz (vm_control/src/gpu.rs DEFAULT_REFRESH_RATE). */
 export const DEFAULT_REFRESH_RATE = 60;
 /** crosvm's x86_64 base kernel command line (x86_64/src/lib.rs get_base_linux_cmdline). */

@@ -9,16 +9,27 @@
 
 import type { Box } from "./backend.ts";
 import { PIPE_BUFFER, virglBytesPerPixel } from "./formats.ts";
+import {
+  VIRGL_CCMD_COPY_TRANSFER3D,
+  VIRGL_CCMD_END_TRANSFERS,
+  VIRGL_CCMD_NOP,
+  VIRGL_CCMD_PIPE_RESOURCE_CREATE,
+  VIRGL_CCMD_RESOURCE_COPY_REGION,
+  VIRGL_CCMD_RESOURCE_INLINE_WRITE,
+  VIRGL_CCMD_TRANSFER3D,
+} from "./virgl_stream.ts";
 
 // ---- virgl stream numbers (virglrenderer src/virgl_protocol.h) ----
-/** enum virgl_context_cmd values the walker looks at. */
-export const VIRGL_CCMD_NOP = 0;
-export const VIRGL_CCMD_RESOURCE_INLINE_WRITE = 9;
-export const VIRGL_CCMD_RESOURCE_COPY_REGION = 17;
-export const VIRGL_CCMD_TRANSFER3D = 43;
-export const VIRGL_CCMD_END_TRANSFERS = 44;
-export const VIRGL_CCMD_COPY_TRANSFER3D = 45;
-export const VIRGL_CCMD_PIPE_RESOURCE_CREATE = 48;
+/** The enum virgl_context_cmd values the walker looks at (defined with the stream builder). */
+export {
+  VIRGL_CCMD_COPY_TRANSFER3D,
+  VIRGL_CCMD_END_TRANSFERS,
+  VIRGL_CCMD_NOP,
+  VIRGL_CCMD_PIPE_RESOURCE_CREATE,
+  VIRGL_CCMD_RESOURCE_COPY_REGION,
+  VIRGL_CCMD_RESOURCE_INLINE_WRITE,
+  VIRGL_CCMD_TRANSFER3D,
+};
 /** Command header: VIRGL_CMD0(cmd, obj, len) = cmd | obj << 8 | len << 16, len in dwords after the header. */
 export const VIRGL_CMD_MASK = 0xff;
 export const VIRGL_OBJ_SHIFT = 8;

@@ -51,12 +51,11 @@ import { type Cursor, GpuExecutor, type Outcome } from "./executor.ts";
 import { checkRing, FenceTimelines } from "./fences.ts";
 import { DEFAULT_HOST_VISIBLE_WINDOW_SIZE, HostVisibleWindow } from "./window.ts";
 import { decodeGpuState, encodeGpuState } from "./state.ts";
+import { DEFAULT_DISPLAY_HEIGHT, DEFAULT_DISPLAY_WIDTH } from "./defaults.ts";
 
 export type { DisplayConfig } from "./display.ts";
 
-/** crosvm's default display size (devices/src/virtio/gpu/mod.rs DEFAULT_DISPLAY_WIDTH/HEIGHT). */
-export const DEFAULT_DISPLAY_WIDTH = 1280;
-export const DEFAULT_DISPLAY_HEIGHT = 1024;
+export { DEFAULT_DISPLAY_HEIGHT, DEFAULT_DISPLAY_WIDTH };
 /** Control queue and cursor queue sizes (crosvm: 256 and 16). */
 export const GPU_QUEUE_SIZES: readonly number[] = [256, 16];
 export const CONTROL_QUEUE = 0;

@@ -163,6 +163,8 @@ export const INPUT_MT_SLOTS = 10;
 /** Touch surface size when none is given (crosvm's default touch screen size). */
 export const INPUT_DEFAULT_WIDTH = 1280;
 export const INPUT_DEFAULT_HEIGHT = 1024;
+/** The largest width or height: an ABS_INFO range's max is a signed 32-bit value (struct virtio_input_absinfo). */
+export const INPUT_MAX_DIMENSION = 0x7fff_ffff;
 /** Product ids denovm reports per kind (vendor 0: no vendor). */
 const PRODUCT_IDS = { keyboard: 1, mouse: 2, "single-touch": 3, "multi-touch": 4 } as const;
 
@@ -308,7 +310,7 @@ export class InputDevice implements VirtioDevice, Stateful {
     this.width = opts.width ?? INPUT_DEFAULT_WIDTH;
     this.height = opts.height ?? INPUT_DEFAULT_HEIGHT;
     for (const [what, v] of [["width", this.width], ["height", this.height]] as const) {
-      if (!Number.isInteger(v) || v < 1 || v > 0x7fff_ffff) throw new Error(`input: ${what} ${v} out of range`);
+      if (!Number.isInteger(v) || v < 1 || v > INPUT_MAX_DIMENSION) throw new Error(`input: ${what} ${v} out of range`);
     }
     this.deviceName = opts.name ?? `denovm virtio ${this.kind}`;
     this.serial = opts.serial ?? `denovm-${this.kind}`;

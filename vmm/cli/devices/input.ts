@@ -23,6 +23,7 @@ import { INPUT_KINDS, type InputConfig, type InputKind, TOUCH_INPUT_KINDS } from
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
 import {
   INPUT_DEVICE_KINDS,
+  INPUT_MAX_DIMENSION,
   type InputDevice as InputDeviceT,
   type InputDeviceKind,
 } from "../../../devices/virtio/input/device.ts";
@@ -123,7 +124,7 @@ export function handleInputRequest(dev: InputDeviceT, req: unknown): Record<stri
 
 function positiveInt(text: string | undefined, what: string): number | undefined {
   if (text === undefined) return undefined;
-  if (!/^\d+$/.test(text) || Number(text) < 1 || Number(text) > 0x7fff_ffff) {
+  if (!/^\d+$/.test(text) || Number(text) < 1 || Number(text) > INPUT_MAX_DIMENSION) {
     throw new UsageError(`input: ${what} "${text}" is not a positive integer`);
   }
   return Number(text);
