@@ -17,7 +17,7 @@ export const VIRGL_RENDERER_THREAD_SYNC = 1 << 1;
 export const VIRGL_RENDERER_USE_GLX = 1 << 2;
 export const VIRGL_RENDERER_USE_SURFACELESS = 1 << 3;
 export const VIRGL_RENDERER_USE_GLES = 1 << 4;
-/** Do not set: GL buffers then get no mappable storage (reference/virglrenderer.md). */
+/** Do not set: GL buffers then get no mappable storage for HOST3D blobs (virglrenderer 0.10.4 with llvmpipe). */
 export const VIRGL_RENDERER_USE_EXTERNAL_BLOB = 1 << 5;
 export const VIRGL_RENDERER_VENUS = 1 << 6;
 export const VIRGL_RENDERER_NO_VIRGL = 1 << 7;

@@ -350,7 +350,7 @@ const PF_X = 1;
 /** Largest size a test guest may occupy: they must stay small (emulated guest code). */
 const GUEST_MAX_SIZE = 1 * MiB;
 /**
- * Instructions the kvm_pvm emulator lacks or that must stay out of guests (shared/reference/kvm-here.md):
+ * Instructions the kvm_pvm emulator lacks or that must stay out of guests (docs/testing.md):
  * cmpxchg16b, xsave/xrstor family, int3, and anything touching vector registers. "(bad)" means
  * data was disassembled as code.
  */

@@ -304,7 +304,7 @@ Deno.test({
 
 // ---- Always runs: the guests build, load with the VMM's loader, and use no unemulated instructions ----
 
-/** Instructions that must stay out of the test guests (test/kvm/boot_test.ts, shared/reference/kvm-here.md). */
+/** Instructions that must stay out of the test guests (test/kvm/boot_test.ts). */
 const FORBIDDEN = /\b(cmpxchg16b|xsave\w*|xrstor\w*|fxsave\w*|fxrstor\w*|int3)\b|%[xyz]mm\d+|\(bad\)/;
 /** ELF identification and Elf64_Ehdr fields (System V ABI): e_type at 0x10, e_machine 0x12, e_entry 0x18. */
 const ELF_MAGIC = [0x7f, 0x45, 0x4c, 0x46];

@@ -211,7 +211,7 @@ Deno.test({
 
 // ---- Always runs: the ticker guest builds, loads, and uses no unemulated instructions ----
 
-/** Instructions that must stay out of the test guests (test/kvm/boot_test.ts, shared/reference/kvm-here.md). */
+/** Instructions that must stay out of the test guests (test/kvm/boot_test.ts). */
 const FORBIDDEN = /\b(cmpxchg16b|xsave\w*|xrstor\w*|fxsave\w*|fxrstor\w*|int3)\b|%[xyz]mm\d+|\(bad\)/;
 
 Deno.test("many-VMs guest (ticker) builds, loads at KERNEL_START within 32 MiB, and disassembles cleanly", async () => {

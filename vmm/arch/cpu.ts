@@ -103,11 +103,11 @@ export interface CpuidOptions {
   apicId: number;
   /** vCPUs in the VM: one package, one thread per core. */
   cpuCount: number;
-  /** Hide CMPXCHG16B: the kvm_pvm instruction emulator lacks it (see kvm-here.md). */
+  /** Hide CMPXCHG16B: the kvm_pvm instruction emulator lacks it (docs/testing.md). */
   hideCx16: boolean;
   /**
    * Hide XSAVE (and so AVX, which needs it): the kvm_pvm emulator lacks xsave/xrstor, which Linux
-   * otherwise uses for every context switch (kvm-here.md: a kernel needs `noxsave` there).
+   * otherwise uses for every context switch (a kernel there needs `noxsave` otherwise).
    */
   hideXsave?: boolean;
 }

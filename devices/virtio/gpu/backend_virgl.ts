@@ -1,7 +1,7 @@
 // The virglrenderer backend: Debian's libvirglrenderer1 (0.10.4) through Deno FFI, rendering with EGL
 // surfaceless (llvmpipe when there is no GPU). One renderer per process, on the thread that creates the
-// backend; every call below runs on that thread. Facts this file relies on are in
-// ../shared/reference/virglrenderer.md (verified on this kind of machine):
+// backend; every call below runs on that thread. Facts this file relies on, checked against 0.10.4 with
+// Mesa's llvmpipe and no render node (devices/virtio/gpu/backend_virgl_test.ts exercises each):
 // - init with USE_EGL | USE_SURFACELESS | THREAD_SYNC; fences retire through virgl_renderer_poll(),
 //   which runs the write_fence / write_context_fence callbacks synchronously on this thread, after the
 //   library's eventfd (virgl_renderer_get_poll_fd) became readable (waited for off-thread with a
@@ -84,7 +84,7 @@ import {
 
 const BPP = VIRTIO_GPU_BYTES_PER_PIXEL;
 
-/** The init flags used here (reference/virglrenderer.md: what works with llvmpipe and no render node). */
+/** The init flags used here: what works with llvmpipe and no render node. */
 export const VIRGL_BACKEND_FLAGS = VIRGL_RENDERER_USE_EGL | VIRGL_RENDERER_USE_SURFACELESS |
   VIRGL_RENDERER_THREAD_SYNC;
 

@@ -193,7 +193,7 @@ function createBuffer(size: number): { id: number; backing: Backing } {
   return { id, backing };
 }
 
-/** A mappable HOST3D buffer blob, the way Mesa's virgl driver asks for one (reference/virglrenderer.md). */
+/** A mappable HOST3D buffer blob, the way Mesa's virgl driver asks for one (Mesa src/gallium/drivers/virgl/virgl_encode.c). */
 let nextBlobId = 1;
 function createHostBlob(size: number, flags = PIPE_RESOURCE_FLAG_MAP_PERSISTENT | PIPE_RESOURCE_FLAG_MAP_COHERENT) {
   const blobId = nextBlobId++;
@@ -221,7 +221,7 @@ Deno.test({
       .clear(PIPE_CLEAR_COLOR0, [1, 0, 0, 1]);
     const b = s.bytes();
     const v = new DataView(b.buffer);
-    // reference/virglrenderer.md: the 12-dword PIPE_RESOURCE_CREATE starts with 0x000b0030.
+    // The 12-dword PIPE_RESOURCE_CREATE header: VIRGL_CMD0(48, 0, 11) = 0x000b0030.
     assert.equal(v.getUint32(0, true), 0x000b0030);
     assert.equal(v.getUint32(11 * 4, true), 7, "blob id is the last dword");
     assert.deepEqual(walkVirglCommands(b).commands.map((c) => [c.cmd, c.obj, c.len]), [
