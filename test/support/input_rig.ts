@@ -12,6 +12,7 @@ import {
   InputDevice,
   type InputDeviceKind,
   type InputEvent,
+  type InputOptions,
 } from "../../devices/virtio/input/device.ts";
 import { EV_KEY, EV_SYN, SYN_REPORT } from "../../devices/virtio/input/codes.ts";
 import { VIRTIO_MMIO_CONFIG } from "../../devices/virtio/mmio.ts";
@@ -24,7 +25,7 @@ const MiB = 1024 * 1024;
  * An initialised driver on a `kind` input device over 4 MiB of guarded guest memory, with the virtio log
  * captured; disposing it restores the log, checks the canary and closes the device and the memory.
  */
-export function inputRig(kind: InputDeviceKind, opts: { width?: number; height?: number } = {}) {
+export function inputRig(kind: InputDeviceKind, opts: Omit<InputOptions, "kind"> = {}) {
   const dev = new InputDevice({ kind, ...opts });
   const g = new GuardedGuestMemory([{ start: 0, size: 4 * MiB }]);
   const { t, drv, irqs } = mmioRig(dev, g.mem, 4 * MiB);

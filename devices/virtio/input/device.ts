@@ -5,8 +5,13 @@
 // with EV_SYN/SYN_REPORT. The status queue carries events from the guest (keyboard LEDs); they are
 // accepted and recorded, nothing more.
 //
-// The host injects events through the API (sendKey, type, move, click, moveTo, tap, touch*...).
-// Events wait in a bounded queue until the guest has posted event buffers.
+// The host injects events through the API (sendKey, type, move, click, moveTo, tap, touch*...), or a
+// host event source forwards them as they come (forwardEvents: crosvm's `--input TYPE[path=SOCKET]`,
+// socket_source.ts); status events from the guest go back to that source. Events wait in a bounded queue
+// until the guest has posted event buffers.
+//
+// keyboard, mouse, single-touch and multi-touch describe themselves as denovm's devices; switches,
+// rotary, trackpad, multi-touch-trackpad and custom as crosvm's (profiles.ts).
 
 import {
   type ActivateContext,
@@ -111,6 +116,20 @@ import {
   SYN_REPORT,
 } from "./codes.ts";
 import { MT_TRACKING_ID_MAX, MT_TRACKING_ID_NONE, MultiTouchSlots } from "./multitouch.ts";
+import {
+  type AbsInfo,
+  type CustomInputConfig,
+  customProfile,
+  type DeviceIds,
+  INPUT_BITMAP_BITS,
+  type InputProfile,
+  multiTouchTrackpadProfile,
+  PROFILE_KINDS,
+  type ProfileKind,
+  rotaryProfile,
+  switchesProfile,
+  trackpadProfile,
+} from "./profiles.ts";
 
 // ---- virtio_input.h ----
 
@@ -165,21 +184,33 @@ export const INPUT_DEFAULT_WIDTH = 1280;
 export const INPUT_DEFAULT_HEIGHT = 1024;
 /** The largest width or height: an ABS_INFO range's max is a signed 32-bit value (struct virtio_input_absinfo). */
 export const INPUT_MAX_DIMENSION = 0x7fff_ffff;
-/** Product ids denovm reports per kind (vendor 0: no vendor). */
+/** Product ids denovm reports per kind of its own (vendor 0: no vendor). */
 const PRODUCT_IDS = { keyboard: 1, mouse: 2, "single-touch": 3, "multi-touch": 4 } as const;
 
-export type InputDeviceKind = keyof typeof PRODUCT_IDS;
-export const INPUT_DEVICE_KINDS = Object.keys(PRODUCT_IDS) as InputDeviceKind[];
+export type InputDeviceKind = keyof typeof PRODUCT_IDS | ProfileKind;
+export const INPUT_DEVICE_KINDS: readonly InputDeviceKind[] = [
+  ...Object.keys(PRODUCT_IDS) as (keyof typeof PRODUCT_IDS)[],
+  ...PROFILE_KINDS,
+];
 
 export interface InputOptions {
   kind: InputDeviceKind;
-  /** Touch surface size (touch kinds). */
+  /** Touch surface size (touch and trackpad kinds). */
   width?: number;
   height?: number;
   /** ID_NAME reported to the guest. */
   name?: string;
   /** ID_SERIAL reported to the guest. */
   serial?: string;
+  /** The device's number among the devices of its kind (crosvm's names and serials end with it). */
+  index?: number;
+  /** The custom kind's description (profiles.ts parseCustomInputConfig). */
+  custom?: CustomInputConfig;
+}
+
+/** Something feeding the device from the host (socket_source.ts); closed with the device. */
+export interface InputEventSource {
+  close(): void;
 }
 
 /** One evdev event. */
@@ -256,21 +287,28 @@ const KEYBOARD_LAST_KEY = 0xff;
 
 /** A bitmap (little-endian bit order, as the kernel's bitmaps) with the given bits set, just long enough. */
 function bitmap(bits: number[]): Uint8Array {
-  const len = bits.length === 0 ? 0 : Math.floor(Math.max(...bits) / 8) + 1;
+  const inRange = bits.filter((b) => b >= 0 && b < INPUT_BITMAP_BITS);
+  const len = inRange.length === 0 ? 0 : Math.floor(Math.max(...inRange) / 8) + 1;
   const b = new Uint8Array(len);
-  for (const bit of bits) b[bit >> 3] |= 1 << (bit & 7);
+  for (const bit of inRange) b[bit >> 3] |= 1 << (bit & 7);
   return b;
 }
 
 interface Capabilities {
-  props: number[];
-  /** Event type -> codes. */
-  events: Map<number, number[]>;
-  abs: Map<number, { min: number; max: number }>;
+  ids: DeviceIds;
+  props: Uint8Array;
+  /** Event type -> the bitmap of its codes, as the configuration space answers it. */
+  events: Map<number, Uint8Array>;
+  /** The EV_KEY codes the device announces. */
+  keys: Set<number>;
+  abs: Map<number, AbsInfo>;
 }
 
 const STAT_NAMES = ["eventsSent", "batchesQueued", "batchesDropped", "statusEvents", "malformed"] as const;
 type StatName = typeof STAT_NAMES[number];
+
+/** The identity fields a refused restore names (kind, name, serial, width, height; not the description). */
+const IDENTITY_SHOWN = 5;
 
 /** The kind and layout version of a virtio-input device's saved state. */
 export const INPUT_STATE_TYPE = "virtio-input";
@@ -286,7 +324,15 @@ export class InputDevice implements VirtioDevice, Stateful {
   readonly height: number;
   readonly deviceName: string;
   readonly serial: string;
+  readonly index: number;
   readonly #caps: Capabilities;
+  /** A summary of the whole description, saved with the state so a restore finds the same device. */
+  readonly #fingerprint: string;
+  readonly #sources: InputEventSource[] = [];
+  /** Where status events from the guest go besides `leds` (the host event source, as crosvm). */
+  statusSink: ((e: InputEvent) => void) | undefined;
+  /** Waiting for room in the pending queue (forwardEvents callers). */
+  #roomWaiters: (() => void)[] = [];
   #select = VIRTIO_INPUT_CFG_UNSET;
   #subsel = 0;
   #eventq: Virtqueue | undefined;
@@ -312,18 +358,54 @@ export class InputDevice implements VirtioDevice, Stateful {
     for (const [what, v] of [["width", this.width], ["height", this.height]] as const) {
       if (!Number.isInteger(v) || v < 1 || v > INPUT_MAX_DIMENSION) throw new Error(`input: ${what} ${v} out of range`);
     }
-    this.deviceName = opts.name ?? `denovm virtio ${this.kind}`;
-    this.serial = opts.serial ?? `denovm-${this.kind}`;
-    this.#caps = this.#capabilities();
+    this.index = opts.index ?? 0;
+    if (!Number.isInteger(this.index) || this.index < 0) throw new Error(`input: index ${this.index} out of range`);
+    if (this.kind === "custom" && !opts.custom) throw new Error("input: a custom device needs its configuration");
+    const profile = this.#profile(opts);
+    this.deviceName = opts.name ?? profile.name;
+    this.serial = opts.serial ?? profile.serial;
+    const events = new Map<number, Uint8Array>();
+    for (const [type, codes] of profile.events) {
+      // An event type without codes (a keyboard's EV_REP) answers one zero byte: the driver only checks
+      // that the answer is not empty (virtio_input.c). A custom file's empty list answers nothing, as crosvm.
+      events.set(type, codes.length === 0 && this.kind !== "custom" ? new Uint8Array(1) : bitmap(codes));
+    }
+    this.#caps = {
+      ids: profile.ids,
+      props: bitmap(profile.props),
+      events,
+      keys: new Set(profile.events.get(EV_KEY) ?? []),
+      abs: profile.abs,
+    };
+    this.#fingerprint = JSON.stringify({
+      ids: profile.ids,
+      props: [...this.#caps.props],
+      events: [...events].map(([t, b]) => [t, [...b]]),
+      abs: [...profile.abs],
+    });
   }
 
-  #capabilities(): Capabilities {
+  /** What the device describes: denovm's own kinds here, crosvm's in profiles.ts. */
+  #profile(opts: InputOptions): InputProfile {
+    switch (this.kind) {
+      case "switches":
+        return switchesProfile(this.index);
+      case "rotary":
+        return rotaryProfile(this.index);
+      case "trackpad":
+        return trackpadProfile(this.index, this.width, this.height);
+      case "multi-touch-trackpad":
+        return multiTouchTrackpadProfile(this.index, this.width, this.height);
+      case "custom":
+        return customProfile(opts.custom!, this.index);
+    }
     const events = new Map<number, number[]>();
-    const abs = new Map<number, { min: number; max: number }>();
+    const abs = new Map<number, AbsInfo>();
     const props: number[] = [];
+    const range = (max: number): AbsInfo => ({ min: 0, max, fuzz: 0, flat: 0, res: 0 });
     const xy = () => {
-      abs.set(ABS_X, { min: 0, max: this.width - 1 });
-      abs.set(ABS_Y, { min: 0, max: this.height - 1 });
+      abs.set(ABS_X, range(this.width - 1));
+      abs.set(ABS_Y, range(this.height - 1));
     };
     switch (this.kind) {
       case "keyboard":
@@ -345,14 +427,21 @@ export class InputDevice implements VirtioDevice, Stateful {
         props.push(INPUT_PROP_DIRECT);
         events.set(EV_KEY, [BTN_TOUCH]);
         xy();
-        abs.set(ABS_MT_SLOT, { min: 0, max: INPUT_MT_SLOTS - 1 });
-        abs.set(ABS_MT_TRACKING_ID, { min: 0, max: MT_TRACKING_ID_MAX });
-        abs.set(ABS_MT_POSITION_X, { min: 0, max: this.width - 1 });
-        abs.set(ABS_MT_POSITION_Y, { min: 0, max: this.height - 1 });
+        abs.set(ABS_MT_SLOT, range(INPUT_MT_SLOTS - 1));
+        abs.set(ABS_MT_TRACKING_ID, range(MT_TRACKING_ID_MAX));
+        abs.set(ABS_MT_POSITION_X, range(this.width - 1));
+        abs.set(ABS_MT_POSITION_Y, range(this.height - 1));
         break;
     }
     if (abs.size > 0) events.set(EV_ABS, [...abs.keys()]);
-    return { props, events, abs };
+    return {
+      name: `denovm virtio ${this.kind}`,
+      serial: `denovm-${this.kind}`,
+      ids: { bustype: BUS_VIRTUAL, vendor: 0, product: PRODUCT_IDS[this.kind], version: 1 },
+      props,
+      events,
+      abs,
+    };
   }
 
   // ---- Configuration space ----
@@ -369,20 +458,19 @@ export class InputDevice implements VirtioDevice, Stateful {
         if (this.#subsel !== 0) return new Uint8Array();
         const b = new Uint8Array(INPUT_DEVIDS_SIZE);
         const v = new DataView(b.buffer);
-        v.setUint16(INPUT_DEVIDS_BUSTYPE, BUS_VIRTUAL, true);
-        v.setUint16(INPUT_DEVIDS_VENDOR, 0, true);
-        v.setUint16(INPUT_DEVIDS_PRODUCT, PRODUCT_IDS[this.kind], true);
-        v.setUint16(INPUT_DEVIDS_VERSION, 1, true);
+        const ids = this.#caps.ids;
+        v.setUint16(INPUT_DEVIDS_BUSTYPE, ids.bustype, true);
+        v.setUint16(INPUT_DEVIDS_VENDOR, ids.vendor, true);
+        v.setUint16(INPUT_DEVIDS_PRODUCT, ids.product, true);
+        v.setUint16(INPUT_DEVIDS_VERSION, ids.version, true);
         return b;
       }
       case VIRTIO_INPUT_CFG_PROP_BITS:
-        return this.#subsel === 0 ? bitmap(this.#caps.props) : new Uint8Array();
-      case VIRTIO_INPUT_CFG_EV_BITS: {
-        const codes = this.#caps.events.get(this.#subsel);
-        if (!codes) return new Uint8Array();
-        // EV_REP has no codes; the driver only checks that the answer is not empty (virtio_input.c).
-        return codes.length === 0 ? new Uint8Array(1) : bitmap(codes);
-      }
+        return this.#subsel === 0 ? this.#caps.props : new Uint8Array();
+      case VIRTIO_INPUT_CFG_EV_BITS:
+        // Subsel 0 (EV_SYN) answers the event types themselves, as EVIOCGBIT(0) does (crosvm too).
+        if (this.#subsel === EV_SYN) return bitmap([...this.#caps.events.keys()]);
+        return this.#caps.events.get(this.#subsel) ?? new Uint8Array();
       case VIRTIO_INPUT_CFG_ABS_INFO: {
         const a = this.#caps.abs.get(this.#subsel);
         if (!a) return new Uint8Array();
@@ -390,9 +478,9 @@ export class InputDevice implements VirtioDevice, Stateful {
         const v = new DataView(b.buffer);
         v.setInt32(INPUT_ABSINFO_MIN, a.min, true);
         v.setInt32(INPUT_ABSINFO_MAX, a.max, true);
-        v.setInt32(INPUT_ABSINFO_FUZZ, 0, true);
-        v.setInt32(INPUT_ABSINFO_FLAT, 0, true);
-        v.setInt32(INPUT_ABSINFO_RES, 0, true);
+        v.setInt32(INPUT_ABSINFO_FUZZ, a.fuzz, true);
+        v.setInt32(INPUT_ABSINFO_FLAT, a.flat, true);
+        v.setInt32(INPUT_ABSINFO_RES, a.res, true);
         return b;
       }
       default:
@@ -445,8 +533,15 @@ export class InputDevice implements VirtioDevice, Stateful {
   }
 
   close(): void {
+    for (const s of this.#sources.splice(0)) s.close();
     this.reset();
     this.#pending.length = 0;
+    this.#wakeRoomWaiters();
+  }
+
+  /** Close `source` with the device. */
+  attachSource(source: InputEventSource): void {
+    this.#sources.push(source);
   }
 
   stats(): Record<string, number> {
@@ -490,6 +585,11 @@ export class InputDevice implements VirtioDevice, Stateful {
       this.#stats.eventsSent++;
     }
     if (used && q.needsInterrupt()) this.#interrupt?.signalUsedQueue(INPUT_EVENT_QUEUE);
+    if (used && this.#pending.length < INPUT_MAX_PENDING_EVENTS) this.#wakeRoomWaiters();
+  }
+
+  #wakeRoomWaiters(): void {
+    for (const w of this.#roomWaiters.splice(0)) w();
   }
 
   /** Status events from the guest (LEDs): record and return the buffers. */
@@ -503,8 +603,10 @@ export class InputDevice implements VirtioDevice, Stateful {
         const v = new DataView(b.buffer);
         const type = v.getUint16(INPUT_EVENT_TYPE, true);
         const code = v.getUint16(INPUT_EVENT_CODE, true);
+        const value = v.getInt32(INPUT_EVENT_VALUE, true);
         this.#stats.statusEvents++;
-        if (type === EV_LED) this.leds.set(code, v.getInt32(INPUT_EVENT_VALUE, true));
+        if (type === EV_LED) this.leds.set(code, value);
+        this.statusSink?.({ type, code, value });
       }
       return 0;
     });
@@ -540,6 +642,32 @@ export class InputDevice implements VirtioDevice, Stateful {
     return true;
   }
 
+  /** Events the pending queue still takes. */
+  get room(): number {
+    return INPUT_MAX_PENDING_EVENTS - this.#pending.length;
+  }
+
+  /** Resolves once the pending queue has room (at once when it has, or when the device is closed). */
+  whenRoom(): Promise<void> {
+    if (this.room > 0) return Promise.resolve();
+    return new Promise((resolve) => this.#roomWaiters.push(resolve));
+  }
+
+  /**
+   * Queue events from a host event source exactly as they come (no EV_SYN added: the source batches,
+   * as crosvm forwards its socket's events) and deliver what the guest has buffers for. Takes at most
+   * `room` events and returns how many it took.
+   */
+  forwardEvents(events: readonly InputEvent[]): number {
+    const n = Math.min(events.length, this.room);
+    for (let i = 0; i < n; i++) {
+      const e = events[i];
+      this.#pending.push({ type: e.type & 0xffff, code: e.code & 0xffff, value: e.value | 0 });
+    }
+    if (n > 0) this.#flush();
+    return n;
+  }
+
   #requireKind(what: string, ...kinds: InputDeviceKind[]): void {
     if (!kinds.includes(this.kind)) {
       throw new Error(`input: ${what} needs a ${kinds.join(" or ")} device, not ${this.kind}`);
@@ -547,7 +675,7 @@ export class InputDevice implements VirtioDevice, Stateful {
   }
 
   #checkKey(code: number): void {
-    if (!(this.#caps.events.get(EV_KEY) ?? []).includes(code)) {
+    if (!this.#caps.keys.has(code)) {
       throw new RangeError(`input: key code ${code} is not announced by this ${this.kind} device`);
     }
   }
@@ -676,7 +804,7 @@ export class InputDevice implements VirtioDevice, Stateful {
       version: INPUT_STATE_VERSION,
       data: {
         features: featuresField(this.features),
-        identity: [this.kind, this.deviceName, this.serial, String(this.width), String(this.height)],
+        identity: this.#identity(),
         select: this.#select,
         subsel: this.#subsel,
         pending: this.#pending.flatMap((e) => [e.type, e.code, e.value]),
@@ -688,15 +816,21 @@ export class InputDevice implements VirtioDevice, Stateful {
     };
   }
 
+  /** What a saved state must have been taken from: kind, names, surface and the whole description. */
+  #identity(): string[] {
+    return [this.kind, this.deviceName, this.serial, String(this.width), String(this.height), this.#fingerprint];
+  }
+
   restoreState(state: DeviceState): void {
     const d = stateRecord(stateData(state, INPUT_STATE_TYPE, INPUT_STATE_VERSION), "virtio-input state");
     const what = `virtio-input ${this.kind}`;
     if (this.#eventq || this.#statusq) throw new StateError(`${what}: restore into a device a driver has activated`);
     const features = stateString(d.features, `${what} features`);
     const identity = stateArray(d.identity, `${what} identity`).map((v) => stateString(v, `${what} identity`));
-    const mine = [this.kind, this.deviceName, this.serial, String(this.width), String(this.height)];
+    const mine = this.#identity();
     if (features !== featuresField(this.features) || identity.join("\0") !== mine.join("\0")) {
-      throw new StateError(`${what}: saved as ${identity.join(", ")}; this device is ${mine.join(", ")}`);
+      const shown = (id: string[]) => id.slice(0, IDENTITY_SHOWN).join(", ");
+      throw new StateError(`${what}: saved from another device (${shown(identity)}); this one is ${shown(mine)}`);
     }
     const select = stateInteger(d.select, `${what} select`, 0, 0xff);
     const subsel = stateInteger(d.subsel, `${what} subsel`, 0, 0xff);
