@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 import { INPUT_EVENT_SIZE, INPUT_MAX_PENDING_EVENTS, type InputEvent } from "./device.ts";
-import { BTN_TOUCH, EV_ABS, EV_KEY, EV_LED, EV_MSC, EV_SYN, KEY_A, LED_CAPSL, SYN_REPORT } from "./codes.ts";
+import { BTN_TOUCH, EV_ABS, EV_LED, EV_MSC, EV_SYN, KEY_A, LED_CAPSL, SYN_REPORT } from "./codes.ts";
 import { InputSocketSource } from "./socket_source.ts";
 import { UnixListener, type UnixStream } from "../../../core/unix_socket.ts";
 import { inputRig, key, syn } from "../../../test/support/input_rig.ts";
