@@ -67,10 +67,17 @@ export const INPUT_KINDS = [
   "switches",
   "rotary",
   "trackpad",
+  "multi-touch-trackpad",
+  "custom",
 ] as const;
 export type InputKind = typeof INPUT_KINDS[number];
 /** The input kinds that are touch surfaces, with a width and height. */
-export const TOUCH_INPUT_KINDS: readonly InputKind[] = ["multi-touch", "single-touch", "trackpad"];
+export const TOUCH_INPUT_KINDS: readonly InputKind[] = [
+  "multi-touch",
+  "single-touch",
+  "trackpad",
+  "multi-touch-trackpad",
+];
 
 export interface InputConfig {
   kind: InputKind;
@@ -79,6 +86,8 @@ export interface InputConfig {
   width?: number;
   height?: number;
   name?: string;
+  /** The custom kind's JSON description (crosvm's config-path). */
+  configPath?: string;
 }
 
 /** One virtual display of the GPU (crosvm DisplayParameters). */

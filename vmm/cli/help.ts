@@ -149,6 +149,9 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       { form: "evdev[path=PATH]", help: "pass through a host evdev device" },
       { form: "switches[path=PATH]", help: "switches (lid, tablet mode)" },
       { form: "rotary[path=PATH]", help: "rotary encoder" },
+      { form: "multi-touch-trackpad[path=PATH,width=W,height=H,name=N]", help: "multi-touch trackpad (button pad)" },
+      { form: "custom[path=PATH,config-path=FILE]", help: "a device described by a JSON file (crosvm's format)" },
+      { form: "path=PATH", help: "Unix socket of virtio_input_event records to connect to (8 bytes each)" },
     ],
   },
   {

@@ -10,9 +10,11 @@ import { ConsoleDevice, type ConsolePort } from "../../devices/virtio/console.ts
 import { AGENT_PORT_NAME } from "../library/agent_client.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import { INPUT_DEVICE_KINDS, InputDevice, type InputDeviceKind } from "../../devices/virtio/input/device.ts";
+import { parseCustomInputConfig } from "../../devices/virtio/input/profiles.ts";
+import { InputSocketSource } from "../../devices/virtio/input/socket_source.ts";
 import { RngDevice } from "../../devices/virtio/rng.ts";
 import type { SerialConfig, VmConfig } from "../config.ts";
-import { ConfigError } from "../../core/exit.ts";
+import { ConfigError, HostError } from "../../core/exit.ts";
 
 /** A device model this version does not have; asked for explicitly, it is the user's error (exit 35). */
 export class UnavailableDeviceError extends ConfigError {
@@ -113,14 +115,37 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
     }
     if (config.rng) devices.push(new RngDevice());
     if (config.balloon) devices.push(new BalloonDevice());
+    // Each kind counts its own devices from 0, as crosvm numbers their names.
+    const inputIndex = new Map<string, number>();
     for (const i of config.inputs) {
       if (!INPUT_DEVICE_KINDS.includes(i.kind as InputDeviceKind)) {
         throw new UnavailableDeviceError(`--input ${i.kind}`);
       }
-      if (i.path !== undefined) throw new UnavailableDeviceError(`--input ${i.kind}[path=...] (a host event socket)`);
-      devices.push(
-        new InputDevice({ kind: i.kind as InputDeviceKind, width: i.width, height: i.height, name: i.name }),
-      );
+      const index = inputIndex.get(i.kind) ?? 0;
+      inputIndex.set(i.kind, index + 1);
+      const custom = i.kind === "custom"
+        ? await make(`--input custom[config-path=${i.configPath}]`, async () => {
+          const text = await Deno.readTextFile(i.configPath!);
+          return parseCustomInputConfig(text);
+        })
+        : undefined;
+      const device = new InputDevice({
+        kind: i.kind as InputDeviceKind,
+        width: i.width,
+        height: i.height,
+        name: i.name,
+        index,
+        custom,
+      });
+      if (i.path !== undefined) {
+        try {
+          InputSocketSource.connect(i.path, device);
+        } catch (e) {
+          device.close();
+          throw new HostError(`--input ${i.kind}[path=${i.path}]: ${(e as Error).message}`);
+        }
+      }
+      devices.push(device);
     }
     if (config.vsock) {
       const udsPath = config.vsock.udsPath ?? ctx.defaultVsockPath;

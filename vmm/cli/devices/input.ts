@@ -2,9 +2,10 @@
 // and `denovm device input`. See common.ts for how the family modules are organised.
 //
 // `denovm device input --socket-path PATH --kind KIND [--width W --height H] [--name N]
-//  [--event-socket PATH]`: the virtio-input device model (devices/virtio/input/device.ts) as a vhost-user
-// back end. KIND is keyboard, mouse, single-touch or multi-touch (crosvm's --input kinds; the
-// crosvm-style `--input multi-touch[width=800,height=600]` spelling is accepted too).
+//  [--config-path FILE] [--event-socket PATH]`: the virtio-input device model (devices/virtio/input/device.ts)
+// as a vhost-user back end. KIND is one of crosvm's --input kinds but evdev (custom with --config-path, a
+// JSON file in crosvm's format; the crosvm-style `--input multi-touch[width=800,height=600]` spelling is
+// accepted too).
 //
 // Injecting events into a running back end: with `--event-socket PATH` the process listens on a
 // Unix stream socket that takes one JSON object per line and answers each with one JSON line,
@@ -28,11 +29,13 @@ import {
   type InputDeviceKind,
 } from "../../../devices/virtio/input/device.ts";
 import { InputDevice } from "../../../devices/virtio/input/device.ts";
+import { type CustomInputConfig, parseCustomInputConfig } from "../../../devices/virtio/input/profiles.ts";
 import { closeWithDevice, parseOptions, serveJsonLines, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 // ---- run ----
 
 const TOUCH_SCHEMA_KEYS = { path: "string", width: "uint", height: "uint", name: "string" } as const;
+const CUSTOM_SCHEMA_KEYS = { path: "string", "config-path": "string" } as const;
 
 /** `run --input TYPE[key=value,...]`. */
 export function parseInputOption(text: string): InputConfig {
@@ -47,18 +50,27 @@ export function parseInputOption(text: string): InputConfig {
   }
   const kind = kindText as InputKind;
   const input: InputConfig = { kind };
-  if (v.kind !== "variant") return input;
+  if (v.kind !== "variant") return requireConfigPath(input);
   const touch = TOUCH_INPUT_KINDS.includes(kind);
   const o = decodeKeyValues({
     option: `--input ${kind}`,
     positional: "path",
-    keys: touch ? TOUCH_SCHEMA_KEYS : { path: "string" },
+    keys: touch ? TOUCH_SCHEMA_KEYS : kind === "custom" ? CUSTOM_SCHEMA_KEYS : { path: "string" },
   }, v.items);
   if (o.path !== undefined) input.path = o.path as string;
+  if (o["config-path"] !== undefined) input.configPath = o["config-path"] as string;
   if (o.width !== undefined) input.width = o.width as number;
   if (o.height !== undefined) input.height = o.height as number;
   if (o.name !== undefined) input.name = o.name as string;
   if (input.width === 0 || input.height === 0) throw new UsageError(`--input ${kind}: width and height must be >= 1`);
+  return requireConfigPath(input);
+}
+
+/** The custom kind is nothing without its file (crosvm requires config-path). */
+function requireConfigPath(input: InputConfig): InputConfig {
+  if (input.kind === "custom" && input.configPath === undefined) {
+    throw new UsageError("--input custom: config-path=FILE is required");
+  }
   return input;
 }
 
@@ -151,6 +163,7 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
     width: { type: "string" },
     height: { type: "string" },
     name: { type: "string" },
+    "config-path": { type: "string" },
     "event-socket": { type: "string" },
   }) as Record<string, string | undefined>;
   const socketPath = socketPathOption("input", v);
@@ -177,11 +190,23 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
   if (!touch && (width !== undefined || height !== undefined)) {
     throw new UsageError(`input: width and height apply to touch devices, not ${kind}`);
   }
+  if ((kind === "custom") !== (v["config-path"] !== undefined)) {
+    throw new UsageError("input: --config-path FILE goes with --kind custom, and custom needs it");
+  }
+  let custom: CustomInputConfig | undefined;
+  if (v["config-path"] !== undefined) {
+    try {
+      custom = parseCustomInputConfig(Deno.readTextFileSync(v["config-path"]));
+    } catch (e) {
+      throw new UsageError(`input: --config-path ${v["config-path"]}: ${(e as Error).message}`);
+    }
+  }
   const device = new InputDevice({
     kind: kind as InputDeviceKind,
     width: positiveInt(width, "width"),
     height: positiveInt(height, "height"),
     name,
+    custom,
   });
   const eventSocket = v["event-socket"];
   if (eventSocket) {
