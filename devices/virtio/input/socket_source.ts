@@ -1,7 +1,7 @@
 // The host event source of crosvm's `--input TYPE[path=SOCKET]`: the VMM connects to a Unix stream socket
 // that another program listens on (crosvm's IntoUnixStream for a path; a path /proc/self/fd/N names a
 // socket descriptor the VMM already holds) and reads struct virtio_input_event records from it (8 bytes:
-// le16 type, le16 code, le32 value; devices.ts INPUT_EVENT_*). Each record goes to the guest as it is, in
+// le16 type, le16 code, le32 value; device.ts INPUT_EVENT_*). Each record goes to the guest as it is, in
 // order; the program batches with its own EV_SYN records, as crosvm adds none. Status events the guest
 // sends (LEDs) are written back to the socket as the same records, except EV_MSC (crosvm leaves those out
 // so that a source echoing them does not loop).
