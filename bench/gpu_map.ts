@@ -48,7 +48,7 @@ function createHostBlob(id: number, size: number): void {
 
 /** KVM_CAP_NR_MEMSLOTS on this host, or null without /dev/kvm. */
 function kvmMemslots(): number | null {
-  if (!hasKvm) return null;
+  if (!hasKvm()) return null;
   try {
     return new Kvm().checkExtension(KVM_CAP_NR_MEMSLOTS);
   } catch {

@@ -23,9 +23,10 @@ const NAME = "rss";
 await skipWithoutKvm(NAME, import.meta.url);
 
 const MEM_MIB = 256;
-const STAGE = kvmPvm ? "command-line" : "init";
-const MARKER = kvmPvm ? /Command line:/ : /^DENOVM-INIT-OK\r?$/m;
-const PARAMS = kvmPvm ? "console=ttyS0 earlyprintk=ttyS0 noxsave" : "console=ttyS0";
+const PVM = kvmPvm();
+const STAGE = PVM ? "command-line" : "init";
+const MARKER = PVM ? /Command line:/ : /^DENOVM-INIT-OK\r?$/m;
+const PARAMS = PVM ? "console=ttyS0 earlyprintk=ttyS0 noxsave" : "console=ttyS0";
 /** Give up on a guest that never prints the marker (a guard, not a measurement). */
 const GUARD_MS = 300_000;
 

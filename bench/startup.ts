@@ -138,7 +138,7 @@ async function setupTimings(kernel: string): Promise<Record<string, number> | { 
 const dir = await writeLayoutHeader(benchCacheDir());
 const guest = await buildLoopGuest(dir, "first_byte.S", "first_byte.elf", {}, "first_byte.ld");
 const vmlinuz = join(await debianKernelDir(), "vmlinuz");
-if (kvmPvm) progress(NAME, "kvm_pvm host: the kernel's guest code is emulated, expect seconds, not milliseconds");
+if (kvmPvm()) progress(NAME, "kvm_pvm host: the kernel's guest code is emulated, expect seconds, not milliseconds");
 
 const denovm = await medianOf("denovm, first_byte guest", Deno.execPath(), denovmArgs(guest, ""));
 const qemu = await medianOf("qemu microvm, first_byte guest", "qemu-system-x86_64", qemuArgs(guest, ""));
@@ -179,7 +179,7 @@ result(NAME, {
   denovm_setup_ms: "error" in setup ? null : setup.setup_ms,
   denovm_setup: "error" in setup ? null : setup,
   repeats: REPEATS,
-  kvm_pvm: kvmPvm,
+  kvm_pvm: kvmPvm(),
   ...(Object.keys(errors).length ? { errors } : {}),
 });
 Deno.exit(0);

@@ -119,8 +119,10 @@ else
   say "user-mode Linux: the system's /usr/bin/linux.uml"
 fi
 
-if [[ -e /dev/kvm ]]; then
-  say "/dev/kvm: present$([[ -d /sys/module/kvm_pvm ]] && echo " (kvm_pvm: guest kernels cannot run unmodified)")"
-else
-  say "/dev/kvm: missing (tests that need it will be skipped)"
-fi
+# shellcheck source=lib/hostkind.sh
+source "$repo/scripts/lib/hostkind.sh"
+case "$(host_kind "$repo")" in
+  none) say "/dev/kvm: missing (tests that need it will be skipped)" ;;
+  kvm_pvm) say "/dev/kvm: kvm_pvm (guest kernels cannot run unmodified; Linux boots in the nested KVM host)" ;;
+  *) say "/dev/kvm: $(host_kind "$repo")" ;;
+esac

@@ -3,11 +3,18 @@
 // What it builds is a Machine, ready to start; on any error everything taken so far is released.
 
 import { closeFd } from "../ffi/libc.ts";
-import { ConfigError } from "../core/exit.ts";
+import { ConfigError, HostError } from "../core/exit.ts";
 import { OwnedGuestMemory } from "../core/memory.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { virtioMmioCmdlineArgs, writeAcpiTables } from "./arch/acpi.ts";
-import { GuestTooSmallError, KernelFormatError, loadInitrd, loadKernel, writeBootParams } from "./arch/boot/kernel.ts";
+import {
+  GuestTooSmallError,
+  isLinuxKernel,
+  KernelFormatError,
+  loadInitrd,
+  loadKernel,
+  writeBootParams,
+} from "./arch/boot/kernel.ts";
 import {
   MAX_VCPUS,
   setBootFpu,
@@ -28,6 +35,7 @@ import { virtioMmioResources } from "./device_manager/mmio.ts";
 import { createVirtioDevices } from "./device_manager/virtio_devices.ts";
 import { spawnVcpuWorker } from "./kvm/vcpu.ts";
 import { Kvm, KvmVm, type VmHandle } from "./kvm/vm.ts";
+import { emulatedGuestCode, emulatedKernelReason, type HostKind, kvmModule } from "./kvm/host.ts";
 import { Machine } from "./machine.ts";
 
 export interface MachineOptions {
@@ -45,6 +53,12 @@ export interface MachineOptions {
   vm?: VmHandle;
   /** One-line log messages (defaults to stderr). */
   log?: (line: string) => void;
+  /**
+   * A Linux kernel on a host whose KVM emulates guest kernel code (kvm_pvm, vmm/kvm/host.ts): "warn"
+   * logs one line saying so and boots it (the default: its first lines are still worth having),
+   * "refuse" throws HostError with that line before any vCPU runs, "allow" boots it silently.
+   */
+  emulatedKernel?: "warn" | "refuse" | "allow";
 }
 
 async function readUserFile(what: string, path: string): Promise<Uint8Array> {
@@ -52,16 +66,6 @@ async function readUserFile(what: string, path: string): Promise<Uint8Array> {
     return await Deno.readFile(path);
   } catch (e) {
     throw new ConfigError(`cannot read ${what} ${path}: ${(e as Error).message}`);
-  }
-}
-
-/** True on hosts whose KVM is kvm_pvm (software): its instruction emulator lacks CMPXCHG16B. */
-export function pvmHost(): boolean {
-  try {
-    Deno.statSync("/sys/module/kvm_pvm");
-    return true;
-  } catch {
-    return false;
   }
 }
 
@@ -76,7 +80,7 @@ function createVcpus(
 ): void {
   const supported = kvm.supportedCpuid();
   // kvm_pvm's instruction emulator lacks CMPXCHG16B and XSAVE/XRSTOR: do not offer them there.
-  const hideCx16 = pvmHost();
+  const hideCx16 = emulatedGuestCode(kvmModule());
   for (let id = 0; id < cpus; id++) {
     const fd = vm.createVcpu(id);
     fds.push(fd);
@@ -87,6 +91,23 @@ function createVcpus(
     setLapicLints(fd);
     if (id === 0) setBootRegisters(fd, entry);
   }
+}
+
+/** What MachineOptions.emulatedKernel asks for, when a Linux kernel meets a host that emulates its code. */
+function checkEmulatedKernel(
+  image: Uint8Array,
+  kind: HostKind,
+  policy: "warn" | "refuse" | "allow",
+  log: (line: string) => void,
+): void {
+  const reason = emulatedKernelReason(kind);
+  if (!reason || policy === "allow" || !isLinuxKernel(image)) return;
+  if (policy === "refuse") {
+    throw new HostError(
+      `cannot boot a Linux kernel here: ${reason}; Vm.boot's allowEmulatedKernel: true boots it anyway`,
+    );
+  }
+  log(`warning: ${reason}; booting it anyway`);
 }
 
 /** Build a VM ready to start. Throws ConfigError (exit 35) or HostError (exit 1). */
@@ -162,6 +183,7 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
       kvm = new Kvm();
       const max = kvm.maxVcpus;
       if (config.cpus > max) throw new ConfigError(`${config.cpus} vCPUs requested; this host's KVM allows ${max}`);
+      checkEmulatedKernel(kernelImage, kvmModule(), opts.emulatedKernel ?? "warn", log);
       vm = new KvmVm(kvm);
     }
     vm.addGuestMemory(memory);

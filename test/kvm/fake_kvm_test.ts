@@ -39,7 +39,9 @@ import {
   EXIT_SUCCESS,
   EXIT_VM_CRASH,
   EXIT_VM_RESET,
+  HostError,
 } from "../../core/exit.ts";
+import { RESET_STATE_NOTE } from "../../vmm/arch/cpu.ts";
 
 const MAIN_TS = fileURLToPath(new URL("../../main.ts", import.meta.url));
 /** Hang protection only: every scenario here ends in well under a second of guest time. */
@@ -310,6 +312,63 @@ const { Vm } = await import("../../mod.ts");
 type BootConfig = Parameters<typeof Vm.boot>[0];
 
 /** Boot the library on the fake playing `script`; returns the VM and its log path. */
+// ---- Each kind of host KVM (vmm/kvm/host.ts), played by the fake (DENOVM_FAKE_KVM_MODULE) ----
+
+/** CPUID leaf 1 ECX bit 13: CMPXCHG16B (Intel SDM vol. 2A, table 3-10), which kvm_pvm's emulator lacks. */
+const LEAF1_ECX_CX16 = 1 << 13;
+
+for (const kind of ["kvm_pvm", "kvm_amd", "kvm_intel"] as const) {
+  Deno.test(`fake KVM as ${kind}, CLI: a triple fault's register dump, and CPUID's CMPXCHG16B`, async () => {
+    const r = await runCli("triple", [guest], { DENOVM_FAKE_KVM_MODULE: kind });
+    assert.equal(r.code, EXIT_VM_CRASH, r.stderr);
+    if (kind === "kvm_amd") {
+      // KVM on SVM resets the vCPU on the shutdown intercept (the fake does too): the dump says so.
+      assert.match(r.stderr, /triple fault[^]*rip=0x0*fff0 /);
+      assert.ok(r.stderr.includes(RESET_STATE_NOTE), r.stderr);
+    } else {
+      // VMX and kvm_pvm keep the registers at the fault: the real RIP, no note.
+      assert.match(r.stderr, new RegExp(`triple fault[^]*rip=0x0*${entry.toString(16)} `));
+      assert.ok(!r.stderr.includes(RESET_STATE_NOTE), r.stderr);
+    }
+    // Only where guest code is emulated (kvm_pvm) does CPUID hide what the emulator lacks.
+    const ecx = of(r.events, "set_cpuid")[0].leaf1_ecx as number;
+    assert.equal((ecx & LEAF1_ECX_CX16) !== 0, kind !== "kvm_pvm", `leaf 1 ECX 0x${ecx.toString(16)}`);
+  });
+}
+
+/** The one warning line `denovm run` prints for a Linux kernel on a kvm_pvm host. */
+const EMULATED_KERNEL_WARNING = /^denovm: warning: this host's KVM is kvm_pvm .*scripts\/nested-kvm\.sh.*$/m;
+
+Deno.test({
+  name:
+    "fake KVM as kvm_pvm, CLI: a Linux kernel gets one warning line naming the reason and the nested host, and boots",
+  ignore: !debian,
+  async fn() {
+    for (const kernel of [debian!.vmlinux, debian!.vmlinuz]) {
+      const r = await runCli("boot", ["--mem", "512", kernel], { DENOVM_FAKE_KVM_MODULE: "kvm_pvm" });
+      assert.equal(r.code, EXIT_SUCCESS, r.stderr);
+      assert.equal(r.stderr.match(new RegExp(EMULATED_KERNEL_WARNING, "gm"))?.length, 1, r.stderr);
+      assert.match(r.stdout, /^e820=/m, "it went on and booted");
+    }
+  },
+});
+
+Deno.test({
+  name: "fake KVM, CLI: no such warning for a test guest on kvm_pvm, nor for Linux on kvm_amd or kvm_intel",
+  ignore: !debian,
+  async fn() {
+    const runs = [
+      await runCli("boot", [guest], { DENOVM_FAKE_KVM_MODULE: "kvm_pvm" }),
+      await runCli("boot", ["--mem", "512", debian!.vmlinux], { DENOVM_FAKE_KVM_MODULE: "kvm_amd" }),
+      await runCli("boot", ["--mem", "512", debian!.vmlinux], { DENOVM_FAKE_KVM_MODULE: "kvm_intel" }),
+    ];
+    for (const r of runs) {
+      assert.equal(r.code, EXIT_SUCCESS, r.stderr);
+      assert.doesNotMatch(r.stderr, /warning/, r.stderr);
+    }
+  },
+});
+
 async function bootFake(script: string, config: Omit<BootConfig, "kernel">) {
   const log = await tempLog();
   Deno.env.set("DENOVM_FAKE_KVM_SCRIPT", script);
@@ -534,11 +593,69 @@ Deno.test("fake KVM, library: two VMs in one process pause and stop independentl
   }
 });
 
+Deno.test({
+  name: "fake KVM as kvm_pvm, library: Vm.boot rejects a Linux kernel at once unless allowEmulatedKernel is set",
+  ignore: !debian,
+  async fn() {
+    Deno.env.set("DENOVM_FAKE_KVM_MODULE", "kvm_pvm");
+    const log = await tempLog();
+    Deno.env.set("DENOVM_FAKE_KVM_SCRIPT", "halt");
+    Deno.env.set("DENOVM_FAKE_KVM_LOG", log);
+    try {
+      for (const kernel of [debian!.vmlinux, debian!.vmlinuz]) {
+        await assert.rejects(
+          Vm.boot({ kernel, memMiB: 512 }),
+          (e: Error) =>
+            e instanceof HostError && /kvm_pvm/.test(e.message) && /scripts\/nested-kvm\.sh/.test(e.message) &&
+            /allowEmulatedKernel/.test(e.message),
+        );
+      }
+      // Nothing ran: no vCPU was created, and every KVM fd was closed again.
+      const events = await readFakeKvmLog(log);
+      assert.equal(of(events, "create_vcpu").length, 0);
+      assert.equal(of(events, "close_system").length, of(events, "open").length);
+      assert.equal(of(events, "close_vm").length, of(events, "create_vm").length);
+      // Opted in, it boots; a test guest needs no opt-in.
+      await using linux = await Vm.boot({ kernel: debian!.vmlinux, memMiB: 512, allowEmulatedKernel: true });
+      await using test = await Vm.boot({ kernel: guest });
+      assert.equal(await linux.stop(), EXIT_SUCCESS);
+      assert.equal(await test.stop(), EXIT_SUCCESS);
+    } finally {
+      Deno.env.delete("DENOVM_FAKE_KVM_MODULE");
+      await Deno.remove(log);
+    }
+  },
+});
+
+Deno.test({
+  name: "fake KVM as kvm_amd and kvm_intel, library: Vm.boot boots a Linux kernel without opting in",
+  ignore: !debian,
+  async fn() {
+    for (const kind of ["kvm_amd", "kvm_intel"]) {
+      Deno.env.set("DENOVM_FAKE_KVM_MODULE", kind);
+      const { vm, log } = await bootFakeKernel(debian!.vmlinux);
+      try {
+        assert.equal(await vm.stop(), EXIT_SUCCESS);
+      } finally {
+        Deno.env.delete("DENOVM_FAKE_KVM_MODULE");
+        await Deno.remove(log);
+      }
+    }
+  },
+});
+
+async function bootFakeKernel(kernel: string) {
+  const log = await tempLog();
+  Deno.env.set("DENOVM_FAKE_KVM_SCRIPT", "halt");
+  Deno.env.set("DENOVM_FAKE_KVM_LOG", log);
+  return { vm: await Vm.boot({ kernel, memMiB: 512 }), log };
+}
+
 // Last in this file: the environment set at the top is process-wide and `deno test` runs the other test
 // files in this same process; their subprocesses must see the real host, not the fake KVM.
 Deno.test("fake KVM: its environment is removed again for the test files that follow", () => {
   for (const k of Object.keys(fakeKvmEnv(shim, "halt", ""))) Deno.env.delete(k);
-  for (const k of ["DENOVM_FAKE_KVM_SCRIPT", "DENOVM_FAKE_KVM_LOG"]) Deno.env.delete(k);
+  for (const k of ["DENOVM_FAKE_KVM_SCRIPT", "DENOVM_FAKE_KVM_LOG", "DENOVM_FAKE_KVM_MODULE"]) Deno.env.delete(k);
   assert.equal(Deno.env.get("DENOVM_LIBC"), undefined);
   assert.equal(Deno.env.get("DENOVM_KVM_DEVICE"), undefined);
 });

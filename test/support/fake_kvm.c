@@ -14,6 +14,12 @@
 // wait for INIT/SIPI. What the VMM asked for is written to $DENOVM_FAKE_KVM_LOG, one JSON object per
 // line, for the tests to check.
 //
+// Which KVM it is: with $DENOVM_FAKE_KVM_MODULE set to kvm_pvm, kvm_amd or kvm_intel, an open of
+// /sys/module/<that module> succeeds and an open of the other two fails with ENOENT, so denovm's
+// host-kind check (vmm/kvm/host.ts) sees that kind on any machine; unset, those opens reach the real
+// /sys. As kvm_amd the fake also does what KVM on SVM does on a triple fault: it re-initializes the
+// vCPU (reset-state registers) before KVM_RUN returns KVM_EXIT_SHUTDOWN.
+//
 // Guest-physical addresses and ports come from vmm/arch/layout.ts: test/support/fake_kvm.ts passes them
 // as -D definitions (LAYOUT_*), so this file hard-codes none of them.
 
@@ -489,8 +495,37 @@ static int script_one_out(struct vcpu *v, uint16_t port, uint32_t value) {
   return block_until_kicked(v);
 }
 
+/** $DENOVM_FAKE_KVM_MODULE names the module this fake reports itself as, or NULL. */
+static const char *fake_module(void) {
+  const char *m = getenv("DENOVM_FAKE_KVM_MODULE");
+  return m && *m ? m : NULL;
+}
+
+/**
+ * The vCPU state after RESET/INIT (Intel SDM vol. 3A, table 10-1; AMD APM vol. 2, 14.1.3): CS selector
+ * 0xf000 with base 0xffff0000, RIP 0xfff0, RFLAGS bit 1, CR0 CD|NW|ET, paging and long mode off.
+ */
+#define RESET_RIP 0xfff0
+#define RESET_CS_SELECTOR 0xf000
+#define RESET_CS_BASE 0xffff0000ull
+#define RESET_RFLAGS 0x2
+#define RESET_CR0 0x60000010ull
+
+static void reset_vcpu_state(struct vcpu *v) {
+  memset(&v->regs, 0, sizeof v->regs);
+  v->regs.rip = RESET_RIP;
+  v->regs.rflags = RESET_RFLAGS;
+  memset(&v->sregs, 0, sizeof v->sregs);
+  v->sregs.cs.selector = RESET_CS_SELECTOR;
+  v->sregs.cs.base = RESET_CS_BASE;
+  v->sregs.cr0 = RESET_CR0;
+}
+
 static int script_triple(struct vcpu *v) {
   if (v->phase++ != 0) return block_until_kicked(v);
+  /* KVM on SVM (arch/x86/kvm/svm/svm.c, shutdown_interception) resets the vCPU on the shutdown intercept. */
+  const char *m = fake_module();
+  if (m && !strcmp(m, "kvm_amd")) reset_vcpu_state(v);
   v->run->exit_reason = KVM_EXIT_SHUTDOWN;
   return 0;
 }
@@ -1110,12 +1145,35 @@ static const char *kvm_device_path(void) {
   return p && *p ? p : "/dev/kvm";
 }
 
+/** Where the host-kind check looks for the KVM modules (vmm/kvm/host.ts). */
+#define SYS_MODULE_KVM_PREFIX "/sys/module/kvm_"
+static const char *const KVM_MODULES[] = {"kvm_pvm", "kvm_amd", "kvm_intel"};
+
+/**
+ * An open of /sys/module/<a KVM module> while $DENOVM_FAKE_KVM_MODULE is set: 1 (and *fd) when the fake
+ * answers it, 0 when the path is none of them.
+ */
+static int fake_module_open(const char *path, int flags, int *fd) {
+  const char *m = fake_module();
+  if (!m || strncmp(path, SYS_MODULE_KVM_PREFIX, strlen(SYS_MODULE_KVM_PREFIX)) != 0) return 0;
+  const char *name = path + strlen("/sys/module/");
+  for (size_t i = 0; i < sizeof KVM_MODULES / sizeof KVM_MODULES[0]; i++) {
+    if (strcmp(name, KVM_MODULES[i]) != 0) continue;
+    /* the module's directory: any real directory stands in for it */
+    *fd = strcmp(name, m) == 0 ? real_open("/", (flags & O_CLOEXEC) | O_RDONLY | O_DIRECTORY) : fail(ENOENT);
+    return 1;
+  }
+  return 0;
+}
+
 int open(const char *path, int flags, ...) {
   resolve_real();
   va_list ap;
   va_start(ap, flags);
   mode_t mode = va_arg(ap, mode_t);
   va_end(ap);
+  int module_fd;
+  if (fake_module_open(path, flags, &module_fd)) return module_fd;
   if (strcmp(path, kvm_device_path()) == 0) {
     pthread_mutex_lock(&lock);
     open_log_locked();

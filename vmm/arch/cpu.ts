@@ -370,8 +370,17 @@ export function setBootRegisters(vcpuFd: number, entry: number): void {
   kvmIoctl(vcpuFd, KVM_SET_REGS, regs);
 }
 
+/** What a register dump needs to know about the host. */
+export interface DumpOptions {
+  /**
+   * The dump follows a triple fault on a host whose KVM resets the vCPU before userspace reads it
+   * (kvm_amd: vmm/kvm/host.ts shutdownResetsVcpu). Then a dump showing the reset state says so.
+   */
+  resetOnShutdown?: boolean;
+}
+
 /** A register dump for crash reports: general registers and the control registers. */
-export function dumpRegisters(vcpuFd: number): string {
+export function dumpRegisters(vcpuFd: number, opts: DumpOptions = {}): string {
   const regs = new Uint8Array(KVM_REGS_SIZE);
   const sregs = new Uint8Array(KVM_SREGS_SIZE);
   try {
@@ -395,8 +404,17 @@ export function dumpRegisters(vcpuFd: number): string {
   for (let i = 0; i < parts.length; i += 4) lines.push(parts.slice(i, i + 4).join(" "));
   const rip = r.getBigUint64(regOffset("rip"), true);
   const cs = s.getUint16(sregsSegmentOffset("cs") + SEG_SELECTOR, true);
-  if (rip === RESET_RIP && cs === RESET_CS_SELECTOR) lines.push(RESET_STATE_NOTE);
+  if (showsLostState(rip, cs, opts)) lines.push(RESET_STATE_NOTE);
   return lines.join("\n");
+}
+
+/**
+ * True when a dump with this RIP and CS selector shows the reset state in place of the state at the
+ * fault: only where KVM resets the vCPU on a shutdown. Elsewhere (VMX, kvm_pvm) a guest that faults at
+ * the reset vector shows real registers that happen to be the reset values.
+ */
+export function showsLostState(rip: bigint, cs: number, opts: DumpOptions): boolean {
+  return opts.resetOnShutdown === true && rip === RESET_RIP && cs === RESET_CS_SELECTOR;
 }
 
 /**

@@ -4,7 +4,14 @@
 
 import assert from "node:assert/strict";
 import { KVM_CPUID2_HEADER_SIZE, KVM_CPUID_ENTRY2_SIZE } from "../../ffi/kvm.ts";
-import { BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, cpuidEntry, vcpuCpuid, writeBootTables } from "./cpu.ts";
+import {
+  BOOT_CODE_SELECTOR,
+  BOOT_DATA_SELECTOR,
+  cpuidEntry,
+  showsLostState,
+  vcpuCpuid,
+  writeBootTables,
+} from "./cpu.ts";
 import { BOOT_GDT_START, GiB, MiB, PDPTE_START, PML4_START } from "./layout.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
 
@@ -96,4 +103,16 @@ Deno.test("boot tables: the GDT holds 64-bit code and flat data, the page tables
     assert.equal(walk(va), va);
   }
   assert.equal(mem.getU64(PDPTE_START + 4 * 8), 0n, "nothing above 4 GiB");
+});
+
+Deno.test("register dump: the reset-state note only where KVM resets the vCPU on a shutdown (SVM)", () => {
+  // RIP 0xfff0 with CS selector 0xf000 is the reset state (Intel SDM vol. 3A, table 10-1).
+  assert.equal(showsLostState(0xfff0n, 0xf000, { resetOnShutdown: true }), true);
+  // VMX and kvm_pvm keep the registers at the fault: the same values are real there, no note.
+  assert.equal(showsLostState(0xfff0n, 0xf000, { resetOnShutdown: false }), false);
+  assert.equal(showsLostState(0xfff0n, 0xf000, {}), false);
+  // Not the reset state: real registers on every host.
+  assert.equal(showsLostState(0x1000000n, 0x8, { resetOnShutdown: true }), false);
+  assert.equal(showsLostState(0xfff0n, 0x8, { resetOnShutdown: true }), false);
+  assert.equal(showsLostState(0x1000n, 0xf000, { resetOnShutdown: true }), false);
 });

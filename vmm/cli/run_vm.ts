@@ -15,7 +15,7 @@ export const TIMINGS_ENV = "DENOVM_TIMINGS";
 
 export async function runVm(config: VmConfig): Promise<number> {
   const tCreate = performance.now();
-  const machine = await buildMachine(config);
+  const machine = await buildMachine(config, { emulatedKernel: "warn" });
   const tBuilt = performance.now();
   const onSignal = () => void machine.stop();
   Deno.addSignalListener("SIGTERM", onSignal);

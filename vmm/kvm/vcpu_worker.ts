@@ -39,6 +39,7 @@ import {
 } from "../../ffi/kvm.ts";
 import { EAGAIN, EINTR, libc, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE, strerror } from "../../ffi/libc.ts";
 import { dumpRegisters } from "../arch/cpu.ts";
+import { shutdownResetsVcpu } from "./host.ts";
 import { workerDeviceTable } from "./worker_devices.ts";
 import { DEBUG_EXIT_PORT } from "../arch/layout.ts";
 import {
@@ -180,7 +181,9 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
       case KVM_EXIT_SHUTDOWN:
         return {
           kind: "crash",
-          detail: `vcpu ${id}: triple fault (KVM_EXIT_SHUTDOWN)\n${dumpRegisters(vcpuFd)}`,
+          detail: `vcpu ${id}: triple fault (KVM_EXIT_SHUTDOWN)\n${
+            dumpRegisters(vcpuFd, { resetOnShutdown: shutdownResetsVcpu() })
+          }`,
         };
       case KVM_EXIT_SYSTEM_EVENT: {
         const type = run.getUint32(RUN_SYSTEM_EVENT_TYPE, true);

@@ -25,6 +25,12 @@ export type BootConfig = Partial<Omit<VmConfig, "gpu">> & {
   echoConsole?: boolean;
   /** Where step() saves the console log and a screenshot when a step fails (default $DENOVM_ARTIFACTS or ./artifacts). */
   artifactsDir?: string;
+  /**
+   * Boot a Linux kernel even where this host's KVM emulates guest kernel code (kvm_pvm): minutes to
+   * its first lines, and it stops on instructions the emulator lacks. Without it, boot() rejects at
+   * once with that reason (HostError); run such a VM in the nested KVM host (scripts/nested-kvm.sh).
+   */
+  allowEmulatedKernel?: boolean;
 };
 
 /** Keyboard, pointer and touch input through the VM's virtio-input devices (--input / `inputs`). */
@@ -103,7 +109,7 @@ export class Vm {
 
   /** Build and start a VM. Rejects with ConfigError (bad config) or HostError (no KVM...). */
   static async boot(config: BootConfig): Promise<Vm> {
-    const { debugExit, echoConsole, artifactsDir, gpu, ...rest } = config;
+    const { debugExit, echoConsole, artifactsDir, gpu, allowEmulatedKernel, ...rest } = config;
     const full: VmConfig = {
       ...defaultVmConfig(config.kernel),
       serials: [librarySerial(echoConsole ?? false)],
@@ -112,7 +118,12 @@ export class Vm {
     };
     const holder: { machine?: Machine } = {};
     const log = new ConsoleLog((text) => holder.machine?.sendInput(new TextEncoder().encode(text)));
-    const machine = await buildMachine(full, { onConsoleOutput: (b) => log.push(b), debugExit, noStdin: true });
+    const machine = await buildMachine(full, {
+      onConsoleOutput: (b) => log.push(b),
+      debugExit,
+      noStdin: true,
+      emulatedKernel: allowEmulatedKernel ? "allow" : "refuse",
+    });
     holder.machine = machine;
     const vm = new Vm(machine, log, artifactsDir ?? Deno.env.get("DENOVM_ARTIFACTS") ?? "artifacts");
     try {

@@ -52,6 +52,15 @@ const NOTE_ALIGN = 4;
 const XEN_ELFNOTE_PHYS32_ENTRY = 18;
 const XEN_NOTE_NAME = "Xen";
 
+/**
+ * Notes only Linux puts in a vmlinux: any note owned by "Linux" (include/linux/elfnote.h users such as
+ * LINUX_ELFNOTE_BUILD_SALT), or Xen's guest-OS note naming "linux" (XEN_ELFNOTE_GUEST_OS, Xen
+ * include/public/elfnote.h; arch/x86/xen/xen-head.S), which kernels older than the build-salt note carry.
+ */
+const LINUX_NOTE_NAME = "Linux";
+const XEN_ELFNOTE_GUEST_OS = 6;
+const XEN_GUEST_OS_LINUX = "linux";
+
 /** True when the image starts with the ELF magic. */
 export function isElf(image: Uint8Array): boolean {
   return image.length >= ELF_MAGIC.length && ELF_MAGIC.every((b, i) => image[i] === b);
@@ -158,4 +167,50 @@ function findPvhEntry(notes: Uint8Array): number | undefined {
     off = next;
   }
   return undefined;
+}
+
+/** Each note (owner, type, descriptor) in a PT_NOTE segment's bytes, up to the first malformed one. */
+function* notesIn(notes: Uint8Array): Generator<{ name: string; type: number; desc: Uint8Array }> {
+  const dv = new DataView(notes.buffer, notes.byteOffset, notes.byteLength);
+  let off = 0;
+  while (off + NHDR_SIZE <= notes.length) {
+    const namesz = dv.getUint32(off, true);
+    const descsz = dv.getUint32(off + 4, true);
+    const type = dv.getUint32(off + 8, true);
+    const nameOff = off + NHDR_SIZE;
+    const descOff = nameOff + alignUp(namesz, NOTE_ALIGN);
+    const next = descOff + alignUp(descsz, NOTE_ALIGN);
+    if (next > notes.length) return;
+    const name = new TextDecoder().decode(notes.subarray(nameOff, nameOff + namesz)).replace(/\0+$/, "");
+    yield { name, type, desc: notes.subarray(descOff, descOff + descsz) };
+    off = next;
+  }
+}
+
+/**
+ * True when an ELF image is a Linux vmlinux (it carries a note only Linux writes), false for any other
+ * ELF file (denovm's freestanding test guests) and for a malformed one: this never throws.
+ */
+export function isLinuxElf(image: Uint8Array): boolean {
+  if (!isElf(image) || image.length < EHDR_SIZE || image[EI_CLASS] !== ELFCLASS64) return false;
+  const dv = new DataView(image.buffer, image.byteOffset, image.byteLength);
+  const phoff = dv.getBigUint64(E_PHOFF, true);
+  const phentsize = dv.getUint16(E_PHENTSIZE, true);
+  const phnum = dv.getUint16(E_PHNUM, true);
+  if (phentsize < PHDR_SIZE || phoff + BigInt(phnum * phentsize) > BigInt(image.length)) return false;
+  for (let i = 0; i < phnum; i++) {
+    const ph = Number(phoff) + i * phentsize;
+    if (dv.getUint32(ph + P_TYPE, true) !== PT_NOTE) continue;
+    const offset = dv.getBigUint64(ph + P_OFFSET, true);
+    const filesz = dv.getBigUint64(ph + P_FILESZ, true);
+    if (offset + filesz > BigInt(image.length)) continue;
+    for (const note of notesIn(image.subarray(Number(offset), Number(offset + filesz)))) {
+      if (note.name === LINUX_NOTE_NAME) return true;
+      if (note.name === XEN_NOTE_NAME && note.type === XEN_ELFNOTE_GUEST_OS) {
+        const os = new TextDecoder().decode(note.desc).replace(/\0+$/, "");
+        if (os === XEN_GUEST_OS_LINUX) return true;
+      }
+    }
+  }
+  return false;
 }

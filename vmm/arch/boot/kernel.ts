@@ -36,7 +36,7 @@ import {
   PROTOCOL_2_15,
 } from "./bootparam.ts";
 import { isBzImage, loadBzImage } from "./bzimage.ts";
-import { isElf, loadElf } from "./elf.ts";
+import { isElf, isLinuxElf, loadElf } from "./elf.ts";
 import { GuestTooSmallError, hex, KernelFormatError } from "./errors.ts";
 import type { KernelInfo } from "./types.ts";
 
@@ -52,6 +52,14 @@ export function loadKernel(mem: GuestMemory, image: Uint8Array): KernelInfo {
   if (isElf(image)) return loadElf(mem, image);
   if (isBzImage(image)) return loadBzImage(mem, image);
   throw new KernelFormatError(`kernel image (${image.length} bytes) is neither a bzImage nor an ELF file`);
+}
+
+/**
+ * True when the image is a Linux kernel: a bzImage (the "HdrS" setup header is Linux's boot protocol)
+ * or an ELF vmlinux with Linux's notes. A freestanding ELF program (denovm's test guests) is not.
+ */
+export function isLinuxKernel(image: Uint8Array): boolean {
+  return isBzImage(image) || isLinuxElf(image);
 }
 
 /**

@@ -14,6 +14,7 @@ import {
 } from "../layout.ts";
 import {
   GuestTooSmallError,
+  isLinuxKernel,
   KernelFormatError,
   type KernelInfo,
   loadInitrd,
@@ -47,6 +48,7 @@ import {
   STARTUP_64_OFFSET,
 } from "./bootparam.ts";
 import { debianKernel } from "../../../test/support/kernel.ts";
+import { buildGuest } from "../../../test/guests/build.ts";
 
 const MEM = 256 * MiB;
 const PAGE = 0x1000;
@@ -245,16 +247,40 @@ Deno.test("command line: too long is refused, the longest allowed fits", async (
   );
 });
 
-/** A minimal ELF64 x86_64 image: one PT_LOAD of `code` at `paddr`, and a PT_NOTE with a 4-byte PVH entry. */
-function tinyElf(paddr: number, code: Uint8Array, pvh: number, opts: { memsz?: number; cutTo?: number } = {}) {
-  const phoff = 0x40, phnum = 2, noteOff = 0x100, codeOff = 0x200;
-  const note = new Uint8Array(12 + 4 + 4);
+/** One ELF note (Elf64_Nhdr, then name and descriptor each padded to 4 bytes). */
+function elfNote(name: string, type: number, desc: Uint8Array): Uint8Array {
+  const nameBytes = new TextEncoder().encode(name + "\0");
+  const pad = (n: number) => Math.ceil(n / 4) * 4;
+  const note = new Uint8Array(12 + pad(nameBytes.length) + pad(desc.length));
   const ndv = new DataView(note.buffer);
-  ndv.setUint32(0, 4, true); // namesz "Xen\0"
-  ndv.setUint32(4, 4, true); // descsz
-  ndv.setUint32(8, 18, true); // XEN_ELFNOTE_PHYS32_ENTRY
-  note.set([0x58, 0x65, 0x6e, 0], 12);
-  ndv.setUint32(16, pvh, true);
+  ndv.setUint32(0, nameBytes.length, true);
+  ndv.setUint32(4, desc.length, true);
+  ndv.setUint32(8, type, true);
+  note.set(nameBytes, 12);
+  note.set(desc, 12 + pad(nameBytes.length));
+  return note;
+}
+
+/** XEN_ELFNOTE_PHYS32_ENTRY and XEN_ELFNOTE_GUEST_OS (Xen include/public/elfnote.h). */
+const XEN_ELFNOTE_PHYS32_ENTRY = 18;
+const XEN_ELFNOTE_GUEST_OS = 6;
+/** LINUX_ELFNOTE_BUILD_SALT (Linux include/linux/build-salt.h). */
+const LINUX_ELFNOTE_BUILD_SALT = 0x100;
+
+/**
+ * A minimal ELF64 x86_64 image: one PT_LOAD of `code` at `paddr`, and a PT_NOTE with a 4-byte PVH
+ * entry (or the notes given).
+ */
+function tinyElf(
+  paddr: number,
+  code: Uint8Array,
+  pvh: number,
+  opts: { memsz?: number; cutTo?: number; notes?: Uint8Array } = {},
+) {
+  const phoff = 0x40, phnum = 2, noteOff = 0x100, codeOff = 0x200;
+  const pvhDesc = new Uint8Array(4);
+  new DataView(pvhDesc.buffer).setUint32(0, pvh, true);
+  const note = opts.notes ?? elfNote("Xen", XEN_ELFNOTE_PHYS32_ENTRY, pvhDesc);
   const img = new Uint8Array(codeOff + code.length);
   const dv = new DataView(img.buffer);
   img.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1]);
@@ -309,4 +335,27 @@ Deno.test("bzImage: a non-relocatable kernel goes to its pref_address", async ()
   const k = loadKernel(mem, fixed);
   assert.equal(k.loadStart, KERNEL_START * 2);
   assert.equal(k.entry, KERNEL_START * 2 + STARTUP_64_OFFSET);
+});
+
+Deno.test("Linux or not: bzImage and a vmlinux are Linux; a test guest and other ELF files are not", async () => {
+  const { vmlinuz, vmlinux } = await kernels();
+  assert.equal(isLinuxKernel(vmlinuz), true, "a bzImage");
+  assert.equal(isLinuxKernel(vmlinux), true, "Debian's vmlinux (its Linux build-salt note)");
+  assert.equal(isLinuxKernel(await Deno.readFile(await buildGuest("boot_info"))), false, "a freestanding test guest");
+  const code = pattern(64);
+  const text = (s: string) => new TextEncoder().encode(s + "\0");
+  assert.equal(isLinuxKernel(tinyElf(0x200000, code, 0x200010)), false, "a PVH note alone says nothing");
+  const salt = elfNote("Linux", LINUX_ELFNOTE_BUILD_SALT, text("6.1.0"));
+  assert.equal(isLinuxKernel(tinyElf(0x200000, code, 0, { notes: salt })), true, "a note owned by Linux");
+  const xenLinux = elfNote("Xen", XEN_ELFNOTE_GUEST_OS, text("linux"));
+  assert.equal(isLinuxKernel(tinyElf(0x200000, code, 0, { notes: xenLinux })), true, "Xen's guest-OS note: linux");
+  const xenOther = elfNote("Xen", XEN_ELFNOTE_GUEST_OS, text("netbsd"));
+  assert.equal(isLinuxKernel(tinyElf(0x200000, code, 0, { notes: xenOther })), false, "Xen's guest-OS note: other");
+  // Malformed input is "not Linux", never an exception: the loader reports what is wrong with it.
+  assert.equal(isLinuxKernel(pattern(4096)), false);
+  assert.equal(isLinuxKernel(vmlinux.slice(0, 0x30)), false, "truncated inside the ELF header");
+  assert.equal(isLinuxKernel(vmlinux.slice(0, 0x100)), false, "truncated inside the program headers");
+  const lyingNote = elfNote("Linux", LINUX_ELFNOTE_BUILD_SALT, text("6.1.0"));
+  new DataView(lyingNote.buffer).setUint32(4, 0xffff_fff0, true); // descsz far past the segment
+  assert.equal(isLinuxKernel(tinyElf(0x200000, code, 0, { notes: lyingNote })), false);
 });
