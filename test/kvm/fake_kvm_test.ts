@@ -245,6 +245,20 @@ for (const [script, code, stderr] of CLI_EXITS) {
   });
 }
 
+Deno.test("fake KVM, CLI: a host end that cannot be opened exits 1 with one line naming the option", async () => {
+  const missing = "/nonexistent-denovm-dir";
+  const serial = await runCli("poweroff", ["--serial", `type=file,path=${missing}/com1.log`, guest]);
+  assert.equal(serial.code, EXIT_HOST_ERROR, serial.stderr);
+  const serialLines = serial.stderr.trim().split("\n");
+  assert.equal(serialLines.length, 1, serial.stderr);
+  assert.match(serialLines[0], /^denovm: --serial num=1: cannot open \/nonexistent-denovm-dir\/com1\.log/);
+  const socket = await runCli("poweroff", ["-s", `${missing}/vm.sock`, guest]);
+  assert.equal(socket.code, EXIT_HOST_ERROR, socket.stderr);
+  const socketLines = socket.stderr.trim().split("\n");
+  assert.equal(socketLines.length, 1, socket.stderr);
+  assert.match(socketLines[0], /^denovm: --socket \/nonexistent-denovm-dir\/vm\.sock: cannot listen/);
+});
+
 Deno.test("fake KVM, CLI: without --extended-status every VM ending exits 0, as crosvm's does", async () => {
   for (const [script] of CLI_EXITS.filter(([, code]) => code !== EXIT_SUCCESS).slice(0, 3)) {
     const r = await runCli(script, [guest]);
