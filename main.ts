@@ -1,9 +1,11 @@
-// denovm: a crosvm-compatible VMM. `denovm [--log-level L] <command> ...`; see `denovm --help`.
-// Every invalid command line ends with one `denovm: <what is wrong>` line on stderr and crosvm's
-// invalid-arguments exit code (35); see core/exit.ts for all exit codes.
+// denovm: a crosvm-compatible VMM. `denovm [--extended-status] [--log-level L] <command> ...`; see
+// `denovm --help`. Every invalid command line ends with one `denovm: <what is wrong>` line on stderr and
+// crosvm's invalid-arguments exit code (35); see core/exit.ts for all exit codes. As crosvm's main does
+// (google/crosvm src/main.rs crosvm_main), a VM that ends exits 0 however it ended unless the global
+// `--extended-status` is given; errors keep their own code (35 or 1) either way.
 
 import { checkControlArgs, isControlCommand } from "./vmm/cli/control.ts";
-import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "./core/exit.ts";
+import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS, vmEndExitCode } from "./core/exit.ts";
 import { DENOVM_VERSION, mainHelp, runHelp } from "./vmm/cli/help.ts";
 import { UsageError } from "./vmm/cli/keyvalue.ts";
 import { parseRunArgs } from "./vmm/cli/run.ts";
@@ -72,20 +74,33 @@ async function load<T>(what: string, importer: () => Promise<T>): Promise<T | un
 /** Runs denovm with `args` (Deno.args); resolves to the process exit code. */
 export async function main(args: readonly string[]): Promise<number> {
   let logLevel: string | undefined;
+  let extendedStatus = false;
   let i = 0;
   try {
     for (; i < args.length && args[i].startsWith("-"); i++) {
       const a = args[i];
-      if (a === "-h" || a === "--help") {
+      // crosvm splits `--flag=value` at the first "=" (src/main.rs prepare_argh_args).
+      const eq = a.indexOf("=");
+      const name = eq >= 0 ? a.slice(0, eq) : a;
+      const value = () => {
+        const v = eq >= 0 ? a.slice(eq + 1) : args[++i];
+        if (v === undefined) throw new UsageError(`${name} needs a value`);
+        return v;
+      };
+      if (name === "-h" || name === "--help") {
         writeStdout(mainHelp());
         return EXIT_SUCCESS;
-      } else if (a === "--log-level" || a.startsWith("--log-level=")) {
-        const v = a.includes("=") ? a.slice(a.indexOf("=") + 1) : args[++i];
-        if (v === undefined) throw new UsageError("--log-level needs a value");
+      } else if (name === "--log-level") {
+        const v = value();
         checkLogLevel(v);
         logLevel = v;
+      } else if (a === "--extended-status") {
+        extendedStatus = true;
       } else if (a === "--no-syslog") {
         // crosvm's switch to keep logs off syslog; denovm logs only to stderr.
+      } else if (name === "--syslog-tag") {
+        // crosvm's syslog tag; denovm logs only to stderr, so there is nothing to tag.
+        value();
       } else {
         throw new UsageError(`unknown option ${a} (see denovm --help)`);
       }
@@ -100,14 +115,19 @@ export async function main(args: readonly string[]): Promise<number> {
         writeStdout(runHelp());
         return EXIT_SUCCESS;
       }
+      for (const w of parsed.warnings) printError(`warning: ${w}`);
       if (logLevel !== undefined) parsed.config.logLevel = logLevel;
       if (parsed.printConfig) {
+        // The checks a boot makes before it opens KVM, so what prints is what would boot.
+        const check = await load("the configuration check (vmm/validate.ts)", () => import("./vmm/validate.ts"));
+        if (!check) return EXIT_HOST_ERROR;
+        await check.validateVmConfig(parsed.config);
         writeStdout(JSON.stringify(parsed.config, null, 2) + "\n");
         return EXIT_SUCCESS;
       }
       const vmm = await load("the VMM (vmm/cli/run_vm.ts)", () => import("./vmm/cli/run_vm.ts"));
       if (!vmm) return EXIT_HOST_ERROR;
-      return await vmm.runVm(parsed.config);
+      return vmEndExitCode(await vmm.runVm(parsed.config), extendedStatus);
     }
     if (command === "device") {
       if (rest.length === 0) throw new UsageError("device: missing device TYPE");

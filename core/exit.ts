@@ -63,6 +63,17 @@ export class HostError extends ExitCodeError {
   }
 }
 
+/** The VM-ending codes that crosvm reports only with --extended-status (src/main.rs crosvm_main). */
+const EXTENDED_STATUSES: readonly number[] = [EXIT_VM_RESET, EXIT_VM_CRASH, EXIT_GUEST_PANIC, EXIT_WATCHDOG_RESET];
+
+/**
+ * The process exit code for a VM that ended with `code`: crosvm exits 0 for every VM ending (stopped, reset,
+ * crashed, panicked, watchdog) unless `--extended-status` was given; other codes (1) pass through.
+ */
+export function vmEndExitCode(code: number, extendedStatus: boolean): number {
+  return !extendedStatus && EXTENDED_STATUSES.includes(code) ? EXIT_SUCCESS : code;
+}
+
 /** The exit code for a thrown error: its own when it carries one, else the host-error code 1. */
 export function exitCodeFor(e: unknown): number {
   const c = (e as { exitCode?: unknown })?.exitCode;

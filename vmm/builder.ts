@@ -4,19 +4,10 @@
 
 import { closeFd } from "../ffi/libc.ts";
 import { ConfigError, HostError } from "../core/exit.ts";
-import { OwnedGuestMemory } from "../core/memory.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { virtioMmioCmdlineArgs, writeAcpiTables } from "./arch/acpi.ts";
+import { isLinuxKernel } from "./arch/boot/kernel.ts";
 import {
-  GuestTooSmallError,
-  isLinuxKernel,
-  KernelFormatError,
-  loadInitrd,
-  loadKernel,
-  writeBootParams,
-} from "./arch/boot/kernel.ts";
-import {
-  MAX_VCPUS,
   setBootFpu,
   setBootMsrs,
   setBootRegisters,
@@ -25,7 +16,7 @@ import {
   vcpuCpuid,
   writeBootTables,
 } from "./arch/cpu.ts";
-import { ACPI_RSDP_START, e820Map, MiB, ramRanges, SERIAL_PORTS, sharedMemoryAreaStart } from "./arch/layout.ts";
+import { MiB, SERIAL_PORTS, sharedMemoryAreaStart } from "./arch/layout.ts";
 import { writeMpTable } from "./arch/mptable.ts";
 import { kernelCommandLine, type VmConfig } from "./config.ts";
 import { HostIo } from "./device_manager/host_io.ts";
@@ -37,6 +28,7 @@ import { spawnVcpuWorker } from "./kvm/vcpu.ts";
 import { Kvm, KvmVm, type VmHandle } from "./kvm/vm.ts";
 import { emulatedGuestCode, emulatedKernelReason, type HostKind, kvmModule } from "./kvm/host.ts";
 import { Machine } from "./machine.ts";
+import { prepareBoot, writeBootParamsChecked } from "./validate.ts";
 
 export interface MachineOptions {
   /** Called with every byte a console serial port transmits (the library's console capture). */
@@ -59,14 +51,6 @@ export interface MachineOptions {
    * "refuse" throws HostError with that line before any vCPU runs, "allow" boots it silently.
    */
   emulatedKernel?: "warn" | "refuse" | "allow";
-}
-
-async function readUserFile(what: string, path: string): Promise<Uint8Array> {
-  try {
-    return await Deno.readFile(path);
-  } catch (e) {
-    throw new ConfigError(`cannot read ${what} ${path}: ${(e as Error).message}`);
-  }
 }
 
 /** Create the VM's vCPUs and set each up to boot (CPUID, MSRs, FPU, LAPIC; registers of the boot vCPU). */
@@ -113,18 +97,13 @@ function checkEmulatedKernel(
 /** Build a VM ready to start. Throws ConfigError (exit 35) or HostError (exit 1). */
 export async function buildMachine(config: VmConfig, opts: MachineOptions = {}): Promise<Machine> {
   const memBytes = config.memMiB * MiB;
-  if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > MAX_VCPUS) {
-    throw new ConfigError(`invalid vCPU count ${config.cpus}: 1..${MAX_VCPUS}`);
-  }
-  const kernelImage = await readUserFile("kernel", config.kernel);
-  const initrdImage = config.initrd ? await readUserFile("initrd", config.initrd) : undefined;
   const log = opts.log ?? ((l) => console.error(`denovm: ${l}`));
 
-  // Everything that only needs the user's files is checked before KVM is opened, so bad input
-  // gets exit 35 on any host.
+  // Everything that only needs the user's files is checked before KVM is opened (vmm/validate.ts, the
+  // same checks as `run --print-config`), so bad input gets exit 35 on any host.
+  const { memory, kernel, initrd, kernelImage } = await prepareBoot(config);
   let kvm: Kvm | undefined;
   let vm: VmHandle | undefined;
-  let memory: OwnedGuestMemory | undefined;
   let virtio: VirtioDevice[] = [];
   let devices: DeviceManager | undefined;
   const vcpuFds: number[] = [];
@@ -133,29 +112,6 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
   // Machine.start() hands it its vCPU. The other vCPUs' Workers are created once the boot vCPU runs.
   const workers = opts.vm ? [] : [spawnVcpuWorker()];
   try {
-    memory = OwnedGuestMemory.allocate(ramRanges(memBytes));
-    let kernel;
-    try {
-      kernel = loadKernel(memory, kernelImage);
-    } catch (e) {
-      if (e instanceof KernelFormatError) throw new ConfigError(`kernel ${config.kernel}: ${e.message}`);
-      if (e instanceof GuestTooSmallError) {
-        throw new ConfigError(`--mem ${config.memMiB} MiB is too small for kernel ${config.kernel}: ${e.message}`);
-      }
-      throw e;
-    }
-    let initrd;
-    if (initrdImage) {
-      try {
-        const below4g = ramRanges(memBytes)[0].size;
-        initrd = loadInitrd(memory, initrdImage, kernel, below4g);
-      } catch (e) {
-        if (e instanceof GuestTooSmallError) {
-          throw new ConfigError(`--mem ${config.memMiB} MiB is too small for initrd ${config.initrd}: ${e.message}`);
-        }
-        throw e;
-      }
-    }
     const created = await createVirtioDevices(config, {
       serialOutput: (s) => hostIo.output(s),
       defaultVsockPath: `${config.socket ?? `/tmp/denovm-${Deno.pid}`}.vsock`,
@@ -165,12 +121,7 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
     const resources = virtioMmioResources(virtio.length);
     const serialPorts = config.serials.filter((s) => s.hardware === "serial").map((s) => SERIAL_PORTS[s.num - 1]);
     const cmdline = kernelCommandLine(config, config.virtioMmioCmdline ? virtioMmioCmdlineArgs(resources) : []);
-    try {
-      writeBootParams(memory, { kernel, cmdline, initrd, e820: e820Map(memBytes), acpiRsdp: ACPI_RSDP_START });
-    } catch (e) {
-      if (e instanceof RangeError) throw new ConfigError(e.message);
-      throw e;
-    }
+    writeBootParamsChecked(memory, kernel, cmdline, initrd, memBytes);
     writeBootTables(memory);
     writeMpTable(memory, config.cpus);
     // Devices named on the command line are not also listed in the DSDT: Linux would probe them twice.
@@ -225,7 +176,7 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
     else hostIo.close();
     vcpuFds.forEach(closeFd);
     vm?.close();
-    memory?.close();
+    memory.close();
     kvm?.close();
     throw e;
   }

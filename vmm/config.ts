@@ -223,13 +223,23 @@ export function diskName(index: number, prefix = "/dev/vd"): string {
   return prefix + suffix;
 }
 
+/** crosvm's serial ports are a BTreeMap keyed by (SerialHardware, num): this is the enum's order. */
 const HARDWARE_ORDER: Record<SerialHardware, number> = { "serial": 0, "virtio-console": 1, "debugcon": 2 };
 
 /**
- * The kernel command line for `cfg`, built as crosvm builds it: the base ("panic=-1"), then a `console=`
- * for each console port (ttyS{num-1} for 8250 ports, hvc{num-1} for virtio-console ports), an
- * `earlycon=uart8250,io,<port>` for the earlycon port, `root=/dev/vdX ro|rw` for the root block, then
- * `deviceArgs` (e.g. the VMM's `virtio_mmio.device=` arguments), then the user's `-p` text.
+ * The kernel command line for `cfg`, built piece for piece as crosvm builds it (x86_64/src/lib.rs: the
+ * base line, then arch/src/serial.rs get_serial_cmdline, then the config's `params` in order), each piece
+ * joined with one space:
+ *  1. the base, "panic=-1";
+ *  2. `console=ttyS{num-1}` (8250) or `console=hvc{num-1}` (virtio-console) for every port marked console,
+ *     in (hardware, num) order: serial ports first, then virtio-console ports; a debugcon port adds none.
+ *     Linux makes the last one /dev/console;
+ *  3. `earlycon=uart8250,io,0x<port>` for the earlycon port;
+ *  4. each `-p` piece exactly as given (crosvm neither trims nor splits them);
+ *  5. what the configuration adds after the user's pieces (crosvm pushes it onto `params` when the config
+ *     is validated): `root=/dev/vdX ro|rw` for the root block;
+ *  6. `deviceArgs`: denovm's own additions (the `virtio_mmio.device=` arguments), which crosvm has no
+ *     counterpart of.
  */
 export function kernelCommandLine(cfg: VmConfig, deviceArgs: readonly string[] = []): string {
   const parts: string[] = [BASE_KERNEL_CMDLINE];
@@ -244,12 +254,9 @@ export function kernelCommandLine(cfg: VmConfig, deviceArgs: readonly string[] =
   const early = serials.find((s) => s.earlycon && s.hardware === "serial");
   const earlyPort = early ? SERIAL_PORTS[early.num - 1] : undefined;
   if (earlyPort) parts.push(`earlycon=uart8250,io,0x${earlyPort.base.toString(16)}`);
+  parts.push(...cfg.params);
   const rootIndex = cfg.blocks.findIndex((b) => b.root);
   if (rootIndex >= 0) parts.push(`root=${diskName(rootIndex)} ${cfg.blocks[rootIndex].ro ? "ro" : "rw"}`);
   parts.push(...deviceArgs);
-  for (const p of cfg.params) {
-    const t = p.trim();
-    if (t !== "") parts.push(t);
-  }
   return parts.join(" ");
 }

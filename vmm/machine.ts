@@ -2,7 +2,14 @@
 // power button, how and why the VM ended, and the release of everything it holds.
 
 import { closeFd, installKickHandler } from "../ffi/libc.ts";
-import { EXIT_GUEST_PANIC, EXIT_SUCCESS, EXIT_VM_CRASH, EXIT_VM_RESET } from "../core/exit.ts";
+import {
+  EXIT_GUEST_PANIC,
+  EXIT_SUCCESS,
+  EXIT_VM_CRASH,
+  EXIT_VM_RESET,
+  ExitCodeError,
+  HostError,
+} from "../core/exit.ts";
 import type { OwnedGuestMemory } from "../core/memory.ts";
 import { IRQ_ACPI_SCI } from "./arch/layout.ts";
 import type { VmConfig } from "./config.ts";
@@ -207,8 +214,15 @@ export class Machine {
   /** Serve the control socket (-s/--socket) until the VM ends. */
   async startControlSocket(): Promise<void> {
     if (!this.config.socket) return;
-    const server = new ControlServer(this.config.socket, machineControlHandler(this));
-    await server.listening;
+    let server: ControlServer;
+    try {
+      server = new ControlServer(this.config.socket, machineControlHandler(this));
+      await server.listening;
+    } catch (e) {
+      // A socket that cannot be created (a missing directory, no permission) is a host fault: exit 1.
+      if (e instanceof ExitCodeError) throw e;
+      throw new HostError(`--socket ${this.config.socket}: cannot listen: ${(e as Error).message.split("\n")[0]}`);
+    }
     this.#controlServer = server;
   }
 

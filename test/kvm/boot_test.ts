@@ -307,14 +307,14 @@ Deno.test({
 });
 
 Deno.test({
-  name: "kvm: triple fault through the CLI: exit code 33 and the registers on stderr",
+  name: "kvm: triple fault through the CLI: exit code 33 (--extended-status) and the registers on stderr",
   ignore: !kvmAvailable,
   async fn() {
     const kernel = await buildGuest("triple");
     const main = fileURLToPath(new URL("../../main.ts", import.meta.url));
     const out = await within(
       new Deno.Command(Deno.execPath(), {
-        args: ["run", "--allow-all", main, "run", "--mem", "64", "--cpus", "1", kernel],
+        args: ["run", "--allow-all", main, "--extended-status", "run", "--mem", "64", "--cpus", "1", kernel],
         stdin: "null",
         stdout: "piped",
         stderr: "piped",

@@ -107,11 +107,16 @@ interface CliRun {
 }
 
 /** `denovm run ARGS` as a subprocess on the fake KVM playing `script`. */
-async function runCli(script: string, args: string[], env: Record<string, string> = {}): Promise<CliRun> {
+async function runCli(
+  script: string,
+  args: string[],
+  env: Record<string, string> = {},
+  globalArgs: string[] = [],
+): Promise<CliRun> {
   const log = await tempLog();
   try {
     const cmd = new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-all", MAIN_TS, "run", ...args],
+      args: ["run", "--allow-all", MAIN_TS, ...globalArgs, "run", ...args],
       env: { ...fakeKvmEnv(shim, script, log), ...env },
       stdin: "null",
       stdout: "piped",
@@ -230,9 +235,9 @@ const CLI_EXITS: [script: string, code: number, stderr?: RegExp][] = [
 ];
 
 for (const [script, code, stderr] of CLI_EXITS) {
-  Deno.test(`fake KVM, CLI: guest "${script}" → exit code ${code}`, async () => {
+  Deno.test(`fake KVM, CLI: guest "${script}" → exit code ${code} with --extended-status`, async () => {
     // Two vCPUs: however vCPU 0 ends the VM, the AP (blocked in KVM_RUN) must be kicked out too.
-    const r = await runCli(script, ["--cpus", "2", guest]);
+    const r = await runCli(script, ["--cpus", "2", guest], {}, ["--extended-status"]);
     assert.equal(r.code, code, `stdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
     if (stderr) assert.match(r.stderr, stderr);
     // However it ended, the VMM closed every KVM fd and unmapped every run page.
@@ -241,6 +246,29 @@ for (const [script, code, stderr] of CLI_EXITS) {
     assert.deepEqual(closes.map((e) => [e.vcpu, e.still_mapped]), [[0, 0], [1, 0]]);
   });
 }
+
+Deno.test("fake KVM, CLI: a host end that cannot be opened exits 1 with one line naming the option", async () => {
+  const missing = "/nonexistent-denovm-dir";
+  const serial = await runCli("poweroff", ["--serial", `type=file,path=${missing}/com1.log`, guest]);
+  assert.equal(serial.code, EXIT_HOST_ERROR, serial.stderr);
+  const serialLines = serial.stderr.trim().split("\n");
+  assert.equal(serialLines.length, 1, serial.stderr);
+  assert.match(serialLines[0], /^denovm: --serial num=1: cannot open \/nonexistent-denovm-dir\/com1\.log/);
+  const socket = await runCli("poweroff", ["-s", `${missing}/vm.sock`, guest]);
+  assert.equal(socket.code, EXIT_HOST_ERROR, socket.stderr);
+  const socketLines = socket.stderr.trim().split("\n");
+  assert.equal(socketLines.length, 1, socket.stderr);
+  assert.match(socketLines[0], /^denovm: --socket \/nonexistent-denovm-dir\/vm\.sock: cannot listen/);
+});
+
+Deno.test("fake KVM, CLI: without --extended-status every VM ending exits 0, as crosvm's does", async () => {
+  for (const [script] of CLI_EXITS.filter(([, code]) => code !== EXIT_SUCCESS).slice(0, 3)) {
+    const r = await runCli(script, [guest]);
+    assert.equal(r.code, EXIT_SUCCESS, `${script}: stdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
+  }
+  // The exit-code mapping leaves errors alone: a bad argument is 35 either way.
+  assert.equal((await runCli("poweroff", ["--cpus", "0", guest])).code, EXIT_INVALID_ARGS);
+});
 
 Deno.test("fake KVM, CLI: a string I/O exit (rep outsb, count > 1) delivers every byte", async () => {
   const r = await runCli("string-io", [guest]);

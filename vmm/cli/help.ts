@@ -3,6 +3,7 @@
 // src/crosvm/cmdline.rs); the wording is denovm's own.
 
 import { MAX_VCPUS } from "../arch/cpu.ts";
+import type { CrosvmOnlyKey, KeyType } from "./keyvalue.ts";
 
 /** denovm's version, printed by `denovm version` when deno.json has no "version". */
 export const DENOVM_VERSION = "0.1.0";
@@ -11,6 +12,17 @@ export interface FlagKey {
   /** e.g. "ro=BOOL" */
   form: string;
   help: string;
+  /** A crosvm key denovm accepts with a warning or refuses by name (keyvalue.ts CrosvmOnlyKey). */
+  crosvm?: { action: "ignore" | "refuse"; note: string; type?: KeyType };
+}
+
+/**
+ * What a crosvm flag that denovm does not act on does here: "ignore" accepts it with one warning line
+ * saying what it means here; "refuse" stops with one line naming it as known but unsupported (exit 35).
+ */
+export interface CrosvmOnlyFlag {
+  action: "ignore" | "refuse";
+  note: string;
 }
 
 export interface FlagDef {
@@ -21,7 +33,47 @@ export interface FlagDef {
   repeatable?: boolean;
   help: string;
   keys?: FlagKey[];
+  /** Set for crosvm flags denovm accepts without acting on them, or refuses by name. */
+  crosvm?: CrosvmOnlyFlag;
+  /** crosvm's deprecated spelling: the option to use instead (run warns once, as crosvm does). */
+  deprecated?: string;
 }
+
+/** Notes shared by several rows of the table. */
+const NO_PCI = "denovm's devices are virtio-mmio: there is no PCI address";
+const SPLIT_QUEUES = "denovm's virtio devices use split virtqueues";
+const ONE_LOOP = "denovm serves every device from one event loop";
+const NO_FIRMWARE = "denovm loads the kernel directly, with no firmware that would boot from a disk";
+
+/** crosvm DiskOption keys denovm accepts without acting on them (--block and its older forms). */
+const CROSVM_BLOCK_KEYS: FlagKey[] = [
+  {
+    form: "bootindex=N",
+    help: "(crosvm) BIOS boot order",
+    crosvm: { action: "ignore", note: NO_FIRMWARE, type: "uint" },
+  },
+  {
+    form: "packed-queue[=BOOL]",
+    help: "(crosvm) packed virtqueue",
+    crosvm: { action: "ignore", note: SPLIT_QUEUES, type: "bool" },
+  },
+  {
+    form: "multiple-workers[=BOOL]",
+    help: "(crosvm) one worker thread per queue",
+    crosvm: { action: "ignore", note: ONE_LOOP, type: "bool" },
+  },
+  {
+    form: "async-executor=epoll|uring",
+    help: "(crosvm) the async executor behind the disk",
+    crosvm: { action: "ignore", note: "denovm does disk I/O with pread/pwrite on its event loop", type: "string" },
+  },
+  {
+    form: "dontcache[=BOOL]",
+    help: "(crosvm) uncached reads and writes",
+    crosvm: { action: "ignore", note: "use direct=true for I/O that bypasses the page cache", type: "bool" },
+  },
+  { form: "pci-address=ADDR", help: "(crosvm) PCI slot", crosvm: { action: "ignore", note: NO_PCI, type: "string" } },
+];
 
 export const RUN_FLAGS: readonly FlagDef[] = [
   {
@@ -49,7 +101,15 @@ export const RUN_FLAGS: readonly FlagDef[] = [
     short: "c",
     arg: "[num-cores=]N",
     help: "virtual CPUs",
-    keys: [{ form: "num-cores=NUM", help: `number of vCPUs, 1..${MAX_VCPUS} (default: 1)` }],
+    keys: [
+      { form: "num-cores=NUM", help: `number of vCPUs, 1..${MAX_VCPUS} (default: 1)` },
+      { form: "boot-cpu=N", help: "the vCPU that boots; denovm boots vCPU 0, so only 0 is accepted (default: 0)" },
+      {
+        form: "clusters=[[CPU,...],...]",
+        help: "(crosvm) CPU clusters for the guest's scheduler",
+        crosvm: { action: "ignore", note: "denovm describes every vCPU as one package with no clusters" },
+      },
+    ],
   },
   { long: "socket", short: "s", arg: "PATH", help: "control socket to create (for stop, balloon, gpu ...)" },
   {
@@ -67,6 +127,7 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       { form: "id=STRING", help: "device serial, up to 20 ASCII characters (default: none)" },
       { form: "direct[=BOOL]", help: "open with O_DIRECT, bypassing the host page cache (default: false)" },
       { form: "lock[=BOOL]", help: "lock the image so no other VM writes it at the same time (default: true)" },
+      ...CROSVM_BLOCK_KEYS,
     ],
   },
   {
@@ -94,6 +155,20 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       { form: "earlycon[=BOOL]", help: "the early console (earlycon=uart8250,io,PORT); hardware=serial, only one" },
       { form: "stdin[=BOOL]", help: "host stdin feeds this port; only one" },
       { form: "name=NAME", help: "virtio-console port name" },
+      {
+        form: "input-unix-stream[=BOOL]",
+        help: "type=unix-stream reads input from its socket too (denovm always does)",
+      },
+      {
+        form: "out-timestamp[=BOOL]",
+        help: "(crosvm) prefix each output line with a timestamp",
+        crosvm: { action: "ignore", note: "denovm passes the guest's output through unchanged", type: "bool" },
+      },
+      {
+        form: "pci-address=ADDR",
+        help: "(crosvm) PCI slot",
+        crosvm: { action: "ignore", note: NO_PCI, type: "string" },
+      },
     ],
   },
   {
@@ -108,8 +183,54 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       { form: "netmask=MASK", help: "netmask of that interface" },
       { form: "mac=MAC", help: "guest MAC address, xx:xx:xx:xx:xx:xx" },
       { form: "vq-pairs=N", help: "number of rx/tx queue pairs (default: 1)" },
+      {
+        form: "vhost-net[=[device=PATH]]",
+        help: "(crosvm) serve the queues in the host kernel's vhost-net",
+        crosvm: { action: "ignore", note: "denovm serves virtio-net in userspace (the guest sees the same device)" },
+      },
+      {
+        form: "packed-queue[=BOOL]",
+        help: "(crosvm) packed virtqueue",
+        crosvm: { action: "ignore", note: SPLIT_QUEUES, type: "bool" },
+      },
+      {
+        form: "mrg_rxbuf[=BOOL]",
+        help: "(crosvm) offer VIRTIO_NET_F_MRG_RXBUF",
+        crosvm: {
+          action: "ignore",
+          note: "denovm's virtio-net does not offer mergeable receive buffers",
+          type: "bool",
+        },
+      },
+      {
+        form: "pci-address=ADDR",
+        help: "(crosvm) PCI slot",
+        crosvm: { action: "ignore", note: NO_PCI, type: "string" },
+      },
     ],
   },
+  {
+    long: "tap-name",
+    arg: "NAME",
+    repeatable: true,
+    help: "virtio network device on the persistent TAP interface NAME",
+    deprecated: "--net tap-name=NAME",
+  },
+  {
+    long: "tap-fd",
+    arg: "FD",
+    repeatable: true,
+    help: "virtio network device on the open TAP file descriptor FD",
+    deprecated: "--net tap-fd=FD",
+  },
+  {
+    long: "host-ip",
+    arg: "IP",
+    help: "with --netmask and --mac: a virtio network device on a new TAP interface (also spelled --host_ip)",
+    deprecated: "--net host-ip=IP,netmask=MASK,mac=MAC",
+  },
+  { long: "netmask", arg: "MASK", help: "see --host-ip", deprecated: "--net host-ip=IP,netmask=MASK,mac=MAC" },
+  { long: "mac", arg: "MAC", help: "see --host-ip", deprecated: "--net host-ip=IP,netmask=MASK,mac=MAC" },
   {
     long: "gpu",
     arg: "[backend=]BACKEND[,key=value...]",
@@ -133,7 +254,55 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       { form: "pci-bar-size=SIZE", help: "host-visible memory window in bytes, a power of two (default: 8G)" },
       { form: "fixed-blob-mapping[=BOOL]", help: "map blobs at fixed guest addresses (default: false)" },
       { form: "trace=PATH", help: "write every GPU command with its bytes copied as Chrome trace JSON (Perfetto)" },
+      {
+        form: "max-num-displays=N",
+        help: "(crosvm) the most displays the guest may add",
+        crosvm: { action: "ignore", note: "denovm's GPU has exactly the displays given", type: "uint" },
+      },
+      {
+        form: "cache-path=PATH",
+        help: "(crosvm) shader cache directory",
+        crosvm: { action: "ignore", note: "denovm's renderers keep no shader cache", type: "string" },
+      },
+      {
+        form: "cache-size=SIZE",
+        help: "(crosvm) shader cache size",
+        crosvm: { action: "ignore", note: "denovm's renderers keep no shader cache", type: "string" },
+      },
+      {
+        form: "wsi=vk",
+        help: "(crosvm) Vulkan window-system integration",
+        crosvm: { action: "ignore", note: "denovm presents displays without a host window system", type: "string" },
+      },
+      {
+        form: "pci-address=ADDR",
+        help: "(crosvm) PCI slot",
+        crosvm: { action: "ignore", note: NO_PCI, type: "string" },
+      },
     ],
+  },
+  {
+    long: "gpu-display",
+    arg: "DISPLAY",
+    repeatable: true,
+    help: "one more display of the GPU (DISPLAY keys as in --gpu displays); adds a 2d GPU if there is none",
+    deprecated: "--gpu displays=[[DISPLAY]]",
+  },
+  {
+    long: "display-window-keyboard",
+    help: "(crosvm) take keyboard input from the display window",
+    crosvm: {
+      action: "ignore",
+      note: "denovm opens no display window; add --input keyboard (a web display, mode=web, forwards keys to it)",
+    },
+  },
+  {
+    long: "display-window-mouse",
+    help: "(crosvm) take mouse input from the display window",
+    crosvm: {
+      action: "ignore",
+      note: "denovm opens no display window; add --input mouse (a web display, mode=web, forwards the pointer to it)",
+    },
   },
   {
     long: "input",
@@ -165,9 +334,65 @@ export const RUN_FLAGS: readonly FlagDef[] = [
         help: "host Unix socket (denovm's userspace vsock): `CONNECT <port>` reaches the guest; guest connections " +
           "to port P reach PATH_P (default: <control socket or /tmp/denovm-PID>.vsock)",
       },
+      {
+        form: "device=PATH",
+        help: "(crosvm) the host's vhost-vsock device node",
+        crosvm: { action: "ignore", note: "denovm's vsock is userspace (see uds-path)", type: "string" },
+      },
+      {
+        form: "pci-address=ADDR",
+        help: "(crosvm) PCI slot",
+        crosvm: { action: "ignore", note: NO_PCI, type: "string" },
+      },
     ],
   },
   { long: "cid", arg: "CID", help: "(deprecated, use --vsock) guest vsock context ID" },
+  ...["keyboard", "mouse", "switches", "rotary", "evdev"].map((kind): FlagDef => ({
+    long: kind,
+    arg: "PATH",
+    repeatable: true,
+    help: `${kind} input device reading events from PATH`,
+    deprecated: `--input ${kind}[path=PATH]`,
+  })),
+  ...["multi-touch", "single-touch", "trackpad"].map((kind): FlagDef => ({
+    long: kind,
+    arg: "[path=]PATH[,width=W,height=H,name=N]",
+    repeatable: true,
+    help: `${kind} input device reading events from PATH`,
+    deprecated: `--input ${kind}[path=PATH,...]`,
+  })),
+  {
+    long: "disable-sandbox",
+    help: "accepted for crosvm's command lines: denovm has no sandbox (every device runs in this one process)",
+  },
+  {
+    long: "irqchip",
+    arg: "kernel|split|userspace",
+    help: "interrupt controller emulation; denovm uses KVM's in-kernel one, so only kernel is accepted",
+  },
+  {
+    long: "name",
+    arg: "NAME",
+    help: "(crosvm) the VM's process name",
+    crosvm: { action: "ignore", note: "denovm keeps the process name (it is a Deno process)" },
+  },
+  {
+    long: "syslog-tag",
+    arg: "TAG",
+    help: "(crosvm, deprecated) syslog tag",
+    crosvm: { action: "ignore", note: "denovm logs to stderr, not syslog" },
+  },
+  {
+    long: "no-i8042",
+    help: "(crosvm) leave out the i8042 keyboard controller",
+    crosvm: { action: "ignore", note: "denovm keeps the i8042: the guest's reset goes through it" },
+  },
+  {
+    long: "bios",
+    arg: "PATH",
+    help: "(crosvm) boot BIOS or firmware from PATH",
+    crosvm: { action: "refuse", note: "denovm boots a Linux kernel directly, with no firmware" },
+  },
   { long: "no-rng", help: "do not add a virtio-rng device" },
   { long: "no-balloon", help: "do not add a virtio-balloon device" },
   {
@@ -204,6 +429,24 @@ export const CONTROL_COMMANDS: readonly { usage: string; help: string }[] = [
   { usage: "snapshot take PATH SOCKET", help: "save a snapshot to PATH" },
 ];
 
+/** The key a FlagKey's form names: "ro[=BOOL]" → "ro", "vhost-net[=[device=PATH]]" → "vhost-net". */
+function keyName(form: string): string {
+  return form.split(/[=[]/)[0];
+}
+
+/** The crosvm-only keys of run's `--<long>` option, for its key=value schema (keyvalue.ts KvSchema.crosvmOnly). */
+export function crosvmOnlyKeys(long: string): Record<string, CrosvmOnlyKey> {
+  const flag = RUN_FLAGS.find((f) => f.long === long);
+  const out: Record<string, CrosvmOnlyKey> = {};
+  for (const k of flag?.keys ?? []) if (k.crosvm) out[keyName(k.form)] = k.crosvm;
+  return out;
+}
+
+/** The note --help prints after a crosvm flag or key that denovm does not act on. */
+function crosvmNote(c: { action: "ignore" | "refuse"; note: string }): string {
+  return c.action === "ignore" ? `accepted and ignored: ${c.note}` : `refused: ${c.note}`;
+}
+
 function flagUsage(f: FlagDef): string {
   const names = (f.short ? `-${f.short}, ` : "    ") + `--${f.long}`;
   return f.arg ? `${names} ${f.arg}` : names;
@@ -234,10 +477,13 @@ export function runHelp(): string {
   ];
   for (const f of RUN_FLAGS) {
     out.push(`  ${flagUsage(f)}${f.repeatable ? "  (may repeat)" : ""}`);
-    out.push(...wrap(f.help, "        "));
+    let help = f.help;
+    if (f.deprecated) help = `(deprecated, use ${f.deprecated}) ${help}`;
+    if (f.crosvm) help = `${help}; ${crosvmNote(f.crosvm)}`;
+    out.push(...wrap(help, "        "));
     for (const k of f.keys ?? []) {
       out.push(`        ${k.form}`);
-      out.push(...wrap(k.help, "            "));
+      out.push(...wrap(k.crosvm ? `${k.help}; ${crosvmNote(k.crosvm)}` : k.help, "            "));
     }
   }
   return out.join("\n") + "\n";
@@ -253,7 +499,13 @@ export function mainHelp(): string {
     "Global options:",
     "  --log-level LEVEL  off, error, warn, info (default), debug or trace; MODULE=LEVEL pairs may follow,",
     "                     separated by commas",
+    "  --extended-status  exit with the reason the VM ended (32 reset, 33 crash, 34 guest panic,",
+    "                     36 watchdog); without it a VM that ends exits 0, as crosvm does",
+    "  --no-syslog, --syslog-tag TAG",
+    "                     accepted for crosvm's command lines: denovm logs to stderr, not syslog",
     "  -h, --help         show this help",
+    "",
+    "Every --flag=value and -X=value is split at its first '=', as crosvm does.",
     "",
     "Commands:",
     "  run [OPTIONS] KERNEL       start a VM (see denovm run --help)",
@@ -262,7 +514,7 @@ export function mainHelp(): string {
   ];
   const width = Math.max(...CONTROL_COMMANDS.map((c) => c.usage.length)) + 2;
   for (const c of CONTROL_COMMANDS) out.push(`  ${c.usage.padEnd(width)}${c.help}`);
-  out.push("", "Exit codes: 0 stopped, 32 reset, 33 crash, 34 guest panic, 35 invalid arguments, 36 watchdog,");
-  out.push("1 host error.");
+  out.push("", "Exit codes: 0 success (and any VM ending without --extended-status), 32 reset, 33 crash,");
+  out.push("34 guest panic, 36 watchdog (with --extended-status), 35 invalid arguments, 1 host error.");
   return out.join("\n") + "\n";
 }

@@ -1,9 +1,15 @@
 // crosvm's key=value option syntax (the serde_keyvalue crate in google/crosvm), parsed in two steps:
 //  1. `parseKeyValues(text)` turns the text into entries without knowing the option: comma-separated
-//     `key=value` or bare items; values may be quoted ("a,b"), bracketed lists ([1,2] or [[k=v],[k=v]])
-//     or enum variants with arguments (windowed[1280,720], multi-touch[path=p,width=800]).
+//     `key=value` or bare items; values may be quoted ("a,b" with backslash escapes, 'a,b' without),
+//     bracketed lists ([1,2] or [[k=v],[k=v]]) or enum variants with arguments (windowed[1280,720],
+//     multi-touch[path=p,width=800]). A key is an identifier (letters, digits, `_`, `-`) directly followed
+//     by `=`; an unquoted value runs to the next `,`, `[` or `]`, so it may itself contain `=`
+//     (`path=a=b.img`, or a first item `/tmp/a=b.img`), as in serde_keyvalue's any_string.
 //  2. `decodeKeyValues(schema, entries)` checks them against an option's schema: the first item may omit
-//     its key (the schema's positional key), a bare key means true, unknown and repeated keys are errors.
+//     its key (the schema's positional key) unless it is the name of one of the option's keys, which is
+//     then a flag (`ro,path=disk.img`), as serde_keyvalue's deserialize_struct decides; a bare key means
+//     true; unknown and repeated keys are errors. Keys crosvm has and denovm does not act on (the table
+//     in help.ts) are accepted with one warning, or refused as known but unsupported.
 
 import { UsageError } from "../../core/exit.ts";
 export { UsageError };
@@ -19,7 +25,10 @@ export interface KvEntry {
   value: KvValue;
 }
 
-const SEPARATORS = ",=[]";
+/** Characters that end an unquoted value (serde_keyvalue any_string). */
+const VALUE_END = ",[]";
+/** An identifier directly followed by "=" (serde_keyvalue any_identifier). */
+const KEY_AHEAD = /^[A-Za-z0-9_][A-Za-z0-9_-]*=/;
 
 class Scanner {
   pos = 0;
@@ -30,8 +39,18 @@ class Scanner {
   fail(what: string): never {
     throw new UsageError(`${this.where}: ${what} at character ${this.pos + 1} of "${this.text}"`);
   }
-  /** A quoted string (backslash escapes the next character) or a run of non-separator characters. */
+  /**
+   * A double-quoted string (backslash escapes the next character), a single-quoted one (no escapes), or a
+   * run of characters up to the next `,`, `[` or `]`.
+   */
   token(): { text: string; quoted: boolean } {
+    if (this.peek() === "'") {
+      const end = this.text.indexOf("'", this.pos + 1);
+      if (end < 0) this.fail("unterminated quoted string");
+      const text = this.text.slice(this.pos + 1, end);
+      this.pos = end + 1;
+      return { text, quoted: true };
+    }
     if (this.peek() === '"') {
       this.pos++;
       let out = "";
@@ -47,7 +66,7 @@ class Scanner {
       }
     }
     const start = this.pos;
-    while (this.pos < this.text.length && !SEPARATORS.includes(this.text[this.pos])) this.pos++;
+    while (this.pos < this.text.length && !VALUE_END.includes(this.text[this.pos])) this.pos++;
     return { text: this.text.slice(start, this.pos), quoted: false };
   }
   /** Entries up to the end of text (closing undefined) or up to and including a `]`. */
@@ -80,13 +99,14 @@ class Scanner {
       this.pos++;
       return { value: { kind: "list", items: this.entries("]") } };
     }
+    const key = KEY_AHEAD.exec(this.text.slice(this.pos));
+    if (key) {
+      this.pos += key[0].length;
+      return { key: key[0].slice(0, -1), value: this.value() };
+    }
+    if (this.peek() === "=") this.fail("missing key");
     const tok = this.token();
     if (tok.text === "" && !tok.quoted) this.fail("empty item");
-    if (this.peek() === "=") {
-      if (tok.quoted) this.fail("a key cannot be quoted");
-      this.pos++;
-      return { key: tok.text, value: this.value() };
-    }
     if (this.peek() === "[" && !tok.quoted) {
       this.pos++;
       return { value: { kind: "variant", name: tok.text, items: this.entries("]") } };
@@ -188,6 +208,18 @@ export type KeyType =
   | { enum: readonly string[] }
   | { decode: (v: KvValue, where: string) => unknown };
 
+/**
+ * A key crosvm has that denovm does not act on: "ignore" accepts it with one warning line saying what it
+ * means here, "refuse" stops with one line naming it as a known but unsupported crosvm key (exit 35).
+ */
+export interface CrosvmOnlyKey {
+  action: "ignore" | "refuse";
+  /** What the key means for denovm, e.g. "denovm's devices are virtio-mmio: there is no PCI address". */
+  note: string;
+  /** How its value is checked (crosvm's type); default: any value. */
+  type?: KeyType;
+}
+
 export interface KvSchema {
   /** Option name for messages, e.g. "--block" or "--gpu displays". */
   option: string;
@@ -196,6 +228,38 @@ export interface KvSchema {
   keys: Record<string, KeyType>;
   /** Other accepted spellings (crosvm serde aliases), e.g. block_size → block-size. */
   aliases?: Record<string, string>;
+  /** crosvm's keys that denovm accepts with a warning or refuses by name (help.ts crosvmOnlyKeys). */
+  crosvmOnly?: Record<string, CrosvmOnlyKey>;
+}
+
+// ---- Warnings ----
+
+let warningSink: string[] | undefined;
+
+/** One warning line: collected by `collectWarnings` while it runs, else printed on stderr at once. */
+export function warn(message: string): void {
+  if (warningSink) warningSink.push(message);
+  else console.error(`denovm: warning: ${message}`);
+}
+
+/** Runs `f` (synchronous), gathering the warnings it gives instead of printing them. */
+export function collectWarnings<T>(f: () => T): { value: T; warnings: string[] } {
+  const outer = warningSink;
+  const warnings: string[] = [];
+  warningSink = warnings;
+  try {
+    return { value: f(), warnings };
+  } finally {
+    warningSink = outer;
+  }
+}
+
+/** What `schema.crosvmOnly[key]` asks for: a warning, or a UsageError. */
+function crosvmOnlyKey(schema: KvSchema, key: string, known: CrosvmOnlyKey, v: KvValue): void {
+  const where = `${schema.option} ${key}`;
+  if (known.type !== undefined) decodeValue(known.type, v, where);
+  if (known.action === "refuse") throw new UsageError(`${where}: a crosvm key denovm does not support: ${known.note}`);
+  warn(`${where}: ${known.note}; ignored`);
 }
 
 function decodeValue(type: KeyType, v: KvValue, where: string): unknown {
@@ -211,34 +275,37 @@ function decodeValue(type: KeyType, v: KvValue, where: string): unknown {
   return type.decode(v, where);
 }
 
+const TRUE: KvValue = { kind: "scalar", text: "true", quoted: false };
+
 /**
  * Checks `entries` against `schema`; returns the given keys (canonical names) with decoded values.
  * Keys that were not given are absent: the caller applies defaults.
  */
 export function decodeKeyValues(schema: KvSchema, entries: KvEntry[]): Record<string, unknown> {
   const out: Record<string, unknown> = {};
-  const put = (key: string, v: KvValue) => {
-    const canonical = schema.aliases?.[key] ?? key;
+  const seen = new Set<string>();
+  const canonicalOf = (key: string) => schema.aliases?.[key] ?? key;
+  const isKey = (key: string) => {
+    const k = canonicalOf(key);
+    return schema.keys[k] !== undefined || schema.crosvmOnly?.[k] !== undefined;
+  };
+  const put = (key: string, v: KvValue, flag = false) => {
+    const canonical = canonicalOf(key);
+    if (seen.has(canonical)) throw new UsageError(`${schema.option}: key "${canonical}" given twice`);
+    seen.add(canonical);
+    const known = schema.crosvmOnly?.[canonical];
+    if (known && schema.keys[canonical] === undefined) return crosvmOnlyKey(schema, canonical, known, v);
     const type = schema.keys[canonical];
     if (type === undefined) throw new UsageError(`${schema.option}: unknown key "${key}"`);
-    if (Object.hasOwn(out, canonical)) throw new UsageError(`${schema.option}: key "${canonical}" given twice`);
+    if (flag && type !== "bool") throw new UsageError(`${schema.option}: key "${canonical}" needs a value`);
     out[canonical] = decodeValue(type, v, `${schema.option} ${canonical}`);
   };
   entries.forEach((e, i) => {
     if (e.key !== undefined) return put(e.key, e.value);
     const v = e.value;
-    // A bare word that names a boolean key is that flag (`ro`, `console`, `egl`) unless it stands first and
-    // can only be the positional value (a path, a number, a string).
-    if (v.kind === "scalar" && !v.quoted) {
-      const canonical = schema.aliases?.[v.text] ?? v.text;
-      const isFlag = schema.keys[canonical] === "bool";
-      const posType = schema.positional !== undefined ? schema.keys[schema.positional] : undefined;
-      const positionalAccepts = posType !== undefined &&
-        (typeof posType !== "object" || !("enum" in posType) || posType.enum.includes(v.text));
-      if (isFlag && !(i === 0 && positionalAccepts)) {
-        return put(v.text, { kind: "scalar", text: "true", quoted: false });
-      }
-    }
+    // A bare word that names one of the option's keys is that key as a flag (`ro`, `console`, `egl`), even
+    // in first place (`ro,path=disk.img`); any other first item is the positional key's value.
+    if (v.kind === "scalar" && !v.quoted && isKey(v.text)) return put(v.text, TRUE, true);
     if (i === 0 && schema.positional !== undefined) return put(schema.positional, v);
     if (v.kind === "scalar") throw new UsageError(`${schema.option}: unknown key "${v.text}"`);
     throw new UsageError(`${schema.option}: unexpected ${describe(v)}`);

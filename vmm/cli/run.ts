@@ -4,12 +4,21 @@
 // --cfg files, parses the machine's own options (kernel, memory, vCPUs, sockets) and hands each device
 // option to its family's module in devices/ (block, serial, net, gpu, input, vsock).
 
-import { DEFAULT_CPUS, DEFAULT_MEM_MIB, type VmConfig } from "../config.ts";
-import { type FlagDef, RUN_FLAGS } from "./help.ts";
-import { type KvSchema, parseOption, parseUint, UsageError } from "./keyvalue.ts";
+import {
+  DEFAULT_CPUS,
+  DEFAULT_MEM_MIB,
+  gpuConfig,
+  type GpuDisplayConfig,
+  type InputConfig,
+  type NetConfig,
+  type VmConfig,
+} from "../config.ts";
+import { VIRTIO_GPU_MAX_SCANOUTS } from "../../devices/virtio/gpu/protocol.ts";
+import { crosvmOnlyKeys, type FlagDef, RUN_FLAGS } from "./help.ts";
+import { collectWarnings, type KvSchema, parseOption, parseUint, UsageError, warn } from "./keyvalue.ts";
 import { MAX_VCPUS } from "../arch/cpu.ts";
 import { parseBlockOption } from "./devices/block.ts";
-import { parseGpuOption } from "./devices/gpu.ts";
+import { parseGpuDisplayOption, parseGpuOption } from "./devices/gpu.ts";
 import { parseInputOption } from "./devices/input.ts";
 import { parseNetOption } from "./devices/net.ts";
 import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
@@ -29,6 +38,8 @@ export interface RunCommand {
   printConfig: boolean;
   /** `-h`/`--help` was given: nothing else was parsed; `config` is not meaningful. */
   help: boolean;
+  /** One line each: crosvm flags and keys accepted without effect here, deprecated spellings. */
+  warnings: string[];
 }
 
 export interface ParseRunOptions {
@@ -39,7 +50,12 @@ export interface ParseRunOptions {
 // ---- The machine's own options ----
 
 const MEM_SCHEMA: KvSchema = { option: "--mem", positional: "size", keys: { size: "string" } };
-const CPUS_SCHEMA: KvSchema = { option: "--cpus", positional: "num-cores", keys: { "num-cores": "string" } };
+const CPUS_SCHEMA: KvSchema = {
+  option: "--cpus",
+  positional: "num-cores",
+  keys: { "num-cores": "string", "boot-cpu": "uint" },
+  crosvmOnly: crosvmOnlyKeys("cpus"),
+};
 
 function parseMem(text: string): number {
   const o = parseOption(MEM_SCHEMA, text);
@@ -49,8 +65,15 @@ function parseMem(text: string): number {
 
 function parseCpus(text: string): number {
   const o = parseOption(CPUS_SCHEMA, text);
-  if (o["num-cores"] === undefined) return DEFAULT_CPUS;
-  return parseUint(o["num-cores"] as string, "--cpus num-cores", 1, MAX_VCPUS);
+  const cpus = o["num-cores"] === undefined
+    ? DEFAULT_CPUS
+    : parseUint(o["num-cores"] as string, "--cpus num-cores", 1, MAX_VCPUS);
+  // crosvm's boot-cpu picks the vCPU that starts the guest; denovm's MP table and ACPI tables name vCPU 0.
+  const bootCpu = o["boot-cpu"] as number | undefined;
+  if (bootCpu !== undefined && bootCpu !== 0) {
+    throw new UsageError(`--cpus boot-cpu: ${bootCpu} is not supported: denovm boots vCPU 0`);
+  }
+  return cpus;
 }
 
 // ---- argv scanning ----
@@ -78,15 +101,22 @@ function scanArgv(argv: readonly string[]): { occurrences: Occurrence[]; positio
     let inline: string | undefined;
     let shown: string;
     if (arg.startsWith("--")) {
+      // crosvm's prepare_argh_args: `--flag=value` is split at the first "=", and `--host_ip` is `--host-ip`.
       const eq = arg.indexOf("=");
-      const name = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
+      let name = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
       if (eq >= 0) inline = arg.slice(eq + 1);
+      if (name === "host_ip") {
+        warn("--host_ip is deprecated; use --host-ip");
+        name = "host-ip";
+      }
       shown = `--${name}`;
       flag = BY_LONG.get(name);
     } else if (arg.startsWith("-") && arg.length > 1) {
+      // `-X=value` is split at the first "=" as `--flag=value` is (crosvm: `-p=init=/bin/sh` gives
+      // `init=/bin/sh`); `-Xvalue` is taken as `-X value`.
       shown = arg.slice(0, 2);
       flag = BY_SHORT.get(arg[1]);
-      if (arg.length > 2) inline = arg.slice(2);
+      if (arg.length > 2) inline = arg[2] === "=" ? arg.slice(3) : arg.slice(2);
     } else {
       positionals.push(arg);
       continue;
@@ -187,8 +217,31 @@ function checkReadableFile(path: string, what: string): void {
 
 // ---- The parser ----
 
-/** Parses `run`'s arguments (after the word "run"). Throws UsageError for any invalid input. */
+/**
+ * Parses `run`'s arguments (after the word "run"). Throws UsageError for any invalid input; what is accepted
+ * without effect comes back in `warnings`, one line each.
+ */
 export function parseRunArgs(argv: readonly string[], options: ParseRunOptions = {}): RunCommand {
+  const { value, warnings } = collectWarnings(() => parseRun(argv, options));
+  return { ...value, warnings };
+}
+
+/** The value of an --irqchip (crosvm IrqChipKind). */
+const IRQCHIP_KINDS = ["kernel", "split", "userspace"];
+
+/** crosvm's order for the deprecated input flags' devices, after every --input (cmdline.rs TryFrom<RunCommand>). */
+const DEPRECATED_INPUT_ORDER = [
+  "single-touch",
+  "multi-touch",
+  "trackpad",
+  "mouse",
+  "keyboard",
+  "switches",
+  "rotary",
+  "evdev",
+] as const;
+
+function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCommand, "warnings"> {
   const { occurrences: cli, positionals } = scanArgv(argv);
   const cfg: VmConfig = {
     kernel: "",
@@ -214,8 +267,25 @@ export function parseRunArgs(argv: readonly string[], options: ParseRunOptions =
   const seen = new Map<string, string>();
   let kernelFlag: string | undefined;
   let printConfig = false;
+  // What crosvm's deprecated flags add, appended after the devices of the current options in crosvm's order.
+  const tapNameNets: NetConfig[] = [];
+  const tapFdNets: NetConfig[] = [];
+  const rawNet: { hostIp?: string; netmask?: string; mac?: string } = {};
+  const deprecatedInputs = new Map<string, InputConfig[]>();
+  const gpuDisplays: GpuDisplayConfig[] = [];
+  const warned = new Set<string>();
   for (const o of all) {
     const f = o.flag;
+    if (f.deprecated && !warned.has(f.long)) {
+      warned.add(f.long);
+      warn(`--${f.long} is deprecated; use ${f.deprecated}`);
+    }
+    if (f.crosvm) {
+      if (f.crosvm.action === "refuse") {
+        throw new UsageError(`--${f.long}: a crosvm option denovm does not support: ${f.crosvm.note}`);
+      }
+      warn(`--${f.long}: ${f.crosvm.note}; ignored`);
+    }
     if (!f.repeatable) {
       const prev = seen.get(f.long);
       if (prev === o.source) throw new UsageError(`option --${f.long} given more than once`);
@@ -289,11 +359,85 @@ export function parseRunArgs(argv: readonly string[], options: ParseRunOptions =
       case "print-config":
         printConfig = true;
         break;
+      case "tap-name":
+        tapNameNets.push(parseNetOption(`tap-name=${quoteValue(v)}`));
+        break;
+      case "tap-fd":
+        tapFdNets.push(parseNetOption(`tap-fd=${quoteValue(v)}`));
+        break;
+      case "host-ip":
+        rawNet.hostIp = v;
+        break;
+      case "netmask":
+        rawNet.netmask = v;
+        break;
+      case "mac":
+        rawNet.mac = v;
+        break;
+      case "keyboard":
+      case "mouse":
+      case "switches":
+      case "rotary":
+      case "evdev":
+        // crosvm takes a plain path here, not key=value text.
+        pushMap(deprecatedInputs, f.long, { kind: f.long, path: v });
+        break;
+      case "multi-touch":
+      case "single-touch":
+      case "trackpad":
+        pushMap(deprecatedInputs, f.long, parseInputOption(`${f.long}[${v}]`));
+        break;
+      case "gpu-display":
+        gpuDisplays.push(parseGpuDisplayOption(v));
+        break;
+      case "irqchip":
+        if (!IRQCHIP_KINDS.includes(v)) {
+          throw new UsageError(`--irqchip: "${v}" is not one of ${IRQCHIP_KINDS.join(", ")}`);
+        }
+        if (v !== "kernel") {
+          throw new UsageError(
+            `--irqchip ${v}: a crosvm option denovm does not support: denovm uses KVM's in-kernel irqchip`,
+          );
+        }
+        break;
+      case "disable-sandbox":
+        // denovm has no sandbox to disable.
+        break;
+      case "display-window-keyboard":
+      case "display-window-mouse":
+      case "name":
+      case "syslog-tag":
+      case "no-i8042":
+      case "bios":
+        // crosvm-only flags: warned about (or refused) above, from the table in help.ts.
+        break;
       default:
         throw new UsageError(`option --${f.long} is not handled`);
     }
   }
   if (seen.has("vsock") && seen.has("cid")) throw new UsageError("give --vsock or --cid, not both");
+
+  // crosvm's deprecated net flags: each --tap-name, then each --tap-fd, then one device from --host-ip,
+  // --netmask and --mac, which come together.
+  cfg.nets.push(...tapNameNets, ...tapFdNets);
+  if (rawNet.hostIp !== undefined || rawNet.netmask !== undefined || rawNet.mac !== undefined) {
+    for (const [key, value] of [["host-ip", rawNet.hostIp], ["netmask", rawNet.netmask], ["mac", rawNet.mac]]) {
+      if (value === undefined) throw new UsageError(`--${key} missing: --host-ip, --netmask and --mac go together`);
+    }
+    cfg.nets.push(
+      parseNetOption(
+        `host-ip=${quoteValue(rawNet.hostIp!)},netmask=${quoteValue(rawNet.netmask!)},mac=${quoteValue(rawNet.mac!)}`,
+      ),
+    );
+  }
+  for (const kind of DEPRECATED_INPUT_ORDER) cfg.inputs.push(...(deprecatedInputs.get(kind) ?? []));
+  if (gpuDisplays.length > 0) {
+    cfg.gpu ??= gpuConfig();
+    cfg.gpu.displays.push(...gpuDisplays);
+    if (cfg.gpu.displays.length > VIRTIO_GPU_MAX_SCANOUTS) {
+      throw new UsageError(`--gpu-display: at most ${VIRTIO_GPU_MAX_SCANOUTS} displays in all`);
+    }
+  }
 
   // The kernel: exactly one positional argument, or --kernel.
   if (positionals.length > 1) {
@@ -316,4 +460,15 @@ export function parseRunArgs(argv: readonly string[], options: ParseRunOptions =
     for (const b of cfg.blocks) checkReadableFile(b.path, "block");
   }
   return { config: cfg, printConfig, help: false };
+}
+
+/** `text` as one key=value value: quoted when it holds a separator. */
+function quoteValue(text: string): string {
+  return /[,[\]"'\\]/.test(text) ? `"${text.replace(/["\\]/g, (c) => `\\${c}`)}"` : text;
+}
+
+function pushMap<K, V>(map: Map<K, V[]>, key: K, value: V): void {
+  const list = map.get(key);
+  if (list) list.push(value);
+  else map.set(key, [value]);
 }

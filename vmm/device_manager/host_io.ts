@@ -3,13 +3,24 @@
 // unix socket), shared by 8250 ports and virtio-console ports.
 
 import type { SerialConfig } from "../config.ts";
-import { ConfigError } from "../../core/exit.ts";
+import { ConfigError, HostError } from "../../core/exit.ts";
 
-/** A serial option that cannot be honoured (file not writable, socket refused): exit 35. */
+/** A serial option that is incomplete (a type that needs path= without one): exit 35. */
 export class SerialConfigError extends ConfigError {
   constructor(message: string) {
     super(message);
     this.name = "SerialConfigError";
+  }
+}
+
+/**
+ * A serial port's host end that cannot be opened (a file that is not writable, a socket nobody listens on,
+ * an input file that cannot be read): a host fault, exit 1 as crosvm exits, with the option named.
+ */
+export class SerialHostError extends HostError {
+  constructor(message: string) {
+    super(message);
+    this.name = "SerialHostError";
   }
 }
 
@@ -51,7 +62,7 @@ export class HostIo {
           this.#closers.push(() => f.close());
           sink = (b) => f.writeSync(b);
         } catch (e) {
-          throw new SerialConfigError(`${where}: cannot open ${s.path}: ${(e as Error).message}`);
+          throw new SerialHostError(`${where}: cannot open ${s.path}: ${(e as Error).message}`);
         }
         break;
       }
@@ -65,7 +76,7 @@ export class HostIo {
           sink = (b) => void writer.write(b.slice()).catch(() => {});
           this.#unixInput.set(s, conn.readable);
         } catch (e) {
-          throw new SerialConfigError(`${where}: cannot connect to ${s.path}: ${(e as Error).message}`);
+          throw new SerialHostError(`${where}: cannot connect to ${s.path}: ${(e as Error).message}`);
         }
         break;
       }
@@ -88,7 +99,7 @@ export class HostIo {
         this.#closers.push(() => f.close());
         return this.#pump(f.readable, deliver);
       } catch (e) {
-        throw new SerialConfigError(`--serial num=${s.num}: cannot read input ${s.input}: ${(e as Error).message}`);
+        throw new SerialHostError(`--serial num=${s.num}: cannot read input ${s.input}: ${(e as Error).message}`);
       }
     }
     if (s.stdin && !this.opts.noStdin && !this.#stdinTaken) {

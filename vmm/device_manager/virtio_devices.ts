@@ -55,8 +55,23 @@ async function make<T>(what: string, f: () => T | Promise<T>): Promise<T> {
   }
 }
 
+/**
+ * Throws UnavailableDeviceError for a device `config` asks for that this version does not have. It opens
+ * nothing, so `run --print-config` refuses exactly what a boot refuses (vmm/validate.ts).
+ */
+export function checkVirtioDevices(config: VmConfig): void {
+  for (const n of config.nets) {
+    if (n.vqPairs !== undefined && n.vqPairs > 1) throw new UnavailableDeviceError("--net vq-pairs above 1");
+  }
+  for (const i of config.inputs) {
+    if (!INPUT_DEVICE_KINDS.includes(i.kind as InputDeviceKind)) throw new UnavailableDeviceError(`--input ${i.kind}`);
+  }
+  if (config.gpu?.backend === "gfxstream") throw new UnavailableDeviceError("--gpu backend=gfxstream");
+}
+
 /** Build the device models for `config`. On failure every device made so far is closed. */
 export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceContext): Promise<CreatedDevices> {
+  checkVirtioDevices(config);
   const devices: VirtioDevice[] = [];
   const consoles: CreatedDevices["consoles"] = [];
   let agentPort: ConsolePort | undefined;
@@ -78,7 +93,6 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
     if (config.nets.length > 0) {
       const { NetDevice } = await import("../../devices/virtio/net.ts");
       for (const n of config.nets) {
-        if (n.vqPairs !== undefined && n.vqPairs > 1) throw new UnavailableDeviceError("--net vq-pairs above 1");
         if (n.tapName === undefined && n.tapFd === undefined) {
           // crosvm's host-ip=,netmask= form: a new tap (named by the kernel) with that host address.
           if (!n.hostIp || !n.netmask) {
@@ -118,9 +132,6 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
     // Each kind counts its own devices from 0, as crosvm numbers their names.
     const inputIndex = new Map<string, number>();
     for (const i of config.inputs) {
-      if (!INPUT_DEVICE_KINDS.includes(i.kind as InputDeviceKind)) {
-        throw new UnavailableDeviceError(`--input ${i.kind}`);
-      }
       const index = inputIndex.get(i.kind) ?? 0;
       inputIndex.set(i.kind, index + 1);
       const custom = i.kind === "custom"
@@ -154,7 +165,6 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
     }
     if (config.gpu) {
       const g = config.gpu;
-      if (g.backend === "gfxstream") throw new UnavailableDeviceError("--gpu backend=gfxstream");
       const { GpuDevice } = await import("../../devices/virtio/gpu/device.ts");
       const backend = g.backend === "2d"
         ? new (await import("../../devices/virtio/gpu/backend_2d.ts")).Backend2D()

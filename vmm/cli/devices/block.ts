@@ -8,6 +8,7 @@ import { BlockDevice, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES } from "../../../devices/
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
 import { type BlockConfig, DEFAULT_BLOCK_SIZE } from "../../config.ts";
 import { type KvSchema, parseOption, UsageError } from "../keyvalue.ts";
+import { crosvmOnlyKeys } from "../help.ts";
 import { SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 // ---- run ----
@@ -27,7 +28,8 @@ function blockSchema(option: string): KvSchema {
       lock: "bool",
     },
     // crosvm devices/src/virtio/block/mod.rs DiskOption serde aliases.
-    aliases: { block_size: "block-size", o_direct: "direct" },
+    aliases: { block_size: "block-size", o_direct: "direct", async_executor: "async-executor" },
+    crosvmOnly: crosvmOnlyKeys("block"),
   };
 }
 

@@ -26,6 +26,7 @@ import {
   type KvEntry,
   type KvSchema,
   type KvValue,
+  parseKeyValues,
   parseOption,
   parseUint,
   UsageError,
@@ -39,6 +40,7 @@ import {
   gpuConfig,
   type GpuDisplayConfig,
 } from "../../config.ts";
+import { crosvmOnlyKeys } from "../help.ts";
 import { VIRTIO_GPU_MAX_SCANOUTS } from "../../../devices/virtio/gpu/protocol.ts";
 import { EDID_MAX_ACTIVE } from "../../../devices/virtio/gpu/display.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
@@ -120,6 +122,11 @@ function decodeDisplay(items: KvEntry[]): GpuDisplayConfig {
   return out;
 }
 
+/** crosvm's deprecated `run --gpu-display DISPLAY` (the keys of one `--gpu displays` entry). */
+export function parseGpuDisplayOption(text: string): GpuDisplayConfig {
+  return decodeDisplay(parseKeyValues(text, "--gpu-display"));
+}
+
 function decodeDisplays(v: KvValue, where: string): GpuDisplayConfig[] {
   if (v.kind !== "list") throw new UsageError(`${where}: expected [[DISPLAY],...]`);
   // displays=[[mode=windowed[W,H]],[...]] is crosvm's form; also take a single display without the inner [].
@@ -148,6 +155,7 @@ const GPU_SCHEMA: KvSchema = {
     "fixed-blob-mapping": "bool",
     trace: "string",
   },
+  crosvmOnly: crosvmOnlyKeys("gpu"),
 };
 
 /** `run --gpu`. */

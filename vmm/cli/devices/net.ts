@@ -14,6 +14,7 @@
 
 import { parseArgs } from "node:util";
 import { type KvSchema, parseOption, parseUint, UsageError } from "../keyvalue.ts";
+import { crosvmOnlyKeys } from "../help.ts";
 import type { NetConfig } from "../../config.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
 import { NetDevice } from "../../../devices/virtio/net.ts";
@@ -32,6 +33,7 @@ const NET_SCHEMA: KvSchema = {
     mac: "string",
     "vq-pairs": "string",
   },
+  crosvmOnly: crosvmOnlyKeys("net"),
 };
 
 const IPV4 = /^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$/;

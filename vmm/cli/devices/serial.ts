@@ -12,6 +12,7 @@ import { ConsoleDevice } from "../../../devices/virtio/console.ts";
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
 import { EXIT_SUCCESS } from "../../../core/exit.ts";
 import { type KvSchema, parseOption, parseUint, UsageError } from "../keyvalue.ts";
+import { crosvmOnlyKeys } from "../help.ts";
 import {
   defaultSerial,
   SERIAL_HARDWARE,
@@ -41,7 +42,12 @@ const SERIAL_SCHEMA: KvSchema = {
     earlycon: "bool",
     stdin: "bool",
     name: "string",
+    // A unix-stream port's socket carries its input too: what crosvm does with input-unix-stream=true is
+    // what denovm always does, so the key is accepted whatever its value.
+    "input-unix-stream": "bool",
   },
+  aliases: { out_timestamp: "out-timestamp" },
+  crosvmOnly: crosvmOnlyKeys("serial"),
 };
 
 /** `run --serial`. */
@@ -58,6 +64,9 @@ export function parseSerialOption(text: string): SerialConfig {
   if (o.path !== undefined) s.path = o.path as string;
   if (o.input !== undefined) s.input = o.input as string;
   if (o.name !== undefined) s.name = o.name as string;
+  if (o["input-unix-stream"] === true && s.type !== "unix-stream") {
+    throw new UsageError("--serial: input-unix-stream needs type=unix-stream");
+  }
   if (s.stdin && s.input !== undefined) throw new UsageError("--serial: stdin and input cannot both be given");
   if ((s.type === "file" || s.type === "unix" || s.type === "unix-stream") && s.path === undefined) {
     throw new UsageError(`--serial: type=${s.type} needs path=`);
@@ -68,7 +77,11 @@ export function parseSerialOption(text: string): SerialConfig {
   return s;
 }
 
-/** crosvm's cross-port checks (cmdline.rs, the serial loop of TryFrom<RunCommand> for Config). */
+/**
+ * crosvm's cross-port checks (cmdline.rs, the serial loop of TryFrom<RunCommand> for Config): each
+ * hardware+num once, one earlycon, one port on stdin. Several ports may be consoles: each gets its
+ * `console=` on the kernel command line, and Linux makes the last one /dev/console.
+ */
 export function validateSerials(serials: SerialConfig[]): void {
   const keys = new Set<string>();
   for (const s of serials) {
@@ -77,7 +90,6 @@ export function validateSerials(serials: SerialConfig[]): void {
     keys.add(key);
   }
   const count = (pred: (s: SerialConfig) => boolean) => serials.filter(pred).length;
-  if (count((s) => s.console) > 1) throw new UsageError("--serial: more than one console");
   if (count((s) => s.earlycon) > 1) throw new UsageError("--serial: more than one earlycon");
   if (count((s) => s.stdin) > 1) throw new UsageError("--serial: more than one port reads stdin");
 }

@@ -13,6 +13,7 @@ import { MAX_GUEST_CID, MIN_GUEST_CID, VsockDevice } from "../../../devices/virt
 import type { VirtioDevice } from "../../../devices/virtio/device.ts";
 import { EXIT_SUCCESS } from "../../../core/exit.ts";
 import { type KvSchema, parseOption, parseUint, UsageError } from "../keyvalue.ts";
+import { crosvmOnlyKeys } from "../help.ts";
 import { parseOptions, SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 // ---- run ----
@@ -21,6 +22,7 @@ const VSOCK_SCHEMA: KvSchema = {
   option: "--vsock",
   positional: "cid",
   keys: { cid: "string", "uds-path": "string" },
+  crosvmOnly: crosvmOnlyKeys("vsock"),
 };
 
 /** `run --vsock` and its older spelling `--cid` (`option`). */
