@@ -347,7 +347,7 @@ const LEAF1_ECX_CX16 = 1 << 13;
 
 for (const kind of ["kvm_pvm", "kvm_amd", "kvm_intel"] as const) {
   Deno.test(`fake KVM as ${kind}, CLI: a triple fault's register dump, and CPUID's CMPXCHG16B`, async () => {
-    const r = await runCli("triple", [guest], { DENOVM_FAKE_KVM_MODULE: kind });
+    const r = await runCli("triple", [guest], { DENOVM_FAKE_KVM_MODULE: kind }, ["--extended-status"]);
     assert.equal(r.code, EXIT_VM_CRASH, r.stderr);
     if (kind === "kvm_amd") {
       // KVM on SVM resets the vCPU on the shutdown intercept (the fake does too): the dump says so.
