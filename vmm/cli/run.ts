@@ -4,7 +4,7 @@
 // --cfg files, parses the machine's own options (kernel, memory, vCPUs, sockets) and hands each device
 // option to its family's module in devices/ (block, serial, net, gpu, input, vsock).
 
-import { DEFAULT_CPUS, DEFAULT_MEM_MIB, type VmConfig } from "../config.ts";
+import { DEFAULT_CPUS, DEFAULT_MEM_MIB, MAX_TCP_PORT, type VmConfig } from "../config.ts";
 import { type FlagDef, RUN_FLAGS } from "./help.ts";
 import { type KvSchema, parseOption, parseUint, UsageError } from "./keyvalue.ts";
 import { MAX_VCPUS } from "../arch/cpu.ts";
@@ -240,6 +240,9 @@ export function parseRunArgs(argv: readonly string[], options: ParseRunOptions =
         break;
       case "socket":
         cfg.socket = v;
+        break;
+      case "gdb":
+        cfg.gdb = parseUint(v, "--gdb", 1, MAX_TCP_PORT);
         break;
       case "block":
         cfg.blocks.push(parseBlockOption(v, "--block"));
