@@ -86,6 +86,7 @@ const E_INVAL = "E16";
 const E_FAULT = "E0e";
 const E_NOSPC = "E1c";
 const E_NOENT = "E02";
+const E_IO = "E05";
 
 /**
  * The default x86-64 register layout of GDB when the target description names only the architecture
@@ -336,7 +337,9 @@ export class GdbSession {
       }
     } catch (e) {
       if (e instanceof TranslationError || e instanceof RangeError) return E_FAULT;
-      throw e;
+      // A host-side failure (an ioctl on the vCPU): one line, and the client gets an error, not silence.
+      console.error(`denovm: gdb stub: ${p[0]} packet: ${(e as Error).message}`);
+      return E_IO;
     }
   }
 
