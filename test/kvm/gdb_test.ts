@@ -134,6 +134,7 @@ Deno.test({
         "x/gx 0xffff800000000000",
         "detach",
       ]);
+      console.log(`gdb's output:\n${out}\ndenovm's stderr:\n${vm.stderr()}`);
       // Attached at the guest's first instruction, the VM paused; one vCPU, one thread.
       assert.match(out, /_start \(\) at .*start\.S/, out);
       assert.match(out, /\* 1 +Thread 1 \(vCPU 0\)/, out);
@@ -172,6 +173,7 @@ Deno.test({
         "info threads",
         "kill",
       ], RUN_BEFORE_INTERRUPT_MS);
+      console.log(`gdb's output:\n${out}\ndenovm's stderr:\n${vm.stderr()}`);
       assert.match(out, /received signal SIGINT, Interrupt\./, out);
       assert.match(out, /\$1 = 1\n/, out);
       assert.match(out, /Thread 1 \(vCPU 0\)/, out);

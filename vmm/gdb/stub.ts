@@ -4,11 +4,13 @@
 // are the default x86-64 layout, memory is guest-virtual through the selected vCPU's page tables
 // (guest-physical after `maintenance packet Qqemu.PhyMemMode:1`, QEMU's packet for it).
 //
-// Breakpoints: Z1 (hardware) uses the debug registers DR0-DR3 through KVM_SET_GUEST_DEBUG; Z0
-// (software) writes int3 into guest memory with KVM_GUESTDBG_USE_SW_BP, or, where the host's KVM
-// cannot trap int3 (kvm_pvm's instruction emulator lacks it: docs/testing.md), takes a debug
-// register too, as crosvm's stub does for all its breakpoints. Everything the client sends is checked:
-// a malformed packet or a bad address gets an `Exx` reply.
+// Breakpoints: Z1 (hardware) uses the debug registers DR0-DR3 through KVM_SET_GUEST_DEBUG. Z0
+// (software) takes a free debug register too, as crosvm's stub does for all its breakpoints: that
+// works on every KVM, while int3 does not (kvm_pvm's instruction emulator lacks it, docs/testing.md,
+// and QEMU's TCG emulation of SVM, the nested test host, delivers int3 to the guest instead of
+// KVM's intercept). With all four taken, Z0 writes int3 into guest memory with
+// KVM_GUESTDBG_USE_SW_BP where the host can trap it. Everything the client sends is checked: a
+// malformed packet or a bad address gets an `Exx` reply.
 
 import type { GuestMemory } from "../../core/memory.ts";
 import {
@@ -60,8 +62,8 @@ export interface DebugTarget {
 }
 
 export interface StubOptions {
-  /** How Z0 is served: int3 in guest memory, or a debug register (hosts that cannot trap int3). */
-  softwareBreakpoints: "int3" | "debug-registers";
+  /** Z0 may write int3 into guest memory once the debug registers are taken (the host's KVM traps it). */
+  int3: boolean;
   /** Send bytes to the client. */
   send: (bytes: Uint8Array) => void;
   /** The client is done (detach, kill): close the transport. */
@@ -196,6 +198,16 @@ export class GdbSession {
   detach(): Promise<void> {
     this.#enqueue(() => this.#detach());
     return this.#queue;
+  }
+
+  /** The VM has ended with `code`: tell the client the process exited (W) and close. */
+  vmEnded(code: number): void {
+    this.#enqueue(() => {
+      if (this.#closed) return;
+      this.#reply(`W${hex2(code & 0xff)}`);
+      this.#closed = true;
+      this.#opts.close?.();
+    });
   }
 
   /** Resolves when every packet so far has been handled (for tests). */
@@ -568,12 +580,11 @@ export class GdbSession {
     }
     if (this.#breakpoints.has(key)) return "OK";
     const bp: Breakpoint = { type, addr };
-    if (type === 1 || this.#opts.softwareBreakpoints === "debug-registers") {
-      const used = new Set([...this.#breakpoints.values()].map((b) => b.slot));
-      const slot = [...Array(GUEST_DEBUG_ADDRESS_REGISTERS).keys()].find((i) => !used.has(i));
-      if (slot === undefined) return E_NOSPC;
-      bp.slot = slot;
-    } else {
+    const used = new Set([...this.#breakpoints.values()].map((b) => b.slot));
+    const slot = [...Array(GUEST_DEBUG_ADDRESS_REGISTERS).keys()].find((i) => !used.has(i));
+    if (slot !== undefined) bp.slot = slot;
+    else if (type === 1 || !this.#opts.int3) return E_NOSPC;
+    else {
       const [piece] = this.#pieces(addr, 1);
       bp.phys = piece.phys;
       bp.saved = this.#target.memory.getU8(piece.phys);

@@ -90,14 +90,14 @@ class FakeTarget implements DebugTarget {
 }
 
 /** A session on a fake target and a client that sends packets and reads the replies. */
-function rig(vcpus = 1, softwareBreakpoints: "int3" | "debug-registers" = "int3") {
+function rig(vcpus = 1, int3 = true) {
   const target = new FakeTarget(vcpus);
   const fromStub = new PacketReader();
   const replies: string[] = [];
   let acks = 0;
   let closed = false;
   const session = new GdbSession(target, {
-    softwareBreakpoints,
+    int3,
     send: (b) => {
       for (const e of fromStub.feed(b)) {
         if (e.kind === "packet") replies.push(new TextDecoder().decode(e.data));
@@ -229,7 +229,7 @@ async function askRaw(target: FakeTarget, bytes: Uint8Array): Promise<string | u
   const reader = new PacketReader();
   let reply: string | undefined;
   const s = new GdbSession(target, {
-    softwareBreakpoints: "int3",
+    int3: true,
     send: (b) => {
       for (const e of reader.feed(b)) if (e.kind === "packet") reply = new TextDecoder().decode(e.data);
     },
@@ -239,30 +239,37 @@ async function askRaw(target: FakeTarget, bytes: Uint8Array): Promise<string | u
   return reply;
 }
 
-Deno.test("gdb stub: int3 breakpoints are planted, hidden from reads, and removed", async () => {
+Deno.test("gdb stub: with the debug registers taken, int3 breakpoints are planted, hidden from reads, and removed", async () => {
   const { ask, target } = rig();
   try {
+    for (const a of ["1000", "1100", "1200"]) assert.equal(await ask(`Z1,${a},1`), "OK");
+    assert.equal(await ask(`Z0,${LOW.toString(16)},1`), "OK"); // the fourth debug register
+    assert.equal(target.memory.getU8(LOW), 0);
     target.memory.setU8(PHYS, 0x55);
-    assert.equal(await ask(`Z0,${VIRT.toString(16)},1`), "OK");
+    assert.equal(await ask(`Z0,${VIRT.toString(16)},1`), "OK"); // now int3
     assert.equal(target.memory.getU8(PHYS), 0xcc);
     assert.equal(await ask(`m${VIRT.toString(16)},1`), "55");
     assert.equal(await ask(`Z0,${VIRT.toString(16)},1`), "OK"); // again: no second plant
     assert.equal(await ask(`z0,${VIRT.toString(16)},1`), "OK");
     assert.equal(target.memory.getU8(PHYS), 0x55);
     assert.equal(await ask("Z0,ffff800000000000,1"), "E0e");
+    assert.equal(await ask("Z1,1300,1"), "E1c"); // a hardware breakpoint needs a register
     assert.equal(await ask("Z0,zz,1"), "E16");
     assert.equal(await ask("Z2,1000,4"), ""); // watchpoints: not supported
     // On resume, every vCPU gets KVM_GUESTDBG_USE_SW_BP while an int3 is planted.
     await ask(`Z0,${VIRT.toString(16)},1`);
     assert.equal(await ask("c"), undefined);
-    assert.deepEqual(target.debug.at(-1)!.control, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP);
+    assert.deepEqual(
+      target.debug.at(-1)!.control,
+      KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP | KVM_GUESTDBG_USE_SW_BP,
+    );
   } finally {
     target.memory.close();
   }
 });
 
 Deno.test("gdb stub: hardware breakpoints and, without int3, software ones take DR0-DR3", async () => {
-  const { ask, target, replies, session } = rig(2, "debug-registers");
+  const { ask, target, replies, session } = rig(2, false);
   try {
     await ask("qSupported:swbreak+;hwbreak+");
     assert.equal(await ask("Z1,1000,1"), "OK");
@@ -271,6 +278,7 @@ Deno.test("gdb stub: hardware breakpoints and, without int3, software ones take 
     assert.equal(await ask("Z1,3000,1"), "OK");
     assert.equal(await ask("Z1,4000,1"), "OK");
     assert.equal(await ask("Z1,5000,1"), "E1c"); // four debug registers
+    assert.equal(await ask("Z0,6000,1"), "E1c"); // and no int3 on this host
     assert.equal(await ask("z1,3000,1"), "OK");
     assert.equal(await ask("Z1,5000,1"), "OK"); // the freed register
     assert.equal(await ask("c"), undefined);
@@ -354,25 +362,43 @@ Deno.test("gdb stub: acknowledgements, bad checksums, no-ack mode, detach and ki
     await ask("?");
     assert.equal(acks(), 2);
     // Detach: breakpoints out, debugging off, the VM runs, the transport closes.
+    for (const a of ["1000", "1100", "1200", "1300"]) await ask(`Z1,${a},1`);
     target.memory.setU8(LOW, 0x90);
+    target.memory.setU8(PHYS, 0x66);
     await ask(`Z0,${LOW.toString(16)},1`);
+    await ask(`Z0,${VIRT.toString(16)},1`);
     assert.equal(target.memory.getU8(LOW), 0xcc);
+    assert.equal(target.memory.getU8(PHYS), 0xcc);
     session.receive(encodePacket("D"));
     await session.settled();
     assert.equal(replies.at(-1), "OK");
     assert.equal(target.memory.getU8(LOW), 0x90);
     assert.equal(target.debug.at(-1)!.control, 0);
+    assert.equal(target.memory.getU8(PHYS), 0x66); // the int3 taken out too
     assert.equal(target.paused, false);
     assert.equal(target.stop, undefined);
     assert.ok(closed());
   } finally {
     target.memory.close();
   }
+  // The VM ends while the client waits for a stop: it hears W and the exit code.
+  const w = rig();
+  try {
+    await w.ask("c");
+    w.session.vmEnded(33);
+    await w.session.settled();
+    assert.equal(w.replies.at(-1), "W21");
+    assert.ok(w.closed());
+  } finally {
+    w.target.memory.close();
+  }
   // A client that disconnects while the VM runs: the VM pauses, the breakpoints go, it runs on.
   const b = rig();
   try {
+    for (const a of ["1000", "1100", "1200", "1300"]) await b.ask(`Z1,${a},1`);
     b.target.memory.setU8(LOW, 0x90);
     await b.ask(`Z0,${LOW.toString(16)},1`);
+    assert.equal(b.target.memory.getU8(LOW), 0xcc);
     await b.ask("c");
     await b.session.detach();
     assert.equal(b.target.memory.getU8(LOW), 0x90);
