@@ -1,9 +1,8 @@
 // `denovm run --gdb PORT` driven by Debian's gdb in batch mode against the gdb_target test guest
 // (test/guests/gdb_target.c, built with debug information): break on a symbol, read a variable,
 // single-step, continue, hardware breakpoints, guest-physical memory, several vCPUs as threads, and
-// Ctrl-C. Needs /dev/kvm (kvm_pvm serves software breakpoints with debug registers: its emulator
-// cannot trap int3; test/nested/nested_kvm_test.ts runs this file on a hardware-style KVM too, where
-// they are int3) and gdb (scripts/setup.sh installs it).
+// Ctrl-C. Needs /dev/kvm (test/nested/nested_kvm_test.ts runs this file on a hardware-style KVM
+// too) and gdb (scripts/setup.sh installs it).
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
