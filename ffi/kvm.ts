@@ -51,6 +51,8 @@ export const KVM_CPUID_ENTRY2_SIZE = 40;
 /** struct kvm_irq_routing header and one struct kvm_irq_routing_entry. */
 export const KVM_IRQ_ROUTING_HEADER_SIZE = 8;
 export const KVM_IRQ_ROUTING_ENTRY_SIZE = 48;
+/** struct kvm_guest_debug: control u32, pad u32, struct kvm_guest_debug_arch (debugreg[8] u64). */
+export const KVM_GUEST_DEBUG_SIZE = 72;
 
 // ---- ioctl requests ----
 export const KVM_GET_API_VERSION = io(0x00);
@@ -81,6 +83,7 @@ export const KVM_SET_LAPIC = iow(0x8f, KVM_LAPIC_STATE_SIZE);
 export const KVM_SET_CPUID2 = iow(0x90, KVM_CPUID2_HEADER_SIZE);
 export const KVM_GET_MP_STATE = ior(0x98, KVM_MP_STATE_SIZE);
 export const KVM_SET_MP_STATE = iow(0x99, KVM_MP_STATE_SIZE);
+export const KVM_SET_GUEST_DEBUG = iow(0x9b, KVM_GUEST_DEBUG_SIZE);
 
 /** Names of the requests, for error messages. */
 export const IOCTL_NAMES: Record<number, string> = Object.fromEntries(
@@ -113,6 +116,7 @@ export const IOCTL_NAMES: Record<number, string> = Object.fromEntries(
     KVM_SET_CPUID2,
     KVM_GET_MP_STATE,
     KVM_SET_MP_STATE,
+    KVM_SET_GUEST_DEBUG,
   }).map(([k, v]) => [v, k]),
 );
 
@@ -123,6 +127,7 @@ export const KVM_CAP_SET_TSS_ADDR = 4;
 export const KVM_CAP_NR_VCPUS = 9;
 export const KVM_CAP_NR_MEMSLOTS = 10;
 export const KVM_CAP_IRQFD = 32;
+export const KVM_CAP_SET_GUEST_DEBUG = 23;
 export const KVM_CAP_PIT2 = 33;
 export const KVM_CAP_IOEVENTFD = 36;
 export const KVM_CAP_MAX_VCPUS = 66;
@@ -153,6 +158,15 @@ export const KVM_MP_STATE_UNINITIALIZED = 1;
 export const KVM_MP_STATE_INIT_RECEIVED = 2;
 export const KVM_MP_STATE_HALTED = 3;
 export const KVM_MP_STATE_SIPI_RECEIVED = 4;
+
+/** kvm_guest_debug.control (linux/kvm.h; the hardware-breakpoint and injection bits from asm/kvm.h). */
+export const KVM_GUESTDBG_ENABLE = 0x00000001;
+export const KVM_GUESTDBG_SINGLESTEP = 0x00000002;
+export const KVM_GUESTDBG_USE_SW_BP = 0x00010000;
+export const KVM_GUESTDBG_USE_HW_BP = 0x00020000;
+/** The x86 debug registers KVM takes in kvm_guest_debug_arch.debugreg: DR0-DR3 addresses, DR7 the control. */
+export const GUEST_DEBUG_ADDRESS_REGISTERS = 4;
+export const GUEST_DEBUG_DR7_INDEX = 7;
 
 // ---- exits (kvm_run.exit_reason) ----
 export const KVM_EXIT_UNKNOWN = 0;
@@ -199,6 +213,11 @@ export const RUN_INTERNAL_SUBERROR = RUN_UNION + 0;
 export const RUN_INTERNAL_NDATA = RUN_UNION + 4;
 export const RUN_INTERNAL_DATA = RUN_UNION + 8;
 export const RUN_SYSTEM_EVENT_TYPE = RUN_UNION + 0;
+/** kvm_run.debug.arch, struct kvm_debug_exit_arch: exception u32, pad u32, pc u64, dr6 u64, dr7 u64. */
+export const RUN_DEBUG_EXCEPTION = RUN_UNION + 0;
+export const RUN_DEBUG_PC = RUN_UNION + 8;
+export const RUN_DEBUG_DR6 = RUN_UNION + 16;
+export const RUN_DEBUG_DR7 = RUN_UNION + 24;
 
 // ---- struct kvm_regs (asm/kvm.h): 18 __u64 in this order ----
 export const REG_NAMES = [
@@ -368,6 +387,19 @@ export function msrsStruct(entries: [number, bigint][]) {
   return b;
 }
 
+/** Field offsets of struct kvm_guest_debug and its eight debug registers. */
+export const GUEST_DEBUG_CONTROL = 0;
+export const GUEST_DEBUG_DEBUGREG = 8;
+export const GUEST_DEBUG_REGISTERS = 8;
+
+/** struct kvm_guest_debug: the control bits and the debug registers DR0-DR7 (only DR0-DR3 and DR7 are used). */
+export function guestDebugStruct(control: number, debugreg: readonly bigint[] = []) {
+  const b = new Uint8Array(KVM_GUEST_DEBUG_SIZE);
+  const v = new DataView(b.buffer);
+  v.setUint32(GUEST_DEBUG_CONTROL, control, true);
+  debugreg.slice(0, GUEST_DEBUG_REGISTERS).forEach((r, i) => v.setBigUint64(GUEST_DEBUG_DEBUGREG + 8 * i, r, true));
+  return b;
+}
 /** struct kvm_irq_routing with irqchip entries {gsi, irqchip, pin}. */
 export function irqRoutingStruct(entries: { gsi: number; chip: number; pin: number }[]) {
   const b = new Uint8Array(KVM_IRQ_ROUTING_HEADER_SIZE + entries.length * KVM_IRQ_ROUTING_ENTRY_SIZE);

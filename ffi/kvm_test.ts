@@ -57,6 +57,15 @@ Deno.test("ffi/kvm.ts matches <linux/kvm.h>: struct sizes and field offsets", as
     ["sizeof.kvm_irq_routing", kvm.KVM_IRQ_ROUTING_HEADER_SIZE],
     ["sizeof.kvm_irq_routing_entry", kvm.KVM_IRQ_ROUTING_ENTRY_SIZE],
     ["sizeof.kvm_segment", kvm.KVM_SEGMENT_SIZE],
+    ["sizeof.kvm_guest_debug", kvm.KVM_GUEST_DEBUG_SIZE],
+    ["sizeof.kvm_debug_exit_arch", kvm.RUN_DEBUG_DR7 + 8 - kvm.RUN_DEBUG_EXCEPTION],
+    ["kvm_guest_debug.control", kvm.GUEST_DEBUG_CONTROL],
+    ["kvm_guest_debug.arch.debugreg", kvm.GUEST_DEBUG_DEBUGREG],
+    ["count.kvm_guest_debug_arch.debugreg", kvm.GUEST_DEBUG_REGISTERS],
+    ["kvm_run.debug.arch.exception", kvm.RUN_DEBUG_EXCEPTION],
+    ["kvm_run.debug.arch.pc", kvm.RUN_DEBUG_PC],
+    ["kvm_run.debug.arch.dr6", kvm.RUN_DEBUG_DR6],
+    ["kvm_run.debug.arch.dr7", kvm.RUN_DEBUG_DR7],
     ["kvm_run.request_interrupt_window", kvm.RUN_REQUEST_INTERRUPT_WINDOW],
     ["kvm_run.immediate_exit", kvm.RUN_IMMEDIATE_EXIT],
     ["kvm_run.exit_reason", kvm.RUN_EXIT_REASON],
@@ -141,6 +150,12 @@ Deno.test("ffi/kvm.ts matches <linux/kvm.h>: struct sizes and field offsets", as
   assert.equal(rt.getUint32(base + h.get("kvm_irq_routing_entry.type")!, true), kvm.KVM_IRQ_ROUTING_IRQCHIP);
   assert.equal(rt.getUint32(base + h.get("kvm_irq_routing_entry.u.irqchip.irqchip")!, true), 2);
   assert.equal(rt.getUint32(base + h.get("kvm_irq_routing_entry.u.irqchip.pin")!, true), 2);
+  const gd = new DataView(
+    kvm.guestDebugStruct(kvm.KVM_GUESTDBG_ENABLE, [0x1000n, 0n, 0n, 0n, 0n, 0n, 0n, 0x402n]).buffer,
+  );
+  assert.equal(gd.getUint32(h.get("kvm_guest_debug.control")!, true), kvm.KVM_GUESTDBG_ENABLE);
+  assert.equal(gd.getBigUint64(h.get("kvm_guest_debug.arch.debugreg")!, true), 0x1000n);
+  assert.equal(gd.getBigUint64(h.get("kvm_guest_debug.arch.debugreg")! + 8 * kvm.GUEST_DEBUG_DR7_INDEX, true), 0x402n);
   const ms = new DataView(kvm.msrsStruct([[0x10, 5n]]).buffer);
   assert.equal(ms.getUint32(kvm.KVM_MSRS_HEADER_SIZE + h.get("kvm_msr_entry.index")!, true), 0x10);
   assert.equal(ms.getBigUint64(kvm.KVM_MSRS_HEADER_SIZE + h.get("kvm_msr_entry.data")!, true), 5n);

@@ -101,6 +101,8 @@ while read -r m; do insmod "/modules/$m.ko" || fail "insmod $m failed"; done </m
 # No halt polling: KVM spins up to halt_poll_ns in the kernel when a vCPU halts, hoping for an early
 # wake-up. On this host's one emulated CPU that spinning is TCG work taken from everything else.
 echo 0 >/sys/module/kvm/parameters/halt_poll_ns
+# The loopback interface, for tests that use TCP on 127.0.0.1 (the GDB stub's).
+ip link set lo up || fail "cannot bring up the loopback interface"
 p9="trans=virtio,version=9p2000.L,msize=512000"
 mount -t 9p -o "$p9,ro,cache=loose" host /host || fail "cannot mount the host's root"
 mount -t tmpfs -o mode=0755 upper /upper

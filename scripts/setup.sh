@@ -46,6 +46,8 @@ packages=(
   iproute2 procps util-linux
   # virtio-gpu: virglrenderer and Mesa (EGL, software GL drivers)
   libvirglrenderer1 libgl1-mesa-dri libegl-mesa0 libegl1 libgbm1 mesa-vulkan-drivers
+  # the GDB stub's test (test/kvm/gdb_test.ts) drives Debian's gdb
+  gdb
   ca-certificates
 )
 [[ "${DENOVM_SKIP_CHROMIUM:-}" == 1 ]] || packages+=(chromium)

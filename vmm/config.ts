@@ -145,6 +145,8 @@ export interface VmConfig {
   gpu?: GpuConfig;
   /** Control socket path. */
   socket?: string;
+  /** Serve the GDB remote protocol on 127.0.0.1:gdb (vmm/gdb/); the VM waits paused for the debugger. */
+  gdb?: number;
   /**
    * Add a virtio-console device with the guest agent's named port (org.denovm.agent; agent/README.md),
    * for the library's vm.exec(). Off by default; `--agent` on the command line.
@@ -154,6 +156,9 @@ export interface VmConfig {
   virtioMmioCmdline: boolean;
   logLevel?: string;
 }
+
+/** The largest TCP port (ports are 16 bits, RFC 793), for --gdb. */
+export const MAX_TCP_PORT = 0xffff;
 
 /** crosvm's default guest memory in MiB (cmdline.rs, `--mem`: "default: 256"). */
 export const DEFAULT_MEM_MIB = 256;

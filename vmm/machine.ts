@@ -18,7 +18,15 @@ import { machineControlHandler } from "./control/handler.ts";
 import type { GuestRequest } from "./device_manager/legacy.ts";
 import type { DeviceManager } from "./device_manager/manager.ts";
 import { Vcpu, type VcpuEnd } from "./kvm/vcpu.ts";
-import { CMD_PAUSE, CMD_RUN, CMD_STOP, CTL_COMMAND, CTL_PAUSED, CTL_SLOTS } from "./kvm/vcpu_channel.ts";
+import {
+  CMD_PAUSE,
+  CMD_RUN,
+  CMD_STOP,
+  CTL_COMMAND,
+  CTL_PAUSED,
+  CTL_SLOTS,
+  type VcpuDebugMessage,
+} from "./kvm/vcpu_channel.ts";
 import type { Kvm, VmHandle } from "./kvm/vm.ts";
 
 /** How long stop() waits for vCPU Workers to leave KVM_RUN before terminating them. */
@@ -71,6 +79,7 @@ export class Machine {
   #exitCode: number | undefined;
   #closed = false;
   #controlServer: ControlServer | undefined;
+  #debugStop: ((vcpu: number, stop: VcpuDebugMessage) => void) | undefined;
   /** Resolves with crosvm's exit code when the VM ends. */
   readonly exitCode: Promise<number>;
   /** Why the VM ended, one line (for the library and logs). */
@@ -123,6 +132,7 @@ export class Machine {
         debugExit: this.#debugExit,
         devices: workerDevices,
         deviceWake: () => this.devices.workerWake(),
+        onDebug: (stop) => this.#debugStop?.(id, stop),
       });
       this.#vcpus.push(v);
       v.ended.then((end) => this.#vcpuEnded(id, end));
@@ -203,6 +213,34 @@ export class Machine {
 
   get paused(): boolean {
     return Atomics.load(this.#ctl, CTL_COMMAND) === CMD_PAUSE;
+  }
+
+  /** How many vCPUs the VM has (started or not). */
+  get vcpuCount(): number {
+    return this.#vcpuFds.length;
+  }
+
+  /**
+   * A vCPU's fd, for a debugger's register reads and KVM_SET_GUEST_DEBUG; use it only while the VM is
+   * paused (every vCPU out of KVM_RUN) or before start().
+   */
+  vcpuFd(id: number): number {
+    const fd = this.#vcpuFds[id];
+    if (fd === undefined) throw new RangeError(`no vCPU ${id}`);
+    return fd;
+  }
+
+  /**
+   * Hear KVM_EXIT_DEBUG stops (a debugger's breakpoint or single step): the stopping vCPU has already
+   * paused the VM's command and parked; the handler pauses the others (pause()) and later resume()s.
+   */
+  onDebugStop(handler: ((vcpu: number, stop: VcpuDebugMessage) => void) | undefined): void {
+    this.#debugStop = handler;
+  }
+
+  /** Whether the VM has ended (its exit code is set). */
+  get ended(): boolean {
+    return this.#exitCode !== undefined;
   }
 
   /** Press the ACPI power button: the GED's interrupt runs _EVT, which notifies \_SB.PWRB (vmm/arch/acpi.ts). */

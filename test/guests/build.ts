@@ -30,6 +30,7 @@ export const GUESTS: Readonly<Record<string, readonly string[]>> = {
   gpu_blob: ["gpu_blob.c", "virtio_mmio.c"],
   ticker: ["ticker.c"],
   powerbtn: ["powerbtn.c"],
+  gdb_target: ["gdb_target.c"],
 };
 
 export type GuestName = keyof typeof GUESTS;
@@ -55,6 +56,8 @@ export const GCC_FLAGS: readonly string[] = [
   "-mno-mmx",
   "-mno-red-zone",
   "-fno-stack-protector",
+  // Debug information, for test/kvm/gdb_test.ts's debugger (the loader takes only the PT_LOAD segments).
+  "-g",
   "-mgeneral-regs-only",
   "-mcmodel=small",
   "-fno-asynchronous-unwind-tables",

@@ -113,6 +113,11 @@ export const RUN_FLAGS: readonly FlagDef[] = [
   },
   { long: "socket", short: "s", arg: "PATH", help: "control socket to create (for stop, balloon, gpu ...)" },
   {
+    long: "gdb",
+    arg: "PORT",
+    help: "serve the GDB remote protocol on 127.0.0.1:PORT (vCPUs as threads); the VM waits paused for the debugger",
+  },
+  {
     long: "block",
     short: "b",
     arg: "[path=]PATH[,key=value...]",

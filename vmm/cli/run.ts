@@ -10,6 +10,7 @@ import {
   gpuConfig,
   type GpuDisplayConfig,
   type InputConfig,
+  MAX_TCP_PORT,
   type NetConfig,
   type VmConfig,
 } from "../config.ts";
@@ -310,6 +311,9 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
         break;
       case "socket":
         cfg.socket = v;
+        break;
+      case "gdb":
+        cfg.gdb = parseUint(v, "--gdb", 1, MAX_TCP_PORT);
         break;
       case "block":
         cfg.blocks.push(parseBlockOption(v, "--block"));

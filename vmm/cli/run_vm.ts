@@ -3,6 +3,7 @@
 import type { VmConfig } from "../config.ts";
 import { buildMachine } from "../builder.ts";
 import { gpuSummary, startWebDisplay } from "../library/gpu_front.ts";
+import { startGdbServer } from "../gdb/server.ts";
 
 /**
  * With DENOVM_TIMINGS set, `run` prints where its start-up time went, on stderr, once the vCPUs run:
@@ -24,6 +25,7 @@ export async function runVm(config: VmConfig): Promise<number> {
     await machine.startControlSocket();
     const url = await startWebDisplay(machine);
     if (url) console.error(`denovm: web display at ${url}`);
+    if (config.gdb !== undefined) await startGdbServer(machine, config.gdb);
     await machine.start();
     if (Deno.env.get(TIMINGS_ENV)) {
       const tRunning = performance.now();

@@ -12,6 +12,7 @@ import {
   IO_TID,
   KIND_PIO,
   serveRequest,
+  type VcpuDebugMessage,
   type VcpuExitMessage,
   type VcpuStartMessage,
 } from "./vcpu_channel.ts";
@@ -37,6 +38,8 @@ export interface VcpuOptions {
   devices?: readonly WorkerDevice[];
   /** A device the worker serves has something for the main thread (a UART's output): take it. */
   deviceWake?: () => void;
+  /** KVM_EXIT_DEBUG stopped this vCPU (it has paused the VM's command and parked). */
+  onDebug?: (stop: VcpuDebugMessage) => void;
 }
 
 export class Vcpu {
@@ -64,10 +67,12 @@ export class Vcpu {
     let readyResolve!: () => void;
     this.ready = new Promise((r) => readyResolve = r);
     this.ended = new Promise((resolve) => {
-      this.#worker.onmessage = (e: MessageEvent<VcpuExitMessage | typeof DOORBELL | typeof DEVICE_WAKE>) => {
+      type Message = VcpuExitMessage | VcpuDebugMessage | typeof DOORBELL | typeof DEVICE_WAKE;
+      this.#worker.onmessage = (e: MessageEvent<Message>) => {
         const m = e.data;
         if (m === DOORBELL) return this.#serveIo();
         if (m === DEVICE_WAKE) return opts.deviceWake?.();
+        if (m.kind === "debug") return opts.onDebug?.(m);
         if (m.kind === "ready") {
           this.#tid = m.tid;
           readyResolve();

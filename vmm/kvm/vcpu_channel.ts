@@ -49,6 +49,18 @@ export interface VcpuStartMessage {
   devices: readonly WorkerDevice[];
 }
 
+/**
+ * What a vCPU Worker reports when KVM_EXIT_DEBUG stops it (a breakpoint, a debug-register hit, a single
+ * step): struct kvm_debug_exit_arch's exception vector, guest pc and DR6. The worker has already put
+ * the VM's command to CMD_PAUSE (if it was CMD_RUN) and parked; the main thread pauses the other vCPUs.
+ */
+export interface VcpuDebugMessage {
+  kind: "debug";
+  exception: number;
+  pc: bigint;
+  dr6: bigint;
+}
+
 /** What a vCPU Worker reports. */
 export type VcpuExitMessage =
   | { kind: "ready"; tid: number }

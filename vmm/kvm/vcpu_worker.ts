@@ -5,6 +5,7 @@
 // the answer is there, exactly as the guest's instruction waits for it.
 
 import {
+  KVM_EXIT_DEBUG,
   KVM_EXIT_FAIL_ENTRY,
   KVM_EXIT_HLT,
   KVM_EXIT_INTERNAL_ERROR,
@@ -19,6 +20,9 @@ import {
   KVM_SYSTEM_EVENT_RESET,
   KVM_SYSTEM_EVENT_SHUTDOWN,
   kvmRun,
+  RUN_DEBUG_DR6,
+  RUN_DEBUG_EXCEPTION,
+  RUN_DEBUG_PC,
   RUN_EXIT_REASON,
   RUN_FAIL_ENTRY_REASON,
   RUN_IMMEDIATE_EXIT,
@@ -44,6 +48,7 @@ import { workerDeviceTable } from "./worker_devices.ts";
 import { DEBUG_EXIT_PORT } from "../arch/layout.ts";
 import {
   CMD_PAUSE,
+  CMD_RUN,
   CMD_STOP,
   CTL_COMMAND,
   CTL_PAUSED,
@@ -53,6 +58,7 @@ import {
   IO_TID,
   KIND_MMIO,
   KIND_PIO,
+  type VcpuDebugMessage,
   type VcpuExitMessage,
   type VcpuStartMessage,
 } from "./vcpu_channel.ts";
@@ -178,6 +184,21 @@ function runLoop(start: VcpuStartMessage, runPtr: NonNullable<Deno.PointerValue>
       case KVM_EXIT_HLT:
         // With the in-kernel irqchip HLT is handled by KVM; an exit here only means "look again".
         break;
+      case KVM_EXIT_DEBUG: {
+        // A debugger's stop (KVM_SET_GUEST_DEBUG is on): the whole VM pauses here. The command goes from
+        // run to pause (a stop or a pause already there stays), the main thread hears why and pauses
+        // the other vCPUs; this one parks like any paused vCPU until the debugger lets it go.
+        Atomics.compareExchange(ctl, CTL_COMMAND, CMD_RUN, CMD_PAUSE);
+        const stop: VcpuDebugMessage = {
+          kind: "debug",
+          exception: run.getUint32(RUN_DEBUG_EXCEPTION, true),
+          pc: run.getBigUint64(RUN_DEBUG_PC, true),
+          dr6: run.getBigUint64(RUN_DEBUG_DR6, true),
+        };
+        self.postMessage(stop);
+        lookAtCommand = true;
+        break;
+      }
       case KVM_EXIT_SHUTDOWN:
         return {
           kind: "crash",
