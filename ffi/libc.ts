@@ -50,6 +50,7 @@ const symbols = {
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" }, // int errnum
   dlsym: { parameters: ["pointer", "buffer"], result: "pointer" }, // void *handle, const char *symbol
+  dlopen: { parameters: ["buffer", "i32"], result: "pointer" }, // const char *filename, int flags
   flock: { parameters: ["i32", "i32"], result: "i32" }, // int fd, int operation
   calloc: { parameters: ["usize", "usize"], result: "pointer" }, // size_t nmemb, size_t size
   free: { parameters: ["pointer"], result: "void" }, // void *ptr
@@ -106,6 +107,9 @@ export const O_CLOEXEC = 0o2000000;
 export const PROT_NONE = 0;
 export const PROT_READ = 1;
 export const PROT_WRITE = 2;
+/** dlopen flags (bits/dlfcn.h): resolve every symbol now; never unload the library. */
+export const RTLD_NOW = 0x00002;
+export const RTLD_NODELETE = 0x01000;
 export const MAP_SHARED = 0x01;
 export const MAP_PRIVATE = 0x02;
 export const MAP_FIXED = 0x10;

@@ -4,7 +4,7 @@
 // negative errno values. Everything here is x86_64 Linux. All calls must come from the thread that called
 // virgl_renderer_init (the GL context lives there).
 
-import { libc } from "./libc.ts";
+import { cstr, libc, RTLD_NODELETE, RTLD_NOW } from "./libc.ts";
 
 /** Resolve the library: DENOVM_VIRGLRENDERER overrides, else the soname of Debian's libvirglrenderer1. */
 export function virglrendererPath(): string {
@@ -302,7 +302,14 @@ export function checkVirgl(call: string, ret: number): void {
 
 let lib: Deno.DynamicLibrary<typeof symbols> | undefined;
 
-/** The virglrenderer symbol table, opened on first use. Throws VirglLoadError. */
+/**
+ * The virglrenderer symbol table, opened on first use. Throws VirglLoadError.
+ *
+ * The library is pinned with RTLD_NODELETE: its state (one renderer per process) then lives as long as the
+ * process, not as long as the isolate that opened it. Deno closes an isolate's handles when the isolate
+ * ends (a Worker, a test module); unloading the library there would leave its threads behind and reset its
+ * state, so a later renderer would initialise as if none existed and its cleanup would never return.
+ */
 export function virgl(): VirglSymbols {
   if (!lib) {
     const path = virglrendererPath();
@@ -310,6 +317,9 @@ export function virgl(): VirglSymbols {
       lib = Deno.dlopen(path, symbols);
     } catch (e) {
       throw new VirglLoadError(path, (e as Error).message);
+    }
+    if (libc().dlopen(cstr(path), RTLD_NOW | RTLD_NODELETE) === null) {
+      throw new VirglLoadError(path, "dlopen with RTLD_NODELETE failed");
     }
   }
   return lib.symbols;

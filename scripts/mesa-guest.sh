@@ -21,7 +21,10 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${DENOVM_CACHE:-$repo/.cache}"
 out="$cache/mesa-guest"
 SUITE=bookworm
-MIRROR=http://deb.debian.org/debian
+# shellcheck source=lib/debmirror.sh
+source "$repo/scripts/lib/debmirror.sh"
+# The machine's own Debian mirror (its apt sources), deb.debian.org when it has none.
+MIRROR="$(debian_mirror)"
 PACKAGES=(kmscube mesa-utils libgl1-mesa-dri libegl1 libgles2 libgbm1)
 # crc32c_generic: ext4 asks the crypto API for crc32c when it mounts (no depends= names it).
 MODULES=(virtio_mmio virtio_blk crc32c_generic ext4 virtio_gpu)

@@ -28,7 +28,10 @@ moddir="$root/usr/lib/x86_64-linux-gnu/qemu"
 # more; -data: firmware (qboot.rom); -modules-opengl: ui-opengl, ui-egl-headless, virtio-gpu-gl.
 PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data qemu-system-modules-opengl)
 SUITE=bookworm-backports
-MIRROR=http://deb.debian.org/debian
+# shellcheck source=lib/debmirror.sh
+source "$repo/scripts/lib/debmirror.sh"
+# The machine's own Debian mirror (its apt sources), deb.debian.org when it has none.
+MIRROR="$(debian_mirror)"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 log() { echo "qemu-backports: $*" >&2; }
@@ -49,7 +52,7 @@ command -v dpkg-deb >/dev/null || die "dpkg-deb not found"
 
 # shellcheck source=lib/debpkgs.sh
 source "$repo/scripts/lib/debpkgs.sh"
-log "apt-get update ($SUITE only, private lists)"
+log "apt-get update ($SUITE only from $MIRROR, private lists)"
 debpkgs_update "$out" "deb [signed-by=$KEYRING] $MIRROR $SUITE main" || die "apt-get update of $SUITE failed"
 debpkgs_download "$out" "${PACKAGES[@]/%//$SUITE}" || die "apt-get download failed"
 debpkgs_unpack "$out" "$root" || die "unpacking the packages failed"

@@ -39,7 +39,10 @@ bin="$root/usr/bin/linux.uml"
 libdir="$root/usr/lib/x86_64-linux-gnu"
 SYSTEM_UML=/usr/bin/linux.uml
 BUSYBOX=/usr/bin/busybox
-MIRROR=http://deb.debian.org/debian
+# shellcheck source=lib/debmirror.sh
+source "$repo/scripts/lib/debmirror.sh"
+# The machine's own Debian mirror (its apt sources), deb.debian.org when it has none.
+MIRROR="$(debian_mirror)"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # Where the UML comes from, and where the libc comes from when its version is new enough.
 UML_SUITE=sid
@@ -119,7 +122,7 @@ command -v patchelf >/dev/null || die "patchelf not found (apt-get install patch
 
 # shellcheck source=lib/debpkgs.sh
 source "$repo/scripts/lib/debpkgs.sh"
-log "apt-get update ($UML_SUITE and $LIBC_SUITE only, private lists)"
+log "apt-get update ($UML_SUITE and $LIBC_SUITE only from $MIRROR, private lists)"
 debpkgs_update "$out" "deb [signed-by=$KEYRING] $MIRROR $UML_SUITE main" \
   "deb [signed-by=$KEYRING] $MIRROR $LIBC_SUITE main" || die "apt-get update of $UML_SUITE/$LIBC_SUITE failed"
 

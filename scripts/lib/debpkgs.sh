@@ -6,8 +6,8 @@
 #
 # debpkgs_update DIR LINE...
 #   Writes the sources list DIR/apt/sources.list holding only the lines LINE... ("deb [...] MIRROR
-#   SUITE main"), sets the array DEBPKGS_APT_OPTS (the options that make apt-get and apt-cache use it)
-#   and runs `apt-get update` with it.
+#   SUITE main", MIRROR from debian_mirror in scripts/lib/debmirror.sh), sets the array
+#   DEBPKGS_APT_OPTS (the options that make apt-get and apt-cache use it) and runs `apt-get update`.
 # debpkgs_download DIR PKG...
 #   Downloads PKG... (name/suite) into DIR/dl, replacing the packages an earlier run left there.
 # debpkgs_unpack DIR ROOT

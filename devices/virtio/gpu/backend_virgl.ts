@@ -249,6 +249,15 @@ export class VirglBackend implements GpuBackend {
       if (CONTEXT_TYPE_CAPSETS[t] === undefined) throw new Error(`unknown virglrenderer context type '${t}'`);
     }
     this.#v = virgl();
+    // `active` is per isolate, the library's state per process: another isolate (a Worker, or a test module
+    // that ended without closing its renderer) may hold it. The library answers get_poll_fd only while a
+    // THREAD_SYNC renderer is initialised. A second init over a live renderer succeeds in 0.10.4, and the
+    // virgl_renderer_cleanup after it never returns (it waits to join the library's sync thread).
+    if (this.#v.virgl_renderer_get_poll_fd() >= 0) {
+      throw new Error(
+        "virglrenderer is already initialised in this process by another isolate (one renderer per process)",
+      );
+    }
     const cb = processCallbacks();
     const wantVenus = types.includes("venus");
     let flags = VIRGL_BACKEND_FLAGS | (wantVenus ? VIRGL_RENDERER_VENUS : 0);

@@ -73,6 +73,9 @@ try {
   console.log(`gpu_virgl_test: skipping: ${skipReason}`);
 }
 const ignore = backend === undefined;
+// The renderer is per process and deno test runs every test module in one process: close it when this
+// module ends, also when a filter kept the test that closes it from running.
+globalThis.addEventListener("unload", () => backend?.close());
 const mem = OwnedGuestMemory.allocate([{ start: 0, size: MEM_SIZE }]);
 let nextGuest = 0;
 let nextId = 1;
@@ -774,5 +777,57 @@ Deno.test({
     } finally {
       vb.close();
     }
+  },
+});
+
+// ---- one renderer per process, across isolates ----
+
+/** Bound on each child process below: a renderer initialised twice can hang in its cleanup. */
+const CHILD_TIMEOUT_MS = 120_000;
+
+/** Run `deno ARGS`, killed after CHILD_TIMEOUT_MS; its status and stdout. */
+async function deno(args: string[]): Promise<{ code: number; out: string }> {
+  const r = await new Deno.Command(Deno.execPath(), {
+    args,
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+    signal: AbortSignal.timeout(CHILD_TIMEOUT_MS),
+  }).output();
+  return { code: r.code, out: new TextDecoder().decode(r.stdout) };
+}
+
+Deno.test({
+  name: "virgl: a renderer held by another isolate, live or ended without close, is refused, not initialised again",
+  ignore,
+  async fn() {
+    const script = new URL("../../../test/support/virgl_isolates.ts", import.meta.url).pathname;
+    const live = await deno(["run", "--allow-all", "--no-check", script, "live"]);
+    assert.equal(live.code, 0, live.out);
+    assert.match(live.out, /LIVE-OWNER: refused: .*already initialised in this process by another isolate/);
+    assert.match(live.out, /REINIT-OK/);
+    const dead = await deno(["run", "--allow-all", "--no-check", script, "dead"]);
+    assert.equal(dead.code, 0, dead.out);
+    assert.match(dead.out, /DEAD-OWNER: refused: .*already initialised in this process by another isolate/);
+  },
+});
+
+Deno.test({
+  name: "virgl: a filtered run that skips this file's tests leaves the renderer to the next test module",
+  ignore,
+  async fn() {
+    // Only one test of state_test.ts matches: this module's renderer, made at load, is closed by the
+    // unload listener, and state_test.ts then gets its own renderer.
+    const r = await deno([
+      "test",
+      "--allow-all",
+      "--no-check",
+      "--filter",
+      "with a virglrenderer context or 3D resource alive",
+      new URL("./backend_virgl_test.ts", import.meta.url).pathname,
+      new URL("./state_test.ts", import.meta.url).pathname,
+    ]);
+    assert.equal(r.code, 0, r.out);
+    assert.match(r.out, /ok \| 1 passed \| 0 failed/);
   },
 });
