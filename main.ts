@@ -2,7 +2,7 @@
 // Every invalid command line ends with one `denovm: <what is wrong>` line on stderr and crosvm's
 // invalid-arguments exit code (35); see core/exit.ts for all exit codes.
 
-import { checkControlArgs, isControlCommand } from "./vmm/cli/control.ts";
+import { controlHelp, isControlCommand, parseControlArgs } from "./vmm/cli/control.ts";
 import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "./core/exit.ts";
 import { DENOVM_VERSION, mainHelp, runHelp } from "./vmm/cli/help.ts";
 import { UsageError } from "./vmm/cli/keyvalue.ts";
@@ -129,7 +129,11 @@ export async function main(args: readonly string[]): Promise<number> {
     }
     if (isControlCommand(command)) {
       const argv = [command, ...rest];
-      checkControlArgs(argv);
+      const parsed = parseControlArgs(argv);
+      if (parsed.help) {
+        writeStdout(controlHelp(parsed.cmd, parsed.sub));
+        return EXIT_SUCCESS;
+      }
       const m = await load("the control client (vmm/control/client.ts)", () => import("./vmm/control/client.ts"));
       if (!m) return EXIT_HOST_ERROR;
       const code = await m.sendControlCommand(argv);

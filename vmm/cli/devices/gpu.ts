@@ -26,6 +26,7 @@ import {
   type KvEntry,
   type KvSchema,
   type KvValue,
+  parseKeyValues,
   parseOption,
   parseUint,
   UsageError,
@@ -326,4 +327,14 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
     device.control = serveJsonLines(a.controlSocket, (req) => handleGpuControl(device, req));
   }
   return { socketPath: a.socketPath, device };
+}
+
+/**
+ * One display as `denovm gpu add-displays --gpu-display DISPLAY` gives it (the same keys as one entry of
+ * `--gpu displays=[...]`), with its dpi when given.
+ */
+export function parseDisplayOption(text: string, where: string): { display: GpuDisplayConfig; dpi?: number[] } {
+  const items = parseKeyValues(text, where);
+  const dpi = decodeKeyValues(DISPLAY_SCHEMA, items).dpi as number[] | undefined;
+  return { display: decodeDisplay(items), dpi };
 }
