@@ -16,7 +16,7 @@ import {
   type GpuControlReply,
   MAX_REQUEST_BYTES,
 } from "./protocol.ts";
-import { ControlServer, ControlSocketInUse } from "./server.ts";
+import { ControlServer, ControlSocketInUse, controlSocketPath } from "./server.ts";
 import { ControlClient, controlRequest, errorOfReply, sendControlCommand } from "./client.ts";
 
 const MAIN = new URL("../../main.ts", import.meta.url).pathname;
@@ -654,6 +654,91 @@ Deno.test("control: a live listener whose backlog is full is still recognised as
   } finally {
     fds.forEach(closeFd);
     closeFd(listener);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: `denovm` subprocesses for crosvm's newer commands: --full, --wait, sleepbtn, balloon_ws, gpu displays", async () => {
+  await withServer(async ({ path, handler }) => {
+    const ok = async (args: string[], stdout = "") => {
+      const r = await runCli(args);
+      assert.equal(r.code, 0, `${args.join(" ")}: ${r.stderr}`);
+      assert.equal(r.stdout, stdout, args.join(" "));
+    };
+    await ok(["suspend", path, "--full"]);
+    await ok(["resume", "--full", path]);
+    await ok(["sleepbtn", path]);
+    await ok(["balloon", "8M", path, "--wait"]);
+    // balloon_ws prints crosvm's whole reply as pretty JSON (what a VM with working-set reporting answers).
+    await ok(["balloon_ws", path], JSON.stringify({ BalloonWS: WS }, null, 2) + "\n");
+    // The gpu commands print crosvm's text for the GpuControlResult.
+    await ok(["gpu", "add-displays", "--gpu-display", "mode=windowed[640,480]", path], "displays updated\n");
+    await ok(["gpu", "remove-displays", "--display-id", "1", path], "displays updated\n");
+    await ok(
+      ["gpu", "set-mouse-mode", "--display-id", "1", "--mouse-mode", "touchscreen", path],
+      "display_mouse_mode_set\n",
+    );
+    assert.deepEqual(handler.calls, [
+      ["suspendFull"],
+      ["resumeFull"],
+      ["sleepButton"],
+      ["balloonAdjustWait", 8 << 20],
+      ["balloonWorkingSet"],
+      ["gpuAddDisplays", [{ mode: { windowed: [640, 480] }, hidden: false, "refresh-rate": 60, dpi: [320, 320] }]],
+      ["gpuRemoveDisplays", [1]],
+      ["gpuSetMouseMode", 1, "touchscreen"],
+    ]);
+    // A GPU result that is not a success is one stderr line and exit 1.
+    let r = await runCli(["gpu", "remove-displays", "--display-id", "0", "--display-id", "5", path]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stdout, "");
+    assert.equal(r.stderr, "denovm: gpu remove-displays: no_such_display 5\n");
+    r = await runCli(["gpu", "set-mouse-mode", "--display-id", "7", "--mouse-mode", "touchscreen", path]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stderr, "denovm: gpu set-mouse-mode: err_string boom\n");
+  });
+});
+
+Deno.test("control: controlSocketPath puts crosvm-<pid>.sock inside a directory and leaves other paths alone", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    assert.equal(controlSocketPath(dir, 42), `${dir}/crosvm-42.sock`);
+    assert.equal(controlSocketPath(`${dir}/`, 42), `${dir}/crosvm-42.sock`);
+    assert.equal(controlSocketPath(`${dir}/vm.sock`, 42), `${dir}/vm.sock`);
+    assert.equal(controlSocketPath(`${dir}/no/such/dir/vm.sock`, 42), `${dir}/no/such/dir/vm.sock`);
+    assert.equal(controlSocketPath(dir), `${dir}/crosvm-${Deno.pid}.sock`);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: the socket file is removed when the process ends by Deno.exit, an uncaught exception or a rejection", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const controlUrl = new URL("./server.ts", import.meta.url).href;
+    for (
+      const ending of [
+        "Deno.exit(3)",
+        "setTimeout(() => { throw new Error('boom'); }, 0)",
+        "Promise.reject(new Error('rej'))",
+      ]
+    ) {
+      const path = `${dir}/vm.sock`;
+      const code = `
+        const { ControlServer } = await import(${JSON.stringify(controlUrl)});
+        const s = new ControlServer(${JSON.stringify(path)}, {});
+        await s.listening;
+        if (!Deno.lstatSync(${JSON.stringify(path)}).isSocket) throw new Error("no socket");
+        ${ending}
+      `;
+      const out = await new Deno.Command(Deno.execPath(), { args: ["eval", code], stdout: "null", stderr: "piped" })
+        .output();
+      const stderr = new TextDecoder().decode(out.stderr);
+      assert.notEqual(out.code, 0, `${ending}: the process failed as asked`);
+      assert.doesNotMatch(stderr, /no socket/);
+      assert.throws(() => Deno.lstatSync(path), Deno.errors.NotFound, `${ending}: socket file left`);
+    }
+  } finally {
     await Deno.remove(dir, { recursive: true });
   }
 });
