@@ -367,6 +367,55 @@ Deno.test({
   },
 });
 
+/** The `crosvm-<pid>.sock` files in `dir`. */
+function crosvmSockets(dir: string): string[] {
+  return [...Deno.readDirSync(dir)].map((e) => e.name).filter((n) => /^crosvm-\d+\.sock$/.test(n));
+}
+
+Deno.test({
+  name: "kvm control: `denovm run -s DIR`: crosvm-<pid>.sock is served there and gone once the process ends, however",
+  ignore: !kvmAvailable,
+  async fn() {
+    await withTempDir(async (dir) => {
+      // The guest ends the VM itself: a crash (triple fault), a reset, a panic. The exit code is not asserted
+      // (it depends on --extended-status); the process has ended when output() resolves, and the file must be gone.
+      for (const guest of ["triple", "reset", "panic"]) {
+        const kernel = await buildGuest(guest);
+        const out = await within(
+          new Deno.Command(Deno.execPath(), {
+            args: ["run", "--allow-all", MAIN, "run", "--mem", "64", "--cpus", "1", "-s", dir, kernel],
+            cwd: REPO_ROOT,
+            stdin: "null",
+            stdout: "null",
+            stderr: "piped",
+          }).output(),
+          () => `denovm run -s DIR (${guest}) did not exit`,
+        );
+        assert.notEqual(out.code, EXIT_HOST_ERROR, `${guest}: ${new TextDecoder().decode(out.stderr)}`);
+        assert.deepEqual(crosvmSockets(dir), [], `${guest}: the socket is left after the VM ended`);
+      }
+      // SIGTERM to a running VM.
+      const child = new Deno.Command(Deno.execPath(), {
+        args: ["run", "--allow-all", MAIN, "run", "--mem", "64", "--cpus", "1", "-s", dir, await buildGuest("ticker")],
+        cwd: REPO_ROOT,
+        stdin: "null",
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      const sock = `${dir}/crosvm-${child.pid}.sock`;
+      const deadline = Date.now() + GUEST_TIMEOUT_MS;
+      while (!existsSync(sock)) {
+        assert.ok(Date.now() < deadline, `${sock} never appeared`);
+        await sleep(20);
+      }
+      assertCliOk(await denovm("suspend", sock), "the socket in the directory answers");
+      child.kill("SIGTERM");
+      await within(child.status, () => "denovm run did not end on SIGTERM");
+      assert.deepEqual(crosvmSockets(dir), [], "the socket is left after SIGTERM");
+    });
+  },
+});
+
 // ---- Always runs: the guests build, load with the VMM's loader, and use no unemulated instructions ----
 
 /** Instructions that must stay out of the test guests (test/kvm/boot_test.ts). */
