@@ -4,7 +4,7 @@
 // (google/crosvm src/main.rs crosvm_main), a VM that ends exits 0 however it ended unless the global
 // `--extended-status` is given; errors keep their own code (35 or 1) either way.
 
-import { checkControlArgs, isControlCommand } from "./vmm/cli/control.ts";
+import { controlHelp, isControlCommand, parseControlArgs } from "./vmm/cli/control.ts";
 import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS, vmEndExitCode } from "./core/exit.ts";
 import { DENOVM_VERSION, mainHelp, runHelp } from "./vmm/cli/help.ts";
 import { UsageError } from "./vmm/cli/keyvalue.ts";
@@ -149,7 +149,11 @@ export async function main(args: readonly string[]): Promise<number> {
     }
     if (isControlCommand(command)) {
       const argv = [command, ...rest];
-      checkControlArgs(argv);
+      const parsed = parseControlArgs(argv);
+      if (parsed.help) {
+        writeStdout(controlHelp(parsed.cmd, parsed.sub));
+        return EXIT_SUCCESS;
+      }
       const m = await load("the control client (vmm/control/client.ts)", () => import("./vmm/control/client.ts"));
       if (!m) return EXIT_HOST_ERROR;
       const code = await m.sendControlCommand(argv);

@@ -11,9 +11,9 @@ import {
   HostError,
 } from "../core/exit.ts";
 import type { OwnedGuestMemory } from "../core/memory.ts";
-import { IRQ_ACPI_SCI } from "./arch/layout.ts";
+import { IRQ_ACPI_SCI, IRQ_ACPI_SLEEP_BUTTON } from "./arch/layout.ts";
 import type { VmConfig } from "./config.ts";
-import { ControlServer } from "./control/server.ts";
+import { ControlServer, controlSocketPath } from "./control/server.ts";
 import { machineControlHandler } from "./control/handler.ts";
 import type { GuestRequest } from "./device_manager/legacy.ts";
 import type { DeviceManager } from "./device_manager/manager.ts";
@@ -31,8 +31,10 @@ import type { Kvm, VmHandle } from "./kvm/vm.ts";
 
 /** How long stop() waits for vCPU Workers to leave KVM_RUN before terminating them. */
 const STOP_GRACE_MS = 2000;
-/** How often pause() looks whether every vCPU has parked. */
+/** How often pause() looks whether every vCPU has parked, and suspendDevices() whether the devices are idle. */
 const PAUSE_POLL_MS = 2;
+/** How long suspendDevices() waits for the devices to finish the requests they hold. */
+const DEVICE_QUIESCE_TIMEOUT_MS = 5000;
 
 /** The exit code (crosvm's) and reason of each request the guest makes through a device. */
 const GUEST_REQUEST_EXIT: Record<GuestRequest, number> = {
@@ -80,6 +82,7 @@ export class Machine {
   #closed = false;
   #controlServer: ControlServer | undefined;
   #debugStop: ((vcpu: number, stop: VcpuDebugMessage) => void) | undefined;
+  #devicesAsleep = false;
   /** Resolves with crosvm's exit code when the VM ends. */
   readonly exitCode: Promise<number>;
   /** Why the VM ended, one line (for the library and logs). */
@@ -204,6 +207,39 @@ export class Machine {
     }
   }
 
+  /**
+   * crosvm `suspend --full` (its SuspendVm): pause every vCPU, stop handing the guest's queue notifications to
+   * the devices, and wait until every device has finished what it holds (Stateful.quiescent). Rejects,
+   * naming the devices, if one is still busy after DEVICE_QUIESCE_TIMEOUT_MS; the VM stays suspended.
+   */
+  async suspendDevices(): Promise<void> {
+    await this.pause();
+    this.#devicesAsleep = true;
+    this.devices.sleep();
+    const deadline = Date.now() + DEVICE_QUIESCE_TIMEOUT_MS;
+    for (let busy = this.devices.busy(); busy.length > 0; busy = this.devices.busy()) {
+      if (this.#exitCode !== undefined) return;
+      if (Date.now() >= deadline) {
+        throw new Error(`devices still busy after ${DEVICE_QUIESCE_TIMEOUT_MS} ms: ${busy.join(", ")}`);
+      }
+      await new Promise((r) => setTimeout(r, PAUSE_POLL_MS));
+    }
+  }
+
+  /** crosvm `resume --full` (its ResumeVm): the devices take the guest's notifications again, then the vCPUs run. */
+  resumeDevices(): void {
+    if (this.#devicesAsleep) {
+      this.#devicesAsleep = false;
+      this.devices.wake();
+    }
+    this.resume();
+  }
+
+  /** True between suspendDevices() and resumeDevices(). */
+  get devicesAsleep(): boolean {
+    return this.#devicesAsleep;
+  }
+
   /** Resume after pause (crosvm `resume`). */
   resume(): void {
     if (Atomics.load(this.#ctl, CTL_COMMAND) !== CMD_PAUSE) return;
@@ -249,12 +285,25 @@ export class Machine {
     this.#vm.pulseIrq(IRQ_ACPI_SCI);
   }
 
-  /** Serve the control socket (-s/--socket) until the VM ends. */
+  /**
+   * Press the ACPI sleep button (crosvm `sleepbtn`): the GED's second interrupt runs _EVT, which notifies
+   * \_SB.SLPB (vmm/arch/acpi.ts). What the guest does with it is its own policy (Linux: an input key event).
+   */
+  sleepButton(): void {
+    if (this.#exitCode !== undefined) throw new Error("the VM has ended");
+    this.#vm.pulseIrq(IRQ_ACPI_SLEEP_BUTTON);
+  }
+
+  /**
+   * Serve the control socket (-s/--socket) until the VM ends. A directory given as the socket gets crosvm's
+   * name inside it (controlSocketPath). The file is removed however the VM or the process ends, short of
+   * SIGKILL (server.ts).
+   */
   async startControlSocket(): Promise<void> {
     if (!this.config.socket) return;
     let server: ControlServer;
     try {
-      server = new ControlServer(this.config.socket, machineControlHandler(this));
+      server = new ControlServer(controlSocketPath(this.config.socket), machineControlHandler(this));
       await server.listening;
     } catch (e) {
       // A socket that cannot be created (a missing directory, no permission) is a host fault: exit 1.
@@ -262,6 +311,11 @@ export class Machine {
       throw new HostError(`--socket ${this.config.socket}: cannot listen: ${(e as Error).message.split("\n")[0]}`);
     }
     this.#controlServer = server;
+  }
+
+  /** The control socket's path while it is served. */
+  get controlSocket(): string | undefined {
+    return this.#controlServer?.path;
   }
 
   /** Send bytes to a serial port's input (COM1 by default). */

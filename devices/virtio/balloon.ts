@@ -142,6 +142,8 @@ export class BalloonDevice implements VirtioDevice, Stateful {
   #statsHead: number | undefined;
   #guestStats: BalloonGuestStats | undefined;
   readonly #statsWaiters: (() => void)[] = [];
+  /** Callers of targetReached() waiting for `actual` to equal the target. */
+  #targetWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   /** MADV_REMOVE is refused (EINVAL) on private anonymous memory: then MADV_DONTNEED is used. */
   #useRemove = true;
   readonly #log = new RateLimitedLog("virtio-balloon");
@@ -179,7 +181,23 @@ export class BalloonDevice implements VirtioDevice, Stateful {
     const pages = pagesFor(bytes);
     if (pages === this.#numPages) return;
     this.#numPages = pages;
+    this.#failTargetWaiters("a newer balloon target replaced this one");
     this.#interrupt?.signalConfigChange();
+  }
+
+  /**
+   * Resolves once the driver reports (config `actual`) that the balloon holds the current target. Rejects when
+   * no driver has activated the device (nothing would ever answer), when the target changes first, or when the
+   * driver resets. crosvm's `balloon --wait` answers the same way: Ok once the balloon reached its target.
+   */
+  targetReached(): Promise<void> {
+    if (this.#actual === this.#numPages) return Promise.resolve();
+    if (!this.#interrupt) return Promise.reject(new Error("the guest's balloon driver is not running"));
+    return new Promise((resolve, reject) => this.#targetWaiters.push({ resolve, reject }));
+  }
+
+  #failTargetWaiters(reason: string): void {
+    for (const w of this.#targetWaiters.splice(0)) w.reject(new Error(reason));
   }
 
   /** The last statistics the guest reported, or undefined. */
@@ -220,6 +238,7 @@ export class BalloonDevice implements VirtioDevice, Stateful {
     // Only `actual` is written by the driver (section 5.5.4); it writes the whole le32.
     if (offset === BALLOON_CFG_ACTUAL && data.length === BALLOON_PFN_SIZE) {
       this.#actual = new DataView(data.buffer, data.byteOffset, data.byteLength).getUint32(0, true);
+      if (this.#actual === this.#numPages) { for (const w of this.#targetWaiters.splice(0)) w.resolve(); }
       return;
     }
     this.#log.log(`driver wrote ${data.length} bytes of config at ${offset}; only actual (le32 at 4) is writable`);
@@ -239,6 +258,7 @@ export class BalloonDevice implements VirtioDevice, Stateful {
     this.#statsHead = undefined;
     // A reset driver forgets its balloon: every page is the guest's again.
     this.#actual = 0;
+    this.#failTargetWaiters("the guest's balloon driver reset the device");
   }
 
   close(): void {

@@ -231,3 +231,34 @@ Deno.test("balloon property: random PFN lists release exactly the valid pages an
     { numRuns: 100 },
   );
 });
+
+Deno.test("balloon: targetReached() resolves when the driver's actual reaches the target, rejects when it cannot", async () => {
+  // No driver yet: nothing would ever answer, so the wait is refused at once.
+  const idle = new BalloonDevice();
+  idle.setTarget(MiB);
+  await assert.rejects(idle.targetReached(), /balloon driver is not running/);
+  // At the target already (0 = 0): resolves at once.
+  await new BalloonDevice().targetReached();
+
+  using r = rig();
+  const pages = (4 * MiB) / BALLOON_PAGE_SIZE;
+  r.dev.setTarget(4 * MiB);
+  let settled: string | undefined;
+  const waiting = r.dev.targetReached().then(() => settled = "ok", (e) => settled = (e as Error).message);
+  r.drv.writeReg(VIRTIO_MMIO_CONFIG + BALLOON_CFG_ACTUAL, pages - 1);
+  await Promise.resolve();
+  assert.equal(settled, undefined, "not there yet");
+  r.drv.writeReg(VIRTIO_MMIO_CONFIG + BALLOON_CFG_ACTUAL, pages);
+  await waiting;
+  assert.equal(settled, "ok");
+
+  // A newer target replaces a pending wait (crosvm answers such a wait with an error too).
+  r.dev.setTarget(8 * MiB);
+  const replaced = r.dev.targetReached();
+  r.dev.setTarget(2 * MiB);
+  await assert.rejects(replaced, /newer balloon target/);
+  // A driver reset ends the wait.
+  const reset = r.dev.targetReached();
+  r.dev.reset();
+  await assert.rejects(reset, /reset the device/);
+});

@@ -11,7 +11,14 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { buildGuest } from "../guests/build.ts";
-import { IRQ_ACPI_SCI, KERNEL_START, MiB, MMIO_HOLE_START, ramRanges } from "../../vmm/arch/layout.ts";
+import {
+  IRQ_ACPI_SCI,
+  IRQ_ACPI_SLEEP_BUTTON,
+  KERNEL_START,
+  MiB,
+  MMIO_HOLE_START,
+  ramRanges,
+} from "../../vmm/arch/layout.ts";
 import { BALLOON_STAT_NAMES, MAX_REQUEST_BYTES, REPLY_OK } from "../../vmm/control/protocol.ts";
 import { ControlClient, errorOfReply } from "../../vmm/control/client.ts";
 import { connectSeqpacket, UnixStream } from "../../core/unix_socket.ts";
@@ -226,6 +233,64 @@ Deno.test({
 });
 
 Deno.test({
+  name: "kvm control: `denovm sleepbtn` raises the GED's second interrupt, the guest sees each press and runs on",
+  ignore: !kvmAvailable,
+  async fn() {
+    await withTempDir(async (dir) => {
+      // -s DIR: the socket is crosvm-<pid>.sock inside the directory (this process's pid: the VM runs here).
+      await using vm = await boot("powerbtn", { socket: dir });
+      const sock = `${dir}/crosvm-${Deno.pid}.sock`;
+      await assertSocketServed(sock);
+      const ready = await vm.console.waitFor(/^READY (.*)\r?\n/m, { timeout: GUEST_TIMEOUT_MS });
+      // No MADT override for the sleep button's ISA IRQ: its identity pin, edge-triggered.
+      assert.match(ready[1], new RegExp(` slpbtn_pin=${IRQ_ACPI_SLEEP_BUTTON} slpbtn_level=0$`));
+      assertCliOk(await denovm("sleepbtn", sock), "denovm sleepbtn");
+      await vm.console.waitFor(/^SLEEPBTN 1\r?\n/m, { timeout: GUEST_TIMEOUT_MS });
+      assertCliOk(await denovm("sleepbtn", sock), "denovm sleepbtn");
+      await vm.console.waitFor(/^SLEEPBTN 2\r?\n/m, { timeout: GUEST_TIMEOUT_MS });
+      assert.ok(!vm.console.text.includes("POWERBTN"), "the sleep button is not the power button");
+      assertCliOk(await denovm("powerbtn", sock), "denovm powerbtn");
+      assert.equal(await within(vm.exitCode, () => "VM did not power off"), EXIT_SUCCESS, vm.console.text);
+      await assertSocketRemoved(sock);
+    });
+  },
+});
+
+Deno.test({
+  name: "kvm control: `suspend --full` stops time and devices, plain resume is refused, `resume --full` restarts it",
+  ignore: !kvmAvailable,
+  async fn() {
+    await withTempDir(async (dir) => {
+      const sock = `${dir}/vm.sock`;
+      await using vm = await boot("ticker", { socket: sock, balloon: true });
+      await vm.console.waitFor(/^TICK 2\r?\n/m, { timeout: GUEST_TIMEOUT_MS });
+      assertCliOk(await denovm("suspend", sock, "--full"), "denovm suspend --full");
+      const frozenAt = vm.console.text.length;
+      await sleep(SUSPENDED_WATCH_MS);
+      assert.equal(vm.console.text.slice(frozenAt), "", "the guest printed while fully suspended");
+      // crosvm refuses to run the vCPUs against sleeping devices.
+      const plain = await denovm("resume", sock);
+      assert.equal(plain.code, EXIT_HOST_ERROR, plain.stderr);
+      assert.match(plain.stderr, /devices are suspended.*resume --full/);
+      assert.equal(vm.console.text.slice(frozenAt), "");
+      assertCliOk(await denovm("resume", "--full", sock), "denovm resume --full");
+      const after = await nextTick(vm, frozenAt);
+      assert.ok(after > 2, `TICK ${after} after resume --full`);
+      // The guest has no balloon driver: --wait cannot be answered, so it is refused at once instead of hanging.
+      const wait = await denovm("balloon", "4096", sock, "--wait");
+      assert.equal(wait.code, EXIT_HOST_ERROR, wait.stderr);
+      assert.match(wait.stderr, /balloon driver is not running/);
+      const ws = await denovm("balloon_ws", sock);
+      assert.equal(ws.code, EXIT_HOST_ERROR, ws.stderr);
+      assert.match(ws.stderr, /^denovm: balloon_ws: not available: .*VIRTIO_BALLOON_F_WS_REPORTING/);
+      assertCliOk(await denovm("stop", sock), "denovm stop");
+      assert.equal(await within(vm.exitCode, () => "VM did not stop"), EXIT_SUCCESS);
+      await assertSocketRemoved(sock);
+    });
+  },
+});
+
+Deno.test({
   name: "kvm control: vm.powerButton() from the library does the same",
   ignore: !kvmAvailable,
   async fn() {
@@ -298,6 +363,55 @@ Deno.test({
       await nextTick(vm, vm.console.text.length);
       assert.equal(await vm.stop(), EXIT_SUCCESS);
       await assertSocketRemoved(sock);
+    });
+  },
+});
+
+/** The `crosvm-<pid>.sock` files in `dir`. */
+function crosvmSockets(dir: string): string[] {
+  return [...Deno.readDirSync(dir)].map((e) => e.name).filter((n) => /^crosvm-\d+\.sock$/.test(n));
+}
+
+Deno.test({
+  name: "kvm control: `denovm run -s DIR`: crosvm-<pid>.sock is served there and gone once the process ends, however",
+  ignore: !kvmAvailable,
+  async fn() {
+    await withTempDir(async (dir) => {
+      // The guest ends the VM itself: a crash (triple fault), a reset, a panic. The exit code is not asserted
+      // (it depends on --extended-status); the process has ended when output() resolves, and the file must be gone.
+      for (const guest of ["triple", "reset", "panic"]) {
+        const kernel = await buildGuest(guest);
+        const out = await within(
+          new Deno.Command(Deno.execPath(), {
+            args: ["run", "--allow-all", MAIN, "run", "--mem", "64", "--cpus", "1", "-s", dir, kernel],
+            cwd: REPO_ROOT,
+            stdin: "null",
+            stdout: "null",
+            stderr: "piped",
+          }).output(),
+          () => `denovm run -s DIR (${guest}) did not exit`,
+        );
+        assert.notEqual(out.code, EXIT_HOST_ERROR, `${guest}: ${new TextDecoder().decode(out.stderr)}`);
+        assert.deepEqual(crosvmSockets(dir), [], `${guest}: the socket is left after the VM ended`);
+      }
+      // SIGTERM to a running VM.
+      const child = new Deno.Command(Deno.execPath(), {
+        args: ["run", "--allow-all", MAIN, "run", "--mem", "64", "--cpus", "1", "-s", dir, await buildGuest("ticker")],
+        cwd: REPO_ROOT,
+        stdin: "null",
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      const sock = `${dir}/crosvm-${child.pid}.sock`;
+      const deadline = Date.now() + GUEST_TIMEOUT_MS;
+      while (!existsSync(sock)) {
+        assert.ok(Date.now() < deadline, `${sock} never appeared`);
+        await sleep(20);
+      }
+      assertCliOk(await denovm("suspend", sock), "the socket in the directory answers");
+      child.kill("SIGTERM");
+      await within(child.status, () => "denovm run did not end on SIGTERM");
+      assert.deepEqual(crosvmSockets(dir), [], "the socket is left after SIGTERM");
     });
   },
 });

@@ -1,6 +1,6 @@
 // ACPI tables for a hardware-reduced x86_64 guest: RSDP, RSDT, XSDT, FADT, MADT and a DSDT
-// whose AML describes the serial ports, the virtio-mmio transports, a power button and a
-// Generic Event Device. Layouts: ACPI Specification 6.4 (section numbers cited per table).
+// whose AML describes the serial ports, the virtio-mmio transports, a power button, a sleep button
+// and a Generic Event Device. Layouts: ACPI Specification 6.4 (section numbers cited per table).
 
 import type { GuestMemory } from "../../core/memory.ts";
 import {
@@ -15,6 +15,7 @@ import {
   APIC_START,
   IOAPIC_START,
   IRQ_ACPI_SCI,
+  IRQ_ACPI_SLEEP_BUTTON,
   SERIAL_PORTS,
 } from "./layout.ts";
 import * as aml from "./aml.ts";
@@ -152,11 +153,15 @@ const IOAPIC_GSI_BASE = 0;
 const DSDT_REVISION = 2;
 /** Device notification for a power button press (5.6.6, Table 5.166: 0x80 = status change / pressed). */
 const NOTIFY_POWER_BUTTON_PRESSED = 0x80;
+/** Device notification for a sleep button press (4.8.3.2, Table 5.166: 0x80 on a sleep button device). */
+const NOTIFY_SLEEP_BUTTON_PRESSED = 0x80;
 /** 8250 UART register block length. */
 const SERIAL_IO_LENGTH = 8;
 /** HIDs: 16550-compatible UART, power button, Generic Event Device (5.6.9), virtio-mmio (Linux's LNRO0005). */
 const HID_SERIAL = "PNP0501";
 const HID_POWER_BUTTON = "PNP0C0C";
+/** The control-method sleep button (4.8.3.2.2). */
+const HID_SLEEP_BUTTON = "PNP0C0E";
 const HID_GED = "ACPI0013";
 const HID_VIRTIO_MMIO = "LNRO0005";
 
@@ -300,15 +305,29 @@ export function dsdtAml(opts: AcpiOptions): Uint8Array {
     aml.name("_HID", aml.eisaId(HID_POWER_BUTTON)),
     aml.name("_UID", aml.integer(0)),
   ]));
+  devices.push(aml.device("SLPB", [
+    aml.name("_HID", aml.eisaId(HID_SLEEP_BUTTON)),
+    aml.name("_UID", aml.integer(0)),
+  ]));
   // The Generic Event Device (5.6.9): the VMM raises IRQ_ACPI_SCI (level, active high, matching the
-  // MADT override) and _EVT turns that into a power button press notification.
+  // MADT override) for the power button and IRQ_ACPI_SLEEP_BUTTON (an ISA IRQ with its defaults: edge,
+  // active high) for the sleep button; _EVT, called with the interrupt's number, notifies the button.
   devices.push(aml.device("GED_", [
     aml.name("_HID", aml.string(HID_GED)),
     aml.name("_UID", aml.integer(0)),
-    aml.name("_CRS", aml.resourceTemplate([aml.interrupt(IRQ_ACPI_SCI, { edge: false })])),
+    aml.name(
+      "_CRS",
+      aml.resourceTemplate([
+        aml.interrupt(IRQ_ACPI_SCI, { edge: false }),
+        aml.interrupt(IRQ_ACPI_SLEEP_BUTTON, { edge: true }),
+      ]),
+    ),
     aml.method("_EVT", 1, true, [
       aml.ifThen(aml.lEqual(aml.arg(0), aml.integer(IRQ_ACPI_SCI)), [
         aml.notify("\\_SB_.PWRB", NOTIFY_POWER_BUTTON_PRESSED),
+      ]),
+      aml.ifThen(aml.lEqual(aml.arg(0), aml.integer(IRQ_ACPI_SLEEP_BUTTON)), [
+        aml.notify("\\_SB_.SLPB", NOTIFY_SLEEP_BUTTON_PRESSED),
       ]),
     ]),
   ]));

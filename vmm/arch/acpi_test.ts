@@ -13,6 +13,7 @@ import {
   APIC_START,
   IOAPIC_START,
   IRQ_ACPI_SCI,
+  IRQ_ACPI_SLEEP_BUTTON,
   MiB,
   MPTABLE_START,
   ramRanges,
@@ -159,6 +160,17 @@ Deno.test({
       assert.match(dsdt, /Device \(PWRB\)\s+\{\s+Name \(_HID, EisaId \("PNP0C0C"\)/);
       assert.match(dsdt, /Method \(_EVT, 1, Serialized\)[\s\S]*?Notify \(\\_SB\.PWRB, 0x80\)/);
       assert.match(dsdt, /Interrupt \(ResourceConsumer, Level, ActiveHigh, Exclusive, ,, \)\s+\{\s+0x00000009,/);
+      // The sleep button: a PNP0C0E device, the GED's second interrupt (edge, active high) and its _EVT branch.
+      assert.match(dsdt, /Device \(SLPB\)\s+\{\s+Name \(_HID, EisaId \("PNP0C0E"\)/);
+      assert.match(
+        dsdt,
+        new RegExp(
+          `Interrupt \\(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \\)\\s+\\{\\s+0x${
+            IRQ_ACPI_SLEEP_BUTTON.toString(16).toUpperCase().padStart(8, "0")
+          },`,
+        ),
+      );
+      assert.match(dsdt, /Method \(_EVT, 1, Serialized\)[\s\S]*?Notify \(\\_SB\.SLPB, 0x80\)/);
       assert.match(dsdt, /Name \(\\_S5, Package \(0x02\)[^{]*\{\s+0x05,\s+Zero\s+\}/);
 
       const fadt = dsl.get("FACP")!;
@@ -213,6 +225,10 @@ Deno.test({
       const exec = (cmds: string) => run("acpiexec", ["-b", cmds, "DSDT.dat", "FACP.dat", "APIC.dat"], dir);
       const pressed = await exec(`evaluate \\_SB.GED._EVT ${IRQ_ACPI_SCI}`);
       assert.match(pressed, /Device Notify on \[PWRB\] .* Value 0x80/);
+      assert.doesNotMatch(pressed, /Device Notify on \[SLPB\]/);
+      const slept = await exec(`evaluate \\_SB.GED._EVT ${IRQ_ACPI_SLEEP_BUTTON}`);
+      assert.match(slept, /Device Notify on \[SLPB\] .* Value 0x80/);
+      assert.doesNotMatch(slept, /Device Notify on \[PWRB\]/);
       const other = await exec(`evaluate \\_SB.GED._EVT ${IRQ_ACPI_SCI + 1}`);
       assert.doesNotMatch(other, /Device Notify/);
       const s5 = await exec("evaluate \\_S5");

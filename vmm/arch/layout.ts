@@ -71,6 +71,11 @@ export const IRQ_COM2 = 3;
 export const IRQ_RTC = 8;
 /** ACPI SCI (power button, sleep) for the hardware-reduced FADT. */
 export const IRQ_ACPI_SCI = 9;
+/**
+ * The ACPI sleep button's interrupt: the Generic Event Device's second interrupt (vmm/arch/acpi.ts). ISA IRQ 13
+ * (the PC's FPU error line, unused by a 64-bit guest) with its ISA defaults, edge-triggered and active high.
+ */
+export const IRQ_ACPI_SLEEP_BUTTON = 13;
 /** GSIs free for virtio-mmio devices, in allocation order. */
 export const VIRTIO_IRQS: readonly number[] = [5, 6, 7, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
 

@@ -374,7 +374,10 @@ Deno.test("control commands: argument shapes", () => {
   assert.throws(() => checkControlArgs(["stop"]), /usage: denovm stop SOCKET/);
   assert.throws(() => checkControlArgs(["balloon", "big", "/tmp/s"]), /balloon SIZE: "big" is not a valid number/);
   assert.throws(() => checkControlArgs(["disk", "grow", "0", "1", "/s"]), /disk: expected resize/);
-  assert.throws(() => checkControlArgs(["gpu", "remove", "/s"]), /gpu: expected list-displays, stats/);
+  assert.throws(
+    () => checkControlArgs(["gpu", "remove", "/s"]),
+    /gpu: expected add-displays, list-displays, remove-displays, set-mouse-mode, stats/,
+  );
 });
 
 Deno.test("help lists every run flag and each key", () => {

@@ -4,6 +4,7 @@
 
 import { MAX_VCPUS } from "../arch/cpu.ts";
 import type { CrosvmOnlyKey, KeyType } from "./keyvalue.ts";
+import { CONTROL_COMMAND_LIST } from "./control.ts";
 
 /** denovm's version, printed by `denovm version` when deno.json has no "version". */
 export const DENOVM_VERSION = "0.1.0";
@@ -420,19 +421,7 @@ export const RUN_FLAGS: readonly FlagDef[] = [
 ];
 
 /** The control commands, sent to a running VM's control socket (the SOCKET argument comes last). */
-export const CONTROL_COMMANDS: readonly { usage: string; help: string }[] = [
-  { usage: "stop SOCKET", help: "stop the VM" },
-  { usage: "suspend SOCKET", help: "pause the vCPUs" },
-  { usage: "resume SOCKET", help: "resume the vCPUs" },
-  { usage: "powerbtn SOCKET", help: "press the ACPI power button" },
-  { usage: "balloon SIZE SOCKET", help: "set the balloon size in bytes" },
-  { usage: "balloon_stats SOCKET", help: "print balloon statistics" },
-  { usage: "disk resize INDEX SIZE SOCKET", help: "resize block device INDEX to SIZE bytes" },
-  { usage: "gpu list-displays SOCKET", help: "list the GPU displays" },
-  { usage: "gpu stats SOCKET", help: "print GPU counters" },
-  { usage: "screenshot PATH SOCKET", help: "save display 0 to PATH" },
-  { usage: "snapshot take PATH SOCKET", help: "save a snapshot to PATH" },
-];
+export const CONTROL_COMMANDS: readonly { usage: string; help: string }[] = CONTROL_COMMAND_LIST;
 
 /** The key a FlagKey's form names: "ro[=BOOL]" → "ro", "vhost-net[=[device=PATH]]" → "vhost-net". */
 function keyName(form: string): string {

@@ -1,14 +1,25 @@
-// Control-socket client: `denovm stop|suspend|resume|powerbtn|balloon SIZE|balloon_stats|disk resize INDEX SIZE|
-// gpu list-displays|gpu stats|screenshot PATH|snapshot take PATH SOCKET`. Sends the same JSON as crosvm's
+// Control-socket client: the commands of vmm/cli/control.ts (`denovm stop|suspend|resume|powerbtn|sleepbtn|
+// balloon|balloon_stats|balloon_ws|disk resize|gpu ...|screenshot ... SOCKET`). Sends the same JSON as crosvm's
 // client (see vmm/control/protocol.ts for the protocol) and prints results the way crosvm's src/main.rs does:
 // `balloon_stats` prints the whole reply as pretty JSON, `gpu list-displays` prints {"displays": ...} as
-// pretty JSON; commands that only need "Ok" print nothing. Exit 0 on success, 1 on an error reply or an
+// pretty JSON, the other gpu commands print crosvm's text for their result ("displays updated",
+// "display_mouse_mode_set"); commands that only need "Ok" print nothing. Exit 0 on success, 1 on an error
+// reply (for gpu: NoSuchDisplay, TooManyDisplays, ErrString, which crosvm prints and exits 0 on) or an
 // unreachable socket, with one `denovm: ...` line on stderr.
 
-import { parseSize, parseUint } from "../cli/keyvalue.ts";
-import { checkControlArgs } from "../cli/control.ts";
+import { parseSize, parseUint, UsageError } from "../cli/keyvalue.ts";
+import { parseControlArgs } from "../cli/control.ts";
+import { parseDisplayOption } from "../cli/devices/gpu.ts";
 import { connectSeqpacket, readPacket, UnixStream } from "../../core/unix_socket.ts";
-import { type ControlRequest, encodeRequest, REPLY_OK } from "./protocol.ts";
+import {
+  type ControlRequest,
+  DEFAULT_DPI,
+  DEFAULT_REFRESH_RATE,
+  type DisplayParametersJson,
+  encodeRequest,
+  GPU_MOUSE_MODES,
+  REPLY_OK,
+} from "./protocol.ts";
 import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit.ts";
 
 /** Largest reply accepted; a reply that fills the buffer is reported as too large. */
@@ -115,41 +126,96 @@ function absolute(path: string): string {
   return path.startsWith("/") ? path : `${Deno.cwd()}/${path}`;
 }
 
+/** `--gpu-display DISPLAY` as crosvm's DisplayParameters (its Linux display mode is windowed[W,H] only). */
+function displayParameters(text: string): DisplayParametersJson {
+  const { display, dpi } = parseDisplayOption(text, "gpu add-displays --gpu-display");
+  if (display.mode !== "windowed") {
+    throw new UsageError(`gpu add-displays --gpu-display: mode ${display.mode}: only windowed[W,H] is crosvm's`);
+  }
+  if (dpi !== undefined && dpi.length !== 2) throw new UsageError("gpu add-displays --gpu-display: dpi takes [X,Y]");
+  return {
+    mode: { windowed: [display.width, display.height] },
+    hidden: display.hidden ?? false,
+    "refresh-rate": display.refreshRate ?? DEFAULT_REFRESH_RATE,
+    dpi: dpi ? [dpi[0], dpi[1]] : [DEFAULT_DPI, DEFAULT_DPI],
+  };
+}
+
+function displayIds(values: true | string[] | undefined, where: string): number[] {
+  return (Array.isArray(values) ? values : []).map((v) => parseUint(v, where, 0, 0xffff_ffff));
+}
+
 /** The request and socket path a control command line means (argv starts with the command word). */
 export function requestForArgv(argv: readonly string[]): { request: ControlRequest; socket: string } {
-  checkControlArgs(argv);
-  const [cmd, ...rest] = argv;
-  const socket = rest[rest.length - 1];
-  switch (cmd) {
-    case "stop":
-      return { request: { kind: "stop" }, socket };
-    case "suspend":
-      return { request: { kind: "suspend" }, socket };
-    case "resume":
-      return { request: { kind: "resume" }, socket };
-    case "powerbtn":
-      return { request: { kind: "powerbtn" }, socket };
-    case "balloon":
-      return { request: { kind: "balloonAdjust", bytes: parseSize(rest[0], "balloon SIZE") }, socket };
-    case "balloon_stats":
-      return { request: { kind: "balloonStats" }, socket };
-    case "disk":
-      return {
-        request: {
+  const p = parseControlArgs(argv);
+  if (p.help) throw new UsageError(`${p.cmd}: --help is not a request`);
+  const socket = p.args.SOCKET;
+  const request = ((): ControlRequest => {
+    switch (p.cmd) {
+      case "stop":
+        return { kind: "stop" };
+      case "suspend":
+        return { kind: "suspend", full: p.flags.full === true };
+      case "resume":
+        return { kind: "resume", full: p.flags.full === true };
+      case "powerbtn":
+        return { kind: "powerbtn" };
+      case "sleepbtn":
+        return { kind: "sleepbtn" };
+      case "balloon":
+        return { kind: "balloonAdjust", bytes: parseSize(p.args.SIZE, "balloon SIZE"), wait: p.flags.wait === true };
+      case "balloon_stats":
+        return { kind: "balloonStats" };
+      case "balloon_ws":
+        return { kind: "balloonWs" };
+      case "disk":
+        return {
           kind: "diskResize",
-          index: parseUint(rest[1], "disk INDEX"),
-          bytes: parseSize(rest[2], "disk SIZE"),
-        },
-        socket,
-      };
-    case "gpu":
-      return { request: { kind: rest[0] === "stats" ? "gpuStats" : "gpuListDisplays" }, socket };
-    case "screenshot":
-      return { request: { kind: "screenshot", path: absolute(rest[0]) }, socket };
-    case "snapshot":
-      return { request: { kind: "snapshotTake", path: absolute(rest[1]) }, socket };
+          index: parseUint(p.args.INDEX, "disk INDEX"),
+          bytes: parseSize(p.args.SIZE, "disk SIZE"),
+        };
+      case "gpu":
+        switch (p.sub) {
+          case "add-displays": {
+            const texts = p.flags["gpu-display"];
+            return { kind: "gpuAddDisplays", displays: (Array.isArray(texts) ? texts : []).map(displayParameters) };
+          }
+          case "remove-displays":
+            return { kind: "gpuRemoveDisplays", ids: displayIds(p.flags["display-id"], "--display-id") };
+          case "set-mouse-mode": {
+            const [id] = displayIds(p.flags["display-id"], "--display-id");
+            const mode = (p.flags["mouse-mode"] as string[])[0];
+            if (!(GPU_MOUSE_MODES as readonly string[]).includes(mode)) {
+              throw new UsageError(`gpu set-mouse-mode --mouse-mode: "${mode}" is not ${GPU_MOUSE_MODES.join(" or ")}`);
+            }
+            return { kind: "gpuSetMouseMode", id, mode };
+          }
+          case "stats":
+            return { kind: "gpuStats" };
+          default:
+            return { kind: "gpuListDisplays" };
+        }
+      case "screenshot":
+        return { kind: "screenshot", path: absolute(p.args.PATH) };
+    }
+    throw new Error(`unknown control command "${p.cmd}"`);
+  })();
+  return { request, socket };
+}
+
+/** crosvm's text for a GpuControlResult (vm_control/src/gpu.rs Display), and whether it is a success. */
+function gpuResultText(result: unknown): { ok: boolean; text: string } {
+  if (result === "DisplaysUpdated") return { ok: true, text: "displays updated" };
+  if (result === "DisplayMouseModeSet") return { ok: true, text: "display_mouse_mode_set" };
+  if (isVariant(result, "NoSuchDisplay")) {
+    return { ok: false, text: `no_such_display ${(result.NoSuchDisplay as { display_id?: unknown }).display_id}` };
   }
-  throw new Error(`unknown control command "${cmd}"`);
+  if (isVariant(result, "TooManyDisplays")) {
+    const t = result.TooManyDisplays as { allowed?: unknown; requested?: unknown };
+    return { ok: false, text: `too_many_displays: allowed ${t.allowed}, requested ${t.requested}` };
+  }
+  if (isVariant(result, "ErrString")) return { ok: false, text: `err_string ${result.ErrString}` };
+  return { ok: false, text: `unexpected response: ${JSON.stringify(result)}` };
 }
 
 const encoder = new TextEncoder();
@@ -175,7 +241,7 @@ function isVariant(reply: unknown, name: string): reply is Record<string, unknow
  */
 export async function sendControlCommand(argv: string[]): Promise<number> {
   const { request, socket } = requestForArgv(argv);
-  const cmd = argv[0] === "gpu" || argv[0] === "disk" || argv[0] === "snapshot" ? `${argv[0]} ${argv[1]}` : argv[0];
+  const cmd = argv[0] === "gpu" || argv[0] === "disk" ? `${argv[0]} ${argv[1]}` : argv[0];
   let reply: unknown;
   try {
     reply = await controlRequest(socket, encodeRequest(request));
@@ -195,6 +261,19 @@ export async function sendControlCommand(argv: string[]): Promise<number> {
       if (!isVariant(gpu, "DisplayList")) break;
       const list = gpu.DisplayList as { displays?: unknown };
       printJson({ displays: list.displays ?? {} });
+      return EXIT_SUCCESS;
+    }
+    case "balloonWs":
+      if (!isVariant(reply, "BalloonWS")) break;
+      printJson(reply);
+      return EXIT_SUCCESS;
+    case "gpuAddDisplays":
+    case "gpuRemoveDisplays":
+    case "gpuSetMouseMode": {
+      if (!isVariant(reply, "GpuResponse")) break;
+      const { ok, text } = gpuResultText(reply.GpuResponse);
+      if (!ok) return fail(`${cmd}: ${text}`);
+      Deno.stdout.writeSync(encoder.encode(text + "\n"));
       return EXIT_SUCCESS;
     }
     case "gpuStats":

@@ -8,12 +8,15 @@ import { connectSeqpacket, listenSeqpacket } from "../../core/unix_socket.ts";
 import {
   type BalloonStatsReply,
   type ControlHandler,
+  type ControlRequest,
   decodeRequest,
   type DisplayListReply,
+  type DisplayParametersJson,
   encodeRequest,
+  type GpuControlReply,
   MAX_REQUEST_BYTES,
 } from "./protocol.ts";
-import { ControlServer, ControlSocketInUse } from "./server.ts";
+import { ControlServer, ControlSocketInUse, controlSocketPath } from "./server.ts";
 import { ControlClient, controlRequest, errorOfReply, sendControlCommand } from "./client.ts";
 
 const MAIN = new URL("../../main.ts", import.meta.url).pathname;
@@ -25,8 +28,10 @@ const STATS: BalloonStatsReply = {
   balloon_actual: 64 << 20,
 };
 const DISPLAYS: DisplayListReply = {
-  displays: { "0": { mode: { windowed: [1280, 800] }, hidden: false, refresh_rate: 60, dpi: [320, 320] } },
+  displays: { "0": { mode: { windowed: [1280, 800] }, hidden: false, "refresh-rate": 60, dpi: [320, 320] } },
 };
+/** A working-set report as crosvm's BalloonWS carries it (the fake handler's answer). */
+const WS = { ws: { ws: [{ age: 1, bytes: [4096, 0] }] }, balloon_actual: 0 };
 const GPU_STATS = { transfer_to_host_bytes: 4096, inline_write_bytes: 12, blob_mapped_bytes: 0 };
 
 /** Records every call; `absent` names methods that throw "not available"; `gate` holds suspend() open. */
@@ -45,8 +50,8 @@ class FakeHandler implements ControlHandler {
     this.#record("stop");
     return Promise.resolve();
   }
-  async suspend(): Promise<void> {
-    this.#record("suspend");
+  async suspend(full: boolean): Promise<void> {
+    this.#record(full ? "suspendFull" : "suspend");
     this.inSuspend++;
     this.maxInSuspend = Math.max(this.maxInSuspend, this.inSuspend);
     this.onSuspendEnter?.();
@@ -56,17 +61,38 @@ class FakeHandler implements ControlHandler {
       this.inSuspend--;
     }
   }
-  resume(): Promise<void> {
-    this.#record("resume");
+  resume(full: boolean): Promise<void> {
+    this.#record(full ? "resumeFull" : "resume");
     return Promise.resolve();
   }
   powerButton(): Promise<void> {
     this.#record("powerButton");
     return Promise.resolve();
   }
-  balloonAdjust(bytes: number): Promise<void> {
-    this.#record("balloonAdjust", bytes);
+  sleepButton(): Promise<void> {
+    this.#record("sleepButton");
     return Promise.resolve();
+  }
+  balloonAdjust(bytes: number, wait: boolean): Promise<void> {
+    this.#record(wait ? "balloonAdjustWait" : "balloonAdjust", bytes);
+    return Promise.resolve();
+  }
+  balloonWorkingSet(): Promise<unknown> {
+    this.#record("balloonWorkingSet");
+    return Promise.resolve(WS);
+  }
+  gpuAddDisplays(displays: DisplayParametersJson[]): Promise<GpuControlReply> {
+    this.#record("gpuAddDisplays", displays);
+    return Promise.resolve("DisplaysUpdated");
+  }
+  gpuRemoveDisplays(ids: number[]): Promise<GpuControlReply> {
+    this.#record("gpuRemoveDisplays", ids);
+    const missing = ids.find((id) => id >= 2);
+    return Promise.resolve(missing === undefined ? "DisplaysUpdated" : { NoSuchDisplay: { display_id: missing } });
+  }
+  gpuSetMouseMode(id: number, mode: string): Promise<GpuControlReply> {
+    this.#record("gpuSetMouseMode", id, mode);
+    return Promise.resolve(id === 7 ? { ErrString: "boom" } : "DisplayMouseModeSet");
   }
   balloonStats(): Promise<BalloonStatsReply> {
     this.#record("balloonStats");
@@ -231,8 +257,25 @@ Deno.test("control: crosvm's exact request JSON is understood and answered in cr
     const exact: [string, unknown, Call][] = [
       ['"SuspendVcpus"', "Ok", ["suspend"]],
       ['"ResumeVcpus"', "Ok", ["resume"]],
-      ['"SuspendVm"', "Ok", ["suspend"]],
-      ['"ResumeVm"', "Ok", ["resume"]],
+      ['"SuspendVm"', "Ok", ["suspendFull"]],
+      ['"ResumeVm"', "Ok", ["resumeFull"]],
+      ['"Sleepbtn"', "Ok", ["sleepButton"]],
+      ['{"BalloonCommand":{"Adjust":{"num_bytes":4096,"wait_for_success":true}}}', "Ok", ["balloonAdjustWait", 4096]],
+      ['{"BalloonCommand":"WorkingSet"}', { BalloonWS: WS }, ["balloonWorkingSet"]],
+      ['{"GpuCommand":{"AddDisplays":{"displays":[{"mode":{"windowed":[640,480]}}]}}}', {
+        GpuResponse: "DisplaysUpdated",
+      }, ["gpuAddDisplays", [{ mode: { windowed: [640, 480] }, hidden: false, "refresh-rate": 60, dpi: [320, 320] }]]],
+      [
+        '{"GpuCommand":{"RemoveDisplays":{"display_ids":[1,5]}}}',
+        { GpuResponse: { NoSuchDisplay: { display_id: 5 } } },
+        [
+          "gpuRemoveDisplays",
+          [1, 5],
+        ],
+      ],
+      ['{"GpuCommand":{"SetDisplayMouseMode":{"display_id":0,"mouse_mode":"touchscreen"}}}', {
+        GpuResponse: "DisplayMouseModeSet",
+      }, ["gpuSetMouseMode", 0, "touchscreen"]],
       ['"Powerbtn"', "Ok", ["powerButton"]],
       ['{"BalloonCommand":{"Adjust":{"num_bytes":1073741824,"wait_for_success":false}}}', "Ok", [
         "balloonAdjust",
@@ -277,33 +320,63 @@ Deno.test("control: crosvm's exact request JSON is understood and answered in cr
 Deno.test("control: the client sends byte-for-byte what serde_json produces for crosvm's VmRequest", () => {
   const wire = (v: unknown) => JSON.stringify(v);
   assert.equal(wire(encodeRequest({ kind: "stop" })), '"Exit"');
-  assert.equal(wire(encodeRequest({ kind: "suspend" })), '"SuspendVcpus"');
-  assert.equal(wire(encodeRequest({ kind: "resume" })), '"ResumeVcpus"');
+  assert.equal(wire(encodeRequest({ kind: "suspend", full: false })), '"SuspendVcpus"');
+  assert.equal(wire(encodeRequest({ kind: "resume", full: false })), '"ResumeVcpus"');
+  assert.equal(wire(encodeRequest({ kind: "suspend", full: true })), '"SuspendVm"');
+  assert.equal(wire(encodeRequest({ kind: "resume", full: true })), '"ResumeVm"');
   assert.equal(wire(encodeRequest({ kind: "powerbtn" })), '"Powerbtn"');
+  assert.equal(wire(encodeRequest({ kind: "sleepbtn" })), '"Sleepbtn"');
   assert.equal(
-    wire(encodeRequest({ kind: "balloonAdjust", bytes: 1 << 30 })),
+    wire(encodeRequest({ kind: "balloonAdjust", bytes: 1 << 30, wait: false })),
     '{"BalloonCommand":{"Adjust":{"num_bytes":1073741824,"wait_for_success":false}}}',
   );
+  assert.equal(
+    wire(encodeRequest({ kind: "balloonAdjust", bytes: 4096, wait: true })),
+    '{"BalloonCommand":{"Adjust":{"num_bytes":4096,"wait_for_success":true}}}',
+  );
+  assert.equal(wire(encodeRequest({ kind: "balloonWs" })), '{"BalloonCommand":"WorkingSet"}');
   assert.equal(wire(encodeRequest({ kind: "balloonStats" })), '{"BalloonCommand":"Stats"}');
   assert.equal(
     wire(encodeRequest({ kind: "diskResize", index: 3, bytes: 512 })),
     '{"DiskCommand":{"disk_index":3,"command":{"Resize":{"new_size":512}}}}',
   );
   assert.equal(wire(encodeRequest({ kind: "gpuListDisplays" })), '{"GpuCommand":"ListDisplays"}');
+  const display: DisplayParametersJson = {
+    mode: { windowed: [800, 600] },
+    hidden: true,
+    "refresh-rate": 30,
+    dpi: [96, 96],
+  };
   assert.equal(
-    wire(encodeRequest({ kind: "snapshotTake", path: "/s" })),
-    '{"Snapshot":{"Take":{"snapshot_path":"/s","compress_memory":false,"encrypt":false}}}',
+    wire(encodeRequest({ kind: "gpuAddDisplays", displays: [display] })),
+    '{"GpuCommand":{"AddDisplays":{"displays":[{"mode":{"windowed":[800,600]},"hidden":true,"refresh-rate":30,' +
+      '"dpi":[96,96]}]}}}',
+  );
+  assert.equal(
+    wire(encodeRequest({ kind: "gpuRemoveDisplays", ids: [1, 2] })),
+    '{"GpuCommand":{"RemoveDisplays":{"display_ids":[1,2]}}}',
+  );
+  assert.equal(
+    wire(encodeRequest({ kind: "gpuSetMouseMode", id: 1, mode: "touchscreen" })),
+    '{"GpuCommand":{"SetDisplayMouseMode":{"display_id":1,"mouse_mode":"touchscreen"}}}',
   );
   // Round trip: every request decodes back to itself.
   for (
     const req of [
       { kind: "stop" },
-      { kind: "balloonAdjust", bytes: 5 },
+      { kind: "suspend", full: true },
+      { kind: "resume", full: false },
+      { kind: "sleepbtn" },
+      { kind: "balloonAdjust", bytes: 5, wait: false },
+      { kind: "balloonAdjust", bytes: 5, wait: true },
+      { kind: "balloonWs" },
+      { kind: "gpuAddDisplays", displays: [display] },
+      { kind: "gpuRemoveDisplays", ids: [0] },
+      { kind: "gpuSetMouseMode", id: 3, mode: "touchscreen" },
       { kind: "diskResize", index: 0, bytes: 1 },
       { kind: "screenshot", path: "/a.png" },
       { kind: "gpuStats" },
-      { kind: "snapshotTake", path: "/s" },
-    ] as const
+    ] as ControlRequest[]
   ) {
     assert.deepEqual(decodeRequest(JSON.parse(JSON.stringify(encodeRequest(req)))), req);
   }
@@ -364,9 +437,16 @@ Deno.test("control: malformed, unknown and oversized requests get error replies;
     const bad: [string | Uint8Array, RegExp][] = [
       ["{not json", /^malformed request/],
       [new Uint8Array([0x22, 0xff, 0xfe, 0x22]), /^malformed request/], // not UTF-8
-      ['"Sleepbtn"', /^unsupported request "Sleepbtn"/],
+      ['"MakeRT"', /^unsupported request "MakeRT"/],
       ['"NoSuchThing"', /^unsupported request/],
-      ['{"BalloonCommand":"WorkingSet"}', /^unsupported balloon command/],
+      // Snapshots are not offered: the request is unsupported like any unknown one.
+      ['{"Snapshot":{"Take":{"snapshot_path":"/s"}}}', /^unsupported request "Snapshot"/],
+      ['{"BalloonCommand":{"WorkingSetConfig":{"bins":[1]}}}', /^unsupported balloon command/],
+      ['{"BalloonCommand":{"Adjust":{"num_bytes":1,"wait_for_success":1}}}', /wait_for_success/],
+      ['{"GpuCommand":{"SetDisplayMouseMode":{"display_id":0,"mouse_mode":"relative"}}}', /mouse_mode/],
+      ['{"GpuCommand":{"RemoveDisplays":{"display_ids":[4294967296]}}}', /32 bits/],
+      ['{"GpuCommand":{"AddDisplays":{"displays":[{"mode":{"fullscreen":[1,1]}}]}}}', /windowed/],
+      ['{"GpuCommand":{"AddDisplays":{"displays":[{"colour":1}]}}}', /unknown field "colour"/],
       ['{"BalloonCommand":{"Adjust":{"num_bytes":-1,"wait_for_success":false}}}', /num_bytes/],
       ['{"BalloonCommand":{"Adjust":{"num_bytes":18446744073709551615}}}', /num_bytes/],
       ['{"BalloonCommand":{"Adjust":{}}}', /missing field "num_bytes"/],
@@ -396,7 +476,6 @@ Deno.test("control: malformed, unknown and oversized requests get error replies;
     // Handler errors (device absent) become error replies too.
     handler.absent.add("balloonStats");
     assert.match(errorOfReply(await c.request({ BalloonCommand: "Stats" }))!, /^not available: /);
-    assert.match(errorOfReply(await c.request({ Snapshot: { Take: { snapshot_path: "/s" } } }))!, /^not available/);
   });
 });
 
@@ -575,6 +654,91 @@ Deno.test("control: a live listener whose backlog is full is still recognised as
   } finally {
     fds.forEach(closeFd);
     closeFd(listener);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: `denovm` subprocesses for crosvm's newer commands: --full, --wait, sleepbtn, balloon_ws, gpu displays", async () => {
+  await withServer(async ({ path, handler }) => {
+    const ok = async (args: string[], stdout = "") => {
+      const r = await runCli(args);
+      assert.equal(r.code, 0, `${args.join(" ")}: ${r.stderr}`);
+      assert.equal(r.stdout, stdout, args.join(" "));
+    };
+    await ok(["suspend", path, "--full"]);
+    await ok(["resume", "--full", path]);
+    await ok(["sleepbtn", path]);
+    await ok(["balloon", "8M", path, "--wait"]);
+    // balloon_ws prints crosvm's whole reply as pretty JSON (what a VM with working-set reporting answers).
+    await ok(["balloon_ws", path], JSON.stringify({ BalloonWS: WS }, null, 2) + "\n");
+    // The gpu commands print crosvm's text for the GpuControlResult.
+    await ok(["gpu", "add-displays", "--gpu-display", "mode=windowed[640,480]", path], "displays updated\n");
+    await ok(["gpu", "remove-displays", "--display-id", "1", path], "displays updated\n");
+    await ok(
+      ["gpu", "set-mouse-mode", "--display-id", "1", "--mouse-mode", "touchscreen", path],
+      "display_mouse_mode_set\n",
+    );
+    assert.deepEqual(handler.calls, [
+      ["suspendFull"],
+      ["resumeFull"],
+      ["sleepButton"],
+      ["balloonAdjustWait", 8 << 20],
+      ["balloonWorkingSet"],
+      ["gpuAddDisplays", [{ mode: { windowed: [640, 480] }, hidden: false, "refresh-rate": 60, dpi: [320, 320] }]],
+      ["gpuRemoveDisplays", [1]],
+      ["gpuSetMouseMode", 1, "touchscreen"],
+    ]);
+    // A GPU result that is not a success is one stderr line and exit 1.
+    let r = await runCli(["gpu", "remove-displays", "--display-id", "0", "--display-id", "5", path]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stdout, "");
+    assert.equal(r.stderr, "denovm: gpu remove-displays: no_such_display 5\n");
+    r = await runCli(["gpu", "set-mouse-mode", "--display-id", "7", "--mouse-mode", "touchscreen", path]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stderr, "denovm: gpu set-mouse-mode: err_string boom\n");
+  });
+});
+
+Deno.test("control: controlSocketPath puts crosvm-<pid>.sock inside a directory and leaves other paths alone", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    assert.equal(controlSocketPath(dir, 42), `${dir}/crosvm-42.sock`);
+    assert.equal(controlSocketPath(`${dir}/`, 42), `${dir}/crosvm-42.sock`);
+    assert.equal(controlSocketPath(`${dir}/vm.sock`, 42), `${dir}/vm.sock`);
+    assert.equal(controlSocketPath(`${dir}/no/such/dir/vm.sock`, 42), `${dir}/no/such/dir/vm.sock`);
+    assert.equal(controlSocketPath(dir), `${dir}/crosvm-${Deno.pid}.sock`);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("control: the socket file is removed when the process ends by Deno.exit, an uncaught exception or a rejection", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const controlUrl = new URL("./server.ts", import.meta.url).href;
+    for (
+      const ending of [
+        "Deno.exit(3)",
+        "setTimeout(() => { throw new Error('boom'); }, 0)",
+        "Promise.reject(new Error('rej'))",
+      ]
+    ) {
+      const path = `${dir}/vm.sock`;
+      const code = `
+        const { ControlServer } = await import(${JSON.stringify(controlUrl)});
+        const s = new ControlServer(${JSON.stringify(path)}, {});
+        await s.listening;
+        if (!Deno.lstatSync(${JSON.stringify(path)}).isSocket) throw new Error("no socket");
+        ${ending}
+      `;
+      const out = await new Deno.Command(Deno.execPath(), { args: ["eval", code], stdout: "null", stderr: "piped" })
+        .output();
+      const stderr = new TextDecoder().decode(out.stderr);
+      assert.notEqual(out.code, 0, `${ending}: the process failed as asked`);
+      assert.doesNotMatch(stderr, /no socket/);
+      assert.throws(() => Deno.lstatSync(path), Deno.errors.NotFound, `${ending}: socket file left`);
+    }
+  } finally {
     await Deno.remove(dir, { recursive: true });
   }
 });

@@ -3,9 +3,18 @@
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
 import { BlockDevice } from "../../devices/virtio/block/device.ts";
 import * as balloon from "../../devices/virtio/balloon.ts";
-import type { BalloonStatName, BalloonStatsReply, ControlHandler, DisplayListReply } from "./protocol.ts";
+import {
+  type BalloonStatName,
+  type BalloonStatsReply,
+  type ControlHandler,
+  DEFAULT_DPI,
+  DEFAULT_REFRESH_RATE,
+  type DisplayListReply,
+  type GpuControlReply,
+} from "./protocol.ts";
 import type { Machine } from "../machine.ts";
 import { gpuStats, screenshotTo } from "../library/gpu_front.ts";
+import { VIRTIO_GPU_MAX_SCANOUTS } from "../../devices/virtio/gpu/protocol.ts";
 
 /** crosvm's stat names (vm_control BalloonStats) for the virtio-balloon tags (linux/virtio_balloon.h). */
 const STAT_TAGS: [number, BalloonStatName][] = [
@@ -31,13 +40,54 @@ function balloonOf(m: Machine): BalloonDevice {
   return d;
 }
 
+/**
+ * The reply to balloon_ws. denovm's balloon does not offer VIRTIO_BALLOON_F_WS_REPORTING (crosvm offers it only
+ * with --balloon-ws-reporting), so no guest can have negotiated it. crosvm, asked then, queues the request for
+ * a working-set queue that does not exist and never replies; denovm says so instead of leaving the client waiting.
+ */
+const NO_WORKING_SET =
+  "not available: the balloon does not offer working-set reporting (VIRTIO_BALLOON_F_WS_REPORTING), " +
+  "so the guest cannot have negotiated it";
+
+/** Scanouts are fixed when the VM is built; the GPU has no hot-plug of displays. */
+const FIXED_DISPLAYS = "the GPU's displays are fixed when the VM starts (run --gpu displays=[...])";
+
+function gpuDisplays(m: Machine) {
+  const gpu = m.config.gpu;
+  if (!gpu) throw new Error("not available: this VM has no GPU (--gpu)");
+  return gpu.displays;
+}
+
+/** crosvm's answer to a display id the GPU does not have. */
+function noSuchDisplay(m: Machine, ids: number[]): GpuControlReply | undefined {
+  const count = gpuDisplays(m).length;
+  const missing = ids.find((id) => id >= count);
+  return missing === undefined ? undefined : { NoSuchDisplay: { display_id: missing } };
+}
+
 export function machineControlHandler(m: Machine): ControlHandler {
   return {
     stop: async () => void await m.stop(),
-    suspend: () => m.pause(),
-    resume: () => Promise.resolve(m.resume()),
+    suspend: (full) => full ? m.suspendDevices() : m.pause(),
+    resume: (full) => {
+      if (full) return Promise.resolve(m.resumeDevices());
+      // crosvm refuses ResumeVcpus while the devices sleep: the vCPUs would run against stopped devices.
+      if (m.devicesAsleep) {
+        return Promise.reject(new Error("the devices are suspended (suspend --full): resume them with resume --full"));
+      }
+      return Promise.resolve(m.resume());
+    },
     powerButton: () => Promise.resolve(m.powerButton()),
-    balloonAdjust: (bytes) => Promise.resolve(balloonOf(m).setTarget(bytes)),
+    sleepButton: () => Promise.resolve(m.sleepButton()),
+    balloonAdjust: async (bytes, wait) => {
+      const b = balloonOf(m);
+      b.setTarget(bytes);
+      if (wait) await b.targetReached();
+    },
+    balloonWorkingSet: () => {
+      balloonOf(m);
+      return Promise.reject(new Error(NO_WORKING_SET));
+    },
     balloonStats: async (): Promise<BalloonStatsReply> => {
       const b = balloonOf(m);
       let timer: ReturnType<typeof setTimeout> | undefined;
@@ -57,19 +107,33 @@ export function machineControlHandler(m: Machine): ControlHandler {
       if (!disk) return Promise.reject(new Error(`no disk ${index} (this VM has ${disks.length})`));
       return Promise.resolve(disk.resize(bytes));
     },
-    gpuListDisplays: (): Promise<DisplayListReply> => {
-      const gpu = m.config.gpu;
-      if (!gpu) return Promise.reject(new Error("not available: this VM has no GPU (--gpu)"));
+    gpuListDisplays: async (): Promise<DisplayListReply> => {
       const displays: DisplayListReply["displays"] = {};
-      gpu.displays.forEach((d, i) => {
+      gpuDisplays(m).forEach((d, i) => {
         displays[String(i)] = {
           mode: { windowed: [d.width, d.height] },
-          hidden: false,
-          refresh_rate: 60,
-          dpi: [320, 320],
+          hidden: d.hidden ?? false,
+          "refresh-rate": d.refreshRate ?? DEFAULT_REFRESH_RATE,
+          dpi: [DEFAULT_DPI, DEFAULT_DPI],
         };
       });
-      return Promise.resolve({ displays });
+      return await Promise.resolve({ displays });
+    },
+    gpuAddDisplays: async (displays): Promise<GpuControlReply> => {
+      const requested = gpuDisplays(m).length + displays.length;
+      if (requested > VIRTIO_GPU_MAX_SCANOUTS) {
+        return { TooManyDisplays: { allowed: VIRTIO_GPU_MAX_SCANOUTS, requested } };
+      }
+      return await Promise.resolve({ ErrString: `cannot add displays: ${FIXED_DISPLAYS}` });
+    },
+    gpuRemoveDisplays: async (ids): Promise<GpuControlReply> => {
+      return await Promise.resolve(noSuchDisplay(m, ids) ?? { ErrString: `cannot remove displays: ${FIXED_DISPLAYS}` });
+    },
+    // crosvm's only Linux mouse mode, touchscreen, makes its display window send the pointer as multi-touch
+    // events. denovm opens no display window (its web display forwards input as it always does), so the
+    // mode is accepted for an existing display and changes nothing.
+    gpuSetMouseMode: async (id): Promise<GpuControlReply> => {
+      return await Promise.resolve(noSuchDisplay(m, [id]) ?? "DisplayMouseModeSet");
     },
     gpuStats: () => Promise.resolve(gpuStats(m)),
     screenshot: (path) => screenshotTo(m, path),

@@ -6,24 +6,37 @@
 //
 // Requests understood (crosvm's spelling first, then denovm's extensions):
 //   "Exit"                                                        → handler.stop()      (reply sent first)
-//   "SuspendVcpus" | "SuspendVm"                                  → handler.suspend()
-//   "ResumeVcpus" | "ResumeVm"                                    → handler.resume()
-//   "Powerbtn"                                                    → handler.powerButton()
-//   {"BalloonCommand":{"Adjust":{"num_bytes":N,"wait_for_success":B}}} → handler.balloonAdjust(N)
+//   "SuspendVcpus" | "SuspendVm"                                  → handler.suspend(false | true)
+//   "ResumeVcpus" | "ResumeVm"                                    → handler.resume(false | true)
+//   "Powerbtn" | "Sleepbtn"                                       → handler.powerButton() | sleepButton()
+//   {"BalloonCommand":{"Adjust":{"num_bytes":N,"wait_for_success":B}}} → handler.balloonAdjust(N, B)
 //   {"BalloonCommand":"Stats"}                                    → handler.balloonStats()
+//   {"BalloonCommand":"WorkingSet"}                               → handler.balloonWorkingSet()
 //   {"DiskCommand":{"disk_index":I,"command":{"Resize":{"new_size":N}}}} → handler.diskResize(I, N)
 //   {"GpuCommand":"ListDisplays"}                                 → handler.gpuListDisplays()
-//   {"Snapshot":{"Take":{"snapshot_path":P,...}}}                 → handler.snapshotTake?.(P)
+//   {"GpuCommand":{"AddDisplays":{"displays":[...]}}}             → handler.gpuAddDisplays(displays)
+//   {"GpuCommand":{"RemoveDisplays":{"display_ids":[...]}}}       → handler.gpuRemoveDisplays(ids)
+//   {"GpuCommand":{"SetDisplayMouseMode":{"display_id":I,"mouse_mode":M}}} → handler.gpuSetMouseMode(I, M)
+//   Snapshots (crosvm's "Snapshot") are not offered: that request is unsupported like any unknown one.
 //   denovm only (not in crosvm; names start with "Denovm" so they can never collide with a crosvm variant):
 //   "DenovmGpuStats"                                              → handler.gpuStats()
 //   {"DenovmScreenshot":{"path":P}}                               → handler.screenshot(P)  (P absolute)
 // Replies, in crosvm's VmResponse shapes:
 //   "Ok"; {"BalloonStats":{"stats":{...},"balloon_actual":N}}; {"GpuResponse":{"DisplayList":{"displays":{...}}}};
+//   {"GpuResponse": R} for the other GPU commands, R one of crosvm's GpuControlResult: "DisplaysUpdated",
+//   "DisplayMouseModeSet", {"NoSuchDisplay":{"display_id":I}}, {"TooManyDisplays":{"allowed":A,"requested":N}},
+//   {"ErrString":"..."};
 //   {"ErrString":"..."} for every error (crosvm's VmResponse::ErrString(String), which its client prints);
 //   denovm only: {"DenovmGpuStats":{...}}.
 // serde also accepts a unit variant written as {"Name":null}; so does this parser.
 //
 // This module decodes and encodes requests and replies, and maps a decoded request onto the ControlHandler.
+
+import { DEFAULT_DISPLAY_HEIGHT, DEFAULT_DISPLAY_WIDTH } from "../../devices/virtio/gpu/defaults.ts";
+
+/** crosvm's display defaults beside the size (vm_control/src/gpu.rs DEFAULT_DPI, DEFAULT_REFRESH_RATE). */
+export const DEFAULT_DPI = 320;
+export const DEFAULT_REFRESH_RATE = 60;
 
 /** Largest request packet accepted; a bigger one gets an error reply. */
 export const MAX_REQUEST_BYTES = 64 * 1024;
@@ -53,13 +66,27 @@ export interface BalloonStatsReply {
   balloon_actual: number;
 }
 
-/** One display in crosvm's DisplayParameters serde shape, e.g. {"mode":{"windowed":[1280,1024]},...}. */
+/**
+ * One display in crosvm's DisplayParameters serde shape (vm_control/src/gpu.rs, fields in kebab-case), e.g.
+ * {"mode":{"windowed":[1280,1024]},"hidden":false,"refresh-rate":60,"dpi":[320,320]}.
+ */
 export interface DisplayParametersJson {
   mode: Record<string, unknown>;
   hidden: boolean;
-  refresh_rate: number;
+  "refresh-rate": number;
   dpi: [number, number];
 }
+
+/** crosvm's mouse modes on Linux (vm_control/src/sys/linux/gpu.rs UnixMouseMode, snake_case). */
+export const GPU_MOUSE_MODES = ["touchscreen"] as const;
+
+/** crosvm's GpuControlResult for the commands that change displays, as serde writes it. */
+export type GpuControlReply =
+  | "DisplaysUpdated"
+  | "DisplayMouseModeSet"
+  | { NoSuchDisplay: { display_id: number } }
+  | { TooManyDisplays: { allowed: number; requested: number } }
+  | { ErrString: string };
 
 /** What handler.gpuListDisplays() returns: display id → parameters (crosvm GpuControlResult::DisplayList). */
 export interface DisplayListReply {
@@ -72,33 +99,45 @@ export interface DisplayListReply {
  */
 export interface ControlHandler {
   stop(): Promise<void>;
-  suspend(): Promise<void>;
-  resume(): Promise<void>;
+  /** `full`: crosvm's SuspendVm (vCPUs and devices), else SuspendVcpus. */
+  suspend(full: boolean): Promise<void>;
+  /** `full`: crosvm's ResumeVm (devices and vCPUs), else ResumeVcpus. */
+  resume(full: boolean): Promise<void>;
   powerButton(): Promise<void>;
-  balloonAdjust(bytes: number): Promise<void>;
+  sleepButton(): Promise<void>;
+  /** `wait`: resolve only once the balloon holds `bytes` (crosvm's wait_for_success). */
+  balloonAdjust(bytes: number, wait: boolean): Promise<void>;
   balloonStats(): Promise<BalloonStatsReply>;
+  /** crosvm's working-set report; throws when the balloon cannot give one. */
+  balloonWorkingSet(): Promise<unknown>;
   diskResize(index: number, bytes: number): Promise<void>;
   gpuListDisplays(): Promise<DisplayListReply>;
+  gpuAddDisplays(displays: DisplayParametersJson[]): Promise<GpuControlReply>;
+  gpuRemoveDisplays(ids: number[]): Promise<GpuControlReply>;
+  gpuSetMouseMode(id: number, mode: string): Promise<GpuControlReply>;
   gpuStats(): Promise<object>;
   /** Write a PNG of the current scanout to `path` (an absolute path chosen by the client). */
   screenshot(path: string): Promise<void>;
-  /** crosvm `snapshot take PATH`; optional: without it the request gets "not available". */
-  snapshotTake?(path: string): Promise<void>;
 }
 
 /** A decoded control request. */
 export type ControlRequest =
   | { kind: "stop" }
-  | { kind: "suspend" }
-  | { kind: "resume" }
+  | { kind: "suspend"; full: boolean }
+  | { kind: "resume"; full: boolean }
   | { kind: "powerbtn" }
-  | { kind: "balloonAdjust"; bytes: number }
+  | { kind: "sleepbtn" }
+  /** `wait` (crosvm's wait_for_success) defaults to false. */
+  | { kind: "balloonAdjust"; bytes: number; wait?: boolean }
   | { kind: "balloonStats" }
+  | { kind: "balloonWs" }
   | { kind: "diskResize"; index: number; bytes: number }
   | { kind: "gpuListDisplays" }
+  | { kind: "gpuAddDisplays"; displays: DisplayParametersJson[] }
+  | { kind: "gpuRemoveDisplays"; ids: number[] }
+  | { kind: "gpuSetMouseMode"; id: number; mode: string }
   | { kind: "gpuStats" }
-  | { kind: "screenshot"; path: string }
-  | { kind: "snapshotTake"; path: string };
+  | { kind: "screenshot"; path: string };
 
 /** A request the server cannot act on; its message goes back as {"ErrString": message}. */
 export class BadRequest extends Error {
@@ -139,6 +178,45 @@ function u64(v: unknown, what: string): number {
   return v;
 }
 
+/** A JSON u32 (crosvm's display ids). */
+function u32(v: unknown, what: string): number {
+  const n = u64(v, what);
+  if (n > 0xffff_ffff) throw new BadRequest(`${what}: ${n} does not fit in 32 bits`);
+  return n;
+}
+
+function array(v: unknown, what: string): unknown[] {
+  if (!Array.isArray(v)) throw new BadRequest(`${what}: expected an array, got ${short(v)}`);
+  return v;
+}
+
+/** crosvm's DisplayParameters; its serde defaults fill what is left out (vm_control/src/gpu.rs). */
+function displayParameters(v: unknown, what: string): DisplayParametersJson {
+  if (v === null || typeof v !== "object" || Array.isArray(v)) throw new BadRequest(`${what}: expected an object`);
+  const o = v as Record<string, unknown>;
+  for (const k of Object.keys(o)) {
+    if (!["mode", "hidden", "refresh-rate", "dpi"].includes(k)) throw new BadRequest(`${what}: unknown field "${k}"`);
+  }
+  let mode: Record<string, unknown> = { windowed: [DEFAULT_DISPLAY_WIDTH, DEFAULT_DISPLAY_HEIGHT] };
+  if (o.mode !== undefined) {
+    const [name, dims] = variant(o.mode, `${what} mode`);
+    const wh = array(dims, `${what} mode ${name}`);
+    if (name !== "windowed" || wh.length !== 2) throw new BadRequest(`${what}: mode must be {"windowed":[W,H]}`);
+    mode = { windowed: [u32(wh[0], `${what} width`), u32(wh[1], `${what} height`)] };
+  }
+  if (o.hidden !== undefined && typeof o.hidden !== "boolean") throw new BadRequest(`${what}: hidden is a bool`);
+  const dpi = o.dpi === undefined ? [DEFAULT_DPI, DEFAULT_DPI] : array(o.dpi, `${what} dpi`);
+  if (dpi.length !== 2) throw new BadRequest(`${what}: dpi is [X,Y]`);
+  return {
+    mode,
+    hidden: (o.hidden as boolean | undefined) ?? false,
+    "refresh-rate": o["refresh-rate"] === undefined
+      ? DEFAULT_REFRESH_RATE
+      : u32(o["refresh-rate"], `${what} refresh-rate`),
+    dpi: [u32(dpi[0], `${what} dpi`), u32(dpi[1], `${what} dpi`)],
+  };
+}
+
 function pathField(v: unknown, what: string): string {
   if (typeof v !== "string" || v === "" || v.includes("\0")) throw new BadRequest(`${what}: expected a path`);
   return v;
@@ -158,23 +236,32 @@ export function decodeRequest(json: unknown): ControlRequest {
     case "SuspendVcpus":
     case "SuspendVm":
       unit(payload, name);
-      return { kind: "suspend" };
+      return { kind: "suspend", full: name === "SuspendVm" };
     case "ResumeVcpus":
     case "ResumeVm":
       unit(payload, name);
-      return { kind: "resume" };
+      return { kind: "resume", full: name === "ResumeVm" };
     case "Powerbtn":
       unit(payload, name);
       return { kind: "powerbtn" };
+    case "Sleepbtn":
+      unit(payload, name);
+      return { kind: "sleepbtn" };
     case "BalloonCommand": {
       const [cmd, data] = variant(payload, "BalloonCommand");
       if (cmd === "Adjust") {
         const bytes = u64(field(data, "num_bytes", "BalloonCommand Adjust"), "num_bytes");
-        return { kind: "balloonAdjust", bytes };
+        const wait = (data as Record<string, unknown>).wait_for_success ?? false;
+        if (typeof wait !== "boolean") throw new BadRequest(`wait_for_success: expected a bool, got ${short(wait)}`);
+        return { kind: "balloonAdjust", bytes, wait };
       }
       if (cmd === "Stats") {
         unit(data, "BalloonCommand Stats");
         return { kind: "balloonStats" };
+      }
+      if (cmd === "WorkingSet") {
+        unit(data, "BalloonCommand WorkingSet");
+        return { kind: "balloonWs" };
       }
       throw new BadRequest(`unsupported balloon command "${cmd}"`);
     }
@@ -186,14 +273,29 @@ export function decodeRequest(json: unknown): ControlRequest {
     }
     case "GpuCommand": {
       const [cmd, data] = variant(payload, "GpuCommand");
-      if (cmd !== "ListDisplays") throw new BadRequest(`unsupported gpu command "${cmd}"`);
-      unit(data, "GpuCommand ListDisplays");
-      return { kind: "gpuListDisplays" };
-    }
-    case "Snapshot": {
-      const [cmd, data] = variant(payload, "Snapshot");
-      if (cmd !== "Take") throw new BadRequest(`unsupported snapshot command "${cmd}"`);
-      return { kind: "snapshotTake", path: pathField(field(data, "snapshot_path", "Snapshot Take"), "snapshot_path") };
+      switch (cmd) {
+        case "ListDisplays":
+          unit(data, "GpuCommand ListDisplays");
+          return { kind: "gpuListDisplays" };
+        case "AddDisplays": {
+          const list = array(field(data, "displays", "GpuCommand AddDisplays"), "displays");
+          return { kind: "gpuAddDisplays", displays: list.map((d, i) => displayParameters(d, `displays[${i}]`)) };
+        }
+        case "RemoveDisplays": {
+          const ids = array(field(data, "display_ids", "GpuCommand RemoveDisplays"), "display_ids");
+          return { kind: "gpuRemoveDisplays", ids: ids.map((id) => u32(id, "display_ids")) };
+        }
+        case "SetDisplayMouseMode": {
+          const id = u32(field(data, "display_id", "GpuCommand SetDisplayMouseMode"), "display_id");
+          const [mode, extra] = variant(field(data, "mouse_mode", "GpuCommand SetDisplayMouseMode"), "mouse_mode");
+          unit(extra, `mouse_mode ${mode}`);
+          if (!(GPU_MOUSE_MODES as readonly string[]).includes(mode)) {
+            throw new BadRequest(`mouse_mode: "${mode}" is not one of ${GPU_MOUSE_MODES.join(", ")}`);
+          }
+          return { kind: "gpuSetMouseMode", id, mode };
+        }
+      }
+      throw new BadRequest(`unsupported gpu command "${cmd}"`);
     }
     case "DenovmGpuStats":
       unit(payload, name);
@@ -211,25 +313,33 @@ export function encodeRequest(req: ControlRequest): unknown {
     case "stop":
       return "Exit";
     case "suspend":
-      return "SuspendVcpus";
+      return req.full ? "SuspendVm" : "SuspendVcpus";
     case "resume":
-      return "ResumeVcpus";
+      return req.full ? "ResumeVm" : "ResumeVcpus";
     case "powerbtn":
       return "Powerbtn";
+    case "sleepbtn":
+      return "Sleepbtn";
     case "balloonAdjust":
-      return { BalloonCommand: { Adjust: { num_bytes: req.bytes, wait_for_success: false } } };
+      return { BalloonCommand: { Adjust: { num_bytes: req.bytes, wait_for_success: req.wait ?? false } } };
     case "balloonStats":
       return { BalloonCommand: "Stats" };
+    case "balloonWs":
+      return { BalloonCommand: "WorkingSet" };
     case "diskResize":
       return { DiskCommand: { disk_index: req.index, command: { Resize: { new_size: req.bytes } } } };
     case "gpuListDisplays":
       return { GpuCommand: "ListDisplays" };
+    case "gpuAddDisplays":
+      return { GpuCommand: { AddDisplays: { displays: req.displays } } };
+    case "gpuRemoveDisplays":
+      return { GpuCommand: { RemoveDisplays: { display_ids: req.ids } } };
+    case "gpuSetMouseMode":
+      return { GpuCommand: { SetDisplayMouseMode: { display_id: req.id, mouse_mode: req.mode } } };
     case "gpuStats":
       return "DenovmGpuStats";
     case "screenshot":
       return { DenovmScreenshot: { path: req.path } };
-    case "snapshotTake":
-      return { Snapshot: { Take: { snapshot_path: req.path, compress_memory: false, encrypt: false } } };
   }
 }
 
@@ -255,17 +365,22 @@ async function execute(req: ControlRequest, h: ControlHandler): Promise<{ reply:
         after: () => void h.stop().catch((e) => console.error(`denovm: control: stop failed: ${errorText(e)}`)),
       };
     case "suspend":
-      await h.suspend();
+      await h.suspend(req.full);
       return { reply: REPLY_OK };
     case "resume":
-      await h.resume();
+      await h.resume(req.full);
       return { reply: REPLY_OK };
     case "powerbtn":
       await h.powerButton();
       return { reply: REPLY_OK };
-    case "balloonAdjust":
-      await h.balloonAdjust(req.bytes);
+    case "sleepbtn":
+      await h.sleepButton();
       return { reply: REPLY_OK };
+    case "balloonAdjust":
+      await h.balloonAdjust(req.bytes, req.wait ?? false);
+      return { reply: REPLY_OK };
+    case "balloonWs":
+      return { reply: { BalloonWS: await h.balloonWorkingSet() } };
     case "balloonStats": {
       const r = await h.balloonStats();
       const stats: Record<string, number | null> = {};
@@ -279,14 +394,16 @@ async function execute(req: ControlRequest, h: ControlHandler): Promise<{ reply:
       const r = await h.gpuListDisplays();
       return { reply: { GpuResponse: { DisplayList: { displays: r.displays } } } };
     }
+    case "gpuAddDisplays":
+      return { reply: { GpuResponse: await h.gpuAddDisplays(req.displays) } };
+    case "gpuRemoveDisplays":
+      return { reply: { GpuResponse: await h.gpuRemoveDisplays(req.ids) } };
+    case "gpuSetMouseMode":
+      return { reply: { GpuResponse: await h.gpuSetMouseMode(req.id, req.mode) } };
     case "gpuStats":
       return { reply: { DenovmGpuStats: await h.gpuStats() } };
     case "screenshot":
       await h.screenshot(req.path);
-      return { reply: REPLY_OK };
-    case "snapshotTake":
-      if (!h.snapshotTake) throw new Error("not available: snapshots are not supported by this VM");
-      await h.snapshotTake(req.path);
       return { reply: REPLY_OK };
   }
 }

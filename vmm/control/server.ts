@@ -7,13 +7,35 @@
 // a client attaches (SCM_RIGHTS) are closed unread: no request here takes one.
 //
 // The socket file is created with mode 0600 (bound inside a private 0700 directory, chmod'ed, then renamed
-// into place, so it is never reachable with wider permissions) and removed by close(). A socket file left by
-// a crashed run (connect → ECONNREFUSED) is replaced; one that a live process answers on is never taken.
+// into place, so it is never reachable with wider permissions). It is removed at once when close() starts,
+// and also when the process ends without close(): Deno.exit() or the end of the program ("unload"), an
+// uncaught exception ("error") or an unhandled rejection ("unhandledrejection"). Only SIGKILL leaves it;
+// a socket file left that way (connect → ECONNREFUSED) is replaced by the next run; one that a live
+// process answers on is never taken.
 
 import { closeFd, EAGAIN, EINTR, errno, libc, pollAsync, POLLIN, SysError } from "../../ffi/libc.ts";
 import { ECONNREFUSED, fitsSunPath, SOCK_CLOEXEC, SOCK_NONBLOCK } from "../../ffi/socket.ts";
 import { connectSeqpacket, listenSeqpacket, UnixStream, WaitCancelled, Waker } from "../../core/unix_socket.ts";
 import { type ControlHandler, encodeReply, errorText, handlePacket, MAX_REQUEST_BYTES } from "./protocol.ts";
+
+/**
+ * Where the control socket of `run -s PATH` goes: PATH itself, or, when PATH is an existing directory,
+ * `crosvm-<pid>.sock` inside it (crosvm's name, src/crosvm/cmdline.rs, so tools that look for it find it).
+ */
+export function controlSocketPath(path: string, pid = Deno.pid): string {
+  let isDir = false;
+  try {
+    isDir = Deno.statSync(path).isDirectory;
+  } catch {
+    // Not there (the usual case: the socket is created) or not reachable: bind reports it.
+  }
+  if (!isDir) return path;
+  const dir = path.replace(/\/+$/, "");
+  return `${dir}/crosvm-${pid}.sock`;
+}
+
+/** The process-end events after which the socket file must not be left behind. */
+const PROCESS_END_EVENTS = ["unload", "error", "unhandledrejection"] as const;
 
 /** listen(2) backlog of the control socket. */
 const LISTEN_BACKLOG = 64;
@@ -68,6 +90,11 @@ export class ControlServer {
   #acceptLoop: Promise<void> | undefined;
   readonly #closedSignal: Promise<void>;
   #signalClosed!: () => void;
+  readonly #onProcessEnd = (e: Event) => {
+    // An "error" or "unhandledrejection" that an earlier listener handled does not end the process.
+    if (e.type !== "unload" && e.defaultPrevented) return;
+    this.#removeFile();
+  };
 
   constructor(path: string, handler: ControlHandler) {
     this.path = path;
@@ -103,6 +130,7 @@ export class ControlServer {
     }
     this.#listenFd = this.#bindPrivately(path);
     this.#ino = Deno.lstatSync(path).ino;
+    for (const ev of PROCESS_END_EVENTS) globalThis.addEventListener(ev, this.#onProcessEnd);
     if (this.#closed) {
       this.#release();
       throw new Error("control server closed before it was listening");
@@ -201,15 +229,23 @@ export class ControlServer {
     }
   }
 
+  /** Remove the socket file if it is still the one this server bound (never another VM's). */
+  #removeFile(): void {
+    if (this.#ino === null) return;
+    try {
+      if (Deno.lstatSync(this.path).ino === this.#ino) Deno.removeSync(this.path);
+    } catch {
+      // already gone
+    }
+    this.#ino = null;
+    for (const ev of PROCESS_END_EVENTS) globalThis.removeEventListener(ev, this.#onProcessEnd);
+  }
+
   #release(): void {
+    this.#removeFile();
     if (this.#listenFd >= 0) {
       closeFd(this.#listenFd);
       this.#listenFd = -1;
-      try {
-        if (Deno.lstatSync(this.path).ino === this.#ino) Deno.removeSync(this.path);
-      } catch {
-        // already gone
-      }
     }
   }
 
@@ -221,6 +257,8 @@ export class ControlServer {
 
   async #close(): Promise<void> {
     this.#closed = true;
+    // The file goes first, synchronously: a process that exits right after close() leaves nothing behind.
+    this.#removeFile();
     this.#signalClosed();
     this.#waker.wake();
     await this.listening.catch(() => {});

@@ -75,6 +75,21 @@ export class DeviceManager {
     this.#virtio.serveNotifies().catch((e) => this.#log(`virtio notify loop: ${(e as Error).message}`));
   }
 
+  /** Hold the guest's queue notifications (crosvm's device sleep): they are served after wake(). */
+  sleep(): void {
+    this.#virtio.sleep();
+  }
+
+  /** Serve the guest's queue notifications again, the held ones first. */
+  wake(): void {
+    this.#virtio.wake();
+  }
+
+  /** The names of the virtio devices (or transports) that are not quiescent (core/state.ts). */
+  busy(): string[] {
+    return this.#virtio.busy();
+  }
+
   /** Counters of every virtio device, as `<device>.<counter>`. */
   stats(): Record<string, number> {
     return this.#virtio.stats();

@@ -2,6 +2,7 @@
 // queue for QueueNotify, the InterruptStatus cells the vCPU Workers share, the devices' shared-memory
 // windows, and the loop that turns signalled ioeventfds into transport.notify() calls.
 
+import type { Stateful } from "../../core/state.ts";
 import { closeFd, eventfd, eventfdRead, eventfdWrite, pollAsync, POLLIN } from "../../ffi/libc.ts";
 import type { Bus } from "../../core/bus.ts";
 import { ConfigError } from "../../core/exit.ts";
@@ -53,6 +54,8 @@ export class VirtioMmioDevices {
   /** The transports' InterruptStatus cells, shared with the vCPU Workers. */
   #interrupts: VirtioInterruptCells | undefined;
   #closed = false;
+  /** Set while the devices sleep: the notify loop waits on it instead of polling. */
+  #asleep: { promise: Promise<void>; wake: () => void } | undefined;
 
   constructor(
     readonly bus: Bus,
@@ -108,7 +111,11 @@ export class VirtioMmioDevices {
     const all = this.slots.flatMap((v) => v.notifyFds.map((fd, q) => ({ fd, q, v })));
     if (all.length === 0) return;
     while (!this.#closed) {
+      // Asleep: the eventfds keep counting the guest's notifications; they are served once awake.
+      if (this.#asleep) await this.#asleep.promise;
+      if (this.#closed) break;
       const revents = await pollAsync(all.map((a) => a.fd), POLLIN, NOTIFY_POLL_MS);
+      if (this.#asleep) continue;
       if (this.#closed) break;
       revents.forEach((r, i) => {
         if (!(r & POLLIN)) return;
@@ -123,6 +130,27 @@ export class VirtioMmioDevices {
     }
   }
 
+  /** Stop serving queue notifications until wake(). */
+  sleep(): void {
+    if (this.#asleep) return;
+    let wake!: () => void;
+    const promise = new Promise<void>((r) => wake = r);
+    this.#asleep = { promise, wake };
+  }
+
+  wake(): void {
+    const a = this.#asleep;
+    this.#asleep = undefined;
+    a?.wake();
+  }
+
+  /** The devices (or their transports) that hold a request not yet completed. */
+  busy(): string[] {
+    // A device that does not implement Stateful holds nothing the host could wait for.
+    const idle = (v: VirtioSlot) => ((v.device as Partial<Stateful>).quiescent?.() ?? true) && v.transport.quiescent();
+    return this.slots.filter((v) => !idle(v)).map((v) => v.device.name);
+  }
+
   /** Counters of every device, as `<device>.<counter>`. */
   stats(): Record<string, number> {
     const out: Record<string, number> = {};
@@ -135,6 +163,7 @@ export class VirtioMmioDevices {
   /** Close every device and its eventfds; ends the notify loop. */
   close(): void {
     this.#closed = true;
+    this.wake();
     for (const v of this.slots) {
       try {
         v.device.close?.();

@@ -335,3 +335,13 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
   }
   return { socketPath: a.socketPath, device };
 }
+
+/**
+ * One display as `denovm gpu add-displays --gpu-display DISPLAY` gives it (the same keys as one entry of
+ * `--gpu displays=[...]`), with its dpi when given.
+ */
+export function parseDisplayOption(text: string, where: string): { display: GpuDisplayConfig; dpi?: number[] } {
+  const items = parseKeyValues(text, where);
+  const dpi = decodeKeyValues(DISPLAY_SCHEMA, items).dpi as number[] | undefined;
+  return { display: decodeDisplay(items), dpi };
+}
