@@ -188,6 +188,7 @@ Deno.test("crosvm-only flags: accepted with one warning, or refused by name (exi
       [["--no-i8042"], /--no-i8042: .*reset.*; ignored/],
       [["--display-window-keyboard"], /--display-window-keyboard: /],
       [["--display-window-mouse"], /--display-window-mouse: /],
+      [["--vhost-net"], /--vhost-net: .*vhost-net; ignored/],
     ] as [string[], RegExp][]
   ) {
     const r = parse(...args);
@@ -199,6 +200,10 @@ Deno.test("crosvm-only flags: accepted with one warning, or refused by name (exi
   refused(["--irqchip", "split"], /--irqchip split: a crosvm option denovm does not support/);
   refused(["--irqchip", "nope"], /--irqchip: "nope" is not one of kernel, split, userspace/);
   refused(["--bios", "/fw.bin"], /--bios: a crosvm option denovm does not support: .*no firmware/);
+  refused(["--split-irqchip"], /--split-irqchip: a crosvm option denovm does not support: .*in-kernel irqchip/);
+  assert.deepEqual(parse("--net-vq-pairs", "1").warnings, []);
+  refused(["--net-vq-pairs", "2"], /--net-vq-pairs 2: denovm's virtio-net has one queue pair/);
+  refused(["--net-vq-pairs", "0"], /--net-vq-pairs: 0 is out of range/);
 });
 
 Deno.test("--help lists crosvm's flags and keys with what they do here", () => {

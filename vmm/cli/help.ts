@@ -377,6 +377,21 @@ export const RUN_FLAGS: readonly FlagDef[] = [
     help: "interrupt controller emulation; denovm uses KVM's in-kernel one, so only kernel is accepted",
   },
   {
+    long: "split-irqchip",
+    help: "(crosvm, deprecated) --irqchip split",
+    crosvm: { action: "refuse", note: "denovm uses KVM's in-kernel irqchip (--irqchip kernel)" },
+  },
+  {
+    long: "vhost-net",
+    help: "(crosvm, deprecated) serve every --net device with the kernel's vhost-net",
+    crosvm: { action: "ignore", note: "denovm's virtio-net moves packets itself, without /dev/vhost-net" },
+  },
+  {
+    long: "net-vq-pairs",
+    arg: "N",
+    help: "(crosvm, deprecated) virtio-net queue pairs of every --net device; denovm's have one, so only 1",
+  },
+  {
     long: "name",
     arg: "NAME",
     help: "(crosvm) the VM's process name",

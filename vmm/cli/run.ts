@@ -394,6 +394,15 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
       case "gpu-display":
         gpuDisplays.push(parseGpuDisplayOption(v));
         break;
+      case "net-vq-pairs":
+        if (parseUint(v, "--net-vq-pairs", 1) !== 1) {
+          throw new UsageError(`--net-vq-pairs ${v}: denovm's virtio-net has one queue pair`);
+        }
+        break;
+      case "split-irqchip":
+      case "vhost-net":
+        // crosvm-only flags: warned about (or refused) above, from the table in help.ts.
+        break;
       case "irqchip":
         if (!IRQCHIP_KINDS.includes(v)) {
           throw new UsageError(`--irqchip: "${v}" is not one of ${IRQCHIP_KINDS.join(", ")}`);
