@@ -147,24 +147,13 @@ export function loadElf(mem: GuestMemory, image: Uint8Array): KernelInfo {
 
 /** The XEN_ELFNOTE_PHYS32_ENTRY value in a PT_NOTE segment, if any. */
 function findPvhEntry(notes: Uint8Array): number | undefined {
-  const dv = new DataView(notes.buffer, notes.byteOffset, notes.byteLength);
-  let off = 0;
-  while (off + NHDR_SIZE <= notes.length) {
-    const namesz = dv.getUint32(off, true);
-    const descsz = dv.getUint32(off + 4, true);
-    const type = dv.getUint32(off + 8, true);
-    const nameOff = off + NHDR_SIZE;
-    const descOff = nameOff + alignUp(namesz, NOTE_ALIGN);
-    const next = descOff + alignUp(descsz, NOTE_ALIGN);
-    if (next > notes.length) return undefined;
-    const name = new TextDecoder().decode(notes.subarray(nameOff, nameOff + namesz)).replace(/\0+$/, "");
-    if (name === XEN_NOTE_NAME && type === XEN_ELFNOTE_PHYS32_ENTRY) {
-      // Linux emits it as a 32-bit .long (arch/x86/platform/pvh/head.S), some builds as 64 bits.
-      if (descsz === 4) return dv.getUint32(descOff, true);
-      if (descsz === 8) return dv.getUint32(descOff, true) + dv.getUint32(descOff + 4, true) * 2 ** 32;
-      return undefined;
-    }
-    off = next;
+  for (const { name, type, desc } of notesIn(notes)) {
+    if (name !== XEN_NOTE_NAME || type !== XEN_ELFNOTE_PHYS32_ENTRY) continue;
+    const dv = new DataView(desc.buffer, desc.byteOffset, desc.byteLength);
+    // Linux emits it as a 32-bit .long (arch/x86/platform/pvh/head.S), some builds as 64 bits.
+    if (desc.length === 4) return dv.getUint32(0, true);
+    if (desc.length === 8) return dv.getUint32(0, true) + dv.getUint32(4, true) * 2 ** 32;
+    return undefined;
   }
   return undefined;
 }
