@@ -128,7 +128,10 @@ Deno.test({
       if (run.frozen) {
         // The nested host itself stopped, its own heartbeat too (QEMU's emulation, not a test: see
         // docs/testing.md). Run the suite once more; a second freeze fails.
-        console.log(`nested KVM: the nested host froze; running the suite once more\n${run.tail()}`);
+        // The frozen run's whole log is kept beside the next one's: it shows which test was running.
+        await Deno.copyFile(logPath, `${logPath}.frozen`);
+        console.log(`nested KVM: the nested host froze (log: ${logPath}.frozen); running the suite once more`);
+        console.log(run.tail());
         await Deno.remove(`${out}/junit.xml`).catch(() => {});
         run = await runNested(inner, out, cache, logPath);
       }
