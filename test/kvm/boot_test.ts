@@ -31,6 +31,7 @@ import { OwnedGuestMemory } from "../../core/memory.ts";
 import { type BootConfig, Vm } from "../../mod.ts";
 import { RESET_STATE_NOTE } from "../../vmm/arch/cpu.ts";
 import { hostKind } from "../../vmm/kvm/host.ts";
+import { within as withinMs } from "../support/within.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_boot_test: guest boot tests skipped: no /dev/kvm");
@@ -40,17 +41,7 @@ type BootOptions = Omit<BootConfig, "kernel">;
 /** Hang protection only (guest code is emulated at a few million instructions/s on some hosts). */
 const GUEST_TIMEOUT_MS = 120_000;
 
-async function within<T>(p: Promise<T>, what: () => string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out: ${what()}`)), GUEST_TIMEOUT_MS);
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 
 interface GuestRun {
   code: number;

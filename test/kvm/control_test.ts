@@ -26,6 +26,7 @@ import { loadKernel } from "../../vmm/arch/boot/kernel.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
 import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit.ts";
 import { type BootConfig, Vm } from "../../mod.ts";
+import { within as withinMs } from "../support/within.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_control_test: control socket tests with a guest skipped: no /dev/kvm");
@@ -44,17 +45,7 @@ const TICK_LINE = /^TICK (\d+)\r?\n/m;
 const REPO_ROOT = fileURLToPath(new URL("../..", import.meta.url));
 const MAIN = fileURLToPath(new URL("../../main.ts", import.meta.url));
 
-async function within<T>(p: Promise<T>, what: () => string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out: ${what()}`)), GUEST_TIMEOUT_MS);
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));

@@ -42,6 +42,7 @@ import {
   HostError,
 } from "../../core/exit.ts";
 import { RESET_STATE_NOTE } from "../../vmm/arch/cpu.ts";
+import { within as withinMs } from "../support/within.ts";
 
 const MAIN_TS = fileURLToPath(new URL("../../main.ts", import.meta.url));
 /** Hang protection only: every scenario here ends in well under a second of guest time. */
@@ -405,17 +406,7 @@ async function bootFake(script: string, config: Omit<BootConfig, "kernel">) {
   return { vm, log };
 }
 
-async function within<T>(p: Promise<T>, what: () => string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const guard = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out: ${what()}`)), HANG_GUARD_MS);
-  });
-  try {
-    return await Promise.race([p, guard]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, HANG_GUARD_MS);
 
 function threadExists(tid: number): boolean {
   return existsSync(`/proc/self/task/${tid}`);

@@ -27,6 +27,7 @@ import { EXIT_SUCCESS } from "../../core/exit.ts";
 import type { GpuStats } from "../../devices/virtio/gpu/accounting.ts";
 import { VIRTIO_GPU_MAP_CACHE_CACHED } from "../../devices/virtio/gpu/protocol.ts";
 import { Vm } from "../../mod.ts";
+import { within as withinMs } from "../support/within.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 let skipReason = kvmAvailable ? "" : "no /dev/kvm";
@@ -68,17 +69,7 @@ function gpuConfig(): GpuConfig {
   };
 }
 
-async function within<T>(p: Promise<T>, what: () => string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out: ${what()}`)), GUEST_TIMEOUT_MS);
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 
 /** The guest's "GPU ..." lines without the prefix and the UART's carriage returns. */
 function gpuLines(text: string): string[] {

@@ -16,6 +16,7 @@ import { loadKernel } from "../../vmm/arch/boot/kernel.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
 import { EXIT_SUCCESS } from "../../core/exit.ts";
 import { type BootConfig, Vm } from "../../mod.ts";
+import { within as withinMs } from "../support/within.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_many_vms_test: 20-VM test skipped: no /dev/kvm");
@@ -46,17 +47,7 @@ const WORKER_THREAD = /^worker-\d+$/;
  */
 const RUNTIME_POOL_THREAD = "tokio-runtime-w";
 
-async function within<T>(p: Promise<T>, what: () => string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out: ${what()}`)), GUEST_TIMEOUT_MS);
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 
 /** Polls `check` until it returns true or `ms` pass; then fails with `what()`. */
 async function eventually(ms: number, check: () => boolean, what: () => string): Promise<void> {

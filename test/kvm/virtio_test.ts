@@ -25,6 +25,7 @@ import type { BlockConfig, SerialConfig } from "../../vmm/config.ts";
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_RNG } from "../../devices/virtio/device.ts";
 import { EXIT_SUCCESS } from "../../core/exit.ts";
 import { type BootConfig, Vm } from "../../mod.ts";
+import { within as withinMs } from "../support/within.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_virtio_test: virtio guest boot tests skipped: no /dev/kvm");
@@ -68,17 +69,7 @@ function fnv1a(data: Uint8Array): number {
   return h;
 }
 
-async function within<T>(p: Promise<T>, what: () => string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out: ${what()}`)), GUEST_TIMEOUT_MS);
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 
 async function runVirtioGuest(opts: Omit<BootConfig, "kernel">): Promise<{ code: number; text: string }> {
   const kernel = await buildGuest("virtio");
