@@ -18,6 +18,7 @@ import type {
   MappedBlob,
   Transfer,
 } from "./backend.ts";
+import { GpuBackendError } from "./backend.ts";
 import * as P from "./protocol.ts";
 import * as F from "./formats.ts";
 import { decodePngRgba } from "./png.ts";
@@ -715,4 +716,112 @@ Deno.test("property: random commands on both queues never throw and never touch 
     { numRuns: 400 },
   );
   assert.ok(r.g.canaryIntact());
+});
+
+Deno.test("TRANSFER_FROM_HOST_3D of a 2D resource writes its pixels back into the guest's backing, at offset and stride", () => {
+  const backend = new FakeBackend();
+  using r = rig({ backend });
+  r.ok(ctxCreate(1, P.VIRTIO_GPU_CAPSET_VIRGL2));
+  const w = 16, h = 8;
+  const px = pattern(w, h, 7);
+  r.g.mem.write(DATA_BASE, px);
+  r.ok(create2d(5, F.VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM, w, h));
+  r.ok(attach(5, [{ addr: DATA_BASE, len: px.length }]));
+  r.ok(transfer2d(5, 0, 0, w, h, 0));
+  r.g.mem.fill(DATA_BASE, px.length); // the guest's copy is gone; the host's stays
+  // A 4x3 box at (2, 1), packed with the resource's row stride, the first row at its place in the backing.
+  const stride = w * 4;
+  const offset = 1 * stride + 2 * 4;
+  r.ok(cmd(P.CMD_TRANSFER_FROM_HOST_3D, [2, 1, 0, 4, 3, 1, BigInt(offset), 5, 0, stride, 0], { ctxId: 1 }));
+  const back = r.g.mem.read(DATA_BASE, px.length);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const i = (y * w + x) * 4;
+      const inBox = x >= 2 && x < 6 && y >= 1 && y < 4;
+      assert.deepEqual([...back.subarray(i, i + 4)], inBox ? [...px.subarray(i, i + 4)] : [0, 0, 0, 0], `(${x}, ${y})`);
+    }
+  }
+  // Without backing the transfer fails with the resource named, as the 2D transfer does.
+  r.ok(cmd(P.CMD_RESOURCE_DETACH_BACKING, [5, 0]));
+  r.err(
+    cmd(P.CMD_TRANSFER_FROM_HOST_3D, [0, 0, 0, 1, 1, 1, 0n, 5, 0, 0, 0], { ctxId: 1 }),
+    P.RESP_ERR_UNSPEC,
+    /resource 5 has no backing/,
+  );
+});
+
+Deno.test("Backend2D on its own: what it has not (3D, capsets, contexts, host blobs, mappings) is refused with a status", () => {
+  const g = new GuardedGuestMemory([{ start: 0, size: MiB }]);
+  const b = new Backend2D();
+  const refused = (f: () => unknown, status: number, re: RegExp) =>
+    assert.throws(
+      f,
+      (e: Error) => e.name === "GpuBackendError" && (e as GpuBackendError).response === status && re.test(e.message),
+    );
+  try {
+    assert.deepEqual(b.capsets(), []);
+    refused(() => b.getCapset(1, 1), P.RESP_ERR_INVALID_PARAMETER, /no capset 1/);
+    refused(() => b.createContext(3), P.RESP_ERR_UNSPEC, /no contexts \(ctx 3\)/);
+    refused(() => b.submit3D(3, new Uint8Array(4)), P.RESP_ERR_UNSPEC, /cannot run 3D/);
+    refused(() => b.mapResource(4), P.RESP_ERR_INVALID_PARAMETER, /cannot map resource 4/);
+    refused(() => b.unmapResource(4), P.RESP_ERR_INVALID_PARAMETER, /resource 4 is not mapped/);
+    refused(
+      () => b.createResource3D({ resourceId: 9 } as Create3D),
+      P.RESP_ERR_UNSPEC,
+      /no 3D resources/,
+    );
+    refused(
+      () => b.createResource2D({ resourceId: 1, format: 999, width: 4, height: 4 }),
+      P.RESP_ERR_INVALID_PARAMETER,
+      /format 999/,
+    );
+    const blob = { ctxId: 0, blobFlags: 0, blobId: 0n, size: 4096 };
+    refused(
+      () => b.createBlob({ resourceId: 2, blobMem: P.VIRTIO_GPU_BLOB_MEM_HOST3D, ...blob }),
+      P.RESP_ERR_INVALID_PARAMETER,
+      /only has GUEST blobs/,
+    );
+    refused(() => b.hostContents(77), P.RESP_ERR_INVALID_RESOURCE_ID, /no resource 77/);
+
+    // A 2x2 resource and a GUEST blob over the same page.
+    const backing: Backing = { mem: g.mem, entries: [{ guestAddr: 0x1000, len: 4096, hostAddr: 0n }], size: 4096 };
+    b.createResource2D({ resourceId: 1, format: F.VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM, width: 2, height: 2 });
+    b.createBlob({ resourceId: 2, blobMem: P.VIRTIO_GPU_BLOB_MEM_GUEST, backing, ...blob });
+    const box = { x: 0, y: 0, z: 0, w: 2, h: 2, d: 1 };
+    const t = { resourceId: 1, ctxId: 0, box, offset: 0, level: 0, stride: 0, layerStride: 0 };
+    refused(() => b.transferFromHost(t), P.RESP_ERR_UNSPEC, /resource 1 has no backing/);
+    refused(() => b.attachBacking(2, backing), P.RESP_ERR_INVALID_PARAMETER, /resource 2 is a blob/);
+    b.attachBacking(1, backing);
+    refused(() => b.transferFromHost({ ...t, box: { ...box, w: 3 } }), P.RESP_ERR_INVALID_PARAMETER, /box outside/);
+    refused(() => b.transferToHost({ ...t, box: { ...box, h: 3 } }), P.RESP_ERR_INVALID_PARAMETER, /box outside/);
+    // The backing reader refuses a range past its end (the device checks first; this is the last line).
+    refused(() => b.transferToHost({ ...t, offset: 4096 - 8 }), P.RESP_ERR_INVALID_PARAMETER, /beyond 4096 bytes/);
+    refused(
+      () => b.readPixels(1, { x: 1, y: 1, width: 2, height: 1 }),
+      P.RESP_ERR_INVALID_PARAMETER,
+      /rect outside resource 1/,
+    );
+    refused(
+      () => b.readPixels(2, { x: 0, y: 0, width: 1, height: 1 }),
+      P.RESP_ERR_INVALID_PARAMETER,
+      /without an image layout/,
+    );
+    refused(() => b.hostContents(2), P.RESP_ERR_INVALID_PARAMETER, /resource 2 is a blob/);
+    refused(() => b.restoreHostContents(1, new Uint8Array(15)), P.RESP_ERR_INVALID_PARAMETER, /15 bytes do not fit/);
+    refused(() => b.restoreHostContents(2, new Uint8Array(16)), P.RESP_ERR_INVALID_PARAMETER, /do not fit resource 2/);
+    // A transfer from the host into a GUEST blob has nothing to copy; the guest's page is untouched.
+    g.mem.write(0x1000, Uint8Array.of(1, 2, 3, 4));
+    b.transferFromHost({ ...t, resourceId: 2 });
+    assert.deepEqual([...g.mem.read(0x1000, 4)], [1, 2, 3, 4]);
+    // Restored contents are what the host copy holds and what the next transfer from the host writes back.
+    b.restoreHostContents(1, new Uint8Array(16).fill(0x5a));
+    assert.deepEqual([...b.hostContents(1)], new Array(16).fill(0x5a));
+    b.transferFromHost(t);
+    assert.deepEqual([...g.mem.read(0x1000, 16)], new Array(16).fill(0x5a));
+    assert.deepEqual([...g.mem.read(0x1000 + 16, 4)], [0, 0, 0, 0], "nothing past the box");
+  } finally {
+    b.close();
+    assert.ok(g.canaryIntact());
+    g.close();
+  }
 });
