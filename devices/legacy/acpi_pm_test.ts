@@ -59,3 +59,21 @@ Deno.test("ACPI PM state: an empty record round-trips and the registers act the 
     assert.throws(() => pm.restoreState(bad), StateError);
   }
 });
+
+Deno.test("ACPI PM: the registers read as zero (SLP_EN and the reset value are write-only); a bad layout is refused", () => {
+  const events: string[] = [];
+  const pm = new AcpiPm(REGISTERS, { powerOff: () => events.push("off"), reset: () => events.push("reset") });
+  for (let offset = 0; offset < pm.portSpan; offset++) {
+    const data = new Uint8Array(2).fill(0xff);
+    pm.read(offset, data);
+    assert.deepEqual([...data], [0, 0], `offset ${offset}`);
+  }
+  assert.deepEqual(events, [], "reading does nothing");
+  // A sleep type other than S5 with no log sink is still ignored, not a crash.
+  pm.write(0, Uint8Array.of(ACPI_SLP_EN | (3 << ACPI_SLP_TYP_SHIFT)));
+  assert.deepEqual(events, []);
+  assert.throws(
+    () => new AcpiPm({ ...REGISTERS, resetPort: ACPI_SLEEP_CONTROL_PORT }, { powerOff() {}, reset() {} }),
+    { name: "RangeError", message: /reset register must be above the sleep control register/ },
+  );
+});

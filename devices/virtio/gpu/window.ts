@@ -56,11 +56,6 @@ export class HostVisibleWindow {
     return this.#mapper !== undefined;
   }
 
-  /** Live mappings. */
-  get count(): number {
-    return this.#mappings.size;
-  }
-
   /**
    * RESOURCE_MAP_BLOB of `resourceId` (a blob of `blobSize` bytes) at `offset`: checks the offset, has the
    * backend map the blob, installs it through the mapper. Throws ProtocolError, with nothing left mapped.
