@@ -543,3 +543,92 @@ Deno.test("vsock state: a wrong type, version, CID or malformed field is refused
     r.close();
   }
 });
+
+Deno.test("vsock: packets out of place on a live connection reset it (RST to the guest, EOF to the host), one line each", async () => {
+  const r = new Rig();
+  try {
+    const cases: { what: string; send: (hostPort: number, guestPort: number) => void; line: RegExp }[] = [
+      {
+        what: "a second RESPONSE",
+        send: (hp, gp) => r.send({ op: VIRTIO_VSOCK_OP_RESPONSE, srcPort: gp, dstPort: hp }),
+        line: /RESPONSE on established connection \d+:\d+; RST/,
+      },
+      {
+        what: "a REQUEST for the connection's own ports",
+        send: (hp, gp) => r.send({ op: VIRTIO_VSOCK_OP_REQUEST, srcPort: gp, dstPort: hp }),
+        line: /REQUEST for existing connection \d+:\d+; RST/,
+      },
+      {
+        what: "an unknown op",
+        send: (hp, gp) => r.send({ op: 99, srcPort: gp, dstPort: hp }),
+        line: /unknown op 99 on \d+:\d+; RST/,
+      },
+      {
+        what: "a control packet with a payload",
+        send: (hp, gp) => r.send({ op: VIRTIO_VSOCK_OP_CREDIT_REQUEST, srcPort: gp, dstPort: hp }, enc.encode("12345")),
+        line: new RegExp(`op ${VIRTIO_VSOCK_OP_CREDIT_REQUEST} with a 5-byte payload; RST`),
+      },
+    ];
+    for (const [i, c] of cases.entries()) {
+      const guestPort = 700 + i;
+      const { c: host, hostPort } = await hostConnect(r, guestPort);
+      const before = r.lines.length;
+      c.send(hostPort, guestPort);
+      const rst = await r.next((p) => p.hdr.op === VIRTIO_VSOCK_OP_RST && p.hdr.dstPort === guestPort, c.what);
+      assert.equal(rst.hdr.srcPort, hostPort, c.what);
+      assert.equal(r.lines.length, before + 1, `${c.what}: one line`);
+      assert.match(r.lines[before], c.line, c.what);
+      assert.equal(await host.read(new Uint8Array(8)), null, `${c.what}: the host socket is closed`);
+      host.close();
+    }
+  } finally {
+    r.close();
+  }
+});
+
+Deno.test("vsock: guest data before its RESPONSE resets the host's connection attempt", async () => {
+  const r = new Rig();
+  try {
+    const c = await Deno.connect({ transport: "unix", path: r.uds });
+    await c.write(enc.encode("CONNECT 800\n"));
+    const req = await r.next((p) => p.hdr.op === VIRTIO_VSOCK_OP_REQUEST, "REQUEST");
+    r.send({ op: VIRTIO_VSOCK_OP_RW, srcPort: 800, dstPort: req.hdr.srcPort }, enc.encode("early"));
+    await r.next((p) => p.hdr.op === VIRTIO_VSOCK_OP_RST && p.hdr.dstPort === 800, "RST");
+    assert.ok(r.lines.some((l) => /RW on host-connecting connection/.test(l)), r.lines.join("\n"));
+    assert.equal(await c.read(new Uint8Array(16)), null, "no OK line: the host socket is closed");
+    c.close();
+  } finally {
+    r.close();
+  }
+});
+
+Deno.test("vsock: SHUTDOWN(SEND) half-closes: the host reads EOF after the data and can still send", async () => {
+  const r = new Rig();
+  try {
+    const { c, hostPort } = await hostConnect(r, 900);
+    r.send({ op: VIRTIO_VSOCK_OP_RW, srcPort: 900, dstPort: hostPort }, enc.encode("last words"));
+    r.send({ op: VIRTIO_VSOCK_OP_SHUTDOWN, srcPort: 900, dstPort: hostPort, flags: VIRTIO_VSOCK_SHUTDOWN_SEND });
+    assert.equal(dec.decode(await readN(c, 10)), "last words");
+    assert.equal(await c.read(new Uint8Array(8)), null, "EOF after the guest's data");
+    await c.write(enc.encode("reply"));
+    const rw = await r.next((p) => p.hdr.op === VIRTIO_VSOCK_OP_RW && p.hdr.dstPort === 900, "the host's reply");
+    assert.equal(dec.decode(rw.data), "reply");
+    c.close();
+  } finally {
+    r.close();
+  }
+});
+
+Deno.test("vsock: a config write is ignored with one line; the CID reads the same", () => {
+  const r = new Rig();
+  try {
+    const before = r.lines.length;
+    r.dev.writeConfig(0, Uint8Array.of(1, 2, 3, 4));
+    assert.deepEqual(r.lines.slice(before), ["virtio-vsock: driver wrote 4 bytes of read-only config at 0; ignored"]);
+    assert.equal(r.drv.readConfig(0, 8)[0], GUEST_CID);
+    // Reads past the config space are zeroes.
+    assert.deepEqual([...r.drv.readConfig(VSOCK_CONFIG_SIZE, 4)], [0, 0, 0, 0]);
+  } finally {
+    r.close();
+  }
+});
