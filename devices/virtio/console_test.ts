@@ -26,6 +26,7 @@ import {
   VIRTIO_CONSOLE_PORT_READY,
 } from "./console.ts";
 import { VIRTIO_F_EVENT_IDX, VIRTIO_ID_CONSOLE } from "./device.ts";
+import { VIRTIO_MMIO_INT_CONFIG } from "./mmio.ts";
 import {
   VIRTQ_DESC_F_NEXT,
   VIRTQ_DESC_F_WRITE,
@@ -749,4 +750,47 @@ Deno.test("console: EVENT_IDX with the driver on another thread: 100000 messages
   assert.equal(stall, "");
   assert.equal(bad, "");
   assert.equal(got, MESSAGES);
+});
+
+Deno.test("console: bad port layouts are refused at construction; a port too many is refused at open", () => {
+  const output = () => {};
+  assert.throws(
+    () => new ConsoleDevice({ output, ports: ["a", "b"], maxPorts: 2 }),
+    /maxPorts 2 must be an integer in 3\.\.32767/,
+  );
+  assert.throws(() => new ConsoleDevice({ output, maxPorts: 0x8000 }), /maxPorts 32768/);
+  assert.throws(() => new ConsoleDevice({ output, maxPorts: 1.5 }), /maxPorts 1.5/);
+  assert.throws(() => new ConsoleDevice({ output, ports: ["a"], multiport: false }), /named ports need multiport/);
+  assert.throws(() => new ConsoleDevice({ output, ports: [""] }), /port name "" must be 1\.\.\d+ bytes without NUL/);
+  assert.throws(() => new ConsoleDevice({ output, ports: ["a\0b"] }), /without NUL/);
+  const dev = new ConsoleDevice({ output, ports: ["a"], maxPorts: 2 });
+  assert.equal(dev.openPort("a"), dev.openPort("a"), "an open port is found again by name");
+  assert.throws(() => dev.openPort("b"), /no free port for "b" \(maxPorts 2\)/);
+  dev.close?.();
+});
+
+Deno.test("console: resize is a config change without MULTIPORT, nothing without SIZE; config writes are ignored", () => {
+  {
+    using r = rig({ size: { cols: 80, rows: 25 }, multiport: false });
+    r.drv.ackInterrupt();
+    const irqs = r.irqs.n;
+    r.dev.resize(132, 43);
+    assert.equal(r.irqs.n, irqs + 1, "one interrupt");
+    assert.equal(r.drv.ackInterrupt() & VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_CONFIG, "a configuration change");
+    const cfg = new DataView(r.drv.readConfig(0, 4).buffer);
+    assert.deepEqual([cfg.getUint16(CONSOLE_CFG_COLS, true), cfg.getUint16(CONSOLE_CFG_ROWS, true)], [132, 43]);
+    // The driver writing the size is ignored with one line.
+    r.drv.transport.write(0x100 + CONSOLE_CFG_COLS, Uint8Array.of(1, 0));
+    assert.equal(r.lines.length, 1);
+    assert.match(r.lines[0], /driver wrote 2 bytes of read-only config at 0; ignored/);
+    assert.equal(new DataView(r.drv.readConfig(0, 2).buffer).getUint16(0, true), 132);
+  }
+  {
+    using r = rig({ multiport: false });
+    assert.ok(!(r.drv.deviceFeatures() & VIRTIO_CONSOLE_F_SIZE));
+    const irqs = r.irqs.n;
+    r.dev.resize(100, 30);
+    assert.equal(r.irqs.n, irqs, "no SIZE feature: the guest is not told");
+    assert.equal(r.drv.ackInterrupt(), 0);
+  }
 });
