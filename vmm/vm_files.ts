@@ -114,3 +114,12 @@ export function checkOpenedOutput(output: string, info: Deno.FileInfo, inputs: R
   const input = id === undefined ? undefined : inputs.get(id);
   if (input) throw new OutputIsInputError(output, input);
 }
+
+/**
+ * For an output named at run time (a screenshot asked for on the control socket): throws OutputIsInputError
+ * when `path` is one of `config`'s inputs.
+ */
+export function checkOutputPath(output: string, path: string, config: VmConfig): void {
+  const info = statOrUndefined(path);
+  if (info) checkOpenedOutput(output, info, inputIdentities(config));
+}
