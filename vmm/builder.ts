@@ -45,6 +45,8 @@ export interface MachineOptions {
   vm?: VmHandle;
   /** One-line log messages (defaults to stderr). */
   log?: (line: string) => void;
+  /** Called once when a console's stdout has lost its reader (EPIPE): `run` ends the VM (HostIoOptions). */
+  onStdoutClosed?: () => void;
   /**
    * A Linux kernel on a host whose KVM emulates guest kernel code (kvm_pvm, vmm/kvm/host.ts): "warn"
    * logs one line saying so and boots it (the default: its first lines are still worth having),
@@ -101,13 +103,19 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
 
   // Everything that only needs the user's files is checked before KVM is opened (vmm/validate.ts, the
   // same checks as `run --print-config`), so bad input gets exit 35 on any host.
-  const { memory, kernel, initrd, kernelImage } = await prepareBoot(config);
+  const { memory, kernel, initrd, kernelImage, inputs } = await prepareBoot(config);
   let kvm: Kvm | undefined;
   let vm: VmHandle | undefined;
   let virtio: VirtioDevice[] = [];
   let devices: DeviceManager | undefined;
   const vcpuFds: number[] = [];
-  const hostIo = new HostIo(config.serials, { onConsoleOutput: opts.onConsoleOutput, noStdin: opts.noStdin });
+  const hostIo = new HostIo(config.serials, {
+    onConsoleOutput: opts.onConsoleOutput,
+    noStdin: opts.noStdin,
+    inputs,
+    onStdoutClosed: opts.onStdoutClosed,
+    log,
+  });
   // The boot vCPU's Worker starts loading now, on its own thread, while this one builds the VM;
   // Machine.start() hands it its vCPU. The other vCPUs' Workers are created once the boot vCPU runs.
   const workers = opts.vm ? [] : [spawnVcpuWorker()];

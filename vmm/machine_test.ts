@@ -22,7 +22,8 @@ import {
 } from "./arch/layout.ts";
 import type { Machine } from "./machine.ts";
 import { buildMachine } from "./builder.ts";
-import { gpuStats, screenshot, startWebDisplay } from "./library/gpu_front.ts";
+import { gpuStats, screenshot, screenshotTo, startWebDisplay } from "./library/gpu_front.ts";
+import { OutputIsInputError } from "./vm_files.ts";
 import { buildGuest } from "../test/guests/build.ts";
 import { FakeVm } from "../test/support/fake_vm.ts";
 import { VirtioTestDriver } from "../test/support/virtio_driver.ts";
@@ -235,6 +236,43 @@ Deno.test("machine without KVM: a 2D GPU scanout shows in screenshot(), the web 
     } finally {
       ws.close();
     }
+  } finally {
+    await machine.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("machine without KVM: a screenshot over the VM's disk image is refused, and the disk is unchanged", async () => {
+  const dir = await Deno.makeTempDir();
+  const img = `${dir}/disk.img`;
+  const bytes = new Uint8Array(MiB).map((_, i) => (i * 7 + 3) & 0xff);
+  await Deno.writeFile(img, bytes);
+  const { machine } = await machineWith({
+    blocks: [{ path: img, ro: false, root: false, sparse: true, blockSize: 512, direct: false }],
+    gpu: {
+      backend: "2d",
+      contextTypes: [],
+      displays: [{ mode: "windowed", width: 32, height: 16 }],
+      hostVisibleWindowSize: 2 ** 30,
+      fixedBlobMapping: false,
+      egl: true,
+      gles: true,
+      glx: false,
+      surfaceless: true,
+      vulkan: false,
+      udmabuf: false,
+    },
+  }, dir);
+  try {
+    await assert.rejects(
+      screenshotTo(machine, img),
+      (e: unknown) =>
+        e instanceof OutputIsInputError && /^screenshot .*disk\.img is --block .*disk\.img/.test(e.message),
+    );
+    assert.deepEqual(await Deno.readFile(img), bytes);
+    // Anywhere else it is written.
+    await screenshotTo(machine, `${dir}/shot.png`);
+    assert.ok((await Deno.stat(`${dir}/shot.png`)).size > 0);
   } finally {
     await machine.stop();
     await Deno.remove(dir, { recursive: true });

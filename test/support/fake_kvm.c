@@ -109,7 +109,10 @@
 #define SPIN_TICK_NS 50000000ll
 /** "echo" polls the UART's LSR this often while no byte is ready. */
 #define ECHO_POLL_NS 1000000ll
-/** "loop": iterations of out 0x80 (overridable by $DENOVM_FAKE_KVM_LOOP_COUNT); every Nth is an in. "exit-loop": outs only. */
+/**
+ * "loop": iterations of out 0x80 (overridable by $DENOVM_FAKE_KVM_LOOP_COUNT); every Nth is an in. "exit-loop": outs
+ * only. "lines": lines of text.
+ */
 #define LOOP_DEFAULT_COUNT 1000000ull
 #define LOOP_IN_EVERY 1000ull
 
@@ -694,6 +697,23 @@ static int script_spin(struct vcpu *v) {
   }
 }
 
+/**
+ * "lines": loop_count lines "line N" on COM1, then S5: a guest whose console output outlives its
+ * reader (`denovm run ... | head -2`) or fills its file.
+ */
+static int script_lines(struct vcpu *v) {
+  if (v->phase != 0) return block_until_kicked(v);
+  if (v->counter < v->vm->loop_count) {
+    /* vcpu_run calls a script only once the queued text is sent: start the buffer over */
+    v->text_len = v->text_pos = 0;
+    v->counter++;
+    say(v, "line %llu\n", (unsigned long long)v->counter);
+    return NEXT;
+  }
+  v->phase = 1;
+  return exit_s5(v);
+}
+
 /** `rep outsb` to COM1: one KVM_EXIT_IO carrying the whole string (count > 1), then S5. */
 static int script_string_io(struct vcpu *v) {
   static const char msg[] = "rep outsb ok\n";
@@ -772,6 +792,7 @@ static int run_script(struct vcpu *v) {
   if (!strcmp(s, "echo")) return script_echo(v);
   if (!strcmp(s, "loop")) return script_loop(v);
   if (!strcmp(s, "spin")) return script_spin(v);
+  if (!strcmp(s, "lines")) return script_lines(v);
   if (!strcmp(s, "string-io")) return script_string_io(v);
   if (!strcmp(s, "hlt")) return script_hlt(v);
   if (!strcmp(s, "fail-entry")) return script_fail_entry(v);

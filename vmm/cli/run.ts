@@ -24,6 +24,8 @@ import { parseInputOption } from "./devices/input.ts";
 import { parseNetOption } from "./devices/net.ts";
 import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
 import { parseVsockOption } from "./devices/vsock.ts";
+import { type AllowedKinds, checkFileKind, openUserFile } from "../../core/host_file.ts";
+import { closeFd, O_RDONLY } from "../../ffi/libc.ts";
 
 export { UsageError } from "./keyvalue.ts";
 
@@ -201,19 +203,27 @@ function errorText(e: unknown): string {
   return (e instanceof Error ? e.message : String(e)).split("\n")[0];
 }
 
-function checkReadableFile(path: string, what: string): void {
+/**
+ * `path` exists, is of a kind `what` may be (a kernel or initrd a regular file, a disk a regular file or a
+ * block device) and can be opened for reading; the open cannot block (core/host_file.ts), so a FIFO with no
+ * writer is refused, not waited on.
+ */
+function checkReadableFile(path: string, what: string, allowed: AllowedKinds): void {
   let info: Deno.FileInfo;
   try {
     info = Deno.statSync(path);
   } catch (e) {
     throw new UsageError(`${what} "${path}": ${e instanceof Deno.errors.NotFound ? "no such file" : errorText(e)}`);
   }
-  if (info.isDirectory) throw new UsageError(`${what} "${path}": is a directory`);
+  checkFileKind(what, path, info, allowed);
+  let fd: number;
   try {
-    Deno.openSync(path, { read: true }).close();
+    fd = openUserFile(path, O_RDONLY, what, allowed).fd;
   } catch (e) {
+    if (e instanceof UsageError) throw e;
     throw new UsageError(`${what} "${path}": cannot be read: ${errorText(e)}`);
   }
+  closeFd(fd);
 }
 
 // ---- The parser ----
@@ -468,9 +478,9 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
   addDefaultSerial(cfg.serials);
 
   if (options.checkFiles ?? true) {
-    checkReadableFile(cfg.kernel, "kernel");
-    if (cfg.initrd !== undefined) checkReadableFile(cfg.initrd, "initrd");
-    for (const b of cfg.blocks) checkReadableFile(b.path, "block");
+    checkReadableFile(cfg.kernel, "kernel", "regular");
+    if (cfg.initrd !== undefined) checkReadableFile(cfg.initrd, "initrd", "regular");
+    for (const b of cfg.blocks) checkReadableFile(b.path, "block", "regular-or-block");
   }
   return { config: cfg, printConfig, help: false };
 }

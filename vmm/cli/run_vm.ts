@@ -2,6 +2,7 @@
 
 import type { VmConfig } from "../config.ts";
 import { buildMachine } from "../builder.ts";
+import type { Machine } from "../machine.ts";
 import { gpuSummary, startWebDisplay } from "../library/gpu_front.ts";
 import { startGdbServer } from "../gdb/server.ts";
 
@@ -16,7 +17,15 @@ export const TIMINGS_ENV = "DENOVM_TIMINGS";
 
 export async function runVm(config: VmConfig): Promise<number> {
   const tCreate = performance.now();
-  const machine = await buildMachine(config, { emulatedKernel: "warn" });
+  // When stdout's reader goes away (`denovm run ... | head`), the VM is stopped and the run ends quietly
+  // with a stopped VM's status, 0: crosvm too treats a failed console write as no failure of the run (it
+  // logs it and goes on, devices/src/serial.rs), and a command-line tool whose reader has gone just ends.
+  const built: { machine?: Machine } = {};
+  const machine = await buildMachine(config, {
+    emulatedKernel: "warn",
+    onStdoutClosed: () => void built.machine?.stop(),
+  });
+  built.machine = machine;
   const tBuilt = performance.now();
   const onSignal = () => void machine.stop();
   Deno.addSignalListener("SIGTERM", onSignal);

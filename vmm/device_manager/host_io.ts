@@ -4,6 +4,7 @@
 
 import type { SerialConfig } from "../config.ts";
 import { ConfigError, HostError } from "../../core/exit.ts";
+import { checkOpenedOutput, type NamedFile, serialName } from "../vm_files.ts";
 
 /** A serial option that is incomplete (a type that needs path= without one): exit 35. */
 export class SerialConfigError extends ConfigError {
@@ -29,6 +30,18 @@ export interface HostIoOptions {
   onConsoleOutput?: (bytes: Uint8Array) => void;
   /** Never read this process's stdin (library use). */
   noStdin?: boolean;
+  /**
+   * The VM's input files by identity (vmm/validate.ts prepareBoot): an output file, once opened, is checked
+   * against them again before it is truncated, in case its path now names one of them.
+   */
+  inputs?: ReadonlyMap<string, NamedFile>;
+  /**
+   * Called once when stdout's reader has gone (a write failed with EPIPE, as in `denovm run | head`):
+   * `run` stops the VM. Output to stdout is dropped from then on, without a message.
+   */
+  onStdoutClosed?: () => void;
+  /** One-line messages: an output that failed (defaults to stderr). */
+  log?: (line: string) => void;
 }
 
 export class HostIo {
@@ -44,26 +57,28 @@ export class HostIo {
     return s.console || (s.num === 1 && s.hardware === "serial" && !this.serials.some((x) => x.console));
   }
 
-  /** The function that takes `s`'s output bytes. */
+  /** The function that takes `s`'s output bytes. A write that fails is one log line, not an exception. */
   async output(s: SerialConfig): Promise<(bytes: Uint8Array) => void> {
-    const where = `--serial num=${s.num}`;
+    const where = serialName(s);
     let sink: (b: Uint8Array) => void = () => {};
     switch (s.type) {
       case "stdout":
-        sink = (b) => Deno.stdout.writeSync(b);
+        sink = (b) => this.#toStdout(b);
         break;
       case "syslog":
-        sink = (b) => Deno.stderr.writeSync(b);
+        // stderr is where failures would be reported: one that fails drops the output silently.
+        sink = (b) => {
+          try {
+            writeAll(Deno.stderr, b);
+          } catch {
+            // stderr gone
+          }
+        };
         break;
       case "file": {
         if (!s.path) throw new SerialConfigError(`${where}: type=file needs path=`);
-        try {
-          const f = await Deno.open(s.path, { write: true, create: true, truncate: true });
-          this.#closers.push(() => f.close());
-          sink = (b) => f.writeSync(b);
-        } catch (e) {
-          throw new SerialHostError(`${where}: cannot open ${s.path}: ${(e as Error).message}`);
-        }
+        const f = await this.#openOutput(where, s.path);
+        sink = this.#failOnce(where, s.path, (b) => writeAll(f, b));
         break;
       }
       case "unix":
@@ -87,6 +102,77 @@ export class HostIo {
     return capture ? (b) => (sink(b), capture(b)) : sink;
   }
 
+  /**
+   * Opens an output file without truncating it, checks on the opened file that it is none of the VM's
+   * inputs (the path may have changed since prepareBoot looked), and only then empties a regular file.
+   */
+  async #openOutput(where: string, path: string): Promise<Deno.FsFile> {
+    let f: Deno.FsFile;
+    try {
+      f = await Deno.open(path, { write: true, create: true });
+    } catch (e) {
+      throw new SerialHostError(`${where}: cannot open ${path}: ${(e as Error).message}`);
+    }
+    try {
+      const info = f.statSync();
+      if (this.opts.inputs) checkOpenedOutput(`${where} path=${path}`, info, this.opts.inputs);
+      if (info.isFile) f.truncateSync(0);
+    } catch (e) {
+      f.close();
+      if (e instanceof ConfigError) throw e;
+      throw new SerialHostError(`${where}: cannot open ${path}: ${(e as Error).message}`);
+    }
+    this.#closers.push(() => f.close());
+    return f;
+  }
+
+  /** `write`, until it first fails: then one log line, and the port's later output is dropped. */
+  #failOnce(where: string, path: string, write: (b: Uint8Array) => void): (b: Uint8Array) => void {
+    let failed = false;
+    return (b) => {
+      if (failed) return;
+      try {
+        write(b);
+      } catch (e) {
+        failed = true;
+        const why = (e instanceof Error ? e.message : String(e)).split("\n")[0];
+        this.#log(`${where}: cannot write to ${path}: ${why}; its further output is dropped`);
+      }
+    };
+  }
+
+  #stdoutGone = false;
+
+  /**
+   * Console output to stdout. When stdout's reader has gone (EPIPE) the run ends quietly, as a command-line
+   * tool's does; any other failure is one log line. Either way stdout gets nothing more.
+   */
+  #toStdout(b: Uint8Array): void {
+    if (this.#stdoutGone) return;
+    try {
+      writeAll(Deno.stdout, b);
+    } catch (e) {
+      this.#stdoutGone = true;
+      if (e instanceof Deno.errors.BrokenPipe) {
+        this.opts.onStdoutClosed?.();
+        return;
+      }
+      const why = (e instanceof Error ? e.message : String(e)).split("\n")[0];
+      this.#log(`cannot write the console to stdout: ${why}; its further output is dropped`);
+    }
+  }
+
+  #log(line: string): void {
+    if (this.opts.log) this.opts.log(line);
+    else {
+      try {
+        console.error(`denovm: ${line}`);
+      } catch {
+        // stderr gone
+      }
+    }
+  }
+
   readonly #unixInput = new Map<SerialConfig, ReadableStream<Uint8Array>>();
 
   /** Feed `s`'s input (input= file, its unix socket, or stdin) to `deliver`. */
@@ -99,7 +185,7 @@ export class HostIo {
         this.#closers.push(() => f.close());
         return this.#pump(f.readable, deliver);
       } catch (e) {
-        throw new SerialHostError(`--serial num=${s.num}: cannot read input ${s.input}: ${(e as Error).message}`);
+        throw new SerialHostError(`${serialName(s)}: cannot read input ${s.input}: ${(e as Error).message}`);
       }
     }
     if (s.stdin && !this.opts.noStdin && !this.#stdinTaken) {
@@ -151,5 +237,14 @@ export class HostIo {
         // already closed
       }
     }
+  }
+}
+
+/** Writes all of `b` (a write may take part of it). */
+function writeAll(w: { writeSync(p: Uint8Array): number }, b: Uint8Array): void {
+  for (let off = 0; off < b.length;) {
+    const n = w.writeSync(b.subarray(off));
+    if (n <= 0) throw new Error(`write returned ${n}`);
+    off += n;
   }
 }

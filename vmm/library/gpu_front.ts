@@ -6,6 +6,7 @@ import { VIRTIO_ID_GPU } from "../../devices/virtio/device.ts";
 import type { GpuDevice } from "../../devices/virtio/gpu/device.ts";
 import { InputDevice } from "../../devices/virtio/input/device.ts";
 import type { Machine } from "../machine.ts";
+import { checkOutputPath } from "../vm_files.ts";
 
 /**
  * The GPU device, if the VM has one. Found by its virtio device type: its module is loaded only
@@ -39,9 +40,11 @@ export function screenshot(m: Machine): Promise<Uint8Array> {
   return gpu.screenshot(0);
 }
 
-/** Write a PNG of scanout 0 to `path`. */
+/** Write a PNG of scanout 0 to `path`, which must not be one of the VM's inputs (vmm/vm_files.ts). */
 export async function screenshotTo(m: Machine, path: string): Promise<void> {
-  await Deno.writeFile(path, await screenshot(m));
+  const png = await screenshot(m);
+  checkOutputPath(`screenshot ${path}`, path, m.config);
+  await Deno.writeFile(path, png);
 }
 
 /**

@@ -5,6 +5,7 @@
 import type { GuestMemory } from "../../../core/memory.ts";
 import type { GuestBuffer } from "../queue.ts";
 import { type Disk, DiskError, SECTOR_SIZE } from "./disk.ts";
+import { fdInfo, openUserFile } from "../../../core/host_file.ts";
 import {
   check,
   closeFd,
@@ -25,7 +26,6 @@ import {
   O_DIRECT,
   O_RDONLY,
   O_RDWR,
-  openFile,
   strerror,
   SysError,
 } from "../../../ffi/libc.ts";
@@ -56,17 +56,19 @@ export class RawDisk implements Disk {
     this.readOnly = readOnly;
     const flags = readOnly ? O_RDONLY : O_RDWR;
     this.#direct = opts.direct;
+    // A disk is a regular file or a block device; the open cannot block on a FIFO (core/host_file.ts).
+    const open = (f: number) => openUserFile(path, f, "disk image", "regular-or-block").fd;
     if (opts.direct) {
       try {
-        this.#fd = openFile(path, flags | O_DIRECT);
+        this.#fd = open(flags | O_DIRECT);
       } catch (e) {
         if (!(e instanceof SysError) || e.errno !== EINVAL) throw e;
         console.warn(`block ${path}: the filesystem refuses O_DIRECT; using the page cache`);
         this.#direct = false;
-        this.#fd = openFile(path, flags);
+        this.#fd = open(flags);
       }
     } else {
-      this.#fd = openFile(path, flags);
+      this.#fd = open(flags);
     }
     // As crosvm's lock=true: one writer or many readers per image, so two VMs never write one disk.
     if (opts.lock ?? true) {
@@ -83,7 +85,7 @@ export class RawDisk implements Disk {
         );
       }
     }
-    const size = Deno.statSync(path).size;
+    const size = imageSize(this.#fd);
     this.#capacityBytes = size - (size % SECTOR_SIZE);
   }
 
@@ -208,4 +210,12 @@ export class RawDisk implements Disk {
     if (ret < 0) throw new SysError(call, errno());
     return Number(ret);
   }
+}
+
+/** The size of the image open at `fd`: a regular file's from fstat, a block device's from seeking to its end. */
+function imageSize(fd: number): number {
+  const info = fdInfo(fd);
+  if (!info.isBlockDevice) return info.size;
+  using dev = Deno.openSync(`/proc/self/fd/${fd}`, { read: true });
+  return dev.seekSync(0, Deno.SeekMode.End);
 }

@@ -5,6 +5,7 @@ import { RawDisk } from "./raw.ts";
 import { SECTOR_SIZE } from "./disk.ts";
 import { GuardedGuestMemory } from "../../../test/support/virtio_driver.ts";
 import { SysError } from "../../../ffi/libc.ts";
+import { FileKindError } from "../../../core/host_file.ts";
 
 const GUEST_SIZE = 1 << 20;
 
@@ -118,4 +119,53 @@ Deno.test("raw: a write to a read-only image fails with the system error", () =>
     g.close();
     Deno.removeSync(path);
   }
+});
+
+Deno.test("raw: a disk is a regular file or a block device; /dev/zero and a directory are refused", () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    for (const [path, kind] of [["/dev/zero", "a character device"], [dir, "a directory"]]) {
+      assert.throws(
+        () => new RawDisk({ path, readOnly: true, direct: false }),
+        (e: unknown) =>
+          e instanceof FileKindError && e.message.includes(`is ${kind}, not a regular file or block device`),
+      );
+    }
+  } finally {
+    Deno.removeSync(dir);
+  }
+});
+
+/** A block device this process may read, with its size from sysfs (/sys/class/block/NAME/size, 512-byte units). */
+function readableBlockDevice(): { path: string; bytes: number } | undefined {
+  const SYSFS_SECTOR = 512;
+  for (const e of Deno.readDirSync("/sys/class/block")) {
+    const path = `/dev/${e.name}`;
+    try {
+      const sectors = Number(Deno.readTextFileSync(`/sys/class/block/${e.name}/size`).trim());
+      if (!(sectors > 0) || !Deno.statSync(path).isBlockDevice) continue;
+      Deno.openSync(path, { read: true }).close();
+      return { path, bytes: sectors * SYSFS_SECTOR };
+    } catch {
+      // not readable here
+    }
+  }
+  return undefined;
+}
+
+const blockDevice = readableBlockDevice();
+
+Deno.test({
+  name: "raw: a block device's capacity is its size, not its inode's (0)" +
+    (blockDevice ? "" : " (skipped: no block device here that this process may open)"),
+  ignore: blockDevice === undefined,
+  fn: () => {
+    // Read-only and unlocked: nothing is written, and the device's other users are not disturbed.
+    const d = new RawDisk({ path: blockDevice!.path, readOnly: true, direct: false, lock: false });
+    try {
+      assert.equal(d.capacityBytes, blockDevice!.bytes - (blockDevice!.bytes % SECTOR_SIZE));
+    } finally {
+      d.close();
+    }
+  },
 });

@@ -1,7 +1,7 @@
 // bzImage loader: Linux x86 boot protocol (Documentation/arch/x86/boot.rst), 64-bit entry.
 
 import type { GuestMemory } from "../../../core/memory.ts";
-import { HIGH_MEMORY_START, KERNEL_START } from "../layout.ts";
+import { HIGH_MEMORY_START, KERNEL_START, MMIO_HOLE_END, MMIO_HOLE_START } from "../layout.ts";
 import {
   BOOT_FLAG_MAGIC,
   BP_HDR_ROOM_END,
@@ -94,6 +94,12 @@ export function loadBzImage(mem: GuestMemory, image: Uint8Array): KernelInfo {
   }
   const initSize = version >= PROTOCOL_2_10 ? dv.getUint32(HDR_INIT_SIZE, true) : 0;
   const loadEnd = loadStart + Math.max(kernelSize, initSize);
+  if (loadStart < MMIO_HOLE_END && loadEnd > MMIO_HOLE_START) {
+    throw new KernelFormatError(
+      `bzImage's kernel at ${hex(loadStart)}..${hex(loadEnd)} lies in the 32-bit device hole ` +
+        `${hex(MMIO_HOLE_START)}..${hex(MMIO_HOLE_END)}`,
+    );
+  }
   if (!mem.isValid(loadStart, loadEnd - loadStart)) {
     throw new GuestTooSmallError(
       `kernel needs guest RAM ${hex(loadStart)}..${hex(loadEnd)} (${loadEnd - loadStart} bytes at load address); ` +

@@ -3,7 +3,7 @@
 // as in Linux include/uapi/linux/elf.h.
 
 import type { GuestMemory } from "../../../core/memory.ts";
-import { HIGH_MEMORY_START } from "../layout.ts";
+import { GUEST_PHYS_LIMIT, HIGH_MEMORY_START, MMIO_HOLE_END, MMIO_HOLE_START } from "../layout.ts";
 import { INITRD_ADDR_MAX_2_03 } from "./bootparam.ts";
 import { GuestTooSmallError, hex, KernelFormatError } from "./errors.ts";
 import type { KernelInfo } from "./types.ts";
@@ -99,8 +99,7 @@ export function loadElf(mem: GuestMemory, image: Uint8Array): KernelInfo {
     throw new KernelFormatError("ELF file truncated inside its program headers");
   }
 
-  let loadStart = Infinity;
-  let loadEnd = 0;
+  const segments: LoadSegment[] = [];
   let pvhEntry: number | undefined;
   for (let i = 0; i < phnum; i++) {
     const ph = phoff + i * phentsize;
@@ -121,20 +120,17 @@ export function loadElf(mem: GuestMemory, image: Uint8Array): KernelInfo {
     const memsz = u64(dv, ph + P_MEMSZ, "p_memsz");
     if (filesz > memsz) throw new KernelFormatError(`ELF segment ${i} has p_filesz > p_memsz`);
     if (memsz === 0) continue;
-    if (paddr < HIGH_MEMORY_START) {
-      throw new KernelFormatError(`ELF segment ${i} at ${hex(paddr)} overlaps the boot area below 1 MiB`);
-    }
-    if (!mem.isValid(paddr, memsz)) {
-      throw new GuestTooSmallError(
-        `kernel segment ${i} (${hex(paddr)}..${hex(paddr + memsz)}) does not fit guest RAM (${mem.size} bytes)`,
-      );
-    }
-    mem.write(paddr, image.subarray(offset, offset + filesz));
-    mem.fill(paddr + filesz, memsz - filesz);
-    loadStart = Math.min(loadStart, paddr);
-    loadEnd = Math.max(loadEnd, paddr + memsz);
+    segments.push({ index: i, offset, filesz, start: paddr, end: paddr + memsz });
   }
-  if (loadEnd === 0) throw new KernelFormatError("ELF kernel has no loadable segments");
+  if (segments.length === 0) throw new KernelFormatError("ELF kernel has no loadable segments");
+  checkPlacement(mem, segments);
+  // Written only once every segment has its place, so a refused image leaves guest memory as it was.
+  for (const s of segments) {
+    mem.write(s.start, image.subarray(s.offset, s.offset + s.filesz));
+    mem.fill(s.start + s.filesz, s.end - s.start - s.filesz);
+  }
+  const loadStart = Math.min(...segments.map((s) => s.start));
+  const loadEnd = Math.max(...segments.map((s) => s.end));
 
   const entry = u64(dv, E_ENTRY, "e_entry");
   if (entry < loadStart || entry >= loadEnd) {
@@ -143,6 +139,61 @@ export function loadElf(mem: GuestMemory, image: Uint8Array): KernelInfo {
     );
   }
   return { kind: "elf", entry, loadStart, loadEnd, initrdAddrMax: INITRD_ADDR_MAX_2_03, pvhEntry };
+}
+
+/** A PT_LOAD segment with memory to occupy: guest-physical [start, end), its bytes at `offset` in the file. */
+interface LoadSegment {
+  /** Its index among the program headers. */
+  index: number;
+  offset: number;
+  filesz: number;
+  start: number;
+  end: number;
+}
+
+function segmentName(s: LoadSegment): string {
+  return `${s.index} (${hex(s.start)}..${hex(s.end)})`;
+}
+
+/**
+ * Every segment above the boot area, inside the 48-bit guest-physical space, outside the 32-bit device
+ * hole and apart from every other segment (the kernel's fault: KernelFormatError), and inside guest RAM
+ * (the guest's size: GuestTooSmallError).
+ */
+function checkPlacement(mem: GuestMemory, segments: readonly LoadSegment[]): void {
+  for (const s of segments) {
+    if (s.start < HIGH_MEMORY_START) {
+      throw new KernelFormatError(`ELF segment ${s.index} at ${hex(s.start)} overlaps the boot area below 1 MiB`);
+    }
+    if (s.end > GUEST_PHYS_LIMIT) {
+      throw new KernelFormatError(
+        `ELF segment ${segmentName(s)} lies beyond the 48-bit guest-physical address space`,
+      );
+    }
+    if (s.start < MMIO_HOLE_END && s.end > MMIO_HOLE_START) {
+      throw new KernelFormatError(
+        `ELF segment ${segmentName(s)} lies in the 32-bit device hole ${hex(MMIO_HOLE_START)}..${hex(MMIO_HOLE_END)}`,
+      );
+    }
+  }
+  const byStart = [...segments].sort((a, b) => a.start - b.start || a.index - b.index);
+  for (let k = 1; k < byStart.length; k++) {
+    const [a, b] = [byStart[k - 1], byStart[k]];
+    if (b.start < a.end) {
+      const [first, second] = a.index < b.index ? [a, b] : [b, a];
+      throw new KernelFormatError(`ELF segments ${segmentName(first)} and ${segmentName(second)} overlap`);
+    }
+  }
+  for (const s of segments) {
+    if (!mem.isValid(s.start, s.end - s.start)) {
+      throw new GuestTooSmallError(`ELF segment ${segmentName(s)} ends past guest RAM's end ${hex(ramEnd(mem))}`);
+    }
+  }
+}
+
+/** The first guest-physical address past the highest RAM region. */
+function ramEnd(mem: GuestMemory): number {
+  return Math.max(...mem.descriptors.map((r) => r.guestBase + r.size));
 }
 
 /** The XEN_ELFNOTE_PHYS32_ENTRY value in a PT_NOTE segment, if any. */

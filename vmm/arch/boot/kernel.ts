@@ -62,6 +62,23 @@ export function isLinuxKernel(image: Uint8Array): boolean {
   return isBzImage(image) || isLinuxElf(image);
 }
 
+/** Where an initrd can go for `kernel`: guest-physical [start, end), and whether RAM (not the kernel) sets the end. */
+export interface InitrdRoom {
+  start: number;
+  end: number;
+  /** The largest initrd that fits. */
+  bytes: number;
+  /** True when the end is RAM's below 4 GiB (more --mem helps), false when it is the kernel's initrd_addr_max. */
+  byRam: boolean;
+}
+
+/** The room loadInitrd has: page aligned above the kernel's end, below min(initrdAddrMax + 1, ramBelow4G). */
+export function initrdRoom(kernel: KernelInfo, ramBelow4G: number): InitrdRoom {
+  const start = Math.ceil(kernel.loadEnd / PAGE_SIZE) * PAGE_SIZE;
+  const end = Math.min(kernel.initrdAddrMax + 1, ramBelow4G);
+  return { start, end, bytes: Math.max(0, end - start), byRam: ramBelow4G <= kernel.initrdAddrMax + 1 };
+}
+
 /**
  * Copy an initrd into guest memory: page aligned, as high as possible below
  * min(initrdAddrMax + 1, ramBelow4G), above the kernel.
@@ -73,9 +90,8 @@ export function loadInitrd(
   ramBelow4G: number,
 ): { addr: number; size: number } {
   const size = initrd.length;
-  const top = Math.min(kernel.initrdAddrMax + 1, ramBelow4G);
+  const { start: lowest, end: top } = initrdRoom(kernel, ramBelow4G);
   const addr = Math.floor((top - size) / PAGE_SIZE) * PAGE_SIZE;
-  const lowest = Math.ceil(kernel.loadEnd / PAGE_SIZE) * PAGE_SIZE;
   if (size === 0 || addr < lowest || !mem.isValid(addr, size)) {
     if (size === 0) throw new GuestTooSmallError("initrd is empty");
     throw new GuestTooSmallError(

@@ -9,6 +9,7 @@ import {
   HIGH_MEMORY_START,
   KERNEL_START,
   MiB,
+  MMIO_HOLE_START,
   ramRanges,
   ZERO_PAGE_START,
 } from "../layout.ts";
@@ -335,6 +336,18 @@ Deno.test("bzImage: a non-relocatable kernel goes to its pref_address", async ()
   const k = loadKernel(mem, fixed);
   assert.equal(k.loadStart, KERNEL_START * 2);
   assert.equal(k.entry, KERNEL_START * 2 + STARTUP_64_OFFSET);
+});
+
+Deno.test("bzImage: a pref_address in the 32-bit device hole is the kernel's fault, not the guest's size", async () => {
+  const { vmlinuz } = await kernels();
+  const fixed = vmlinuz.slice();
+  fixed[HDR_RELOCATABLE_KERNEL] = 0;
+  new DataView(fixed.buffer).setBigUint64(HDR_PREF_ADDRESS, BigInt(MMIO_HOLE_START), true);
+  using mem = guest(8 * 1024 * MiB);
+  assert.throws(
+    () => loadKernel(mem, fixed),
+    (e: unknown) => e instanceof KernelFormatError && /0xc0000000\.\..* lies in the 32-bit device hole/.test(e.message),
+  );
 });
 
 Deno.test("Linux or not: bzImage and a vmlinux are Linux; a test guest and other ELF files are not", async () => {

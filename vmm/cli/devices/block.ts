@@ -110,6 +110,8 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
       direct: false,
     });
   } catch (e) {
+    // A file that is no disk (a FIFO, /dev/zero) is the user's error.
+    if (e instanceof UsageError) throw new UsageError(`block: ${e.message}`);
     throw new Error(`cannot open ${a.file}: ${(e as Error).message}`);
   }
   return { socketPath: a.socketPath, device };
