@@ -67,6 +67,9 @@ function readUserFile(what: string, path: string, refuse: (size: number) => stri
   }
 }
 
+/** The largest kernel file read when guest RAM is smaller: room for an unstripped vmlinux's debug sections. */
+const KERNEL_FILE_MAX_BYTES = 2 * 1024 * MiB;
+
 /** A kernel_cmdline piece crosvm accepts: printable ASCII only (kernel_cmdline/src/kernel_cmdline.rs valid_str). */
 const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
 
@@ -88,14 +91,16 @@ function prepareBootNow(config: VmConfig): PreparedBoot {
   checkVirtioDevices(config);
   const inputs = checkOutputsAreNotInputs(config);
   const memBytes = config.memMiB * MiB;
-  // A kernel is at most all of guest RAM; its size is known before a byte of it is read.
+  // The file's size is known before a byte of it is read. An unstripped ELF vmlinux carries debug sections
+  // that are never loaded, so the file may exceed guest RAM; what is loaded is checked by the loader.
+  const kernelFileMax = Math.max(memBytes, KERNEL_FILE_MAX_BYTES);
   const kernelImage = readUserFile(
     "kernel",
     config.kernel,
     (size) =>
-      size > memBytes
+      size > kernelFileMax
         ? `--mem ${config.memMiB} MiB is too small for kernel ${config.kernel}: the file is ${size} bytes, ` +
-          `guest RAM ${memBytes} bytes`
+          `more than guest RAM (${memBytes} bytes) and than any kernel file denovm reads (${KERNEL_FILE_MAX_BYTES})`
         : undefined,
   );
   const memory = OwnedGuestMemory.allocate(ramRanges(memBytes));
