@@ -54,6 +54,7 @@ const symbols = {
   flock: { parameters: ["i32", "i32"], result: "i32" }, // int fd, int operation
   calloc: { parameters: ["usize", "usize"], result: "pointer" }, // size_t nmemb, size_t size
   free: { parameters: ["pointer"], result: "void" }, // void *ptr
+  malloc_trim: { parameters: ["usize"], result: "i32" }, // size_t pad (glibc)
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type LibcSymbols = Deno.DynamicLibrary<typeof symbols>["symbols"];

@@ -53,8 +53,10 @@ export async function screenshotTo(m: Machine, path: string): Promise<void> {
  * display asks for it.
  */
 export async function startWebDisplay(m: Machine): Promise<string | undefined> {
-  const web = m.config.gpu?.displays.find((d) => d.mode === "web");
-  if (!web) return undefined;
+  const displays = m.config.gpu?.displays ?? [];
+  const index = displays.findIndex((d) => d.mode === "web");
+  if (index < 0) return undefined;
+  const web = displays[index];
   const gpu = gpuOf(m);
   if (!gpu) return undefined;
   const inputs = inputDevicesOf(m);
@@ -69,6 +71,7 @@ export async function startWebDisplay(m: Machine): Promise<string | undefined> {
     },
     stats: () => gpu.gpuStats(),
     port: web.port ?? 0,
+    name: `--gpu displays[${index}] (mode=web${web.port ? `,port=${web.port}` : ""})`,
   });
   const { url } = await server.start();
   if (m.closed) {

@@ -1,7 +1,9 @@
 // One page's stream of frames. Flushed regions of its scanout collect as damage; a batch (every changed
-// rectangle since the last one) goes out at most once per frame interval and only while fewer than
-// MAX_IN_FLIGHT batches wait for the page's ack, so a slow page gets fewer, larger batches of the newest
-// pixels instead of a growing backlog of old ones. The first batch, and the one after a mode change, is the
+// rectangle since the last one) goes out at most once per frame interval, only while fewer than
+// MAX_IN_FLIGHT batches wait for the page's ack and only while the page's socket holds at most
+// SEND_BUFFER_LOW_BYTES not yet sent. A batch is made from the framebuffer when it goes out, so a slow page
+// gets fewer, larger batches of the newest pixels instead of a growing backlog of old ones: at most one
+// batch waits in its socket. The first batch, and the one after a mode change, is the
 // whole framebuffer; later ones are what change detection (tiles.ts) finds different from the page's copy.
 
 import type { Rect } from "../../../devices/virtio/gpu/backend.ts";
@@ -10,9 +12,15 @@ import type { RateLimitedLog } from "../../../core/log.ts";
 import { BPP, type Compression, encodeRect } from "./encode.ts";
 import { RECT_FLAG_FULL, RECT_FLAG_LAST } from "./protocol.ts";
 import { changedRects, clip, coalesce, MAX_RECTS_PER_BATCH } from "./tiles.ts";
+import { releaseBuffer } from "./websocket.ts";
 
-/** Batches sent and not yet acknowledged by the page: bounds what is buffered for a slow page. */
+/** Batches sent and not yet acknowledged by the page. */
 const MAX_IN_FLIGHT = 2;
+/**
+ * Bytes a page's socket may hold unsent for the next batch (or stats message) to be sent to it: above this
+ * the page is not keeping up, and what changes waits as damage until the socket drains.
+ */
+export const SEND_BUFFER_LOW_BYTES = 256 * 1024;
 /** The rectangle header's u16 fields. */
 const MAX_DIMENSION = 0xffff;
 
@@ -38,11 +46,19 @@ export interface FrameCounters {
   pageDrawMs: number;
 }
 
+/** Where a page's batches go (its WebSocket, websocket.ts). */
+export interface FrameSink {
+  readonly open: boolean;
+  /** Bytes sent and not yet taken by the connection. */
+  readonly bufferedAmount: number;
+  send(msg: Uint8Array): void;
+}
+
 export interface FrameStreamOptions {
   display: HeadlessDisplay;
   scanout: number;
-  /** The page's socket: batches are sent while it is open. */
-  ws: WebSocket;
+  /** The page's socket: batches are sent while it is open; call schedule() again when it drains. */
+  ws: FrameSink;
   compression: Compression;
   /** Shortest time between two batches (1000 / the frame-rate cap). */
   minIntervalMs: number;
@@ -94,9 +110,13 @@ export class FrameStream {
     this.schedule();
   }
 
-  /** Send a batch when one is due: something to send, the page not too far behind, the interval passed. */
+  /**
+   * Send a batch when one is due: something to send, the page not too far behind, its socket drained, the
+   * interval passed.
+   */
   schedule(): void {
     if (this.#stopped || this.#timer !== undefined || this.#inFlight >= MAX_IN_FLIGHT) return;
+    if (this.#o.ws.bufferedAmount > SEND_BUFFER_LOW_BYTES) return;
     if (!this.#full && this.#dirty.length === 0) return;
     const delay = Math.max(0, this.#lastSend + this.#o.minIntervalMs - performance.now());
     this.#timer = setTimeout(() => {
@@ -108,13 +128,16 @@ export class FrameStream {
   /** The page went away: nothing more is sent. */
   stop(): void {
     this.#stopped = true;
+    if (this.#shadow) releaseBuffer(this.#shadow);
+    this.#shadow = null;
+    this.#dirty = [];
     if (this.#timer !== undefined) clearTimeout(this.#timer);
     this.#timer = undefined;
   }
 
   #sendBatch(): void {
     const { display, scanout, ws, counters, log } = this.#o;
-    if (this.#stopped || ws.readyState !== WebSocket.OPEN) return;
+    if (this.#stopped || !ws.open || ws.bufferedAmount > SEND_BUFFER_LOW_BYTES) return;
     let fb: Framebuffer;
     try {
       fb = display.framebuffer(scanout);
@@ -135,6 +158,7 @@ export class FrameStream {
     if (full || !canDiff || !this.#shadow) {
       rects = (full ? [{ x: 0, y: 0, width: fb.width, height: fb.height }] : coalesce(this.#dirty))
         .map((r) => clip(r, fb.width, fb.height)).filter((r): r is Rect => r !== null);
+      if (this.#shadow) releaseBuffer(this.#shadow);
       this.#shadow = canDiff
         ? new Uint32Array(fb.bgra.buffer.slice(fb.bgra.byteOffset, fb.bgra.byteOffset + n * BPP))
         : null;
