@@ -1212,9 +1212,59 @@ const GPU_CMDS = [
 const GPU_FORMATS = [1, 2, 3, 4, 67, 68, 121, 134];
 
 function gpuTarget(): VirtioTarget {
-  /** A small value a field of this command plausibly holds: ids, sizes, formats. */
-  const small = (r: Prng) =>
-    r.oneIn(8) ? r.interesting32() : r.pick([0, 1, 2, 3, r.below(64), r.below(1300), r.pick(GPU_FORMATS)]);
+  const id = (r: Prng) => r.oneIn(16) ? r.interesting32() : 1 + r.below(4);
+  const dim = (r: Prng) => r.oneIn(16) ? r.interesting32() : r.below(4) === 0 ? r.below(700) : 1 + r.below(64);
+  const rect = (r: Prng) => [r.oneIn(2) ? 0 : dim(r), r.oneIn(2) ? 0 : dim(r), dim(r), dim(r)];
+  const ramAddr = (r: Prng) => r.oneIn(8) ? r.u32() : READ_START + r.below(RAM_SIZE - READ_START);
+  /** The le32 words of a command's body (struct layouts of linux/virtio_gpu.h), with plausible values. */
+  const body = (type: number, r: Prng): number[] => {
+    switch (type) {
+      case G.CMD_RESOURCE_CREATE_2D:
+        return [id(r), r.oneIn(8) ? r.interesting32() : r.pick(GPU_FORMATS), dim(r), dim(r)];
+      case G.CMD_RESOURCE_UNREF:
+      case G.CMD_RESOURCE_DETACH_BACKING:
+      case G.CMD_RESOURCE_ASSIGN_UUID:
+        return [id(r), 0];
+      case G.CMD_SET_SCANOUT:
+        return [...rect(r), r.oneIn(8) ? r.interesting32() : 0, r.oneIn(8) ? 0 : id(r)];
+      case G.CMD_RESOURCE_FLUSH:
+        return [...rect(r), id(r), 0];
+      case G.CMD_TRANSFER_TO_HOST_2D:
+        return [...rect(r), r.oneIn(4) ? r.interesting32() : 4 * r.below(4096), r.oneIn(16) ? r.u32() : 0, id(r), 0];
+      case G.CMD_RESOURCE_ATTACH_BACKING:
+      case G.CMD_RESOURCE_CREATE_BLOB: {
+        const n = r.oneIn(8) ? r.below(300) : 1 + r.below(3);
+        const entries: number[] = [];
+        for (let i = 0; i < Math.min(n, 8); i++) {
+          entries.push(ramAddr(r), r.oneIn(16) ? r.u32() : 0, r.oneIn(8) ? r.interesting32() : r.length(64 * KiB), 0);
+        }
+        if (type === G.CMD_RESOURCE_ATTACH_BACKING) return [id(r), r.oneIn(8) ? r.interesting32() : n, ...entries];
+        // blob_mem (1 guest, 2 host3d...), blob_flags, nr_entries, blob_id, size
+        return [
+          id(r),
+          r.below(5),
+          r.below(8),
+          n,
+          r.below(4),
+          0,
+          r.length(128 * KiB),
+          r.oneIn(16) ? r.u32() : 0,
+          ...entries,
+        ];
+      }
+      case G.CMD_SET_SCANOUT_BLOB:
+        return [...rect(r), 0, id(r), dim(r), dim(r), r.pick(GPU_FORMATS), 0, ...rect(r), ...rect(r)];
+      case G.CMD_UPDATE_CURSOR:
+      case G.CMD_MOVE_CURSOR:
+        return [r.oneIn(8) ? r.interesting32() : 0, dim(r), dim(r), 0, r.oneIn(4) ? 0 : id(r), dim(r), dim(r), 0];
+      case G.CMD_RESOURCE_MAP_BLOB:
+        return [id(r), 0, r.below(1 << 20) * 4096, 0];
+      case G.CMD_GET_DISPLAY_INFO:
+        return [];
+      default:
+        return [r.below(4), r.below(4), r.interesting32(), r.interesting32()];
+    }
+  };
   return {
     name: "gpu",
     roles: ["request", "request"],
@@ -1225,23 +1275,18 @@ function gpuTarget(): VirtioTarget {
         : r.oneIn(16)
         ? r.interesting32()
         : r.pick(GPU_CMDS);
-      const words = r.oneIn(8) ? r.length(40) : 4 + r.below(12);
-      const o = b.read(r.oneIn(32) ? r.length(G.HDR_SIZE) : G.HDR_SIZE + 4 * words);
-      if (b.pos - o >= G.HDR_SIZE) {
+      const words = body(type, r);
+      if (r.oneIn(4) && words.length) words[r.below(words.length)] = r.interesting32();
+      const full = G.HDR_SIZE + 4 * words.length;
+      const o = b.read(r.oneIn(16) ? r.length(full + 8) : full);
+      const have = b.pos - o;
+      if (have >= G.HDR_SIZE) {
         b.u32(o + G.HDR_TYPE, type);
         b.u32(o + G.HDR_FLAGS, r.oneIn(4) ? r.pick([G.VIRTIO_GPU_FLAG_FENCE, 3, r.u32()]) : 0);
         b.u64(o + G.HDR_FENCE_ID, r.below(1000), r.oneIn(32) ? r.u32() : 0);
         b.u32(o + G.HDR_CTX_ID, r.oneIn(8) ? r.below(4) : 0);
-        for (let i = 0; i < words && o + G.HDR_SIZE + 4 * i + 4 <= b.pos; i++) b.u32(o + G.HDR_SIZE + 4 * i, small(r));
-        if (type === G.CMD_RESOURCE_ATTACH_BACKING && b.pos - o >= G.HDR_SIZE + 8) {
-          // struct virtio_gpu_mem_entry after id and nr_entries: addresses in RAM, mostly.
-          const n = r.below(4);
-          b.u32(o + G.HDR_SIZE + 4, r.oneIn(8) ? r.interesting32() : n);
-          for (let i = 0; i < n; i++) {
-            const e = b.read(16);
-            b.u64(e, r.oneIn(8) ? r.u32() : READ_START + r.below(RAM_SIZE - READ_START), r.oneIn(16) ? r.u32() : 0);
-            b.u32(e + 8, r.oneIn(8) ? r.interesting32() : r.length(256 * KiB));
-          }
+        for (let i = 0; i < words.length && G.HDR_SIZE + 4 * i + 4 <= have; i++) {
+          b.u32(o + G.HDR_SIZE + 4 * i, words[i]);
         }
       }
       b.writeSplit(r, wlen(r, r.pick([G.HDR_SIZE, 408, 1024])));
