@@ -31,8 +31,12 @@ export function emptyResult(): FuzzResult {
   return { requests: 0, crashes: 0, hangs: 0, oob: 0, rss_growth_mb: 0 };
 }
 
-/** The process's resident set size in MiB. */
+/**
+ * The process's resident set size in MiB, after a full garbage collection where the process allows one
+ * (`--v8-flags=--expose-gc`): then what grows is what is still referenced, not garbage not yet collected.
+ */
 export function rssMb(): number {
+  (globalThis as { gc?: () => void }).gc?.();
   return Deno.memoryUsage().rss / (1024 * 1024);
 }
 

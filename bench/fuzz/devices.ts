@@ -379,6 +379,9 @@ const ASYNC_YIELD_EVERY = 32;
 const FULL_CHECK_EVERY = 64;
 const SAMPLES = 8;
 
+/** The harness found a request queue full of requests the device never completed. */
+class HeldRequests extends Error {}
+
 /** An exception's message and the first frames of its stack, on one line. */
 function briefStack(e: unknown): string {
   if (!(e instanceof Error)) return String(e);
@@ -730,7 +733,8 @@ class VirtioFuzzer {
     const role = t.roles[qi];
     const outstanding = (q.availIdx - this.#usedIdx(q) + 0x10000) & 0xffff;
     if (outstanding >= q.size) {
-      if (role === "request") throw new Error(`queue ${qi}: ${outstanding} chains outstanding`);
+      // Earlier requests of a request queue still not completed: the device holds them (a hang).
+      if (role === "request") throw new HeldRequests(`queue ${qi}: ${outstanding} chains outstanding`);
       this.#w(VIRTIO_MMIO_QUEUE_NOTIFY, qi);
       return false;
     }
@@ -851,7 +855,8 @@ class VirtioFuzzer {
           }
         }
       } catch (e) {
-        this.#fail("crash", briefStack(e));
+        if (e instanceof HeldRequests) this.#fail("hang", e.message);
+        else this.#fail("crash", briefStack(e));
         broken = true;
       }
       if (this.asyncCrash !== undefined) {
@@ -1485,6 +1490,7 @@ async function fuzzNet(opts: FuzzOptions, log: (line: string) => void): Promise<
         Deno.execPath(),
         "run",
         "--allow-all",
+        "--v8-flags=--expose-gc",
         new URL(import.meta.url).pathname,
         "--devices",
         "net",
