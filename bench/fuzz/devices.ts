@@ -1299,6 +1299,15 @@ function gpuTarget(): VirtioTarget {
   };
 }
 
+/**
+ * Ethernet broadcast ARP request (RFC 826) from the guest (02:00:00:00:00:02, 10.0.2.2) for the host's
+ * 10.0.2.1: Ethernet header, then htype 1, ptype IPv4, hlen 6, plen 4, op 1, sha, spa, tha, tpa.
+ */
+const ARP_FRAME = Uint8Array.from([
+  ...[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 2, 0x08, 0x06],
+  ...[0, 1, 0x08, 0x00, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 0, 2, 2, 0, 0, 0, 0, 0, 0, 10, 0, 2, 1],
+]);
+
 function netTarget(tapName: string): VirtioTarget {
   return {
     name: "net",
@@ -1326,6 +1335,14 @@ function netTarget(tapName: string): VirtioTarget {
         b.u8(o, r.oneIn(4) ? r.u32() & 0xff : r.below(2));
         b.u8(o + 1, r.oneIn(4) ? r.u32() & 0xff : r.pick([0, 1, 3, 4, 0x81]));
         for (let i = 2; i < VIRTIO_NET_HDR_SIZE; i += 2) b.u16(o + i, r.oneIn(4) ? r.u32() & 0xffff : r.below(100));
+      }
+      if (r.oneIn(4)) {
+        // A well-formed ARP request for the host's address: the kernel answers, and the answer comes back
+        // through the receive queue's (mutated) buffers.
+        if (r.oneIn(2)) b.data.fill(0, o, b.pos); // a plain header: no offloads asked for
+        const f = b.read(ARP_FRAME.length);
+        b.data.set(ARP_FRAME, f);
+        return;
       }
       const frame = r.oneIn(16) ? r.length(70 * KiB) : 14 + r.length(1500);
       const f = b.pos;
