@@ -32,6 +32,12 @@ const BPP = VIRTIO_GPU_BYTES_PER_PIXEL;
 /** Largest host copy of one 2D resource (16384 x 16384 x 4 = 1 GiB: what crosvm's 2D backend allows). */
 export const MAX_2D_RESOURCE_BYTES = 1 << 30;
 
+/**
+ * Host memory all 2D resources may hold together (QEMU's virtio-gpu `max_hostmem` default, 256 MiB): without
+ * a total, a guest creating resource after resource would grow the VMM without bound.
+ */
+export const MAX_2D_HOST_BYTES = 256 << 20;
+
 interface Resource2D {
   kind: "2d";
   format: number;
@@ -106,6 +112,8 @@ export class Backend2D implements GpuBackend {
   readonly supportsVirgl: boolean = false;
   readonly supportsHostBlobs: boolean = false;
   protected readonly resources = new Map<number, Resource2D | GuestBlob>();
+  /** Bytes the 2D resources' host copies hold together. */
+  #hostBytes = 0;
   #fenceHandler: FenceHandler | null = null;
 
   capsets(): CapsetInfo[] {
@@ -123,6 +131,14 @@ export class Backend2D implements GpuBackend {
     if (a.width === 0 || a.height === 0 || bytes > MAX_2D_RESOURCE_BYTES) {
       throw new GpuBackendError(RESP_ERR_OUT_OF_MEMORY, `2D resource ${a.width}x${a.height} refused`);
     }
+    if (this.#hostBytes + bytes > MAX_2D_HOST_BYTES) {
+      throw new GpuBackendError(
+        RESP_ERR_OUT_OF_MEMORY,
+        `2D resource ${a.width}x${a.height} refused: 2D resources hold ${this.#hostBytes} of ${MAX_2D_HOST_BYTES} bytes`,
+      );
+    }
+    this.destroyResource(a.resourceId);
+    this.#hostBytes += bytes;
     this.resources.set(a.resourceId, {
       kind: "2d",
       format: a.format,
@@ -140,11 +156,19 @@ export class Backend2D implements GpuBackend {
     if (a.blobMem !== VIRTIO_GPU_BLOB_MEM_GUEST || !a.backing) {
       throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `2d backend only has GUEST blobs (blob_mem ${a.blobMem})`);
     }
+    this.destroyResource(a.resourceId);
     this.resources.set(a.resourceId, { kind: "blob", size: a.size, backing: new BackingReader(a.backing) });
   }
 
   destroyResource(id: number): void {
+    const r = this.resources.get(id);
+    if (r?.kind === "2d") this.#hostBytes -= r.pixels.length;
     this.resources.delete(id);
+  }
+
+  /** Bytes the 2D resources' host copies hold together. */
+  get hostBytes(): number {
+    return this.#hostBytes;
   }
 
   attachBacking(id: number, backing: Backing): void {
@@ -255,6 +279,7 @@ export class Backend2D implements GpuBackend {
 
   close(): void {
     this.resources.clear();
+    this.#hostBytes = 0;
   }
 
   #get(id: number): Resource2D | GuestBlob {

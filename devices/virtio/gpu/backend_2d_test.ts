@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { GpuDevice } from "./device.ts";
-import { Backend2D } from "./backend_2d.ts";
+import { Backend2D, MAX_2D_HOST_BYTES } from "./backend_2d.ts";
 import type {
   Backing,
   CapsetInfo,
@@ -361,6 +361,21 @@ Deno.test("partial transfer with offset, flush of a sub-rectangle only, scanout 
     }
   }
   assert.equal(r.dev.gpuStats().resources["3"].transferToHostBytes, W * H * 4 + 5 * 3 * 4);
+});
+
+Deno.test("2D resources together hold at most MAX_2D_HOST_BYTES; an unref gives the room back", () => {
+  using r = rig();
+  const fmt = F.VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM;
+  // 4096 x 4096 x 4 = 64 MiB each: four fit in 256 MiB, a fifth does not.
+  const side = 4096;
+  const each = side * side * 4;
+  const fit = Math.floor(MAX_2D_HOST_BYTES / each);
+  for (let id = 1; id <= fit; id++) r.ok(create2d(id, fmt, side, side));
+  r.err(create2d(fit + 1, fmt, side, side), P.RESP_ERR_OUT_OF_MEMORY, /hold \d+ of \d+ bytes/);
+  r.err(create2d(fit + 1, fmt, 1, 1), P.RESP_ERR_OUT_OF_MEMORY);
+  r.ok(cmd(P.CMD_RESOURCE_UNREF, [1, 0]));
+  r.ok(create2d(fit + 1, fmt, side, side));
+  r.err(create2d(fit + 2, fmt, side, side), P.RESP_ERR_OUT_OF_MEMORY);
 });
 
 Deno.test("bad inputs: the right error, one log line, no crash", () => {
