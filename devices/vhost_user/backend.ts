@@ -7,6 +7,11 @@
 //
 // Data path: kick eventfd readable -> device.queueNotify(i) -> Virtqueue in the
 // shared memory -> device.signalUsedQueue(i) -> write to ring i's call fd.
+//
+// The shared memory belongs to the front end, which may be hostile. A region is mapped only when
+// its descriptor is a regular file that backs it wholly, sealed against shrinking where the file
+// allows it; if the front end shrinks a file later, the SIGBUS guard (ffi/sigbus_guard.ts) turns the
+// device's touch past its end into a zero page and a record, and the front end is dropped.
 
 import {
   closeFd,
