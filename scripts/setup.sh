@@ -6,9 +6,11 @@
 #      node_modules/ in the project root switches Deno to Node-style resolution).
 #   3. /usr/local/bin/denovm: runs `deno run --allow-all <checkout>/main.ts "$@"`.
 #   4. npm dependencies of deno.json prefetched into Deno's cache.
-#   5. Debian's 6.1 kernel (scripts/debian-kernel.sh) and the default initramfs
+#   5. The vhost-user back ends' SIGBUS guard (ffi/native/sigbus_guard.c) built with gcc into
+#      ${DENOVM_CACHE:-<repo>/.cache}/native (ffi/sigbus_guard.ts builds it at first use otherwise).
+#   6. Debian's 6.1 kernel (scripts/debian-kernel.sh) and the default initramfs
 #      (scripts/initramfs.sh) under ${DENOVM_CACHE:-<repo>/.cache}.
-#   6. Where bookworm's user-mode Linux cannot run (an XSAVE area larger than it handles, e.g.
+#   7. Where bookworm's user-mode Linux cannot run (an XSAVE area larger than it handles, e.g.
 #      AMX), a newer one from Debian sid under the cache (scripts/uml-sid.sh --if-needed).
 #
 # Environment: DENOVM_CACHE (cache folder), DENOVM_SKIP_CHROMIUM=1 (leave out chromium,
@@ -107,13 +109,17 @@ fi
   say "warning: $repo has a node_modules/ or package.json; Deno will resolve Node-style"
 say "Deno dependencies cached"
 
-# ---- 5. Guest kernel and initramfs ----
+# ---- 5. The SIGBUS guard's shared library ----
+guard="$(cd "$repo" && deno run --allow-all ffi/sigbus_guard.ts </dev/null)" || die "building ffi/native/sigbus_guard.c failed"
+say "SIGBUS guard: $guard"
+
+# ---- 6. Guest kernel and initramfs ----
 kdir="$(bash "$repo/scripts/debian-kernel.sh" </dev/null | tail -n 1)" || die "scripts/debian-kernel.sh failed"
 say "kernel $(cat "$kdir/version"): $kdir"
 initrd="$(bash "$repo/scripts/initramfs.sh" </dev/null 2>/dev/null | tail -n 1)" || die "scripts/initramfs.sh failed"
 say "initramfs: $initrd"
 
-# ---- 6. A user-mode Linux that runs on this host ----
+# ---- 7. A user-mode Linux that runs on this host ----
 uml_dir="$(bash "$repo/scripts/uml-sid.sh" --if-needed </dev/null | tail -n 1)" || die "scripts/uml-sid.sh failed"
 if [[ -n "$uml_dir" ]]; then
   say "user-mode Linux $(cat "$uml_dir/version") from sid: $uml_dir (bookworm's cannot run on this host)"

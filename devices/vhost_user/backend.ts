@@ -7,11 +7,21 @@
 //
 // Data path: kick eventfd readable -> device.queueNotify(i) -> Virtqueue in the
 // shared memory -> device.signalUsedQueue(i) -> write to ring i's call fd.
+//
+// The shared memory belongs to the front end, which may be hostile. A region is mapped only when
+// its descriptor is a regular file that backs it wholly, sealed against shrinking where the file
+// allows it; if the front end shrinks a file later, the SIGBUS guard (ffi/sigbus_guard.ts) turns the
+// device's touch past its end into a zero page and a record, and the front end is dropped.
 
 import {
   closeFd,
+  eventfd,
   eventfdRead,
   eventfdWrite,
+  F_ADD_SEALS,
+  F_GET_SEALS,
+  F_SEAL_SHRINK,
+  fstatFd,
   libc,
   MAP_SHARED,
   mmap,
@@ -23,8 +33,17 @@ import {
   pollSync,
   PROT_READ,
   PROT_WRITE,
+  S_IFBLK,
+  S_IFCHR,
+  S_IFDIR,
+  S_IFIFO,
+  S_IFMT,
+  S_IFREG,
+  S_IFSOCK,
 } from "../../ffi/libc.ts";
+import { type SigbusGuard, sigbusGuard } from "../../ffi/sigbus_guard.ts";
 import { GuestMemory, GuestMemoryError, type RegionDescriptor } from "../../core/memory.ts";
+import { guestLog } from "../../core/log.ts";
 import type { VirtioDevice, VirtioInterrupt } from "../virtio/device.ts";
 import { VIRTIO_F_EVENT_IDX } from "../virtio/device.ts";
 import { availRingBytes, descTableBytes, usedRingBytes, VIRTQ_MAX_SIZE, Virtqueue } from "../virtio/queue.ts";
@@ -78,6 +97,34 @@ const PAGE_SIZE = 4096;
 
 /** A request that failed but leaves the connection usable (acknowledged with a non-zero status). */
 class RequestFailed extends Error {}
+
+/**
+ * A memory table this back end will not map. Refused with a failure status when the front end asked
+ * for a reply; otherwise the front end is dropped (it would go on as if its memory were shared).
+ */
+class MemoryTableRefused extends RequestFailed {}
+
+/** A region's file shrank under its mapping and the SIGBUS guard repaired an access past its end. */
+class MemoryShrank extends Error {}
+
+/** What a file type in st_mode is called in a log line. */
+const FILE_TYPE_NAMES: ReadonlyMap<number, string> = new Map([
+  [S_IFSOCK, "a socket"],
+  [S_IFBLK, "a block device"],
+  [S_IFDIR, "a directory"],
+  [S_IFCHR, "a character device"],
+  [S_IFIFO, "a pipe"],
+]);
+
+/** One mapped region of the front end's memory table. */
+interface Mapping {
+  ptr: Deno.PointerObject;
+  length: number;
+  /** Its place in the table (named in log lines). */
+  index: number;
+  /** Its SIGBUS guard slot, or -1 when unguarded. */
+  slot: number;
+}
 
 /** Requests a front end may send that this back end declines (answered with a failure status if asked). */
 const DECLINED_REQUESTS: ReadonlySet<number> = new Set([
@@ -171,7 +218,15 @@ class Session implements VirtioInterrupt {
   #protocolNegotiated = false;
   #protocolFeatures = 0n;
   #mem?: GuestMemory;
-  #maps: { ptr: Deno.PointerObject; length: number }[] = [];
+  #maps: Mapping[] = [];
+  /** The SIGBUS guard guarding #maps, once a table was mapped with it. */
+  #guard?: SigbusGuard;
+  /** The guard's fault count when this session last looked. */
+  #seenFaults = 0n;
+  /** Written by the guard's handler on each fault in #maps, so a fault between batches wakes the loop. */
+  #faultFd = -1;
+  /** Set once a region shrank under the device: why the front end is dropped. */
+  #shrank?: string;
   #active = false;
   #callErrorLogged = false;
   /** Back-end request channel (SET_BACKEND_REQ_FD): a socket or, from user-mode Linux, a pipe. */
@@ -196,6 +251,7 @@ class Session implements VirtioInterrupt {
     for (;;) {
       const kickRings = this.#rings.filter((r) => r.started && r.kickFd >= 0);
       const fds = [this.#sock.fd, waker.fd, ...kickRings.map((r) => r.kickFd)];
+      if (this.#faultFd >= 0) fds.push(this.#faultFd);
       let rev: number[];
       if (blockingPoll) {
         rev = pollSync(fds, POLLIN, BLOCKING_POLL_MS);
@@ -206,9 +262,13 @@ class Session implements VirtioInterrupt {
         }
       } else rev = await pollAsync(fds, POLLIN, -1);
       if (waker.woken) throw new WaitCancelled();
-      kickRings.forEach((r, i) => {
-        if (rev[i + 2] & (POLLIN | POLLERR | POLLHUP)) this.#kicked(r);
-      });
+      if (this.#faultFd >= 0 && rev[fds.length - 1] & POLLIN) eventfdRead(this.#faultFd);
+      this.#batch(() =>
+        kickRings.forEach((r, i) => {
+          if (rev[i + 2] & (POLLIN | POLLERR | POLLHUP)) this.#kicked(r);
+        })
+      );
+      this.#checkFaults();
       if (rev[0] & (POLLIN | POLLHUP | POLLERR)) {
         let msg: VhostUserMessage;
         try {
@@ -218,8 +278,55 @@ class Session implements VirtioInterrupt {
           throw e;
         }
         await this.#handle(msg);
+        this.#checkFaults();
       }
     }
+  }
+
+  /**
+   * Run one batch of device work (a kick's, a message's). The guest-error lines it logs are held back:
+   * when the batch touched a page of a region whose file shrank, they describe the zeros the device
+   * read there, and the one line that drops the front end says what happened instead.
+   */
+  #batch<T>(work: () => T): T {
+    const outer = guestLog.sink;
+    const held: string[] = [];
+    guestLog.sink = (line) => held.push(line);
+    try {
+      return work();
+    } finally {
+      guestLog.sink = outer;
+      this.#takeFaults();
+      if (this.#shrank === undefined) held.forEach((line) => outer(line));
+    }
+  }
+
+  /**
+   * Look at the SIGBUS guard's record for this session's regions: when the front end shrank a region's
+   * file and the device touched a page past its end (the guard mapped a zero page there and counted it),
+   * remember it in #shrank.
+   */
+  #takeFaults(): void {
+    const guard = this.#guard;
+    if (!guard || this.#maps.length === 0 || this.#shrank !== undefined) return;
+    const total = guard.totalFaults();
+    if (total === this.#seenFaults) return;
+    this.#seenFaults = total;
+    for (const m of this.#maps) {
+      if (m.slot < 0) continue;
+      const n = guard.takeFaults(m.slot);
+      if (n > 0) {
+        this.#shrank = `the front end's memory region ${m.index} shrank under the back end ` +
+          `(${n} page${n === 1 ? "" : "s"} past the end of its file touched)`;
+        return;
+      }
+    }
+  }
+
+  /** After each batch of work: drop the front end (throw MemoryShrank) if a region shrank under the device. */
+  #checkFaults(): void {
+    this.#takeFaults();
+    if (this.#shrank !== undefined) throw new MemoryShrank(this.#shrank);
   }
 
   /** Release everything this session holds: device state, fds, memory mappings. */
@@ -230,6 +337,8 @@ class Session implements VirtioInterrupt {
     closeFd(this.#backendReqFd);
     this.#backendReqFd = -1;
     this.#unmapMemory();
+    closeFd(this.#faultFd);
+    this.#faultFd = -1;
   }
 
   // ---- VirtioInterrupt, handed to the device at activation ----
@@ -279,9 +388,14 @@ class Session implements VirtioInterrupt {
     let reply: Uint8Array | undefined;
     let ok = true;
     try {
-      reply = this.#dispatch(msg);
+      reply = this.#batch(() => this.#dispatch(msg));
     } catch (e) {
       fds.splice(0).forEach(closeFd);
+      // A failure caused by reading a repaired page is reported as what it is.
+      this.#checkFaults();
+      if (e instanceof MemoryTableRefused && !(msg.flags & VHOST_USER_FLAG_NEED_REPLY)) {
+        throw new VhostUserProtocolError(`${requestName(msg.request)}: ${e.message}`);
+      }
       if (e instanceof RequestFailed || e instanceof GuestMemoryError) {
         this.#log(`${requestName(msg.request)} failed: ${e.message}`);
         ok = false;
@@ -446,22 +560,36 @@ class Session implements VirtioInterrupt {
       throw new VhostUserProtocolError(`SET_MEM_TABLE: ${regions.length} regions but ${msg.fds.length} descriptors`);
     }
     const fds = msg.fds.splice(0);
-    const maps: { ptr: Deno.PointerObject; length: number }[] = [];
+    const maps: Mapping[] = [];
     const descs: RegionDescriptor[] = [];
     const safe = (v: bigint, what: string): number => {
       if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new VhostUserProtocolError(`SET_MEM_TABLE: ${what} too large`);
       return Number(v);
     };
+    const loaded = sigbusGuard();
+    const guard = loaded.guard;
     try {
       regions.forEach((reg, i) => {
         const size = safe(reg.memorySize, "region size");
         const guestBase = safe(reg.guestPhysAddr, "guest address");
         const offset = safe(reg.mmapOffset, "mmap offset");
         if (size === 0) throw new VhostUserProtocolError("SET_MEM_TABLE: empty region");
+        const sealed = this.#checkRegionFile(fds[i], i, size, offset);
+        if (!guard && !sealed) {
+          throw new MemoryTableRefused(
+            `region ${i}: its file cannot be sealed against shrinking (F_SEAL_SHRINK), so the front end could ` +
+              `truncate it under the back end, and ${loaded.reason}`,
+          );
+        }
         const pageOff = offset % PAGE_SIZE;
         const length = size + pageOff;
         const ptr = mmap(length, PROT_READ | PROT_WRITE, MAP_SHARED, fds[i], offset - pageOff);
-        maps.push({ ptr, length });
+        const m: Mapping = { ptr, length, index: i, slot: -1 };
+        maps.push(m);
+        if (guard) {
+          if (this.#faultFd < 0) this.#faultFd = eventfd();
+          m.slot = guard.register(ptr, length, this.#faultFd);
+        }
         descs.push({
           guestBase,
           size,
@@ -476,15 +604,48 @@ class Session implements VirtioInterrupt {
       this.#unmapMemory();
       this.#mem = mem;
       this.#maps = maps;
+      this.#guard = guard;
+      if (guard) this.#seenFaults = guard.totalFaults();
       if (wasActive) this.#activate(false);
     } catch (e) {
-      for (const m of maps) munmap(m.ptr, m.length);
-      if (e instanceof VhostUserProtocolError) throw e;
+      unmapAll(maps, guard);
+      if (e instanceof VhostUserProtocolError || e instanceof RequestFailed) throw e;
       throw new RequestFailed((e as Error).message);
     } finally {
       // The mappings keep the memory; the descriptors are no longer needed.
       fds.forEach(closeFd);
     }
+  }
+
+  /**
+   * Check that region `index`'s descriptor is a regular file (a memfd, a tmpfs or hugetlbfs file) that
+   * backs [offset, offset + size) wholly: a mapping past a file's end raises SIGBUS when touched.
+   * Seals the file against shrinking first where it allows that (a memfd made with MFD_ALLOW_SEALING and
+   * not sealed with F_SEAL_SEAL); returns whether it is sealed so. Throws MemoryTableRefused.
+   */
+  #checkRegionFile(fd: number, index: number, size: number, offset: number): boolean {
+    // Fails harmlessly (EPERM, EINVAL) where sealing is not allowed or not supported.
+    libc().fcntl(fd, F_ADD_SEALS, BigInt(F_SEAL_SHRINK));
+    const seals = libc().fcntl(fd, F_GET_SEALS, 0n);
+    const sealed = seals >= 0 && (seals & F_SEAL_SHRINK) !== 0;
+    let st: { mode: number; size: bigint };
+    try {
+      st = fstatFd(fd);
+    } catch (e) {
+      throw new MemoryTableRefused(`region ${index}: ${(e as Error).message}`);
+    }
+    const type = st.mode & S_IFMT;
+    if (type !== S_IFREG) {
+      const what = FILE_TYPE_NAMES.get(type) ?? `file type 0o${type.toString(8)}`;
+      throw new MemoryTableRefused(`region ${index}: its descriptor is ${what}, not a regular file or memfd`);
+    }
+    if (BigInt(offset) + BigInt(size) > st.size) {
+      throw new MemoryTableRefused(
+        `region ${index} (${size} bytes at file offset ${offset}) reaches past the end of its file ` +
+          `(${st.size} bytes)`,
+      );
+    }
+    return sealed;
   }
 
   /**
@@ -551,7 +712,15 @@ class Session implements VirtioInterrupt {
 
   #unmapMemory(): void {
     this.#mem = undefined;
-    for (const m of this.#maps.splice(0)) munmap(m.ptr, m.length);
+    unmapAll(this.#maps.splice(0), this.#guard);
+  }
+}
+
+/** Unmap regions, each unguarded first (so the guard never repairs a page someone else mapped there). */
+function unmapAll(maps: Mapping[], guard: SigbusGuard | undefined): void {
+  for (const m of maps) {
+    if (m.slot >= 0) guard?.unregister(m.slot);
+    munmap(m.ptr, m.length);
   }
 }
 
