@@ -33,71 +33,19 @@ import {
   readMessage,
   u64Payload,
   VHOST_USER_F_PROTOCOL_FEATURES,
-  VHOST_USER_FLAG_NEED_REPLY,
-  VHOST_USER_VERSION,
   VHOST_USER_VRING_NOFD_MASK,
-  type VhostUserMessage,
   VhostUserRequest as R,
   vringAddrPayload,
   vringStatePayload,
 } from "../../devices/vhost_user/protocol.ts";
 import { ConnectionClosed, UnixListener, UnixStream } from "../../core/unix_socket.ts";
 import { buildInitramfs, UmlMachine, umlUnavailableReason } from "../support/uml.ts";
+import { DeviceProcess, FrontEnd, HANG_GUARD_MS, u64, until } from "../support/vhost_user_front_end.ts";
 
 const REPO = new URL("../../", import.meta.url).pathname;
-/** A hang guard for waits on the back end (a broken back end fails the test instead of hanging it). */
-const HANG_GUARD_MS = 20_000;
-
-function u64(msg: VhostUserMessage): bigint {
-  return new DataView(msg.payload.buffer).getBigUint64(0, true);
-}
-
 async function tempSocketPath(name: string): Promise<{ dir: string; path: string }> {
   const dir = await Deno.makeTempDir({ prefix: "denovm-vu-" });
   return { dir, path: `${dir}/${name}` };
-}
-
-/** Wait until `cond` holds, polling the event loop; fails after the hang guard. */
-async function until(cond: () => boolean, what: string): Promise<void> {
-  const end = Date.now() + HANG_GUARD_MS;
-  while (!cond()) {
-    if (Date.now() > end) assert.fail(`gave up waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
-// ---- A minimal vhost-user front end ----
-
-class FrontEnd {
-  constructor(readonly sock: UnixStream) {}
-
-  static connect(path: string): FrontEnd {
-    return new FrontEnd(UnixStream.connect(path));
-  }
-
-  async send(request: number, payload?: Uint8Array, fds: number[] = [], flags = VHOST_USER_VERSION): Promise<void> {
-    await this.sock.send(encodeMessage(request, flags, payload), fds);
-  }
-
-  /** A request that has its own reply. */
-  async call(request: number, payload?: Uint8Array): Promise<VhostUserMessage> {
-    await this.send(request, payload);
-    const reply = await readMessage(this.sock, true);
-    assert.equal(reply.request, request);
-    return reply;
-  }
-
-  /** A request sent with NEED_REPLY: returns the u64 status (0 = success). */
-  async ack(request: number, payload?: Uint8Array, fds: number[] = []): Promise<bigint> {
-    await this.send(request, payload, fds, VHOST_USER_VERSION | VHOST_USER_FLAG_NEED_REPLY);
-    const reply = await readMessage(this.sock, true);
-    assert.equal(reply.request, request);
-    return u64(reply);
-  }
-
-  close(): void {
-    this.sock.close();
-  }
 }
 
 // ---- A fake device that answers a "ping" chain with "pong" ----
@@ -337,7 +285,7 @@ Deno.test("denovm device block: SIGTERM ends it with status 0 and removes its so
   const image = `${dir}/disk.img`;
   await Deno.writeFile(image, new Uint8Array(1 << 20));
   try {
-    const backend = await BlockBackendProcess.start(socket, image);
+    const backend = await DeviceProcess.block(socket, image);
     assert.ok(Deno.lstatSync(socket).isSocket);
     // A front end connected at that moment is dropped, not waited for.
     const fe = FrontEnd.connect(socket);
@@ -362,45 +310,6 @@ if (umlReason) console.log(`skipping user-mode Linux tests: ${umlReason}`);
 
 /** The virtio device ID of block devices (virtio 1.2 section 5). */
 const VIRTIO_ID_BLOCK = 2;
-
-/** A `denovm device block` process (main.ts), ready once it printed its listening line. */
-class BlockBackendProcess {
-  readonly #child: Deno.ChildProcess;
-  stderr = "";
-  readonly exited: Promise<Deno.CommandStatus>;
-
-  private constructor(child: Deno.ChildProcess) {
-    this.#child = child;
-    const dec = new TextDecoder();
-    const pump = (async () => {
-      for await (const c of child.stderr) this.stderr += dec.decode(c, { stream: true });
-    })();
-    this.exited = Promise.all([child.status, pump]).then(([s]) => s);
-  }
-
-  static async start(socket: string, file: string): Promise<BlockBackendProcess> {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", `${REPO}main.ts`, "device", "block", "--socket-path", socket, "--file", file],
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    const p = new BlockBackendProcess(child);
-    let exited = false;
-    p.exited.then(() => exited = true);
-    await until(() => p.stderr.includes("listening on") || exited, "the block back end to listen");
-    assert.ok(!exited, `the back end exited early: ${p.stderr}`);
-    return p;
-  }
-
-  kill(signal: Deno.Signal): void {
-    try {
-      this.#child.kill(signal);
-    } catch {
-      // already gone
-    }
-  }
-}
 
 async function sha256Hex(data: Uint8Array<ArrayBuffer>): Promise<string> {
   const d = await crypto.subtle.digest("SHA-256", data);
@@ -432,7 +341,7 @@ Deno.test({
     const expected: Record<string, string> = {};
     for (const [n, c] of Object.entries(files)) expected[n] = await sha256Hex(new TextEncoder().encode(c));
     const initramfs: string[] = [];
-    let backend = await BlockBackendProcess.start(socket, image);
+    let backend = await DeviceProcess.block(socket, image);
     try {
       // 1. Write and sync, then stay up while the back end is killed with SIGKILL.
       initramfs.push(
@@ -460,7 +369,7 @@ sleep 600`,
       await uml1.wait();
 
       // 2. A new back end on the same path (the stale socket file is replaced) and a new UML.
-      backend = await BlockBackendProcess.start(socket, image);
+      backend = await DeviceProcess.block(socket, image);
       const verify = Object.keys(files).map((f) => `echo "SUM ${f} $(sha256sum /mnt/${f} | cut -d' ' -f1)"`).join(
         "\n",
       );
@@ -523,7 +432,7 @@ Deno.test({
     const mk = await new Deno.Command("mkfs.ext4", { args: ["-q", "-F", "-d", content, image, "16M"] }).output();
     assert.ok(mk.success, new TextDecoder().decode(mk.stderr));
     const before = await sha256Hex(await Deno.readFile(image));
-    const backend = await BlockBackendProcess.start(socket, `${image}:read-only`);
+    const backend = await DeviceProcess.block(socket, `${image}:read-only`);
     let initramfs: string | undefined;
     try {
       initramfs = await buildInitramfs({
