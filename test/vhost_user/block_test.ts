@@ -38,7 +38,13 @@ import {
   vringAddrPayload,
   vringStatePayload,
 } from "../../devices/vhost_user/protocol.ts";
-import { ConnectionClosed, UnixListener, UnixStream } from "../../core/unix_socket.ts";
+import {
+  ConnectionClosed,
+  listenSeqpacket,
+  SocketPathInUse,
+  UnixListener,
+  UnixStream,
+} from "../../core/unix_socket.ts";
 import { buildInitramfs, UmlMachine, umlUnavailableReason } from "../support/uml.ts";
 import { DeviceProcess, FrontEnd, HANG_GUARD_MS, u64, until } from "../support/vhost_user_front_end.ts";
 
@@ -154,16 +160,36 @@ Deno.test("unix socket: bytes and SCM_RIGHTS descriptors travel together", async
   assert.throws(() => Deno.statSync(path), Deno.errors.NotFound, "closing the listener removes the socket file");
 });
 
+Deno.test("unix socket: a listener never takes a live path, and closing removes only its own socket file", async () => {
+  const { dir, path } = await tempSocketPath("s");
+  const first = UnixListener.listen(path);
+  try {
+    assert.throws(() => UnixListener.listen(path), SocketPathInUse);
+    // Someone removes the file and listens there anew: the first listener's close leaves their file.
+    Deno.removeSync(path);
+    const second = UnixListener.listen(path);
+    first.close();
+    assert.ok(Deno.lstatSync(path).isSocket, "the first listener removed the second's socket file");
+    second.close();
+    assert.throws(() => Deno.lstatSync(path), Deno.errors.NotFound);
+    Deno.writeTextFileSync(path, "keep me");
+    assert.throws(() => UnixListener.listen(path), /exists and is not a socket/);
+    assert.equal(Deno.readTextFileSync(path), "keep me");
+  } finally {
+    first.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("vhost-user protocol: a TypeScript front end maps memory, starts rings and gets a used buffer back", async () => {
   const { dir, path } = await tempSocketPath("ping.sock");
-  // A socket file left by another listener (as a killed process leaves it) is replaced.
-  const stale = UnixListener.listen(path);
+  // A socket file nobody listens on any more (as a killed process leaves it) is replaced.
+  closeFd(listenSeqpacket(path, 1));
   const device = new PingDevice();
   const logs: string[] = [];
   const backend = new VhostUserBackend(device, path, { log: (l) => logs.push(l) });
   const served = backend.serve();
   await backend.listening;
-  stale.close(); // must not remove the back end's new socket file
   assert.ok(Deno.lstatSync(path).isSocket);
   const shm = sharedMemory();
   const kick = eventfd();
