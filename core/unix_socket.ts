@@ -30,6 +30,8 @@ import {
   cmsgAlign,
   cmsgLen,
   cmsgSpace,
+  EADDRINUSE,
+  ECONNREFUSED,
   FD_SIZE,
   IOVEC_BASE,
   IOVEC_LEN,
@@ -57,6 +59,7 @@ import {
   sockaddrUn,
   SOL_SOCKET,
 } from "../ffi/socket.ts";
+import { UsageError } from "./exit.ts";
 
 /** Re-exported for the users that import socket constants from here. */
 export {
@@ -68,6 +71,76 @@ export {
   SOCK_SEQPACKET,
   UNIX_PATH_MAX,
 } from "../ffi/socket.ts";
+
+/**
+ * Something accepts connections on the socket file a listener was asked to take: another process owns
+ * it. The user named a path in use, so this exits 35 (UsageError).
+ */
+export class SocketPathInUse extends UsageError {
+  constructor(
+    readonly path: string,
+    message = `socket ${path} is in use: a running process accepts connections on it`,
+  ) {
+    super(message);
+    this.name = "SocketPathInUse";
+  }
+}
+
+/** Whether something answers on the socket file at `path`: true = live, false = stale (ECONNREFUSED). */
+function socketAnswers(path: string): boolean {
+  let fd: number;
+  try {
+    // Non-blocking: a live listener whose backlog is full answers EAGAIN instead of making us wait.
+    fd = connectSeqpacket(path, { nonBlockingConnect: true });
+  } catch (e) {
+    // Nobody listens: a stale file. (The kernel answers ECONNREFUSED before it compares socket types.)
+    if (e instanceof SysError && e.errno === ECONNREFUSED) return false;
+    // A listener of another socket type (EPROTOTYPE), no permission (EACCES), ...: not ours to take.
+    if (e instanceof SysError) return true;
+    throw e;
+  }
+  closeFd(fd);
+  return true;
+}
+
+/** Tries at taking a stale socket file that keeps being replaced under us before calling it in use. */
+const STALE_REMOVE_TRIES = 3;
+
+/**
+ * Make `path` free for a new listening socket. Nothing there: nothing to do. A socket file nobody
+ * answers on (left by a killed process) is removed, if it is still the same file after the probe. A
+ * socket something answers on throws `inUse(path)` (SocketPathInUse by default) and is left alone; any
+ * other kind of file throws "<what> PATH exists and is not a socket". Binding afterwards must not
+ * replace a file either (bind(2) never does; link(2) neither), so a process that takes the path in
+ * between wins and this one fails.
+ */
+export function freeSocketPath(
+  path: string,
+  opts: { inUse?: (path: string) => Error; what?: string } = {},
+): void {
+  const inUse = opts.inUse ?? ((p: string) => new SocketPathInUse(p));
+  const label = opts.what ? `${opts.what} ${path}` : path;
+  for (let i = 0; i < STALE_REMOVE_TRIES; i++) {
+    let st: Deno.FileInfo;
+    try {
+      st = Deno.lstatSync(path);
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound) return;
+      throw e;
+    }
+    if (!st.isSocket) throw new Error(`${label} exists and is not a socket`);
+    if (socketAnswers(path)) throw inUse(path);
+    try {
+      if (Deno.lstatSync(path).ino !== st.ino) continue; // replaced since the probe: look again
+      Deno.removeSync(path);
+      return;
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound) return;
+      throw e;
+    }
+  }
+  throw inUse(path);
+}
 
 /** The peer closed the connection. */
 export class ConnectionClosed extends Error {
@@ -316,25 +389,28 @@ export class UnixListener {
   }
 
   /**
-   * Bind and listen at `path`. A stale socket file there (left by a killed process) is
-   * replaced; any other kind of file is an error.
+   * Bind and listen at `path`. A stale socket file there (left by a killed process) is replaced; a
+   * socket another process listens on is never taken (SocketPathInUse, exit 35); any other kind of
+   * file is an error (freeSocketPath).
    */
   static listen(path: string, waker?: Waker, backlog = 8): UnixListener {
     const sa = sockaddrUn(path);
-    try {
-      const st = Deno.lstatSync(path);
-      if (!st.isSocket) throw new Error(`${path} exists and is not a socket`);
-      Deno.removeSync(path);
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw e;
-    }
+    freeSocketPath(path);
     const fd = check("socket", libc().socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (libc().bind(fd, sa, sa.length) < 0 || libc().listen(fd, backlog) < 0) {
+    if (libc().bind(fd, sa, sa.length) < 0) {
       const e = errno();
       closeFd(fd);
-      throw new SysError(`bind/listen ${path}`, e);
+      // Another process bound the path since freeSocketPath: it is theirs.
+      if (e === EADDRINUSE) throw new SocketPathInUse(path);
+      throw new SysError(`bind ${path}`, e);
     }
-    return new UnixListener(fd, path, waker);
+    const listener = new UnixListener(fd, path, waker);
+    if (libc().listen(fd, backlog) < 0) {
+      const e = errno();
+      listener.close(); // removes the file this call created
+      throw new SysError(`listen ${path}`, e);
+    }
+    return listener;
   }
 
   /** Wait for and accept one connection; throws WaitCancelled if the waker fires first. */

@@ -53,6 +53,7 @@ const symbols = {
   dlsym: { parameters: ["pointer", "buffer"], result: "pointer" }, // void *handle, const char *symbol
   dlopen: { parameters: ["buffer", "i32"], result: "pointer" }, // const char *filename, int flags
   flock: { parameters: ["i32", "i32"], result: "i32" }, // int fd, int operation
+  pipe2: { parameters: ["buffer", "i32"], result: "i32" }, // int pipefd[2], int flags
   calloc: { parameters: ["usize", "usize"], result: "pointer" }, // size_t nmemb, size_t size
   free: { parameters: ["pointer"], result: "void" }, // void *ptr
   malloc_trim: { parameters: ["usize"], result: "i32" }, // size_t pad (glibc)
@@ -124,6 +125,8 @@ export const MADV_HUGEPAGE = 14;
 /** eventfd(2) flags (sys/eventfd.h). */
 export const EFD_CLOEXEC = O_CLOEXEC;
 export const EFD_NONBLOCK = O_NONBLOCK;
+/** Each read takes 1 from the counter instead of all of it (sys/eventfd.h). */
+export const EFD_SEMAPHORE = 1;
 /** poll(2) events (asm-generic/poll.h). */
 export const POLLIN = 0x1;
 export const POLLOUT = 0x4;

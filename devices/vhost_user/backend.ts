@@ -15,6 +15,9 @@
 
 import {
   closeFd,
+  EAGAIN,
+  EINTR,
+  errno,
   eventfd,
   eventfdRead,
   eventfdWrite,
@@ -30,6 +33,7 @@ import {
   POLLERR,
   POLLHUP,
   POLLIN,
+  POLLNVAL,
   pollSync,
   PROT_READ,
   PROT_WRITE,
@@ -40,6 +44,7 @@ import {
   S_IFMT,
   S_IFREG,
   S_IFSOCK,
+  SysError,
 } from "../../ffi/libc.ts";
 import { type SigbusGuard, sigbusGuard } from "../../ffi/sigbus_guard.ts";
 import { GuestMemory, GuestMemoryError, type RegionDescriptor } from "../../core/memory.ts";
@@ -126,6 +131,55 @@ interface Mapping {
   slot: number;
 }
 
+/** What /proc/self/fd/N links to for an eventfd (fs/eventfd.c creates it as the anonymous inode "[eventfd]"). */
+const EVENTFD_LINK = "anon_inode:[eventfd]";
+/**
+ * What /proc/self/fd/N links to for a pipe (fs/pipe.c: "pipe:[inode]") and a socket (net/socket.c:
+ * "socket:[inode]"): the call fds a front end other than an eventfd can signal through (user-mode
+ * Linux hands one end of a socketpair).
+ */
+const CALL_LINK_PREFIXES = ["pipe:[", "socket:["];
+/**
+ * The line fs/eventfd.c (eventfd_show_fdinfo) prints in /proc/self/fdinfo/N for an eventfd made with
+ * EFD_SEMAPHORE, on kernels that print the mode at all. A read of such an eventfd takes 1 from its
+ * counter and leaves it readable, so one write of a large count would keep a ring "kicked" forever.
+ */
+const EVENTFD_SEMAPHORE_FDINFO = /^eventfd-semaphore:\s*1\s*$/m;
+/** An eventfd read returns its 8-byte counter (eventfd(2)). */
+const EVENTFD_READ_BYTES = 8;
+/**
+ * Kick reads in a row that return exactly 1 with the fd still readable after the read. A plain
+ * eventfd read empties the counter, so this happens only with a semaphore eventfd (on a kernel that
+ * does not show the mode in fdinfo); a front end kicking again within that instant, this many times
+ * running, does not happen.
+ */
+const SEMAPHORE_READS = 64;
+
+/** What the back end learns about a descriptor from /proc; undefined where /proc cannot tell. */
+export interface FdInspector {
+  /** Where /proc/self/fd/N points ("anon_inode:[eventfd]", "pipe:[123]", "/dev/zero", ...). */
+  link(fd: number): string | undefined;
+  /** The text of /proc/self/fdinfo/N. */
+  info(fd: number): string | undefined;
+}
+
+const PROC_FD_INSPECTOR: FdInspector = {
+  link(fd) {
+    try {
+      return Deno.readLinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      return undefined;
+    }
+  },
+  info(fd) {
+    try {
+      return Deno.readTextFileSync(`/proc/self/fdinfo/${fd}`);
+    } catch {
+      return undefined;
+    }
+  },
+};
+
 /** Requests a front end may send that this back end declines (answered with a failure status if asked). */
 const DECLINED_REQUESTS: ReadonlySet<number> = new Set([
   R.SET_LOG_BASE,
@@ -157,6 +211,8 @@ interface Vring {
   kickFd: number;
   callFd: number;
   errFd: number;
+  /** Kick reads in a row that looked like a semaphore eventfd's (see SEMAPHORE_READS). */
+  semaphoreReads: number;
   /** Started: a kick fd (or NOFD) arrived and GET_VRING_BASE has not stopped it. */
   started: boolean;
   /** Enabled by SET_VRING_ENABLE (or implicitly when protocol features were not negotiated). */
@@ -165,7 +221,7 @@ interface Vring {
 }
 
 function newVring(): Vring {
-  return { num: 0, base: 0, kickFd: -1, callFd: -1, errFd: -1, started: false, enabled: false };
+  return { num: 0, base: 0, kickFd: -1, callFd: -1, errFd: -1, semaphoreReads: 0, started: false, enabled: false };
 }
 
 /**
@@ -198,6 +254,11 @@ export interface VhostUserBackendOptions {
    * least, and when a signal interrupts the poll).
    */
   blockingPoll?: boolean;
+  /**
+   * How ring fds are inspected (default: /proc/self/fd and /proc/self/fdinfo). Tests replace it to stand
+   * for a host without /proc or a kernel whose fdinfo does not show an eventfd's semaphore mode.
+   */
+  fdInspector?: FdInspector;
 }
 
 /** How long a blocking poll waits before the event loop gets a turn (signals, timers), in ms. */
@@ -213,6 +274,7 @@ class Session implements VirtioInterrupt {
   readonly #device: VirtioDevice;
   readonly #sock: UnixStream;
   readonly #log: (line: string) => void;
+  readonly #inspect: FdInspector;
   readonly #rings: Vring[];
   #ackedFeatures = 0n;
   #protocolNegotiated = false;
@@ -234,10 +296,16 @@ class Session implements VirtioInterrupt {
   /** Counters, for tests and stats. */
   readonly counters = { messages: 0, kicks: 0, interrupts: 0, activations: 0 };
 
-  constructor(device: VirtioDevice, sock: UnixStream, log: (line: string) => void) {
+  constructor(
+    device: VirtioDevice,
+    sock: UnixStream,
+    log: (line: string) => void,
+    inspect: FdInspector = PROC_FD_INSPECTOR,
+  ) {
     this.#device = device;
     this.#sock = sock;
     this.#log = log;
+    this.#inspect = inspect;
     this.#rings = device.queueMaxSizes.map(() => newVring());
   }
 
@@ -265,7 +333,7 @@ class Session implements VirtioInterrupt {
       if (this.#faultFd >= 0 && rev[fds.length - 1] & POLLIN) eventfdRead(this.#faultFd);
       this.#batch(() =>
         kickRings.forEach((r, i) => {
-          if (rev[i + 2] & (POLLIN | POLLERR | POLLHUP)) this.#kicked(r);
+          if (rev[i + 2] !== 0) this.#kicked(r, rev[i + 2]);
         })
       );
       this.#checkFaults();
@@ -368,11 +436,34 @@ class Session implements VirtioInterrupt {
 
   // ---- Kicks ----
 
-  #kicked(r: Vring): void {
-    eventfdRead(r.kickFd);
+  /**
+   * Ring `r`'s kick fd polled with `revents`. Anything but a plain eventfd read (an error or hang-up
+   * event, a failed or short read, a zero count, a semaphore eventfd) would be reported again by every
+   * poll: the front end is dropped (VhostUserProtocolError) instead of the loop spinning on it.
+   */
+  #kicked(r: Vring, revents: number): void {
+    const index = this.#rings.indexOf(r);
+    const bad = (what: string) => new VhostUserProtocolError(`queue ${index}: the kick fd ${what}`);
+    if (revents & (POLLERR | POLLHUP | POLLNVAL)) {
+      const names = [[POLLERR, "POLLERR"], [POLLHUP, "POLLHUP"], [POLLNVAL, "POLLNVAL"]] as const;
+      throw bad(`reported ${names.filter(([bit]) => revents & bit).map(([, n]) => n).join("|")}`);
+    }
+    const buf = new BigUint64Array(1);
+    const n = Number(libc().read(r.kickFd, new Uint8Array(buf.buffer), BigInt(EVENTFD_READ_BYTES)));
+    if (n < 0) {
+      const e = errno();
+      // Another reader took the count first: nothing to serve, and the fd is no longer readable.
+      if (e === EAGAIN || e === EINTR) return;
+      throw bad(`cannot be read: ${new SysError("read", e).message}`);
+    }
+    if (n !== EVENTFD_READ_BYTES || buf[0] === 0n) throw bad(`read ${n} bytes of value ${buf[0]}: not an eventfd`);
+    if (buf[0] === 1n && pollSync([r.kickFd], POLLIN, 0)[0] & POLLIN) {
+      if (++r.semaphoreReads >= SEMAPHORE_READS) throw bad("is a semaphore eventfd (each read takes 1)");
+    } else {
+      r.semaphoreReads = 0;
+    }
     this.counters.kicks++;
     if (!r.enabled) return;
-    const index = this.#rings.indexOf(r);
     if (!this.#active) {
       this.#activate(true); // activation looks at every ready ring, this one included
       return;
@@ -446,8 +537,15 @@ class Session implements VirtioInterrupt {
       case R.SET_VRING_NUM: {
         const s = parseVringState(msg);
         const r = this.#ring(s.index);
+        // Split rings: a power of 2 from 1 to 32768 (virtio 1.2 section 2.7). Over vhost-user the front end
+        // chooses the size and no message tells it the device's own queueMaxSizes (those are what the MMIO
+        // transport offers): crosvm's front end offers its guest 32768 by default, QEMU gives rng and input
+        // 1024, user-mode Linux 256 to every ring. So the split-ring limit is the limit here, as in crosvm's
+        // back end (set_vring_num checks Queue::MAX_SIZE).
         if (s.num < 1 || s.num > VIRTQ_MAX_SIZE || (s.num & (s.num - 1)) !== 0) {
-          throw new VhostUserProtocolError(`SET_VRING_NUM: queue size ${s.num} is not a power of 2 <= 32768`);
+          // A ring is not started with a size other than the one its driver asked for.
+          r.num = 0;
+          throw new RequestFailed(`queue ${s.index}: size ${s.num} is not a power of 2 from 1 to ${VIRTQ_MAX_SIZE}`);
         }
         r.num = s.num;
         return;
@@ -531,11 +629,15 @@ class Session implements VirtioInterrupt {
         `${requestName(msg.request)}: ${msg.fds.length} descriptors with NOFD=${noFd}`,
       );
     }
+    if (!noFd) this.#checkVringFd(msg.request, index, msg.fds[0]);
     const fd = noFd ? -1 : msg.fds.shift()!;
     switch (msg.request) {
       case R.SET_VRING_KICK:
         closeFd(r.kickFd);
         r.kickFd = fd;
+        r.semaphoreReads = 0;
+        // Never block reading it, whatever the front end does with its own end.
+        if (fd >= 0) setNonBlocking(fd);
         if (noFd) this.#log(`queue ${index}: no kick fd (polling mode) is not supported; the ring will not be served`);
         r.started = true;
         // Without protocol features a ring is enabled as soon as it starts (vhost-user.rst).
@@ -545,12 +647,33 @@ class Session implements VirtioInterrupt {
       case R.SET_VRING_CALL:
         closeFd(r.callFd);
         r.callFd = fd;
-        // A call fd may be a pipe (user-mode Linux): never block writing to it.
+        // A call fd may be a pipe or a socket (user-mode Linux): never block writing to it.
         if (fd >= 0) setNonBlocking(fd);
         break;
       default:
         closeFd(r.errFd);
         r.errFd = fd;
+    }
+  }
+
+  /**
+   * Refuse (RequestFailed, one log line) a kick fd that is not a plain eventfd and a call fd that is
+   * not an eventfd, a pipe or a socket (a regular file would grow with every interrupt). The error fd
+   * is neither read nor written here, so it is not checked. Without /proc the checks cannot be made:
+   * the kick loop's own guards (#kicked) still drop a front end whose kick fd misbehaves.
+   */
+  #checkVringFd(request: number, index: number, fd: number): void {
+    if (request !== R.SET_VRING_KICK && request !== R.SET_VRING_CALL) return;
+    const link = this.#inspect.link(fd);
+    if (link === undefined) return;
+    const isEventfd = link === EVENTFD_LINK;
+    if (request === R.SET_VRING_KICK) {
+      if (!isEventfd) throw new RequestFailed(`queue ${index}: the kick fd is ${link}, not an eventfd`);
+      if (EVENTFD_SEMAPHORE_FDINFO.test(this.#inspect.info(fd) ?? "")) {
+        throw new RequestFailed(`queue ${index}: the kick fd is a semaphore eventfd (EFD_SEMAPHORE)`);
+      }
+    } else if (!isEventfd && !CALL_LINK_PREFIXES.some((p) => link.startsWith(p))) {
+      throw new RequestFailed(`queue ${index}: the call fd is ${link}, not an eventfd, a pipe or a socket`);
     }
   }
 
@@ -731,6 +854,7 @@ export class VhostUserBackend {
   readonly #log: (line: string) => void;
   readonly #waker = new Waker();
   readonly #blockingPoll: boolean;
+  readonly #fdInspector?: FdInspector;
   #listener?: UnixListener;
   #session?: Session;
   #listening = Promise.withResolvers<void>();
@@ -743,6 +867,7 @@ export class VhostUserBackend {
     const prefix = `vhost-user ${device.name}:`;
     this.#log = opts.log ?? ((line) => console.error(`${prefix} ${line}`));
     this.#blockingPoll = opts.blockingPoll ?? false;
+    this.#fdInspector = opts.fdInspector;
   }
 
   /** Resolves once the socket is listening (front ends may connect). */
@@ -775,7 +900,7 @@ export class VhostUserBackend {
           throw e;
         }
         this.connections++;
-        const session = new Session(this.device, sock, this.#log);
+        const session = new Session(this.device, sock, this.#log, this.#fdInspector);
         this.#session = session;
         try {
           await session.run(this.#waker, this.#blockingPoll);

@@ -43,6 +43,8 @@ import {
 } from "../../core/exit.ts";
 import { RESET_STATE_NOTE } from "../../vmm/arch/cpu.ts";
 import { within as withinMs } from "../support/within.ts";
+import { listenSeqpacket } from "../../core/unix_socket.ts";
+import { closeFd } from "../../ffi/libc.ts";
 
 const MAIN_TS = fileURLToPath(new URL("../../main.ts", import.meta.url));
 /** Hang protection only: every scenario here ends in well under a second of guest time. */
@@ -260,6 +262,24 @@ Deno.test("fake KVM, CLI: a host end that cannot be opened exits 1 with one line
   const socketLines = socket.stderr.trim().split("\n");
   assert.equal(socketLines.length, 1, socket.stderr);
   assert.match(socketLines[0], /^denovm: --socket \/nonexistent-denovm-dir\/vm\.sock: cannot listen/);
+});
+
+Deno.test("fake KVM, CLI: -s on a socket another VM listens on exits 35 with one line and leaves it alone", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-live-sock-" });
+  const path = `${dir}/vm.sock`;
+  const live = listenSeqpacket(path, 8); // never accepts: connects still succeed into its backlog
+  try {
+    const ino = Deno.lstatSync(path).ino;
+    const r = await runCli("poweroff", ["-s", path, guest]);
+    assert.equal(r.code, EXIT_INVALID_ARGS, r.stderr);
+    const lines = r.stderr.trim().split("\n");
+    assert.equal(lines.length, 1, r.stderr);
+    assert.equal(lines[0], `denovm: control socket ${path} is in use by a running VM`);
+    assert.equal(Deno.lstatSync(path).ino, ino, "the live socket file was replaced or removed");
+  } finally {
+    closeFd(live);
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("fake KVM, CLI: without --extended-status every VM ending exits 0, as crosvm's does", async () => {

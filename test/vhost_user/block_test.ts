@@ -33,71 +33,25 @@ import {
   readMessage,
   u64Payload,
   VHOST_USER_F_PROTOCOL_FEATURES,
-  VHOST_USER_FLAG_NEED_REPLY,
-  VHOST_USER_VERSION,
   VHOST_USER_VRING_NOFD_MASK,
-  type VhostUserMessage,
   VhostUserRequest as R,
   vringAddrPayload,
   vringStatePayload,
 } from "../../devices/vhost_user/protocol.ts";
-import { ConnectionClosed, UnixListener, UnixStream } from "../../core/unix_socket.ts";
+import {
+  ConnectionClosed,
+  listenSeqpacket,
+  SocketPathInUse,
+  UnixListener,
+  UnixStream,
+} from "../../core/unix_socket.ts";
 import { buildInitramfs, UmlMachine, umlUnavailableReason } from "../support/uml.ts";
+import { DeviceProcess, HANG_GUARD_MS, u64, until, VhostUserFrontEnd } from "../support/vhost_user_front_end.ts";
 
 const REPO = new URL("../../", import.meta.url).pathname;
-/** A hang guard for waits on the back end (a broken back end fails the test instead of hanging it). */
-const HANG_GUARD_MS = 20_000;
-
-function u64(msg: VhostUserMessage): bigint {
-  return new DataView(msg.payload.buffer).getBigUint64(0, true);
-}
-
 async function tempSocketPath(name: string): Promise<{ dir: string; path: string }> {
   const dir = await Deno.makeTempDir({ prefix: "denovm-vu-" });
   return { dir, path: `${dir}/${name}` };
-}
-
-/** Wait until `cond` holds, polling the event loop; fails after the hang guard. */
-async function until(cond: () => boolean, what: string): Promise<void> {
-  const end = Date.now() + HANG_GUARD_MS;
-  while (!cond()) {
-    if (Date.now() > end) assert.fail(`gave up waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
-// ---- A minimal vhost-user front end ----
-
-class FrontEnd {
-  constructor(readonly sock: UnixStream) {}
-
-  static connect(path: string): FrontEnd {
-    return new FrontEnd(UnixStream.connect(path));
-  }
-
-  async send(request: number, payload?: Uint8Array, fds: number[] = [], flags = VHOST_USER_VERSION): Promise<void> {
-    await this.sock.send(encodeMessage(request, flags, payload), fds);
-  }
-
-  /** A request that has its own reply. */
-  async call(request: number, payload?: Uint8Array): Promise<VhostUserMessage> {
-    await this.send(request, payload);
-    const reply = await readMessage(this.sock, true);
-    assert.equal(reply.request, request);
-    return reply;
-  }
-
-  /** A request sent with NEED_REPLY: returns the u64 status (0 = success). */
-  async ack(request: number, payload?: Uint8Array, fds: number[] = []): Promise<bigint> {
-    await this.send(request, payload, fds, VHOST_USER_VERSION | VHOST_USER_FLAG_NEED_REPLY);
-    const reply = await readMessage(this.sock, true);
-    assert.equal(reply.request, request);
-    return u64(reply);
-  }
-
-  close(): void {
-    this.sock.close();
-  }
 }
 
 // ---- A fake device that answers a "ping" chain with "pong" ----
@@ -206,22 +160,42 @@ Deno.test("unix socket: bytes and SCM_RIGHTS descriptors travel together", async
   assert.throws(() => Deno.statSync(path), Deno.errors.NotFound, "closing the listener removes the socket file");
 });
 
+Deno.test("unix socket: a listener never takes a live path, and closing removes only its own socket file", async () => {
+  const { dir, path } = await tempSocketPath("s");
+  const first = UnixListener.listen(path);
+  try {
+    assert.throws(() => UnixListener.listen(path), SocketPathInUse);
+    // Someone removes the file and listens there anew: the first listener's close leaves their file.
+    Deno.removeSync(path);
+    const second = UnixListener.listen(path);
+    first.close();
+    assert.ok(Deno.lstatSync(path).isSocket, "the first listener removed the second's socket file");
+    second.close();
+    assert.throws(() => Deno.lstatSync(path), Deno.errors.NotFound);
+    Deno.writeTextFileSync(path, "keep me");
+    assert.throws(() => UnixListener.listen(path), /exists and is not a socket/);
+    assert.equal(Deno.readTextFileSync(path), "keep me");
+  } finally {
+    first.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("vhost-user protocol: a TypeScript front end maps memory, starts rings and gets a used buffer back", async () => {
   const { dir, path } = await tempSocketPath("ping.sock");
-  // A socket file left by another listener (as a killed process leaves it) is replaced.
-  const stale = UnixListener.listen(path);
+  // A socket file nobody listens on any more (as a killed process leaves it) is replaced.
+  closeFd(listenSeqpacket(path, 1));
   const device = new PingDevice();
   const logs: string[] = [];
   const backend = new VhostUserBackend(device, path, { log: (l) => logs.push(l) });
   const served = backend.serve();
   await backend.listening;
-  stale.close(); // must not remove the back end's new socket file
   assert.ok(Deno.lstatSync(path).isSocket);
   const shm = sharedMemory();
   const kick = eventfd();
   const call = eventfd();
   try {
-    const fe = FrontEnd.connect(path);
+    const fe = VhostUserFrontEnd.connect(path);
     assert.equal(await fe.ack(R.SET_OWNER), 0n);
     const features = u64(await fe.call(R.GET_FEATURES));
     assert.equal(features, device.features | VHOST_USER_F_PROTOCOL_FEATURES);
@@ -285,7 +259,7 @@ Deno.test("vhost-user protocol: a TypeScript front end maps memory, starts rings
     assert.ok(logs.some((l) => l.includes("dropping the front end")), logs.join("\n"));
 
     // The back end serves the next front end.
-    const fe2 = FrontEnd.connect(path);
+    const fe2 = VhostUserFrontEnd.connect(path);
     assert.equal(u64(await fe2.call(R.GET_FEATURES)), features);
     // A header with the wrong version is malformed too.
     await fe2.sock.send(encodeMessage(R.GET_FEATURES, 0x2));
@@ -337,10 +311,10 @@ Deno.test("denovm device block: SIGTERM ends it with status 0 and removes its so
   const image = `${dir}/disk.img`;
   await Deno.writeFile(image, new Uint8Array(1 << 20));
   try {
-    const backend = await BlockBackendProcess.start(socket, image);
+    const backend = await DeviceProcess.block(socket, image);
     assert.ok(Deno.lstatSync(socket).isSocket);
     // A front end connected at that moment is dropped, not waited for.
-    const fe = FrontEnd.connect(socket);
+    const fe = VhostUserFrontEnd.connect(socket);
     assert.equal(u64(await fe.call(R.GET_PROTOCOL_FEATURES)), BACKEND_PROTOCOL_FEATURES);
     backend.kill("SIGTERM");
     const st = await backend.exited;
@@ -362,45 +336,6 @@ if (umlReason) console.log(`skipping user-mode Linux tests: ${umlReason}`);
 
 /** The virtio device ID of block devices (virtio 1.2 section 5). */
 const VIRTIO_ID_BLOCK = 2;
-
-/** A `denovm device block` process (main.ts), ready once it printed its listening line. */
-class BlockBackendProcess {
-  readonly #child: Deno.ChildProcess;
-  stderr = "";
-  readonly exited: Promise<Deno.CommandStatus>;
-
-  private constructor(child: Deno.ChildProcess) {
-    this.#child = child;
-    const dec = new TextDecoder();
-    const pump = (async () => {
-      for await (const c of child.stderr) this.stderr += dec.decode(c, { stream: true });
-    })();
-    this.exited = Promise.all([child.status, pump]).then(([s]) => s);
-  }
-
-  static async start(socket: string, file: string): Promise<BlockBackendProcess> {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", `${REPO}main.ts`, "device", "block", "--socket-path", socket, "--file", file],
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    const p = new BlockBackendProcess(child);
-    let exited = false;
-    p.exited.then(() => exited = true);
-    await until(() => p.stderr.includes("listening on") || exited, "the block back end to listen");
-    assert.ok(!exited, `the back end exited early: ${p.stderr}`);
-    return p;
-  }
-
-  kill(signal: Deno.Signal): void {
-    try {
-      this.#child.kill(signal);
-    } catch {
-      // already gone
-    }
-  }
-}
 
 async function sha256Hex(data: Uint8Array<ArrayBuffer>): Promise<string> {
   const d = await crypto.subtle.digest("SHA-256", data);
@@ -432,7 +367,7 @@ Deno.test({
     const expected: Record<string, string> = {};
     for (const [n, c] of Object.entries(files)) expected[n] = await sha256Hex(new TextEncoder().encode(c));
     const initramfs: string[] = [];
-    let backend = await BlockBackendProcess.start(socket, image);
+    let backend = await DeviceProcess.block(socket, image);
     try {
       // 1. Write and sync, then stay up while the back end is killed with SIGKILL.
       initramfs.push(
@@ -460,7 +395,7 @@ sleep 600`,
       await uml1.wait();
 
       // 2. A new back end on the same path (the stale socket file is replaced) and a new UML.
-      backend = await BlockBackendProcess.start(socket, image);
+      backend = await DeviceProcess.block(socket, image);
       const verify = Object.keys(files).map((f) => `echo "SUM ${f} $(sha256sum /mnt/${f} | cut -d' ' -f1)"`).join(
         "\n",
       );
@@ -523,7 +458,7 @@ Deno.test({
     const mk = await new Deno.Command("mkfs.ext4", { args: ["-q", "-F", "-d", content, image, "16M"] }).output();
     assert.ok(mk.success, new TextDecoder().decode(mk.stderr));
     const before = await sha256Hex(await Deno.readFile(image));
-    const backend = await BlockBackendProcess.start(socket, `${image}:read-only`);
+    const backend = await DeviceProcess.block(socket, `${image}:read-only`);
     let initramfs: string | undefined;
     try {
       initramfs = await buildInitramfs({

@@ -5,7 +5,7 @@
 
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import { VhostUserBackend } from "../../devices/vhost_user/backend.ts";
-import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "../../core/exit.ts";
+import { EXIT_INVALID_ARGS, EXIT_SUCCESS, exitCodeFor } from "../../core/exit.ts";
 import { UsageError } from "./keyvalue.ts";
 
 /** What a device family module offers the `device` subcommand. */
@@ -51,8 +51,9 @@ export async function runDeviceCommand(argv: string[]): Promise<number> {
       ({ socketPath, device } = mod.parseDeviceArgs(rest));
     } catch (e) {
       if (e instanceof UsageError) throw e;
+      // A fault opening what the arguments name: its own code (1 for a host fault such as a locked disk).
       console.error(`denovm device ${type}: ${(e as Error).message}`);
-      return EXIT_HOST_ERROR;
+      return exitCodeFor(e);
     }
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
@@ -74,8 +75,9 @@ export async function runDeviceCommand(argv: string[]): Promise<number> {
     await served;
     return EXIT_SUCCESS;
   } catch (e) {
+    // A socket path another process listens on is the user's error (35); other failures are the host's (1).
     console.error(`denovm device ${type}: ${(e as Error).message}`);
-    return EXIT_HOST_ERROR;
+    return exitCodeFor(e);
   } finally {
     for (const s of signals) Deno.removeSignalListener(s, stop);
     device.close?.();

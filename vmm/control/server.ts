@@ -14,8 +14,15 @@
 // process answers on is never taken.
 
 import { closeFd, EAGAIN, EINTR, errno, libc, pollAsync, POLLIN, SysError } from "../../ffi/libc.ts";
-import { ECONNREFUSED, fitsSunPath, SOCK_CLOEXEC, SOCK_NONBLOCK } from "../../ffi/socket.ts";
-import { connectSeqpacket, listenSeqpacket, UnixStream, WaitCancelled, Waker } from "../../core/unix_socket.ts";
+import { fitsSunPath, SOCK_CLOEXEC, SOCK_NONBLOCK } from "../../ffi/socket.ts";
+import {
+  freeSocketPath,
+  listenSeqpacket,
+  SocketPathInUse,
+  UnixStream,
+  WaitCancelled,
+  Waker,
+} from "../../core/unix_socket.ts";
 import { type ControlHandler, encodeReply, errorText, handlePacket, MAX_REQUEST_BYTES } from "./protocol.ts";
 
 /**
@@ -44,28 +51,12 @@ const ACCEPT_RETRY_MS = 100;
 /** Permissions of the socket file: owner read/write only. */
 const SOCKET_MODE = 0o600;
 
-/** The socket path answers: another VM (or process) owns it. */
-export class ControlSocketInUse extends Error {
-  constructor(readonly path: string) {
-    super(`control socket ${path} is in use by a running VM`);
+/** The socket path answers: another VM (or process) owns it (exit 35, as for any socket path in use). */
+export class ControlSocketInUse extends SocketPathInUse {
+  constructor(path: string) {
+    super(path, `control socket ${path} is in use by a running VM`);
     this.name = "ControlSocketInUse";
   }
-}
-
-/** Whether something answers on the socket file at `path`: true = live, false = stale (ECONNREFUSED). */
-function probeExisting(path: string): boolean {
-  let fd: number;
-  try {
-    // Non-blocking: a live VM whose backlog is full answers EAGAIN instead of making us wait.
-    fd = connectSeqpacket(path, { nonBlockingConnect: true });
-  } catch (e) {
-    if (e instanceof SysError && e.errno === ECONNREFUSED) return false;
-    // A socket of another type with a live listener (EPROTOTYPE), no permission (EACCES), ...: not ours to take.
-    if (e instanceof SysError) return true;
-    throw e;
-  }
-  closeFd(fd);
-  return true;
 }
 
 function dirname(path: string): string {
@@ -117,17 +108,8 @@ export class ControlServer {
   #start(): void {
     const path = this.path;
     if (!fitsSunPath(path)) throw new Error(`control socket path is too long for a Unix socket: ${path}`);
-    let st: Deno.FileInfo | undefined;
-    try {
-      st = Deno.lstatSync(path);
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw e;
-    }
-    if (st) {
-      if (!st.isSocket) throw new Error(`control socket ${path} exists and is not a socket`);
-      if (probeExisting(path)) throw new ControlSocketInUse(path);
-      Deno.removeSync(path); // stale: left by a run that crashed
-    }
+    // A stale file (left by a run that crashed) is removed; a live one is never taken.
+    freeSocketPath(path, { inUse: (p) => new ControlSocketInUse(p), what: "control socket" });
     this.#listenFd = this.#bindPrivately(path);
     this.#ino = Deno.lstatSync(path).ino;
     for (const ev of PROCESS_END_EVENTS) globalThis.addEventListener(ev, this.#onProcessEnd);

@@ -14,7 +14,7 @@ import { parseCustomInputConfig } from "../../devices/virtio/input/profiles.ts";
 import { InputSocketSource } from "../../devices/virtio/input/socket_source.ts";
 import { RngDevice } from "../../devices/virtio/rng.ts";
 import type { SerialConfig, VmConfig } from "../config.ts";
-import { ConfigError, HostError } from "../../core/exit.ts";
+import { ConfigError, ExitCodeError, HostError } from "../../core/exit.ts";
 
 /** A device model this version does not have; asked for explicitly, it is the user's error (exit 35). */
 export class UnavailableDeviceError extends ConfigError {
@@ -51,6 +51,8 @@ async function make<T>(what: string, f: () => T | Promise<T>): Promise<T> {
   try {
     return await f();
   } catch (e) {
+    // An error that carries its own exit code keeps it (a disk locked by another process: 1, as crosvm).
+    if (e instanceof ExitCodeError) throw e;
     throw new DeviceConfigError(`${what}: ${(e as Error).message}`);
   }
 }

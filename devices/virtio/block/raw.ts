@@ -6,6 +6,7 @@ import type { GuestMemory } from "../../../core/memory.ts";
 import type { GuestBuffer } from "../queue.ts";
 import { type Disk, DiskError, SECTOR_SIZE } from "./disk.ts";
 import { fdInfo, openUserFile } from "../../../core/host_file.ts";
+import { HostError } from "../../../core/exit.ts";
 import {
   check,
   closeFd,
@@ -42,6 +43,18 @@ export interface RawDiskOptions {
   lock?: boolean;
 }
 
+/**
+ * The image's lock could not be taken (another process holds it). crosvm fails the same way
+ * (disk/src/sys/linux.rs open_raw_disk_image: flock, Error::LockFileFailure) and exits with its
+ * generic error code 1 from `run` and `device block` alike, so this is a HostError.
+ */
+export class DiskLockedError extends HostError {
+  constructor(message: string) {
+    super(message);
+    this.name = "DiskLockedError";
+  }
+}
+
 export class RawDisk implements Disk {
   readonly path: string;
   readonly readOnly: boolean;
@@ -76,7 +89,7 @@ export class RawDisk implements Disk {
         const e = errno();
         closeFd(this.#fd);
         this.#fd = -1;
-        throw new Error(
+        throw new DiskLockedError(
           e === EAGAIN
             ? `disk image ${path} is in use by another process (${
               readOnly ? "a writer" : "a reader or writer"

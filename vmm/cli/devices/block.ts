@@ -9,6 +9,7 @@ import type { VirtioDevice } from "../../../devices/virtio/device.ts";
 import { type BlockConfig, DEFAULT_BLOCK_SIZE } from "../../config.ts";
 import { type KvSchema, parseOption, UsageError } from "../keyvalue.ts";
 import { crosvmOnlyKeys } from "../help.ts";
+import { ExitCodeError } from "../../../core/exit.ts";
 import { SOCKET_OPTIONS, socketPathOption } from "./common.ts";
 
 // ---- run ----
@@ -112,6 +113,8 @@ export function parseDeviceArgs(args: string[]): { socketPath: string; device: V
   } catch (e) {
     // A file that is no disk (a FIFO, /dev/zero) is the user's error.
     if (e instanceof UsageError) throw new UsageError(`block: ${e.message}`);
+    // An error that carries its own exit code is reported as `run` reports it (a locked disk: 1, as crosvm).
+    if (e instanceof ExitCodeError) throw e;
     throw new Error(`cannot open ${a.file}: ${(e as Error).message}`);
   }
   return { socketPath: a.socketPath, device };
