@@ -6,7 +6,8 @@
 import assert from "node:assert/strict";
 import { HeadlessDisplay } from "../../../devices/virtio/gpu/display.ts";
 import { EXIT_INVALID_ARGS, exitCodeFor } from "../../../core/exit.ts";
-import { WebDisplay, type WebDisplayOptions } from "./server.ts";
+import { MAX_PENDING_CONNECTIONS, WebDisplay, type WebDisplayOptions } from "./server.ts";
+import { MAX_REQUEST_HEAD_BYTES } from "./http.ts";
 import { RECT_FLAG_LAST, RECT_FLAGS, RECT_HEADER_SIZE, RECT_SEQ, RECT_X, RECT_Y } from "./protocol.ts";
 
 const FIXTURE = new URL("./frame_server_fixture.ts", import.meta.url).pathname;
@@ -314,5 +315,95 @@ Deno.test("web display: a port in use is one line naming the display and the add
   } finally {
     taken.close();
     src.stop();
+  }
+});
+
+/** Send `request` on a new connection and read its status line (0 when the connection ended without one). */
+async function statusOf(port: number, request: string): Promise<{ conn: Deno.TcpConn; status: number }> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  await conn.write(enc.encode(request));
+  const buf = new Uint8Array(4096);
+  let text = "";
+  while (!text.includes("\r\n")) {
+    const n = await conn.read(buf).catch(() => null);
+    if (n === null) break;
+    text += dec.decode(buf.subarray(0, n));
+  }
+  return { conn, status: Number(/^HTTP\/1\.1 (\d{3})/.exec(text)?.[1] ?? 0) };
+}
+
+Deno.test("web display: an upgrade without the token, or from another origin, is refused before it becomes a WebSocket", async () => {
+  const src = frameSource(64, 48);
+  const server = new WebDisplay({ display: src.display } as WebDisplayOptions);
+  const { url } = await server.start();
+  const u = new URL(url);
+  const port = Number(u.port), token = u.searchParams.get("token")!;
+  const upgrade = (query: string, origin: string) =>
+    `GET /ws?scanout=0${query} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nOrigin: ${origin}\r\nUpgrade: websocket\r\n` +
+    `Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`;
+  const opened: Deno.TcpConn[] = [];
+  try {
+    for (
+      const [query, origin] of [
+        ["", u.origin],
+        [`&token=${"0".repeat(32)}`, u.origin],
+        [`&token=${token}`, "http://elsewhere.example"],
+        [`&token=${token}`, `http://localhost:${port}`],
+      ]
+    ) {
+      const r = await statusOf(port, upgrade(query, origin));
+      opened.push(r.conn);
+      assert.equal(r.status, 403, `${query} from ${origin}`);
+      assert.ok(await readsToEnd(r.conn), "the refused connection is closed");
+    }
+    assert.equal(server.stats().clients, 0);
+    assert.equal(server.stats().refused, 4);
+    const ok = await statusOf(port, upgrade(`&token=${token}`, u.origin));
+    opened.push(ok.conn);
+    assert.equal(ok.status, 101);
+  } finally {
+    for (const c of opened) closeQuietly(c);
+    src.stop();
+    await server.close();
+  }
+});
+
+Deno.test("web display: connections that do not finish their request are limited and closed; a head too large gets 431", async () => {
+  const src = frameSource(64, 48);
+  const server = new WebDisplay({ display: src.display } as WebDisplayOptions);
+  const { url } = await server.start();
+  const u = new URL(url);
+  const port = Number(u.port);
+  const idle: Deno.TcpConn[] = [];
+  try {
+    const big = await statusOf(
+      port,
+      `GET ${u.pathname}${u.search} HTTP/1.1\r\nHost: ${u.host}\r\n` +
+        `X-Pad: ${"a".repeat(MAX_REQUEST_HEAD_BYTES)}\r\n\r\n`,
+    );
+    assert.equal(big.status, 431);
+    assert.ok(await readsToEnd(big.conn), "the connection is closed after the 431");
+    closeQuietly(big.conn);
+    // MAX_PENDING_CONNECTIONS that send half a request and stop; the next one is closed at once.
+    for (let i = 0; i < MAX_PENDING_CONNECTIONS; i++) {
+      const c = await Deno.connect({ hostname: "127.0.0.1", port });
+      idle.push(c);
+      await c.write(enc.encode(`GET / HTTP/1.1\r\nHost: ${u.host}\r\n`));
+    }
+    const extra = await Deno.connect({ hostname: "127.0.0.1", port });
+    idle.push(extra);
+    assert.ok(await readsToEnd(extra), "a connection beyond the limit is closed");
+    const first = await Promise.race([idle[0].read(new Uint8Array(1)), sleep(100).then(() => "open" as const)]);
+    assert.equal(first, "open", "the pending connections are still open");
+    // Each is closed when its time to send the request is up; then a request is served again.
+    const ended = await Promise.all(idle.slice(0, MAX_PENDING_CONNECTIONS).map(readsToEnd));
+    assert.ok(ended.every((e) => e), "every unfinished request's connection is closed");
+    const page = await statusOf(port, `GET ${u.pathname}${u.search} HTTP/1.1\r\nHost: ${u.host}\r\n\r\n`);
+    idle.push(page.conn);
+    assert.equal(page.status, 200);
+  } finally {
+    for (const c of idle) closeQuietly(c);
+    src.stop();
+    await server.close();
   }
 });

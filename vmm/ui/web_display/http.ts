@@ -4,6 +4,7 @@
 // server's own origin (a page elsewhere could otherwise open it with the cookie). The token is compared in
 // time that does not depend on where it differs.
 
+import type { IncomingMessage, ServerResponse } from "node:http";
 import { pageHtml } from "./page.ts";
 
 const TOKEN_BYTES = 16;
@@ -127,17 +128,13 @@ export function refusedResponse(): Response {
   });
 }
 
-// ---- HTTP/1.1 on the display's own TCP connections (RFC 9112) ----
+// ---- node:http glue ----
 
-/** The longest request head (request line and header fields) read; a longer one gets 431. */
+/** The longest request head (request line and header fields) node:http reads; a longer one gets 431. */
 export const MAX_REQUEST_HEAD_BYTES = 16 * 1024;
-/** RFC 9112 section 2.1: the head ends with an empty line. */
-const HEAD_END = "\r\n\r\n";
-const HEAD_READ_CHUNK = 4096;
 
-/** The reason phrases this server uses (RFC 9110 section 15). */
+/** The reason phrases this server uses on a connection it answers itself (RFC 9110 section 15). */
 const REASONS: Record<number, string> = {
-  101: "Switching Protocols",
   200: "OK",
   400: "Bad Request",
   403: "Forbidden",
@@ -145,75 +142,52 @@ const REASONS: Record<number, string> = {
   405: "Method Not Allowed",
   426: "Upgrade Required",
   431: "Request Header Fields Too Large",
-  500: "Internal Server Error",
   503: "Service Unavailable",
 };
 
-/** A request head read from `conn`, and the bytes after it; "too-large", or null when the peer went away first. */
-export async function readRequestHead(
-  conn: Deno.Conn,
-): Promise<{ head: string; rest: Uint8Array } | "too-large" | null> {
-  let buf = new Uint8Array(0);
-  const chunk = new Uint8Array(HEAD_READ_CHUNK);
-  for (;;) {
-    // Header bytes are ISO-8859-1 (RFC 9110 section 5.5): one char per byte, so offsets match.
-    const text = latin1(buf);
-    const end = text.indexOf(HEAD_END);
-    if (end >= 0) return { head: text.slice(0, end), rest: buf.slice(end + HEAD_END.length) };
-    if (buf.length > MAX_REQUEST_HEAD_BYTES) return "too-large";
-    const n = await conn.read(chunk);
-    if (n === null) return null;
-    const next = new Uint8Array(buf.length + n);
-    next.set(buf);
-    next.set(chunk.subarray(0, n), buf.length);
-    buf = next;
-  }
-}
-
-function latin1(b: Uint8Array): string {
-  let s = "";
-  for (let i = 0; i < b.length; i += HEAD_READ_CHUNK) {
-    s += String.fromCharCode(...b.subarray(i, i + HEAD_READ_CHUNK));
-  }
-  return s;
-}
-
-/** A request head as a Request on `origin` (this server's), or the status that refuses it. */
-export function parseRequestHead(head: string, origin: string): Request | number {
-  const lines = head.split("\r\n");
-  const m = /^([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\/[^ ]*) HTTP\/1\.[01]$/.exec(lines[0]);
-  if (!m) return 400;
+/** A node:http request as a Request on `origin` (this server's), or the status that refuses it. */
+export function requestFrom(req: IncomingMessage, origin: string): Request | number {
+  // Only origin-form targets (RFC 9112 section 3.2.1): a path, not a URL of some other host.
+  if (!req.url?.startsWith("/") || req.url.startsWith("//")) return 400;
   const headers = new Headers();
-  for (const line of lines.slice(1)) {
-    const colon = line.indexOf(":");
-    // No obsolete line folding (RFC 9112 section 5.2), no empty names, no space before the colon.
-    if (colon <= 0 || /^[ \t]/.test(line) || /[ \t]$/.test(line.slice(0, colon))) return 400;
-    try {
-      headers.append(line.slice(0, colon), line.slice(colon + 1).trim());
-    } catch {
-      return 400;
-    }
+  const raw = req.rawHeaders;
+  try {
+    for (let i = 0; i + 1 < raw.length; i += 2) headers.append(raw[i], raw[i + 1]);
+  } catch {
+    return 400;
   }
   try {
-    return new Request(origin + m[2], { method: m[1], headers });
+    return new Request(origin + req.url, { method: req.method, headers });
   } catch {
     // A method Request does not take (CONNECT, TRACE), or a target that is not a URL path.
     return 405;
   }
 }
 
-/** Write `response` and end the connection (every response here is the last on its connection). */
-export async function writeResponse(conn: Deno.Conn, response: Response, head = false): Promise<void> {
+/** Send `response` on `res`; the connection ends after it (every response here is the last on its connection). */
+export async function sendResponse(res: ServerResponse, response: Response, head = false): Promise<void> {
   const body = head ? new Uint8Array(0) : new Uint8Array(await response.arrayBuffer());
+  const headers: Record<string, string> = Object.fromEntries(response.headers);
+  if (!head) headers["content-length"] = String(body.length);
+  headers["connection"] = "close";
+  res.writeHead(response.status, headers);
+  res.end(body);
+}
+
+/**
+ * `response` as bytes for a connection this server answers without node:http (an upgrade request it does
+ * not upgrade, a request head it could not read), to be written before the connection is ended.
+ */
+export async function responseBytes(response: Response): Promise<Uint8Array> {
+  const body = new Uint8Array(await response.arrayBuffer());
   let text = `HTTP/1.1 ${response.status} ${REASONS[response.status] ?? response.statusText}\r\n`;
   for (const [k, v] of response.headers) text += `${k}: ${v}\r\n`;
-  if (!head) text += `content-length: ${body.length}\r\n`;
-  text += "connection: close\r\n\r\n";
+  text += `content-length: ${body.length}\r\nconnection: close\r\n\r\n`;
   const out = new Uint8Array(text.length + body.length);
+  // Header bytes are ISO-8859-1 (RFC 9110 section 5.5): one byte per char.
   for (let i = 0; i < text.length; i++) out[i] = text.charCodeAt(i) & 0xff;
   out.set(body, text.length);
-  let rest = out;
-  while (rest.length > 0) rest = rest.subarray(await conn.write(rest));
+  return out;
 }
 
 /** A plain-text response. */

@@ -2,8 +2,8 @@
 // keyboard, mouse and touch to virtio-input devices, and stream the virtio-gpu copy counters for the page's
 // live plot. This module ties the parts together: http.ts (the token, the routes, the page), frames.ts
 // (each page's frames: pacing, change detection in tiles.ts, encoding in encode.ts) and input_bridge.ts
-// (page input to the input devices), on TCP connections it owns: HTTP/1.1 requests (http.ts) and
-// WebSockets (websocket.ts), so that what waits to be sent to each page is bounded and a page that stops
+// (page input to the input devices), served by node:http, whose upgrade hands the TCP connection to the
+// `ws` package (websocket.ts), so that what waits to be sent to each page is bounded and a page that stops
 // reading can be disconnected.
 //
 // Bounds: at most maxClients pages at once (one more is refused with 503 and the reason); at most
@@ -19,16 +19,21 @@ import { type FrameCounters, FrameStream, SEND_BUFFER_LOW_BYTES } from "./frames
 import {
   checkedToken,
   isLoopback,
-  parseRequestHead,
-  readRequestHead,
+  MAX_REQUEST_HEAD_BYTES,
   refusedResponse,
+  requestFrom,
+  responseBytes,
+  sendResponse,
   Site,
   textResponse,
-  writeResponse,
 } from "./http.ts";
 import { InputBridge, type InputSinks, PageInput } from "./input_bridge.ts";
 import { parseClientMessage } from "./protocol.ts";
-import { acceptKey, CLOSE_GOING_AWAY, WS_VERSION, WsConnection } from "./websocket.ts";
+import { CLOSE_GOING_AWAY, type PageSocket, PageSocketServer } from "./websocket.ts";
+import type { Buffer } from "node:buffer";
+import http from "node:http";
+import type { AddressInfo, Socket } from "node:net";
+import type { Duplex } from "node:stream";
 import { HostError, UsageError } from "../../../core/exit.ts";
 import { libc } from "../../../ffi/libc.ts";
 
@@ -81,7 +86,7 @@ const DEFAULT_STATS_INTERVAL_MS = 500;
 const DEFAULT_MAX_CLIENTS = 16;
 const DEFAULT_STALL_TIMEOUT_MS = 10_000;
 /** Connections that have not finished their request yet; more are closed at once. */
-const MAX_PENDING_CONNECTIONS = 64;
+export const MAX_PENDING_CONNECTIONS = 64;
 /** How long a connection has to send its request and take the response. */
 const REQUEST_TIMEOUT_MS = 10_000;
 /**
@@ -97,7 +102,7 @@ const MAX_CLIENT_MESSAGE_BYTES = 64 * 1024;
 class Client {
   readonly frames: FrameStream;
   readonly input: PageInput;
-  constructor(readonly ws: WsConnection, readonly scanout: number, opts: ConstructorParameters<typeof FrameStream>[0]) {
+  constructor(readonly ws: PageSocket, readonly scanout: number, opts: ConstructorParameters<typeof FrameStream>[0]) {
     this.frames = new FrameStream(opts);
     this.input = new PageInput(() => ({ width: this.frames.sentWidth, height: this.frames.sentHeight }));
   }
@@ -129,16 +134,19 @@ export class WebDisplay {
     stalledClosed: 0,
   };
   readonly #input: InputBridge;
-  #listener: Deno.Listener<Deno.TcpConn, Deno.NetAddr> | undefined;
-  #accepting: Promise<void> | undefined;
-  /** Connections still sending their request or taking the response, and those being upgraded. */
-  readonly #pending = new Set<Deno.Conn>();
-  #upgrading = 0;
+  readonly #sockets = new PageSocketServer({
+    maxMessageBytes: MAX_CLIENT_MESSAGE_BYTES,
+    lowWaterBytes: SEND_BUFFER_LOW_BYTES,
+  });
+  #server: http.Server | undefined;
+  /** Connections still sending their request or taking the response, each with its deadline. */
+  readonly #pending = new Map<Duplex, ReturnType<typeof setTimeout>>();
   #unsubscribe: (() => void) | undefined;
   #statsTimer: ReturnType<typeof setInterval> | undefined;
   #stallTimer: ReturnType<typeof setInterval> | undefined;
   #trimTimer: ReturnType<typeof setTimeout> | undefined;
   #site: Site | undefined;
+  #starting: Promise<{ url: string }> | undefined;
 
   constructor(opts: WebDisplayOptions) {
     this.token = checkedToken(opts.token);
@@ -169,48 +177,61 @@ export class WebDisplay {
    * a UsageError naming the display and the address.
    */
   start(): Promise<{ url: string }> {
-    if (this.#listener) return Promise.resolve({ url: this.url });
+    this.#starting ??= this.#listen().catch((e) => {
+      this.#starting = undefined;
+      throw e;
+    });
+    return this.#starting;
+  }
+
+  #listen(): Promise<{ url: string }> {
     const hostname = this.#opts.host ?? DEFAULT_HOST;
     const port = this.#opts.port ?? 0;
-    let listener: Deno.Listener<Deno.TcpConn, Deno.NetAddr>;
-    try {
-      listener = Deno.listen({ hostname, port, transport: "tcp" });
-    } catch (e) {
-      const where = `${this.#opts.name ?? "web display"}: cannot listen on ${hostname}:${port}`;
-      if (e instanceof Deno.errors.AddrInUse) {
-        return Promise.reject(new UsageError(`${where}: the address is already in use`));
+    const where = `${this.#opts.name ?? "web display"}: cannot listen on ${hostname}:${port}`;
+    const server = http.createServer({ maxHeaderSize: MAX_REQUEST_HEAD_BYTES });
+    server.on("connection", (socket: Socket) => this.#onConnection(socket));
+    server.on("request", (req, res) => void this.#onRequest(req, res));
+    server.on("upgrade", (req, socket, head) => void this.#onUpgrade(req, socket, head));
+    server.on("clientError", (e, socket) => void this.#onClientError(e, socket));
+    return new Promise((resolve, reject) => {
+      const failed = (e: unknown) => {
+        server.close();
+        reject(listenError(where, e));
+      };
+      server.once("error", failed);
+      try {
+        server.listen({ port, host: hostname }, () => {
+          server.off("error", failed);
+          server.on("error", (e) => this.#log.log(`server error: ${firstLine(e)}`));
+          const addr = server.address() as AddressInfo;
+          this.#server = server;
+          this.#site = new Site(this.token, { transport: "tcp", hostname: addr.address, port: addr.port });
+          this.#unsubscribe = this.#opts.display.onUpdate((id, rect) => this.#onUpdate(id, rect));
+          resolve({ url: this.#site.url });
+        });
+      } catch (e) {
+        failed(e); // a port number out of range
       }
-      if (e instanceof Deno.errors.AddrNotAvailable || e instanceof Deno.errors.PermissionDenied) {
-        return Promise.reject(new UsageError(`${where}: ${firstLine(e)}`));
-      }
-      return Promise.reject(new HostError(`${where}: ${firstLine(e)}`));
-    }
-    this.#listener = listener;
-    this.#site = new Site(this.token, listener.addr);
-    this.#unsubscribe = this.#opts.display.onUpdate((id, rect) => this.#onUpdate(id, rect));
-    this.#accepting = this.#acceptLoop(listener);
-    return Promise.resolve({ url: this.#site.url });
+    });
   }
 
   async close(): Promise<void> {
+    await this.#starting?.catch(() => {});
+    this.#starting = undefined;
     this.#unsubscribe?.();
     this.#unsubscribe = undefined;
     this.#stopTimers();
-    const l = this.#listener;
-    this.#listener = undefined;
-    if (l) {
-      try {
-        l.close();
-      } catch { /* already closed */ }
-    }
-    await this.#accepting;
-    this.#accepting = undefined;
-    for (const conn of this.#pending) closeQuietly(conn);
+    const server = this.#server;
+    this.#server = undefined;
+    // Stop listening; the callback runs once every connection, the pages' too, has ended.
+    const serverClosed = server ? new Promise<void>((r) => server.close(() => r())) : Promise.resolve();
+    for (const socket of [...this.#pending.keys()]) socket.destroy();
     const closing = [...this.#clients].map((c) => {
       c.ws.close(CLOSE_GOING_AWAY);
       return c.ws.closed;
     });
     await Promise.all(closing);
+    await serverClosed;
     if (this.#trimTimer !== undefined) clearTimeout(this.#trimTimer);
     this.#trimTimer = undefined;
   }
@@ -233,109 +254,113 @@ export class WebDisplay {
 
   // ---- HTTP ----
 
-  async #acceptLoop(listener: Deno.Listener<Deno.TcpConn, Deno.NetAddr>): Promise<void> {
-    for (;;) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await listener.accept();
-      } catch {
-        return; // the listener was closed
-      }
-      if (this.#pending.size >= MAX_PENDING_CONNECTIONS || !this.#listener) {
-        closeQuietly(conn);
-        continue;
-      }
-      void this.#serveConnection(conn);
+  /** A new connection: pending until it has become a page or has ended, for at most REQUEST_TIMEOUT_MS. */
+  #onConnection(socket: Socket): void {
+    if (this.#pending.size >= MAX_PENDING_CONNECTIONS || !this.#server) {
+      socket.destroy();
+      return;
     }
+    this.#pending.set(socket, setTimeout(() => socket.destroy(), REQUEST_TIMEOUT_MS));
+    socket.once("close", () => this.#settled(socket));
   }
 
-  /** One connection: its request, and either the response or the page's WebSocket. */
-  async #serveConnection(conn: Deno.TcpConn): Promise<void> {
-    this.#pending.add(conn);
-    const timer = setTimeout(() => closeQuietly(conn), REQUEST_TIMEOUT_MS);
-    let upgraded = false;
+  /** `socket` is no longer pending: it ended, or it is a page's. */
+  #settled(socket: Duplex): void {
+    clearTimeout(this.#pending.get(socket));
+    this.#pending.delete(socket);
+  }
+
+  /** A request that is not an upgrade: the page, or why not. The connection ends after the response. */
+  async #onRequest(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     try {
-      const got = await readRequestHead(conn);
-      if (got === null) return;
       const site = this.#site;
-      if (!site) return;
-      if (got === "too-large") {
-        await writeResponse(conn, textResponse(431, "request head too large\n"));
+      if (!site || !this.#server) {
+        res.destroy();
         return;
       }
-      const req = parseRequestHead(got.head, site.origin);
-      if (typeof req === "number") {
-        await writeResponse(conn, textResponse(req, "bad request\n"));
+      const request = requestFrom(req, site.origin);
+      if (typeof request === "number") {
+        await sendResponse(res, textResponse(request, "bad request\n"));
         return;
       }
-      const r = site.route(req, this.#opts.display.count);
+      const r = site.route(request, this.#opts.display.count);
       if (r.kind === "refused") {
         this.#counters.refused++;
-        await writeResponse(conn, refusedResponse());
-        return;
+        await sendResponse(res, refusedResponse());
+      } else if (r.kind === "socket") {
+        // An Upgrade header without `Connection: upgrade`.
+        await sendResponse(res, textResponse(400, "WebSocket handshake expected\n"));
+      } else {
+        await sendResponse(res, r.response, request.method === "HEAD");
       }
-      if (r.kind === "response") {
-        await writeResponse(conn, r.response, req.method === "HEAD");
-        return;
-      }
-      const peer = conn.remoteAddr.hostname;
-      upgraded = await this.#upgrade(conn, req, got.rest, r.scanout, isLoopback(peer));
     } catch (e) {
-      if (!(e instanceof Deno.errors.BadResource || e instanceof Deno.errors.Interrupted)) {
-        this.#log.log(`request failed: ${firstLine(e)}`);
-      }
-    } finally {
-      clearTimeout(timer);
-      this.#pending.delete(conn);
-      if (!upgraded) closeQuietly(conn);
+      this.#log.log(`request failed: ${firstLine(e)}`);
+      res.destroy();
     }
   }
 
-  /** Complete the WebSocket handshake (RFC 6455 section 4.2.2); true when the page is connected. */
-  async #upgrade(conn: Deno.TcpConn, req: Request, rest: Uint8Array, scanout: number, loopback: boolean) {
-    if (req.method !== "GET" || !/\bupgrade\b/i.test(req.headers.get("connection") ?? "")) {
-      await writeResponse(conn, textResponse(400, "WebSocket handshake expected\n"));
-      return false;
-    }
-    if (req.headers.get("sec-websocket-version")?.trim() !== WS_VERSION) {
-      const headers = { "sec-websocket-version": WS_VERSION };
-      await writeResponse(conn, textResponse(426, "WebSocket version 13 expected\n", headers));
-      return false;
-    }
-    const accept = await acceptKey(req.headers.get("sec-websocket-key"));
-    if (accept === null) {
-      await writeResponse(conn, textResponse(400, "bad Sec-WebSocket-Key\n"));
-      return false;
-    }
-    const connected = this.#clients.size + this.#upgrading;
-    if (connected >= this.#maxClients) {
-      this.#counters.refusedBusy++;
-      const msg = `web display: too many clients (${connected} connected, the limit is ${this.#maxClients})\n`;
-      await writeResponse(conn, textResponse(503, msg));
-      return false;
-    }
-    this.#upgrading++;
+  /** An upgrade request: the page's WebSocket when the token, origin, scanout and client cap allow it. */
+  async #onUpgrade(req: http.IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
     try {
-      const head = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n" +
-        `sec-websocket-accept: ${accept}\r\n\r\n`;
-      let out = new TextEncoder().encode(head);
-      while (out.length > 0) out = out.subarray(await conn.write(out));
-    } finally {
-      this.#upgrading--;
+      const site = this.#site;
+      if (!site || !this.#server) {
+        socket.destroy();
+        return;
+      }
+      const request = requestFrom(req, site.origin);
+      let refusal: Response;
+      if (typeof request === "number") {
+        refusal = textResponse(request, "bad request\n");
+      } else {
+        const r = site.route(request, this.#opts.display.count);
+        if (r.kind === "refused") {
+          this.#counters.refused++;
+          refusal = refusedResponse();
+        } else if (r.kind === "response") {
+          refusal = r.response;
+        } else if (this.#clients.size >= this.#maxClients) {
+          this.#counters.refusedBusy++;
+          const n = this.#clients.size;
+          refusal = textResponse(
+            503,
+            `web display: too many clients (${n} connected, the limit is ${this.#maxClients})\n`,
+          );
+        } else {
+          const loopback = isLoopback((socket as Socket).remoteAddress ?? "");
+          // ws checks the handshake (RFC 6455 section 4.2.1) and answers a malformed one with 400.
+          this.#sockets.handleUpgrade(req, socket, head, (ws) => {
+            this.#settled(socket);
+            this.#accept(ws, r.scanout, loopback);
+          });
+          return;
+        }
+      }
+      endWith(socket, await responseBytes(refusal));
+    } catch (e) {
+      this.#log.log(`request failed: ${firstLine(e)}`);
+      socket.destroy();
     }
-    if (!this.#listener) return false;
-    this.#accept(conn, rest, scanout, loopback);
-    return true;
+  }
+
+  /** A request node:http could not parse (431 for a head over MAX_REQUEST_HEAD_BYTES), or a socket error. */
+  async #onClientError(e: Error & { code?: string }, socket: Duplex): Promise<void> {
+    if (!e.code?.startsWith("HPE_") || !socket.writable) {
+      socket.destroy();
+      return;
+    }
+    const status = e.code === "HPE_HEADER_OVERFLOW" ? 431 : 400;
+    endWith(
+      socket,
+      await responseBytes(textResponse(status, status === 431 ? "request head too large\n" : "bad request\n")),
+    );
   }
 
   // ---- WebSocket ----
 
-  #accept(conn: Deno.TcpConn, rest: Uint8Array, scanout: number, loopback: boolean): void {
+  #accept(ws: PageSocket, scanout: number, loopback: boolean): void {
     const asked = this.#opts.encoding ?? "auto";
-    // The callbacks run only once the connection has started (below), when `c` exists.
-    const ws = new WsConnection(conn, {
-      maxMessageBytes: MAX_CLIENT_MESSAGE_BYTES,
-      lowWaterBytes: SEND_BUFFER_LOW_BYTES,
+    // The handlers run only after this returns (the socket's events come from the event loop), when `c` exists.
+    ws.start({
       onMessage: (text) => this.#onMessage(c, text),
       onClose: () => this.#drop(c),
       onDrain: () => c.frames.schedule(),
@@ -371,7 +396,6 @@ export class WebDisplay {
       this.#statsTimer ??= setInterval(() => this.#sendStats([...this.#clients]), this.#statsInterval());
     }
     this.#stallTimer ??= setInterval(() => this.#closeStalled(), Math.min(1000, this.#stallTimeoutMs / 2));
-    ws.start(rest);
   }
 
   #onMessage(c: Client, text: string): void {
@@ -411,7 +435,7 @@ export class WebDisplay {
     c.frames.stop();
     this.#input.releaseAll(c.input);
     if (this.#clients.size === 0) this.#stopTimers();
-    if (this.#listener) this.#scheduleTrim();
+    if (this.#server) this.#scheduleTrim();
   }
 
   #sendText(c: Client, msg: object): void {
@@ -455,10 +479,30 @@ function trimHeap(): void {
   }
 }
 
-function closeQuietly(conn: Deno.Conn): void {
-  try {
-    conn.close();
-  } catch { /* already closed */ }
+/** Write `bytes` (a whole response) and end the connection once the kernel has taken them. */
+function endWith(socket: Duplex, bytes: Uint8Array): void {
+  if (socket.destroyed) return;
+  socket.end(bytes, () => socket.destroy());
+}
+
+/** The error for a server that could not listen: a UsageError where the user's address or port is at fault. */
+function listenError(where: string, e: unknown): Error {
+  const code = (e as { code?: unknown }).code;
+  switch (code) {
+    case "EADDRINUSE":
+      return new UsageError(`${where}: the address is already in use`);
+    case "EADDRNOTAVAIL":
+    case "EINVAL":
+      return new UsageError(`${where}: not an address of this machine`);
+    case "ENOTFOUND":
+      return new UsageError(`${where}: no such host`);
+    case "EACCES":
+    case "EPERM":
+      return new UsageError(`${where}: permission denied`);
+    case "ERR_SOCKET_BAD_PORT":
+      return new UsageError(`${where}: not a port number`);
+  }
+  return new HostError(`${where}: ${firstLine(e)}`);
 }
 
 function firstLine(e: unknown): string {
