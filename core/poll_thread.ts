@@ -72,6 +72,11 @@ export class PollThread {
     if (p) f(p);
   }
 
+  /** Whether the thread could not start or died: every poll fails from now on. */
+  get failed(): boolean {
+    return this.#failed !== undefined;
+  }
+
   /**
    * Wait until one of `entries` has an event (or `timeoutMs` passes, -1 = no limit) or interrupt() is called;
    * returns the revents of each entry (POLLHUP, POLLERR and POLLNVAL come unasked). Throws SysError("poll")

@@ -244,6 +244,7 @@ export class ControlServer {
 
   /** The server's loop: one poll over the listening socket and every client that can go on, until close(). */
   async #run(poller: PollThread): Promise<void> {
+    let pollFailing = false;
     try {
       while (!this.#closed) {
         const waiting = [...this.#clients].filter((c) => wants(c) !== 0);
@@ -254,11 +255,14 @@ export class ControlServer {
         let revents: number[];
         try {
           revents = await poller.poll(entries);
+          pollFailing = false;
         } catch (e) {
           if (this.#closed) break;
-          // The poll thread failed (no memory, could not start): say so once a turn, pause, try again.
-          console.error(`denovm: control socket: ${errorText(e)}`);
-          this.#pauseAccepting();
+          // poll(2) failed (no memory): one line, then try again after a pause. A poll thread that could not
+          // start ends the serving (one line); close() still cleans up.
+          if (!pollFailing) console.error(`denovm: control socket: ${errorText(e)}`);
+          pollFailing = true;
+          if (poller.failed) break;
           await new Promise((r) => setTimeout(r, ACCEPT_RETRY_MS));
           continue;
         }
