@@ -1,8 +1,10 @@
 // Unix sockets through libc FFI: stream sockets with SCM_RIGHTS file-descriptor passing (UnixStream,
 // UnixListener) and SOCK_SEQPACKET sockets (connectSeqpacket, listenSeqpacket, readPacket). Every socket is
-// non-blocking; waiting happens in pollAsync (a helper thread), so the event loop keeps running while a peer
-// is silent. Constants and struct layouts come from ffi/socket.ts. UnixStream's recvmsg/sendmsg work the same
-// on a SOCK_SEQPACKET descriptor (one call = one packet).
+// non-blocking; UnixStream's and UnixListener's waits happen in pollAsync (one of Deno's bounded pool of
+// blocking threads, ffi/libc.ts), so the event loop keeps running while a peer is silent. They suit one
+// connection at a time; a server with a connection per client waits on all of them in one poll on a
+// PollThread (poll_thread.ts) and uses tryRecv/trySend. Constants and struct layouts come from ffi/socket.ts.
+// UnixStream's recvmsg/sendmsg work the same on a SOCK_SEQPACKET descriptor (one call = one packet).
 
 import {
   check,
@@ -301,38 +303,50 @@ export class UnixStream {
     let off = 0;
     let pendingFds = fds;
     while (off < data.length) {
-      const chunk = data.slice(off);
-      const iov = new Uint8Array(IOVEC_SIZE);
-      const iv = new DataView(iov.buffer);
-      iv.setBigUint64(IOVEC_BASE, ptrValue(chunk), true);
-      iv.setBigUint64(IOVEC_LEN, BigInt(chunk.length), true);
-      const msg = new Uint8Array(MSGHDR_SIZE);
-      const mv = new DataView(msg.buffer);
-      mv.setBigUint64(MSGHDR_IOV, ptrValue(iov), true);
-      mv.setBigUint64(MSGHDR_IOVLEN, 1n, true);
-      let control: Uint8Array | undefined;
-      if (pendingFds.length > 0) {
-        control = new Uint8Array(cmsgSpace(pendingFds.length * FD_SIZE));
-        const cv = new DataView(control.buffer);
-        cv.setBigUint64(CMSG_LEN_OFF, BigInt(cmsgLen(pendingFds.length * FD_SIZE)), true);
-        cv.setInt32(CMSG_LEVEL_OFF, SOL_SOCKET, true);
-        cv.setInt32(CMSG_TYPE_OFF, SCM_RIGHTS, true);
-        pendingFds.forEach((fd, i) => cv.setInt32(CMSG_HDR_SIZE + i * FD_SIZE, fd, true));
-        mv.setBigUint64(MSGHDR_CONTROL, ptrValue(control), true);
-        mv.setBigUint64(MSGHDR_CONTROLLEN, BigInt(control.length), true);
-      }
-      const n = Number(libc().sendmsg(this.#fd, msg, MSG_NOSIGNAL));
-      if (n < 0) {
-        const e = errno();
-        if (e === EINTR) continue;
-        if (e === EAGAIN) {
-          await this.#wait(POLLOUT);
-          continue;
-        }
-        throw new SysError("sendmsg", e);
+      const n = this.trySend(data.subarray(off), pendingFds);
+      if (n === null) {
+        await this.#wait(POLLOUT);
+        continue;
       }
       off += n;
       pendingFds = [];
+    }
+  }
+
+  /**
+   * One sendmsg of `data` (with `fds` as SCM_RIGHTS), without waiting: returns the bytes sent (all of them
+   * on a SOCK_SEQPACKET socket, where one call is one packet), or null when the socket has no room (EAGAIN).
+   * Throws SysError (EPIPE, ECONNRESET, ...) when the peer is gone.
+   */
+  trySend(data: Uint8Array, fds: number[] = []): number | null {
+    if (fds.length > MAX_FDS_PER_MESSAGE) throw new Error(`too many descriptors to send: ${fds.length}`);
+    const chunk = data.slice();
+    const iov = new Uint8Array(IOVEC_SIZE);
+    const iv = new DataView(iov.buffer);
+    iv.setBigUint64(IOVEC_BASE, ptrValue(chunk), true);
+    iv.setBigUint64(IOVEC_LEN, BigInt(chunk.length), true);
+    const msg = new Uint8Array(MSGHDR_SIZE);
+    const mv = new DataView(msg.buffer);
+    mv.setBigUint64(MSGHDR_IOV, ptrValue(iov), true);
+    mv.setBigUint64(MSGHDR_IOVLEN, 1n, true);
+    let control: Uint8Array | undefined;
+    if (fds.length > 0) {
+      control = new Uint8Array(cmsgSpace(fds.length * FD_SIZE));
+      const cv = new DataView(control.buffer);
+      cv.setBigUint64(CMSG_LEN_OFF, BigInt(cmsgLen(fds.length * FD_SIZE)), true);
+      cv.setInt32(CMSG_LEVEL_OFF, SOL_SOCKET, true);
+      cv.setInt32(CMSG_TYPE_OFF, SCM_RIGHTS, true);
+      fds.forEach((fd, i) => cv.setInt32(CMSG_HDR_SIZE + i * FD_SIZE, fd, true));
+      mv.setBigUint64(MSGHDR_CONTROL, ptrValue(control), true);
+      mv.setBigUint64(MSGHDR_CONTROLLEN, BigInt(control.length), true);
+    }
+    for (;;) {
+      const n = Number(libc().sendmsg(this.#fd, msg, MSG_NOSIGNAL));
+      if (n >= 0) return n;
+      const e = errno();
+      if (e === EINTR) continue;
+      if (e === EAGAIN) return null;
+      throw new SysError("sendmsg", e);
     }
   }
 

@@ -306,24 +306,31 @@ export function eventfdRead(fd: number): bigint {
 
 /** pollfd layout (asm-generic/poll.h): int fd; short events; short revents. */
 export const POLLFD_SIZE = 8;
+export const POLLFD_FD = 0;
+export const POLLFD_EVENTS = 4;
+export const POLLFD_REVENTS = 6;
 
 /**
- * Wait on several fds; returns the revents of each. Runs on a helper thread
- * (nonblocking FFI) so the event loop keeps going while it waits.
+ * Wait on several fds; returns the revents of each. Runs on a helper thread (nonblocking FFI) so the event
+ * loop keeps going while it waits. That thread comes from Deno's pool of blocking threads: 32 on Linux
+ * (deno runtime/tokio_util.rs, max_blocking_threads), shared by every nonblocking FFI call and async file
+ * operation of the isolate; a call beyond them waits until one is free. So a pending pollAsync is for a wait
+ * whose number the configuration bounds (one per device), never one per connection a peer can open: those
+ * waits belong in one poll on a thread of their own (core/poll_thread.ts).
  */
 export async function pollAsync(fds: number[], events: number, timeoutMs: number): Promise<number[]> {
   const buf = new Uint8Array(fds.length * POLLFD_SIZE);
   const dv = new DataView(buf.buffer);
   fds.forEach((fd, i) => {
-    dv.setInt32(i * POLLFD_SIZE, fd, true);
-    dv.setInt16(i * POLLFD_SIZE + 4, events, true);
+    dv.setInt32(i * POLLFD_SIZE + POLLFD_FD, fd, true);
+    dv.setInt16(i * POLLFD_SIZE + POLLFD_EVENTS, events, true);
   });
   const r = await libc().poll_async(buf, BigInt(fds.length), timeoutMs);
   if (r < 0) {
     // errno is per thread and the call ran on another one: report what we can.
     return fds.map(() => 0);
   }
-  return fds.map((_, i) => dv.getInt16(i * POLLFD_SIZE + 6, true));
+  return fds.map((_, i) => dv.getInt16(i * POLLFD_SIZE + POLLFD_REVENTS, true));
 }
 
 /** Synchronous poll; returns the revents of each fd. */
@@ -331,12 +338,12 @@ export function pollSync(fds: number[], events: number, timeoutMs: number): numb
   const buf = new Uint8Array(fds.length * POLLFD_SIZE);
   const dv = new DataView(buf.buffer);
   fds.forEach((fd, i) => {
-    dv.setInt32(i * POLLFD_SIZE, fd, true);
-    dv.setInt16(i * POLLFD_SIZE + 4, events, true);
+    dv.setInt32(i * POLLFD_SIZE + POLLFD_FD, fd, true);
+    dv.setInt16(i * POLLFD_SIZE + POLLFD_EVENTS, events, true);
   });
   const r = libc().poll(buf, BigInt(fds.length), timeoutMs);
   if (r < 0 && errno() !== EINTR) throw new SysError("poll", errno());
-  return fds.map((_, i) => dv.getInt16(i * POLLFD_SIZE + 6, true));
+  return fds.map((_, i) => dv.getInt16(i * POLLFD_SIZE + POLLFD_REVENTS, true));
 }
 
 /** sigaction(2) flags and sizes for x86_64 glibc (bits/sigaction.h): handler, 128-byte mask, flags, restorer. */

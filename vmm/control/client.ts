@@ -11,6 +11,8 @@ import { parseSize, parseUint, UsageError } from "../cli/keyvalue.ts";
 import { parseControlArgs } from "../cli/control.ts";
 import { parseDisplayOption } from "../cli/devices/gpu.ts";
 import { connectSeqpacket, readPacket, UnixStream } from "../../core/unix_socket.ts";
+import { SysError } from "../../ffi/libc.ts";
+import { ECONNRESET } from "../../ffi/socket.ts";
 import {
   type ControlRequest,
   DEFAULT_DPI,
@@ -78,21 +80,46 @@ export class ControlClient {
   }
 
   async #roundTripRaw(packet: Uint8Array): Promise<unknown> {
-    await this.#stream.send(packet);
+    try {
+      await this.#stream.send(packet);
+    } catch (e) {
+      // A server that refused the connection (too many clients) sent why before it closed: that is the reply.
+      const n = this.#read();
+      if (n === null || n === 0 || n >= this.#buf.length) throw e;
+      return this.#parse(n);
+    }
     for (;;) {
-      const n = readPacket(this.#stream.fd, this.#buf);
+      const n = this.#read();
       if (n === null) {
         await this.#stream.waitReadable();
         continue;
       }
       if (n === 0) throw new Error(`control socket ${this.path} closed the connection without a reply`);
       if (n >= this.#buf.length) throw new Error(`reply from ${this.path} is too large`);
-      const text = new TextDecoder().decode(this.#buf.subarray(0, n));
-      try {
-        return JSON.parse(text);
-      } catch {
-        throw new Error(`malformed reply from ${this.path}: ${text.slice(0, 80)}`);
-      }
+      return this.#parse(n);
+    }
+  }
+
+  /**
+   * One reply packet into the buffer (readPacket). A server that closed the connection with this client's
+   * request unread (it refused the client) makes the first read fail with ECONNRESET; the reply it sent
+   * before is read next.
+   */
+  #read(): number | null {
+    try {
+      return readPacket(this.#stream.fd, this.#buf);
+    } catch (e) {
+      if (!(e instanceof SysError && e.errno === ECONNRESET)) throw e;
+      return readPacket(this.#stream.fd, this.#buf);
+    }
+  }
+
+  #parse(n: number): unknown {
+    const text = new TextDecoder().decode(this.#buf.subarray(0, n));
+    try {
+      return JSON.parse(text);
+    } catch {
+      throw new Error(`malformed reply from ${this.path}: ${text.slice(0, 80)}`);
     }
   }
 

@@ -3,8 +3,8 @@
 // packets carrying crosvm's exact JSON, and by an independent client (Python's socket module).
 
 import assert from "node:assert/strict";
-import { closeFd } from "../../ffi/libc.ts";
-import { connectSeqpacket, listenSeqpacket } from "../../core/unix_socket.ts";
+import { closeFd, EAGAIN, eventfdWrite, libc, POLLIN, pollSync, SysError } from "../../ffi/libc.ts";
+import { connectSeqpacket, listenSeqpacket, readPacket } from "../../core/unix_socket.ts";
 import {
   type BalloonStatsReply,
   type ControlHandler,
@@ -16,8 +16,22 @@ import {
   type GpuControlReply,
   MAX_REQUEST_BYTES,
 } from "./protocol.ts";
-import { ControlServer, ControlSocketInUse, controlSocketPath } from "./server.ts";
-import { ControlClient, controlRequest, errorOfReply, sendControlCommand } from "./client.ts";
+import {
+  ControlServer,
+  ControlSocketInUse,
+  controlSocketPath,
+  MAX_CONTROL_CLIENTS,
+  TOO_MANY_CLIENTS,
+} from "./server.ts";
+import { controlCall, ControlClient, controlRequest, errorOfReply, sendControlCommand } from "./client.ts";
+import { buildMachine } from "../builder.ts";
+import { defaultVmConfig } from "../config.ts";
+import { MiB } from "../arch/layout.ts";
+import { VIRTIO_ID_BLOCK } from "../../devices/virtio/device.ts";
+import { buildGuest } from "../../test/guests/build.ts";
+import { FakeVm } from "../../test/support/fake_vm.ts";
+import { VirtioTestDriver } from "../../test/support/virtio_driver.ts";
+import { within } from "../../test/support/within.ts";
 
 const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 
@@ -739,6 +753,201 @@ Deno.test("control: the socket file is removed when the process ends by Deno.exi
       assert.throws(() => Deno.lstatSync(path), Deno.errors.NotFound, `${ending}: socket file left`);
     }
   } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+// ---- Idle clients: they cost no thread and never hold up another client or the guest's devices ----
+
+/** Hang guard for one request or device completion while idle clients sit on the socket. */
+const IDLE_HANG_GUARD_MS = 20_000;
+/** The threads of this process. */
+function threadCount(): number {
+  return [...Deno.readDirSync("/proc/self/task")].length;
+}
+
+/**
+ * Connect idle clients (they never send) until `fds` holds `n`. The connects do not block: when the listen
+ * backlog is full (EAGAIN) the next one waits for the server to accept, a bounded number of times.
+ */
+async function connectIdle(path: string, fds: number[], n: number): Promise<void> {
+  for (let waits = 0; fds.length < n;) {
+    try {
+      fds.push(connectSeqpacket(path, { nonBlockingConnect: true }));
+    } catch (e) {
+      if (!(e instanceof SysError && e.errno === EAGAIN)) throw e;
+      assert.ok(++waits < 2000, `the server stopped accepting after ${fds.length} idle clients`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+}
+
+Deno.test("control: 40, then 200 idle clients: another client's balloon_stats is answered and no thread is added per client", async () => {
+  await withServer(async ({ path, server }) => {
+    const stats = () =>
+      within(controlRequest(path, { BalloonCommand: "Stats" }), () => "balloon_stats", IDLE_HANG_GUARD_MS);
+    assert.ok(isRecord(await stats()), "answered before the idle clients come");
+    const before = threadCount();
+    const idle: number[] = [];
+    const threads: number[] = [];
+    try {
+      for (const n of [40, 200]) {
+        await connectIdle(path, idle, n);
+        await until(() => server.connections === n, `${n} idle clients accepted`);
+        threads.push(threadCount());
+        const reply = await stats();
+        assert.equal(errorOfReply(reply), undefined, `with ${n} idle clients: ${JSON.stringify(reply)}`);
+        assert.ok(isRecord(reply) && "BalloonStats" in reply, `with ${n} idle clients`);
+      }
+    } finally {
+      idle.forEach(closeFd);
+    }
+    for (const t of threads) {
+      assert.ok(t <= before, `threads: ${before} before the idle clients, ${threads} with 40, 200`);
+    }
+    await until(() => server.connections === 0, "the idle clients' connections dropped");
+  });
+});
+
+Deno.test("control: beyond MAX_CONTROL_CLIENTS a client is told so and closed; the server keeps serving", async () => {
+  await withServer(async ({ path, server, handler }) => {
+    const idle: number[] = [];
+    try {
+      await connectIdle(path, idle, MAX_CONTROL_CLIENTS);
+      await until(() => server.connections === MAX_CONTROL_CLIENTS, "every client up to the limit accepted");
+      // One more: its request is answered with the refusal, by the in-process client and by the CLI.
+      const reply = await within(
+        controlRequest(path, "Powerbtn"),
+        () => "the client beyond the limit",
+        IDLE_HANG_GUARD_MS,
+      );
+      assert.equal(errorOfReply(reply), TOO_MANY_CLIENTS);
+      const r = await runCli(["powerbtn", path]);
+      assert.equal(r.code, 1, r.stderr);
+      assert.equal(r.stderr, `denovm: powerbtn: ${TOO_MANY_CLIENTS}\n`);
+      // A refused client that sends nothing gets the same reply, then the hang-up.
+      const extra = connectSeqpacket(path);
+      try {
+        const buf = new Uint8Array(1024);
+        await until(() => (pollSync([extra], POLLIN, 0)[0] & POLLIN) !== 0, "the refusal arrives");
+        const n = readPacket(extra, buf)!;
+        assert.equal(errorOfReply(JSON.parse(new TextDecoder().decode(buf.subarray(0, n)))), TOO_MANY_CLIENTS);
+        assert.equal(readPacket(extra, buf), 0, "then the connection is closed");
+      } finally {
+        closeFd(extra);
+      }
+      assert.equal(server.connections, MAX_CONTROL_CLIENTS);
+      assert.equal(handler.calls.length, 0, "no refused request reached the VM");
+      // Once a client leaves, the next one is served.
+      closeFd(idle.shift()!);
+      await until(() => server.connections === MAX_CONTROL_CLIENTS - 1, "the client that left is dropped");
+      const ok = await within(controlRequest(path, "Powerbtn"), () => "a client after one left", IDLE_HANG_GUARD_MS);
+      assert.equal(ok, "Ok");
+      assert.deepEqual(handler.calls, [["powerButton"]]);
+    } finally {
+      idle.forEach(closeFd);
+    }
+    await until(() => server.connections === 0, "every connection dropped");
+  });
+});
+
+Deno.test("control: the client reads a reply the server sent before closing, whether its send or its read fails first", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-ctl-test-" });
+  const path = `${dir}/vm.sock`;
+  const listenFd = listenSeqpacket(path, 4);
+  const refusal = new TextEncoder().encode(JSON.stringify({ ErrString: TOO_MANY_CLIENTS }));
+  const serverSide = () => {
+    const fd = libc().accept4(listenFd, null, null, 0);
+    assert.ok(fd >= 0);
+    return fd;
+  };
+  try {
+    // The server answers and closes before the request is sent: the send fails with EPIPE.
+    using early = ControlClient.connect(path);
+    let fd = serverSide();
+    assert.equal(Number(libc().write(fd, refusal, BigInt(refusal.length))), refusal.length);
+    closeFd(fd);
+    assert.equal(errorOfReply(await early.request("Powerbtn")), TOO_MANY_CLIENTS);
+    // The request arrives, the server answers and closes with it unread: the read fails with ECONNRESET first.
+    using late = ControlClient.connect(path);
+    fd = serverSide();
+    const reply = late.request("Powerbtn");
+    await until(() => (pollSync([fd], POLLIN, 0)[0] & POLLIN) !== 0, "the request is sent");
+    assert.equal(Number(libc().write(fd, refusal, BigInt(refusal.length))), refusal.length);
+    closeFd(fd);
+    assert.equal(errorOfReply(await reply), TOO_MANY_CLIENTS);
+  } finally {
+    closeFd(listenFd);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return v !== null && typeof v === "object" && !Array.isArray(v);
+}
+
+/** virtio-blk request header (linux/virtio_blk.h struct virtio_blk_outhdr): type, reserved, sector. */
+const VIRTIO_BLK_T_OUT = 1;
+const VIRTIO_BLK_S_OK = 0;
+const BLK_HDR_SIZE = 16;
+const BLK_HDR_SECTOR = 8;
+const SECTOR = 512;
+
+function blkOutHeader(sector: number): Uint8Array {
+  const h = new Uint8Array(BLK_HDR_SIZE);
+  const v = new DataView(h.buffer);
+  v.setUint32(0, VIRTIO_BLK_T_OUT, true);
+  v.setBigUint64(BLK_HDR_SECTOR, BigInt(sector), true);
+  return h;
+}
+
+Deno.test("control: with 40, then 200 idle clients on a VM's control socket, a guest's block write completes through the notify loop and the socket answers", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-ctl-test-" });
+  const img = `${dir}/disk.img`;
+  await Deno.writeFile(img, new Uint8Array(MiB));
+  const vm = new FakeVm();
+  const sock = `${dir}/vm.sock`;
+  const machine = await buildMachine({
+    ...defaultVmConfig(await buildGuest("boot_info")),
+    memMiB: 64,
+    serials: [{ type: "sink", hardware: "serial", num: 1, console: true, earlycon: false, stdin: false }],
+    blocks: [{ path: img, ro: false, root: false, sparse: true, blockSize: 512, direct: false }],
+    socket: sock,
+  }, { vm, noStdin: true, log: () => {} });
+  const idle: number[] = [];
+  try {
+    await machine.start(); // the device side: the notify loop
+    await machine.startControlSocket();
+    const slot = machine.devices.virtio.find((v) => v.device.deviceType === VIRTIO_ID_BLOCK)!;
+    // The guest's driver sets the queue up through the transport's registers; its kicks go through the
+    // queue's ioeventfd, as KVM signals it for a QueueNotify write.
+    const drv = new VirtioTestDriver(slot.transport, machine.memory, { start: 32 * MiB, end: 33 * MiB });
+    drv.init();
+    const q = drv.queues[0];
+    const control = () =>
+      within(controlCall(sock, { kind: "balloonAdjust", bytes: 8 * MiB }), () => "balloon adjust", IDLE_HANG_GUARD_MS);
+    await control();
+    const before = threadCount();
+    let sector = 0;
+    for (const n of [40, 200]) {
+      await connectIdle(sock, idle, n);
+      await control(); // answered after every idle client before it was accepted
+      assert.ok(threadCount() <= before, `threads: ${before} before the idle clients, ${threadCount()} with ${n}`);
+      const pattern = new Uint8Array(SECTOR).fill(n & 0xff);
+      const sub = q.submit([blkOutHeader(sector), pattern, 1]);
+      eventfdWrite(slot.notifyFds[0]);
+      assert.ok((await vm.waitIrq(slot.irq, IDLE_HANG_GUARD_MS)) > 0n, `block write completes with ${n} idle clients`);
+      drv.ackInterrupt();
+      assert.equal(q.used().length, 1);
+      assert.equal(machine.memory.getU8(sub.buffers[2].addr), VIRTIO_BLK_S_OK);
+      const file = Deno.readFileSync(img); // synchronous: an async read would wait on the same pool
+      assert.deepEqual(file.subarray(sector * SECTOR, (sector + 1) * SECTOR), pattern);
+      q.setUsedEvent(q.usedIdx());
+      sector++;
+    }
+  } finally {
+    idle.forEach(closeFd);
+    await machine.stop();
     await Deno.remove(dir, { recursive: true });
   }
 });

@@ -346,7 +346,8 @@ export function encodeRequest(req: ControlRequest): unknown {
 /** crosvm VmResponse::Ok. */
 export const REPLY_OK = "Ok";
 
-function errReply(message: string): unknown {
+/** crosvm VmResponse::ErrString: an error the client prints. */
+export function errReply(message: string): unknown {
   return { ErrString: message };
 }
 

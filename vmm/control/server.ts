@@ -6,6 +6,17 @@
 // connection stays usable; a client that hangs up before its reply only loses the reply. File descriptors
 // a client attaches (SCM_RIGHTS) are closed unread: no request here takes one.
 //
+// Waiting: the whole server waits in one poll(2), on a thread of its own (a PollThread, core/poll_thread.ts),
+// over the listening socket and every client: for its next request or its hang-up (POLLIN), or for room for
+// a reply that did not fit its socket yet (POLLOUT). Requests on one connection are answered in order: one
+// read while the one before is handled waits, and its client is left out of the wait until its turn. When a
+// finished request changes what a client waits for, the poll is interrupted and started again. So an idle
+// client costs a descriptor and no thread, nothing here takes a thread from Deno's bounded pool of blocking
+// threads (where the virtio notify loop waits), and a client that never sends (or never reads its replies)
+// holds up nobody else. Each turn takes at most one request per client and accepts at most ACCEPTS_PER_TURN
+// connections. At most MAX_CONTROL_CLIENTS are connected at once: the next one gets an error reply saying so
+// and is closed, and the server goes on serving the others.
+//
 // The socket file is created with mode 0600 (bound inside a private 0700 directory, chmod'ed, then renamed
 // into place, so it is never reachable with wider permissions). It is removed at once when close() starts,
 // and also when the process ends without close(): Deno.exit() or the end of the program ("unload"), an
@@ -13,17 +24,17 @@
 // a socket file left that way (connect → ECONNREFUSED) is replaced by the next run; one that a live
 // process answers on is never taken.
 
-import { closeFd, EAGAIN, EINTR, errno, libc, pollAsync, POLLIN, SysError } from "../../ffi/libc.ts";
+import { closeFd, EAGAIN, EINTR, errno, libc, POLLERR, POLLHUP, POLLIN, POLLOUT, SysError } from "../../ffi/libc.ts";
 import { fitsSunPath, SOCK_CLOEXEC, SOCK_NONBLOCK } from "../../ffi/socket.ts";
 import {
+  ConnectionClosed,
   freeSocketPath,
   listenSeqpacket,
   SocketPathInUse,
   UnixStream,
-  WaitCancelled,
-  Waker,
 } from "../../core/unix_socket.ts";
-import { type ControlHandler, encodeReply, errorText, handlePacket, MAX_REQUEST_BYTES } from "./protocol.ts";
+import { type PollEntry, PollThread } from "../../core/poll_thread.ts";
+import { type ControlHandler, encodeReply, errorText, errReply, handlePacket, MAX_REQUEST_BYTES } from "./protocol.ts";
 
 /**
  * Where the control socket of `run -s PATH` goes: PATH itself, or, when PATH is an existing directory,
@@ -46,8 +57,15 @@ const PROCESS_END_EVENTS = ["unload", "error", "unhandledrejection"] as const;
 
 /** listen(2) backlog of the control socket. */
 const LISTEN_BACKLOG = 64;
-/** Pause after a failed accept4 (e.g. out of descriptors) before trying again. */
+/** Pause after a failed accept4 or poll (e.g. out of descriptors or memory) before trying again. */
 const ACCEPT_RETRY_MS = 100;
+/** Connections accepted in one turn of the loop: a stream of connects cannot starve the clients' requests. */
+const ACCEPTS_PER_TURN = LISTEN_BACKLOG;
+/**
+ * Clients connected at once. One more is told so (an error reply) and closed. crosvm's clients connect,
+ * send one request and leave, so this many are only reached by clients that stay connected and idle.
+ */
+export const MAX_CONTROL_CLIENTS = 256;
 /** Permissions of the socket file: owner read/write only. */
 const SOCKET_MODE = 0o600;
 
@@ -65,22 +83,71 @@ function dirname(path: string): string {
   return i === 0 ? "/" : path.slice(0, i);
 }
 
+/** One connected client. */
+interface Client {
+  readonly stream: UnixStream;
+  /** A request of this client is being handled. */
+  busy: boolean;
+  /** A request read while the one before was handled: it is started once that one's reply is out. */
+  next: Uint8Array | undefined;
+  /** A reply that did not fit the client's socket yet; nothing more is read from it until it is sent. */
+  reply: Uint8Array | undefined;
+  /** The events this client has in the poll in flight (0: not in it). */
+  armed: number;
+}
+
+/**
+ * What the server waits for on a client's socket: room for its reply (POLLOUT), nothing while it has a
+ * request queued behind the one being handled (so one client has at most two requests read), else its next
+ * request or its hang-up (POLLIN).
+ */
+function wants(c: Client): number {
+  if (c.reply !== undefined) return POLLOUT;
+  return c.next !== undefined ? 0 : POLLIN;
+}
+
+/** Packets a refused client has queued that are read and dropped before it is closed. */
+const REFUSED_PACKETS_DROPPED = 4;
+
+/** The error reply a client beyond MAX_CONTROL_CLIENTS gets before it is closed. */
+export const TOO_MANY_CLIENTS = `too many clients on the control socket (at most ${MAX_CONTROL_CLIENTS} at once); ` +
+  "try again when one has left";
+
+/**
+ * Tell a client beyond the limit why it is closed (best effort: its socket is new, so the reply fits). What
+ * it already sent is read and dropped first: closing a socket with unread data would make the client's next
+ * read fail with ECONNRESET before it sees the reply.
+ */
+function refuse(stream: UnixStream): void {
+  try {
+    stream.trySend(encodeReply(errReply(TOO_MANY_CLIENTS)));
+    for (let i = 0; i < REFUSED_PACKETS_DROPPED; i++) {
+      const p = stream.tryRecv(MAX_REQUEST_BYTES + 1);
+      if (p === null) break;
+      p.fds.forEach(closeFd);
+    }
+  } catch {
+    // Gone already, or hung up after its request.
+  }
+  stream.close();
+}
+
 /** Serves the control socket at `path`, dispatching requests to `handler`. */
 export class ControlServer {
   readonly path: string;
   /** Resolves once the socket accepts connections; rejects (ControlSocketInUse, SysError, ...) if it cannot. */
   readonly listening: Promise<void>;
   readonly #handler: ControlHandler;
-  readonly #waker = new Waker();
+  /** The server's one wait: the listening socket and the clients that can go on (started once bound). */
+  #poller: PollThread | undefined;
   #listenFd = -1;
   #ino: number | null = null;
   #closed = false;
   #closing: Promise<void> | undefined;
-  readonly #loops = new Set<Promise<void>>();
-  readonly #conns = new Set<UnixStream>();
-  #acceptLoop: Promise<void> | undefined;
-  readonly #closedSignal: Promise<void>;
-  #signalClosed!: () => void;
+  readonly #clients = new Set<Client>();
+  #loop: Promise<void> | undefined;
+  /** Set after a failed accept4 or poll: the listening socket is left out of the wait until the timer fires. */
+  #acceptPause: ReturnType<typeof setTimeout> | undefined;
   readonly #onProcessEnd = (e: Event) => {
     // An "error" or "unhandledrejection" that an earlier listener handled does not end the process.
     if (e.type !== "unload" && e.defaultPrevented) return;
@@ -90,7 +157,6 @@ export class ControlServer {
   constructor(path: string, handler: ControlHandler) {
     this.path = path;
     this.#handler = handler;
-    this.#closedSignal = new Promise((resolve) => this.#signalClosed = resolve);
     // Binding is synchronous; a failure (in use, bad path) becomes the rejection of `listening`.
     this.listening = new Promise((resolve) => {
       this.#start();
@@ -102,7 +168,7 @@ export class ControlServer {
 
   /** Number of connected clients (for tests and diagnostics). */
   get connections(): number {
-    return this.#conns.size;
+    return this.#clients.size;
   }
 
   #start(): void {
@@ -117,7 +183,8 @@ export class ControlServer {
       this.#release();
       throw new Error("control server closed before it was listening");
     }
-    this.#acceptLoop = this.#acceptConnections();
+    this.#poller = new PollThread("denovm-control");
+    this.#loop = this.#run(this.#poller);
   }
 
   /**
@@ -156,58 +223,133 @@ export class ControlServer {
     }
   }
 
-  async #acceptConnections(): Promise<void> {
-    while (!this.#closed) {
-      const fd = libc().accept4(this.#listenFd, null, null, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (fd >= 0) {
-        const conn = new UnixStream(fd, this.#waker);
-        this.#conns.add(conn);
-        const loop = this.#serve(conn).finally(() => {
-          this.#conns.delete(conn);
-          conn.close();
-          this.#loops.delete(loop);
+  /** The server's loop: one poll over the listening socket and every client that can go on, until close(). */
+  async #run(poller: PollThread): Promise<void> {
+    let pollFailing = false;
+    try {
+      while (!this.#closed) {
+        const waiting = [...this.#clients].filter((c) => wants(c) !== 0);
+        const entries: PollEntry[] = waiting.map((c) => ({ fd: c.stream.fd, events: wants(c) }));
+        for (const c of this.#clients) c.armed = wants(c);
+        const accepting = this.#acceptPause === undefined;
+        if (accepting) entries.push({ fd: this.#listenFd, events: POLLIN });
+        let revents: number[];
+        try {
+          revents = await poller.poll(entries);
+          pollFailing = false;
+        } catch (e) {
+          if (this.#closed) break;
+          // poll(2) failed (no memory): one line, then try again after a pause. A poll thread that could not
+          // start ends the serving (one line); close() still cleans up.
+          if (!pollFailing) console.error(`denovm: control socket: ${errorText(e)}`);
+          pollFailing = true;
+          if (poller.failed) break;
+          await new Promise((r) => setTimeout(r, ACCEPT_RETRY_MS));
+          continue;
+        }
+        if (this.#closed) break;
+        waiting.forEach((c, i) => {
+          // A client dropped while the poll was in flight (its reply could not be sent) is gone.
+          if (this.#clients.has(c) && revents[i] & (entries[i].events | POLLHUP | POLLERR)) this.#step(c);
         });
-        this.#loops.add(loop);
-        continue;
+        if (accepting && revents[waiting.length] & POLLIN) this.#accept();
       }
-      const e = errno();
-      if (e === EINTR) continue;
-      if (e !== EAGAIN) {
-        // EMFILE, ENOBUFS, ...: the listener stays readable, so pause instead of spinning on it.
-        console.error(`denovm: control socket: ${new SysError("accept4", e).message}`);
-        await new Promise((r) => setTimeout(r, ACCEPT_RETRY_MS));
-      }
-      await pollAsync([this.#listenFd, this.#waker.fd], POLLIN, -1);
+    } finally {
+      for (const c of this.#clients) c.stream.close();
+      this.#clients.clear();
     }
   }
 
-  /** One client: packets in, replies out, until it hangs up or the server closes. */
-  async #serve(conn: UnixStream): Promise<void> {
+  /** Accept what is pending, up to ACCEPTS_PER_TURN; beyond MAX_CONTROL_CLIENTS a client is refused. */
+  #accept(): void {
+    for (let i = 0; i < ACCEPTS_PER_TURN; i++) {
+      const fd = libc().accept4(this.#listenFd, null, null, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) {
+        const e = errno();
+        if (e === EINTR) continue;
+        if (e === EAGAIN) return;
+        // EMFILE, ENOBUFS, ...: the listener stays readable, so pause instead of spinning on it.
+        console.error(`denovm: control socket: ${new SysError("accept4", e).message}`);
+        this.#pauseAccepting();
+        return;
+      }
+      const stream = new UnixStream(fd);
+      if (this.#clients.size >= MAX_CONTROL_CLIENTS) {
+        refuse(stream);
+        continue;
+      }
+      this.#clients.add({ stream, busy: false, next: undefined, reply: undefined, armed: 0 });
+    }
+  }
+
+  #pauseAccepting(): void {
+    if (this.#acceptPause !== undefined || this.#closed) return;
+    this.#acceptPause = setTimeout(() => {
+      this.#acceptPause = undefined;
+      this.#poller?.interrupt();
+    }, ACCEPT_RETRY_MS);
+  }
+
+  /** The client's socket is ready: send its waiting reply, or take its next request. */
+  #step(c: Client): void {
     try {
-      while (!this.#closed) {
-        const packet = conn.tryRecv(MAX_REQUEST_BYTES + 1);
-        if (packet === null) {
-          await conn.waitReadable();
-          continue;
-        }
-        packet.fds.forEach(closeFd); // no request takes a descriptor
-        const work = handlePacket(packet.data, this.#handler);
-        const done = await Promise.race([work, this.#closedSignal.then(() => null)]);
-        if (done === null) return; // server closed while the handler ran: nobody to answer
-        try {
-          await conn.send(encodeReply(done.reply));
-        } finally {
-          // Even if the client left before its reply, a stop it asked for still happens.
-          done.after?.();
-        }
+      if (c.reply !== undefined) {
+        if (c.stream.trySend(c.reply) === null) return;
+        c.reply = undefined;
+        this.#startNext(c);
+        return;
       }
+      const packet = c.stream.tryRecv(MAX_REQUEST_BYTES + 1);
+      if (packet === null) return;
+      packet.fds.forEach(closeFd); // no request takes a descriptor
+      c.next = packet.data;
+      this.#startNext(c);
     } catch (e) {
-      if (e instanceof WaitCancelled) return;
-      // ConnectionClosed (client hung up), EPIPE/ECONNRESET on send: that client is gone; others carry on.
-      const name = e instanceof Error ? e.name : "";
-      if (name !== "ConnectionClosed" && !(e instanceof SysError)) {
-        console.error(`denovm: control socket: ${errorText(e)}`);
+      this.#drop(c, e);
+    }
+  }
+
+  /** Start the client's queued request, unless one is being handled or a reply waits to go out. */
+  #startNext(c: Client): void {
+    if (c.busy || c.reply !== undefined || c.next === undefined) return;
+    const packet = c.next;
+    c.next = undefined;
+    c.busy = true;
+    void this.#handle(c, packet);
+  }
+
+  /** Run one request; its reply goes out at once, or waits for room in the client's socket. Never rejects. */
+  async #handle(c: Client, packet: Uint8Array): Promise<void> {
+    const done = await handlePacket(packet, this.#handler);
+    // The server closed while the handler ran: nobody to answer.
+    if (this.#closed) return;
+    c.busy = false;
+    if (this.#clients.has(c)) {
+      try {
+        const reply = encodeReply(done.reply);
+        if (c.stream.trySend(reply) === null) c.reply = reply;
+      } catch (e) {
+        this.#drop(c, e);
       }
+    }
+    // Even if the client left before its reply, or does not read it, a stop it asked for still happens.
+    try {
+      done.after?.();
+    } catch (e) {
+      console.error(`denovm: control socket: ${errorText(e)}`);
+    }
+    if (!this.#clients.has(c)) return;
+    this.#startNext(c);
+    // The poll in flight waits for something else on this client's socket than it now needs: wait again.
+    if (wants(c) !== c.armed) this.#poller?.interrupt();
+  }
+
+  /** A client is gone (hung up, EPIPE/ECONNRESET) or broke the protocol: close it; the others carry on. */
+  #drop(c: Client, e: unknown): void {
+    this.#clients.delete(c);
+    c.stream.close();
+    if (!(e instanceof ConnectionClosed) && !(e instanceof SysError)) {
+      console.error(`denovm: control socket: ${errorText(e)}`);
     }
   }
 
@@ -241,13 +383,13 @@ export class ControlServer {
     this.#closed = true;
     // The file goes first, synchronously: a process that exits right after close() leaves nothing behind.
     this.#removeFile();
-    this.#signalClosed();
-    this.#waker.wake();
+    clearTimeout(this.#acceptPause);
+    this.#acceptPause = undefined;
+    this.#poller?.interrupt();
     await this.listening.catch(() => {});
-    await this.#acceptLoop;
-    await Promise.all([...this.#loops]);
+    await this.#loop;
+    await this.#poller?.close();
     this.#release();
-    this.#waker.close();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
