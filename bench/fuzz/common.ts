@@ -13,6 +13,11 @@ export interface FuzzResult {
   oob: number;
   /** RSS at the end less RSS after the warm-up, in MiB. */
   rss_growth_mb: number;
+  /**
+   * RSS at the end less RSS half-way, in MiB: a leak keeps growing here, while caches, JIT code and
+   * allocator arenas filled during the first half do not.
+   */
+  rss_second_half_mb?: number;
 }
 
 export interface FuzzOptions {

@@ -824,11 +824,14 @@ class VirtioFuzzer {
   async run(requests: number): Promise<FuzzResult> {
     const r = this.#r, t = this.#t;
     const warmup = Math.min(10_000, Math.floor(requests / 10));
+    const half = Math.floor(requests / 2);
     let rss0 = rssMb();
+    let rssHalf = rss0;
     await this.#fresh();
     const yieldEvery = t.async ? ASYNC_YIELD_EVERY : SYNC_YIELD_EVERY;
     for (this.#index = 0; this.#index < requests; this.#index++) {
       if (this.#index === warmup) rss0 = rssMb();
+      if (this.#index === half) rssHalf = rssMb();
       let broken = false;
       try {
         let qi = -1;
@@ -889,7 +892,9 @@ class VirtioFuzzer {
       await this.#closeDevice();
     }
     for (let i = 0; i < 4; i++) await turn();
-    this.result.rss_growth_mb = Math.round((rssMb() - rss0) * 10) / 10;
+    const rssEnd = rssMb();
+    this.result.rss_growth_mb = Math.round((rssEnd - rss0) * 10) / 10;
+    this.result.rss_second_half_mb = Math.round((rssEnd - rssHalf) * 10) / 10;
     this.cm.close();
     return this.result;
   }
@@ -1424,9 +1429,12 @@ function fuzzLegacy(t: LegacyTarget, requests: number, seed: number, log: (line:
   let bus = new Bus("io");
   bus.add(t.base, span, dev, t.name);
   const warmup = Math.min(10_000, Math.floor(requests / 10));
+  const half = Math.floor(requests / 2);
   let rss0 = rssMb();
+  let rssHalf = rss0;
   for (let i = 0; i < requests; i++) {
     if (i === warmup) rss0 = rssMb();
+    if (i === half) rssHalf = rssMb();
     try {
       if (t.host && r.oneIn(64)) t.host(dev, r);
       const size = r.pick([1, 1, 1, 2, 4]);
@@ -1447,7 +1455,9 @@ function fuzzLegacy(t: LegacyTarget, requests: number, seed: number, log: (line:
     }
     res.requests++;
   }
-  res.rss_growth_mb = Math.round((rssMb() - rss0) * 10) / 10;
+  const rssEnd = rssMb();
+  res.rss_growth_mb = Math.round((rssEnd - rss0) * 10) / 10;
+  res.rss_second_half_mb = Math.round((rssEnd - rssHalf) * 10) / 10;
   return res;
 }
 
@@ -1551,7 +1561,7 @@ export async function fuzzDevices(opts: FuzzOptions): Promise<Record<string, Fuz
     const s = (performance.now() - t0) / 1000;
     log(
       `fuzz ${name}: ${res.requests} requests in ${s.toFixed(1)} s (${Math.round(res.requests / s)}/s), ` +
-        `${res.crashes} crashes, ${res.hangs} hangs, ${res.oob} oob, RSS +${res.rss_growth_mb} MiB`,
+        `${res.crashes} crashes, ${res.hangs} hangs, ${res.oob} oob, RSS +${res.rss_growth_mb} MiB (+${res.rss_second_half_mb} in the second half)`,
     );
   }
   return out;
