@@ -308,6 +308,8 @@ interface Setup {
   arenas: Arena[];
   discardPfns: number[];
   discardArea?: [number, number];
+  /** Rings enabled only after a kick on ring 0. */
+  late: DriverQueue[];
 }
 
 // ---- One type's campaign ----
@@ -345,6 +347,7 @@ class TypeFuzzer {
     message: 0,
     rings: 0,
     reconnect: 0,
+    late: 0,
     chains: 0,
     malformed: 0,
     filled: 0,
@@ -698,8 +701,12 @@ class TypeFuzzer {
       c.push(R.SET_VRING_CALL, ack(), u64Payload(BigInt(q.index)), [q.call]);
       c.push(R.SET_VRING_KICK, ack(), u64Payload(BigInt(q.index)), [q.kick]);
     }
+    // Sometimes only ring 0 is enabled now; the others after a kick on it (#dataRound).
+    const late = protocol && queues.length > 1 && rng.chance(0.15) ? queues.slice(1) : [];
     if (protocol) {
-      for (const q of queues) c.push(R.SET_VRING_ENABLE, ack(), vringStatePayload({ index: q.index, num: 1 }));
+      for (const q of queues) {
+        if (!late.includes(q)) c.push(R.SET_VRING_ENABLE, ack(), vringStatePayload({ index: q.index, num: 1 }));
+      }
     }
     // A barrier: kicks may only follow once every ring is set up.
     c.push(R.GET_FEATURES, V);
@@ -710,6 +717,7 @@ class TypeFuzzer {
       arenas: arenas.map((a) => new Arena(a.start + (a.end - a.start - a.free), a.end)),
       discardPfns,
       discardArea,
+      late,
     };
   }
 
@@ -721,6 +729,16 @@ class TypeFuzzer {
       if (!(await this.#drainOk(c, "the set-up messages"))) {
         this.finding(`the back end dropped a well-formed set-up: ${[...this.proc!.drops.keys()].at(-1)}`);
         return;
+      }
+      if (s.late.length > 0) {
+        // Ring 0 kicked (the device starts with it), then the other rings enabled: they must be served too.
+        this.#action = "rings enabled after a kick on ring 0";
+        this.stats.late++;
+        this.#kick(s.queues[0]);
+        for (const q of s.late) {
+          c.push(R.SET_VRING_ENABLE, VHOST_USER_VERSION, vringStatePayload({ index: q.index, num: 1 }));
+        }
+        await this.#ping(c);
       }
       const batches = this.rng.range(4, 40);
       for (let b = 0; b < batches && this.requests < this.target; b++) {
@@ -1448,7 +1466,7 @@ class TypeFuzzer {
           if (g !== undefined) { for (const p of layout.pieces(g, 1).pieces) p.file.accept(p.off, 1); }
         }
       }
-      const s: Setup = { layout, queues: [], eventIdx: false, arenas: [], discardPfns: [] };
+      const s: Setup = { layout, queues: [], eventIdx: false, arenas: [], discardPfns: [], late: [] };
       this.#checkOob(s, "rings set up in odd places");
     } finally {
       c.close();
@@ -1527,6 +1545,7 @@ if (import.meta.main) {
     knownIssues: Deno.args.includes("--known-issues"),
     stolenKicks: Deno.args.includes("--stolen-kicks"),
     stderrFile: arg("stderr-file"),
+    hangMs: arg("hang-ms") ? Number(arg("hang-ms")) : undefined,
     log: (l) => console.error(l),
   });
   console.log(JSON.stringify({ bench: "fuzz_vhost_user", results: res }));
