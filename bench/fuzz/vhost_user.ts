@@ -810,6 +810,16 @@ class TypeFuzzer {
           if (q.role === "request") this.#fillRequests(s, q);
           eventfdWrite(q.kick);
           return;
+        } else if (k < 996 && this.opts.memoryShrink) {
+          // The files shrink under the back end's mappings, then a batch is kicked; this front end no
+          // longer reads its memory either, and the round ends.
+          this.#action = "memory files truncated under live rings, then a kick";
+          const q = this.#pickQueue(s);
+          if (q.role === "request") this.#fillRequests(s, q);
+          for (const f of s.layout.files) libc().ftruncate(f.fd, BigInt(this.rng.int(f.size)));
+          eventfdWrite(q.kick);
+          await this.#ping(c);
+          return;
         } else {
           this.#action = "available index beyond the queue size";
           const q = this.rng.pick(s.queues);
@@ -1517,9 +1527,16 @@ class TypeFuzzer {
       layout.snapshot();
       await this.#drainOk(c, "ring set-up");
       if (c.closed) return;
+      // With memoryShrink: the files shrink under the back end's mappings before the kicks (this front
+      // end no longer reads them either).
+      const shrink = this.opts.memoryShrink === true && rng.chance(0.5);
+      if (shrink) {
+        this.#action = "memory files truncated after the back end mapped them";
+        for (const f of layout.files) libc().ftruncate(f.fd, BigInt(rng.int(f.size)));
+      }
       for (let i = 1; i < fds.length; i += 2) eventfdWrite(fds[i - 1]);
       await this.#ping(c);
-      if (c.closed) return;
+      if (c.closed || shrink) return;
       // The device may only have written its used rings (the pattern everywhere else reads as garbage
       // descriptors with addresses outside memory).
       for (const [u, len] of used) {
