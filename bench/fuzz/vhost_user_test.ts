@@ -8,7 +8,7 @@ import { type DeviceProfile, fuzzVhostUserDetailed, VHOST_USER_FUZZ_TYPES } from
 import { TOY_QUEUE_SIZE } from "./toy_backend.ts";
 
 /** Requests per back end type in CI. */
-const CI_REQUESTS = 3000;
+const CI_REQUESTS = 5000;
 const SEED = 20261207;
 const TOY = fileURLToPath(new URL("./toy_backend.ts", import.meta.url));
 
