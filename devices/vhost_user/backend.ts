@@ -464,11 +464,11 @@ class Session implements VirtioInterrupt {
     }
     this.counters.kicks++;
     if (!r.enabled) return;
-    if (!this.#active) {
+    if (!this.#active || !r.queue) {
       this.#activate(true); // activation looks at every ready ring, this one included
       return;
     }
-    if (r.queue) this.#device.queueNotify(index);
+    this.#device.queueNotify(index);
   }
 
   // ---- Message handling ----
@@ -774,11 +774,18 @@ class Session implements VirtioInterrupt {
   /**
    * Activate the device when its rings are ready: every queue started and enabled, or (when
    * `partial`, i.e. the driver kicked a ready ring) the queues that are. Drivers may use fewer
-   * queues than the device has.
+   * queues than the device has. A device started without a ring that is ready now (a front end may
+   * kick one ring before it enables another) is started again with it: the device only takes its
+   * queues when it is activated, and the rings go on from where they were.
    */
   #activate(partial: boolean): void {
-    if (this.#active || !this.#mem) return;
+    if (!this.#mem) return;
     const ready = this.#rings.map((r) => r.started && r.enabled && r.num > 0 && r.addr !== undefined);
+    if (this.#active) {
+      if (!this.#rings.some((r, i) => ready[i] && !r.queue)) return;
+      this.#deactivate();
+      partial = true;
+    }
     if (!ready.some((x) => x)) return;
     if (!partial && !ready.every((x) => x)) return;
     const mem = this.#mem;
