@@ -19,11 +19,10 @@
 //  - ring set-up rounds: rings misaligned, overlapping, straddling a region's end or outside memory, kicked;
 //  - reconnect rounds: connections closed at once or half-way through a header.
 //
-// Cases that crash or hang the back end today and are being fixed elsewhere, or are reported and not yet
-// fixed, stay behind options, off by default: memoryShrink (memory files truncated under the back end's
-// mappings: SIGBUS), knownIssues (kick fds that are not eventfds, rings above the device's maximum) and
-// stolenKicks (a kick read back by the front end before the back end reads it: the back end blocks in
-// read(2) on a blocking eventfd).
+// Every case is on by default, each behind an option that turns it off (to bisect a failure):
+// memoryShrink (memory regions larger than their file, files truncated under the back end's mappings),
+// hostileFds (kick fds that are not eventfds, ring sizes above the device's own queue maximum) and
+// stolenKicks (the front end reads its own kick back before the back end can).
 //
 // What is counted (FuzzResult, bench/fuzz/common.ts): requests (chains kicked + messages the back end
 // handled), crashes (the process exited), hangs (no answer to a message, or well-formed chains not
@@ -103,19 +102,13 @@ export { DEVICE_TYPES as VHOST_USER_FUZZ_TYPES };
 export type { DeviceProfile } from "./vhost_user_devices.ts";
 
 export interface VhostUserFuzzOptions extends FuzzOptions {
-  /**
-   * Also send memory regions larger than their memfd and truncate memfds after the back end mapped them.
-   * Off by default: the back end takes a SIGBUS there until the fix being made elsewhere lands.
-   */
+  /** Send memory regions larger than their memfd and truncate memfds after the back end mapped them (default on). */
   memoryShrink?: boolean;
+  /** Send kick fds that are not eventfds, and SET_VRING_NUM above the device's queue maximum (default on). */
+  hostileFds?: boolean;
   /**
-   * Also send the cases other fixes in progress cover: kick fds that are not eventfds, and SET_VRING_NUM
-   * above the device's queue maximum. Off by default.
-   */
-  knownIssues?: boolean;
-  /**
-   * Also take kicks away: the front end reads its own (blocking) kick eventfd right after signalling it,
-   * racing the back end's read. Off by default (see the report that came with this harness).
+   * Take kicks away: the front end reads its own (blocking) kick eventfd right after signalling it, racing
+   * the back end's read (default on).
    */
   stolenKicks?: boolean;
   /** How long the back end may take to answer or complete well-formed chains before it counts as hung. */
@@ -1270,7 +1263,7 @@ class TypeFuzzer {
     const maxSize = () => {
       const qmax = this.profile.queues[0]?.max ?? 256;
       const pow = 1 << rng.int(16);
-      if (!this.opts.knownIssues && pow > qmax) return qmax;
+      if (!this.opts.hostileFds && pow > qmax) return qmax;
       return rng.chance(0.9) ? pow : rng.edgy(32);
     };
     let payload: Uint8Array = new Uint8Array();
@@ -1311,7 +1304,7 @@ class TypeFuzzer {
       case R.SET_VRING_ERR: {
         const noFd = rng.chance(0.2);
         payload = u64Payload(BigInt(ringIndex() & 0xff) | (noFd ? VHOST_USER_VRING_NOFD_MASK : 0n));
-        const kickOk = request !== R.SET_VRING_KICK || this.opts.knownIssues;
+        const kickOk = request !== R.SET_VRING_KICK || this.opts.hostileFds;
         const n = rng.chance(0.85) ? (noFd ? 0 : 1) : rng.int(3);
         for (let i = 0; i < n; i++) {
           msgFds.push(
@@ -1360,7 +1353,7 @@ class TypeFuzzer {
       p.set(payload);
       payload = p;
     }
-    const fdsMatter = request === R.SET_MEM_TABLE || (request === R.SET_VRING_KICK && !this.opts.knownIssues);
+    const fdsMatter = request === R.SET_MEM_TABLE || (request === R.SET_VRING_KICK && !this.opts.hostileFds);
     if (rng.chance(0.05) && msgFds.length === 0 && !fdsMatter) {
       for (let i = rng.range(1, 3); i > 0; i--) msgFds.push(this.#someFd(fds));
     }
@@ -1493,7 +1486,7 @@ class TypeFuzzer {
       const used: [bigint, number][] = [];
       for (let i = 0; i < this.queueCount; i++) {
         const max = this.profile.queues[i]?.max ?? 256;
-        const size = this.opts.knownIssues && rng.chance(0.1) ? max * 2 : 1 << rng.int(Math.log2(max) + 1);
+        const size = this.opts.hostileFds && rng.chance(0.1) ? max * 2 : 1 << rng.int(Math.log2(max) + 1);
         const r = rng.pick(layout.regions);
         const addr = (len: number, align: number): bigint => {
           switch (rng.int(5)) {
@@ -1586,7 +1579,10 @@ export async function fuzzVhostUser(opts: FuzzOptions): Promise<Record<string, F
   return await fuzzVhostUserDetailed(opts);
 }
 
-export async function fuzzVhostUserDetailed(opts: VhostUserFuzzOptions): Promise<Record<string, VhostUserFuzzResult>> {
+export async function fuzzVhostUserDetailed(
+  options: VhostUserFuzzOptions,
+): Promise<Record<string, VhostUserFuzzResult>> {
+  const opts = { memoryShrink: true, hostileFds: true, stolenKicks: true, ...options };
   const log = opts.log ?? (() => {});
   const types = opts.devices ?? [...DEVICE_TYPES];
   const out: Record<string, VhostUserFuzzResult> = {};
@@ -1627,9 +1623,9 @@ if (import.meta.main) {
     requestsPerDevice: Number(arg("requests") ?? 1_000_000),
     seed: Number(arg("seed") ?? 1),
     devices: arg("devices")?.split(","),
-    memoryShrink: Deno.args.includes("--memory-shrink"),
-    knownIssues: Deno.args.includes("--known-issues"),
-    stolenKicks: Deno.args.includes("--stolen-kicks"),
+    memoryShrink: !Deno.args.includes("--no-memory-shrink"),
+    hostileFds: !Deno.args.includes("--no-hostile-fds"),
+    stolenKicks: !Deno.args.includes("--no-stolen-kicks"),
     stderrFile: arg("stderr-file"),
     hangMs: arg("hang-ms") ? Number(arg("hang-ms")) : undefined,
     log: (l) => console.error(l),
