@@ -38,8 +38,10 @@ const SETTLE_MS = 10_000;
  * code path); anything per VM (KVM, vCPU, eventfd, memfd, socket: several per VM) would exceed it.
  */
 const FD_SLACK = 4;
-/** Deno names a Web Worker's OS thread "worker-N" (what each vCPU runs on). */
+/** Deno names a Web Worker's OS thread "worker-N": each vCPU runs on one, and so does each control socket's poll. */
 const WORKER_THREAD = /^worker-\d+$/;
+/** Worker threads of a one-vCPU VM with a control socket: its vCPU and the control server's poll thread. */
+const WORKERS_PER_VM = 2;
 /**
  * tokio's blocking pool threads (comm truncated to 15 characters): the runtime runs blocking and
  * nonblocking-FFI calls there and retires idle ones after its own keep-alive (10 s), so they are the
@@ -71,7 +73,7 @@ function threadNames(): string[] {
   return names.sort();
 }
 
-function vcpuThreads(): number {
+function workerThreads(): number {
   return threadNames().filter((n) => WORKER_THREAD.test(n)).length;
 }
 
@@ -121,8 +123,8 @@ Deno.test({
         assert.equal(await warm.stop(), EXIT_SUCCESS);
       }
       await eventually(SETTLE_MS * 5, () => [...Deno.readDirSync(dir)].length === 0, () => "warm-up socket left");
-      await eventually(SETTLE_MS * 5, () => vcpuThreads() === 0, () => `warm-up vCPU threads: ${threadNames()}`);
-      const before = { threads: ownThreads(), vcpus: vcpuThreads(), fds: fdCount(), children: childPids() };
+      await eventually(SETTLE_MS * 5, () => workerThreads() === 0, () => `warm-up Worker threads: ${threadNames()}`);
+      const before = { threads: ownThreads(), workers: workerThreads(), fds: fdCount(), children: childPids() };
 
       const sockets = Array.from({ length: VM_COUNT }, (_, i) => `${dir}/vm${i}.sock`);
       const booted = await Promise.allSettled(sockets.map((s) => Vm.boot(bootConfig(kernel, s))));
@@ -130,7 +132,7 @@ Deno.test({
       try {
         const failed = booted.flatMap((b, i) => b.status === "rejected" ? [`vm${i}: ${b.reason}`] : []);
         assert.deepEqual(failed, [], "every VM boots");
-        assert.equal(vcpuThreads(), before.vcpus + VM_COUNT, "one vCPU thread per VM");
+        assert.equal(workerThreads(), before.workers + VM_COUNT * WORKERS_PER_VM, "a vCPU and a poll thread per VM");
         for (const s of sockets) assert.ok(Deno.lstatSync(s).isSocket, `${s} is served`);
 
         // Every VM runs its own guest: each reaches its tenth TICK line.
@@ -180,8 +182,8 @@ Deno.test({
       );
       await eventually(
         SETTLE_MS,
-        () => vcpuThreads() === before.vcpus,
-        () => `vCPU threads left: ${vcpuThreads() - before.vcpus}`,
+        () => workerThreads() === before.workers,
+        () => `Worker threads left: ${workerThreads() - before.workers}`,
       );
       await eventually(
         SETTLE_MS,
