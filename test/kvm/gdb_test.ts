@@ -81,19 +81,30 @@ async function startVm(elf: string, extra: string[] = []): Promise<RunningVm> {
   };
 }
 
-/** gdb -batch with `commands` (-ex each) on the guest's ELF; `interruptAfterMs` sends it SIGINT then. */
+/**
+ * What gdb prints once `target remote` has connected: the frame the VM is paused in
+ * (`_start () at .../start.S:16`, or `0x... in ?? ()` without symbols for it).
+ */
+const CONNECTED_FRAME = /start\.S:\d+|^0x[0-9a-f]+ in /m;
+
+/**
+ * gdb -batch with `commands` (-ex each) on the guest's ELF; with `interruptAfterMs`, gdb gets SIGINT that long
+ * after it has connected (a SIGINT during `target remote` would abort the connection instead, and a loaded
+ * nested host can take seconds to get there).
+ */
 async function gdb(elf: string, port: number, commands: string[], interruptAfterMs?: number): Promise<string> {
   const args = ["-batch", "-nx", "-ex", "set confirm off", "-ex", `target remote 127.0.0.1:${port}`];
   for (const c of commands) args.push("-ex", c);
   args.push(elf);
   const child = new Deno.Command("gdb", { args, stdin: "null", stdout: "piped", stderr: "piped" }).spawn();
-  const interrupt = interruptAfterMs === undefined ? undefined : setTimeout(() => {
+  let interrupt: ReturnType<typeof setTimeout> | undefined;
+  const sigint = () => {
     try {
       child.kill("SIGINT");
     } catch {
       // ended already
     }
-  }, interruptAfterMs);
+  };
   const hang = setTimeout(() => {
     try {
       child.kill("SIGKILL");
@@ -101,10 +112,21 @@ async function gdb(elf: string, port: number, commands: string[], interruptAfter
       // ended already
     }
   }, TIMEOUT_MS);
-  const out = await child.output();
+  const collect = async (stream: ReadableStream<Uint8Array>, watch: boolean) => {
+    let text = "";
+    for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+      text += chunk;
+      if (watch && interruptAfterMs !== undefined && interrupt === undefined && CONNECTED_FRAME.test(text)) {
+        interrupt = setTimeout(sigint, interruptAfterMs);
+      }
+    }
+    return text;
+  };
+  const [stdout, stderr] = await Promise.all([collect(child.stdout, true), collect(child.stderr, false)]);
+  await child.status;
   clearTimeout(interrupt);
   clearTimeout(hang);
-  return new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  return stdout + stderr;
 }
 
 Deno.test({
