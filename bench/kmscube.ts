@@ -13,7 +13,7 @@
 import { join } from "node:path";
 import { progress, REPO_ROOT, result } from "./_common.ts";
 import { type ConsoleExit, ConsoleProcess } from "../test/support/guest_process.ts";
-import { DeviceBackendProcess, JsonLineClient, microvmArgs } from "../test/support/qemu.ts";
+import { DeviceProcess, JsonLineClient, microvmArgs } from "../test/support/qemu.ts";
 
 export const KMSCUBE_BENCH = "kmscube";
 /** Markers scripts/mesa-guest.sh's /sbin/denovm-init prints. */
@@ -249,7 +249,7 @@ async function main(): Promise<void> {
   }
   const dir = await Deno.makeTempDir({ prefix: "denovm-kmscube-" });
   const sock = join(dir, "gpu.sock"), control = join(dir, "control.sock");
-  const dev = await DeviceBackendProcess.start("gpu", ["--socket-path", sock, "--control-socket", control]);
+  const dev = await DeviceProcess.start("gpu", ["--socket-path", sock, "--control-socket", control]);
   let denovm, stats;
   try {
     progress(KMSCUBE_BENCH, `denovm device gpu behind vhost-user-gpu: kmscube -c ${FRAMES}`);

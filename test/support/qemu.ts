@@ -6,7 +6,7 @@
 // their dependencies from each module's .modinfo `depends=`) and a generated /init that runs the
 // test's commands, prints an end marker and powers off.
 //
-// Also: `DeviceBackendProcess`, a `denovm device TYPE ...` child process (main.ts) for tests.
+// Also re-exported: `DeviceProcess`, a `denovm device TYPE ...` child process (main.ts) for tests.
 
 import { type DebianKernel, debianKernel } from "./kernel.ts";
 import {
@@ -271,62 +271,9 @@ export class QemuMachine {
   }
 }
 
-// ---- `denovm device TYPE` back-end processes ----
+// ---- `denovm device TYPE` back-end processes (test/support/device_process.ts) ----
 
-/** A `denovm device TYPE ...` process (main.ts), ready once it printed its listening line. */
-export class DeviceBackendProcess {
-  readonly #child: Deno.ChildProcess;
-  stderr = "";
-  readonly exited: Promise<Deno.CommandStatus>;
-  #exitedNow = false;
-
-  private constructor(child: Deno.ChildProcess) {
-    this.#child = child;
-    const dec = new TextDecoder();
-    const pump = (async () => {
-      for await (const c of child.stderr) this.stderr += dec.decode(c, { stream: true });
-    })();
-    this.exited = Promise.all([child.status, pump]).then(([s]) => {
-      this.#exitedNow = true;
-      return s;
-    });
-  }
-
-  /** Start `denovm device <type> <args>` and wait (up to `timeoutMs`) for "listening on". */
-  static async start(type: string, args: string[], timeoutMs = 30_000): Promise<DeviceBackendProcess> {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", `${REPO_ROOT}main.ts`, "device", type, ...args],
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    const p = new DeviceBackendProcess(child);
-    const end = Date.now() + timeoutMs;
-    while (!p.stderr.includes("listening on") && !p.#exitedNow) {
-      if (Date.now() > end) {
-        p.kill("SIGKILL");
-        throw new Error(`denovm device ${type} did not start listening: ${p.stderr}`);
-      }
-      await new Promise((r) => setTimeout(r, 10));
-    }
-    if (p.#exitedNow) throw new Error(`denovm device ${type} exited early: ${p.stderr}`);
-    return p;
-  }
-
-  kill(signal: Deno.Signal = "SIGTERM"): void {
-    try {
-      this.#child.kill(signal);
-    } catch {
-      // already gone
-    }
-  }
-
-  /** SIGTERM and wait for the exit status. */
-  async stop(): Promise<Deno.CommandStatus> {
-    this.kill("SIGTERM");
-    return await this.exited;
-  }
-}
+export { DeviceProcess } from "./device_process.ts";
 
 /** A client for a back end's JSON-line socket (input --event-socket, balloon --control-socket). */
 export class JsonLineClient {

@@ -277,7 +277,6 @@ export function usedState(mem: GuestMemory, layout: RingLayout, index: number): 
   return { idx: mem.getU16(a.used + 2), len: mem.getU32(a.used + 8) };
 }
 
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 /** A hang guard for waits on the back end (a broken back end fails the test instead of hanging it). */
 export const HANG_GUARD_MS = 20_000;
 
@@ -314,64 +313,4 @@ export function clockTicksPerSecond(): number {
   return Number.isInteger(n) && n > 0 ? n : 100;
 }
 
-/** A `denovm device <type> ...` process (main.ts), with its stderr collected. */
-export class DeviceProcess {
-  readonly #child: Deno.ChildProcess;
-  stderr = "";
-  readonly exited: Promise<Deno.CommandStatus>;
-  #done = false;
-
-  private constructor(child: Deno.ChildProcess) {
-    this.#child = child;
-    const dec = new TextDecoder();
-    const pump = (async () => {
-      for await (const c of child.stderr) this.stderr += dec.decode(c, { stream: true });
-    })();
-    this.exited = Promise.all([child.status, pump]).then(([s]) => {
-      this.#done = true;
-      return s;
-    });
-  }
-
-  get pid(): number {
-    return this.#child.pid;
-  }
-
-  /** stderr as lines (no trailing empty line). */
-  get lines(): string[] {
-    const t = this.stderr.trimEnd();
-    return t === "" ? [] : t.split("\n");
-  }
-
-  /** Start `denovm device <args...>`; the caller waits for it (ready() or exited). */
-  static spawn(args: string[]): DeviceProcess {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", MAIN, "device", ...args],
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    return new DeviceProcess(child);
-  }
-
-  /** Start `denovm device <args...>` and wait for its listening line. */
-  static async start(args: string[]): Promise<DeviceProcess> {
-    const p = DeviceProcess.spawn(args);
-    await until(() => p.stderr.includes("listening on") || p.#done, `denovm device ${args[0]} to listen`);
-    assert.ok(!p.#done, `the back end exited early: ${p.stderr}`);
-    return p;
-  }
-
-  /** A `denovm device block` on `socket` serving `file`. */
-  static block(socket: string, file: string): Promise<DeviceProcess> {
-    return DeviceProcess.start(["block", "--socket-path", socket, "--file", file]);
-  }
-
-  kill(signal: Deno.Signal): void {
-    try {
-      this.#child.kill(signal);
-    } catch {
-      // already gone
-    }
-  }
-}
+export { DeviceProcess } from "./device_process.ts";

@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import { buildInitramfs, UmlMachine, umlUnavailableReason } from "../support/uml.ts";
-import { DeviceBackendProcess, JsonLineClient } from "../support/qemu.ts";
+import { DeviceProcess, JsonLineClient } from "../support/qemu.ts";
 import { BALLOON_PAGE_SIZE } from "../../devices/virtio/balloon.ts";
 import { VIRTIO_ID_BALLOON } from "../../devices/virtio/device.ts";
 
@@ -37,7 +37,7 @@ Deno.test({
     const dir = await Deno.makeTempDir({ prefix: "denovm-balloon-" });
     const socket = `${dir}/balloon.sock`;
     const control = `${dir}/balloon.ctl`;
-    const backend = await DeviceBackendProcess.start("balloon", ["--socket-path", socket, "--control-socket", control]);
+    const backend = await DeviceProcess.start("balloon", ["--socket-path", socket, "--control-socket", control]);
     const targetKiB = TARGET_BYTES / 1024;
     // The guest prints MemFree, then waits until the balloon took (most of) the target, then until
     // it gave it back. Balloon pages leave MemFree (with DEFLATE_ON_OOM they stay in MemTotal).

@@ -23,7 +23,7 @@ import {
   type MesaSetup,
   parsePpm,
 } from "../../bench/kmscube.ts";
-import { DeviceBackendProcess, JsonLineClient } from "../support/qemu.ts";
+import { DeviceProcess, JsonLineClient } from "../support/qemu.ts";
 import {
   encodeScanout,
   encodeUpdate,
@@ -118,7 +118,7 @@ Deno.test({
     const s = setup as MesaSetup;
     const dir = await Deno.makeTempDir({ prefix: "denovm-vugpu-" });
     const sock = join(dir, "gpu.sock"), control = join(dir, "control.sock"), monitor = join(dir, "mon.sock");
-    const dev = await DeviceBackendProcess.start("gpu", [
+    const dev = await DeviceProcess.start("gpu", [
       "--socket-path",
       sock,
       "--control-socket",

@@ -391,7 +391,7 @@ Deno.test(
     let third: DeviceProcess | undefined;
     try {
       const ino = Deno.lstatSync(socket).ino;
-      const second = DeviceProcess.spawn(["block", "--socket-path", socket, "--file", await image(dir, "b.img")]);
+      const second = DeviceProcess.spawn("block", ["--socket-path", socket, "--file", await image(dir, "b.img")]);
       let st: Deno.CommandStatus;
       try {
         st = await within(second.exited, () => `the second back end to exit (stderr: ${second.stderr})`, HANG_GUARD_MS);

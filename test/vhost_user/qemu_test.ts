@@ -13,7 +13,7 @@ import assert from "node:assert/strict";
 import {
   backportsQemu,
   buildQemuInitramfs,
-  DeviceBackendProcess,
+  DeviceProcess,
   JsonLineClient,
   type QemuBuild,
   qemuHasDevice,
@@ -77,7 +77,7 @@ Deno.test({
   async fn() {
     const dir = await tempDir();
     const socket = `${dir}/rng.sock`;
-    const backend = await DeviceBackendProcess.start("rng", ["--socket-path", socket]);
+    const backend = await DeviceProcess.start("rng", ["--socket-path", socket]);
     const bytes = 4096;
     const initramfs = await buildQemuInitramfs({
       modules: ["virtio_mmio", "virtio_rng"],
@@ -144,7 +144,7 @@ Deno.test({
       return;
     }
     const dir = await tempDir();
-    const kbd = await DeviceBackendProcess.start("input", [
+    const kbd = await DeviceProcess.start("input", [
       "--socket-path",
       `${dir}/kbd.sock`,
       "--kind",
@@ -152,7 +152,7 @@ Deno.test({
       "--event-socket",
       `${dir}/kbd.events`,
     ]);
-    const touch = await DeviceBackendProcess.start("input", [
+    const touch = await DeviceProcess.start("input", [
       "--socket-path",
       `${dir}/touch.sock`,
       "--input",
