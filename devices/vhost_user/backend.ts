@@ -145,6 +145,8 @@ const CALL_LINK_PREFIXES = ["pipe:[", "socket:["];
  * counter and leaves it readable, so one write of a large count would keep a ring "kicked" forever.
  */
 const EVENTFD_SEMAPHORE_FDINFO = /^eventfd-semaphore:\s*1\s*$/m;
+/** The same line on any eventfd: where it is shown, the mode is known and the kick loop need not guess it. */
+const EVENTFD_MODE_FDINFO = /^eventfd-semaphore:/m;
 /** An eventfd read returns its 8-byte counter (eventfd(2)). */
 const EVENTFD_READ_BYTES = 8;
 /**
@@ -213,6 +215,8 @@ interface Vring {
   errFd: number;
   /** Kick reads in a row that looked like a semaphore eventfd's (see SEMAPHORE_READS). */
   semaphoreReads: number;
+  /** The kick fd's fdinfo showed it is a plain eventfd: the kick loop skips its semaphore guess. */
+  plainKick: boolean;
   /** Started: a kick fd (or NOFD) arrived and GET_VRING_BASE has not stopped it. */
   started: boolean;
   /** Enabled by SET_VRING_ENABLE (or implicitly when protocol features were not negotiated). */
@@ -221,7 +225,17 @@ interface Vring {
 }
 
 function newVring(): Vring {
-  return { num: 0, base: 0, kickFd: -1, callFd: -1, errFd: -1, semaphoreReads: 0, started: false, enabled: false };
+  return {
+    num: 0,
+    base: 0,
+    kickFd: -1,
+    callFd: -1,
+    errFd: -1,
+    semaphoreReads: 0,
+    plainKick: false,
+    started: false,
+    enabled: false,
+  };
 }
 
 /**
@@ -457,7 +471,9 @@ class Session implements VirtioInterrupt {
       throw bad(`cannot be read: ${new SysError("read", e).message}`);
     }
     if (n !== EVENTFD_READ_BYTES || buf[0] === 0n) throw bad(`read ${n} bytes of value ${buf[0]}: not an eventfd`);
-    if (buf[0] === 1n && pollSync([r.kickFd], POLLIN, 0)[0] & POLLIN) {
+    // Where fdinfo could not tell the mode, a count of 1 that leaves the fd readable is a semaphore's sign
+    // (one extra poll per such kick; none where the mode is known).
+    if (!r.plainKick && buf[0] === 1n && pollSync([r.kickFd], POLLIN, 0)[0] & POLLIN) {
       if (++r.semaphoreReads >= SEMAPHORE_READS) throw bad("is a semaphore eventfd (each read takes 1)");
     } else {
       r.semaphoreReads = 0;
@@ -629,13 +645,14 @@ class Session implements VirtioInterrupt {
         `${requestName(msg.request)}: ${msg.fds.length} descriptors with NOFD=${noFd}`,
       );
     }
-    if (!noFd) this.#checkVringFd(msg.request, index, msg.fds[0]);
+    const plainKick = !noFd && this.#checkVringFd(msg.request, index, msg.fds[0]);
     const fd = noFd ? -1 : msg.fds.shift()!;
     switch (msg.request) {
       case R.SET_VRING_KICK:
         closeFd(r.kickFd);
         r.kickFd = fd;
         r.semaphoreReads = 0;
+        r.plainKick = plainKick;
         // Never block reading it, whatever the front end does with its own end.
         if (fd >= 0) setNonBlocking(fd);
         if (noFd) this.#log(`queue ${index}: no kick fd (polling mode) is not supported; the ring will not be served`);
@@ -660,21 +677,25 @@ class Session implements VirtioInterrupt {
    * Refuse (RequestFailed, one log line) a kick fd that is not a plain eventfd and a call fd that is
    * not an eventfd, a pipe or a socket (a regular file would grow with every interrupt). The error fd
    * is neither read nor written here, so it is not checked. Without /proc the checks cannot be made:
-   * the kick loop's own guards (#kicked) still drop a front end whose kick fd misbehaves.
+   * the kick loop's own guards (#kicked) still drop a front end whose kick fd misbehaves. Returns true
+   * for a kick fd whose fdinfo shows it is a plain eventfd.
    */
-  #checkVringFd(request: number, index: number, fd: number): void {
-    if (request !== R.SET_VRING_KICK && request !== R.SET_VRING_CALL) return;
+  #checkVringFd(request: number, index: number, fd: number): boolean {
+    if (request !== R.SET_VRING_KICK && request !== R.SET_VRING_CALL) return false;
     const link = this.#inspect.link(fd);
-    if (link === undefined) return;
+    if (link === undefined) return false;
     const isEventfd = link === EVENTFD_LINK;
     if (request === R.SET_VRING_KICK) {
       if (!isEventfd) throw new RequestFailed(`queue ${index}: the kick fd is ${link}, not an eventfd`);
-      if (EVENTFD_SEMAPHORE_FDINFO.test(this.#inspect.info(fd) ?? "")) {
+      const info = this.#inspect.info(fd) ?? "";
+      if (EVENTFD_SEMAPHORE_FDINFO.test(info)) {
         throw new RequestFailed(`queue ${index}: the kick fd is a semaphore eventfd (EFD_SEMAPHORE)`);
       }
+      return EVENTFD_MODE_FDINFO.test(info);
     } else if (!isEventfd && !CALL_LINK_PREFIXES.some((p) => link.startsWith(p))) {
       throw new RequestFailed(`queue ${index}: the call fd is ${link}, not an eventfd, a pipe or a socket`);
     }
+    return false;
   }
 
   #setMemTable(msg: VhostUserMessage): void {
