@@ -32,7 +32,6 @@ const symbols = {
   ftruncate: { name: "ftruncate64", parameters: ["i32", "i64"], result: "i32" }, // fd, length
   memfd_create: { parameters: ["buffer", "u32"], result: "i32" }, // const char *name, unsigned int flags
   fcntl: { parameters: ["i32", "i32", "i64"], result: "i32" }, // int fd, int cmd, long arg
-  fstat: { parameters: ["i32", "buffer"], result: "i32" }, // int fd, struct stat *
   socket: { parameters: ["i32", "i32", "i32"], result: "i32" }, // domain, type, protocol
   bind: { parameters: ["i32", "buffer", "u32"], result: "i32" }, // fd, const struct sockaddr *, socklen_t
   listen: { parameters: ["i32", "i32"], result: "i32" }, // fd, backlog
@@ -154,14 +153,6 @@ export const F_SEAL_SEAL = 0x1;
 export const F_SEAL_SHRINK = 0x2;
 export const F_SEAL_GROW = 0x4;
 export const F_SEAL_WRITE = 0x8;
-/** File types in st_mode (linux/stat.h). */
-export const S_IFMT = 0o170000;
-export const S_IFSOCK = 0o140000;
-export const S_IFREG = 0o100000;
-export const S_IFBLK = 0o060000;
-export const S_IFDIR = 0o040000;
-export const S_IFCHR = 0o020000;
-export const S_IFIFO = 0o010000;
 /** errno values (asm-generic/errno-base.h, errno.h). */
 export const EINTR = 4;
 export const EAGAIN = 11;
@@ -215,19 +206,6 @@ export function cstr(s: string): Uint8Array<ArrayBuffer> {
 /** Open a file, returning its fd or throwing SysError("open PATH"). */
 export function openFile(path: string, flags: number, mode = 0o644): number {
   return check(`open ${path}`, libc().open(cstr(path), flags | O_CLOEXEC, mode));
-}
-
-/** struct stat for x86_64 (asm/stat.h): 144 bytes; st_mode (u32) at 24, st_size (i64) at 48. */
-const STAT_SIZE = 144;
-const STAT_MODE_OFFSET = 24;
-const STAT_SIZE_OFFSET = 48;
-
-/** The file type and mode bits and the size of an open file; throws SysError("fstat"). */
-export function fstatFd(fd: number): { mode: number; size: bigint } {
-  const st = new Uint8Array(STAT_SIZE);
-  check("fstat", libc().fstat(fd, st));
-  const v = new DataView(st.buffer);
-  return { mode: v.getUint32(STAT_MODE_OFFSET, true), size: v.getBigInt64(STAT_SIZE_OFFSET, true) };
 }
 
 /** Close an fd, ignoring errors (closing is best effort at teardown). */

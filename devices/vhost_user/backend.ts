@@ -24,7 +24,6 @@ import {
   F_ADD_SEALS,
   F_GET_SEALS,
   F_SEAL_SHRINK,
-  fstatFd,
   libc,
   MAP_SHARED,
   mmap,
@@ -37,18 +36,12 @@ import {
   pollSync,
   PROT_READ,
   PROT_WRITE,
-  S_IFBLK,
-  S_IFCHR,
-  S_IFDIR,
-  S_IFIFO,
-  S_IFMT,
-  S_IFREG,
-  S_IFSOCK,
   SysError,
 } from "../../ffi/libc.ts";
 import { type SigbusGuard, sigbusGuard } from "../../ffi/sigbus_guard.ts";
 import { GuestMemory, GuestMemoryError, type RegionDescriptor } from "../../core/memory.ts";
 import { guestLog } from "../../core/log.ts";
+import { fdInfo, fileKind } from "../../core/host_file.ts";
 import type { VirtioDevice, VirtioInterrupt } from "../virtio/device.ts";
 import { VIRTIO_F_EVENT_IDX } from "../virtio/device.ts";
 import { availRingBytes, descTableBytes, usedRingBytes, VIRTQ_MAX_SIZE, Virtqueue } from "../virtio/queue.ts";
@@ -111,15 +104,6 @@ class MemoryTableRefused extends RequestFailed {}
 
 /** A region's file shrank under its mapping and the SIGBUS guard repaired an access past its end. */
 class MemoryShrank extends Error {}
-
-/** What a file type in st_mode is called in a log line. */
-const FILE_TYPE_NAMES: ReadonlyMap<number, string> = new Map([
-  [S_IFSOCK, "a socket"],
-  [S_IFBLK, "a block device"],
-  [S_IFDIR, "a directory"],
-  [S_IFCHR, "a character device"],
-  [S_IFIFO, "a pipe"],
-]);
 
 /** One mapped region of the front end's memory table. */
 interface Mapping {
@@ -772,18 +756,16 @@ class Session implements VirtioInterrupt {
     libc().fcntl(fd, F_ADD_SEALS, BigInt(F_SEAL_SHRINK));
     const seals = libc().fcntl(fd, F_GET_SEALS, 0n);
     const sealed = seals >= 0 && (seals & F_SEAL_SHRINK) !== 0;
-    let st: { mode: number; size: bigint };
+    let st: Deno.FileInfo;
     try {
-      st = fstatFd(fd);
+      st = fdInfo(fd);
     } catch (e) {
       throw new MemoryTableRefused(`region ${index}: ${(e as Error).message}`);
     }
-    const type = st.mode & S_IFMT;
-    if (type !== S_IFREG) {
-      const what = FILE_TYPE_NAMES.get(type) ?? `file type 0o${type.toString(8)}`;
-      throw new MemoryTableRefused(`region ${index}: its descriptor is ${what}, not a regular file or memfd`);
+    if (!st.isFile) {
+      throw new MemoryTableRefused(`region ${index}: its descriptor is ${fileKind(st)}, not a regular file or memfd`);
     }
-    if (BigInt(offset) + BigInt(size) > st.size) {
+    if (BigInt(offset) + BigInt(size) > BigInt(st.size)) {
       throw new MemoryTableRefused(
         `region ${index} (${size} bytes at file offset ${offset}) reaches past the end of its file ` +
           `(${st.size} bytes)`,
