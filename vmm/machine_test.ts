@@ -10,7 +10,7 @@ import { VIRTIO_ID_BLOCK, VIRTIO_ID_GPU } from "../devices/virtio/device.ts";
 import { decodePngRgba } from "../devices/virtio/gpu/png.ts";
 import { InputDevice } from "../devices/virtio/input/device.ts";
 import type { VirtioMmioTransport } from "../devices/virtio/mmio.ts";
-import { defaultVmConfig, type VmConfig } from "./config.ts";
+import { defaultVmConfig, gpuConfig, type VmConfig } from "./config.ts";
 import { controlCall } from "./control/client.ts";
 import {
   ACPI_TABLES_END,
@@ -76,19 +76,7 @@ Deno.test("machine without KVM: devices in order on the MMIO bus, DSDT entries, 
     blocks: [{ path: img, ro: false, root: true, sparse: true, blockSize: 512, direct: false }],
     inputs: [{ kind: "keyboard" }],
     agent: true,
-    gpu: {
-      backend: "2d",
-      contextTypes: [],
-      displays: [{ mode: "windowed", width: 64, height: 48 }],
-      hostVisibleWindowSize: 2 ** 30,
-      fixedBlobMapping: false,
-      egl: true,
-      gles: true,
-      glx: false,
-      surfaceless: true,
-      vulkan: false,
-      udmabuf: false,
-    },
+    gpu: gpuConfig({ displays: [{ mode: "windowed", width: 64, height: 48 }], hostVisibleWindowSize: 2 ** 30 }),
   }, dir);
   try {
     const names = machine.devices.virtio.map((v) => v.device.name);
@@ -249,19 +237,7 @@ Deno.test("machine without KVM: a screenshot over the VM's disk image is refused
   await Deno.writeFile(img, bytes);
   const { machine } = await machineWith({
     blocks: [{ path: img, ro: false, root: false, sparse: true, blockSize: 512, direct: false }],
-    gpu: {
-      backend: "2d",
-      contextTypes: [],
-      displays: [{ mode: "windowed", width: 32, height: 16 }],
-      hostVisibleWindowSize: 2 ** 30,
-      fixedBlobMapping: false,
-      egl: true,
-      gles: true,
-      glx: false,
-      surfaceless: true,
-      vulkan: false,
-      udmabuf: false,
-    },
+    gpu: gpuConfig({ displays: [{ mode: "windowed", width: 32, height: 16 }], hostVisibleWindowSize: 2 ** 30 }),
   }, dir);
   try {
     await assert.rejects(
