@@ -189,3 +189,25 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
     throw e;
   }
 }
+
+/** What a restore takes beside the snapshot directory. */
+export interface RestoreOptions extends MachineOptions {
+  /**
+   * The configuration the user gave (a full command line): checked against the saved one (exit 35 naming the
+   * first difference); its host-side resources (disk paths, serial outputs, socket, vsock path, taps) are used.
+   */
+  config?: VmConfig;
+  /** Host-side resources to re-point without a full configuration (the library's overrides). */
+  overrides?: Partial<VmConfig>;
+}
+
+/**
+ * Build a VM from the snapshot in directory `dir` (vmm/snapshot/format.ts), ready to start: guest memory mapped
+ * copy-on-write from the snapshot's memory file, the same devices with their saved state, the vCPUs and the
+ * in-kernel irqchip, PIT and clock as they were, a new VM generation ID.
+ */
+export function restoreMachine(dir: string, opts: RestoreOptions = {}): Promise<Machine> {
+  void dir;
+  void opts;
+  return Promise.reject(new Error("snapshots are not implemented yet"));
+}
