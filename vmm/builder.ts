@@ -18,6 +18,7 @@ import {
 } from "./arch/cpu.ts";
 import { MiB, SERIAL_PORTS, sharedMemoryAreaStart } from "./arch/layout.ts";
 import { writeMpTable } from "./arch/mptable.ts";
+import { newGenerationId, writeGenerationId } from "./arch/vmgenid.ts";
 import { kernelCommandLine, type VmConfig } from "./config.ts";
 import { HostIo } from "./device_manager/host_io.ts";
 import type { GuestRequest } from "./device_manager/legacy.ts";
@@ -135,6 +136,7 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
     // Devices named on the command line are not also listed in the DSDT: Linux would probe them twice.
     const acpiVirtio = config.virtioMmioCmdline ? [] : resources;
     writeAcpiTables(memory, { cpus: config.cpus, virtioMmio: acpiVirtio, serial: serialPorts });
+    writeGenerationId(memory, newGenerationId());
 
     if (opts.vm) {
       vm = opts.vm;
