@@ -18,6 +18,7 @@ import {
 } from "./arch/cpu.ts";
 import { MiB, SERIAL_PORTS, sharedMemoryAreaStart } from "./arch/layout.ts";
 import { writeMpTable } from "./arch/mptable.ts";
+import { newGenerationId, writeGenerationId } from "./arch/vmgenid.ts";
 import { kernelCommandLine, type VmConfig } from "./config.ts";
 import { HostIo } from "./device_manager/host_io.ts";
 import type { GuestRequest } from "./device_manager/legacy.ts";
@@ -125,6 +126,7 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
       // Devices named on the command line are not also listed in the DSDT: Linux would probe them twice.
       const acpiVirtio = config.virtioMmioCmdline ? [] : resources;
       writeAcpiTables(memory, { cpus: config.cpus, virtioMmio: acpiVirtio, serial: serialPorts });
+      writeGenerationId(memory, newGenerationId());
     },
     checkKernel: (kind, log) => checkEmulatedKernel(kernelImage, kind, opts.emulatedKernel ?? "warn", log),
     entry: kernel.entry,
@@ -281,5 +283,9 @@ export async function restoreMachine(dir: string, opts: RestoreOptions = {}): Pr
     snapshot.memory.regions.map((r) => ({ start: r.guestBase, size: r.size })),
     snapshot.memory.regions.map((r) => r.fileOffset),
   );
-  return await assemble(config, opts, memory, inputs, { kind: "restore", snapshot });
+  const machine = await assemble(config, opts, memory, inputs, { kind: "restore", snapshot });
+  // A clone's own identity: a new generation ID, and the guest told (its interrupt waits in the restored
+  // IOAPIC and local APIC until the vCPUs run).
+  machine.changeGenerationId();
+  return machine;
 }

@@ -11,7 +11,8 @@ import {
   HostError,
 } from "../core/exit.ts";
 import type { OwnedGuestMemory } from "../core/memory.ts";
-import { IRQ_ACPI_SCI, IRQ_ACPI_SLEEP_BUTTON } from "./arch/layout.ts";
+import { IRQ_ACPI_SCI, IRQ_ACPI_SLEEP_BUTTON, IRQ_ACPI_VMGENID } from "./arch/layout.ts";
+import { newGenerationId, writeGenerationId } from "./arch/vmgenid.ts";
 import type { VmConfig } from "./config.ts";
 import { ControlServer, controlSocketPath } from "./control/server.ts";
 import { machineControlHandler } from "./control/handler.ts";
@@ -350,6 +351,21 @@ export class Machine {
   sleepButton(): void {
     if (this.#exitCode !== undefined) throw new Error("the VM has ended");
     this.#vm.pulseIrq(IRQ_ACPI_SLEEP_BUTTON);
+  }
+
+  /**
+   * Give the VM a new generation ID (vmm/arch/vmgenid.ts) and tell the guest: the GED's third interrupt runs _EVT,
+   * which notifies \_SB.VGEN (vmm/arch/acpi.ts); Linux then reads the ID and reseeds its RNG. A restore calls it
+   * after the in-kernel irqchip's and the vCPUs' state are set (setting the IOAPIC or a local APIC afterwards would
+   * drop the interrupt); raised while the vCPUs are paused, it waits in the local APIC until they run. Returns the
+   * new ID.
+   */
+  changeGenerationId(): Uint8Array {
+    if (this.#exitCode !== undefined) throw new Error("the VM has ended");
+    const id = newGenerationId();
+    writeGenerationId(this.memory, id);
+    this.#vm.pulseIrq(IRQ_ACPI_VMGENID);
+    return id;
   }
 
   /**

@@ -15,11 +15,13 @@ import { controlCall } from "./control/client.ts";
 import {
   ACPI_TABLES_END,
   ACPI_TABLES_START,
+  IRQ_ACPI_VMGENID,
   MiB,
   VIRTIO_IRQS,
   VIRTIO_MMIO_SIZE,
   VIRTIO_MMIO_START,
 } from "./arch/layout.ts";
+import { generationIdHex, readGenerationId } from "./arch/vmgenid.ts";
 import type { Machine } from "./machine.ts";
 import { buildMachine } from "./builder.ts";
 import { gpuStats, screenshot, screenshotTo, startWebDisplay } from "./library/gpu_front.ts";
@@ -108,6 +110,35 @@ Deno.test("machine without KVM: devices in order on the MMIO bus, DSDT entries, 
     await Deno.remove(dir, { recursive: true });
   }
   assert.equal(vm.closed, true);
+});
+
+Deno.test("machine without KVM: each build writes its own generation ID; changeGenerationId writes a new one, then pulses the GED's interrupt", async () => {
+  const dir = await Deno.makeTempDir();
+  const first = await machineWith({}, dir);
+  const second = await machineWith({ socket: `${dir}/vm2.sock` }, dir);
+  try {
+    const booted = readGenerationId(first.machine.memory);
+    assert.ok(booted.some((b) => b !== 0), "the builder wrote an ID");
+    assert.notEqual(generationIdHex(readGenerationId(second.machine.memory)), generationIdHex(booted));
+    assert.deepEqual(first.vm.pulses, []);
+    // What the guest would read when the interrupt arrives.
+    const atPulse: string[] = [];
+    const pulse = first.vm.pulseIrq.bind(first.vm);
+    first.vm.pulseIrq = (gsi) => {
+      atPulse.push(generationIdHex(readGenerationId(first.machine.memory)));
+      pulse(gsi);
+    };
+    const changed = first.machine.changeGenerationId();
+    assert.deepEqual(readGenerationId(first.machine.memory), changed, "the new ID is in guest memory");
+    assert.notEqual(generationIdHex(changed), generationIdHex(booted));
+    assert.deepEqual(first.vm.pulses, [IRQ_ACPI_VMGENID], "then the GED's generation-ID interrupt");
+    assert.deepEqual(atPulse, [generationIdHex(changed)], "the ID was written before the interrupt");
+  } finally {
+    await first.machine.stop();
+    await second.machine.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+  assert.throws(() => first.machine.changeGenerationId(), /the VM has ended/);
 });
 
 Deno.test("machine without KVM: a guest driver writes and reads the disk through the bus, kicks via ioeventfd, gets irqfd interrupts", async () => {

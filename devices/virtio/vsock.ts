@@ -738,7 +738,7 @@ export class VsockDevice implements VirtioDevice, Stateful {
    * Take a saved state into a device not yet activated. When the transport then activates it, the
    * driver gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (at once, or at its next event-queue kick when no
    * event buffer is posted): Linux's virtio_transport then resets every socket it had and reads the
-   * guest CID again, as after a Firecracker snapshot restore.
+   * guest CID again, as after a Firecracker snapshot restore (so a clone may serve a new CID).
    */
   restoreState(state: DeviceState): void {
     const d = stateRecord(stateData(state, VSOCK_STATE_TYPE, VSOCK_STATE_VERSION), "virtio-vsock state");
@@ -748,10 +748,9 @@ export class VsockDevice implements VirtioDevice, Stateful {
     if (features !== featuresField(this.features)) {
       throw new StateError(`${what}: saved features ${features}, this device offers ${featuresField(this.features)}`);
     }
-    const cid = stateInteger(d.cid, `${what} cid`, MIN_GUEST_CID, MAX_GUEST_CID);
-    if (cid !== this.cid) {
-      throw new StateError(`${what}: saved for guest CID ${cid}; this device serves CID ${this.cid}`);
-    }
+    // A saved CID other than this device's is a clone given its own identity: the reset event below makes
+    // the driver read the CID from the config again.
+    stateInteger(d.cid, `${what} cid`, MIN_GUEST_CID, MAX_GUEST_CID);
     const nextHostPort = stateInteger(d.nextHostPort, `${what} nextHostPort`, 0, U32 - 1);
     const stats = stateCounters(d.stats, STAT_NAMES, what);
     this.#nextHostPort = nextHostPort;

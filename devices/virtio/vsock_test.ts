@@ -523,7 +523,32 @@ Deno.test("vsock state: with no event buffer posted the reset waits for the driv
   }
 });
 
-Deno.test("vsock state: a wrong type, version, CID or malformed field is refused", () => {
+Deno.test("vsock state: a clone restored with a new CID shows it in its config and resets the driver", () => {
+  // A clone's identity: the driver reads the guest CID again on the transport reset event
+  // (Linux net/vmw_vsock/virtio_transport.c, virtio_vsock_update_guest_cid on VIRTIO_VSOCK_EVENT_TRANSPORT_RESET).
+  const r = new Rig();
+  let dev2: VsockDevice | undefined;
+  try {
+    const ev = r.drv.queues[VSOCK_EVQ].submit([VSOCK_EVENT_SIZE]);
+    r.drv.kick(VSOCK_EVQ);
+    const devState = roundTrip(r.dev.saveState());
+    const tState = roundTrip(r.drv.transport.saveState());
+    r.dev.close();
+    dev2 = new VsockDevice({ cid: GUEST_CID + 7, udsPath: r.uds });
+    const to = reattachRig({ t: r.drv.transport, drv: r.drv, irqs: { n: 0 } }, dev2, r.g.mem);
+    dev2.restoreState(devState);
+    to.t.restoreState(tState);
+    assert.deepEqual(r.drv.queues[VSOCK_EVQ].used(), [{ id: ev.head, len: VSOCK_EVENT_SIZE }]);
+    assert.equal(r.g.mem.getU32(ev.buffers[0].addr), VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+    const cfg = to.drv.readConfig(0, VSOCK_CONFIG_SIZE);
+    assert.equal(new DataView(cfg.buffer, cfg.byteOffset).getBigUint64(0, true), BigInt(GUEST_CID + 7));
+  } finally {
+    dev2?.close();
+    r.close();
+  }
+});
+
+Deno.test("vsock state: a wrong type, version, reserved CID or malformed field is refused", () => {
   const r = new Rig({ activate: false });
   try {
     const good = r.dev.saveState();
@@ -531,7 +556,6 @@ Deno.test("vsock state: a wrong type, version, CID or malformed field is refused
     const bad: [string, DeviceState][] = [
       ["type", { ...good, type: "virtio-net" }],
       ["version", { ...good, version: 9 }],
-      ["cid", { ...good, data: { ...data, cid: GUEST_CID + 1 } }],
       ["reserved cid", { ...good, data: { ...data, cid: 2 } }],
       ["nextHostPort", { ...good, data: { ...data, nextHostPort: -1 } }],
       ["features", { ...good, data: { ...data, features: 1 } }],

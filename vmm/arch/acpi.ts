@@ -1,6 +1,6 @@
 // ACPI tables for a hardware-reduced x86_64 guest: RSDP, RSDT, XSDT, FADT, MADT and a DSDT
-// whose AML describes the serial ports, the virtio-mmio transports, a power button, a sleep button
-// and a Generic Event Device. Layouts: ACPI Specification 6.4 (section numbers cited per table).
+// whose AML describes the serial ports, the virtio-mmio transports, a power button, a sleep button,
+// the VM generation ID and a Generic Event Device. Layouts: ACPI Specification 6.4 (section numbers cited per table).
 
 import type { GuestMemory } from "../../core/memory.ts";
 import {
@@ -16,7 +16,9 @@ import {
   IOAPIC_START,
   IRQ_ACPI_SCI,
   IRQ_ACPI_SLEEP_BUTTON,
+  IRQ_ACPI_VMGENID,
   SERIAL_PORTS,
+  VMGENID_PAGE_START,
 } from "./layout.ts";
 import * as aml from "./aml.ts";
 
@@ -164,6 +166,23 @@ const HID_POWER_BUTTON = "PNP0C0C";
 const HID_SLEEP_BUTTON = "PNP0C0E";
 const HID_GED = "ACPI0013";
 const HID_VIRTIO_MMIO = "LNRO0005";
+/**
+ * The VM generation ID device's ids: Linux's vmgenid driver (drivers/virt/vmgenid.c, 6.1) matches "VMGENCTR" or
+ * "VM_GEN_COUNTER" against the device's _HID and _CID with a case-sensitive strcmp (drivers/acpi/bus.c
+ * __acpi_match_device). Microsoft's specification, QEMU and Firecracker write _CID "VM_Gen_Counter"; Linux matches
+ * that only because ACPICA upper-cases string _HID/_CID results (nsrepair2.c acpi_ns_repair_HID), so the DSDT
+ * gives the upper-case forms Linux lists and relies on no repair. _DDN, the display name, keeps the
+ * specification's spelling.
+ */
+const HID_VMGENID = "VMGENCTR";
+const CID_VMGENID = "VM_GEN_COUNTER";
+const DDN_VMGENID = "VM_Gen_Counter";
+/** Generation ID changed: the notification Linux's driver and Microsoft's specification expect (0x80). */
+const NOTIFY_VMGENID_CHANGED = 0x80;
+/** The name of the generation ID's address package, evaluated by Linux's driver (and named so by the specification). */
+const VMGENID_ADDR_NAME = "ADDR";
+/** ADDR splits the 64-bit address into two 32-bit integers, low then high. */
+const U32_SPAN = 2 ** 32;
 
 /** Tables are placed on 16-byte boundaries. */
 const TABLE_ALIGN = 16;
@@ -309,9 +328,20 @@ export function dsdtAml(opts: AcpiOptions): Uint8Array {
     aml.name("_HID", aml.eisaId(HID_SLEEP_BUTTON)),
     aml.name("_UID", aml.integer(0)),
   ]));
-  // The Generic Event Device (5.6.9): the VMM raises IRQ_ACPI_SCI (level, active high, matching the
-  // MADT override) for the power button and IRQ_ACPI_SLEEP_BUTTON (an ISA IRQ with its defaults: edge,
-  // active high) for the sleep button; _EVT, called with the interrupt's number, notifies the button.
+  // The VM generation ID (vmm/arch/vmgenid.ts): ADDR is the guest-physical address of its 16 bytes.
+  devices.push(aml.device("VGEN", [
+    aml.name("_HID", aml.string(HID_VMGENID)),
+    aml.name("_CID", aml.string(CID_VMGENID)),
+    aml.name("_DDN", aml.string(DDN_VMGENID)),
+    aml.name(
+      VMGENID_ADDR_NAME,
+      aml.pkg([aml.integer(VMGENID_PAGE_START % U32_SPAN), aml.integer(Math.floor(VMGENID_PAGE_START / U32_SPAN))]),
+    ),
+  ]));
+  // The Generic Event Device (5.6.9): one interrupt per event. The VMM raises IRQ_ACPI_SCI (level, active
+  // high, matching the MADT override) for the power button, IRQ_ACPI_SLEEP_BUTTON (an ISA IRQ with its
+  // defaults: edge, active high) for the sleep button and IRQ_ACPI_VMGENID (edge, active high) after it
+  // writes a new generation ID; _EVT, called with the interrupt's number, notifies the device.
   devices.push(aml.device("GED_", [
     aml.name("_HID", aml.string(HID_GED)),
     aml.name("_UID", aml.integer(0)),
@@ -320,6 +350,7 @@ export function dsdtAml(opts: AcpiOptions): Uint8Array {
       aml.resourceTemplate([
         aml.interrupt(IRQ_ACPI_SCI, { edge: false }),
         aml.interrupt(IRQ_ACPI_SLEEP_BUTTON, { edge: true }),
+        aml.interrupt(IRQ_ACPI_VMGENID, { edge: true }),
       ]),
     ),
     aml.method("_EVT", 1, true, [
@@ -328,6 +359,9 @@ export function dsdtAml(opts: AcpiOptions): Uint8Array {
       ]),
       aml.ifThen(aml.lEqual(aml.arg(0), aml.integer(IRQ_ACPI_SLEEP_BUTTON)), [
         aml.notify("\\_SB_.SLPB", NOTIFY_SLEEP_BUTTON_PRESSED),
+      ]),
+      aml.ifThen(aml.lEqual(aml.arg(0), aml.integer(IRQ_ACPI_VMGENID)), [
+        aml.notify("\\_SB_.VGEN", NOTIFY_VMGENID_CHANGED),
       ]),
     ]),
   ]));

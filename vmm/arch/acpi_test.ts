@@ -11,9 +11,15 @@ import {
   ACPI_TABLES_END,
   ACPI_TABLES_START,
   APIC_START,
+  E820_RAM,
+  E820_RESERVED,
+  e820Map,
+  GiB,
+  IOAPIC_PINS,
   IOAPIC_START,
   IRQ_ACPI_SCI,
   IRQ_ACPI_SLEEP_BUTTON,
+  IRQ_ACPI_VMGENID,
   MiB,
   MPTABLE_START,
   ramRanges,
@@ -21,6 +27,8 @@ import {
   VIRTIO_IRQS,
   VIRTIO_MMIO_SIZE,
   VIRTIO_MMIO_START,
+  VMGENID_PAGE_SIZE,
+  VMGENID_PAGE_START,
 } from "./layout.ts";
 import { type AcpiOptions, dsdtAml, virtioMmioCmdlineArgs, writeAcpiTables } from "./acpi.ts";
 import { MPTABLE_MAX_CPUS, mpTableSize, writeMpTable } from "./mptable.ts";
@@ -171,6 +179,29 @@ Deno.test({
         ),
       );
       assert.match(dsdt, /Method \(_EVT, 1, Serialized\)[\s\S]*?Notify \(\\_SB\.SLPB, 0x80\)/);
+      // The VM generation ID: the ids Linux's vmgenid driver matches, ADDR = the page's address (low, high), the
+      // GED's third interrupt (edge, active high) and its _EVT branch notifying the device with 0x80.
+      const vgen = dsdt.slice(dsdt.indexOf("Device (VGEN)"), dsdt.indexOf("Device (GED)"));
+      assert.match(vgen, /Name \(_HID, "VMGENCTR"\)/);
+      assert.match(vgen, /Name \(_CID, "VM_GEN_COUNTER"\)/);
+      assert.match(vgen, /Name \(_DDN, "VM_Gen_Counter"\)/);
+      assert.match(
+        vgen,
+        new RegExp(
+          `Name \\(ADDR, Package \\(0x02\\)\\s+\\{\\s+0x${
+            VMGENID_PAGE_START.toString(16).toUpperCase().padStart(8, "0")
+          },\\s+Zero\\s+\\}`,
+        ),
+      );
+      assert.match(
+        dsdt,
+        new RegExp(
+          `Interrupt \\(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \\)\\s+\\{\\s+0x${
+            IRQ_ACPI_VMGENID.toString(16).toUpperCase().padStart(8, "0")
+          },`,
+        ),
+      );
+      assert.match(dsdt, /Method \(_EVT, 1, Serialized\)[\s\S]*?Notify \(\\_SB\.VGEN, 0x80\)/);
       assert.match(dsdt, /Name \(\\_S5, Package \(0x02\)[^{]*\{\s+0x05,\s+Zero\s+\}/);
 
       const fadt = dsl.get("FACP")!;
@@ -213,7 +244,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "ACPI: acpiexec runs the DSDT — _EVT(9) notifies the power button, _S5 and _CRS evaluate",
+  name:
+    "ACPI: acpiexec runs the DSDT — _EVT notifies the power button, the sleep button or VGEN; ADDR, _S5, _CRS evaluate",
   ignore: !haveIasl,
   async fn() {
     using mem = OwnedGuestMemory.allocate(ramRanges(16 * MiB));
@@ -229,8 +261,27 @@ Deno.test({
       const slept = await exec(`evaluate \\_SB.GED._EVT ${IRQ_ACPI_SLEEP_BUTTON}`);
       assert.match(slept, /Device Notify on \[SLPB\] .* Value 0x80/);
       assert.doesNotMatch(slept, /Device Notify on \[PWRB\]/);
+      assert.doesNotMatch(pressed + slept, /Device Notify on \[VGEN\]/);
+      const changed = await exec(`evaluate \\_SB.GED._EVT ${IRQ_ACPI_VMGENID}`);
+      assert.match(changed, /Device Notify on \[VGEN\] .* Value 0x80/);
+      assert.doesNotMatch(changed, /Device Notify on \[(PWRB|SLPB)\]/);
       const other = await exec(`evaluate \\_SB.GED._EVT ${IRQ_ACPI_SCI + 1}`);
       assert.doesNotMatch(other, /Device Notify/);
+      // What Linux's vmgenid driver evaluates: ADDR, a package of two integers (low and high 32 bits of the
+      // ID's address), and the ids its table lists.
+      const addr = await exec("evaluate \\_SB.VGEN.ADDR");
+      assert.match(
+        addr,
+        new RegExp(
+          `\\[Package\\] Contains 2 Elements:\\s+\\[Integer\\] = 0*${
+            VMGENID_PAGE_START.toString(16).toUpperCase()
+          }\\s+\\[Integer\\] = 0+\\s`,
+        ),
+      );
+      const ids = await exec("evaluate \\_SB.VGEN._HID; evaluate \\_SB.VGEN._CID");
+      assert.match(ids, /\[String\] Length 08 = "VMGENCTR"/);
+      assert.match(ids, /\[String\] Length 0E = "VM_GEN_COUNTER"/);
+      assert.doesNotMatch(changed + addr + ids, /AE_|Exception/);
       const s5 = await exec("evaluate \\_S5");
       assert.match(s5, /\[Package\] Contains 2 Elements:\s+\[Integer\] = 0+5\s+\[Integer\] = 0+\s/);
       const crs = await exec("evaluate \\_SB.VR02._CRS");
@@ -308,6 +359,56 @@ Deno.test("virtioMmioCmdlineArgs: Linux's virtio_mmio.device=<size>@<base>:<irq>
   assert.deepEqual(virtioMmioCmdlineArgs([{ base: 0xd0100000, size: 2 * MiB, irq: 12 }]), [
     "virtio_mmio.device=2M@0xd0100000:12",
   ]);
+});
+
+// ---- The VM generation ID's page and interrupt ----
+
+Deno.test("VM generation ID: its page is e820-reserved at every memory size, clear of the ACPI and MP tables", () => {
+  assert.equal(VMGENID_PAGE_START % VMGENID_PAGE_SIZE, 0, "page aligned");
+  const end = VMGENID_PAGE_START + VMGENID_PAGE_SIZE;
+  for (const memBytes of [16 * MiB, 256 * MiB, 3 * GiB, 8 * GiB]) {
+    const map = e820Map(memBytes);
+    const covering = map.filter((e) => e.addr <= VMGENID_PAGE_START && end <= e.addr + e.size);
+    assert.deepEqual(covering.map((e) => e.type), [E820_RESERVED], `one reserved entry holds the page (${memBytes})`);
+    const ram = map.filter((e) => e.type === E820_RAM && e.addr < end && VMGENID_PAGE_START < e.addr + e.size);
+    assert.deepEqual(ram, [], "no RAM entry overlaps the page");
+    assert.ok(ramRanges(memBytes)[0].size >= end, "guest memory backs the page");
+  }
+  assert.ok(end <= ACPI_RSDP_START, "below the RSDP and the ACPI tables");
+  assert.ok(MPTABLE_START + mpTableSize(MPTABLE_MAX_CPUS) <= VMGENID_PAGE_START, "above the largest MP table");
+});
+
+Deno.test("VM generation ID: its GED interrupt is an IOAPIC pin no other device or event uses", () => {
+  assert.ok(IRQ_ACPI_VMGENID < IOAPIC_PINS);
+  const others = [IRQ_ACPI_SCI, IRQ_ACPI_SLEEP_BUTTON, ...SERIAL_PORTS.map((p) => p.irq), ...VIRTIO_IRQS];
+  assert.ok(!others.includes(IRQ_ACPI_VMGENID), `GSI ${IRQ_ACPI_VMGENID} is taken`);
+});
+
+Deno.test({
+  name: 'ACPI: ACPICA hands a _CID string to the OS upper-cased, so QEMU\'s "VM_Gen_Counter" and ours are the same id',
+  ignore: !haveIasl,
+  async fn() {
+    // Linux matches ids with a case-sensitive strcmp; this is why its table's "VM_GEN_COUNTER" matches QEMU's
+    // and Firecracker's mixed-case _CID, and why denovm's upper-case one needs no such repair.
+    const mixed = dsdtAml(OPTS);
+    const at = new TextDecoder("latin1").decode(new Uint8Array(mixed)).indexOf("VM_GEN_COUNTER");
+    assert.ok(at > 0);
+    mixed.set(new TextEncoder().encode("VM_Gen_Counter"), at);
+    const table = new Uint8Array(36 + mixed.length);
+    table.set(new TextEncoder().encode("DSDT"), 0);
+    new DataView(table.buffer).setUint32(4, table.length, true);
+    table[8] = 2;
+    table.set(mixed, 36);
+    table[9] = (0x100 - sum8(table)) & 0xff;
+    const dir = await Deno.makeTempDir({ prefix: "denovm-acpi-cid-" });
+    try {
+      await Deno.writeFile(`${dir}/DSDT.dat`, table);
+      const out = await run("acpiexec", ["-b", "evaluate \\_SB.VGEN._CID", "DSDT.dat"], dir);
+      assert.match(out, /\[String\] Length 0E = "VM_GEN_COUNTER"/);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
 });
 
 // ---- MP table (Intel MultiProcessor Specification 1.4) ----

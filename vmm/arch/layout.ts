@@ -32,6 +32,15 @@ export const CMDLINE_MAX_SIZE = 0x10000;
 export const EBDA_START = 0x9fc00;
 /** MP floating pointer and configuration table live at the start of the EBDA. */
 export const MPTABLE_START = EBDA_START;
+/**
+ * The VM generation ID's page (vmm/arch/vmgenid.ts): the 16-byte ID at its start, the rest zero. It is the page
+ * just below the ACPI area, inside the EBDA..1 MiB range e820Map reserves, so Linux never uses it as RAM; its
+ * driver (drivers/virt/vmgenid.c) maps it with memremap, as Firecracker's ID in the reserved EBDA is mapped.
+ */
+export const VMGENID_PAGE_START = 0xdf000;
+export const VMGENID_PAGE_SIZE = 0x1000;
+/** The generation ID's length: 128 bits (Microsoft's "Virtual Machine Generation ID" specification). */
+export const VMGENID_SIZE = 16;
 /** ACPI tables live in the BIOS read-only area Linux scans for the RSDP (0xe0000..0xfffff). */
 export const ACPI_RSDP_START = 0xe0000;
 /** The other ACPI tables follow the RSDP in the same 128 KiB area. */
@@ -76,8 +85,15 @@ export const IRQ_ACPI_SCI = 9;
  * (the PC's FPU error line, unused by a 64-bit guest) with its ISA defaults, edge-triggered and active high.
  */
 export const IRQ_ACPI_SLEEP_BUTTON = 13;
+/**
+ * The VM generation ID's interrupt: the Generic Event Device's third interrupt (vmm/arch/acpi.ts), edge-triggered
+ * and active high. It needs a pin of its own: Linux's GED driver requests each of its interrupts IRQF_ONESHOT, which
+ * cannot share a line with the virtio-mmio or i8042 drivers' handlers, and the other ISA lines have owners (1 the
+ * i8042 keyboard, 8 the CMOS RTC). The IOAPIC's last pin, taken from the end of the virtio-mmio list.
+ */
+export const IRQ_ACPI_VMGENID = 23;
 /** GSIs free for virtio-mmio devices, in allocation order. */
-export const VIRTIO_IRQS: readonly number[] = [5, 6, 7, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+export const VIRTIO_IRQS: readonly number[] = [5, 6, 7, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22];
 
 // ---- I/O ports ----
 
