@@ -69,8 +69,8 @@ function noSuchDisplay(m: Machine, ids: number[]): GpuControlReply | undefined {
 export const NO_ENCRYPTION = "encrypted snapshots are not supported (snapshot take --encrypt): denovm writes " +
   "the snapshot unencrypted";
 
-/** What Machine.snapshot() needs of a machine, and what the handler reads to know whether it is suspended. */
-export type SnapshotTarget = Pick<Machine, "snapshot" | "paused" | "devicesAsleep">;
+/** What the handler needs of a machine to snapshot it. */
+export type SnapshotTarget = Pick<Machine, "snapshot">;
 
 /**
  * crosvm `snapshot take` (vm_control/src/lib.rs do_snapshot): crosvm does not ask for a suspended VM; it suspends
@@ -85,8 +85,8 @@ export async function snapshotMachine(
   encrypt: boolean,
 ): Promise<void> {
   if (encrypt) throw new Error(NO_ENCRYPTION);
-  const suspended = m.paused || m.devicesAsleep;
-  await m.snapshot(path, { resume: !suspended, compressMemory });
+  // Machine.snapshot with resume puts back exactly the state it found (vCPUs paused or not, devices asleep or not).
+  await m.snapshot(path, { resume: true, compressMemory });
 }
 
 export function machineControlHandler(m: Machine): ControlHandler {
