@@ -104,7 +104,6 @@ export const O_WRONLY = 0o1;
 export const O_RDWR = 0o2;
 export const O_CREAT = 0o100;
 export const O_EXCL = 0o200;
-export const O_TRUNC = 0o1000;
 export const O_NONBLOCK = 0o4000;
 export const O_DIRECT = 0o40000;
 export const O_DIRECTORY = 0o200000;
