@@ -37,7 +37,7 @@ const record = (fields: Record<string, Schema>, optional: readonly string[] = []
 });
 
 /** Every VmConfig field (vmm/config.ts) with its type; `optional` lists the fields that may be absent. */
-export const VM_CONFIG_SCHEMA: Schema = record({
+const VM_CONFIG_SCHEMA: Schema = record({
   kernel: str,
   initrd: str,
   params: list(str),
