@@ -127,7 +127,7 @@ export async function main(args: readonly string[]): Promise<number> {
       }
       const vmm = await load("the VMM (vmm/cli/run_vm.ts)", () => import("./vmm/cli/run_vm.ts"));
       if (!vmm) return EXIT_HOST_ERROR;
-      return vmEndExitCode(await vmm.runVm(parsed.config), extendedStatus);
+      return vmEndExitCode(await vmm.runVm(parsed.config, parsed), extendedStatus);
     }
     if (command === "device") {
       if (rest.length === 0) throw new UsageError("device: missing device TYPE");

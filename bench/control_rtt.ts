@@ -27,6 +27,7 @@ const handler: ControlHandler = {
   gpuSetMouseMode: () => Promise.resolve("DisplayMouseModeSet"),
   gpuStats: () => Promise.resolve({}),
   screenshot: noop,
+  snapshot: noop,
 };
 
 function median(xs: number[]): number {

@@ -2,11 +2,29 @@
 // Every access names a guest-physical address and a length and is checked
 // against the regions; nothing else does pointer arithmetic on guest addresses.
 
-import { mmapAnonAligned, munmap } from "../ffi/libc.ts";
+import {
+  closeFd,
+  MAP_FIXED,
+  MAP_NORESERVE,
+  MAP_PRIVATE,
+  mmap,
+  mmapAnonAligned,
+  munmap,
+  O_NONBLOCK,
+  O_RDONLY,
+  openFile,
+  PROT_READ,
+  PROT_WRITE,
+  SysError,
+} from "../ffi/libc.ts";
+import { HostError } from "./exit.ts";
+import { fdInfo, fileKind } from "./host_file.ts";
 import { MiB } from "./units.ts";
 
 /** x86-64's 2 MiB page: guest RAM's host mapping is aligned to it so KVM can map it with large pages. */
 const HUGE_PAGE_SIZE = 2 * MiB;
+/** x86-64's base page: mmap(2) takes file offsets in multiples of it. */
+export const PAGE_SIZE = 4096;
 
 /** An access outside guest RAM, or one that straddles two regions. */
 export class GuestMemoryError extends Error {
@@ -184,6 +202,60 @@ export class OwnedGuestMemory extends GuestMemory {
       descs.push({ guestBase: r.start, size: r.size, hostAddr: BigInt(Deno.UnsafePointer.value(ptr)) });
     }
     return new OwnedGuestMemory(descs, maps);
+  }
+
+  /**
+   * Guest RAM whose contents come from the file at `path`: range i is mapped private (copy-on-write) from
+   * the file at `fileOffsets[i]`, at a 2 MiB-aligned host address as allocate() places it. Pages are read
+   * from the file when first touched; a write copies the page into this process, so neither the file nor
+   * another mapping of it sees it. Throws HostError (one line) when the file cannot be opened, is not a
+   * regular file or is shorter than a range needs.
+   */
+  static mapFile(path: string, ranges: { start: number; size: number }[], fileOffsets: number[]): OwnedGuestMemory {
+    if (fileOffsets.length !== ranges.length) {
+      throw new Error(`guest memory file: ${ranges.length} ranges, ${fileOffsets.length} file offsets`);
+    }
+    ranges.forEach((r, i) => {
+      const off = fileOffsets[i];
+      if (!Number.isSafeInteger(off) || off < 0 || off % PAGE_SIZE !== 0) {
+        throw new Error(`guest memory file: offset ${off} of range ${i} is not a multiple of ${PAGE_SIZE}`);
+      }
+      if (!Number.isSafeInteger(r.size) || r.size <= 0 || r.size % PAGE_SIZE !== 0) {
+        throw new Error(`guest memory file: size ${r.size} of range ${i} is not a positive multiple of ${PAGE_SIZE}`);
+      }
+    });
+    let fd: number;
+    try {
+      // O_NONBLOCK: a FIFO in the file's place cannot hold the open; its kind is refused below.
+      fd = openFile(path, O_RDONLY | O_NONBLOCK);
+    } catch (e) {
+      const reason = e instanceof SysError ? e.message.replace(/^open [^:]*: /, "") : (e as Error).message;
+      throw new HostError(`guest memory file "${path}": ${reason}`);
+    }
+    const maps: { ptr: Deno.PointerObject; size: number }[] = [];
+    try {
+      const info = fdInfo(fd);
+      if (!info.isFile) throw new HostError(`guest memory file "${path}": is ${fileKind(info)}, not a regular file`);
+      const needed = ranges.reduce((n, r, i) => Math.max(n, fileOffsets[i] + r.size), 0);
+      if (info.size < needed) {
+        throw new HostError(`guest memory file "${path}": ${info.size} bytes, shorter than the ${needed} it must hold`);
+      }
+      const descs: RegionDescriptor[] = [];
+      ranges.forEach((r, i) => {
+        const ptr = mmapAnonAligned(r.size, HUGE_PAGE_SIZE);
+        maps.push({ ptr, size: r.size });
+        // The file's pages replace the reservation in place, so the range keeps its alignment.
+        mmap(r.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, fileOffsets[i], ptr);
+        descs.push({ guestBase: r.start, size: r.size, hostAddr: BigInt(Deno.UnsafePointer.value(ptr)) });
+      });
+      return new OwnedGuestMemory(descs, maps);
+    } catch (e) {
+      for (const m of maps) munmap(m.ptr, m.size);
+      if (e instanceof SysError) throw new HostError(`guest memory file "${path}": ${e.message}`);
+      throw e;
+    } finally {
+      closeFd(fd);
+    }
   }
 
   close(): void {

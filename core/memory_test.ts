@@ -1,11 +1,14 @@
 // GuestMemory as device code uses it: reads and writes inside regions, every access that leaves a region or
 // spans two refused with GuestMemoryError (including zero lengths, non-integers and sums past 2^53), live
 // slices, vhost-user address translation; OwnedGuestMemory's host mappings (huge-page alignment, unmapped on
-// close). Property tests check random accesses against a plain model of the regions.
+// close). Property tests check random accesses against a plain model of the regions. Guest memory mapped from
+// a file (a snapshot's memory): the file's bytes, copy-on-write per mapping, the file never written, bad files
+// refused in one line.
 
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { GuestMemory, GuestMemoryError, OwnedGuestMemory, type RegionDescriptor } from "./memory.ts";
+import { HostError } from "./exit.ts";
+import { GuestMemory, GuestMemoryError, OwnedGuestMemory, PAGE_SIZE, type RegionDescriptor } from "./memory.ts";
 import { KiB, MiB } from "./units.ts";
 
 /** Two regions with a hole between them, and a third right after the second (adjacent, not one region). */
@@ -229,4 +232,111 @@ Deno.test("guest memory (property): written bytes read back, and nothing outside
     ),
     { numRuns: 200 },
   );
+});
+
+/** A field of the mapping that starts at `addr` in /proc/self/smaps, in kB ("Rss", "Anonymous", ...). */
+function smapsField(addr: bigint, field: string): number {
+  let inside = false;
+  for (const line of Deno.readTextFileSync("/proc/self/smaps").split("\n")) {
+    const head = /^([0-9a-f]+)-[0-9a-f]+ /.exec(line);
+    if (head) {
+      inside = BigInt("0x" + head[1]) === addr;
+      continue;
+    }
+    const m = /^(\w+):\s+(\d+) kB/.exec(line);
+    if (inside && m && m[1] === field) return Number(m[2]);
+  }
+  throw new Error(`no mapping at 0x${addr.toString(16)} with ${field}`);
+}
+
+/** A file of `size` bytes where every 4-byte word holds its own offset xor `salt`. */
+function patternFile(path: string, size: number, salt: number): Uint8Array {
+  const words = new Uint32Array(size / 4).map((_, i) => (i * 4) ^ salt);
+  const bytes = new Uint8Array(words.buffer);
+  Deno.writeFileSync(path, bytes);
+  return bytes;
+}
+
+Deno.test("file-backed guest memory: each range shows the file's bytes at its offset, 2 MiB-aligned, unmapped on close", () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const file = patternFile(`${dir}/mem`, 4 * MiB, 0x5a5a5a5a);
+    const ranges = [{ start: 0, size: 1 * MiB }, { start: 16 * MiB, size: 2 * MiB }];
+    const offsets = [0, 2 * MiB];
+    const mem = OwnedGuestMemory.mapFile(`${dir}/mem`, ranges, offsets);
+    assert.deepEqual(mem.read(0, MiB), file.subarray(0, MiB));
+    assert.deepEqual(mem.read(16 * MiB, 2 * MiB), file.subarray(2 * MiB, 4 * MiB));
+    refused(() => mem.getU8(MiB), "the hole after the first range");
+    const descs = mem.descriptors;
+    for (const d of descs) {
+      assert.equal(d.hostAddr % BigInt(2 * MiB), 0n, "huge-page aligned");
+      assert.ok(isMapped(d.hostAddr, d.size));
+    }
+    mem.close();
+    for (const d of descs) assert.equal(isMapped(d.hostAddr, d.size), false, "unmapped after close");
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("file-backed guest memory: two mappings share the file's pages until one writes; the file never changes", () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const path = `${dir}/mem`;
+    const file = patternFile(path, 2 * MiB, 0x1234);
+    const ranges = [{ start: 0, size: 2 * MiB }];
+    using a = OwnedGuestMemory.mapFile(path, ranges, [0]);
+    using b = OwnedGuestMemory.mapFile(path, ranges, [0]);
+    // Reading every page of both: file pages, no private copy in either.
+    assert.deepEqual(a.read(0, 2 * MiB), file);
+    assert.deepEqual(b.read(0, 2 * MiB), file);
+    const [ha, hb] = [a.descriptors[0].hostAddr, b.descriptors[0].hostAddr];
+    assert.equal(smapsField(ha, "Anonymous"), 0, "a has no private page after reads");
+    assert.equal(smapsField(hb, "Anonymous"), 0, "b has no private page after reads");
+    // A write through a: one private page in a, nothing seen by b or in the file.
+    a.setU32(PAGE_SIZE + 8, 0xdeadbeef);
+    a.fill(MiB, 16, 0xee);
+    assert.equal(a.getU32(PAGE_SIZE + 8), 0xdeadbeef);
+    assert.equal(b.getU32(PAGE_SIZE + 8), (PAGE_SIZE + 8) ^ 0x1234, "b still sees the file's bytes");
+    assert.deepEqual(b.read(MiB, 16), file.subarray(MiB, MiB + 16));
+    assert.equal(smapsField(ha, "Anonymous"), 2 * PAGE_SIZE / 1024, "a copied exactly the two pages it wrote");
+    assert.equal(smapsField(hb, "Anonymous"), 0);
+    a.close();
+    b.close();
+    assert.deepEqual(Deno.readFileSync(path), file, "the file is unchanged");
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("file-backed guest memory: a short file, a missing one, a directory or a FIFO is refused in one line", async () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    patternFile(`${dir}/short`, MiB - PAGE_SIZE, 0);
+    Deno.mkdirSync(`${dir}/dir`);
+    const fifo = new Deno.Command("mkfifo", { args: [`${dir}/fifo`] });
+    const haveFifo = (await fifo.output()).success;
+    const ranges = [{ start: 0, size: MiB }];
+    const cases: [string, RegExp][] = [
+      ["short", /"[^"]*short": 1044480 bytes, shorter than the 1048576 it must hold$/],
+      ["missing", /"[^"]*missing": No such file or directory/],
+      ["dir", /"[^"]*dir": is a directory, not a regular file$/],
+      ...(haveFifo ? [["fifo", /"[^"]*fifo": is a FIFO, not a regular file$/] as [string, RegExp]] : []),
+    ];
+    for (const [name, message] of cases) {
+      assert.throws(() => OwnedGuestMemory.mapFile(`${dir}/${name}`, ranges, [0]), (e: Error) => {
+        assert.ok(e instanceof HostError, `${name}: a host error (exit 1)`);
+        assert.match(e.message, message);
+        assert.doesNotMatch(e.message, /\n/, "one line");
+        return true;
+      });
+    }
+    // The second range past the end of a file long enough for the first.
+    assert.throws(
+      () => OwnedGuestMemory.mapFile(`${dir}/short`, [{ start: 0, size: 4096 }, { start: MiB, size: 4096 }], [0, MiB]),
+      /shorter than the 1052672 it must hold/,
+    );
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
 });

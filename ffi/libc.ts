@@ -28,6 +28,7 @@ const symbols = {
   pread_ptr: { name: "pread64", parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
   pwrite_ptr: { name: "pwrite64", parameters: ["i32", "pointer", "usize", "i64"], result: "isize" },
   fdatasync: { parameters: ["i32"], result: "i32" }, // int fd
+  fsync: { parameters: ["i32"], result: "i32" }, // int fd
   fallocate: { name: "fallocate64", parameters: ["i32", "i32", "i64", "i64"], result: "i32" }, // fd, mode, offset, len
   ftruncate: { name: "ftruncate64", parameters: ["i32", "i64"], result: "i32" }, // fd, length
   memfd_create: { parameters: ["buffer", "u32"], result: "i32" }, // const char *name, unsigned int flags
@@ -102,8 +103,10 @@ export const O_RDONLY = 0o0;
 export const O_WRONLY = 0o1;
 export const O_RDWR = 0o2;
 export const O_CREAT = 0o100;
+export const O_EXCL = 0o200;
 export const O_NONBLOCK = 0o4000;
 export const O_DIRECT = 0o40000;
+export const O_DIRECTORY = 0o200000;
 export const O_CLOEXEC = 0o2000000;
 /** mmap(2) protection and flags (asm-generic/mman-common.h, mman.h). */
 export const PROT_NONE = 0;

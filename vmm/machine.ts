@@ -74,7 +74,10 @@ export interface StartOptions {
 
 /** What Machine.snapshot() does around the save. */
 export interface SnapshotOptions {
-  /** Let the VM run again after the snapshot is written (default true); false leaves it suspended. */
+  /**
+   * After the snapshot is written, put the VM back as it was found (default true: a running VM runs on, a
+   * suspended one stays suspended, vCPUs and devices each); false leaves it suspended (vCPUs and devices).
+   */
   resume?: boolean;
   /** crosvm's `--compress-memory`: accepted; the memory file is written sparse either way. */
   compressMemory?: boolean;

@@ -19,7 +19,7 @@ const REPO_ROOT = join(GUESTS_DIR, "..", "..");
 /** Every guest and the extra sources it needs besides start.S and rt.c. */
 export const GUESTS: Readonly<Record<string, readonly string[]>> = {
   boot_info: ["boot_info.c"],
-  smp: ["smp.c", "trampoline.S"],
+  smp: ["smp.c", "smp_start.c", "trampoline.S"],
   timer: ["timer.c"],
   echo: ["echo.c"],
   reset: ["reset.c"],
@@ -31,12 +31,15 @@ export const GUESTS: Readonly<Record<string, readonly string[]>> = {
   ticker: ["ticker.c"],
   powerbtn: ["powerbtn.c"],
   gdb_target: ["gdb_target.c"],
+  smp_beat: ["smp_beat.c", "smp_start.c", "trampoline.S"],
+  mempattern: ["mempattern.c"],
+  virtio_wait: ["virtio_wait.c", "virtio_mmio.c"],
 };
 
 export type GuestName = keyof typeof GUESTS;
 
 const COMMON_SOURCES = ["start.S", "rt.c"];
-const HEADERS = ["rt.h", "virtio_mmio.h"];
+const HEADERS = ["rt.h", "virtio_mmio.h", "smp_start.h"];
 const LINKER_SCRIPT = "guest.ld";
 
 /**

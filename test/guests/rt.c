@@ -32,6 +32,7 @@ usize strlen(const char *s) {
 #define UART_IER 1 /* interrupt enable */
 #define UART_LCR 3 /* line control */
 #define UART_LSR 5 /* line status */
+#define UART_IER_RDI 0x01 /* interrupt when received data is available */
 #define UART_LCR_8N1 0x03
 #define UART_LSR_DR 0x01   /* data ready */
 #define UART_LSR_THRE 0x20 /* transmit holding register empty */
@@ -225,6 +226,12 @@ void irq_dispatch(struct irq_frame *f) {
 #define LAPIC_ICR_BUSY 0x1000 /* delivery status */
 #define LAPIC_ID_SHIFT 24
 #define APIC_BASE_ENABLE (1u << 11) /* IA32_APIC_BASE global enable */
+/* LAPIC timer (Intel SDM vol. 3 section 11.5.4): LVT timer, initial count, divide configuration. */
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INITIAL 0x380
+#define LAPIC_TIMER_DIVIDE 0x3e0
+#define LAPIC_TIMER_PERIODIC (1u << 17)
+#define LAPIC_TIMER_DIVIDE_BY_16 0x3
 
 void lapic_enable(void) {
   u64 base = rdmsr(MSR_APIC_BASE);
@@ -238,6 +245,12 @@ void lapic_send_ipi(u32 apic_id, u32 icr_low) {
   wr32(APIC_START + LAPIC_ICR_HIGH, apic_id << LAPIC_ID_SHIFT);
   wr32(APIC_START + LAPIC_ICR_LOW, icr_low);
   while (rd32(APIC_START + LAPIC_ICR_LOW) & LAPIC_ICR_BUSY) cpu_relax();
+}
+
+void lapic_timer_periodic(u8 vector, u32 count) {
+  wr32(APIC_START + LAPIC_TIMER_DIVIDE, LAPIC_TIMER_DIVIDE_BY_16);
+  wr32(APIC_START + LAPIC_LVT_TIMER, LAPIC_TIMER_PERIODIC | vector);
+  wr32(APIC_START + LAPIC_TIMER_INITIAL, count);
 }
 
 /* ---- IOAPIC (82093AA data sheet: IOREGSEL at +0, IOWIN at +0x10, redirection table at 0x10 + 2*pin) ---- */
@@ -287,6 +300,14 @@ void pit_start_periodic(u32 hz) {
   outb(PIT_CMD_PORT, PIT_CMD_CH0_LOHI_MODE2);
   outb(PIT_CH0_PORT, (u8)divisor);
   outb(PIT_CH0_PORT, (u8)(divisor >> 8));
+}
+
+static void on_serial_rx(struct irq_frame *f) { (void)f; }
+
+void serial_rx_wakeup(u8 vector) {
+  /* ISA interrupts that "conform to the bus" are edge-triggered, active high. */
+  irq_route_here(acpi_irq_route(SERIAL_PORTS_0_IRQ, 0, 0), vector, on_serial_rx);
+  outb(COM1_BASE + UART_IER, UART_IER_RDI);
 }
 
 /* ---- ACPI (ACPI 6.4 section 5.2) ---- */

@@ -95,6 +95,12 @@ void putc(char c);
 void puts(const char *s); /* no newline added */
 int serial_getc(void);    /* blocks polling LSR data-ready */
 int serial_poll(void);    /* the next received byte, or -1 when none is waiting (does not block) */
+/*
+ * Routes COM1's receive interrupt (IER "received data available", an edge on ISA IRQ 4's IOAPIC pin) to
+ * this CPU on `vector`, with a handler that only wakes the CPU: a "sti; hlt" idle loop then sleeps until
+ * a byte arrives and reads it with serial_poll. Uses irq_route_here (the PICs masked, this LAPIC on).
+ */
+void serial_rx_wakeup(u8 vector);
 /* printf-lite: %s %c %d %u %x %p, with l/ll size modifiers; %% */
 void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -122,6 +128,11 @@ u32 lapic_id(void);
 void lapic_eoi(void);
 void lapic_send_ipi(u32 apic_id, u32 icr_low);
 void ioapic_route(u32 pin, u8 vector, u32 dest_apic_id, int level, int active_low);
+/*
+ * This CPU's LAPIC timer in periodic mode on `vector`, counting down from `count` at the APIC bus clock / 16
+ * (KVM's APIC bus runs at 1 GHz, so a count of 62500 is about 1 ms); a count of 0 stops it.
+ */
+void lapic_timer_periodic(u8 vector, u32 count);
 
 /* Masks every input of both 8259 PICs (OCW1), so only the IOAPIC delivers. */
 void pic_mask_all(void);

@@ -307,6 +307,91 @@ Deno.test("run: --cfg JSON file, command line after it", () => {
   }
 });
 
+Deno.test("run: --restore PATH and --suspended, as crosvm spells them", () => {
+  const parse = (...args: string[]) => parseRunArgs(args, { checkFiles: false });
+  // KERNEL may be left out: the snapshot's configuration is used, with nothing to override.
+  let r = parse("--restore=/snaps/a");
+  assert.deepEqual(r.restore, { path: "/snaps/a", overrides: {} });
+  assert.equal(r.suspended, undefined);
+  assert.equal(r.printConfig, false);
+  r = parse("--restore", "/snaps/a", "--suspended");
+  assert.deepEqual(r.restore, { path: "/snaps/a", overrides: {} });
+  assert.equal(r.suspended, "vm");
+  assert.equal(parse("--suspended-vcpus", "--restore", "/snaps/a").suspended, "vcpus");
+
+  // Host-side options become the overrides, exactly as given (no default serial is added).
+  r = parse(
+    "--restore",
+    "/snaps/a",
+    "-s",
+    "/run/vm.sock",
+    "--serial",
+    "type=file,path=/tmp/out",
+    "--block",
+    "/img/b.img,ro",
+    "--vsock",
+    "cid=5,uds-path=/run/v.sock",
+    "--net",
+    "tap-name=tap1",
+    "--gdb",
+    "1234",
+  );
+  assert.deepEqual(r.restore?.overrides, {
+    socket: "/run/vm.sock",
+    serials: run("--serial", "type=file,path=/tmp/out").serials,
+    blocks: run("--block", "/img/b.img,ro").blocks,
+    vsock: { cid: 5, udsPath: "/run/v.sock" },
+    nets: [{ tapName: "tap1" }],
+    gdb: 1234,
+  });
+  // crosvm's flags that change nothing are accepted there too.
+  assert.deepEqual(parse("--restore", "/s", "--disable-sandbox", "--name", "vm1").restore?.overrides, {});
+
+  // With KERNEL, the whole command line is the configuration the snapshot's is checked against.
+  r = parse("--restore", "/snaps/a", "--mem", "512", "-s", "/run/vm.sock", "bzImage");
+  assert.deepEqual(r.restore, { path: "/snaps/a" });
+  assert.equal(r.config.kernel, "bzImage");
+  assert.equal(r.config.memMiB, 512);
+  assert.deepEqual(r.config.serials, defaultVmConfig("x").serials);
+
+  // crosvm: --suspended without --restore boots with the vCPUs and devices suspended.
+  r = parse("--suspended", "bzImage");
+  assert.equal(r.suspended, "vm");
+  assert.equal(r.restore, undefined);
+
+  usageError(["--restore"], /option --restore needs a value \(PATH\)/);
+  usageError(["--restore="], /--restore: empty PATH/);
+  usageError(["--restore", "/s", "--restore", "/t"], /option --restore given more than once/);
+  usageError(["--restore", "/s", "--mem", "512"], /^--mem with --restore and no KERNEL: .*KERNEL included/);
+  usageError(["--restore", "/s", "-p", "quiet"], /^--params with --restore and no KERNEL/);
+  usageError(["--restore", "/s", "--gpu", "2d"], /^--gpu with --restore and no KERNEL/);
+  usageError(["--restore", "/s", "--print-config"], /--print-config cannot be used with --restore/);
+  usageError(["--restore", "/s", "--print-config", "bzImage"], /--print-config cannot be used with --restore/);
+  usageError(["--suspended"], /missing KERNEL/);
+  usageError(["--suspended", "--suspended-vcpus", "k"], /give --suspended or --suspended-vcpus, not both/);
+  usageError(["--suspended", "--gdb", "1234", "k"], /--suspended: suspended mode is not supported with --gdb/);
+  usageError(["--restore", "/s", "--suspended-vcpus", "--gdb", "1"], /--suspended-vcpus: .* with --gdb/);
+  usageError(["--restore", "/s", "--serial", "type=file"], /path/);
+});
+
+Deno.test("run --restore: the kernel and initrd are not read (a restore does not load them); disks are", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const r = parseRunArgs(["--restore", "/snaps/a", "--initrd", `${dir}/gone.img`, `${dir}/gone-kernel`]);
+    assert.deepEqual(r.restore, { path: "/snaps/a" });
+    assert.throws(
+      () => parseRunArgs(["--restore", "/snaps/a", "--block", `${dir}/missing.img`]),
+      /block ".*missing\.img": no such file/,
+    );
+    assert.throws(
+      () => parseRunArgs(["--restore", "/snaps/a", "--block", `${dir}/missing.img`, `${dir}/k`]),
+      /block ".*missing\.img": no such file/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("run: kernel, initrd and block files are checked", () => {
   const dir = Deno.makeTempDirSync();
   try {
@@ -432,6 +517,24 @@ Deno.test("denovm process: bad input exits 35 with one stderr line", async () =>
   }
 });
 
+Deno.test("denovm process: run --restore: a bad command line exits 35, a snapshot that cannot be restored 1, one line each", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    assertOneErrorLine(await denovm("run", "--restore"), /option --restore needs a value/);
+    assertOneErrorLine(await denovm("run", "--restore", `${dir}/snap`, "--print-config"), /--print-config cannot/);
+    assertOneErrorLine(await denovm("run", "--restore", `${dir}/snap`, "-m", "512"), /-mem with --restore and no/);
+    // The restore itself fails (no such snapshot): a host error, as crosvm's is.
+    const r = await denovm("run", "--restore", `${dir}/no-such-snapshot`, "--suspended");
+    assert.equal(r.code, 1, r.stderr);
+    const lines = r.stderr.split("\n").filter((l) => l !== "");
+    assert.equal(lines.length, 1, `exactly one stderr line, got: ${JSON.stringify(r.stderr)}`);
+    assert.match(lines[0], /^denovm: /);
+    assert.equal(r.stdout, "");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("denovm process: --print-config prints the resolved config", async () => {
   const dir = await Deno.makeTempDir();
   try {
@@ -468,6 +571,8 @@ Deno.test("denovm process: help and version exit 0", async () => {
   const rh = await denovm("run", "--help");
   assert.equal(rh.code, 0);
   assert.match(rh.stdout, /--gpu \[backend=\]BACKEND/);
+  assert.match(rh.stdout, /denovm run --restore PATH \[--suspended\] \[OPTIONS\] \[KERNEL\]/);
+  assert.match(rh.stdout, /--suspended\n.*\n.*denovm resume --full SOCKET lets the VM run/);
   const v = await denovm("version");
   assert.equal(v.code, 0);
   assert.match(v.stdout, /^denovm \d+\.\d+\.\d+/);

@@ -13,6 +13,8 @@ export interface ControlFlag {
   arg?: string;
   repeatable?: boolean;
   required?: boolean;
+  /** A crosvm flag denovm knows but does not act on: giving it is refused with this reason, naming it. */
+  refused?: string;
   help: string;
 }
 
@@ -80,14 +82,28 @@ const COMMANDS: Record<string, readonly ControlShape[]> = {
     { words: ["stats", "SOCKET"], help: "print GPU counters (denovm)" },
   ],
   screenshot: [{ words: ["PATH", "SOCKET"], help: "save display 0 to PATH as PNG (denovm)" }],
+  // crosvm's SnapshotCommand / SnapshotTakeCommand (cmdline.rs): `snapshot take SNAPSHOT_PATH VM_SOCKET
+  // [--compress-memory] [--encrypt]`.
+  snapshot: [{
+    words: ["take", "PATH", "SOCKET"],
+    flags: [
+      {
+        name: "compress-memory",
+        help: "(crosvm) compress guest memory; accepted: denovm writes memory sparse either way",
+      },
+      {
+        name: "encrypt",
+        refused: "denovm writes snapshots unencrypted",
+        help: "(crosvm) encrypt the snapshot; refused: denovm writes snapshots unencrypted",
+      },
+    ],
+    help: "write a snapshot of the VM to directory PATH (restore it with run --restore PATH); " +
+      "a suspended VM stays suspended",
+  }],
 };
 
-/**
- * crosvm commands denovm knows but does not offer; each is refused with one line naming it. `snapshot` waits
- * for VM snapshots; the others need hardware denovm does not model.
- */
+/** crosvm commands denovm knows but does not offer (they need hardware denovm does not model); each is refused with one line naming it. */
 const UNSUPPORTED: Record<string, string> = {
-  snapshot: "VM snapshots are not supported yet",
   swap: "vmm-swap is not supported",
   usb: "there is no USB controller",
   battery: "there is no battery device",
@@ -170,7 +186,9 @@ export function parseControlArgs(argv: readonly string[]): ParsedControl {
   const shape = hasSubs ? shapes.find((s) => s.words[0] === rest[0]) : shapes[0];
   if (!shape) {
     const subs = shapes.map((s) => s.words[0]).join(", ");
-    throw new UsageError(`${cmd}: expected ${subs}, got ${rest[0] === undefined ? "nothing" : `"${rest[0]}"`}`);
+    const got = rest[0] === undefined ? "nothing" : `"${rest[0]}"`;
+    const usage = shapes.length === 1 ? ` (usage: denovm ${usageLine(cmd, shapes[0])})` : "";
+    throw new UsageError(`${cmd}: expected ${subs}, got ${got}${usage}`);
   }
   const sub = hasSubs ? shape.words[0] : undefined;
   const usage = `usage: denovm ${usageLine(cmd, shape)}`;
@@ -192,6 +210,7 @@ export function parseControlArgs(argv: readonly string[]): ParsedControl {
     const name = a.slice(2, eq < 0 ? undefined : eq);
     const f = known.get(name);
     if (!f) throw new UsageError(`${where}: unknown option --${name} (${usage})`);
+    if (f.refused) throw new UsageError(`${where}: --${name}: a crosvm option denovm does not support: ${f.refused}`);
     if (!f.arg) {
       if (eq >= 0) throw new UsageError(`${where}: --${name} takes no value`);
       flags[name] = true;

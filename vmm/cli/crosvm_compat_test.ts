@@ -265,3 +265,33 @@ Deno.test("--print-config refuses what a boot refuses: gfxstream, an empty kerne
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+// ---- snapshots: --restore, --suspended, --suspended-vcpus (cmdline.rs RunCommand, parse_suspended_flags) ----
+
+Deno.test("crosvm run: --suspended and --suspended-vcpus as crosvm's parse_suspended_flags; --restore as crosvm spells it", () => {
+  // crosvm's own cases, on its test's /dev/null kernel.
+  const kernel = (...args: string[]) => parseRunArgs([...args, "/dev/null"], { checkFiles: false });
+  assert.equal(kernel("--suspended").suspended, "vm");
+  assert.equal(kernel("--suspended-vcpus").suspended, "vcpus");
+  assert.throws(() => kernel("--suspended", "--suspended-vcpus"), /not both/);
+  // crosvm: "suspended mode not supported with GDB".
+  assert.throws(() => kernel("--suspended", "--gdb", "1234"), /suspended mode is not supported with --gdb/);
+  // crosvm builds the restored VM from the whole command line: the same line works here, checked against the
+  // snapshot; denovm may also leave KERNEL out.
+  assert.deepEqual(kernel("--restore", "/snaps/a", "--mem", "512").restore, { path: "/snaps/a" });
+  assert.deepEqual(kernel("--restore=/snaps/a").restore, { path: "/snaps/a" });
+  assert.deepEqual(parseRunArgs(["--restore", "/snaps/a"], { checkFiles: false }).restore, {
+    path: "/snaps/a",
+    overrides: {},
+  });
+  // A --cfg file may hold them, as crosvm's does.
+  const dir = Deno.makeTempDirSync();
+  try {
+    Deno.writeTextFileSync(`${dir}/vm.json`, JSON.stringify({ restore: "/snaps/b", suspended: true, socket: "/s" }));
+    const r = parseRunArgs(["--cfg", `${dir}/vm.json`], { checkFiles: false });
+    assert.deepEqual(r.restore, { path: "/snaps/b", overrides: { socket: "/s" } });
+    assert.equal(r.suspended, "vm");
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});

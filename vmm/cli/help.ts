@@ -431,6 +431,25 @@ export const RUN_FLAGS: readonly FlagDef[] = [
     help: "JSON file of options: keys are long flag names, values are strings, numbers, booleans or " +
       "arrays; command-line flags come after it",
   },
+  {
+    long: "restore",
+    arg: "PATH",
+    help: "start from the snapshot in directory PATH (denovm snapshot take PATH SOCKET) instead of booting. " +
+      "KERNEL may be left out (crosvm always needs the full command line): the snapshot's configuration is " +
+      "used, and only host-side options may be given, which replace the snapshot's: --socket, --gdb, --serial, " +
+      "--block (and its older forms), --net (and its older forms), --vsock/--cid. With KERNEL, the whole " +
+      "command line is checked against the snapshot's configuration (exit 35 at the first difference) and its " +
+      "host-side options are used; the kernel and initrd are not read. Not with --print-config",
+  },
+  {
+    long: "suspended",
+    help: "start with the vCPUs and devices suspended (after a --restore, or before the first instruction): " +
+      "denovm resume --full SOCKET lets the VM run; not with --gdb",
+  },
+  {
+    long: "suspended-vcpus",
+    help: "start with the vCPUs suspended, the devices awake: denovm resume SOCKET lets them run; not with --gdb",
+  },
   { long: "print-config", help: "print the resolved configuration as JSON and exit" },
   { long: "help", short: "h", help: "show this help" },
 ];
@@ -478,9 +497,10 @@ function wrap(text: string, indent: string, width = 100): string[] {
 export function runHelp(): string {
   const out = [
     "Usage: denovm run [OPTIONS] KERNEL",
+    "       denovm run --restore PATH [--suspended] [OPTIONS] [KERNEL]",
     "",
-    "Start a VM from the kernel image KERNEL. Options that take key=value lists separate the pairs with",
-    "commas; the first key may be left out, and a key alone means key=true.",
+    "Start a VM from the kernel image KERNEL, or from a snapshot (--restore). Options that take key=value",
+    "lists separate the pairs with commas; the first key may be left out, and a key alone means key=true.",
     "",
     "Options:",
   ];
@@ -518,6 +538,8 @@ export function mainHelp(): string {
     "",
     "Commands:",
     "  run [OPTIONS] KERNEL       start a VM (see denovm run --help)",
+    "  run --restore PATH [OPTIONS]",
+    "                             start a VM from the snapshot in directory PATH",
     "  device TYPE [OPTIONS]      run a vhost-user device backend",
     "  version                    print the version",
   ];

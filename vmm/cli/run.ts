@@ -1,4 +1,5 @@
-// `denovm run [OPTIONS] KERNEL`: argv (and --cfg JSON files) → a validated VmConfig.
+// `denovm run [OPTIONS] KERNEL` and `denovm run --restore PATH [OPTIONS] [KERNEL]`: argv (and --cfg JSON files)
+// → a validated VmConfig (or, for a restore without KERNEL, the host-side options that override the snapshot's).
 // Option names, keys, defaults and checks follow crosvm's `run` (google/crosvm src/crosvm/cmdline.rs
 // RunCommand and its TryFrom<RunCommand> for Config; src/crosvm/config.rs). This module scans argv and
 // --cfg files, parses the machine's own options (kernel, memory, vCPUs, sockets) and hands each device
@@ -35,8 +36,27 @@ export { UsageError } from "./keyvalue.ts";
  */
 export const MAX_MEM_MIB = 2 ** 27;
 
+/** `run --restore PATH`: start from a snapshot instead of booting (vmm/builder.ts restoreMachine). */
+export interface RestoreRequest {
+  /** The snapshot directory. */
+  path: string;
+  /**
+   * Set when the command line has no KERNEL: the host-side options it gave (socket, gdb, serials, blocks, nets,
+   * vsock), which replace the snapshot's; RunCommand.config is then not a whole configuration. Absent when
+   * KERNEL was given: RunCommand.config is the whole configuration, to be checked against the snapshot's.
+   */
+  overrides?: Partial<VmConfig>;
+}
+
+/** crosvm `run --suspended` ("vm": vCPUs and devices) or `--suspended-vcpus` ("vcpus"). */
+export type StartSuspended = "vm" | "vcpus";
+
 export interface RunCommand {
   config: VmConfig;
+  /** `--restore PATH` was given. */
+  restore?: RestoreRequest;
+  /** `--suspended` or `--suspended-vcpus` was given: start with them suspended. */
+  suspended?: StartSuspended;
   /** `--print-config` was given. */
   printConfig: boolean;
   /** `-h`/`--help` was given: nothing else was parsed; `config` is not meaningful. */
@@ -252,6 +272,58 @@ const DEPRECATED_INPUT_ORDER = [
   "evdev",
 ] as const;
 
+/**
+ * The options a `run --restore PATH` without KERNEL may give: host-side resources that replace the snapshot's
+ * (see RestoreRequest.overrides), the run's own switches, and options that change nothing in the VM. Every
+ * other option describes the VM, which the snapshot already fixes.
+ */
+const RESTORE_OVERRIDE_FLAGS = new Set([
+  "socket",
+  "gdb",
+  "serial",
+  "block",
+  "disk",
+  "rwdisk",
+  "root",
+  "rwroot",
+  "net",
+  "tap-name",
+  "tap-fd",
+  "host-ip",
+  "netmask",
+  "mac",
+  "net-vq-pairs",
+  "vsock",
+  "cid",
+  "restore",
+  "suspended",
+  "suspended-vcpus",
+  "cfg",
+  "print-config",
+  "disable-sandbox",
+  "irqchip",
+]);
+
+/** The VmConfig field each override option sets. */
+const OVERRIDE_FIELD: Record<string, keyof VmConfig> = {
+  socket: "socket",
+  gdb: "gdb",
+  serial: "serials",
+  block: "blocks",
+  disk: "blocks",
+  rwdisk: "blocks",
+  root: "blocks",
+  rwroot: "blocks",
+  net: "nets",
+  "tap-name": "nets",
+  "tap-fd": "nets",
+  "host-ip": "nets",
+  netmask: "nets",
+  mac: "nets",
+  vsock: "vsock",
+  cid: "vsock",
+};
+
 function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCommand, "warnings"> {
   const { occurrences: cli, positionals } = scanArgv(argv);
   const cfg: VmConfig = {
@@ -278,6 +350,11 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
   const seen = new Map<string, string>();
   let kernelFlag: string | undefined;
   let printConfig = false;
+  let restorePath: string | undefined;
+  let suspendedVm = false;
+  let suspendedVcpus = false;
+  /** Every option given (command line and --cfg files), by long name. */
+  const given = new Set<string>();
   // What crosvm's deprecated flags add, appended after the devices of the current options in crosvm's order.
   const tapNameNets: NetConfig[] = [];
   const tapFdNets: NetConfig[] = [];
@@ -302,6 +379,7 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
       if (prev === o.source) throw new UsageError(`option --${f.long} given more than once`);
       seen.set(f.long, o.source);
     }
+    given.add(f.long);
     const v = o.value ?? "";
     switch (f.long) {
       case "params":
@@ -372,6 +450,16 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
         break;
       case "print-config":
         printConfig = true;
+        break;
+      case "restore":
+        if (v === "") throw new UsageError("--restore: empty PATH");
+        restorePath = v;
+        break;
+      case "suspended":
+        suspendedVm = true;
+        break;
+      case "suspended-vcpus":
+        suspendedVcpus = true;
         break;
       case "tap-name":
         tapNameNets.push(parseNetOption(`tap-name=${quoteValue(v)}`));
@@ -462,7 +550,21 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
     }
   }
 
-  // The kernel: exactly one positional argument, or --kernel.
+  // crosvm (cmdline.rs TryFrom<RunCommand>): the two suspended switches exclude each other and --gdb.
+  if (suspendedVm && suspendedVcpus) throw new UsageError("give --suspended or --suspended-vcpus, not both");
+  const suspended: StartSuspended | undefined = suspendedVm ? "vm" : suspendedVcpus ? "vcpus" : undefined;
+  if (suspended && cfg.gdb !== undefined) {
+    throw new UsageError(
+      `--${suspendedVm ? "suspended" : "suspended-vcpus"}: suspended mode is not supported with --gdb`,
+    );
+  }
+  if (restorePath !== undefined && printConfig) {
+    throw new UsageError(
+      "--print-config cannot be used with --restore: the configuration is the snapshot's, read when the VM starts",
+    );
+  }
+
+  // The kernel: exactly one positional argument, or --kernel; with --restore, none.
   if (positionals.length > 1) {
     throw new UsageError(`expected one KERNEL argument, got ${positionals.length}: ${positionals.join(" ")}`);
   }
@@ -470,7 +572,10 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
     throw new UsageError("give the kernel either as --kernel or as the KERNEL argument, not both");
   }
   const kernel = positionals[0] ?? kernelFlag;
-  if (kernel === undefined || kernel === "") throw new UsageError("missing KERNEL argument (see denovm run --help)");
+  if (kernel === "" || (kernel === undefined && restorePath === undefined)) {
+    throw new UsageError("missing KERNEL argument (see denovm run --help)");
+  }
+  if (kernel === undefined) return restoreOverrides(cfg, restorePath as string, given, suspended, options);
   cfg.kernel = kernel;
 
   validateSerials(cfg.serials);
@@ -478,11 +583,58 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
   addDefaultSerial(cfg.serials);
 
   if (options.checkFiles ?? true) {
-    checkReadableFile(cfg.kernel, "kernel", "regular");
-    if (cfg.initrd !== undefined) checkReadableFile(cfg.initrd, "initrd", "regular");
+    // A restore does not load the kernel or initrd: guest memory comes from the snapshot.
+    if (restorePath === undefined) {
+      checkReadableFile(cfg.kernel, "kernel", "regular");
+      if (cfg.initrd !== undefined) checkReadableFile(cfg.initrd, "initrd", "regular");
+    }
     for (const b of cfg.blocks) checkReadableFile(b.path, "block", "regular-or-block");
   }
-  return { config: cfg, printConfig, help: false };
+  return {
+    config: cfg,
+    printConfig,
+    help: false,
+    ...(restorePath !== undefined && { restore: { path: restorePath } }),
+    ...(suspended && { suspended }),
+  };
+}
+
+/** `run --restore PATH` without KERNEL: only host-side options, which become the restore's overrides. */
+function restoreOverrides(
+  cfg: VmConfig,
+  path: string,
+  given: ReadonlySet<string>,
+  suspended: StartSuspended | undefined,
+  options: ParseRunOptions,
+): Omit<RunCommand, "warnings"> {
+  for (const long of given) {
+    // crosvm's flags that denovm ignores or refuses were dealt with when they were read.
+    if (RESTORE_OVERRIDE_FLAGS.has(long) || BY_LONG.get(long)?.crosvm) continue;
+    throw new UsageError(
+      `--${long} with --restore and no KERNEL: the snapshot's configuration fixes it; give the whole command ` +
+        "line, KERNEL included, to have it checked against the snapshot",
+    );
+  }
+  const overrides: Partial<VmConfig> = {};
+  const set = overrides as Record<string, unknown>;
+  for (const long of given) {
+    const field = OVERRIDE_FIELD[long];
+    if (field !== undefined) set[field] = cfg[field];
+  }
+  if (overrides.serials) validateSerials(overrides.serials);
+  if (overrides.blocks) {
+    if (overrides.blocks.filter((b) => b.root).length > 1) throw new UsageError("only one root disk can be given");
+    if (options.checkFiles ?? true) {
+      for (const b of overrides.blocks) checkReadableFile(b.path, "block", "regular-or-block");
+    }
+  }
+  return {
+    config: cfg,
+    printConfig: false,
+    help: false,
+    restore: { path, overrides },
+    ...(suspended && { suspended }),
+  };
 }
 
 /** `text` as one key=value value: quoted when it holds a separator. */

@@ -1,5 +1,5 @@
 // Control-socket client: the commands of vmm/cli/control.ts (`denovm stop|suspend|resume|powerbtn|sleepbtn|
-// balloon|balloon_stats|balloon_ws|disk resize|gpu ...|screenshot ... SOCKET`). Sends the same JSON as crosvm's
+// balloon|balloon_stats|balloon_ws|disk resize|gpu ...|screenshot|snapshot take ... SOCKET`). Sends the same JSON as crosvm's
 // client (see vmm/control/protocol.ts for the protocol) and prints results the way crosvm's src/main.rs does:
 // `balloon_stats` prints the whole reply as pretty JSON, `gpu list-displays` prints {"displays": ...} as
 // pretty JSON, the other gpu commands print crosvm's text for their result ("displays updated",
@@ -224,6 +224,16 @@ export function requestForArgv(argv: readonly string[]): { request: ControlReque
         }
       case "screenshot":
         return { kind: "screenshot", path: absolute(p.args.PATH) };
+      case "snapshot":
+        // crosvm's client sends SNAPSHOT_PATH as given (src/main.rs snapshot_vm), so its VM resolves a relative
+        // path against its own working directory; denovm sends it absolute, so it names the directory the user
+        // meant wherever the VM was started. (--encrypt was refused by parseControlArgs.)
+        return {
+          kind: "snapshot",
+          path: absolute(p.args.PATH),
+          compressMemory: p.flags["compress-memory"] === true,
+          encrypt: false,
+        };
     }
     throw new Error(`unknown control command "${p.cmd}"`);
   })();
@@ -268,7 +278,8 @@ function isVariant(reply: unknown, name: string): reply is Record<string, unknow
  */
 export async function sendControlCommand(argv: string[]): Promise<number> {
   const { request, socket } = requestForArgv(argv);
-  const cmd = argv[0] === "gpu" || argv[0] === "disk" ? `${argv[0]} ${argv[1]}` : argv[0];
+  const { sub } = parseControlArgs(argv);
+  const cmd = sub === undefined ? argv[0] : `${argv[0]} ${sub}`;
   let reply: unknown;
   try {
     reply = await controlRequest(socket, encodeRequest(request));

@@ -15,6 +15,7 @@ import {
   encodeRequest,
   type GpuControlReply,
   MAX_REQUEST_BYTES,
+  type SnapshotRequestOptions,
 } from "./protocol.ts";
 import {
   ControlServer,
@@ -25,6 +26,8 @@ import {
 } from "./server.ts";
 import { controlCall, ControlClient, controlRequest, errorOfReply, sendControlCommand } from "./client.ts";
 import { buildMachine } from "../builder.ts";
+import { machineControlHandler, NO_ENCRYPTION, type SnapshotTarget } from "./handler.ts";
+import type { Machine, SnapshotOptions } from "../machine.ts";
 import { defaultVmConfig } from "../config.ts";
 import { MiB } from "../arch/layout.ts";
 import { VIRTIO_ID_BLOCK } from "../../devices/virtio/device.ts";
@@ -126,6 +129,10 @@ class FakeHandler implements ControlHandler {
   }
   screenshot(path: string): Promise<void> {
     this.#record("screenshot", path);
+    return Promise.resolve();
+  }
+  snapshot(path: string, opts: SnapshotRequestOptions): Promise<void> {
+    this.#record("snapshot", path, opts);
     return Promise.resolve();
   }
 }
@@ -251,6 +258,109 @@ Deno.test("control: `deno run main.ts <command> SOCKET` subprocesses: exit codes
   });
 });
 
+Deno.test("control: snapshot take through the socket: crosvm's request, nothing printed on success, one line and 1 on failure", async () => {
+  await withServer(async ({ path, dir, handler }) => {
+    // In process: a relative PATH reaches the VM absolute.
+    assert.equal(await sendControlCommand(["snapshot", "take", "snaps/one", path, "--compress-memory"]), 0);
+    assert.deepEqual(handler.calls, [["snapshot", `${Deno.cwd()}/snaps/one`, {
+      compressMemory: true,
+      encrypt: false,
+    }]]);
+
+    // The denovm process, run from another directory than the VM's.
+    const cli = async (args: string[]) => {
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: ["run", "--allow-all", MAIN, ...args],
+        cwd: dir,
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const dec = new TextDecoder();
+      return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+    };
+    handler.calls = [];
+    let r = await cli(["snapshot", "take", "snap", path]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, "");
+    assert.equal(r.stderr, "");
+    assert.deepEqual(handler.calls, [["snapshot", `${dir}/snap`, { compressMemory: false, encrypt: false }]]);
+
+    handler.calls = [];
+    handler.absent.add("snapshot");
+    r = await cli(["snapshot", "take", "snap", path]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stdout, "");
+    assert.match(r.stderr, /^denovm: snapshot take: not available: no device for snapshot\n$/);
+    assert.equal(handler.calls.length, 1, "the request reached the VM once");
+
+    // --encrypt is refused before anything is sent.
+    handler.calls = [];
+    r = await cli(["snapshot", "take", "snap", path, "--encrypt"]);
+    assert.equal(r.code, 35);
+    assert.match(r.stderr, /^denovm: snapshot take: --encrypt: a crosvm option denovm does not support[^\n]*\n$/);
+    assert.deepEqual(handler.calls, []);
+
+    // No VM at the socket: one line, exit 1.
+    r = await cli(["snapshot", "take", "snap", `${dir}/none.sock`]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /^denovm: snapshot take: cannot reach the VM at [^\n]*none\.sock[^\n]*\n$/);
+  });
+});
+
+/** What machineControlHandler's snapshot touches of a Machine, recording the calls; `fail` makes it reject. */
+class FakeSnapshotMachine implements SnapshotTarget {
+  calls: [string, SnapshotOptions][] = [];
+  fail: Error | undefined;
+  snapshot(dir: string, opts: SnapshotOptions = {}): Promise<void> {
+    this.calls.push([dir, opts]);
+    return this.fail ? Promise.reject(this.fail) : Promise.resolve();
+  }
+}
+
+/** A control server whose handler is machineControlHandler over a fake machine. */
+async function withMachineServer(fn: (path: string, m: FakeSnapshotMachine) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-ctl-test-" });
+  const m = new FakeSnapshotMachine();
+  const server = new ControlServer(`${dir}/vm.sock`, machineControlHandler(m as unknown as Machine));
+  try {
+    await server.listening;
+    await fn(`${dir}/vm.sock`, m);
+  } finally {
+    await server.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("control: the VM's Snapshot handler asks the machine to put back the state it found (crosvm's guards)", async () => {
+  await withMachineServer(async (path, m) => {
+    const take = (compress: boolean, encrypt = false) =>
+      rawRequest(
+        path,
+        JSON.stringify({ Snapshot: { Take: { snapshot_path: "/snaps/x", compress_memory: compress, encrypt } } }),
+      );
+    assert.equal(await take(false), "Ok");
+    assert.equal(await take(true), "Ok");
+    // resume: true is Machine.snapshot's "as found": a suspended VM stays suspended (test/kvm/snapshot_test.ts).
+    assert.deepEqual(m.calls, [
+      ["/snaps/x", { resume: true, compressMemory: false }],
+      ["/snaps/x", { resume: true, compressMemory: true }],
+    ]);
+
+    // crosvm's encrypt: refused, nothing written.
+    m.calls = [];
+    assert.deepEqual(await take(false, true), { ErrString: NO_ENCRYPTION });
+    assert.deepEqual(m.calls, []);
+
+    // A failed snapshot is an error reply with its reason; the client exits 1 with one line.
+    m.fail = new Error("snapshot /snaps/x: disk full");
+    assert.deepEqual(await take(false), { ErrString: "snapshot /snaps/x: disk full" });
+    const r = await runCli(["snapshot", "take", "/snaps/x", path]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stdout, "");
+    assert.equal(r.stderr, "denovm: snapshot take: snapshot /snaps/x: disk full\n");
+  });
+});
+
 Deno.test("control: unreachable socket → exit 1 with one stderr line (subprocess); bad arguments → 35", async () => {
   const dir = await Deno.makeTempDir();
   try {
@@ -320,6 +430,17 @@ Deno.test("control: crosvm's exact request JSON is understood and answered in cr
       ['{"Powerbtn":null}', "Ok", ["powerButton"]],
       ['"DenovmGpuStats"', { DenovmGpuStats: GPU_STATS }, ["gpuStats"]],
       ['{"DenovmScreenshot":{"path":"/tmp/x.png"}}', "Ok", ["screenshot", "/tmp/x.png"]],
+      ['{"Snapshot":{"Take":{"snapshot_path":"/tmp/snap","compress_memory":true,"encrypt":false}}}', "Ok", [
+        "snapshot",
+        "/tmp/snap",
+        { compressMemory: true, encrypt: false },
+      ]],
+      // A crosvm client sends the path as its user typed it; the handler gets it unchanged.
+      ['{"Snapshot":{"Take":{"snapshot_path":"rel/snap","compress_memory":false,"encrypt":true}}}', "Ok", [
+        "snapshot",
+        "rel/snap",
+        { compressMemory: false, encrypt: true },
+      ]],
       ['"Exit"', "Ok", ["stop"]],
     ];
     for (const [json, reply, call] of exact) {
@@ -374,6 +495,15 @@ Deno.test("control: the client sends byte-for-byte what serde_json produces for 
     wire(encodeRequest({ kind: "gpuSetMouseMode", id: 1, mode: "touchscreen" })),
     '{"GpuCommand":{"SetDisplayMouseMode":{"display_id":1,"mouse_mode":"touchscreen"}}}',
   );
+  // crosvm's VmRequest::Snapshot(SnapshotCommand::Take { snapshot_path, compress_memory, encrypt }).
+  assert.equal(
+    wire(encodeRequest({ kind: "snapshot", path: "/snaps/a", compressMemory: false, encrypt: false })),
+    '{"Snapshot":{"Take":{"snapshot_path":"/snaps/a","compress_memory":false,"encrypt":false}}}',
+  );
+  assert.equal(
+    wire(encodeRequest({ kind: "snapshot", path: "/s", compressMemory: true, encrypt: false })),
+    '{"Snapshot":{"Take":{"snapshot_path":"/s","compress_memory":true,"encrypt":false}}}',
+  );
   // Round trip: every request decodes back to itself.
   for (
     const req of [
@@ -390,6 +520,7 @@ Deno.test("control: the client sends byte-for-byte what serde_json produces for 
       { kind: "diskResize", index: 0, bytes: 1 },
       { kind: "screenshot", path: "/a.png" },
       { kind: "gpuStats" },
+      { kind: "snapshot", path: "/snaps/a b", compressMemory: true, encrypt: true },
     ] as ControlRequest[]
   ) {
     assert.deepEqual(decodeRequest(JSON.parse(JSON.stringify(encodeRequest(req)))), req);
@@ -453,8 +584,14 @@ Deno.test("control: malformed, unknown and oversized requests get error replies;
       [new Uint8Array([0x22, 0xff, 0xfe, 0x22]), /^malformed request/], // not UTF-8
       ['"MakeRT"', /^unsupported request "MakeRT"/],
       ['"NoSuchThing"', /^unsupported request/],
-      // Snapshots are not offered: the request is unsupported like any unknown one.
-      ['{"Snapshot":{"Take":{"snapshot_path":"/s"}}}', /^unsupported request "Snapshot"/],
+      // serde requires every field of SnapshotCommand::Take.
+      ['{"Snapshot":{"Take":{"snapshot_path":"/s"}}}', /^Snapshot Take: missing field "compress_memory"/],
+      ['{"Snapshot":{"Take":{"compress_memory":false,"encrypt":false}}}', /missing field "snapshot_path"/],
+      ['{"Snapshot":{"Take":{"snapshot_path":"/s","compress_memory":0,"encrypt":false}}}', /compress_memory/],
+      ['{"Snapshot":{"Take":{"snapshot_path":"","compress_memory":false,"encrypt":false}}}', /snapshot_path/],
+      ['{"Snapshot":{"Take":{"snapshot_path":7,"compress_memory":false,"encrypt":false}}}', /snapshot_path/],
+      ['{"Snapshot":"Take"}', /Snapshot Take: expected an object/],
+      ['{"Snapshot":{"Restore":{"snapshot_path":"/s"}}}', /^unsupported snapshot command "Restore"/],
       ['{"BalloonCommand":{"WorkingSetConfig":{"bins":[1]}}}', /^unsupported balloon command/],
       ['{"BalloonCommand":{"Adjust":{"num_bytes":1,"wait_for_success":1}}}', /wait_for_success/],
       ['{"GpuCommand":{"SetDisplayMouseMode":{"display_id":0,"mouse_mode":"relative"}}}', /mouse_mode/],

@@ -3,6 +3,7 @@
 
 import { closeFd, eventfd, eventfdWrite } from "../../ffi/libc.ts";
 import type { Bus } from "../../core/bus.ts";
+import { type DeviceState, StateError, type Stateful } from "../../core/state.ts";
 import { AcpiPm } from "../../devices/legacy/acpi_pm.ts";
 import { Cmos, CMOS_PORT_SPAN } from "../../devices/legacy/cmos.ts";
 import { I8042 } from "../../devices/legacy/i8042.ts";
@@ -33,6 +34,12 @@ export type GuestRequest = "power-off" | "reset" | "panic";
 /** The guest asked to power off, reset or report a panic; `reason` says which device and how. */
 export type GuestRequestHandler = (request: GuestRequest, reason: string) => void;
 
+/** A legacy device's saved state, under the name it has on the port bus ("COM1", "i8042", "cmos", ...). */
+export interface LegacyDeviceState {
+  name: string;
+  state: DeviceState;
+}
+
 /** A UART as the vCPU Workers serve it: its ports, its shared state, the irqfd of its interrupt. */
 interface WorkerUart {
   base: number;
@@ -45,6 +52,8 @@ export class LegacyDevices {
   readonly serials: Serial[] = [];
   readonly #workerUarts: WorkerUart[] = [];
   readonly #irqFds: number[] = [];
+  /** Every device with state, by its bus name, in the order add() put them on the bus. */
+  readonly #stateful: { name: string; device: Stateful }[] = [];
 
   constructor(
     readonly bus: Bus,
@@ -68,6 +77,7 @@ export class LegacyDevices {
       this.#workerUarts.push({ base: port.base, state: serial.state, irqFd });
       this.serials[s.num - 1] = serial;
       this.bus.add(port.base, UART_REGISTER_COUNT, serial, `COM${s.num}`);
+      this.#stateful.push({ name: `COM${s.num}`, device: serial });
       await this.hostIo.attachInput(s, (b) => serial.enqueueInput(b));
     }
     const request = this.onGuestRequest;
@@ -77,7 +87,8 @@ export class LegacyDevices {
       onReset: () => request("reset", "guest reset (i8042)"),
     });
     this.bus.add(I8042_DATA_PORT, i8042.portSpan, i8042, "i8042");
-    this.bus.add(CMOS_INDEX_PORT, CMOS_PORT_SPAN, new Cmos(), "cmos");
+    const cmos = new Cmos();
+    this.bus.add(CMOS_INDEX_PORT, CMOS_PORT_SPAN, cmos, "cmos");
     const acpiPm = new AcpiPm(
       {
         sleepControlPort: ACPI_SLEEP_CONTROL_PORT,
@@ -92,12 +103,50 @@ export class LegacyDevices {
       },
     );
     this.bus.add(ACPI_SLEEP_CONTROL_PORT, acpiPm.portSpan, acpiPm, "acpi-pm");
-    this.bus.add(
-      PVPANIC_PORT,
-      PVPANIC_PORT_SPAN,
-      new PvPanic(() => request("panic", "guest panicked (pvpanic)"), this.log),
-      "pvpanic",
+    const pvpanic = new PvPanic(() => request("panic", "guest panicked (pvpanic)"), this.log);
+    this.bus.add(PVPANIC_PORT, PVPANIC_PORT_SPAN, pvpanic, "pvpanic");
+    this.#stateful.push(
+      { name: "i8042", device: i8042 },
+      { name: "cmos", device: cmos },
+      { name: "acpi-pm", device: acpiPm },
+      { name: "pvpanic", device: pvpanic },
     );
+  }
+
+  /** The names of the devices with state, in bus order: what saveState() lists. */
+  get stateNames(): string[] {
+    return this.#stateful.map((d) => d.name);
+  }
+
+  /** Every device's state under its bus name. Call it while no vCPU runs (the UARTs share state with them). */
+  saveState(): LegacyDeviceState[] {
+    return this.#stateful.map(({ name, device }) => ({ name, state: device.saveState() }));
+  }
+
+  /**
+   * Take saved states, matched by name: every device of this VM must have one and every saved one must have
+   * its device (StateError naming the first that does not). Call it before any vCPU runs.
+   */
+  restoreState(saved: readonly LegacyDeviceState[]): void {
+    const byName = new Map<string, DeviceState>();
+    for (const { name, state } of saved) {
+      if (byName.has(name)) throw new StateError(`the snapshot has two states for ${name}`);
+      byName.set(name, state);
+    }
+    for (const { name } of this.#stateful) {
+      if (!byName.has(name)) throw new StateError(`${name}: this VM has the device, the snapshot has no state for it`);
+    }
+    const mine = new Set(this.stateNames);
+    for (const name of byName.keys()) {
+      if (!mine.has(name)) throw new StateError(`${name}: the snapshot has the device, this VM does not`);
+    }
+    for (const { name, device } of this.#stateful) {
+      try {
+        device.restoreState(byName.get(name)!);
+      } catch (e) {
+        throw new StateError(`${name}: ${(e as Error).message}`);
+      }
+    }
   }
 
   /** The UARTs as the vCPU Workers serve them. */

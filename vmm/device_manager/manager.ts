@@ -4,13 +4,14 @@
 
 import { Bus } from "../../core/bus.ts";
 import type { GuestMemory } from "../../core/memory.ts";
+import { type DeviceState, StateError, type Stateful } from "../../core/state.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
 import type { ConsolePort } from "../../devices/virtio/console.ts";
 import { GUEST_PHYS_LIMIT } from "../arch/layout.ts";
 import type { SerialConfig } from "../config.ts";
 import type { VmHandle } from "../kvm/vm.ts";
 import type { HostIo } from "./host_io.ts";
-import { type GuestRequestHandler, LegacyDevices } from "./legacy.ts";
+import { type GuestRequestHandler, LegacyDevices, type LegacyDeviceState } from "./legacy.ts";
 import { VirtioMmioDevices, type VirtioMmioResource, type VirtioSlot } from "./mmio.ts";
 import { SharedMemoryArea } from "./shared_memory.ts";
 import type { WorkerDevice } from "../kvm/worker_devices.ts";
@@ -25,6 +26,21 @@ export interface DeviceManagerOptions {
   /** The guest asked to power off, reset or report a panic. */
   onGuestRequest: GuestRequestHandler;
   log: (line: string) => void;
+}
+
+/** One virtio slot's saved state: its device's name, its transport's state and its device's. */
+export interface VirtioSlotState {
+  name: string;
+  transport: DeviceState;
+  device: DeviceState;
+}
+
+/** Every device's state, as a snapshot stores it (SNAPSHOT.md `devices`). */
+export interface DevicesState {
+  /** The legacy devices by bus name: the UARTs present ("COM1".."COM4"), "i8042", "cmos", "acpi-pm", "pvpanic". */
+  legacy: LegacyDeviceState[];
+  /** Every virtio slot, in slot order. */
+  virtio: VirtioSlotState[];
 }
 
 export class DeviceManager {
@@ -95,10 +111,65 @@ export class DeviceManager {
     return this.#virtio.stats();
   }
 
+  /**
+   * Every device's state: the legacy devices by name, then each virtio slot's transport and device in slot
+   * order. Call it while the vCPUs are paused and the devices quiescent (busy() is empty). Throws StateError
+   * naming a device whose state cannot be saved.
+   */
+  saveState(): DevicesState {
+    const virtio = this.#virtio.slots.map((v): VirtioSlotState => {
+      const device = stateful(v.device, v.device.name);
+      return { name: v.device.name, transport: v.transport.saveState(), device: device.saveState() };
+    });
+    return { legacy: this.legacy.saveState(), virtio };
+  }
+
+  /**
+   * Take a saved state into devices built from the same configuration, before the vCPUs or the notify loop
+   * run: the legacy devices matched by name, the virtio slots by order and name. Each slot's device takes its
+   * state first, then its transport (whose restore activates the device on the restored queues). Throws
+   * StateError naming the first device that is missing, extra or refuses its state.
+   */
+  restoreState(saved: DevicesState): void {
+    const slots = this.#virtio.slots;
+    const count = Math.max(slots.length, saved.virtio.length);
+    for (let i = 0; i < count; i++) {
+      const mine = slots[i]?.device.name, theirs = saved.virtio[i]?.name;
+      if (mine === theirs) continue;
+      if (theirs === undefined) {
+        throw new StateError(`virtio device ${i} (${mine}): this VM has it, the snapshot has no state for it`);
+      }
+      if (mine === undefined) {
+        throw new StateError(`virtio device ${i} (${theirs}): the snapshot has it, this VM does not`);
+      }
+      throw new StateError(`virtio device ${i}: the snapshot has ${theirs}, this VM has ${mine}`);
+    }
+    this.legacy.restoreState(saved.legacy);
+    slots.forEach((v, i) => {
+      const s = saved.virtio[i];
+      const device = stateful(v.device, v.device.name);
+      try {
+        device.restoreState(s.device);
+        v.transport.restoreState(s.transport);
+      } catch (e) {
+        throw new StateError(`virtio device ${i} (${v.device.name}): ${(e as Error).message}`);
+      }
+    });
+  }
+
   /** Release every device and the host ends of the consoles. */
   close(): void {
     this.legacy.close();
     this.hostIo.close();
     this.#virtio.close();
   }
+}
+
+/** `device` as Stateful; StateError naming it when it has no state to save or restore. */
+function stateful(device: VirtioDevice, name: string): Stateful {
+  const d = device as VirtioDevice & Partial<Stateful>;
+  if (typeof d.saveState !== "function" || typeof d.restoreState !== "function") {
+    throw new StateError(`virtio device ${name} cannot be saved or restored`);
+  }
+  return d as VirtioDevice & Stateful;
 }
