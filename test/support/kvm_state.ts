@@ -275,6 +275,7 @@ export function checkBadRecords(kvm: Kvm): void {
     ],
     ["an MSR index out of range", edited(good, (d) => d.msrs = [[-1, "0x0"]]), /msrs\[0\] index/],
     ["an MSR entry not a pair", edited(good, (d) => d.msrs = [[0x10]]), /msrs\[0\]: expected \[index, value\]/],
+    ["too many MSRs", edited(good, (d) => d.msrs = Array(5000).fill([0x10, "0x0"])), /5000 MSRs; KVM lists no more/],
     ["a negative mpState", edited(good, (d) => d.mpState = -1), /mpState: expected an integer/],
   ];
   for (const [what, record, message] of bad) assertStateError(() => restoreVcpuState(fd, record, caps), message, what);

@@ -84,7 +84,7 @@ const MSRS_PER_CALL = 128;
 /** An MSR value in a record: "0x" and 1 to 16 lower-case hex digits (a u64). */
 const MSR_VALUE = /^0x[0-9a-f]{1,16}$/;
 const U32_MAX = 0xffffffff;
-/** KVM_GET_MSR_INDEX_LIST answers with a count; more than this is not a list KVM could hold. */
+/** More MSRs than KVM_GET_MSR_INDEX_LIST could answer with (it lists a few hundred): not a list, nor a record. */
 const MAX_MSR_INDICES = 4096;
 /** The largest XSAVE area a record may carry (AMX's state is about 11 KiB; KVM caps the uabi size well below). */
 const MAX_XSAVE_SIZE = 64 * 1024;
@@ -251,7 +251,14 @@ function parseVcpuState(state: DeviceState): VcpuRecord {
       throw new StateError(`${what} xsave: ${xsave.length} bytes is not an XSAVE area`);
     }
   }
-  const msrs = stateArray(d.msrs, `${what} msrs`).map((entry, i): [number, bigint] => {
+  const msrList = stateArray(d.msrs, `${what} msrs`);
+  const skippedList = stateArray(d.msrsSkipped, `${what} msrsSkipped`);
+  if (msrList.length + skippedList.length > MAX_MSR_INDICES) {
+    throw new StateError(
+      `${what}: ${msrList.length + skippedList.length} MSRs; KVM lists no more than ${MAX_MSR_INDICES}`,
+    );
+  }
+  const msrs = msrList.map((entry, i): [number, bigint] => {
     const pair = stateArray(entry, `${what} msrs[${i}]`);
     if (pair.length !== 2) throw new StateError(`${what} msrs[${i}]: expected [index, value]`);
     const index = stateInteger(pair[0], `${what} msrs[${i}] index`, 0, U32_MAX);
@@ -259,9 +266,7 @@ function parseVcpuState(state: DeviceState): VcpuRecord {
     if (!MSR_VALUE.test(value)) throw new StateError(`${what} MSR 0x${index.toString(16)}: "${value}" is not a u64`);
     return [index, BigInt(value)];
   });
-  stateArray(d.msrsSkipped, `${what} msrsSkipped`).forEach((x, i) =>
-    stateInteger(x, `${what} msrsSkipped[${i}]`, 0, U32_MAX)
-  );
+  skippedList.forEach((x, i) => stateInteger(x, `${what} msrsSkipped[${i}]`, 0, U32_MAX));
   return {
     id,
     mpState: stateInteger(d.mpState, `${what} mpState`, 0, U32_MAX),
