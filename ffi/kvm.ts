@@ -53,11 +53,36 @@ export const KVM_IRQ_ROUTING_HEADER_SIZE = 8;
 export const KVM_IRQ_ROUTING_ENTRY_SIZE = 48;
 /** struct kvm_guest_debug: control u32, pad u32, struct kvm_guest_debug_arch (debugreg[8] u64). */
 export const KVM_GUEST_DEBUG_SIZE = 72;
+/** struct kvm_msr_list header (nmsrs u32); the u32 indices follow. */
+export const KVM_MSR_LIST_HEADER_SIZE = 4;
+/**
+ * struct kvm_xsave: region[1024] u32. KVM_GET_XSAVE2 and KVM_SET_XSAVE move as many bytes as
+ * KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) says (at least this many) when the VM may use larger areas.
+ */
+export const KVM_XSAVE_SIZE = 4096;
+/** struct kvm_xcrs: nr_xcrs u32, flags u32, xcrs[KVM_MAX_XCRS] struct kvm_xcr, padding[16] u64. */
+export const KVM_XCRS_SIZE = 392;
+/** struct kvm_xcr: xcr u32, reserved u32, value u64. */
+export const KVM_XCR_SIZE = 16;
+export const KVM_MAX_XCRS = 16;
+export const KVM_VCPU_EVENTS_SIZE = 64;
+/** struct kvm_debugregs: db[4], dr6, dr7, flags, reserved[9] (all u64). */
+export const KVM_DEBUGREGS_SIZE = 128;
+/** struct kvm_irqchip: chip_id u32, pad u32, then a 512-byte union (kvm_pic_state or kvm_ioapic_state). */
+export const KVM_IRQCHIP_SIZE = 520;
+export const KVM_PIC_STATE_SIZE = 16;
+export const KVM_IOAPIC_STATE_SIZE = 216;
+/** struct kvm_pit_state2: channels[3] struct kvm_pit_channel_state, flags u32, reserved[9] u32. */
+export const KVM_PIT_STATE2_SIZE = 112;
+export const KVM_PIT_CHANNEL_STATE_SIZE = 24;
+/** struct kvm_clock_data: clock u64, flags u32, pad0 u32, realtime u64, host_tsc u64, pad[4] u32. */
+export const KVM_CLOCK_DATA_SIZE = 48;
 
 // ---- ioctl requests ----
 export const KVM_GET_API_VERSION = io(0x00);
 export const KVM_CREATE_VM = io(0x01);
 export const KVM_CHECK_EXTENSION = io(0x03);
+export const KVM_GET_MSR_INDEX_LIST = iowr(0x02, KVM_MSR_LIST_HEADER_SIZE);
 export const KVM_GET_VCPU_MMAP_SIZE = io(0x04);
 export const KVM_GET_SUPPORTED_CPUID = iowr(0x05, KVM_CPUID2_HEADER_SIZE);
 export const KVM_CREATE_VCPU = io(0x41);
@@ -66,15 +91,21 @@ export const KVM_SET_TSS_ADDR = io(0x47);
 export const KVM_SET_IDENTITY_MAP_ADDR = iow(0x48, 8);
 export const KVM_CREATE_IRQCHIP = io(0x60);
 export const KVM_IRQ_LINE = iow(0x61, KVM_IRQ_LEVEL_SIZE);
+export const KVM_GET_IRQCHIP = iowr(0x62, KVM_IRQCHIP_SIZE);
+/** linux/kvm.h declares KVM_SET_IRQCHIP with _IOR although it reads the struct: the number follows the header. */
+export const KVM_SET_IRQCHIP = ior(0x63, KVM_IRQCHIP_SIZE);
 export const KVM_SET_GSI_ROUTING = iow(0x6a, KVM_IRQ_ROUTING_HEADER_SIZE);
 export const KVM_IRQFD = iow(0x76, KVM_IRQFD_SIZE);
 export const KVM_CREATE_PIT2 = iow(0x77, KVM_PIT_CONFIG_SIZE);
 export const KVM_IOEVENTFD = iow(0x79, KVM_IOEVENTFD_SIZE);
+export const KVM_SET_CLOCK = iow(0x7b, KVM_CLOCK_DATA_SIZE);
+export const KVM_GET_CLOCK = ior(0x7c, KVM_CLOCK_DATA_SIZE);
 export const KVM_RUN = io(0x80);
 export const KVM_GET_REGS = ior(0x81, KVM_REGS_SIZE);
 export const KVM_SET_REGS = iow(0x82, KVM_REGS_SIZE);
 export const KVM_GET_SREGS = ior(0x83, KVM_SREGS_SIZE);
 export const KVM_SET_SREGS = iow(0x84, KVM_SREGS_SIZE);
+export const KVM_GET_MSRS = iowr(0x88, KVM_MSRS_HEADER_SIZE);
 export const KVM_SET_MSRS = iow(0x89, KVM_MSRS_HEADER_SIZE);
 export const KVM_GET_FPU = ior(0x8c, KVM_FPU_SIZE);
 export const KVM_SET_FPU = iow(0x8d, KVM_FPU_SIZE);
@@ -84,6 +115,19 @@ export const KVM_SET_CPUID2 = iow(0x90, KVM_CPUID2_HEADER_SIZE);
 export const KVM_GET_MP_STATE = ior(0x98, KVM_MP_STATE_SIZE);
 export const KVM_SET_MP_STATE = iow(0x99, KVM_MP_STATE_SIZE);
 export const KVM_SET_GUEST_DEBUG = iow(0x9b, KVM_GUEST_DEBUG_SIZE);
+/** KVM_GET_PIT2 and KVM_GET_VCPU_EVENTS share nr 0x9f (SET: 0xa0); the struct sizes make the numbers differ. */
+export const KVM_GET_PIT2 = ior(0x9f, KVM_PIT_STATE2_SIZE);
+export const KVM_SET_PIT2 = iow(0xa0, KVM_PIT_STATE2_SIZE);
+export const KVM_GET_VCPU_EVENTS = ior(0x9f, KVM_VCPU_EVENTS_SIZE);
+export const KVM_SET_VCPU_EVENTS = iow(0xa0, KVM_VCPU_EVENTS_SIZE);
+export const KVM_GET_DEBUGREGS = ior(0xa1, KVM_DEBUGREGS_SIZE);
+export const KVM_SET_DEBUGREGS = iow(0xa2, KVM_DEBUGREGS_SIZE);
+export const KVM_GET_XSAVE = ior(0xa4, KVM_XSAVE_SIZE);
+export const KVM_SET_XSAVE = iow(0xa5, KVM_XSAVE_SIZE);
+export const KVM_GET_XCRS = ior(0xa6, KVM_XCRS_SIZE);
+export const KVM_SET_XCRS = iow(0xa7, KVM_XCRS_SIZE);
+/** Writes KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes; the number encodes struct kvm_xsave's fixed 4096. */
+export const KVM_GET_XSAVE2 = ior(0xcf, KVM_XSAVE_SIZE);
 
 /** Names of the requests, for error messages. */
 export const IOCTL_NAMES: Record<number, string> = Object.fromEntries(
@@ -91,6 +135,7 @@ export const IOCTL_NAMES: Record<number, string> = Object.fromEntries(
     KVM_GET_API_VERSION,
     KVM_CREATE_VM,
     KVM_CHECK_EXTENSION,
+    KVM_GET_MSR_INDEX_LIST,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_GET_SUPPORTED_CPUID,
     KVM_CREATE_VCPU,
@@ -99,15 +144,20 @@ export const IOCTL_NAMES: Record<number, string> = Object.fromEntries(
     KVM_SET_IDENTITY_MAP_ADDR,
     KVM_CREATE_IRQCHIP,
     KVM_IRQ_LINE,
+    KVM_GET_IRQCHIP,
+    KVM_SET_IRQCHIP,
     KVM_SET_GSI_ROUTING,
     KVM_IRQFD,
     KVM_CREATE_PIT2,
     KVM_IOEVENTFD,
+    KVM_SET_CLOCK,
+    KVM_GET_CLOCK,
     KVM_RUN,
     KVM_GET_REGS,
     KVM_SET_REGS,
     KVM_GET_SREGS,
     KVM_SET_SREGS,
+    KVM_GET_MSRS,
     KVM_SET_MSRS,
     KVM_GET_FPU,
     KVM_SET_FPU,
@@ -117,6 +167,17 @@ export const IOCTL_NAMES: Record<number, string> = Object.fromEntries(
     KVM_GET_MP_STATE,
     KVM_SET_MP_STATE,
     KVM_SET_GUEST_DEBUG,
+    KVM_GET_PIT2,
+    KVM_SET_PIT2,
+    KVM_GET_VCPU_EVENTS,
+    KVM_SET_VCPU_EVENTS,
+    KVM_GET_DEBUGREGS,
+    KVM_SET_DEBUGREGS,
+    KVM_GET_XSAVE,
+    KVM_SET_XSAVE,
+    KVM_GET_XCRS,
+    KVM_SET_XCRS,
+    KVM_GET_XSAVE2,
   }).map(([k, v]) => [v, k]),
 );
 
@@ -126,13 +187,23 @@ export const KVM_CAP_USER_MEMORY = 3;
 export const KVM_CAP_SET_TSS_ADDR = 4;
 export const KVM_CAP_NR_VCPUS = 9;
 export const KVM_CAP_NR_MEMSLOTS = 10;
+export const KVM_CAP_MP_STATE = 14;
 export const KVM_CAP_IRQFD = 32;
 export const KVM_CAP_SET_GUEST_DEBUG = 23;
 export const KVM_CAP_PIT2 = 33;
+export const KVM_CAP_PIT_STATE2 = 35;
 export const KVM_CAP_IOEVENTFD = 36;
+/** KVM_GET_CLOCK/KVM_SET_CLOCK; the answer is the KVM_CLOCK_* flags KVM_GET_CLOCK may report. */
+export const KVM_CAP_ADJUST_CLOCK = 39;
+export const KVM_CAP_VCPU_EVENTS = 41;
+export const KVM_CAP_DEBUGREGS = 50;
+export const KVM_CAP_XSAVE = 55;
+export const KVM_CAP_XCRS = 56;
 export const KVM_CAP_MAX_VCPUS = 66;
 export const KVM_CAP_READONLY_MEM = 81;
 export const KVM_CAP_IMMEDIATE_EXIT = 136;
+/** KVM_GET_XSAVE2; the answer (on the VM fd) is the size of the XSAVE area in bytes, at least KVM_XSAVE_SIZE. */
+export const KVM_CAP_XSAVE2 = 208;
 
 // ---- flags ----
 /** kvm_pit_config.flags: speaker port dummy (linux/kvm.h). */
@@ -152,6 +223,17 @@ export const KVM_IRQ_ROUTING_IRQCHIP = 1;
 export const KVM_IRQCHIP_PIC_MASTER = 0;
 export const KVM_IRQCHIP_PIC_SLAVE = 1;
 export const KVM_IRQCHIP_IOAPIC = 2;
+/** KVM_IOAPIC_NUM_PINS (asm/kvm.h): redirection entries in struct kvm_ioapic_state. */
+export const KVM_IOAPIC_NUM_PINS = 24;
+/** kvm_clock_data.flags (linux/kvm.h). */
+export const KVM_CLOCK_TSC_STABLE = 2;
+export const KVM_CLOCK_REALTIME = 1 << 2;
+export const KVM_CLOCK_HOST_TSC = 1 << 3;
+/** kvm_vcpu_events.flags: which fields KVM_SET_VCPU_EVENTS takes (asm/kvm.h). */
+export const KVM_VCPUEVENT_VALID_NMI_PENDING = 0x00000001;
+export const KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x00000002;
+export const KVM_VCPUEVENT_VALID_SHADOW = 0x00000004;
+export const KVM_VCPUEVENT_VALID_SMM = 0x00000008;
 /** kvm_mp_state values. */
 export const KVM_MP_STATE_RUNNABLE = 0;
 export const KVM_MP_STATE_UNINITIALIZED = 1;
@@ -282,6 +364,39 @@ export const FPU_MXCSR = 408;
 // ---- struct kvm_lapic_state: the APIC register page; LVT offsets from the Intel SDM vol. 3 table 11-1 ----
 export const APIC_LVT_LINT0 = 0x350;
 export const APIC_LVT_LINT1 = 0x360;
+
+// ---- struct kvm_irqchip, kvm_ioapic_state (asm/kvm.h) ----
+export const IRQCHIP_CHIP_ID = 0;
+/** The chip union: kvm_pic_state or kvm_ioapic_state, padded to 512 bytes. */
+export const IRQCHIP_CHIP = 8;
+export const IRQCHIP_CHIP_SIZE = KVM_IRQCHIP_SIZE - IRQCHIP_CHIP;
+/** kvm_ioapic_state.redirtbl: 24 u64 redirection entries (82093AA datasheet, 3.2.4: vector bits 7..0, mask bit 16). */
+export const IOAPIC_REDIRTBL = 24;
+export const IOAPIC_REDIRTBL_ENTRY_SIZE = 8;
+
+// ---- struct kvm_pit_state2, kvm_pit_channel_state (asm/kvm.h) ----
+export const PIT_STATE2_CHANNELS = 0;
+export const PIT_STATE2_FLAGS = 72;
+export const PIT_CHANNEL_COUNT = 0;
+export const PIT_CHANNEL_RW_MODE = 12;
+export const PIT_CHANNEL_MODE = 13;
+export const PIT_CHANNEL_GATE = 15;
+export const PIT_CHANNEL_COUNT_LOAD_TIME = 16;
+
+// ---- struct kvm_clock_data (linux/kvm.h) ----
+export const CLOCK_DATA_CLOCK = 0;
+export const CLOCK_DATA_FLAGS = 8;
+export const CLOCK_DATA_REALTIME = 16;
+export const CLOCK_DATA_HOST_TSC = 24;
+
+// ---- struct kvm_vcpu_events, kvm_xcrs, kvm_msr_list (asm/kvm.h) ----
+export const VCPU_EVENTS_NMI_PENDING = 13;
+export const VCPU_EVENTS_NMI_MASKED = 14;
+export const VCPU_EVENTS_SIPI_VECTOR = 16;
+export const VCPU_EVENTS_FLAGS = 20;
+export const XCRS_NR_XCRS = 0;
+export const XCRS_XCRS = 8;
+export const MSR_LIST_INDICES = 4;
 
 // ---- struct kvm_cpuid_entry2 field offsets ----
 export const CPUID_FUNCTION = 0;

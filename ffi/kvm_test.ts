@@ -59,6 +59,39 @@ Deno.test("ffi/kvm.ts matches <linux/kvm.h>: struct sizes and field offsets", as
     ["sizeof.kvm_segment", kvm.KVM_SEGMENT_SIZE],
     ["sizeof.kvm_guest_debug", kvm.KVM_GUEST_DEBUG_SIZE],
     ["sizeof.kvm_debug_exit_arch", kvm.RUN_DEBUG_DR7 + 8 - kvm.RUN_DEBUG_EXCEPTION],
+    ["sizeof.kvm_msr_list", kvm.KVM_MSR_LIST_HEADER_SIZE],
+    ["sizeof.kvm_xsave", kvm.KVM_XSAVE_SIZE],
+    ["sizeof.kvm_xcrs", kvm.KVM_XCRS_SIZE],
+    ["sizeof.kvm_xcr", kvm.KVM_XCR_SIZE],
+    ["sizeof.kvm_vcpu_events", kvm.KVM_VCPU_EVENTS_SIZE],
+    ["sizeof.kvm_debugregs", kvm.KVM_DEBUGREGS_SIZE],
+    ["sizeof.kvm_irqchip", kvm.KVM_IRQCHIP_SIZE],
+    ["sizeof.kvm_pic_state", kvm.KVM_PIC_STATE_SIZE],
+    ["sizeof.kvm_ioapic_state", kvm.KVM_IOAPIC_STATE_SIZE],
+    ["sizeof.kvm_pit_state2", kvm.KVM_PIT_STATE2_SIZE],
+    ["sizeof.kvm_pit_channel_state", kvm.KVM_PIT_CHANNEL_STATE_SIZE],
+    ["sizeof.kvm_clock_data", kvm.KVM_CLOCK_DATA_SIZE],
+    ["kvm_msr_list.indices", kvm.MSR_LIST_INDICES],
+    ["kvm_irqchip.chip_id", kvm.IRQCHIP_CHIP_ID],
+    ["kvm_irqchip.chip", kvm.IRQCHIP_CHIP],
+    ["kvm_ioapic_state.redirtbl", kvm.IOAPIC_REDIRTBL],
+    ["kvm_pit_state2.channels", kvm.PIT_STATE2_CHANNELS],
+    ["kvm_pit_state2.flags", kvm.PIT_STATE2_FLAGS],
+    ["kvm_pit_channel_state.count", kvm.PIT_CHANNEL_COUNT],
+    ["kvm_pit_channel_state.rw_mode", kvm.PIT_CHANNEL_RW_MODE],
+    ["kvm_pit_channel_state.mode", kvm.PIT_CHANNEL_MODE],
+    ["kvm_pit_channel_state.gate", kvm.PIT_CHANNEL_GATE],
+    ["kvm_pit_channel_state.count_load_time", kvm.PIT_CHANNEL_COUNT_LOAD_TIME],
+    ["kvm_clock_data.clock", kvm.CLOCK_DATA_CLOCK],
+    ["kvm_clock_data.flags", kvm.CLOCK_DATA_FLAGS],
+    ["kvm_clock_data.realtime", kvm.CLOCK_DATA_REALTIME],
+    ["kvm_clock_data.host_tsc", kvm.CLOCK_DATA_HOST_TSC],
+    ["kvm_vcpu_events.nmi.pending", kvm.VCPU_EVENTS_NMI_PENDING],
+    ["kvm_vcpu_events.nmi.masked", kvm.VCPU_EVENTS_NMI_MASKED],
+    ["kvm_vcpu_events.sipi_vector", kvm.VCPU_EVENTS_SIPI_VECTOR],
+    ["kvm_vcpu_events.flags", kvm.VCPU_EVENTS_FLAGS],
+    ["kvm_xcrs.nr_xcrs", kvm.XCRS_NR_XCRS],
+    ["kvm_xcrs.xcrs", kvm.XCRS_XCRS],
     ["kvm_guest_debug.control", kvm.GUEST_DEBUG_CONTROL],
     ["kvm_guest_debug.arch.debugreg", kvm.GUEST_DEBUG_DEBUGREG],
     ["count.kvm_guest_debug_arch.debugreg", kvm.GUEST_DEBUG_REGISTERS],
@@ -159,4 +192,13 @@ Deno.test("ffi/kvm.ts matches <linux/kvm.h>: struct sizes and field offsets", as
   const ms = new DataView(kvm.msrsStruct([[0x10, 5n]]).buffer);
   assert.equal(ms.getUint32(kvm.KVM_MSRS_HEADER_SIZE + h.get("kvm_msr_entry.index")!, true), 0x10);
   assert.equal(ms.getBigUint64(kvm.KVM_MSRS_HEADER_SIZE + h.get("kvm_msr_entry.data")!, true), 5n);
+});
+
+Deno.test("ffi/kvm.ts: every ioctl request has a distinct number and a name for error messages", () => {
+  const ours = kvm as unknown as Record<string, unknown>;
+  const requests = Object.entries(ours).filter(([k, v]) =>
+    /^KVM_(GET|SET|CREATE|CHECK|RUN|IRQ|IOEVENTFD)/.test(k) && typeof v === "number" && v >= kvm.KVMIO << 8
+  );
+  assert.ok(requests.length > 45, `only ${requests.length} requests found`);
+  for (const [name, value] of requests) assert.equal(kvm.IOCTL_NAMES[value as number], name, name);
 });

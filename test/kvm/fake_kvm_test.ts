@@ -45,6 +45,17 @@ import { RESET_STATE_NOTE } from "../../vmm/arch/cpu.ts";
 import { within as withinMs } from "../support/within.ts";
 import { listenSeqpacket } from "../../core/unix_socket.ts";
 import { closeFd } from "../../ffi/libc.ts";
+import { Kvm, KvmVm } from "../../vmm/kvm/vm.ts";
+import { saveVcpuState, snapshotMsrs, vcpuStateCaps } from "../../vmm/kvm/vcpu_state.ts";
+import {
+  bootVcpu,
+  checkBadRecords,
+  checkVcpuRoundTrip,
+  checkVmRoundTrip,
+  fields,
+  MSR_IA32_TSC,
+  Opened,
+} from "../support/kvm_state.ts";
 
 const MAIN_TS = fileURLToPath(new URL("../../main.ts", import.meta.url));
 /** Hang protection only: every scenario here ends in well under a second of guest time. */
@@ -689,6 +700,61 @@ async function bootFakeKernel(kernel: string) {
   Deno.env.set("DENOVM_FAKE_KVM_LOG", log);
   return { vm: await Vm.boot({ kernel, memMiB: 512 }), log };
 }
+
+// ---- (c) snapshot state through the fake's KVM_GET_*/KVM_SET_* ----
+
+/** IA32_PAT (Linux msr-index.h): one of the MSRs the fake lists after IA32_TSC. */
+const MSR_IA32_PAT = 0x277;
+/** An XSAVE area as large as a host whose VMs may use AMX has (KVM_CAP_XSAVE2's answer there). */
+const AMX_XSAVE_SIZE = 11008;
+
+Deno.test("fake KVM, in process: a vCPU and the VM saved and restored as on a real KVM, and bad records refused", async () => {
+  const log = await tempLog();
+  Deno.env.set("DENOVM_FAKE_KVM_LOG", log);
+  const kvm = new Kvm();
+  try {
+    checkVcpuRoundTrip(kvm);
+    checkVmRoundTrip(kvm);
+    checkBadRecords(kvm);
+    const events = await readFakeKvmLog(log);
+    // The restore set the clock with no flags, and the pending NMI count marked valid.
+    assert.ok(of(events, "set_clock").some((e) => e.flags === 0));
+    const restored = of(events, "set_vcpu_events").filter((e) => e.nmi_pending === 1);
+    assert.ok(
+      restored.length > 0 && restored.every((e) => ((e.flags as number) & KVM.KVM_VCPUEVENT_VALID_NMI_PENDING) !== 0),
+    );
+  } finally {
+    kvm.close();
+    Deno.env.delete("DENOVM_FAKE_KVM_LOG");
+    await Deno.remove(log);
+  }
+});
+
+Deno.test("fake KVM, in process: an AMX-sized XSAVE area is saved whole through KVM_GET_XSAVE2 and restored", () => {
+  Deno.env.set("DENOVM_FAKE_KVM_XSAVE_SIZE", String(AMX_XSAVE_SIZE));
+  using o = new Opened();
+  o.add("DENOVM_FAKE_KVM_XSAVE_SIZE", (k) => Deno.env.delete(k));
+  const kvm = o.add(new Kvm(), (k) => k.close());
+  const { first, caps } = checkVcpuRoundTrip(kvm);
+  assert.deepEqual(caps, { xsaveSize: AMX_XSAVE_SIZE, xsave2: true, xcrs: true });
+  assert.equal((fields(first).xsave as Uint8Array).length, AMX_XSAVE_SIZE);
+});
+
+Deno.test("fake KVM, in process: an MSR KVM cannot read is skipped, named in the record, and the rest saved", () => {
+  Deno.env.set("DENOVM_FAKE_KVM_REFUSE_MSR", String(MSR_IA32_PAT));
+  using o = new Opened();
+  o.add("DENOVM_FAKE_KVM_REFUSE_MSR", (k) => Deno.env.delete(k));
+  const kvm = o.add(new Kvm(), (k) => k.close());
+  const vm = o.add(new KvmVm(kvm), (v) => v.close());
+  const { fd } = bootVcpu(kvm, vm);
+  o.add(fd, closeFd);
+  const msrs = snapshotMsrs(kvm);
+  const d = fields(saveVcpuState(fd, 0, msrs, vcpuStateCaps(vm)));
+  assert.deepEqual(d.msrsSkipped, [MSR_IA32_PAT]);
+  const saved = (d.msrs as [number, string][]).map(([i]) => i);
+  assert.deepEqual(saved, msrs.filter((i) => i !== MSR_IA32_PAT), "every other MSR, in order");
+  assert.ok(saved.includes(MSR_IA32_TSC));
+});
 
 // Last in this file: the environment set at the top is process-wide and `deno test` runs the other test
 // files in this same process; their subprocesses must see the real host, not the fake KVM.

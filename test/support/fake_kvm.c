@@ -14,6 +14,14 @@
 // wait for INIT/SIPI. What the VMM asked for is written to $DENOVM_FAKE_KVM_LOG, one JSON object per
 // line, for the tests to check.
 //
+// Snapshot state: every KVM_GET_* of vCPU and VM state (registers, FPU, XSAVE area, XCRs, MSRs, local APIC, MP
+// state, vCPU events, debug registers; the PICs and IOAPIC, the PIT, the KVM clock) returns what the matching
+// KVM_SET_* stored, from reset values; the capabilities are a real host's (KVM_CAP_XSAVE2 answers 4096, or
+// $DENOVM_FAKE_KVM_XSAVE_SIZE bytes, as a host whose VMs may use AMX does). KVM_GET_MSR_INDEX_LIST lists a
+// few MSRs, IA32_TSC first; those and the MTRRs (which real KVM serves without listing them) are readable and
+// writable, and KVM_GET_MSRS/KVM_SET_MSRS stop at any other (or at $DENOVM_FAKE_KVM_REFUSE_MSR) as KVM does.
+// The clock runs on from the value KVM_SET_CLOCK set, in host monotonic time.
+//
 // Which KVM it is: with $DENOVM_FAKE_KVM_MODULE set to kvm_pvm, kvm_amd or kvm_intel, an open of
 // /sys/module/<that module> succeeds and an open of the other two fails with ENOENT, so denovm's
 // host-kind check (vmm/kvm/host.ts) sees that kind on any machine; unset, those opens reach the real
@@ -64,6 +72,16 @@
 #define MAX_VMS 16
 #define MAX_FAKE_FDS 64
 #define MAX_RUN_MAPS 8
+/** Largest XSAVE area $DENOVM_FAKE_KVM_XSAVE_SIZE may ask for (AMX's state makes about 11 KiB). */
+#define FAKE_XSAVE_MAX 16384
+/** KVM_GET/SET_MSRS take fewer entries than this (Linux arch/x86/kvm/x86.c MAX_IO_MSRS). */
+#define FAKE_MAX_IO_MSRS 256
+/** kvm_clock_data.flags KVM_SET_CLOCK takes (Linux arch/x86/kvm/x86.c KVM_CLOCK_VALID_FLAGS). */
+#define FAKE_CLOCK_VALID_FLAGS (KVM_CLOCK_TSC_STABLE | KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC)
+/** kvm_vcpu_events.flags KVM_SET_VCPU_EVENTS takes (asm/kvm.h KVM_VCPUEVENT_VALID_*). */
+#define FAKE_VCPUEVENT_VALID_FLAGS                                                                                   \
+  (KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR | KVM_VCPUEVENT_VALID_SHADOW |                   \
+   KVM_VCPUEVENT_VALID_SMM | KVM_VCPUEVENT_VALID_PAYLOAD | KVM_VCPUEVENT_VALID_TRIPLE_FAULT)
 
 // ---- x86 facts (Intel SDM) not in the exported uapi headers ----
 /** IA32_EFER bits (Intel SDM vol. 3A, 2.2.1): long mode enable and active. */
@@ -84,6 +102,39 @@
 #define APIC_LVT_MASKED (1u << 16)
 #define APIC_MODE_EXTINT 0x7
 #define APIC_DELIVERY_MODE_SHIFT 8
+#define MSR_IA32_PAT 0x277
+/** MSRs (Linux arch/x86/include/asm/msr-index.h) the fake lists in KVM_GET_MSR_INDEX_LIST, IA32_TSC first. */
+static const uint32_t FAKE_LISTED_MSRS[] = {
+    0x10,       /* IA32_TSC */
+    0x174,      /* IA32_SYSENTER_CS */
+    0x175,      /* IA32_SYSENTER_ESP */
+    0x176,      /* IA32_SYSENTER_EIP */
+    0x1a0,      /* IA32_MISC_ENABLE */
+    MSR_IA32_PAT,
+    0xc0000081, /* STAR */
+    0xc0000082, /* LSTAR */
+    0xc0000083, /* CSTAR */
+    0xc0000084, /* SYSCALL_MASK */
+    0xc0000102, /* KERNEL_GS_BASE */
+};
+#define FAKE_LISTED_COUNT (sizeof FAKE_LISTED_MSRS / sizeof FAKE_LISTED_MSRS[0])
+/** The MTRRs (Intel SDM vol. 3A, 12.11): 8 variable ranges (base, mask), the fixed ranges, the default type. */
+#define MSR_MTRR_PHYSBASE0 0x200
+#define MTRR_VARIABLE_MSRS 16
+#define MSR_MTRR_FIX64K_00000 0x250
+#define MSR_MTRR_FIX16K_80000 0x258
+#define MSR_MTRR_FIX16K_A0000 0x259
+#define MSR_MTRR_FIX4K_C0000 0x268
+#define MTRR_FIX4K_MSRS 8
+#define MSR_MTRR_DEF_TYPE 0x2ff
+#define FAKE_MTRR_COUNT (MTRR_VARIABLE_MSRS + 3 + MTRR_FIX4K_MSRS + 1)
+#define FAKE_MSR_COUNT (FAKE_LISTED_COUNT + FAKE_MTRR_COUNT)
+/** Reset values (Intel SDM vol. 3A, 9.1.1 and 17.2): DR6 0xffff0ff0, DR7 0x400; XCR0 x87 only. */
+#define DR6_RESET 0xffff0ff0ull
+#define DR7_RESET 0x400ull
+#define XCR0_RESET 1ull
+/** IA32_PAT's power-up value (Intel SDM vol. 3A, 12.12.4). */
+#define PAT_RESET 0x0007040600070406ull
 /** CPUID leaf 1 EBX bits 31..24: initial APIC id (Intel SDM vol. 2A, CPUID). */
 #define LEAF1_EBX_APIC_ID_SHIFT 24
 /** CPUID leaf 1 ECX bit 13: CMPXCHG16B; bit 31: hypervisor present. */
@@ -132,9 +183,14 @@ struct vcpu {
   struct kvm_run *run; /* the fake's own mapping of the vCPU memfd */
   struct kvm_regs regs;
   struct kvm_sregs sregs;
-  struct kvm_fpu fpu;
   struct kvm_lapic_state lapic;
   struct kvm_mp_state mp;
+  /* snapshot state: XSAVE area (xsave_size bytes used), XCRs, events, debug registers, MSRs by fake_msr_slot */
+  uint8_t xsave[FAKE_XSAVE_MAX];
+  struct kvm_xcrs xcrs;
+  struct kvm_vcpu_events events;
+  struct kvm_debugregs debugregs;
+  uint64_t msrs[FAKE_MSR_COUNT];
   int tid_logged;
   uint64_t runs, eintr_immediate, eintr_signal, eagain;
   /* the VMM's mappings of this vCPU's fd: a live mapping keeps a real KVM vCPU (and its VM) alive */
@@ -165,6 +221,14 @@ struct vm {
   uint64_t loop_count;
   struct slot slots[FAKE_NR_MEMSLOTS];
   struct vcpu vcpus[FAKE_MAX_VCPUS];
+  /* the in-kernel devices, once created, and their state */
+  int irqchip, pit;
+  struct kvm_pic_state pic[2];
+  struct kvm_ioapic_state ioapic;
+  struct kvm_pit_state2 pit_state;
+  /* the KVM clock: clock_ns at host monotonic time clock_at_ns */
+  uint64_t clock_ns;
+  int64_t clock_at_ns;
 };
 
 struct fake_fd {
@@ -840,7 +904,6 @@ static int vcpu_run(struct vcpu *v) {
 static void init_vcpu_state(struct vcpu *v) {
   memset(&v->regs, 0, sizeof v->regs);
   memset(&v->sregs, 0, sizeof v->sregs);
-  memset(&v->fpu, 0, sizeof v->fpu);
   memset(&v->lapic, 0, sizeof v->lapic);
   /* Reset state (Intel SDM vol. 3A, 9.1.1): CS.base 0xffff0000, IP 0xfff0, CR0 0x60000010. */
   v->regs.rip = 0xfff0;
@@ -858,6 +921,114 @@ static void init_vcpu_state(struct vcpu *v) {
   memcpy(v->lapic.regs + APIC_LVT_LINT0_REG, &lint0, 4);
   memcpy(v->lapic.regs + APIC_LVT_LINT1_REG, &lint1, 4);
   v->mp.mp_state = v->id == 0 ? KVM_MP_STATE_RUNNABLE : KVM_MP_STATE_UNINITIALIZED;
+  memset(v->xsave, 0, sizeof v->xsave);
+  memset(&v->xcrs, 0, sizeof v->xcrs);
+  v->xcrs.nr_xcrs = 1;
+  v->xcrs.xcrs[0].value = XCR0_RESET;
+  memset(&v->events, 0, sizeof v->events);
+  memset(&v->debugregs, 0, sizeof v->debugregs);
+  v->debugregs.dr6 = DR6_RESET;
+  v->debugregs.dr7 = DR7_RESET;
+  memset(v->msrs, 0, sizeof v->msrs);
+  for (size_t i = 0; i < FAKE_LISTED_COUNT; i++)
+    if (FAKE_LISTED_MSRS[i] == MSR_IA32_PAT) v->msrs[i] = PAT_RESET;
+}
+
+/*
+ * The x87 and SSE state lives once, in the XSAVE area's legacy region (FXSAVE layout, Intel SDM vol. 1, 10.5.1
+ * table 10-2; XSAVE header at 512, vol. 1, 13.4.2), as in KVM: KVM_GET/SET_FPU read and write that region.
+ */
+#define FXSAVE_FCW 0
+#define FXSAVE_FSW 2
+#define FXSAVE_FTW 4
+#define FXSAVE_FOP 6
+#define FXSAVE_FIP 8
+#define FXSAVE_FDP 16
+#define FXSAVE_MXCSR 24
+#define FXSAVE_ST0 32
+#define FXSAVE_XMM0 160
+#define FXSAVE_XMM_REGS 16
+#define XSAVE_HEADER_XSTATE_BV 512
+/** XSTATE_BV bits 0 and 1: x87 and SSE state present (Intel SDM vol. 1, 13.1). */
+#define XFEATURE_MASK_FPSSE 3ull
+
+static void fpu_from_xsave(const uint8_t *x, struct kvm_fpu *f) {
+  memset(f, 0, sizeof *f);
+  memcpy(&f->fcw, x + FXSAVE_FCW, 2);
+  memcpy(&f->fsw, x + FXSAVE_FSW, 2);
+  f->ftwx = x[FXSAVE_FTW];
+  memcpy(&f->last_opcode, x + FXSAVE_FOP, 2);
+  memcpy(&f->last_ip, x + FXSAVE_FIP, 8);
+  memcpy(&f->last_dp, x + FXSAVE_FDP, 8);
+  memcpy(&f->mxcsr, x + FXSAVE_MXCSR, 4);
+  memcpy(f->fpr, x + FXSAVE_ST0, sizeof f->fpr);
+  memcpy(f->xmm, x + FXSAVE_XMM0, sizeof f->xmm[0] * FXSAVE_XMM_REGS);
+}
+
+static void fpu_to_xsave(const struct kvm_fpu *f, uint8_t *x) {
+  memcpy(x + FXSAVE_FCW, &f->fcw, 2);
+  memcpy(x + FXSAVE_FSW, &f->fsw, 2);
+  x[FXSAVE_FTW] = f->ftwx;
+  memcpy(x + FXSAVE_FOP, &f->last_opcode, 2);
+  memcpy(x + FXSAVE_FIP, &f->last_ip, 8);
+  memcpy(x + FXSAVE_FDP, &f->last_dp, 8);
+  memcpy(x + FXSAVE_MXCSR, &f->mxcsr, 4);
+  memcpy(x + FXSAVE_ST0, f->fpr, sizeof f->fpr);
+  memcpy(x + FXSAVE_XMM0, f->xmm, sizeof f->xmm[0] * FXSAVE_XMM_REGS);
+  uint64_t bv;
+  memcpy(&bv, x + XSAVE_HEADER_XSTATE_BV, 8);
+  bv |= XFEATURE_MASK_FPSSE;
+  memcpy(x + XSAVE_HEADER_XSTATE_BV, &bv, 8);
+}
+
+/** Where the fake keeps MSR `index` in struct vcpu's msrs, or -1 for an MSR it does not serve. */
+static int fake_msr_slot(uint32_t index) {
+  for (size_t i = 0; i < FAKE_LISTED_COUNT; i++)
+    if (FAKE_LISTED_MSRS[i] == index) return (int)i;
+  int m = (int)FAKE_LISTED_COUNT;
+  if (index >= MSR_MTRR_PHYSBASE0 && index < MSR_MTRR_PHYSBASE0 + MTRR_VARIABLE_MSRS)
+    return m + (int)(index - MSR_MTRR_PHYSBASE0);
+  m += MTRR_VARIABLE_MSRS;
+  if (index == MSR_MTRR_FIX64K_00000) return m;
+  if (index == MSR_MTRR_FIX16K_80000) return m + 1;
+  if (index == MSR_MTRR_FIX16K_A0000) return m + 2;
+  m += 3;
+  if (index >= MSR_MTRR_FIX4K_C0000 && index < MSR_MTRR_FIX4K_C0000 + MTRR_FIX4K_MSRS)
+    return m + (int)(index - MSR_MTRR_FIX4K_C0000);
+  m += MTRR_FIX4K_MSRS;
+  if (index == MSR_MTRR_DEF_TYPE) return m;
+  return -1;
+}
+
+/** The XSAVE area's size: KVM_CAP_XSAVE2's answer ($DENOVM_FAKE_KVM_XSAVE_SIZE, 4096 by default). */
+static int fake_xsave_size(void) {
+  int n = env_int("DENOVM_FAKE_KVM_XSAVE_SIZE", (int)sizeof(struct kvm_xsave));
+  if (n < (int)sizeof(struct kvm_xsave)) n = (int)sizeof(struct kvm_xsave);
+  if (n > FAKE_XSAVE_MAX) n = FAKE_XSAVE_MAX;
+  return n & ~3;
+}
+
+static int64_t monotonic_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000000000ll + t.tv_nsec;
+}
+
+static uint64_t realtime_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_REALTIME, &t);
+  return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/** KVM_GET_MSR_INDEX_LIST: E2BIG with the count when the caller's list is too short, as KVM answers. */
+static int msr_index_list(struct kvm_msr_list *l) {
+  if (l->nmsrs < FAKE_LISTED_COUNT) {
+    l->nmsrs = FAKE_LISTED_COUNT;
+    return fail(E2BIG);
+  }
+  l->nmsrs = FAKE_LISTED_COUNT;
+  memcpy(l->indices, FAKE_LISTED_MSRS, sizeof FAKE_LISTED_MSRS);
+  return 0;
 }
 
 /** A plausible KVM_GET_SUPPORTED_CPUID: more than 64 entries (KVM reports many 0xD subleaves). */
@@ -911,7 +1082,16 @@ static int cap_value(long cap) {
   case KVM_CAP_IMMEDIATE_EXIT:
   case KVM_CAP_EXT_CPUID:
   case KVM_CAP_MP_STATE:
+  case KVM_CAP_PIT_STATE2:
+  case KVM_CAP_XSAVE:
+  case KVM_CAP_XCRS:
+  case KVM_CAP_VCPU_EVENTS:
+  case KVM_CAP_DEBUGREGS:
     return 1;
+  case KVM_CAP_ADJUST_CLOCK:
+    return FAKE_CLOCK_VALID_FLAGS;
+  case KVM_CAP_XSAVE2:
+    return fake_xsave_size();
   default:
     return 0;
   }
@@ -927,6 +1107,8 @@ static int system_ioctl(unsigned long req, unsigned long arg) {
     return FAKE_VCPU_MMAP_SIZE;
   case KVM_GET_SUPPORTED_CPUID:
     return supported_cpuid((struct kvm_cpuid2 *)arg);
+  case KVM_GET_MSR_INDEX_LIST:
+    return msr_index_list((struct kvm_msr_list *)arg);
   case KVM_CREATE_VM: {
     pthread_mutex_lock(&lock);
     /* VMs are taken round-robin, so a closed VM's state is reused as late as possible. */
@@ -949,6 +1131,7 @@ static int system_ioctl(unsigned long req, unsigned long arg) {
     const char *script = getenv("DENOVM_FAKE_KVM_SCRIPT");
     snprintf(vm->script, sizeof vm->script, "%s", script ? script : "halt");
     vm->loop_count = (uint64_t)env_int("DENOVM_FAKE_KVM_LOOP_COUNT", (int)LOOP_DEFAULT_COUNT);
+    vm->clock_at_ns = monotonic_ns();
     add_fd(fd, FD_VM, vm, NULL);
     pthread_mutex_unlock(&lock);
     log_event("create_vm", "\"fd\":%d,\"script\":\"%s\"", fd, vm->script);
@@ -970,10 +1153,70 @@ static int vm_ioctl(struct vm *vm, unsigned long req, unsigned long arg) {
     return 0;
   case KVM_CREATE_IRQCHIP:
     log_event("create_irqchip", "");
+    vm->irqchip = 1;
     return 0;
   case KVM_CREATE_PIT2:
     log_event("create_pit2", "\"flags\":%u", ((struct kvm_pit_config *)arg)->flags);
+    vm->pit = 1;
     return 0;
+  case KVM_GET_IRQCHIP:
+  case KVM_SET_IRQCHIP: {
+    struct kvm_irqchip *c = (struct kvm_irqchip *)arg;
+    if (!vm->irqchip) return fail(ENXIO);
+    void *state;
+    size_t size;
+    if (c->chip_id == KVM_IRQCHIP_PIC_MASTER || c->chip_id == KVM_IRQCHIP_PIC_SLAVE) {
+      state = &vm->pic[c->chip_id];
+      size = sizeof vm->pic[0];
+    } else if (c->chip_id == KVM_IRQCHIP_IOAPIC) {
+      state = &vm->ioapic;
+      size = sizeof vm->ioapic;
+    } else {
+      return fail(EINVAL);
+    }
+    pthread_mutex_lock(&lock);
+    if (req == KVM_GET_IRQCHIP) memcpy(&c->chip, state, size);
+    else memcpy(state, &c->chip, size);
+    pthread_mutex_unlock(&lock);
+    if (req == KVM_SET_IRQCHIP) log_event("set_irqchip", "\"chip\":%u", c->chip_id);
+    return 0;
+  }
+  case KVM_GET_PIT2:
+  case KVM_SET_PIT2:
+    if (!vm->pit) return fail(ENXIO);
+    pthread_mutex_lock(&lock);
+    if (req == KVM_GET_PIT2) memcpy((void *)arg, &vm->pit_state, sizeof vm->pit_state);
+    else memcpy(&vm->pit_state, (void *)arg, sizeof vm->pit_state);
+    pthread_mutex_unlock(&lock);
+    if (req == KVM_SET_PIT2) log_event("set_pit2", "\"mode0\":%u,\"count0\":%u", vm->pit_state.channels[0].mode,
+                                       vm->pit_state.channels[0].count);
+    return 0;
+  case KVM_GET_CLOCK: {
+    struct kvm_clock_data *c = (struct kvm_clock_data *)arg;
+    pthread_mutex_lock(&lock);
+    uint64_t now = vm->clock_ns + (uint64_t)(monotonic_ns() - vm->clock_at_ns);
+    pthread_mutex_unlock(&lock);
+    memset(c, 0, sizeof *c);
+    c->clock = now;
+    c->flags = KVM_CLOCK_REALTIME;
+    c->realtime = realtime_ns();
+    return 0;
+  }
+  case KVM_SET_CLOCK: {
+    struct kvm_clock_data *c = (struct kvm_clock_data *)arg;
+    if (c->flags & ~FAKE_CLOCK_VALID_FLAGS) return fail(EINVAL);
+    uint64_t clock = c->clock;
+    if (c->flags & KVM_CLOCK_REALTIME) {
+      uint64_t real = realtime_ns();
+      if (real > c->realtime) clock += real - c->realtime;
+    }
+    pthread_mutex_lock(&lock);
+    vm->clock_ns = clock;
+    vm->clock_at_ns = monotonic_ns();
+    pthread_mutex_unlock(&lock);
+    log_event("set_clock", "\"clock\":%llu,\"flags\":%u", (unsigned long long)c->clock, c->flags);
+    return 0;
+  }
   case KVM_SET_GSI_ROUTING: {
     struct kvm_irq_routing *r = (struct kvm_irq_routing *)arg;
     /* GSI 0 (the PIT) on the IOAPIC: which pin? */
@@ -1102,11 +1345,12 @@ static int vcpu_ioctl(struct vcpu *v, unsigned long req, unsigned long arg) {
     return 0;
   }
   case KVM_GET_FPU:
-    memcpy(p, &v->fpu, sizeof v->fpu);
+    fpu_from_xsave(v->xsave, p);
     return 0;
   case KVM_SET_FPU:
-    memcpy(&v->fpu, p, sizeof v->fpu);
-    log_event("set_fpu", "\"vcpu\":%d,\"fcw\":%u,\"mxcsr\":%u", v->id, v->fpu.fcw, v->fpu.mxcsr);
+    fpu_to_xsave(p, v->xsave);
+    log_event("set_fpu", "\"vcpu\":%d,\"fcw\":%u,\"mxcsr\":%u", v->id, ((struct kvm_fpu *)p)->fcw,
+              ((struct kvm_fpu *)p)->mxcsr);
     return 0;
   case KVM_GET_LAPIC:
     memcpy(p, &v->lapic, sizeof v->lapic);
@@ -1140,18 +1384,76 @@ static int vcpu_ioctl(struct vcpu *v, unsigned long req, unsigned long arg) {
   }
   case KVM_SET_MSRS: {
     struct kvm_msrs *m = p;
+    if (m->nmsrs >= FAKE_MAX_IO_MSRS) return fail(E2BIG);
     int refuse = env_int("DENOVM_FAKE_KVM_REFUSE_MSR", -1);
     char list[2048];
     size_t o = 0;
     uint32_t set = 0;
     for (; set < m->nmsrs; set++) {
-      if ((int)m->entries[set].index == refuse) break; /* KVM stops at the first MSR it refuses */
+      int slot = fake_msr_slot(m->entries[set].index);
+      /* KVM stops at the first MSR it refuses */
+      if ((int)m->entries[set].index == refuse || slot < 0) break;
+      v->msrs[slot] = m->entries[set].data;
       o += (size_t)snprintf(list + o, sizeof list - o, "%s[%u,%llu]", set ? "," : "", m->entries[set].index,
                             (unsigned long long)m->entries[set].data);
       if (o >= sizeof list) o = sizeof list - 1;
     }
     log_event("set_msrs", "\"vcpu\":%d,\"nmsrs\":%u,\"set\":%u,\"msrs\":[%s]", v->id, m->nmsrs, set, list);
     return (int)set;
+  }
+  case KVM_GET_MSRS: {
+    struct kvm_msrs *m = p;
+    if (m->nmsrs >= FAKE_MAX_IO_MSRS) return fail(E2BIG);
+    int refuse = env_int("DENOVM_FAKE_KVM_REFUSE_MSR", -1);
+    uint32_t got = 0;
+    for (; got < m->nmsrs; got++) {
+      int slot = fake_msr_slot(m->entries[got].index);
+      if ((int)m->entries[got].index == refuse || slot < 0) break;
+      m->entries[got].data = v->msrs[slot];
+    }
+    return (int)got;
+  }
+  case KVM_GET_XSAVE:
+    /* KVM refuses the 4096-byte call when the area is larger: KVM_GET_XSAVE2 reads it whole */
+    if (fake_xsave_size() > (int)sizeof(struct kvm_xsave)) return fail(EINVAL);
+    memcpy(p, v->xsave, sizeof(struct kvm_xsave));
+    return 0;
+  case KVM_GET_XSAVE2:
+    memcpy(p, v->xsave, (size_t)fake_xsave_size());
+    return 0;
+  case KVM_SET_XSAVE:
+    memcpy(v->xsave, p, (size_t)fake_xsave_size());
+    log_event("set_xsave", "\"vcpu\":%d,\"size\":%d", v->id, fake_xsave_size());
+    return 0;
+  case KVM_GET_XCRS:
+    memcpy(p, &v->xcrs, sizeof v->xcrs);
+    return 0;
+  case KVM_SET_XCRS: {
+    struct kvm_xcrs *x = p;
+    if (x->nr_xcrs > KVM_MAX_XCRS || x->flags) return fail(EINVAL);
+    memcpy(&v->xcrs, x, sizeof v->xcrs);
+    return 0;
+  }
+  case KVM_GET_VCPU_EVENTS:
+    memcpy(p, &v->events, sizeof v->events);
+    ((struct kvm_vcpu_events *)p)->flags = KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW |
+                                           KVM_VCPUEVENT_VALID_SMM;
+    return 0;
+  case KVM_SET_VCPU_EVENTS: {
+    struct kvm_vcpu_events *e = p;
+    if (e->flags & ~FAKE_VCPUEVENT_VALID_FLAGS) return fail(EINVAL);
+    memcpy(&v->events, e, sizeof v->events);
+    log_event("set_vcpu_events", "\"vcpu\":%d,\"flags\":%u,\"nmi_pending\":%u", v->id, e->flags, e->nmi.pending);
+    return 0;
+  }
+  case KVM_GET_DEBUGREGS:
+    memcpy(p, &v->debugregs, sizeof v->debugregs);
+    return 0;
+  case KVM_SET_DEBUGREGS: {
+    struct kvm_debugregs *d = p;
+    if (d->flags) return fail(EINVAL); /* as KVM: no flags are defined */
+    memcpy(&v->debugregs, d, sizeof v->debugregs);
+    return 0;
   }
   default:
     log_event("unknown_ioctl", "\"on\":\"vcpu\",\"req\":%lu", req);

@@ -7,6 +7,8 @@ import { eventfdRead, eventfdWrite, POLLIN, pollSync } from "../../ffi/libc.ts";
 import type { Bus } from "../../core/bus.ts";
 import type { VmHandle } from "../../vmm/kvm/vm.ts";
 import type { GuestMemory } from "../../core/memory.ts";
+import { type DeviceState, stateData, StateError, stateRecord } from "../../core/state.ts";
+import { VM_STATE_TYPE, VM_STATE_VERSION } from "../../vmm/kvm/vm.ts";
 
 export class FakeVm implements VmHandle {
   readonly slots = new Map<number, { guestAddr: number; size: number; hostAddr: bigint; readonly: boolean }>();
@@ -41,6 +43,15 @@ export class FakeVm implements VmHandle {
   }
   createVcpu(_id: number): number {
     throw new Error("FakeVm has no vCPUs");
+  }
+  /** A "kvm-vm" record with no data: a FakeVm has no irqchip, PIT or clock. */
+  saveState(): DeviceState {
+    return { type: VM_STATE_TYPE, version: VM_STATE_VERSION, data: {} };
+  }
+  /** Takes only what saveState gives: a "kvm-vm" record with empty data. */
+  restoreState(state: DeviceState): void {
+    const d = stateRecord(stateData(state, VM_STATE_TYPE, VM_STATE_VERSION), "kvm-vm state");
+    if (Object.keys(d).length > 0) throw new StateError("kvm-vm: a FakeVm restores only its own empty record");
   }
   close(): void {
     this.closed = true;
