@@ -34,7 +34,7 @@ import { checkOutputsAreNotInputs, type NamedFile } from "./vm_files.ts";
 import { checkVirtioDevices } from "./device_manager/virtio_devices.ts";
 import type { VirtioMmioResource } from "./device_manager/mmio.ts";
 import { OwnedGuestMemory } from "../core/memory.ts";
-import { restoreVcpuState } from "./kvm/vcpu_state.ts";
+import { restoreVcpuState, vcpuStateCaps } from "./kvm/vcpu_state.ts";
 import { readSnapshot, type Snapshot, SnapshotError } from "./snapshot/format.ts";
 import { checkRestoreConfig, restoredConfig } from "./snapshot/config_match.ts";
 
@@ -222,7 +222,8 @@ async function assemble(
         if (snap.vcpus.length !== config.cpus) {
           throw new SnapshotError(`the snapshot holds ${snap.vcpus.length} vCPU states for ${config.cpus} vCPUs`);
         }
-        createVcpus(kvm, vm, config.cpus, vcpuFds, (fd, id) => restoreVcpuState(fd, snap.vcpus[id]));
+        const caps = vcpuStateCaps(vm as KvmVm);
+        createVcpus(kvm, vm, config.cpus, vcpuFds, (fd, id) => restoreVcpuState(fd, snap.vcpus[id], caps));
       }
       devices.restoreState(snap.devices);
     }

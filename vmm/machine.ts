@@ -12,7 +12,7 @@ import {
 } from "../core/exit.ts";
 import type { OwnedGuestMemory } from "../core/memory.ts";
 import { IRQ_ACPI_SCI, IRQ_ACPI_SLEEP_BUTTON, IRQ_ACPI_VMGENID } from "./arch/layout.ts";
-import { newGenerationId, writeGenerationId } from "./arch/vmgenid.ts";
+import { generationIdHex, newGenerationId, readGenerationId, writeGenerationId } from "./arch/vmgenid.ts";
 import type { VmConfig } from "./config.ts";
 import { ControlServer, controlSocketPath } from "./control/server.ts";
 import { machineControlHandler } from "./control/handler.ts";
@@ -28,10 +28,9 @@ import {
   CTL_SLOTS,
   type VcpuDebugMessage,
 } from "./kvm/vcpu_channel.ts";
-import type { Kvm, VmHandle } from "./kvm/vm.ts";
+import type { Kvm, KvmVm, VmHandle } from "./kvm/vm.ts";
 import { saveVcpuState, snapshotMsrs, vcpuStateCaps } from "./kvm/vcpu_state.ts";
 import { writeSnapshot } from "./snapshot/format.ts";
-import { readGenerationId } from "./arch/vmgenid.ts";
 
 /** How long stop() waits for vCPU Workers to leave KVM_RUN before terminating them. */
 const STOP_GRACE_MS = 2000;
@@ -280,15 +279,16 @@ export class Machine {
       // Every vCPU is out of KVM_RUN and parked, and no device holds a request: the state is whole.
       const kvm = this.#kvm;
       const msrs = kvm ? snapshotMsrs(kvm) : [];
-      const caps = kvm ? vcpuStateCaps(kvm) : undefined;
+      const caps = kvm ? vcpuStateCaps(this.#vm as KvmVm) : undefined;
       const vcpus = caps ? this.#vcpuFds.map((fd, id) => saveVcpuState(fd, id, msrs, caps)) : [];
-      await writeSnapshot(dir, {
+      writeSnapshot(dir, {
         config: this.config,
+        memory: this.memory,
         vm: this.#vm.saveState(),
         vcpus,
         devices: this.devices.saveState(),
-        vmgenid: readGenerationId(this.memory),
-      }, this.memory);
+        vmgenid: generationIdHex(readGenerationId(this.memory)),
+      });
     } finally {
       this.#snapshotting = false;
       if (opts.resume !== false) {
