@@ -8,6 +8,13 @@
 
 export { type BootConfig, Vm, VmInput } from "./vmm/library/vm.ts";
 export { ConsoleTimeoutError } from "./vmm/library/console_log.ts";
+export {
+  closeIdleVcpuWorkers,
+  IDLE_VCPU_WORKERS_MAX,
+  prewarmVcpuWorkers,
+  type VcpuWorkerPoolStats,
+  vcpuWorkerPoolStats,
+} from "./vmm/kvm/worker_pool.ts";
 export type { VmConfig } from "./vmm/config.ts";
 export { defaultVmConfig, gpuConfig, kernelCommandLine } from "./vmm/config.ts";
 export {
