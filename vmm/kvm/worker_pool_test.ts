@@ -17,6 +17,8 @@ const HANG_GUARD_MS = 60_000;
 const FAKE_DEBUG_EXIT_CODE = 7;
 /** The most vCPUs the fake KVM gives one VM (fake_kvm.c FAKE_MAX_VCPUS). */
 const FAKE_MAX_VCPUS = 8;
+/** Polls (10 ms apart) without a change after which the process's Worker threads count as settled. */
+const SETTLED_POLLS = 20;
 const MOD_TS = new URL("../../mod.ts", import.meta.url).href;
 
 const shim = await buildFakeKvm();
@@ -75,12 +77,14 @@ async function eventually(check: () => boolean, what: () => string): Promise<voi
 /** Empty the pool and wait until its threads are gone: each test starts from no idle Worker. */
 async function emptyPool(): Promise<Set<string>> {
   closeIdleVcpuWorkers();
+  // The terminated Workers' threads end shortly after: wait until the set has not changed for a while.
   let last = "";
+  let unchanged = 0;
   await eventually(() => {
     const now = [...workerThreads()].join(",");
-    const stable = now === last;
+    unchanged = now === last ? unchanged + 1 : 0;
     last = now;
-    return stable;
+    return unchanged >= SETTLED_POLLS;
   }, () => "Worker threads did not settle");
   assert.equal(vcpuWorkerPoolStats().idle, 0);
   return workerThreads();
@@ -127,6 +131,7 @@ Deno.test("worker pool: a crashed vCPU's Worker is not reused: its thread ends a
 
   const createdBefore = vcpuWorkerPoolStats().created;
   const b = await bootFake("halt");
+  await eventually(() => ranVcpus(b.log) === 1, () => "VM b's vCPU did not enter KVM_RUN");
   assert.equal(await b.vm.stop(), EXIT_SUCCESS);
   const fresh = (await runThreads(b.log)).get(0);
   assert.ok(fresh && fresh !== crashed);
