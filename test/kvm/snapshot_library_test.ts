@@ -4,14 +4,12 @@
 // afresh would print its TICKER banner and TICK 1), with a console log that starts empty, and clones of one
 // template must run at once, each on its own.
 //
-// The tests need /dev/kvm; the ones that restore also need the snapshot implementation (restoreMachine in
-// vmm/builder.ts), and are ignored, saying so, until it is there.
+// The tests need /dev/kvm.
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { buildGuest } from "../guests/build.ts";
 import { EXIT_SUCCESS, HostError } from "../../core/exit.ts";
-import { restoreMachine } from "../../vmm/builder.ts";
 import {
   type BootConfig,
   closeIdleVcpuWorkers,
@@ -34,25 +32,8 @@ const MISSING_MARKER_WAIT_MS = 2000;
 const BANNER = /^TICKER /m;
 const TICK_LINE = /^TICK (\d+)\r?$/gm;
 
-/**
- * Whether restoreMachine exists yet (it rejects "not implemented yet" until the snapshot work lands). Asked
- * once, with a directory that holds no snapshot: the real thing rejects that for another reason.
- */
-async function snapshotsImplemented(): Promise<boolean> {
-  try {
-    (await restoreMachine("/nonexistent/denovm-snapshot-probe")).close();
-    return true;
-  } catch (e) {
-    return !/not implemented yet/.test((e as Error).message);
-  }
-}
-
 const kvmAvailable = existsSync("/dev/kvm");
-const implemented = await snapshotsImplemented();
 if (!kvmAvailable) console.log("kvm_snapshot_library_test: skipped: no /dev/kvm");
-else if (!implemented) {
-  console.log("kvm_snapshot_library_test: restore tests ignored: restoreMachine is not implemented yet");
-}
 
 const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 
@@ -97,7 +78,7 @@ async function quit(vm: Vm): Promise<void> {
 
 Deno.test({
   name: "library snapshot: Vm.restore goes on from where vm.snapshot was, with an empty console, beside the original",
-  ignore: !kvmAvailable || !implemented,
+  ignore: !kvmAvailable,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
     try {
@@ -125,7 +106,7 @@ Deno.test({
 
 Deno.test({
   name: "library snapshot: resume: false leaves the VM suspended until vm.resume(); paused: true restores it so",
-  ignore: !kvmAvailable || !implemented,
+  ignore: !kvmAvailable,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
     try {
@@ -153,7 +134,7 @@ Deno.test({
 
 Deno.test({
   name: "library snapshot: VmTemplate clones run at once, each from the template's point, each on its own",
-  ignore: !kvmAvailable || !implemented,
+  ignore: !kvmAvailable,
   async fn() {
     const template = await VmTemplate.boot(await tickerConfig(), { until: /^TICK 2\r?$/m, timeout: GUEST_TIMEOUT_MS });
     const clones: Vm[] = [];
@@ -185,7 +166,7 @@ Deno.test({
 
 Deno.test({
   name: "library snapshot: a VmTemplate given a snapshotDir keeps it on close",
-  ignore: !kvmAvailable || !implemented,
+  ignore: !kvmAvailable,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
     try {
@@ -208,7 +189,7 @@ Deno.test({
 
 Deno.test({
   name: "library snapshot: Vm.restore of a directory without a snapshot rejects with one host-error line naming it",
-  ignore: !kvmAvailable || !implemented,
+  ignore: !kvmAvailable,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
     try {

@@ -23,31 +23,16 @@ import { fileURLToPath } from "node:url";
 import { buildGuest } from "../guests/build.ts";
 import { PML4_START } from "../../vmm/arch/layout.ts";
 import type { BlockConfig, SerialConfig, VmConfig } from "../../vmm/config.ts";
-import { restoreMachine } from "../../vmm/builder.ts";
+import { readSnapshot } from "../../vmm/snapshot/format.ts";
+import { KVM_PIT_CHANNEL_STATE_SIZE, PIT_CHANNEL_COUNT_LOAD_TIME, PIT_STATE2_CHANNELS } from "../../ffi/kvm.ts";
 import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "../../core/exit.ts";
-import { type BootConfig, Vm } from "../../mod.ts";
+import { type BootConfig, type RestoreConfig, Vm } from "../../mod.ts";
 import { within as withinMs } from "../support/within.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_snapshot_test: guest tests skipped: no /dev/kvm");
 
-/** Whether this build has snapshots: restoreMachine of an empty directory refuses, and says why. */
-async function probeSnapshots(): Promise<boolean> {
-  const dir = await Deno.makeTempDir({ prefix: "denovm-snap-probe-" });
-  try {
-    await restoreMachine(dir);
-    return true;
-  } catch (e) {
-    return !/not implemented yet/.test(String((e as Error)?.message ?? e));
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
-const snapshotsImplemented = await probeSnapshots();
-if (!snapshotsImplemented) {
-  console.log("kvm_snapshot_test: snapshot tests skipped: snapshots are not implemented yet (restoreMachine says so)");
-}
-const snapshotIgnore = !kvmAvailable || !snapshotsImplemented;
+const snapshotIgnore = !kvmAvailable;
 
 /** Hang protection only: no assertion depends on how fast anything is. */
 const GUEST_TIMEOUT_MS = 120_000;
@@ -61,35 +46,22 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 // ---- The snapshot API, as SNAPSHOT.md names it ----
 
-/** What Vm.restore takes besides the snapshot: host-side resources to re-point, and the library's options. */
-type RestoreOverrides = Partial<VmConfig> & { debugExit?: boolean };
-interface VmSnapshotApi {
-  snapshot(path: string, opts?: { resume?: boolean }): Promise<void>;
-}
-interface VmRestoreApi {
-  restore(path: string, overrides?: RestoreOverrides): Promise<Vm>;
-}
-
 /** `await vm.snapshot(path, opts)`. */
 function snapshot(vm: Vm, path: string, opts?: { resume?: boolean }): Promise<void> {
-  return within((vm as unknown as VmSnapshotApi).snapshot(path, opts), () => `vm.snapshot(${path}) did not settle`);
+  return within(vm.snapshot(path, opts), () => `vm.snapshot(${path}) did not settle`);
 }
 
 /** `Vm.restore(path, overrides)`: a started VM whose console log starts empty. */
-function restore(path: string, overrides: RestoreOverrides = {}): Promise<Vm> {
+function restore(path: string, overrides: RestoreConfig = {}): Promise<Vm> {
   return within(
-    (Vm as unknown as VmRestoreApi).restore(path, { debugExit: true, ...overrides }),
+    Vm.restore(path, { debugExit: true, ...overrides }),
     () => `Vm.restore(${path}) did not settle`,
   );
 }
 
-/** The snapshot reader (vmm/snapshot/format.ts readSnapshot), loaded only where snapshots exist. */
-async function readSnapshotData(dir: string): Promise<Record<string, unknown>> {
-  const spec = "../../vmm/snapshot/format.ts";
-  const format = await import(spec) as { readSnapshot(dir: string): unknown };
-  const snap = await format.readSnapshot(dir) as Record<string, unknown>;
-  // The body's data (SNAPSHOT.md), whether the reader returns it or the record around it.
-  return (snap && typeof snap.data === "object" && !("vcpus" in snap) ? snap.data : snap) as Record<string, unknown>;
+/** The snapshot's saved parts (vmm/snapshot/format.ts). */
+function readSnapshotData(dir: string): Record<string, unknown> {
+  return readSnapshot(dir) as unknown as Record<string, unknown>;
 }
 
 // ---- Running guests ----
@@ -315,10 +287,27 @@ const CLOCK_MSRS = new Set([0x10, 0x3b, 0x6e0, 0xe7, 0xe8, 0x11, 0x12, 0x4b564d0
 /** Fields that hold a clock or a time stamp (the KVM clock, a PIT channel's count_load_time, TSC fields). */
 const CLOCK_FIELD = /clock|tsc|time/i;
 
-/** An MSR record ({index, value|data}) or a key that names an MSR ("16", "0x10") whose value is a clock. */
+/** An MSR record ([index, value] or {index, value|data}) or a key that names an MSR ("16", "0x10") whose value is a clock. */
 function isClockMsr(key: string, value: unknown): boolean {
+  // kvm-vcpu records hold MSRs as [index, "0x..."] pairs (vmm/kvm/vcpu_state.ts).
+  if (Array.isArray(value) && value.length === 2 && typeof value[0] === "number") return CLOCK_MSRS.has(value[0]);
   if (value && typeof value === "object" && "index" in value) return CLOCK_MSRS.has(Number(value.index));
   return /^(0x[0-9a-f]+|\d+)$/i.test(key) && CLOCK_MSRS.has(Number(key));
+}
+
+/** Three PIT channels (linux/asm/kvm.h struct kvm_pit_state2). */
+const PIT_CHANNELS = 3;
+/** kvm_pit_channel_state.count_load_time is an s64 ktime. */
+const PIT_LOAD_TIME_BYTES = 8;
+
+/** struct kvm_pit_state2 with each channel's count_load_time (a host clock reading) zeroed. */
+function withoutPitLoadTimes(pit: ArrayBufferView): Uint8Array {
+  const out = new Uint8Array(pit.buffer.slice(pit.byteOffset, pit.byteOffset + pit.byteLength));
+  for (let ch = 0; ch < PIT_CHANNELS; ch++) {
+    const at = PIT_STATE2_CHANNELS + ch * KVM_PIT_CHANNEL_STATE_SIZE + PIT_CHANNEL_COUNT_LOAD_TIME;
+    out.fill(0, at, at + PIT_LOAD_TIME_BYTES);
+  }
+  return out;
 }
 
 function isPlainObject(v: unknown): v is Record<string, unknown> {
@@ -330,6 +319,9 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
  * MSRs; undefined when equal.
  */
 function firstDifference(a: unknown, b: unknown, path: string): string | undefined {
+  if (path === "vm.data.pit" && ArrayBuffer.isView(a) && ArrayBuffer.isView(b)) {
+    return firstDifference(withoutPitLoadTimes(a), withoutPitLoadTimes(b), `${path} (load times aside)`);
+  }
   const show = (v: unknown) =>
     typeof v === "bigint" ? `${v}n` : ArrayBuffer.isView(v) ? `<${v.byteLength} bytes>` : JSON.stringify(v);
   if (ArrayBuffer.isView(a) && ArrayBuffer.isView(b)) {
@@ -396,8 +388,8 @@ function guestAddress(regions: MemoryRegion[], off: number): string {
  * own), the memory layout, devices and vCPUs equal apart from clocks. Fails naming the first difference.
  */
 async function assertSameSnapshot(first: string, second: string): Promise<void> {
-  const a = await readSnapshotData(first);
-  const b = await readSnapshotData(second);
+  const a = readSnapshotData(first);
+  const b = readSnapshotData(second);
   for (const key of ["memory", "vm", "vcpus", "devices"]) {
     assert.ok(key in a && key in b, `both snapshots have "${key}"`);
     const d = firstDifference(a[key], b[key], key);
