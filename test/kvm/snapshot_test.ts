@@ -22,7 +22,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { buildGuest } from "../guests/build.ts";
 import { PML4_START } from "../../vmm/arch/layout.ts";
-import type { BlockConfig, SerialConfig, VmConfig } from "../../vmm/config.ts";
+import type { BlockConfig, SerialConfig } from "../../vmm/config.ts";
 import { readSnapshot } from "../../vmm/snapshot/format.ts";
 import { KVM_PIT_CHANNEL_STATE_SIZE, PIT_CHANNEL_COUNT_LOAD_TIME, PIT_STATE2_CHANNELS } from "../../ffi/kvm.ts";
 import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "../../core/exit.ts";
