@@ -129,8 +129,9 @@ export class Machine {
   /**
    * Start the vCPUs; resolves when every Worker is in its loop (or the VM has ended meanwhile).
    *
-   * The boot vCPU runs first; the others' Workers are created after it runs. Creating a Worker
-   * blocks this thread while Deno builds the Worker's runtime, so creating all of them before
+   * The boot vCPU runs first; the others' Workers are taken from the pool (vmm/kvm/worker_pool.ts) after it
+   * runs. Creating a Worker (when the pool has none) blocks this thread while Deno builds the Worker's
+   * runtime, so creating all of them before
    * starting would hold the guest back by that much per vCPU, while the guest needs its other vCPUs
    * only when it starts them with INIT/SIPI. KVM keeps an INIT/SIPI sent to a vCPU that is not in
    * KVM_RUN yet and acts on it when the vCPU enters.
