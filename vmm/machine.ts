@@ -11,6 +11,7 @@ import {
   HostError,
 } from "../core/exit.ts";
 import type { OwnedGuestMemory } from "../core/memory.ts";
+import type { DeviceState } from "../core/state.ts";
 import { IRQ_ACPI_SCI, IRQ_ACPI_SLEEP_BUTTON, IRQ_ACPI_VMGENID } from "./arch/layout.ts";
 import { generationIdHex, newGenerationId, readGenerationId, writeGenerationId } from "./arch/vmgenid.ts";
 import type { VmConfig } from "./config.ts";
@@ -38,6 +39,12 @@ const STOP_GRACE_MS = 2000;
 const PAUSE_POLL_MS = 2;
 /** How long suspendDevices() waits for the devices to finish the requests they hold. */
 const DEVICE_QUIESCE_TIMEOUT_MS = 5000;
+
+/**
+ * What a machine built on a VmHandle without KVM (MachineOptions.vm) saves in each configured vCPU's place: it
+ * has no vCPUs, and a snapshot holds one record per vCPU. A restore on KVM refuses it (it wants "kvm-vcpu").
+ */
+const NO_VCPU_STATE: DeviceState = { type: "no-vcpu", version: 1, data: null };
 
 /** The exit code (crosvm's) and reason of each request the guest makes through a device. */
 const GUEST_REQUEST_EXIT: Record<GuestRequest, number> = {
@@ -280,7 +287,9 @@ export class Machine {
       const kvm = this.#kvm;
       const msrs = kvm ? snapshotMsrs(kvm) : [];
       const caps = kvm ? vcpuStateCaps(this.#vm as KvmVm) : undefined;
-      const vcpus = caps ? this.#vcpuFds.map((fd, id) => saveVcpuState(fd, id, msrs, caps)) : [];
+      const vcpus = caps
+        ? this.#vcpuFds.map((fd, id) => saveVcpuState(fd, id, msrs, caps))
+        : Array.from({ length: this.config.cpus }, () => NO_VCPU_STATE);
       writeSnapshot(dir, {
         config: this.config,
         memory: this.memory,
