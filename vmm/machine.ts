@@ -111,6 +111,9 @@ export class Machine {
   #debugStop: ((vcpu: number, stop: VcpuDebugMessage) => void) | undefined;
   #devicesAsleep = false;
   #snapshotting = false;
+  /** resume() / resumeDevices() asked for while a snapshot was being taken: done once it is saved. */
+  #resumeAsked = false;
+  #wakeAsked = false;
   /** Resolves with crosvm's exit code when the VM ends. */
   readonly exitCode: Promise<number>;
   /** Why the VM ended, one line (for the library and logs). */
@@ -257,6 +260,10 @@ export class Machine {
 
   /** crosvm `resume --full` (its ResumeVm): the devices take the guest's notifications again, then the vCPUs run. */
   resumeDevices(): void {
+    if (this.#snapshotting) {
+      this.#wakeAsked = this.#resumeAsked = true;
+      return;
+    }
     if (this.#devicesAsleep) {
       this.#devicesAsleep = false;
       this.devices.wake();
@@ -300,19 +307,26 @@ export class Machine {
       });
     } finally {
       this.#snapshotting = false;
-      if (opts.resume !== false) {
-        // Back to how the VM was: a VM the user had suspended stays suspended.
-        if (!wasAsleep) {
-          this.#devicesAsleep = false;
-          this.devices.wake();
-        }
-        if (!wasPaused) this.resume();
+      // Back to how the VM was (a VM the user had suspended stays suspended), unless opts.resume is false; a
+      // resume asked for meanwhile (control socket, debugger) is done now, not while the state was saved.
+      const back = opts.resume !== false;
+      const wake = (back && !wasAsleep) || this.#wakeAsked;
+      const run = (back && !wasPaused) || this.#resumeAsked;
+      this.#wakeAsked = this.#resumeAsked = false;
+      if (wake) {
+        this.#devicesAsleep = false;
+        this.devices.wake();
       }
+      if (run) this.resume();
     }
   }
 
-  /** Resume after pause (crosvm `resume`). */
+  /** Resume after pause (crosvm `resume`); while a snapshot is being taken, once it is saved. */
   resume(): void {
+    if (this.#snapshotting) {
+      this.#resumeAsked = true;
+      return;
+    }
     if (Atomics.load(this.#ctl, CTL_COMMAND) !== CMD_PAUSE) return;
     Atomics.store(this.#ctl, CTL_COMMAND, CMD_RUN);
     Atomics.notify(this.#ctl, CTL_COMMAND);

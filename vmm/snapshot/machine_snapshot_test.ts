@@ -332,6 +332,37 @@ Deno.test("machine snapshot: a second snapshot while one is being taken is refus
   }
 });
 
+Deno.test("machine snapshot: a resume asked for while the snapshot is being taken (control socket, debugger) is done after the state is saved", async () => {
+  const dir = await Deno.makeTempDir();
+  const { vm, machine, drv } = await blockRig(dir);
+  try {
+    // What the machine looked like when its state was saved.
+    const seen: { paused: boolean; asleep: boolean }[] = [];
+    const save = vm.saveState.bind(vm);
+    vm.saveState = () => {
+      seen.push({ paused: machine.paused, asleep: machine.devicesAsleep });
+      return save();
+    };
+    const taking = machine.snapshot(`${dir}/a`);
+    machine.resume(); // as the control socket's resume or a debugger's continue, arriving during the snapshot
+    await taking;
+    assert.deepEqual(seen, [{ paused: true, asleep: true }], "the state was saved with the VM suspended");
+    assert.equal(machine.paused, false, "then the VM runs");
+
+    await machine.suspendDevices();
+    const again = machine.snapshot(`${dir}/b`);
+    machine.resumeDevices();
+    await again;
+    assert.deepEqual(seen[1], { paused: true, asleep: true }, "saved suspended");
+    assert.equal(machine.paused, false, "the resume asked for is done afterwards");
+    assert.equal(machine.devicesAsleep, false, "devices too");
+    await readBack(machine, vm, drv, "after the deferred resume");
+  } finally {
+    await machine.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("machine restore: a restored virtio-blk device serves the next request; a mismatched configuration or a corrupt state is refused and no file changes", async () => {
   const dir = await Deno.makeTempDir();
   const { config: cfg, vm, machine, slot, drv } = await blockRig(dir);
