@@ -401,8 +401,8 @@ async function assertSameSnapshot(first: string, second: string): Promise<void> 
   }, "config");
   assert.equal(config, undefined, `the snapshots' configurations differ at ${config}`);
 
-  const memA = await Deno.readFile(join(first, "memory"));
-  const memB = await Deno.readFile(join(second, "memory"));
+  const memA = await Deno.readFile(String(a.memoryPath));
+  const memB = await Deno.readFile(String(b.memoryPath));
   assert.equal(memB.length, memA.length, "memory file sizes");
   const regions = (a.memory as { regions: MemoryRegion[] }).regions;
   const genA = hexBytes(String(a.vmgenid)), genB = hexBytes(String(b.vmgenid));
@@ -701,8 +701,9 @@ Deno.test({
       await Deno.writeFile(join(corrupted, "state"), state);
       const shortMemory = join(dir, "short-memory");
       await copyDir(snap, shortMemory);
-      const memSize = (await Deno.stat(join(shortMemory, "memory"))).size;
-      await Deno.truncate(join(shortMemory, "memory"), Math.floor(memSize / 2));
+      const shortMemoryFile = String((await readSnapshotData(shortMemory)).memoryPath);
+      const memSize = (await Deno.stat(shortMemoryFile)).size;
+      await Deno.truncate(shortMemoryFile, Math.floor(memSize / 2));
       const missing = join(dir, "missing");
 
       const dirs = [snap, truncated, corrupted, shortMemory, missing];
@@ -711,7 +712,7 @@ Deno.test({
       const cases: [string, string, string][] = [
         ["truncated state", truncated, join(truncated, "state")],
         ["corrupted state", corrupted, join(corrupted, "state")],
-        ["memory file shorter than the snapshot says", shortMemory, join(shortMemory, "memory")],
+        ["memory file shorter than the snapshot says", shortMemory, shortMemoryFile],
         ["missing directory", missing, missing],
       ];
       for (const [what, path, named] of cases) {

@@ -1,7 +1,8 @@
 // The snapshot directory: what writeSnapshot writes reads back identical; every corruption of the state or
 // memory file is one line naming the file and the problem (exit 1); a snapshot written over another replaces
-// it atomically while a clone's mapping of the old memory keeps the old bytes; a failed write leaves the
-// earlier snapshot and no temporary file.
+// it atomically while a clone's mapping of the old memory keeps the old bytes; a crash before the state's
+// rename leaves the earlier snapshot; a failed write leaves the earlier snapshot and no temporary file; a
+// directory written by an earlier version (its memory file named `memory`) reads and is taken over.
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
@@ -52,6 +53,32 @@ function parts(mem: OwnedGuestMemory, salt: number): SnapshotParts {
   };
 }
 
+/** The names in `dir`, sorted. */
+function names(dir: string): string[] {
+  return Deno.readDirSync(dir).map((e) => e.name).toArray().sort();
+}
+
+/** A snapshot directory's files: the state and the one memory file it names (`memory.<32 hex digits>`). */
+function assertOnlySnapshotFiles(dir: string, what: string): void {
+  const file = readSnapshot(dir).memory.file;
+  assert.match(file, /^memory\.[0-9a-f]{32}$/, what);
+  assert.deepEqual(names(dir), [file, "state"], `${what}: no other file, no temporary`);
+}
+
+/** The state file at `path` with its body's record edited by `edit`, re-encoded with a correct length and checksum. */
+function rewriteState(path: string, edit: (data: { [key: string]: StateValue }) => void): Uint8Array {
+  const good = Deno.readFileSync(path);
+  const record = decodeState(good.subarray(HEADER_SIZE));
+  edit(record.data as { [key: string]: StateValue });
+  const body = encodeState(record);
+  const out = new Uint8Array(HEADER_SIZE + body.length);
+  out.set(good.subarray(0, 20));
+  new DataView(out.buffer).setBigUint64(20, BigInt(body.length), true);
+  out.set(createHash("sha256").update(body).digest(), 28);
+  out.set(body, HEADER_SIZE);
+  return out;
+}
+
 /** The error readSnapshot throws: a SnapshotError of one line, exit 1, matching `message`. */
 function refused(dir: string, message: RegExp, what: string): void {
   assert.throws(() => readSnapshot(dir), (e: Error) => {
@@ -59,7 +86,7 @@ function refused(dir: string, message: RegExp, what: string): void {
     assert.equal(e.exitCode, EXIT_HOST_ERROR);
     assert.doesNotMatch(e.message, /\n/, `${what}: one line`);
     assert.match(e.message, message, what);
-    assert.match(e.message, /^snapshot "[^"]*\/(state|memory)": /, `${what}: names the file`);
+    assert.match(e.message, /^snapshot "[^"]*\/(state|memory(\.[0-9a-f]{32})?)": /, `${what}: names the file`);
     return true;
   });
 }
@@ -72,7 +99,7 @@ Deno.test("snapshot format: a written snapshot reads back identical, with its me
     const written = writeSnapshot(`${dir}/snap`, p);
     assert.equal(written.memorySize, MEM_MIB * MiB);
     assert.equal(written.memoryBytesWritten, 8 * PAGE_SIZE);
-    assert.deepEqual(Deno.readDirSync(`${dir}/snap`).map((e) => e.name).toArray().sort(), ["memory", "state"]);
+    assertOnlySnapshotFiles(`${dir}/snap`, "first write");
     assert.equal(Deno.statSync(`${dir}/snap/state`).size, written.stateSize);
     const s = readSnapshot(`${dir}/snap`);
     assert.equal(s.denovm.length > 0, true);
@@ -84,9 +111,9 @@ Deno.test("snapshot format: a written snapshot reads back identical, with its me
     assert.deepEqual(s.memory, {
       size: MEM_MIB * MiB,
       regions: [{ guestBase: 0, size: MEM_MIB * MiB, fileOffset: 0 }],
-      file: "memory",
+      file: s.memory.file,
     });
-    assert.equal(s.memoryPath, `${dir}/snap/memory`);
+    assert.equal(s.memoryPath, `${dir}/snap/${s.memory.file}`);
     using back = OwnedGuestMemory.mapFile(
       s.memoryPath,
       ramRanges(MEM_MIB * MiB),
@@ -172,10 +199,15 @@ Deno.test("snapshot format: each corruption of the state or memory file is refus
     withState(rewritten((d) => delete d.devices), /devices: expected a record$/, "devices");
     assert.equal(readSnapshot(dir).vmgenid, "0123456789abcdef0123456789abcdef", "the good state reads again");
     // The memory file one page short, then missing; the state file missing.
-    Deno.truncateSync(`${dir}/memory`, MEM_MIB * MiB - PAGE_SIZE);
-    refused(dir, /memory": 16773120 bytes; the snapshot's memory is 16777216 bytes$/, "memory one page short");
-    Deno.removeSync(`${dir}/memory`);
-    refused(dir, /memory": missing$/, "memory missing");
+    const memoryPath = readSnapshot(dir).memoryPath;
+    Deno.truncateSync(memoryPath, MEM_MIB * MiB - PAGE_SIZE);
+    refused(
+      dir,
+      /memory\.[0-9a-f]{32}": 16773120 bytes; the snapshot's memory is 16777216 bytes$/,
+      "memory one page short",
+    );
+    Deno.removeSync(memoryPath);
+    refused(dir, /memory\.[0-9a-f]{32}": missing$/, "memory missing");
     Deno.removeSync(statePath);
     refused(dir, /state": missing$/, "state missing");
     refused(`${dir}/nowhere`, /nowhere\/state": missing$/, "no directory");
@@ -207,7 +239,8 @@ Deno.test("snapshot format: a snapshot written over another replaces it atomical
     using fresh = OwnedGuestMemory.mapFile(now.memoryPath, ramRanges(MEM_MIB * MiB), [0]);
     assert.equal(fresh.getU8(at), 0x20);
     assert.deepEqual(clone.read(0, MEM_MIB * MiB), first.read(0, MEM_MIB * MiB), "the clone still sees the old memory");
-    assert.deepEqual(Deno.readDirSync(dir).map((e) => e.name).toArray().sort(), ["memory", "state"], "no temporaries");
+    assert.notEqual(now.memory.file, old.memory.file, "the new memory file has a name of its own");
+    assertOnlySnapshotFiles(dir, "the earlier memory file is removed, no temporaries");
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }
@@ -219,11 +252,13 @@ Deno.test("snapshot format: a failed write leaves the earlier snapshot as it was
     using mem = memory(5);
     writeSnapshot(dir, parts(mem, 5));
     const state = Deno.readFileSync(`${dir}/state`);
-    const inode = Deno.statSync(`${dir}/memory`).ino;
+    const memoryPath = readSnapshot(dir).memoryPath;
+    const listing = names(dir);
+    const inode = Deno.statSync(memoryPath).ino;
     const unchanged = (what: string) => {
-      assert.deepEqual(Deno.readDirSync(dir).map((e) => e.name).toArray().sort(), ["memory", "state"], what);
+      assert.deepEqual(names(dir), listing, what);
       assert.deepEqual(Deno.readFileSync(`${dir}/state`), state, what);
-      assert.equal(Deno.statSync(`${dir}/memory`).ino, inode, what);
+      assert.equal(Deno.statSync(memoryPath).ino, inode, what);
       assert.equal(readSnapshot(dir).vmgenid, "0123456789abcdef0123456789abcdef", what);
     };
     // A part the format refuses: nothing is written.
@@ -239,11 +274,13 @@ Deno.test("snapshot format: a failed write leaves the earlier snapshot as it was
     assert.throws(() => writeSnapshot(dir, wrongCpus), /0 vCPU states for the configuration's 2 vCPUs$/);
     unchanged("missing vCPU states");
 
-    // The state file's rename fails after the memory file's: the earlier memory file is put back.
+    // The state file's rename fails after the new memory file is written: the new memory file is removed, the
+    // earlier one was never touched.
     const blocked = Deno.makeTempDirSync();
     try {
       writeSnapshot(blocked, parts(mem, 5));
-      const blockedInode = Deno.statSync(`${blocked}/memory`).ino;
+      const earlier = readSnapshot(blocked).memory.file;
+      const blockedInode = Deno.statSync(`${blocked}/${earlier}`).ino;
       Deno.removeSync(`${blocked}/state`);
       Deno.mkdirSync(`${blocked}/state/inside`, { recursive: true });
       assert.throws(() => writeSnapshot(blocked, parts(other, 6)), (e: Error) => {
@@ -251,11 +288,112 @@ Deno.test("snapshot format: a failed write leaves the earlier snapshot as it was
         assert.doesNotMatch(e.message, /\n/);
         return true;
       });
-      assert.equal(Deno.statSync(`${blocked}/memory`).ino, blockedInode, "the earlier memory file is back");
-      assert.deepEqual(Deno.readDirSync(blocked).map((e) => e.name).toArray().sort(), ["memory", "state"]);
+      assert.equal(Deno.statSync(`${blocked}/${earlier}`).ino, blockedInode, "the earlier memory file is untouched");
+      assert.deepEqual(names(blocked), [earlier, "state"], "the new memory file and the state's temporary are gone");
     } finally {
       Deno.removeSync(blocked, { recursive: true });
     }
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+/** Whether guest memory `a` and `b` hold the same bytes (a boolean: a diff of megabytes would not help). */
+function sameMemory(a: OwnedGuestMemory, b: OwnedGuestMemory): boolean {
+  const digest = (m: OwnedGuestMemory) => createHash("sha256").update(m.read(0, MEM_MIB * MiB)).digest("hex");
+  return digest(a) === digest(b);
+}
+
+/** Copies every file of `from` into a new directory `to`: what is on disk at this moment. */
+function copyFiles(from: string, to: string): void {
+  Deno.mkdirSync(to);
+  for (const e of Deno.readDirSync(from)) if (e.isFile) Deno.copyFileSync(`${from}/${e.name}`, `${to}/${e.name}`);
+}
+
+Deno.test("snapshot format: a crash after the new memory file is written, before the state is renamed, leaves the earlier snapshot whole; the next take removes what it left", () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    const snap = `${dir}/snap`;
+    const crashed = `${dir}/crashed`;
+    using first = memory(0x10);
+    writeSnapshot(snap, parts(first, 0x10));
+    using second = memory(0x20);
+    let seen = 0;
+    writeSnapshot(snap, parts(second, 0x20), {
+      beforeStateRename: () => {
+        seen++;
+        copyFiles(snap, crashed);
+      },
+    });
+    assert.equal(seen, 1, "the crash window was reached");
+    // What the crash left: the earlier state and its memory file, plus the new memory file and the state's
+    // temporary, which no state names.
+    assert.equal(names(crashed).length, 4, `the crash left ${names(crashed).join(", ")}`);
+    const earlier = readSnapshot(crashed);
+    assert.deepEqual(earlier.vm.data, { pic: Uint8Array.of(1, 2, 0x10), clock: 12345 }, "the earlier state");
+    using mapped = OwnedGuestMemory.mapFile(earlier.memoryPath, ramRanges(MEM_MIB * MiB), [0]);
+    assert.ok(sameMemory(mapped, first), "under it, its own memory");
+    // The take that completed is the new snapshot.
+    const now = readSnapshot(snap);
+    assert.deepEqual(now.vm.data, { pic: Uint8Array.of(1, 2, 0x20), clock: 12345 });
+    using fresh = OwnedGuestMemory.mapFile(now.memoryPath, ramRanges(MEM_MIB * MiB), [0]);
+    assert.ok(sameMemory(fresh, second), "the new memory");
+    assertOnlySnapshotFiles(snap, "after the completed take");
+    // The next take into the crashed directory removes what the crash left.
+    using third = memory(0x30);
+    writeSnapshot(crashed, parts(third, 0x30));
+    assertOnlySnapshotFiles(crashed, "after a take over the crash's leftovers");
+    assert.deepEqual(readSnapshot(crashed).vm.data, { pic: Uint8Array.of(1, 2, 0x30), clock: 12345 });
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("snapshot format: a second take into a directory while one is being written is refused in one line; the first completes", () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    using first = memory(1);
+    using second = memory(2);
+    let refusal: unknown;
+    writeSnapshot(dir, parts(first, 1), {
+      beforeStateRename: () => {
+        try {
+          writeSnapshot(dir, parts(second, 2));
+        } catch (e) {
+          refusal = e;
+        }
+      },
+    });
+    assert.ok(refusal instanceof SnapshotError, `refused: ${refusal}`);
+    assert.match(refusal.message, /^snapshot "[^"]+": another snapshot is being written into this directory$/);
+    assert.deepEqual(readSnapshot(dir).vm.data, { pic: Uint8Array.of(1, 2, 1), clock: 12345 });
+    assertOnlySnapshotFiles(dir, "the refused take left nothing");
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("snapshot format: a directory whose memory file is named `memory` (earlier versions) reads; a take over it replaces it", () => {
+  const dir = Deno.makeTempDirSync();
+  try {
+    using first = memory(0x40);
+    writeSnapshot(dir, parts(first, 0x40));
+    // The layout earlier versions wrote: `memory` and a state naming it.
+    Deno.renameSync(readSnapshot(dir).memoryPath, `${dir}/memory`);
+    Deno.writeFileSync(
+      `${dir}/state`,
+      rewriteState(`${dir}/state`, (d) => {
+        (d.memory as { [key: string]: StateValue }).file = "memory";
+      }),
+    );
+    const legacy = readSnapshot(dir);
+    assert.equal(legacy.memoryPath, `${dir}/memory`);
+    assert.deepEqual(legacy.vm.data, { pic: Uint8Array.of(1, 2, 0x40), clock: 12345 });
+    using clone = OwnedGuestMemory.mapFile(legacy.memoryPath, ramRanges(MEM_MIB * MiB), [0]);
+    using second = memory(0x50);
+    writeSnapshot(dir, parts(second, 0x50));
+    assertOnlySnapshotFiles(dir, "`memory` is removed once no state names it");
+    assert.ok(sameMemory(clone, first), "a clone of it keeps its memory");
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }
