@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { buildGuest } from "../guests/build.ts";
+import { readSnapshot } from "../../vmm/snapshot/format.ts";
 import { EXIT_SUCCESS, HostError } from "../../core/exit.ts";
 import {
   type BootConfig,
@@ -88,7 +89,7 @@ Deno.test({
       const atSnapshot = Math.max(...ticks(original));
       // resume defaults to true: the original runs on.
       await waitForTick(original, atSnapshot + 2);
-      assert.ok(existsSync(`${dir}/state`) && existsSync(`${dir}/memory`), "the snapshot's files");
+      assert.ok(existsSync(readSnapshot(dir).memoryPath), "the snapshot's files");
 
       await using restored = await Vm.restore(dir);
       await assertContinues(restored, 2, "the restored VM");
@@ -178,7 +179,7 @@ Deno.test({
       });
       assert.equal(template.path, snapshotDir);
       await template.close();
-      assert.ok(existsSync(`${snapshotDir}/state`) && existsSync(`${snapshotDir}/memory`), "the snapshot stays");
+      assert.ok(existsSync(readSnapshot(snapshotDir).memoryPath), "the snapshot stays");
       await using vm = await Vm.restore(snapshotDir);
       await assertContinues(vm, 0, "a VM restored from the kept snapshot");
     } finally {
