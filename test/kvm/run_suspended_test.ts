@@ -108,7 +108,7 @@ async function suspendedRun(
 }
 
 Deno.test({
-  name: "run --suspended: vCPUs and devices held; resume is refused, resume --full lets the guest run (crosvm)",
+  name: "kvm: run --suspended: vCPUs and devices held; resume is refused, resume --full lets the guest run (crosvm)",
   ignore: !kvmAvailable,
   async fn() {
     await suspendedRun("--suspended", async (sock, out) => {
@@ -124,7 +124,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "run --suspended-vcpus: vCPUs held; resume lets the guest run (crosvm)",
+  name: "kvm: run --suspended-vcpus: vCPUs held; resume lets the guest run (crosvm)",
   ignore: !kvmAvailable,
   async fn() {
     await suspendedRun("--suspended-vcpus", async (sock) => {

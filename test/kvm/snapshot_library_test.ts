@@ -78,7 +78,8 @@ async function quit(vm: Vm): Promise<void> {
 }
 
 Deno.test({
-  name: "library snapshot: Vm.restore goes on from where vm.snapshot was, with an empty console, beside the original",
+  name:
+    "kvm: library snapshot: Vm.restore goes on from where vm.snapshot was, with an empty console, beside the original",
   ignore: !kvmAvailable,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
@@ -106,7 +107,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "library snapshot: resume: false leaves the VM suspended until vm.resume(); paused: true restores it so",
+  name: "kvm: library snapshot: resume: false leaves the VM suspended until vm.resume(); paused: true restores it so",
   ignore: !kvmAvailable,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
@@ -134,7 +135,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "library snapshot: VmTemplate clones run at once, each from the template's point, each on its own",
+  name: "kvm: library snapshot: VmTemplate clones run at once, each from the template's point, each on its own",
   ignore: !kvmAvailable,
   async fn() {
     const template = await VmTemplate.boot(await tickerConfig(), { until: /^TICK 2\r?$/m, timeout: GUEST_TIMEOUT_MS });
@@ -166,7 +167,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "library snapshot: a VmTemplate given a snapshotDir keeps it on close",
+  name: "kvm: library snapshot: a VmTemplate given a snapshotDir keeps it on close",
   ignore: !kvmAvailable,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
@@ -189,7 +190,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "library snapshot: Vm.restore of a directory without a snapshot rejects with one host-error line naming it",
+  name:
+    "kvm: library snapshot: Vm.restore of a directory without a snapshot rejects with one host-error line naming it",
   ignore: !kvmAvailable,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
@@ -211,7 +213,7 @@ function templateDirs(): string[] {
 }
 
 Deno.test({
-  name: "library snapshot: VmTemplate.boot whose marker never appears stops its VM and removes its directory",
+  name: "kvm: library snapshot: VmTemplate.boot whose marker never appears stops its VM and removes its directory",
   ignore: !kvmAvailable,
   async fn() {
     closeIdleVcpuWorkers();

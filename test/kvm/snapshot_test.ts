@@ -450,7 +450,7 @@ async function runInBackground(sock: string, ...args: string[]): Promise<Deno.Ch
 // ---- The guests on their own (no snapshot) ----
 
 Deno.test({
-  name: "snapshot guests: smp_beat's 4 CPUs each count their own LAPIC timer beats, on their own stack and marker",
+  name: "kvm: snapshot guests: smp_beat's 4 CPUs each count their own LAPIC timer beats, on their own stack and marker",
   ignore: !kvmAvailable,
   async fn() {
     await using vm = await boot("smp_beat", { cpus: SMP_CPUS });
@@ -465,7 +465,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "snapshot guests: mempattern prints the checksum the host computes, 'c' repeats it, 'w' refills",
+  name: "kvm: snapshot guests: mempattern prints the checksum the host computes, 'c' repeats it, 'w' refills",
   ignore: !kvmAvailable,
   async fn() {
     await using vm = await boot("mempattern");
@@ -481,7 +481,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "snapshot guests: virtio_wait does a block and console round at start and another on each 'g'",
+  name: "kvm: snapshot guests: virtio_wait does a block and console round at start and another on each 'g'",
   ignore: !kvmAvailable,
   async fn() {
     await withTempDir(async (dir) => {
@@ -529,7 +529,7 @@ Deno.test('snapshot guests build and idle in "sti; hlt" (every CPU of smp_beat t
 // ---- Snapshots ----
 
 Deno.test({
-  name: "snapshot: a ticker clone goes on from the snapshot's tick, takes timer interrupts; the original too",
+  name: "kvm: snapshot: a ticker clone goes on from the snapshot's tick, takes timer interrupts; the original too",
   ignore: snapshotIgnore,
   async fn() {
     await withTempDir(async (dir) => {
@@ -557,7 +557,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "snapshot: an smp_beat clone's 4 vCPUs all go on counting from the snapshot, each on its own stack",
+  name: "kvm: snapshot: an smp_beat clone's 4 vCPUs all go on counting from the snapshot, each on its own stack",
   ignore: snapshotIgnore,
   async fn() {
     await withTempDir(async (dir) => {
@@ -582,7 +582,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "snapshot: a virtio_wait clone on its own disk copy does round 2: sector written and read, console message",
+  name:
+    "kvm: snapshot: a virtio_wait clone on its own disk copy does round 2: sector written and read, console message",
   ignore: snapshotIgnore,
   async fn() {
     await withTempDir(async (dir) => {
@@ -619,7 +620,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "snapshot: two mempattern clones see the snapshot's memory, and neither sees the other's writes",
+  name: "kvm: snapshot: two mempattern clones see the snapshot's memory, and neither sees the other's writes",
   ignore: snapshotIgnore,
   async fn() {
     await withTempDir(async (dir) => {
@@ -647,7 +648,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "snapshot: restored suspended and snapshotted again (CLI), the two snapshots are the same but for clocks",
+  name: "kvm: snapshot: restored suspended and snapshotted again (CLI), the two snapshots are the same but for clocks",
   ignore: snapshotIgnore,
   async fn() {
     await withTempDir(async (dir) => {
@@ -681,7 +682,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "snapshot: `run --restore` of a truncated, corrupted or missing snapshot: exit 1, one line; --mem mismatch: exit 35; nothing written",
+    "kvm: snapshot: `run --restore` of a truncated, corrupted or missing snapshot: exit 1, one line; --mem mismatch: exit 35; nothing written",
   ignore: snapshotIgnore,
   async fn() {
     await withTempDir(async (dir) => {
