@@ -385,3 +385,17 @@ export async function librarySnapshots(): Promise<LibrarySnapshots> {
     restore: (path, overrides) => restore.call(Vm, path, overrides),
   };
 }
+
+/** `denovm snapshot take DIR SOCKET` (crosvm's syntax) of the VM serving `socket`; throws with denovm's own message. */
+export async function denovmSnapshotTake(dir: string, socket: string): Promise<void> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", join(REPO_ROOT, "main.ts"), "snapshot", "take", dir, socket],
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).output();
+  if (!out.success) {
+    const why = new TextDecoder().decode(out.stderr).trim().split("\n").at(-1) ?? "";
+    throw new Error(`denovm snapshot take: exit ${out.code}: ${why}`);
+  }
+}

@@ -27,6 +27,7 @@ import type { Vm as LibVm } from "../mod.ts";
 import {
   benchCacheDir,
   buildTickerGuest,
+  denovmSnapshotTake,
   killChild,
   librarySnapshots,
   type Measured,
@@ -37,7 +38,6 @@ import {
   progress,
   REPO_ROOT,
   result,
-  run,
   skipWithoutKvm,
   smapsRollupKiB,
   spawnTimed,
@@ -142,7 +142,7 @@ async function cliSnapshot(guest: string, dir: string, work: string): Promise<vo
   const p = spawnTimed(Deno.execPath(), denovmArgs(["run", "--mem", String(MEM_MIB), "-s", sock, guest]));
   try {
     await within(p.waitFor(TICK), READY_TIMEOUT_MS, "tick from the snapshot's source VM");
-    await run(Deno.execPath(), denovmArgs(["snapshot", "take", dir, sock]));
+    await denovmSnapshotTake(dir, sock);
   } finally {
     await killChild(p.child);
   }

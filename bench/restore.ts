@@ -31,6 +31,7 @@ import { buildFakeKvm, fakeKvmEnv } from "../test/support/fake_kvm.ts";
 import {
   benchCacheDir,
   buildTickerGuest,
+  denovmSnapshotTake,
   killChild,
   kvmPvm,
   librarySnapshots,
@@ -43,7 +44,6 @@ import {
   progress,
   REPO_ROOT,
   result,
-  run,
   skipWithoutKvm,
   spawnTimed,
   TICKER_TICK_BYTE,
@@ -242,7 +242,7 @@ async function denovmSave(kernel: string, dir: string, work: string): Promise<vo
   const p = spawnTimed(Deno.execPath(), denovmArgs(["run", "--mem", String(MEM_MIB), "-s", sock, kernel]));
   try {
     await within(p.waitFor(TICK), OUTPUT_TIMEOUT_MS, "tick from the denovm guest");
-    await run(Deno.execPath(), denovmArgs(["snapshot", "take", dir, sock]));
+    await denovmSnapshotTake(dir, sock);
   } finally {
     await killChild(p.child);
   }
