@@ -360,32 +360,6 @@ export function measuredRatio(a: Measured, b: Measured): number | null {
   return typeof a === "number" && typeof b === "number" ? Number((a / b).toFixed(3)) : null;
 }
 
-/** The library's snapshot calls (vm.snapshot(path), Vm.restore(path, overrides?)), looked up when used. */
-export interface LibrarySnapshots {
-  snapshot(vm: import("../mod.ts").Vm, path: string): Promise<void>;
-  restore(path: string, overrides?: Record<string, unknown>): Promise<import("../mod.ts").Vm>;
-}
-
-/**
- * The library's snapshot calls, or an Error saying which one this denovm lacks: the benchmarks that
- * use them report that as their denovm side's error instead of failing to load.
- */
-export async function librarySnapshots(): Promise<LibrarySnapshots> {
-  const { Vm } = await import("../mod.ts");
-  type Restore = (path: string, overrides?: Record<string, unknown>) => Promise<import("../mod.ts").Vm>;
-  type Snapshot = (path: string) => Promise<void>;
-  const restore = (Vm as unknown as { restore?: Restore }).restore;
-  if (typeof restore !== "function") throw new Error("this denovm's library has no Vm.restore");
-  return {
-    snapshot(vm, path) {
-      const take = (vm as unknown as { snapshot?: Snapshot }).snapshot;
-      if (typeof take !== "function") throw new Error("this denovm's library has no vm.snapshot");
-      return take.call(vm, path);
-    },
-    restore: (path, overrides) => restore.call(Vm, path, overrides),
-  };
-}
-
 /** `denovm snapshot take DIR SOCKET` (crosvm's syntax) of the VM serving `socket`; throws with denovm's own message. */
 export async function denovmSnapshotTake(dir: string, socket: string): Promise<void> {
   const out = await new Deno.Command(Deno.execPath(), {

@@ -29,7 +29,6 @@ import {
   buildTickerGuest,
   denovmSnapshotTake,
   killChild,
-  librarySnapshots,
   type Measured,
   measured,
   measuredErrors,
@@ -73,12 +72,13 @@ if (Deno.args[0] === "cold" || Deno.args[0] === "clones") {
   const [mode, path] = Deno.args;
   const base = await smapsRollupKiB("self");
   const { Vm } = await import("../mod.ts");
-  const lib = mode === "clones" ? await librarySnapshots() : undefined;
   const vms: LibVm[] = [];
   try {
     for (let i = 0; i < VMS; i++) {
       vms.push(
-        lib ? await lib.restore(path) : await Vm.boot({ kernel: path, params: [], memMiB: MEM_MIB, cpus: 1 }),
+        mode === "clones"
+          ? await Vm.restore(path)
+          : await Vm.boot({ kernel: path, params: [], memMiB: MEM_MIB, cpus: 1 }),
       );
     }
     await Promise.all(vms.map((vm) => vm.console.waitFor(TICK, { timeout: READY_TIMEOUT_MS })));
@@ -161,11 +161,10 @@ try {
   let snapshotMemoryMib: number | null = null;
   const taken = await measured(NAME, "library snapshot", async () => {
     const { Vm } = await import("../mod.ts");
-    const lib = await librarySnapshots();
     const source = await Vm.boot({ kernel: guest, params: [], memMiB: MEM_MIB, cpus: 1 });
     try {
       await source.console.waitFor(TICK, { timeout: READY_TIMEOUT_MS });
-      await lib.snapshot(source, libSnap);
+      await source.snapshot(libSnap);
     } finally {
       await source.stop();
     }

@@ -34,7 +34,6 @@ import {
   denovmSnapshotTake,
   killChild,
   kvmPvm,
-  librarySnapshots,
   type Measured,
   measured,
   measuredErrors,
@@ -93,13 +92,12 @@ async function inprocessMain(): Promise<void> {
     const source = await Vm.boot({ kernel: guest, params: [], memMiB: MEM_MIB, cpus: 1 });
     try {
       await source.console.waitFor(FAKE_TICK, { timeout: OUTPUT_TIMEOUT_MS });
-      const lib = await librarySnapshots();
-      await lib.snapshot(source, snap);
+      await source.snapshot(snap);
       const times: number[] = [];
       // The first restore may create the Worker the pool keeps; the median is over the warm ones after it.
       for (let i = 0; i <= REPEATS; i++) {
         const t0 = performance.now();
-        const clone = await lib.restore(snap);
+        const clone = await Vm.restore(snap);
         try {
           await clone.console.waitFor(FAKE_TICK, { timeout: OUTPUT_TIMEOUT_MS });
           times.push(performance.now() - t0);
