@@ -168,7 +168,8 @@ try {
     } finally {
       await source.stop();
     }
-    const st = await Deno.stat(join(libSnap, "memory"));
+    const { readSnapshot } = await import("../vmm/snapshot/format.ts");
+    const st = await Deno.stat(readSnapshot(libSnap).memoryPath);
     snapshotMemoryMib = st.blocks === null ? null : mib((st.blocks * 512) / 1024);
     progress(NAME, `snapshot memory file: ${snapshotMemoryMib} MiB allocated of ${mib(st.size / 1024)} MiB`);
     return 0;
