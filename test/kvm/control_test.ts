@@ -9,7 +9,6 @@
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import { buildGuest } from "../guests/build.ts";
 import {
   IRQ_ACPI_SCI,
@@ -27,6 +26,7 @@ import { OwnedGuestMemory } from "../../core/memory.ts";
 import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit.ts";
 import { type BootConfig, Vm } from "../../mod.ts";
 import { within as withinMs } from "../support/within.ts";
+import { assertCliOk, denovm, denovmArgs, REPO_ROOT } from "../support/cli.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_control_test: control socket tests with a guest skipped: no /dev/kvm");
@@ -42,42 +42,10 @@ const SOCKET_MODE = 0o600;
 /** A TICK line as the ticker guest prints it (the UART console turns "\n" into "\r\n"). */
 const TICK_LINE = /^TICK (\d+)\r?\n/m;
 
-const REPO_ROOT = fileURLToPath(new URL("../..", import.meta.url));
-const MAIN = fileURLToPath(new URL("../../main.ts", import.meta.url));
-
 const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
-}
-
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** `denovm ARGS...` as its own process (main.ts under this Deno). */
-async function denovm(...args: string[]): Promise<CliResult> {
-  const out = await within(
-    new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-all", MAIN, ...args],
-      cwd: REPO_ROOT,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output(),
-    () => `denovm ${args.join(" ")} did not exit`,
-  );
-  return {
-    code: out.code,
-    stdout: new TextDecoder().decode(out.stdout),
-    stderr: new TextDecoder().decode(out.stderr),
-  };
-}
-
-function assertCliOk(r: CliResult, what: string): void {
-  assert.equal(r.code, EXIT_SUCCESS, `${what}: exit ${r.code}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
 }
 
 async function boot(guest: string, opts: Omit<BootConfig, "kernel">): Promise<Vm> {
@@ -374,7 +342,7 @@ Deno.test({
         const kernel = await buildGuest(guest);
         const out = await within(
           new Deno.Command(Deno.execPath(), {
-            args: ["run", "--allow-all", MAIN, "run", "--mem", "64", "--cpus", "1", "-s", dir, kernel],
+            args: denovmArgs(["run", "--mem", "64", "--cpus", "1", "-s", dir, kernel]),
             cwd: REPO_ROOT,
             stdin: "null",
             stdout: "null",
@@ -387,7 +355,7 @@ Deno.test({
       }
       // SIGTERM to a running VM.
       const child = new Deno.Command(Deno.execPath(), {
-        args: ["run", "--allow-all", MAIN, "run", "--mem", "64", "--cpus", "1", "-s", dir, await buildGuest("ticker")],
+        args: denovmArgs(["run", "--mem", "64", "--cpus", "1", "-s", dir, await buildGuest("ticker")]),
         cwd: REPO_ROOT,
         stdin: "null",
         stdout: "null",

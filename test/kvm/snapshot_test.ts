@@ -19,7 +19,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { buildGuest } from "../guests/build.ts";
 import { PML4_START } from "../../vmm/arch/layout.ts";
 import type { BlockConfig, SerialConfig } from "../../vmm/config.ts";
@@ -28,6 +27,7 @@ import { KVM_PIT_CHANNEL_STATE_SIZE, PIT_CHANNEL_COUNT_LOAD_TIME, PIT_STATE2_CHA
 import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "../../core/exit.ts";
 import { type BootConfig, type RestoreConfig, Vm } from "../../mod.ts";
 import { within as withinMs } from "../support/within.ts";
+import { assertCliOk, assertOneLineRefusal, denovm, denovmArgs, REPO_ROOT } from "../support/cli.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_snapshot_test: guest tests skipped: no /dev/kvm");
@@ -38,8 +38,6 @@ const snapshotIgnore = !kvmAvailable;
 const GUEST_TIMEOUT_MS = 120_000;
 /** A socket file is served shortly after `denovm run` starts. */
 const SOCKET_WAIT_MS = 60_000;
-const REPO_ROOT = fileURLToPath(new URL("../..", import.meta.url));
-const MAIN = fileURLToPath(new URL("../../main.ts", import.meta.url));
 
 const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -97,41 +95,6 @@ async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
-}
-
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** `denovm ARGS...` as its own process (main.ts under this Deno). */
-async function denovm(...args: string[]): Promise<CliResult> {
-  const out = await within(
-    new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-all", MAIN, ...args],
-      cwd: REPO_ROOT,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output(),
-    () => `denovm ${args.join(" ")} did not exit`,
-  );
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-function assertCliOk(r: CliResult, what: string): void {
-  assert.equal(r.code, EXIT_SUCCESS, `${what}: exit ${r.code}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
-}
-
-/** A refusal as users must see it: exit `code`, one line on stderr, matching `pattern`. */
-function assertOneLineRefusal(r: CliResult, code: number, pattern: RegExp, what: string): void {
-  const lines = r.stderr.split("\n").filter((l) => l.trim() !== "");
-  assert.equal(r.code, code, `${what}: exit ${r.code}\nstderr:\n${r.stderr}`);
-  assert.equal(lines.length, 1, `${what}: one line on stderr, got:\n${r.stderr}`);
-  assert.match(lines[0], pattern, what);
-  assert.doesNotMatch(r.stderr, /^\s+at /m, `${what}: a stack trace`);
 }
 
 // ---- ticker ----
@@ -429,7 +392,7 @@ async function assertSameSnapshot(first: string, second: string): Promise<void> 
 /** `denovm run ARGS` in the background, with its control socket `sock` served. */
 async function runInBackground(sock: string, ...args: string[]): Promise<Deno.ChildProcess> {
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", MAIN, "run", "-s", sock, ...args],
+    args: denovmArgs(["run", "-s", sock, ...args]),
     cwd: REPO_ROOT,
     stdin: "null",
     stdout: "null",
