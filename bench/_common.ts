@@ -307,6 +307,8 @@ export function buildTickerGuest(dir: string, fillMiB: number, periodUs: number)
 /** The ticker guest's first byte (at entry) and its byte per timer tick (bench/guest/ticker.S). */
 export const TICKER_START_BYTE = "!";
 export const TICKER_TICK_BYTE = ".";
+/** The ticker guest's output once it ticks. */
+export const TICKER_TICK = new RegExp(`\\${TICKER_TICK_BYTE}`);
 
 /** Resident and proportional set size of a process (or "self"), in KiB (proc(5): /proc/<pid>/smaps_rollup). */
 export async function smapsRollupKiB(pid: number | "self"): Promise<{ rss: number; pss: number }> {
@@ -360,10 +362,15 @@ export function measuredRatio(a: Measured, b: Measured): number | null {
   return typeof a === "number" && typeof b === "number" ? Number((a / b).toFixed(3)) : null;
 }
 
+/** The arguments for `Deno.execPath()` that run `denovm ARGS...` (main.ts with every permission). */
+export function denovmCliArgs(args: string[]): string[] {
+  return ["run", "--allow-all", join(REPO_ROOT, "main.ts"), ...args];
+}
+
 /** `denovm snapshot take DIR SOCKET` (crosvm's syntax) of the VM serving `socket`; throws with denovm's own message. */
 export async function denovmSnapshotTake(dir: string, socket: string): Promise<void> {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", join(REPO_ROOT, "main.ts"), "snapshot", "take", dir, socket],
+    args: denovmCliArgs(["snapshot", "take", dir, socket]),
     stdin: "null",
     stdout: "null",
     stderr: "piped",
@@ -372,4 +379,30 @@ export async function denovmSnapshotTake(dir: string, socket: string): Promise<v
     const why = new TextDecoder().decode(out.stderr).trim().split("\n").at(-1) ?? "";
     throw new Error(`denovm snapshot take: exit ${out.code}: ${why}`);
   }
+}
+
+/**
+ * `guest` (the ticker) booted with `denovm run --mem MEMMIB -s SOCKET` (the socket in `work`), left to tick
+ * (within `timeoutMs`), then `denovm snapshot take`n into `dir`; the VM's process is killed after.
+ */
+export async function denovmTickerSnapshot(
+  guest: string,
+  memMiB: number,
+  dir: string,
+  work: string,
+  timeoutMs: number,
+): Promise<void> {
+  const sock = join(work, "denovm.sock");
+  const p = spawnTimed(Deno.execPath(), denovmCliArgs(["run", "--mem", String(memMiB), "-s", sock, guest]));
+  try {
+    await within(p.waitFor(TICKER_TICK), timeoutMs, "tick from the snapshot's source VM");
+    await denovmSnapshotTake(dir, sock);
+  } finally {
+    await killChild(p.child);
+  }
+}
+
+/** The last line of a benchmark child's stdout that is a JSON object (its result), if any. */
+export function lastJsonLine(stdout: Uint8Array): string | undefined {
+  return new TextDecoder().decode(stdout).trim().split("\n").filter((l) => l.startsWith("{")).at(-1);
 }

@@ -27,8 +27,10 @@ import type { Vm as LibVm } from "../mod.ts";
 import {
   benchCacheDir,
   buildTickerGuest,
-  denovmSnapshotTake,
+  denovmCliArgs,
+  denovmTickerSnapshot,
   killChild,
+  lastJsonLine,
   type Measured,
   measured,
   measuredErrors,
@@ -40,7 +42,7 @@ import {
   skipWithoutKvm,
   smapsRollupKiB,
   spawnTimed,
-  TICKER_TICK_BYTE,
+  TICKER_TICK,
   within,
   writeLayoutHeader,
 } from "./_common.ts";
@@ -54,8 +56,6 @@ const PERIOD_US = 100_000;
 const PROCESSES = Deno.env.get("BENCH_CLONES_PROCESSES") !== "0";
 /** Longest wait for every VM to tick (20 guests filling 200 MiB each share this machine's cores). */
 const READY_TIMEOUT_MS = 900_000;
-const MAIN_TS = join(REPO_ROOT, "main.ts");
-const TICK = new RegExp(`\\${TICKER_TICK_BYTE}`);
 const KIB_PER_MIB = 1024;
 
 /** What a child process measured of itself with its VMs running. */
@@ -81,7 +81,7 @@ if (Deno.args[0] === "cold" || Deno.args[0] === "clones") {
           : await Vm.boot({ kernel: path, params: [], memMiB: MEM_MIB, cpus: 1 }),
       );
     }
-    await Promise.all(vms.map((vm) => vm.console.waitFor(TICK, { timeout: READY_TIMEOUT_MS })));
+    await Promise.all(vms.map((vm) => vm.console.waitFor(TICKER_TICK, { timeout: READY_TIMEOUT_MS })));
     const now = await smapsRollupKiB("self");
     const out: SelfMemory = { rss_kib: now.rss, pss_kib: now.pss, base_rss_kib: base.rss, base_pss_kib: base.pss };
     console.log(JSON.stringify(out));
@@ -100,7 +100,7 @@ async function child(mode: "cold" | "clones", path: string): Promise<SelfMemory>
     stdout: "piped",
     stderr: "piped",
   }).output();
-  const last = new TextDecoder().decode(out.stdout).trim().split("\n").filter((l) => l.startsWith("{")).at(-1);
+  const last = lastJsonLine(out.stdout);
   if (!out.success || !last) {
     const err = new TextDecoder().decode(out.stderr).trim().split("\n").filter((l) => l.trim()).slice(-3);
     throw new Error(`the ${mode} process ended with exit code ${out.code}: ${err.join(" | ")}`);
@@ -112,14 +112,10 @@ async function child(mode: "cold" | "clones", path: string): Promise<SelfMemory>
 
 // ---- separate processes ----
 
-function denovmArgs(args: string[]): string[] {
-  return ["run", "--allow-all", MAIN_TS, ...args];
-}
-
 /** Start `VMS` denovm processes with `args`, wait until each prints `ready`, sum their PSS and RSS. */
 async function processes(label: string, args: string[], ready: RegExp): Promise<{ pss: number; rss: number }> {
   progress(NAME, `${label}: ${VMS} denovm processes`);
-  const procs = Array.from({ length: VMS }, () => spawnTimed(Deno.execPath(), denovmArgs(args)));
+  const procs = Array.from({ length: VMS }, () => spawnTimed(Deno.execPath(), denovmCliArgs(args)));
   try {
     await within(Promise.all(procs.map((p) => p.waitFor(ready))), READY_TIMEOUT_MS, `${label}: every VM ready`);
     let pss = 0;
@@ -133,18 +129,6 @@ async function processes(label: string, args: string[], ready: RegExp): Promise<
     return { pss, rss };
   } finally {
     await Promise.all(procs.map((p) => killChild(p.child)));
-  }
-}
-
-/** Boot `guest` with `denovm run -s`, let it tick, `denovm snapshot take` it into `dir`. */
-async function cliSnapshot(guest: string, dir: string, work: string): Promise<void> {
-  const sock = join(work, "denovm.sock");
-  const p = spawnTimed(Deno.execPath(), denovmArgs(["run", "--mem", String(MEM_MIB), "-s", sock, guest]));
-  try {
-    await within(p.waitFor(TICK), READY_TIMEOUT_MS, "tick from the snapshot's source VM");
-    await denovmSnapshotTake(dir, sock);
-  } finally {
-    await killChild(p.child);
   }
 }
 
@@ -163,7 +147,7 @@ try {
     const { Vm } = await import("../mod.ts");
     const source = await Vm.boot({ kernel: guest, params: [], memMiB: MEM_MIB, cpus: 1 });
     try {
-      await source.console.waitFor(TICK, { timeout: READY_TIMEOUT_MS });
+      await source.console.waitFor(TICKER_TICK, { timeout: READY_TIMEOUT_MS });
       await source.snapshot(libSnap);
     } finally {
       await source.stop();
@@ -203,15 +187,15 @@ try {
     const cliSnap = join(work, "cli-snapshot");
     let procClones: { pss: number; rss: number } | { error: string };
     try {
-      await cliSnapshot(guest, cliSnap, work);
-      procClones = await processes("clones", ["run", "--restore", cliSnap], TICK);
+      await denovmTickerSnapshot(guest, MEM_MIB, cliSnap, work, READY_TIMEOUT_MS);
+      procClones = await processes("clones", ["run", "--restore", cliSnap], TICKER_TICK);
     } catch (e) {
       procClones = { error: (e as Error).message.trim() };
       progress(NAME, `clones (processes): ${procClones.error}`);
     }
     let procCold: { pss: number; rss: number } | { error: string };
     try {
-      procCold = await processes("cold", ["run", "--mem", String(MEM_MIB), guest], TICK);
+      procCold = await processes("cold", ["run", "--mem", String(MEM_MIB), guest], TICKER_TICK);
     } catch (e) {
       procCold = { error: (e as Error).message.trim() };
       progress(NAME, `cold (processes): ${procCold.error}`);

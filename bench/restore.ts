@@ -31,9 +31,11 @@ import { buildFakeKvm, fakeKvmEnv } from "../test/support/fake_kvm.ts";
 import {
   benchCacheDir,
   buildTickerGuest,
-  denovmSnapshotTake,
+  denovmCliArgs,
+  denovmTickerSnapshot,
   killChild,
   kvmPvm,
+  lastJsonLine,
   type Measured,
   measured,
   measuredErrors,
@@ -45,7 +47,7 @@ import {
   result,
   skipWithoutKvm,
   spawnTimed,
-  TICKER_TICK_BYTE,
+  TICKER_TICK,
   within,
   writeLayoutHeader,
 } from "./_common.ts";
@@ -67,9 +69,6 @@ const INPROCESS_ENV = "BENCH_RESTORE_INPROCESS";
 /** The fake KVM's scripted guest for the in-process restore: "T" at once, then every 50 ms (fake_kvm.c "spin"). */
 const FAKE_SCRIPT = "spin";
 const FAKE_TICK = "T";
-
-const MAIN_TS = join(REPO_ROOT, "main.ts");
-const TICK = new RegExp(`\\${TICKER_TICK_BYTE}`);
 
 if (Deno.args[0] === "inprocess") {
   await inprocessMain();
@@ -127,7 +126,7 @@ async function inprocessFigures(): Promise<Record<string, unknown>> {
     stdout: "piped",
     stderr: "inherit",
   }).output();
-  const last = new TextDecoder().decode(out.stdout).trim().split("\n").filter((l) => l.startsWith("{")).at(-1);
+  const last = lastJsonLine(out.stdout);
   let figures: Record<string, unknown>;
   try {
     figures = last ? JSON.parse(last) : { inprocess_error: `the child ended with exit code ${out.code}` };
@@ -208,7 +207,7 @@ async function qemuSave(kernel: string, file: string, work: string): Promise<voi
   const p = spawnTimed("qemu-system-x86_64", qemuArgs(kernel, QEMU_ACCEL, ["-qmp", `unix:${sock},server=on,wait=off`]));
   let qmp: Qmp | undefined;
   try {
-    await within(p.waitFor(TICK), OUTPUT_TIMEOUT_MS, "tick from the QEMU guest");
+    await within(p.waitFor(TICKER_TICK), OUTPUT_TIMEOUT_MS, "tick from the QEMU guest");
     qmp = await Qmp.connect(sock);
     // A running source: the stream's global state says "running", so the destination starts by itself.
     await qmp.execute("migrate", { uri: `exec:cat > ${file}` });
@@ -229,22 +228,6 @@ async function qemuSave(kernel: string, file: string, work: string): Promise<voi
 }
 
 // ---- denovm's side ----
-
-function denovmArgs(args: string[]): string[] {
-  return ["run", "--allow-all", MAIN_TS, ...args];
-}
-
-/** Boot `kernel` under denovm with a control socket, let it tick, `denovm snapshot take` it into `dir`. */
-async function denovmSave(kernel: string, dir: string, work: string): Promise<void> {
-  const sock = join(work, "denovm.sock");
-  const p = spawnTimed(Deno.execPath(), denovmArgs(["run", "--mem", String(MEM_MIB), "-s", sock, kernel]));
-  try {
-    await within(p.waitFor(TICK), OUTPUT_TIMEOUT_MS, "tick from the denovm guest");
-    await denovmSnapshotTake(dir, sock);
-  } finally {
-    await killChild(p.child);
-  }
-}
 
 // ---- timing ----
 
@@ -279,7 +262,8 @@ try {
   const cold = await measured(
     NAME,
     "denovm cold boot",
-    () => medianFirstByte("denovm, cold boot", Deno.execPath(), denovmArgs(["run", "--mem", String(MEM_MIB), guest])),
+    () =>
+      medianFirstByte("denovm, cold boot", Deno.execPath(), denovmCliArgs(["run", "--mem", String(MEM_MIB), guest])),
   );
 
   const qemu = await measured(NAME, `QEMU restore (${QEMU_ACCEL})`, async () => {
@@ -294,8 +278,8 @@ try {
 
   const denovm = await measured(NAME, "denovm restore", async () => {
     const dir = join(work, "denovm-snapshot");
-    await denovmSave(guest, dir, work);
-    return await medianFirstByte("denovm, restore", Deno.execPath(), denovmArgs(["run", "--restore", dir]));
+    await denovmTickerSnapshot(guest, MEM_MIB, dir, work, OUTPUT_TIMEOUT_MS);
+    return await medianFirstByte("denovm, restore", Deno.execPath(), denovmCliArgs(["run", "--restore", dir]));
   });
 
   const likeForLike = QEMU_ACCEL === "kvm";

@@ -7,7 +7,7 @@
  *
  * One ELF that both VMMs boot, as bench/guest/first_byte.S: denovm enters it at its 64-bit entry
  * (Linux Documentation/arch/x86/boot.rst, "64-bit Boot Protocol"), QEMU at its PVH entry (32-bit
- * protected mode, paging off), which the Xen ELF note names (xen/include/public/elfnote.h). Both
+ * protected mode, paging off), which the Xen ELF note of pvh_note.h names. Both
  * entries load this guest's own GDT and page tables (the low 4 GiB identity-mapped with 2 MiB pages,
  * the local APIC's page included), so the code after them is the same under both VMMs.
  *
@@ -15,9 +15,8 @@
  * -DPERIOD_US=<n>; layout.h comes from vmm/arch/layout.ts.
  */
 #include "layout.h"
-
-/* XEN_ELFNOTE_PHYS32_ENTRY (xen/include/public/elfnote.h): the 32-bit physical entry point. */
-#define XEN_ELFNOTE_PHYS32_ENTRY 18
+#include "pvh_note.h"
+#include "../../test/guests/long_mode.h"
 
 /* What the guest writes to the UART's transmit register (offset 0 of its port range). */
 #define START_BYTE '!'
@@ -61,12 +60,6 @@
 #define PIC_SLAVE_IMR 0xa1
 #define PIC_MASK_ALL 0xff
 
-/* Control-register and EFER bits (SDM vol. 3A, 2.5 and 2.2.1). */
-#define CR0_PE 0x1
-#define CR0_PG 0x80000000
-#define CR4_PAE 0x20
-#define MSR_EFER 0xc0000080
-#define EFER_LME 0x100
 /* Paging-structure entry bits (SDM vol. 3A, 4.5): present, writable, 2 MiB page. */
 #define PTE_P 0x1
 #define PTE_W 0x2
@@ -80,13 +73,7 @@
 #define CODE64_SELECTOR 0x08
 #define DATA_SELECTOR 0x10
 
-	.section .note.Xen, "a", @note
-	.p2align 2
-	.long 4				/* namesz: "Xen" and its NUL */
-	.long 4				/* descsz: a 32-bit address */
-	.long XEN_ELFNOTE_PHYS32_ENTRY
-	.asciz "Xen"
-	.long pvh_start
+	PVH_NOTE pvh_start
 
 	.text
 	.globl _start
@@ -104,18 +91,7 @@ _start:					/* denovm: 64-bit mode, the VMM's GDT and page tables */
 pvh_start:				/* QEMU: 32-bit protected mode, paging off */
 	cli
 	lgdt gdt_pointer
-	mov %cr4, %eax
-	or $CR4_PAE, %eax
-	mov %eax, %cr4
-	mov $pml4, %eax
-	mov %eax, %cr3
-	mov $MSR_EFER, %ecx
-	rdmsr
-	or $EFER_LME, %eax
-	wrmsr
-	mov %cr0, %eax
-	or $(CR0_PG | CR0_PE), %eax
-	mov %eax, %cr0
+	ENTER_LONG_MODE $pml4
 	ljmp $CODE64_SELECTOR, $common
 
 	.code64
@@ -191,8 +167,8 @@ spurious:				/* no EOI for the spurious vector (SDM vol. 3A, 11.9) */
 	.p2align 3
 gdt:
 	.quad 0
-	.quad 0x00af9a000000ffff	/* CODE64_SELECTOR: present, DPL 0, execute/read, L=1 */
-	.quad 0x00cf92000000ffff	/* DATA_SELECTOR: present, DPL 0, read/write, 4 GiB */
+	.quad GDT_CODE64		/* CODE64_SELECTOR */
+	.quad GDT_DATA			/* DATA_SELECTOR */
 gdt_end:
 gdt_pointer:
 	.word gdt_end - gdt - 1

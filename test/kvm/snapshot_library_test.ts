@@ -20,6 +20,7 @@ import {
   VmTemplate,
 } from "../../mod.ts";
 import { within as withinMs } from "../support/within.ts";
+import { withTempDir } from "../support/temp_dir.ts";
 
 /** Hang protection only: no assertion depends on how fast anything is. */
 const GUEST_TIMEOUT_MS = 120_000;
@@ -77,61 +78,54 @@ async function quit(vm: Vm): Promise<void> {
   assert.equal(await within(vm.exitCode, () => "the VM did not power off"), EXIT_SUCCESS);
 }
 
-Deno.test({
-  name:
-    "kvm: library snapshot: Vm.restore goes on from where vm.snapshot was, with an empty console, beside the original",
-  ignore: !kvmAvailable,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
-    try {
-      await using original = await Vm.boot(await tickerConfig());
-      await waitForTick(original, 3);
-      await original.snapshot(dir);
-      const atSnapshot = Math.max(...ticks(original));
-      // resume defaults to true: the original runs on.
-      await waitForTick(original, atSnapshot + 2);
-      assert.ok(existsSync(readSnapshot(dir).memoryPath), "the snapshot's files");
+/** A test named "kvm: library snapshot: `name`", ignored without KVM, whose `body` gets a new temporary directory. */
+function tempDirTest(name: string, body: (dir: string) => Promise<void>): void {
+  Deno.test({
+    name: `kvm: library snapshot: ${name}`,
+    ignore: !kvmAvailable,
+    fn: () => withTempDir("denovm-snap-lib-", body),
+  });
+}
 
-      await using restored = await Vm.restore(dir);
-      await assertContinues(restored, 2, "the restored VM");
-      // Each has its own console: 'q' to the restored VM ends it only.
-      await quit(restored);
-      const originalNow = Math.max(...ticks(original));
-      await waitForTick(original, originalNow + 1);
-      assert.doesNotMatch(original.console.text, /BYE/, "the original saw the restored VM's input");
-      assert.equal(await original.stop(), EXIT_SUCCESS);
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
+tempDirTest(
+  "Vm.restore goes on from where vm.snapshot was, with an empty console, beside the original",
+  async (dir) => {
+    await using original = await Vm.boot(await tickerConfig());
+    await waitForTick(original, 3);
+    await original.snapshot(dir);
+    const atSnapshot = Math.max(...ticks(original));
+    // resume defaults to true: the original runs on.
+    await waitForTick(original, atSnapshot + 2);
+    assert.ok(existsSync(readSnapshot(dir).memoryPath), "the snapshot's files");
+
+    await using restored = await Vm.restore(dir);
+    await assertContinues(restored, 2, "the restored VM");
+    // Each has its own console: 'q' to the restored VM ends it only.
+    await quit(restored);
+    const originalNow = Math.max(...ticks(original));
+    await waitForTick(original, originalNow + 1);
+    assert.doesNotMatch(original.console.text, /BYE/, "the original saw the restored VM's input");
+    assert.equal(await original.stop(), EXIT_SUCCESS);
   },
-});
+);
 
-Deno.test({
-  name: "kvm: library snapshot: resume: false leaves the VM suspended until vm.resume(); paused: true restores it so",
-  ignore: !kvmAvailable,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
-    try {
-      await using vm = await Vm.boot(await tickerConfig());
-      await waitForTick(vm, 2);
-      await vm.snapshot(dir, { resume: false });
-      const suspendedAt = vm.console.text.length;
-      await new Promise((r) => setTimeout(r, SUSPENDED_WATCH_MS));
-      assert.equal(vm.console.text.length, suspendedAt, "a suspended VM printed");
-      vm.resume();
-      await waitForTick(vm, Math.max(...ticks(vm)) + 1);
-      assert.equal(await vm.stop(), EXIT_SUCCESS);
+tempDirTest("resume: false leaves the VM suspended until vm.resume(); paused: true restores it so", async (dir) => {
+  await using vm = await Vm.boot(await tickerConfig());
+  await waitForTick(vm, 2);
+  await vm.snapshot(dir, { resume: false });
+  const suspendedAt = vm.console.text.length;
+  await new Promise((r) => setTimeout(r, SUSPENDED_WATCH_MS));
+  assert.equal(vm.console.text.length, suspendedAt, "a suspended VM printed");
+  vm.resume();
+  await waitForTick(vm, Math.max(...ticks(vm)) + 1);
+  assert.equal(await vm.stop(), EXIT_SUCCESS);
 
-      await using restored = await Vm.restore(dir, { paused: true });
-      await new Promise((r) => setTimeout(r, SUSPENDED_WATCH_MS));
-      assert.equal(restored.console.text, "", "a VM restored paused printed");
-      restored.resume();
-      await assertContinues(restored, 1, "the VM restored paused");
-      assert.equal(await restored.stop(), EXIT_SUCCESS);
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+  await using restored = await Vm.restore(dir, { paused: true });
+  await new Promise((r) => setTimeout(r, SUSPENDED_WATCH_MS));
+  assert.equal(restored.console.text, "", "a VM restored paused printed");
+  restored.resume();
+  await assertContinues(restored, 1, "the VM restored paused");
+  assert.equal(await restored.stop(), EXIT_SUCCESS);
 });
 
 Deno.test({
@@ -166,44 +160,25 @@ Deno.test({
   },
 });
 
-Deno.test({
-  name: "kvm: library snapshot: a VmTemplate given a snapshotDir keeps it on close",
-  ignore: !kvmAvailable,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
-    try {
-      const snapshotDir = `${dir}/template`;
-      const template = await VmTemplate.boot(await tickerConfig(), {
-        until: /^TICK 1\r?$/m,
-        timeout: GUEST_TIMEOUT_MS,
-        snapshotDir,
-      });
-      assert.equal(template.path, snapshotDir);
-      await template.close();
-      assert.ok(existsSync(readSnapshot(snapshotDir).memoryPath), "the snapshot stays");
-      await using vm = await Vm.restore(snapshotDir);
-      await assertContinues(vm, 0, "a VM restored from the kept snapshot");
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+tempDirTest("a VmTemplate given a snapshotDir keeps it on close", async (dir) => {
+  const snapshotDir = `${dir}/template`;
+  const template = await VmTemplate.boot(await tickerConfig(), {
+    until: /^TICK 1\r?$/m,
+    timeout: GUEST_TIMEOUT_MS,
+    snapshotDir,
+  });
+  assert.equal(template.path, snapshotDir);
+  await template.close();
+  assert.ok(existsSync(readSnapshot(snapshotDir).memoryPath), "the snapshot stays");
+  await using vm = await Vm.restore(snapshotDir);
+  await assertContinues(vm, 0, "a VM restored from the kept snapshot");
 });
 
-Deno.test({
-  name:
-    "kvm: library snapshot: Vm.restore of a directory without a snapshot rejects with one host-error line naming it",
-  ignore: !kvmAvailable,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
-    try {
-      await assert.rejects(
-        Vm.restore(dir),
-        (e: Error) => e instanceof HostError && e.message.includes(dir) && !e.message.includes("\n"),
-      );
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+tempDirTest("Vm.restore of a directory without a snapshot rejects with one host-error line naming it", async (dir) => {
+  await assert.rejects(
+    Vm.restore(dir),
+    (e: Error) => e instanceof HostError && e.message.includes(dir) && !e.message.includes("\n"),
+  );
 });
 
 /** The temporary directories VmTemplate made and has not removed (it names them denovm-template-*). */

@@ -12,79 +12,36 @@ import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, exitCodeFor } from "../../core/exit
 import { ConfigError } from "../../core/exit.ts";
 import type { GuestMemory } from "../../core/memory.ts";
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_GPU } from "../../devices/virtio/device.ts";
+import { SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../../devices/virtio/block/device.ts";
 import * as P from "../../devices/virtio/gpu/protocol.ts";
-import type { VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
-import { MiB } from "../arch/layout.ts";
-import { buildMachine, restoreMachine } from "../builder.ts";
-import { defaultVmConfig, gpuConfig, type VmConfig } from "../config.ts";
+import { restoreMachine } from "../builder.ts";
+import { gpuConfig, type VmConfig } from "../config.ts";
 import type { Machine } from "../machine.ts";
-import { buildGuest } from "../../test/guests/build.ts";
 import { FakeVm } from "../../test/support/fake_vm.ts";
+import {
+  blkHeader,
+  busDriver,
+  busTransport,
+  diskImage,
+  fakeMachine,
+  fakeMachineConfig,
+  QUIET,
+  slotOf,
+} from "../../test/support/fake_machine.ts";
 import { cmd, ctxCreate } from "../../test/support/gpu_commands.ts";
 import { VirtioTestDriver } from "../../test/support/virtio_driver.ts";
 import { readSnapshot, SnapshotError } from "./format.ts";
 
-/** virtio-blk request header (linux/virtio_blk.h struct virtio_blk_outhdr), types and status. */
-const VIRTIO_BLK_T_IN = 0;
-const VIRTIO_BLK_T_OUT = 1;
-const VIRTIO_BLK_S_OK = 0;
-const SECTOR = 512;
 /** The sector the tests write and read. */
 const DATA_SECTOR = 3;
 /** How long a test waits to see that a held notification is not served (it is served at once once awake). */
 const HELD_WAIT_MS = 300;
 
-function blkHeader(type: number, sector: number): Uint8Array {
-  const h = new Uint8Array(16);
-  const v = new DataView(h.buffer);
-  v.setUint32(0, type, true);
-  v.setBigUint64(8, BigInt(sector), true);
-  return h;
-}
+const PATTERN = new Uint8Array(2 * SECTOR_SIZE).map((_, i) => (0x5a ^ (i * 3)) & 0xff);
 
-const PATTERN = new Uint8Array(2 * SECTOR).map((_, i) => (0x5a ^ (i * 3)) & 0xff);
-
-async function config(dir: string, extra: Partial<VmConfig> = {}): Promise<VmConfig> {
-  return {
-    ...defaultVmConfig(await buildGuest("boot_info")),
-    memMiB: 64,
-    serials: [{ type: "sink", hardware: "serial", num: 1, console: true, earlycon: false, stdin: false }],
-    socket: `${dir}/vm.sock`,
-    ...extra,
-  };
-}
-
-/** A disk image of 1 MiB at `path`, as a --block device. */
-async function disk(path: string, ro = false): Promise<VmConfig["blocks"][number]> {
-  await Deno.writeFile(path, new Uint8Array(MiB));
-  return { path, ro, root: false, sparse: true, blockSize: 512, direct: false };
-}
-
-const quiet = { noStdin: true, log: () => {} };
-
-/** The slot of the first device of `type`. */
-function slotOf(machine: Machine, type: number): number {
-  const slot = machine.devices.virtio.findIndex((v) => v.device.deviceType === type);
-  assert.ok(slot >= 0, `a device of type ${type}`);
-  return slot;
-}
-
-/** Slot `slot`'s registers as a guest reaches them: through the MMIO bus, with KVM's ioeventfd semantics. */
-function busTransport(machine: Machine, vm: FakeVm, slot: number): VirtioMmioTransport {
-  const v = machine.devices.virtio[slot];
-  return {
-    device: v.device,
-    read: (off: number, data: Uint8Array) => void machine.devices.mmio.read(v.base + off, data),
-    write: (off: number, data: Uint8Array) => void vm.mmioWrite(machine.devices.mmio, v.base + off, data),
-  } as unknown as VirtioMmioTransport;
-}
-
-function busDriver(machine: Machine, vm: FakeVm, slot: number): VirtioTestDriver {
-  // Rings and buffers in guest RAM above the test guest and its tables.
-  return new VirtioTestDriver(busTransport(machine, vm, slot), machine.memory, {
-    start: 32 * MiB + slot * MiB,
-    end: 33 * MiB + slot * MiB,
-  });
+/** The test machine, its control socket in `dir`. */
+function config(dir: string, extra: Partial<VmConfig> = {}): Promise<VmConfig> {
+  return fakeMachineConfig({ socket: `${dir}/vm.sock`, ...extra });
 }
 
 /**
@@ -153,9 +110,8 @@ async function heldUntil(
 
 /** A machine on a FakeVm with one writable disk, started, its driver set up, PATTERN written to the disk. */
 async function blockRig(dir: string, extra: Partial<VmConfig> = {}) {
-  const cfg = await config(dir, { blocks: [await disk(`${dir}/disk.img`)], ...extra });
-  const vm = new FakeVm();
-  const machine = await buildMachine(cfg, { vm, ...quiet });
+  const cfg = await config(dir, { blocks: [await diskImage(`${dir}/disk.img`)], ...extra });
+  const { machine, vm } = await fakeMachine(cfg);
   await machine.start(); // the device side: the notify loop
   const slot = slotOf(machine, VIRTIO_ID_BLOCK);
   const drv = busDriver(machine, vm, slot);
@@ -245,10 +201,8 @@ Deno.test({
   ignore: noVirgl !== undefined,
   async fn() {
     const dir = await Deno.makeTempDir();
-    const vm = new FakeVm();
-    const machine = await buildMachine(
+    const { machine, vm } = await fakeMachine(
       await config(dir, { gpu: gpuConfig({ backend: "virglrenderer", hostVisibleWindowSize: 2 ** 30 }) }),
-      { vm, ...quiet },
     );
     try {
       await machine.start();
@@ -383,7 +337,7 @@ Deno.test("machine restore: a restored virtio-blk device serves the next request
         [{ ...cfg, blocks: [] }, /0 --block devices given; the snapshot has 1/],
       ] as [VmConfig, RegExp][]
     ) {
-      await assert.rejects(restoreMachine(snap, { vm: other, ...quiet, config: given }), (e) => {
+      await assert.rejects(restoreMachine(snap, { vm: other, ...QUIET, config: given }), (e) => {
         assert.ok(e instanceof ConfigError, `a ConfigError, got ${e}`);
         assert.equal(exitCodeFor(e), EXIT_INVALID_ARGS);
         return oneLine(e, field);
@@ -396,7 +350,7 @@ Deno.test("machine restore: a restored virtio-blk device serves the next request
     state[state.length - 20] ^= 0x01; // in the body: the checksum no longer matches
     await Deno.writeFile(`${corrupt}/state`, state);
     const corruptFiles = hashes(corrupt);
-    await assert.rejects(restoreMachine(corrupt, { vm: other, ...quiet }), (e) => {
+    await assert.rejects(restoreMachine(corrupt, { vm: other, ...QUIET }), (e) => {
       assert.ok(e instanceof SnapshotError, `a SnapshotError, got ${e}`);
       assert.equal(exitCodeFor(e), EXIT_HOST_ERROR);
       return oneLine(e, /state": checksum mismatch/);
@@ -405,7 +359,7 @@ Deno.test("machine restore: a restored virtio-blk device serves the next request
     assert.equal(other.closed, false, "the refusals came before the VM was used");
 
     const vm2 = new FakeVm();
-    restored = await restoreMachine(snap, { vm: vm2, ...quiet });
+    restored = await restoreMachine(snap, { vm: vm2, ...QUIET });
     await restored.start();
     const drv2 = restoredDriver(drv, restored, vm2, slot);
     assert.equal(drv2.queues[0].usedIdx(), 2, "the restored ring's used index");
@@ -426,15 +380,15 @@ Deno.test("machine restore: two restores of one snapshot with one writable disk:
     const { machine, slot, drv } = await blockRig(dir);
     await machine.snapshot(`${dir}/rw`);
     await machine.stop();
-    restored.push(await restoreMachine(`${dir}/rw`, { vm: new FakeVm(), ...quiet }));
-    await assert.rejects(restoreMachine(`${dir}/rw`, { vm: new FakeVm(), ...quiet }), (e) => {
+    restored.push(await restoreMachine(`${dir}/rw`, { vm: new FakeVm(), ...QUIET }));
+    await assert.rejects(restoreMachine(`${dir}/rw`, { vm: new FakeVm(), ...QUIET }), (e) => {
       assert.equal(exitCodeFor(e), EXIT_HOST_ERROR);
       return oneLine(e, /disk image .*disk\.img is in use/);
     });
     // The refused restore released what it took: once the first ends, the disk can be restored again.
     await restored.pop()!.stop();
     const vm2 = new FakeVm();
-    restored.push(await restoreMachine(`${dir}/rw`, { vm: vm2, ...quiet }));
+    restored.push(await restoreMachine(`${dir}/rw`, { vm: vm2, ...QUIET }));
     await restored[0].start();
     await readBack(restored[0], vm2, restoredDriver(drv, restored[0], vm2, slot), "the restore after the refusal");
     await restored.pop()!.stop();
@@ -442,9 +396,8 @@ Deno.test("machine restore: two restores of one snapshot with one writable disk:
     // A read-only disk takes a shared lock: two restores hold it together, and both serve a read.
     const ro = `${dir}/ro`;
     await Deno.mkdir(ro);
-    const roConfig = await config(ro, { blocks: [{ ...await disk(`${ro}/disk.img`), ro: true }] });
-    const roVm = new FakeVm();
-    const roMachine = await buildMachine(roConfig, { vm: roVm, ...quiet });
+    const roConfig = await config(ro, { blocks: [await diskImage(`${ro}/disk.img`, true)] });
+    const { machine: roMachine, vm: roVm } = await fakeMachine(roConfig);
     await roMachine.start();
     const roDrv = busDriver(roMachine, roVm, slot);
     roDrv.init();
@@ -452,7 +405,7 @@ Deno.test("machine restore: two restores of one snapshot with one writable disk:
     await roMachine.stop();
     for (let i = 0; i < 2; i++) {
       const v = new FakeVm();
-      const m = await restoreMachine(`${ro}/snap`, { vm: v, ...quiet });
+      const m = await restoreMachine(`${ro}/snap`, { vm: v, ...QUIET });
       restored.push(m);
       await m.start();
       assert.equal(m.devices.virtio[slot].device.name, "block");
