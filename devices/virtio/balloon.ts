@@ -5,8 +5,8 @@
 // driver allocates pages inside the guest and sends their page frame numbers on the inflate queue,
 // then writes how many it holds to config `actual`. Inflated pages are really returned to the host:
 // each PFN is checked through GuestMemory and its host mapping is dropped with madvise
-// (MADV_REMOVE for shared memory such as a vhost-user memfd, MADV_DONTNEED for private anonymous
-// memory), so the host frees the page and the guest later reads zeros there. Deflated pages need
+// (MADV_REMOVE for shared memory such as a vhost-user memfd, MADV_DONTNEED for private memory), so the
+// host frees the page and the guest later reads zeros there (or, restored from a snapshot, the snapshot's bytes). Deflated pages need
 // nothing: they fault back in on first touch (MUST_TELL_HOST is not offered).
 //
 // The stats queue (VIRTIO_BALLOON_F_STATS_VQ): the driver posts one buffer of
@@ -39,7 +39,7 @@ import {
   stateRecord,
   stateString,
 } from "../../core/state.ts";
-import { EINVAL, errno, libc, MADV_DONTNEED, MADV_REMOVE, strerror } from "../../ffi/libc.ts";
+import { EACCES, EINVAL, errno, libc, MADV_DONTNEED, MADV_REMOVE, strerror } from "../../ffi/libc.ts";
 
 // ---- Feature bits (virtio_balloon.h) ----
 export const VIRTIO_BALLOON_F_MUST_TELL_HOST = 1n << 0n;
@@ -144,7 +144,7 @@ export class BalloonDevice implements VirtioDevice, Stateful {
   readonly #statsWaiters: (() => void)[] = [];
   /** Callers of targetReached() waiting for `actual` to equal the target. */
   #targetWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
-  /** MADV_REMOVE is refused (EINVAL) on private anonymous memory: then MADV_DONTNEED is used. */
+  /** MADV_REMOVE is refused on private memory (anonymous: EINVAL, file-backed: EACCES): then MADV_DONTNEED is used. */
   #useRemove = true;
   readonly #log = new RateLimitedLog("virtio-balloon");
   readonly #stats: Record<StatName, number> = Object.fromEntries(STAT_NAMES.map((n) => [n, 0])) as Record<
@@ -352,12 +352,14 @@ export class BalloonDevice implements VirtioDevice, Stateful {
         return;
       }
       const e = errno();
-      if (e !== EINVAL) {
+      // EINVAL: private anonymous memory; EACCES: a private file mapping (a VM restored from a snapshot's
+      // memory file, whose dropped copies read the file again). Both are released with MADV_DONTNEED.
+      if (e !== EINVAL && e !== EACCES) {
         this.#stats.madviseErrors++;
         this.#log.log(`madvise(MADV_REMOVE, ${len} bytes): ${strerror(e)}`);
         return;
       }
-      this.#useRemove = false; // private anonymous memory
+      this.#useRemove = false;
     }
     if (libc().madvise(ptr, BigInt(len), MADV_DONTNEED) === 0) {
       this.#stats.releasedBytes += len;

@@ -18,7 +18,7 @@ import {
 } from "./balloon.ts";
 import { VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_INT_CONFIG } from "./mmio.ts";
 import { VIRTIO_ID_BALLOON } from "./device.ts";
-import { GuestMemory } from "../../core/memory.ts";
+import { GuestMemory, OwnedGuestMemory } from "../../core/memory.ts";
 import {
   check,
   closeFd,
@@ -162,6 +162,28 @@ Deno.test("balloon: on a shared memfd (vhost-user memory) inflate punches the pa
   } finally {
     munmap(ptr, size);
     closeFd(fd);
+  }
+});
+
+Deno.test("balloon: on memory restored from a snapshot (a private file mapping) inflate drops the copied pages", () => {
+  // A restored VM's RAM is the snapshot's memory file mapped MAP_PRIVATE (OwnedGuestMemory.mapFile): Linux
+  // refuses MADV_REMOVE there (EACCES); MADV_DONTNEED drops the VM's private copies, and the pages read the
+  // file's bytes again.
+  const size = 8 * MiB;
+  const path = Deno.makeTempFileSync({ prefix: "denovm-balloon-snapshot-" });
+  Deno.writeFileSync(path, new Uint8Array(size).fill(0x44));
+  const mem = OwnedGuestMemory.mapFile(path, [{ start: 0, size }], [0]);
+  try {
+    using r = rig(mem);
+    const base = BALLOON_AREA / BALLOON_PAGE_SIZE;
+    const pfns = Array.from({ length: 256 }, (_, i) => base + i);
+    fillPages(mem, pfns, 0x77); // the VM's own copies of these pages
+    r.send(0, pfns);
+    assert.equal(r.dev.stats().madviseErrors, 0);
+    assert.ok(pfns.every((p) => pageIs(mem, p, 0x44)), "the pages read the snapshot's bytes again");
+  } finally {
+    mem.close();
+    Deno.removeSync(path);
   }
 });
 
