@@ -17,61 +17,20 @@ import { decodePng, type Image, pixel, Vm } from "../../mod.ts";
 import { controlCall } from "../../vmm/control/client.ts";
 import { hostKind } from "../../vmm/kvm/host.ts";
 import { buildFakeKvm, fakeKvmEnv } from "../support/fake_kvm.ts";
+import { defaultInitramfs, fullLinuxUnavailable, LINUX_CPUS, run, which } from "../support/default_guest.ts";
 
 const repo = new URL("../..", import.meta.url).pathname;
 /** What runs guests here (vmm/kvm/host.ts): kvm_pvm emulates guest kernel code, "none" has no KVM. */
 const kind = hostKind();
 const hasKvm = kind !== "none";
-const kvmPvm = kind === "kvm_pvm";
 const hasQemu = which("qemu-system-x86_64");
 const hasCpio = which("cpio");
-/**
- * vCPUs of the Linux guests. In the nested KVM host (scripts/nested-kvm.sh) Linux with two vCPUs
- * broke about one run in three, below denovm: an RCU stall with CPU 0 never answering CPU 1's
- * NMI, a triple fault of vCPU 1, and once the nested host's own kernel hit a stack guard page
- * in KVM_RUN. With one vCPU it has not; SMP bring-up is proven there by the smp test guest.
- */
-const LINUX_CPUS = Deno.env.get("DENOVM_IN_NESTED_HOST") ? 1 : 2;
 /** Why this host cannot boot an unmodified Linux kernel under denovm, or undefined. */
-const fullLinuxUnavailable = !hasKvm
-  ? "no /dev/kvm"
-  : kvmPvm
-  ? "kvm_pvm: this host's KVM cannot run an unmodified Linux kernel (no hardware virtualization)"
-  : undefined;
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-function which(cmd: string): boolean {
-  const path = Deno.env.get("PATH") ?? "/usr/bin:/bin";
-  return path.split(":").some((dir) => exists(`${dir}/${cmd}`));
-}
+const linuxUnavailable = fullLinuxUnavailable();
 
 function skipReason(reason: string | undefined, name: string): boolean {
   if (reason) console.log(`skip: ${name}: ${reason}`);
   return reason !== undefined;
-}
-
-let initramfsPending: Promise<string> | undefined;
-/** The default initramfs, built by scripts/initramfs.sh (once per test run). */
-function defaultInitramfs(): Promise<string> {
-  initramfsPending ??= (async () => {
-    const out = await new Deno.Command("bash", {
-      args: [`${repo}scripts/initramfs.sh`],
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const text = (b: Uint8Array) => new TextDecoder().decode(b).trim();
-    if (!out.success) throw new Error(`scripts/initramfs.sh failed: ${text(out.stderr).split("\n").pop()}`);
-    return text(out.stdout).split("\n").pop()!;
-  })();
-  return initramfsPending;
 }
 
 function regexEscape(s: string): string {
@@ -111,7 +70,7 @@ Deno.test({
 Deno.test({
   name: "linux: Debian 6.1 boots the default initramfs to /init and powers off",
   ignore: skipReason(
-    fullLinuxUnavailable,
+    linuxUnavailable,
     "linux full boot",
   ),
   async fn() {
@@ -148,7 +107,7 @@ Deno.test({
   name:
     "linux: Debian 6.1 under denovm drives disk, rng, balloon, keyboard, GPU framebuffer and the agent's console port",
   ignore: skipReason(
-    fullLinuxUnavailable ??
+    linuxUnavailable ??
       (!which("mkfs.ext4") || !which("debugfs")
         ? "mkfs.ext4 and debugfs are needed (Debian package e2fsprogs)"
         : undefined),
@@ -332,7 +291,7 @@ Deno.test({
 Deno.test({
   name: "linux: the README's library example (examples/boot_type_screenshot.ts) runs to the end",
   ignore: skipReason(
-    fullLinuxUnavailable,
+    linuxUnavailable,
     "README example",
   ),
   async fn() {
@@ -401,24 +360,6 @@ const EXPECTED_MODULES = [
   "mbcache",
   "crc16",
 ];
-
-async function run(cmd: string, args: string[], stdin?: Uint8Array): Promise<string> {
-  const child = new Deno.Command(cmd, {
-    args,
-    stdin: stdin ? "piped" : "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  if (stdin) {
-    const w = child.stdin.getWriter();
-    await w.write(stdin);
-    await w.close();
-  }
-  const out = await child.output();
-  const text = new TextDecoder().decode(out.stdout);
-  if (!out.success) throw new Error(`${cmd} failed: ${new TextDecoder().decode(out.stderr).trim()}`);
-  return text;
-}
 
 Deno.test({
   name: "initramfs: holds /init, busybox and the virtio modules in dependency order",
