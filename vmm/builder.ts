@@ -30,6 +30,13 @@ import { Kvm, KvmVm, type VmHandle } from "./kvm/vm.ts";
 import { emulatedGuestCode, emulatedKernelReason, type HostKind, kvmModule } from "./kvm/host.ts";
 import { Machine } from "./machine.ts";
 import { prepareBoot, writeBootParamsChecked } from "./validate.ts";
+import { checkOutputsAreNotInputs, type NamedFile } from "./vm_files.ts";
+import { checkVirtioDevices } from "./device_manager/virtio_devices.ts";
+import type { VirtioMmioResource } from "./device_manager/mmio.ts";
+import { OwnedGuestMemory } from "../core/memory.ts";
+import { restoreVcpuState, vcpuStateCaps } from "./kvm/vcpu_state.ts";
+import { readSnapshot, type Snapshot, SnapshotError } from "./snapshot/format.ts";
+import { checkRestoreConfig, restoredConfig } from "./snapshot/config_match.ts";
 
 export interface MachineOptions {
   /** Called with every byte a console serial port transmits (the library's console capture). */
@@ -56,14 +63,16 @@ export interface MachineOptions {
   emulatedKernel?: "warn" | "refuse" | "allow";
 }
 
-/** Create the VM's vCPUs and set each up to boot (CPUID, MSRs, FPU, LAPIC; registers of the boot vCPU). */
+/**
+ * Create the VM's vCPUs with the CPUID the boot gives them; each is then set up by `setUp` (its boot state, or
+ * its saved state on a restore).
+ */
 function createVcpus(
   kvm: Kvm,
   vm: VmHandle,
   cpus: number,
-  entry: number,
   fds: number[],
-  log: (line: string) => void,
+  setUp: (fd: number, id: number) => void,
 ): void {
   const supported = kvm.supportedCpuid();
   // kvm_pvm's instruction emulator lacks CMPXCHG16B and XSAVE/XRSTOR: do not offer them there.
@@ -72,12 +81,17 @@ function createVcpus(
     const fd = vm.createVcpu(id);
     fds.push(fd);
     setCpuid(fd, vcpuCpuid(supported, { apicId: id, cpuCount: cpus, hideCx16, hideXsave: hideCx16 }));
-    const refused = setBootMsrs(fd);
-    if (refused.length > 0 && id === 0) log(`KVM refused boot MSRs ${refused.join(", ")}; continuing without them`);
-    setBootFpu(fd);
-    setLapicLints(fd);
-    if (id === 0) setBootRegisters(fd, entry);
+    setUp(fd, id);
   }
+}
+
+/** The boot state of vCPU `id`: MSRs, FPU, LAPIC LINTs, and the boot vCPU's registers at the kernel's entry. */
+function bootVcpu(fd: number, id: number, entry: number, log: (line: string) => void): void {
+  const refused = setBootMsrs(fd);
+  if (refused.length > 0 && id === 0) log(`KVM refused boot MSRs ${refused.join(", ")}; continuing without them`);
+  setBootFpu(fd);
+  setLapicLints(fd);
+  if (id === 0) setBootRegisters(fd, entry);
 }
 
 /** What MachineOptions.emulatedKernel asks for, when a Linux kernel meets a host that emulates its code. */
@@ -99,12 +113,54 @@ function checkEmulatedKernel(
 
 /** Build a VM ready to start. Throws ConfigError (exit 35) or HostError (exit 1). */
 export async function buildMachine(config: VmConfig, opts: MachineOptions = {}): Promise<Machine> {
-  const memBytes = config.memMiB * MiB;
-  const log = opts.log ?? ((l) => console.error(`denovm: ${l}`));
-
   // Everything that only needs the user's files is checked before KVM is opened (vmm/validate.ts, the
   // same checks as `run --print-config`), so bad input gets exit 35 on any host.
   const { memory, kernel, initrd, kernelImage, inputs } = await prepareBoot(config);
+  return await assemble(config, opts, memory, inputs, {
+    kind: "boot",
+    writeFirmware: (cmdline, resources, serialPorts) => {
+      const memBytes = config.memMiB * MiB;
+      writeBootParamsChecked(memory, kernel, cmdline, initrd, memBytes);
+      writeBootTables(memory);
+      writeMpTable(memory, config.cpus);
+      // Devices named on the command line are not also listed in the DSDT: Linux would probe them twice.
+      const acpiVirtio = config.virtioMmioCmdline ? [] : resources;
+      writeAcpiTables(memory, { cpus: config.cpus, virtioMmio: acpiVirtio, serial: serialPorts });
+      writeGenerationId(memory, newGenerationId());
+    },
+    checkKernel: (kind, log) => checkEmulatedKernel(kernelImage, kind, opts.emulatedKernel ?? "warn", log),
+    entry: kernel.entry,
+  });
+}
+
+/** How assemble() fills the machine: a boot (firmware, kernel entry) or a restore (saved state). */
+type Assembly =
+  | {
+    kind: "boot";
+    writeFirmware: (
+      cmdline: string,
+      resources: VirtioMmioResource[],
+      serialPorts: { base: number; irq: number }[],
+    ) => void;
+    checkKernel: (kind: HostKind, log: (line: string) => void) => void;
+    entry: number;
+  }
+  | { kind: "restore"; snapshot: Snapshot };
+
+/**
+ * The VM around `memory`: the host ends of the consoles, the virtio devices, the KVM VM and its vCPUs, the
+ * device manager; then the boot's firmware and entry, or the snapshot's saved state. On any error everything
+ * taken so far (`memory` included) is released.
+ */
+async function assemble(
+  config: VmConfig,
+  opts: MachineOptions,
+  memory: OwnedGuestMemory,
+  inputs: Map<string, NamedFile>,
+  how: Assembly,
+): Promise<Machine> {
+  const memBytes = config.memMiB * MiB;
+  const log = opts.log ?? ((l) => console.error(`denovm: ${l}`));
   let kvm: Kvm | undefined;
   let vm: VmHandle | undefined;
   let virtio: VirtioDevice[] = [];
@@ -130,13 +186,7 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
     const resources = virtioMmioResources(virtio.length);
     const serialPorts = config.serials.filter((s) => s.hardware === "serial").map((s) => SERIAL_PORTS[s.num - 1]);
     const cmdline = kernelCommandLine(config, config.virtioMmioCmdline ? virtioMmioCmdlineArgs(resources) : []);
-    writeBootParamsChecked(memory, kernel, cmdline, initrd, memBytes);
-    writeBootTables(memory);
-    writeMpTable(memory, config.cpus);
-    // Devices named on the command line are not also listed in the DSDT: Linux would probe them twice.
-    const acpiVirtio = config.virtioMmioCmdline ? [] : resources;
-    writeAcpiTables(memory, { cpus: config.cpus, virtioMmio: acpiVirtio, serial: serialPorts });
-    writeGenerationId(memory, newGenerationId());
+    if (how.kind === "boot") how.writeFirmware(cmdline, resources, serialPorts);
 
     if (opts.vm) {
       vm = opts.vm;
@@ -144,7 +194,7 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
       kvm = new Kvm();
       const max = kvm.maxVcpus;
       if (config.cpus > max) throw new ConfigError(`${config.cpus} vCPUs requested; this host's KVM allows ${max}`);
-      checkEmulatedKernel(kernelImage, kvmModule(), opts.emulatedKernel ?? "warn", log);
+      if (how.kind === "boot") how.checkKernel(kvmModule(), log);
       vm = new KvmVm(kvm);
     }
     vm.addGuestMemory(memory);
@@ -161,7 +211,22 @@ export async function buildMachine(config: VmConfig, opts: MachineOptions = {}):
     devices.agentPort = created.agentPort;
     await devices.addLegacy(config.serials);
     devices.addVirtio(virtio, resources);
-    if (kvm) createVcpus(kvm, vm, config.cpus, kernel.entry, vcpuFds, log);
+    if (how.kind === "boot") {
+      if (kvm) createVcpus(kvm, vm, config.cpus, vcpuFds, (fd, id) => bootVcpu(fd, id, how.entry, log));
+    } else {
+      const snap = how.snapshot;
+      // The in-kernel irqchip, PIT and clock first, then each vCPU (its LAPIC among them), then the devices,
+      // whose restored queues may interrupt the guest at once.
+      vm.restoreState(snap.vm);
+      if (kvm) {
+        if (snap.vcpus.length !== config.cpus) {
+          throw new SnapshotError(`the snapshot holds ${snap.vcpus.length} vCPU states for ${config.cpus} vCPUs`);
+        }
+        const caps = vcpuStateCaps(vm as KvmVm);
+        createVcpus(kvm, vm, config.cpus, vcpuFds, (fd, id) => restoreVcpuState(fd, snap.vcpus[id], caps));
+      }
+      devices.restoreState(snap.devices);
+    }
     return new Machine(
       {
         config,
@@ -208,8 +273,20 @@ export interface RestoreOptions extends MachineOptions {
  * copy-on-write from the snapshot's memory file, the same devices with their saved state, the vCPUs and the
  * in-kernel irqchip, PIT and clock as they were, a new VM generation ID.
  */
-export function restoreMachine(dir: string, opts: RestoreOptions = {}): Promise<Machine> {
-  void dir;
-  void opts;
-  return Promise.reject(new Error("snapshots are not implemented yet"));
+export async function restoreMachine(dir: string, opts: RestoreOptions = {}): Promise<Machine> {
+  const snapshot = readSnapshot(dir);
+  if (opts.config) checkRestoreConfig(snapshot.config, opts.config);
+  const config = restoredConfig(snapshot.config, opts.config, opts.overrides);
+  checkVirtioDevices(config);
+  const inputs = checkOutputsAreNotInputs(config);
+  const memory = OwnedGuestMemory.mapFile(
+    snapshot.memoryPath,
+    snapshot.memory.regions.map((r) => ({ start: r.guestBase, size: r.size })),
+    snapshot.memory.regions.map((r) => r.fileOffset),
+  );
+  const machine = await assemble(config, opts, memory, inputs, { kind: "restore", snapshot });
+  // A clone's own identity: a new generation ID, and the guest told (its interrupt waits in the restored
+  // IOAPIC and local APIC until the vCPUs run).
+  machine.changeGenerationId();
+  return machine;
 }

@@ -12,7 +12,7 @@ import {
 } from "../core/exit.ts";
 import type { OwnedGuestMemory } from "../core/memory.ts";
 import { IRQ_ACPI_SCI, IRQ_ACPI_SLEEP_BUTTON, IRQ_ACPI_VMGENID } from "./arch/layout.ts";
-import { newGenerationId, writeGenerationId } from "./arch/vmgenid.ts";
+import { generationIdHex, newGenerationId, readGenerationId, writeGenerationId } from "./arch/vmgenid.ts";
 import type { VmConfig } from "./config.ts";
 import { ControlServer, controlSocketPath } from "./control/server.ts";
 import { machineControlHandler } from "./control/handler.ts";
@@ -28,7 +28,9 @@ import {
   CTL_SLOTS,
   type VcpuDebugMessage,
 } from "./kvm/vcpu_channel.ts";
-import type { Kvm, VmHandle } from "./kvm/vm.ts";
+import type { Kvm, KvmVm, VmHandle } from "./kvm/vm.ts";
+import { saveVcpuState, snapshotMsrs, vcpuStateCaps } from "./kvm/vcpu_state.ts";
+import { writeSnapshot } from "./snapshot/format.ts";
 
 /** How long stop() waits for vCPU Workers to leave KVM_RUN before terminating them. */
 const STOP_GRACE_MS = 2000;
@@ -101,6 +103,7 @@ export class Machine {
   #controlServer: ControlServer | undefined;
   #debugStop: ((vcpu: number, stop: VcpuDebugMessage) => void) | undefined;
   #devicesAsleep = false;
+  #snapshotting = false;
   /** Resolves with crosvm's exit code when the VM ends. */
   readonly exitCode: Promise<number>;
   /** Why the VM ended, one line (for the library and logs). */
@@ -264,10 +267,39 @@ export class Machine {
    * vCPUs, the in-kernel irqchip, PIT and clock, every device, guest memory and the configuration, then resume
    * unless `opts.resume` is false.
    */
-  snapshot(dir: string, opts: SnapshotOptions = {}): Promise<void> {
-    void dir;
-    void opts;
-    return Promise.reject(new Error("snapshots are not implemented yet"));
+  async snapshot(dir: string, opts: SnapshotOptions = {}): Promise<void> {
+    if (this.#exitCode !== undefined || this.#closed) throw new Error("the VM has ended");
+    if (this.#snapshotting) throw new Error("a snapshot of this VM is already being taken");
+    this.#snapshotting = true;
+    const wasPaused = this.paused;
+    const wasAsleep = this.#devicesAsleep;
+    try {
+      await this.suspendDevices();
+      if (this.#exitCode !== undefined) throw new Error("the VM ended while it was being suspended");
+      // Every vCPU is out of KVM_RUN and parked, and no device holds a request: the state is whole.
+      const kvm = this.#kvm;
+      const msrs = kvm ? snapshotMsrs(kvm) : [];
+      const caps = kvm ? vcpuStateCaps(this.#vm as KvmVm) : undefined;
+      const vcpus = caps ? this.#vcpuFds.map((fd, id) => saveVcpuState(fd, id, msrs, caps)) : [];
+      writeSnapshot(dir, {
+        config: this.config,
+        memory: this.memory,
+        vm: this.#vm.saveState(),
+        vcpus,
+        devices: this.devices.saveState(),
+        vmgenid: generationIdHex(readGenerationId(this.memory)),
+      });
+    } finally {
+      this.#snapshotting = false;
+      if (opts.resume !== false) {
+        // Back to how the VM was: a VM the user had suspended stays suspended.
+        if (!wasAsleep) {
+          this.#devicesAsleep = false;
+          this.devices.wake();
+        }
+        if (!wasPaused) this.resume();
+      }
+    }
   }
 
   /** Resume after pause (crosvm `resume`). */
