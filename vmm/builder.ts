@@ -25,7 +25,7 @@ import type { GuestRequest } from "./device_manager/legacy.ts";
 import { DeviceManager } from "./device_manager/manager.ts";
 import { virtioMmioResources } from "./device_manager/mmio.ts";
 import { createVirtioDevices } from "./device_manager/virtio_devices.ts";
-import { spawnVcpuWorker } from "./kvm/vcpu.ts";
+import { releaseVcpuWorker, takeVcpuWorker } from "./kvm/worker_pool.ts";
 import { Kvm, KvmVm, type VmHandle } from "./kvm/vm.ts";
 import { emulatedGuestCode, emulatedKernelReason, type HostKind, kvmModule } from "./kvm/host.ts";
 import { Machine } from "./machine.ts";
@@ -175,7 +175,7 @@ async function assemble(
   });
   // The boot vCPU's Worker starts loading now, on its own thread, while this one builds the VM;
   // Machine.start() hands it its vCPU. The other vCPUs' Workers are created once the boot vCPU runs.
-  const workers = opts.vm ? [] : [spawnVcpuWorker()];
+  const workers = opts.vm ? [] : [takeVcpuWorker()];
   try {
     const created = await createVirtioDevices(config, {
       serialOutput: (s) => hostIo.output(s),
@@ -243,7 +243,7 @@ async function assemble(
       (handler) => onGuestRequest = handler,
     );
   } catch (e) {
-    for (const w of workers) w.terminate();
+    for (const w of workers) releaseVcpuWorker(w);
     // The device manager closes what it took over (devices on its buses, their fds, the host ends).
     const adopted = new Set<VirtioDevice>(devices?.virtio.map((v) => v.device) ?? []);
     for (const d of virtio) if (!adopted.has(d)) d.close?.();

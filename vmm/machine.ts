@@ -19,6 +19,7 @@ import { machineControlHandler } from "./control/handler.ts";
 import type { GuestRequest } from "./device_manager/legacy.ts";
 import type { DeviceManager } from "./device_manager/manager.ts";
 import { Vcpu, type VcpuEnd } from "./kvm/vcpu.ts";
+import { releaseVcpuWorker } from "./kvm/worker_pool.ts";
 import {
   CMD_PAUSE,
   CMD_RUN,
@@ -425,7 +426,7 @@ export class Machine {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    for (const w of this.#idleWorkers.splice(0)) w.terminate();
+    for (const w of this.#idleWorkers.splice(0)) releaseVcpuWorker(w);
     void this.#controlServer?.close();
     for (const fn of this.#onClose.splice(0)) {
       try {

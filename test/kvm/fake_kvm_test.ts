@@ -368,7 +368,7 @@ Deno.test("fake KVM, CLI: an MSR KVM refuses is logged once and the others are s
 // ---- (b)-(f) the library, in this process ----
 // This process's libc is the fake (set at the top); mod.ts is loaded only now so that no module
 // evaluation can open libc before that.
-const { Vm } = await import("../../mod.ts");
+const { Vm, closeIdleVcpuWorkers, vcpuWorkerPoolStats } = await import("../../mod.ts");
 type BootConfig = Parameters<typeof Vm.boot>[0];
 
 /** Boot the library on the fake playing `script`; returns the VM and its log path. */
@@ -454,7 +454,23 @@ function workerThreads(): string[] {
   }).map((t) => t.name);
 }
 
+/**
+ * Stop the idle vCPU Workers (a Worker whose vCPU ended waits in the pool for the next vCPU of this process:
+ * vmm/kvm/worker_pool.ts) and wait until every vCPU thread in `tids` is gone.
+ */
+async function closeIdleWorkers(tids: number[]): Promise<void> {
+  closeIdleVcpuWorkers();
+  await within(
+    (async () => {
+      while (tids.some(threadExists)) await new Promise((r) => setTimeout(r, 10));
+    })(),
+    () => `vCPU threads ${tids.filter(threadExists)} still exist`,
+  );
+}
+
 Deno.test("fake KVM, library: two vCPUs — pause stops the guest, resume restarts it, stop ends every vCPU thread", async () => {
+  // No idle Worker from before: this VM's Workers are the only ones it can use.
+  await closeIdleWorkers([]);
   const workersBefore = workerThreads();
   const { vm, log } = await bootFake("spin", { cpus: 2 });
   const ticks = () => (vm.console.text.match(/T/g) ?? []).length;
@@ -474,15 +490,12 @@ Deno.test("fake KVM, library: two vCPUs — pause stops the guest, resume restar
   const events = await readFakeKvmLog(log);
   await Deno.remove(log);
 
-  // Both vCPU threads left KVM_RUN (the AP was blocked in it until kicked) and are gone.
+  // Both vCPU threads left KVM_RUN (the AP was blocked in it until kicked) and wait, idle, in the pool; closing
+  // the pool's idle Workers ends them.
   const tids = of(events, "run_thread").map((e) => e.tid as number);
   assert.equal(tids.length, 2);
-  await within(
-    (async () => {
-      while (tids.some(threadExists)) await new Promise((r) => setTimeout(r, 10));
-    })(),
-    () => `vCPU threads ${tids.filter(threadExists)} still exist`,
-  );
+  assert.equal(vcpuWorkerPoolStats().idle, 2, "both vCPUs' Workers went back to the pool");
+  await closeIdleWorkers(tids);
   assert.deepEqual(workerThreads(), workersBefore);
   const closes = of(events, "close_vcpu");
   assert.equal(closes.length, 2);
@@ -605,12 +618,9 @@ Deno.test("fake KVM, library: stop while paused ends the VM with 0 and every vCP
     assert.equal(await within(vm.stop(), () => "stop while paused did not end the VM"), EXIT_SUCCESS);
     const events = await readFakeKvmLog(log);
     const tids = of(events, "run_thread").map((e) => e.tid as number);
-    await within(
-      (async () => {
-        while (tids.some(threadExists)) await new Promise((r) => setTimeout(r, 10));
-      })(),
-      () => `vCPU threads ${tids.filter(threadExists)} still exist`,
-    );
+    // Each vCPU ended normally: its Worker went back to the pool, and closing the pool's idle ones ends them.
+    assert.equal(vcpuWorkerPoolStats().idle, 2, "both vCPUs' Workers went back to the pool");
+    await closeIdleWorkers(tids);
     assert.deepEqual(of(events, "close_vcpu").map((e) => [e.vcpu, e.still_mapped]), [[0, 0], [1, 0]]);
   } finally {
     await vm.stop();

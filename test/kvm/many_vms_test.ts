@@ -1,7 +1,8 @@
 // A test rig's day: 20 small VMs (the ticker guest, test/guests/ticker.c) started at once in one process,
 // each with its own control socket; each is driven (half are told to quit on their console, the rest are
 // stopped through their control socket) and afterwards nothing is left behind: no socket file, no vCPU
-// thread, no file descriptor, no child process.
+// thread beyond the idle Workers the pool keeps (vmm/kvm/worker_pool.ts: at most IDLE_VCPU_WORKERS_MAX, gone
+// once closed), no file descriptor, no child process.
 //
 // The VM test needs /dev/kvm and is ignored without it. One test always runs: it builds the guest and
 // disassembles it.
@@ -15,7 +16,7 @@ import { ControlClient } from "../../vmm/control/client.ts";
 import { loadKernel } from "../../vmm/arch/boot/kernel.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
 import { EXIT_SUCCESS } from "../../core/exit.ts";
-import { type BootConfig, Vm } from "../../mod.ts";
+import { type BootConfig, closeIdleVcpuWorkers, IDLE_VCPU_WORKERS_MAX, vcpuWorkerPoolStats, Vm } from "../../mod.ts";
 import { within as withinMs } from "../support/within.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
@@ -42,6 +43,11 @@ const FD_SLACK = 4;
 const WORKER_THREAD = /^worker-\d+$/;
 /** Worker threads of a one-vCPU VM with a control socket: its vCPU and the control server's poll thread. */
 const WORKERS_PER_VM = 2;
+/**
+ * vCPU Workers that wait in the pool once every VM has ended: each VM's vCPU ended normally and gave its
+ * Worker back, and the pool keeps at most IDLE_VCPU_WORKERS_MAX (it terminates the rest).
+ */
+const POOLED_AFTER = Math.min(VM_COUNT, IDLE_VCPU_WORKERS_MAX);
 /**
  * tokio's blocking pool threads (comm truncated to 15 characters): the runtime runs blocking and
  * nonblocking-FFI calls there and retires idle ones after its own keep-alive (10 s), so they are the
@@ -123,6 +129,9 @@ Deno.test({
         assert.equal(await warm.stop(), EXIT_SUCCESS);
       }
       await eventually(SETTLE_MS * 5, () => [...Deno.readDirSync(dir)].length === 0, () => "warm-up socket left");
+      // The warm-up VM's vCPU Worker waits in the pool: the baseline is taken with the pool empty.
+      assert.equal(vcpuWorkerPoolStats().idle, 1, "the warm-up VM's Worker went back to the pool");
+      closeIdleVcpuWorkers();
       await eventually(SETTLE_MS * 5, () => workerThreads() === 0, () => `warm-up Worker threads: ${threadNames()}`);
       const before = { threads: ownThreads(), workers: workerThreads(), fds: fdCount(), children: childPids() };
 
@@ -180,6 +189,15 @@ Deno.test({
         () => [...Deno.readDirSync(dir)].length === 0,
         () => `files left in ${dir}: ${[...Deno.readDirSync(dir)].map((e) => e.name)}`,
       );
+      // The pool keeps POOLED_AFTER of the 20 vCPU Workers waiting; the other vCPU Workers and every poll
+      // thread end. Closing the pool's idle Workers ends the rest.
+      assert.equal(vcpuWorkerPoolStats().idle, POOLED_AFTER, "idle vCPU Workers in the pool");
+      await eventually(
+        SETTLE_MS,
+        () => workerThreads() === before.workers + POOLED_AFTER,
+        () => `Worker threads: ${workerThreads() - before.workers} beyond the baseline, ${POOLED_AFTER} pooled`,
+      );
+      assert.equal(closeIdleVcpuWorkers(), POOLED_AFTER);
       await eventually(
         SETTLE_MS,
         () => workerThreads() === before.workers,

@@ -1,5 +1,6 @@
-// The main-thread side of a vCPU: starts its Worker, answers its port and MMIO
-// accesses from the buses, kicks it out of KVM_RUN, and reports how it ended.
+// The main-thread side of a vCPU: starts its Worker (one from worker_pool.ts), answers its port and MMIO
+// accesses from the buses, kicks it out of KVM_RUN, reports how it ended, and gives the Worker back to
+// the pool when the vCPU ended normally.
 
 import { kickThread, MAP_SHARED, mmap, munmap, PROT_READ, PROT_WRITE } from "../../ffi/libc.ts";
 import { RUN_IMMEDIATE_EXIT } from "../../ffi/kvm.ts";
@@ -15,17 +16,14 @@ import {
   type VcpuDebugMessage,
   type VcpuExitMessage,
   type VcpuStartMessage,
+  WORKER_WAITING,
 } from "./vcpu_channel.ts";
+import { releaseVcpuWorker, takeVcpuWorker } from "./worker_pool.ts";
 
 export type VcpuEnd = Exclude<VcpuExitMessage, { kind: "ready" }>;
 
-/** A vCPU Worker, loading; Vcpu gives it its vCPU (spawned early so it loads while the VM is built). */
-export function spawnVcpuWorker(): Worker {
-  return new Worker(new URL("./vcpu_worker.ts", import.meta.url), { type: "module" });
-}
-
 export interface VcpuOptions {
-  /** The Worker to run on (from spawnVcpuWorker); a new one by default. */
+  /** The Worker to run on (takeVcpuWorker() by default; the builder takes the boot vCPU's early). */
   worker?: Worker;
   id: number;
   vcpuFd: number;
@@ -54,6 +52,8 @@ export class Vcpu {
    */
   #run: NonNullable<Deno.PointerValue> | undefined;
   #ended = false;
+  /** The Worker went back to the pool: it is no longer this vCPU's to terminate. */
+  #released = false;
   readonly ready: Promise<void>;
   /** Resolves when the worker stops, with why. */
   readonly ended: Promise<VcpuEnd>;
@@ -63,15 +63,22 @@ export class Vcpu {
   constructor(private readonly opts: VcpuOptions) {
     this.id = opts.id;
     this.#run = mmap(opts.runSize, PROT_READ | PROT_WRITE, MAP_SHARED, opts.vcpuFd, 0);
-    this.#worker = opts.worker ?? spawnVcpuWorker();
+    this.#worker = opts.worker ?? takeVcpuWorker();
     let readyResolve!: () => void;
     this.ready = new Promise((r) => readyResolve = r);
     this.ended = new Promise((resolve) => {
-      type Message = VcpuExitMessage | VcpuDebugMessage | typeof DOORBELL | typeof DEVICE_WAKE;
+      type Message =
+        | VcpuExitMessage
+        | VcpuDebugMessage
+        | typeof DOORBELL
+        | typeof DEVICE_WAKE
+        | typeof WORKER_WAITING;
       this.#worker.onmessage = (e: MessageEvent<Message>) => {
         const m = e.data;
         if (m === DOORBELL) return this.#serveIo();
         if (m === DEVICE_WAKE) return opts.deviceWake?.();
+        // The pool's question, answered after this Worker was taken: nothing for the vCPU.
+        if (m === WORKER_WAITING) return;
         if (m.kind === "debug") return opts.onDebug?.(m);
         if (m.kind === "ready") {
           this.#tid = m.tid;
@@ -79,11 +86,16 @@ export class Vcpu {
           return;
         }
         this.#end();
+        // A normal end leaves the Worker waiting for its next start: the pool keeps it. After a crash
+        // (a triple fault, a KVM error, an exception in the loop) nothing is known about it: it goes.
+        if (m.kind === "crash") this.#worker.terminate();
+        else this.#release();
         resolve(m);
       };
       this.#worker.onerror = (e) => {
         e.preventDefault();
         this.#end();
+        this.#worker.terminate();
         resolve({ kind: "crash", detail: `vcpu ${this.id} worker: ${e.message}` });
       };
     });
@@ -135,12 +147,21 @@ export class Vcpu {
     this.#run = undefined;
   }
 
+  /** Give the Worker back to the pool (its vCPU ended normally); this Vcpu hears nothing from it again. */
+  #release(): void {
+    this.#released = true;
+    this.#worker.onmessage = null;
+    this.#worker.onerror = null;
+    releaseVcpuWorker(this.#worker);
+  }
+
   get isEnded(): boolean {
     return this.#ended;
   }
 
+  /** End the vCPU's Worker now (it did not leave KVM_RUN in time): it is never reused. */
   terminate(): void {
     this.#end();
-    this.#worker.terminate();
+    if (!this.#released) this.#worker.terminate();
   }
 }

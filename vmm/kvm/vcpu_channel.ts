@@ -78,6 +78,13 @@ export type VcpuExitMessage =
 export const DOORBELL = 0;
 /** What a worker posts when a device it serves has something for the main thread (a UART's output). */
 export const DEVICE_WAKE = 1;
+/**
+ * The worker pool (worker_pool.ts) asks an idle Worker to say when it waits for a start message: the Worker
+ * answers WORKER_WAITING once it has loaded and any vCPU it ran has ended (messages are handled in order).
+ */
+export const WORKER_PING = 2;
+/** A Worker's answer to WORKER_PING. */
+export const WORKER_WAITING = 3;
 
 /**
  * Worker side: hand one access to the main thread and block until it is answered.

@@ -61,6 +61,8 @@ import {
   type VcpuDebugMessage,
   type VcpuExitMessage,
   type VcpuStartMessage,
+  WORKER_PING,
+  WORKER_WAITING,
 } from "./vcpu_channel.ts";
 
 /** Port 0x80 is the POST-code port; Linux writes it for I/O delays. Reads see an idle ISA bus. */
@@ -77,17 +79,23 @@ function ioDataOffset(run: DataView): number {
 
 type VcpuEnd = Exclude<VcpuExitMessage, { kind: "ready" }>;
 
-self.onmessage = (e: MessageEvent<VcpuStartMessage>) => {
-  self.onmessage = null;
+// One vCPU per start message. When it has ended the Worker waits for the next one: the worker pool
+// (worker_pool.ts) gives a Worker whose vCPU ended normally to the next vCPU of this process.
+self.onmessage = (e: MessageEvent<VcpuStartMessage | typeof WORKER_PING>) => {
+  if (e.data === WORKER_PING) {
+    self.postMessage(WORKER_WAITING);
+    return;
+  }
+  const start = e.data;
   let end: VcpuEnd;
   try {
-    end = runVcpu(e.data);
+    end = runVcpu(start);
   } catch (err) {
-    end = { kind: "crash", detail: `vcpu ${e.data.id}: ${(err as Error).message}` };
+    end = { kind: "crash", detail: `vcpu ${start.id}: ${(err as Error).message}` };
   }
-  // Posted only after runVcpu() unmapped the run page: the main thread kicks through its own mapping.
+  // Posted only after runVcpu() unmapped the run page: the main thread kicks through its own mapping, and
+  // whoever gets this Worker next finds no mapping of this vCPU left in it.
   self.postMessage(end);
-  self.close();
 };
 
 /**

@@ -1,11 +1,12 @@
 // The library's VM: boot one from the same config the CLI builds, watch and type on its console,
 // run commands through the guest agent, look at its screen, pause, resume, stop, and read how it
-// ended. mod.ts is the library's entry and exports it.
+// ended; snapshot it, restore one from a snapshot, and clone fresh VMs from a template (VmTemplate).
+// mod.ts is the library's entry and exports it.
 
 import { defaultVmConfig, type GpuConfig, gpuConfig, type SerialConfig, type VmConfig } from "../config.ts";
 import { ConsoleLog } from "./console_log.ts";
-import type { Machine } from "../machine.ts";
-import { buildMachine } from "../builder.ts";
+import type { Machine, SnapshotOptions } from "../machine.ts";
+import { buildMachine, type MachineOptions, restoreMachine } from "../builder.ts";
 import type { InputDevice } from "../../devices/virtio/input/device.ts";
 import { AgentClient, type ExecOptions } from "./agent_client.ts";
 import { compareImages, type CompareOptions, decodePng, type Image } from "./screen.ts";
@@ -14,11 +15,8 @@ import { gpuStats, inputDevicesOf, screenshot, startWebDisplay } from "./gpu_fro
 /** Bytes a console port buffers for the guest (ConsoleDevice's default inputLimit): the largest agent request. */
 const AGENT_PORT_INPUT_LIMIT = 1024 * 1024;
 
-/** What Vm.boot takes: a kernel and any VmConfig fields, plus library-only options. */
-export type BootConfig = Partial<Omit<VmConfig, "gpu">> & {
-  /** The GPU; unset keys take crosvm's defaults (vmm/config.ts gpuConfig). */
-  gpu?: Partial<GpuConfig>;
-  kernel: string;
+/** The library's own options, beside a VmConfig: Vm.boot, Vm.restore and VmTemplate take them. */
+export interface LibraryOptions {
   /** Serve the test guests' debug exit port (a write of N ends the VM with exit code N). */
   debugExit?: boolean;
   /** Also print the console to this process's stdout. */
@@ -31,7 +29,34 @@ export type BootConfig = Partial<Omit<VmConfig, "gpu">> & {
    * once with that reason (HostError); run such a VM in the nested KVM host (scripts/nested-kvm.sh).
    */
   allowEmulatedKernel?: boolean;
+}
+
+/** What Vm.boot takes: a kernel and any VmConfig fields, plus library-only options. */
+export type BootConfig = Partial<Omit<VmConfig, "gpu">> & {
+  /** The GPU; unset keys take crosvm's defaults (vmm/config.ts gpuConfig). */
+  gpu?: Partial<GpuConfig>;
+  kernel: string;
+} & LibraryOptions;
+
+/**
+ * The host-side resources a restored VM may use instead of the snapshot's: disk images, taps, serial
+ * outputs, the control socket, the vsock socket and CID. Each list replaces the saved one and must
+ * describe the same devices (as many disks, read-only where they were, ...); a restore whose devices
+ * differ from the snapshot's rejects with ConfigError naming the first difference.
+ */
+export type RestoreOverrides = Partial<Pick<VmConfig, "blocks" | "nets" | "serials" | "socket" | "vsock">>;
+
+/**
+ * What Vm.restore and VmTemplate.clone take. The serial set-up is the library's (COM1, captured, echoed
+ * with `echoConsole`) unless `serials` overrides it.
+ */
+export type RestoreConfig = RestoreOverrides & LibraryOptions & {
+  /** Start with every vCPU paused (crosvm `run --restore ... --suspended`): vm.resume() lets it run. */
+  paused?: boolean;
 };
+
+/** What vm.snapshot takes. */
+export type VmSnapshotOptions = Pick<SnapshotOptions, "resume">;
 
 /** Keyboard, pointer and touch input through the VM's virtio-input devices (--input / `inputs`). */
 export class VmInput {
@@ -116,25 +141,59 @@ export class Vm {
       ...rest,
       ...(gpu ? { gpu: gpuConfig(gpu) } : {}),
     };
+    return await Vm.#launch((opts) => buildMachine(full, opts), { debugExit, artifactsDir, allowEmulatedKernel });
+  }
+
+  /**
+   * Restore a VM from the snapshot in directory `path` (written by vm.snapshot or `denovm snapshot take`) and
+   * start it where the snapshot left it. Its console log starts empty: it holds what the guest prints from
+   * here on. Guest memory is mapped copy-on-write from the snapshot, so VMs restored from one snapshot share
+   * its pages. Rejects with HostError (a missing or damaged snapshot, no KVM) or ConfigError (`overrides`
+   * that do not fit the snapshot's devices).
+   */
+  static async restore(path: string, config: RestoreConfig = {}): Promise<Vm> {
+    const { debugExit, echoConsole, artifactsDir, allowEmulatedKernel, paused, ...overrides } = config;
+    const withSerial: RestoreOverrides = { serials: [librarySerial(echoConsole ?? false)], ...overrides };
+    return await Vm.#launch(
+      (opts) => restoreMachine(path, { ...opts, overrides: withSerial }),
+      { debugExit, artifactsDir, allowEmulatedKernel, paused },
+    );
+  }
+
+  /** Build a machine with the library's console capture, then serve it and start it. */
+  static async #launch(
+    build: (opts: MachineOptions) => Promise<Machine>,
+    lib: LibraryOptions & { paused?: boolean },
+  ): Promise<Vm> {
     const holder: { machine?: Machine } = {};
     const log = new ConsoleLog((text) => holder.machine?.sendInput(new TextEncoder().encode(text)));
-    const machine = await buildMachine(full, {
+    const machine = await build({
       onConsoleOutput: (b) => log.push(b),
-      debugExit,
+      debugExit: lib.debugExit,
       noStdin: true,
-      emulatedKernel: allowEmulatedKernel ? "allow" : "refuse",
+      emulatedKernel: lib.allowEmulatedKernel ? "allow" : "refuse",
     });
     holder.machine = machine;
-    const vm = new Vm(machine, log, artifactsDir ?? Deno.env.get("DENOVM_ARTIFACTS") ?? "artifacts");
+    const vm = new Vm(machine, log, lib.artifactsDir ?? Deno.env.get("DENOVM_ARTIFACTS") ?? "artifacts");
     try {
       await machine.startControlSocket();
       vm.webDisplayUrl = await startWebDisplay(machine);
-      await machine.start();
+      await machine.start({ paused: lib.paused });
     } catch (e) {
       machine.close();
       throw e;
     }
     return vm;
+  }
+
+  /**
+   * Write a snapshot of the VM to directory `path` (created if missing; an older snapshot there is replaced
+   * only once the new one is complete). The VM is suspended meanwhile and runs on afterwards unless
+   * `resume: false`, which leaves it suspended until vm.resume().
+   */
+  async snapshot(path: string, opts: VmSnapshotOptions = {}): Promise<void> {
+    await Deno.mkdir(path, { recursive: true });
+    await this.#machine.snapshot(path, { resume: opts.resume });
   }
 
   /** The kernel command line the guest received. */
@@ -156,8 +215,9 @@ export class Vm {
     await this.#machine.pause();
   }
 
+  /** Let the VM run again after pause(), a snapshot with `resume: false`, or a restore with `paused: true`. */
   resume(): void {
-    this.#machine.resume();
+    this.#machine.resumeDevices();
   }
 
   /** Stop the VM (as crosvm `stop`); resolves to its exit code (0 unless it had already ended otherwise). */
@@ -270,5 +330,92 @@ export class Vm {
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.stop();
+  }
+}
+
+/** What VmTemplate.boot takes beside the VM's configuration. */
+export interface TemplateOptions {
+  /** Console output that says the guest is ready to be copied (after boot, or after `prepare`'s setup). */
+  until: RegExp | string;
+  /** How long to wait for `until`, in ms (the console's default wait when unset). */
+  timeout?: number;
+  /** Run once `until` has appeared, before the snapshot (log in, start a service, ...). */
+  prepare?: (vm: Vm) => void | Promise<void>;
+  /**
+   * The directory to write the snapshot to, kept by close(). By default a new temporary directory, which
+   * close() removes.
+   */
+  snapshotDir?: string;
+}
+
+/**
+ * A VM booted once to a point worth starting from, kept as a snapshot, to hand out fresh copies: each clone()
+ * is a new Vm restored from that snapshot, where the template VM was when `until` appeared. Clones share the
+ * snapshot's memory pages (copy-on-write) and can run at once; give each its own writable disk image, control
+ * socket and vsock socket through clone()'s overrides when the template VM has them.
+ *
+ *   await using template = await VmTemplate.boot({ kernel, initrd, agent: true }, { until: /login:/ });
+ *   await using vm = await template.clone();
+ */
+export class VmTemplate implements AsyncDisposable {
+  /** The snapshot's directory. */
+  readonly path: string;
+  readonly #defaults: LibraryOptions;
+  readonly #removeOnClose: boolean;
+  #closed = false;
+
+  private constructor(path: string, defaults: LibraryOptions, removeOnClose: boolean) {
+    this.path = path;
+    this.#defaults = defaults;
+    this.#removeOnClose = removeOnClose;
+  }
+
+  /**
+   * Boot `config`, wait for `opts.until` on its console, run `opts.prepare`, snapshot the VM and stop it. On
+   * failure the VM is stopped, a temporary snapshot directory removed, and the error (with the last console
+   * lines where it is a console wait) passed on.
+   */
+  static async boot(config: BootConfig, opts: TemplateOptions): Promise<VmTemplate> {
+    const { debugExit, echoConsole, artifactsDir, allowEmulatedKernel } = config;
+    const defaults: LibraryOptions = { debugExit, echoConsole, artifactsDir, allowEmulatedKernel };
+    const path = opts.snapshotDir ?? await Deno.makeTempDir({ prefix: "denovm-template-" });
+    const removeOnClose = opts.snapshotDir === undefined;
+    try {
+      const vm = await Vm.boot(config);
+      try {
+        await vm.console.waitFor(opts.until, { timeout: opts.timeout });
+        await opts.prepare?.(vm);
+        await vm.snapshot(path, { resume: false });
+      } finally {
+        await vm.stop();
+      }
+    } catch (e) {
+      if (removeOnClose) await Deno.remove(path, { recursive: true }).catch(() => {});
+      throw e;
+    }
+    return new VmTemplate(path, defaults, removeOnClose);
+  }
+
+  /**
+   * A new VM restored from the template's snapshot, running. `config` overrides host-side resources and the
+   * library options, which default to those the template was booted with.
+   */
+  async clone(config: RestoreConfig = {}): Promise<Vm> {
+    if (this.#closed) throw new Error(`the template ${this.path} is closed`);
+    return await Vm.restore(this.path, { ...this.#defaults, ...config });
+  }
+
+  /**
+   * No more clones. Removes the snapshot directory if the template made it; clones still running keep
+   * their memory (their mappings hold the file).
+   */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#removeOnClose) await Deno.remove(this.path, { recursive: true });
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
   }
 }
