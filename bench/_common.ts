@@ -287,3 +287,122 @@ export async function denovmNsPerLoop(
   }
   return ((median(full) - median(base)) * 1e6) / loops;
 }
+
+/**
+ * Builds bench/guest/ticker.S (linked by ticker.ld) as `dir`/ticker-<fillMiB>-<periodUs>.elf: it writes
+ * "!" to COM1 at once, fills `fillMiB` MiB of RAM from 32 MiB with a non-zero pattern, then writes "."
+ * every `periodUs` microseconds from the local APIC timer, halting in between. One ELF both VMMs boot
+ * (denovm's 64-bit entry, QEMU's PVH entry). Returns its path.
+ */
+export function buildTickerGuest(dir: string, fillMiB: number, periodUs: number): Promise<string> {
+  return buildLoopGuest(
+    dir,
+    "ticker.S",
+    `ticker-${fillMiB}-${periodUs}.elf`,
+    { FILL_MIB: fillMiB, PERIOD_US: periodUs },
+    "ticker.ld",
+  );
+}
+
+/** The ticker guest's first byte (at entry) and its byte per timer tick (bench/guest/ticker.S). */
+export const TICKER_START_BYTE = "!";
+export const TICKER_TICK_BYTE = ".";
+/** The ticker guest's output once it ticks. */
+export const TICKER_TICK = new RegExp(`\\${TICKER_TICK_BYTE}`);
+
+/** Resident and proportional set size of a process (or "self"), in KiB (proc(5): /proc/<pid>/smaps_rollup). */
+export async function smapsRollupKiB(pid: number | "self"): Promise<{ rss: number; pss: number }> {
+  const text = await Deno.readTextFile(`/proc/${pid}/smaps_rollup`);
+  const field = (name: string) => Number(text.match(new RegExp(`^${name}:\\s+(\\d+) kB`, "m"))?.[1] ?? NaN);
+  return { rss: field("Rss"), pss: field("Pss") };
+}
+
+/** `promise`, or a rejection naming `what` after `ms` milliseconds. */
+export async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no ${what} within ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A benchmark side's outcome: a number, or why it has none. */
+export type Measured = number | { error: string };
+
+/** `fn`'s number, or its failure as `{ error }` (logged with `label`): a side that fails reports null. */
+export async function measured(bench: string, label: string, fn: () => Promise<number>): Promise<Measured> {
+  try {
+    return await fn();
+  } catch (e) {
+    const message = (e instanceof Error ? e.message : String(e)).trim();
+    progress(bench, `${label}: ${message}`);
+    return { error: message };
+  }
+}
+
+/** A Measured as a result field: the number rounded to `digits` decimals, or null. */
+export function measuredField(v: Measured, digits = 1): number | null {
+  return typeof v === "number" ? Number(v.toFixed(digits)) : null;
+}
+
+/** The `errors` field of a result: each failed side's message by name (empty when none failed). */
+export function measuredErrors(sides: Record<string, Measured>): Record<string, unknown> {
+  const errors = Object.fromEntries(
+    Object.entries(sides).filter(([, v]) => typeof v !== "number").map(([k, v]) => [k, (v as { error: string }).error]),
+  );
+  return Object.keys(errors).length ? { errors } : {};
+}
+
+/** a / b to three decimals, or null when either side failed. */
+export function measuredRatio(a: Measured, b: Measured): number | null {
+  return typeof a === "number" && typeof b === "number" ? Number((a / b).toFixed(3)) : null;
+}
+
+/** The arguments for `Deno.execPath()` that run `denovm ARGS...` (main.ts with every permission). */
+export function denovmCliArgs(args: string[]): string[] {
+  return ["run", "--allow-all", join(REPO_ROOT, "main.ts"), ...args];
+}
+
+/** `denovm snapshot take DIR SOCKET` (crosvm's syntax) of the VM serving `socket`; throws with denovm's own message. */
+export async function denovmSnapshotTake(dir: string, socket: string): Promise<void> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: denovmCliArgs(["snapshot", "take", dir, socket]),
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).output();
+  if (!out.success) {
+    const why = new TextDecoder().decode(out.stderr).trim().split("\n").at(-1) ?? "";
+    throw new Error(`denovm snapshot take: exit ${out.code}: ${why}`);
+  }
+}
+
+/**
+ * `guest` (the ticker) booted with `denovm run --mem MEMMIB -s SOCKET` (the socket in `work`), left to tick
+ * (within `timeoutMs`), then `denovm snapshot take`n into `dir`; the VM's process is killed after.
+ */
+export async function denovmTickerSnapshot(
+  guest: string,
+  memMiB: number,
+  dir: string,
+  work: string,
+  timeoutMs: number,
+): Promise<void> {
+  const sock = join(work, "denovm.sock");
+  const p = spawnTimed(Deno.execPath(), denovmCliArgs(["run", "--mem", String(memMiB), "-s", sock, guest]));
+  try {
+    await within(p.waitFor(TICKER_TICK), timeoutMs, "tick from the snapshot's source VM");
+    await denovmSnapshotTake(dir, sock);
+  } finally {
+    await killChild(p.child);
+  }
+}
+
+/** The last line of a benchmark child's stdout that is a JSON object (its result), if any. */
+export function lastJsonLine(stdout: Uint8Array): string | undefined {
+  return new TextDecoder().decode(stdout).trim().split("\n").filter((l) => l.startsWith("{")).at(-1);
+}

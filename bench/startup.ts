@@ -22,11 +22,11 @@ import {
   benchCacheDir,
   buildLoopGuest,
   debianKernelDir,
+  denovmCliArgs,
   killChild,
   kvmPvm,
   median,
   progress,
-  REPO_ROOT,
   result,
   skipWithoutKvm,
   spawnTimed,
@@ -47,7 +47,7 @@ const MEM_MIB = 256;
 const LINUX_PARAMS = "console=ttyS0 earlyprintk=ttyS0 noxsave";
 
 function denovmArgs(kernel: string, params: string): string[] {
-  return ["run", "--allow-all", join(REPO_ROOT, "main.ts"), "run", "--mem", String(MEM_MIB), "-p", params, kernel];
+  return denovmCliArgs(["run", "--mem", String(MEM_MIB), "-p", params, kernel]);
 }
 
 function qemuArgs(kernel: string, params: string): string[] {

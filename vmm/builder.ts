@@ -173,8 +173,8 @@ async function assemble(
     onStdoutClosed: opts.onStdoutClosed,
     log,
   });
-  // The boot vCPU's Worker starts loading now, on its own thread, while this one builds the VM;
-  // Machine.start() hands it its vCPU. The other vCPUs' Workers are created once the boot vCPU runs.
+  // The boot vCPU's Worker (a ready one from the pool, or a new one that loads on its own thread while this
+  // one builds the VM); Machine.start() hands it its vCPU and takes the others' once the boot vCPU runs.
   const workers = opts.vm ? [] : [takeVcpuWorker()];
   try {
     const created = await createVirtioDevices(config, {

@@ -11,6 +11,7 @@ import {
   HostError,
 } from "../core/exit.ts";
 import type { OwnedGuestMemory } from "../core/memory.ts";
+import type { DeviceState } from "../core/state.ts";
 import { IRQ_ACPI_SCI, IRQ_ACPI_SLEEP_BUTTON, IRQ_ACPI_VMGENID } from "./arch/layout.ts";
 import { generationIdHex, newGenerationId, readGenerationId, writeGenerationId } from "./arch/vmgenid.ts";
 import type { VmConfig } from "./config.ts";
@@ -39,6 +40,12 @@ const STOP_GRACE_MS = 2000;
 const PAUSE_POLL_MS = 2;
 /** How long suspendDevices() waits for the devices to finish the requests they hold. */
 const DEVICE_QUIESCE_TIMEOUT_MS = 5000;
+
+/**
+ * What a machine built on a VmHandle without KVM (MachineOptions.vm) saves in each configured vCPU's place: it
+ * has no vCPUs, and a snapshot holds one record per vCPU. A restore on KVM refuses it (it wants "kvm-vcpu").
+ */
+const NO_VCPU_STATE: DeviceState = { type: "no-vcpu", version: 1, data: null };
 
 /** The exit code (crosvm's) and reason of each request the guest makes through a device. */
 const GUEST_REQUEST_EXIT: Record<GuestRequest, number> = {
@@ -105,6 +112,9 @@ export class Machine {
   #debugStop: ((vcpu: number, stop: VcpuDebugMessage) => void) | undefined;
   #devicesAsleep = false;
   #snapshotting = false;
+  /** resume() / resumeDevices() asked for while a snapshot was being taken: done once it is saved. */
+  #resumeAsked = false;
+  #wakeAsked = false;
   /** Resolves with crosvm's exit code when the VM ends. */
   readonly exitCode: Promise<number>;
   /** Why the VM ended, one line (for the library and logs). */
@@ -129,8 +139,9 @@ export class Machine {
   /**
    * Start the vCPUs; resolves when every Worker is in its loop (or the VM has ended meanwhile).
    *
-   * The boot vCPU runs first; the others' Workers are created after it runs. Creating a Worker
-   * blocks this thread while Deno builds the Worker's runtime, so creating all of them before
+   * The boot vCPU runs first; the others' Workers are taken from the pool (vmm/kvm/worker_pool.ts) after it
+   * runs. Creating a Worker (when the pool has none) blocks this thread while Deno builds the Worker's
+   * runtime, so creating all of them before
    * starting would hold the guest back by that much per vCPU, while the guest needs its other vCPUs
    * only when it starts them with INIT/SIPI. KVM keeps an INIT/SIPI sent to a vCPU that is not in
    * KVM_RUN yet and acts on it when the vCPU enters.
@@ -251,6 +262,10 @@ export class Machine {
 
   /** crosvm `resume --full` (its ResumeVm): the devices take the guest's notifications again, then the vCPUs run. */
   resumeDevices(): void {
+    if (this.#snapshotting) {
+      this.#wakeAsked = this.#resumeAsked = true;
+      return;
+    }
     if (this.#devicesAsleep) {
       this.#devicesAsleep = false;
       this.devices.wake();
@@ -281,7 +296,9 @@ export class Machine {
       const kvm = this.#kvm;
       const msrs = kvm ? snapshotMsrs(kvm) : [];
       const caps = kvm ? vcpuStateCaps(this.#vm as KvmVm) : undefined;
-      const vcpus = caps ? this.#vcpuFds.map((fd, id) => saveVcpuState(fd, id, msrs, caps)) : [];
+      const vcpus = caps
+        ? this.#vcpuFds.map((fd, id) => saveVcpuState(fd, id, msrs, caps))
+        : Array.from({ length: this.config.cpus }, () => NO_VCPU_STATE);
       writeSnapshot(dir, {
         config: this.config,
         memory: this.memory,
@@ -292,19 +309,26 @@ export class Machine {
       });
     } finally {
       this.#snapshotting = false;
-      if (opts.resume !== false) {
-        // Back to how the VM was: a VM the user had suspended stays suspended.
-        if (!wasAsleep) {
-          this.#devicesAsleep = false;
-          this.devices.wake();
-        }
-        if (!wasPaused) this.resume();
+      // Back to how the VM was (a VM the user had suspended stays suspended), unless opts.resume is false; a
+      // resume asked for meanwhile (control socket, debugger) is done now, not while the state was saved.
+      const back = opts.resume !== false;
+      const wake = (back && !wasAsleep) || this.#wakeAsked;
+      const run = (back && !wasPaused) || this.#resumeAsked;
+      this.#wakeAsked = this.#resumeAsked = false;
+      if (wake) {
+        this.#devicesAsleep = false;
+        this.devices.wake();
       }
+      if (run) this.resume();
     }
   }
 
-  /** Resume after pause (crosvm `resume`). */
+  /** Resume after pause (crosvm `resume`); while a snapshot is being taken, once it is saved. */
   resume(): void {
+    if (this.#snapshotting) {
+      this.#resumeAsked = true;
+      return;
+    }
     if (Atomics.load(this.#ctl, CTL_COMMAND) !== CMD_PAUSE) return;
     Atomics.store(this.#ctl, CTL_COMMAND, CMD_RUN);
     Atomics.notify(this.#ctl, CTL_COMMAND);

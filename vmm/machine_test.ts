@@ -7,10 +7,10 @@
 import assert from "node:assert/strict";
 import { BlockDevice } from "../devices/virtio/block/device.ts";
 import { VIRTIO_ID_BLOCK, VIRTIO_ID_GPU } from "../devices/virtio/device.ts";
+import { SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../devices/virtio/block/device.ts";
 import { decodePngRgba } from "../devices/virtio/gpu/png.ts";
 import { InputDevice } from "../devices/virtio/input/device.ts";
-import type { VirtioMmioTransport } from "../devices/virtio/mmio.ts";
-import { defaultVmConfig, gpuConfig, type VmConfig } from "./config.ts";
+import { gpuConfig, type VmConfig } from "./config.ts";
 import { controlCall } from "./control/client.ts";
 import {
   ACPI_TABLES_END,
@@ -23,51 +23,14 @@ import {
 } from "./arch/layout.ts";
 import { generationIdHex, readGenerationId } from "./arch/vmgenid.ts";
 import type { Machine } from "./machine.ts";
-import { buildMachine } from "./builder.ts";
 import { gpuStats, screenshot, screenshotTo, startWebDisplay } from "./library/gpu_front.ts";
 import { OutputIsInputError } from "./vm_files.ts";
-import { buildGuest } from "../test/guests/build.ts";
-import { FakeVm } from "../test/support/fake_vm.ts";
-import { VirtioTestDriver } from "../test/support/virtio_driver.ts";
+import type { FakeVm } from "../test/support/fake_vm.ts";
+import { blkHeader, busDriver, fakeMachine, fakeMachineConfig, slotOf } from "../test/support/fake_machine.ts";
 
-/** virtio-blk request header (linux/virtio_blk.h struct virtio_blk_outhdr) and types. */
-const VIRTIO_BLK_T_IN = 0;
-const VIRTIO_BLK_T_OUT = 1;
-const VIRTIO_BLK_S_OK = 0;
-const SECTOR = 512;
-
-function blkHeader(type: number, sector: number): Uint8Array {
-  const h = new Uint8Array(16);
-  const v = new DataView(h.buffer);
-  v.setUint32(0, type, true);
-  v.setBigUint64(8, BigInt(sector), true);
-  return h;
-}
-
-/** A driver whose register accesses go through the machine's MMIO bus, with KVM's ioeventfd semantics. */
-function busDriver(machine: Machine, vm: FakeVm, slot: number): VirtioTestDriver {
-  const v = machine.devices.virtio[slot];
-  const transport = {
-    device: v.device,
-    read: (off: number, data: Uint8Array) => void machine.devices.mmio.read(v.base + off, data),
-    write: (off: number, data: Uint8Array) => void vm.mmioWrite(machine.devices.mmio, v.base + off, data),
-  } as unknown as VirtioMmioTransport;
-  // Driver rings and buffers live in guest RAM above where the test guest and its tables are.
-  return new VirtioTestDriver(transport, machine.memory, { start: 32 * MiB + slot * MiB, end: 33 * MiB + slot * MiB });
-}
-
+/** The test machine on a FakeVm, its control socket in `dir`. */
 async function machineWith(extra: Partial<VmConfig>, dir: string): Promise<{ machine: Machine; vm: FakeVm }> {
-  const kernel = await buildGuest("boot_info");
-  const vm = new FakeVm();
-  const config: VmConfig = {
-    ...defaultVmConfig(kernel),
-    memMiB: 64,
-    serials: [{ type: "sink", hardware: "serial", num: 1, console: true, earlycon: false, stdin: false }],
-    socket: `${dir}/vm.sock`,
-    ...extra,
-  };
-  const machine = await buildMachine(config, { vm, noStdin: true, log: () => {} });
-  return { machine, vm };
+  return await fakeMachine(await fakeMachineConfig({ socket: `${dir}/vm.sock`, ...extra }));
 }
 
 Deno.test("machine without KVM: devices in order on the MMIO bus, DSDT entries, irqfds and notify ioeventfds", async () => {
@@ -151,12 +114,12 @@ Deno.test("machine without KVM: a guest driver writes and reads the disk through
   }, dir);
   try {
     await machine.start(); // device side only: the notify loop
-    const slot = machine.devices.virtio.findIndex((v) => v.device.deviceType === VIRTIO_ID_BLOCK);
+    const slot = slotOf(machine, VIRTIO_ID_BLOCK);
     assert.ok(machine.devices.virtio[slot].device instanceof BlockDevice);
     const drv = busDriver(machine, vm, slot);
     drv.init();
     const q = drv.queues[0];
-    const pattern = new Uint8Array(2 * SECTOR).map((_, i) => (0xa5 ^ i) & 0xff);
+    const pattern = new Uint8Array(2 * SECTOR_SIZE).map((_, i) => (0xa5 ^ i) & 0xff);
     q.submit([blkHeader(VIRTIO_BLK_T_OUT, 3), pattern, 1]);
     drv.kick(0);
     assert.ok((await vm.waitIrq(machine.devices.virtio[slot].irq)) > 0n, "completion interrupt through the irqfd");
@@ -164,7 +127,7 @@ Deno.test("machine without KVM: a guest driver writes and reads the disk through
     const done = q.used();
     assert.equal(done.length, 1);
     q.setUsedEvent(q.usedIdx()); // as Linux's virtqueue_enable_cb does: interrupt me at the next used entry
-    const sub = q.submit([blkHeader(VIRTIO_BLK_T_IN, 3), 2 * SECTOR, 1]);
+    const sub = q.submit([blkHeader(VIRTIO_BLK_T_IN, 3), 2 * SECTOR_SIZE, 1]);
     drv.kick(0);
     assert.ok((await vm.waitIrq(machine.devices.virtio[slot].irq)) > 0n);
     assert.equal(q.used().length, 1);
@@ -172,8 +135,8 @@ Deno.test("machine without KVM: a guest driver writes and reads the disk through
     assert.equal(machine.memory.getU8(status.addr), VIRTIO_BLK_S_OK);
     assert.deepEqual(machine.memory.read(data.addr, data.len), pattern);
     const file = await Deno.readFile(img);
-    assert.deepEqual(file.subarray(3 * SECTOR, 5 * SECTOR), pattern);
-    assert.deepEqual(file.subarray(0, 3 * SECTOR), original.subarray(0, 3 * SECTOR), "nothing else changed");
+    assert.deepEqual(file.subarray(3 * SECTOR_SIZE, 5 * SECTOR_SIZE), pattern);
+    assert.deepEqual(file.subarray(0, 3 * SECTOR_SIZE), original.subarray(0, 3 * SECTOR_SIZE), "nothing else changed");
     assert.equal(machine.stats()["block.writes"], 1);
   } finally {
     await machine.stop();

@@ -39,7 +39,7 @@ export const GUESTS: Readonly<Record<string, readonly string[]>> = {
 export type GuestName = keyof typeof GUESTS;
 
 const COMMON_SOURCES = ["start.S", "rt.c"];
-const HEADERS = ["rt.h", "virtio_mmio.h", "smp_start.h"];
+const HEADERS = ["rt.h", "virtio_mmio.h", "smp_start.h", "long_mode.h"];
 const LINKER_SCRIPT = "guest.ld";
 
 /**

@@ -7,6 +7,7 @@
  * The section is not marked executable: it never runs where it is linked.
  */
 #include "layout.h"
+#include "long_mode.h"
 
 /* Offsets inside the copied page, and absolute addresses once copied. */
 #define OFF(sym) ((sym) - tramp_start)
@@ -16,12 +17,6 @@
 #define SEL_CODE64 0x08
 #define SEL_DATA 0x10
 #define SEL_CODE32 0x18
-
-#define CR0_PE 0x1
-#define CR0_PG 0x80000000
-#define CR4_PAE 0x20
-#define MSR_EFER 0xc0000080
-#define EFER_LME 0x100
 
 	.section .tramp, "a"
 	.globl tramp_start, tramp_end, tramp_cr3, tramp_stack, tramp_entry, tramp_gdtr64, tramp_idtr64
@@ -43,18 +38,7 @@ tramp32:
 	mov %ax, %ds
 	mov %ax, %es
 	mov %ax, %ss
-	mov %cr4, %eax
-	or $CR4_PAE, %eax
-	mov %eax, %cr4
-	mov ABS(tramp_cr3), %eax
-	mov %eax, %cr3
-	mov $MSR_EFER, %ecx
-	rdmsr
-	or $EFER_LME, %eax
-	wrmsr
-	mov %cr0, %eax
-	or $CR0_PG, %eax
-	mov %eax, %cr0
+	ENTER_LONG_MODE ABS(tramp_cr3)
 	ljmp $SEL_CODE64, $ABS(tramp64)
 
 	.code64
@@ -76,9 +60,9 @@ tramp64:
 	.p2align 3
 tramp_gdt:
 	.quad 0                    /* null */
-	.quad 0x00af9a000000ffff   /* 0x08: 64-bit code, DPL 0 (Intel SDM vol. 3 section 3.4.5) */
-	.quad 0x00cf92000000ffff   /* 0x10: flat 4 GiB data, read/write */
-	.quad 0x00cf9a000000ffff   /* 0x18: flat 4 GiB 32-bit code */
+	.quad GDT_CODE64           /* SEL_CODE64 */
+	.quad GDT_DATA             /* SEL_DATA */
+	.quad GDT_CODE32           /* SEL_CODE32 */
 tramp_gdt_end:
 tramp_gdtr32:
 	.word tramp_gdt_end - tramp_gdt - 1

@@ -9,7 +9,6 @@
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import { buildGuest } from "../guests/build.ts";
 import {
   IRQ_ACPI_SCI,
@@ -27,6 +26,8 @@ import { OwnedGuestMemory } from "../../core/memory.ts";
 import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit.ts";
 import { type BootConfig, Vm } from "../../mod.ts";
 import { within as withinMs } from "../support/within.ts";
+import { withTempDir } from "../support/temp_dir.ts";
+import { assertCliOk, denovm, denovmArgs, REPO_ROOT } from "../support/cli.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_control_test: control socket tests with a guest skipped: no /dev/kvm");
@@ -42,42 +43,10 @@ const SOCKET_MODE = 0o600;
 /** A TICK line as the ticker guest prints it (the UART console turns "\n" into "\r\n"). */
 const TICK_LINE = /^TICK (\d+)\r?\n/m;
 
-const REPO_ROOT = fileURLToPath(new URL("../..", import.meta.url));
-const MAIN = fileURLToPath(new URL("../../main.ts", import.meta.url));
-
 const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
-}
-
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** `denovm ARGS...` as its own process (main.ts under this Deno). */
-async function denovm(...args: string[]): Promise<CliResult> {
-  const out = await within(
-    new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-all", MAIN, ...args],
-      cwd: REPO_ROOT,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output(),
-    () => `denovm ${args.join(" ")} did not exit`,
-  );
-  return {
-    code: out.code,
-    stdout: new TextDecoder().decode(out.stdout),
-    stderr: new TextDecoder().decode(out.stderr),
-  };
-}
-
-function assertCliOk(r: CliResult, what: string): void {
-  assert.equal(r.code, EXIT_SUCCESS, `${what}: exit ${r.code}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
 }
 
 async function boot(guest: string, opts: Omit<BootConfig, "kernel">): Promise<Vm> {
@@ -114,20 +83,14 @@ async function nextTick(vm: Vm, from: number): Promise<number> {
   return Number(m[1]);
 }
 
-async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
-  const dir = await Deno.makeTempDir({ prefix: "denovm-ctl-test-" });
-  try {
-    return await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
+/** The names of this file's temporary directories start so. */
+const TEMP_PREFIX = "denovm-ctl-test-";
 
 Deno.test({
   name: "kvm control: suspend stops time, resume restarts it, bad requests get errors, `denovm stop` ends the VM",
   ignore: !kvmAvailable,
   async fn() {
-    await withTempDir(async (dir) => {
+    await withTempDir(TEMP_PREFIX, async (dir) => {
       const sock = `${dir}/vm.sock`;
       await using vm = await boot("ticker", { socket: sock });
       await assertSocketServed(sock);
@@ -205,7 +168,7 @@ Deno.test({
   name: "kvm control: `denovm powerbtn` raises the GED's SCI, the guest sees it and powers off (exit 0)",
   ignore: !kvmAvailable,
   async fn() {
-    await withTempDir(async (dir) => {
+    await withTempDir(TEMP_PREFIX, async (dir) => {
       const sock = `${dir}/vm.sock`;
       await using vm = await boot("powerbtn", { socket: sock });
       await assertSocketServed(sock);
@@ -227,7 +190,7 @@ Deno.test({
   name: "kvm control: `denovm sleepbtn` raises the GED's second interrupt, the guest sees each press and runs on",
   ignore: !kvmAvailable,
   async fn() {
-    await withTempDir(async (dir) => {
+    await withTempDir(TEMP_PREFIX, async (dir) => {
       // -s DIR: the socket is crosvm-<pid>.sock inside the directory (this process's pid: the VM runs here).
       await using vm = await boot("powerbtn", { socket: dir });
       const sock = `${dir}/crosvm-${Deno.pid}.sock`;
@@ -251,7 +214,7 @@ Deno.test({
   name: "kvm control: `suspend --full` stops time and devices, plain resume is refused, `resume --full` restarts it",
   ignore: !kvmAvailable,
   async fn() {
-    await withTempDir(async (dir) => {
+    await withTempDir(TEMP_PREFIX, async (dir) => {
       const sock = `${dir}/vm.sock`;
       await using vm = await boot("ticker", { socket: sock, balloon: true });
       await vm.console.waitFor(/^TICK 2\r?\n/m, { timeout: GUEST_TIMEOUT_MS });
@@ -302,7 +265,7 @@ Deno.test({
     // inflates, so balloon_actual stays 0 and the guest reports no statistics (every stat null). The
     // guest side (the driver inflating, memory given back, stats filled in) is proven with a real
     // Linux guest in the UML balloon test.
-    await withTempDir(async (dir) => {
+    await withTempDir(TEMP_PREFIX, async (dir) => {
       const sock = `${dir}/vm.sock`;
       await using vm = await boot("ticker", { socket: sock, balloon: true });
       await assertSocketServed(sock);
@@ -342,7 +305,7 @@ Deno.test({
   name: "kvm control: without a balloon device, balloon requests get an error reply and the VM keeps running",
   ignore: !kvmAvailable,
   async fn() {
-    await withTempDir(async (dir) => {
+    await withTempDir(TEMP_PREFIX, async (dir) => {
       const sock = `${dir}/vm.sock`;
       await using vm = await boot("ticker", { socket: sock, balloon: false });
       await vm.console.waitFor(/^TICK 1\r?\n/m, { timeout: GUEST_TIMEOUT_MS });
@@ -367,14 +330,14 @@ Deno.test({
   name: "kvm control: `denovm run -s DIR`: crosvm-<pid>.sock is served there and gone once the process ends, however",
   ignore: !kvmAvailable,
   async fn() {
-    await withTempDir(async (dir) => {
+    await withTempDir(TEMP_PREFIX, async (dir) => {
       // The guest ends the VM itself: a crash (triple fault), a reset, a panic. The exit code is not asserted
       // (it depends on --extended-status); the process has ended when output() resolves, and the file must be gone.
       for (const guest of ["triple", "reset", "panic"]) {
         const kernel = await buildGuest(guest);
         const out = await within(
           new Deno.Command(Deno.execPath(), {
-            args: ["run", "--allow-all", MAIN, "run", "--mem", "64", "--cpus", "1", "-s", dir, kernel],
+            args: denovmArgs(["run", "--mem", "64", "--cpus", "1", "-s", dir, kernel]),
             cwd: REPO_ROOT,
             stdin: "null",
             stdout: "null",
@@ -387,7 +350,7 @@ Deno.test({
       }
       // SIGTERM to a running VM.
       const child = new Deno.Command(Deno.execPath(), {
-        args: ["run", "--allow-all", MAIN, "run", "--mem", "64", "--cpus", "1", "-s", dir, await buildGuest("ticker")],
+        args: denovmArgs(["run", "--mem", "64", "--cpus", "1", "-s", dir, await buildGuest("ticker")]),
         cwd: REPO_ROOT,
         stdin: "null",
         stdout: "null",

@@ -5,15 +5,14 @@
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import { buildGuest } from "../guests/build.ts";
 import { within as withinMs } from "../support/within.ts";
+import { denovm, denovmArgs } from "../support/cli.ts";
 import { EXIT_HOST_ERROR, EXIT_SUCCESS } from "../../core/exit.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("run_suspended_test: run --suspended tests skipped: no /dev/kvm");
 
-const MAIN = fileURLToPath(new URL("../../main.ts", import.meta.url));
 /** Hang protection only: no assertion depends on how fast anything is. */
 const GUEST_TIMEOUT_MS = 120_000;
 /** How long a suspended VM is watched for console output (the ticker prints every 100 ms of guest time). */
@@ -22,21 +21,6 @@ const POLL_MS = 20;
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
-}
-
-async function denovm(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const out = await withinMs(
-    new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-all", MAIN, ...args],
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output(),
-    () => `denovm ${args.join(" ")} did not exit`,
-    GUEST_TIMEOUT_MS,
-  );
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }
 
 /** Waits (bounded) until `cond` holds. */
@@ -70,18 +54,7 @@ async function suspendedRun(
   const out = `${dir}/console.txt`;
   const kernel = await buildGuest("ticker");
   const vm = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-all",
-      MAIN,
-      "run",
-      startSwitch,
-      "-s",
-      sock,
-      "--serial",
-      `type=file,path=${out},console`,
-      kernel,
-    ],
+    args: denovmArgs(["run", startSwitch, "-s", sock, "--serial", `type=file,path=${out},console`, kernel]),
     stdin: "null",
     stdout: "null",
     stderr: "piped",
@@ -108,7 +81,7 @@ async function suspendedRun(
 }
 
 Deno.test({
-  name: "run --suspended: vCPUs and devices held; resume is refused, resume --full lets the guest run (crosvm)",
+  name: "kvm: run --suspended: vCPUs and devices held; resume is refused, resume --full lets the guest run (crosvm)",
   ignore: !kvmAvailable,
   async fn() {
     await suspendedRun("--suspended", async (sock, out) => {
@@ -124,7 +97,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "run --suspended-vcpus: vCPUs held; resume lets the guest run (crosvm)",
+  name: "kvm: run --suspended-vcpus: vCPUs held; resume lets the guest run (crosvm)",
   ignore: !kvmAvailable,
   async fn() {
     await suspendedRun("--suspended-vcpus", async (sock) => {

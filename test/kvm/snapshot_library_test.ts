@@ -4,14 +4,13 @@
 // afresh would print its TICKER banner and TICK 1), with a console log that starts empty, and clones of one
 // template must run at once, each on its own.
 //
-// The tests need /dev/kvm; the ones that restore also need the snapshot implementation (restoreMachine in
-// vmm/builder.ts), and are ignored, saying so, until it is there.
+// The tests need /dev/kvm.
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { buildGuest } from "../guests/build.ts";
+import { readSnapshot } from "../../vmm/snapshot/format.ts";
 import { EXIT_SUCCESS, HostError } from "../../core/exit.ts";
-import { restoreMachine } from "../../vmm/builder.ts";
 import {
   type BootConfig,
   closeIdleVcpuWorkers,
@@ -21,6 +20,7 @@ import {
   VmTemplate,
 } from "../../mod.ts";
 import { within as withinMs } from "../support/within.ts";
+import { withTempDir } from "../support/temp_dir.ts";
 
 /** Hang protection only: no assertion depends on how fast anything is. */
 const GUEST_TIMEOUT_MS = 120_000;
@@ -34,25 +34,8 @@ const MISSING_MARKER_WAIT_MS = 2000;
 const BANNER = /^TICKER /m;
 const TICK_LINE = /^TICK (\d+)\r?$/gm;
 
-/**
- * Whether restoreMachine exists yet (it rejects "not implemented yet" until the snapshot work lands). Asked
- * once, with a directory that holds no snapshot: the real thing rejects that for another reason.
- */
-async function snapshotsImplemented(): Promise<boolean> {
-  try {
-    (await restoreMachine("/nonexistent/denovm-snapshot-probe")).close();
-    return true;
-  } catch (e) {
-    return !/not implemented yet/.test((e as Error).message);
-  }
-}
-
 const kvmAvailable = existsSync("/dev/kvm");
-const implemented = await snapshotsImplemented();
 if (!kvmAvailable) console.log("kvm_snapshot_library_test: skipped: no /dev/kvm");
-else if (!implemented) {
-  console.log("kvm_snapshot_library_test: restore tests ignored: restoreMachine is not implemented yet");
-}
 
 const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 
@@ -95,65 +78,59 @@ async function quit(vm: Vm): Promise<void> {
   assert.equal(await within(vm.exitCode, () => "the VM did not power off"), EXIT_SUCCESS);
 }
 
-Deno.test({
-  name: "library snapshot: Vm.restore goes on from where vm.snapshot was, with an empty console, beside the original",
-  ignore: !kvmAvailable || !implemented,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
-    try {
-      await using original = await Vm.boot(await tickerConfig());
-      await waitForTick(original, 3);
-      await original.snapshot(dir);
-      const atSnapshot = Math.max(...ticks(original));
-      // resume defaults to true: the original runs on.
-      await waitForTick(original, atSnapshot + 2);
-      assert.ok(existsSync(`${dir}/state`) && existsSync(`${dir}/memory`), "the snapshot's files");
+/** A test named "kvm: library snapshot: `name`", ignored without KVM, whose `body` gets a new temporary directory. */
+function tempDirTest(name: string, body: (dir: string) => Promise<void>): void {
+  Deno.test({
+    name: `kvm: library snapshot: ${name}`,
+    ignore: !kvmAvailable,
+    fn: () => withTempDir("denovm-snap-lib-", body),
+  });
+}
 
-      await using restored = await Vm.restore(dir);
-      await assertContinues(restored, 2, "the restored VM");
-      // Each has its own console: 'q' to the restored VM ends it only.
-      await quit(restored);
-      const originalNow = Math.max(...ticks(original));
-      await waitForTick(original, originalNow + 1);
-      assert.doesNotMatch(original.console.text, /BYE/, "the original saw the restored VM's input");
-      assert.equal(await original.stop(), EXIT_SUCCESS);
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
+tempDirTest(
+  "Vm.restore goes on from where vm.snapshot was, with an empty console, beside the original",
+  async (dir) => {
+    await using original = await Vm.boot(await tickerConfig());
+    await waitForTick(original, 3);
+    await original.snapshot(dir);
+    const atSnapshot = Math.max(...ticks(original));
+    // resume defaults to true: the original runs on.
+    await waitForTick(original, atSnapshot + 2);
+    assert.ok(existsSync(readSnapshot(dir).memoryPath), "the snapshot's files");
+
+    await using restored = await Vm.restore(dir);
+    await assertContinues(restored, 2, "the restored VM");
+    // Each has its own console: 'q' to the restored VM ends it only.
+    await quit(restored);
+    const originalNow = Math.max(...ticks(original));
+    await waitForTick(original, originalNow + 1);
+    assert.doesNotMatch(original.console.text, /BYE/, "the original saw the restored VM's input");
+    assert.equal(await original.stop(), EXIT_SUCCESS);
   },
+);
+
+tempDirTest("resume: false leaves the VM suspended until vm.resume(); paused: true restores it so", async (dir) => {
+  await using vm = await Vm.boot(await tickerConfig());
+  await waitForTick(vm, 2);
+  await vm.snapshot(dir, { resume: false });
+  const suspendedAt = vm.console.text.length;
+  await new Promise((r) => setTimeout(r, SUSPENDED_WATCH_MS));
+  assert.equal(vm.console.text.length, suspendedAt, "a suspended VM printed");
+  vm.resume();
+  await waitForTick(vm, Math.max(...ticks(vm)) + 1);
+  assert.equal(await vm.stop(), EXIT_SUCCESS);
+
+  await using restored = await Vm.restore(dir, { paused: true });
+  await new Promise((r) => setTimeout(r, SUSPENDED_WATCH_MS));
+  assert.equal(restored.console.text, "", "a VM restored paused printed");
+  restored.resume();
+  await assertContinues(restored, 1, "the VM restored paused");
+  assert.equal(await restored.stop(), EXIT_SUCCESS);
 });
 
 Deno.test({
-  name: "library snapshot: resume: false leaves the VM suspended until vm.resume(); paused: true restores it so",
-  ignore: !kvmAvailable || !implemented,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
-    try {
-      await using vm = await Vm.boot(await tickerConfig());
-      await waitForTick(vm, 2);
-      await vm.snapshot(dir, { resume: false });
-      const suspendedAt = vm.console.text.length;
-      await new Promise((r) => setTimeout(r, SUSPENDED_WATCH_MS));
-      assert.equal(vm.console.text.length, suspendedAt, "a suspended VM printed");
-      vm.resume();
-      await waitForTick(vm, Math.max(...ticks(vm)) + 1);
-      assert.equal(await vm.stop(), EXIT_SUCCESS);
-
-      await using restored = await Vm.restore(dir, { paused: true });
-      await new Promise((r) => setTimeout(r, SUSPENDED_WATCH_MS));
-      assert.equal(restored.console.text, "", "a VM restored paused printed");
-      restored.resume();
-      await assertContinues(restored, 1, "the VM restored paused");
-      assert.equal(await restored.stop(), EXIT_SUCCESS);
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
-});
-
-Deno.test({
-  name: "library snapshot: VmTemplate clones run at once, each from the template's point, each on its own",
-  ignore: !kvmAvailable || !implemented,
+  name: "kvm: library snapshot: VmTemplate clones run at once, each from the template's point, each on its own",
+  ignore: !kvmAvailable,
   async fn() {
     const template = await VmTemplate.boot(await tickerConfig(), { until: /^TICK 2\r?$/m, timeout: GUEST_TIMEOUT_MS });
     const clones: Vm[] = [];
@@ -183,43 +160,25 @@ Deno.test({
   },
 });
 
-Deno.test({
-  name: "library snapshot: a VmTemplate given a snapshotDir keeps it on close",
-  ignore: !kvmAvailable || !implemented,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
-    try {
-      const snapshotDir = `${dir}/template`;
-      const template = await VmTemplate.boot(await tickerConfig(), {
-        until: /^TICK 1\r?$/m,
-        timeout: GUEST_TIMEOUT_MS,
-        snapshotDir,
-      });
-      assert.equal(template.path, snapshotDir);
-      await template.close();
-      assert.ok(existsSync(`${snapshotDir}/state`) && existsSync(`${snapshotDir}/memory`), "the snapshot stays");
-      await using vm = await Vm.restore(snapshotDir);
-      await assertContinues(vm, 0, "a VM restored from the kept snapshot");
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+tempDirTest("a VmTemplate given a snapshotDir keeps it on close", async (dir) => {
+  const snapshotDir = `${dir}/template`;
+  const template = await VmTemplate.boot(await tickerConfig(), {
+    until: /^TICK 1\r?$/m,
+    timeout: GUEST_TIMEOUT_MS,
+    snapshotDir,
+  });
+  assert.equal(template.path, snapshotDir);
+  await template.close();
+  assert.ok(existsSync(readSnapshot(snapshotDir).memoryPath), "the snapshot stays");
+  await using vm = await Vm.restore(snapshotDir);
+  await assertContinues(vm, 0, "a VM restored from the kept snapshot");
 });
 
-Deno.test({
-  name: "library snapshot: Vm.restore of a directory without a snapshot rejects with one host-error line naming it",
-  ignore: !kvmAvailable || !implemented,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-snap-lib-" });
-    try {
-      await assert.rejects(
-        Vm.restore(dir),
-        (e: Error) => e instanceof HostError && e.message.includes(dir) && !e.message.includes("\n"),
-      );
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+tempDirTest("Vm.restore of a directory without a snapshot rejects with one host-error line naming it", async (dir) => {
+  await assert.rejects(
+    Vm.restore(dir),
+    (e: Error) => e instanceof HostError && e.message.includes(dir) && !e.message.includes("\n"),
+  );
 });
 
 /** The temporary directories VmTemplate made and has not removed (it names them denovm-template-*). */
@@ -229,7 +188,7 @@ function templateDirs(): string[] {
 }
 
 Deno.test({
-  name: "library snapshot: VmTemplate.boot whose marker never appears stops its VM and removes its directory",
+  name: "kvm: library snapshot: VmTemplate.boot whose marker never appears stops its VM and removes its directory",
   ignore: !kvmAvailable,
   async fn() {
     closeIdleVcpuWorkers();

@@ -19,77 +19,48 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { buildGuest } from "../guests/build.ts";
 import { PML4_START } from "../../vmm/arch/layout.ts";
-import type { BlockConfig, SerialConfig, VmConfig } from "../../vmm/config.ts";
-import { restoreMachine } from "../../vmm/builder.ts";
+import type { BlockConfig, SerialConfig } from "../../vmm/config.ts";
+import { readSnapshot } from "../../vmm/snapshot/format.ts";
+import { KVM_PIT_CHANNEL_STATE_SIZE, PIT_CHANNEL_COUNT_LOAD_TIME, PIT_STATE2_CHANNELS } from "../../ffi/kvm.ts";
 import { EXIT_HOST_ERROR, EXIT_INVALID_ARGS, EXIT_SUCCESS } from "../../core/exit.ts";
-import { type BootConfig, Vm } from "../../mod.ts";
+import { type BootConfig, type RestoreConfig, Vm } from "../../mod.ts";
 import { within as withinMs } from "../support/within.ts";
+import { withTempDir } from "../support/temp_dir.ts";
+import { assertCliOk, assertOneLineRefusal, denovm, denovmArgs, REPO_ROOT } from "../support/cli.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("kvm_snapshot_test: guest tests skipped: no /dev/kvm");
 
-/** Whether this build has snapshots: restoreMachine of an empty directory refuses, and says why. */
-async function probeSnapshots(): Promise<boolean> {
-  const dir = await Deno.makeTempDir({ prefix: "denovm-snap-probe-" });
-  try {
-    await restoreMachine(dir);
-    return true;
-  } catch (e) {
-    return !/not implemented yet/.test(String((e as Error)?.message ?? e));
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
-const snapshotsImplemented = await probeSnapshots();
-if (!snapshotsImplemented) {
-  console.log("kvm_snapshot_test: snapshot tests skipped: snapshots are not implemented yet (restoreMachine says so)");
-}
-const snapshotIgnore = !kvmAvailable || !snapshotsImplemented;
+const snapshotIgnore = !kvmAvailable;
 
 /** Hang protection only: no assertion depends on how fast anything is. */
 const GUEST_TIMEOUT_MS = 120_000;
 /** A socket file is served shortly after `denovm run` starts. */
 const SOCKET_WAIT_MS = 60_000;
-const REPO_ROOT = fileURLToPath(new URL("../..", import.meta.url));
-const MAIN = fileURLToPath(new URL("../../main.ts", import.meta.url));
 
 const within = <T>(p: Promise<T>, what: () => string): Promise<T> => withinMs(p, what, GUEST_TIMEOUT_MS);
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 // ---- The snapshot API, as SNAPSHOT.md names it ----
 
-/** What Vm.restore takes besides the snapshot: host-side resources to re-point, and the library's options. */
-type RestoreOverrides = Partial<VmConfig> & { debugExit?: boolean };
-interface VmSnapshotApi {
-  snapshot(path: string, opts?: { resume?: boolean }): Promise<void>;
-}
-interface VmRestoreApi {
-  restore(path: string, overrides?: RestoreOverrides): Promise<Vm>;
-}
-
 /** `await vm.snapshot(path, opts)`. */
 function snapshot(vm: Vm, path: string, opts?: { resume?: boolean }): Promise<void> {
-  return within((vm as unknown as VmSnapshotApi).snapshot(path, opts), () => `vm.snapshot(${path}) did not settle`);
+  return within(vm.snapshot(path, opts), () => `vm.snapshot(${path}) did not settle`);
 }
 
 /** `Vm.restore(path, overrides)`: a started VM whose console log starts empty. */
-function restore(path: string, overrides: RestoreOverrides = {}): Promise<Vm> {
+function restore(path: string, overrides: RestoreConfig = {}): Promise<Vm> {
   return within(
-    (Vm as unknown as VmRestoreApi).restore(path, { debugExit: true, ...overrides }),
+    Vm.restore(path, { debugExit: true, ...overrides }),
     () => `Vm.restore(${path}) did not settle`,
   );
 }
 
-/** The snapshot reader (vmm/snapshot/format.ts readSnapshot), loaded only where snapshots exist. */
-async function readSnapshotData(dir: string): Promise<Record<string, unknown>> {
-  const spec = "../../vmm/snapshot/format.ts";
-  const format = await import(spec) as { readSnapshot(dir: string): unknown };
-  const snap = await format.readSnapshot(dir) as Record<string, unknown>;
-  // The body's data (SNAPSHOT.md), whether the reader returns it or the record around it.
-  return (snap && typeof snap.data === "object" && !("vcpus" in snap) ? snap.data : snap) as Record<string, unknown>;
+/** The snapshot's saved parts (vmm/snapshot/format.ts). */
+function readSnapshotData(dir: string): Record<string, unknown> {
+  return readSnapshot(dir) as unknown as Record<string, unknown>;
 }
 
 // ---- Running guests ----
@@ -118,49 +89,8 @@ async function quit(vm: Vm, what: string): Promise<void> {
   assert.equal(code, EXIT_SUCCESS, `${what}: exit ${code} (${vm.exitReason})\n${vm.console.text}`);
 }
 
-async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
-  const dir = await Deno.makeTempDir({ prefix: "denovm-snap-test-" });
-  try {
-    return await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
-
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** `denovm ARGS...` as its own process (main.ts under this Deno). */
-async function denovm(...args: string[]): Promise<CliResult> {
-  const out = await within(
-    new Deno.Command(Deno.execPath(), {
-      args: ["run", "--allow-all", MAIN, ...args],
-      cwd: REPO_ROOT,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output(),
-    () => `denovm ${args.join(" ")} did not exit`,
-  );
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-function assertCliOk(r: CliResult, what: string): void {
-  assert.equal(r.code, EXIT_SUCCESS, `${what}: exit ${r.code}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
-}
-
-/** A refusal as users must see it: exit `code`, one line on stderr, matching `pattern`. */
-function assertOneLineRefusal(r: CliResult, code: number, pattern: RegExp, what: string): void {
-  const lines = r.stderr.split("\n").filter((l) => l.trim() !== "");
-  assert.equal(r.code, code, `${what}: exit ${r.code}\nstderr:\n${r.stderr}`);
-  assert.equal(lines.length, 1, `${what}: one line on stderr, got:\n${r.stderr}`);
-  assert.match(lines[0], pattern, what);
-  assert.doesNotMatch(r.stderr, /^\s+at /m, `${what}: a stack trace`);
-}
+/** The names of this file's temporary directories start so. */
+const TEMP_PREFIX = "denovm-snap-test-";
 
 // ---- ticker ----
 
@@ -315,10 +245,27 @@ const CLOCK_MSRS = new Set([0x10, 0x3b, 0x6e0, 0xe7, 0xe8, 0x11, 0x12, 0x4b564d0
 /** Fields that hold a clock or a time stamp (the KVM clock, a PIT channel's count_load_time, TSC fields). */
 const CLOCK_FIELD = /clock|tsc|time/i;
 
-/** An MSR record ({index, value|data}) or a key that names an MSR ("16", "0x10") whose value is a clock. */
+/** An MSR record ([index, value] or {index, value|data}) or a key that names an MSR ("16", "0x10") whose value is a clock. */
 function isClockMsr(key: string, value: unknown): boolean {
+  // kvm-vcpu records hold MSRs as [index, "0x..."] pairs (vmm/kvm/vcpu_state.ts).
+  if (Array.isArray(value) && value.length === 2 && typeof value[0] === "number") return CLOCK_MSRS.has(value[0]);
   if (value && typeof value === "object" && "index" in value) return CLOCK_MSRS.has(Number(value.index));
   return /^(0x[0-9a-f]+|\d+)$/i.test(key) && CLOCK_MSRS.has(Number(key));
+}
+
+/** Three PIT channels (linux/asm/kvm.h struct kvm_pit_state2). */
+const PIT_CHANNELS = 3;
+/** kvm_pit_channel_state.count_load_time is an s64 ktime. */
+const PIT_LOAD_TIME_BYTES = 8;
+
+/** struct kvm_pit_state2 with each channel's count_load_time (a host clock reading) zeroed. */
+function withoutPitLoadTimes(pit: ArrayBufferView): Uint8Array {
+  const out = new Uint8Array(pit.buffer.slice(pit.byteOffset, pit.byteOffset + pit.byteLength));
+  for (let ch = 0; ch < PIT_CHANNELS; ch++) {
+    const at = PIT_STATE2_CHANNELS + ch * KVM_PIT_CHANNEL_STATE_SIZE + PIT_CHANNEL_COUNT_LOAD_TIME;
+    out.fill(0, at, at + PIT_LOAD_TIME_BYTES);
+  }
+  return out;
 }
 
 function isPlainObject(v: unknown): v is Record<string, unknown> {
@@ -330,6 +277,9 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
  * MSRs; undefined when equal.
  */
 function firstDifference(a: unknown, b: unknown, path: string): string | undefined {
+  if (path === "vm.data.pit" && ArrayBuffer.isView(a) && ArrayBuffer.isView(b)) {
+    return firstDifference(withoutPitLoadTimes(a), withoutPitLoadTimes(b), `${path} (load times aside)`);
+  }
   const show = (v: unknown) =>
     typeof v === "bigint" ? `${v}n` : ArrayBuffer.isView(v) ? `<${v.byteLength} bytes>` : JSON.stringify(v);
   if (ArrayBuffer.isView(a) && ArrayBuffer.isView(b)) {
@@ -396,11 +346,13 @@ function guestAddress(regions: MemoryRegion[], off: number): string {
  * own), the memory layout, devices and vCPUs equal apart from clocks. Fails naming the first difference.
  */
 async function assertSameSnapshot(first: string, second: string): Promise<void> {
-  const a = await readSnapshotData(first);
-  const b = await readSnapshotData(second);
+  const a = readSnapshotData(first);
+  const b = readSnapshotData(second);
   for (const key of ["memory", "vm", "vcpus", "devices"]) {
     assert.ok(key in a && key in b, `both snapshots have "${key}"`);
-    const d = firstDifference(a[key], b[key], key);
+    // Each snapshot writes its own memory file (format.ts): only the name may differ.
+    const field = (v: unknown) => key === "memory" ? { ...v as object, file: undefined } : v;
+    const d = firstDifference(field(a[key]), field(b[key]), key);
     assert.equal(d, undefined, `the snapshots differ at ${d}`);
   }
   const config = firstDifference({ ...a.config as object, socket: undefined }, {
@@ -409,8 +361,8 @@ async function assertSameSnapshot(first: string, second: string): Promise<void> 
   }, "config");
   assert.equal(config, undefined, `the snapshots' configurations differ at ${config}`);
 
-  const memA = await Deno.readFile(join(first, "memory"));
-  const memB = await Deno.readFile(join(second, "memory"));
+  const memA = await Deno.readFile(String(a.memoryPath));
+  const memB = await Deno.readFile(String(b.memoryPath));
   assert.equal(memB.length, memA.length, "memory file sizes");
   const regions = (a.memory as { regions: MemoryRegion[] }).regions;
   const genA = hexBytes(String(a.vmgenid)), genB = hexBytes(String(b.vmgenid));
@@ -435,7 +387,7 @@ async function assertSameSnapshot(first: string, second: string): Promise<void> 
 /** `denovm run ARGS` in the background, with its control socket `sock` served. */
 async function runInBackground(sock: string, ...args: string[]): Promise<Deno.ChildProcess> {
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", MAIN, "run", "-s", sock, ...args],
+    args: denovmArgs(["run", "-s", sock, ...args]),
     cwd: REPO_ROOT,
     stdin: "null",
     stdout: "null",
@@ -456,7 +408,7 @@ async function runInBackground(sock: string, ...args: string[]): Promise<Deno.Ch
 // ---- The guests on their own (no snapshot) ----
 
 Deno.test({
-  name: "snapshot guests: smp_beat's 4 CPUs each count their own LAPIC timer beats, on their own stack and marker",
+  name: "kvm: snapshot guests: smp_beat's 4 CPUs each count their own LAPIC timer beats, on their own stack and marker",
   ignore: !kvmAvailable,
   async fn() {
     await using vm = await boot("smp_beat", { cpus: SMP_CPUS });
@@ -471,7 +423,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "snapshot guests: mempattern prints the checksum the host computes, 'c' repeats it, 'w' refills",
+  name: "kvm: snapshot guests: mempattern prints the checksum the host computes, 'c' repeats it, 'w' refills",
   ignore: !kvmAvailable,
   async fn() {
     await using vm = await boot("mempattern");
@@ -487,10 +439,10 @@ Deno.test({
 });
 
 Deno.test({
-  name: "snapshot guests: virtio_wait does a block and console round at start and another on each 'g'",
+  name: "kvm: snapshot guests: virtio_wait does a block and console round at start and another on each 'g'",
   ignore: !kvmAvailable,
   async fn() {
-    await withTempDir(async (dir) => {
+    await withTempDir(TEMP_PREFIX, async (dir) => {
       const image = join(dir, "disk.img");
       const out = join(dir, "console.out");
       await Deno.writeFile(image, new Uint8Array(DISK_SIZE));
@@ -534,203 +486,182 @@ Deno.test('snapshot guests build and idle in "sti; hlt" (every CPU of smp_beat t
 
 // ---- Snapshots ----
 
-Deno.test({
-  name: "snapshot: a ticker clone goes on from the snapshot's tick, takes timer interrupts; the original too",
-  ignore: snapshotIgnore,
-  async fn() {
-    await withTempDir(async (dir) => {
-      const snap = join(dir, "snap");
-      await using vm = await boot("ticker");
-      await waitFor(vm, /^TICK 5\r?\n/m, 0);
-      const before = lastTick(vm.console.text);
-      await snapshot(vm, snap);
-      const atSnapshot = lastTick(vm.console.text);
+/** A test named "kvm: snapshot: `name`", ignored without KVM, whose `body` gets a new temporary directory. */
+function snapshotTest(name: string, body: (dir: string) => Promise<void>): void {
+  Deno.test({ name: `kvm: snapshot: ${name}`, ignore: snapshotIgnore, fn: () => withTempDir(TEMP_PREFIX, body) });
+}
 
-      await using clone = await restore(snap);
-      const first = Number((await waitFor(clone, TICK_LINE, 0))[1]);
-      assert.ok(
-        first > before && first <= atSnapshot + 5,
-        `the clone's first TICK is ${first}; the original was at ${before} before the snapshot, ${atSnapshot} after`,
-      );
-      assert.doesNotMatch(clone.console.text, /TICKER pin=/, "the clone did not boot again");
-      await waitFor(clone, new RegExp(`^TICK ${first + 4}\\r?\\n`, "m"), 0);
-      const original = vm.console.text.length;
-      await waitFor(vm, new RegExp(`^TICK ${lastTick(vm.console.text) + 2}\\r?\\n`, "m"), original);
-      await quit(clone, "ticker clone");
-      await quit(vm, "ticker original");
-    });
+/** A snapshot of the mempattern guest once it has filled its memory, in `snap`; the guest then quits. */
+async function mempatternSnapshot(snap: string): Promise<void> {
+  await using vm = await boot("mempattern");
+  await waitFor(vm, MEM_FILL, 0);
+  await snapshot(vm, snap);
+  await quit(vm, "mempattern");
+}
+
+snapshotTest(
+  "a ticker clone goes on from the snapshot's tick, takes timer interrupts; the original too",
+  async (dir) => {
+    const snap = join(dir, "snap");
+    await using vm = await boot("ticker");
+    await waitFor(vm, /^TICK 5\r?\n/m, 0);
+    const before = lastTick(vm.console.text);
+    await snapshot(vm, snap);
+    const atSnapshot = lastTick(vm.console.text);
+
+    await using clone = await restore(snap);
+    const first = Number((await waitFor(clone, TICK_LINE, 0))[1]);
+    assert.ok(
+      first > before && first <= atSnapshot + 5,
+      `the clone's first TICK is ${first}; the original was at ${before} before the snapshot, ${atSnapshot} after`,
+    );
+    assert.doesNotMatch(clone.console.text, /TICKER pin=/, "the clone did not boot again");
+    await waitFor(clone, new RegExp(`^TICK ${first + 4}\\r?\\n`, "m"), 0);
+    const original = vm.console.text.length;
+    await waitFor(vm, new RegExp(`^TICK ${lastTick(vm.console.text) + 2}\\r?\\n`, "m"), original);
+    await quit(clone, "ticker clone");
+    await quit(vm, "ticker original");
   },
+);
+
+snapshotTest("an smp_beat clone's 4 vCPUs all go on counting from the snapshot, each on its own stack", async (dir) => {
+  const snap = join(dir, "snap");
+  await using vm = await boot("smp_beat", { cpus: SMP_CPUS });
+  await waitFor(vm, new RegExp(`^SMPBEAT cpus=${SMP_CPUS} `, "m"), 0);
+  const beforeSnapshot = await beats(vm, SMP_CPUS);
+  for (const b of beforeSnapshot) assert.ok(b.n > 0, `CPU ${b.cpu} not counting yet`);
+  await snapshot(vm, snap);
+
+  await using clone = await restore(snap);
+  const restored = await beats(clone, SMP_CPUS);
+  assertCounting(beforeSnapshot, restored, false, "the clone's first report");
+  assert.doesNotMatch(clone.console.text, /SMPBEAT/, "the clone did not boot again");
+  await sleep(500);
+  assertCounting(restored, await beats(clone, SMP_CPUS), true, "the clone half a second later");
+  assertCounting(beforeSnapshot, await beats(vm, SMP_CPUS), true, "the original after the snapshot");
+  await quit(clone, "smp_beat clone");
+  await quit(vm, "smp_beat original");
 });
 
-Deno.test({
-  name: "snapshot: an smp_beat clone's 4 vCPUs all go on counting from the snapshot, each on its own stack",
-  ignore: snapshotIgnore,
-  async fn() {
-    await withTempDir(async (dir) => {
-      const snap = join(dir, "snap");
-      await using vm = await boot("smp_beat", { cpus: SMP_CPUS });
-      await waitFor(vm, new RegExp(`^SMPBEAT cpus=${SMP_CPUS} `, "m"), 0);
-      const beforeSnapshot = await beats(vm, SMP_CPUS);
-      for (const b of beforeSnapshot) assert.ok(b.n > 0, `CPU ${b.cpu} not counting yet`);
-      await snapshot(vm, snap);
+snapshotTest(
+  "a virtio_wait clone on its own disk copy does round 2: sector written and read, console message",
+  async (dir) => {
+    const snap = join(dir, "snap");
+    const image = join(dir, "disk.img");
+    const copy = join(dir, "clone.img");
+    const out = join(dir, "console.out");
+    const cloneOut = join(dir, "clone-console.out");
+    await Deno.writeFile(image, new Uint8Array(DISK_SIZE));
+    await using vm = await boot("virtio_wait", { blocks: [disk(image)], serials: consoleSerials(out), rng: false });
+    await waitFor(vm, /^READY\r?\n/m, 0);
+    await snapshot(vm, snap);
+    await Deno.copyFile(image, copy);
 
-      await using clone = await restore(snap);
-      const restored = await beats(clone, SMP_CPUS);
-      assertCounting(beforeSnapshot, restored, false, "the clone's first report");
-      assert.doesNotMatch(clone.console.text, /SMPBEAT/, "the clone did not boot again");
-      await sleep(500);
-      assertCounting(restored, await beats(clone, SMP_CPUS), true, "the clone half a second later");
-      assertCounting(beforeSnapshot, await beats(vm, SMP_CPUS), true, "the original after the snapshot");
-      await quit(clone, "smp_beat clone");
-      await quit(vm, "smp_beat original");
-    });
+    // The original still holds its image: a clone on the same one is refused.
+    await assert.rejects(restore(snap), /in use/, "a second VM writing the original's image");
+
+    await using clone = await restore(snap, { blocks: [disk(copy)], serials: consoleSerials(cloneOut) });
+    assert.equal((await command(clone, "g", ROUND_LINE(2)))[1], "ok", "round 2 read round 1's sector back");
+    assert.deepEqual(await sectorOf(copy, 2), roundSector(2), "the clone's disk holds round 2's sector");
+    assert.deepEqual(await sectorOf(copy, 1), roundSector(1), "and round 1's");
+    assert.equal(await Deno.readTextFile(cloneOut), "virtio round 2\n", "the clone's virtio-console output");
+    assert.ok((await sectorOf(image, 2)).every((b) => b === 0), "the original's image has no round 2");
+    assert.doesNotMatch(clone.console.text, /ROUND 1 /, "the clone did not boot again");
+
+    // The original goes on with its own round 2.
+    assert.equal((await command(vm, "g", ROUND_LINE(2)))[1], "ok");
+    assert.deepEqual(await sectorOf(image, 2), roundSector(2));
+    await quit(clone, "virtio_wait clone");
+    await quit(vm, "virtio_wait original");
+    assert.equal(await Deno.readTextFile(out), "virtio round 1\nvirtio round 2\n");
   },
+);
+
+snapshotTest("two mempattern clones see the snapshot's memory, and neither sees the other's writes", async (dir) => {
+  const snap = join(dir, "snap");
+  const sum1 = expectedMemSum(1);
+  await using vm = await boot("mempattern");
+  assert.equal((await waitFor(vm, MEM_FILL, 0))[2], sum1);
+  await snapshot(vm, snap);
+
+  // Both clones run at once, from the one memory file.
+  await using a = await restore(snap);
+  await using b = await restore(snap);
+  assert.deepEqual(await memCheck(a), { seed: 1, sum: sum1 }, "clone a");
+  assert.deepEqual(await memCheck(b), { seed: 1, sum: sum1 }, "clone b");
+  const refill = await command(a, "w", MEM_FILL);
+  assert.deepEqual([refill[1], refill[2]], ["2", expectedMemSum(2)], "clone a refilled");
+  assert.deepEqual(await memCheck(a), { seed: 2, sum: expectedMemSum(2) }, "clone a after its write");
+  assert.deepEqual(await memCheck(b), { seed: 1, sum: sum1 }, "clone b does not see clone a's write");
+  assert.deepEqual(await memCheck(vm), { seed: 1, sum: sum1 }, "nor does the original");
+  await quit(a, "clone a");
+  await quit(b, "clone b");
+  await quit(vm, "mempattern original");
 });
 
-Deno.test({
-  name: "snapshot: a virtio_wait clone on its own disk copy does round 2: sector written and read, console message",
-  ignore: snapshotIgnore,
-  async fn() {
-    await withTempDir(async (dir) => {
-      const snap = join(dir, "snap");
-      const image = join(dir, "disk.img");
-      const copy = join(dir, "clone.img");
-      const out = join(dir, "console.out");
-      const cloneOut = join(dir, "clone-console.out");
-      await Deno.writeFile(image, new Uint8Array(DISK_SIZE));
-      await using vm = await boot("virtio_wait", { blocks: [disk(image)], serials: consoleSerials(out), rng: false });
-      await waitFor(vm, /^READY\r?\n/m, 0);
-      await snapshot(vm, snap);
-      await Deno.copyFile(image, copy);
-
-      // The original still holds its image: a clone on the same one is refused.
-      await assert.rejects(restore(snap), /in use/, "a second VM writing the original's image");
-
-      await using clone = await restore(snap, { blocks: [disk(copy)], serials: consoleSerials(cloneOut) });
-      assert.equal((await command(clone, "g", ROUND_LINE(2)))[1], "ok", "round 2 read round 1's sector back");
-      assert.deepEqual(await sectorOf(copy, 2), roundSector(2), "the clone's disk holds round 2's sector");
-      assert.deepEqual(await sectorOf(copy, 1), roundSector(1), "and round 1's");
-      assert.equal(await Deno.readTextFile(cloneOut), "virtio round 2\n", "the clone's virtio-console output");
-      assert.ok((await sectorOf(image, 2)).every((b) => b === 0), "the original's image has no round 2");
-      assert.doesNotMatch(clone.console.text, /ROUND 1 /, "the clone did not boot again");
-
-      // The original goes on with its own round 2.
-      assert.equal((await command(vm, "g", ROUND_LINE(2)))[1], "ok");
-      assert.deepEqual(await sectorOf(image, 2), roundSector(2));
-      await quit(clone, "virtio_wait clone");
-      await quit(vm, "virtio_wait original");
-      assert.equal(await Deno.readTextFile(out), "virtio round 1\nvirtio round 2\n");
-    });
-  },
-});
-
-Deno.test({
-  name: "snapshot: two mempattern clones see the snapshot's memory, and neither sees the other's writes",
-  ignore: snapshotIgnore,
-  async fn() {
-    await withTempDir(async (dir) => {
-      const snap = join(dir, "snap");
-      const sum1 = expectedMemSum(1);
-      await using vm = await boot("mempattern");
-      assert.equal((await waitFor(vm, MEM_FILL, 0))[2], sum1);
-      await snapshot(vm, snap);
-
-      // Both clones run at once, from the one memory file.
-      await using a = await restore(snap);
-      await using b = await restore(snap);
-      assert.deepEqual(await memCheck(a), { seed: 1, sum: sum1 }, "clone a");
-      assert.deepEqual(await memCheck(b), { seed: 1, sum: sum1 }, "clone b");
-      const refill = await command(a, "w", MEM_FILL);
-      assert.deepEqual([refill[1], refill[2]], ["2", expectedMemSum(2)], "clone a refilled");
-      assert.deepEqual(await memCheck(a), { seed: 2, sum: expectedMemSum(2) }, "clone a after its write");
-      assert.deepEqual(await memCheck(b), { seed: 1, sum: sum1 }, "clone b does not see clone a's write");
-      assert.deepEqual(await memCheck(vm), { seed: 1, sum: sum1 }, "nor does the original");
-      await quit(a, "clone a");
-      await quit(b, "clone b");
-      await quit(vm, "mempattern original");
-    });
-  },
-});
-
-Deno.test({
-  name: "snapshot: restored suspended and snapshotted again (CLI), the two snapshots are the same but for clocks",
-  ignore: snapshotIgnore,
-  async fn() {
-    await withTempDir(async (dir) => {
-      const first = join(dir, "first");
-      const second = join(dir, "second");
-      const sock = join(dir, "vm.sock");
-      {
-        await using vm = await boot("mempattern");
-        await waitFor(vm, MEM_FILL, 0);
-        await snapshot(vm, first);
-        await quit(vm, "mempattern original");
-      }
-      const child = await runInBackground(sock, "--restore", first, "--suspended");
+snapshotTest(
+  "restored suspended and snapshotted again (CLI), the two snapshots are the same but for clocks",
+  async (dir) => {
+    const first = join(dir, "first");
+    const second = join(dir, "second");
+    const sock = join(dir, "vm.sock");
+    await mempatternSnapshot(first);
+    const child = await runInBackground(sock, "--restore", first, "--suspended");
+    try {
+      assertCliOk(await denovm("snapshot", "take", second, sock), "denovm snapshot take");
+      assertCliOk(await denovm("stop", sock), "denovm stop");
+      const status = await within(child.status, () => "denovm run --restore did not stop");
+      assert.equal(status.code, EXIT_SUCCESS);
+    } finally {
       try {
-        assertCliOk(await denovm("snapshot", "take", second, sock), "denovm snapshot take");
-        assertCliOk(await denovm("stop", sock), "denovm stop");
-        const status = await within(child.status, () => "denovm run --restore did not stop");
-        assert.equal(status.code, EXIT_SUCCESS);
-      } finally {
-        try {
-          child.kill("SIGKILL");
-        } catch {
-          // already ended
-        }
-        await child.stderr.cancel().catch(() => {});
+        child.kill("SIGKILL");
+      } catch {
+        // already ended
       }
-      await assertSameSnapshot(first, second);
-    });
+      await child.stderr.cancel().catch(() => {});
+    }
+    await assertSameSnapshot(first, second);
   },
-});
+);
 
-Deno.test({
-  name:
-    "snapshot: `run --restore` of a truncated, corrupted or missing snapshot: exit 1, one line; --mem mismatch: exit 35; nothing written",
-  ignore: snapshotIgnore,
-  async fn() {
-    await withTempDir(async (dir) => {
-      const snap = join(dir, "snap");
-      const kernel = await buildGuest("mempattern");
-      {
-        await using vm = await boot("mempattern");
-        await waitFor(vm, MEM_FILL, 0);
-        await snapshot(vm, snap);
-        await quit(vm, "mempattern");
-      }
-      const truncated = join(dir, "truncated");
-      await copyDir(snap, truncated);
-      const state = await Deno.readFile(join(truncated, "state"));
-      await Deno.truncate(join(truncated, "state"), Math.floor(state.length / 2));
-      const corrupted = join(dir, "corrupted");
-      await copyDir(snap, corrupted);
-      state[Math.floor(state.length * 3 / 4)] ^= 0x5a; // in the body, past the header: the checksum fails
-      await Deno.writeFile(join(corrupted, "state"), state);
-      const shortMemory = join(dir, "short-memory");
-      await copyDir(snap, shortMemory);
-      const memSize = (await Deno.stat(join(shortMemory, "memory"))).size;
-      await Deno.truncate(join(shortMemory, "memory"), Math.floor(memSize / 2));
-      const missing = join(dir, "missing");
+snapshotTest(
+  "`run --restore` of a truncated, corrupted or missing snapshot: exit 1, one line; --mem mismatch: exit 35; nothing written",
+  async (dir) => {
+    const snap = join(dir, "snap");
+    const kernel = await buildGuest("mempattern");
+    await mempatternSnapshot(snap);
+    const truncated = join(dir, "truncated");
+    await copyDir(snap, truncated);
+    const state = await Deno.readFile(join(truncated, "state"));
+    await Deno.truncate(join(truncated, "state"), Math.floor(state.length / 2));
+    const corrupted = join(dir, "corrupted");
+    await copyDir(snap, corrupted);
+    state[Math.floor(state.length * 3 / 4)] ^= 0x5a; // in the body, past the header: the checksum fails
+    await Deno.writeFile(join(corrupted, "state"), state);
+    const shortMemory = join(dir, "short-memory");
+    await copyDir(snap, shortMemory);
+    const shortMemoryFile = String((await readSnapshotData(shortMemory)).memoryPath);
+    const memSize = (await Deno.stat(shortMemoryFile)).size;
+    await Deno.truncate(shortMemoryFile, Math.floor(memSize / 2));
+    const missing = join(dir, "missing");
 
-      const dirs = [snap, truncated, corrupted, shortMemory, missing];
-      const before = await Promise.all(dirs.map(hashTree));
-      // Each refusal names the file it could not use (SNAPSHOT.md: "one line naming the file and the problem").
-      const cases: [string, string, string][] = [
-        ["truncated state", truncated, join(truncated, "state")],
-        ["corrupted state", corrupted, join(corrupted, "state")],
-        ["memory file shorter than the snapshot says", shortMemory, join(shortMemory, "memory")],
-        ["missing directory", missing, missing],
-      ];
-      for (const [what, path, named] of cases) {
-        const r = await denovm("run", "--restore", path);
-        assertOneLineRefusal(r, EXIT_HOST_ERROR, new RegExp(RegExp.escape(named)), what);
-        assert.equal(r.stdout, "", `${what}: the guest never ran`);
-      }
-      const mem = await denovm("run", "--restore", snap, "--mem", "512", "--cpus", "1", kernel);
-      assertOneLineRefusal(mem, EXIT_INVALID_ARGS, /--mem/, "--mem 512 against a 64 MiB snapshot");
-      assert.equal(mem.stdout, "");
-      assert.deepEqual(await Promise.all(dirs.map(hashTree)), before, "the snapshot directories are unchanged");
-    });
+    const dirs = [snap, truncated, corrupted, shortMemory, missing];
+    const before = await Promise.all(dirs.map(hashTree));
+    // Each refusal names the file it could not use (SNAPSHOT.md: "one line naming the file and the problem").
+    const cases: [string, string, string][] = [
+      ["truncated state", truncated, join(truncated, "state")],
+      ["corrupted state", corrupted, join(corrupted, "state")],
+      ["memory file shorter than the snapshot says", shortMemory, shortMemoryFile],
+      ["missing directory", missing, missing],
+    ];
+    for (const [what, path, named] of cases) {
+      const r = await denovm("run", "--restore", path);
+      assertOneLineRefusal(r, EXIT_HOST_ERROR, new RegExp(RegExp.escape(named)), what);
+      assert.equal(r.stdout, "", `${what}: the guest never ran`);
+    }
+    const mem = await denovm("run", "--restore", snap, "--mem", "512", "--cpus", "1", kernel);
+    assertOneLineRefusal(mem, EXIT_INVALID_ARGS, /--mem/, "--mem 512 against a 64 MiB snapshot");
+    assert.equal(mem.stdout, "");
+    assert.deepEqual(await Promise.all(dirs.map(hashTree)), before, "the snapshot directories are unchanged");
   },
-});
+);

@@ -29,6 +29,9 @@ const KVM_TEST_FILES = [
   "test/nested/linux_snapshot_test.ts",
   "test/kvm/many_vms_test.ts",
   "test/kvm/gdb_test.ts",
+  "test/kvm/snapshot_test.ts",
+  "test/kvm/snapshot_library_test.ts",
+  "test/kvm/run_suspended_test.ts",
 ];
 const KVM_TEST_NAMES = /^(kvm|linux)[ :]/;
 

@@ -10,8 +10,7 @@ import { parseKeyValues, parseSize, UsageError } from "./keyvalue.ts";
 import { parseRunArgs } from "./run.ts";
 import { MAX_VCPUS } from "../arch/cpu.ts";
 import { debianKernel } from "../../test/support/kernel.ts";
-
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
+import { assertOneLineRefusal, type CliResult, denovm, stderrLines } from "../../test/support/cli.ts";
 
 /** Parses `run` args with kernel "bzImage" appended, without touching the filesystem. */
 function run(...args: string[]): VmConfig {
@@ -478,23 +477,9 @@ Deno.test("help lists every run flag and each key", () => {
 
 // ---- the real process ----
 
-async function denovm(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--no-check", MAIN, ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-function assertOneErrorLine(r: { code: number; stderr: string }, pattern: RegExp): void {
-  assert.equal(r.code, EXIT_INVALID_ARGS, `exit code, stderr: ${r.stderr}`);
-  const lines = r.stderr.split("\n").filter((l) => l !== "");
-  assert.equal(lines.length, 1, `exactly one stderr line, got: ${JSON.stringify(r.stderr)}`);
-  assert.match(lines[0], /^denovm: /);
-  assert.match(lines[0], pattern);
+function assertOneErrorLine(r: CliResult, pattern: RegExp): void {
+  assertOneLineRefusal(r, EXIT_INVALID_ARGS, pattern, String(pattern));
+  assert.match(stderrLines(r)[0], /^denovm: /);
 }
 
 Deno.test("denovm process: bad input exits 35 with one stderr line", async () => {

@@ -7,18 +7,7 @@ import { CONTROL_COMMAND_LIST, CONTROL_COMMAND_NAMES, controlHelp, parseControlA
 import { requestForArgv } from "../control/client.ts";
 import { mainHelp } from "./help.ts";
 import { EXIT_INVALID_ARGS, EXIT_SUCCESS } from "../../core/exit.ts";
-
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
-
-async function denovm(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--no-check", MAIN, ...args],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
+import { denovm } from "../../test/support/cli.ts";
 
 Deno.test("control command lines: crosvm's switches and options become the requests crosvm sends", () => {
   const s = "/run/vm.sock";

@@ -11,8 +11,7 @@ import { crosvmOnlyKeys, RUN_FLAGS, runHelp } from "./help.ts";
 import { parseKeyValues, UsageError } from "./keyvalue.ts";
 import { parseRunArgs, type RunCommand } from "./run.ts";
 import { validateVmConfig } from "../validate.ts";
-
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
+import { runDenovm, stderrLines } from "../../test/support/cli.ts";
 
 function parse(...args: string[]): RunCommand {
   return parseRunArgs([...args, "bzImage"], { checkFiles: false });
@@ -29,15 +28,10 @@ function refused(args: string[], pattern: RegExp): void {
   });
 }
 
+/** `denovm ARGS...` on a host without KVM, with its stderr's lines. */
 async function denovm(args: string[]) {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", MAIN, ...args],
-    stdin: "null",
-    env: { DENOVM_KVM_DEVICE: "/nonexistent/kvm" },
-  }).output();
-  const dec = new TextDecoder();
-  const stderr = dec.decode(out.stderr).trim();
-  return { code: out.code, stdout: dec.decode(out.stdout), lines: stderr === "" ? [] : stderr.split("\n") };
+  const r = await runDenovm(args, { env: { DENOVM_KVM_DEVICE: "/nonexistent/kvm" } });
+  return { ...r, lines: stderrLines(r) };
 }
 
 // ---- -X=value, --flag=value, --host_ip ----

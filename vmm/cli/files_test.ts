@@ -13,10 +13,9 @@
 import assert from "node:assert/strict";
 import { buildFakeKvm, fakeKvmEnv } from "../../test/support/fake_kvm.ts";
 import { craftElf } from "../../test/support/elf.ts";
-import { within } from "../../test/support/within.ts";
+import { assertOneLineRefusal, type CliResult, denovmArgs, runCommand, stderrLines } from "../../test/support/cli.ts";
 import { GiB, MiB, MMIO_HOLE_START } from "../arch/layout.ts";
 
-const MAIN_TS = new URL("../../main.ts", import.meta.url).pathname;
 /** Hang protection only: each run here ends in well under a second when it works. */
 const HANG_GUARD_MS = 60_000;
 /** The disk image whose survival the tests check: 1 MiB of varied bytes. */
@@ -56,54 +55,35 @@ async function hashes(paths: string[]): Promise<Record<string, string>> {
   return Object.fromEntries(await Promise.all(paths.map(async (p) => [p, await sha256(p)])));
 }
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
 /**
  * `cmd` as a subprocess on the fake KVM playing `script`; killed if it has not ended after HANG_GUARD_MS,
  * which fails the test.
  */
-async function spawn(cmd: string, args: string[], script: string, env: Record<string, string> = {}): Promise<Run> {
+async function spawn(
+  cmd: string,
+  args: string[],
+  script: string,
+  env: Record<string, string> = {},
+): Promise<CliResult> {
   const log = `${dir}/fake-kvm-${crypto.randomUUID()}.jsonl`;
-  const child = new Deno.Command(cmd, {
-    args,
-    env: { ...fakeKvmEnv(shim, script, log), ...env },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
   try {
-    const out = await within(child.output(), () => `${cmd} ${args.join(" ")}`, HANG_GUARD_MS);
-    const dec = new TextDecoder();
-    return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-  } catch (e) {
-    try {
-      child.kill("SIGKILL");
-    } catch {
-      // already gone
-    }
-    throw e;
+    return await runCommand(cmd, args, { env: { ...fakeKvmEnv(shim, script, log), ...env }, timeoutMs: HANG_GUARD_MS });
   } finally {
     await Deno.remove(log).catch(() => {});
   }
 }
 
 /** `denovm ARGS` (main.ts) on the fake KVM; its guest powers off at once unless `script` says otherwise. */
-function denovm(args: string[], script = "poweroff", env: Record<string, string> = {}): Promise<Run> {
-  return spawn(Deno.execPath(), ["run", "--allow-all", MAIN_TS, ...args], script, env);
+function denovm(args: string[], script = "poweroff", env: Record<string, string> = {}): Promise<CliResult> {
+  return spawn(Deno.execPath(), denovmArgs(args), script, env);
 }
 
 /** Exit code `code` and exactly one `denovm...` line on stderr, with no stack trace, matching `re`. */
-function assertOneLine(r: Run, code: number, re: RegExp): void {
-  const lines = r.stderr.split("\n").filter((l) => l !== "");
-  assert.equal(r.code, code, r.stderr);
-  assert.equal(lines.length, 1, `expected one line on stderr, got:\n${r.stderr}`);
-  assert.doesNotMatch(lines[0], /Uncaught|^\s+at /);
-  assert.match(lines[0], /^denovm/);
-  assert.match(lines[0], re);
+function assertOneLine(r: CliResult, code: number, re: RegExp): void {
+  assertOneLineRefusal(r, code, re, String(re));
+  const [line] = stderrLines(r);
+  assert.doesNotMatch(line, /Uncaught/);
+  assert.match(line, /^denovm/);
 }
 
 async function mkfifo(path: string): Promise<void> {
@@ -304,11 +284,7 @@ Deno.test("run | head -2: stdout's reader goes away and the run ends quietly", a
       '"$@" | head -2; exit "${PIPESTATUS[0]}"',
       "bash",
       Deno.execPath(),
-      "run",
-      "--allow-all",
-      MAIN_TS,
-      "run",
-      kernel,
+      ...denovmArgs(["run", kernel]),
     ],
     "lines",
   );

@@ -5,17 +5,12 @@
 import assert from "node:assert/strict";
 import { debianKernel } from "../../test/support/kernel.ts";
 import { MAX_VCPUS } from "../arch/cpu.ts";
+import { runDenovm, stderrLines } from "../../test/support/cli.ts";
 
-const main = new URL("../../main.ts", import.meta.url).pathname;
-
+/** `denovm run ARGS...` with its exit code and stderr's lines. */
 async function run(args: string[], env: Record<string, string> = {}) {
-  const out = await new Deno.Command("deno", {
-    args: ["run", "--allow-all", main, "run", ...args],
-    env,
-    stdin: "null",
-  }).output();
-  const stderr = new TextDecoder().decode(out.stderr).trim();
-  return { code: out.code, lines: stderr === "" ? [] : stderr.split("\n") };
+  const r = await runDenovm(["run", ...args], { env });
+  return { code: r.code, lines: stderrLines(r) };
 }
 
 function assertOneLine(r: { code: number; lines: string[] }, code: number, re: RegExp) {

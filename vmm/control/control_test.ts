@@ -35,8 +35,7 @@ import { buildGuest } from "../../test/guests/build.ts";
 import { FakeVm } from "../../test/support/fake_vm.ts";
 import { VirtioTestDriver } from "../../test/support/virtio_driver.ts";
 import { within } from "../../test/support/within.ts";
-
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
+import { runDenovm } from "../../test/support/cli.ts";
 
 type Call = [string, ...unknown[]];
 
@@ -160,16 +159,6 @@ async function rawRequest(path: string, text: string | Uint8Array): Promise<unkn
   return await c.requestRaw(typeof text === "string" ? new TextEncoder().encode(text) : text);
 }
 
-async function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", MAIN, ...args],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
 /** Wait (bounded by a retry count, not asserted on time) until `cond` holds. */
 async function until(cond: () => boolean, what: string): Promise<void> {
   for (let i = 0; i < 500 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
@@ -211,15 +200,15 @@ Deno.test("control: a relative screenshot path is sent as an absolute path", asy
 
 Deno.test("control: `deno run main.ts <command> SOCKET` subprocesses: exit codes, printed JSON, handler calls", async () => {
   await withServer(async ({ path, handler }) => {
-    let r = await runCli(["suspend", path]);
+    let r = await runDenovm(["suspend", path]);
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stdout, "");
-    r = await runCli(["balloon", "256M", path]);
+    r = await runDenovm(["balloon", "256M", path]);
     assert.equal(r.code, 0, r.stderr);
-    r = await runCli(["disk", "resize", "0", "1048576", path]);
+    r = await runDenovm(["disk", "resize", "0", "1048576", path]);
     assert.equal(r.code, 0, r.stderr);
 
-    r = await runCli(["balloon_stats", path]);
+    r = await runDenovm(["balloon_stats", path]);
     assert.equal(r.code, 0, r.stderr);
     const stats = JSON.parse(r.stdout);
     assert.equal(stats.BalloonStats.balloon_actual, 64 << 20);
@@ -227,15 +216,15 @@ Deno.test("control: `deno run main.ts <command> SOCKET` subprocesses: exit codes
     assert.equal(stats.BalloonStats.stats.major_faults, null, "stats the device lacks are null, as in crosvm");
     assert.ok(r.stdout.startsWith('{\n  "BalloonStats": {\n'), "pretty JSON like serde_json::to_string_pretty");
 
-    r = await runCli(["gpu", "list-displays", path]);
+    r = await runDenovm(["gpu", "list-displays", path]);
     assert.equal(r.code, 0, r.stderr);
     assert.deepEqual(JSON.parse(r.stdout), DISPLAYS);
 
-    r = await runCli(["gpu", "stats", path]);
+    r = await runDenovm(["gpu", "stats", path]);
     assert.equal(r.code, 0, r.stderr);
     assert.deepEqual(JSON.parse(r.stdout), GPU_STATS);
 
-    r = await runCli(["stop", path]);
+    r = await runDenovm(["stop", path]);
     assert.equal(r.code, 0, r.stderr);
     await until(() => handler.calls.some((c) => c[0] === "stop"), "stop call");
 
@@ -250,7 +239,7 @@ Deno.test("control: `deno run main.ts <command> SOCKET` subprocesses: exit codes
     ]);
 
     handler.absent.add("powerButton");
-    r = await runCli(["powerbtn", path]);
+    r = await runDenovm(["powerbtn", path]);
     assert.equal(r.code, 1);
     assert.equal(r.stdout, "");
     assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
@@ -268,16 +257,7 @@ Deno.test("control: snapshot take through the socket: crosvm's request, nothing 
     }]]);
 
     // The denovm process, run from another directory than the VM's.
-    const cli = async (args: string[]) => {
-      const out = await new Deno.Command(Deno.execPath(), {
-        args: ["run", "--allow-all", MAIN, ...args],
-        cwd: dir,
-        stdout: "piped",
-        stderr: "piped",
-      }).output();
-      const dec = new TextDecoder();
-      return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-    };
+    const cli = (args: string[]) => runDenovm(args, { cwd: dir });
     handler.calls = [];
     let r = await cli(["snapshot", "take", "snap", path]);
     assert.equal(r.code, 0, r.stderr);
@@ -354,7 +334,7 @@ Deno.test("control: the VM's Snapshot handler asks the machine to put back the s
     // A failed snapshot is an error reply with its reason; the client exits 1 with one line.
     m.fail = new Error("snapshot /snaps/x: disk full");
     assert.deepEqual(await take(false), { ErrString: "snapshot /snaps/x: disk full" });
-    const r = await runCli(["snapshot", "take", "/snaps/x", path]);
+    const r = await runDenovm(["snapshot", "take", "/snaps/x", path]);
     assert.equal(r.code, 1);
     assert.equal(r.stdout, "");
     assert.equal(r.stderr, "denovm: snapshot take: snapshot /snaps/x: disk full\n");
@@ -364,11 +344,11 @@ Deno.test("control: the VM's Snapshot handler asks the machine to put back the s
 Deno.test("control: unreachable socket → exit 1 with one stderr line (subprocess); bad arguments → 35", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const r = await runCli(["stop", `${dir}/nothing.sock`]);
+    const r = await runDenovm(["stop", `${dir}/nothing.sock`]);
     assert.equal(r.code, 1);
     assert.equal(r.stdout, "");
     assert.match(r.stderr, /^denovm: stop: cannot reach the VM at .*nothing\.sock: connect .*No such file.*\n$/);
-    const bad = await runCli(["balloon", "lots", `${dir}/nothing.sock`]);
+    const bad = await runDenovm(["balloon", "lots", `${dir}/nothing.sock`]);
     assert.equal(bad.code, 35);
     assert.equal(await sendControlCommand(["resume", `${dir}/nothing.sock`]), 1);
   } finally {
@@ -812,7 +792,7 @@ Deno.test("control: a live listener whose backlog is full is still recognised as
 Deno.test("control: `denovm` subprocesses for crosvm's newer commands: --full, --wait, sleepbtn, balloon_ws, gpu displays", async () => {
   await withServer(async ({ path, handler }) => {
     const ok = async (args: string[], stdout = "") => {
-      const r = await runCli(args);
+      const r = await runDenovm(args);
       assert.equal(r.code, 0, `${args.join(" ")}: ${r.stderr}`);
       assert.equal(r.stdout, stdout, args.join(" "));
     };
@@ -840,11 +820,11 @@ Deno.test("control: `denovm` subprocesses for crosvm's newer commands: --full, -
       ["gpuSetMouseMode", 1, "touchscreen"],
     ]);
     // A GPU result that is not a success is one stderr line and exit 1.
-    let r = await runCli(["gpu", "remove-displays", "--display-id", "0", "--display-id", "5", path]);
+    let r = await runDenovm(["gpu", "remove-displays", "--display-id", "0", "--display-id", "5", path]);
     assert.equal(r.code, 1);
     assert.equal(r.stdout, "");
     assert.equal(r.stderr, "denovm: gpu remove-displays: no_such_display 5\n");
-    r = await runCli(["gpu", "set-mouse-mode", "--display-id", "7", "--mouse-mode", "touchscreen", path]);
+    r = await runDenovm(["gpu", "set-mouse-mode", "--display-id", "7", "--mouse-mode", "touchscreen", path]);
     assert.equal(r.code, 1);
     assert.equal(r.stderr, "denovm: gpu set-mouse-mode: err_string boom\n");
   });
@@ -959,7 +939,7 @@ Deno.test("control: beyond MAX_CONTROL_CLIENTS a client is told so and closed; t
         IDLE_HANG_GUARD_MS,
       );
       assert.equal(errorOfReply(reply), TOO_MANY_CLIENTS);
-      const r = await runCli(["powerbtn", path]);
+      const r = await runDenovm(["powerbtn", path]);
       assert.equal(r.code, 1, r.stderr);
       assert.equal(r.stderr, `denovm: powerbtn: ${TOO_MANY_CLIENTS}\n`);
       // A refused client that sends nothing gets the same reply, then the hang-up.

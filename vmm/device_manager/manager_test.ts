@@ -6,44 +6,26 @@
 import assert from "node:assert/strict";
 import { decodeState, type DeviceState, encodeState, StateError, type StateValue } from "../../core/state.ts";
 import { VIRTIO_ID_BLOCK } from "../../devices/virtio/device.ts";
-import type { VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
+import { SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../../devices/virtio/block/device.ts";
 import { VIRTQ_USED_ELEM_ID, VIRTQ_USED_IDX, VIRTQ_USED_RING } from "../../devices/virtio/queue.ts";
 import { MiB, ramRanges, SERIAL_PORTS } from "../arch/layout.ts";
-import { buildMachine } from "../builder.ts";
-import { defaultVmConfig, type VmConfig } from "../config.ts";
 import type { Machine } from "../machine.ts";
-import { buildGuest } from "../../test/guests/build.ts";
-import { FakeVm } from "../../test/support/fake_vm.ts";
+import {
+  blkHeader,
+  busDriver,
+  busTransport,
+  diskImage,
+  fakeMachine,
+  fakeMachineConfig,
+  slotOf,
+} from "../../test/support/fake_machine.ts";
 import { VirtioTestDriver } from "../../test/support/virtio_driver.ts";
 import type { DevicesState } from "./manager.ts";
 
-/** virtio-blk request types and status (linux/virtio_blk.h). */
-const VIRTIO_BLK_T_IN = 0;
-const VIRTIO_BLK_T_OUT = 1;
-const VIRTIO_BLK_S_OK = 0;
-const SECTOR = 512;
 /** 16550 register offsets (PC16550D datasheet, table 2): interrupt enable, line control, scratch. */
 const UART_IER = 1;
 const UART_LCR = 3;
 const UART_SCR = 7;
-
-function blkHeader(type: number, sector: number): Uint8Array {
-  const h = new Uint8Array(16);
-  const v = new DataView(h.buffer);
-  v.setUint32(0, type, true);
-  v.setBigUint64(8, BigInt(sector), true);
-  return h;
-}
-
-/** Register accesses of slot `slot` through `machine`'s MMIO bus, with KVM's ioeventfd semantics. */
-function busTransport(machine: Machine, vm: FakeVm, slot: number): VirtioMmioTransport {
-  const v = machine.devices.virtio[slot];
-  return {
-    device: v.device,
-    read: (off: number, data: Uint8Array) => void machine.devices.mmio.read(v.base + off, data),
-    write: (off: number, data: Uint8Array) => void vm.mmioWrite(machine.devices.mmio, v.base + off, data),
-  } as unknown as VirtioMmioTransport;
-}
 
 function pioWrite(machine: Machine, port: number, value: number): void {
   machine.devices.pio.write(port, Uint8Array.of(value));
@@ -62,27 +44,19 @@ function throughStateFile(state: DevicesState): DevicesState {
 
 Deno.test("device manager state: a restored machine completes the next virtio-blk request with the next used index; UART registers survive", async () => {
   const dir = await Deno.makeTempDir();
-  const img = `${dir}/disk.img`;
-  await Deno.writeFile(img, new Uint8Array(MiB));
-  const config: VmConfig = {
-    ...defaultVmConfig(await buildGuest("boot_info")),
-    memMiB: 64,
-    serials: [{ type: "sink", hardware: "serial", num: 1, console: true, earlycon: false, stdin: false }],
-    blocks: [{ path: img, ro: false, root: false, sparse: true, blockSize: 512, direct: false }],
-  };
+  const config = await fakeMachineConfig({ blocks: [await diskImage(`${dir}/disk.img`)] });
   const com1 = SERIAL_PORTS[0].base;
-  const vm1 = new FakeVm();
-  const m1 = await buildMachine(config, { vm: vm1, noStdin: true, log: () => {} });
+  const { machine: m1, vm: vm1 } = await fakeMachine(config);
   let saved: DevicesState;
   let ram: Uint8Array[];
   let driver: VirtioTestDriver;
   let pending: { head: number; buffers: { addr: number; len: number }[] };
   let usedRing: number;
-  const slot = m1.devices.virtio.findIndex((v) => v.device.deviceType === VIRTIO_ID_BLOCK);
-  const pattern = new Uint8Array(2 * SECTOR).map((_, i) => (i * 13 + 1) & 0xff);
+  const slot = slotOf(m1, VIRTIO_ID_BLOCK);
+  const pattern = new Uint8Array(2 * SECTOR_SIZE).map((_, i) => (i * 13 + 1) & 0xff);
   try {
     await m1.start();
-    driver = new VirtioTestDriver(busTransport(m1, vm1, slot), m1.memory, { start: 32 * MiB, end: 33 * MiB });
+    driver = busDriver(m1, vm1, slot);
     driver.init();
     const q = driver.queues[0];
     usedRing = q.addrs.usedRing;
@@ -93,7 +67,7 @@ Deno.test("device manager state: a restored machine completes the next virtio-bl
     assert.equal(q.used().length, 1);
     q.setUsedEvent(q.usedIdx()); // as Linux's virtqueue_enable_cb does: interrupt me at the next used entry
     // The guest publishes its next request; the snapshot is taken before it kicks.
-    pending = q.submit([blkHeader(VIRTIO_BLK_T_IN, 3), 2 * SECTOR, 1]);
+    pending = q.submit([blkHeader(VIRTIO_BLK_T_IN, 3), 2 * SECTOR_SIZE, 1]);
     pioWrite(m1, com1 + UART_LCR, 0x03); // 8 data bits, no parity, 1 stop bit
     pioWrite(m1, com1 + UART_IER, 0x05); // receive data and line status interrupts
     pioWrite(m1, com1 + UART_SCR, 0x5a);
@@ -107,8 +81,7 @@ Deno.test("device manager state: a restored machine completes the next virtio-bl
     await m1.stop(); // the disk's lock goes with it
   }
 
-  const vm2 = new FakeVm();
-  const m2 = await buildMachine(config, { vm: vm2, noStdin: true, log: () => {} });
+  const { machine: m2, vm: vm2 } = await fakeMachine(config);
   try {
     // A state whose device list differs is refused naming the device, before anything is restored.
     const refused = (state: DevicesState, message: RegExp) =>

@@ -91,14 +91,22 @@ class Runner {
   }
 }
 
-Deno.test({
-  name: "kvm-vcpu: a booting vCPU saved, restored into a fresh VM and saved again gives the same record but the TSC",
-  ignore: !kvmAvailable,
-  fn() {
-    using o = new Opened();
-    checkVcpuRoundTrip(o.add(new Kvm(), (k) => k.close()));
-  },
-});
+/** A test, ignored without KVM, that runs `check` (test/support/kvm_state.ts) on this host's KVM. */
+function kvmCheck(name: string, check: (kvm: Kvm) => void): void {
+  Deno.test({
+    name,
+    ignore: !kvmAvailable,
+    fn() {
+      using o = new Opened();
+      check(o.add(new Kvm(), (k) => k.close()));
+    },
+  });
+}
+
+kvmCheck(
+  "kvm-vcpu: a booting vCPU saved, restored into a fresh VM and saved again gives the same record but the TSC",
+  checkVcpuRoundTrip,
+);
 
 Deno.test({
   name: "kvm-vcpu: a guest stopped, restored into a fresh VM with a copy of its memory, counts on from where it was",
@@ -140,20 +148,12 @@ Deno.test({
   },
 });
 
-Deno.test({
-  name: "kvm-vm: an IOAPIC entry, the PIT's channel 0 and the clock set in one VM are there in the VM restored from it",
-  ignore: !kvmAvailable,
-  fn() {
-    using o = new Opened();
-    checkVmRoundTrip(o.add(new Kvm(), (k) => k.close()));
-  },
-});
+kvmCheck(
+  "kvm-vm: an IOAPIC entry, the PIT's channel 0 and the clock set in one VM are there in the VM restored from it",
+  checkVmRoundTrip,
+);
 
-Deno.test({
-  name: "kvm-vcpu and kvm-vm: bad records are a StateError of one line each, and the vCPU keeps its state",
-  ignore: !kvmAvailable,
-  fn() {
-    using o = new Opened();
-    checkBadRecords(o.add(new Kvm(), (k) => k.close()));
-  },
-});
+kvmCheck(
+  "kvm-vcpu and kvm-vm: bad records are a StateError of one line each, and the vCPU keeps its state",
+  checkBadRecords,
+);

@@ -9,9 +9,11 @@
 //       60     -  body: encodeState({ type: "denovm-snapshot", version: 1, data }) (core/state.ts)
 //
 // data = { denovm, config, memory: { size, regions: [{ guestBase, size, fileOffset }], file }, vm, vcpus,
-// devices: { legacy, virtio }, vmgenid }. Both files are written under temporary names in PATH and renamed
-// over the old ones, so a clone still running from an earlier `memory` (its private mapping holds the old
-// inode) is undisturbed, and a take that fails leaves the earlier snapshot as it was.
+// devices: { legacy, virtio }, vmgenid }. `memory.file` names the memory file: `memory.<32 hex digits>`, a new
+// name for each take (earlier versions wrote `memory`; both read). Only the state file is renamed into place, so
+// the directory switches from one snapshot to the next in one step, a crash or a failed take leaves the earlier
+// snapshot whole, and a clone still running from an earlier memory file (its private mapping holds the inode)
+// is undisturbed when that file is removed.
 
 import { createHash } from "node:crypto";
 import { HostError } from "../../core/exit.ts";
@@ -29,7 +31,22 @@ import {
   type StateValue,
 } from "../../core/state.ts";
 import { fdInfo, fileKind, readFd } from "../../core/host_file.ts";
-import { check, closeFd, ENOENT, libc, O_DIRECTORY, O_NONBLOCK, O_RDONLY, openFile, SysError } from "../../ffi/libc.ts";
+import {
+  check,
+  closeFd,
+  EAGAIN,
+  ENOENT,
+  errno,
+  libc,
+  LOCK_EX,
+  LOCK_NB,
+  O_DIRECTORY,
+  O_NONBLOCK,
+  O_RDONLY,
+  openFile,
+  strerror,
+  SysError,
+} from "../../ffi/libc.ts";
 import { MiB, ramRanges } from "../arch/layout.ts";
 import { DENOVM_VERSION } from "../cli/help.ts";
 import type { VmConfig } from "../config.ts";
@@ -45,7 +62,7 @@ export const SNAPSHOT_FORMAT_VERSION = 1;
 /** The state record's kind and layout version (the body). */
 const SNAPSHOT_RECORD_TYPE = "denovm-snapshot";
 const SNAPSHOT_RECORD_VERSION = 1;
-/** The files in a snapshot directory. */
+/** The state file's name in a snapshot directory, and the memory files' (`memory.<32 hex digits>`) prefix. */
 export const STATE_FILE = "state";
 export const MEMORY_FILE = "memory";
 
@@ -123,13 +140,28 @@ export interface SnapshotWritten {
   stateSize: number;
 }
 
+/** What writeSnapshot takes beside the parts. */
+export interface WriteSnapshotOptions {
+  /**
+   * Called once the new memory file and the state file's temporary are written and synced, just before the state
+   * is renamed into place: the directory then holds what a crash at that moment would leave (tests copy it).
+   */
+  beforeStateRename?: () => void;
+}
+
 /**
  * Writes a snapshot of `parts` into directory `dir` (created if missing), replacing a snapshot already there
- * atomically: the memory file and the state file are written under temporary names in `dir`, synced, then
- * renamed over `memory` and `state`. Throws SnapshotError (one line) when a part does not fit the format or
- * the host refuses a write; the temporaries are removed and an earlier snapshot in `dir` is left as it was.
+ * atomically. The memory file is written under a new name of its own (`memory.<random>`, never an existing file),
+ * which the state records; the state is written to a temporary and renamed over `state`, the one step that
+ * switches the directory from the earlier snapshot to the new one. A crash before that rename leaves the earlier
+ * snapshot whole (its state names its own memory file); after it, the new one. Then the memory files no state
+ * names any more, and temporaries that crashed takes left, are removed (a clone mapping one keeps its inode).
+ * Takes into one directory are serialized by an flock on the directory; a second one at once is refused.
+ * Throws SnapshotError (one line) when a part does not fit the format, the directory is locked, or the host
+ * refuses a write; the new files are removed and an earlier snapshot in `dir` is left as it was.
  */
-export function writeSnapshot(dir: string, parts: SnapshotParts): SnapshotWritten {
+export function writeSnapshot(dir: string, parts: SnapshotParts, opts: WriteSnapshotOptions = {}): SnapshotWritten {
+  const memoryName = `${MEMORY_FILE}.${crypto.randomUUID().replaceAll("-", "")}`;
   // Everything that can be refused without touching the disk is, first: the state file is built and read
   // back through the same checks readSnapshot makes.
   let layout: ReturnType<typeof memoryFileLayout>;
@@ -139,7 +171,7 @@ export function writeSnapshot(dir: string, parts: SnapshotParts): SnapshotWritte
     const data: { [key: string]: StateValue } = {
       denovm: DENOVM_VERSION,
       config: configToState(parts.config),
-      memory: { size: layout.size, regions: layout.regions as unknown as StateValue[], file: MEMORY_FILE },
+      memory: { size: layout.size, regions: layout.regions as unknown as StateValue[], file: memoryName },
       vm: parts.vm as unknown as StateValue,
       vcpus: parts.vcpus as unknown as StateValue[],
       devices: parts.devices as unknown as StateValue,
@@ -152,55 +184,76 @@ export function writeSnapshot(dir: string, parts: SnapshotParts): SnapshotWritte
     throw new SnapshotError(`snapshot "${dir}": cannot save this VM: ${(e as Error).message}`);
   }
 
+  let dirFd: number;
   try {
     Deno.mkdirSync(dir, { recursive: true });
+    dirFd = openFile(dir, O_RDONLY | O_DIRECTORY);
   } catch (e) {
     throw new SnapshotError(`snapshot "${dir}": ${(e as Error).message}`);
   }
-  const tag = `${Deno.pid}-${crypto.randomUUID()}`;
-  const memoryTemp = `${dir}/.${MEMORY_FILE}.${tag}.tmp`;
-  const stateTemp = `${dir}/.${STATE_FILE}.${tag}.tmp`;
-  // The earlier memory file, kept under a second name until the new state is in place, so that a failed
-  // rename of the state can put it back.
-  const memoryBackup = `${dir}/.${MEMORY_FILE}.${tag}.old`;
-  const memoryPath = `${dir}/${MEMORY_FILE}`;
-  const statePath = `${dir}/${STATE_FILE}`;
-  let memoryReplaced = false;
-  let hasBackup = false;
   try {
-    const { bytesWritten } = writeMemoryFile(parts.memory, memoryTemp);
-    writeFileSynced(stateTemp, stateFile);
+    if (libc().flock(dirFd, LOCK_EX | LOCK_NB) < 0) {
+      const e = errno();
+      throw new SnapshotError(
+        e === EAGAIN
+          ? `snapshot "${dir}": another snapshot is being written into this directory`
+          : `snapshot "${dir}": cannot lock the directory: ${strerror(e)}`,
+      );
+    }
+    const memoryPath = `${dir}/${memoryName}`;
+    const stateTemp = `${dir}/.${STATE_FILE}.${Deno.pid}-${crypto.randomUUID()}${TEMP_SUFFIX}`;
+    let renamed = false;
     try {
-      Deno.linkSync(memoryPath, memoryBackup);
-      hasBackup = true;
+      // O_EXCL on a name never used before: no file a clone maps is ever written.
+      const { bytesWritten } = writeMemoryFile(parts.memory, memoryPath);
+      writeFileSynced(stateTemp, stateFile);
+      opts.beforeStateRename?.();
+      Deno.renameSync(stateTemp, `${dir}/${STATE_FILE}`);
+      renamed = true;
+      check(`fsync ${dir}`, libc().fsync(dirFd));
+      removeUnnamedFiles(dir, memoryName);
+      return { memorySize: layout.size, memoryBytesWritten: bytesWritten, stateSize: stateFile.length };
     } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw e;
-    }
-    Deno.renameSync(memoryTemp, memoryPath);
-    memoryReplaced = true;
-    Deno.renameSync(stateTemp, statePath);
-    memoryReplaced = false;
-    syncDirectory(dir);
-    return { memorySize: layout.size, memoryBytesWritten: bytesWritten, stateSize: stateFile.length };
-  } catch (e) {
-    if (memoryReplaced) {
-      // The new memory file is in place but its state is not: put the earlier memory file back.
-      try {
-        if (hasBackup) Deno.renameSync(memoryBackup, memoryPath);
-        else Deno.removeSync(memoryPath);
-        hasBackup = false;
-      } catch {
-        // Nothing more can be done; the message below says the write failed.
+      // Before the rename nothing the earlier snapshot uses was touched: remove what this take wrote.
+      for (const path of renamed ? [] : [memoryPath, stateTemp]) {
+        try {
+          Deno.removeSync(path);
+        } catch {
+          // Never created.
+        }
       }
+      throw new SnapshotError(`snapshot "${dir}": ${(e as Error).message}`);
     }
-    throw new SnapshotError(`snapshot "${dir}": ${(e as Error).message}`);
   } finally {
-    for (const temp of [memoryTemp, stateTemp, ...(hasBackup ? [memoryBackup] : [])]) {
-      try {
-        Deno.removeSync(temp);
-      } catch {
-        // Renamed into place, or never created.
-      }
+    closeFd(dirFd); // releases the flock
+  }
+}
+
+/** The suffix of the state file's temporaries. */
+const TEMP_SUFFIX = ".tmp";
+/** The memory files writeSnapshot writes (`memory.<32 hex digits>`) and the one earlier versions wrote (`memory`). */
+const MEMORY_FILE_PATTERN = new RegExp(`^${MEMORY_FILE}(\\.[0-9a-f]{32})?$`);
+/** Temporaries a take writes (`.state.<tag>.tmp`) or earlier versions wrote (`.memory.<tag>.tmp|.old`). */
+const TEMP_FILE_PATTERN = /^\.(state|memory)\..+\.(tmp|old)$/;
+
+/**
+ * Removes from `dir` every memory file but `keep` (the one the state now names) and every temporary: called with
+ * the directory locked, so no other take is writing them. Best effort: what cannot be removed stays, unnamed.
+ */
+function removeUnnamedFiles(dir: string, keep: string): void {
+  let entries: Deno.DirEntry[];
+  try {
+    entries = [...Deno.readDirSync(dir)];
+  } catch {
+    return; // Left for the next take.
+  }
+  for (const entry of entries) {
+    if (!entry.isFile || entry.name === keep) continue;
+    if (!MEMORY_FILE_PATTERN.test(entry.name) && !TEMP_FILE_PATTERN.test(entry.name)) continue;
+    try {
+      Deno.removeSync(`${dir}/${entry.name}`);
+    } catch {
+      // Left for the next take.
     }
   }
 }
@@ -229,16 +282,6 @@ function writeFileSynced(path: string, bytes: Uint8Array): void {
   file.syncSync();
 }
 
-/** fsync a directory, so the renames in it are on disk. */
-function syncDirectory(dir: string): void {
-  const fd = openFile(dir, O_RDONLY | O_DIRECTORY);
-  try {
-    check(`fsync ${dir}`, libc().fsync(fd));
-  } finally {
-    closeFd(fd);
-  }
-}
-
 /**
  * Reads the snapshot in directory `dir`, checking everything before anything is used: both files present, the
  * state file's magic, format version, length and checksum, every field of the record, a memory layout that is
@@ -247,20 +290,35 @@ function syncDirectory(dir: string): void {
  */
 export function readSnapshot(dir: string): Snapshot {
   const statePath = `${dir}/${STATE_FILE}`;
-  const body = readStateBody(statePath);
-  let parsed: Omit<Snapshot, "memoryPath">;
-  try {
-    parsed = parseBody(body);
-  } catch (e) {
-    throw new SnapshotError(`snapshot "${statePath}": ${(e as Error).message}`);
-  }
-  const memoryPath = `${dir}/${parsed.memory.file}`;
+  const readState = (): Omit<Snapshot, "memoryPath"> => {
+    const body = readStateBody(statePath);
+    try {
+      return parseBody(body);
+    } catch (e) {
+      throw new SnapshotError(`snapshot "${statePath}": ${(e as Error).message}`);
+    }
+  };
+  let parsed = readState();
+  let memoryPath = `${dir}/${parsed.memory.file}`;
   let info: Deno.FileInfo;
-  try {
-    info = Deno.statSync(memoryPath);
-  } catch (e) {
-    const why = e instanceof Deno.errors.NotFound ? "missing" : (e as Error).message;
-    throw new SnapshotError(`snapshot "${memoryPath}": ${why}`);
+  for (let attempt = 0;; attempt++) {
+    try {
+      info = Deno.statSync(memoryPath);
+      break;
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound && attempt === 0) {
+        // A take into this directory may have replaced the state and removed the memory file it named between
+        // the two reads: read the state again; a state naming another file is the newer snapshot.
+        const again = readState();
+        if (again.memory.file !== parsed.memory.file) {
+          parsed = again;
+          memoryPath = `${dir}/${parsed.memory.file}`;
+          continue;
+        }
+      }
+      const why = e instanceof Deno.errors.NotFound ? "missing" : (e as Error).message;
+      throw new SnapshotError(`snapshot "${memoryPath}": ${why}`);
+    }
   }
   if (!info.isFile) throw new SnapshotError(`snapshot "${memoryPath}": is ${fileKind(info)}, not a regular file`);
   if (info.size !== parsed.memory.size) {
