@@ -17,61 +17,21 @@ import { decodePng, type Image, pixel, Vm } from "../../mod.ts";
 import { controlCall } from "../../vmm/control/client.ts";
 import { hostKind } from "../../vmm/kvm/host.ts";
 import { buildFakeKvm, fakeKvmEnv } from "../support/fake_kvm.ts";
+import { defaultInitramfs, fullLinuxUnavailable, LINUX_CPUS, run, which } from "../support/default_guest.ts";
+import { within } from "../support/within.ts";
 
 const repo = new URL("../..", import.meta.url).pathname;
 /** What runs guests here (vmm/kvm/host.ts): kvm_pvm emulates guest kernel code, "none" has no KVM. */
 const kind = hostKind();
 const hasKvm = kind !== "none";
-const kvmPvm = kind === "kvm_pvm";
 const hasQemu = which("qemu-system-x86_64");
 const hasCpio = which("cpio");
-/**
- * vCPUs of the Linux guests. In the nested KVM host (scripts/nested-kvm.sh) Linux with two vCPUs
- * broke about one run in three, below denovm: an RCU stall with CPU 0 never answering CPU 1's
- * NMI, a triple fault of vCPU 1, and once the nested host's own kernel hit a stack guard page
- * in KVM_RUN. With one vCPU it has not; SMP bring-up is proven there by the smp test guest.
- */
-const LINUX_CPUS = Deno.env.get("DENOVM_IN_NESTED_HOST") ? 1 : 2;
 /** Why this host cannot boot an unmodified Linux kernel under denovm, or undefined. */
-const fullLinuxUnavailable = !hasKvm
-  ? "no /dev/kvm"
-  : kvmPvm
-  ? "kvm_pvm: this host's KVM cannot run an unmodified Linux kernel (no hardware virtualization)"
-  : undefined;
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-function which(cmd: string): boolean {
-  const path = Deno.env.get("PATH") ?? "/usr/bin:/bin";
-  return path.split(":").some((dir) => exists(`${dir}/${cmd}`));
-}
+const linuxUnavailable = fullLinuxUnavailable();
 
 function skipReason(reason: string | undefined, name: string): boolean {
   if (reason) console.log(`skip: ${name}: ${reason}`);
   return reason !== undefined;
-}
-
-let initramfsPending: Promise<string> | undefined;
-/** The default initramfs, built by scripts/initramfs.sh (once per test run). */
-function defaultInitramfs(): Promise<string> {
-  initramfsPending ??= (async () => {
-    const out = await new Deno.Command("bash", {
-      args: [`${repo}scripts/initramfs.sh`],
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const text = (b: Uint8Array) => new TextDecoder().decode(b).trim();
-    if (!out.success) throw new Error(`scripts/initramfs.sh failed: ${text(out.stderr).split("\n").pop()}`);
-    return text(out.stdout).split("\n").pop()!;
-  })();
-  return initramfsPending;
 }
 
 function regexEscape(s: string): string {
@@ -108,25 +68,94 @@ Deno.test({
   },
 });
 
+/** Why the device guest cannot run here (it needs e2fsprogs for its disk too), or undefined. */
+const deviceGuestUnavailable = linuxUnavailable ??
+  (!which("mkfs.ext4") || !which("debugfs")
+    ? "mkfs.ext4 and debugfs are needed (Debian package e2fsprogs)"
+    : undefined);
+
+/** The device guest's display. */
+const DEVICE_GUEST_WIDTH = 640;
+const DEVICE_GUEST_HEIGHT = 480;
+
+/** The default guest with the devices the device test drives, booted once (bootDeviceGuest). */
+interface DeviceGuest {
+  /** Its folder: the disks, the control socket's path, the snapshot. */
+  dir: string;
+  /** The snapshot taken at /init's marker. */
+  snapshot: string;
+  /** The control socket's path (the restored VM serves it too). */
+  socket: string;
+  /** The boot's console, to the power-off. */
+  console: string;
+  exitCode: number;
+  exitReason: string;
+}
+
+let deviceGuestPending: Promise<DeviceGuest> | undefined;
+/** The device guest, booted on first use (a rejection is every caller's). */
+function deviceGuest(): Promise<DeviceGuest> {
+  deviceGuestPending ??= bootDeviceGuest();
+  return deviceGuestPending;
+}
+
+globalThis.addEventListener("unload", () => {
+  deviceGuestPending?.then((g) => Deno.removeSync(g.dir, { recursive: true })).catch(() => {});
+});
+
+/**
+ * Boots the default guest with an ext4 disk holding one file, a read-only disk, a keyboard, a GPU, the
+ * control socket and the guest agent. At /init's marker it is snapshotted (and runs on); then /init's
+ * console shell powers it off. The boot test checks that boot; the device test starts from the snapshot
+ * instead of booting again.
+ */
+async function bootDeviceGuest(): Promise<DeviceGuest> {
+  const kernel = await debianKernel();
+  const initrd = await defaultInitramfs();
+  const dir = await Deno.makeTempDir({ prefix: "denovm-linux-devices-" });
+  await Deno.mkdir(`${dir}/content`);
+  await Deno.writeTextFile(`${dir}/content/hello.txt`, "hello from the host\n");
+  await run("mkfs.ext4", ["-q", "-F", "-d", `${dir}/content`, `${dir}/disk.img`, "16M"]);
+  await Deno.writeFile(`${dir}/ro.img`, new Uint8Array(1 * MiB).fill(0x5a));
+  const socket = `${dir}/control.sock`;
+  await using vm = await Vm.boot({
+    kernel: kernel.vmlinux,
+    initrd,
+    params: ["console=ttyS0"],
+    memMiB: 256,
+    cpus: LINUX_CPUS,
+    agent: true,
+    socket,
+    blocks: [
+      { path: `${dir}/disk.img`, ro: false, root: false, sparse: true, blockSize: 512, direct: false },
+      { path: `${dir}/ro.img`, ro: true, root: false, sparse: true, blockSize: 512, direct: false },
+    ],
+    inputs: [{ kind: "keyboard" }],
+    gpu: {
+      backend: "2d",
+      displays: [{ mode: "windowed", width: DEVICE_GUEST_WIDTH, height: DEVICE_GUEST_HEIGHT, refreshRate: 60 }],
+    },
+  });
+  await vm.console.waitFor(/^denovm-init: modules loaded:.* virtio_mmio /m, { timeout: 300_000 });
+  await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: 300_000 });
+  await vm.snapshot(`${dir}/snapshot`);
+  // /init's shell on the console powers the guest off (ACPI S5: exit code 0). Debian's 6.1 may print a
+  // WARNING from virtio_gpu_queue_fenced_ctrl_buffer here: its virtio core breaks every device's queues at
+  // shutdown while fbcon may still be drawing (Linux's fix: "virtgpu: don't reset on shutdown").
+  vm.send("poweroff -f\n");
+  const exitCode = await within(vm.exitCode, () => "the guest did not power off after `poweroff -f`", 120_000);
+  return { dir, snapshot: `${dir}/snapshot`, socket, console: vm.console.text, exitCode, exitReason: vm.exitReason };
+}
+
 Deno.test({
   name: "linux: Debian 6.1 boots the default initramfs to /init and powers off",
-  ignore: skipReason(
-    fullLinuxUnavailable,
-    "linux full boot",
-  ),
+  ignore: skipReason(deviceGuestUnavailable, "linux full boot"),
   async fn() {
-    const kernel = await debianKernel();
-    const initrd = await defaultInitramfs();
-    await using vm = await Vm.boot({
-      kernel: kernel.vmlinux,
-      initrd,
-      params: ["console=ttyS0", "denovm.poweroff"],
-      memMiB: 256,
-      cpus: LINUX_CPUS,
-    });
-    await vm.console.waitFor(/^denovm-init: modules loaded:.* virtio_mmio /m, { timeout: 300_000 });
-    await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: 300_000 });
-    assert.equal(await vm.exitCode, 0, `the guest powered off (exit code 0): ${vm.exitReason}`);
+    const g = await deviceGuest();
+    const shown = `console:\n${g.console.split("\n").slice(-20).join("\n")}`;
+    assert.match(g.console, /^denovm-init: modules loaded:.* virtio_mmio /m, shown);
+    assert.match(g.console, /^DENOVM-INIT-OK/m, shown);
+    assert.equal(g.exitCode, 0, `the guest powered off (exit code 0): ${g.exitReason}\n${shown}`);
   },
 });
 
@@ -147,192 +176,159 @@ function odBytes(text: string): Uint8Array {
 Deno.test({
   name:
     "linux: Debian 6.1 under denovm drives disk, rng, balloon, keyboard, GPU framebuffer and the agent's console port",
-  ignore: skipReason(
-    fullLinuxUnavailable ??
-      (!which("mkfs.ext4") || !which("debugfs")
-        ? "mkfs.ext4 and debugfs are needed (Debian package e2fsprogs)"
-        : undefined),
-    "linux devices",
-  ),
+  ignore: skipReason(deviceGuestUnavailable, "linux devices"),
   async fn() {
-    const kernel = await debianKernel();
-    const initrd = await defaultInitramfs();
-    const dir = await Deno.makeTempDir({ prefix: "denovm-linux-devices-" });
-    try {
-      // An ext4 disk holding one file, and a read-only second disk.
-      await Deno.mkdir(`${dir}/content`);
-      await Deno.writeTextFile(`${dir}/content/hello.txt`, "hello from the host\n");
-      await run("mkfs.ext4", ["-q", "-F", "-d", `${dir}/content`, `${dir}/disk.img`, "16M"]);
-      await Deno.writeFile(`${dir}/ro.img`, new Uint8Array(1 * MiB).fill(0x5a));
-      const socket = `${dir}/control.sock`;
-      const width = 640, height = 480;
-      const memMiB = 256;
-      await using vm = await Vm.boot({
-        kernel: kernel.vmlinux,
-        initrd,
-        params: ["console=ttyS0"],
-        memMiB,
-        cpus: LINUX_CPUS,
-        agent: true,
-        socket,
-        blocks: [
-          { path: `${dir}/disk.img`, ro: false, root: false, sparse: true, blockSize: 512, direct: false },
-          { path: `${dir}/ro.img`, ro: true, root: false, sparse: true, blockSize: 512, direct: false },
-        ],
-        inputs: [{ kind: "keyboard" }],
-        gpu: { backend: "2d", displays: [{ mode: "windowed", width, height, refreshRate: 60 }] },
-      });
-      await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: 300_000 });
-      const sh = async (cmd: string) => {
-        const r = await vm.exec(["sh", "-c", cmd], { timeout: 60_000 });
-        assert.equal(r.code, 0, `${cmd}: exit ${r.code}\n${r.stdout}${r.stderr}`);
-        return r.stdout;
-      };
+    // The booted guest, restored from its snapshot at /init's marker (its disks and socket as they were).
+    const { dir, snapshot, socket } = await deviceGuest();
+    const width = DEVICE_GUEST_WIDTH, height = DEVICE_GUEST_HEIGHT;
+    await using vm = await Vm.restore(snapshot);
+    const sh = async (cmd: string) => {
+      const r = await vm.exec(["sh", "-c", cmd], { timeout: 60_000 });
+      assert.equal(r.code, 0, `${cmd}: exit ${r.code}\n${r.stdout}${r.stderr}`);
+      return r.stdout;
+    };
 
-      // Every device bound to its Linux driver; every vCPU up; the RTC has the host's date.
-      const bound = await sh("for d in /sys/bus/virtio/devices/*; do basename $(readlink $d/driver); done");
-      for (
-        const driver of ["virtio_blk", "virtio_rng", "virtio_balloon", "virtio_input", "virtio_gpu", "virtio_console"]
-      ) {
-        assert.ok(bound.split("\n").includes(driver), `${driver} bound: ${bound}`);
+    // Every device bound to its Linux driver; every vCPU up; the RTC has the host's date.
+    const bound = await sh("for d in /sys/bus/virtio/devices/*; do basename $(readlink $d/driver); done");
+    for (
+      const driver of ["virtio_blk", "virtio_rng", "virtio_balloon", "virtio_input", "virtio_gpu", "virtio_console"]
+    ) {
+      assert.ok(bound.split("\n").includes(driver), `${driver} bound: ${bound}`);
+    }
+    assert.equal((await sh("nproc")).trim(), String(LINUX_CPUS));
+    assert.equal((await sh("date -u +%Y")).trim(), String(new Date().getUTCFullYear()));
+
+    // GPU: Linux's framebuffer (fbdev emulation over virtio-gpu) is our scanout. Paint rows
+    // 200..299 white through /dev/fb0; the screenshot shows exactly that band.
+    assert.equal((await sh("cat /sys/class/graphics/fb0/virtual_size")).trim(), `${width},${height}`);
+    await sh(
+      "echo 0 > /sys/class/graphics/fbcon/cursor_blink; echo 1 > /sys/class/graphics/fb0/blank; echo 0 > /sys/class/graphics/fb0/blank || true",
+    );
+    const stride = Number((await sh("cat /sys/class/graphics/fb0/stride")).trim());
+    // One write of rows 0..299 (black, then the white band). Not dd with bs=stride: Linux 6.1's
+    // fbdev damage for a write of exactly one whole line has zero width
+    // (drm_fb_helper_memory_range_to_clip), so such writes never reach the scanout.
+    type Totals = { transferToHostBytes: number; bytesCopied: number; copiesAvoidedBytes: number };
+    const totals = () => (vm.gpu.stats() as { totals: Totals }).totals;
+    const before = totals();
+    await sh(
+      `head -c ${200 * stride} /dev/zero >/tmp/band && tr '\\000' '\\377' </dev/zero | head -c ${
+        100 * stride
+      } >>/tmp/band && cat /tmp/band >/dev/fb0`,
+    );
+    const white = (img: Image, y: number) =>
+      [0, width / 2, width - 1].every((x) => pixel(img, x, y).slice(0, 3).every((c) => c === 255));
+    const img = await vm.step("linux framebuffer band", async () => {
+      try {
+        return await vm.waitForScreen((img) => white(img, 200) && white(img, 299), {
+          timeout: 30_000,
+          what: "the white band",
+        });
+      } catch (e) {
+        throw new Error(`${(e as Error).message}\nGPU counters: ${JSON.stringify(vm.gpu.stats())}`);
       }
-      assert.equal((await sh("nproc")).trim(), String(LINUX_CPUS));
-      assert.equal((await sh("date -u +%Y")).trim(), String(new Date().getUTCFullYear()));
+    });
+    assert.equal(img.width, width);
+    assert.equal(img.height, height);
+    assert.ok(!white(img, 199) && !white(img, 300), "the band ends where Linux stopped writing");
+    // Linux's virtio_gpu scans out a guest blob (RESOURCE_BLOB is offered): its transfers copy
+    // nothing; the host reads the guest's pages, and the counters say so.
+    const after = totals();
+    assert.equal(after.bytesCopied - before.bytesCopied, 0, `no bytes copied: ${JSON.stringify(after)}`);
+    assert.ok(
+      after.copiesAvoidedBytes - before.copiesAvoidedBytes >= 100 * width * 4,
+      `the band's bytes were served from guest memory: before ${JSON.stringify(before)}, after ${
+        JSON.stringify(after)
+      }`,
+    );
 
-      // GPU: Linux's framebuffer (fbdev emulation over virtio-gpu) is our scanout. Paint rows
-      // 200..299 white through /dev/fb0; the screenshot shows exactly that band.
-      assert.equal((await sh("cat /sys/class/graphics/fb0/virtual_size")).trim(), `${width},${height}`);
-      await sh(
-        "echo 0 > /sys/class/graphics/fbcon/cursor_blink; echo 1 > /sys/class/graphics/fb0/blank; echo 0 > /sys/class/graphics/fb0/blank || true",
-      );
-      const stride = Number((await sh("cat /sys/class/graphics/fb0/stride")).trim());
-      // One write of rows 0..299 (black, then the white band). Not dd with bs=stride: Linux 6.1's
-      // fbdev damage for a write of exactly one whole line has zero width
-      // (drm_fb_helper_memory_range_to_clip), so such writes never reach the scanout.
-      type Totals = { transferToHostBytes: number; bytesCopied: number; copiesAvoidedBytes: number };
-      const totals = () => (vm.gpu.stats() as { totals: Totals }).totals;
-      const before = totals();
-      await sh(
-        `head -c ${200 * stride} /dev/zero >/tmp/band && tr '\\000' '\\377' </dev/zero | head -c ${
-          100 * stride
-        } >>/tmp/band && cat /tmp/band >/dev/fb0`,
-      );
-      const white = (img: Image, y: number) =>
-        [0, width / 2, width - 1].every((x) => pixel(img, x, y).slice(0, 3).every((c) => c === 255));
-      const img = await vm.step("linux framebuffer band", async () => {
-        try {
-          return await vm.waitForScreen((img) => white(img, 200) && white(img, 299), {
-            timeout: 30_000,
-            what: "the white band",
-          });
-        } catch (e) {
-          throw new Error(`${(e as Error).message}\nGPU counters: ${JSON.stringify(vm.gpu.stats())}`);
-        }
-      });
-      assert.equal(img.width, width);
-      assert.equal(img.height, height);
-      assert.ok(!white(img, 199) && !white(img, 300), "the band ends where Linux stopped writing");
-      // Linux's virtio_gpu scans out a guest blob (RESOURCE_BLOB is offered): its transfers copy
-      // nothing; the host reads the guest's pages, and the counters say so.
-      const after = totals();
-      assert.equal(after.bytesCopied - before.bytesCopied, 0, `no bytes copied: ${JSON.stringify(after)}`);
-      assert.ok(
-        after.copiesAvoidedBytes - before.copiesAvoidedBytes >= 100 * width * 4,
-        `the band's bytes were served from guest memory: before ${JSON.stringify(before)}, after ${
-          JSON.stringify(after)
-        }`,
-      );
+    // Disk: read the host's file, write one, sync; the read-only disk is read-only to Linux.
+    await sh("mkdir -p /mnt && mount -t ext4 /dev/vda /mnt");
+    assert.equal(await sh("cat /mnt/hello.txt"), "hello from the host\n");
+    await sh("echo 'written by Linux under denovm' > /mnt/guest.txt && sync && umount /mnt");
+    assert.equal((await sh("cat /sys/block/vdb/ro")).trim(), "1");
+    assert.ok(
+      odBytes(await sh("dd if=/dev/vdb bs=512 count=1 2>/dev/null | od -An -v -tx1")).every((b) => b === 0x5a),
+    );
+    const roWrite = await vm.exec(["sh", "-c", "echo x | dd of=/dev/vdb conv=fsync 2>&1"], { timeout: 60_000 });
+    assert.notEqual(roWrite.code, 0, `writing the read-only disk must fail: ${roWrite.stdout}`);
 
-      // Disk: read the host's file, write one, sync; the read-only disk is read-only to Linux.
-      await sh("mkdir -p /mnt && mount -t ext4 /dev/vda /mnt");
-      assert.equal(await sh("cat /mnt/hello.txt"), "hello from the host\n");
-      await sh("echo 'written by Linux under denovm' > /mnt/guest.txt && sync && umount /mnt");
-      assert.equal((await sh("cat /sys/block/vdb/ro")).trim(), "1");
-      assert.ok(
-        odBytes(await sh("dd if=/dev/vdb bs=512 count=1 2>/dev/null | od -An -v -tx1")).every((b) => b === 0x5a),
-      );
-      const roWrite = await vm.exec(["sh", "-c", "echo x | dd of=/dev/vdb conv=fsync 2>&1"], { timeout: 60_000 });
-      assert.notEqual(roWrite.code, 0, `writing the read-only disk must fail: ${roWrite.stdout}`);
+    // rng: the kernel's current hwrng is virtio's, and it gives bytes.
+    assert.match(await sh("cat /sys/class/misc/hw_random/rng_current"), /^virtio_rng/);
+    const random = odBytes(await sh("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | od -An -v -tx1"));
+    assert.equal(random.length, 64);
+    assert.ok(random.some((b) => b !== 0));
 
-      // rng: the kernel's current hwrng is virtio's, and it gives bytes.
-      assert.match(await sh("cat /sys/class/misc/hw_random/rng_current"), /^virtio_rng/);
-      const random = odBytes(await sh("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | od -An -v -tx1"));
-      assert.equal(random.length, 64);
-      assert.ok(random.some((b) => b !== 0));
-
-      // Balloon: the driver gives 64 MiB of pages to the balloon and takes them back. With
-      // DEFLATE_ON_OOM (offered, as crosvm does) Linux leaves MemTotal alone, so count pages in
-      // its balloon_inflate/balloon_deflate events (/proc/vmstat, mm/balloon_compaction.c).
-      const BALLOON_PAGES = (64 * MiB) / 4096;
-      const vmstat = async () => {
-        const text = await sh("cat /proc/vmstat");
-        const of = (k: string) => Number(new RegExp(`^${k} (\\d+)$`, "m").exec(text)?.[1] ?? NaN);
-        return { inflate: of("balloon_inflate"), deflate: of("balloon_deflate") };
-      };
-      const start = await vmstat();
-      assert.ok(Number.isFinite(start.inflate), "/proc/vmstat has balloon_inflate");
-      const until = async (what: string, ok: (v: { inflate: number; deflate: number }) => boolean) => {
-        let last = start;
-        for (let i = 0; i < 300; i++) {
-          last = await vmstat();
-          if (ok(last)) return;
-          await new Promise((r) => setTimeout(r, 200));
-        }
-        throw new Error(
-          `the balloon never ${what}: vmstat ${JSON.stringify(last)}, at the start ${JSON.stringify(start)}`,
-        );
-      };
-      await controlCall(socket, { kind: "balloonAdjust", bytes: 64 * MiB });
-      await until("inflated by 64 MiB", (v) => v.inflate - start.inflate >= BALLOON_PAGES);
-      const stats = await controlCall(socket, { kind: "balloonStats" }) as {
-        BalloonStats: { stats: { total_memory: number | null; free_memory: number | null }; balloon_actual: number };
-      };
-      assert.equal(stats.BalloonStats.balloon_actual, 64 * MiB, JSON.stringify(stats));
-      const totalKiB = Number(/MemTotal:\s+(\d+)/.exec(await sh("cat /proc/meminfo"))![1]);
-      assert.equal(
-        stats.BalloonStats.stats.total_memory,
-        totalKiB * 1024,
-        `the guest's own MemTotal: ${JSON.stringify(stats)}`,
-      );
-      await controlCall(socket, { kind: "balloonAdjust", bytes: 0 });
-      await until("deflated", (v) => v.deflate - start.deflate >= BALLOON_PAGES);
-
-      // Keyboard: key presses injected through the library reach /dev/input/event0 as EV_KEY A
-      // down and up. Keep pressing until the reader has them (it may open the device late).
-      const reader = sh(`dd if=/dev/input/event0 bs=${INPUT_EVENT_SIZE} count=8 2>/dev/null | od -An -v -tx1`);
-      let done = false;
-      reader.finally(() => done = true).catch(() => {});
-      while (!done) {
-        vm.input.key(KEY_A);
+    // Balloon: the driver gives 64 MiB of pages to the balloon and takes them back. With
+    // DEFLATE_ON_OOM (offered, as crosvm does) Linux leaves MemTotal alone, so count pages in
+    // its balloon_inflate/balloon_deflate events (/proc/vmstat, mm/balloon_compaction.c).
+    const BALLOON_PAGES = (64 * MiB) / 4096;
+    const vmstat = async () => {
+      const text = await sh("cat /proc/vmstat");
+      const of = (k: string) => Number(new RegExp(`^${k} (\\d+)$`, "m").exec(text)?.[1] ?? NaN);
+      return { inflate: of("balloon_inflate"), deflate: of("balloon_deflate") };
+    };
+    const start = await vmstat();
+    assert.ok(Number.isFinite(start.inflate), "/proc/vmstat has balloon_inflate");
+    const until = async (what: string, ok: (v: { inflate: number; deflate: number }) => boolean) => {
+      let last = start;
+      for (let i = 0; i < 300; i++) {
+        last = await vmstat();
+        if (ok(last)) return;
         await new Promise((r) => setTimeout(r, 200));
       }
-      const events = odBytes(await reader);
-      assert.equal(events.length, 8 * INPUT_EVENT_SIZE);
-      const seen = new Set<number>();
-      for (let at = 0; at < events.length; at += INPUT_EVENT_SIZE) {
-        const v = new DataView(events.buffer, at, INPUT_EVENT_SIZE);
-        if (v.getUint16(INPUT_EVENT_TYPE, true) === EV_KEY && v.getUint16(INPUT_EVENT_CODE, true) === KEY_A) {
-          seen.add(v.getInt32(INPUT_EVENT_VALUE, true));
-        }
-      }
-      assert.ok(seen.has(1) && seen.has(0), `KEY_A pressed and released: values ${[...seen]}`);
-
-      await vm.stop();
-      // The file Linux wrote is on the image.
-      assert.equal(
-        await run("debugfs", ["-R", "cat /guest.txt", `${dir}/disk.img`]),
-        "written by Linux under denovm\n",
+      throw new Error(
+        `the balloon never ${what}: vmstat ${JSON.stringify(last)}, at the start ${JSON.stringify(start)}`,
       );
-    } finally {
-      await Deno.remove(dir, { recursive: true });
+    };
+    await controlCall(socket, { kind: "balloonAdjust", bytes: 64 * MiB });
+    await until("inflated by 64 MiB", (v) => v.inflate - start.inflate >= BALLOON_PAGES);
+    const stats = await controlCall(socket, { kind: "balloonStats" }) as {
+      BalloonStats: { stats: { total_memory: number | null; free_memory: number | null }; balloon_actual: number };
+    };
+    assert.equal(stats.BalloonStats.balloon_actual, 64 * MiB, JSON.stringify(stats));
+    const totalKiB = Number(/MemTotal:\s+(\d+)/.exec(await sh("cat /proc/meminfo"))![1]);
+    assert.equal(
+      stats.BalloonStats.stats.total_memory,
+      totalKiB * 1024,
+      `the guest's own MemTotal: ${JSON.stringify(stats)}`,
+    );
+    await controlCall(socket, { kind: "balloonAdjust", bytes: 0 });
+    await until("deflated", (v) => v.deflate - start.deflate >= BALLOON_PAGES);
+
+    // Keyboard: key presses injected through the library reach /dev/input/event0 as EV_KEY A
+    // down and up. Keep pressing until the reader has them (it may open the device late).
+    const reader = sh(`dd if=/dev/input/event0 bs=${INPUT_EVENT_SIZE} count=8 2>/dev/null | od -An -v -tx1`);
+    let done = false;
+    reader.finally(() => done = true).catch(() => {});
+    while (!done) {
+      vm.input.key(KEY_A);
+      await new Promise((r) => setTimeout(r, 200));
     }
+    const events = odBytes(await reader);
+    assert.equal(events.length, 8 * INPUT_EVENT_SIZE);
+    const seen = new Set<number>();
+    for (let at = 0; at < events.length; at += INPUT_EVENT_SIZE) {
+      const v = new DataView(events.buffer, at, INPUT_EVENT_SIZE);
+      if (v.getUint16(INPUT_EVENT_TYPE, true) === EV_KEY && v.getUint16(INPUT_EVENT_CODE, true) === KEY_A) {
+        seen.add(v.getInt32(INPUT_EVENT_VALUE, true));
+      }
+    }
+    assert.ok(seen.has(1) && seen.has(0), `KEY_A pressed and released: values ${[...seen]}`);
+
+    await vm.stop();
+    // The file Linux wrote is on the image.
+    assert.equal(
+      await run("debugfs", ["-R", "cat /guest.txt", `${dir}/disk.img`]),
+      "written by Linux under denovm\n",
+    );
   },
 });
 
 Deno.test({
   name: "linux: the README's library example (examples/boot_type_screenshot.ts) runs to the end",
   ignore: skipReason(
-    fullLinuxUnavailable,
+    linuxUnavailable,
     "README example",
   ),
   async fn() {
@@ -401,24 +397,6 @@ const EXPECTED_MODULES = [
   "mbcache",
   "crc16",
 ];
-
-async function run(cmd: string, args: string[], stdin?: Uint8Array): Promise<string> {
-  const child = new Deno.Command(cmd, {
-    args,
-    stdin: stdin ? "piped" : "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  if (stdin) {
-    const w = child.stdin.getWriter();
-    await w.write(stdin);
-    await w.close();
-  }
-  const out = await child.output();
-  const text = new TextDecoder().decode(out.stdout);
-  if (!out.success) throw new Error(`${cmd} failed: ${new TextDecoder().decode(out.stderr).trim()}`);
-  return text;
-}
 
 Deno.test({
   name: "initramfs: holds /init, busybox and the virtio modules in dependency order",
