@@ -113,9 +113,13 @@ async function child(mode: "cold" | "clones", path: string): Promise<SelfMemory>
 // ---- separate processes ----
 
 /** Start `VMS` denovm processes with `args`, wait until each prints `ready`, sum their PSS and RSS. */
-async function processes(label: string, args: string[], ready: RegExp): Promise<{ pss: number; rss: number }> {
+async function processes(
+  label: string,
+  args: (i: number) => string[],
+  ready: RegExp,
+): Promise<{ pss: number; rss: number }> {
   progress(NAME, `${label}: ${VMS} denovm processes`);
-  const procs = Array.from({ length: VMS }, () => spawnTimed(Deno.execPath(), denovmCliArgs(args)));
+  const procs = Array.from({ length: VMS }, (_, i) => spawnTimed(Deno.execPath(), denovmCliArgs(args(i))));
   try {
     await within(Promise.all(procs.map((p) => p.waitFor(ready))), READY_TIMEOUT_MS, `${label}: every VM ready`);
     let pss = 0;
@@ -188,14 +192,19 @@ try {
     let procClones: { pss: number; rss: number } | { error: string };
     try {
       await denovmTickerSnapshot(guest, MEM_MIB, cliSnap, work, READY_TIMEOUT_MS);
-      procClones = await processes("clones", ["run", "--restore", cliSnap], TICKER_TICK);
+      // Each clone its own control socket: the snapshot's source served one, and two VMs cannot share it.
+      procClones = await processes(
+        "clones",
+        (i) => ["run", "--restore", cliSnap, "-s", join(work, `clone${i}.sock`)],
+        TICKER_TICK,
+      );
     } catch (e) {
       procClones = { error: (e as Error).message.trim() };
       progress(NAME, `clones (processes): ${procClones.error}`);
     }
     let procCold: { pss: number; rss: number } | { error: string };
     try {
-      procCold = await processes("cold", ["run", "--mem", String(MEM_MIB), guest], TICKER_TICK);
+      procCold = await processes("cold", () => ["run", "--mem", String(MEM_MIB), guest], TICKER_TICK);
     } catch (e) {
       procCold = { error: (e as Error).message.trim() };
       progress(NAME, `cold (processes): ${procCold.error}`);
