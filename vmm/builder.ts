@@ -215,15 +215,18 @@ async function assemble(
       if (kvm) createVcpus(kvm, vm, config.cpus, vcpuFds, (fd, id) => bootVcpu(fd, id, how.entry, log));
     } else {
       const snap = how.snapshot;
-      // The in-kernel irqchip, PIT and clock first, then each vCPU (its LAPIC among them), then the devices,
-      // whose restored queues may interrupt the guest at once.
+      // As Firecracker and QEMU: the vCPUs exist (with their CPUID) before the in-kernel irqchip, PIT and clock
+      // are restored, since restoring the IOAPIC delivers the interrupts its saved IRR holds, and with no vCPU
+      // to take them an edge interrupt pending at the snapshot would be lost. Then each vCPU's state (its
+      // LAPIC among them), then the devices, whose restored queues may interrupt the guest at once.
+      if (kvm && snap.vcpus.length !== config.cpus) {
+        throw new SnapshotError(`the snapshot holds ${snap.vcpus.length} vCPU states for ${config.cpus} vCPUs`);
+      }
+      if (kvm) createVcpus(kvm, vm, config.cpus, vcpuFds, () => {});
       vm.restoreState(snap.vm);
       if (kvm) {
-        if (snap.vcpus.length !== config.cpus) {
-          throw new SnapshotError(`the snapshot holds ${snap.vcpus.length} vCPU states for ${config.cpus} vCPUs`);
-        }
         const caps = vcpuStateCaps(vm as KvmVm);
-        createVcpus(kvm, vm, config.cpus, vcpuFds, (fd, id) => restoreVcpuState(fd, snap.vcpus[id], caps));
+        vcpuFds.forEach((fd, id) => restoreVcpuState(fd, snap.vcpus[id], caps));
       }
       devices.restoreState(snap.devices);
     }
