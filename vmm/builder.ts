@@ -215,19 +215,16 @@ async function assemble(
       if (kvm) createVcpus(kvm, vm, config.cpus, vcpuFds, (fd, id) => bootVcpu(fd, id, how.entry, log));
     } else {
       const snap = how.snapshot;
-      // As Firecracker and QEMU: the vCPUs exist (with their CPUID) before the in-kernel irqchip, PIT and clock
-      // are restored, since restoring the IOAPIC delivers the interrupts its saved IRR holds, and with no vCPU
-      // to take them an edge interrupt pending at the snapshot would be lost. Then each vCPU's state (its
-      // LAPIC among them), then the devices, whose restored queues may interrupt the guest at once.
+      // The vCPUs exist (with their CPUID) before the in-kernel irqchip is restored, as Firecracker and QEMU
+      // order it: restoring the IOAPIC delivers the interrupts its saved IRR holds, which with no vCPU to take
+      // them would be lost. Each vCPU's state (its LAPIC among them) is restored between the irqchip and the
+      // PIT (KvmVm.restoreState says why), then the devices, whose restored queues may interrupt the guest.
       if (kvm && snap.vcpus.length !== config.cpus) {
         throw new SnapshotError(`the snapshot holds ${snap.vcpus.length} vCPU states for ${config.cpus} vCPUs`);
       }
       if (kvm) createVcpus(kvm, vm, config.cpus, vcpuFds, () => {});
-      vm.restoreState(snap.vm);
-      if (kvm) {
-        const caps = vcpuStateCaps(vm as KvmVm);
-        vcpuFds.forEach((fd, id) => restoreVcpuState(fd, snap.vcpus[id], caps));
-      }
+      const caps = kvm ? vcpuStateCaps(vm as KvmVm) : undefined;
+      vm.restoreState(snap.vm, () => vcpuFds.forEach((fd, id) => restoreVcpuState(fd, snap.vcpus[id], caps)));
       devices.restoreState(snap.devices);
     }
     return new Machine(

@@ -237,17 +237,31 @@ async function copyDir(from: string, to: string): Promise<void> {
 }
 
 /**
- * Hyper-V's partition reference counter (HV_X64_MSR_TIME_REF_COUNT, Hyper-V TLFS: 100 ns units since the
- * partition started), which KVM lists among the MSRs to save where it emulates Hyper-V (kvm_amd, kvm_intel).
+ * Hyper-V's clocks (Hyper-V TLFS), which KVM lists among the MSRs to save where it emulates Hyper-V (kvm_amd,
+ * kvm_intel): the partition reference counter (HV_X64_MSR_TIME_REF_COUNT) and the vCPU's run time
+ * (HV_X64_MSR_VP_RUNTIME), both in 100 ns units.
  */
 const HV_TIME_REF_COUNT = 0x40000020;
+const HV_VP_RUNTIME = 0x40000010;
 /**
  * MSRs whose values are clocks (they move between two saves of the same state): IA32_TSC (0x10), IA32_TSC_ADJUST
  * (0x3b), IA32_TSC_DEADLINE (0x6e0), IA32_MPERF/APERF (0xe7, 0xe8) (Intel SDM vol. 4); kvm-clock's wall clock and
  * system time, old (0x11, 0x12) and new (0x4b564d00, 0x4b564d01) (Linux Documentation/virt/kvm/x86/msr.rst);
- * the Hyper-V reference counter.
+ * Hyper-V's reference counter and vCPU run time.
  */
-const CLOCK_MSRS = new Set([0x10, 0x3b, 0x6e0, 0xe7, 0xe8, 0x11, 0x12, 0x4b564d00, 0x4b564d01, HV_TIME_REF_COUNT]);
+const CLOCK_MSRS = new Set([
+  0x10,
+  0x3b,
+  0x6e0,
+  0xe7,
+  0xe8,
+  0x11,
+  0x12,
+  0x4b564d00,
+  0x4b564d01,
+  HV_TIME_REF_COUNT,
+  HV_VP_RUNTIME,
+]);
 /** Fields that hold a clock or a time stamp (the KVM clock, a PIT channel's count_load_time, TSC fields). */
 const CLOCK_FIELD = /clock|tsc|time/i;
 

@@ -49,9 +49,10 @@ export class FakeVm implements VmHandle {
     return { type: VM_STATE_TYPE, version: VM_STATE_VERSION, data: {} };
   }
   /** Takes only what saveState gives: a "kvm-vm" record with empty data. */
-  restoreState(state: DeviceState): void {
+  restoreState(state: DeviceState, restoreVcpus: () => void = () => {}): void {
     const d = stateRecord(stateData(state, VM_STATE_TYPE, VM_STATE_VERSION), "kvm-vm state");
     if (Object.keys(d).length > 0) throw new StateError("kvm-vm: a FakeVm restores only its own empty record");
+    restoreVcpus();
   }
   close(): void {
     this.closed = true;

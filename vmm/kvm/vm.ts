@@ -287,10 +287,11 @@ export class KvmVm {
   /**
    * Put a "kvm-vm" record into this VM before any vCPU runs: the irqchips, the PIT, and the KVM clock, set to
    * the saved value (KVM_SET_CLOCK with no flags: the clock goes on from there; KVM_CLOCK_REALTIME would add
-   * the wall time since the save, and kernels before 5.16 refuse any flag). The record is checked whole
-   * first; a bad one, or state KVM refuses, is a StateError of one line.
+   * the wall time since the save, and kernels before 5.16 refuse any flag). `restoreVcpus` restores the vCPUs'
+   * own state after the irqchips and the clock and before the PIT. The record is checked whole first; a bad
+   * one, or state KVM refuses, is a StateError of one line.
    */
-  restoreState(state: DeviceState): void {
+  restoreState(state: DeviceState, restoreVcpus: () => void = () => {}): void {
     const d = stateRecord(stateData(state, VM_STATE_TYPE, VM_STATE_VERSION), "kvm-vm state");
     const chips = IRQCHIPS.map(([field, chip]) => {
       const buf = new Uint8Array(KVM_IRQCHIP_SIZE);
@@ -305,14 +306,21 @@ export class KvmVm {
     const cv = new DataView(clock.buffer);
     cv.setBigUint64(CLOCK_DATA_CLOCK, BigInt(clockText), true);
     cv.setUint32(CLOCK_DATA_FLAGS, 0, true);
-    try {
-      for (const chip of chips) kvmIoctl(this.fd, KVM_SET_IRQCHIP, chip);
-      kvmIoctl(this.fd, KVM_SET_PIT2, pit);
-      kvmIoctl(this.fd, KVM_SET_CLOCK, clock);
-    } catch (e) {
-      if (e instanceof KvmError) throw new StateError(`kvm-vm: KVM refused the saved state: ${e.message}`);
-      throw e;
-    }
+    const set = (req: number, arg: Uint8Array) => {
+      try {
+        kvmIoctl(this.fd, req, arg);
+      } catch (e) {
+        if (e instanceof KvmError) throw new StateError(`kvm-vm: KVM refused the saved state: ${e.message}`);
+        throw e;
+      }
+    };
+    for (const chip of chips) set(KVM_SET_IRQCHIP, chip);
+    set(KVM_SET_CLOCK, clock);
+    restoreVcpus();
+    // The PIT last: it starts counting when loaded, and in KVM's reinject mode it injects its next interrupt
+    // only after the guest acknowledged the previous one. An interrupt it raised before the vCPUs' local
+    // APICs were restored would be overwritten by them, never acknowledged, and the PIT would stop for good.
+    set(KVM_SET_PIT2, pit);
   }
 
   /** Raise or lower a GSI line (used for edge pulses of legacy devices). */
