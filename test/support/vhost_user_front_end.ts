@@ -166,7 +166,8 @@ const AVAIL_OFFSET = 0x1000;
 const USED_OFFSET = 0x2000;
 /** Each queue's buffers take BUF_STRIDE bytes from `bufBase`: a readable part, then a writable one. */
 export const BUF_STRIDE = 0x2000;
-const BUF_READABLE_LEN = 64;
+/** The readable descriptor publishChain lays out: BUF_READABLE_LEN bytes. */
+export const BUF_READABLE_LEN = 64;
 const BUF_WRITABLE_OFFSET = 0x1000;
 const BUF_WRITABLE_LEN = 0x1000;
 
@@ -186,13 +187,15 @@ export function writableBuffer(layout: RingLayout, index: number): { addr: numbe
 }
 
 /**
- * Set up rings 0..queues-1 (size QSIZE, base 0) at `layout` and start and enable them with fresh kick
- * and call eventfds, which are returned (the caller closes them). Touches no memory.
+ * Set up rings 0..queues-1 (size QSIZE, base 0) at `layout` and start them with fresh kick and call
+ * eventfds, which are returned (the caller closes them); with REPLY_ACK they are also enabled unless
+ * `opts.enable` is false (the caller then enables each with SET_VRING_ENABLE). Touches no memory.
  */
 export async function startRings(
   fe: VhostUserFrontEnd,
   layout: RingLayout,
   queues: number,
+  opts: { enable?: boolean } = {},
 ): Promise<{ kicks: number[]; calls: number[] }> {
   const kicks: number[] = [], calls: number[] = [];
   for (let i = 0; i < queues; i++) {
@@ -210,7 +213,7 @@ export async function startRings(
     await fe.request(R.SET_VRING_CALL, u64Payload(BigInt(i)), [call]);
     await fe.request(R.SET_VRING_KICK, u64Payload(BigInt(i)), [kick]);
   }
-  if (fe.replyAck) {
+  if (fe.replyAck && opts.enable !== false) {
     for (let i = 0; i < queues; i++) await fe.request(R.SET_VRING_ENABLE, vringStatePayload({ index: i, num: 1 }));
   }
   return { kicks, calls };
