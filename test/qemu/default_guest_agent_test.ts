@@ -13,8 +13,8 @@ import { AGENT_PORT_NAME, AGENT_PROTOCOL_VERSION, AgentClient, connTransport } f
 import { type DebianKernel, debianKernel } from "../support/kernel.ts";
 import { QEMU_BINARY, QEMU_KERNEL_ARGS } from "../support/qemu.ts";
 import { BUSYBOX, ConsoleProcess, exists } from "../support/guest_process.ts";
+import { defaultInitramfs } from "../support/default_guest.ts";
 
-const repo = new URL("../..", import.meta.url).pathname;
 
 /**
  * The agent's start message on the console (agent/README.md, "--port NAME"). Only the message: the
@@ -51,20 +51,6 @@ async function unavailableReason(): Promise<{ reason?: string; kernel?: DebianKe
 
 const { reason, kernel } = await unavailableReason();
 if (reason) console.log(`skip: default guest agent under QEMU: ${reason}`);
-
-/** The default initramfs, built (or found up to date) by scripts/initramfs.sh. */
-async function defaultInitramfs(): Promise<string> {
-  const out = await new Deno.Command("bash", {
-    args: [`${repo}scripts/initramfs.sh`],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const text = (b: Uint8Array) => new TextDecoder().decode(b).trim();
-  if (!out.success) {
-    throw new Error(`scripts/initramfs.sh failed: ${text(out.stderr).split("\n").slice(-3).join("; ")}`);
-  }
-  return text(out.stdout).split("\n").pop()!;
-}
 
 /**
  * Connect to QEMU's chardev socket (server=on: QEMU creates it while starting up). Retries while the

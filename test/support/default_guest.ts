@@ -49,7 +49,9 @@ export function defaultInitramfs(): Promise<string> {
       stderr: "piped",
     }).output();
     const text = (b: Uint8Array) => new TextDecoder().decode(b).trim();
-    if (!out.success) throw new Error(`scripts/initramfs.sh failed: ${text(out.stderr).split("\n").pop()}`);
+    if (!out.success) {
+      throw new Error(`scripts/initramfs.sh failed: ${text(out.stderr).split("\n").slice(-3).join("; ")}`);
+    }
     return text(out.stdout).split("\n").pop()!;
   })();
   return initramfsPending;
