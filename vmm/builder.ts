@@ -36,7 +36,7 @@ import type { VirtioMmioResource } from "./device_manager/mmio.ts";
 import { OwnedGuestMemory } from "../core/memory.ts";
 import { restoreVcpuState, vcpuStateCaps } from "./kvm/vcpu_state.ts";
 import { readSnapshot, type Snapshot, SnapshotError } from "./snapshot/format.ts";
-import { checkRestoreConfig, restoredConfig } from "./snapshot/config_match.ts";
+import { restoredConfig } from "./snapshot/config_match.ts";
 
 export interface MachineOptions {
   /** Called with every byte a console serial port transmits (the library's console capture). */
@@ -275,7 +275,6 @@ export interface RestoreOptions extends MachineOptions {
  */
 export async function restoreMachine(dir: string, opts: RestoreOptions = {}): Promise<Machine> {
   const snapshot = readSnapshot(dir);
-  if (opts.config) checkRestoreConfig(snapshot.config, opts.config);
   const config = restoredConfig(snapshot.config, opts.config, opts.overrides);
   checkVirtioDevices(config);
   const inputs = checkOutputsAreNotInputs(config);
