@@ -15,7 +15,6 @@ import { QEMU_BINARY, QEMU_KERNEL_ARGS } from "../support/qemu.ts";
 import { BUSYBOX, ConsoleProcess, exists } from "../support/guest_process.ts";
 import { defaultInitramfs } from "../support/default_guest.ts";
 
-
 /**
  * The agent's start message on the console (agent/README.md, "--port NAME"). Only the message: the
  * agent writes its "denovm-agent: " prefix, the message and the newline to unbuffered stderr
