@@ -115,8 +115,9 @@ mount -t tmpfs tmpfs /merged/dev/shm
 mount -t 9p -o "$p9" job /merged/run/denovm-nested || fail "cannot mount the job folder"
 # A heartbeat in the job folder every 20 s: the nested host's uptime and load, and each task's
 # state and wait channel, so that a run that stops making progress shows where it waits.
+# The first one is written at once, so a nested host that stops early is noticed too.
 (
-  while sleep 20; do
+  while :; do
     {
       echo "uptime $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
       for p in /proc/[0-9]*; do
@@ -129,6 +130,7 @@ mount -t 9p -o "$p9" job /merged/run/denovm-nested || fail "cannot mount the job
       done
     } >/merged/run/denovm-nested/heartbeat.new 2>/dev/null
     mv /merged/run/denovm-nested/heartbeat.new /merged/run/denovm-nested/heartbeat
+    sleep 20
   done
 ) &
 i=0
@@ -223,12 +225,17 @@ qemu_pid=$!
 # once, with its heartbeat and CPU state, while it is still in that state.
 (
   # (sleep's descriptors go nowhere: the caller's pipes must close when QEMU ends.)
+  started=$(date +%s)
   while sleep 30 </dev/null >/dev/null 2>&1; do
-    [[ -s "$job/heartbeat" ]] || continue
-    age=$(($(date +%s) - $(stat -c %Y "$job/heartbeat")))
+    # Before the first heartbeat, the age counts from QEMU's start (the nested host boots in seconds).
+    if [[ -s "$job/heartbeat" ]]; then
+      age=$(($(date +%s) - $(stat -c %Y "$job/heartbeat")))
+    else
+      age=$(($(date +%s) - started))
+    fi
     if ((age > 120)); then
       echo "nested-kvm: no heartbeat from the nested host for ${age} s; the last one:" >&2
-      cat "$job/heartbeat" >&2
+      cat "$job/heartbeat" >&2 2>/dev/null || echo "(none yet)" >&2
       cpu_state "now"
       sleep 5
       cpu_state "5 s later"

@@ -136,8 +136,9 @@ async function bootDeviceGuest(): Promise<DeviceGuest> {
       displays: [{ mode: "windowed", width: DEVICE_GUEST_WIDTH, height: DEVICE_GUEST_HEIGHT, refreshRate: 60 }],
     },
   });
-  await vm.console.waitFor(/^denovm-init: modules loaded:.* virtio_mmio /m, { timeout: 300_000 });
-  await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: 300_000 });
+  // Together under nested_kvm_test.ts's 8 silent minutes: a guest that hangs fails here, with its console.
+  await vm.console.waitFor(/^denovm-init: modules loaded:.* virtio_mmio /m, { timeout: 180_000 });
+  await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: 120_000 });
   await vm.snapshot(`${dir}/snapshot`);
   // /init's shell on the console powers the guest off (ACPI S5: exit code 0). Debian's 6.1 may print a
   // WARNING from virtio_gpu_queue_fenced_ctrl_buffer here: its virtio core breaks every device's queues at
