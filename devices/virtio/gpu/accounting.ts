@@ -5,6 +5,10 @@
 //   its uploads and downloads there (VIRGL_CCMD_RESOURCE_INLINE_WRITE, VIRGL_CCMD_TRANSFER3D,
 //   VIRGL_CCMD_COPY_TRANSFER3D; layouts from virglrenderer src/virgl_protocol.h), so a counter that only
 //   watched the virtio commands would miss most real copies.
+// - the display path (display.ts): scanouts read back into the framebuffer for a consumer (a screenshot,
+//   a snapshot, the web display, a vhost-user front end) and the bytes handed to each display client,
+//   per scanout; they sit beside the guest's copies (scanoutReadbackBytes, displaySentBytes), outside
+//   bytesCopied, which stays the guest's own.
 // Counters are plain numbers, cheap when nobody reads them; stats() returns a JSON-able snapshot.
 
 import type { Box } from "./backend.ts";
@@ -87,8 +91,12 @@ export interface CopyCounters {
   copyTransferFromHostBytes: number;
   /** VIRGL_CCMD_RESOURCE_INLINE_WRITE: data carried in the stream and copied into the resource. */
   inlineWriteBytes: number;
-  /** Sum of the seven byte counters above. */
+  /** Sum of the seven byte counters above: the copies the guest's commands cause. */
   bytesCopied: number;
+  /** The display path: scanout pixels read back into the framebuffer because a consumer looked. */
+  scanoutReadbackBytes: number;
+  /** The display path: bytes handed to display clients (web pages, a vhost-user front end, screenshots). */
+  displaySentBytes: number;
   /** RESOURCE_MAP_BLOB calls that succeeded, and their bytes (page rounded). */
   blobMaps: number;
   blobMappedBytes: number;
@@ -128,6 +136,8 @@ export function emptyCounters(): CopyCounters {
     copyTransferFromHostBytes: 0,
     inlineWriteBytes: 0,
     bytesCopied: 0,
+    scanoutReadbackBytes: 0,
+    displaySentBytes: 0,
     blobMaps: 0,
     blobMappedBytes: 0,
     copiesAvoidedBytes: 0,
@@ -260,6 +270,60 @@ export function walkVirglStream(stream: Uint8Array, shapeOf: (res: number) => Re
   return out;
 }
 
+/** Who made the display read a scanout back (display.ts refresh). */
+export type DisplayConsumer = "screenshot" | "snapshot" | "web" | "vhostUser" | "lastFrame";
+/** Who display bytes were handed to. */
+export type DisplayClient = "screenshot" | "web" | "vhostUser";
+
+const CONSUMERS: readonly DisplayConsumer[] = ["screenshot", "snapshot", "web", "vhostUser", "lastFrame"];
+const CLIENTS: readonly DisplayClient[] = ["screenshot", "web", "vhostUser"];
+
+/** The display path's counters of one scanout. */
+export interface ScanoutCounters {
+  /** RESOURCE_FLUSH commands that reached this scanout, and the bytes they damaged (area x 4). */
+  flushes: number;
+  damagedBytes: number;
+  /** Read-backs of damaged rectangles into the framebuffer, and their bytes. */
+  readbacks: number;
+  readbackBytes: number;
+  /**
+   * readbackBytes by who asked: a screenshot, a snapshot, a web page, a vhost-user front end, or
+   * lastFrame (the scanout was disabled with damage pending: its last frame is kept).
+   */
+  readbackBy: Record<DisplayConsumer, number>;
+  /** Of readbackBytes: read from a SET_SCANOUT_BLOB scanout's blob (its memory, no transfer command). */
+  readbackFromBlobBytes: number;
+  /** Bytes handed to display clients: web pages' rectangle messages, vhost-user UPDATE pixels, PNGs. */
+  sentTo: Record<DisplayClient, number>;
+  screenshots: number;
+}
+
+export function emptyScanoutCounters(): ScanoutCounters {
+  return {
+    flushes: 0,
+    damagedBytes: 0,
+    readbacks: 0,
+    readbackBytes: 0,
+    readbackBy: Object.fromEntries(CONSUMERS.map((c) => [c, 0])) as Record<DisplayConsumer, number>,
+    readbackFromBlobBytes: 0,
+    sentTo: Object.fromEntries(CLIENTS.map((c) => [c, 0])) as Record<DisplayClient, number>,
+    screenshots: 0,
+  };
+}
+
+/** One display copy, for the trace. */
+export interface DisplayCopyEvent {
+  kind: "readback" | "sent";
+  scanout: number;
+  /** The consumer (read-back) or the client (sent). */
+  who: DisplayConsumer | DisplayClient;
+  /** The resource read (read-back), or 0. */
+  resourceId: number;
+  bytes: number;
+  /** Microseconds the read-back took (0 for sent bytes). */
+  us: number;
+}
+
 /** Per command type: how often, how many failed, bytes copied and time spent. */
 export interface CommandCounters {
   count: number;
@@ -277,6 +341,8 @@ export interface GpuStats {
   commands: Record<string, CommandCounters>;
   /** SUBMIT_3D streams walked and virgl commands seen in them. */
   streams: { submits: number; virglCommands: number; truncated: number; streamBytes: number };
+  /** The display path per scanout (only scanouts that were flushed or looked at). */
+  scanouts: Record<string, ScanoutCounters>;
   /** Blobs mapped right now and their bytes. */
   mapped: { count: number; bytes: number };
   fences: { created: number; retired: number; pending: number };
@@ -289,6 +355,9 @@ export class GpuAccounting {
   readonly #commands = new Map<string, CommandCounters>();
   readonly #deadResources: number[] = [];
   readonly #deadContexts: number[] = [];
+  readonly #scanouts = new Map<number, ScanoutCounters>();
+  /** Sees every display copy (the device's trace). */
+  onDisplayCopy: ((e: DisplayCopyEvent) => void) | undefined;
   readonly streams = { submits: 0, virglCommands: 0, truncated: 0, streamBytes: 0 };
   readonly mapped = { count: 0, bytes: 0 };
   readonly fences = { created: 0, retired: 0, pending: 0 };
@@ -368,6 +437,41 @@ export class GpuAccounting {
     this.resource(res).copiesAvoidedBytes += bytes;
   }
 
+  /** The counters of scanout `id` (the display checked the id). */
+  scanout(id: number): ScanoutCounters {
+    let c = this.#scanouts.get(id);
+    if (!c) this.#scanouts.set(id, c = emptyScanoutCounters());
+    return c;
+  }
+
+  /** RESOURCE_FLUSH damaged `bytes` of scanout `id`. */
+  scanoutFlush(id: number, bytes: number): void {
+    const c = this.scanout(id);
+    c.flushes++;
+    c.damagedBytes += bytes;
+  }
+
+  /** `bytes` of resource `res` read back into scanout `id`'s framebuffer for `consumer`. */
+  scanoutReadback(id: number, consumer: DisplayConsumer, res: number, bytes: number, fromBlob: boolean, us = 0): void {
+    const c = this.scanout(id);
+    c.readbacks++;
+    c.readbackBytes += bytes;
+    c.readbackBy[consumer] += bytes;
+    if (fromBlob) c.readbackFromBlobBytes += bytes;
+    this.totals.scanoutReadbackBytes += bytes;
+    if (res) this.resource(res).scanoutReadbackBytes += bytes;
+    this.onDisplayCopy?.({ kind: "readback", scanout: id, who: consumer, resourceId: res, bytes, us });
+  }
+
+  /** `bytes` of scanout `id` handed to a display client. */
+  displaySent(id: number, client: DisplayClient, bytes: number): void {
+    const c = this.scanout(id);
+    c.sentTo[client] += bytes;
+    if (client === "screenshot") c.screenshots++;
+    this.totals.displaySentBytes += bytes;
+    this.onDisplayCopy?.({ kind: "sent", scanout: id, who: client, resourceId: 0, bytes, us: 0 });
+  }
+
   /** Record one command's outcome for the per-type table. */
   command(name: string, ok: boolean, bytes: number, us: number): void {
     let c = this.#commands.get(name);
@@ -386,6 +490,11 @@ export class GpuAccounting {
       resources: rec(this.#resources),
       contexts: rec(this.#contexts),
       commands: Object.fromEntries([...this.#commands].map(([k, v]) => [k, { ...v }])),
+      scanouts: Object.fromEntries(
+        [...this.#scanouts].map((
+          [k, v],
+        ) => [String(k), { ...v, readbackBy: { ...v.readbackBy }, sentTo: { ...v.sentTo } }]),
+      ),
       streams: { ...this.streams },
       mapped: { ...this.mapped },
       fences: { ...this.fences },
@@ -406,7 +515,21 @@ export class GpuAccounting {
       `COPY_TRANSFER3D to host ${fmtBytes(t.copyTransferToHostBytes)}, from host ${
         fmtBytes(t.copyTransferFromHostBytes)
       }; INLINE_WRITE ${fmtBytes(t.inlineWriteBytes)}`,
+      `  display: read back ${fmtBytes(t.scanoutReadbackBytes)}, sent to display clients ${
+        fmtBytes(t.displaySentBytes)
+      }`,
     ];
+    for (const [id, c] of [...this.#scanouts].sort((a, b) => a[0] - b[0])) {
+      const by = (r: Record<string, number>) =>
+        Object.entries(r).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${fmtBytes(n)}`).join(", ") || "none";
+      lines.push(
+        `  scanout ${id}: ${c.flushes} flushes damaged ${fmtBytes(c.damagedBytes)}; read back ${
+          fmtBytes(c.readbackBytes)
+        } in ${c.readbacks} (${by(c.readbackBy)}; from blobs ${fmtBytes(c.readbackFromBlobBytes)}); sent ${
+          by(c.sentTo)
+        }`,
+      );
+    }
     const top = [...this.#resources].filter(([, c]) => c.bytesCopied > 0).sort((a, b) =>
       b[1].bytesCopied - a[1].bytesCopied
     ).slice(0, 5);

@@ -45,6 +45,7 @@ import {
   hostBufferStream,
   mapBlob,
   setScanout,
+  setScanoutBlob,
   submit,
   unmapBlob,
 } from "../../../test/support/gpu_commands.ts";
@@ -732,6 +733,24 @@ Deno.test({
       const stats = dev.gpuStats();
       assert.equal(stats.resources[String(blob)].bytesCopied, 0, "no byte of the blob was copied");
       assert.equal(stats.resources[String(dst)].transferFromHostBytes, size, "exactly the read-back bytes");
+      // The mapped blob as a scanout (SET_SCANOUT_BLOB, 32x32 B8G8R8A8 over its 16 KiB): flushes with no
+      // consumer read nothing; a screenshot reads the pixels from the mapping, with no transfer.
+      const side = 32;
+      send(setScanoutBlob(0, blob, side, side, VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM, side * 4));
+      const readBefore = dev.gpuStats().scanouts["0"].readbackBytes;
+      for (let i = 0; i < 3; i++) send(flush(blob, 0, 0, side, side));
+      assert.equal(dev.gpuStats().scanouts["0"].readbackBytes, readBefore, "no consumer, no read-back");
+      const shot = await decodePngRgba(await dev.screenshot(0));
+      assert.deepEqual([shot.width, shot.height], [side, side]);
+      for (let i = 0; i < side * side; i++) {
+        const want = [pat[4 * i + 2], pat[4 * i + 1], pat[4 * i], 0xff];
+        if (shot.rgba.subarray(4 * i, 4 * i + 4).some((v, k) => v !== want[k])) assert.fail(`blob pixel ${i}`);
+      }
+      const shown = dev.gpuStats();
+      assert.equal(shown.scanouts["0"].readbackFromBlobBytes, side * side * 4, "read from the blob's memory");
+      assert.equal(shown.resources[String(blob)].bytesCopied, 0, "the blob scanout needed no transfer");
+      assert.equal(shown.resources[String(blob)].copiesAvoidedBytes, 3 * side * side * 4);
+      send(setScanout(0, 0, 0, 0, side, side));
       send(unmapBlob(blob));
       assert.equal(mapper.live.size, 0);
       assert.ok(g.canaryIntact(), "no access outside guest memory");

@@ -2,7 +2,8 @@
 // VirtioDevice face and the queue plumbing. Each chain on the control or cursor queue is read, decoded
 // (protocol.ts), checked for the queue it came on, run by the executor (executor.ts) and answered; a
 // fenced command's answer waits in the fence timelines (fences.ts) until the backend retires its fence.
-// Every command is counted (accounting.ts) and traced (trace.ts). Blob mappings go to the host-visible
+// Every command is counted (accounting.ts) and traced (trace.ts), and so is every copy the display path
+// makes (display.ts: read-backs when a consumer looks, bytes handed to display clients). Blob mappings go to the host-visible
 // window (window.ts), which reaches KVM only through the SharedMemoryMapper the transport gives.
 //
 // Guest input is hostile: a bad command gets an ERR_* response and one (rate limited) log line, never
@@ -113,9 +114,27 @@ export class GpuDevice implements VirtioDevice, Stateful {
     }
     this.#modes = modes.map((m) => ({ ...m }));
     this.#window = new HostVisibleWindow(opts.hostVisibleWindowSize ?? DEFAULT_HOST_VISIBLE_WINDOW_SIZE);
-    this.display = new HeadlessDisplay(this.#modes);
     this.accounting = new GpuAccounting(this.backend.name);
+    this.display = new HeadlessDisplay(this.#modes, {
+      read: (id, rect, layout) => this.backend.readPixels(id, rect, layout),
+      accounting: this.accounting,
+      log: (line) => this.#log.log(`display: ${line}`),
+    });
     this.#trace = opts.tracePath ? new GpuTrace(opts.tracePath) : null;
+    const trace = this.#trace;
+    if (trace) {
+      // The display path's copies in the same trace as the commands, on a track of their own.
+      this.accounting.onDisplayCopy = (e) =>
+        trace.add({
+          name: e.kind === "readback" ? `SCANOUT_READBACK (${e.who})` : `DISPLAY_SEND (${e.who})`,
+          ts: trace.now() - e.us,
+          dur: e.us,
+          resource: e.resourceId,
+          bytes: e.bytes,
+          ctx: 0,
+          scanout: e.scanout,
+        });
+    }
     let f = VIRTIO_COMMON_FEATURES | VIRTIO_GPU_F_EDID | VIRTIO_GPU_F_RESOURCE_BLOB;
     if (this.backend.supportsVirgl) f |= VIRTIO_GPU_F_VIRGL | VIRTIO_GPU_F_CONTEXT_INIT;
     this.features = f;
@@ -207,6 +226,8 @@ export class GpuDevice implements VirtioDevice, Stateful {
       copyTransferToHostBytes: t.copyTransferToHostBytes,
       copyTransferFromHostBytes: t.copyTransferFromHostBytes,
       inlineWriteBytes: t.inlineWriteBytes,
+      scanoutReadbackBytes: t.scanoutReadbackBytes,
+      displaySentBytes: t.displaySentBytes,
       blobMaps: t.blobMaps,
       blobMappedBytes: t.blobMappedBytes,
       copiesAvoidedBytes: t.copiesAvoidedBytes,

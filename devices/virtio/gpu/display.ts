@@ -1,14 +1,27 @@
-// The headless display: one framebuffer per scanout (B8G8R8A8), updated on RESOURCE_FLUSH with just the
-// flushed rectangle read back from the scanout's resource, PNG screenshots, and change hooks for live
-// views (the web display, the vhost-user display socket).
+// The headless display: one framebuffer per scanout (B8G8R8A8), PNG screenshots, and change hooks for
+// live views (the web display, the vhost-user display socket).
+//
+// Copies only when someone looks: RESOURCE_FLUSH reads nothing. It adds the flushed rectangle to the
+// scanout's damage (what the framebuffer does not have yet) and tells the hooks. A consumer that needs
+// the pixels (a screenshot, a snapshot, a web page about to send, a vhost-user front end about to send an
+// UPDATE) calls refresh(), which reads back the damaged rectangles alone, once, however many frames were
+// flushed since the last look; so the read-back rate is the consumer's, and with no consumer a frame
+// costs no read-back at all. The framebuffer plus the pending damage is always what the scanout shows.
+// The pending damage is a few disjoint rectangles (overlaps merged; beyond MAX_DAMAGE_RECTS their
+// bounding box), so it never grows with the frames. A scanout disabled with damage pending (its resource
+// about to go) reads that damage back first: the framebuffer keeps the last frame the guest showed.
+// Every read-back and every byte handed to a display client is counted per scanout (accounting.ts).
 //
 // A scanout shows the rectangle `rect` of its resource at the framebuffer's (0,0); the framebuffer has
 // the rectangle's size (the display mode's size until the first SET_SCANOUT).
 
 import type { BlobLayout, Rect } from "./backend.ts";
+import { type DisplayClient, type DisplayConsumer, GpuAccounting } from "./accounting.ts";
 import { encodePngRgba } from "./png.ts";
 
 const BPP = 4;
+/** Pending damage rectangles per scanout; more are merged into their bounding box. */
+export const MAX_DAMAGE_RECTS = 16;
 
 /** A scanout's display mode (crosvm `displays=[[mode=windowed[W,H]]]`). */
 export interface DisplayConfig {
@@ -33,20 +46,40 @@ export interface Framebuffer {
 
 /** Reads `rect` of a resource as packed B8G8R8A8 (GpuBackend.readPixels). */
 export type PixelReader = (resourceId: number, rect: Rect, layout?: BlobLayout) => Uint8Array;
+/** Scanout `scanoutId` changed in `rect` (framebuffer coordinates); refresh() brings the pixels. */
 export type UpdateHandler = (scanoutId: number, rect: Rect) => void;
+
+export interface HeadlessDisplayOptions {
+  /** How to read a resource's pixels (the backend's readPixels); flush() may pass one instead. */
+  read?: PixelReader;
+  /** Where the display's copies are counted (default: an accounting of its own). */
+  accounting?: GpuAccounting;
+  /** One line for a read-back that failed (the caller rate-limits); default console.warn. */
+  log?: (line: string) => void;
+}
 
 interface Scanout {
   source: ScanoutSource | null;
   fb: Framebuffer;
-  flushes: number;
+  /** Framebuffer rectangles flushed and not yet read back (disjoint). */
+  damage: Rect[];
+  /** The reader the last flush passed, else the display's. */
+  read?: PixelReader;
 }
 
 export class HeadlessDisplay {
   readonly #scanouts: Scanout[];
   readonly #handlers = new Set<UpdateHandler>();
+  readonly #read: PixelReader | undefined;
+  readonly #log: (line: string) => void;
+  /** The copy counters the display path adds to. */
+  readonly accounting: GpuAccounting;
 
-  constructor(modes: readonly DisplayConfig[]) {
-    this.#scanouts = modes.map((m) => ({ source: null, fb: blank(m.width, m.height), flushes: 0 }));
+  constructor(modes: readonly DisplayConfig[], opts: HeadlessDisplayOptions = {}) {
+    this.#scanouts = modes.map((m) => ({ source: null, fb: blank(m.width, m.height), damage: [] }));
+    this.#read = opts.read;
+    this.accounting = opts.accounting ?? new GpuAccounting("display");
+    this.#log = opts.log ?? ((line) => console.warn(`virtio-gpu display: ${line}`));
   }
 
   get count(): number {
@@ -67,66 +100,124 @@ export class HeadlessDisplay {
     return out;
   }
 
-  /** SET_SCANOUT / SET_SCANOUT_BLOB (source null = disable). The caller validated the id. */
+  /**
+   * SET_SCANOUT / SET_SCANOUT_BLOB (source null = disable). The caller validated the id. Disabling a
+   * scanout with damage pending reads it back first (the last frame stays on show); a new size starts
+   * from a blank framebuffer.
+   */
   setScanout(id: number, source: ScanoutSource | null): void {
     const s = this.#scanouts[id];
+    if (!source && s.source && s.damage.length > 0) this.refresh(id, "lastFrame");
     s.source = source;
     if (source && (source.rect.width !== s.fb.width || source.rect.height !== s.fb.height)) {
       s.fb = blank(source.rect.width, source.rect.height);
+      s.damage = [];
     }
   }
 
   /**
-   * RESOURCE_FLUSH of `flush` (resource coordinates) on scanout `id`: read the part of it that the
-   * scanout shows and copy it in. Returns the updated framebuffer rectangle (null when none) and the
-   * bytes read back.
+   * RESOURCE_FLUSH of `flush` (resource coordinates) on scanout `id`: the part of it that the scanout
+   * shows becomes damage (nothing is read here) and the hooks hear of it. Returns that part in
+   * framebuffer coordinates (null when none) and its bytes.
    */
-  flush(id: number, flush: Rect, read: PixelReader): { rect: Rect | null; bytes: number } {
+  flush(id: number, flush: Rect, read?: PixelReader): { rect: Rect | null; bytes: number } {
     const s = this.#scanouts[id];
     const src = s?.source;
     if (!src) return { rect: null, bytes: 0 };
     const r = intersect(flush, src.rect);
     if (!r) return { rect: null, bytes: 0 };
-    const px = read(src.resourceId, r, src.layout);
-    const fb = s.fb;
-    const dx = r.x - src.rect.x, dy = r.y - src.rect.y;
-    const row = r.width * BPP;
-    for (let y = 0; y < r.height; y++) {
-      fb.bgra.set(px.subarray(y * row, (y + 1) * row), ((dy + y) * fb.width + dx) * BPP);
-    }
-    s.flushes++;
-    const out = { x: dx, y: dy, width: r.width, height: r.height };
+    if (read) s.read = read;
+    const out = { x: r.x - src.rect.x, y: r.y - src.rect.y, width: r.width, height: r.height };
+    s.damage = addDamage(s.damage, out);
+    const bytes = r.width * r.height * BPP;
+    this.accounting.scanoutFlush(id, bytes);
     for (const h of this.#handlers) {
       try {
         h(id, out);
       } catch (e) {
-        console.warn(`virtio-gpu display: update handler failed: ${e}`);
+        this.#log(`update handler failed: ${e}`);
       }
     }
-    return { rect: out, bytes: px.length };
+    return { rect: out, bytes };
+  }
+
+  /**
+   * Scanout `id`'s framebuffer, brought up to date for `consumer`: the damaged rectangles are read back
+   * (and counted) and the damage cleared. Nothing is read when nothing was flushed since the last look.
+   * A read that fails costs its damage and one log line.
+   */
+  refresh(id: number, consumer: DisplayConsumer): Framebuffer {
+    const s = this.#scanout(id);
+    const src = s.source;
+    if (s.damage.length === 0) return s.fb;
+    const damage = s.damage;
+    s.damage = [];
+    const read = s.read ?? this.#read;
+    if (!src || !read) return s.fb;
+    const fb = s.fb;
+    for (const d of damage) {
+      const t0 = performance.now();
+      let px: Uint8Array;
+      try {
+        px = read(
+          src.resourceId,
+          { x: d.x + src.rect.x, y: d.y + src.rect.y, width: d.width, height: d.height },
+          src.layout,
+        );
+      } catch (e) {
+        this.#log(
+          `scanout ${id}: reading resource ${src.resourceId} back failed: ${e instanceof Error ? e.message : e}`,
+        );
+        continue;
+      }
+      const row = d.width * BPP;
+      if (px.length < row * d.height) {
+        this.#log(`scanout ${id}: resource ${src.resourceId} read back ${px.length} of ${row * d.height} bytes`);
+        continue;
+      }
+      for (let y = 0; y < d.height; y++) {
+        fb.bgra.set(px.subarray(y * row, (y + 1) * row), ((d.y + y) * fb.width + d.x) * BPP);
+      }
+      const us = (performance.now() - t0) * 1000;
+      this.accounting.scanoutReadback(id, consumer, src.resourceId, row * d.height, src.layout !== undefined, us);
+    }
+    return fb;
+  }
+
+  /** Count `bytes` of scanout `id` handed to a display client. */
+  sent(id: number, client: DisplayClient, bytes: number): void {
+    this.#scanout(id);
+    this.accounting.displaySent(id, client, bytes);
+  }
+
+  /** The damage of scanout `id` not yet read back (framebuffer coordinates). */
+  damage(id: number): Rect[] {
+    return this.#scanout(id).damage.map((r) => ({ ...r }));
   }
 
   /** Replace scanout `id`'s framebuffer with saved pixels (the caller checked id and sizes). */
   setFramebuffer(id: number, fb: Framebuffer): void {
     this.#scanouts[id].fb = { width: fb.width, height: fb.height, bgra: fb.bgra.slice() };
+    this.#scanouts[id].damage = [];
   }
 
-  /** Be told of every framebuffer update; returns a function that unsubscribes. */
+  /** Be told of every flushed rectangle; returns a function that unsubscribes. */
   onUpdate(cb: UpdateHandler): () => void {
     this.#handlers.add(cb);
     return () => this.#handlers.delete(cb);
   }
 
-  /** The live framebuffer of a scanout (do not keep it across SET_SCANOUT: it may be replaced). */
+  /**
+   * The framebuffer of a scanout as it was last read back (its size is current; pixels flushed since are
+   * in damage() until someone calls refresh()). Do not keep it across SET_SCANOUT: it may be replaced.
+   */
   framebuffer(id = 0): Framebuffer {
-    const s = this.#scanouts[id];
-    if (!s) throw new RangeError(`no scanout ${id} (have ${this.#scanouts.length})`);
-    return s.fb;
+    return this.#scanout(id).fb;
   }
 
   /** The scanout as a PNG (RGB from the framebuffer, alpha forced opaque: a screen has no alpha). */
-  screenshot(id = 0): Promise<Uint8Array> {
-    const fb = this.framebuffer(id);
+  async screenshot(id = 0): Promise<Uint8Array> {
+    const fb = this.refresh(id, "screenshot");
     const n = fb.width * fb.height;
     const rgba = new Uint8Array(n * BPP);
     const b = fb.bgra;
@@ -136,8 +227,46 @@ export class HeadlessDisplay {
       rgba[i + 2] = b[i];
       rgba[i + 3] = 0xff;
     }
-    return encodePngRgba(fb.width, fb.height, rgba);
+    const png = await encodePngRgba(fb.width, fb.height, rgba);
+    this.accounting.displaySent(id, "screenshot", png.length);
+    return png;
   }
+
+  #scanout(id: number): Scanout {
+    const s = this.#scanouts[id];
+    if (!s) throw new RangeError(`no scanout ${id} (have ${this.#scanouts.length})`);
+    return s;
+  }
+}
+
+/**
+ * `list` (disjoint rectangles) with `r` added: every rectangle `r` overlaps is merged into it (their
+ * bounding box), so the result stays disjoint; beyond MAX_DAMAGE_RECTS it is their bounding box alone.
+ */
+export function addDamage(list: Rect[], r: Rect): Rect[] {
+  let cur = r;
+  let rest = list;
+  for (let merged = true; merged;) {
+    merged = false;
+    const keep: Rect[] = [];
+    for (const d of rest) {
+      if (intersect(d, cur)) {
+        cur = union(d, cur);
+        merged = true;
+      } else {
+        keep.push(d);
+      }
+    }
+    rest = keep;
+  }
+  rest.push(cur);
+  return rest.length > MAX_DAMAGE_RECTS ? [rest.reduce(union)] : rest;
+}
+
+function union(a: Rect, b: Rect): Rect {
+  const x0 = Math.min(a.x, b.x), y0 = Math.min(a.y, b.y);
+  const x1 = Math.max(a.x + a.width, b.x + b.width), y1 = Math.max(a.y + a.height, b.y + b.height);
+  return { x: x0, y: y0, width: x1 - x0, height: y1 - y0 };
 }
 
 function blank(width: number, height: number): Framebuffer {

@@ -238,11 +238,9 @@ export class GpuExecutor {
           const src = this.#display.source(s)!;
           const lim = src.layout ?? r;
           this.#rectInside(cmd.rect, lim.width, lim.height, `flush rect of resource ${r.id}`);
-          const res = this.#display.flush(
-            s,
-            cmd.rect,
-            (id, rect, layout) => this.#backend.readPixels(id, rect, layout),
-          );
+          // Damage only: the display reads the pixels back when a consumer looks (display.ts).
+          const res = this.#display.flush(s, cmd.rect);
+          // A blob scanout is shown from the blob's memory: the guest needed no transfer for these bytes.
           if (src.layout) this.#accounting.avoided(r.id, res.bytes);
         }
         return ok(r.id);
@@ -739,7 +737,8 @@ export class GpuExecutor {
     const scanouts: SavedScanout[] = [];
     for (let i = 0; i < this.#display.count; i++) {
       const src = this.#display.source(i);
-      const fb = this.#display.framebuffer(i);
+      // A snapshot looks at the screen: the framebuffer saved has every flushed rectangle.
+      const fb = this.#display.refresh(i, "snapshot");
       scanouts.push({
         source: src
           ? { resourceId: src.resourceId, rect: { ...src.rect }, ...(src.layout ? { layout: { ...src.layout } } : {}) }

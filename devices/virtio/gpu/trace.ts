@@ -1,6 +1,7 @@
 // A trace of virtio-gpu commands in the Chrome trace-event format (JSON array form), which Perfetto and
 // chrome://tracing open: one complete event ("ph":"X") per command with ts/dur in microseconds and
-// args {resource, bytes, ctx}. Events are buffered and appended to the file; close() ends the array
+// args {resource, bytes, ctx}, and one per display-path copy (a scanout read back, bytes sent to a display
+// client; category "display", one track per scanout, args {resource, bytes, scanout}). Events are buffered and appended to the file; close() ends the array
 // (a trace cut short without "]" still loads: the array form allows it).
 
 const FLUSH_EVENTS = 256;
@@ -17,7 +18,12 @@ export interface TraceEvent {
   ctx: number;
   /** Response type when it was an error. */
   error?: string;
+  /** A display-path copy of this scanout (category "display", its own track), not a command. */
+  scanout?: number;
 }
+
+/** The track (tid) of the display path's copies: scanout n on DISPLAY_TID_BASE + n. */
+export const DISPLAY_TID_BASE = 100;
 
 export class GpuTrace {
   readonly path: string;
@@ -48,14 +54,16 @@ export class GpuTrace {
     if (!this.#file) return;
     const args: Record<string, number | string> = { resource: e.resource, bytes: e.bytes, ctx: e.ctx };
     if (e.error) args.error = e.error;
+    const display = e.scanout !== undefined;
+    if (display) args.scanout = e.scanout!;
     const ev = {
       name: e.name,
-      cat: "virtio-gpu",
+      cat: display ? "display" : "virtio-gpu",
       ph: "X",
       ts: Math.round(e.ts * 1000) / 1000,
       dur: Math.round(e.dur * 1000) / 1000,
       pid: 1,
-      tid: 1,
+      tid: display ? DISPLAY_TID_BASE + e.scanout! : 1,
       args,
     };
     this.#pending.push(JSON.stringify(ev));
