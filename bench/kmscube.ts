@@ -3,7 +3,8 @@
 // vhost-user-gpu front end (`denovm device gpu`), once with QEMU's own in-process virgl
 // (`-device virtio-gpu-gl-device`). Reports the frames per second of each (kmscube's own
 // "Rendered N frames in T sec" line), their ratio, and the bytes denovm's counters saw copied per
-// frame. Last line: {"bench":"kmscube","fps_ratio":..,"bytes_per_frame":..,...}.
+// frame: the guest's transfers, and the display path's (the scanout read back for QEMU's front end and
+// the bytes sent to it). Last line: {"bench":"kmscube","fps_ratio":..,"bytes_per_frame":..,...}.
 //
 // Also the harness the vhost-user-gpu test uses (exported): prerequisites (QEMU 10 from
 // bookworm-backports, the Mesa guest, the Debian kernel; scripts/qemu-backports.sh and
@@ -256,7 +257,11 @@ async function main(): Promise<void> {
     denovm = await runGuest(s, { vhostUserSocket: sock });
     const c = await JsonLineClient.connect(control);
     stats = await c.call({ stats: true }) as {
-      gpu: { totals: { bytesCopied: number }; streams: { submits: number; streamBytes: number } };
+      gpu: {
+        totals: { bytesCopied: number; scanoutReadbackBytes: number; displaySentBytes: number };
+        streams: { submits: number; streamBytes: number };
+        commands: Record<string, { count: number }>;
+      };
       display: { updateBytes: number; scanoutReadbackBytes: number };
     };
     c.close();
@@ -276,6 +281,14 @@ async function main(): Promise<void> {
     stream_bytes_per_frame: Math.round(stats.gpu.streams.streamBytes / submits),
     scanout_readback_bytes_per_frame: Math.round(stats.display.scanoutReadbackBytes / submits),
     display_update_bytes_per_frame: Math.round(stats.display.updateBytes / submits),
+    // The display path's copies from the GPU's own counters: read back for the front end at its pace
+    // (only flushed rectangles), and the bytes sent to it over the display socket.
+    display_readback_bytes_per_frame: Math.round(stats.gpu.totals.scanoutReadbackBytes / submits),
+    display_sent_bytes_per_frame: Math.round(stats.gpu.totals.displaySentBytes / submits),
+    display_copy_bytes_per_frame: Math.round(
+      (stats.gpu.totals.scanoutReadbackBytes + stats.gpu.totals.displaySentBytes) / submits,
+    ),
+    flushes: stats.gpu.commands.RESOURCE_FLUSH?.count ?? 0,
   });
 }
 

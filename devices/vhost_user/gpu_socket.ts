@@ -6,12 +6,14 @@
 //
 // `VhostUserGpuDevice` is the GpuDevice served by `denovm device gpu`: it takes the socket from the
 // vhost-user back end (backend.ts VhostUserRequestHandler) and forwards its headless display's
-// updates. Pixels come from the display's framebuffer, which RESOURCE_FLUSH filled by reading the
-// scanout back (virglrenderer's transfer_read_iov: no dmabuf here, so no DMABUF_SCANOUT).
+// updates. Pixels come from the display's framebuffer, brought up to date (the flushed rectangles read
+// back from the scanout: virglrenderer's transfer_read_iov, no dmabuf here, so no DMABUF_SCANOUT) just
+// before an UPDATE is encoded: a front end that gave no socket costs no read-back at all.
 //
-// Flow control: updates are coalesced per scanout (the union of the dirty rectangles) and sent from
-// the framebuffer as it is when the socket can take them, so a slow front end sees fewer, larger
-// updates and never makes the device wait or queue frames without bound.
+// Flow control: updates are coalesced per scanout (the union of the dirty rectangles), read back and
+// sent from the framebuffer when the socket can take them, so a slow front end sees fewer, larger
+// updates, the scanout is read back at the front end's rate, and the device never waits or queues
+// frames without bound. Read-backs and the bytes sent are counted per scanout in the GPU's counters.
 
 import { closeFd, EAGAIN, EINTR, errno, libc, pollAsync, POLLERR, POLLHUP, POLLOUT, SysError } from "../../ffi/libc.ts";
 import { GpuDevice, type GpuDeviceOptions } from "../virtio/gpu/device.ts";
@@ -119,9 +121,14 @@ export interface GpuSocketCounters {
   frontEndFeatures: number;
 }
 
-/** A framebuffer the socket reads from when it sends (the display's live one). */
+/** The display the socket sends from (HeadlessDisplay). */
 export interface FramebufferSource {
+  /** The framebuffer as last read back (its size is current). */
   framebuffer(id: number): { width: number; height: number; bgra: Uint8Array };
+  /** The framebuffer with every flushed rectangle read back (for this front end). */
+  refresh(id: number, consumer: "vhostUser"): { width: number; height: number; bgra: Uint8Array };
+  /** Count bytes sent to this front end. */
+  sent(id: number, client: "vhostUser", bytes: number): void;
 }
 
 /** The back end's side of one display socket. */
@@ -250,12 +257,14 @@ export class GpuDisplaySocket {
   #nextUpdate(): Uint8Array | undefined {
     for (const [id, rect] of this.#dirty) {
       this.#dirty.delete(id);
-      const fb = this.#fbs.framebuffer(id);
+      const fb = this.#fbs.refresh(id, "vhostUser");
       const r = clip(rect, fb.width, fb.height);
       if (!r) continue;
       this.counters.updates++;
       this.counters.updateBytes += r.width * r.height * GPU_UPDATE_BYTES_PER_PIXEL;
-      return encodeUpdate(id, r, fb.bgra, fb.width);
+      const msg = encodeUpdate(id, r, fb.bgra, fb.width);
+      this.#fbs.sent(id, "vhostUser", msg.length);
+      return msg;
     }
     return undefined;
   }
@@ -309,8 +318,6 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
     coalesced: 0,
     frontEndFeatures: -1,
   };
-  /** Bytes RESOURCE_FLUSH read back from scanout resources into the framebuffer (a copy per frame). */
-  scanoutReadbackBytes = 0;
   /** Display sockets the front end gave. */
   socketsReceived = 0;
   #folded: GpuSocketCounters = { scanouts: 0, updates: 0, updateBytes: 0, coalesced: 0, frontEndFeatures: -1 };
@@ -319,11 +326,15 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
     super(opts);
     this.#socketLog = opts.log ?? ((line) => console.error(`vhost-user gpu: ${line}`));
     this.display.onUpdate((id, rect) => {
-      // RESOURCE_FLUSH read these pixels back from the scanout's resource into the framebuffer.
-      this.scanoutReadbackBytes += rect.width * rect.height * GPU_UPDATE_BYTES_PER_PIXEL;
+      // Flushed, not read yet: the socket reads the pixels back when it sends.
       this.#socket?.update(id, rect);
       this.#refreshTotals();
     });
+  }
+
+  /** Bytes of scanouts read back into the framebuffer, for the front end or anyone else who looked. */
+  get scanoutReadbackBytes(): number {
+    return this.accounting.totals.scanoutReadbackBytes;
   }
 
   /** The current display socket, if the front end gave one. */

@@ -1,7 +1,8 @@
 // One page's stream of frames. Flushed regions of its scanout collect as damage; a batch (every changed
 // rectangle since the last one) goes out at most once per frame interval, only while fewer than
 // MAX_IN_FLIGHT batches wait for the page's ack and only while the page's socket holds at most
-// SEND_BUFFER_LOW_BYTES not yet sent. A batch is made from the framebuffer when it goes out, so a slow page
+// SEND_BUFFER_LOW_BYTES not yet sent. A batch is made from the framebuffer when it goes out (the display
+// reads the flushed rectangles back then, so the scanout is read at the page's pace), so a slow page
 // gets fewer, larger batches of the newest pixels instead of a growing backlog of old ones: at most one
 // batch waits in its socket. The first batch, and the one after a mode change, is the
 // whole framebuffer; later ones are what change detection (tiles.ts) finds different from the page's copy.
@@ -140,7 +141,7 @@ export class FrameStream {
     if (this.#stopped || !ws.open || ws.bufferedAmount > SEND_BUFFER_LOW_BYTES) return;
     let fb: Framebuffer;
     try {
-      fb = display.framebuffer(scanout);
+      fb = display.refresh(scanout, "web");
     } catch (e) {
       log.log(`${e}`);
       return;
@@ -197,6 +198,7 @@ export class FrameStream {
       ws.send(msg);
       counters.rectsSent++;
       counters.bytesSent += msg.byteLength;
+      display.sent(scanout, "web", msg.byteLength);
     });
     counters.batchesSent++;
     this.#inFlight++;

@@ -1,6 +1,7 @@
 // The web display's page: one HTML document with its style and script inline, served from memory (no
 // CDN, no other request). The script speaks protocol.ts: it draws rectangle messages onto a canvas with
-// putImageData, acks each batch, sends keyboard/mouse/touch as JSON, and plots the copy counters.
+// putImageData, acks each batch, sends keyboard/mouse/touch as JSON, and plots the copy counters: the
+// guest's transfers and the display path's own (scanouts read back, bytes sent to display clients).
 // window.__denovm exposes what it received (frames, rectangles, stats) for tests and the fps bench.
 
 const STYLE = `
@@ -202,6 +203,8 @@ const SCRIPT = String.raw`
       fields: ["streamToHostBytes", "streamFromHostBytes", "copyTransferToHostBytes", "copyTransferFromHostBytes"] },
     { key: "inline", label: "inline writes", color: "#59a14f", fields: ["inlineWriteBytes"] },
     { key: "blob", label: "served via mapped blobs", color: "#b07aa1", fields: ["copiesAvoidedBytes"] },
+    { key: "readback", label: "scanout read back (display)", color: "#e15759", fields: ["scanoutReadbackBytes"] },
+    { key: "sent", label: "sent to display clients", color: "#edc948", fields: ["displaySentBytes"] },
   ];
   const HISTORY = 120;
   const plot = document.getElementById("plot"), pctx = plot.getContext("2d");
@@ -255,7 +258,10 @@ const SCRIPT = String.raw`
     }
     const mapped = st.mapped || {};
     document.getElementById("mapped").textContent = "blobs mapped now: " + (mapped.count || 0) + " (" +
-      fmtBytes(mapped.bytes || 0) + ")" + (st.backend ? " \u00b7 backend " + st.backend : "");
+      fmtBytes(mapped.bytes || 0) + ")" + (st.backend ? " \u00b7 backend " + st.backend : "") +
+      Object.entries(st.scanouts || {}).map(([id, c]) => " \u00b7 scanout " + id + ": " + (c.flushes || 0) +
+        " flushes, read back " + fmtBytes(c.readbackBytes || 0) + ", sent " +
+        fmtBytes(Object.values(c.sentTo || {}).reduce((a, b) => a + (Number(b) || 0), 0))).join("");
     drawPlot();
     if (hover >= 0) showTip(hover);
   }
