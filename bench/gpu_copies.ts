@@ -123,7 +123,8 @@ function transferPath(
 
 /** The scanout shows `frame` (a few pixels of the screenshot against the frame's BGRA bytes). */
 function checkScreen(rig: GpuRig, frame: Uint8Array): void {
-  const shot = rig.dev.display.framebuffer(0).bgra;
+  // Looking is what reads the scanout back (display.ts): the flushed frames are read once, here.
+  const shot = rig.dev.display.refresh(0, "screenshot").bgra;
   for (const px of [0, 1, W * H / 2 + 7, W * H - 1]) {
     for (let c = 0; c < 3; c++) {
       if (shot[px * BPP + c] !== frame[px * BPP + c]) throw new Error(`scanout pixel ${px} differs from the frame`);

@@ -126,7 +126,9 @@ let produce: () => Uint8Array = () => {
 let produced = 0;
 const flush = () => {
   produced++;
-  display.flush(0, full, () => produce());
+  // The guest draws a frame at the flush rate; the display reads it back when a page is about to send.
+  const frame = produce();
+  display.flush(0, full, () => frame);
 };
 flush();
 
