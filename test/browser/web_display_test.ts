@@ -201,6 +201,8 @@ function makeStats() {
     copyTransferFromHostBytes: 0,
     inlineWriteBytes: k * 4096,
     bytesCopied: k * (1_000_000 + 65_536 + 4096),
+    scanoutReadbackBytes: k * 300_000,
+    displaySentBytes: k * 120_000,
     blobMaps: 1,
     blobMappedBytes: 8 << 20,
     copiesAvoidedBytes: k * (8 << 20),
@@ -217,6 +219,18 @@ function makeStats() {
         contexts: {},
         commands: {},
         streams: { submits: 0, virglCommands: 0, truncated: 0, streamBytes: 0 },
+        scanouts: {
+          "0": {
+            flushes: n,
+            damagedBytes: n * 600_000,
+            readbacks: n,
+            readbackBytes: n * 300_000,
+            readbackBy: { screenshot: 0, snapshot: 0, web: n * 300_000, vhostUser: 0, lastFrame: 0 },
+            readbackFromBlobBytes: 0,
+            sentTo: { screenshot: 0, web: n * 120_000, vhostUser: 0 },
+            screenshots: 0,
+          },
+        },
         mapped: { count: 1, bytes: 8 << 20 },
         fences: { created: 0, retired: 0, pending: 0 },
       };
@@ -390,13 +404,15 @@ Deno.test({
           const s = window.__denovm.lastStats.totals;
           const li = (k) => document.querySelector('#legend [data-series="' + k + '"] .total').dataset.total;
           return { sent: s, virtio: li("virtio"), stream: li("stream"), inline: li("inline"), blob: li("blob"),
-            rates: window.__denovm.rates };
+            readback: li("readback"), displaySent: li("sent"), rates: window.__denovm.rates };
         })()`) as {
           sent: Record<string, number>;
           virtio: string;
           stream: string;
           inline: string;
           blob: string;
+          readback: string;
+          displaySent: string;
           rates: Record<string, number>;
         };
         const k = shown.sent.transferToHostBytes / 1_000_000;
@@ -408,7 +424,14 @@ Deno.test({
         assert.equal(shown.stream, String(k * 65_536));
         assert.equal(shown.inline, String(k * 4096));
         assert.equal(shown.blob, String(k * (8 << 20)));
-        for (const key of ["virtio", "stream", "inline", "blob"]) assert.ok(shown.rates[key] > 0, `${key} rate`);
+        // The display path's own copies, beside the guest's.
+        assert.equal(shown.readback, String(k * 300_000));
+        assert.equal(shown.displaySent, String(k * 120_000));
+        const perScanout = await page.evaluate(`document.getElementById("mapped").textContent`) as string;
+        assert.match(perScanout, /scanout 0: \d+ flushes, read back [\d.]+ [KM]iB, sent [\d.]+ [KM]iB/);
+        for (const key of ["virtio", "stream", "inline", "blob", "readback", "sent"]) {
+          assert.ok(shown.rates[key] > 0, `${key} rate`);
+        }
         // The virtio line (#f28e2b) is drawn on the plot.
         const orange = await page.evaluate(`(() => {
           const c = document.getElementById("plot"), d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;

@@ -13,6 +13,7 @@ import * as F from "./formats.ts";
 import { decodePngRgba } from "./png.ts";
 import { HeadlessDisplay, MAX_DAMAGE_RECTS } from "./display.ts";
 import { GpuAccounting } from "./accounting.ts";
+import { DISPLAY_TID_BASE } from "./trace.ts";
 import { GuardedGuestMemory } from "../../../test/support/virtio_driver.ts";
 import {
   attach,
@@ -48,10 +49,10 @@ class CountingBackend extends Backend2D {
   }
 }
 
-function rig() {
+function rig(tracePath?: string) {
   const g = new GuardedGuestMemory([{ start: 0, size: GUEST_SIZE }]);
   const backend = new CountingBackend();
-  const dev = new GpuDevice({ backend, displays: [{ width: W, height: H }, { width: W, height: H }] });
+  const dev = new GpuDevice({ backend, displays: [{ width: W, height: H }, { width: W, height: H }], tracePath });
   const { drv } = mmioRig(dev, g.mem, ARENA_END);
   drv.init({});
   const log = captureVirtioLog();
@@ -259,4 +260,49 @@ Deno.test("display: damage stays bounded, and a failed read-back is one log line
   assert.equal(lines.length, 1);
   assert.match(lines[0], /resource gone/);
   assert.equal(display.damage(0).length, 0);
+});
+
+Deno.test("display: a snapshot looks at the screen: the saved framebuffer has the flushed frame", async () => {
+  using r = rig();
+  const px = pattern(W, H, 7);
+  showResource(r, 1, px);
+  r.ok(flush(1, 0, 0, W, H));
+  const saved = r.dev.saveState();
+  assert.equal(r.backend.reads.length, 1);
+  assert.equal(r.dev.gpuStats().scanouts["0"].readbackBy.snapshot, W * H * 4);
+  // Restored into a fresh device, the screen is there without any flush.
+  using b = rig();
+  b.dev.restoreState(saved);
+  assertPixels((await decodePngRgba(await b.dev.screenshot(0))).rgba, px, "restored screen");
+  assert.equal(b.backend.reads.length, 0, "the restored framebuffer needs no read-back");
+});
+
+Deno.test("display: the trace and the summary show the display path's copies", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-display-trace-" });
+  const path = `${dir}/trace.json`;
+  try {
+    {
+      using r = rig(path);
+      showResource(r, 1, pattern(W, H, 8));
+      r.ok(flush(1, 0, 0, W, H));
+      const png = await r.dev.screenshot(0);
+      const text = r.dev.summary();
+      assert.match(text, /display: read back 8\.0 KiB, sent to display clients/);
+      assert.match(text, /scanout 0: 1 flushes damaged 8\.0 KiB; read back 8\.0 KiB in 1 \(screenshot 8\.0 KiB/);
+      assert.equal(r.dev.gpuStats().scanouts["0"].sentTo.screenshot, png.length);
+    }
+    const events = JSON.parse(await Deno.readTextFile(path)) as {
+      name: string;
+      cat?: string;
+      tid?: number;
+      args?: Record<string, number>;
+    }[];
+    const display = events.filter((e) => e.cat === "display");
+    assert.deepEqual(display.map((e) => e.name), ["SCANOUT_READBACK (screenshot)", "DISPLAY_SEND (screenshot)"]);
+    assert.deepEqual(display[0].args, { resource: 1, bytes: W * H * 4, ctx: 0, scanout: 0 });
+    assert.equal(display[0].tid, DISPLAY_TID_BASE);
+    assert.ok(events.some((e) => e.name === "RESOURCE_FLUSH" && e.cat === "virtio-gpu"));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
