@@ -239,6 +239,14 @@ Deno.test({
       assert.ok(st.display.scanouts >= 1 && st.display.updates >= 1);
       // The scanout is read back only for a consumer (the front end, our screenshot), at its pace and only
       // what was flushed: never more than the flushes damaged; what the front end got was counted as sent.
+      // Mesa's scanout buffers are virgl 3D resources shown with SET_SCANOUT: no blob scanout here.
+      console.log(
+        `scanout commands: SET_SCANOUT ${st.gpu.commands.SET_SCANOUT?.count ?? 0}, ` +
+          `SET_SCANOUT_BLOB ${st.gpu.commands.SET_SCANOUT_BLOB?.count ?? 0}, RESOURCE_CREATE_BLOB ` +
+          `${st.gpu.commands.RESOURCE_CREATE_BLOB?.count ?? 0}`,
+      );
+      assert.ok((st.gpu.commands.SET_SCANOUT?.count ?? 0) >= 1);
+      assert.equal(st.gpu.commands.SET_SCANOUT_BLOB?.count ?? 0, 0);
       const sc = st.gpu.scanouts["0"];
       assert.ok(sc.flushes >= FRAMES);
       assert.equal(sc.damagedBytes, sc.flushes * ours.width * ours.height * 4, "kmscube flushes whole frames");
