@@ -77,6 +77,7 @@ import {
   RESP_ERR_INVALID_RESOURCE_ID,
   RESP_ERR_OUT_OF_MEMORY,
   RESP_ERR_UNSPEC,
+  VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
   VIRTIO_GPU_BLOB_MEM_GUEST,
   VIRTIO_GPU_BLOB_MEM_HOST3D,
   VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST,
@@ -123,6 +124,8 @@ interface VirglResource extends Create3DFields {
   /** Backing pages, for GUEST blob scanouts. */
   backing?: Backing;
   blobMem?: number;
+  /** VIRTIO_GPU_BLOB_FLAG_* it was created with. */
+  blobFlags?: number;
   /** Blob created in a Venus context (its map is an mmap of a memfd). */
   venus?: boolean;
   mapped?: MappedBlob;
@@ -207,6 +210,8 @@ function checkTransfer(t: Transfer, r: VirglResource): void {
 
 export class VirglBackend implements GpuBackend {
   readonly name: string = "virglrenderer";
+  /** transfer_read_iov calls made to read pixels back (scanouts that could not be read from memory). */
+  readTransfers = 0;
   readonly supportsVirgl: boolean = true;
   readonly supportsHostBlobs: boolean = true;
   /** True when Venus was asked for and the renderer initialised with it. */
@@ -374,6 +379,7 @@ export class VirglBackend implements GpuBackend {
       iov,
       backing: guestPages ? a.backing : undefined,
       blobMem: a.blobMem,
+      blobFlags: a.blobFlags,
       venus: this.#contexts.get(a.ctxId) === VIRGL_RENDERER_CAPSET_VENUS,
     });
   }
@@ -694,23 +700,45 @@ export class VirglBackend implements GpuBackend {
     }
     const row = new Uint8Array(rowBytes);
     const reader = r.backing ? new BackingReader(r.backing) : undefined;
-    const mappedBytes = r.mapped
-      ? new Uint8Array(
-        Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(r.mapped.hostAddr)!, r.mapped.size),
-      )
-      : undefined;
-    for (let i = 0; i < rect.height; i++) {
-      const off = layout.offset + (rect.y + i) * layout.stride + rect.x * BPP;
-      if (mappedBytes) row.set(mappedBytes.subarray(off, off + rowBytes));
-      else if (reader && r.blobMem === VIRTIO_GPU_BLOB_MEM_GUEST) reader.read(off, row, 0, rowBytes);
-      else this.#readBox(id, { x: off, y: 0, z: 0, w: rowBytes, h: 1, d: 1 }, rowBytes, row);
-      toBgra(layout.format, row, 0, out, i * rowBytes, rect.width);
+    // A mappable host blob the guest has not mapped is mapped here for the read and unmapped after: its
+    // pixels come from its memory, like a mapped one's, not through a transfer per row.
+    const mapHere = !r.mapped && r.blobMem !== VIRTIO_GPU_BLOB_MEM_GUEST && !r.venus &&
+      ((r.blobFlags ?? 0) & VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE) !== 0 && this.#mapForRead(id);
+    try {
+      const mappedBytes = r.mapped
+        ? new Uint8Array(
+          Deno.UnsafePointerView.getArrayBuffer(Deno.UnsafePointer.create(r.mapped.hostAddr)!, r.mapped.size),
+        )
+        : undefined;
+      if (mappedBytes && last > mappedBytes.length) {
+        throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `layout outside the mapping of blob ${id}`);
+      }
+      for (let i = 0; i < rect.height; i++) {
+        const off = layout.offset + (rect.y + i) * layout.stride + rect.x * BPP;
+        if (mappedBytes) row.set(mappedBytes.subarray(off, off + rowBytes));
+        else if (reader && r.blobMem === VIRTIO_GPU_BLOB_MEM_GUEST) reader.read(off, row, 0, rowBytes);
+        else this.#readBox(id, { x: off, y: 0, z: 0, w: rowBytes, h: 1, d: 1 }, rowBytes, row);
+        toBgra(layout.format, row, 0, out, i * rowBytes, rect.width);
+      }
+    } finally {
+      if (mapHere) this.unmapResource(id);
     }
     return out;
   }
 
+  /** Map blob `id` for a read-back; false (and the transfer path) when the renderer cannot map it. */
+  #mapForRead(id: number): boolean {
+    try {
+      this.mapResource(id);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
   /** transfer_read_iov of `box` (level 0, no context) into a host buffer, rows `stride` bytes apart. */
   #readBox(id: number, box: Box, stride: number, into: Uint8Array): void {
+    this.readTransfers++;
     const iov = iovecOf(into);
     this.#call("virgl_renderer_transfer_read_iov", () =>
       this.#v.virgl_renderer_transfer_read_iov(

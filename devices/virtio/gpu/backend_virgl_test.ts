@@ -753,6 +753,23 @@ Deno.test({
       send(setScanout(0, 0, 0, 0, side, side));
       send(unmapBlob(blob));
       assert.equal(mapper.live.size, 0);
+      // The same blob as a scanout while the guest has it unmapped: still read from the blob's memory (the
+      // backend maps it for the read and unmaps it again), never with a transfer, and the guest can map it after.
+      send(setScanoutBlob(0, blob, side, side, VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM, side * 4));
+      send(flush(blob, 0, 0, side, side));
+      const calls = vb.readTransfers;
+      const shot2 = await decodePngRgba(await dev.screenshot(0));
+      assert.equal(vb.readTransfers, calls, "no transfer_read_iov for a mappable blob");
+      for (let i = 0; i < side * side; i++) {
+        const want = [pat[4 * i + 2], pat[4 * i + 1], pat[4 * i], 0xff];
+        if (shot2.rgba.subarray(4 * i, 4 * i + 4).some((v, k) => v !== want[k])) {
+          assert.fail(`unmapped blob pixel ${i}`);
+        }
+      }
+      assert.equal(dev.gpuStats().scanouts["0"].readbackFromBlobBytes, 2 * side * side * 4);
+      send(setScanout(0, 0, 0, 0, side, side));
+      send(mapBlob(blob, 0x20_0000n), P.RESP_OK_MAP_INFO);
+      send(unmapBlob(blob));
       assert.ok(g.canaryIntact(), "no access outside guest memory");
     } finally {
       dev.close();
