@@ -66,6 +66,8 @@ import {
   toBgra,
   virglBytesPerPixel,
   VIRTIO_GPU_BYTES_PER_PIXEL,
+  VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM,
+  VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM,
 } from "./formats.ts";
 import { walkVirglCommands } from "./virgl_stream.ts";
 import {
@@ -683,11 +685,11 @@ export class VirglBackend implements GpuBackend {
         throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `rect outside resource ${id}`);
       }
       if (r.mapped) throw new GpuBackendError(RESP_ERR_INVALID_PARAMETER, `resource ${id} is mapped`);
-      const host = new Uint8Array(out.length);
+      // Rows packed in both buffers: one conversion of every pixel; the B8G8R8 formats in place.
+      const inPlace = r.format === VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM || r.format === VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM;
+      const host = inPlace ? out : new Uint8Array(out.length);
       this.#readBox(id, { x: rect.x, y: rect.y, z: 0, w: rect.width, h: rect.height, d: 1 }, rect.width * BPP, host);
-      for (let i = 0; i < rect.height; i++) {
-        toBgra(r.format, host, i * rect.width * BPP, out, i * rect.width * BPP, rect.width);
-      }
+      toBgra(r.format, host, 0, out, 0, rect.width * rect.height);
       return out;
     }
     if (!layout || !isVirtioGpuFormat(layout.format)) {

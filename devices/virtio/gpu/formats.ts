@@ -41,7 +41,8 @@ export function formatName(format: number): string {
 
 /**
  * Convert `count` pixels of `format` from src[srcOff..] into B8G8R8A8 at dst[dstOff..].
- * The caller checked the format (isVirtioGpuFormat) and the bounds.
+ * The caller checked the format (isVirtioGpuFormat) and the bounds. In place (the same array and offset)
+ * only for B8G8R8A8 and B8G8R8X8.
  */
 export function toBgra(
   format: number,
@@ -52,8 +53,15 @@ export function toBgra(
   count: number,
 ) {
   const c = CHANNELS[format];
+  const same = src === dst && srcOff === dstOff;
   if (format === VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM) {
-    dst.set(src.subarray(srcOff, srcOff + 4 * count), dstOff);
+    if (!same) dst.set(src.subarray(srcOff, srcOff + 4 * count), dstOff);
+    return;
+  }
+  if (format === VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM) {
+    // The same byte order with the X byte made opaque.
+    if (!same) dst.set(src.subarray(srcOff, srcOff + 4 * count), dstOff);
+    makeOpaque(dst, dstOff, count);
     return;
   }
   const [b, g, r, a] = c;
@@ -65,6 +73,18 @@ export function toBgra(
     dst[d + 2] = src[s + r];
     dst[d + 3] = a < 0 ? 0xff : src[s + a];
   }
+}
+
+/** Set the alpha byte (the 4th) of `count` B8G8R8A8 pixels at b[off..] to 0xff. */
+function makeOpaque(b: Uint8Array, off: number, count: number): void {
+  const at = b.byteOffset + off;
+  if (at % 4 === 0) {
+    // Four bytes at a time: on a little-endian host (x86_64) the 4th byte is a u32's top byte.
+    const u = new Uint32Array(b.buffer, at, count);
+    for (let i = 0; i < count; i++) u[i] |= 0xff000000;
+    return;
+  }
+  for (let i = 0; i < count; i++) b[off + 4 * i + 3] = 0xff;
 }
 
 // ---- virgl formats for accounting (virglrenderer src/virgl_hw.h enum virgl_formats) ----
