@@ -13,7 +13,7 @@
 // devm_memremap_pages works in).
 
 import { ConfigError, HostError } from "../../core/exit.ts";
-import { openUserFile } from "../../core/host_file.ts";
+import { checkFileKind, openUserFile } from "../../core/host_file.ts";
 import { RateLimitedLog } from "../../core/log.ts";
 import { type DeviceState, stateData, StateError, type Stateful, stateRecord } from "../../core/state.ts";
 import { MiB } from "../../core/units.ts";
@@ -137,8 +137,16 @@ export class PmemDevice implements VirtioDevice, Stateful {
     try {
       opened = openUserFile(opts.path, opts.readOnly ? O_RDONLY : O_RDWR, "pmem file", "regular");
     } catch (e) {
-      if (e instanceof SysError) throw new HostError(`pmem "${opts.path}": cannot open it: ${e.message}`);
-      throw e;
+      if (!(e instanceof SysError)) throw e;
+      // A directory opened for writing fails before its kind is seen: name its kind (exit 35).
+      let info: Deno.FileInfo | undefined;
+      try {
+        info = Deno.statSync(opts.path);
+      } catch {
+        // Nothing there (or nothing we may look at): the open's error says it.
+      }
+      if (info) checkFileKind("pmem file", opts.path, info, "regular");
+      throw new HostError(`pmem "${opts.path}": cannot open it: ${e.message}`);
     }
     this.#fd = opened.fd;
     try {

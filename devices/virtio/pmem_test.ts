@@ -299,10 +299,13 @@ Deno.test("pmem: a missing file is a HostError (exit 1), an empty one or a direc
     });
     Deno.writeFileSync(`${dir}/empty.img`, new Uint8Array());
     assert.throws(() => new PmemDevice({ path: `${dir}/empty.img`, readOnly: false }), ConfigError);
-    assert.throws(() => new PmemDevice({ path: dir, readOnly: true }), (e) => {
-      assert.ok(e instanceof ExitCodeError && e instanceof ConfigError, String(e));
-      return true;
-    });
+    for (const readOnly of [true, false]) {
+      assert.throws(() => new PmemDevice({ path: dir, readOnly }), (e) => {
+        assert.ok(e instanceof ExitCodeError && e instanceof ConfigError, String(e));
+        assert.match((e as Error).message, /is a directory, not a regular file/);
+        return true;
+      });
+    }
   } finally {
     Deno.removeSync(dir, { recursive: true });
   }
