@@ -102,6 +102,11 @@ Deno.test({
       await sh("mount -t ext4 -o ro /dev/pmem1 /mnt/ro");
       assert.equal(await sh("cat /mnt/ro/ro.txt"), roText);
       await sh("umount /mnt/ro");
+      const dmesg = await sh("dmesg");
+      console.log(
+        `linux pmem: guest's pmem lines:\n${dmesg.split("\n").filter((l) => /pmem|nd_/i.test(l)).join("\n")}`,
+      );
+      assert.doesNotMatch(dmesg, /I\/O error|EXT4-fs error/i, "no I/O errors in the guest");
 
       vm.send("poweroff -f\n");
       await within(vm.exitCode, () => `the guest did not power off\n${shown()}`, GUEST_TIMEOUT_MS);
