@@ -9,6 +9,7 @@ import { VIRTIO_MMIO_CONFIG } from "../../devices/virtio/mmio.ts";
 import { MiB, sharedMemoryAreaStart } from "../arch/layout.ts";
 import { SHM_WINDOW_ALIGN } from "./shared_memory.ts";
 import { fakeMachine, fakeMachineConfig } from "../../test/support/fake_machine.ts";
+import { StateError } from "../../core/state.ts";
 
 Deno.test("pmem windows: one slot per file above RAM, read-only for ro, its address and size in the config space", async () => {
   const dir = await Deno.makeTempDir({ prefix: "denovm-pmem-window-" });
@@ -50,6 +51,41 @@ Deno.test("pmem windows: one slot per file above RAM, read-only for ro, its addr
     }
     // Closing the machine removed the slots.
     assert.ok([...vm.slots.values()].every((s) => s.guestAddr < sharedMemoryAreaStart(config.memMiB * MiB)));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("pmem windows: the devices' state restores into a machine of the same configuration, not into one whose file grew", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-pmem-window-" });
+  try {
+    await Deno.writeFile(`${dir}/a.img`, new Uint8Array(MiB));
+    const config = await fakeMachineConfig({ pmems: [{ path: `${dir}/a.img`, ro: false, root: false }] });
+    const { machine: m1 } = await fakeMachine(config);
+    let saved;
+    try {
+      saved = m1.devices.saveState();
+    } finally {
+      await m1.stop();
+    }
+    const { machine: m2 } = await fakeMachine(config);
+    try {
+      m2.devices.restoreState(saved);
+    } finally {
+      await m2.stop();
+    }
+    // The file is now 3 MiB: a 4 MiB window, another configuration space.
+    await Deno.truncate(`${dir}/a.img`, 3 * MiB);
+    const { machine: m3 } = await fakeMachine(config);
+    try {
+      assert.throws(() => m3.devices.restoreState(saved), (e) => {
+        assert.ok(e instanceof StateError, String(e));
+        assert.match((e as Error).message, /pmem.*configuration space differs/);
+        return true;
+      });
+    } finally {
+      await m3.stop();
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
