@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the default guest's initramfs: busybox-static, the virtio modules of Debian's 6.1
-# kernel with evdev and ext4 (with their dependencies, loaded in dependency order), and an /init that mounts
-# proc/sys/dev, loads the modules, prints DENOVM-INIT-OK and starts a shell on the console.
+# kernel with evdev, ext4 and nd_pmem (/dev/pmemN; with their dependencies, loaded in
+# dependency order), and an /init that mounts proc/sys/dev, loads the modules, prints
+# DENOVM-INIT-OK and starts a shell on the console.
 # With `denovm.poweroff` on the kernel command line, /init powers off after the marker.
 #
 # Output: ${DENOVM_CACHE:-<repo>/.cache}/initramfs/default.cpio.gz (cpio newc, gzip).
@@ -32,6 +33,8 @@ WANTED_MODULES=(
   virtio_gpu     # a framebuffer console on the GPU's scanout (screenshots of the shell)
   evdev          # /dev/input/event* for the virtio-input devices
   ext4           # disks: mount an ext4 image given with --block
+  virtio_pmem    # --pmem: the virtio-pmem region (with libnvdimm)
+  nd_pmem        # --pmem: /dev/pmemN, the block device on that region
   crc32c_generic # ext4's metadata checksums (requested at mount time; no modprobe here)
 )
 

@@ -48,6 +48,14 @@ export interface BlockConfig {
   lock?: boolean;
 }
 
+/** A virtio-pmem device (crosvm src/crosvm/config.rs PmemOption): a host file as the guest's /dev/pmemN. */
+export interface PmemConfig {
+  path: string;
+  ro: boolean;
+  /** Adds `root=/dev/pmemN ro|rw` to the kernel command line; at most one block or pmem may have it. */
+  root: boolean;
+}
+
 export interface NetConfig {
   tapName?: string;
   tapFd?: number;
@@ -154,6 +162,8 @@ export interface VmConfig {
   agent?: boolean;
   /** Add `virtio_mmio.device=` arguments for each virtio-mmio device to the kernel command line. */
   virtioMmioCmdline: boolean;
+  /** virtio-pmem devices (`--pmem`), /dev/pmem0, /dev/pmem1, ... in order; absent means none. */
+  pmems?: PmemConfig[];
   logLevel?: string;
 }
 
@@ -242,7 +252,8 @@ const HARDWARE_ORDER: Record<SerialHardware, number> = { "serial": 0, "virtio-co
  *  3. `earlycon=uart8250,io,0x<port>` for the earlycon port;
  *  4. each `-p` piece exactly as given (crosvm neither trims nor splits them);
  *  5. what the configuration adds after the user's pieces (crosvm pushes it onto `params` when the config
- *     is validated): `root=/dev/vdX ro|rw` for the root block;
+ *     is validated): `root=/dev/vdX ro|rw` for the root block, else `root=/dev/pmemN ro|rw` for the root pmem
+ *     (crosvm looks at block devices first, then pmem ones);
  *  6. `deviceArgs`: denovm's own additions (the `virtio_mmio.device=` arguments), which crosvm has no
  *     counterpart of.
  */
@@ -261,7 +272,9 @@ export function kernelCommandLine(cfg: VmConfig, deviceArgs: readonly string[] =
   if (earlyPort) parts.push(`earlycon=uart8250,io,0x${earlyPort.base.toString(16)}`);
   parts.push(...cfg.params);
   const rootIndex = cfg.blocks.findIndex((b) => b.root);
+  const pmemRoot = (cfg.pmems ?? []).findIndex((p) => p.root);
   if (rootIndex >= 0) parts.push(`root=${diskName(rootIndex)} ${cfg.blocks[rootIndex].ro ? "ro" : "rw"}`);
+  else if (pmemRoot >= 0) parts.push(`root=/dev/pmem${pmemRoot} ${cfg.pmems![pmemRoot].ro ? "ro" : "rw"}`);
   parts.push(...deviceArgs);
   return parts.join(" ");
 }

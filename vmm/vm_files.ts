@@ -31,6 +31,7 @@ export function vmInputs(config: VmConfig): NamedFile[] {
     const flag = b.root ? (b.ro ? "--root" : "--rwroot") : "--block";
     out.push({ name: `${flag} ${b.path}`, path: b.path });
   }
+  for (const p of config.pmems ?? []) out.push({ name: `--pmem ${p.path}`, path: p.path });
   for (const s of config.serials) {
     if (s.input !== undefined) out.push({ name: `${serialName(s)} input=${s.input}`, path: s.input });
   }

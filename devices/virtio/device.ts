@@ -15,6 +15,7 @@ export const VIRTIO_ID_BALLOON = 5;
 export const VIRTIO_ID_GPU = 16;
 export const VIRTIO_ID_INPUT = 18;
 export const VIRTIO_ID_VSOCK = 19;
+export const VIRTIO_ID_PMEM = 27;
 
 /** Reserved feature bits (virtio 1.2 spec, section 6 "Reserved Feature Bits"). */
 export const VIRTIO_F_INDIRECT_DESC = 1n << 28n;
@@ -84,6 +85,13 @@ export interface VirtioDevice {
   sharedMemoryRegions?(): SharedMemoryRegion[];
   /** Given before activation when the device has shared-memory regions. */
   setSharedMemoryMapper?(mapper: SharedMemoryMapper): void;
+  /**
+   * The size of a guest-physical window the device needs that is no virtio shared-memory region (virtio-pmem's
+   * memory, whose address its configuration space carries), if it needs one.
+   */
+  memoryWindowSize?(): number;
+  /** Given before activation when the device needs a window: its base, and a mapper for it (region id 0). */
+  setMemoryWindow?(base: number, mapper: SharedMemoryMapper): void;
   /** Release host resources (files, sockets) at VM exit. */
   close?(): void;
   /** Counters for stats (bytes, requests, errors). */

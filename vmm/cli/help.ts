@@ -147,6 +147,45 @@ export const RUN_FLAGS: readonly FlagDef[] = [
   { long: "root", short: "r", arg: "PATH[,key=value...]", help: "(deprecated) read-only root block device" },
   { long: "rwroot", arg: "PATH[,key=value...]", help: "(deprecated) writable root block device" },
   {
+    long: "pmem",
+    arg: "[path=]PATH[,key=value...]",
+    repeatable: true,
+    help: "virtio-pmem device: a regular file mapped into the guest as /dev/pmem0, /dev/pmem1, ... (its size " +
+      "rounded up to 2 MiB); the guest's flushes fsync it",
+    keys: [
+      { form: "path=PATH", help: "the file; the key may be left out when it comes first" },
+      { form: "ro[=BOOL]", help: "read-only: mapped read-only, flushes refused (default: false)" },
+      {
+        form: "root[=BOOL]",
+        help: "add root=/dev/pmemN ro|rw to the kernel command line; only one root block or pmem (default: false)",
+      },
+      {
+        form: "vma-size=BYTES",
+        help: "(crosvm, experimental) back the device with an anonymous memory area of this size",
+        crosvm: { action: "refuse", note: "denovm's pmem devices are files", type: "uint" },
+      },
+      {
+        form: "swap-interval-ms=NUM",
+        help: "(crosvm, experimental) swap the vma-size area out every NUM ms",
+        crosvm: { action: "refuse", note: "denovm's pmem devices are files (no vma-size area to swap)", type: "uint" },
+      },
+    ],
+  },
+  {
+    long: "pmem-device",
+    arg: "PATH",
+    repeatable: true,
+    help: "(deprecated, use --pmem PATH,ro=true) read-only virtio-pmem device",
+    deprecated: "--pmem",
+  },
+  {
+    long: "rw-pmem-device",
+    arg: "PATH",
+    repeatable: true,
+    help: "(deprecated, use --pmem PATH) writable virtio-pmem device",
+    deprecated: "--pmem",
+  },
+  {
     long: "serial",
     arg: "type=TYPE[,key=value...]",
     repeatable: true,

@@ -13,6 +13,7 @@ import {
   type InputConfig,
   MAX_TCP_PORT,
   type NetConfig,
+  type PmemConfig,
   type VmConfig,
 } from "../config.ts";
 import { VIRTIO_GPU_MAX_SCANOUTS } from "../../devices/virtio/gpu/protocol.ts";
@@ -25,6 +26,7 @@ import { parseInputOption } from "./devices/input.ts";
 import { parseNetOption } from "./devices/net.ts";
 import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
 import { parseVsockOption } from "./devices/vsock.ts";
+import { parseDeprecatedPmemOption, parsePmemOption } from "./devices/pmem.ts";
 import { type AllowedKinds, checkFileKind, openUserFile } from "../../core/host_file.ts";
 import { closeFd, O_RDONLY } from "../../ffi/libc.ts";
 
@@ -360,6 +362,8 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
   const tapFdNets: NetConfig[] = [];
   const rawNet: { hostIp?: string; netmask?: string; mac?: string } = {};
   const deprecatedInputs = new Map<string, InputConfig[]>();
+  // crosvm's --pmem devices, then its deprecated --pmem-device ones, then --rw-pmem-device ones.
+  const pmems: PmemConfig[] = [], roPmemDevices: PmemConfig[] = [], rwPmemDevices: PmemConfig[] = [];
   const gpuDisplays: GpuDisplayConfig[] = [];
   const warned = new Set<string>();
   for (const o of all) {
@@ -417,6 +421,15 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
         break;
       case "rwroot":
         cfg.blocks.push(parseBlockOption(v, "--rwroot", { ro: false, root: true }));
+        break;
+      case "pmem":
+        pmems.push(parsePmemOption(v));
+        break;
+      case "pmem-device":
+        roPmemDevices.push(parseDeprecatedPmemOption(v, "--pmem-device", true));
+        break;
+      case "rw-pmem-device":
+        rwPmemDevices.push(parseDeprecatedPmemOption(v, "--rw-pmem-device", false));
         break;
       case "serial":
         cfg.serials.push(parseSerialOption(v));
@@ -542,6 +555,9 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
     );
   }
   for (const kind of DEPRECATED_INPUT_ORDER) cfg.inputs.push(...(deprecatedInputs.get(kind) ?? []));
+  if (pmems.length + roPmemDevices.length + rwPmemDevices.length > 0) {
+    cfg.pmems = [...pmems, ...roPmemDevices, ...rwPmemDevices];
+  }
   if (gpuDisplays.length > 0) {
     cfg.gpu ??= gpuConfig();
     cfg.gpu.displays.push(...gpuDisplays);
@@ -579,7 +595,9 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
   cfg.kernel = kernel;
 
   validateSerials(cfg.serials);
-  if (cfg.blocks.filter((b) => b.root).length > 1) throw new UsageError("only one root disk can be given");
+  if (cfg.blocks.filter((b) => b.root).length + (cfg.pmems ?? []).filter((p) => p.root).length > 1) {
+    throw new UsageError("only one root disk can be given");
+  }
   addDefaultSerial(cfg.serials);
 
   if (options.checkFiles ?? true) {

@@ -16,6 +16,8 @@ import type { WorkerDevice } from "../kvm/worker_devices.ts";
 
 /** QueueNotify is a 32-bit register whose value is the queue index: the ioeventfd matches both. */
 const QUEUE_NOTIFY_SIZE = 4;
+/** The region id of a device's own window (VirtioDevice.setMemoryWindow). */
+const DEVICE_WINDOW_ID = 0;
 /** How long one wait of the notify loop lasts before it looks whether the VM has closed (ms). */
 const NOTIFY_POLL_MS = 200;
 
@@ -78,6 +80,12 @@ export class VirtioMmioDevices {
       const { base, irq } = resources[i];
       const windows = this.shm.place(device.name, device.sharedMemoryRegions?.() ?? []);
       if (windows.size > 0) device.setSharedMemoryMapper?.(sharedMemoryMapper(device.name, windows, this.vm));
+      // A window of the device's own (pmem), placed in the same area but not a virtio shared-memory region.
+      const ownSize = device.memoryWindowSize?.();
+      if (ownSize !== undefined) {
+        const own = this.shm.place(device.name, [{ id: DEVICE_WINDOW_ID, size: ownSize }]);
+        device.setMemoryWindow?.(own.get(DEVICE_WINDOW_ID)!.base, sharedMemoryMapper(device.name, own, this.vm));
+      }
       const irqFd = eventfd();
       const notifyFds: number[] = [];
       const transport = new VirtioMmioTransport(device, this.memory, {

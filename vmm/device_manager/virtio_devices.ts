@@ -1,6 +1,6 @@
 // Which virtio device models a VmConfig asks for, in the order they get
 // virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
-// line), then net, consoles, rng, balloon, input, vsock, gpu. The net, vsock and gpu
+// line), then net, consoles, rng, balloon, input, vsock, gpu, pmem. The net, vsock, gpu and pmem
 // models (and the tap and virglrenderer bindings) are imported only when asked for, so
 // a VM without them does not load them at start-up.
 
@@ -184,6 +184,13 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
           tracePath: g.tracePath,
         }),
       );
+    }
+    if (config.pmems && config.pmems.length > 0) {
+      // Last, so a VM's other devices keep their slots; /dev/pmemN follows the order given.
+      const { PmemDevice } = await import("../../devices/virtio/pmem.ts");
+      for (const p of config.pmems) {
+        devices.push(await make(`--pmem ${p.path}`, () => new PmemDevice({ path: p.path, readOnly: p.ro })));
+      }
     }
   } catch (e) {
     for (const d of devices) d.close?.();

@@ -76,6 +76,16 @@ export function checkRestoreConfig(saved: VmConfig, given: VmConfig): void {
     if (g.ro !== s.ro) fail(`--block ${i + 1} (${g.path}) is ${rw(g.ro)}; in the snapshot it is ${rw(s.ro)}`);
   });
 
+  const [givenPmems, savedPmems] = [given.pmems ?? [], saved.pmems ?? []];
+  if (givenPmems.length !== savedPmems.length) {
+    fail(`${plural(givenPmems.length, "--pmem device")} given; the snapshot has ${savedPmems.length}`);
+  }
+  savedPmems.forEach((s, i) => {
+    const g = givenPmems[i];
+    const rw = (ro: boolean) => ro ? "read-only" : "writable";
+    if (g.ro !== s.ro) fail(`--pmem ${i + 1} (${g.path}) is ${rw(g.ro)}; in the snapshot it is ${rw(s.ro)}`);
+  });
+
   if (given.nets.length !== saved.nets.length) {
     fail(`${plural(given.nets.length, "--net device")} given; the snapshot has ${saved.nets.length}`);
   }
@@ -199,6 +209,7 @@ function withHostSide(base: VmConfig, from: VmConfig): VmConfig {
     put(n, "mac", f.mac);
   });
   out.inputs.forEach((input, i) => put(input, "path", from.inputs[i].path));
+  out.pmems?.forEach((p, i) => p.path = from.pmems?.[i]?.path ?? p.path);
   if (out.vsock && from.vsock) {
     out.vsock.cid = from.vsock.cid;
     put(out.vsock, "udsPath", from.vsock.udsPath);

@@ -111,7 +111,8 @@ const VM_CONFIG_SCHEMA: Schema = record({
   agent: bool,
   virtioMmioCmdline: bool,
   logLevel: str,
-}, ["initrd", "vsock", "gpu", "socket", "gdb", "agent", "logLevel"]);
+  pmems: list(record({ path: str, ro: bool, root: bool })),
+}, ["initrd", "vsock", "gpu", "socket", "gdb", "agent", "logLevel", "pmems"]);
 
 /** `value` checked against `schema`, as a fresh copy; StateError naming the first field that does not fit. */
 function decode(schema: Schema, value: StateValue | undefined, what: string): unknown {

@@ -72,6 +72,7 @@ const FULL: DeepRequired<VmConfig> = {
   agent: true,
   virtioMmioCmdline: true,
   logLevel: "debug",
+  pmems: [{ path: "/pmem.img", ro: true, root: true }],
 };
 
 Deno.test("config state: every field comes back; absent optional fields stay absent", () => {
