@@ -251,7 +251,11 @@ export class PmemDevice implements VirtioDevice, Stateful {
     this.#startSync();
   }
 
-  /** A request's status when it is answered at once (a bad one), or undefined for a flush to run. */
+  /**
+   * A request's status when it is answered at once (a bad one, or a flush of a read-only file, which has
+   * nothing to write back: OK, as crosvm's msync of its read-only mapping answers), or undefined for a
+   * flush to run.
+   */
   #check(chain: DescriptorChain): number | undefined {
     if (chain.readableLength < PMEM_REQ_BYTES) {
       return this.#bad(`request of ${chain.readableLength} device-readable bytes, fewer than ${PMEM_REQ_BYTES}`);
@@ -261,7 +265,7 @@ export class PmemDevice implements VirtioDevice, Stateful {
     }
     const type = chain.reader().readU32();
     if (type !== VIRTIO_PMEM_REQ_TYPE_FLUSH) return this.#bad(`unknown request type ${type}`);
-    if (this.readOnly) return this.#bad("flush of a read-only device");
+    if (this.readOnly) return VIRTIO_PMEM_RESP_TYPE_OK;
     return undefined;
   }
 
