@@ -159,11 +159,18 @@ export class VirtioMmioDevices {
     return this.slots.filter((v) => !idle(v)).map((v) => v.device.name);
   }
 
-  /** Counters of every device, as `<device>.<counter>`. */
+  /**
+   * Counters of every device, as `<device>.<counter>`; the second device of a name is `<name>1`, the third
+   * `<name>2` and so on, in slot order (the order of the command line within a kind).
+   */
   stats(): Record<string, number> {
     const out: Record<string, number> = {};
+    const seen = new Map<string, number>();
     for (const v of this.slots) {
-      for (const [k, n] of Object.entries(v.device.stats?.() ?? {})) out[`${v.device.name}.${k}`] = n;
+      const n = seen.get(v.device.name) ?? 0;
+      seen.set(v.device.name, n + 1);
+      const label = n === 0 ? v.device.name : `${v.device.name}${n}`;
+      for (const [k, count] of Object.entries(v.device.stats?.() ?? {})) out[`${label}.${k}`] = count;
     }
     return out;
   }
