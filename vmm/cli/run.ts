@@ -25,6 +25,7 @@ import { parseInputOption } from "./devices/input.ts";
 import { parseNetOption } from "./devices/net.ts";
 import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
 import { parseVsockOption } from "./devices/vsock.ts";
+import { parseVhostUserConnectTimeout, parseVhostUserOption } from "./devices/vhost_user.ts";
 import { type AllowedKinds, checkFileKind, openUserFile } from "../../core/host_file.ts";
 import { closeFd, O_RDONLY } from "../../ffi/libc.ts";
 
@@ -435,6 +436,12 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
         break;
       case "cid":
         cfg.vsock = parseVsockOption(v, "--cid");
+        break;
+      case "vhost-user":
+        (cfg.vhostUser ??= []).push(parseVhostUserOption(v));
+        break;
+      case "vhost-user-connect-timeout-ms":
+        cfg.vhostUserConnectTimeoutMs = parseVhostUserConnectTimeout(v);
         break;
       case "no-rng":
         cfg.rng = false;
