@@ -189,6 +189,7 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
     }
     if (config.vhostUser?.length) {
       const { VhostUserFrontEndDevice } = await import("../../devices/vhost_user/front_end.ts");
+      const { VhostUserProtocolError } = await import("../../devices/vhost_user/protocol.ts");
       const log = ctx.log ?? ((line: string) => console.error(`denovm: ${line}`));
       const perType = new Map<string, number>();
       for (const v of config.vhostUser) {
@@ -207,7 +208,16 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
           log,
         });
         devices.push(device);
-        await make(`--vhost-user ${v.type},socket=${v.socket}`, () => device.connect());
+        const what = `--vhost-user ${v.type},socket=${v.socket}`;
+        await make(what, async () => {
+          try {
+            await device.connect();
+          } catch (e) {
+            // A socket that is not there is the user's to fix (exit 35); a back end that misbehaves is not.
+            if (e instanceof VhostUserProtocolError) throw new HostError(`${what}: ${e.message}`);
+            throw e;
+          }
+        });
       }
     }
   } catch (e) {
