@@ -17,7 +17,10 @@ import {
   EAGAIN,
   EINTR,
   ENOENT,
+  eventfd,
+  eventfdRead,
   eventfdWrite,
+  pollAsync,
   POLLERR,
   POLLHUP,
   POLLIN,
@@ -26,7 +29,7 @@ import {
   pollSync,
   SysError,
 } from "../../ffi/libc.ts";
-import { ECONNREFUSED } from "../../ffi/socket.ts";
+import { ECONNREFUSED, ECONNRESET, EPIPE } from "../../ffi/socket.ts";
 import { ConnectionClosed, UnixStream } from "../../core/unix_socket.ts";
 import { type DeviceState, StateError } from "../../core/state.ts";
 import type { GuestMemory } from "../../core/memory.ts";
@@ -37,14 +40,18 @@ import {
   VIRTIO_F_RING_PACKED,
   type VirtioDevice,
 } from "../virtio/device.ts";
-import { availRingBytes, descTableBytes, usedRingBytes, VIRTQ_MAX_SIZE } from "../virtio/queue.ts";
+import { availRingBytes, descTableBytes, usedRingBytes, VIRTQ_MAX_SIZE, type Virtqueue } from "../virtio/queue.ts";
 import {
   configPayload,
   encodeMessage,
+  type Inflight,
+  INFLIGHT_SIZE,
+  inflightPayload,
   type MemRegion,
   memTablePayload,
   parseConfig,
   parseHeader,
+  parseInflight,
   parseVringState,
   requestName,
   u64Payload,
@@ -55,6 +62,7 @@ import {
   VHOST_USER_MAX_CONFIG_SIZE,
   VHOST_USER_MAX_VRING_INDEX,
   VHOST_USER_PROTOCOL_F_CONFIG,
+  VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
   VHOST_USER_PROTOCOL_F_MQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_PROTOCOL_F_RESET_DEVICE,
@@ -69,7 +77,7 @@ import { vhostUserDeviceTypeById } from "./device_types.ts";
 
 /** Protocol features this front end uses (vhost-user.rst "Protocol features"). */
 export const FRONT_END_PROTOCOL_FEATURES = VHOST_USER_PROTOCOL_F_MQ | VHOST_USER_PROTOCOL_F_REPLY_ACK |
-  VHOST_USER_PROTOCOL_F_CONFIG | VHOST_USER_PROTOCOL_F_RESET_DEVICE;
+  VHOST_USER_PROTOCOL_F_CONFIG | VHOST_USER_PROTOCOL_F_RESET_DEVICE | VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD;
 
 /** VIRTIO_F_NOTIFICATION_DATA (virtio 1.2 section 6): notifications carry more than the queue index. */
 const VIRTIO_F_NOTIFICATION_DATA = 1n << 38n;
@@ -93,6 +101,10 @@ export const FRONT_END_MAX_QUEUES = 64;
 export const DEFAULT_REPLY_TIMEOUT_MS = 5_000;
 /** Between connection attempts while a connect timeout lasts (ms). */
 const CONNECT_RETRY_MS = 20;
+/** Between attempts at reaching a back end that went away (ms). */
+const RECONNECT_RETRY_MS = 100;
+/** Set-ups in a row a back end that came back may fail (its connection lost again) before the device fails. */
+const MAX_SETUP_FAILURES = 3;
 /** SET_CONFIG's flags: a change the driver made (vhost-user.rst "VHOST_USER_SET_CONFIG": VHOST_SET_CONFIG_TYPE_FRONTEND). */
 const VHOST_SET_CONFIG_TYPE_FRONTEND = 0;
 /** SET_VRING_ENABLE's num: 1 enables the ring, 0 disables it (vhost-user.rst). */
@@ -108,6 +120,14 @@ export class VhostUserConnectError extends Error {
   constructor(message: string) {
     super(message);
     this.name = "VhostUserConnectError";
+  }
+}
+
+/** The connection to the back end is gone (it closed it, or died): the front end may connect again. */
+export class VhostUserDisconnected extends VhostUserProtocolError {
+  constructor(message: string) {
+    super(message);
+    this.name = "VhostUserDisconnected";
   }
 }
 
@@ -200,9 +220,9 @@ export class VhostUserClient {
     } catch (e) {
       this.close();
       if (e instanceof VhostUserProtocolError) throw e;
-      if (e instanceof ConnectionClosed) {
-        throw new VhostUserProtocolError(`${requestName(what)}: the back end closed the connection`);
-      }
+      const gone = e instanceof ConnectionClosed ||
+        (e instanceof SysError && (e.errno === ECONNRESET || e.errno === EPIPE));
+      if (gone) throw new VhostUserDisconnected(`${requestName(what)}: the back end closed the connection`);
       throw new VhostUserProtocolError(`${requestName(what)}: ${errorText(e)}`);
     }
   }
@@ -258,8 +278,11 @@ export class VhostUserClient {
     return out;
   }
 
-  /** Read the reply to `request`: a reply to it, of `size` bytes when given. Descriptors with it are closed. */
-  #reply(sock: UnixStream, deadline: number, request: number, size?: number): VhostUserMessage {
+  /**
+   * Read the reply to `request`: a reply to it, of `size` bytes when given. Descriptors that came with it
+   * are closed, or with `keepFds` returned in the message (the caller owns them).
+   */
+  #reply(sock: UnixStream, deadline: number, request: number, size?: number, keepFds = false): VhostUserMessage {
     const fds: number[] = [];
     try {
       const h = parseHeader(this.#recvExact(sock, VHOST_USER_HEADER_SIZE, deadline, request, fds), true);
@@ -271,10 +294,34 @@ export class VhostUserClient {
       }
       const payload = new Uint8Array(h.size);
       if (h.size > 0) payload.set(this.#recvExact(sock, h.size, deadline, request, fds));
-      return { request: h.request, flags: h.flags, payload, fds: [] };
+      return { request: h.request, flags: h.flags, payload, fds: keepFds ? fds.splice(0) : [] };
     } finally {
-      // No reply this front end reads carries descriptors.
       fds.forEach(closeFd);
+    }
+  }
+
+  /** A request whose reply carries descriptors (GET_INFLIGHT_FD): the reply, with them (the caller owns them). */
+  callWithFds(request: number, payload: Uint8Array, size: number): VhostUserMessage {
+    return this.#use(request, (sock, deadline) => {
+      this.#send(sock, deadline, request, VHOST_USER_VERSION, payload);
+      return this.#reply(sock, deadline, request, size, true);
+    });
+  }
+
+  /**
+   * With no request outstanding, what the socket holds: "closed" (the back end hung up), "unsolicited" (it
+   * sent a message nobody asked for: a protocol violation) or "idle". Does not wait.
+   */
+  checkIdle(): "idle" | "closed" | "unsolicited" {
+    const sock = this.#sock;
+    if (!sock) return "closed";
+    try {
+      const r = sock.tryRecv(VHOST_USER_HEADER_SIZE);
+      if (r === null) return "idle";
+      r.fds.forEach(closeFd);
+      return "unsolicited";
+    } catch {
+      return "closed";
     }
   }
 
@@ -341,12 +388,21 @@ function powerOf2AtMost(n: number): number {
   return 2 ** Math.floor(Math.log2(n));
 }
 
-/** What the front end set up at DRIVER_OK: which rings run. */
-interface Running {
-  queues: number[];
-}
+/** Where the device's connection is. */
+type LinkState = "connected" | "reconnecting" | "failed" | "closed";
 
-/** A virtio device served by a vhost-user back end (see the top of this file). */
+/**
+ * A virtio device served by a vhost-user back end (see the top of this file).
+ *
+ * Reconnection: when the back end goes away (its socket hangs up, or a request finds it gone), the device
+ * logs one line and connects again to the same socket, every RECONNECT_RETRY_MS, for as long as it takes.
+ * Once connected it negotiates again and, if the driver had the device running, sends the whole set-up:
+ * features, memory table, the inflight region it had (INFLIGHT_SHMFD), and each ring from the used index
+ * in guest memory (the back end, with the inflight region, resubmits what it had taken and not completed),
+ * with the same kick and call fds. The guest's kicks meanwhile count up in the ioeventfds; the new back end
+ * sees them. A back end that comes back but fails the set-up MAX_SETUP_FAILURES times running, or that
+ * misbehaves (a malformed reply, no reply in time), fails the device.
+ */
 export class VhostUserFrontEndDevice implements VirtioDevice {
   readonly name: string;
   readonly deviceType: number;
@@ -354,18 +410,28 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
   readonly #opts: VhostUserFrontEndOptions;
   readonly #log: (line: string) => void;
   #client?: VhostUserClient;
+  #state: LinkState = "closed";
   #features = 0n;
   #protocolFeatures = 0n;
   #queueSizes: number[] = [];
   #config: Uint8Array = new Uint8Array(0);
-  #running?: Running;
-  /** Why the device failed (the back end misbehaved or went away), once it has. */
+  /** The driver's set-up while the device runs (from DRIVER_OK to reset). */
+  #ctx?: ActivateContext;
+  /** The rings sent to the back end. */
+  #started: number[] = [];
+  /** The inflight region the back end gave (INFLIGHT_SHMFD), kept for a reconnection; -1 when none. */
+  #inflightFd = -1;
+  #inflight?: Inflight;
+  /** Why the device failed (the back end misbehaved), once it has. */
   #failed?: string;
   /** Each ring's available index where the back end last stopped it (GET_VRING_BASE). */
   readonly #bases = new Map<number, number>();
-  /** The kick fds of the running rings, to pass on a notify that reached the transport itself. */
-  #notifyFds: readonly number[] = [];
-  readonly #counters = { activations: 0, resets: 0, failures: 0 };
+  /** Set-ups that failed in a row after reconnections. */
+  #setupFailures = 0;
+  /** Wakes the supervisor (state changed, or close()). */
+  #nudgeFd = -1;
+  #supervisor?: Promise<void>;
+  readonly #counters = { activations: 0, resets: 0, failures: 0, reconnects: 0 };
 
   constructor(opts: VhostUserFrontEndOptions) {
     this.#opts = opts;
@@ -395,6 +461,11 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
     return this.#failed;
   }
 
+  /** Whether the back end is connected now (false while the device reconnects). */
+  get connected(): boolean {
+    return this.#state === "connected";
+  }
+
   /** The protocol features both sides use. */
   get protocolFeatures(): bigint {
     return this.#protocolFeatures;
@@ -412,15 +483,27 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
       replyTimeoutMs: o.replyTimeoutMs,
     });
     try {
-      this.#negotiate(client);
+      this.#negotiate(client, true);
     } catch (e) {
       client.close();
       throw new VhostUserProtocolError(`${this.name}: ${errorText(e)}`);
     }
     this.#client = client;
+    this.#state = "connected";
+    this.#nudgeFd = eventfd();
+    this.#supervisor = this.#supervise();
   }
 
-  #negotiate(client: VhostUserClient): void {
+  /** Resolves once close() has stopped watching the back end. */
+  whenClosed(): Promise<void> {
+    return this.#supervisor ?? Promise.resolve();
+  }
+
+  /**
+   * SET_OWNER, features, protocol features, the queue count, the configuration space. The first time it
+   * learns them; after a reconnection it checks that the back end still offers what the device has.
+   */
+  #negotiate(client: VhostUserClient, first: boolean): void {
     const o = this.#opts;
     client.request(R.SET_OWNER);
     const offered = client.callU64(R.GET_FEATURES);
@@ -430,8 +513,19 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
       client.request(R.SET_PROTOCOL_FEATURES, u64Payload(proto));
       client.replyAck = (proto & VHOST_USER_PROTOCOL_F_REPLY_ACK) !== 0n;
     }
+    const features = offered & ~VHOST_USER_F_PROTOCOL_FEATURES & ~FRONT_END_WITHHELD_FEATURES;
+    if (!first) {
+      if (features !== this.#features || proto !== this.#protocolFeatures) {
+        throw new VhostUserProtocolError(
+          `the back end came back with features 0x${features.toString(16)} and protocol features ` +
+            `0x${proto.toString(16)}, not 0x${this.#features.toString(16)} and 0x${
+              this.#protocolFeatures.toString(16)
+            }`,
+        );
+      }
+    }
     this.#protocolFeatures = proto;
-    this.#features = offered & ~VHOST_USER_F_PROTOCOL_FEATURES & ~FRONT_END_WITHHELD_FEATURES;
+    this.#features = features;
 
     const known = vhostUserDeviceTypeById(o.deviceType);
     let queues = o.queues ?? known?.queues ?? 1;
@@ -440,11 +534,13 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
       if (n < 1n || n > BigInt(VHOST_USER_MAX_VRING_INDEX + 1)) {
         throw new VhostUserProtocolError(`GET_QUEUE_NUM: ${n} queues (1..${VHOST_USER_MAX_VRING_INDEX + 1} allowed)`);
       }
-      if (o.queues !== undefined && o.queues > Number(n)) {
-        throw new VhostUserProtocolError(`${o.queues} queues asked for; the back end has ${n}`);
+      const wanted = first ? o.queues : this.#queueSizes.length;
+      if (wanted !== undefined && wanted > Number(n)) {
+        throw new VhostUserProtocolError(`${wanted} queues needed; the back end has ${n}`);
       }
-      queues = o.queues ?? Number(n);
+      queues = wanted ?? Number(n);
     }
+    if (!first) return;
     if (queues < 1 || queues > FRONT_END_MAX_QUEUES) {
       throw new VhostUserProtocolError(`${queues} queues; this front end carries 1..${FRONT_END_MAX_QUEUES}`);
     }
@@ -468,29 +564,113 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
     return c.data;
   }
 
+  // ---- Failure, disconnection, reconnection ----
+
   /**
-   * The device failed: the connection closed, and one log line unless `logged` (the caller's error is
-   * logged by the transport). Returns the error to throw.
+   * The device failed for good: the connection closed, and one log line unless `logged` (the caller's
+   * error is logged by the transport). Returns the error to throw.
    */
   #fail(e: unknown, logged = false): Error {
     const reason = errorText(e);
-    if (this.#failed === undefined) {
+    if (this.#failed === undefined && this.#state !== "closed") {
       this.#failed = reason;
       this.#counters.failures++;
       if (!logged) this.#log(`${this.name}: back end failed: ${reason}`);
+      this.#state = "failed";
     }
     this.#client?.close();
-    this.#running = undefined;
+    this.#client = undefined;
+    this.#nudge();
     return new Error(`${this.name}: back end failed: ${reason}`);
   }
 
-  #connectedClient(): VhostUserClient {
-    const c = this.#client;
-    if (this.#failed !== undefined || !c?.connected) {
-      throw new Error(`${this.name}: back end ${this.#failed !== undefined ? "failed" : "not connected"}`);
-    }
-    return c;
+  /** The back end went away: one log line, then the supervisor connects again. */
+  #lost(reason: string): void {
+    if (this.#state !== "connected") return;
+    this.#state = "reconnecting";
+    this.#client?.close();
+    this.#client = undefined;
+    this.#log(`${this.name}: the back end went away (${reason}); reconnecting to ${this.#opts.socket}`);
+    this.#nudge();
   }
+
+  /** A request failed with `e`: a lost connection is reconnected, anything else fails the device. */
+  #requestFailed(e: unknown, logged = false): Error | undefined {
+    if (e instanceof VhostUserDisconnected) {
+      this.#lost(errorText(e));
+      return undefined;
+    }
+    return this.#fail(e, logged);
+  }
+
+  #nudge(): void {
+    if (this.#nudgeFd >= 0) eventfdWrite(this.#nudgeFd);
+  }
+
+  /** Watches the connection while connected; reconnects while reconnecting; ends when failed or closed. */
+  async #supervise(): Promise<void> {
+    const nudge = this.#nudgeFd;
+    try {
+      while (this.#state === "connected" || this.#state === "reconnecting") {
+        const client = this.#client;
+        if (this.#state === "connected" && client) {
+          const rev = await pollAsync([client.fd, nudge], POLLIN, -1);
+          if (rev[1] & POLLIN) eventfdRead(nudge);
+          if (this.#state !== "connected" || this.#client !== client || !(rev[0] & (POLLIN | POLLHUP | POLLERR))) {
+            continue;
+          }
+          const idle = client.checkIdle();
+          if (idle === "closed") this.#lost("it closed the connection");
+          else if (idle === "unsolicited") this.#fail(new VhostUserProtocolError("a message nobody asked for"));
+        } else if (this.#state === "reconnecting") {
+          if (!(await this.#reconnectOnce())) {
+            const rev = await pollAsync([nudge], POLLIN, RECONNECT_RETRY_MS);
+            if (rev[0] & POLLIN) eventfdRead(nudge);
+          }
+        }
+      }
+    } finally {
+      closeFd(nudge);
+      if (this.#nudgeFd === nudge) this.#nudgeFd = -1;
+    }
+  }
+
+  /** One attempt at connecting again and restoring the set-up; true when the device is connected again. */
+  async #reconnectOnce(): Promise<boolean> {
+    let client: VhostUserClient;
+    try {
+      client = await VhostUserClient.connect(this.#opts.socket, { replyTimeoutMs: this.#opts.replyTimeoutMs });
+    } catch {
+      return false; // not back yet
+    }
+    if (this.#state !== "reconnecting") {
+      client.close();
+      return false;
+    }
+    try {
+      this.#negotiate(client, false);
+      const ctx = this.#ctx;
+      // The back end kept no ring state: each ring starts again where the driver has seen completions.
+      if (ctx) this.#setUp(client, ctx, (q) => q.usedIdx(), true);
+    } catch (e) {
+      client.close();
+      if (e instanceof VhostUserDisconnected && ++this.#setupFailures < MAX_SETUP_FAILURES) return false;
+      this.#fail(e);
+      return false;
+    }
+    this.#client = client;
+    this.#state = "connected";
+    this.#setupFailures = 0;
+    this.#counters.reconnects++;
+    this.#log(`${this.name}: reconnected to the back end`);
+    return true;
+  }
+
+  #connectedClient(): VhostUserClient | undefined {
+    return this.#state === "connected" ? this.#client : undefined;
+  }
+
+  // ---- VirtioDevice ----
 
   readConfig(offset: number, data: Uint8Array): void {
     readConfigSpace(this.#config, offset, data);
@@ -503,64 +683,116 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
   writeConfig(offset: number, data: Uint8Array): void {
     if (!(this.#protocolFeatures & VHOST_USER_PROTOCOL_F_CONFIG) || this.#config.length === 0) return;
     if (offset < 0 || offset + data.length > this.#config.length) return;
+    const client = this.#connectedClient();
+    if (!client) return;
     try {
-      const client = this.#connectedClient();
       client.request(
         R.SET_CONFIG,
         configPayload({ offset, flags: VHOST_SET_CONFIG_TYPE_FRONTEND, data: data.slice() }),
       );
       this.#config = this.#readBackendConfig(client);
     } catch (e) {
-      if (this.#failed === undefined) this.#fail(e);
+      this.#requestFailed(e);
     }
   }
 
   /**
-   * DRIVER_OK: the negotiated features, the memory table and every enabled ring go to the back end. A
-   * failure fails the device and throws: the transport logs it (one line) and sets DEVICE_NEEDS_RESET.
+   * DRIVER_OK: the negotiated features, the memory table, the inflight region and every enabled ring go to
+   * the back end. A failure fails the device and throws: the transport logs it (one line) and sets
+   * DEVICE_NEEDS_RESET. While the back end is away the set-up waits for the reconnection.
    */
   activate(ctx: ActivateContext): void {
-    const { notifyFds, irqFd } = ctx;
-    if (!notifyFds || irqFd === undefined) {
+    if (!ctx.notifyFds || ctx.irqFd === undefined) {
       throw new Error(`${this.name}: the transport gave no ioeventfds and irqfd for an out-of-process device`);
     }
+    if (this.#failed !== undefined || this.#state === "closed") throw new Error(`${this.name}: back end failed`);
+    this.#ctx = ctx;
+    this.#counters.activations++;
     const client = this.#connectedClient();
+    if (!client) return;
     try {
-      const proto = this.#protocolFeatures !== 0n ? VHOST_USER_F_PROTOCOL_FEATURES : 0n;
-      client.request(R.SET_FEATURES, u64Payload(ctx.ackedFeatures | proto));
-      this.#sendMemTable(client, ctx.mem);
-      const started: number[] = [];
-      ctx.queues.forEach((q, i) => {
-        if (!q) return;
-        if (notifyFds[i] === undefined) throw new Error(`queue ${i} has no ioeventfd`);
-        const a = q.addrs;
-        const host = (gpa: number, len: number) => ctx.mem.hostAddress(gpa, len);
-        client.request(R.SET_VRING_NUM, vringStatePayload({ index: i, num: q.size }));
-        client.request(
-          R.SET_VRING_ADDR,
-          vringAddrPayload({
-            index: i,
-            flags: 0,
-            desc: host(a.descTable, descTableBytes(q.size)),
-            used: host(a.usedRing, usedRingBytes(q.size)),
-            avail: host(a.availRing, availRingBytes(q.size)),
-            log: 0n,
-          }),
-        );
-        client.request(R.SET_VRING_BASE, vringStatePayload({ index: i, num: q.nextAvail }));
-        client.request(R.SET_VRING_CALL, u64Payload(BigInt(i)), [irqFd]);
-        client.request(R.SET_VRING_KICK, u64Payload(BigInt(i)), [notifyFds[i]]);
-        started.push(i);
-      });
-      if (proto) {
-        for (const i of started) client.request(R.SET_VRING_ENABLE, vringStatePayload({ index: i, num: VRING_ENABLE }));
-      }
-      this.#running = { queues: started };
-      this.#notifyFds = notifyFds;
-      this.#counters.activations++;
+      this.#setUp(client, ctx, (q) => q.nextAvail, false);
     } catch (e) {
-      throw this.#fail(e, true);
+      const err = this.#requestFailed(e, true);
+      if (err) {
+        this.#ctx = undefined;
+        throw err;
+      }
     }
+  }
+
+  /** Send the driver's set-up: features, memory table, inflight region, the rings from `base(queue)`. */
+  #setUp(client: VhostUserClient, ctx: ActivateContext, base: (q: Virtqueue) => number, again: boolean): void {
+    const notifyFds = ctx.notifyFds!;
+    const irqFd = ctx.irqFd!;
+    const proto = this.#protocolFeatures !== 0n ? VHOST_USER_F_PROTOCOL_FEATURES : 0n;
+    client.request(R.SET_FEATURES, u64Payload(ctx.ackedFeatures | proto));
+    this.#sendMemTable(client, ctx.mem);
+    if (this.#protocolFeatures & VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) this.#setInflight(client, ctx, again);
+    const started: number[] = [];
+    ctx.queues.forEach((q, i) => {
+      if (!q) return;
+      if (notifyFds[i] === undefined) throw new Error(`queue ${i} has no ioeventfd`);
+      const a = q.addrs;
+      const host = (gpa: number, len: number) => ctx.mem.hostAddress(gpa, len);
+      client.request(R.SET_VRING_NUM, vringStatePayload({ index: i, num: q.size }));
+      client.request(
+        R.SET_VRING_ADDR,
+        vringAddrPayload({
+          index: i,
+          flags: 0,
+          desc: host(a.descTable, descTableBytes(q.size)),
+          used: host(a.usedRing, usedRingBytes(q.size)),
+          avail: host(a.availRing, availRingBytes(q.size)),
+          log: 0n,
+        }),
+      );
+      client.request(R.SET_VRING_BASE, vringStatePayload({ index: i, num: base(q) }));
+      client.request(R.SET_VRING_CALL, u64Payload(BigInt(i)), [irqFd]);
+      client.request(R.SET_VRING_KICK, u64Payload(BigInt(i)), [notifyFds[i]]);
+      started.push(i);
+    });
+    if (proto) {
+      for (const i of started) client.request(R.SET_VRING_ENABLE, vringStatePayload({ index: i, num: VRING_ENABLE }));
+    }
+    this.#started = started;
+  }
+
+  /**
+   * INFLIGHT_SHMFD: at the driver's set-up the back end is asked for a region (GET_INFLIGHT_FD) where it
+   * records the requests it has taken; after a reconnection the same region is handed back
+   * (SET_INFLIGHT_FD) so that the new back end resubmits them.
+   */
+  #setInflight(client: VhostUserClient, ctx: ActivateContext, again: boolean): void {
+    if (!again || this.#inflightFd < 0) {
+      this.#dropInflight();
+      const queueSize = Math.max(...ctx.queues.map((q) => q?.size ?? 0));
+      const reply = client.callWithFds(
+        R.GET_INFLIGHT_FD,
+        inflightPayload({ mmapSize: 0n, mmapOffset: 0n, numQueues: this.#queueSizes.length, queueSize }),
+        INFLIGHT_SIZE,
+      );
+      const fds = reply.fds;
+      const info = parseInflight(reply);
+      if (info.mmapSize === 0n) {
+        fds.forEach(closeFd);
+        return; // the back end keeps no inflight record
+      }
+      if (fds.length !== 1) {
+        fds.forEach(closeFd);
+        throw new VhostUserProtocolError(`GET_INFLIGHT_FD: ${fds.length} descriptors with the reply, expected 1`);
+      }
+      this.#inflightFd = fds[0];
+      this.#inflight = { ...info, numQueues: this.#queueSizes.length, queueSize };
+    }
+    if (this.#inflightFd < 0 || !this.#inflight) return;
+    client.request(R.SET_INFLIGHT_FD, inflightPayload(this.#inflight), [this.#inflightFd]);
+  }
+
+  #dropInflight(): void {
+    closeFd(this.#inflightFd);
+    this.#inflightFd = -1;
+    this.#inflight = undefined;
   }
 
   /** SET_MEM_TABLE: every RAM region by its file descriptor; the front end's addresses are this process's. */
@@ -588,23 +820,26 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
 
   /** A notify that reached the transport rather than the ioeventfd: pass it on as a kick. */
   queueNotify(index: number): void {
-    const fd = this.#notifyFds[index];
-    if (this.#running?.queues.includes(index) && fd !== undefined) eventfdWrite(fd);
+    const fd = this.#ctx?.notifyFds?.[index];
+    if (this.#ctx?.queues[index] && fd !== undefined) eventfdWrite(fd);
   }
 
   /**
    * The driver reset the device: each running ring is stopped (disabled, then GET_VRING_BASE) and, where
-   * the back end offers it, the device reset (RESET_DEVICE). A failure is logged once and fails the device.
+   * the back end offers it, the device reset (RESET_DEVICE). A failure is logged once and fails the device;
+   * while the back end is away there is nothing to stop.
    */
   reset(): void {
-    const running = this.#running;
-    this.#running = undefined;
-    this.#notifyFds = [];
-    if (!running || this.#failed !== undefined) return;
+    const ctx = this.#ctx;
+    this.#ctx = undefined;
+    const started = this.#started;
+    this.#started = [];
+    this.#dropInflight();
+    const client = this.#connectedClient();
+    if (!ctx || !client) return;
     this.#counters.resets++;
     try {
-      const client = this.#connectedClient();
-      for (const i of running.queues) {
+      for (const i of started) {
         if (this.#protocolFeatures !== 0n) {
           client.request(R.SET_VRING_ENABLE, vringStatePayload({ index: i, num: VRING_DISABLE }));
         }
@@ -616,7 +851,7 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
       }
       if (this.#protocolFeatures & VHOST_USER_PROTOCOL_F_RESET_DEVICE) client.request(R.RESET_DEVICE);
     } catch (e) {
-      this.#fail(e);
+      this.#requestFailed(e);
     }
   }
 
@@ -626,9 +861,12 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
   }
 
   close(): void {
+    this.#state = "closed";
     this.#client?.close();
     this.#client = undefined;
-    this.#running = undefined;
+    this.#ctx = undefined;
+    this.#dropInflight();
+    this.#nudge();
   }
 
   stats(): Record<string, number> {

@@ -125,6 +125,7 @@ Deno.test("front end: negotiates with denovm's back end, forwards its config, se
       assert.equal(dev.stats().activations, 2);
     } finally {
       dev.close();
+      await dev.whenClosed();
       await backEnd.close();
       closeFd(irqFd);
       notifyFds.forEach(closeFd);
@@ -163,6 +164,71 @@ Deno.test("front end: RAM not from a memfd is refused at DRIVER_OK with one line
     } finally {
       guestLines.restore();
       dev.close();
+      await dev.whenClosed();
+      await backEnd.close();
+      closeFd(irqFd);
+      notifyFds.forEach(closeFd);
+      mem.close();
+    }
+  });
+});
+
+Deno.test("front end: the back end dies with a request queued and comes back on the same socket; the request completes without error", async () => {
+  await withTempDir("denovm-vu-fe-", async (dir) => {
+    const disk = `${dir}/disk.img`;
+    Deno.writeFileSync(disk, new Uint8Array(DISK_SECTORS * SECTOR));
+    const socket = `${dir}/blk.sock`;
+    let backEnd = await startBackEnd({ kind: "block", socket, path: disk });
+    const lines: string[] = [];
+    const dev = new VhostUserFrontEndDevice({
+      name: "vu-block",
+      socket,
+      deviceType: VIRTIO_ID_BLOCK,
+      log: (l) => lines.push(l),
+    });
+    const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
+    const irqFd = eventfd();
+    const notifyFds = [eventfd()];
+    try {
+      await dev.connect();
+      const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => eventfdWrite(irqFd) }, notifyFds, irqFd });
+      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
+      drv.init({ queueSize: QUEUE_SIZE });
+      const q = drv.queues[0];
+      q.submit([header(VIRTIO_BLK_T_OUT, 6), pattern(6), 1]);
+      eventfdWrite(notifyFds[0]);
+      await until(() => q.usedIdx() === 1, "the first write");
+      q.used();
+
+      // The back end goes away; the guest queues a write and kicks meanwhile.
+      await backEnd.close();
+      await until(() => !dev.connected, "the loss to be seen");
+      const queued = q.submit([header(VIRTIO_BLK_T_OUT, 7), pattern(7), 1]);
+      eventfdWrite(notifyFds[0]);
+
+      // It comes back on the same socket: the front end reconnects and sends the set-up again; the ring
+      // goes on from the used index, and the queued write is served.
+      backEnd = await startBackEnd({ kind: "block", socket, path: disk });
+      await until(() => q.usedIdx() === 2, "the queued write after the reconnection");
+      q.used();
+      assert.equal(mem.read(queued.buffers[2].addr, 1)[0], VIRTIO_BLK_S_OK);
+      const image = Deno.readFileSync(disk);
+      assert.deepEqual(image.subarray(6 * SECTOR, 7 * SECTOR), pattern(6));
+      assert.deepEqual(image.subarray(7 * SECTOR, 8 * SECTOR), pattern(7));
+      assert.equal(drv.readReg(VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_DEVICE_NEEDS_RESET, 0);
+      assert.equal(dev.stats().reconnects, 1);
+      assert.equal(lines.length, 2, lines.join("\n"));
+      assert.match(lines[0], /^vu-block: the back end went away \(it closed the connection\); reconnecting to /);
+      assert.equal(lines[1], "vu-block: reconnected to the back end");
+
+      // And the device is whole again: a read of what was written.
+      const read = q.submit([header(VIRTIO_BLK_T_IN, 7), SECTOR, 1]);
+      eventfdWrite(notifyFds[0]);
+      await until(() => q.usedIdx() === 3, "a read after the reconnection");
+      assert.deepEqual(mem.read(read.buffers[1].addr, SECTOR), pattern(7));
+    } finally {
+      dev.close();
+      await dev.whenClosed();
       await backEnd.close();
       closeFd(irqFd);
       notifyFds.forEach(closeFd);

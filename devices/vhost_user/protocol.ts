@@ -133,6 +133,14 @@ const CONFIG_SIZE = 4;
 const CONFIG_FLAGS = 8;
 export const CONFIG_HEADER_SIZE = 12;
 
+// Inflight description (vhost-user.rst "Inflight description", QEMU's VhostUserInflight): u64 mmap size;
+// u64 mmap offset; u16 num queues; u16 queue size; padded to the struct's 8-byte alignment.
+const INFLIGHT_MMAP_SIZE = 0;
+const INFLIGHT_MMAP_OFFSET = 8;
+const INFLIGHT_NUM_QUEUES = 16;
+const INFLIGHT_QUEUE_SIZE = 18;
+export const INFLIGHT_SIZE = 24;
+
 /** A protocol violation by the peer: the connection is dropped. */
 export class VhostUserProtocolError extends Error {
   constructor(message: string) {
@@ -168,6 +176,13 @@ export interface MemRegion {
   memorySize: bigint;
   userspaceAddr: bigint;
   mmapOffset: bigint;
+}
+
+export interface Inflight {
+  mmapSize: bigint;
+  mmapOffset: bigint;
+  numQueues: number;
+  queueSize: number;
 }
 
 export interface ConfigPayload {
@@ -370,4 +385,24 @@ export function parseConfig(msg: VhostUserMessage): ConfigPayload {
     );
   }
   return { offset, size, flags, data: p.slice(CONFIG_HEADER_SIZE) };
+}
+
+export function inflightPayload(i: Inflight): Uint8Array {
+  const b = new Uint8Array(INFLIGHT_SIZE);
+  const dv = view(b);
+  dv.setBigUint64(INFLIGHT_MMAP_SIZE, i.mmapSize, true);
+  dv.setBigUint64(INFLIGHT_MMAP_OFFSET, i.mmapOffset, true);
+  dv.setUint16(INFLIGHT_NUM_QUEUES, i.numQueues, true);
+  dv.setUint16(INFLIGHT_QUEUE_SIZE, i.queueSize, true);
+  return b;
+}
+
+export function parseInflight(msg: VhostUserMessage): Inflight {
+  const dv = expectSize(msg, INFLIGHT_SIZE);
+  return {
+    mmapSize: dv.getBigUint64(INFLIGHT_MMAP_SIZE, true),
+    mmapOffset: dv.getBigUint64(INFLIGHT_MMAP_OFFSET, true),
+    numQueues: dv.getUint16(INFLIGHT_NUM_QUEUES, true),
+    queueSize: dv.getUint16(INFLIGHT_QUEUE_SIZE, true),
+  };
 }

@@ -136,6 +136,7 @@ Deno.test("vhost-user devices from a config: connected when built; a missing soc
       assert.equal(dev.name, "vhost-user-block");
       assert.equal(dev.deviceType, VIRTIO_ID_BLOCK);
       dev.close();
+      await dev.whenClosed();
     } finally {
       await backEnd.close();
     }
