@@ -735,7 +735,10 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
       if (notifyFds[i] === undefined) throw new Error(`queue ${i} has no ioeventfd`);
       const a = q.addrs;
       const host = (gpa: number, len: number) => ctx.mem.hostAddress(gpa, len);
+      // QEMU's order (vhost_virtqueue_start): size, base, addresses, then the fds; libvhost-user checks
+      // the base against the used index when the addresses arrive.
       client.request(R.SET_VRING_NUM, vringStatePayload({ index: i, num: q.size }));
+      client.request(R.SET_VRING_BASE, vringStatePayload({ index: i, num: base(q) }));
       client.request(
         R.SET_VRING_ADDR,
         vringAddrPayload({
@@ -747,7 +750,6 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
           log: 0n,
         }),
       );
-      client.request(R.SET_VRING_BASE, vringStatePayload({ index: i, num: base(q) }));
       client.request(R.SET_VRING_CALL, u64Payload(BigInt(i)), [irqFd]);
       client.request(R.SET_VRING_KICK, u64Payload(BigInt(i)), [notifyFds[i]]);
       started.push(i);

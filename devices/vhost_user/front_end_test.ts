@@ -1,14 +1,18 @@
 // The vhost-user front end against denovm's own back end (backend.ts serving a block device, on a Worker):
 // negotiation, the configuration space forwarded, rings set up with the transport's own eventfds, requests
-// served through them, reset and activation again, and snapshots refused.
+// served through them, reset and activation again, and snapshots refused; a back end that dies and comes
+// back (reconnection), and one that keeps an inflight region (INFLIGHT_SHMFD, a recording back end).
 
 import assert from "node:assert/strict";
 import { VhostUserFrontEndDevice } from "./front_end.ts";
 import {
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_PROTOCOL_F_CONFIG,
+  VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
+  VhostUserRequest as R,
 } from "./protocol.ts";
+import { VIRTQ_USED_IDX } from "../virtio/queue.ts";
 import { VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK } from "../virtio/device.ts";
 import {
   VIRTIO_MMIO_INT_VRING,
@@ -226,6 +230,55 @@ Deno.test("front end: the back end dies with a request queued and comes back on 
       eventfdWrite(notifyFds[0]);
       await until(() => q.usedIdx() === 3, "a read after the reconnection");
       assert.deepEqual(mem.read(read.buffers[1].addr, SECTOR), pattern(7));
+    } finally {
+      dev.close();
+      await dev.whenClosed();
+      await backEnd.close();
+      closeFd(irqFd);
+      notifyFds.forEach(closeFd);
+      mem.close();
+    }
+  });
+});
+
+Deno.test("front end: INFLIGHT_SHMFD: the back end's inflight region is handed back after a reconnection, each ring from the used index", async () => {
+  await withTempDir("denovm-vu-fe-", async (dir) => {
+    const socket = `${dir}/rec.sock`;
+    const backEnd = await startBackEnd({ kind: "recording", socket });
+    const lines: string[] = [];
+    // A device denovm has no model for: the generic front end (virtio-gpio's ID, one queue, no config).
+    const dev = new VhostUserFrontEndDevice({ name: "vu-gpio", socket, deviceType: 41, log: (l) => lines.push(l) });
+    const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
+    const irqFd = eventfd();
+    const notifyFds = [eventfd()];
+    try {
+      await dev.connect();
+      assert.ok(dev.protocolFeatures & VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD);
+      assert.deepEqual(dev.queueMaxSizes, [32768]);
+      const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => {} }, notifyFds, irqFd });
+      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
+      drv.init({ queueSize: QUEUE_SIZE });
+      const first = (r: number) => backEnd.records.filter((x) => x.session === 0 && x.request === r);
+      await until(() => first(R.SET_VRING_ENABLE).length === 1, "the first set-up");
+      const given = first(R.GET_INFLIGHT_FD)[0].ino;
+      assert.equal(first(R.SET_INFLIGHT_FD)[0].ino, given, "the region it gave is set at once");
+
+      // The guest has seen 5 completions when the back end crashes.
+      const usedIdxAddr = drv.queues[0].addrs.usedRing + VIRTQ_USED_IDX;
+      mem.setU16(usedIdxAddr, 5);
+      backEnd.die();
+      const second = (r: number) => backEnd.records.filter((x) => x.session === 1 && x.request === r);
+      await until(() => second(R.SET_VRING_ENABLE).length === 1, "the set-up after the reconnection");
+      assert.deepEqual(second(R.GET_INFLIGHT_FD), [], "no new region");
+      assert.deepEqual(second(R.SET_INFLIGHT_FD).map((x) => x.ino), [given], "the same region handed back");
+      assert.deepEqual(second(R.SET_VRING_BASE).map((x) => x.num), [5], "the ring goes on from the used index");
+      const order = backEnd.records.filter((x) => x.session === 1).map((x) => x.request);
+      assert.ok(order.indexOf(R.SET_INFLIGHT_FD) < order.indexOf(R.SET_VRING_KICK), "inflight before the rings");
+      await until(() => dev.connected && dev.stats().reconnects === 1, "the reconnection");
+      assert.deepEqual(lines.map((l) => l.replace(/ \(.*\);.*/, "")), [
+        "vu-gpio: the back end went away",
+        "vu-gpio: reconnected to the back end",
+      ]);
     } finally {
       dev.close();
       await dev.whenClosed();

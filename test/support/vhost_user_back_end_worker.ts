@@ -8,13 +8,17 @@
 import {
   configPayload,
   encodeMessage,
+  inflightPayload,
   parseConfig,
+  parseInflight,
+  parseVringState,
   readMessage,
   u64Payload,
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_FLAG_NEED_REPLY,
   VHOST_USER_FLAG_REPLY,
   VHOST_USER_PROTOCOL_F_CONFIG,
+  VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
   VHOST_USER_PROTOCOL_F_MQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_VERSION,
@@ -58,11 +62,25 @@ export type Hostility =
 
 export type BackEndRequest =
   | { kind: "block"; socket: string; path: string }
-  | { kind: "hostile"; socket: string; hostility: Hostility; configSize: number };
+  | { kind: "hostile"; socket: string; hostility: Hostility; configSize: number }
+  | { kind: "recording"; socket: string };
+
+/**
+ * What the recording back end saw: each request of each session (connection), with SET_VRING_BASE's
+ * number and the inode of the file an inflight request carried.
+ */
+export interface Recorded {
+  session: number;
+  request: number;
+  num?: number;
+  ino?: number;
+}
 
 /** Features the hostile back end offers: VERSION_1 and protocol features. */
 const HOSTILE_FEATURES = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
 const HOSTILE_PROTOCOL = VHOST_USER_PROTOCOL_F_MQ | VHOST_USER_PROTOCOL_F_REPLY_ACK | VHOST_USER_PROTOCOL_F_CONFIG;
+const RECORDING_PROTOCOL = VHOST_USER_PROTOCOL_F_MQ | VHOST_USER_PROTOCOL_F_REPLY_ACK |
+  VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD;
 /** A request code no version of the protocol defines. */
 const UNKNOWN_REQUEST = 999;
 /** Queues the hostile back end's GET_QUEUE_NUM says it has. */
@@ -132,6 +150,84 @@ async function serveHostile(socket: string, hostility: Hostility): Promise<void>
   }
 }
 
+/** Bytes of the inflight region the recording back end hands out. */
+const INFLIGHT_REGION_SIZE = 4096;
+
+/** The inode of what descriptor `fd` refers to. */
+function inodeOf(fd: number): number {
+  return Deno.statSync(`/proc/self/fd/${fd}`).ino ?? -1;
+}
+
+/**
+ * A back end that offers INFLIGHT_SHMFD and one queue, answers every request, and reports each one
+ * (Recorded) to the test; on the test's "die" it drops the current front end, as a back end that crashed.
+ */
+async function serveRecording(socket: string): Promise<void> {
+  const { UnixListener } = await import("../../core/unix_socket.ts");
+  const { check, cstr, libc, MFD_CLOEXEC } = await import("../../ffi/libc.ts");
+  const listener = UnixListener.listen(socket);
+  let current: { close(): void } | undefined;
+  scope.onmessage = (e: MessageEvent) => {
+    if (e.data?.die) current?.close();
+  };
+  scope.postMessage({ listening: true });
+  for (let session = 0;; session++) {
+    const sock = await listener.accept();
+    current = sock;
+    const reply = (request: number, payload: Uint8Array, fds: number[] = []) =>
+      sock.send(encodeMessage(request, VHOST_USER_VERSION | VHOST_USER_FLAG_REPLY, payload), fds);
+    try {
+      for (;;) {
+        const msg = await readMessage(sock);
+        const rec: Recorded = { session, request: msg.request };
+        switch (msg.request) {
+          case R.GET_FEATURES:
+            await reply(R.GET_FEATURES, u64Payload(HOSTILE_FEATURES));
+            break;
+          case R.GET_PROTOCOL_FEATURES:
+            await reply(R.GET_PROTOCOL_FEATURES, u64Payload(RECORDING_PROTOCOL));
+            break;
+          case R.GET_QUEUE_NUM:
+            await reply(R.GET_QUEUE_NUM, u64Payload(1n));
+            break;
+          case R.GET_INFLIGHT_FD: {
+            const req = parseInflight(msg);
+            const fd = check("memfd_create", libc().memfd_create(cstr("inflight"), MFD_CLOEXEC));
+            check("ftruncate", libc().ftruncate(fd, BigInt(INFLIGHT_REGION_SIZE)));
+            rec.ino = inodeOf(fd);
+            await reply(
+              R.GET_INFLIGHT_FD,
+              inflightPayload({ ...req, mmapSize: BigInt(INFLIGHT_REGION_SIZE), mmapOffset: 0n }),
+              [fd],
+            );
+            closeFd(fd);
+            break;
+          }
+          case R.SET_INFLIGHT_FD:
+            rec.ino = msg.fds.length === 1 ? inodeOf(msg.fds[0]) : -1;
+            if (msg.flags & VHOST_USER_FLAG_NEED_REPLY) await reply(msg.request, u64Payload(0n));
+            break;
+          case R.SET_VRING_BASE:
+            rec.num = parseVringState(msg).num;
+            if (msg.flags & VHOST_USER_FLAG_NEED_REPLY) await reply(msg.request, u64Payload(0n));
+            break;
+          case R.GET_VRING_BASE:
+            await reply(R.GET_VRING_BASE, vringStatePayload({ index: 0, num: 0 }));
+            break;
+          default:
+            if (msg.flags & VHOST_USER_FLAG_NEED_REPLY) await reply(msg.request, u64Payload(0n));
+        }
+        msg.fds.forEach(closeFd);
+        scope.postMessage({ record: rec });
+      }
+    } catch {
+      // the front end went away, or the test killed this session
+    } finally {
+      sock.close();
+    }
+  }
+}
+
 async function serveBlock(socket: string, path: string): Promise<void> {
   const { VhostUserBackend } = await import("../../devices/vhost_user/backend.ts");
   const { BlockDevice } = await import("../../devices/virtio/block/device.ts");
@@ -152,6 +248,10 @@ async function serveBlock(socket: string, path: string): Promise<void> {
 export interface BackEndWorker {
   /** Log lines the back end wrote. */
   lines: string[];
+  /** What a recording back end saw. */
+  records: Recorded[];
+  /** A recording back end drops its current front end. */
+  die(): void;
   close(): Promise<void>;
 }
 
@@ -159,12 +259,14 @@ export interface BackEndWorker {
 export async function startBackEnd(req: BackEndRequest): Promise<BackEndWorker> {
   const worker = new Worker(import.meta.url, { type: "module", name: WORKER_NAME });
   const lines: string[] = [];
+  const records: Recorded[] = [];
   const listening = Promise.withResolvers<void>();
   const closed = Promise.withResolvers<void>();
   worker.onmessage = (e: MessageEvent) => {
     if (e.data?.listening) listening.resolve();
     if (e.data?.log) lines.push(e.data.log);
     if (e.data?.closed) closed.resolve();
+    if (e.data?.record) records.push(e.data.record);
   };
   worker.onerror = (e) => {
     e.preventDefault();
@@ -174,6 +276,8 @@ export async function startBackEnd(req: BackEndRequest): Promise<BackEndWorker> 
   await listening.promise;
   return {
     lines,
+    records,
+    die: () => worker.postMessage({ die: true }),
     async close() {
       if (req.kind === "block") {
         worker.postMessage({ close: true });
@@ -188,7 +292,11 @@ export async function startBackEnd(req: BackEndRequest): Promise<BackEndWorker> 
 if (scope.name === WORKER_NAME) {
   scope.onmessage = (e: MessageEvent<BackEndRequest>) => {
     const req = e.data;
-    const run = req.kind === "block" ? serveBlock(req.socket, req.path) : serveHostile(req.socket, req.hostility);
+    const run = req.kind === "block"
+      ? serveBlock(req.socket, req.path)
+      : req.kind === "recording"
+      ? serveRecording(req.socket)
+      : serveHostile(req.socket, req.hostility);
     run.catch((err) => scope.postMessage({ log: `back end: ${(err as Error).message}` }));
   };
 }
