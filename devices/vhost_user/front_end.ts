@@ -30,7 +30,7 @@ import {
   SysError,
 } from "../../ffi/libc.ts";
 import { ECONNREFUSED, ECONNRESET, EPIPE } from "../../ffi/socket.ts";
-import { ConnectionClosed, UnixStream } from "../../core/unix_socket.ts";
+import { ConnectionClosed, streamPair, UnixStream, WaitCancelled, Waker } from "../../core/unix_socket.ts";
 import { type DeviceState, StateError } from "../../core/state.ts";
 import type { GuestMemory } from "../../core/memory.ts";
 import {
@@ -53,20 +53,24 @@ import {
   parseHeader,
   parseInflight,
   parseVringState,
+  readMessage,
   requestName,
   u64Payload,
   VHOST_MEMORY_BASELINE_NREGIONS,
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_FLAG_NEED_REPLY,
+  VHOST_USER_FLAG_REPLY,
   VHOST_USER_HEADER_SIZE,
   VHOST_USER_MAX_CONFIG_SIZE,
   VHOST_USER_MAX_VRING_INDEX,
+  VHOST_USER_PROTOCOL_F_BACKEND_REQ,
   VHOST_USER_PROTOCOL_F_CONFIG,
   VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
   VHOST_USER_PROTOCOL_F_MQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_PROTOCOL_F_RESET_DEVICE,
   VHOST_USER_VERSION,
+  VhostUserBackendRequest,
   type VhostUserMessage,
   VhostUserProtocolError,
   VhostUserRequest as R,
@@ -77,7 +81,8 @@ import { vhostUserDeviceTypeById } from "./device_types.ts";
 
 /** Protocol features this front end uses (vhost-user.rst "Protocol features"). */
 export const FRONT_END_PROTOCOL_FEATURES = VHOST_USER_PROTOCOL_F_MQ | VHOST_USER_PROTOCOL_F_REPLY_ACK |
-  VHOST_USER_PROTOCOL_F_CONFIG | VHOST_USER_PROTOCOL_F_RESET_DEVICE | VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD;
+  VHOST_USER_PROTOCOL_F_CONFIG | VHOST_USER_PROTOCOL_F_RESET_DEVICE | VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD |
+  VHOST_USER_PROTOCOL_F_BACKEND_REQ;
 
 /** VIRTIO_F_NOTIFICATION_DATA (virtio 1.2 section 6): notifications carry more than the queue index. */
 const VIRTIO_F_NOTIFICATION_DATA = 1n << 38n;
@@ -112,6 +117,8 @@ const VRING_ENABLE = 1;
 const VRING_DISABLE = 0;
 /** A REPLY_ACK status of 0 is success (vhost-user.rst "REPLY_ACK"). */
 const ACK_SUCCESS = 0n;
+/** The status this front end answers a back-end request it does not serve with (any non-zero is failure). */
+const ACK_FAILURE = 1n;
 /** Bytes of a u64 payload. */
 const U64_SIZE = 8;
 
@@ -431,7 +438,13 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
   /** Wakes the supervisor (state changed, or close()). */
   #nudgeFd = -1;
   #supervisor?: Promise<void>;
-  readonly #counters = { activations: 0, resets: 0, failures: 0, reconnects: 0 };
+  /** This side of the back-end request channel (SET_BACKEND_REQ_FD), when negotiated, and its loop. */
+  #backendChannel?: { sock: UnixStream; waker: Waker; served: Promise<void> };
+  /** Ends when every closed channel's loop has. */
+  #channelsDone: Promise<unknown> = Promise.resolve();
+  /** Back-end requests not served here, each logged once. */
+  readonly #unservedLogged = new Set<number>();
+  readonly #counters = { activations: 0, resets: 0, failures: 0, reconnects: 0, configChanges: 0 };
 
   constructor(opts: VhostUserFrontEndOptions) {
     this.#opts = opts;
@@ -484,8 +497,10 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
     });
     try {
       this.#negotiate(client, true);
+      this.#openBackendChannel(client);
     } catch (e) {
       client.close();
+      this.#closeBackendChannel();
       throw new VhostUserProtocolError(`${this.name}: ${errorText(e)}`);
     }
     this.#client = client;
@@ -495,8 +510,89 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
   }
 
   /** Resolves once close() has stopped watching the back end. */
-  whenClosed(): Promise<void> {
-    return this.#supervisor ?? Promise.resolve();
+  async whenClosed(): Promise<void> {
+    await this.#supervisor;
+    await this.#channelsDone;
+  }
+
+  // ---- The back-end request channel: configuration changes ----
+
+  /**
+   * With BACKEND_REQ negotiated, give the back end one end of a socket pair for its own requests
+   * (SET_BACKEND_REQ_FD) and serve the other: CONFIG_CHANGE_MSG reads the configuration space again and
+   * tells the driver (the transport's CONFIG interrupt).
+   */
+  #openBackendChannel(client: VhostUserClient): void {
+    this.#closeBackendChannel();
+    if (!(this.#protocolFeatures & VHOST_USER_PROTOCOL_F_BACKEND_REQ)) return;
+    const [ours, theirs] = streamPair();
+    try {
+      client.request(R.SET_BACKEND_REQ_FD, undefined, [theirs]);
+    } catch (e) {
+      closeFd(ours);
+      throw e;
+    } finally {
+      closeFd(theirs);
+    }
+    const waker = new Waker();
+    const sock = new UnixStream(ours, waker);
+    const channel = { sock, waker, served: Promise.resolve() };
+    channel.served = this.#serveBackendChannel(sock);
+    this.#backendChannel = channel;
+  }
+
+  #closeBackendChannel(): void {
+    const c = this.#backendChannel;
+    if (!c) return;
+    this.#backendChannel = undefined;
+    c.waker.wake();
+    const done = c.served.finally(() => {
+      c.sock.close();
+      c.waker.close();
+    });
+    this.#channelsDone = Promise.all([this.#channelsDone, done]);
+  }
+
+  async #serveBackendChannel(sock: UnixStream): Promise<void> {
+    try {
+      for (;;) {
+        const msg = await readMessage(sock, false);
+        msg.fds.forEach(closeFd);
+        let ok = true;
+        if (msg.request === VhostUserBackendRequest.CONFIG_CHANGE_MSG) this.#configChanged();
+        else {
+          ok = false;
+          if (!this.#unservedLogged.has(msg.request)) {
+            this.#unservedLogged.add(msg.request);
+            this.#log(`${this.name}: the back end asked for back-end request ${msg.request}, which is not served`);
+          }
+        }
+        if (msg.flags & VHOST_USER_FLAG_NEED_REPLY) {
+          const status = u64Payload(ok ? ACK_SUCCESS : ACK_FAILURE);
+          await sock.send(encodeMessage(msg.request, VHOST_USER_VERSION | VHOST_USER_FLAG_REPLY, status));
+        }
+      }
+    } catch (e) {
+      // The channel closes with the back end (its loss is seen on the main socket) or with close().
+      if (e instanceof WaitCancelled || e instanceof ConnectionClosed) return;
+      if (this.#backendChannel?.sock === sock) {
+        this.#fail(new VhostUserProtocolError(`back-end channel: ${errorText(e)}`));
+      }
+    }
+  }
+
+  /** CONFIG_CHANGE_MSG: read the configuration space again; a running driver gets the CONFIG interrupt. */
+  #configChanged(): void {
+    const client = this.#connectedClient();
+    if (!client || this.#config.length === 0 || !(this.#protocolFeatures & VHOST_USER_PROTOCOL_F_CONFIG)) return;
+    try {
+      this.#config = this.#readBackendConfig(client);
+    } catch (e) {
+      this.#requestFailed(e);
+      return;
+    }
+    this.#counters.configChanges++;
+    this.#ctx?.interrupt.signalConfigChange();
   }
 
   /**
@@ -580,6 +676,7 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
     }
     this.#client?.close();
     this.#client = undefined;
+    this.#closeBackendChannel();
     this.#nudge();
     return new Error(`${this.name}: back end failed: ${reason}`);
   }
@@ -590,6 +687,7 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
     this.#state = "reconnecting";
     this.#client?.close();
     this.#client = undefined;
+    this.#closeBackendChannel();
     this.#log(`${this.name}: the back end went away (${reason}); reconnecting to ${this.#opts.socket}`);
     this.#nudge();
   }
@@ -649,11 +747,13 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
     }
     try {
       this.#negotiate(client, false);
+      this.#openBackendChannel(client);
       const ctx = this.#ctx;
       // The back end kept no ring state: each ring starts again where the driver has seen completions.
       if (ctx) this.#setUp(client, ctx, (q) => q.usedIdx(), true);
     } catch (e) {
       client.close();
+      this.#closeBackendChannel();
       if (e instanceof VhostUserDisconnected && ++this.#setupFailures < MAX_SETUP_FAILURES) return false;
       this.#fail(e);
       return false;
@@ -864,6 +964,7 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
 
   close(): void {
     this.#state = "closed";
+    this.#closeBackendChannel();
     this.#client?.close();
     this.#client = undefined;
     this.#ctx = undefined;

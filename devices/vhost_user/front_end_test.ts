@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { VhostUserFrontEndDevice } from "./front_end.ts";
 import {
   VHOST_USER_F_PROTOCOL_FEATURES,
+  VHOST_USER_PROTOCOL_F_BACKEND_REQ,
   VHOST_USER_PROTOCOL_F_CONFIG,
   VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
@@ -15,6 +16,8 @@ import {
 import { VIRTQ_USED_IDX } from "../virtio/queue.ts";
 import { VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK } from "../virtio/device.ts";
 import {
+  VIRTIO_MMIO_CONFIG_GENERATION,
+  VIRTIO_MMIO_INT_CONFIG,
   VIRTIO_MMIO_INT_VRING,
   VIRTIO_MMIO_STATUS,
   VIRTIO_STATUS_DEVICE_NEEDS_RESET,
@@ -279,6 +282,48 @@ Deno.test("front end: INFLIGHT_SHMFD: the back end's inflight region is handed b
         "vu-gpio: the back end went away",
         "vu-gpio: reconnected to the back end",
       ]);
+    } finally {
+      dev.close();
+      await dev.whenClosed();
+      await backEnd.close();
+      closeFd(irqFd);
+      notifyFds.forEach(closeFd);
+      mem.close();
+    }
+  });
+});
+
+Deno.test("front end: a config change the back end announces (CONFIG_CHANGE_MSG on the back-end channel) reaches the driver", async () => {
+  await withTempDir("denovm-vu-fe-", async (dir) => {
+    const disk = `${dir}/disk.img`;
+    Deno.writeFileSync(disk, new Uint8Array(DISK_SECTORS * SECTOR));
+    const socket = `${dir}/blk.sock`;
+    const backEnd = await startBackEnd({ kind: "block", socket, path: disk });
+    const lines: string[] = [];
+    const dev = new VhostUserFrontEndDevice({
+      name: "vu-block",
+      socket,
+      deviceType: VIRTIO_ID_BLOCK,
+      log: (l) => lines.push(l),
+    });
+    const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
+    const irqFd = eventfd();
+    const notifyFds = [eventfd()];
+    try {
+      await dev.connect();
+      assert.ok(dev.protocolFeatures & VHOST_USER_PROTOCOL_F_BACKEND_REQ);
+      const irqs = { n: 0 };
+      const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => irqs.n++ }, notifyFds, irqFd });
+      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
+      drv.init({ queueSize: QUEUE_SIZE });
+      const generation = drv.readReg(VIRTIO_MMIO_CONFIG_GENERATION);
+      backEnd.resize(2 * DISK_SECTORS * SECTOR);
+      await until(() => dev.stats().configChanges === 1, "the config change");
+      assert.equal(new DataView(drv.readConfig(0, 8).buffer).getBigUint64(0, true), BigInt(2 * DISK_SECTORS));
+      assert.equal(irqs.n, 1, "the transport's CONFIG interrupt");
+      assert.ok(drv.ackInterrupt() & VIRTIO_MMIO_INT_CONFIG);
+      assert.notEqual(drv.readReg(VIRTIO_MMIO_CONFIG_GENERATION), generation);
+      assert.deepEqual(lines, []);
     } finally {
       dev.close();
       await dev.whenClosed();

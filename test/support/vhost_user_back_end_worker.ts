@@ -238,6 +238,7 @@ async function serveBlock(socket: string, path: string): Promise<void> {
   scope.postMessage({ listening: true });
   scope.onmessage = (e: MessageEvent) => {
     if (e.data?.close) backend.close();
+    if (typeof e.data?.resize === "number") device.resize(e.data.resize);
   };
   await served;
   device.close();
@@ -252,6 +253,8 @@ export interface BackEndWorker {
   records: Recorded[];
   /** A recording back end drops its current front end. */
   die(): void;
+  /** A block back end's disk grows or shrinks to `bytes` (its device tells the front end). */
+  resize(bytes: number): void;
   close(): Promise<void>;
 }
 
@@ -278,6 +281,7 @@ export async function startBackEnd(req: BackEndRequest): Promise<BackEndWorker> 
     lines,
     records,
     die: () => worker.postMessage({ die: true }),
+    resize: (bytes: number) => worker.postMessage({ resize: bytes }),
     async close() {
       if (req.kind === "block") {
         worker.postMessage({ close: true });
