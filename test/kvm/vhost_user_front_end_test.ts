@@ -4,6 +4,7 @@
 // reach that process straight from KVM (the QueueNotify ioeventfd is the ring's kick fd) and the process
 // interrupts the guest through the irqfd (its call fd): the guest writes a sector, reads it back, reads
 // sector 0, each completion seen by its interrupt handler; the host file then holds what the guest wrote.
+// A snapshot of such a VM is refused (the rings' state is the back end's) and the VM runs on.
 //
 // Needs /dev/kvm; skips without it.
 
@@ -13,6 +14,7 @@ import { join } from "node:path";
 import { buildGuest } from "../guests/build.ts";
 import { VIRTIO_ID_BLOCK } from "../../devices/virtio/device.ts";
 import { EXIT_SUCCESS } from "../../core/exit.ts";
+import { StateError } from "../../core/state.ts";
 import { Vm } from "../../mod.ts";
 import { within } from "../support/within.ts";
 import { DeviceProcess } from "../support/device_process.ts";
@@ -119,6 +121,48 @@ Deno.test({
       assert.ok(after.subarray((TEST_SECTOR + 1) * SECTOR_SIZE).every((b) => b === 0), "nothing else written");
       // The back end served one front end and dropped nothing.
       assert.ok(!/dropping the front end/.test(backEnd.stderr), backEnd.stderr);
+    } finally {
+      backEnd?.kill("SIGTERM");
+      await backEnd?.exited;
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "kvm: a snapshot of a VM with a vhost-user device is refused in one line, and the VM runs on",
+  ignore: !kvmAvailable,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "denovm-vu-kvm-" });
+    let backEnd: DeviceProcess | undefined;
+    try {
+      const path = join(dir, "disk.img");
+      await Deno.writeFile(path, new Uint8Array(IMAGE_SIZE));
+      const socket = join(dir, "blk.sock");
+      backEnd = await DeviceProcess.start("block", ["--socket-path", socket, "--file", path]);
+      // The memory-pattern guest fills some RAM, then waits for a byte on COM1 ('q' powers it off).
+      const kernel = await buildGuest("mempattern");
+      await using vm = await Vm.boot({
+        kernel,
+        debugExit: true,
+        memMiB: 64,
+        cpus: 1,
+        rng: false,
+        balloon: false,
+        vhostUser: [{ type: "block", deviceId: VIRTIO_ID_BLOCK, socket }],
+      });
+      await vm.console.waitFor(/MEM fill seed=1/, { timeout: GUEST_TIMEOUT_MS });
+      await assert.rejects(vm.snapshot(join(dir, "snap")), (e: Error) => {
+        assert.ok(e instanceof StateError, `${e.name}: ${e.message}`);
+        assert.match(e.message, /vhost-user-block: a vhost-user device's state is held by its back end/);
+        assert.ok(!e.message.includes("\n"));
+        return true;
+      });
+      assert.deepEqual([...Deno.readDirSync(join(dir, "snap"))], [], "nothing written");
+      vm.console.send("q");
+      const code = await within(vm.exitCode, () => `the guest did not stop:\n${vm.console.text}`, GUEST_TIMEOUT_MS);
+      assert.equal(code, EXIT_SUCCESS, vm.console.text);
+      assert.match(vm.console.text, /BYE/);
     } finally {
       backEnd?.kill("SIGTERM");
       await backEnd?.exited;
