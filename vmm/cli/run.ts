@@ -587,7 +587,9 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
 
   validateSerials(cfg.serials);
   if (cfg.blocks.filter((b) => b.root).length > 1) throw new UsageError("only one root disk can be given");
-  addDefaultSerial(cfg.serials);
+  // crosvm (arch/src/serial.rs set_default_serial_parameters): a vhost-user console takes the default
+  // serial console's place.
+  if (!cfg.vhostUser?.some((v) => v.type === "console")) addDefaultSerial(cfg.serials);
 
   if (options.checkFiles ?? true) {
     // A restore does not load the kernel or initrd: guest memory comes from the snapshot.

@@ -142,3 +142,12 @@ Deno.test("vhost-user devices from a config: connected when built; a missing soc
     }
   });
 });
+
+Deno.test("run --vhost-user type=console: no default serial console, as crosvm", () => {
+  const plain = parseRunArgs(["/k"], { checkFiles: false }).config.serials;
+  assert.ok(plain.some((s) => s.console && s.hardware === "serial" && s.num === 1));
+  const r = parseRunArgs(["--vhost-user", "console,socket=/c", "/k"], { checkFiles: false });
+  assert.ok(!r.config.serials.some((s) => s.console), JSON.stringify(r.config.serials));
+  const other = parseRunArgs(["--vhost-user", "block,socket=/b", "/k"], { checkFiles: false });
+  assert.deepEqual(other.config.serials, plain);
+});
