@@ -382,6 +382,12 @@ export interface VhostUserFrontEndOptions {
   maxQueueSize?: number;
   /** Configuration-space bytes read from the back end (default: the type's, device_types.ts; at most 256). */
   configSize?: number;
+  /**
+   * The configuration space, when the VMM provides it instead of the back end (as QEMU's vhost-user-fs does
+   * for virtiofsd, which has no config space of its own: the tag is the VMM's). The driver reads it; its
+   * writes go nowhere. At most 256 bytes.
+   */
+  config?: Uint8Array;
   /** Keep trying to connect this long while the socket is missing or has no listener (ms). */
   connectTimeoutMs?: number;
   /** How long each reply may take (ms). */
@@ -454,6 +460,11 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
     const size = opts.maxQueueSize ?? VIRTQ_MAX_SIZE;
     if (!Number.isInteger(size) || size < 1 || size > VIRTQ_MAX_SIZE) {
       throw new RangeError(`${opts.name}: max queue size ${size} is not in 1..${VIRTQ_MAX_SIZE}`);
+    }
+    if (opts.config && opts.config.length > VHOST_USER_MAX_CONFIG_SIZE) {
+      throw new RangeError(
+        `${opts.name}: a config space of ${opts.config.length} bytes (at most ${VHOST_USER_MAX_CONFIG_SIZE})`,
+      );
     }
     const cs = opts.configSize;
     if (cs !== undefined && (!Number.isInteger(cs) || cs < 0 || cs > VHOST_USER_MAX_CONFIG_SIZE)) {
@@ -584,7 +595,8 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
   /** CONFIG_CHANGE_MSG: read the configuration space again; a running driver gets the CONFIG interrupt. */
   #configChanged(): void {
     const client = this.#connectedClient();
-    if (!client || this.#config.length === 0 || !(this.#protocolFeatures & VHOST_USER_PROTOCOL_F_CONFIG)) return;
+    if (!client || this.#opts.config || this.#config.length === 0) return;
+    if (!(this.#protocolFeatures & VHOST_USER_PROTOCOL_F_CONFIG)) return;
     try {
       this.#config = this.#readBackendConfig(client);
     } catch (e) {
@@ -641,6 +653,10 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
       throw new VhostUserProtocolError(`${queues} queues; this front end carries 1..${FRONT_END_MAX_QUEUES}`);
     }
     this.#queueSizes = new Array(queues).fill(powerOf2AtMost(o.maxQueueSize ?? VIRTQ_MAX_SIZE));
+    if (o.config) {
+      this.#config = o.config.slice();
+      return;
+    }
     const configSize = o.configSize ?? known?.configSize ?? 0;
     this.#config = new Uint8Array(configSize);
     if (configSize > 0 && (proto & VHOST_USER_PROTOCOL_F_CONFIG)) this.#config = this.#readBackendConfig(client);
@@ -781,7 +797,9 @@ export class VhostUserFrontEndDevice implements VirtioDevice {
    * back (a device may answer a write by changing other fields, as virtio-input's select does).
    */
   writeConfig(offset: number, data: Uint8Array): void {
-    if (!(this.#protocolFeatures & VHOST_USER_PROTOCOL_F_CONFIG) || this.#config.length === 0) return;
+    if (this.#opts.config || !(this.#protocolFeatures & VHOST_USER_PROTOCOL_F_CONFIG) || this.#config.length === 0) {
+      return;
+    }
     if (offset < 0 || offset + data.length > this.#config.length) return;
     const client = this.#connectedClient();
     if (!client) return;

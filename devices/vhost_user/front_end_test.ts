@@ -334,3 +334,33 @@ Deno.test("front end: a config change the back end announces (CONFIG_CHANGE_MSG 
     }
   });
 });
+
+Deno.test("front end: a config space the VMM provides (as for virtiofsd's tag) is what the driver reads; nothing is asked of the back end", async () => {
+  await withTempDir("denovm-vu-fe-", async (dir) => {
+    const socket = `${dir}/rec.sock`;
+    const backEnd = await startBackEnd({ kind: "recording", socket });
+    // virtio-fs's config (virtio 1.2 section 5.11.4): a 36-byte tag, then num_request_queues.
+    const config = new Uint8Array(40);
+    config.set(new TextEncoder().encode("shared"));
+    new DataView(config.buffer).setUint32(36, 1, true);
+    const dev = new VhostUserFrontEndDevice({ name: "vu-fs", socket, deviceType: 26, config, log: () => {} });
+    try {
+      await dev.connect();
+      const got = new Uint8Array(40);
+      dev.readConfig(0, got);
+      assert.deepEqual(got, config);
+      dev.writeConfig(0, new Uint8Array(4).fill(0xff));
+      dev.readConfig(0, got);
+      assert.deepEqual(got, config, "driver writes go nowhere");
+      // The negotiation, and nothing about the config space.
+      const expected = [R.SET_OWNER, R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.SET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM];
+      assert.equal(dev.stats().requests, expected.length);
+      await until(() => backEnd.records.length === expected.length, "the back end's records");
+      assert.deepEqual(backEnd.records.map((r) => r.request), expected);
+    } finally {
+      dev.close();
+      await dev.whenClosed();
+      await backEnd.close();
+    }
+  });
+});
