@@ -170,3 +170,78 @@ Deno.test({
     }
   },
 });
+
+/** qemu-storage-daemon on PATH, or undefined. */
+function qemuStorageDaemon(): string | undefined {
+  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
+    try {
+      if (Deno.statSync(join(dir, "qemu-storage-daemon")).isFile) return join(dir, "qemu-storage-daemon");
+    } catch {
+      // not there
+    }
+  }
+  return undefined;
+}
+const qsd = qemuStorageDaemon();
+if (kvmAvailable && !qsd) console.log("vhost_user_front_end_test: the qemu-storage-daemon test skipped: none on PATH");
+
+Deno.test({
+  name: "kvm: the virtio guest's block requests through the front end to qemu-storage-daemon's vhost-user-blk export",
+  ignore: !kvmAvailable || !qsd,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "denovm-vu-qsd-" });
+    let daemon: Deno.ChildProcess | undefined;
+    try {
+      const path = join(dir, "disk.img");
+      const image = new Uint8Array(IMAGE_SIZE);
+      image.set(sector0Pattern(), 0);
+      await Deno.writeFile(path, image);
+      const socket = join(dir, "blk.sock");
+      daemon = new Deno.Command(qsd!, {
+        args: [
+          "--blockdev",
+          `driver=file,node-name=disk,filename=${path}`,
+          "--export",
+          `type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=${socket},writable=on`,
+        ],
+        stdin: "null",
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      const kernel = await buildGuest("virtio");
+      await using vm = await Vm.boot({
+        kernel,
+        debugExit: true,
+        memMiB: 64,
+        cpus: 1,
+        rng: false,
+        balloon: false,
+        vhostUser: [{ type: "block", deviceId: VIRTIO_ID_BLOCK, socket }],
+        vhostUserConnectTimeoutMs: 20_000,
+      });
+      const code = await within(vm.exitCode, () => `the guest did not stop:\n${vm.console.text}`, GUEST_TIMEOUT_MS);
+      const text = vm.console.text;
+      assert.equal(code, EXIT_SUCCESS, text);
+      const lines = virtioLines(text);
+      assert.ok(lines.includes("DONE"), text);
+      assert.deepEqual(one(lines, "blk", text), {
+        cap: String(IMAGE_SIZE / SECTOR_SIZE),
+        rw: "ok",
+        sum0: fnv1a(sector0Pattern()).toString(16),
+      });
+      const irq = one(lines, "irq 0 blk", text);
+      assert.ok(Number(irq.irqs) >= BLOCK_REQUESTS, text);
+      assert.equal(irq.spurious, "0", text);
+      const after = await Deno.readFile(path);
+      assert.deepEqual(after.subarray(TEST_SECTOR * SECTOR_SIZE, (TEST_SECTOR + 1) * SECTOR_SIZE), sector1Pattern());
+    } finally {
+      try {
+        daemon?.kill("SIGKILL");
+      } catch {
+        // already gone
+      }
+      await daemon?.status;
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
