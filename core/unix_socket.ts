@@ -457,6 +457,16 @@ export class UnixListener {
   }
 }
 
+/** A connected pair of Unix stream sockets (socketpair(2)), non-blocking and close-on-exec: [ours, theirs]. */
+export function streamPair(): [number, number] {
+  const sv = new Int32Array(2);
+  check(
+    "socketpair",
+    libc().socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, new Uint8Array(sv.buffer)),
+  );
+  return [sv[0], sv[1]];
+}
+
 /**
  * Connect a SOCK_SEQPACKET socket to `path`. Returns the non-blocking descriptor; throws SysError
  * ("connect PATH", errno) when nobody listens there (ECONNREFUSED), the file is missing (ENOENT), ...

@@ -34,6 +34,7 @@ const symbols = {
   memfd_create: { parameters: ["buffer", "u32"], result: "i32" }, // const char *name, unsigned int flags
   fcntl: { parameters: ["i32", "i32", "i64"], result: "i32" }, // int fd, int cmd, long arg
   socket: { parameters: ["i32", "i32", "i32"], result: "i32" }, // domain, type, protocol
+  socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" }, // domain, type, protocol, int sv[2]
   bind: { parameters: ["i32", "buffer", "u32"], result: "i32" }, // fd, const struct sockaddr *, socklen_t
   listen: { parameters: ["i32", "i32"], result: "i32" }, // fd, backlog
   accept4: { parameters: ["i32", "pointer", "pointer", "i32"], result: "i32" }, // fd, addr, addrlen, flags

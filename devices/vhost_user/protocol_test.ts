@@ -6,9 +6,13 @@ import {
   CONFIG_HEADER_SIZE,
   configPayload,
   encodeMessage,
+  INFLIGHT_SIZE,
+  inflightPayload,
   MEM_REGION_SIZE,
   memTablePayload,
   parseConfig,
+  parseHeader,
+  parseInflight,
   parseMemTable,
   parseU64,
   parseVringAddr,
@@ -158,4 +162,24 @@ Deno.test("vhost-user protocol: readMessage refuses a wrong reply flag or an ove
   } finally {
     await p.close();
   }
+});
+
+Deno.test("vhost-user protocol: the inflight description is 24 bytes (QEMU's padded VhostUserInflight) and round-trips", () => {
+  const i = { mmapSize: 1n << 33n, mmapOffset: 4096n, numQueues: 3, queueSize: 256 };
+  const p = inflightPayload(i);
+  assert.equal(p.length, INFLIGHT_SIZE);
+  assert.equal(INFLIGHT_SIZE, 24);
+  const msg = { request: 31, flags: 0, payload: p.slice(), fds: [] };
+  assert.deepEqual(parseInflight(msg), i);
+  assert.throws(() => parseInflight({ ...msg, payload: p.slice(0, 20) }), VhostUserProtocolError);
+});
+
+Deno.test("vhost-user protocol: parseHeader checks the header's length, version, reply flag and size", () => {
+  const ok = encodeMessage(1, 0x1 | VHOST_USER_FLAG_REPLY, new Uint8Array(8)).subarray(0, 12);
+  assert.deepEqual(parseHeader(ok, true), { request: 1, flags: 0x5, size: 8 });
+  assert.throws(() => parseHeader(ok, false), /unexpected reply flag/);
+  assert.throws(() => parseHeader(ok.subarray(0, 11), true), /a header of 11 bytes/);
+  const v2 = ok.slice();
+  v2[4] = 0x2 | VHOST_USER_FLAG_REPLY;
+  assert.throws(() => parseHeader(v2, true), /unsupported version/);
 });

@@ -27,6 +27,7 @@ import { parseNetOption } from "./devices/net.ts";
 import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
 import { parseVsockOption } from "./devices/vsock.ts";
 import { parseDeprecatedPmemOption, parsePmemOption } from "./devices/pmem.ts";
+import { parseVhostUserConnectTimeout, parseVhostUserOption } from "./devices/vhost_user.ts";
 import { type AllowedKinds, checkFileKind, openUserFile } from "../../core/host_file.ts";
 import { closeFd, O_RDONLY } from "../../ffi/libc.ts";
 
@@ -449,6 +450,12 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
       case "cid":
         cfg.vsock = parseVsockOption(v, "--cid");
         break;
+      case "vhost-user":
+        (cfg.vhostUser ??= []).push(parseVhostUserOption(v));
+        break;
+      case "vhost-user-connect-timeout-ms":
+        cfg.vhostUserConnectTimeoutMs = parseVhostUserConnectTimeout(v);
+        break;
       case "no-rng":
         cfg.rng = false;
         break;
@@ -598,7 +605,9 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
   if (cfg.blocks.filter((b) => b.root).length + (cfg.pmems ?? []).filter((p) => p.root).length > 1) {
     throw new UsageError("only one root disk can be given");
   }
-  addDefaultSerial(cfg.serials);
+  // crosvm (arch/src/serial.rs set_default_serial_parameters): a vhost-user console takes the default
+  // serial console's place.
+  if (!cfg.vhostUser?.some((v) => v.type === "console")) addDefaultSerial(cfg.serials);
 
   if (options.checkFiles ?? true) {
     // A restore does not load the kernel or initrd: guest memory comes from the snapshot.

@@ -1,8 +1,8 @@
 // Which virtio device models a VmConfig asks for, in the order they get
 // virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
-// line), then net, consoles, rng, balloon, input, vsock, gpu, pmem. The net, vsock, gpu and pmem
-// models (and the tap and virglrenderer bindings) are imported only when asked for, so
-// a VM without them does not load them at start-up.
+// line), then net, consoles, rng, balloon, input, vsock, gpu, the vhost-user front ends, pmem. The
+// net, vsock, gpu, vhost-user and pmem models (and the tap and virglrenderer bindings) are imported only
+// when asked for, so a VM without them does not load them at start-up.
 
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
 import { BlockDevice } from "../../devices/virtio/block/device.ts";
@@ -37,6 +37,8 @@ export interface VirtioDeviceContext {
   serialOutput(s: SerialConfig): Promise<(bytes: Uint8Array) => void>;
   /** Default host socket for the userspace vsock when --vsock has no uds-path. */
   defaultVsockPath: string;
+  /** Where devices' own log lines go (default: stderr with a "denovm: " prefix). */
+  log?: (line: string) => void;
 }
 
 /** What createVirtioDevices built, with the console devices by serial number for input wiring. */
@@ -184,6 +186,39 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
           tracePath: g.tracePath,
         }),
       );
+    }
+    if (config.vhostUser?.length) {
+      const { VhostUserFrontEndDevice } = await import("../../devices/vhost_user/front_end.ts");
+      const { VhostUserProtocolError } = await import("../../devices/vhost_user/protocol.ts");
+      const log = ctx.log ?? ((line: string) => console.error(`denovm: ${line}`));
+      const perType = new Map<string, number>();
+      for (const v of config.vhostUser) {
+        // Names are unique (stats, logs): the second device of a type gets "-1", and so on.
+        const n = perType.get(v.type) ?? 0;
+        perType.set(v.type, n + 1);
+        const name = `vhost-user-${v.type}${n === 0 ? "" : `-${n}`}`;
+        const device = new VhostUserFrontEndDevice({
+          name,
+          socket: v.socket,
+          deviceType: v.deviceId,
+          queues: v.queues,
+          maxQueueSize: v.maxQueueSize,
+          configSize: v.configSize,
+          connectTimeoutMs: config.vhostUserConnectTimeoutMs,
+          log,
+        });
+        devices.push(device);
+        const what = `--vhost-user ${v.type},socket=${v.socket}`;
+        await make(what, async () => {
+          try {
+            await device.connect();
+          } catch (e) {
+            // A socket that is not there is the user's to fix (exit 35); a back end that misbehaves is not.
+            if (e instanceof VhostUserProtocolError) throw new HostError(`${what}: ${e.message}`);
+            throw e;
+          }
+        });
+      }
     }
     if (config.pmems && config.pmems.length > 0) {
       // Last, so a VM's other devices keep their slots; /dev/pmemN follows the order given.

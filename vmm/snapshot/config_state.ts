@@ -106,13 +106,22 @@ const VM_CONFIG_SCHEMA: Schema = record({
     vulkan: bool,
     udmabuf: bool,
   }, ["width", "height", "tracePath"]),
+  vhostUser: list(record({
+    type: str,
+    deviceId: int(0, U32_MAX),
+    socket: str,
+    maxQueueSize: int(1, U16_MAX + 1),
+    queues: int(1, U16_MAX),
+    configSize: int(0, U16_MAX),
+  }, ["maxQueueSize", "queues", "configSize"])),
+  vhostUserConnectTimeoutMs: int(0, Number.MAX_SAFE_INTEGER),
   socket: str,
   gdb: int(0, U16_MAX),
   agent: bool,
   virtioMmioCmdline: bool,
   logLevel: str,
   pmems: list(record({ path: str, ro: bool, root: bool })),
-}, ["initrd", "vsock", "gpu", "socket", "gdb", "agent", "logLevel", "pmems"]);
+}, ["initrd", "vsock", "gpu", "vhostUser", "vhostUserConnectTimeoutMs", "socket", "gdb", "agent", "logLevel", "pmems"]);
 
 /** `value` checked against `schema`, as a fresh copy; StateError naming the first field that does not fit. */
 function decode(schema: Schema, value: StateValue | undefined, what: string): unknown {
