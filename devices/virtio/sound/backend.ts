@@ -253,3 +253,8 @@ export class FileBackend implements SoundBackend {
 
   close(): void {}
 }
+
+/** The back end `kind` (crosvm's `backend=`); `file` takes `opts` and throws one-line Errors for them. */
+export function makeSoundBackend(kind: "null" | "file", opts: FileBackendOptions): SoundBackend {
+  return kind === "file" ? new FileBackend(opts) : new NullBackend();
+}
