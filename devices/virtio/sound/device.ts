@@ -552,6 +552,8 @@ export class SoundDevice implements VirtioDevice, Stateful {
     }
     const w = chain.writer();
     w.writeU32(VIRTIO_SND_S_OK);
+    if (count === 0) return w.bytesWritten;
+    // size ≤ the writable length here: the item is no larger than the driver's own buffer.
     const item = new Uint8Array(size);
     const v = new DataView(item.buffer);
     for (let i = start; i < start + count; i++) {
@@ -731,6 +733,12 @@ export class SoundDevice implements VirtioDevice, Stateful {
     const bytes = index === VIRTIO_SND_VQ_TX
       ? chain.readableLength - SND_PCM_XFER_SIZE
       : chain.writableLength - SND_PCM_STATUS_SIZE;
+    // A message is a period or a few (Linux sends one period each): never more than the whole buffer,
+    // which bounds what one completion copies.
+    if (bytes > s.params!.bufferBytes) {
+      this.#log.log(`I/O message of ${bytes} bytes for stream ${id}, whose buffer is ${s.params!.bufferBytes}`);
+      return VIRTIO_SND_S_BAD_MSG;
+    }
     return { stream: s, bytes };
   }
 

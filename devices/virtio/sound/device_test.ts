@@ -434,6 +434,31 @@ Deno.test("snd property: random control requests get a status, never a crash or 
   assert.ok(r.dev.queueMaxSizes[VIRTIO_SND_VQ_TX] === SND_DATA_QUEUE_SIZE);
 });
 
+Deno.test("snd: an info query of 0 items with an absurd item size gets an empty answer, nothing allocated for it", () => {
+  using r = rig();
+  const before = Deno.memoryUsage().external;
+  const res = r.control(u32s(VIRTIO_SND_R_PCM_INFO, 0, 0, 0xffffffff), 32);
+  assert.ok(Deno.memoryUsage().external - before < MiB, "no buffer of the item size was made");
+  assert.equal(res.status, VIRTIO_SND_S_OK);
+  assert.equal(res.len, 4);
+  // An item size larger than any answer could hold: refused before anything is made of it.
+  assert.equal(r.control(u32s(VIRTIO_SND_R_CHMAP_INFO, 0, 1, 0x7fffffff), 32).status, VIRTIO_SND_S_BAD_MSG);
+});
+
+Deno.test("snd: an I/O message larger than its stream's buffer is refused at once", () => {
+  using r = rig();
+  r.ok(setParams(0, { buffer: 160, period: 80, channels: 1, format: VIRTIO_SND_PCM_FMT_U8, rate: RATE_8000 }));
+  r.ok(u32s(VIRTIO_SND_R_PCM_PREPARE, 0));
+  const big = r.tx(0, new Uint8Array(161));
+  assert.equal(r.status(big.statusAddr), VIRTIO_SND_S_BAD_MSG);
+  assert.deepEqual(r.drv.queues[VIRTIO_SND_VQ_TX].used().map((u) => u.id), [big.head]);
+  const fits = r.tx(0, new Uint8Array(160));
+  assert.deepEqual(r.drv.queues[VIRTIO_SND_VQ_TX].used(), [], "a message of the whole buffer is held");
+  assert.equal(r.dev.quiescent(), false);
+  r.ok(u32s(VIRTIO_SND_R_PCM_RELEASE, 0));
+  assert.deepEqual(r.drv.queues[VIRTIO_SND_VQ_TX].used().map((u) => u.id), [fits.head]);
+});
+
 Deno.test("snd: jack events go into the event queue's buffers", () => {
   using r = rig({ jacks: 1 });
   r.dev.setJackConnected(0, false);
