@@ -111,7 +111,7 @@ const UNSUPPORTED: Record<string, string> = {
   make_rt: "real-time vCPUs are not supported",
   vfio: "there is no PCI bus for VFIO devices",
   "virtio-net": "network devices cannot be hot-plugged",
-  snd: "there is no sound device",
+  snd: "mute-all is not supported: it mutes crosvm's CRAS streams, and denovm's sound back ends are null and file",
 };
 
 /** The control command words denovm knows. */
