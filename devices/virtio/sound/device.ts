@@ -611,6 +611,8 @@ export class SoundDevice implements VirtioDevice, Stateful {
       );
     }
     if (s.state === "prepared" || s.state === "released") this.#closeHost(s);
+    // Messages a prepared stream held were for the old parameters: they complete without samples.
+    this.#returnHeld(s);
     s.params = p;
     s.state = "params";
     s.fresh = true;
@@ -672,6 +674,11 @@ export class SoundDevice implements VirtioDevice, Stateful {
     this.#stopTimer(s);
     s.state = "released";
     // Every held message completes, without samples (5.14.6.6.5.1).
+    this.#returnHeld(s);
+  }
+
+  /** Completes every message `s` holds, without samples. */
+  #returnHeld(s: Stream): void {
     const held = s.held;
     s.held = [];
     const used = new Set<number>();

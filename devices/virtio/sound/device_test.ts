@@ -459,6 +459,87 @@ Deno.test("snd: an I/O message larger than its stream's buffer is refused at onc
   assert.deepEqual(r.drv.queues[VIRTIO_SND_VQ_TX].used().map((u) => u.id), [fits.head]);
 });
 
+Deno.test("snd: SET_PARAMS of a prepared stream completes the messages it held (they were for the old parameters)", () => {
+  using r = rig();
+  const p = { buffer: 800, period: 80, channels: 1, format: VIRTIO_SND_PCM_FMT_U8, rate: RATE_8000 };
+  r.ok(setParams(0, p));
+  r.ok(u32s(VIRTIO_SND_R_PCM_PREPARE, 0));
+  const held = r.tx(0, new Uint8Array(80));
+  r.ok(setParams(0, { ...p, period: 40, buffer: 400 }));
+  assert.deepEqual(r.drv.queues[VIRTIO_SND_VQ_TX].used(), [{ id: held.head, len: 8 }]);
+  assert.equal(r.status(held.statusAddr), VIRTIO_SND_S_OK);
+  assert.ok(r.dev.quiescent());
+});
+
+Deno.test("snd property: random control requests and I/O messages, with time passing, never crash or leak", () => {
+  using dir = tempDir();
+  using r = rig({ backend: new FileBackend({ playbackPath: dir.path }), numInputStreams: 2 });
+  const txq = r.drv.queues[VIRTIO_SND_VQ_TX];
+  const rxq = r.drv.queues[VIRTIO_SND_VQ_RX];
+  const mark = r.drv.alloc.mark();
+  const op = fc.oneof(
+    fc.record({
+      kind: fc.constant("params" as const),
+      stream: fc.integer({ min: 0, max: 3 }),
+      period: fc.constantFrom(0, 2, 80, 160, 0xffffffff),
+      periods: fc.integer({ min: 1, max: 4 }),
+      channels: fc.integer({ min: 0, max: 3 }),
+      format: fc.constantFrom(VIRTIO_SND_PCM_FMT_U8, VIRTIO_SND_PCM_FMT_S16, 0, 200),
+      rate: fc.constantFrom(RATE_8000, RATE_48000, 13, 99),
+    }),
+    fc.record({
+      kind: fc.constant("pcm" as const),
+      code: fc.constantFrom(
+        VIRTIO_SND_R_PCM_PREPARE,
+        VIRTIO_SND_R_PCM_START,
+        VIRTIO_SND_R_PCM_STOP,
+        VIRTIO_SND_R_PCM_RELEASE,
+      ),
+      stream: fc.integer({ min: 0, max: 3 }),
+    }),
+    fc.record({
+      kind: fc.constantFrom("tx" as const, "rx" as const),
+      stream: fc.integer({ min: 0, max: 3 }),
+      bytes: fc.integer({ min: 0, max: 400 }),
+    }),
+    fc.record({ kind: fc.constant("time" as const), ms: fc.integer({ min: 0, max: 200 }) }),
+  );
+  fc.assert(
+    fc.property(fc.array(op, { maxLength: 40 }), (ops) => {
+      for (const o of ops) {
+        if (o.kind === "params") {
+          const period = o.period;
+          const buffer = period === 0xffffffff ? period : period * o.periods;
+          const st = r.control(
+            setParams(o.stream, { buffer, period, channels: o.channels, format: o.format, rate: o.rate }),
+          ).status;
+          assert.ok([VIRTIO_SND_S_OK, VIRTIO_SND_S_BAD_MSG, VIRTIO_SND_S_NOT_SUPP].includes(st));
+        } else if (o.kind === "pcm") {
+          assert.ok([VIRTIO_SND_S_OK, VIRTIO_SND_S_BAD_MSG].includes(r.pcm(o.code, o.stream)));
+        } else if (o.kind === "tx") {
+          if (txq.availIdx - txq.usedIdx() < 64) r.tx(o.stream, new Uint8Array(o.bytes));
+        } else if (o.kind === "rx") {
+          if (rxq.availIdx - rxq.usedIdx() < 64) r.rx(o.stream, o.bytes);
+        } else if ("ms" in o) r.clock.advance(o.ms);
+      }
+      // Whatever happened, releasing every stream returns every message, and the device is quiescent.
+      for (let s = 0; s < 3; s++) {
+        r.pcm(VIRTIO_SND_R_PCM_STOP, s);
+        r.pcm(VIRTIO_SND_R_PCM_RELEASE, s);
+      }
+      // A stream never prepared holds nothing; one left in params or idle state refused its messages.
+      txq.used();
+      rxq.used();
+      assert.equal(txq.usedIdx(), txq.availIdx, "every tx message came back");
+      assert.equal(rxq.usedIdx(), rxq.availIdx, "every rx message came back");
+      assert.ok(r.dev.quiescent());
+      assert.equal(r.clock.timers.size, 0, "no timer left behind");
+      r.drv.alloc.resetTo(mark);
+    }),
+    { numRuns: 150 },
+  );
+});
+
 Deno.test("snd: jack events go into the event queue's buffers", () => {
   using r = rig({ jacks: 1 });
   r.dev.setJackConnected(0, false);
