@@ -115,7 +115,7 @@ import {
   VIRTIO_SND_VQ_RX,
   VIRTIO_SND_VQ_TX,
 } from "./constants.ts";
-import { type CaptureSource, NullBackend, type PlaybackSink, type SoundBackend } from "./backend.ts";
+import { type CaptureSource, NullBackend, type PlaybackSink, silenceByte, type SoundBackend } from "./backend.ts";
 import type { PcmFormat } from "./wav.ts";
 
 /** Queue sizes: control and event small; tx and rx hold a stream's periods (Linux queues them all). */
@@ -278,6 +278,7 @@ export class SoundDevice implements VirtioDevice, Stateful {
   #queues: (Virtqueue | undefined)[] = [];
   #interrupt: VirtioInterrupt | undefined;
   #pendingEvents: { code: number; data: number }[] = [];
+  #muted = false;
 
   constructor(opts: SoundOptions = {}) {
     const outDevs = countOption(opts.numOutputDevices, 1, "num_output_devices", 0, SND_MAX_STREAMS);
@@ -410,6 +411,18 @@ export class SoundDevice implements VirtioDevice, Stateful {
         this.#takeMessages(q, index);
         break;
     }
+  }
+
+  /**
+   * Mute or unmute every stream (crosvm's `snd mute-all`): a muted stream goes on at its rate, but plays
+   * silence into its back end and records silence for the guest.
+   */
+  setMuted(muted: boolean): void {
+    this.#muted = muted;
+  }
+
+  get muted(): boolean {
+    return this.#muted;
   }
 
   /** Tell the driver jack `id` was connected or disconnected (an event, when the driver gave a buffer). */
@@ -813,6 +826,7 @@ export class SoundDevice implements VirtioDevice, Stateful {
     r.skip(SND_PCM_XFER_SIZE);
     for (let left = h.bytes; left > 0;) {
       const piece = r.read(Math.min(left, COPY_CHUNK));
+      if (this.#muted) piece.fill(silenceByte(s.params!.format));
       const kept = s.sink ? s.sink.write(piece) : piece.length;
       this.#stats.droppedBytes += piece.length - kept;
       left -= piece.length;
@@ -827,6 +841,7 @@ export class SoundDevice implements VirtioDevice, Stateful {
     for (let left = h.bytes; left > 0;) {
       const piece = buf.subarray(0, Math.min(left, COPY_CHUNK));
       s.source?.read(piece);
+      if (this.#muted) piece.fill(silenceByte(s.params!.format));
       w.write(piece);
       left -= piece.length;
       s.bytes += piece.length;

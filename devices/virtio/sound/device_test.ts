@@ -540,6 +540,39 @@ Deno.test("snd property: random control requests and I/O messages, with time pas
   );
 });
 
+Deno.test("snd: muted streams play and record silence at their rate", () => {
+  using dir = tempDir();
+  const wav = `${dir.path}/in.wav`;
+  Deno.writeFileSync(
+    wav,
+    new Uint8Array([
+      ...wavHeader({ format: VIRTIO_SND_PCM_FMT_U8, channels: 1, rate: 8000 }, 160),
+      ...new Uint8Array(160).fill(7),
+    ]),
+  );
+  using r = rig({ backend: new FileBackend({ playbackPath: dir.path, capturePath: wav }) });
+  const p = { buffer: 800, period: 80, channels: 1, format: VIRTIO_SND_PCM_FMT_U8, rate: RATE_8000 };
+  r.ok(setParams(0, p));
+  r.ok(setParams(1, p));
+  r.ok(u32s(VIRTIO_SND_R_PCM_PREPARE, 0));
+  r.ok(u32s(VIRTIO_SND_R_PCM_PREPARE, 1));
+  r.dev.setMuted(true);
+  r.tx(0, new Uint8Array(80).fill(5));
+  const a = r.rx(1, 80);
+  r.ok(u32s(VIRTIO_SND_R_PCM_START, 0));
+  r.ok(u32s(VIRTIO_SND_R_PCM_START, 1));
+  r.clock.advance(10);
+  assert.deepEqual(r.g.mem.read(a.dataAddr, 80), new Uint8Array(80).fill(0x80), "U8 silence recorded");
+  r.dev.setMuted(false);
+  r.tx(0, new Uint8Array(80).fill(5));
+  const b = r.rx(1, 80);
+  r.clock.advance(10);
+  assert.deepEqual(r.g.mem.read(b.dataAddr, 80), new Uint8Array(80).fill(7), "the file again, from where the clock is");
+  const played = Deno.readFileSync(`${dir.path}/stream-0.wav`).subarray(WAV_HEADER_SIZE);
+  assert.deepEqual(played, new Uint8Array([...new Uint8Array(80).fill(0x80), ...new Uint8Array(80).fill(5)]));
+  assert.equal(r.dev.stats()["stream0.bytes"], 160, "muted bytes are moved all the same");
+});
+
 Deno.test("snd: jack events go into the event queue's buffers", () => {
   using r = rig({ jacks: 1 });
   r.dev.setJackConnected(0, false);
