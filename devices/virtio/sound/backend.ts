@@ -121,6 +121,13 @@ class WavSink implements PlaybackSink {
   }
 }
 
+/** A file error in a few words: "no such file or directory", "permission denied", else Deno's message. */
+function fileError(e: unknown): string {
+  if (e instanceof Deno.errors.NotFound) return "no such file or directory";
+  if (e instanceof Deno.errors.PermissionDenied) return "permission denied";
+  return (e as Error).message;
+}
+
 function writeAll(file: Deno.FsFile, bytes: Uint8Array): void {
   for (let o = 0; o < bytes.length;) o += file.writeSync(bytes.subarray(o));
 }
@@ -173,7 +180,7 @@ export class FileBackend implements SoundBackend {
     try {
       st = Deno.statSync(opts.playbackPath);
     } catch (e) {
-      throw new Error(`playback_path ${opts.playbackPath}: ${(e as Error).message}`);
+      throw new Error(`playback_path ${opts.playbackPath}: ${fileError(e)}`);
     }
     if (!st.isDirectory) throw new Error(`playback_path ${opts.playbackPath} is not a directory`);
     if (opts.capturePath !== undefined) {
@@ -194,7 +201,7 @@ export class FileBackend implements SoundBackend {
     try {
       file = Deno.openSync(path, { read: true });
     } catch (e) {
-      throw new Error(`capture_path ${path}: ${(e as Error).message}`);
+      throw new Error(`capture_path ${path}: ${fileError(e)}`);
     }
     if (!file.statSync().isFile) {
       file.close();
