@@ -100,14 +100,25 @@ function walk(dir: string, rel = ""): string[] {
   return out;
 }
 
-/** The shell commands of the guest's init: play /play.wav, record from the host, print what was recorded. */
-const GUEST_COMMANDS = `export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+/**
+ * Linux's virtio_snd limits a stream's buffer to pcm_buffer_ms (a module parameter, 160 by default, which
+ * at 16 kHz mono allows 0.25 s): loaded with more, arecord's buffer holds all it records.
+ */
+const PCM_BUFFER_MS = 2000;
+
+/**
+ * The shell commands of the guest's init: load virtio_snd (its dependencies are loaded before), play
+ * /play.wav, record from the host, print what was recorded. aplay and arecord print their set-up (-v):
+ * a failure's console shows the buffer and period sizes the driver gave.
+ */
+const GUEST_COMMANDS = `insmod /lib/modules/virtio_snd.ko pcm_buffer_ms=${PCM_BUFFER_MS}
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 n=0; while [ ! -e /dev/snd/pcmC0D0c ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
 cat /proc/asound/cards
 cat /proc/asound/pcm
-aplay -D hw:0,0 -B 1000000 -F 50000 /play.wav
+aplay -v -D hw:0,0 -B 1000000 -F 50000 /play.wav
 echo APLAY-DONE
-arecord -D hw:0,0 -f S16_LE -c 1 -r ${CAPTURE.rate} -B 2000000 -F 50000 -s ${RECORD_FRAMES} -t wav /tmp/cap.wav
+arecord -v -D hw:0,0 -f S16_LE -c 1 -r ${CAPTURE.rate} -B 2000000 -F 50000 -s ${RECORD_FRAMES} -t wav /tmp/cap.wav
 echo "cap-bytes=$(wc -c </tmp/cap.wav)"
 echo "cap-sha=$(tail -c +$((${ARECORD_HEADER_BYTES} + 1)) /tmp/cap.wav | sha256sum)"
 echo ${CAPTURE_HEAD_MARK}
@@ -144,7 +155,8 @@ export function soundInitramfs(g: SoundGuest, markStart: string, markEnd: string
   }
   const entries: CpioEntry[] = busyboxBaseEntries([...dirs].sort(), mods);
   for (const [name, data] of files) entries.push({ name, mode: S_IFREG | 0o755, data });
-  const init = busyboxInitScript(mods, GUEST_COMMANDS, markStart, markEnd);
+  // virtio_snd itself (the last module) is loaded by GUEST_COMMANDS, with its parameter.
+  const init = busyboxInitScript(mods.filter((m) => !m.endsWith("/virtio_snd.ko")), GUEST_COMMANDS, markStart, markEnd);
   entries.push({ name: "init", mode: S_IFREG | 0o755, data: new TextEncoder().encode(init) });
   return cpioNewc(entries);
 }
