@@ -359,7 +359,13 @@ export class SoundDevice implements VirtioDevice, Stateful {
     if (ctx.restored) {
       // Host sides of restored streams: the back end goes on from where the saved stream was.
       for (const s of this.#streams) {
-        if (s.state === "prepared" || s.state === "running" || s.state === "stopped") this.#openHost(s);
+        if (s.state === "prepared" || s.state === "running" || s.state === "stopped") {
+          try {
+            this.#openHost(s);
+          } catch {
+            // #openHost logged why; the stream runs on without a host side (its samples are dropped).
+          }
+        }
         s.base = this.#clock.now();
         s.consumed = 0;
       }

@@ -621,6 +621,30 @@ Deno.test("snd: state round trip keeps the streams' parameters; a capture goes o
   }
 });
 
+Deno.test("snd: a restored stream whose back end cannot open runs on without it, with one log line", () => {
+  using dir = tempDir();
+  using r = rig({ backend: new FileBackend({ playbackPath: dir.path }) });
+  r.ok(setParams(0, { buffer: 800, period: 80, channels: 1, format: VIRTIO_SND_PCM_FMT_U8, rate: RATE_8000 }));
+  r.ok(u32s(VIRTIO_SND_R_PCM_PREPARE, 0));
+  const backend = new FileBackend({ playbackPath: dir.path });
+  // The playback file cannot be opened again: a directory stands where it was.
+  Deno.removeSync(`${dir.path}/stream-0.wav`);
+  Deno.mkdirSync(`${dir.path}/stream-0.wav`);
+  const clock = new ManualClock();
+  const dev2 = new SoundDevice({ clock, backend });
+  try {
+    const before = r.lines.length;
+    const to = saveAndRestore({ t: r.drv.transport, drv: r.drv, irqs: r.irqs }, r.dev, dev2, r.g.mem);
+    assert.equal(r.lines.length, before + 1, r.lines.join("\n"));
+    const q = to.drv.queues[VIRTIO_SND_VQ_TX];
+    q.submit([u32s(0), new Uint8Array(80), 8]);
+    to.drv.kick(VIRTIO_SND_VQ_TX);
+    to.drv.writeReg(VIRTIO_MMIO_STATUS, 0);
+  } finally {
+    dev2.close();
+  }
+});
+
 Deno.test("snd: a state that does not fit is refused; a stream holding messages cannot be saved", () => {
   using r = rig();
   r.ok(setParams(0, { buffer: 800, period: 80, channels: 1, format: VIRTIO_SND_PCM_FMT_U8, rate: RATE_8000 }));
