@@ -28,6 +28,7 @@ const handler: ControlHandler = {
   gpuStats: () => Promise.resolve({}),
   screenshot: noop,
   snapshot: noop,
+  sndMuteAll: noop,
 };
 
 function median(xs: number[]): number {

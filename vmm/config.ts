@@ -150,6 +150,28 @@ export interface VhostUserConfig {
   configSize?: number;
 }
 
+/** Host back ends of the sound device (crosvm's `backend=` values that denovm has). */
+export const SOUND_BACKENDS = ["null", "file"] as const;
+export type SoundBackendKind = (typeof SOUND_BACKENDS)[number];
+
+/** A virtio-snd device: crosvm's `--virtio-snd` keys (devices/src/virtio/snd/parameters.rs), denovm's capture_path. */
+export interface SoundConfig {
+  backend: SoundBackendKind;
+  /** Input streams take samples from the host (capture_path for the file back end); otherwise silence. */
+  capture: boolean;
+  numOutputDevices: number;
+  numInputDevices: number;
+  numOutputStreams: number;
+  numInputStreams: number;
+  /** file back end: directory of the output streams' WAV files (stream-<id>.wav). */
+  playbackPath?: string;
+  /** file back end: most data bytes per output file; 0: no limit but the WAV format's. */
+  playbackSize: number;
+  /** file back end: the WAV file input streams capture (with capture=true). */
+  capturePath?: string;
+  cardIndex: number;
+}
+
 export interface VmConfig {
   /** Kernel image path (bzImage or ELF vmlinux). */
   kernel: string;
@@ -164,6 +186,8 @@ export interface VmConfig {
   rng: boolean;
   balloon: boolean;
   inputs: InputConfig[];
+  /** virtio-snd devices (`--virtio-snd`); absent: none. */
+  sounds?: SoundConfig[];
   /** virtio-vsock: guest CID and the host Unix socket of the userspace vsock (Firecracker's design). */
   vsock?: { cid: number; udsPath?: string };
   gpu?: GpuConfig;

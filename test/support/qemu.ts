@@ -168,6 +168,8 @@ export async function buildQemuInitramfs(opts: QemuInitramfsOptions): Promise<st
 export interface QemuOptions {
   /** Which QEMU (default: Debian's). */
   qemu?: QemuBuild;
+  /** Which kernel (default: Debian's 6.1, debianKernel()). */
+  kernel?: DebianKernel;
   initramfs: string;
   /** vhost-user devices: the QEMU device name (virtio-mmio variant, e.g. "vhost-user-input") and socket. */
   vhostUser?: { device: string; socket: string; props?: string }[];
@@ -245,7 +247,7 @@ export class QemuMachine {
   }
 
   static async start(opts: QemuOptions): Promise<QemuMachine> {
-    const k = await debianKernel();
+    const k = opts.kernel ?? await debianKernel();
     const args = qemuArgs(k, opts);
     const binary = opts.qemu?.binary ?? QEMU_BINARY;
     const env = opts.qemu?.env;

@@ -82,6 +82,8 @@ const COMMANDS: Record<string, readonly ControlShape[]> = {
     { words: ["stats", "SOCKET"], help: "print GPU counters (denovm)" },
   ],
   screenshot: [{ words: ["PATH", "SOCKET"], help: "save display 0 to PATH as PNG (denovm)" }],
+  // crosvm's SndCommand / MuteAllCommand (cmdline.rs): `snd mute-all MUTED VM_SOCKET`, MUTED true or false.
+  snd: [{ words: ["mute-all", "MUTED", "SOCKET"], help: "mute (true) or unmute (false) every sound stream" }],
   // crosvm's SnapshotCommand / SnapshotTakeCommand (cmdline.rs): `snapshot take SNAPSHOT_PATH VM_SOCKET
   // [--compress-memory] [--encrypt]`.
   snapshot: [{
@@ -111,7 +113,6 @@ const UNSUPPORTED: Record<string, string> = {
   make_rt: "real-time vCPUs are not supported",
   vfio: "there is no PCI bus for VFIO devices",
   "virtio-net": "network devices cannot be hot-plugged",
-  snd: "there is no sound device",
 };
 
 /** The control command words denovm knows. */
@@ -232,7 +233,9 @@ export function parseControlArgs(argv: readonly string[]): ParsedControl {
     const arg = positionals[i];
     if (word === "INDEX") parseUint(arg, `${cmd} INDEX`);
     else if (word === "SIZE") parseSize(arg, `${cmd} SIZE`);
-    else if ((word === "SOCKET" || word === "PATH") && arg === "") throw new UsageError(`${cmd}: empty ${word}`);
+    else if (word === "MUTED" && arg !== "true" && arg !== "false") {
+      throw new UsageError(`${cmd}: MUTED is true or false, not "${arg}"`);
+    } else if ((word === "SOCKET" || word === "PATH") && arg === "") throw new UsageError(`${cmd}: empty ${word}`);
     args[word] = arg;
   });
   return { cmd, sub, args, flags, help: false };

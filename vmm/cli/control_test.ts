@@ -44,6 +44,7 @@ Deno.test("control command lines: crosvm's switches and options become the reque
       id: 0,
       mode: "touchscreen",
     }],
+    [["snd", "mute-all", "false", s], { kind: "sndMuteAll", muted: false }],
   ];
   for (const [argv, request] of cases) {
     assert.deepEqual(requestForArgv(argv), { request, socket: s }, argv.join(" "));
@@ -54,6 +55,8 @@ Deno.test("control command lines: wrong flags, missing options and bad values ar
   const s = "/s";
   const bad: [string[], RegExp][] = [
     [["stop", "--full", s], /stop: unknown option --full/],
+    [["snd", "mute-all", "yes", s], /snd: MUTED is true or false, not "yes"/],
+    [["snd", "unmute", s], /snd: expected mute-all, got "unmute"/],
     [["suspend", "--fast", s], /suspend: unknown option --fast/],
     [["suspend", "--full=yes", s], /--full takes no value/],
     [["balloon", "1G", s, "-w"], /balloon: unknown option -w/],

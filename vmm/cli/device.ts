@@ -25,9 +25,10 @@ const DEVICE_MODULES: Record<string, () => Promise<DeviceModule>> = {
   balloon: () => import("./devices/balloon.ts"),
   input: () => import("./devices/input.ts"),
   gpu: () => import("./devices/gpu.ts"),
+  snd: () => import("./devices/sound.ts"),
 };
 /** Types crosvm's `device` command knows that denovm does not serve. */
-const NOT_AVAILABLE = ["fs", "snd", "wl"];
+const NOT_AVAILABLE = ["fs", "wl"];
 
 /** Run `device ...` (argv after the word "device"); resolves with the process exit code. */
 export async function runDeviceCommand(argv: string[]): Promise<number> {

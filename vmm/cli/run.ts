@@ -23,6 +23,7 @@ import { MAX_VCPUS } from "../arch/cpu.ts";
 import { parseBlockOption } from "./devices/block.ts";
 import { parseGpuDisplayOption, parseGpuOption } from "./devices/gpu.ts";
 import { parseInputOption } from "./devices/input.ts";
+import { parseSoundOption } from "./devices/sound.ts";
 import { parseNetOption } from "./devices/net.ts";
 import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
 import { parseVsockOption } from "./devices/vsock.ts";
@@ -443,6 +444,9 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
         break;
       case "input":
         cfg.inputs.push(parseInputOption(v));
+        break;
+      case "virtio-snd":
+        cfg.sounds = [...(cfg.sounds ?? []), parseSoundOption(v)];
         break;
       case "vsock":
         cfg.vsock = parseVsockOption(v, "--vsock");

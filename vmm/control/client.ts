@@ -224,6 +224,9 @@ export function requestForArgv(argv: readonly string[]): { request: ControlReque
         }
       case "screenshot":
         return { kind: "screenshot", path: absolute(p.args.PATH) };
+      case "snd":
+        // crosvm's MuteAllCommand takes the bool as argh parses one: "true" or "false" (checked by parseControlArgs).
+        return { kind: "sndMuteAll", muted: p.args.MUTED === "true" };
       case "snapshot":
         // crosvm's client sends SNAPSHOT_PATH as given (src/main.rs snapshot_vm), so its VM resolves a relative
         // path against its own working directory; denovm sends it absolute, so it names the directory the user

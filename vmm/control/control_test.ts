@@ -31,6 +31,8 @@ import type { Machine, SnapshotOptions } from "../machine.ts";
 import { defaultVmConfig } from "../config.ts";
 import { MiB } from "../arch/layout.ts";
 import { VIRTIO_ID_BLOCK } from "../../devices/virtio/device.ts";
+import { SoundDevice } from "../../devices/virtio/sound/device.ts";
+import { BalloonDevice } from "../../devices/virtio/balloon.ts";
 import { buildGuest } from "../../test/guests/build.ts";
 import { FakeVm } from "../../test/support/fake_vm.ts";
 import { VirtioTestDriver } from "../../test/support/virtio_driver.ts";
@@ -132,6 +134,10 @@ class FakeHandler implements ControlHandler {
   }
   snapshot(path: string, opts: SnapshotRequestOptions): Promise<void> {
     this.#record("snapshot", path, opts);
+    return Promise.resolve();
+  }
+  sndMuteAll(muted: boolean): Promise<void> {
+    this.#record("sndMuteAll", muted);
     return Promise.resolve();
   }
 }
@@ -287,6 +293,23 @@ Deno.test("control: snapshot take through the socket: crosvm's request, nothing 
   });
 });
 
+Deno.test("control: snd mute-all mutes every sound device of the VM; a VM without one says so", async () => {
+  const a = new SoundDevice(), b = new SoundDevice();
+  try {
+    const m = { devices: { virtio: [{ device: a }, { device: new BalloonDevice() }, { device: b }] } };
+    const h = machineControlHandler(m as unknown as Machine);
+    await h.sndMuteAll(true);
+    assert.deepEqual([a.muted, b.muted], [true, true]);
+    await h.sndMuteAll(false);
+    assert.deepEqual([a.muted, b.muted], [false, false]);
+    const none = machineControlHandler({ devices: { virtio: [] } } as unknown as Machine);
+    await assert.rejects(() => none.sndMuteAll(true), /no sound device \(--virtio-snd\)/);
+  } finally {
+    a.close();
+    b.close();
+  }
+});
+
 /** What machineControlHandler's snapshot touches of a Machine, recording the calls; `fail` makes it reject. */
 class FakeSnapshotMachine implements SnapshotTarget {
   calls: [string, SnapshotOptions][] = [];
@@ -381,6 +404,8 @@ Deno.test("control: crosvm's exact request JSON is understood and answered in cr
         GpuResponse: "DisplayMouseModeSet",
       }, ["gpuSetMouseMode", 0, "touchscreen"]],
       ['"Powerbtn"', "Ok", ["powerButton"]],
+      // crosvm's VmRequest::SndCommand(SndControlCommand::MuteAll(bool)).
+      ['{"SndCommand":{"MuteAll":true}}', "Ok", ["sndMuteAll", true]],
       ['{"BalloonCommand":{"Adjust":{"num_bytes":1073741824,"wait_for_success":false}}}', "Ok", [
         "balloonAdjust",
         1073741824,
@@ -501,6 +526,7 @@ Deno.test("control: the client sends byte-for-byte what serde_json produces for 
       { kind: "screenshot", path: "/a.png" },
       { kind: "gpuStats" },
       { kind: "snapshot", path: "/snaps/a b", compressMemory: true, encrypt: true },
+      { kind: "sndMuteAll", muted: false },
     ] as ControlRequest[]
   ) {
     assert.deepEqual(decodeRequest(JSON.parse(JSON.stringify(encodeRequest(req)))), req);
@@ -799,6 +825,7 @@ Deno.test("control: `denovm` subprocesses for crosvm's newer commands: --full, -
     await ok(["suspend", path, "--full"]);
     await ok(["resume", "--full", path]);
     await ok(["sleepbtn", path]);
+    await ok(["snd", "mute-all", "true", path]);
     await ok(["balloon", "8M", path, "--wait"]);
     // balloon_ws prints crosvm's whole reply as pretty JSON (what a VM with working-set reporting answers).
     await ok(["balloon_ws", path], JSON.stringify({ BalloonWS: WS }, null, 2) + "\n");
@@ -813,6 +840,7 @@ Deno.test("control: `denovm` subprocesses for crosvm's newer commands: --full, -
       ["suspendFull"],
       ["resumeFull"],
       ["sleepButton"],
+      ["sndMuteAll", true],
       ["balloonAdjustWait", 8 << 20],
       ["balloonWorkingSet"],
       ["gpuAddDisplays", [{ mode: { windowed: [640, 480] }, hidden: false, "refresh-rate": 60, dpi: [320, 320] }]],

@@ -1,6 +1,7 @@
 // What a running VM does for each control-socket request (vmm/control/protocol.ts).
 
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
+import { SoundDevice } from "../../devices/virtio/sound/device.ts";
 import { BlockDevice } from "../../devices/virtio/block/device.ts";
 import * as balloon from "../../devices/virtio/balloon.ts";
 import {
@@ -162,5 +163,13 @@ export function machineControlHandler(m: Machine): ControlHandler {
     gpuStats: () => Promise.resolve(gpuStats(m)),
     screenshot: (path) => screenshotTo(m, path),
     snapshot: (path, { compressMemory, encrypt }) => snapshotMachine(m, path, compressMemory, encrypt),
+    sndMuteAll: (muted) => {
+      const sounds = m.devices.virtio.map((v) => v.device).filter((d): d is SoundDevice => d instanceof SoundDevice);
+      if (sounds.length === 0) {
+        return Promise.reject(new Error("not available: this VM has no sound device (--virtio-snd)"));
+      }
+      for (const d of sounds) d.setMuted(muted);
+      return Promise.resolve();
+    },
   };
 }

@@ -17,6 +17,7 @@
 //   {"GpuCommand":{"AddDisplays":{"displays":[...]}}}             → handler.gpuAddDisplays(displays)
 //   {"GpuCommand":{"RemoveDisplays":{"display_ids":[...]}}}       → handler.gpuRemoveDisplays(ids)
 //   {"GpuCommand":{"SetDisplayMouseMode":{"display_id":I,"mouse_mode":M}}} → handler.gpuSetMouseMode(I, M)
+//   {"SndCommand":{"MuteAll":B}}                                 → handler.sndMuteAll(B)  (crosvm's snd mute-all)
 //   {"Snapshot":{"Take":{"snapshot_path":P,"compress_memory":B,"encrypt":B}}} → handler.snapshot(P, {B, B})
 //     (crosvm's SnapshotCommand::Take; all three fields are required, as serde requires them; a relative P is
 //     taken from the VM's working directory, as crosvm takes it, though denovm's own client sends it absolute)
@@ -127,6 +128,8 @@ export interface ControlHandler {
    * (running, or suspended when it was suspended).
    */
   snapshot(path: string, opts: SnapshotRequestOptions): Promise<void>;
+  /** crosvm `snd mute-all`: every sound stream plays and records silence (true) or sound again (false). */
+  sndMuteAll(muted: boolean): Promise<void>;
 }
 
 /** The switches of crosvm's SnapshotCommand::Take. */
@@ -155,7 +158,8 @@ export type ControlRequest =
   | { kind: "gpuSetMouseMode"; id: number; mode: string }
   | { kind: "gpuStats" }
   | { kind: "screenshot"; path: string }
-  | { kind: "snapshot"; path: string; compressMemory: boolean; encrypt: boolean };
+  | { kind: "snapshot"; path: string; compressMemory: boolean; encrypt: boolean }
+  | { kind: "sndMuteAll"; muted: boolean };
 
 /** A request the server cannot act on; its message goes back as {"ErrString": message}. */
 export class BadRequest extends Error {
@@ -331,6 +335,12 @@ export function decodeRequest(json: unknown): ControlRequest {
         encrypt: bool(field(data, "encrypt", what), "encrypt"),
       };
     }
+    case "SndCommand": {
+      // crosvm's SndControlCommand::MuteAll(bool), a newtype variant: {"MuteAll":true}.
+      const [cmd, data] = variant(payload, "SndCommand");
+      if (cmd !== "MuteAll") throw new BadRequest(`unsupported snd command "${cmd}"`);
+      return { kind: "sndMuteAll", muted: bool(data, "MuteAll") };
+    }
     case "DenovmGpuStats":
       unit(payload, name);
       return { kind: "gpuStats" };
@@ -381,6 +391,8 @@ export function encodeRequest(req: ControlRequest): unknown {
           Take: { snapshot_path: req.path, compress_memory: req.compressMemory, encrypt: req.encrypt },
         },
       };
+    case "sndMuteAll":
+      return { SndCommand: { MuteAll: req.muted } };
   }
 }
 
@@ -449,6 +461,9 @@ async function execute(req: ControlRequest, h: ControlHandler): Promise<{ reply:
       return { reply: REPLY_OK };
     case "snapshot":
       await h.snapshot(req.path, { compressMemory: req.compressMemory, encrypt: req.encrypt });
+      return { reply: REPLY_OK };
+    case "sndMuteAll":
+      await h.sndMuteAll(req.muted);
       return { reply: REPLY_OK };
   }
 }

@@ -1,6 +1,6 @@
 // Which virtio device models a VmConfig asks for, in the order they get
 // virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
-// line), then net, consoles, rng, balloon, input, vsock, gpu, the vhost-user front ends, pmem. The
+// line), then net, consoles, rng, balloon, input, sound, vsock, gpu, the vhost-user front ends, pmem. The
 // net, vsock, gpu, vhost-user and pmem models (and the tap and virglrenderer bindings) are imported only
 // when asked for, so a VM without them does not load them at start-up.
 
@@ -161,6 +161,25 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
         }
       }
       devices.push(device);
+    }
+    for (const snd of config.sounds ?? []) {
+      const { SoundDevice } = await import("../../devices/virtio/sound/device.ts");
+      const { makeSoundBackend } = await import("../../devices/virtio/sound/backend.ts");
+      const backend = await make(`--virtio-snd backend=${snd.backend}`, () =>
+        makeSoundBackend(snd.backend, {
+          playbackPath: snd.playbackPath ?? ".",
+          playbackSize: snd.playbackSize,
+          capturePath: snd.capture ? snd.capturePath : undefined,
+        }));
+      devices.push(
+        new SoundDevice({
+          backend,
+          numOutputDevices: snd.numOutputDevices,
+          numInputDevices: snd.numInputDevices,
+          numOutputStreams: snd.numOutputStreams,
+          numInputStreams: snd.numInputStreams,
+        }),
+      );
     }
     if (config.vsock) {
       const udsPath = config.vsock.udsPath ?? ctx.defaultVsockPath;

@@ -108,6 +108,11 @@ export function checkRestoreConfig(saved: VmConfig, given: VmConfig): void {
     if (g.kind !== s.kind) fail(`--input ${i + 1} is ${g.kind}; the snapshot's input ${i + 1} is ${s.kind}`);
   });
 
+  const [givenSnd, savedSnd] = [given.sounds ?? [], saved.sounds ?? []];
+  if (givenSnd.length !== savedSnd.length) {
+    fail(`${plural(givenSnd.length, "--virtio-snd device")} given; the snapshot has ${savedSnd.length}`);
+  }
+
   if (!!given.vsock !== !!saved.vsock) {
     fail(
       given.vsock

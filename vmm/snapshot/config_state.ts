@@ -7,7 +7,7 @@
 import { StateError, type StateValue } from "../../core/state.ts";
 import { SERIAL_PORTS } from "../arch/layout.ts";
 import { MAX_VCPUS } from "../arch/cpu.ts";
-import { INPUT_KINDS, SERIAL_HARDWARE, SERIAL_TYPES, type VmConfig } from "../config.ts";
+import { INPUT_KINDS, SERIAL_HARDWARE, SERIAL_TYPES, SOUND_BACKENDS, type VmConfig } from "../config.ts";
 
 /** The largest value a 16-bit field (TCP port) holds. */
 const U16_MAX = 0xffff;
@@ -82,6 +82,18 @@ const VM_CONFIG_SCHEMA: Schema = record({
     name: str,
     configPath: str,
   }, ["path", "width", "height", "name", "configPath"])),
+  sounds: list(record({
+    backend: oneOf(SOUND_BACKENDS),
+    capture: bool,
+    numOutputDevices: int(0, U32_MAX),
+    numInputDevices: int(0, U32_MAX),
+    numOutputStreams: int(0, U32_MAX),
+    numInputStreams: int(0, U32_MAX),
+    playbackPath: str,
+    playbackSize: int(0, Number.MAX_SAFE_INTEGER),
+    capturePath: str,
+    cardIndex: int(0, U32_MAX),
+  }, ["playbackPath", "capturePath"])),
   vsock: record({ cid: int(0, U32_MAX), udsPath: str }, ["udsPath"]),
   gpu: record({
     backend: oneOf(["2d", "virglrenderer", "3d", "gfxstream"]),
@@ -121,7 +133,19 @@ const VM_CONFIG_SCHEMA: Schema = record({
   virtioMmioCmdline: bool,
   logLevel: str,
   pmems: list(record({ path: str, ro: bool, root: bool })),
-}, ["initrd", "vsock", "gpu", "vhostUser", "vhostUserConnectTimeoutMs", "socket", "gdb", "agent", "logLevel", "pmems"]);
+}, [
+  "initrd",
+  "sounds",
+  "vsock",
+  "gpu",
+  "vhostUser",
+  "vhostUserConnectTimeoutMs",
+  "socket",
+  "gdb",
+  "agent",
+  "logLevel",
+  "pmems",
+]);
 
 /** `value` checked against `schema`, as a fresh copy; StateError naming the first field that does not fit. */
 function decode(schema: Schema, value: StateValue | undefined, what: string): unknown {

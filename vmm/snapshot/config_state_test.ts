@@ -50,6 +50,18 @@ const FULL: DeepRequired<VmConfig> = {
   rng: false,
   balloon: false,
   inputs: [{ kind: "custom", path: "/sock", width: 10, height: 20, name: "pad", configPath: "/cfg.json" }],
+  sounds: [{
+    backend: "file",
+    capture: true,
+    numOutputDevices: 1,
+    numInputDevices: 2,
+    numOutputStreams: 1,
+    numInputStreams: 1,
+    playbackPath: "/tmp/snd",
+    playbackSize: 4096,
+    capturePath: "/tmp/in.wav",
+    cardIndex: 0,
+  }],
   vsock: { cid: 42, udsPath: "/tmp/v.sock" },
   gpu: {
     backend: "virglrenderer",
