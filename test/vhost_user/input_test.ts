@@ -3,7 +3,7 @@
 // Both devices are built as `run` builds them (createVirtioDevices from the parsed options), each on a
 // virtio-mmio transport driven by the test driver over guest memory (shared RAM for the front end, whose
 // kicks and interrupts go through eventfds as under KVM). For every kind: the configuration space the
-// driver reads for each select/subsel, the device ID and the features are byte-identical; the library's
+// driver reads for each select/subsel, the device ID, the features and the queue sizes are the same; the library's
 // calls (type, key, move, click, tap) put byte-identical events in the guest's event queue; a LED the guest
 // writes on the status queue reaches the device model both ways and the library reads it back. A vhost-user
 // input back end without an event socket is one line when asked to type into it.
@@ -33,7 +33,13 @@ import {
 import { BTN_RIGHT, EV_LED, KEY_A, KEY_LEFTCTRL, LED_CAPSL, LED_NUML } from "../../devices/virtio/input/codes.ts";
 import { VhostUserFrontEndDevice } from "../../devices/vhost_user/front_end.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
-import { VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID, VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
+import {
+  VIRTIO_MMIO_CONFIG,
+  VIRTIO_MMIO_DEVICE_ID,
+  VIRTIO_MMIO_QUEUE_NUM_MAX,
+  VIRTIO_MMIO_QUEUE_SEL,
+  VirtioMmioTransport,
+} from "../../devices/virtio/mmio.ts";
 import { OwnedGuestMemory } from "../../core/memory.ts";
 import { closeFd, eventfd, eventfdWrite } from "../../ffi/libc.ts";
 import { defaultVmConfig, type VmConfig } from "../../vmm/config.ts";
@@ -103,8 +109,6 @@ function side(what: string, dev: VirtioDevice, mem: OwnedGuestMemory, input: VmI
     irqFd,
   });
   const drv = new VirtioTestDriver(t, mem, { start: DRIVER_ARENA_START, end: RAM });
-  // The in-process model offers INPUT_QUEUE_SIZE and the front end a vhost-user ring's largest: the driver
-  // takes the same size on both.
   drv.init({ queueSize: INPUT_QUEUE_SIZE });
   return {
     what,
@@ -245,7 +249,9 @@ for (const c of CASES) {
       ]);
       const config: VmConfig = defaultVmConfig("k");
       config.inputs = [parseInputOption(c.run.replace("CUSTOM", custom))];
-      config.vhostUser = [{ ...parseVhostUserOption(`type=input,socket=${socket}`), eventSocket }];
+      // max-queue-size as the in-process model's (the front end's default is a vhost-user ring's largest).
+      const vhostUser = parseVhostUserOption(`type=input,socket=${socket},max-queue-size=${INPUT_QUEUE_SIZE}`);
+      config.vhostUser = [{ ...vhostUser, eventSocket }];
       const lines: string[] = [];
       const made = await createVirtioDevices(config, {
         serialOutput: () => Promise.resolve(() => {}),
@@ -267,6 +273,14 @@ for (const c of CASES) {
         // (1) The device the guest reads: ID, features, and the config space for every select/subsel.
         assert.equal(b.drv.readReg(VIRTIO_MMIO_DEVICE_ID), a.drv.readReg(VIRTIO_MMIO_DEVICE_ID));
         assert.equal(b.drv.deviceFeatures(), a.drv.deviceFeatures(), "device features");
+        for (const q of [INPUT_EVENT_QUEUE, INPUT_STATUS_QUEUE]) {
+          for (const s of [a, b]) s.drv.writeReg(VIRTIO_MMIO_QUEUE_SEL, q);
+          assert.equal(
+            b.drv.readReg(VIRTIO_MMIO_QUEUE_NUM_MAX),
+            a.drv.readReg(VIRTIO_MMIO_QUEUE_NUM_MAX),
+            `queue ${q}`,
+          );
+        }
         let answered = 0;
         for (const select of SELECTS) {
           for (let subsel = 0; subsel < SUBSELS; subsel++) {
