@@ -15,10 +15,12 @@ export {
   type TemplateOptions,
   Vm,
   VmInput,
+  type VmInputDevice,
   type VmSnapshotOptions,
   VmTemplate,
 } from "./vmm/library/vm.ts";
 export { ConsoleTimeoutError } from "./vmm/library/console_log.ts";
+export { RemoteInput } from "./vmm/library/input_remote.ts";
 export {
   closeIdleVcpuWorkers,
   IDLE_VCPU_WORKERS_MAX,

@@ -148,6 +148,11 @@ export interface VhostUserConfig {
   queues?: number;
   /** Configuration-space bytes read from the back end (default: the type's; none for a generic device). */
   configSize?: number;
+  /**
+   * An input device's event socket (`denovm device input --event-socket PATH`): the library's vm.input
+   * drives the device through it (vmm/library/input_remote.ts). Library only; no command-line key.
+   */
+  eventSocket?: string;
 }
 
 /** Host back ends of the sound device (crosvm's `backend=` values that denovm has). */

@@ -11,6 +11,7 @@ import type { InputDevice } from "../../devices/virtio/input/device.ts";
 import { AgentClient, type ExecOptions } from "./agent_client.ts";
 import { compareImages, type CompareOptions, decodePng, type Image } from "./screen.ts";
 import { gpuStats, inputDevicesOf, screenshot, startWebDisplay } from "./gpu_front.ts";
+import { RemoteInput, RemoteInputs } from "./input_remote.ts";
 
 /** Bytes a console port buffers for the guest (ConsoleDevice's default inputLimit): the largest agent request. */
 const AGENT_PORT_INPUT_LIMIT = 1024 * 1024;
@@ -58,47 +59,84 @@ export type RestoreConfig = RestoreOverrides & LibraryOptions & {
 /** What vm.snapshot takes. */
 export type VmSnapshotOptions = Pick<SnapshotOptions, "resume">;
 
-/** Keyboard, pointer and touch input through the VM's virtio-input devices (--input / `inputs`). */
-export class VmInput {
-  constructor(readonly devices: () => InputDevice[]) {}
+/** An input device the library drives: one of the VM's own (--input) or a vhost-user back end's (input_remote.ts). */
+export type VmInputDevice = InputDevice | RemoteInput;
 
-  #find(kind: string[], what: string): InputDevice {
+/**
+ * Keyboard, pointer and touch input through the VM's virtio-input devices: its own (--input / `inputs`)
+ * and those served by `denovm device input --event-socket PATH` behind the vhost-user front end
+ * (`vhostUser: [{ type: "input", deviceId: 18, socket, eventSocket: PATH }]`). The calls are the same for
+ * both, and so are the events the guest reads. Each returns a promise that settles once the device has
+ * the events (at once for the VM's own devices; when the back end has answered for a remote one): await
+ * it to learn of a failure, or to be sure the events are queued before the next step.
+ */
+export class VmInput {
+  constructor(
+    readonly devices: () => VmInputDevice[],
+    /** The sockets of vhost-user input back ends the library cannot inject into (no event socket). */
+    readonly undrivable: () => string[] = () => [],
+  ) {}
+
+  #find(kind: string[], what: string): VmInputDevice {
     const d = this.devices().find((x) => kind.includes(x.kind));
-    if (!d) throw new Error(`no ${what} input device in this VM (add inputs: [{ kind: "${kind[0]}" }])`);
-    return d;
+    if (d) return d;
+    const blind = this.undrivable();
+    if (blind.length > 0) {
+      throw new Error(
+        `no ${what} input device in this VM takes events from here: the vhost-user input back end on ` +
+          `${blind.join(", ")} has no event socket (denovm device input --event-socket PATH, then eventSocket: PATH)`,
+      );
+    }
+    throw new Error(`no ${what} input device in this VM (add inputs: [{ kind: "${kind[0]}" }])`);
   }
 
   /** Press and release a key by its evdev code (linux/input-event-codes.h KEY_*). */
-  key(code: number): void {
+  key(code: number): Promise<void> {
     const k = this.#find(["keyboard"], "keyboard");
-    k.sendKey(code, true);
-    k.sendKey(code, false);
+    return settled(k.sendKey(code, true), k.sendKey(code, false));
   }
 
   /** Hold (down=true) or release a key. */
-  keyState(code: number, down: boolean): void {
-    this.#find(["keyboard"], "keyboard").sendKey(code, down);
+  keyState(code: number, down: boolean): Promise<void> {
+    return settled(this.#find(["keyboard"], "keyboard").sendKey(code, down));
   }
 
   /** Type text (US layout; shift handled). */
-  type(text: string): void {
-    this.#find(["keyboard"], "keyboard").type(text);
+  type(text: string): Promise<void> {
+    return settled(this.#find(["keyboard"], "keyboard").type(text));
   }
 
   /** Relative pointer motion (mouse). */
-  move(dx: number, dy: number): void {
-    this.#find(["mouse"], "mouse").move(dx, dy);
+  move(dx: number, dy: number): Promise<void> {
+    return settled(this.#find(["mouse"], "mouse").move(dx, dy));
   }
 
   /** A button click (BTN_LEFT by default) on the mouse. */
-  click(button?: number): void {
-    this.#find(["mouse"], "mouse").click(button);
+  click(button?: number): Promise<void> {
+    return settled(this.#find(["mouse"], "mouse").click(button));
   }
 
   /** A tap at (x, y) on the touch screen. */
-  tap(x: number, y: number): void {
-    this.#find(["multi-touch", "single-touch"], "touch").tap(x, y);
+  tap(x: number, y: number): Promise<void> {
+    return settled(this.#find(["multi-touch", "single-touch"], "touch").tap(x, y));
   }
+
+  /** The keyboard LEDs the guest set through the status queue (LED_* code -> value). */
+  async leds(): Promise<Map<number, number>> {
+    const k = this.#find(["keyboard"], "keyboard");
+    return k instanceof RemoteInput ? await k.leds() : new Map(k.leds);
+  }
+}
+
+/**
+ * One promise for the results of an input call: resolved for a device of the VM's own, the back end's
+ * answers for a remote one. It is marked handled, so a script that does not await it is not ended by a
+ * back end's failure; one that awaits it gets the error.
+ */
+function settled(...results: (boolean | Promise<boolean>)[]): Promise<void> {
+  const p = Promise.all(results).then(() => {});
+  p.catch(() => {});
+  return p;
 }
 
 /** The library's default console: COM1, captured, not on this process's stdout or stdin. */
@@ -120,14 +158,16 @@ export class Vm {
   webDisplayUrl: string | undefined;
   readonly #artifactsDir: string;
 
-  private constructor(machine: Machine, console: ConsoleLog, artifactsDir: string) {
+  private constructor(machine: Machine, console: ConsoleLog, artifactsDir: string, remote: RemoteInputs) {
     this.#machine = machine;
     this.console = console;
     this.#artifactsDir = artifactsDir;
-    this.input = new VmInput(() => inputDevicesOf(machine));
+    // The VM's own input devices come first: they have the lower virtio-mmio slots.
+    this.input = new VmInput(() => [...inputDevicesOf(machine), ...remote.devices], () => remote.undrivable);
     this.gpu = { stats: () => gpuStats(machine) };
-    this.exitCode = machine.exitCode.then((code) => {
+    this.exitCode = machine.exitCode.then(async (code) => {
       console.close(`exit code ${code}: ${machine.exitReason}`);
+      await remote.close();
       return code;
     });
   }
@@ -174,7 +214,14 @@ export class Vm {
       emulatedKernel: lib.allowEmulatedKernel ? "allow" : "refuse",
     });
     holder.machine = machine;
-    const vm = new Vm(machine, log, lib.artifactsDir ?? Deno.env.get("DENOVM_ARTIFACTS") ?? "artifacts");
+    let remote: RemoteInputs;
+    try {
+      remote = await RemoteInputs.connect(machine.config);
+    } catch (e) {
+      machine.close();
+      throw e;
+    }
+    const vm = new Vm(machine, log, lib.artifactsDir ?? Deno.env.get("DENOVM_ARTIFACTS") ?? "artifacts", remote);
     try {
       await machine.startControlSocket();
       vm.webDisplayUrl = await startWebDisplay(machine);

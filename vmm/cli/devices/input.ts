@@ -18,6 +18,8 @@
 //   {"touchDown":[slot,x,y]}  {"touchMove":[slot,x,y]}  {"touchUp":slot}   multi-touch slots
 //   {"events":[{"type":1,"code":30,"value":1}, ...]}   a raw batch (EV_SYN appended if missing)
 //   {"stats":true}                    answers {"ok":true,"stats":{...},"leds":{code:value}}
+//   {"describe":true}                 answers {"ok":true,"kind":K,"name":N,"serial":S,"width":W,"height":H}
+//                                     (what the library, vmm/library/input_remote.ts, drives it as)
 
 import { decodeKeyValues, parseKeyValues, UsageError } from "../keyvalue.ts";
 import { INPUT_KINDS, type InputConfig, type InputKind, TOUCH_INPUT_KINDS } from "../../config.ts";
@@ -90,6 +92,9 @@ export function handleInputRequest(dev: InputDeviceT, req: unknown): Record<stri
   let ok: boolean;
   if ("stats" in r) {
     return { ok: true, stats: dev.stats(), leds: Object.fromEntries(dev.leds) };
+  } else if ("describe" in r) {
+    const { kind, deviceName: name, serial, width, height } = dev;
+    return { ok: true, kind, name, serial, width, height };
   } else if ("key" in r) {
     if (typeof r.key !== "number" || typeof r.down !== "boolean") {
       throw new Error('"key" wants a number and "down" a boolean');

@@ -24,6 +24,19 @@ Deno.test("input: event-socket requests", () => {
   assert.deepEqual(r.events(), [key(BTN_TOUCH, 1), syn]);
 });
 
+Deno.test("input: the describe request says what the library drives the device as", () => {
+  const dev = new InputDevice({ kind: "multi-touch", width: 800, height: 600 });
+  assert.deepEqual(handleInputRequest(dev, { describe: true }), {
+    ok: true,
+    kind: "multi-touch",
+    name: dev.deviceName,
+    serial: dev.serial,
+    width: 800,
+    height: 600,
+  });
+  dev.close();
+});
+
 Deno.test("input: run --input forms of crosvm's other kinds", () => {
   assert.deepEqual(parseInputOption("switches[path=/tmp/sw]"), { kind: "switches", path: "/tmp/sw" });
   assert.deepEqual(parseInputOption("rotary[/tmp/r]"), { kind: "rotary", path: "/tmp/r" });
