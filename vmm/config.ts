@@ -126,6 +126,33 @@ export interface GpuConfig {
   udmabuf: boolean;
 }
 
+/** crosvm's virtio-fs cache policies (devices/src/virtio/fs/config.rs CachePolicy). */
+export const SHARED_DIR_CACHE_POLICIES = ["never", "auto", "always"] as const;
+export type SharedDirCachePolicy = typeof SHARED_DIR_CACHE_POLICIES[number];
+
+/**
+ * One `--shared-dir PATH:TAG:type=fs[:key=value...]` (crosvm's SharedDir with its fs Config): a host
+ * directory served to the guest as virtio-fs by a virtiofsd process the VMM starts (vmm/virtiofsd.ts).
+ */
+export interface SharedDirConfig {
+  /** The host directory shared. */
+  path: string;
+  /** The tag the guest mounts (`mount -t virtiofs TAG DIR`). */
+  tag: string;
+  /** crosvm's `cache`: how freely the guest may cache file data. Default "auto". */
+  cache: SharedDirCachePolicy;
+  /** crosvm's `timeout`: seconds the guest keeps entries and attributes. Default 5. */
+  timeoutSecs: number;
+  /** crosvm's `writeback`: the guest may cache and coalesce writes. Default false. */
+  writeback: boolean;
+  /** crosvm's `posix_acl`: POSIX ACLs (and so xattrs) on the shared files. Default true. */
+  posixAcl: boolean;
+  /** crosvm's `security_ctx`: the guest sends the security context of files it creates. Default true. */
+  securityCtx: boolean;
+  /** crosvm's `rewrite-security-xattrs`: the guest's security.* xattrs (but security.selinux) kept as user.virtiofs.security.*. */
+  rewriteSecurityXattrs: boolean;
+}
+
 export interface VmConfig {
   /** Kernel image path (bzImage or ELF vmlinux). */
   kernel: string;
@@ -143,6 +170,8 @@ export interface VmConfig {
   /** virtio-vsock: guest CID and the host Unix socket of the userspace vsock (Firecracker's design). */
   vsock?: { cid: number; udsPath?: string };
   gpu?: GpuConfig;
+  /** `--shared-dir` directories served as virtio-fs, in order. */
+  sharedDirs?: SharedDirConfig[];
   /** Control socket path. */
   socket?: string;
   /** Serve the GDB remote protocol on 127.0.0.1:gdb (vmm/gdb/); the VM waits paused for the debugger. */

@@ -25,6 +25,7 @@ import { parseInputOption } from "./devices/input.ts";
 import { parseNetOption } from "./devices/net.ts";
 import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
 import { parseVsockOption } from "./devices/vsock.ts";
+import { parseSharedDirOption, validateSharedDirs } from "./devices/shared_dir.ts";
 import { type AllowedKinds, checkFileKind, openUserFile } from "../../core/host_file.ts";
 import { closeFd, O_RDONLY } from "../../ffi/libc.ts";
 
@@ -436,6 +437,9 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
       case "cid":
         cfg.vsock = parseVsockOption(v, "--cid");
         break;
+      case "shared-dir":
+        (cfg.sharedDirs ??= []).push(parseSharedDirOption(v, { checkPath: options.checkFiles ?? true }));
+        break;
       case "no-rng":
         cfg.rng = false;
         break;
@@ -579,6 +583,7 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
   cfg.kernel = kernel;
 
   validateSerials(cfg.serials);
+  if (cfg.sharedDirs) validateSharedDirs(cfg.sharedDirs);
   if (cfg.blocks.filter((b) => b.root).length > 1) throw new UsageError("only one root disk can be given");
   addDefaultSerial(cfg.serials);
 
