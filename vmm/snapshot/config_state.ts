@@ -7,7 +7,7 @@
 import { StateError, type StateValue } from "../../core/state.ts";
 import { SERIAL_PORTS } from "../arch/layout.ts";
 import { MAX_VCPUS } from "../arch/cpu.ts";
-import { INPUT_KINDS, SERIAL_HARDWARE, SERIAL_TYPES, type VmConfig } from "../config.ts";
+import { INPUT_KINDS, SERIAL_HARDWARE, SERIAL_TYPES, SHARED_DIR_CACHE_POLICIES, type VmConfig } from "../config.ts";
 
 /** The largest value a 16-bit field (TCP port) holds. */
 const U16_MAX = 0xffff;
@@ -106,12 +106,22 @@ const VM_CONFIG_SCHEMA: Schema = record({
     vulkan: bool,
     udmabuf: bool,
   }, ["width", "height", "tracePath"]),
+  sharedDirs: list(record({
+    path: str,
+    tag: str,
+    cache: oneOf(SHARED_DIR_CACHE_POLICIES),
+    timeoutSecs: int(0, Number.MAX_SAFE_INTEGER),
+    writeback: bool,
+    posixAcl: bool,
+    securityCtx: bool,
+    rewriteSecurityXattrs: bool,
+  })),
   socket: str,
   gdb: int(0, U16_MAX),
   agent: bool,
   virtioMmioCmdline: bool,
   logLevel: str,
-}, ["initrd", "vsock", "gpu", "socket", "gdb", "agent", "logLevel"]);
+}, ["initrd", "vsock", "gpu", "sharedDirs", "socket", "gdb", "agent", "logLevel"]);
 
 /** `value` checked against `schema`, as a fresh copy; StateError naming the first field that does not fit. */
 function decode(schema: Schema, value: StateValue | undefined, what: string): unknown {
