@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the default guest's initramfs: busybox-static, the virtio modules of Debian's 6.1
-# kernel with evdev and ext4 (with their dependencies, loaded in dependency order), and an /init that mounts
+# kernel (virtiofs and fuse among them) with evdev and ext4 (with their dependencies, loaded in
+# dependency order), and an /init that mounts
 # proc/sys/dev, loads the modules, prints DENOVM-INIT-OK and starts a shell on the console.
 # With `denovm.poweroff` on the kernel command line, /init powers off after the marker.
 #
@@ -33,6 +34,8 @@ WANTED_MODULES=(
   evdev          # /dev/input/event* for the virtio-input devices
   ext4           # disks: mount an ext4 image given with --block
   crc32c_generic # ext4's metadata checksums (requested at mount time; no modprobe here)
+  fuse           # FUSE, which virtio-fs carries
+  virtiofs       # shared directories: mount -t virtiofs TAG DIR (--shared-dir ...:type=fs)
 )
 
 busybox="${DENOVM_BUSYBOX:-/bin/busybox}"

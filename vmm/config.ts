@@ -147,7 +147,7 @@ export interface SharedDirConfig {
   writeback: boolean;
   /** crosvm's `posix_acl`: POSIX ACLs (and so xattrs) on the shared files. Default true. */
   posixAcl: boolean;
-  /** crosvm's `security_ctx`: the guest sends the security context of files it creates. Default true. */
+  /** crosvm's `security_ctx`: the guest sends the security context of files it creates. Default false (crosvm: true). */
   securityCtx: boolean;
   /** crosvm's `rewrite-security-xattrs`: the guest's security.* xattrs (but security.selinux) kept as user.virtiofs.security.*. */
   rewriteSecurityXattrs: boolean;

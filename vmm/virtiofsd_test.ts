@@ -62,15 +62,15 @@ Deno.test("virtiofsd: crosvm's keys become virtiofsd's options", () => {
     "-o",
     "no_posix_acl",
     "-o",
-    "security_label",
+    "no_security_label",
     "-o",
     "log_level=warn",
   ]);
   const x = virtiofsdArgs(
-    parseSharedDirOption("/srv:d:type=fs:rewrite-security-xattrs=true:security_ctx=false", { checkPath: false }),
+    parseSharedDirOption("/srv:d:type=fs:rewrite-security-xattrs=true:security_ctx=true", { checkPath: false }),
     "/s",
   );
-  assert.ok(x.includes("no_security_label"));
+  assert.ok(x.includes("security_label"));
   assert.ok(x.includes("posix_acl"));
   assert.ok(x.some((a) => a.startsWith("xattrmap=:ok:all:security.selinux:")));
 });

@@ -368,7 +368,11 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       { form: "timeout=SECONDS", help: "how long the guest keeps entries and attributes (default 5)" },
       { form: "writeback=BOOL", help: "the guest may cache and coalesce writes (default false)" },
       { form: "posix_acl=BOOL", help: "POSIX ACLs, stored as xattrs (default true)" },
-      { form: "security_ctx=BOOL", help: "the guest sends the security context of files it creates (default true)" },
+      {
+        form: "security_ctx=BOOL",
+        help: "the guest sends the security context of files it creates (default false; crosvm's is true, but " +
+          "virtiofsd's security_label fails file creation in a guest without SELinux)",
+      },
       {
         form: "rewrite-security-xattrs=BOOL",
         help: "keep the guest's security.* xattrs (but security.selinux) as user.virtiofs.security.* (default false)",

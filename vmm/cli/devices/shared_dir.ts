@@ -20,6 +20,13 @@ export const VIRTIO_FS_TAG_MAX = 36;
 /** crosvm's default `timeout`, in seconds (fs/config.rs config_default_timeout). */
 export const DEFAULT_SHARED_DIR_TIMEOUT_SECS = 5;
 
+/**
+ * denovm's default `security_ctx`: false, where crosvm's is true. virtiofsd's equivalent (`-o security_label`)
+ * fails every file the guest creates with ERANGE when the guest has no LSM that labels files (Debian's
+ * 6.1 kernel without SELinux, test/qemu/virtiofs_test.ts), so it is used only when asked for.
+ */
+export const DEFAULT_SECURITY_CTX = false;
+
 const OPTION = "--shared-dir";
 
 /** The `type` values crosvm accepts for each kind (config.rs `impl FromStr for SharedDirKind`). */
@@ -143,7 +150,7 @@ export function parseSharedDirOption(text: string, options: ParseSharedDirOption
     timeoutSecs: DEFAULT_SHARED_DIR_TIMEOUT_SECS,
     writeback: false,
     posixAcl: true,
-    securityCtx: true,
+    securityCtx: DEFAULT_SECURITY_CTX,
     rewriteSecurityXattrs: false,
   };
   const seen = new Set<string>();

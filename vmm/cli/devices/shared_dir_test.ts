@@ -16,7 +16,7 @@ function refused(f: () => unknown, re: RegExp): void {
   });
 }
 
-Deno.test("shared-dir: crosvm's defaults for type=fs", () => {
+Deno.test("shared-dir: crosvm's defaults for type=fs (security_ctx: false here)", () => {
   const d = parseSharedDirOption("/:root:type=fs");
   assert.deepEqual(d, {
     path: "/",
@@ -25,7 +25,7 @@ Deno.test("shared-dir: crosvm's defaults for type=fs", () => {
     timeoutSecs: 5,
     writeback: false,
     posixAcl: true,
-    securityCtx: true,
+    securityCtx: false,
     rewriteSecurityXattrs: false,
   });
   assert.equal(parseSharedDirOption("/:root:type=FS").tag, "root");
