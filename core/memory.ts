@@ -3,10 +3,21 @@
 // against the regions; nothing else does pointer arithmetic on guest addresses.
 
 import {
+  check,
   closeFd,
+  cstr,
+  F_ADD_SEALS,
+  F_SEAL_GROW,
+  F_SEAL_SEAL,
+  F_SEAL_SHRINK,
+  libc,
+  MADV_HUGEPAGE,
   MAP_FIXED,
   MAP_NORESERVE,
   MAP_PRIVATE,
+  MAP_SHARED,
+  MFD_ALLOW_SEALING,
+  MFD_CLOEXEC,
   mmap,
   mmapAnonAligned,
   munmap,
@@ -25,6 +36,8 @@ import { MiB } from "./units.ts";
 const HUGE_PAGE_SIZE = 2 * MiB;
 /** x86-64's base page: mmap(2) takes file offsets in multiples of it. */
 export const PAGE_SIZE = 4096;
+/** The memfd name of shareable guest RAM (shown in /proc/PID/maps and fd links). */
+const SHARED_RAM_NAME = "denovm-guest-ram";
 
 /** An access outside guest RAM, or one that straddles two regions. */
 export class GuestMemoryError extends Error {
@@ -44,6 +57,9 @@ export interface RegionDescriptor {
   hostAddr: bigint;
   /** For vhost-user: the front end's virtual address of the first byte (vring addresses use it). */
   userAddr?: bigint;
+  /** Shareable RAM (OwnedGuestMemory.allocateShared): the file that backs the region, and where in it. */
+  fd?: number;
+  fileOffset?: number;
 }
 
 interface Region extends RegionDescriptor {
@@ -72,7 +88,14 @@ export class GuestMemory {
 
   /** Region descriptors, to rebuild the same view in a Worker. */
   get descriptors(): RegionDescriptor[] {
-    return this.#regions.map(({ guestBase, size, hostAddr, userAddr }) => ({ guestBase, size, hostAddr, userAddr }));
+    return this.#regions.map(({ guestBase, size, hostAddr, userAddr, fd, fileOffset }) => ({
+      guestBase,
+      size,
+      hostAddr,
+      userAddr,
+      fd,
+      fileOffset,
+    }));
   }
 
   /** Total bytes of guest memory. */
@@ -186,10 +209,62 @@ export class GuestMemory {
 /** Guest RAM that this process allocated (anonymous mappings), unmapped on close. */
 export class OwnedGuestMemory extends GuestMemory {
   readonly #maps: { ptr: Deno.PointerObject; size: number }[];
+  /** The memfd of shareable RAM (allocateShared), closed on close(); -1 otherwise. */
+  #fd: number;
 
-  private constructor(descs: RegionDescriptor[], maps: { ptr: Deno.PointerObject; size: number }[]) {
+  private constructor(descs: RegionDescriptor[], maps: { ptr: Deno.PointerObject; size: number }[], fd = -1) {
     super(descs);
     this.#maps = maps;
+    this.#fd = fd;
+  }
+
+  /**
+   * Guest RAM another process can map (a vhost-user back end): one memfd holds every range, each at a
+   * file offset that is a multiple of 2 MiB, mapped shared at a 2 MiB-aligned address as allocate() places
+   * it. Each region's descriptor carries the fd and its file offset. The file is sealed against shrinking
+   * and growing (memfd_create(2) F_SEAL_SHRINK, F_SEAL_GROW, then F_SEAL_SEAL), so no process it is handed
+   * to can cut pages from under this one's mappings. Throws HostError when the memfd cannot be made.
+   */
+  static allocateShared(ranges: { start: number; size: number }[]): OwnedGuestMemory {
+    const maps: { ptr: Deno.PointerObject; size: number }[] = [];
+    const offsets: number[] = [];
+    let total = 0;
+    for (const r of ranges) {
+      offsets.push(total);
+      total += Math.ceil(r.size / HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE;
+    }
+    let fd = -1;
+    try {
+      fd = check("memfd_create", libc().memfd_create(cstr(SHARED_RAM_NAME), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+      check("ftruncate", libc().ftruncate(fd, BigInt(total)));
+      check("fcntl F_ADD_SEALS", libc().fcntl(fd, F_ADD_SEALS, BigInt(F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)));
+      const descs: RegionDescriptor[] = [];
+      ranges.forEach((r, i) => {
+        const ptr = mmapAnonAligned(r.size, HUGE_PAGE_SIZE);
+        maps.push({ ptr, size: r.size });
+        // The file's pages replace the reservation in place, so the range keeps its alignment.
+        mmap(r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, fd, offsets[i], ptr);
+        libc().madvise(ptr, BigInt(r.size), MADV_HUGEPAGE);
+        descs.push({
+          guestBase: r.start,
+          size: r.size,
+          hostAddr: BigInt(Deno.UnsafePointer.value(ptr)),
+          fd,
+          fileOffset: offsets[i],
+        });
+      });
+      return new OwnedGuestMemory(descs, maps, fd);
+    } catch (e) {
+      for (const m of maps) munmap(m.ptr, m.size);
+      closeFd(fd);
+      if (e instanceof SysError) throw new HostError(`shareable guest memory: ${e.message}`);
+      throw e;
+    }
+  }
+
+  /** Whether this RAM can be handed to another process (allocateShared). */
+  get shared(): boolean {
+    return this.#fd >= 0;
   }
 
   /** Allocate anonymous memory for each range. */
@@ -260,6 +335,8 @@ export class OwnedGuestMemory extends GuestMemory {
 
   close(): void {
     for (const m of this.#maps.splice(0)) munmap(m.ptr, m.size);
+    closeFd(this.#fd);
+    this.#fd = -1;
   }
 
   [Symbol.dispose](): void {

@@ -9,7 +9,19 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import { HostError } from "./exit.ts";
 import { GuestMemory, GuestMemoryError, OwnedGuestMemory, PAGE_SIZE, type RegionDescriptor } from "./memory.ts";
-import { KiB, MiB } from "./units.ts";
+import { GiB, KiB, MiB } from "./units.ts";
+import {
+  F_GET_SEALS,
+  F_SEAL_GROW,
+  F_SEAL_SEAL,
+  F_SEAL_SHRINK,
+  libc,
+  MAP_SHARED,
+  mmap,
+  munmap,
+  PROT_READ,
+  PROT_WRITE,
+} from "../ffi/libc.ts";
 
 /** Two regions with a hole between them, and a third right after the second (adjacent, not one region). */
 const LOW = { start: 0, size: 64 * KiB };
@@ -338,5 +350,48 @@ Deno.test("file-backed guest memory: a short file, a missing one, a directory or
     );
   } finally {
     Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("shareable guest memory: one sealed memfd holds every range at 2 MiB offsets; another mapping of it sees the guest's writes", () => {
+  const ranges = [{ start: 0, size: 3 * MiB }, { start: 4 * GiB, size: 2 * MiB }];
+  const mem = OwnedGuestMemory.allocateShared(ranges);
+  try {
+    assert.ok(mem.shared);
+    const d = mem.descriptors;
+    assert.equal(d.length, 2);
+    assert.ok(d[0].fd !== undefined && d[0].fd >= 0);
+    assert.equal(d[1].fd, d[0].fd, "one file");
+    assert.deepEqual(d.map((r) => r.fileOffset), [0, 4 * MiB], "each range at a 2 MiB multiple");
+    for (const r of d) assert.equal(r.hostAddr % BigInt(2 * MiB), 0n);
+    // Sealed so that whoever gets the fd cannot shrink or grow the file under these mappings.
+    const fd = d[0].fd!;
+    const seals = libc().fcntl(fd, F_GET_SEALS, 0n);
+    assert.equal(seals & (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL), F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    assert.ok(libc().ftruncate(fd, 0n) < 0, "the file cannot be shrunk");
+    // A second mapping of the file (a back end's) sees what the guest writes, and the other way round.
+    mem.write(4 * GiB + 100, Uint8Array.of(1, 2, 3));
+    const ptr = mmap(2 * MiB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 4 * MiB);
+    try {
+      const other = new Uint8Array(Deno.UnsafePointerView.getArrayBuffer(ptr, 2 * MiB));
+      assert.deepEqual([...other.subarray(100, 103)], [1, 2, 3]);
+      other[7] = 0x5a;
+      assert.equal(mem.getU8(4 * GiB + 7), 0x5a);
+    } finally {
+      munmap(ptr, 2 * MiB);
+    }
+  } finally {
+    mem.close();
+  }
+  assert.equal(mem.shared, false, "the memfd is closed with the memory");
+});
+
+Deno.test("plain guest memory is not shareable: its regions carry no fd", () => {
+  const mem = OwnedGuestMemory.allocate([{ start: 0, size: 2 * MiB }]);
+  try {
+    assert.equal(mem.shared, false);
+    assert.equal(mem.descriptors[0].fd, undefined);
+  } finally {
+    mem.close();
   }
 });

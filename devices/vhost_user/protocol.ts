@@ -75,6 +75,9 @@ export const VhostUserBackendRequest = {
   VRING_ERR: 5,
 } as const;
 
+/** Largest ring index a SET_VRING_KICK/CALL/ERR payload can name (bits 0-7, vhost-user.rst "Vring descriptor"). */
+export const VHOST_USER_MAX_VRING_INDEX = 0xff;
+
 /** Request code to name, for log lines. */
 export function requestName(code: number): string {
   for (const [k, v] of Object.entries(VhostUserRequest)) if (v === code) return k;
@@ -90,6 +93,7 @@ export const VHOST_USER_PROTOCOL_F_LOG_SHMFD = 1n << 1n;
 export const VHOST_USER_PROTOCOL_F_REPLY_ACK = 1n << 3n;
 export const VHOST_USER_PROTOCOL_F_BACKEND_REQ = 1n << 5n;
 export const VHOST_USER_PROTOCOL_F_CONFIG = 1n << 9n;
+export const VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD = 1n << 12n;
 export const VHOST_USER_PROTOCOL_F_RESET_DEVICE = 1n << 13n;
 export const VHOST_USER_PROTOCOL_F_INBAND_NOTIFICATIONS = 1n << 14n;
 export const VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS = 1n << 15n;
@@ -201,27 +205,46 @@ export function encodeMessage(
   return out;
 }
 
+/** A message header: the request code, the flags and the payload size. */
+export interface VhostUserHeader {
+  request: number;
+  flags: number;
+  size: number;
+}
+
 /**
- * Read one message (header, then payload). Checks the version bits and the size limit;
- * `expectReply` selects whether the REPLY flag must be set (front end) or clear (back end).
+ * Decode and check a header: the version bits and the size limit; `expectReply` selects whether the
+ * REPLY flag must be set (front end) or clear (back end). Throws VhostUserProtocolError.
+ */
+export function parseHeader(bytes: Uint8Array, expectReply: boolean): VhostUserHeader {
+  if (bytes.length !== VHOST_USER_HEADER_SIZE) {
+    throw new VhostUserProtocolError(`a header of ${bytes.length} bytes, expected ${VHOST_USER_HEADER_SIZE}`);
+  }
+  const dv = view(bytes);
+  const request = dv.getUint32(HDR_REQUEST, true);
+  const flags = dv.getUint32(HDR_FLAGS, true);
+  const size = dv.getUint32(HDR_SIZE_FIELD, true);
+  if ((flags & VHOST_USER_VERSION_MASK) !== VHOST_USER_VERSION) {
+    throw new VhostUserProtocolError(`${requestName(request)}: unsupported version in flags 0x${flags.toString(16)}`);
+  }
+  if (Boolean(flags & VHOST_USER_FLAG_REPLY) !== expectReply) {
+    throw new VhostUserProtocolError(`${requestName(request)}: unexpected reply flag in 0x${flags.toString(16)}`);
+  }
+  if (size > VHOST_USER_MAX_PAYLOAD) {
+    throw new VhostUserProtocolError(`${requestName(request)}: payload of ${size} bytes is too large`);
+  }
+  return { request, flags, size };
+}
+
+/**
+ * Read one message (header, then payload). Checks the header (parseHeader); `expectReply` selects
+ * whether the REPLY flag must be set (front end) or clear (back end).
  */
 export async function readMessage(sock: UnixStream, expectReply = false): Promise<VhostUserMessage> {
   const hdr = await sock.recvExact(VHOST_USER_HEADER_SIZE);
   const fds = hdr.fds;
   try {
-    const dv = view(hdr.data);
-    const request = dv.getUint32(HDR_REQUEST, true);
-    const flags = dv.getUint32(HDR_FLAGS, true);
-    const size = dv.getUint32(HDR_SIZE_FIELD, true);
-    if ((flags & VHOST_USER_VERSION_MASK) !== VHOST_USER_VERSION) {
-      throw new VhostUserProtocolError(`${requestName(request)}: unsupported version in flags 0x${flags.toString(16)}`);
-    }
-    if (Boolean(flags & VHOST_USER_FLAG_REPLY) !== expectReply) {
-      throw new VhostUserProtocolError(`${requestName(request)}: unexpected reply flag in 0x${flags.toString(16)}`);
-    }
-    if (size > VHOST_USER_MAX_PAYLOAD) {
-      throw new VhostUserProtocolError(`${requestName(request)}: payload of ${size} bytes is too large`);
-    }
+    const { request, flags, size } = parseHeader(hdr.data, expectReply);
     let payload: Uint8Array<ArrayBuffer> = new Uint8Array(0);
     if (size > 0) {
       const body = await sock.recvExact(size);

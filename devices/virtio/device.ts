@@ -59,6 +59,14 @@ export interface ActivateContext {
    * (Stateful.restoreState): carry on from it instead of starting afresh.
    */
   restored?: boolean;
+  /**
+   * The transport's per-queue QueueNotify ioeventfds (KVM signals queue i's when the guest writes i to
+   * QueueNotify) and its irqfd (a write interrupts the guest), for a device that serves its queues out of
+   * process (VirtioDevice.servesQueuesOutOfProcess): it hands them to the process that serves the rings.
+   * The transport keeps owning them.
+   */
+  notifyFds?: readonly number[];
+  irqFd?: number;
 }
 
 export interface VirtioDevice {
@@ -88,6 +96,13 @@ export interface VirtioDevice {
   close?(): void;
   /** Counters for stats (bytes, requests, errors). */
   stats?(): Record<string, number>;
+  /**
+   * The device's rings are served by another process (a vhost-user back end) that reads the kick
+   * ioeventfds and writes the irqfd itself: the VMM's notify loop leaves its ioeventfds alone, and its
+   * transport reports a used-buffer interrupt in InterruptStatus on every interrupt (it cannot see the
+   * back end's irqfd writes).
+   */
+  readonly servesQueuesOutOfProcess?: boolean;
 }
 
 // ---- Helpers the device models share ----

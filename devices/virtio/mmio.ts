@@ -60,6 +60,15 @@ export const VIRTIO_MMIO_VENDOR_DENOVM = 0x4d564e44;
 /** InterruptStatus bits (virtio_mmio.h VIRTIO_MMIO_INT_VRING / _CONFIG). */
 export const VIRTIO_MMIO_INT_VRING = 1;
 export const VIRTIO_MMIO_INT_CONFIG = 2;
+/**
+ * A flag kept in the InterruptStatus cell of a transport whose device serves its queues out of process
+ * (VirtioDevice.servesQueuesOutOfProcess): the back end writes the irqfd without this transport knowing,
+ * so every InterruptStatus read reports VIRTIO_MMIO_INT_VRING (Linux's vm_interrupt looks at the rings
+ * only when that bit is set). Not a register bit: the guest never sees it and InterruptACK cannot clear it.
+ */
+const INT_VRING_ALWAYS = 1 << 30;
+/** The InterruptStatus bits the guest sees. */
+const INT_BITS = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
 /** An absent shared-memory region reads as all ones in SHMLen and SHMBase (spec 4.2.2). */
 const SHM_ABSENT = 0xffff_ffff;
 
@@ -92,6 +101,12 @@ export interface VirtioMmioOptions {
   interruptCell?: { cells: Int32Array; index: number };
   /** Guest-physical base of shared-memory region `id`, or undefined when it is not mapped. */
   shmBase?: (id: number) => number | undefined;
+  /**
+   * The QueueNotify ioeventfd of each queue and the irqfd, handed to a device that serves its queues out
+   * of process (ActivateContext.notifyFds, irqFd). The transport does not own them.
+   */
+  notifyFds?: readonly number[];
+  irqFd?: number;
 }
 
 interface QueueState {
@@ -122,14 +137,15 @@ function setHalf(old: number, v: number, high: boolean): number {
 // InterruptStatus, then writes the bits it handled to InterruptACK) are answered by these functions,
 // both from the transport's read()/write() and from a vCPU thread that serves them itself.
 
-/** The InterruptStatus read: the cell's bits. */
+/** The InterruptStatus read: the cell's bits (VRING always for an out-of-process device, see INT_VRING_ALWAYS). */
 function interruptStatusOf(cells: Int32Array, index: number): number {
-  return Atomics.load(cells, index);
+  const v = Atomics.load(cells, index);
+  return (v & INT_BITS) | (v & INT_VRING_ALWAYS ? VIRTIO_MMIO_INT_VRING : 0);
 }
 
 /** The InterruptACK write: clear the bits the driver handled. */
 function acknowledgeInterrupt(cells: Int32Array, index: number, bits: number): void {
-  Atomics.and(cells, index, ~bits);
+  Atomics.and(cells, index, ~(bits & INT_BITS));
 }
 
 /**
@@ -190,6 +206,10 @@ export class VirtioMmioTransport {
   readonly #irq: VirtioIrq;
   readonly #shmBase: (id: number) => number | undefined;
   readonly #log: RateLimitedLog;
+  readonly #notifyFds?: readonly number[];
+  readonly #irqFd?: number;
+  /** INT_VRING_ALWAYS for a device that serves its queues out of process, else 0. */
+  readonly #isrFlags: number;
   #deviceFeaturesSel = 0;
   #driverFeaturesSel = 0;
   #driverFeatures = 0n;
@@ -216,6 +236,9 @@ export class VirtioMmioTransport {
     this.#log = new RateLimitedLog(`virtio-mmio ${device.name}`);
     this.#isr = opts.interruptCell?.cells ?? new Int32Array(new SharedArrayBuffer(4));
     this.#isrIndex = opts.interruptCell?.index ?? 0;
+    this.#notifyFds = opts.notifyFds;
+    this.#irqFd = opts.irqFd;
+    this.#isrFlags = device.servesQueuesOutOfProcess ? INT_VRING_ALWAYS : 0;
     this.#resetState();
   }
 
@@ -247,7 +270,7 @@ export class VirtioMmioTransport {
     this.#queueSel = 0;
     this.#queues = this.device.queueMaxSizes.map((m) => freshQueue(m));
     this.#status = 0;
-    Atomics.store(this.#isr, this.#isrIndex, 0);
+    Atomics.store(this.#isr, this.#isrIndex, this.#isrFlags);
     this.#shmSel = 0;
     this.#active = null;
     this.#earlyNotifies.clear();
@@ -522,6 +545,8 @@ export class VirtioMmioTransport {
       queues,
       ackedFeatures: this.#acked,
       interrupt: this.#interrupt,
+      notifyFds: this.#notifyFds,
+      irqFd: this.#irqFd,
     };
     try {
       this.device.activate(ctx);
@@ -721,7 +746,7 @@ export class VirtioMmioTransport {
     this.#queues = queues;
     this.#earlyNotifies.clear();
     for (const i of early) this.#earlyNotifies.add(i);
-    Atomics.store(this.#isr, this.#isrIndex, interruptStatus);
+    Atomics.store(this.#isr, this.#isrIndex, interruptStatus | this.#isrFlags);
     if (!active) return;
     try {
       this.device.activate({
@@ -730,6 +755,8 @@ export class VirtioMmioTransport {
         ackedFeatures: acked,
         interrupt: this.#interrupt,
         restored: true,
+        notifyFds: this.#notifyFds,
+        irqFd: this.#irqFd,
       });
     } catch (e) {
       this.device.reset();

@@ -79,11 +79,14 @@ export class VirtioMmioDevices {
       const windows = this.shm.place(device.name, device.sharedMemoryRegions?.() ?? []);
       if (windows.size > 0) device.setSharedMemoryMapper?.(sharedMemoryMapper(device.name, windows, this.vm));
       const irqFd = eventfd();
+      // Filled below, before any driver can activate the device.
       const notifyFds: number[] = [];
       const transport = new VirtioMmioTransport(device, this.memory, {
         irq: { trigger: () => eventfdWrite(irqFd) },
         interruptCell: { cells: cellArray, index: i },
         shmBase: (id) => windows.get(id)?.base,
+        notifyFds,
+        irqFd,
       });
       // Recorded before KVM is asked, so that close() releases the fds whatever fails below.
       this.slots.push({ device, transport, base, irq, irqFd, notifyFds });
@@ -108,7 +111,9 @@ export class VirtioMmioDevices {
 
   /** Turn queue-notify eventfds into transport.notify() calls, off the vCPU path, until close(). */
   async serveNotifies(): Promise<void> {
-    const all = this.slots.flatMap((v) => v.notifyFds.map((fd, q) => ({ fd, q, v })));
+    // A device served out of process has its back end read its ioeventfds (its kick fds) itself.
+    const all = this.slots.filter((v) => !v.device.servesQueuesOutOfProcess)
+      .flatMap((v) => v.notifyFds.map((fd, q) => ({ fd, q, v })));
     if (all.length === 0) return;
     while (!this.#closed) {
       // Asleep: the eventfds keep counting the guest's notifications; they are served once awake.
