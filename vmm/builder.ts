@@ -180,6 +180,7 @@ async function assemble(
     const created = await createVirtioDevices(config, {
       serialOutput: (s) => hostIo.output(s),
       defaultVsockPath: `${config.socket ?? `/tmp/denovm-${Deno.pid}`}.vsock`,
+      log,
     });
     virtio = created.devices;
     for (const c of created.consoles) await hostIo.attachInput(c.serial, (b) => c.device.sendInput(b));

@@ -103,7 +103,11 @@ function prepareBootNow(config: VmConfig): PreparedBoot {
           `more than guest RAM (${memBytes} bytes) and than any kernel file denovm reads (${KERNEL_FILE_MAX_BYTES})`
         : undefined,
   );
-  const memory = OwnedGuestMemory.allocate(ramRanges(memBytes));
+  // A virtio-fs back end (virtiofsd) maps guest RAM: it must be a shareable memfd.
+  const shareRam = (config.sharedDirs?.length ?? 0) > 0;
+  const memory = shareRam
+    ? OwnedGuestMemory.allocateShared(ramRanges(memBytes))
+    : OwnedGuestMemory.allocate(ramRanges(memBytes));
   try {
     let kernel: KernelInfo;
     try {

@@ -17,6 +17,7 @@
 
 import type { SharedDirConfig } from "./config.ts";
 import { HostError } from "../core/exit.ts";
+import { VirtioFsFrontEnd } from "../devices/vhost_user/fs.ts";
 
 /** Debian's virtiofsd (package qemu-system-common). */
 export const VIRTIOFSD_PATH = "/usr/lib/qemu/virtiofsd";
@@ -230,4 +231,56 @@ export async function startVirtiofsd(cfg: SharedDirConfig, options: StartVirtiof
     await new Promise((r) => setTimeout(r, POLL_MS));
   }
   return { tag: cfg.tag, socketPath, pid: child.pid, exited, stop };
+}
+
+/**
+ * The virtio-fs device for one `--shared-dir ...:type=fs`: a private runtime directory (mode 0700, under
+ * $XDG_RUNTIME_DIR or the temporary directory), virtiofsd started on a socket there, and the vhost-user
+ * front end connected to it. Closing the device stops virtiofsd and removes the directory. Failures are
+ * HostError (exit 1), one line; nothing is left running.
+ */
+export async function createSharedDirDevice(
+  cfg: SharedDirConfig,
+  opts: { log?: (line: string) => void; binary?: string } = {},
+): Promise<VirtioFsFrontEnd> {
+  const log = opts.log ?? ((line: string) => console.error(line));
+  const runtimeDir = Deno.makeTempDirSync({ dir: Deno.env.get("XDG_RUNTIME_DIR") || undefined, prefix: "denovm-" });
+  const removeDir = () => {
+    try {
+      Deno.removeSync(runtimeDir, { recursive: true });
+    } catch {
+      // gone
+    }
+  };
+  let v: VirtiofsdProcess;
+  try {
+    v = await startVirtiofsd(cfg, { runtimeDir, log, binary: opts.binary });
+  } catch (e) {
+    removeDir();
+    throw e;
+  }
+  const stop = () => v.stop().finally(removeDir);
+  let stopping = false;
+  // virtiofsd serves one connection; when it ends on its own, the device has lost its back end.
+  v.exited.then((s) => {
+    if (!stopping) log(`--shared-dir ${cfg.tag}: virtiofsd ended (exit status ${s.code})`);
+  });
+  const device = new VirtioFsFrontEnd({
+    name: `fs-${cfg.tag}`,
+    socket: v.socketPath,
+    tag: cfg.tag,
+    log,
+    onClose: () => {
+      stopping = true;
+      stop();
+    },
+  });
+  try {
+    await device.connect();
+  } catch (e) {
+    stopping = true;
+    await stop();
+    throw new HostError(`--shared-dir ${cfg.tag}: ${(e as Error).message.split("\n")[0]}`);
+  }
+  return device;
 }

@@ -15,6 +15,8 @@ export const VIRTIO_ID_BALLOON = 5;
 export const VIRTIO_ID_GPU = 16;
 export const VIRTIO_ID_INPUT = 18;
 export const VIRTIO_ID_VSOCK = 19;
+/** virtio 1.2 §5.11: the file system device (virtio-fs). */
+export const VIRTIO_ID_FS = 26;
 
 /** Reserved feature bits (virtio 1.2 spec, section 6 "Reserved Feature Bits"). */
 export const VIRTIO_F_INDIRECT_DESC = 1n << 28n;

@@ -1,8 +1,9 @@
 // Which virtio device models a VmConfig asks for, in the order they get
 // virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
-// line), then net, consoles, rng, balloon, input, vsock, gpu. The net, vsock and gpu
-// models (and the tap and virglrenderer bindings) are imported only when asked for, so
-// a VM without them does not load them at start-up.
+// line), then net, consoles, rng, balloon, input, vsock, gpu, shared directories
+// (virtio-fs). The net, vsock, gpu and virtio-fs models (and the tap and
+// virglrenderer bindings) are imported only when asked for, so a VM without them
+// does not load them at start-up.
 
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
 import { BlockDevice } from "../../devices/virtio/block/device.ts";
@@ -37,6 +38,8 @@ export interface VirtioDeviceContext {
   serialOutput(s: SerialConfig): Promise<(bytes: Uint8Array) => void>;
   /** Default host socket for the userspace vsock when --vsock has no uds-path. */
   defaultVsockPath: string;
+  /** Where devices' host-side log lines go (default: stderr). */
+  log?: (line: string) => void;
 }
 
 /** What createVirtioDevices built, with the console devices by serial number for input wiring. */
@@ -184,6 +187,11 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
           tracePath: g.tracePath,
         }),
       );
+    }
+    if (config.sharedDirs && config.sharedDirs.length > 0) {
+      // Each type=fs directory: a virtiofsd process and the vhost-user front end to it (vmm/virtiofsd.ts).
+      const { createSharedDirDevice } = await import("../virtiofsd.ts");
+      for (const d of config.sharedDirs) devices.push(await createSharedDirDevice(d, { log: ctx.log }));
     }
   } catch (e) {
     for (const d of devices) d.close?.();
