@@ -253,14 +253,18 @@ export async function createSharedDirDevice(
     }
   };
   let v: VirtiofsdProcess;
+  let stopping = false;
+  // Once the VMM closes the device, what virtiofsd says about the connection ending is not news.
+  const virtiofsdLog = (line: string) => {
+    if (!stopping) log(line);
+  };
   try {
-    v = await startVirtiofsd(cfg, { runtimeDir, log, binary: opts.binary });
+    v = await startVirtiofsd(cfg, { runtimeDir, log: virtiofsdLog, binary: opts.binary });
   } catch (e) {
     removeDir();
     throw e;
   }
   const stop = () => v.stop().finally(removeDir);
-  let stopping = false;
   // virtiofsd serves one connection; when it ends on its own, the device has lost its back end.
   v.exited.then((s) => {
     if (!stopping) log(`--shared-dir ${cfg.tag}: virtiofsd ended (exit status ${s.code})`);
