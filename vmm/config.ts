@@ -153,6 +153,22 @@ export interface SharedDirConfig {
   rewriteSecurityXattrs: boolean;
 }
 
+/** A device served by a vhost-user back end (`--vhost-user`, vmm/cli/devices/vhost_user.ts). */
+export interface VhostUserConfig {
+  /** crosvm's type name (devices/vhost_user/device_types.ts), or "generic". */
+  type: string;
+  /** The virtio device ID the guest sees. */
+  deviceId: number;
+  /** The back end's socket. */
+  socket: string;
+  /** Largest queue size offered to the driver (a power of two; default 32768, as crosvm). */
+  maxQueueSize?: number;
+  /** Queue count (default: the back end's, through MQ, else the type's). */
+  queues?: number;
+  /** Configuration-space bytes read from the back end (default: the type's; none for a generic device). */
+  configSize?: number;
+}
+
 export interface VmConfig {
   /** Kernel image path (bzImage or ELF vmlinux). */
   kernel: string;
@@ -172,6 +188,10 @@ export interface VmConfig {
   gpu?: GpuConfig;
   /** `--shared-dir` directories served as virtio-fs, in order. */
   sharedDirs?: SharedDirConfig[];
+  /** Devices served by vhost-user back ends, in command-line order; guest RAM is then shareable (a memfd). */
+  vhostUser?: VhostUserConfig[];
+  /** Keep trying to connect to a missing or silent vhost-user socket this long (ms; crosvm's default: no retry). */
+  vhostUserConnectTimeoutMs?: number;
   /** Control socket path. */
   socket?: string;
   /** Serve the GDB remote protocol on 127.0.0.1:gdb (vmm/gdb/); the VM waits paused for the debugger. */

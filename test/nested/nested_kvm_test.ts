@@ -33,6 +33,7 @@ const KVM_TEST_FILES = [
   "test/kvm/snapshot_test.ts",
   "test/kvm/snapshot_library_test.ts",
   "test/kvm/run_suspended_test.ts",
+  "test/kvm/vhost_user_front_end_test.ts",
 ];
 const KVM_TEST_NAMES = /^(kvm|linux)[ :]/;
 /** Runs of the nested host when it freezes (each later one runs only the files the frozen one had not finished). */

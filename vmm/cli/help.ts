@@ -379,7 +379,41 @@ export const RUN_FLAGS: readonly FlagDef[] = [
       },
     ],
   },
-
+  {
+    long: "vhost-user",
+    arg: "[type=]TYPE,socket=PATH[,max-queue-size=N]",
+    repeatable: true,
+    help: "a device served by a vhost-user back end listening on PATH; guest RAM is then shared with it (a memfd)",
+    keys: [
+      {
+        form: "type=TYPE",
+        help: "crosvm's device types: net, block, console, rng, balloon, scsi, 9p, input, vsock, sound, fs, " +
+          "mac80211-hwsim, scmi, tpm (gpu, iommu, pmem, video-*, wl, pvclock, media are refused); or generic",
+      },
+      { form: "socket=PATH", help: "the back end's Unix socket" },
+      { form: "max-queue-size=N", help: "largest queue size offered to the guest, a power of two (default 32768)" },
+      { form: "device-id=N", help: "(denovm, type=generic) the virtio device ID the guest sees" },
+      {
+        form: "queues=N",
+        help: "(denovm) queue count (default: the back end's through MQ, else the type's; generic: 1)",
+      },
+      {
+        form: "config-size=N",
+        help: "(denovm) configuration-space bytes read from the back end, at most 256 (default: the type's; " +
+          "generic: none)",
+      },
+      {
+        form: "pci-address=ADDR",
+        help: "(crosvm) PCI slot",
+        crosvm: { action: "ignore", note: NO_PCI, type: "string" },
+      },
+    ],
+  },
+  {
+    long: "vhost-user-connect-timeout-ms",
+    arg: "MS",
+    help: "keep trying this long while a --vhost-user socket is missing or has no listener (default: one try)",
+  },
   ...["keyboard", "mouse", "switches", "rotary", "evdev"].map((kind): FlagDef => ({
     long: kind,
     arg: "PATH",

@@ -26,6 +26,7 @@ import { parseNetOption } from "./devices/net.ts";
 import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
 import { parseVsockOption } from "./devices/vsock.ts";
 import { parseSharedDirOption, validateSharedDirs } from "./devices/shared_dir.ts";
+import { parseVhostUserConnectTimeout, parseVhostUserOption } from "./devices/vhost_user.ts";
 import { type AllowedKinds, checkFileKind, openUserFile } from "../../core/host_file.ts";
 import { closeFd, O_RDONLY } from "../../ffi/libc.ts";
 
@@ -439,6 +440,12 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
         break;
       case "shared-dir":
         (cfg.sharedDirs ??= []).push(parseSharedDirOption(v, { checkPath: options.checkFiles ?? true }));
+        break;
+      case "vhost-user":
+        (cfg.vhostUser ??= []).push(parseVhostUserOption(v));
+        break;
+      case "vhost-user-connect-timeout-ms":
+        cfg.vhostUserConnectTimeoutMs = parseVhostUserConnectTimeout(v);
         break;
       case "no-rng":
         cfg.rng = false;

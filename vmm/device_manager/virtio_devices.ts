@@ -1,9 +1,9 @@
 // Which virtio device models a VmConfig asks for, in the order they get
 // virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
-// line), then net, consoles, rng, balloon, input, vsock, gpu, shared directories
-// (virtio-fs). The net, vsock, gpu and virtio-fs models (and the tap and
-// virglrenderer bindings) are imported only when asked for, so a VM without them
-// does not load them at start-up.
+// line), then net, consoles, rng, balloon, input, vsock, gpu, the vhost-user front ends, then the
+// shared directories (virtio-fs). The net, vsock, gpu and virtio-fs models (and the tap and
+// virglrenderer bindings) are imported only when asked for, so a VM without them does not load
+// them at start-up.
 
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
 import { BlockDevice } from "../../devices/virtio/block/device.ts";
@@ -38,7 +38,7 @@ export interface VirtioDeviceContext {
   serialOutput(s: SerialConfig): Promise<(bytes: Uint8Array) => void>;
   /** Default host socket for the userspace vsock when --vsock has no uds-path. */
   defaultVsockPath: string;
-  /** Where devices' host-side log lines go (default: stderr). */
+  /** Where devices' own log lines go (default: stderr with a "denovm: " prefix). */
   log?: (line: string) => void;
 }
 
@@ -188,10 +188,45 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
         }),
       );
     }
+    if (config.vhostUser?.length) {
+      const { VhostUserFrontEndDevice } = await import("../../devices/vhost_user/front_end.ts");
+      const { VhostUserProtocolError } = await import("../../devices/vhost_user/protocol.ts");
+      const log = ctx.log ?? ((line: string) => console.error(`denovm: ${line}`));
+      const perType = new Map<string, number>();
+      for (const v of config.vhostUser) {
+        // Names are unique (stats, logs): the second device of a type gets "-1", and so on.
+        const n = perType.get(v.type) ?? 0;
+        perType.set(v.type, n + 1);
+        const name = `vhost-user-${v.type}${n === 0 ? "" : `-${n}`}`;
+        const device = new VhostUserFrontEndDevice({
+          name,
+          socket: v.socket,
+          deviceType: v.deviceId,
+          queues: v.queues,
+          maxQueueSize: v.maxQueueSize,
+          configSize: v.configSize,
+          connectTimeoutMs: config.vhostUserConnectTimeoutMs,
+          log,
+        });
+        devices.push(device);
+        const what = `--vhost-user ${v.type},socket=${v.socket}`;
+        await make(what, async () => {
+          try {
+            await device.connect();
+          } catch (e) {
+            // A socket that is not there is the user's to fix (exit 35); a back end that misbehaves is not.
+            if (e instanceof VhostUserProtocolError) throw new HostError(`${what}: ${e.message}`);
+            throw e;
+          }
+        });
+      }
+    }
     if (config.sharedDirs && config.sharedDirs.length > 0) {
       // Each type=fs directory: a virtiofsd process and the vhost-user front end to it (vmm/virtiofsd.ts).
       const { createSharedDirDevice } = await import("../virtiofsd.ts");
-      for (const d of config.sharedDirs) devices.push(await createSharedDirDevice(d, { log: ctx.log }));
+      for (const d of config.sharedDirs) {
+        devices.push(await createSharedDirDevice(d, { log: ctx.log ?? ((line) => console.error(`denovm: ${line}`)) }));
+      }
     }
   } catch (e) {
     for (const d of devices) d.close?.();

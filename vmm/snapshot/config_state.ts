@@ -106,6 +106,15 @@ const VM_CONFIG_SCHEMA: Schema = record({
     vulkan: bool,
     udmabuf: bool,
   }, ["width", "height", "tracePath"]),
+  vhostUser: list(record({
+    type: str,
+    deviceId: int(0, U32_MAX),
+    socket: str,
+    maxQueueSize: int(1, U16_MAX + 1),
+    queues: int(1, U16_MAX),
+    configSize: int(0, U16_MAX),
+  }, ["maxQueueSize", "queues", "configSize"])),
+  vhostUserConnectTimeoutMs: int(0, Number.MAX_SAFE_INTEGER),
   sharedDirs: list(record({
     path: str,
     tag: str,
@@ -121,7 +130,18 @@ const VM_CONFIG_SCHEMA: Schema = record({
   agent: bool,
   virtioMmioCmdline: bool,
   logLevel: str,
-}, ["initrd", "vsock", "gpu", "sharedDirs", "socket", "gdb", "agent", "logLevel"]);
+}, [
+  "initrd",
+  "vsock",
+  "gpu",
+  "vhostUser",
+  "vhostUserConnectTimeoutMs",
+  "sharedDirs",
+  "socket",
+  "gdb",
+  "agent",
+  "logLevel",
+]);
 
 /** `value` checked against `schema`, as a fresh copy; StateError naming the first field that does not fit. */
 function decode(schema: Schema, value: StateValue | undefined, what: string): unknown {

@@ -67,6 +67,8 @@ const FULL: DeepRequired<VmConfig> = {
     vulkan: true,
     udmabuf: true,
   },
+  vhostUser: [{ type: "generic", deviceId: 41, socket: "/run/gpio.sock", maxQueueSize: 256, queues: 2, configSize: 8 }],
+  vhostUserConnectTimeoutMs: 500,
   sharedDirs: [{
     path: "/srv",
     tag: "data",
