@@ -72,6 +72,8 @@ export async function startVirtiofsQemu(opts: {
   share: SharedDirConfig;
   runtimeDir: string;
   memMiB?: number;
+  /** "tcg" (default) or "kvm" (bench/fs.ts in the nested KVM host, beside denovm on the same KVM). */
+  accel?: "tcg" | "kvm";
   log?: (line: string) => void;
 }): Promise<VirtiofsQemuMachine> {
   const k = await debianKernel();
@@ -83,7 +85,8 @@ export async function startVirtiofsQemu(opts: {
     ...(opts.qemu.firmwareDir ? ["-L", opts.qemu.firmwareDir, "-L", "/usr/share/seabios"] : []),
     // microvm with ACPI: the Debian kernel finds the virtio-mmio transports in the DSDT. Guest RAM is a
     // shared memfd: virtiofsd maps it.
-    ...["-M", "microvm,acpi=on,pit=on,pic=on,rtc=on,memory-backend=mem", "-accel", "tcg", "-cpu", "max"],
+    ...["-M", "microvm,acpi=on,pit=on,pic=on,rtc=on,memory-backend=mem"],
+    ...(opts.accel === "kvm" ? ["-accel", "kvm", "-cpu", "host"] : ["-accel", "tcg", "-cpu", "max"]),
     ...["-m", `${mem}M`, "-smp", "1", "-object", `memory-backend-memfd,id=mem,size=${mem}M,share=on`],
     ...["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-serial", "stdio"],
     "-no-reboot",
