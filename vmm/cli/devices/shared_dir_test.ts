@@ -4,6 +4,7 @@ import { parseRunArgs } from "../run.ts";
 import { EXIT_INVALID_ARGS } from "../../../core/exit.ts";
 import { UsageError } from "../keyvalue.ts";
 import { withTempDir } from "../../../test/support/temp_dir.ts";
+import { assertOneLineRefusal, runDenovm } from "../../../test/support/cli.ts";
 
 /** `f` throws one UsageError (exit 35) whose single line matches `re`. */
 function refused(f: () => unknown, re: RegExp): void {
@@ -132,4 +133,15 @@ Deno.test("shared-dir: run --shared-dir, repeatable, into VmConfig.sharedDirs", 
     /given more than once/,
   );
   refused(() => parseRunArgs(["--shared-dir", "/:a", "vmlinux"], { checkFiles: false }), /type=p9/);
+});
+
+Deno.test("shared-dir: denovm run refuses a key virtiofsd cannot honour, and type=p9, with one line and exit 35", async () => {
+  await withTempDir("denovm-shared-dir-", async (dir) => {
+    const kernel = `${dir}/vmlinux`;
+    Deno.writeTextFileSync(kernel, "not a kernel");
+    const dax = await runDenovm(["run", "--shared-dir", `${dir}:tag:type=fs:dax=true`, kernel]);
+    assertOneLineRefusal(dax, EXIT_INVALID_ARGS, /--shared-dir tag dax=true is not supported/, "dax=true");
+    const p9 = await runDenovm(["run", "--shared-dir", `${dir}:tag`, kernel]);
+    assertOneLineRefusal(p9, EXIT_INVALID_ARGS, /type=p9 .*add :type=fs/, "type=p9");
+  });
 });
