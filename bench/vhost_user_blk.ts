@@ -3,7 +3,8 @@
 // - out of process: qemu-storage-daemon (Debian's QEMU 7.2) exports the image as vhost-user-blk and denovm's
 //   front end carries it (`--vhost-user type=block,socket=...`);
 // - in process: denovm's own virtio-blk (`--block path=...`).
-// The guest, timed from the host around the agent's exec, on /dev/vda with O_DIRECT (no guest page cache):
+// Both sides use the host's page cache (the nested host's /tmp, a tmpfs overlay, has no O_DIRECT). The
+// guest, timed from the host around the agent's exec, on /dev/vda with O_DIRECT (no guest page cache):
 // - sequential: SEQ_MIB MiB written then read in 1 MiB requests;
 // - small: SMALL_COUNT 4 KiB reads.
 // Each `*_ratio` is the out-of-process throughput over the in-process one (in-process time / out-of-process
@@ -99,7 +100,7 @@ try {
   const qsd = new Deno.Command(QSD, {
     args: [
       "--blockdev",
-      `driver=file,node-name=file0,filename=${image},cache.direct=on`,
+      `driver=file,node-name=file0,filename=${image}`,
       "--blockdev",
       "driver=raw,node-name=disk0,file=file0",
       "--export",
@@ -107,10 +108,16 @@ try {
     ],
     stdin: "null",
     stdout: "null",
-    stderr: "null",
+    stderr: "piped",
   }).spawn();
+  let qsdEnded = false;
+  const qsdDone = qsd.output().then((o) => {
+    qsdEnded = true;
+    return new TextDecoder().decode(o.stderr).trim();
+  });
   try {
-    for (let i = 0; i < 600 && !(await Deno.stat(socket).then((s) => s.isSocket, () => false)); i++) {
+    while (!(await Deno.stat(socket).then((s) => s.isSocket, () => false))) {
+      if (qsdEnded) throw new Error(`qemu-storage-daemon ended: ${await qsdDone}`);
       await new Promise((r) => setTimeout(r, 50));
     }
     const r = await measure("vhost-user (qemu-storage-daemon)", {
@@ -120,15 +127,15 @@ try {
   } catch (e) {
     vuSeq = vuSmall = { error: (e as Error).message.split("\n")[0] };
   } finally {
-    qsd.kill("SIGKILL");
-    await qsd.status;
+    if (!qsdEnded) qsd.kill("SIGKILL");
+    await qsdDone;
   }
 
   let inSeq: Measured = { error: "not run" };
   let inSmall: Measured = { error: "not run" };
   try {
     const r = await measure("in process (--block)", {
-      blocks: [{ path: image, ro: false, root: false, sparse: true, blockSize: 512, direct: true }],
+      blocks: [{ path: image, ro: false, root: false, sparse: true, blockSize: 512, direct: false }],
     });
     [inSeq, inSmall] = [r.seq, r.small];
   } catch (e) {

@@ -268,7 +268,11 @@ Deno.test({
       try {
         assert.equal(dev.deviceType, VIRTIO_ID_FS);
         assert.ok(dev.features & VERSION_1);
-        assert.equal(dev.queueMaxSizes.length, 2, "the high-priority queue and one request queue");
+        assert.deepEqual(
+          dev.queueMaxSizes,
+          [1024, 1024],
+          "the high-priority queue and one request queue, crosvm's size",
+        );
         const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => eventfdWrite(irqFd) }, notifyFds, irqFd });
         const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
         const cfg = drv.readConfig(0, VIRTIO_FS_CONFIG_SIZE);

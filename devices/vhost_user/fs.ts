@@ -17,6 +17,11 @@ const NUM_REQUEST_QUEUES_OFFSET = VIRTIO_FS_TAG_SIZE;
 export const VIRTIO_FS_CONFIG_SIZE = NUM_REQUEST_QUEUES_OFFSET + 4;
 /** virtio 1.2 §5.11.2: the high-priority queue, before the request queues. */
 const HIPRIO_QUEUES = 1;
+/**
+ * Queue size offered to the driver: crosvm's fs device's (devices/src/virtio/fs/mod.rs QUEUE_SIZE), which is
+ * also the most QEMU's libvhost-user, under its C virtiofsd, is built for (VIRTQUEUE_MAX_SIZE).
+ */
+export const VIRTIO_FS_QUEUE_SIZE = 1024;
 /** Request queues: one, as QEMU's vhost-user-fs defaults to and QEMU's C virtiofsd serves. */
 export const VIRTIO_FS_REQUEST_QUEUES = 1;
 
@@ -52,6 +57,7 @@ export class VirtioFsFrontEnd extends VhostUserFrontEndDevice {
       ...opts,
       deviceType: VIRTIO_ID_FS,
       queues: HIPRIO_QUEUES + VIRTIO_FS_REQUEST_QUEUES,
+      maxQueueSize: opts.maxQueueSize ?? VIRTIO_FS_QUEUE_SIZE,
       // Nothing is read from the back end: the configuration space is built here.
       configSize: 0,
     });
