@@ -20,7 +20,8 @@
 // KVM host (bench/_common.ts skipWithoutKvm); with hardware KVM both measure natively. The ratio is
 // denovm_ms / qemu_ms (goal <= 0.5); inprocess_ms has the goal <= 25 (a field, not an assert).
 // BENCH_RESTORE_QEMU_ACCEL=tcg runs QEMU under TCG instead (for development): the line then says so and
-// has no ratio, since denovm runs on KVM. BENCH_RESTORE_FILL_MIB fills that much guest RAM before ticking.
+// has no ratio, since denovm runs on KVM. BENCH_RESTORE_FILL_MIB fills that much guest RAM before ticking;
+// BENCH_RESTORE_MEM_MIB gives the guest (both VMMs') another memory size than 256 MiB.
 //
 // Output: {"bench":"restore","denovm_ms":..,"qemu_ms":..,"cold_ms":..,"ratio":..,"restore_vs_cold":..,
 //          "inprocess_ms":..,"inprocess_first_ms":..,"mem_mib":256,"fill_mib":0,"period_us":1000,
@@ -54,7 +55,7 @@ import {
 
 const NAME = "restore";
 const REPEATS = Number(Deno.env.get("BENCH_REPEATS") ?? 3);
-const MEM_MIB = 256;
+const MEM_MIB = Number(Deno.env.get("BENCH_RESTORE_MEM_MIB") ?? 256);
 const PERIOD_US = 1000;
 const FILL_MIB = Number(Deno.env.get("BENCH_RESTORE_FILL_MIB") ?? 0);
 const QEMU_ACCEL = Deno.env.get("BENCH_RESTORE_QEMU_ACCEL") ?? "kvm";

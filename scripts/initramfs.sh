@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the default guest's initramfs: busybox-static, the virtio modules of Debian's 6.1
-# kernel with evdev, ext4 and nd_pmem (/dev/pmemN; with their dependencies, loaded in
-# dependency order), and an /init that mounts proc/sys/dev, loads the modules, prints
-# DENOVM-INIT-OK and starts a shell on the console.
+# kernel (virtiofs and fuse among them) with evdev, ext4 and nd_pmem (/dev/pmemN; with their
+# dependencies, loaded in dependency order), and an /init that mounts proc/sys/dev, loads the
+# modules, prints DENOVM-INIT-OK and starts a shell on the console.
 # With `denovm.poweroff` on the kernel command line, /init powers off after the marker.
 #
 # Output: ${DENOVM_CACHE:-<repo>/.cache}/initramfs/default.cpio.gz (cpio newc, gzip).
@@ -36,6 +36,8 @@ WANTED_MODULES=(
   virtio_pmem    # --pmem: the virtio-pmem region (with libnvdimm)
   nd_pmem        # --pmem: /dev/pmemN, the block device on that region
   crc32c_generic # ext4's metadata checksums (requested at mount time; no modprobe here)
+  fuse           # FUSE, which virtio-fs carries
+  virtiofs       # shared directories: mount -t virtiofs TAG DIR (--shared-dir ...:type=fs)
 )
 
 busybox="${DENOVM_BUSYBOX:-/bin/busybox}"

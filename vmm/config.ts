@@ -134,6 +134,33 @@ export interface GpuConfig {
   udmabuf: boolean;
 }
 
+/** crosvm's virtio-fs cache policies (devices/src/virtio/fs/config.rs CachePolicy). */
+export const SHARED_DIR_CACHE_POLICIES = ["never", "auto", "always"] as const;
+export type SharedDirCachePolicy = typeof SHARED_DIR_CACHE_POLICIES[number];
+
+/**
+ * One `--shared-dir PATH:TAG:type=fs[:key=value...]` (crosvm's SharedDir with its fs Config): a host
+ * directory served to the guest as virtio-fs by a virtiofsd process the VMM starts (vmm/virtiofsd.ts).
+ */
+export interface SharedDirConfig {
+  /** The host directory shared. */
+  path: string;
+  /** The tag the guest mounts (`mount -t virtiofs TAG DIR`). */
+  tag: string;
+  /** crosvm's `cache`: how freely the guest may cache file data. Default "auto". */
+  cache: SharedDirCachePolicy;
+  /** crosvm's `timeout`: seconds the guest keeps entries and attributes. Default 5. */
+  timeoutSecs: number;
+  /** crosvm's `writeback`: the guest may cache and coalesce writes. Default false. */
+  writeback: boolean;
+  /** crosvm's `posix_acl`: POSIX ACLs (and so xattrs) on the shared files. Default true. */
+  posixAcl: boolean;
+  /** crosvm's `security_ctx`: the guest sends the security context of files it creates. Default false (crosvm: true). */
+  securityCtx: boolean;
+  /** crosvm's `rewrite-security-xattrs`: the guest's security.* xattrs (but security.selinux) kept as user.virtiofs.security.*. */
+  rewriteSecurityXattrs: boolean;
+}
+
 /** A device served by a vhost-user back end (`--vhost-user`, vmm/cli/devices/vhost_user.ts). */
 export interface VhostUserConfig {
   /** crosvm's type name (devices/vhost_user/device_types.ts), or "generic". */
@@ -196,6 +223,8 @@ export interface VmConfig {
   /** virtio-vsock: guest CID and the host Unix socket of the userspace vsock (Firecracker's design). */
   vsock?: { cid: number; udsPath?: string };
   gpu?: GpuConfig;
+  /** `--shared-dir` directories served as virtio-fs, in order. */
+  sharedDirs?: SharedDirConfig[];
   /** Devices served by vhost-user back ends, in command-line order; guest RAM is then shareable (a memfd). */
   vhostUser?: VhostUserConfig[];
   /** Keep trying to connect to a missing or silent vhost-user socket this long (ms; crosvm's default: no retry). */

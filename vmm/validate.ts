@@ -103,8 +103,9 @@ function prepareBootNow(config: VmConfig): PreparedBoot {
           `more than guest RAM (${memBytes} bytes) and than any kernel file denovm reads (${KERNEL_FILE_MAX_BYTES})`
         : undefined,
   );
-  // A vhost-user back end maps guest RAM itself: then it is a memfd it can be handed.
-  const memory = (config.vhostUser?.length ?? 0) > 0
+  // A vhost-user back end (--vhost-user, or the virtiofsd of a --shared-dir) maps guest RAM itself: then it
+  // is a memfd it can be handed.
+  const memory = (config.vhostUser?.length ?? 0) > 0 || (config.sharedDirs?.length ?? 0) > 0
     ? OwnedGuestMemory.allocateShared(ramRanges(memBytes))
     : OwnedGuestMemory.allocate(ramRanges(memBytes));
   try {

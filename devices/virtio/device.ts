@@ -18,6 +18,8 @@ export const VIRTIO_ID_VSOCK = 19;
 export const VIRTIO_ID_PMEM = 27;
 /** virtio-snd (virtio 1.2 spec, section 5.14). */
 export const VIRTIO_ID_SOUND = 25;
+/** virtio 1.2 §5.11: the file system device (virtio-fs). */
+export const VIRTIO_ID_FS = 26;
 
 /** Reserved feature bits (virtio 1.2 spec, section 6 "Reserved Feature Bits"). */
 export const VIRTIO_F_INDIRECT_DESC = 1n << 28n;

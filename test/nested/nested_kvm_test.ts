@@ -29,6 +29,7 @@ const KVM_TEST_FILES = [
   "test/nested/linux_boot_test.ts",
   "test/nested/linux_snapshot_test.ts",
   "test/nested/linux_pmem_test.ts",
+  "test/nested/linux_vhost_user_test.ts",
   "test/kvm/many_vms_test.ts",
   "test/kvm/gdb_test.ts",
   "test/kvm/snapshot_test.ts",

@@ -436,6 +436,32 @@ export const RUN_FLAGS: readonly FlagDef[] = [
   },
   { long: "cid", arg: "CID", help: "(deprecated, use --vsock) guest vsock context ID" },
   {
+    long: "shared-dir",
+    arg: "PATH:TAG[:type=fs][:key=value...]",
+    repeatable: true,
+    help: "share a host directory as virtio-fs through the machine's virtiofsd (/usr/lib/qemu/virtiofsd), started " +
+      "on a private socket and stopped with the VM; the guest mounts it with `mount -t virtiofs TAG DIR`. crosvm's " +
+      "keys, separated by `:`; a key virtiofsd has no equivalent of is refused (uid, gid, uidmap, gidmap, " +
+      "negative_timeout, ascii_casefold, dax, max_dynamic_perm, max_dynamic_xattr, unmap_guest_memory_on_fork, " +
+      "privileged_quota_uids, ugid_map: accepted only at crosvm's default)",
+    keys: [
+      { form: "type=fs|p9", help: "fs (virtio-fs); p9, crosvm's default, is refused: denovm has no 9P device" },
+      { form: "cache=never|auto|always", help: "how freely the guest caches file data (default auto)" },
+      { form: "timeout=SECONDS", help: "how long the guest keeps entries and attributes (default 5)" },
+      { form: "writeback=BOOL", help: "the guest may cache and coalesce writes (default false)" },
+      { form: "posix_acl=BOOL", help: "POSIX ACLs, stored as xattrs (default true)" },
+      {
+        form: "security_ctx=BOOL",
+        help: "the guest sends the security context of files it creates (default false; crosvm's is true, but " +
+          "virtiofsd's security_label fails file creation in a guest without SELinux)",
+      },
+      {
+        form: "rewrite-security-xattrs=BOOL",
+        help: "keep the guest's security.* xattrs (but security.selinux) as user.virtiofs.security.* (default false)",
+      },
+    ],
+  },
+  {
     long: "vhost-user",
     arg: "[type=]TYPE,socket=PATH[,max-queue-size=N]",
     repeatable: true,

@@ -28,6 +28,7 @@ import { parseNetOption } from "./devices/net.ts";
 import { addDefaultSerial, parseSerialOption, validateSerials } from "./devices/serial.ts";
 import { parseVsockOption } from "./devices/vsock.ts";
 import { parseDeprecatedPmemOption, parsePmemOption } from "./devices/pmem.ts";
+import { parseSharedDirOption, validateSharedDirs } from "./devices/shared_dir.ts";
 import { parseVhostUserConnectTimeout, parseVhostUserOption } from "./devices/vhost_user.ts";
 import { type AllowedKinds, checkFileKind, openUserFile } from "../../core/host_file.ts";
 import { closeFd, O_RDONLY } from "../../ffi/libc.ts";
@@ -454,6 +455,9 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
       case "cid":
         cfg.vsock = parseVsockOption(v, "--cid");
         break;
+      case "shared-dir":
+        (cfg.sharedDirs ??= []).push(parseSharedDirOption(v, { checkPath: options.checkFiles ?? true }));
+        break;
       case "vhost-user":
         (cfg.vhostUser ??= []).push(parseVhostUserOption(v));
         break;
@@ -606,6 +610,7 @@ function parseRun(argv: readonly string[], options: ParseRunOptions): Omit<RunCo
   cfg.kernel = kernel;
 
   validateSerials(cfg.serials);
+  if (cfg.sharedDirs) validateSharedDirs(cfg.sharedDirs);
   if (cfg.blocks.filter((b) => b.root).length + (cfg.pmems ?? []).filter((p) => p.root).length > 1) {
     throw new UsageError("only one root disk can be given");
   }

@@ -1,8 +1,9 @@
 // Which virtio device models a VmConfig asks for, in the order they get
 // virtio-mmio slots: block devices first (so /dev/vdX letters follow the command
-// line), then net, consoles, rng, balloon, input, sound, vsock, gpu, the vhost-user front ends, pmem. The
-// net, vsock, gpu, vhost-user and pmem models (and the tap and virglrenderer bindings) are imported only
-// when asked for, so a VM without them does not load them at start-up.
+// line), then net, consoles, rng, balloon, input, sound, vsock, gpu, the vhost-user front ends, the
+// shared directories (virtio-fs), pmem. The net, vsock, gpu, vhost-user, virtio-fs and pmem models (and
+// the tap and virglrenderer bindings) are imported only when asked for, so a VM without them does not
+// load them at start-up.
 
 import { BalloonDevice } from "../../devices/virtio/balloon.ts";
 import { BlockDevice } from "../../devices/virtio/block/device.ts";
@@ -237,6 +238,13 @@ export async function createVirtioDevices(config: VmConfig, ctx: VirtioDeviceCon
             throw e;
           }
         });
+      }
+    }
+    if (config.sharedDirs && config.sharedDirs.length > 0) {
+      // Each type=fs directory: a virtiofsd process and the vhost-user front end to it (vmm/virtiofsd.ts).
+      const { createSharedDirDevice } = await import("../virtiofsd.ts");
+      for (const d of config.sharedDirs) {
+        devices.push(await createSharedDirDevice(d, { log: ctx.log ?? ((line) => console.error(`denovm: ${line}`)) }));
       }
     }
     if (config.pmems && config.pmems.length > 0) {

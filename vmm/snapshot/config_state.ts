@@ -7,7 +7,14 @@
 import { StateError, type StateValue } from "../../core/state.ts";
 import { SERIAL_PORTS } from "../arch/layout.ts";
 import { MAX_VCPUS } from "../arch/cpu.ts";
-import { INPUT_KINDS, SERIAL_HARDWARE, SERIAL_TYPES, SOUND_BACKENDS, type VmConfig } from "../config.ts";
+import {
+  INPUT_KINDS,
+  SERIAL_HARDWARE,
+  SERIAL_TYPES,
+  SHARED_DIR_CACHE_POLICIES,
+  SOUND_BACKENDS,
+  type VmConfig,
+} from "../config.ts";
 
 /** The largest value a 16-bit field (TCP port) holds. */
 const U16_MAX = 0xffff;
@@ -128,6 +135,16 @@ const VM_CONFIG_SCHEMA: Schema = record({
     eventSocket: str,
   }, ["maxQueueSize", "queues", "configSize", "eventSocket"])),
   vhostUserConnectTimeoutMs: int(0, Number.MAX_SAFE_INTEGER),
+  sharedDirs: list(record({
+    path: str,
+    tag: str,
+    cache: oneOf(SHARED_DIR_CACHE_POLICIES),
+    timeoutSecs: int(0, Number.MAX_SAFE_INTEGER),
+    writeback: bool,
+    posixAcl: bool,
+    securityCtx: bool,
+    rewriteSecurityXattrs: bool,
+  })),
   socket: str,
   gdb: int(0, U16_MAX),
   agent: bool,
@@ -141,6 +158,7 @@ const VM_CONFIG_SCHEMA: Schema = record({
   "gpu",
   "vhostUser",
   "vhostUserConnectTimeoutMs",
+  "sharedDirs",
   "socket",
   "gdb",
   "agent",
