@@ -14,65 +14,43 @@ import {
   VhostUserRequest as R,
 } from "./protocol.ts";
 import { VIRTQ_USED_IDX } from "../virtio/queue.ts";
-import { VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK } from "../virtio/device.ts";
+import { VIRTIO_F_VERSION_1 } from "../virtio/device.ts";
+import { SECTOR_SIZE as SECTOR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "../virtio/block/device.ts";
 import {
   VIRTIO_MMIO_CONFIG_GENERATION,
   VIRTIO_MMIO_INT_CONFIG,
   VIRTIO_MMIO_INT_VRING,
   VIRTIO_MMIO_STATUS,
   VIRTIO_STATUS_DEVICE_NEEDS_RESET,
-  VirtioMmioTransport,
 } from "../virtio/mmio.ts";
-import { OwnedGuestMemory } from "../../core/memory.ts";
 import { StateError } from "../../core/state.ts";
-import { closeFd, eventfd, eventfdRead, eventfdWrite, POLLIN, pollSync } from "../../ffi/libc.ts";
-import { VirtioTestDriver } from "../../test/support/virtio_driver.ts";
+import { eventfdRead, eventfdWrite, POLLIN, pollSync } from "../../ffi/libc.ts";
 import { startBackEnd } from "../../test/support/vhost_user_back_end_worker.ts";
 import { until } from "../../test/support/vhost_user_front_end.ts";
+import { blockFrontEnd, FrontEndRig, RIG_QUEUE_SIZE as QUEUE_SIZE } from "../../test/support/front_end_rig.ts";
+import { blkHeader as header, sectorPattern as pattern } from "../../test/support/blk_request.ts";
 import { withTempDir } from "../../test/support/temp_dir.ts";
 import { captureVirtioLog } from "../../test/support/device_rig.ts";
-import { MiB } from "../../core/units.ts";
 
-/** virtio 1.2 section 5.2.6: request types and the header's size; a sector is 512 bytes. */
-const VIRTIO_BLK_T_IN = 0;
-const VIRTIO_BLK_T_OUT = 1;
-const BLK_OUTHDR_SIZE = 16;
-const SECTOR = 512;
-const VIRTIO_BLK_S_OK = 0;
 const DISK_SECTORS = 2048;
-const RAM = 16 * MiB;
-const QUEUE_SIZE = 8;
 
-function header(type: number, sector: number): Uint8Array {
-  const b = new Uint8Array(BLK_OUTHDR_SIZE);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, type, true);
-  v.setBigUint64(8, BigInt(sector), true);
-  return b;
-}
-
-function pattern(seed: number): Uint8Array {
-  return Uint8Array.from({ length: SECTOR }, (_, i) => (i * 13 + seed) & 0xff);
+/** A disk image at `dir`/disk.img (DISK_SECTORS sectors, `image` or zeros) served by denovm's block back end. */
+async function blockBackEnd(dir: string, image = new Uint8Array(DISK_SECTORS * SECTOR)) {
+  const disk = `${dir}/disk.img`;
+  Deno.writeFileSync(disk, image);
+  const socket = `${dir}/blk.sock`;
+  return { disk, socket, backEnd: await startBackEnd({ kind: "block", socket, path: disk }) };
 }
 
 Deno.test("front end: negotiates with denovm's back end, forwards its config, serves requests through the transport's eventfds", async () => {
   await withTempDir("denovm-vu-fe-", async (dir) => {
-    const disk = `${dir}/disk.img`;
     const image = new Uint8Array(DISK_SECTORS * SECTOR);
     image.set(pattern(3), 3 * SECTOR);
-    Deno.writeFileSync(disk, image);
-    const socket = `${dir}/blk.sock`;
-    const backEnd = await startBackEnd({ kind: "block", socket, path: disk });
+    const { disk, socket, backEnd } = await blockBackEnd(dir, image);
     const lines: string[] = [];
-    const dev = new VhostUserFrontEndDevice({
-      name: "vu-block",
-      socket,
-      deviceType: VIRTIO_ID_BLOCK,
-      log: (l) => lines.push(l),
-    });
-    const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
-    const irqFd = eventfd();
-    const notifyFds = [eventfd()];
+    const dev = blockFrontEnd("vu-block", socket, lines);
+    const rig = new FrontEndRig(dev);
+    const { mem, irqFd } = rig;
     try {
       await dev.connect();
       assert.ok(dev.features & VIRTIO_F_VERSION_1);
@@ -85,12 +63,7 @@ Deno.test("front end: negotiates with denovm's back end, forwards its config, se
       dev.readConfig(0, cfg);
       assert.equal(new DataView(cfg.buffer).getBigUint64(0, true), BigInt(DISK_SECTORS));
 
-      const t = new VirtioMmioTransport(dev, mem, {
-        irq: { trigger: () => eventfdWrite(irqFd) },
-        notifyFds,
-        irqFd,
-      });
-      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
+      const drv = rig.driver(() => eventfdWrite(irqFd));
       drv.init({ queueSize: QUEUE_SIZE });
       assert.equal(drv.readReg(VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_DEVICE_NEEDS_RESET, 0);
       const q = drv.queues[0];
@@ -98,7 +71,7 @@ Deno.test("front end: negotiates with denovm's back end, forwards its config, se
       // A read of sector 3, kicked through the ioeventfd as KVM would: served by the back end, which
       // interrupts through the irqfd.
       const read = q.submit([header(VIRTIO_BLK_T_IN, 3), SECTOR, 1]);
-      eventfdWrite(notifyFds[0]);
+      rig.notify();
       await until(() => q.usedIdx() === 1, "the read's completion");
       await until(() => (pollSync([irqFd], POLLIN, 0)[0] & POLLIN) !== 0, "the irqfd");
       eventfdRead(irqFd);
@@ -123,7 +96,7 @@ Deno.test("front end: negotiates with denovm's back end, forwards its config, se
       drv.init({ queueSize: QUEUE_SIZE });
       const q2 = drv.queues[0];
       const again = q2.submit([header(VIRTIO_BLK_T_IN, 5), SECTOR, 1]);
-      eventfdWrite(notifyFds[0]);
+      rig.notify();
       await until(() => q2.usedIdx() === 1, "the read after the reset");
       assert.deepEqual(mem.read(again.buffers[1].addr, SECTOR), pattern(5));
 
@@ -131,37 +104,22 @@ Deno.test("front end: negotiates with denovm's back end, forwards its config, se
       assert.deepEqual(lines, [], "nothing logged");
       assert.equal(dev.stats().activations, 2);
     } finally {
-      dev.close();
-      await dev.whenClosed();
+      await rig.close();
       await backEnd.close();
-      closeFd(irqFd);
-      notifyFds.forEach(closeFd);
-      mem.close();
     }
   });
 });
 
 Deno.test("front end: RAM not from a memfd is refused at DRIVER_OK with one line, the device fails", async () => {
   await withTempDir("denovm-vu-fe-", async (dir) => {
-    const disk = `${dir}/disk.img`;
-    Deno.writeFileSync(disk, new Uint8Array(DISK_SECTORS * SECTOR));
-    const socket = `${dir}/blk.sock`;
-    const backEnd = await startBackEnd({ kind: "block", socket, path: disk });
+    const { backEnd, socket } = await blockBackEnd(dir);
     const lines: string[] = [];
-    const dev = new VhostUserFrontEndDevice({
-      name: "vu-block",
-      socket,
-      deviceType: VIRTIO_ID_BLOCK,
-      log: (l) => lines.push(l),
-    });
-    const mem = OwnedGuestMemory.allocate([{ start: 0, size: RAM }]);
-    const irqFd = eventfd();
-    const notifyFds = [eventfd()];
+    const dev = blockFrontEnd("vu-block", socket, lines);
+    const rig = new FrontEndRig(dev, { shareable: false });
     const guestLines = captureVirtioLog();
     try {
       await dev.connect();
-      const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => {} }, notifyFds, irqFd });
-      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
+      const drv = rig.driver();
       drv.init({ queueSize: QUEUE_SIZE });
       assert.ok(drv.readReg(VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_DEVICE_NEEDS_RESET);
       assert.deepEqual(lines, [], "the transport logs the failure");
@@ -170,40 +128,28 @@ Deno.test("front end: RAM not from a memfd is refused at DRIVER_OK with one line
       assert.ok(dev.failed);
     } finally {
       guestLines.restore();
-      dev.close();
-      await dev.whenClosed();
+      await rig.close();
       await backEnd.close();
-      closeFd(irqFd);
-      notifyFds.forEach(closeFd);
-      mem.close();
     }
   });
 });
 
 Deno.test("front end: the back end dies with a request queued and comes back on the same socket; the request completes without error", async () => {
   await withTempDir("denovm-vu-fe-", async (dir) => {
-    const disk = `${dir}/disk.img`;
-    Deno.writeFileSync(disk, new Uint8Array(DISK_SECTORS * SECTOR));
-    const socket = `${dir}/blk.sock`;
-    let backEnd = await startBackEnd({ kind: "block", socket, path: disk });
+    const blk = await blockBackEnd(dir);
+    const { disk, socket } = blk;
+    let backEnd = blk.backEnd;
     const lines: string[] = [];
-    const dev = new VhostUserFrontEndDevice({
-      name: "vu-block",
-      socket,
-      deviceType: VIRTIO_ID_BLOCK,
-      log: (l) => lines.push(l),
-    });
-    const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
-    const irqFd = eventfd();
-    const notifyFds = [eventfd()];
+    const dev = blockFrontEnd("vu-block", socket, lines);
+    const rig = new FrontEndRig(dev);
+    const { mem, irqFd } = rig;
     try {
       await dev.connect();
-      const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => eventfdWrite(irqFd) }, notifyFds, irqFd });
-      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
+      const drv = rig.driver(() => eventfdWrite(irqFd));
       drv.init({ queueSize: QUEUE_SIZE });
       const q = drv.queues[0];
       q.submit([header(VIRTIO_BLK_T_OUT, 6), pattern(6), 1]);
-      eventfdWrite(notifyFds[0]);
+      rig.notify();
       await until(() => q.usedIdx() === 1, "the first write");
       q.used();
 
@@ -211,7 +157,7 @@ Deno.test("front end: the back end dies with a request queued and comes back on 
       await backEnd.close();
       await until(() => !dev.connected, "the loss to be seen");
       const queued = q.submit([header(VIRTIO_BLK_T_OUT, 7), pattern(7), 1]);
-      eventfdWrite(notifyFds[0]);
+      rig.notify();
 
       // It comes back on the same socket: the front end reconnects and sends the set-up again; the ring
       // goes on from the used index, and the queued write is served.
@@ -230,16 +176,12 @@ Deno.test("front end: the back end dies with a request queued and comes back on 
 
       // And the device is whole again: a read of what was written.
       const read = q.submit([header(VIRTIO_BLK_T_IN, 7), SECTOR, 1]);
-      eventfdWrite(notifyFds[0]);
+      rig.notify();
       await until(() => q.usedIdx() === 3, "a read after the reconnection");
       assert.deepEqual(mem.read(read.buffers[1].addr, SECTOR), pattern(7));
     } finally {
-      dev.close();
-      await dev.whenClosed();
+      await rig.close();
       await backEnd.close();
-      closeFd(irqFd);
-      notifyFds.forEach(closeFd);
-      mem.close();
     }
   });
 });
@@ -251,15 +193,13 @@ Deno.test("front end: INFLIGHT_SHMFD: the back end's inflight region is handed b
     const lines: string[] = [];
     // A device denovm has no model for: the generic front end (virtio-gpio's ID, one queue, no config).
     const dev = new VhostUserFrontEndDevice({ name: "vu-gpio", socket, deviceType: 41, log: (l) => lines.push(l) });
-    const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
-    const irqFd = eventfd();
-    const notifyFds = [eventfd()];
+    const rig = new FrontEndRig(dev);
+    const { mem } = rig;
     try {
       await dev.connect();
       assert.ok(dev.protocolFeatures & VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD);
       assert.deepEqual(dev.queueMaxSizes, [32768]);
-      const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => {} }, notifyFds, irqFd });
-      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
+      const drv = rig.driver();
       drv.init({ queueSize: QUEUE_SIZE });
       const first = (r: number) => backEnd.records.filter((x) => x.session === 0 && x.request === r);
       await until(() => first(R.SET_VRING_ENABLE).length === 1, "the first set-up");
@@ -283,38 +223,23 @@ Deno.test("front end: INFLIGHT_SHMFD: the back end's inflight region is handed b
         "vu-gpio: reconnected to the back end",
       ]);
     } finally {
-      dev.close();
-      await dev.whenClosed();
+      await rig.close();
       await backEnd.close();
-      closeFd(irqFd);
-      notifyFds.forEach(closeFd);
-      mem.close();
     }
   });
 });
 
 Deno.test("front end: a config change the back end announces (CONFIG_CHANGE_MSG on the back-end channel) reaches the driver", async () => {
   await withTempDir("denovm-vu-fe-", async (dir) => {
-    const disk = `${dir}/disk.img`;
-    Deno.writeFileSync(disk, new Uint8Array(DISK_SECTORS * SECTOR));
-    const socket = `${dir}/blk.sock`;
-    const backEnd = await startBackEnd({ kind: "block", socket, path: disk });
+    const { socket, backEnd } = await blockBackEnd(dir);
     const lines: string[] = [];
-    const dev = new VhostUserFrontEndDevice({
-      name: "vu-block",
-      socket,
-      deviceType: VIRTIO_ID_BLOCK,
-      log: (l) => lines.push(l),
-    });
-    const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
-    const irqFd = eventfd();
-    const notifyFds = [eventfd()];
+    const dev = blockFrontEnd("vu-block", socket, lines);
+    const rig = new FrontEndRig(dev);
     try {
       await dev.connect();
       assert.ok(dev.protocolFeatures & VHOST_USER_PROTOCOL_F_BACKEND_REQ);
       const irqs = { n: 0 };
-      const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => irqs.n++ }, notifyFds, irqFd });
-      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
+      const drv = rig.driver(() => irqs.n++);
       drv.init({ queueSize: QUEUE_SIZE });
       const generation = drv.readReg(VIRTIO_MMIO_CONFIG_GENERATION);
       backEnd.resize(2 * DISK_SECTORS * SECTOR);
@@ -325,12 +250,8 @@ Deno.test("front end: a config change the back end announces (CONFIG_CHANGE_MSG 
       assert.notEqual(drv.readReg(VIRTIO_MMIO_CONFIG_GENERATION), generation);
       assert.deepEqual(lines, []);
     } finally {
-      dev.close();
-      await dev.whenClosed();
+      await rig.close();
       await backEnd.close();
-      closeFd(irqFd);
-      notifyFds.forEach(closeFd);
-      mem.close();
     }
   });
 });
