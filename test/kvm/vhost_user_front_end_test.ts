@@ -61,6 +61,28 @@ async function diskImage(dir: string, withSector0: boolean): Promise<string> {
   return path;
 }
 
+/**
+ * `body` with a `denovm device block` process serving a disk image (sector 0 the known pattern when
+ * `withSector0`) in a temporary directory; the process is stopped and the directory removed after.
+ */
+async function withDeviceBlock(
+  withSector0: boolean,
+  body: (b: { dir: string; path: string; socket: string; backEnd: DeviceProcess }) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-vu-kvm-" });
+  let backEnd: DeviceProcess | undefined;
+  try {
+    const path = await diskImage(dir, withSector0);
+    const socket = join(dir, "blk.sock");
+    backEnd = await DeviceProcess.start("block", ["--socket-path", socket, "--file", path]);
+    await body({ dir, path, socket, backEnd });
+  } finally {
+    backEnd?.kill("SIGTERM");
+    await backEnd?.exited;
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
 /** `kernel` on one vCPU and 64 MiB, no rng or balloon, `vhostUser` its only virtio devices. */
 function bootConfig(kernel: string, vhostUser: BootConfig["vhostUser"]): BootConfig {
   return { kernel, debugExit: true, memMiB: 64, cpus: 1, rng: false, balloon: false, vhostUser };
@@ -107,13 +129,7 @@ Deno.test({
     "kicks by ioeventfd and interrupts by irqfd",
   ignore: !kvmAvailable,
   async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-vu-kvm-" });
-    let backEnd: DeviceProcess | undefined;
-    try {
-      const path = await diskImage(dir, true);
-      const socket = join(dir, "blk.sock");
-      backEnd = await DeviceProcess.start("block", ["--socket-path", socket, "--file", path]);
-
+    await withDeviceBlock(true, async ({ path, socket, backEnd }) => {
       const kernel = await buildGuest("virtio");
       const stats: Record<string, number>[] = [];
       {
@@ -134,11 +150,7 @@ Deno.test({
       assert.ok(after.subarray((TEST_SECTOR + 1) * SECTOR_SIZE).every((b) => b === 0), "nothing else written");
       // The back end served one front end and dropped nothing.
       assert.ok(!/dropping the front end/.test(backEnd.stderr), backEnd.stderr);
-    } finally {
-      backEnd?.kill("SIGTERM");
-      await backEnd?.exited;
-      await Deno.remove(dir, { recursive: true });
-    }
+    });
   },
 });
 
@@ -146,12 +158,7 @@ Deno.test({
   name: "kvm: a snapshot of a VM with a vhost-user device is refused in one line, and the VM runs on",
   ignore: !kvmAvailable,
   async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-vu-kvm-" });
-    let backEnd: DeviceProcess | undefined;
-    try {
-      const path = await diskImage(dir, false);
-      const socket = join(dir, "blk.sock");
-      backEnd = await DeviceProcess.start("block", ["--socket-path", socket, "--file", path]);
+    await withDeviceBlock(false, async ({ dir, socket }) => {
       // The memory-pattern guest fills some RAM, then waits for a byte on COM1 ('q' powers it off).
       const kernel = await buildGuest("mempattern");
       await using vm = await Vm.boot(bootConfig(kernel, [{ type: "block", deviceId: VIRTIO_ID_BLOCK, socket }]));
@@ -167,11 +174,7 @@ Deno.test({
       const code = await within(vm.exitCode, () => `the guest did not stop:\n${vm.console.text}`, GUEST_TIMEOUT_MS);
       assert.equal(code, EXIT_SUCCESS, vm.console.text);
       assert.match(vm.console.text, /BYE/);
-    } finally {
-      backEnd?.kill("SIGTERM");
-      await backEnd?.exited;
-      await Deno.remove(dir, { recursive: true });
-    }
+    });
   },
 });
 
