@@ -1,38 +1,21 @@
 import assert from "node:assert/strict";
-import {
-  createSharedDirDevice,
-  SETPRIV_PATH,
-  startVirtiofsd,
-  unixSocketListening,
-  VIRTIOFSD_PATH,
-  virtiofsdArgs,
-} from "./virtiofsd.ts";
+import { createSharedDirDevice, startVirtiofsd, unixSocketListening, virtiofsdArgs } from "./virtiofsd.ts";
 import { parseSharedDirOption } from "./cli/devices/shared_dir.ts";
 import { HostError } from "../core/exit.ts";
 import { withTempDir } from "../test/support/temp_dir.ts";
 import { until, VhostUserFrontEnd } from "../test/support/vhost_user_front_end.ts";
 import { VhostUserRequest as R } from "../devices/vhost_user/protocol.ts";
 import { VIRTIO_FS_CONFIG_SIZE, VIRTIO_FS_TAG_SIZE } from "../devices/vhost_user/fs.ts";
-import { VIRTIO_F_VERSION_1 as VERSION_1, VIRTIO_ID_FS } from "../devices/virtio/device.ts";
+import { VIRTIO_F_VERSION_1, VIRTIO_ID_FS } from "../devices/virtio/device.ts";
 import { VIRTIO_MMIO_STATUS, VIRTIO_STATUS_DEVICE_NEEDS_RESET } from "../devices/virtio/mmio.ts";
 import { eventfdWrite, POLLIN, pollSync } from "../ffi/libc.ts";
 import { FrontEndRig } from "../test/support/front_end_rig.ts";
 import { processesWith } from "../test/support/proc.ts";
+import { virtiofsdUnavailable } from "../test/support/virtiofsd.ts";
 
-/** virtio 1.2 §6: VIRTIO_F_VERSION_1, which every virtio-fs device offers. */
-const VIRTIO_F_VERSION_1 = 1n << 32n;
-
-const haveVirtiofsd = (() => {
-  try {
-    Deno.statSync(VIRTIOFSD_PATH);
-    Deno.statSync(SETPRIV_PATH);
-    return Deno.uid() === 0;
-  } catch {
-    return false;
-  }
-})();
-const ignore = !haveVirtiofsd;
-if (ignore) console.log(`virtiofsd tests skipped: need ${VIRTIOFSD_PATH} and ${SETPRIV_PATH}, run as root`);
+const unavailable = virtiofsdUnavailable();
+const ignore = unavailable !== undefined;
+if (ignore) console.log(`virtiofsd tests skipped: ${unavailable}`);
 
 Deno.test("virtiofsd: crosvm's keys become virtiofsd's options", () => {
   const d = parseSharedDirOption("/srv:data:type=fs:cache=never:timeout=60:writeback=true:posix_acl=false", {
@@ -249,7 +232,7 @@ Deno.test({
       const { mem, irqFd } = rig;
       try {
         assert.equal(dev.deviceType, VIRTIO_ID_FS);
-        assert.ok(dev.features & VERSION_1);
+        assert.ok(dev.features & VIRTIO_F_VERSION_1);
         assert.deepEqual(
           dev.queueMaxSizes,
           [1024, 1024],

@@ -21,21 +21,11 @@ import { bootAgentGuest, guestSh as sh } from "../support/agent_guest.ts";
 import { StorageDaemon, storageDaemonUnavailable } from "../support/storage_daemon.ts";
 import { processesWith } from "../support/proc.ts";
 import { parseSharedDirOption } from "../../vmm/cli/devices/shared_dir.ts";
-import { VIRTIOFSD_PATH } from "../../vmm/virtiofsd.ts";
+import { virtiofsdUnavailable } from "../support/virtiofsd.ts";
 
 const MEM_MIB = 256;
 
-const skipFs = fullLinuxUnavailable() ??
-  (!which("setpriv") ? "setpriv is needed (util-linux)" : undefined) ??
-  (Deno.uid() !== 0 ? "virtiofsd runs as root" : undefined) ??
-  ((() => {
-    try {
-      Deno.statSync(VIRTIOFSD_PATH);
-      return undefined;
-    } catch {
-      return `${VIRTIOFSD_PATH} is needed (qemu-system-common)`;
-    }
-  })());
+const skipFs = fullLinuxUnavailable() ?? virtiofsdUnavailable();
 if (skipFs) console.log(`skip: linux virtio-fs: ${skipFs}`);
 
 const skipBlk = fullLinuxUnavailable() ?? storageDaemonUnavailable() ??
