@@ -122,6 +122,31 @@ export function median(values: number[]): number {
   return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
 }
 
+/**
+ * Runs the phases `repeats` times, each phase's commands one after the other through `exec` and timed from
+ * here around them; reports every phase's times in one progress line and returns each phase's median (ms).
+ */
+export async function timedPhases<K extends string>(
+  bench: string,
+  label: string,
+  repeats: number,
+  phases: Record<K, string[]>,
+  exec: (cmd: string) => Promise<unknown>,
+): Promise<Record<K, number>> {
+  const names = Object.keys(phases) as K[];
+  const times = new Map<K, number[]>(names.map((n) => [n, []]));
+  for (let i = 0; i < repeats; i++) {
+    for (const n of names) {
+      const t0 = performance.now();
+      for (const cmd of phases[n]) await exec(cmd);
+      times.get(n)!.push(performance.now() - t0);
+    }
+  }
+  const shown = names.map((n) => `${n} ${times.get(n)!.map((t) => t.toFixed(0)).join(", ")} ms`);
+  progress(bench, `${label}: ${shown.join("; ")}`);
+  return Object.fromEntries(names.map((n) => [n, median(times.get(n)!)])) as Record<K, number>;
+}
+
 /** Run a command to completion; throws with its output if it fails. */
 export async function run(cmd: string, args: string[], env?: Record<string, string>): Promise<string> {
   const out = await new Deno.Command(cmd, { args, env, stdin: "null", stdout: "piped", stderr: "piped" }).output();

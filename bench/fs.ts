@@ -19,18 +19,15 @@
 
 import {
   kvmPvm,
+  type Measured,
   measuredErrors,
   measuredField,
   measuredRatio,
-  median,
-  progress,
   result,
   skipWithoutKvm,
+  timedPhases,
 } from "./_common.ts";
-import type { Measured } from "./_common.ts";
-import { Vm } from "../mod.ts";
-import { debianKernel } from "../test/support/kernel.ts";
-import { defaultInitramfs } from "../test/support/default_guest.ts";
+import { type AgentExecutor, bootAgentGuest, guestSh } from "../test/support/agent_guest.ts";
 import { startVirtiofsQemu, virtiofsQemuUnavailable } from "../test/support/virtiofs_qemu.ts";
 import { parseSharedDirOption } from "../vmm/cli/devices/shared_dir.ts";
 
@@ -53,41 +50,14 @@ const LARGE_WRITE = `set -e; dd if=/dev/zero of=/mnt/large.bin bs=1M count=${LAR
 const LARGE_READ = "set -e; echo 3 > /proc/sys/vm/drop_caches; dd if=/mnt/large.bin of=/dev/null bs=1M 2>/dev/null";
 const MOUNT = "mkdir -p /mnt && mount -t virtiofs bench /mnt";
 
-type Exec = (cmd: string) => Promise<void>;
-
-/** Milliseconds of `cmds` run one after the other through `exec`. */
-async function timed(exec: Exec, cmds: string[]): Promise<number> {
-  const t0 = performance.now();
-  for (const c of cmds) await exec(c);
-  return performance.now() - t0;
-}
-
-/** The medians of the two phases over REPEATS runs in one booted guest. */
-async function phases(label: string, exec: Exec): Promise<{ small: number; large: number }> {
-  await exec(MOUNT);
-  const small: number[] = [];
-  const large: number[] = [];
-  for (let i = 0; i < REPEATS; i++) {
-    small.push(await timed(exec, [SMALL_WRITE, SMALL_READ]));
-    large.push(await timed(exec, [LARGE_WRITE, LARGE_READ]));
-  }
-  progress(
-    NAME,
-    `${label}: small ${small.map((t) => t.toFixed(0)).join(", ")} ms; large ${
-      large.map((t) => t.toFixed(0)).join(", ")
-    } ms`,
-  );
-  return { small: median(small), large: median(large) };
-}
-
-/** An exec through the guest agent: the library's vm.exec or an AgentClient's. */
-type ExecVia = (cmd: string[], opts: { timeout: number }) => Promise<{ code: number; stderr: string }>;
-
-function agentExec(exec: ExecVia): Exec {
-  return async (cmd) => {
-    const r = await exec(["sh", "-c", cmd], { timeout: EXEC_TIMEOUT_MS });
-    if (r.code !== 0) throw new Error(`${cmd}: exit ${r.code}: ${r.stderr.trim()}`);
-  };
+/** The medians of the two phases over REPEATS runs in one booted guest, driven through its agent. */
+async function phases(label: string, guest: AgentExecutor): Promise<{ small: number; large: number }> {
+  const sh = (cmd: string) => guestSh(guest, cmd, EXEC_TIMEOUT_MS);
+  await sh(MOUNT);
+  return await timedPhases(NAME, label, REPEATS, {
+    small: [SMALL_WRITE, SMALL_READ],
+    large: [LARGE_WRITE, LARGE_READ],
+  }, sh);
 }
 
 await skipWithoutKvm(NAME, import.meta.url, { notOnKvmPvm: "Debian's kernel does not boot under kvm_pvm" });
@@ -103,24 +73,13 @@ try {
   await Deno.mkdir(share);
   await Deno.mkdir(`${work}/run`, { mode: 0o700 });
   const cfg = parseSharedDirOption(`${share}:bench:type=fs`);
-  const kernel = await debianKernel();
-  const initrd = await defaultInitramfs();
 
   let denovmSmall: Measured = { error: "not run" };
   let denovmLarge: Measured = { error: "not run" };
   try {
-    const vm = await Vm.boot({
-      kernel: kernel.vmlinux,
-      initrd,
-      params: ["console=ttyS0"],
-      memMiB: MEM_MIB,
-      cpus: 1,
-      agent: true,
-      sharedDirs: [cfg],
-    });
+    const vm = await bootAgentGuest({ memMiB: MEM_MIB, sharedDirs: [cfg] }, BOOT_TIMEOUT_MS);
     try {
-      await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: BOOT_TIMEOUT_MS });
-      const p = await phases("denovm", agentExec((c, o) => vm.exec(c, o)));
+      const p = await phases("denovm", vm);
       [denovmSmall, denovmLarge] = [p.small, p.large];
     } finally {
       await vm.stop();
@@ -141,7 +100,7 @@ try {
       log: () => {},
     });
     try {
-      const p = await phases("QEMU", agentExec((c, o) => m.client.exec(c, o)));
+      const p = await phases("QEMU", m.client);
       [qemuSmall, qemuLarge] = [p.small, p.large];
     } finally {
       await m.close();

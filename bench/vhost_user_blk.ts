@@ -21,15 +21,14 @@ import {
   measuredErrors,
   measuredField,
   measuredRatio,
-  median,
-  progress,
   result,
   run,
   skipWithoutKvm,
+  timedPhases,
 } from "./_common.ts";
-import { type BootConfig, Vm } from "../mod.ts";
-import { debianKernel } from "../test/support/kernel.ts";
-import { defaultInitramfs, which } from "../test/support/default_guest.ts";
+import type { BootConfig } from "../mod.ts";
+import { bootAgentGuest, guestSh } from "../test/support/agent_guest.ts";
+import { StorageDaemon, storageDaemonUnavailable } from "../test/support/storage_daemon.ts";
 
 const NAME = "vhost_user_blk";
 const REPEATS = Number(Deno.env.get("BENCH_REPEATS") ?? 3);
@@ -39,53 +38,26 @@ const DISK_MIB = 64;
 const MEM_MIB = 256;
 const BOOT_TIMEOUT_MS = 300_000;
 const EXEC_TIMEOUT_MS = 600_000;
-const QSD = "/usr/bin/qemu-storage-daemon";
 
 const SEQ = `set -e; dd if=/dev/zero of=/dev/vda bs=1M count=${SEQ_MIB} oflag=direct 2>/dev/null; ` +
   `dd if=/dev/vda of=/dev/null bs=1M count=${SEQ_MIB} iflag=direct 2>/dev/null`;
 const SMALL = `set -e; dd if=/dev/vda of=/dev/null bs=4k count=${SMALL_COUNT} iflag=direct 2>/dev/null`;
 
 /** Boot the guest with `disk` (a --block or a --vhost-user device), time both phases, stop it. */
-async function measure(label: string, disk: Partial<BootConfig>): Promise<{ seq: number; small: number }> {
-  const kernel = await debianKernel();
-  const vm = await Vm.boot({
-    kernel: kernel.vmlinux,
-    initrd: await defaultInitramfs(),
-    params: ["console=ttyS0"],
-    memMiB: MEM_MIB,
-    cpus: 1,
-    agent: true,
-    ...disk,
-  });
+async function measure(label: string, disk: Partial<BootConfig>): Promise<{ sequential: number; small: number }> {
+  const vm = await bootAgentGuest({ memMiB: MEM_MIB, ...disk }, BOOT_TIMEOUT_MS);
   try {
-    await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: BOOT_TIMEOUT_MS });
-    const exec = async (cmd: string) => {
-      const t0 = performance.now();
-      const r = await vm.exec(["sh", "-c", cmd], { timeout: EXEC_TIMEOUT_MS });
-      if (r.code !== 0) throw new Error(`${cmd}: exit ${r.code}: ${r.stderr.trim()}`);
-      return performance.now() - t0;
-    };
-    const seq: number[] = [];
-    const small: number[] = [];
-    for (let i = 0; i < REPEATS; i++) {
-      seq.push(await exec(SEQ));
-      small.push(await exec(SMALL));
-    }
-    progress(
-      NAME,
-      `${label}: sequential ${seq.map((t) => t.toFixed(0)).join(", ")} ms; small ${
-        small.map((t) => t.toFixed(0)).join(", ")
-      } ms`,
-    );
-    return { seq: median(seq), small: median(small) };
+    const sh = (cmd: string) => guestSh(vm, cmd, EXEC_TIMEOUT_MS);
+    return await timedPhases(NAME, label, REPEATS, { sequential: [SEQ], small: [SMALL] }, sh);
   } finally {
     await vm.stop();
   }
 }
 
 await skipWithoutKvm(NAME, import.meta.url, { notOnKvmPvm: "Debian's kernel does not boot under kvm_pvm" });
-if (!which("qemu-storage-daemon")) {
-  result(NAME, { skipped: `${QSD} missing (Debian package qemu-system-common)` });
+const noQsd = storageDaemonUnavailable();
+if (noQsd) {
+  result(NAME, { skipped: noQsd });
   Deno.exit(0);
 }
 
@@ -97,38 +69,17 @@ try {
   let vuSeq: Measured = { error: "not run" };
   let vuSmall: Measured = { error: "not run" };
   const socket = `${work}/blk.sock`;
-  const qsd = new Deno.Command(QSD, {
-    args: [
-      "--blockdev",
-      `driver=file,node-name=file0,filename=${image}`,
-      "--blockdev",
-      "driver=raw,node-name=disk0,file=file0",
-      "--export",
-      `type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,addr.type=unix,addr.path=${socket}`,
-    ],
-    stdin: "null",
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  let qsdEnded = false;
-  const qsdDone = qsd.output().then((o) => {
-    qsdEnded = true;
-    return new TextDecoder().decode(o.stderr).trim();
-  });
+  const qsd = StorageDaemon.start(image, socket);
   try {
-    while (!(await Deno.stat(socket).then((s) => s.isSocket, () => false))) {
-      if (qsdEnded) throw new Error(`qemu-storage-daemon ended: ${await qsdDone}`);
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    await qsd.ready();
     const r = await measure("vhost-user (qemu-storage-daemon)", {
       vhostUser: [{ type: "block", deviceId: 2, socket }],
     });
-    [vuSeq, vuSmall] = [r.seq, r.small];
+    [vuSeq, vuSmall] = [r.sequential, r.small];
   } catch (e) {
     vuSeq = vuSmall = { error: (e as Error).message.split("\n")[0] };
   } finally {
-    if (!qsdEnded) qsd.kill("SIGKILL");
-    await qsdDone;
+    await qsd.kill();
   }
 
   let inSeq: Measured = { error: "not run" };
@@ -137,7 +88,7 @@ try {
     const r = await measure("in process (--block)", {
       blocks: [{ path: image, ro: false, root: false, sparse: true, blockSize: 512, direct: false }],
     });
-    [inSeq, inSmall] = [r.seq, r.small];
+    [inSeq, inSmall] = [r.sequential, r.small];
   } catch (e) {
     inSeq = inSmall = { error: (e as Error).message.split("\n")[0] };
   }

@@ -1,54 +1,21 @@
 import assert from "node:assert/strict";
-import {
-  createSharedDirDevice,
-  SETPRIV_PATH,
-  startVirtiofsd,
-  unixSocketListening,
-  VIRTIOFSD_PATH,
-  virtiofsdArgs,
-} from "./virtiofsd.ts";
+import { createSharedDirDevice, startVirtiofsd, unixSocketListening, virtiofsdArgs } from "./virtiofsd.ts";
 import { parseSharedDirOption } from "./cli/devices/shared_dir.ts";
 import { HostError } from "../core/exit.ts";
 import { withTempDir } from "../test/support/temp_dir.ts";
 import { until, VhostUserFrontEnd } from "../test/support/vhost_user_front_end.ts";
 import { VhostUserRequest as R } from "../devices/vhost_user/protocol.ts";
 import { VIRTIO_FS_CONFIG_SIZE, VIRTIO_FS_TAG_SIZE } from "../devices/vhost_user/fs.ts";
-import { VIRTIO_F_VERSION_1 as VERSION_1, VIRTIO_ID_FS } from "../devices/virtio/device.ts";
-import { VIRTIO_MMIO_STATUS, VIRTIO_STATUS_DEVICE_NEEDS_RESET, VirtioMmioTransport } from "../devices/virtio/mmio.ts";
-import { OwnedGuestMemory } from "../core/memory.ts";
-import { closeFd, eventfd, eventfdWrite, POLLIN, pollSync } from "../ffi/libc.ts";
-import { VirtioTestDriver } from "../test/support/virtio_driver.ts";
-import { MiB } from "../core/units.ts";
+import { VIRTIO_F_VERSION_1, VIRTIO_ID_FS } from "../devices/virtio/device.ts";
+import { VIRTIO_MMIO_STATUS, VIRTIO_STATUS_DEVICE_NEEDS_RESET } from "../devices/virtio/mmio.ts";
+import { eventfdWrite, POLLIN, pollSync } from "../ffi/libc.ts";
+import { FrontEndRig } from "../test/support/front_end_rig.ts";
+import { processesWith } from "../test/support/proc.ts";
+import { virtiofsdUnavailable } from "../test/support/virtiofsd.ts";
 
-/** virtio 1.2 §6: VIRTIO_F_VERSION_1, which every virtio-fs device offers. */
-const VIRTIO_F_VERSION_1 = 1n << 32n;
-
-const haveVirtiofsd = (() => {
-  try {
-    Deno.statSync(VIRTIOFSD_PATH);
-    Deno.statSync(SETPRIV_PATH);
-    return Deno.uid() === 0;
-  } catch {
-    return false;
-  }
-})();
-const ignore = !haveVirtiofsd;
-if (ignore) console.log(`virtiofsd tests skipped: need ${VIRTIOFSD_PATH} and ${SETPRIV_PATH}, run as root`);
-
-/** The ids of the processes whose command line mentions `needle` (virtiofsd and its sandbox child). */
-function processesWith(needle: string): number[] {
-  const out: number[] = [];
-  for (const e of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(e.name)) continue;
-    try {
-      const cmdline = Deno.readTextFileSync(`/proc/${e.name}/cmdline`);
-      if (cmdline.includes(needle)) out.push(Number(e.name));
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return out;
-}
+const unavailable = virtiofsdUnavailable();
+const ignore = unavailable !== undefined;
+if (ignore) console.log(`virtiofsd tests skipped: ${unavailable}`);
 
 Deno.test("virtiofsd: crosvm's keys become virtiofsd's options", () => {
   const d = parseSharedDirOption("/srv:data:type=fs:cache=never:timeout=60:writeback=true:posix_acl=false", {
@@ -232,7 +199,6 @@ const FUSE_KERNEL_MINOR_VERSION = 31;
 /** The root directory's node id. */
 const FUSE_ROOT_ID = 1n;
 
-const RAM = 16 * MiB;
 const QUEUE_SIZE = 16;
 /** virtio 1.2 §5.11.2: queue 1 is the first request queue. */
 const REQUEST_QUEUE = 1;
@@ -262,19 +228,17 @@ Deno.test({
       });
       const [pid] = processesWith(`source=${dir}/share`);
       assert.ok(pid !== undefined, "virtiofsd runs");
-      const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
-      const irqFd = eventfd();
-      const notifyFds = [eventfd(), eventfd()];
+      const rig = new FrontEndRig(dev, { queues: REQUEST_QUEUE + 1 });
+      const { mem, irqFd } = rig;
       try {
         assert.equal(dev.deviceType, VIRTIO_ID_FS);
-        assert.ok(dev.features & VERSION_1);
+        assert.ok(dev.features & VIRTIO_F_VERSION_1);
         assert.deepEqual(
           dev.queueMaxSizes,
           [1024, 1024],
           "the high-priority queue and one request queue, crosvm's size",
         );
-        const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => eventfdWrite(irqFd) }, notifyFds, irqFd });
-        const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
+        const drv = rig.driver(() => eventfdWrite(irqFd));
         const cfg = drv.readConfig(0, VIRTIO_FS_CONFIG_SIZE);
         assert.equal(new TextDecoder().decode(cfg.subarray(0, 4)), "myfs");
         assert.equal(cfg[4], 0);
@@ -288,7 +252,7 @@ Deno.test({
         new DataView(initIn.buffer).setUint32(4, FUSE_KERNEL_MINOR_VERSION, true);
         new DataView(initIn.buffer).setUint32(12, FUSE_INIT_FLAGS, true);
         const init = q.submit([fuseRequest(FUSE_INIT, 1n, 0n, initIn), FUSE_OUT_HEADER_SIZE + FUSE_INIT_OUT_SIZE]);
-        eventfdWrite(notifyFds[REQUEST_QUEUE]);
+        rig.notify(REQUEST_QUEUE);
         await until(() => q.usedIdx() === 1, "FUSE_INIT's reply");
         await until(() => (pollSync([irqFd], POLLIN, 0)[0] & POLLIN) !== 0, "the irqfd");
         const initOut = mem.read(init.buffers[1].addr, FUSE_OUT_HEADER_SIZE + FUSE_INIT_OUT_SIZE);
@@ -302,7 +266,7 @@ Deno.test({
           fuseRequest(FUSE_LOOKUP, 2n, FUSE_ROOT_ID, name),
           FUSE_OUT_HEADER_SIZE + FUSE_ENTRY_OUT_SIZE,
         ]);
-        eventfdWrite(notifyFds[REQUEST_QUEUE]);
+        rig.notify(REQUEST_QUEUE);
         await until(() => q.usedIdx() === 2, "FUSE_LOOKUP's reply");
         const entry = mem.read(lookup.buffers[1].addr, FUSE_OUT_HEADER_SIZE + FUSE_ENTRY_OUT_SIZE);
         const ev = new DataView(entry.buffer, entry.byteOffset);
@@ -313,11 +277,9 @@ Deno.test({
         );
         assert.deepEqual(lines, [], "nothing logged");
       } finally {
+        // Closing twice is harmless (rig.close() closes it again).
         dev.close();
-        dev.close();
-        closeFd(irqFd);
-        notifyFds.forEach(closeFd);
-        mem.close();
+        await rig.close();
       }
       await until(() => processesWith(`source=${dir}/share`).length === 0, "virtiofsd to end with the device");
       assert.deepEqual(lines, [], "nothing logged, not even virtiofsd's end");

@@ -15,9 +15,10 @@ import { buildGuest } from "../guests/build.ts";
 import { VIRTIO_ID_BLOCK } from "../../devices/virtio/device.ts";
 import { EXIT_SUCCESS } from "../../core/exit.ts";
 import { StateError } from "../../core/state.ts";
-import { Vm } from "../../mod.ts";
+import { type BootConfig, Vm } from "../../mod.ts";
 import { within } from "../support/within.ts";
 import { DeviceProcess } from "../support/device_process.ts";
+import { StorageDaemon, storageDaemonUnavailable } from "../support/storage_daemon.ts";
 
 const kvmAvailable = existsSync("/dev/kvm");
 if (!kvmAvailable) console.log("vhost_user_front_end_test: KVM tests skipped: no /dev/kvm");
@@ -51,6 +52,42 @@ function virtioLines(text: string): string[] {
   return text.replace(/\r/g, "").split("\n").filter((l) => l.startsWith("VIRTIO ")).map((l) => l.slice(7));
 }
 
+/** A disk image of IMAGE_SIZE bytes at `dir`/disk.img, sector 0 the known pattern when `withSector0`. */
+async function diskImage(dir: string, withSector0: boolean): Promise<string> {
+  const path = join(dir, "disk.img");
+  const image = new Uint8Array(IMAGE_SIZE);
+  if (withSector0) image.set(sector0Pattern(), 0);
+  await Deno.writeFile(path, image);
+  return path;
+}
+
+/**
+ * `body` with a `denovm device block` process serving a disk image (sector 0 the known pattern when
+ * `withSector0`) in a temporary directory; the process is stopped and the directory removed after.
+ */
+async function withDeviceBlock(
+  withSector0: boolean,
+  body: (b: { dir: string; path: string; socket: string; backEnd: DeviceProcess }) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-vu-kvm-" });
+  let backEnd: DeviceProcess | undefined;
+  try {
+    const path = await diskImage(dir, withSector0);
+    const socket = join(dir, "blk.sock");
+    backEnd = await DeviceProcess.start("block", ["--socket-path", socket, "--file", path]);
+    await body({ dir, path, socket, backEnd });
+  } finally {
+    backEnd?.kill("SIGTERM");
+    await backEnd?.exited;
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** `kernel` on one vCPU and 64 MiB, no rng or balloon, `vhostUser` its only virtio devices. */
+function bootConfig(kernel: string, vhostUser: BootConfig["vhostUser"]): BootConfig {
+  return { kernel, debugExit: true, memMiB: 64, cpus: 1, rng: false, balloon: false, vhostUser };
+}
+
 /** The one line starting with `prefix + " "`, as key=value fields. */
 function one(lines: string[], prefix: string, text: string): Record<string, string> {
   const found = lines.filter((l) => l.startsWith(prefix + " "));
@@ -62,70 +99,58 @@ function one(lines: string[], prefix: string, text: string): Record<string, stri
   );
 }
 
+/**
+ * The virtio guest, run to its end with the block device at `path` (sector 0 the known pattern): it exited
+ * successfully, its block line reports the capacity, the write read back and sector 0's checksum, every
+ * completion came as an interrupt whose InterruptStatus said "used buffer" (no interrupt read as status 0),
+ * and the host file holds what it wrote. Returns its "VIRTIO" lines and console text.
+ */
+async function assertBlockGuestRan(vm: Vm, path: string): Promise<{ lines: string[]; text: string }> {
+  const code = await within(vm.exitCode, () => `the guest did not stop:\n${vm.console.text}`, GUEST_TIMEOUT_MS);
+  const text = vm.console.text;
+  assert.equal(code, EXIT_SUCCESS, text);
+  const lines = virtioLines(text);
+  assert.ok(lines.includes("DONE"), text);
+  assert.deepEqual(one(lines, "blk", text), {
+    cap: String(IMAGE_SIZE / SECTOR_SIZE),
+    rw: "ok",
+    sum0: fnv1a(sector0Pattern()).toString(16),
+  });
+  const irq = one(lines, "irq 0 blk", text);
+  assert.ok(Number(irq.irqs) >= BLOCK_REQUESTS, text);
+  assert.equal(irq.spurious, "0", text);
+  const after = await Deno.readFile(path);
+  assert.deepEqual(after.subarray(TEST_SECTOR * SECTOR_SIZE, (TEST_SECTOR + 1) * SECTOR_SIZE), sector1Pattern());
+  return { lines, text };
+}
+
 Deno.test({
   name: "kvm: the generic vhost-user front end carries the virtio guest's block requests to `denovm device block`, " +
     "kicks by ioeventfd and interrupts by irqfd",
   ignore: !kvmAvailable,
   async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-vu-kvm-" });
-    let backEnd: DeviceProcess | undefined;
-    try {
-      const path = join(dir, "disk.img");
-      const image = new Uint8Array(IMAGE_SIZE);
-      image.set(sector0Pattern(), 0);
-      await Deno.writeFile(path, image);
-      const socket = join(dir, "blk.sock");
-      backEnd = await DeviceProcess.start("block", ["--socket-path", socket, "--file", path]);
-
+    await withDeviceBlock(true, async ({ path, socket, backEnd }) => {
       const kernel = await buildGuest("virtio");
       const stats: Record<string, number>[] = [];
       {
-        await using vm = await Vm.boot({
-          kernel,
-          debugExit: true,
-          memMiB: 64,
-          cpus: 1,
-          rng: false,
-          balloon: false,
-          vhostUser: [{ type: "generic", deviceId: VIRTIO_ID_BLOCK, socket }],
-        });
-        const code = await within(
-          vm.exitCode,
-          () => `virtio guest did not stop; console so far:\n${vm.console.text}`,
-          GUEST_TIMEOUT_MS,
+        await using vm = await Vm.boot(
+          bootConfig(kernel, [{ type: "generic", deviceId: VIRTIO_ID_BLOCK, socket }]),
         );
-        const text = vm.console.text;
-        assert.equal(code, EXIT_SUCCESS, text);
-        const lines = virtioLines(text);
-        assert.ok(lines.includes("DONE"), text);
+        // Every completion came as an interrupt the back end raised through the irqfd.
+        const { lines, text } = await assertBlockGuestRan(vm, path);
         assert.ok(lines.includes("found=1"), text);
         assert.equal(one(lines, "dev 0", text).id, String(VIRTIO_ID_BLOCK), text);
-        assert.deepEqual(one(lines, "blk", text), {
-          cap: String(IMAGE_SIZE / SECTOR_SIZE),
-          rw: "ok",
-          sum0: fnv1a(sector0Pattern()).toString(16),
-        });
-        // Every completion came as an interrupt the back end raised through the irqfd; InterruptStatus
-        // said "used buffer" each time (no interrupt read as status 0).
-        const irq = one(lines, "irq 0 blk", text);
-        assert.ok(Number(irq.irqs) >= BLOCK_REQUESTS, text);
-        assert.equal(irq.spurious, "0", text);
         stats.push(vm.stats());
       }
       // The front end set the rings up once and never failed.
       assert.equal(stats[0]["vhost-user-generic.activations"], 1, JSON.stringify(stats[0]));
       assert.equal(stats[0]["vhost-user-generic.failures"], 0, JSON.stringify(stats[0]));
       const after = await Deno.readFile(path);
-      assert.deepEqual(after.subarray(TEST_SECTOR * SECTOR_SIZE, (TEST_SECTOR + 1) * SECTOR_SIZE), sector1Pattern());
       assert.deepEqual(after.subarray(0, SECTOR_SIZE), sector0Pattern(), "sector 0 untouched");
       assert.ok(after.subarray((TEST_SECTOR + 1) * SECTOR_SIZE).every((b) => b === 0), "nothing else written");
       // The back end served one front end and dropped nothing.
       assert.ok(!/dropping the front end/.test(backEnd.stderr), backEnd.stderr);
-    } finally {
-      backEnd?.kill("SIGTERM");
-      await backEnd?.exited;
-      await Deno.remove(dir, { recursive: true });
-    }
+    });
   },
 });
 
@@ -133,24 +158,10 @@ Deno.test({
   name: "kvm: a snapshot of a VM with a vhost-user device is refused in one line, and the VM runs on",
   ignore: !kvmAvailable,
   async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-vu-kvm-" });
-    let backEnd: DeviceProcess | undefined;
-    try {
-      const path = join(dir, "disk.img");
-      await Deno.writeFile(path, new Uint8Array(IMAGE_SIZE));
-      const socket = join(dir, "blk.sock");
-      backEnd = await DeviceProcess.start("block", ["--socket-path", socket, "--file", path]);
+    await withDeviceBlock(false, async ({ dir, socket }) => {
       // The memory-pattern guest fills some RAM, then waits for a byte on COM1 ('q' powers it off).
       const kernel = await buildGuest("mempattern");
-      await using vm = await Vm.boot({
-        kernel,
-        debugExit: true,
-        memMiB: 64,
-        cpus: 1,
-        rng: false,
-        balloon: false,
-        vhostUser: [{ type: "block", deviceId: VIRTIO_ID_BLOCK, socket }],
-      });
+      await using vm = await Vm.boot(bootConfig(kernel, [{ type: "block", deviceId: VIRTIO_ID_BLOCK, socket }]));
       await vm.console.waitFor(/MEM fill seed=1/, { timeout: GUEST_TIMEOUT_MS });
       await assert.rejects(vm.snapshot(join(dir, "snap")), (e: Error) => {
         assert.ok(e instanceof StateError, `${e.name}: ${e.message}`);
@@ -163,84 +174,31 @@ Deno.test({
       const code = await within(vm.exitCode, () => `the guest did not stop:\n${vm.console.text}`, GUEST_TIMEOUT_MS);
       assert.equal(code, EXIT_SUCCESS, vm.console.text);
       assert.match(vm.console.text, /BYE/);
-    } finally {
-      backEnd?.kill("SIGTERM");
-      await backEnd?.exited;
-      await Deno.remove(dir, { recursive: true });
-    }
+    });
   },
 });
 
-/** qemu-storage-daemon on PATH, or undefined. */
-function qemuStorageDaemon(): string | undefined {
-  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
-    try {
-      if (Deno.statSync(join(dir, "qemu-storage-daemon")).isFile) return join(dir, "qemu-storage-daemon");
-    } catch {
-      // not there
-    }
-  }
-  return undefined;
-}
-const qsd = qemuStorageDaemon();
-if (kvmAvailable && !qsd) console.log("vhost_user_front_end_test: the qemu-storage-daemon test skipped: none on PATH");
+const noQsd = storageDaemonUnavailable();
+if (kvmAvailable && noQsd) console.log(`vhost_user_front_end_test: the qemu-storage-daemon test skipped: ${noQsd}`);
 
 Deno.test({
   name: "kvm: the virtio guest's block requests through the front end to qemu-storage-daemon's vhost-user-blk export",
-  ignore: !kvmAvailable || !qsd,
+  ignore: !kvmAvailable || noQsd !== undefined,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "denovm-vu-qsd-" });
-    let daemon: Deno.ChildProcess | undefined;
+    let daemon: StorageDaemon | undefined;
     try {
-      const path = join(dir, "disk.img");
-      const image = new Uint8Array(IMAGE_SIZE);
-      image.set(sector0Pattern(), 0);
-      await Deno.writeFile(path, image);
+      const path = await diskImage(dir, true);
       const socket = join(dir, "blk.sock");
-      daemon = new Deno.Command(qsd!, {
-        args: [
-          "--blockdev",
-          `driver=file,node-name=disk,filename=${path}`,
-          "--export",
-          `type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=${socket},writable=on`,
-        ],
-        stdin: "null",
-        stdout: "null",
-        stderr: "null",
-      }).spawn();
+      daemon = StorageDaemon.start(path, socket);
       const kernel = await buildGuest("virtio");
       await using vm = await Vm.boot({
-        kernel,
-        debugExit: true,
-        memMiB: 64,
-        cpus: 1,
-        rng: false,
-        balloon: false,
-        vhostUser: [{ type: "block", deviceId: VIRTIO_ID_BLOCK, socket }],
+        ...bootConfig(kernel, [{ type: "block", deviceId: VIRTIO_ID_BLOCK, socket }]),
         vhostUserConnectTimeoutMs: 20_000,
       });
-      const code = await within(vm.exitCode, () => `the guest did not stop:\n${vm.console.text}`, GUEST_TIMEOUT_MS);
-      const text = vm.console.text;
-      assert.equal(code, EXIT_SUCCESS, text);
-      const lines = virtioLines(text);
-      assert.ok(lines.includes("DONE"), text);
-      assert.deepEqual(one(lines, "blk", text), {
-        cap: String(IMAGE_SIZE / SECTOR_SIZE),
-        rw: "ok",
-        sum0: fnv1a(sector0Pattern()).toString(16),
-      });
-      const irq = one(lines, "irq 0 blk", text);
-      assert.ok(Number(irq.irqs) >= BLOCK_REQUESTS, text);
-      assert.equal(irq.spurious, "0", text);
-      const after = await Deno.readFile(path);
-      assert.deepEqual(after.subarray(TEST_SECTOR * SECTOR_SIZE, (TEST_SECTOR + 1) * SECTOR_SIZE), sector1Pattern());
+      await assertBlockGuestRan(vm, path);
     } finally {
-      try {
-        daemon?.kill("SIGKILL");
-      } catch {
-        // already gone
-      }
-      await daemon?.status;
+      await daemon?.kill();
       await Deno.remove(dir, { recursive: true });
     }
   },

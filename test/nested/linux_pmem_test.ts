@@ -12,14 +12,12 @@
 // the nested KVM host (test/nested/nested_kvm_test.ts). One boot serves the file.
 
 import assert from "node:assert/strict";
-import { Vm } from "../../mod.ts";
 import { MiB } from "../../vmm/arch/layout.ts";
-import { debianKernel } from "../support/kernel.ts";
-import { defaultInitramfs, fullLinuxUnavailable, run, which } from "../support/default_guest.ts";
+import { fullLinuxUnavailable, run, which } from "../support/default_guest.ts";
+import { bootAgentGuest, guestSh } from "../support/agent_guest.ts";
 import { within } from "../support/within.ts";
 
 /** Hang protection only (the nested host runs guests at TCG speed); no assertion is about time. */
-const BOOT_TIMEOUT_MS = 300_000;
 const GUEST_TIMEOUT_MS = 120_000;
 /** The writable image's size, a multiple of 2 MiB: the guest's /dev/pmem0 is exactly this. */
 const RW_IMAGE_BYTES = 64 * MiB;
@@ -42,8 +40,6 @@ Deno.test({
   name: "linux: Debian 6.1 mounts ext4 on /dev/pmem0, reads the host's file; its synced file reaches the host's image",
   ignore: skip !== undefined,
   async fn() {
-    const kernel = await debianKernel();
-    const initrd = await defaultInitramfs();
     const dir = await Deno.makeTempDir({ prefix: "denovm-linux-pmem-" });
     try {
       const nonce = crypto.randomUUID();
@@ -59,21 +55,11 @@ Deno.test({
       await run("mkfs.ext4", ["-q", "-F", "-d", `${dir}/ro`, roImage, `${RO_IMAGE_KIB}K`]);
       assert.equal((await Deno.stat(roImage)).size, RO_IMAGE_KIB * 1024);
 
-      await using vm = await Vm.boot({
-        kernel: kernel.vmlinux,
-        initrd,
-        params: ["console=ttyS0"],
+      await using vm = await bootAgentGuest({
         memMiB: 256,
-        cpus: 1,
-        agent: true,
         pmems: [{ path: rwImage, ro: false, root: false }, { path: roImage, ro: true, root: false }],
       });
-      await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: BOOT_TIMEOUT_MS });
-      const sh = async (cmd: string) => {
-        const r = await vm.exec(["sh", "-c", cmd], { timeout: GUEST_TIMEOUT_MS });
-        assert.equal(r.code, 0, `${cmd}: exit ${r.code}\n${r.stdout}${r.stderr}`);
-        return r.stdout;
-      };
+      const sh = (cmd: string) => guestSh(vm, cmd);
       const shown = () => `console:\n${vm.console.text.split("\n").slice(-30).join("\n")}`;
       assert.match(vm.console.text, /^denovm-init: modules loaded:.* virtio_pmem .*nd_pmem/m, shown());
       assert.doesNotMatch(vm.console.text, /^denovm-init: modules failed:/m, shown());

@@ -26,6 +26,7 @@ import { MiB } from "../../vmm/arch/layout.ts";
 import { debianKernel } from "../support/kernel.ts";
 import { defaultInitramfs, fullLinuxUnavailable, run, which } from "../support/default_guest.ts";
 import { within } from "../support/within.ts";
+import { guestSh as sh } from "../support/agent_guest.ts";
 
 /** Guest memory: small, so the snapshot's memory file and ten clones stay small in the nested host. */
 const MEM_MIB = 128;
@@ -49,13 +50,6 @@ if (skip) console.log(`skip: linux snapshots: ${skip}`);
 
 function disk(path: string): BlockConfig {
   return { path, ro: false, root: false, sparse: true, blockSize: 512, direct: false };
-}
-
-/** Runs `cmd` with sh in the guest; its stdout, or an assertion error with its output. */
-async function sh(vm: Vm, cmd: string): Promise<string> {
-  const r = await vm.exec(["sh", "-c", cmd], { timeout: GUEST_TIMEOUT_MS });
-  assert.equal(r.code, 0, `${cmd}: exit ${r.code}\n${r.stdout}${r.stderr}`);
-  return r.stdout;
 }
 
 /** Seconds since boot (/proc/uptime: CLOCK_BOOTTIME). */

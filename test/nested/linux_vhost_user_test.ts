@@ -16,88 +16,25 @@
 // nested KVM host (test/nested/nested_kvm_test.ts).
 
 import assert from "node:assert/strict";
-import { Vm } from "../../mod.ts";
-import { debianKernel } from "../support/kernel.ts";
-import { defaultInitramfs, fullLinuxUnavailable, run, which } from "../support/default_guest.ts";
+import { fullLinuxUnavailable, run, which } from "../support/default_guest.ts";
+import { bootAgentGuest, guestSh as sh } from "../support/agent_guest.ts";
+import { StorageDaemon, storageDaemonUnavailable } from "../support/storage_daemon.ts";
+import { processesWith } from "../support/proc.ts";
 import { parseSharedDirOption } from "../../vmm/cli/devices/shared_dir.ts";
-import { VIRTIOFSD_PATH } from "../../vmm/virtiofsd.ts";
+import { virtiofsdUnavailable } from "../support/virtiofsd.ts";
 
-/** Hang protection only (the nested host runs guests at TCG speed); no assertion is about time. */
-const BOOT_TIMEOUT_MS = 300_000;
-const GUEST_TIMEOUT_MS = 120_000;
 const MEM_MIB = 256;
 
-const skipFs = fullLinuxUnavailable() ??
-  (!which("setpriv") ? "setpriv is needed (util-linux)" : undefined) ??
-  (Deno.uid() !== 0 ? "virtiofsd runs as root" : undefined) ??
-  ((() => {
-    try {
-      Deno.statSync(VIRTIOFSD_PATH);
-      return undefined;
-    } catch {
-      return `${VIRTIOFSD_PATH} is needed (qemu-system-common)`;
-    }
-  })());
+const skipFs = fullLinuxUnavailable() ?? virtiofsdUnavailable();
 if (skipFs) console.log(`skip: linux virtio-fs: ${skipFs}`);
 
-const QSD = "/usr/bin/qemu-storage-daemon";
-const skipBlk = fullLinuxUnavailable() ??
-  (!which("qemu-storage-daemon") ? `${QSD} is needed (Debian package qemu-system-common)` : undefined) ??
+const skipBlk = fullLinuxUnavailable() ?? storageDaemonUnavailable() ??
   (!which("mkfs.ext4") || !which("debugfs") || !which("e2fsck")
     ? "mkfs.ext4, e2fsck and debugfs are needed (e2fsprogs)"
     : undefined);
 if (skipBlk) console.log(`skip: linux vhost-user-blk: ${skipBlk}`);
 
-/** qemu-storage-daemon exporting `image` as vhost-user-blk on `socket` (it listens again after a disconnect). */
-function startStorageDaemon(image: string, socket: string): Deno.ChildProcess {
-  return new Deno.Command(QSD, {
-    args: [
-      "--blockdev",
-      `driver=file,node-name=file0,filename=${image}`,
-      "--blockdev",
-      "driver=raw,node-name=disk0,file=file0",
-      "--export",
-      `type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,addr.type=unix,addr.path=${socket}`,
-    ],
-    stdin: "null",
-    stdout: "null",
-    stderr: "null",
-  }).spawn();
-}
-
-async function waitForSocket(path: string): Promise<void> {
-  for (let i = 0; i < 600; i++) {
-    try {
-      if (Deno.statSync(path).isSocket) return;
-    } catch {
-      // not yet
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`${path} did not appear`);
-}
-
-/** Runs `cmd` with sh in the guest; its stdout, or an assertion error with its output. */
-async function sh(vm: Vm, cmd: string): Promise<string> {
-  const r = await vm.exec(["sh", "-c", cmd], { timeout: GUEST_TIMEOUT_MS });
-  assert.equal(r.code, 0, `${cmd}: exit ${r.code}\n${r.stdout}${r.stderr}`);
-  return r.stdout;
-}
-
-/** Process ids whose command line mentions `needle`. */
-function processesWith(needle: string): number[] {
-  const out: number[] = [];
-  for (const e of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(e.name)) continue;
-    try {
-      if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(needle)) out.push(Number(e.name));
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return out;
-}
-
+/** The md5sum of a host file. */
 async function md5(path: string): Promise<string> {
   const out = await new Deno.Command("md5sum", { args: [path], stdout: "piped" }).output();
   return new TextDecoder().decode(out.stdout).split(" ")[0];
@@ -107,26 +44,18 @@ Deno.test({
   name: "linux: Debian 6.1 mounts a --shared-dir type=fs tag served by virtiofsd; synced writes reach the host",
   ignore: skipFs !== undefined,
   async fn() {
-    const kernel = await debianKernel();
-    const initrd = await defaultInitramfs();
     const dir = await Deno.makeTempDir({ prefix: "denovm-linux-virtiofs-" });
     try {
       const share = `${dir}/share`;
       Deno.mkdirSync(share);
       const hostText = `from the host ${crypto.randomUUID()}\n`;
       Deno.writeTextFileSync(`${share}/from-host.txt`, hostText);
-      const vm = await Vm.boot({
-        kernel: kernel.vmlinux,
-        initrd,
-        params: ["console=ttyS0"],
+      const vm = await bootAgentGuest({
         memMiB: MEM_MIB,
-        cpus: 1,
-        agent: true,
         sharedDirs: [parseSharedDirOption(`${share}:hostshare:type=fs`)],
       });
       let stopped = false;
       try {
-        await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: BOOT_TIMEOUT_MS });
         assert.doesNotMatch(vm.console.text, /^denovm-init: modules failed:/m);
         // The virtio-fs device (id 26) is bound to its driver.
         assert.match(vm.console.text, /virtio devices:.*=0x001a:virtiofs/);
@@ -178,31 +107,20 @@ Deno.test({
   name: "linux: ext4 on qemu-storage-daemon's vhost-user-blk; its synced file survives kill -9 of the daemon mid-write",
   ignore: skipBlk !== undefined,
   async fn() {
-    const kernel = await debianKernel();
-    const initrd = await defaultInitramfs();
     const dir = await Deno.makeTempDir({ prefix: "denovm-linux-vublk-" });
-    let qsd: Deno.ChildProcess | undefined;
+    let qsd: StorageDaemon | undefined;
     try {
       const image = `${dir}/disk.img`;
       await Deno.mkdir(`${dir}/content`);
       await Deno.writeTextFile(`${dir}/content/hello.txt`, "hello from the host\n");
       await run("mkfs.ext4", ["-q", "-F", "-d", `${dir}/content`, image, "64M"]);
       const socket = `${dir}/blk.sock`;
-      qsd = startStorageDaemon(image, socket);
-      await waitForSocket(socket);
+      qsd = StorageDaemon.start(image, socket);
+      await qsd.ready();
       let guestMd5 = "";
-      const vm = await Vm.boot({
-        kernel: kernel.vmlinux,
-        initrd,
-        params: ["console=ttyS0"],
-        memMiB: MEM_MIB,
-        cpus: 1,
-        agent: true,
-        vhostUser: [{ type: "block", deviceId: 2, socket }],
-      });
+      const vm = await bootAgentGuest({ memMiB: MEM_MIB, vhostUser: [{ type: "block", deviceId: 2, socket }] });
       let stopped = false;
       try {
-        await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: BOOT_TIMEOUT_MS });
         assert.match(vm.console.text, /virtio devices:.*=0x0002:virtio_blk/);
         assert.equal(
           await sh(vm, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && cat /mnt/hello.txt"),
@@ -219,8 +137,7 @@ Deno.test({
             "</dev/null >/dev/null 2>&1 &",
         );
         await sh(vm, "while [ ! -e /mnt/p2 ]; do sleep 0.1; done");
-        qsd.kill("SIGKILL");
-        await qsd.status;
+        await qsd.kill();
         qsd = undefined;
         // The VMM and the guest go on: the agent answers (from memory, not the disk).
         assert.equal(await sh(vm, "echo alive"), "alive\n");
@@ -231,15 +148,9 @@ Deno.test({
       }
       const synced = await fileOnImage(dir, image, "synced.bin");
       assert.equal(synced.length, 1 << 20);
-      const hostMd5 = new TextDecoder().decode(
-        (await new Deno.Command("md5sum", { args: [`${dir}/synced.bin.out`], stdout: "piped" }).output()).stdout,
-      ).split(" ")[0];
-      assert.equal(hostMd5, guestMd5, "the synced file on the image is the guest's");
+      assert.equal(await md5(`${dir}/synced.bin.out`), guestMd5, "the synced file on the image is the guest's");
     } finally {
-      if (qsd) {
-        qsd.kill("SIGKILL");
-        await qsd.status;
-      }
+      await qsd?.kill();
       await Deno.remove(dir, { recursive: true });
     }
   },
@@ -250,26 +161,15 @@ Deno.test({
     "linux: qemu-storage-daemon killed mid-write and restarted on the same socket gets the device back; pending writes complete",
   ignore: skipBlk !== undefined,
   async fn() {
-    const kernel = await debianKernel();
-    const initrd = await defaultInitramfs();
     const dir = await Deno.makeTempDir({ prefix: "denovm-linux-vublk-" });
-    let qsd: Deno.ChildProcess | undefined;
+    let qsd: StorageDaemon | undefined;
     try {
       const image = `${dir}/disk.img`;
       await run("mkfs.ext4", ["-q", "-F", image, "64M"]);
       const socket = `${dir}/blk.sock`;
-      qsd = startStorageDaemon(image, socket);
-      await waitForSocket(socket);
-      await using vm = await Vm.boot({
-        kernel: kernel.vmlinux,
-        initrd,
-        params: ["console=ttyS0"],
-        memMiB: MEM_MIB,
-        cpus: 1,
-        agent: true,
-        vhostUser: [{ type: "block", deviceId: 2, socket }],
-      });
-      await vm.console.waitFor(/^DENOVM-INIT-OK\s*$/m, { timeout: BOOT_TIMEOUT_MS });
+      qsd = StorageDaemon.start(image, socket);
+      await qsd.ready();
+      await using vm = await bootAgentGuest({ memMiB: MEM_MIB, vhostUser: [{ type: "block", deviceId: 2, socket }] });
       await sh(vm, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt");
       const before = await sh(
         vm,
@@ -283,9 +183,8 @@ Deno.test({
           "</dev/null >/dev/null 2>&1 &",
       );
       await sh(vm, "while [ ! -s /mnt/pending.bin ]; do sleep 0.05; done");
-      qsd.kill("SIGKILL");
-      await qsd.status;
-      qsd = startStorageDaemon(image, socket);
+      await qsd.kill();
+      qsd = StorageDaemon.start(image, socket);
       // The pending write completes without an error, and what it wrote is what it read.
       await sh(vm, "while [ ! -e /tmp/dd.status ]; do sleep 0.2; done");
       assert.equal(await sh(vm, "cat /tmp/dd.status"), "0\n", await sh(vm, "cat /tmp/dd.err"));
@@ -296,10 +195,7 @@ Deno.test({
       assert.equal(await sh(vm, "md5sum /mnt/synced.bin"), before);
       assert.doesNotMatch(await sh(vm, "dmesg"), /I\/O error/);
     } finally {
-      if (qsd) {
-        qsd.kill("SIGKILL");
-        await qsd.status;
-      }
+      await qsd?.kill();
       await Deno.remove(dir, { recursive: true });
     }
   },

@@ -11,7 +11,7 @@
 import assert from "node:assert/strict";
 import { AGENT_PORT_NAME, AGENT_PROTOCOL_VERSION, AgentClient, connTransport } from "../../vmm/library/agent_client.ts";
 import { type DebianKernel, debianKernel } from "../support/kernel.ts";
-import { QEMU_BINARY, QEMU_KERNEL_ARGS } from "../support/qemu.ts";
+import { connectToChardev, QEMU_BINARY, QEMU_KERNEL_ARGS } from "../support/qemu.ts";
 import { BUSYBOX, ConsoleProcess, exists } from "../support/guest_process.ts";
 import { defaultInitramfs } from "../support/default_guest.ts";
 
@@ -50,24 +50,6 @@ async function unavailableReason(): Promise<{ reason?: string; kernel?: DebianKe
 
 const { reason, kernel } = await unavailableReason();
 if (reason) console.log(`skip: default guest agent under QEMU: ${reason}`);
-
-/**
- * Connect to QEMU's chardev socket (server=on: QEMU creates it while starting up). Retries while the
- * socket does not exist or does not accept yet; gives up if QEMU exits first.
- */
-async function connectToChardev(path: string, qemu: ConsoleProcess): Promise<Deno.UnixConn> {
-  let exited = false;
-  qemu.done.then(() => exited = true);
-  for (;;) {
-    try {
-      return await Deno.connect({ transport: "unix", path });
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound || e instanceof Deno.errors.ConnectionRefused)) throw e;
-    }
-    if (exited) throw new Error(`QEMU exited before its chardev socket ${path} accepted:\n${qemu.output}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 Deno.test({
   name: "default guest: Debian 6.1 + default initramfs under QEMU TCG serves denovm-agent on org.denovm.agent",

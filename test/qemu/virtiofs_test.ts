@@ -9,23 +9,10 @@
 import assert from "node:assert/strict";
 import { startVirtiofsQemu, virtiofsQemuUnavailable } from "../support/virtiofs_qemu.ts";
 import { parseSharedDirOption } from "../../vmm/cli/devices/shared_dir.ts";
+import { processesWith } from "../support/proc.ts";
 
 const { reason, qemu } = await virtiofsQemuUnavailable();
 if (reason) console.log(`skip: virtio-fs under QEMU: ${reason}`);
-
-/** Process ids whose command line mentions `needle`. */
-function processesWith(needle: string): number[] {
-  const out: number[] = [];
-  for (const e of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(e.name)) continue;
-    try {
-      if (Deno.readTextFileSync(`/proc/${e.name}/cmdline`).includes(needle)) out.push(Number(e.name));
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return out;
-}
 
 Deno.test({
   name: "virtio-fs: the default initramfs mounts denovm's virtiofsd under QEMU's vhost-user-fs; writes reach the host",

@@ -2,7 +2,6 @@
 // reaches the machine's devices as a guest does: through the MMIO bus, with KVM's ioeventfd semantics.
 
 import assert from "node:assert/strict";
-import { BLK_OUTHDR_SIZE } from "../../devices/virtio/block/device.ts";
 import type { VirtioMmioTransport } from "../../devices/virtio/mmio.ts";
 import { MiB } from "../../vmm/arch/layout.ts";
 import { buildMachine } from "../../vmm/builder.ts";
@@ -16,9 +15,6 @@ import { VirtioTestDriver } from "./virtio_driver.ts";
 const DRIVER_RAM_START = 32 * MiB;
 /** Guest RAM each slot's driver gets from DRIVER_RAM_START on. */
 const DRIVER_RAM_PER_SLOT = MiB;
-/** struct virtio_blk_outhdr (linux/virtio_blk.h): le32 type at 0, le64 sector at 8. */
-const BLK_OUTHDR_TYPE = 0;
-const BLK_OUTHDR_SECTOR = 8;
 
 /** buildMachine's and restoreMachine's options for a test: no stdin, no log lines. */
 export const QUIET = { noStdin: true, log: () => {} };
@@ -72,11 +68,4 @@ export function busDriver(machine: Machine, vm: FakeVm, slot: number): VirtioTes
   });
 }
 
-/** A virtio-blk request header of `type` at `sector`. */
-export function blkHeader(type: number, sector: number): Uint8Array {
-  const h = new Uint8Array(BLK_OUTHDR_SIZE);
-  const v = new DataView(h.buffer);
-  v.setUint32(BLK_OUTHDR_TYPE, type, true);
-  v.setBigUint64(BLK_OUTHDR_SECTOR, BigInt(sector), true);
-  return h;
-}
+export { blkHeader } from "./blk_request.ts";

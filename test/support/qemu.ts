@@ -318,3 +318,21 @@ export class JsonLineClient {
     }
   }
 }
+
+/**
+ * Connect to QEMU's chardev socket (server=on: QEMU creates it while starting up). Retries while the
+ * socket does not exist or does not accept yet; gives up if QEMU exits first.
+ */
+export async function connectToChardev(path: string, qemu: ConsoleProcess): Promise<Deno.UnixConn> {
+  let exited = false;
+  qemu.done.then(() => exited = true);
+  for (;;) {
+    try {
+      return await Deno.connect({ transport: "unix", path });
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound || e instanceof Deno.errors.ConnectionRefused)) throw e;
+    }
+    if (exited) throw new Error(`QEMU exited before its chardev socket ${path} accepted:\n${qemu.output}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}

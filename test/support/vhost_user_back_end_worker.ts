@@ -84,7 +84,7 @@ const RECORDING_PROTOCOL = VHOST_USER_PROTOCOL_F_MQ | VHOST_USER_PROTOCOL_F_REPL
 /** A request code no version of the protocol defines. */
 const UNKNOWN_REQUEST = 999;
 /** Queues the hostile back end's GET_QUEUE_NUM says it has. */
-const HOSTILE_QUEUES = 2n;
+export const HOSTILE_QUEUES = 2n;
 
 async function serveHostile(socket: string, hostility: Hostility): Promise<void> {
   const { UnixListener } = await import("../../core/unix_socket.ts");

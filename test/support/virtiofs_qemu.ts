@@ -8,10 +8,11 @@
 
 import { AGENT_PORT_NAME, AgentClient, connTransport } from "../../vmm/library/agent_client.ts";
 import { debianKernel } from "./kernel.ts";
-import { backportsQemu, QEMU_KERNEL_ARGS, type QemuBuild, qemuHasDevice } from "./qemu.ts";
+import { backportsQemu, connectToChardev, QEMU_KERNEL_ARGS, type QemuBuild, qemuHasDevice } from "./qemu.ts";
 import { BUSYBOX, ConsoleProcess, exists } from "./guest_process.ts";
 import { defaultInitramfs, which } from "./default_guest.ts";
-import { startVirtiofsd, VIRTIOFSD_PATH, type VirtiofsdProcess } from "../../vmm/virtiofsd.ts";
+import { virtiofsdUnavailable } from "./virtiofsd.ts";
+import { startVirtiofsd, type VirtiofsdProcess } from "../../vmm/virtiofsd.ts";
 import type { SharedDirConfig } from "../../vmm/config.ts";
 
 /** Guards against a hung guest or QEMU (not timing assertions). */
@@ -21,8 +22,8 @@ const READY_GUARD_MS = 300_000;
 /** Why the QEMU virtio-fs machine cannot run here, or undefined. */
 export async function virtiofsQemuUnavailable(): Promise<{ reason?: string; qemu?: QemuBuild }> {
   if (Deno.build.os !== "linux" || Deno.build.arch !== "x86_64") return { reason: "needs x86_64 Linux" };
-  if (!exists(VIRTIOFSD_PATH)) return { reason: `${VIRTIOFSD_PATH} missing (apt-get install qemu-system-common)` };
-  if (Deno.uid() !== 0) return { reason: "virtiofsd runs as root" };
+  const noVirtiofsd = virtiofsdUnavailable();
+  if (noVirtiofsd) return { reason: noVirtiofsd };
   if (!exists(BUSYBOX)) return { reason: `${BUSYBOX} missing (apt-get install busybox-static)` };
   for (const tool of ["cpio", "gcc", "objcopy"]) {
     if (!which(tool)) return { reason: `${tool} missing (needed by scripts/initramfs.sh)` };
@@ -46,21 +47,6 @@ export interface VirtiofsQemuMachine {
   virtiofsd: VirtiofsdProcess;
   /** Power the guest off (through the agent) and stop everything; idempotent. */
   close(): Promise<void>;
-}
-
-/** Connect to QEMU's chardev socket once it accepts; gives up if QEMU exits first. */
-async function connectToChardev(path: string, qemu: ConsoleProcess): Promise<Deno.UnixConn> {
-  let exited = false;
-  qemu.done.then(() => exited = true);
-  for (;;) {
-    try {
-      return await Deno.connect({ transport: "unix", path });
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound || e instanceof Deno.errors.ConnectionRefused)) throw e;
-    }
-    if (exited) throw new Error(`QEMU exited before its chardev socket ${path} accepted:\n${qemu.output}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 /**

@@ -8,18 +8,12 @@
 import assert from "node:assert/strict";
 import { VhostUserFrontEndDevice } from "../../devices/vhost_user/front_end.ts";
 import { VhostUserProtocolError } from "../../devices/vhost_user/protocol.ts";
-import { VIRTIO_ID_BLOCK } from "../../devices/virtio/device.ts";
-import {
-  VIRTIO_MMIO_STATUS,
-  VIRTIO_STATUS_DEVICE_NEEDS_RESET,
-  VirtioMmioTransport,
-} from "../../devices/virtio/mmio.ts";
-import { OwnedGuestMemory } from "../../core/memory.ts";
+import { VIRTIO_MMIO_STATUS, VIRTIO_STATUS_DEVICE_NEEDS_RESET } from "../../devices/virtio/mmio.ts";
 import { EXIT_HOST_ERROR } from "../../core/exit.ts";
-import { closeFd, eventfd } from "../../ffi/libc.ts";
-import { MiB } from "../../core/units.ts";
-import { VirtioTestDriver } from "../support/virtio_driver.ts";
-import { type Hostility, startBackEnd } from "../support/vhost_user_back_end_worker.ts";
+import type { VirtioTestDriver } from "../support/virtio_driver.ts";
+import { HOSTILE_QUEUES, type Hostility, startBackEnd } from "../support/vhost_user_back_end_worker.ts";
+import { blockFrontEnd, FrontEndRig, RIG_QUEUE_SIZE } from "../support/front_end_rig.ts";
+import { until } from "../support/vhost_user_front_end.ts";
 import { withTempDir } from "../support/temp_dir.ts";
 import { captureVirtioLog } from "../support/device_rig.ts";
 import { assertOneLineRefusal, denovm } from "../support/cli.ts";
@@ -27,16 +21,9 @@ import { buildGuest } from "../guests/build.ts";
 
 /** Short: the "silent" back end is waited for this long before it counts as gone. */
 const REPLY_TIMEOUT_MS = 300;
-const RAM = 16 * MiB;
 
 function frontEnd(socket: string, lines: string[]): VhostUserFrontEndDevice {
-  return new VhostUserFrontEndDevice({
-    name: "hostile",
-    socket,
-    deviceType: VIRTIO_ID_BLOCK,
-    replyTimeoutMs: REPLY_TIMEOUT_MS,
-    log: (l) => lines.push(l),
-  });
+  return blockFrontEnd("hostile", socket, lines, { replyTimeoutMs: REPLY_TIMEOUT_MS });
 }
 
 /** Each misbehaviour during connect, and the one line it gives. */
@@ -75,6 +62,39 @@ for (const [hostility, expected] of AT_CONNECT) {
   });
 }
 
+interface HostileRig {
+  dev: VhostUserFrontEndDevice;
+  /** Its driver, the device negotiated with the back end (connect() done). */
+  drv: VirtioTestDriver;
+  /** The front end's log lines. */
+  lines: string[];
+  /** The transport's log lines (the guest's side). */
+  guest: { lines: string[] };
+}
+
+/**
+ * `body` with the hostile back end misbehaving as `hostility`, a front end connected to it, and a driver on a
+ * rig around that (not yet initialised), the transport's log captured; all closed after.
+ */
+async function withHostileRig(hostility: Hostility, body: (h: HostileRig) => void | Promise<void>): Promise<void> {
+  await withTempDir("denovm-vu-hostile-", async (dir) => {
+    const socket = `${dir}/hostile.sock`;
+    const backEnd = await startBackEnd({ kind: "hostile", socket, hostility, configSize: 60 });
+    const lines: string[] = [];
+    const dev = frontEnd(socket, lines);
+    const rig = new FrontEndRig(dev, { queues: Number(HOSTILE_QUEUES) });
+    const guest = captureVirtioLog();
+    try {
+      await dev.connect();
+      await body({ dev, drv: rig.driver(), lines, guest });
+    } finally {
+      guest.restore();
+      await rig.close();
+      await backEnd.close();
+    }
+  });
+}
+
 /** Each misbehaviour at DRIVER_OK, and the one line the transport logs for it. */
 const AT_ACTIVATE: [Hostility, RegExp][] = [
   ["fail-mem-table", /activation failed: hostile: back end failed: SET_MEM_TABLE: the back end failed it \(status 1\)/],
@@ -82,94 +102,44 @@ const AT_ACTIVATE: [Hostility, RegExp][] = [
 
 for (const [hostility, expected] of AT_ACTIVATE) {
   Deno.test(`hostile back end (${hostility}): DRIVER_OK fails the device in one line; DEVICE_NEEDS_RESET; later accesses are quiet`, async () => {
-    await withTempDir("denovm-vu-hostile-", async (dir) => {
-      const socket = `${dir}/hostile.sock`;
-      const backEnd = await startBackEnd({ kind: "hostile", socket, hostility, configSize: 60 });
-      const lines: string[] = [];
-      const dev = frontEnd(socket, lines);
-      const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
-      const irqFd = eventfd();
-      const notifyFds = [eventfd(), eventfd()];
-      const guest = captureVirtioLog();
-      try {
-        await dev.connect();
-        const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => {} }, notifyFds, irqFd });
-        const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
-        drv.init({ queueSize: 8 });
-        const status = drv.readReg(VIRTIO_MMIO_STATUS);
-        assert.ok(status & VIRTIO_STATUS_DEVICE_NEEDS_RESET);
-        assert.equal(guest.lines.length, 1, guest.lines.join("\n"));
-        assert.match(guest.lines[0], expected);
-        assert.ok(dev.failed);
-        // The driver resets it, reads and writes its config: nothing is sent, nothing logged. Starting it
-        // again fails at once, one line for that attempt.
-        drv.writeReg(VIRTIO_MMIO_STATUS, 0);
-        drv.readConfig(0, 8);
-        dev.writeConfig(0, new Uint8Array(4));
-        assert.equal(guest.lines.length, 1);
-        drv.init({ queueSize: 8 });
-        assert.ok(drv.readReg(VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_DEVICE_NEEDS_RESET);
-        assert.equal(guest.lines.length, 2);
-        assert.match(guest.lines[1], /activation failed: hostile: back end failed; device needs reset/);
-        assert.deepEqual(lines, []);
-        assert.equal(dev.stats().failures, 1);
-      } finally {
-        guest.restore();
-        dev.close();
-        await dev.whenClosed();
-        await backEnd.close();
-        closeFd(irqFd);
-        notifyFds.forEach(closeFd);
-        mem.close();
-      }
+    await withHostileRig(hostility, ({ dev, drv, lines, guest }) => {
+      drv.init({ queueSize: RIG_QUEUE_SIZE });
+      const status = drv.readReg(VIRTIO_MMIO_STATUS);
+      assert.ok(status & VIRTIO_STATUS_DEVICE_NEEDS_RESET);
+      assert.equal(guest.lines.length, 1, guest.lines.join("\n"));
+      assert.match(guest.lines[0], expected);
+      assert.ok(dev.failed);
+      // The driver resets it, reads and writes its config: nothing is sent, nothing logged. Starting it
+      // again fails at once, one line for that attempt.
+      drv.writeReg(VIRTIO_MMIO_STATUS, 0);
+      drv.readConfig(0, 8);
+      dev.writeConfig(0, new Uint8Array(4));
+      assert.equal(guest.lines.length, 1);
+      drv.init({ queueSize: RIG_QUEUE_SIZE });
+      assert.ok(drv.readReg(VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_DEVICE_NEEDS_RESET);
+      assert.equal(guest.lines.length, 2);
+      assert.match(guest.lines[1], /activation failed: hostile: back end failed; device needs reset/);
+      assert.deepEqual(lines, []);
+      assert.equal(dev.stats().failures, 1);
     });
   });
 }
 
-/** Waits (hang guard only) until `cond` holds. */
-async function until(cond: () => boolean, what: string): Promise<void> {
-  for (let i = 0; !cond(); i++) {
-    if (i > 2_000) assert.fail(`gave up waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
 Deno.test("hostile back end (drop-at-activate): it drops every set-up after reconnecting; the device fails after a bounded number of tries, one line each for the loss and the failure", async () => {
-  await withTempDir("denovm-vu-hostile-", async (dir) => {
-    const socket = `${dir}/hostile.sock`;
-    const backEnd = await startBackEnd({ kind: "hostile", socket, hostility: "drop-at-activate", configSize: 60 });
-    const lines: string[] = [];
-    const dev = frontEnd(socket, lines);
-    const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
-    const irqFd = eventfd();
-    const notifyFds = [eventfd(), eventfd()];
-    const guest = captureVirtioLog();
-    try {
-      await dev.connect();
-      const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => {} }, notifyFds, irqFd });
-      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
-      drv.init({ queueSize: 8 });
-      await until(() => dev.failed !== undefined, "the device to fail");
-      assert.equal(lines.length, 2, lines.join("\n"));
-      assert.match(
-        lines[0],
-        /^hostile: the back end went away \(SET_MEM_TABLE: the back end closed the connection\); reconnecting to /,
-      );
-      assert.match(lines[1], /^hostile: back end failed: SET_MEM_TABLE: the back end closed the connection$/);
-      assert.deepEqual(guest.lines, []);
-      // The driver's reset and config accesses send nothing and log nothing.
-      drv.writeReg(VIRTIO_MMIO_STATUS, 0);
-      dev.writeConfig(0, new Uint8Array(4));
-      assert.equal(lines.length, 2);
-    } finally {
-      guest.restore();
-      dev.close();
-      await dev.whenClosed();
-      await backEnd.close();
-      closeFd(irqFd);
-      notifyFds.forEach(closeFd);
-      mem.close();
-    }
+  await withHostileRig("drop-at-activate", async ({ dev, drv, lines, guest }) => {
+    drv.init({ queueSize: RIG_QUEUE_SIZE });
+    await until(() => dev.failed !== undefined, "the device to fail");
+    assert.equal(lines.length, 2, lines.join("\n"));
+    assert.match(
+      lines[0],
+      /^hostile: the back end went away \(SET_MEM_TABLE: the back end closed the connection\); reconnecting to /,
+    );
+    assert.match(lines[1], /^hostile: back end failed: SET_MEM_TABLE: the back end closed the connection$/);
+    assert.deepEqual(guest.lines, []);
+    // The driver's reset and config accesses send nothing and log nothing.
+    drv.writeReg(VIRTIO_MMIO_STATUS, 0);
+    dev.writeConfig(0, new Uint8Array(4));
+    assert.equal(lines.length, 2);
   });
 });
 
@@ -181,14 +151,11 @@ Deno.test("a back end that goes away while its device runs: one line; the driver
     const backEnd = await startBackEnd({ kind: "block", socket, path: disk });
     const lines: string[] = [];
     const dev = frontEnd(socket, lines);
-    const mem = OwnedGuestMemory.allocateShared([{ start: 0, size: RAM }]);
-    const irqFd = eventfd();
-    const notifyFds = [eventfd()];
+    const rig = new FrontEndRig(dev);
     try {
       await dev.connect();
-      const t = new VirtioMmioTransport(dev, mem, { irq: { trigger: () => {} }, notifyFds, irqFd });
-      const drv = new VirtioTestDriver(t, mem, { start: 0x1000, end: RAM });
-      drv.init({ queueSize: 8 });
+      const drv = rig.driver();
+      drv.init({ queueSize: RIG_QUEUE_SIZE });
       assert.equal(drv.readReg(VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_DEVICE_NEEDS_RESET, 0);
       await backEnd.close();
       await until(() => !dev.connected, "the loss to be seen");
@@ -201,11 +168,7 @@ Deno.test("a back end that goes away while its device runs: one line; the driver
       );
       assert.equal(dev.failed, undefined, "still waiting for it to come back");
     } finally {
-      dev.close();
-      await dev.whenClosed();
-      closeFd(irqFd);
-      notifyFds.forEach(closeFd);
-      mem.close();
+      await rig.close();
     }
   });
 });
