@@ -60,7 +60,10 @@ async function phases(label: string, guest: AgentExecutor): Promise<{ small: num
   }, sh);
 }
 
-await skipWithoutKvm(NAME, import.meta.url, { notOnKvmPvm: "Debian's kernel does not boot under kvm_pvm" });
+await skipWithoutKvm(NAME, import.meta.url, {
+  notOnKvmPvm: "Debian's kernel does not boot under kvm_pvm",
+  oneNestedCpu: true,
+});
 
 const { reason, qemu } = await virtiofsQemuUnavailable();
 if (reason) {

@@ -54,7 +54,10 @@ async function measure(label: string, disk: Partial<BootConfig>): Promise<{ sequ
   }
 }
 
-await skipWithoutKvm(NAME, import.meta.url, { notOnKvmPvm: "Debian's kernel does not boot under kvm_pvm" });
+await skipWithoutKvm(NAME, import.meta.url, {
+  notOnKvmPvm: "Debian's kernel does not boot under kvm_pvm",
+  oneNestedCpu: true,
+});
 const noQsd = storageDaemonUnavailable();
 if (noQsd) {
   result(NAME, { skipped: noQsd });

@@ -10,7 +10,8 @@
 //     stops, the synced file is on the image unchanged (read on the host after e2fsck replays the journal).
 //     Then the daemon is killed under a 16 MiB O_DIRECT write and restarted on the same socket: the front
 //     end reconnects, the pending write completes without an error and reads back as written, the synced
-//     file is unchanged and the guest's kernel logged no I/O error.
+//     file is unchanged and the guest's kernel logged no I/O error. The same with denovm's own back end
+//     (`denovm device block`) in the daemon's place.
 //
 // These need a KVM that runs unmodified kernels: they skip on kvm_pvm and without /dev/kvm, and run in the
 // nested KVM host (test/nested/nested_kvm_test.ts).
@@ -20,6 +21,7 @@ import { fullLinuxUnavailable, run, which } from "../support/default_guest.ts";
 import { bootAgentGuest, guestSh as sh } from "../support/agent_guest.ts";
 import { StorageDaemon, storageDaemonUnavailable } from "../support/storage_daemon.ts";
 import { processesWith } from "../support/proc.ts";
+import { DeviceProcess } from "../support/device_process.ts";
 import { parseSharedDirOption } from "../../vmm/cli/devices/shared_dir.ts";
 import { virtiofsdUnavailable } from "../support/virtiofsd.ts";
 
@@ -156,47 +158,79 @@ Deno.test({
   },
 });
 
+/** A back end serving an image on a socket, killed with SIGKILL. */
+interface KillableBackEnd {
+  kill(): Promise<unknown>;
+}
+
+/**
+ * The back end started by `start` is killed under a 16 MiB O_DIRECT write and started again on the same
+ * socket: the front end reconnects, the pending write completes without an error and reads back as written,
+ * the synced file is unchanged, and the guest's kernel logged no I/O error.
+ */
+async function reconnectUnderWrite(start: (image: string, socket: string) => Promise<KillableBackEnd>) {
+  const dir = await Deno.makeTempDir({ prefix: "denovm-linux-vublk-" });
+  let backEnd: KillableBackEnd | undefined;
+  try {
+    const image = `${dir}/disk.img`;
+    await run("mkfs.ext4", ["-q", "-F", image, "64M"]);
+    const socket = `${dir}/blk.sock`;
+    backEnd = await start(image, socket);
+    await using vm = await bootAgentGuest({ memMiB: MEM_MIB, vhostUser: [{ type: "block", deviceId: 2, socket }] });
+    await sh(vm, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt");
+    const before = await sh(
+      vm,
+      "dd if=/dev/urandom of=/mnt/synced.bin bs=64k count=16 2>/dev/null && sync && md5sum /mnt/synced.bin",
+    );
+    // A write in flight: 16 MiB with O_DIRECT, then its checksum; the back end dies under it.
+    await sh(
+      vm,
+      "(dd if=/dev/urandom of=/tmp/src.bin bs=1M count=16 2>/dev/null && " +
+        "dd if=/tmp/src.bin of=/mnt/pending.bin bs=64k oflag=direct 2>/tmp/dd.err; echo $? > /tmp/dd.status) " +
+        "</dev/null >/dev/null 2>&1 &",
+    );
+    await sh(vm, "while [ ! -s /mnt/pending.bin ]; do sleep 0.05; done");
+    await backEnd.kill();
+    backEnd = await start(image, socket);
+    // The pending write completes without an error, and what it wrote is what it read.
+    await sh(vm, "while [ ! -e /tmp/dd.status ]; do sleep 0.2; done");
+    assert.equal(await sh(vm, "cat /tmp/dd.status"), "0\n", await sh(vm, "cat /tmp/dd.err"));
+    const [a, b] = (await sh(vm, "md5sum /tmp/src.bin /mnt/pending.bin")).trim().split("\n").map((l) =>
+      l.split(" ")[0]
+    );
+    assert.equal(a, b);
+    assert.equal(await sh(vm, "md5sum /mnt/synced.bin"), before);
+    assert.doesNotMatch(await sh(vm, "dmesg"), /I\/O error/);
+  } finally {
+    await backEnd?.kill();
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
 Deno.test({
   name:
     "linux: qemu-storage-daemon killed mid-write and restarted on the same socket gets the device back; pending writes complete",
   ignore: skipBlk !== undefined,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "denovm-linux-vublk-" });
-    let qsd: StorageDaemon | undefined;
-    try {
-      const image = `${dir}/disk.img`;
-      await run("mkfs.ext4", ["-q", "-F", image, "64M"]);
-      const socket = `${dir}/blk.sock`;
-      qsd = StorageDaemon.start(image, socket);
+  fn: () =>
+    reconnectUnderWrite(async (image, socket) => {
+      const qsd = StorageDaemon.start(image, socket);
       await qsd.ready();
-      await using vm = await bootAgentGuest({ memMiB: MEM_MIB, vhostUser: [{ type: "block", deviceId: 2, socket }] });
-      await sh(vm, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt");
-      const before = await sh(
-        vm,
-        "dd if=/dev/urandom of=/mnt/synced.bin bs=64k count=16 2>/dev/null && sync && md5sum /mnt/synced.bin",
-      );
-      // A write in flight: 16 MiB with O_DIRECT, then its checksum; the daemon dies under it.
-      await sh(
-        vm,
-        "(dd if=/dev/urandom of=/tmp/src.bin bs=1M count=16 2>/dev/null && " +
-          "dd if=/tmp/src.bin of=/mnt/pending.bin bs=64k oflag=direct 2>/tmp/dd.err; echo $? > /tmp/dd.status) " +
-          "</dev/null >/dev/null 2>&1 &",
-      );
-      await sh(vm, "while [ ! -s /mnt/pending.bin ]; do sleep 0.05; done");
-      await qsd.kill();
-      qsd = StorageDaemon.start(image, socket);
-      // The pending write completes without an error, and what it wrote is what it read.
-      await sh(vm, "while [ ! -e /tmp/dd.status ]; do sleep 0.2; done");
-      assert.equal(await sh(vm, "cat /tmp/dd.status"), "0\n", await sh(vm, "cat /tmp/dd.err"));
-      const [a, b] = (await sh(vm, "md5sum /tmp/src.bin /mnt/pending.bin")).trim().split("\n").map((l) =>
-        l.split(" ")[0]
-      );
-      assert.equal(a, b);
-      assert.equal(await sh(vm, "md5sum /mnt/synced.bin"), before);
-      assert.doesNotMatch(await sh(vm, "dmesg"), /I\/O error/);
-    } finally {
-      await qsd?.kill();
-      await Deno.remove(dir, { recursive: true });
-    }
-  },
+      return qsd;
+    }),
+});
+
+Deno.test({
+  name:
+    "linux: `denovm device block` killed mid-write and restarted on the same socket: the same, with denovm's back end",
+  ignore: skipBlk !== undefined,
+  fn: () =>
+    reconnectUnderWrite(async (image, socket) => {
+      const p = await DeviceProcess.block(socket, image);
+      return {
+        kill: async () => {
+          p.kill("SIGKILL");
+          await p.exited;
+        },
+      };
+    }),
 });
