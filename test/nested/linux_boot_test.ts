@@ -383,6 +383,10 @@ const EXPECTED_MODULES = [
   "evdev",
   "ext4",
   "crc32c_generic",
+  "virtio_pmem",
+  "nd_pmem",
+  "fuse",
+  "virtiofs",
   // dependencies of the above, from their .modinfo depends=
   "virtio",
   "virtio_ring",
@@ -396,6 +400,9 @@ const EXPECTED_MODULES = [
   "virtio_dma_buf",
   "jbd2",
   "mbcache",
+  "libnvdimm",
+  "nd_btt",
+  "nd_virtio",
   "crc16",
 ];
 
