@@ -240,6 +240,8 @@ export function finishedInLog(log: string): { cases: InnerCase[] } {
 
 /** What nested-kvm.sh prints when the nested host's heartbeat stops: the whole nested host is stuck. */
 const FROZEN_LINE = /nested-kvm: no heartbeat from the nested host/;
+/** From that line to stopping the run: nested-kvm.sh prints the CPU's state then and 5 s later. */
+const FROZEN_GRACE_MS = 15_000;
 
 interface NestedRun {
   result: Deno.CommandStatus;
@@ -252,8 +254,9 @@ interface NestedRun {
 
 /**
  * One run of `inner` in the nested host, its output logged to `logPath` as it comes. A run with no output
- * for NO_PROGRESS_MS is stopped (nested-kvm.sh prints the nested host's last heartbeat and CPU registers
- * when the heartbeat is two minutes old, and again when it is stopped).
+ * for NO_PROGRESS_MS is stopped, and so is one whose nested host froze (nested-kvm.sh prints the nested
+ * host's last heartbeat and CPU registers when the heartbeat is two minutes old: the run is stopped
+ * FROZEN_GRACE_MS later; and again when it is stopped).
  */
 async function runNested(inner: string[], out: string, cache: string, logPath: string): Promise<NestedRun> {
   const logFile = await Deno.open(logPath, { write: true, create: true, truncate: true });
@@ -270,6 +273,7 @@ async function runNested(inner: string[], out: string, cache: string, logPath: s
   let lastOutput = Date.now();
   let stalled = false;
   let heartbeatLost = false;
+  let frozenStop: number | undefined;
   const timer = setInterval(() => {
     if (Date.now() - lastOutput > NO_PROGRESS_MS) {
       stalled = true;
@@ -283,12 +287,21 @@ async function runNested(inner: string[], out: string, cache: string, logPath: s
       await logFile.write(new TextEncoder().encode(prefix ? chunk.replace(/^/gm, prefix) : chunk));
       lines.push(...chunk.split("\n"));
       lines.splice(0, Math.max(0, lines.length - 40));
-      if (FROZEN_LINE.test(chunk)) heartbeatLost = true;
+      if (FROZEN_LINE.test(chunk) && !heartbeatLost) {
+        // The nested host stopped: nothing more will come. Stop it once nested-kvm.sh has printed its CPU
+        // state (now and 5 s later) instead of waiting out NO_PROGRESS_MS.
+        heartbeatLost = true;
+        frozenStop = setTimeout(() => {
+          stalled = true;
+          watchdog.abort();
+        }, FROZEN_GRACE_MS);
+      }
     }
   };
   const [result] = await Promise.all([child.status, pump(child.stdout, ""), pump(child.stderr, "stderr: ")])
     .finally(() => {
       clearInterval(timer);
+      clearTimeout(frozenStop);
       logFile.close();
     });
   return {
