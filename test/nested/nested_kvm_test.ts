@@ -40,7 +40,7 @@ const KVM_TEST_FILES = [
 ];
 const KVM_TEST_NAMES = /^(kvm|linux)[ :]/;
 /** Runs of the nested host when it freezes (each later one runs only the files the frozen one had not finished). */
-const NESTED_ATTEMPTS = 3;
+const NESTED_ATTEMPTS = 4;
 
 /** Generous: the whole set takes about 6 minutes at TCG speed on a 2-core machine. */
 const NESTED_TIMEOUT_MS = 40 * 60_000;
