@@ -273,7 +273,7 @@ async function runNested(inner: string[], out: string, cache: string, logPath: s
   let lastOutput = Date.now();
   let stalled = false;
   let heartbeatLost = false;
-  let frozenStop: number | undefined;
+  let frozenStop: ReturnType<typeof setTimeout> | undefined;
   const timer = setInterval(() => {
     if (Date.now() - lastOutput > NO_PROGRESS_MS) {
       stalled = true;
