@@ -47,6 +47,23 @@ export interface FrameCounters {
   pageDrawMs: number;
 }
 
+/** Frame counters, all zero. */
+export function zeroFrameCounters(): FrameCounters {
+  return {
+    batchesSent: 0,
+    rectsSent: 0,
+    bytesSent: 0,
+    rectsDeflated: 0,
+    deflatedRawBytes: 0,
+    tilesCompared: 0,
+    tilesChanged: 0,
+    encodeMs: 0,
+    acks: 0,
+    pageDecodeMs: 0,
+    pageDrawMs: 0,
+  };
+}
+
 /** Where a page's batches go (its WebSocket, websocket.ts). */
 export interface FrameSink {
   readonly open: boolean;

@@ -6,25 +6,11 @@ import assert from "node:assert/strict";
 import { HeadlessDisplay } from "../../../devices/virtio/gpu/display.ts";
 import type { Rect } from "../../../devices/virtio/gpu/backend.ts";
 import { RateLimitedLog } from "../../../core/log.ts";
-import { type FrameCounters, FrameStream } from "./frames.ts";
+import { FrameStream, zeroFrameCounters } from "./frames.ts";
 
 const W = 96, H = 64;
 
-function counters(): FrameCounters {
-  return {
-    batchesSent: 0,
-    rectsSent: 0,
-    bytesSent: 0,
-    rectsDeflated: 0,
-    deflatedRawBytes: 0,
-    tilesCompared: 0,
-    tilesChanged: 0,
-    encodeMs: 0,
-    acks: 0,
-    pageDecodeMs: 0,
-    pageDrawMs: 0,
-  };
-}
+const counters = zeroFrameCounters;
 
 /** A resource whose pixels the test paints; reads are recorded. */
 class Resource {

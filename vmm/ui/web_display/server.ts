@@ -15,7 +15,7 @@ import type { Rect } from "../../../devices/virtio/gpu/backend.ts";
 import type { HeadlessDisplay } from "../../../devices/virtio/gpu/display.ts";
 import { RateLimitedLog } from "../../../core/log.ts";
 import type { Compression } from "./encode.ts";
-import { type FrameCounters, FrameStream, SEND_BUFFER_LOW_BYTES } from "./frames.ts";
+import { type FrameCounters, FrameStream, SEND_BUFFER_LOW_BYTES, zeroFrameCounters } from "./frames.ts";
 import {
   checkedToken,
   isLoopback,
@@ -117,17 +117,7 @@ export class WebDisplay {
   readonly #maxClients: number;
   readonly #stallTimeoutMs: number;
   readonly #counters: Omit<WebDisplayStats, "clients"> = {
-    batchesSent: 0,
-    rectsSent: 0,
-    bytesSent: 0,
-    rectsDeflated: 0,
-    deflatedRawBytes: 0,
-    tilesCompared: 0,
-    tilesChanged: 0,
-    encodeMs: 0,
-    acks: 0,
-    pageDecodeMs: 0,
-    pageDrawMs: 0,
+    ...zeroFrameCounters(),
     inputMessages: 0,
     refused: 0,
     refusedBusy: 0,
