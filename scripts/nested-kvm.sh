@@ -113,6 +113,8 @@ mkdir -p /merged/dev/pts /merged/dev/shm /merged/run/denovm-nested
 mount -t devpts devpts /merged/dev/pts
 mount -t tmpfs tmpfs /merged/dev/shm
 mount -t 9p -o "$p9" job /merged/run/denovm-nested || fail "cannot mount the job folder"
+# The nested host's module addresses, to name a kernel address its CPU state shows.
+cat /proc/modules >/merged/run/denovm-nested/modules 2>/dev/null
 # A heartbeat in the job folder every 20 s: the nested host's uptime and load, and each task's
 # state and wait channel, so that a run that stops making progress shows where it waits.
 # The first one is written at once, so a nested host that stops early is noticed too.
@@ -162,9 +164,9 @@ cpu_state() {
   [[ -p "$job/monitor.in" ]] || return 0
   echo "nested-kvm: the nested host's CPU ($1):" >&2
   {
-    printf 'info registers\n' >"$job/monitor.in"
+    printf 'info registers\ninfo lapic\n' >"$job/monitor.in"
     sleep 1
-    timeout 2 cat "$job/monitor.out" | tr -d '\r' | grep -E '^(RIP|RAX|RSP|CS |EFER|CR0)' >&2
+    timeout 2 cat "$job/monitor.out" | tr -d '\r' | grep -E '^(RIP|RAX|RSP|CS |EFER|CR0|GS |LVT|Timer|ISR|IRR|APR|SPIV|ESR)' >&2
   } || true
 }
 cleanup() {
@@ -196,6 +198,12 @@ trap 'exit 130' INT TERM
 printf '%s\n' "${shares[@]+"${shares[@]}"}" | sed '/^$/d' >"$job/shares"
 
 p9opts="security_model=none,multidevs=remap"
+# nohz=off highres=off: the nested host's tick runs periodic. QEMU's TCG now and then leaves its
+# local APIC's timer interrupt pending (in IRR, nothing in service, priority allowing it) but never
+# takes it while an L2 guest runs; with a one-shot tick nothing re-arms the timer, so when that L2
+# guest spins waiting for its VMM (Linux's virtio_console waits so for control messages), the whole
+# nested host stops for good. Any later interrupt makes QEMU look again: a periodic tick is one
+# every 4 ms. The watchdog below also sends one (a key press) when the heartbeat is late.
 mkfifo "$job/monitor.in" "$job/monitor.out"
 args=(
   "${qemu_firmware[@]+"${qemu_firmware[@]}"}"
@@ -204,7 +212,7 @@ args=(
   -nodefaults -no-user-config -display none -no-reboot
   -chardev stdio,id=con,signal=off -serial chardev:con
   -kernel "$kdir/vmlinuz" -initrd "$initrd"
-  -append "console=ttyS0 quiet loglevel=1 panic=-1"
+  -append "console=ttyS0 quiet loglevel=1 panic=-1 nohz=off highres=off"
   -virtfs "local,path=/,mount_tag=host,readonly=on,$p9opts"
   -virtfs "local,path=$job,mount_tag=job,$p9opts"
 )
@@ -226,12 +234,20 @@ qemu_pid=$!
 (
   # (sleep's descriptors go nowhere: the caller's pipes must close when QEMU ends.)
   started=$(date +%s)
-  while sleep 30 </dev/null >/dev/null 2>&1; do
+  kicked=0
+  while sleep 10 </dev/null >/dev/null 2>&1; do
     # Before the first heartbeat, the age counts from QEMU's start (the nested host boots in seconds).
     if [[ -s "$job/heartbeat" ]]; then
       age=$(($(date +%s) - $(stat -c %Y "$job/heartbeat")))
     else
       age=$(($(date +%s) - started))
+    fi
+    # A late heartbeat (it comes every 20 s): an interrupt through the monitor, once per late
+    # heartbeat, wakes a nested host whose pending timer interrupt QEMU stopped looking at.
+    if ((age > 45 && kicked != $(stat -c %Y "$job/heartbeat" 2>/dev/null || echo 0))); then
+      kicked=$(stat -c %Y "$job/heartbeat" 2>/dev/null || echo 0)
+      echo "nested-kvm: the nested host's heartbeat is ${age} s old; sending it an interrupt (a key press)" >&2
+      printf 'sendkey shift\n' >"$job/monitor.in"
     fi
     if ((age > 120)); then
       echo "nested-kvm: no heartbeat from the nested host for ${age} s; the last one:" >&2
@@ -239,6 +255,8 @@ qemu_pid=$!
       cpu_state "now"
       sleep 5
       cpu_state "5 s later"
+      echo "nested-kvm: the nested host's modules:" >&2
+      cat "$job/modules" >&2 2>/dev/null || true
       break
     fi
   done
