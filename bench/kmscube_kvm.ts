@@ -1,0 +1,279 @@
+// kmscube under KVM, like for like: the Mesa guest of scripts/mesa-guest.sh (Debian's 6.1 kernel, Mesa's
+// virgl Gallium driver, kmscube) runs `kmscube -c FRAMES` under denovm's own KVM with
+// `--gpu backend=virglrenderer` (the library's Vm) and under bookworm-backports' QEMU 10 with `-accel kvm`
+// and its in-process virgl (`-device virtio-gpu-gl-device` on microvm's virtio-mmio), in the same host,
+// in two settings:
+// - headless: nobody looks at the display on either side. denovm reads no scanout back at all; QEMU runs
+//   its D-Bus display peer to peer with no client (`-display dbus,p2p=yes,gl=on`: virtio-gpu-gl needs a
+//   GL display, and this one keeps GL scanouts as textures until a client asks);
+// - one display consumer: a screenshot every CONSUMER_INTERVAL_MS on both sides, the same work asked of
+//   each: denovm's vm.screenshot() (the damage read back, PNG encoded) and QEMU's HMP `screendump` (PPM
+//   written) on the same D-Bus display. Neither consumer is a network client, so neither side pays for a
+//   protocol the other does not have.
+// Beside them, QEMU with `-display egl-headless` (the usual headless virgl set-up, which reads every frame
+// back into its console surface whether anyone looks or not) and no consumer: qemu_egl_headless_fps.
+// Where LLVM cannot generate code for the host's CPU (the nested host's: kmscube.ts hostRenderingEnv),
+// both sides render with Mesa's softpipe.
+// fps is kmscube's own "Rendered N frames in T sec" (the guest's clock; the TCG timing words of the
+// TCG runs are left out, so both guests calibrate their clocks against the same KVM).
+//
+// Linux does not boot under kvm_pvm, so on such a host (and without /dev/kvm) the whole bench re-runs
+// itself in ONE nested KVM host (bench/_common.ts skipWithoutKvm): absolute rates are TCG's (llvmpipe
+// behind virglrenderer runs emulated there), the ratios compare like with like.
+//
+// Output: {"bench":"kmscube-kvm","fps_ratio":<headless denovm/QEMU>,"fps_ratio_consumer":..,
+//          "denovm_fps":..,"qemu_fps":..,"denovm_fps_consumer":..,"qemu_fps_consumer":..,
+//          "bytes_per_frame":{<denovm's copy counters per kind, headless run>},
+//          "bytes_per_frame_consumer":{...},"frames":N}
+//
+// Also the harness test/nested/linux_gpu_test.ts uses (exported): the Mesa guest under denovm, and the
+// check of a kmscube frame's pixels.
+
+import { progress, result, skipWithoutKvm } from "./_common.ts";
+import {
+  GUEST_END,
+  hmp,
+  hostRenderingEnv,
+  kmscubeRate,
+  kmscubeRenderer,
+  MESA_GUEST_MEM_MIB,
+  MESA_KVM_KERNEL_ARGS,
+  MesaGuest,
+  mesaPrerequisites,
+  type MesaSetup,
+  QEMU_DBUS_HEADLESS,
+  QEMU_EGL_HEADLESS,
+} from "./kmscube.ts";
+import { Vm } from "../mod.ts";
+import type { GpuStats } from "../devices/virtio/gpu/accounting.ts";
+
+export const KMSCUBE_KVM_BENCH = "kmscube-kvm";
+
+/**
+ * The display on both sides: small, since the host renders in software (at TCG speed in the nested host);
+ * kmscube draws at the connector's preferred mode, which is this.
+ */
+export const MESA_KVM_DISPLAY = { width: 640, height: 480 };
+
+/**
+ * The Mesa guest under denovm (the library's Vm): its kernel's virtio_mmio, virtio_blk and virtio_gpu come
+ * from its initramfs, its root is the image on virtio-blk, read-only. The host's GL runs in this process:
+ * hostRenderingEnv() is set in its environment first.
+ */
+export async function bootMesaVm(
+  s: MesaSetup,
+  command: string,
+  opts: { tracePath?: string; contextTypes?: string[] } = {},
+): Promise<Vm> {
+  if (command.includes('"')) throw new Error("the guest command cannot contain a double quote (kernel quoting)");
+  for (const [k, v] of Object.entries(hostRenderingEnv())) Deno.env.set(k, v);
+  return await Vm.boot({
+    kernel: s.kernel,
+    initrd: s.initramfs,
+    params: [...MESA_KVM_KERNEL_ARGS, `denovm_cmd="${command}"`],
+    memMiB: MESA_GUEST_MEM_MIB,
+    cpus: 1,
+    rng: false,
+    balloon: false,
+    blocks: [{ path: s.rootImage, ro: true, root: false, sparse: false, blockSize: 512, direct: false }],
+    gpu: {
+      backend: "virglrenderer",
+      contextTypes: opts.contextTypes ?? ["virgl", "virgl2"],
+      displays: [{ mode: "windowed", ...MESA_KVM_DISPLAY }],
+      tracePath: opts.tracePath,
+    },
+  });
+}
+
+/** kmscube's background: glClearColor(0.5, 0.5, 0.5, 1) (kmscube cube-smooth.c). */
+const BACKGROUND = 0x80;
+const BACKGROUND_TOLERANCE = 2;
+/** Half the side of the square around the screen's centre that the cube covers in every frame. */
+const MIDDLE_HALF = 100;
+/** A channel spread above this is a saturated cube colour, not grey. */
+const SATURATION = 60;
+
+/**
+ * What is wrong with a frame that should be kmscube's (its background grey in the corners, the cube's
+ * saturated vertex colours, at least two hues, in the middle); `at(x, y)` is pixel (x, y) as [r, g, b].
+ * Empty when the frame is kmscube's.
+ */
+export function cubeFrameProblems(width: number, height: number, at: (x: number, y: number) => number[]): string[] {
+  const problems: string[] = [];
+  const isBackground = (c: number[]) => c.every((v) => Math.abs(v - BACKGROUND) <= BACKGROUND_TOLERANCE);
+  for (const [x, y] of [[5, 5], [width - 6, 5], [5, height - 6], [width - 6, height - 6]]) {
+    if (!isBackground(at(x, y))) problems.push(`corner (${x},${y}) is ${at(x, y)}, not kmscube's grey`);
+  }
+  const cx = Math.floor(width / 2), cy = Math.floor(height / 2);
+  let cube = 0, saturated = 0, total = 0;
+  const hues = new Set<number>();
+  for (let y = cy - MIDDLE_HALF; y < cy + MIDDLE_HALF; y += 4) {
+    for (let x = cx - MIDDLE_HALF; x < cx + MIDDLE_HALF; x += 4) {
+      const c = at(x, y);
+      total++;
+      if (!isBackground(c)) cube++;
+      if (Math.max(...c) - Math.min(...c) > SATURATION) {
+        saturated++;
+        hues.add(c.indexOf(Math.max(...c)));
+      }
+    }
+  }
+  if (cube / total <= 0.95) problems.push(`only ${cube}/${total} non-background pixels in the middle`);
+  if (saturated / total <= 0.5) problems.push(`only ${saturated}/${total} saturated cube pixels in the middle`);
+  if (hues.size < 2) problems.push(`one dominant channel only in the middle: ${[...hues]}`);
+  return problems;
+}
+
+// ---- the benchmark ----
+
+const FRAMES = Number(Deno.env.get("KMSCUBE_FRAMES") ?? 30);
+/** The display consumer's rate on both sides: one screenshot per interval. */
+const CONSUMER_INTERVAL_MS = 1000;
+/** Hang guard of one guest run (TCG speed in the nested host). */
+const RUN_TIMEOUT_MS = 900_000;
+
+interface Run {
+  fps: number;
+  frames: number;
+  screenshots: number;
+  stats?: GpuStats;
+}
+
+/** Calls `shot` every CONSUMER_INTERVAL_MS (one at a time) until `done` settles; resolves with the count. */
+async function consume(done: Promise<unknown>, shot: () => Promise<unknown>): Promise<number> {
+  let over = false;
+  done.then(() => over = true, () => over = true);
+  let n = 0;
+  while (!over) {
+    await new Promise((r) => setTimeout(r, CONSUMER_INTERVAL_MS));
+    if (over) break;
+    try {
+      await shot();
+      n++;
+    } catch {
+      // The guest may have stopped showing its scanout as it ends.
+    }
+  }
+  return n;
+}
+
+async function runDenovm(s: MesaSetup, consumer: boolean): Promise<Run> {
+  await using vm = await bootMesaVm(s, `kmscube -c ${FRAMES}`);
+  const end = vm.console.waitFor(new RegExp(`${GUEST_END} status=\\d+`), { timeout: RUN_TIMEOUT_MS });
+  const screenshots = consumer ? consume(end, () => vm.screenshot()) : Promise.resolve(0);
+  await end;
+  const stats = vm.gpu.stats() as GpuStats;
+  const output = vm.console.text;
+  const rate = kmscubeRate(output);
+  if (!rate || !kmscubeRenderer(output)?.includes("virgl")) {
+    throw new Error(`denovm: kmscube did not report a virgl frame rate:\n${output.slice(-3000)}`);
+  }
+  await vm.exitCode;
+  return { ...rate, screenshots: await screenshots, stats };
+}
+
+async function runQemu(s: MesaSetup, display: string, consumer: boolean, dir: string): Promise<Run> {
+  const monitor = `${dir}/mon.sock`;
+  const g = new MesaGuest(s, {
+    gpu: { qemuVirgl: true },
+    qemuDisplay: display,
+    accel: "kvm",
+    display: MESA_KVM_DISPLAY,
+    env: hostRenderingEnv(),
+    command: `kmscube -c ${FRAMES}`,
+    monitor,
+    hangGuardMs: RUN_TIMEOUT_MS,
+  });
+  const done = g.wait();
+  let i = 0;
+  const screenshots = consumer ? consume(done, () => screendump(monitor, `${dir}/shot-${i++ % 2}.ppm`)) : 0;
+  const r = await done;
+  const rate = kmscubeRate(r.output);
+  if (!rate || !kmscubeRenderer(r.output)?.includes("virgl")) {
+    throw new Error(`QEMU: kmscube did not report a virgl frame rate (exit ${r.code}):\n${r.output.slice(-3000)}`);
+  }
+  return { ...rate, screenshots: await screenshots };
+}
+
+/** An HMP screendump that throws when QEMU answers with an error (HMP answers errors as text). */
+async function screendump(monitor: string, path: string): Promise<void> {
+  await Deno.remove(path).catch(() => {});
+  const out = await hmp(monitor, `screendump ${path}`);
+  try {
+    await Deno.stat(path);
+  } catch {
+    throw new Error(`screendump wrote nothing: ${out.slice(-200)}`);
+  }
+}
+
+/** denovm's copy counters per frame, by kind (only kinds that copied anything). */
+function perFrame(stats: GpuStats | undefined, frames: number): Record<string, number> {
+  if (!stats) return {};
+  const out: Record<string, number> = {};
+  for (const [k, v] of Object.entries(stats.totals)) {
+    if (typeof v === "number" && v > 0) out[k] = Math.round(v / frames);
+  }
+  const sc = Object.values(stats.scanouts);
+  const sum = (f: (c: typeof sc[number]) => number) => sc.reduce((a, c) => a + f(c), 0);
+  out.scanoutDamagedBytes = Math.round(sum((c) => c.damagedBytes) / frames);
+  out.scanoutReadbackBytes = Math.round(sum((c) => c.readbackBytes) / frames);
+  out.displaySentBytes = Math.round(sum((c) => Object.values(c.sentTo).reduce((a, b) => a + b, 0)) / frames);
+  out.streamBytes = Math.round(stats.streams.streamBytes / frames);
+  return out;
+}
+
+async function main(): Promise<void> {
+  const s = await mesaPrerequisites();
+  if (typeof s === "string") {
+    result(KMSCUBE_KVM_BENCH, { skipped: s });
+    return;
+  }
+  await skipWithoutKvm(KMSCUBE_KVM_BENCH, import.meta.url, {
+    notOnKvmPvm: "Debian's kernel does not boot under kvm_pvm",
+    oneNestedCpu: true,
+  });
+  const dir = await Deno.makeTempDir({ prefix: "denovm-kmscube-kvm-" });
+  try {
+    const runs: Record<string, Run> = {};
+    for (const consumer of [false, true]) {
+      const setting = consumer ? "one display consumer" : "headless";
+      progress(KMSCUBE_KVM_BENCH, `denovm --gpu backend=virglrenderer, ${setting}: kmscube -c ${FRAMES}`);
+      runs[`denovm${consumer ? "_consumer" : ""}`] = await runDenovm(s, consumer);
+      progress(
+        KMSCUBE_KVM_BENCH,
+        `QEMU -accel kvm virtio-gpu-gl-device -display dbus, ${setting}: kmscube -c ${FRAMES}`,
+      );
+      runs[`qemu${consumer ? "_consumer" : ""}`] = await runQemu(s, QEMU_DBUS_HEADLESS, consumer, dir);
+      progress(
+        KMSCUBE_KVM_BENCH,
+        `${setting}: denovm ${runs[`denovm${consumer ? "_consumer" : ""}`].fps} fps, ` +
+          `QEMU ${runs[`qemu${consumer ? "_consumer" : ""}`].fps} fps`,
+      );
+    }
+    progress(KMSCUBE_KVM_BENCH, `QEMU -accel kvm virtio-gpu-gl-device -display egl-headless: kmscube -c ${FRAMES}`);
+    runs.qemu_egl = await runQemu(s, QEMU_EGL_HEADLESS, false, dir);
+    const ratio = (a: Run, b: Run) => Number((a.fps / b.fps).toFixed(3));
+    result(KMSCUBE_KVM_BENCH, {
+      fps_ratio: ratio(runs.denovm, runs.qemu),
+      fps_ratio_consumer: ratio(runs.denovm_consumer, runs.qemu_consumer),
+      denovm_fps: runs.denovm.fps,
+      qemu_fps: runs.qemu.fps,
+      denovm_fps_consumer: runs.denovm_consumer.fps,
+      qemu_fps_consumer: runs.qemu_consumer.fps,
+      qemu_egl_headless_fps: runs.qemu_egl.fps,
+      host_rendering: hostRenderingEnv().GALLIUM_DRIVER ?? "llvmpipe",
+      bytes_per_frame: perFrame(runs.denovm.stats, FRAMES),
+      bytes_per_frame_consumer: perFrame(runs.denovm_consumer.stats, FRAMES),
+      screenshots: { denovm: runs.denovm_consumer.screenshots, qemu: runs.qemu_consumer.screenshots },
+      consumer_interval_ms: CONSUMER_INTERVAL_MS,
+      frames: FRAMES,
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+if (import.meta.main) {
+  await main();
+  Deno.exit(0);
+}
