@@ -139,10 +139,21 @@ interface Run {
   stats?: GpuStats;
 }
 
-/** Calls `shot` every CONSUMER_INTERVAL_MS (one at a time) until `done` settles; resolves with the count. */
-async function consume(done: Promise<unknown>, shot: () => Promise<unknown>): Promise<number> {
+/** kmscube printed its GL renderer: its frames come next. */
+const KMSCUBE_STARTED = /renderer: "/;
+
+/**
+ * From `started` on, calls `shot` every CONSUMER_INTERVAL_MS (one at a time) until `done` settles;
+ * resolves with the number of shots that succeeded.
+ */
+async function consume(
+  started: Promise<unknown>,
+  done: Promise<unknown>,
+  shot: () => Promise<unknown>,
+): Promise<number> {
   let over = false;
   done.then(() => over = true, () => over = true);
+  await Promise.race([started, done]);
   let n = 0;
   while (!over) {
     await new Promise((r) => setTimeout(r, CONSUMER_INTERVAL_MS));
@@ -160,7 +171,8 @@ async function consume(done: Promise<unknown>, shot: () => Promise<unknown>): Pr
 async function runDenovm(s: MesaSetup, consumer: boolean): Promise<Run> {
   await using vm = await bootMesaVm(s, `kmscube -c ${FRAMES}`);
   const end = vm.console.waitFor(new RegExp(`${GUEST_END} status=\\d+`), { timeout: RUN_TIMEOUT_MS });
-  const screenshots = consumer ? consume(end, () => vm.screenshot()) : Promise.resolve(0);
+  const started = vm.console.waitFor(KMSCUBE_STARTED, { timeout: RUN_TIMEOUT_MS }).catch(() => {});
+  const screenshots = consumer ? consume(started, end, () => vm.screenshot()) : Promise.resolve(0);
   await end;
   const stats = vm.gpu.stats() as GpuStats;
   const output = vm.console.text;
@@ -186,7 +198,8 @@ async function runQemu(s: MesaSetup, display: string, consumer: boolean, dir: st
   });
   const done = g.wait();
   let i = 0;
-  const screenshots = consumer ? consume(done, () => screendump(monitor, `${dir}/shot-${i++ % 2}.ppm`)) : 0;
+  const started = g.waitFor(KMSCUBE_STARTED).catch(() => {});
+  const screenshots = consumer ? consume(started, done, () => screendump(monitor, `${dir}/shot-${i++ % 2}.ppm`)) : 0;
   const r = await done;
   const rate = kmscubeRate(r.output);
   if (!rate || !kmscubeRenderer(r.output)?.includes("virgl")) {

@@ -165,8 +165,16 @@ Deno.test({
       for (let i = 0; problems.length > 0 && !DONE.test(guest.output); i++) {
         await new Promise((r) => setTimeout(r, SCREENDUMP_INTERVAL_MS));
         const ppm = `${dir}/screen-${i}.ppm`;
-        await hmp(monitor, `screendump ${ppm}`);
-        const q = parsePpm(await Deno.readFile(ppm));
+        const answer = await hmp(monitor, `screendump ${ppm}`);
+        let data: Uint8Array;
+        try {
+          data = await Deno.readFile(ppm);
+        } catch {
+          // QEMU's answer says why (HMP answers errors as text).
+          problems = [`screendump ${i} wrote no file: ${JSON.stringify(answer.slice(-300))}`];
+          continue;
+        }
+        const q = parsePpm(data);
         const at = (x: number, y: number) => [...q.rgb.subarray((y * q.width + x) * 3, (y * q.width + x) * 3 + 3)];
         size = [q.width, q.height];
         problems = cubeFrameProblems(q.width, q.height, at);
