@@ -14,8 +14,9 @@
 // back into its console surface whether anyone looks or not) and no consumer: qemu_egl_headless_fps.
 // Where LLVM cannot generate code for the host's CPU (the nested host's: kmscube.ts hostRenderingEnv),
 // both sides render with Mesa's softpipe.
-// fps is kmscube's own "Rendered N frames in T sec" (the guest's clock; the TCG timing words of the
-// TCG runs are left out, so both guests calibrate their clocks against the same KVM).
+// fps is kmscube's frame count over the host's time from kmscube's renderer line to the guest's end marker
+// on its console (both guests' clocks may differ: each VMM offers its own clock sources); kmscube's own
+// figures (the guest's clock) are beside them in guest_clock_fps.
 //
 // Linux does not boot under kvm_pvm, so on such a host (and without /dev/kvm) the whole bench re-runs
 // itself in ONE nested KVM host (bench/_common.ts skipWithoutKvm): absolute rates are TCG's (llvmpipe
@@ -23,6 +24,7 @@
 //
 // Output: {"bench":"kmscube-kvm","fps_ratio":<headless denovm/QEMU>,"fps_ratio_consumer":..,
 //          "denovm_fps":..,"qemu_fps":..,"denovm_fps_consumer":..,"qemu_fps_consumer":..,
+//          "qemu_egl_headless_fps":..,"guest_clock_fps":{...},
 //          "bytes_per_frame":{<denovm's copy counters per kind, headless run>},
 //          "bytes_per_frame_consumer":{...},"frames":N}
 //
@@ -133,7 +135,10 @@ const CONSUMER_INTERVAL_MS = 1000;
 const RUN_TIMEOUT_MS = 900_000;
 
 interface Run {
+  /** kmscube's own figure: the guest's clock. */
   fps: number;
+  /** kmscube's frames over the host's time from its renderer line to the guest's end marker. */
+  hostFps: number;
   frames: number;
   screenshots: number;
   stats?: GpuStats;
@@ -172,8 +177,10 @@ async function runDenovm(s: MesaSetup, consumer: boolean): Promise<Run> {
   await using vm = await bootMesaVm(s, `kmscube -c ${FRAMES}`);
   const end = vm.console.waitFor(new RegExp(`${GUEST_END} status=\\d+`), { timeout: RUN_TIMEOUT_MS });
   const started = vm.console.waitFor(KMSCUBE_STARTED, { timeout: RUN_TIMEOUT_MS }).catch(() => {});
+  const t0 = started.then(() => performance.now());
   const screenshots = consumer ? consume(started, end, () => vm.screenshot()) : Promise.resolve(0);
   await end;
+  const hostSeconds = (performance.now() - await t0) / 1000;
   const stats = vm.gpu.stats() as GpuStats;
   const output = vm.console.text;
   const rate = kmscubeRate(output);
@@ -181,7 +188,7 @@ async function runDenovm(s: MesaSetup, consumer: boolean): Promise<Run> {
     throw new Error(`denovm: kmscube did not report a virgl frame rate:\n${output.slice(-3000)}`);
   }
   await vm.exitCode;
-  return { ...rate, screenshots: await screenshots, stats };
+  return { ...rate, hostFps: rate.frames / hostSeconds, screenshots: await screenshots, stats };
 }
 
 async function runQemu(s: MesaSetup, display: string, consumer: boolean, dir: string): Promise<Run> {
@@ -199,13 +206,15 @@ async function runQemu(s: MesaSetup, display: string, consumer: boolean, dir: st
   const done = g.wait();
   let i = 0;
   const started = g.waitFor(KMSCUBE_STARTED).catch(() => {});
+  const t0 = started.then(() => performance.now());
+  const t1 = g.waitFor(new RegExp(`${GUEST_END} status=\\d+`)).then(() => performance.now(), () => NaN);
   const screenshots = consumer ? consume(started, done, () => screendump(monitor, `${dir}/shot-${i++ % 2}.ppm`)) : 0;
   const r = await done;
   const rate = kmscubeRate(r.output);
   if (!rate || !kmscubeRenderer(r.output)?.includes("virgl")) {
     throw new Error(`QEMU: kmscube did not report a virgl frame rate (exit ${r.code}):\n${r.output.slice(-3000)}`);
   }
-  return { ...rate, screenshots: await screenshots };
+  return { ...rate, hostFps: rate.frames / ((await t1 - await t0) / 1000), screenshots: await screenshots };
 }
 
 /** An HMP screendump that throws when QEMU answers with an error (HMP answers errors as text). */
@@ -265,15 +274,24 @@ async function main(): Promise<void> {
     }
     progress(KMSCUBE_KVM_BENCH, `QEMU -accel kvm virtio-gpu-gl-device -display egl-headless: kmscube -c ${FRAMES}`);
     runs.qemu_egl = await runQemu(s, QEMU_EGL_HEADLESS, false, dir);
-    const ratio = (a: Run, b: Run) => Number((a.fps / b.fps).toFixed(3));
+    const ratio = (a: Run, b: Run) => Number((a.hostFps / b.hostFps).toFixed(3));
+    const fps = (r: Run) => Number(r.hostFps.toFixed(3));
     result(KMSCUBE_KVM_BENCH, {
       fps_ratio: ratio(runs.denovm, runs.qemu),
       fps_ratio_consumer: ratio(runs.denovm_consumer, runs.qemu_consumer),
-      denovm_fps: runs.denovm.fps,
-      qemu_fps: runs.qemu.fps,
-      denovm_fps_consumer: runs.denovm_consumer.fps,
-      qemu_fps_consumer: runs.qemu_consumer.fps,
-      qemu_egl_headless_fps: runs.qemu_egl.fps,
+      denovm_fps: fps(runs.denovm),
+      qemu_fps: fps(runs.qemu),
+      denovm_fps_consumer: fps(runs.denovm_consumer),
+      qemu_fps_consumer: fps(runs.qemu_consumer),
+      qemu_egl_headless_fps: fps(runs.qemu_egl),
+      // kmscube's own figures (each guest's clock), headless and with the consumer.
+      guest_clock_fps: {
+        denovm: runs.denovm.fps,
+        qemu: runs.qemu.fps,
+        denovm_consumer: runs.denovm_consumer.fps,
+        qemu_consumer: runs.qemu_consumer.fps,
+        qemu_egl_headless: runs.qemu_egl.fps,
+      },
       host_rendering: hostRenderingEnv().GALLIUM_DRIVER ?? "llvmpipe",
       bytes_per_frame: perFrame(runs.denovm.stats, FRAMES),
       bytes_per_frame_consumer: perFrame(runs.denovm_consumer.stats, FRAMES),
