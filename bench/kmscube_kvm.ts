@@ -28,6 +28,9 @@
 //          "bytes_per_frame":{<denovm's copy counters per kind, headless run>},
 //          "bytes_per_frame_consumer":{...},"frames":N}
 //
+// Then glmark2-es2-drm's build scene (--off-screen: GL through virgl, no scanout) headless on both sides:
+// glmark2_ratio is QEMU's mean frame time over denovm's.
+//
 // Also the harness test/nested/linux_gpu_test.ts uses (exported): the Mesa guest under denovm, and the
 // check of a kmscube frame's pixels.
 
@@ -131,6 +134,8 @@ export function cubeFrameProblems(width: number, height: number, at: (x: number,
 const FRAMES = Number(Deno.env.get("KMSCUBE_FRAMES") ?? 30);
 /** The display consumer's rate on both sides: one screenshot per interval. */
 const CONSUMER_INTERVAL_MS = 1000;
+/** glmark2's build scene, seconds per run. */
+const GLMARK2_SECONDS = 10;
 /** Hang guard of one guest run (TCG speed in the nested host). */
 const RUN_TIMEOUT_MS = 900_000;
 
@@ -217,6 +222,37 @@ async function runQemu(s: MesaSetup, display: string, consumer: boolean, dir: st
   return { ...rate, hostFps: rate.frames / ((await t1 - await t0) / 1000), screenshots: await screenshots };
 }
 
+/** glmark2's scene: its "[build] ...: FPS: N FrameTime: T ms" line gives the mean frame time. */
+const GLMARK2 = `glmark2-es2-drm --off-screen -b build:duration=${GLMARK2_SECONDS}`;
+const GLMARK2_FRAME_TIME = /FrameTime: ([\d.]+) ms/;
+
+/** glmark2's mean frame time (ms) in the Mesa guest under denovm or QEMU (headless). */
+async function glmark2FrameMs(s: MesaSetup, side: "denovm" | "qemu"): Promise<number> {
+  let output: string;
+  if (side === "denovm") {
+    await using vm = await bootMesaVm(s, GLMARK2);
+    await vm.console.waitFor(new RegExp(`${GUEST_END} status=\\d+`), { timeout: RUN_TIMEOUT_MS });
+    output = vm.console.text;
+    await vm.exitCode;
+  } else {
+    const g = new MesaGuest(s, {
+      gpu: { qemuVirgl: true },
+      qemuDisplay: QEMU_DBUS_HEADLESS,
+      accel: "kvm",
+      display: MESA_KVM_DISPLAY,
+      env: hostRenderingEnv(),
+      command: GLMARK2,
+      hangGuardMs: RUN_TIMEOUT_MS,
+    });
+    output = (await g.wait()).output;
+  }
+  const m = output.match(GLMARK2_FRAME_TIME);
+  if (!m || !/GL_RENDERER:\s+virgl/.test(output)) {
+    throw new Error(`${side}: glmark2 did not report a virgl frame time:\n${output.slice(-3000)}`);
+  }
+  return Number(m[1]);
+}
+
 /** An HMP screendump that throws when QEMU answers with an error (HMP answers errors as text). */
 async function screendump(monitor: string, path: string): Promise<void> {
   await Deno.remove(path).catch(() => {});
@@ -274,6 +310,11 @@ async function main(): Promise<void> {
     }
     progress(KMSCUBE_KVM_BENCH, `QEMU -accel kvm virtio-gpu-gl-device -display egl-headless: kmscube -c ${FRAMES}`);
     runs.qemu_egl = await runQemu(s, QEMU_EGL_HEADLESS, false, dir);
+    progress(KMSCUBE_KVM_BENCH, `glmark2 (${GLMARK2}), headless, denovm then QEMU -display dbus`);
+    const glmark: Record<string, number | string> = {};
+    for (const side of ["denovm", "qemu"] as const) {
+      glmark[side] = await glmark2FrameMs(s, side).catch((e) => `error: ${(e as Error).message.split("\n")[0]}`);
+    }
     const ratio = (a: Run, b: Run) => Number((a.hostFps / b.hostFps).toFixed(3));
     const fps = (r: Run) => Number(r.hostFps.toFixed(3));
     result(KMSCUBE_KVM_BENCH, {
@@ -293,6 +334,11 @@ async function main(): Promise<void> {
         qemu_egl_headless: runs.qemu_egl.fps,
       },
       host_rendering: hostRenderingEnv().GALLIUM_DRIVER ?? "llvmpipe",
+      // glmark2's build scene: QEMU's mean frame time over denovm's (a throughput ratio), and both.
+      glmark2_ratio: typeof glmark.denovm === "number" && typeof glmark.qemu === "number"
+        ? Number((glmark.qemu / glmark.denovm).toFixed(3))
+        : null,
+      glmark2_frame_ms: glmark,
       bytes_per_frame: perFrame(runs.denovm.stats, FRAMES),
       bytes_per_frame_consumer: perFrame(runs.denovm_consumer.stats, FRAMES),
       screenshots: { denovm: runs.denovm_consumer.screenshots, qemu: runs.qemu_consumer.screenshots },
