@@ -37,6 +37,10 @@ export const MESA_KERNEL_ARGS = [
   "lpj=4000000",
   "drm_kms_helper.fbdev_emulation=0",
 ];
+/** The TCG-only timing words of MESA_KERNEL_ARGS: under KVM the guest calibrates its clocks itself. */
+const TCG_TIMING_ARGS = ["tsc_early_khz=2000000", "lpj=4000000"];
+/** MESA_KERNEL_ARGS for a guest under KVM (denovm's or QEMU's). */
+export const MESA_KVM_KERNEL_ARGS: string[] = MESA_KERNEL_ARGS.filter((a) => !TCG_TIMING_ARGS.includes(a));
 
 export interface MesaSetup {
   qemu: string;
@@ -96,7 +100,23 @@ export interface MesaGuestOptions {
   monitor?: string;
   /** Kill QEMU after this long (a hang guard; default 300 s). */
   hangGuardMs?: number;
+  /** QEMU's accelerator: TCG (default) or KVM (the nested KVM host: bench/kmscube_kvm.ts). */
+  accel?: "tcg" | "kvm";
+  /** The display's size (virtio-gpu's xres, yres; QEMU's default 1280x800 when unset). */
+  display?: { width: number; height: number };
+  /**
+   * QEMU's display (default QEMU_EGL_HEADLESS, which reads every frame back into its console surface;
+   * QEMU_DBUS_HEADLESS keeps GL scanouts as textures for D-Bus clients, and none connect).
+   */
+  qemuDisplay?: string;
+  /** More environment for QEMU (hostRenderingEnv()). */
+  env?: Record<string, string>;
 }
+
+/** A GL-capable display without a GPU: QEMU's egl-headless on Mesa's software GBM. */
+export const QEMU_EGL_HEADLESS = "egl-headless,rendernode=/dev/null";
+/** QEMU's D-Bus display, peer to peer (no bus), with GL on Mesa's software GBM: no client unless one is added. */
+export const QEMU_DBUS_HEADLESS = "dbus,p2p=yes,gl=on,rendernode=/dev/null";
 
 /** The QEMU 10 command line for a Mesa guest. */
 export function mesaQemuArgs(s: MesaSetup, o: MesaGuestOptions): string[] {
@@ -108,14 +128,13 @@ export function mesaQemuArgs(s: MesaSetup, o: MesaGuestOptions): string[] {
     s.dataDir,
     "-bios",
     "qboot.rom",
-    ...microvmArgs(mem),
+    ...microvmArgs(mem).map((a) => o.accel === "kvm" ? a.replace("accel=tcg", "accel=kvm") : a),
     "-nodefaults",
     "-no-reboot",
     "-serial",
     "stdio",
-    // A GL-capable display without a GPU: QEMU's egl-headless on Mesa's software GBM.
     "-display",
-    "egl-headless,rendernode=/dev/null",
+    o.qemuDisplay ?? QEMU_EGL_HEADLESS,
     "-drive",
     `file=${s.rootImage},if=none,id=root,format=raw,readonly=on`,
     "-device",
@@ -125,15 +144,44 @@ export function mesaQemuArgs(s: MesaSetup, o: MesaGuestOptions): string[] {
     "-initrd",
     s.initramfs,
     "-append",
-    [...MESA_KERNEL_ARGS, `denovm_cmd="${o.command}"`].join(" "),
+    [...(o.accel === "kvm" ? MESA_KVM_KERNEL_ARGS : MESA_KERNEL_ARGS), `denovm_cmd="${o.command}"`].join(" "),
   ];
   if ("vhostUserSocket" in o.gpu) {
     args.push("-chardev", `socket,id=gpu,path=${o.gpu.vhostUserSocket}`, "-device", "vhost-user-gpu,chardev=gpu");
   } else {
-    args.push("-device", "virtio-gpu-gl-device");
+    const size = o.display ? `,xres=${o.display.width},yres=${o.display.height}` : "";
+    args.push("-device", `virtio-gpu-gl-device${size}`);
   }
   if (o.monitor) args.push("-monitor", `unix:${o.monitor},server=on,wait=off`);
   return args;
+}
+
+/** AMD's vendor string in /proc/cpuinfo's vendor_id (CPUID leaf 0). */
+const AMD_VENDOR = "AuthenticAMD";
+/** CPU family 6 of an AMD CPU: the 32-bit Athlons to LLVM (llvm/lib/TargetParser/Host.cpp). */
+const AMD_FAMILY_ATHLON = 6;
+
+/**
+ * The environment the host's GL (virglrenderer's, QEMU's egl-headless) needs here: empty, or Mesa's
+ * softpipe with its draw module off LLVM when llvmpipe cannot run. QEMU TCG's `-cpu max` (the nested KVM
+ * host's CPU) says AMD family 6 ("QEMU TCG CPU"), which LLVM takes for a 32-bit Athlon: llvmpipe's
+ * first shader then aborts the process ("LLVM ERROR: 64-bit code requested on a subtarget that doesn't
+ * support it!"). Both sides of a comparison get the same environment.
+ */
+export function hostRenderingEnv(cpuinfo = readCpuinfo()): Record<string, string> {
+  const field = (name: string) => cpuinfo.match(new RegExp(`^${name}\\s*:\\s*(.*)$`, "m"))?.[1].trim();
+  if (field("vendor_id") === AMD_VENDOR && Number(field("cpu family")) === AMD_FAMILY_ATHLON) {
+    return { GALLIUM_DRIVER: "softpipe", DRAW_USE_LLVM: "false" };
+  }
+  return {};
+}
+
+function readCpuinfo(): string {
+  try {
+    return Deno.readTextFileSync("/proc/cpuinfo");
+  } catch {
+    return "";
+  }
 }
 
 /** A Mesa guest under QEMU 10 with its console on stdio (stdin writable: the guest may `read`). */
@@ -146,7 +194,7 @@ export class MesaGuest {
     this.args = mesaQemuArgs(s, o);
     const child = new Deno.Command(s.qemu, {
       args: this.args,
-      env: { QEMU_MODULE_DIR: s.moduleDir, GBM_ALWAYS_SOFTWARE: "1" },
+      env: { QEMU_MODULE_DIR: s.moduleDir, GBM_ALWAYS_SOFTWARE: "1", ...o.env },
       stdin: "piped",
       stdout: "piped",
       stderr: "piped",

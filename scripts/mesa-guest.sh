@@ -4,8 +4,12 @@
 #
 # Result, in ${DENOVM_CACHE:-<repo>/.cache}/mesa-guest/:
 #   root.ext4                    Debian bookworm (debootstrap --variant=minbase) plus kmscube,
-#                                mesa-utils (eglinfo), libgl1-mesa-dri, libegl1, libgles2, libgbm1
-#                                and a static busybox; meant to be attached read-only on virtio-blk
+#                                mesa-utils (eglinfo), libgl1-mesa-dri, libegl1, libgles2, libgbm1,
+#                                glmark2-es2-drm, vulkan-tools (vulkaninfo), mesa-vulkan-drivers,
+#                                Mesa's Venus ICD (libvulkan_virtio.so and its virtio_icd.json, the
+#                                only files taken from bookworm-backports' mesa-vulkan-drivers: see
+#                                VENUS_FILES) and a static busybox; meant to be attached read-only
+#                                on virtio-blk
 #   initramfs-<kernel>.cpio      busybox, the Debian 6.1 kernel's virtio_mmio, virtio_blk, ext4 and
 #                                virtio_gpu modules with their dependencies, and an /init that loads
 #                                them, mounts /dev/vda read-only and switch_roots into /sbin/denovm-init
@@ -25,12 +29,20 @@ SUITE=bookworm
 source "$repo/scripts/lib/debmirror.sh"
 # The machine's own Debian mirror (its apt sources), deb.debian.org when it has none.
 MIRROR="$(debian_mirror)"
-PACKAGES=(kmscube mesa-utils libgl1-mesa-dri libegl1 libgles2 libgbm1)
+PACKAGES=(kmscube mesa-utils libgl1-mesa-dri libegl1 libgles2 libgbm1 glmark2-es2-drm vulkan-tools
+  mesa-vulkan-drivers)
+# bookworm's mesa-vulkan-drivers (22.3) has no Venus ICD; bookworm-backports' (25.0) has. Installing
+# that package would move the whole Mesa stack (the GL driver the other clients use) to 25.0, so only
+# the ICD's two files are taken from it; the ICD needs nothing newer than bookworm's libdrm and libc.
+# It speaks Venus wire format 1 (virglrenderer 1.0 and later): against bookworm's virglrenderer 0.10.4,
+# whose Venus capset says wire format 0, `vulkaninfo` finds no device ("Unsupported wire format version 0").
+VENUS_PACKAGE=mesa-vulkan-drivers/$SUITE-backports
+VENUS_FILES=(usr/lib/x86_64-linux-gnu/libvulkan_virtio.so usr/share/vulkan/icd.d/virtio_icd.json)
 # crc32c_generic: ext4 asks the crypto API for crc32c when it mounts (no depends= names it).
 MODULES=(virtio_mmio virtio_blk crc32c_generic ext4 virtio_gpu)
 BUSYBOX=/bin/busybox
 # Bump when the root's contents or its init change: a stale image is rebuilt.
-ROOT_STAMP="v1 $SUITE ${PACKAGES[*]}"
+ROOT_STAMP="v2 $SUITE ${PACKAGES[*]} $VENUS_PACKAGE: ${VENUS_FILES[*]}"
 # /dev/console is character device 5:1 (Documentation/admin-guide/devices.txt).
 CONSOLE_MAJOR=5
 CONSOLE_MINOR=1
@@ -65,6 +77,14 @@ else
   log "apt-get install ${PACKAGES[*]}"
   chroot "$tree" /usr/bin/env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
     "${PACKAGES[@]}" >&2 || die "apt-get install in the guest root failed"
+  echo "deb $MIRROR $SUITE-backports main" >"$tree/etc/apt/sources.list.d/backports.list"
+  chroot "$tree" apt-get update >&2 || die "apt-get update ($SUITE-backports) in the guest root failed"
+  log "the Venus ICD from $VENUS_PACKAGE"
+  mkdir -p "$tree/tmp/venus"
+  chroot "$tree" sh -c "cd /tmp/venus && apt-get download $VENUS_PACKAGE" >&2 || die "apt-get download $VENUS_PACKAGE failed"
+  dpkg-deb -x "$tree"/tmp/venus/*.deb "$tree/tmp/venus/x" || die "dpkg-deb -x $VENUS_PACKAGE failed"
+  for f in "${VENUS_FILES[@]}"; do cp "$tree/tmp/venus/x/$f" "$tree/$f" || die "$VENUS_PACKAGE has no $f"; done
+  rm -rf "$tree/tmp/venus" "$tree/etc/apt/sources.list.d/backports.list"
   chroot "$tree" apt-get clean
   umount "$tree/proc"
   rm -rf "$tree"/var/lib/apt/lists/* "$tree"/var/cache/apt/*.bin

@@ -15,6 +15,7 @@ import { fileURLToPath } from "node:url";
 import { XMLParser } from "fast-xml-parser";
 import { nestedTestsOff } from "../support/nested.ts";
 import { soundGuest } from "../support/sound_guest.ts";
+import { mesaPrerequisites } from "../../bench/kmscube.ts";
 import { hostKind } from "../../vmm/kvm/host.ts";
 
 const repo = fileURLToPath(new URL("../..", import.meta.url));
@@ -37,6 +38,7 @@ const KVM_TEST_FILES = [
   "test/kvm/run_suspended_test.ts",
   "test/kvm/vhost_user_front_end_test.ts",
   "test/nested/linux_sound_test.ts",
+  "test/nested/linux_gpu_test.ts",
 ];
 const KVM_TEST_NAMES = /^(kvm|linux)[ :]/;
 /** Runs of the nested host when it freezes (each later one runs only the files the frozen one had not finished). */
@@ -149,8 +151,11 @@ Deno.test({
     try {
       await Deno.mkdir(`${cache}/nested`, { recursive: true });
       // The nested host has no network: what its tests fetch from Debian is fetched here first, into the
-      // cache it sees (the sound guest's kernel and ALSA tools: test/nested/linux_sound_test.ts).
+      // cache it sees (the sound guest's kernel and ALSA tools: test/nested/linux_sound_test.ts; the Mesa guest
+      // and QEMU 10: test/nested/linux_gpu_test.ts).
       await soundGuest();
+      const mesa = await mesaPrerequisites();
+      if (typeof mesa === "string") console.log(`nested KVM: the Mesa guest is not available: ${mesa}`);
       const inner = (files: string[]) => [
         Deno.execPath(),
         "test",

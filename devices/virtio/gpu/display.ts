@@ -17,11 +17,12 @@
 
 import type { BlobLayout, Rect } from "./backend.ts";
 import { type DisplayClient, type DisplayConsumer, GpuAccounting } from "./accounting.ts";
-import { encodePngRgba } from "./png.ts";
 
 const BPP = 4;
 /** Pending damage rectangles per scanout; more are merged into their bounding box. */
 export const MAX_DAMAGE_RECTS = 16;
+/** zlib's own default level (zlib.h Z_DEFAULT_COMPRESSION resolves to 6) for screenshot files. */
+const SCREENSHOT_ZLIB_LEVEL = 6;
 
 /** A scanout's display mode (crosvm `displays=[[mode=windowed[W,H]]]`). */
 export interface DisplayConfig {
@@ -218,16 +219,9 @@ export class HeadlessDisplay {
   /** The scanout as a PNG (RGB from the framebuffer, alpha forced opaque: a screen has no alpha). */
   async screenshot(id = 0): Promise<Uint8Array> {
     const fb = this.refresh(id, "screenshot");
-    const n = fb.width * fb.height;
-    const rgba = new Uint8Array(n * BPP);
-    const b = fb.bgra;
-    for (let i = 0; i < n * BPP; i += BPP) {
-      rgba[i] = b[i + 2];
-      rgba[i + 1] = b[i + 1];
-      rgba[i + 2] = b[i];
-      rgba[i + 3] = 0xff;
-    }
-    const png = await encodePngRgba(fb.width, fb.height, rgba);
+    // Loaded on first use: it brings node:zlib (Deno's Node layer), which most VMs never need.
+    const { encodeRectPng } = await import("./png_writer.ts");
+    const png = encodeRectPng(fb, { x: 0, y: 0, width: fb.width, height: fb.height }, SCREENSHOT_ZLIB_LEVEL);
     this.accounting.displaySent(id, "screenshot", png.length);
     return png;
   }

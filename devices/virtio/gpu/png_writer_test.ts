@@ -1,10 +1,10 @@
-// The web display's PNG writer (png.ts), decoded by an independent PNG reader.
+// The PNG writer of screenshots and the web display (png_writer.ts), decoded by an independent PNG reader.
 
 import assert from "node:assert/strict";
-import { decodePngRgba } from "../../../devices/virtio/gpu/png.ts";
-import { encodeRectPng } from "./png.ts";
+import { decodePngRgba } from "./png.ts";
+import { encodeRectPng } from "./png_writer.ts";
 
-Deno.test("web display: the PNG encoding of a rect decodes to the rect's RGBA, opaque", async () => {
+Deno.test("png writer: the PNG encoding of a rect decodes to the rect's RGBA, opaque", async () => {
   const fbw = 100, fbh = 40;
   const fb = { width: fbw, height: fbh, bgra: new Uint8Array(fbw * fbh * 4) };
   for (let i = 0; i < fb.bgra.length; i++) fb.bgra[i] = (i * 7 + (i >> 9)) & 0xff;
