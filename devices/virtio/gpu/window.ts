@@ -73,6 +73,10 @@ export class HostVisibleWindow {
     const m = backend.mapResource(resourceId);
     const size = roundUp(Math.max(m.size, 1), HOST_PAGE_SIZE);
     try {
+      if (m.hostAddr % BigInt(HOST_PAGE_SIZE) !== 0n) {
+        // A memory slot starts on a host page: a blob that does not cannot be shown to the guest in place.
+        throw new Error(`its host memory at 0x${m.hostAddr.toString(16)} does not start on a page`);
+      }
       if (size !== want) this.#checkFree(offset, size);
       mapper.addMapping(VIRTIO_GPU_SHM_ID_HOST_VISIBLE, offset, m.hostAddr, size, true);
     } catch (e) {
@@ -80,7 +84,9 @@ export class HostVisibleWindow {
       if (e instanceof ProtocolError) throw e;
       throw new ProtocolError(
         RESP_ERR_OUT_OF_MEMORY,
-        `mapping resource ${resourceId} failed: ${e instanceof Error ? e.message : e}`,
+        `mapping resource ${resourceId} (0x${m.hostAddr.toString(16)}, ${m.size} bytes) failed: ${
+          e instanceof Error ? e.message : e
+        }`,
       );
     }
     this.#mappings.set(offset, { resourceId, size });

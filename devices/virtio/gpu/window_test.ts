@@ -81,7 +81,10 @@ Deno.test("host-visible window: failures after the backend mapped the blob undo 
   mapper.refuse = true;
   assert.throws(
     () => w.map(backend, 3, 100, 0n),
-    protocolError(P.RESP_ERR_OUT_OF_MEMORY, /mapping resource 3 failed: no free memory slot/),
+    protocolError(
+      P.RESP_ERR_OUT_OF_MEMORY,
+      /mapping resource 3 \(0x7f0000300000, 100 bytes\) failed: no free memory slot/,
+    ),
   );
   assert.deepEqual(calls.splice(0), ["map 3", "unmap 3"]);
   assert.deepEqual([...mapper.live], [[4 * PAGE, PAGE]], "only resource 1 is installed");
@@ -94,4 +97,29 @@ Deno.test("host-visible window: failures after the backend mapped the blob undo 
   assert.deepEqual([...mapper.live], [[0, PAGE]]);
   // Resource 2's three pages now fit where resource 1 was.
   assert.equal(w.map(backend, 2, PAGE, BigInt(2 * PAGE)).size, 3 * PAGE);
+});
+
+Deno.test("host-visible window: host memory that does not start on a page is refused before the mapper; the backend unmaps", () => {
+  const w = new HostVisibleWindow(8 * PAGE);
+  const mapper = fakeMapper();
+  w.setMapper(mapper);
+  const calls: string[] = [];
+  const backend = {
+    mapResource(id: number): MappedBlob {
+      calls.push(`map ${id}`);
+      return { hostAddr: 0x7f00_0000_0040n, size: PAGE, mapInfo: 3 };
+    },
+    unmapResource(id: number): void {
+      calls.push(`unmap ${id}`);
+    },
+  } as unknown as GpuBackend;
+  assert.throws(
+    () => w.map(backend, 5, PAGE, 0n),
+    protocolError(
+      P.RESP_ERR_OUT_OF_MEMORY,
+      /resource 5 \(0x7f0000000040, 4096 bytes\) failed: .*does not start on a page/,
+    ),
+  );
+  assert.deepEqual(calls, ["map 5", "unmap 5"]);
+  assert.deepEqual([...mapper.live], [], "nothing installed");
 });
