@@ -64,7 +64,9 @@ export const MESA_KVM_DISPLAY = { width: 640, height: 480 };
 /**
  * The Mesa guest under denovm (the library's Vm): its kernel's virtio_mmio, virtio_blk and virtio_gpu come
  * from its initramfs, its root is the image on virtio-blk, read-only. The host's GL runs in this process:
- * hostRenderingEnv() is set in its environment first.
+ * hostRenderingEnv() is set in its environment while the VM boots (Mesa reads it when virglrenderer
+ * creates its GL display) and put back as it was afterwards, so that later VMs of the same process (other
+ * test files run in it) render as they would have.
  */
 export async function bootMesaVm(
   s: MesaSetup,
@@ -72,7 +74,21 @@ export async function bootMesaVm(
   opts: { tracePath?: string; contextTypes?: string[] } = {},
 ): Promise<Vm> {
   if (command.includes('"')) throw new Error("the guest command cannot contain a double quote (kernel quoting)");
-  for (const [k, v] of Object.entries(hostRenderingEnv())) Deno.env.set(k, v);
+  const env = hostRenderingEnv();
+  const before = Object.keys(env).map((k) => [k, Deno.env.get(k)] as const);
+  for (const [k, v] of Object.entries(env)) Deno.env.set(k, v);
+  try {
+    return await bootWithHostEnv(s, command, opts);
+  } finally {
+    for (const [k, v] of before) v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
+  }
+}
+
+async function bootWithHostEnv(
+  s: MesaSetup,
+  command: string,
+  opts: { tracePath?: string; contextTypes?: string[] },
+): Promise<Vm> {
   return await Vm.boot({
     kernel: s.kernel,
     initrd: s.initramfs,
