@@ -107,6 +107,22 @@ async function bootWithHostEnv(
   });
 }
 
+/**
+ * The same Mesa guest under QEMU 10 with `-accel kvm` and its in-process virgl (`virtio-gpu-gl-device`) at
+ * MESA_KVM_DISPLAY, QEMU's display `display` (default egl-headless), hostRenderingEnv() in QEMU's environment.
+ */
+export function qemuMesaGuest(s: MesaSetup, command: string, hangGuardMs: number, display?: string): MesaGuest {
+  return new MesaGuest(s, {
+    gpu: { qemuVirgl: true },
+    qemuDisplay: display,
+    accel: "kvm",
+    display: MESA_KVM_DISPLAY,
+    env: hostRenderingEnv(),
+    command,
+    hangGuardMs,
+  });
+}
+
 /** kmscube's background: glClearColor(0.5, 0.5, 0.5, 1) (kmscube cube-smooth.c). */
 const BACKGROUND = 0x80;
 const BACKGROUND_TOLERANCE = 2;
@@ -223,15 +239,7 @@ async function runDenovm(s: MesaSetup, consumer: boolean): Promise<Run> {
 }
 
 async function runQemu(s: MesaSetup, display: string): Promise<Run> {
-  const g = new MesaGuest(s, {
-    gpu: { qemuVirgl: true },
-    qemuDisplay: display,
-    accel: "kvm",
-    display: MESA_KVM_DISPLAY,
-    env: hostRenderingEnv(),
-    command: `kmscube -c ${FRAMES}`,
-    hangGuardMs: RUN_TIMEOUT_MS,
-  });
+  const g = qemuMesaGuest(s, `kmscube -c ${FRAMES}`, RUN_TIMEOUT_MS, display);
   const done = g.wait();
   const started = g.waitFor(KMSCUBE_STARTED).catch(() => {});
   const t0 = started.then(() => performance.now());
@@ -257,16 +265,7 @@ async function glmark2FrameMs(s: MesaSetup, side: "denovm" | "qemu"): Promise<nu
     output = vm.console.text;
     await vm.exitCode;
   } else {
-    const g = new MesaGuest(s, {
-      gpu: { qemuVirgl: true },
-      qemuDisplay: QEMU_DBUS_HEADLESS,
-      accel: "kvm",
-      display: MESA_KVM_DISPLAY,
-      env: hostRenderingEnv(),
-      command: GLMARK2,
-      hangGuardMs: RUN_TIMEOUT_MS,
-    });
-    output = (await g.wait()).output;
+    output = (await qemuMesaGuest(s, GLMARK2, RUN_TIMEOUT_MS, QEMU_DBUS_HEADLESS).wait()).output;
   }
   const m = output.match(GLMARK2_FRAME_TIME);
   if (!m || !/GL_RENDERER:\s+virgl/.test(output)) {

@@ -17,11 +17,10 @@ import {
   hostRenderingEnv,
   kmscubeRate,
   kmscubeRenderer,
-  MesaGuest,
   mesaPrerequisites,
   type MesaSetup,
 } from "../../bench/kmscube.ts";
-import { bootMesaVm, cubeFrameProblems, MESA_KVM_DISPLAY } from "../../bench/kmscube_kvm.ts";
+import { bootMesaVm, cubeFrameProblems, MESA_KVM_DISPLAY, qemuMesaGuest } from "../../bench/kmscube_kvm.ts";
 import { fullLinuxUnavailable } from "../support/default_guest.ts";
 import { within } from "../support/within.ts";
 import { decodePngRgba } from "../../devices/virtio/gpu/png.ts";
@@ -152,14 +151,7 @@ Deno.test({
   sanitizeOps: false,
   async fn() {
     const s = setup as MesaSetup;
-    const guest = new MesaGuest(s, {
-      gpu: { qemuVirgl: true },
-      accel: "kvm",
-      display: MESA_KVM_DISPLAY,
-      env: hostRenderingEnv(),
-      command: COMMAND,
-      hangGuardMs: KMSCUBE_TIMEOUT_MS + 120_000,
-    });
+    const guest = qemuMesaGuest(s, COMMAND, KMSCUBE_TIMEOUT_MS + 120_000);
     try {
       await guest.waitFor(DONE);
       assert.match(guest.output, /KMSCUBE-DONE status=0/, guest.output);

@@ -1,14 +1,9 @@
-// PNG encoding and decoding for screenshots, through the maintained fast-png package (pinned in deno.json).
-// It is imported on first use, not with the VMM: loading an npm package brings in Deno's Node
-// compatibility layer, which would otherwise sit on the start-up path to the guest's first instruction.
+// PNG decoding (tests and tools read screenshots back) through the maintained fast-png package (pinned in
+// deno.json); screenshots and the web display's tiles are written by png_writer.ts. It is imported on first
+// use: loading an npm package brings in Deno's Node compatibility layer.
 
 let fastPng: Promise<typeof import("fast-png")> | undefined;
 const loadPng = () => fastPng ??= import("fast-png");
-
-/** Encode RGBA8 pixels (width * height * 4 bytes) as a PNG file. */
-export async function encodePngRgba(width: number, height: number, rgba: Uint8Array): Promise<Uint8Array> {
-  return (await loadPng()).encode({ width, height, data: rgba, channels: 4, depth: 8 });
-}
 
 /** Decode a PNG into RGBA8 pixels (for tests and tools); throws on a file that is not 8-bit RGB(A). */
 export async function decodePngRgba(png: Uint8Array): Promise<{ width: number; height: number; rgba: Uint8Array }> {
