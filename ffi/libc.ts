@@ -39,6 +39,10 @@ const symbols = {
   listen: { parameters: ["i32", "i32"], result: "i32" }, // fd, backlog
   accept4: { parameters: ["i32", "pointer", "pointer", "i32"], result: "i32" }, // fd, addr, addrlen, flags
   connect: { parameters: ["i32", "buffer", "u32"], result: "i32" }, // fd, const struct sockaddr *, socklen_t
+  // int memcmp(const void *a, const void *b, size_t n), the addresses as numbers (no pointer objects per call).
+  memcmp: { parameters: ["usize", "usize", "usize"], result: "i32" },
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" }, // fd, level, name, value, len
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" }, // fd, level, name, value, *len
   sendmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" }, // fd, const struct msghdr *, flags
   recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" }, // fd, struct msghdr *, flags
   shutdown: { parameters: ["i32", "i32"], result: "i32" }, // fd, how
@@ -96,6 +100,16 @@ export function libc(): LibcSymbols {
     table = t as LibcSymbols;
   }
   return table;
+}
+
+/**
+ * memcmp(3) of `n` bytes at two host addresses given as numbers. Deno's FFI takes a number for a 64-bit
+ * integer argument as well as a bigint (its types say bigint only); numbers spare an allocation per call,
+ * which matters to callers comparing a frame row by row.
+ */
+export function memcmpAt(a: number, b: number, n: number): number {
+  type NumberArgs = (a: number, b: number, n: number) => number;
+  return (libc().memcmp as unknown as NumberArgs)(a, b, n);
 }
 
 // Values from Linux's asm-generic/fcntl.h, asm-generic/mman-common.h, asm-generic/errno-base.h.

@@ -17,6 +17,10 @@ export const SOCK_NONBLOCK = 0o4000;
 export const SOCK_CLOEXEC = 0o2000000;
 /** Socket-level option level (asm-generic/socket.h SOL_SOCKET). */
 export const SOL_SOCKET = 1;
+/** Socket option: the send buffer's size, capped at net.core.wmem_max (asm-generic/socket.h SO_SNDBUF). */
+export const SO_SNDBUF = 7;
+/** Socket option: SO_SNDBUF past wmem_max, for CAP_NET_ADMIN (asm-generic/socket.h SO_SNDBUFFORCE). */
+export const SO_SNDBUFFORCE = 32;
 /** Ancillary message type carrying file descriptors (linux/socket.h SCM_RIGHTS). */
 export const SCM_RIGHTS = 1;
 /** sendmsg flag: no SIGPIPE when the peer is gone (linux/socket.h MSG_NOSIGNAL). */
@@ -112,4 +116,26 @@ export function sockaddrUn(path: string): Uint8Array<ArrayBuffer> {
 export function setNonBlocking(fd: number): void {
   const fl = check("fcntl F_GETFL", libc().fcntl(fd, F_GETFL, 0n));
   check("fcntl F_SETFL", libc().fcntl(fd, F_SETFL, BigInt(fl | O_NONBLOCK)));
+}
+
+/**
+ * Ask for a send buffer of at least `bytes` on socket `fd` (SO_SNDBUFFORCE where the process may, else
+ * SO_SNDBUF, which the kernel caps at net.core.wmem_max); returns the size the kernel then reports (it
+ * doubles what was asked, for its bookkeeping: socket(7)). Never throws: the socket keeps working either way.
+ */
+export function raiseSendBuffer(fd: number, bytes: number): number {
+  const v = new Int32Array([Math.min(bytes, 0x3fffffff)]);
+  const asBytes = new Uint8Array(v.buffer);
+  const current = () => {
+    const out = new Int32Array(1);
+    const len = new Uint32Array([4]);
+    return libc().getsockopt(fd, SOL_SOCKET, SO_SNDBUF, new Uint8Array(out.buffer), new Uint8Array(len.buffer)) === 0
+      ? out[0]
+      : -1;
+  };
+  if (current() >= bytes) return current();
+  if (libc().setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, asBytes, 4) !== 0) {
+    libc().setsockopt(fd, SOL_SOCKET, SO_SNDBUF, asBytes, 4);
+  }
+  return current();
 }

@@ -14,10 +14,23 @@
 // sent from the framebuffer when the socket can take them, so a slow front end sees fewer, larger
 // updates, the scanout is read back at the front end's rate, and the device never waits or queues
 // frames without bound. Read-backs and the bytes sent are counted per scanout in the GPU's counters.
+//
+// At most one update per scanout per refresh period of the display's mode (DISPLAY_REFRESH_HZ): a
+// guest that draws faster than its display refreshes has its frames folded, as a monitor would show
+// them, and the scanout is read back no faster; the last frame always follows within one period.
+//
+// Only changed pixels cross: the socket keeps a shadow copy of what the front end shows, and of a
+// flushed region sends the tiles that differ from it (tiles.ts, the web display's change detection),
+// since a guest usually flushes its whole screen when a part of it moved. The send buffer is raised
+// to a whole frame, so a frame's UPDATE messages go out in one write while the front end (QEMU, which
+// reads a message whole before it does anything else) is not kept waiting on half of one.
 
 import { closeFd, EAGAIN, EINTR, errno, libc, pollAsync, POLLERR, POLLHUP, POLLOUT, SysError } from "../../ffi/libc.ts";
+import { raiseSendBuffer } from "../../ffi/socket.ts";
 import { GpuDevice, type GpuDeviceOptions } from "../virtio/gpu/device.ts";
+import { DISPLAY_REFRESH_HZ } from "../virtio/gpu/display.ts";
 import type { Rect } from "../virtio/gpu/backend.ts";
+import { changedRects, clip, coalesce } from "../virtio/gpu/tiles.ts";
 import type { VhostUserRequestHandler } from "./backend.ts";
 import { ConnectionClosed, setNonBlocking, UnixStream, WaitCancelled, Waker } from "../../core/unix_socket.ts";
 
@@ -59,6 +72,10 @@ export const GPU_SCANOUT_PAYLOAD_SIZE = 12;
 export const GPU_UPDATE_HEADER_SIZE = 20;
 /** Pixels are PIXMAN_x8r8g8b8 in the host's (little-endian) order: bytes B, G, R, X. */
 export const GPU_UPDATE_BYTES_PER_PIXEL = 4;
+/** Shortest time between two updates of one scanout: one refresh period. */
+export const MIN_UPDATE_INTERVAL_MS = 1000 / DISPLAY_REFRESH_HZ;
+/** Send buffer beyond a frame's pixels: the UPDATE headers of a frame's rectangles and a SCANOUT or two. */
+const SEND_BUFFER_SLACK = 64 * 1024;
 /** Largest payload accepted from the front end (a display-info reply is 408 bytes, EDID 1056). */
 const MAX_INCOMING_PAYLOAD = 64 * 1024;
 
@@ -117,6 +134,8 @@ export interface GpuSocketCounters {
   updateBytes: number;
   /** Display updates folded into a later UPDATE because the front end was still reading. */
   coalesced: number;
+  /** Flushed regions read back and found the same as what the front end shows: nothing sent. */
+  unchanged: number;
   /** Protocol features the front end offered (GET_PROTOCOL_FEATURES), or -1 before its reply. */
   frontEndFeatures: number;
 }
@@ -138,6 +157,7 @@ export class GpuDisplaySocket {
     updates: 0,
     updateBytes: 0,
     coalesced: 0,
+    unchanged: 0,
     frontEndFeatures: -1,
   };
   readonly #stream: UnixStream;
@@ -149,7 +169,16 @@ export class GpuDisplaySocket {
   /** Dirty rectangle per scanout, and the size last announced with SCANOUT. */
   readonly #dirty = new Map<number, Rect>();
   readonly #announced = new Map<number, { width: number; height: number }>();
+  /** Per scanout, the pixels the front end shows (one u32 per pixel), once it has a whole frame. */
+  readonly #shadows = new Map<number, Uint32Array>();
+  /** Scanouts whose whole framebuffer goes out next (a new size, a new front end). */
+  readonly #full = new Set<number>();
+  /** When each scanout's last update went out (performance.now()). */
+  readonly #lastSent = new Map<number, number>();
+  /** Wakes the sender when a scanout held back by MIN_UPDATE_INTERVAL_MS may send again. */
+  #timer: ReturnType<typeof setTimeout> | undefined;
   #wake: (() => void) | undefined;
+  readonly #fd: number;
   #closed = false;
   #sending = false;
   readonly done: Promise<void>;
@@ -157,6 +186,7 @@ export class GpuDisplaySocket {
   /** Take ownership of `fd` (one end of the front end's socket pair). */
   constructor(fd: number, fbs: FramebufferSource, log: (line: string) => void) {
     setNonBlocking(fd);
+    this.#fd = fd;
     this.#stream = new UnixStream(fd, this.#waker);
     this.#fbs = fbs;
     this.#log = log;
@@ -185,8 +215,11 @@ export class GpuDisplaySocket {
     return this.#control.length === 0 && this.#dirty.size === 0 && !this.#sending;
   }
 
-  /** Scanout `id`'s framebuffer changed in `rect` (framebuffer coordinates). */
-  update(id: number, rect: Rect): void {
+  /**
+   * Scanout `id`'s framebuffer changed in `rect` (framebuffer coordinates); `full`: send all of it, changed
+   * or not (what a front end that just connected needs).
+   */
+  update(id: number, rect: Rect, full = false): void {
     if (this.#closed) return;
     const fb = this.#fbs.framebuffer(id);
     const size = this.#announced.get(id);
@@ -195,8 +228,14 @@ export class GpuDisplaySocket {
       this.#announced.set(id, { width: fb.width, height: fb.height });
       this.#control.push(encodeScanout(id, fb.width, fb.height));
       this.counters.scanouts++;
-      rect = { x: 0, y: 0, width: fb.width, height: fb.height };
+      full = true;
       this.#dirty.delete(id);
+      // A whole frame of UPDATEs fits in the socket: one write, the front end never waits on a half.
+      raiseSendBuffer(this.#fd, fb.width * fb.height * GPU_UPDATE_BYTES_PER_PIXEL + SEND_BUFFER_SLACK);
+    }
+    if (full) {
+      rect = { x: 0, y: 0, width: fb.width, height: fb.height };
+      this.#full.add(id);
     }
     const old = this.#dirty.get(id);
     if (old) this.counters.coalesced++;
@@ -208,6 +247,7 @@ export class GpuDisplaySocket {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    clearTimeout(this.#timer);
     this.#waker.wake();
     this.#kick();
   }
@@ -222,7 +262,13 @@ export class GpuDisplaySocket {
     while (!this.#closed) {
       const msg = this.#control.shift() ?? this.#nextUpdate();
       if (!msg) {
-        await new Promise<void>((resolve) => this.#wake = resolve);
+        await new Promise<void>((resolve) => {
+          this.#wake = resolve;
+          const due = this.#nextDue();
+          if (due !== undefined) this.#timer = setTimeout(() => this.#kick(), due);
+        });
+        clearTimeout(this.#timer);
+        this.#timer = undefined;
         continue;
       }
       this.#sending = true;
@@ -254,17 +300,53 @@ export class GpuDisplaySocket {
     }
   }
 
+  /** Milliseconds until a dirty scanout's refresh period is over, or undefined when none is dirty. */
+  #nextDue(): number | undefined {
+    let due: number | undefined;
+    for (const id of this.#dirty.keys()) {
+      const wait = Math.max(0, (this.#lastSent.get(id) ?? -Infinity) + MIN_UPDATE_INTERVAL_MS - performance.now());
+      due = Math.min(due ?? wait, wait);
+    }
+    return due;
+  }
+
+  /** The UPDATE messages of the next dirty scanout due for an update with changed pixels, as one buffer. */
   #nextUpdate(): Uint8Array | undefined {
+    const now = performance.now();
     for (const [id, rect] of this.#dirty) {
+      if (now < (this.#lastSent.get(id) ?? -Infinity) + MIN_UPDATE_INTERVAL_MS) continue;
       this.#dirty.delete(id);
       const fb = this.#fbs.refresh(id, "vhostUser");
       const r = clip(rect, fb.width, fb.height);
       if (!r) continue;
-      this.counters.updates++;
-      this.counters.updateBytes += r.width * r.height * GPU_UPDATE_BYTES_PER_PIXEL;
-      const msg = encodeUpdate(id, r, fb.bgra, fb.width);
-      this.#fbs.sent(id, "vhostUser", msg.length);
-      return msg;
+      const n = fb.width * fb.height;
+      const aligned = fb.bgra.byteOffset % GPU_UPDATE_BYTES_PER_PIXEL === 0;
+      let shadow = this.#shadows.get(id);
+      let rects: Rect[];
+      if (this.#full.has(id) || !aligned || shadow?.length !== n) {
+        this.#full.delete(id);
+        rects = [r];
+        shadow = aligned
+          ? new Uint32Array(fb.bgra.buffer.slice(fb.bgra.byteOffset, fb.bgra.byteOffset + n * 4))
+          : undefined;
+        if (shadow) this.#shadows.set(id, shadow);
+        else this.#shadows.delete(id);
+      } else {
+        rects = coalesce(changedRects(fb, shadow, [r]).rects);
+      }
+      if (rects.length === 0) {
+        this.counters.unchanged++;
+        continue;
+      }
+      const msgs = rects.map((c) => encodeUpdate(id, c, fb.bgra, fb.width));
+      const out = msgs.length === 1 ? msgs[0] : concat(msgs);
+      for (const c of rects) {
+        this.counters.updates++;
+        this.counters.updateBytes += c.width * c.height * GPU_UPDATE_BYTES_PER_PIXEL;
+      }
+      this.#fbs.sent(id, "vhostUser", out.length);
+      this.#lastSent.set(id, now);
+      return out;
     }
     return undefined;
   }
@@ -295,10 +377,14 @@ function union(a: Rect, b: Rect): Rect {
   return { x: x0, y: y0, width: x1 - x0, height: y1 - y0 };
 }
 
-function clip(r: Rect, width: number, height: number): Rect | null {
-  const x0 = Math.max(0, r.x), y0 = Math.max(0, r.y);
-  const x1 = Math.min(width, r.x + r.width), y1 = Math.min(height, r.y + r.height);
-  return x1 > x0 && y1 > y0 ? { x: x0, y: y0, width: x1 - x0, height: y1 - y0 } : null;
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.length;
+  }
+  return out;
 }
 
 export interface VhostUserGpuDeviceOptions extends GpuDeviceOptions {
@@ -316,11 +402,19 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
     updates: 0,
     updateBytes: 0,
     coalesced: 0,
+    unchanged: 0,
     frontEndFeatures: -1,
   };
   /** Display sockets the front end gave. */
   socketsReceived = 0;
-  #folded: GpuSocketCounters = { scanouts: 0, updates: 0, updateBytes: 0, coalesced: 0, frontEndFeatures: -1 };
+  #folded: GpuSocketCounters = {
+    scanouts: 0,
+    updates: 0,
+    updateBytes: 0,
+    coalesced: 0,
+    unchanged: 0,
+    frontEndFeatures: -1,
+  };
 
   constructor(opts: VhostUserGpuDeviceOptions) {
     super(opts);
@@ -356,7 +450,7 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
     for (let id = 0; id < this.display.count; id++) {
       if (!this.display.source(id)) continue;
       const fb = this.display.framebuffer(id);
-      s.update(id, { x: 0, y: 0, width: fb.width, height: fb.height });
+      s.update(id, { x: 0, y: 0, width: fb.width, height: fb.height }, true);
     }
     return true;
   }
@@ -378,6 +472,7 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
       displayUpdates: this.socketTotals.updates,
       displayUpdateBytes: this.socketTotals.updateBytes,
       displayCoalesced: this.socketTotals.coalesced,
+      displayUnchanged: this.socketTotals.unchanged,
       scanoutReadbackBytes: this.scanoutReadbackBytes,
     };
   }
@@ -389,6 +484,7 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
     this.socketTotals.updates = f.updates + (c?.updates ?? 0);
     this.socketTotals.updateBytes = f.updateBytes + (c?.updateBytes ?? 0);
     this.socketTotals.coalesced = f.coalesced + (c?.coalesced ?? 0);
+    this.socketTotals.unchanged = f.unchanged + (c?.unchanged ?? 0);
     this.socketTotals.frontEndFeatures = c?.frontEndFeatures ?? f.frontEndFeatures;
   }
 

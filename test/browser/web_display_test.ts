@@ -25,7 +25,7 @@ import {
 } from "../../devices/virtio/input/codes.ts";
 import { WebDisplay } from "../../vmm/ui/web_display/server.ts";
 import type { InputSink } from "../../vmm/ui/web_display/input_bridge.ts";
-import { TILE_SIZE } from "../../vmm/ui/web_display/tiles.ts";
+import { TILE_SIZE } from "../../devices/virtio/gpu/tiles.ts";
 import {
   ENCODING_DEFLATE_RGBA,
   ENCODING_PNG,

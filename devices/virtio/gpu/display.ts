@@ -306,7 +306,8 @@ const DTD_FLAGS_DIGITAL_SEPARATE_POS = 0x1e;
 /** Blanking for a reduced-blanking style 60 Hz mode (VESA CVT-RB: 160 pixels, >= 460 us vertical). */
 const HBLANK = 160, HFRONT = 48, HSYNC = 32;
 const VFRONT = 3, VSYNC = 6, VBLANK_MIN = 23;
-const REFRESH_HZ = 60;
+/** The refresh rate of every display mode (the EDID's preferred timing): no display shows more frames. */
+export const DISPLAY_REFRESH_HZ = 60;
 /** Largest pixel clock a detailed timing descriptor holds (le16 in 10 kHz units). */
 const DTD_MAX_CLOCK_10KHZ = 0xffff;
 /** DTD fields hold 12 bits of active size. */
@@ -346,7 +347,7 @@ export function makeEdid(width: number, height: number, name = "denovm"): Uint8A
   const vblank = Math.max(VBLANK_MIN, Math.ceil(h * 0.03));
   // The pixel clock field is 16 bits of 10 kHz: very large modes get a lower refresh rate.
   const total = (w + HBLANK) * (h + vblank);
-  const hz = Math.min(REFRESH_HZ, Math.floor((DTD_MAX_CLOCK_10KHZ * 10_000) / total));
+  const hz = Math.min(DISPLAY_REFRESH_HZ, Math.floor((DTD_MAX_CLOCK_10KHZ * 10_000) / total));
   const clock10k = Math.min(DTD_MAX_CLOCK_10KHZ, Math.round((total * hz) / 10_000));
   const d = EDID_DESCRIPTOR_OFF;
   e[d] = clock10k & 0xff;

@@ -12,7 +12,7 @@ import type { Framebuffer, HeadlessDisplay } from "../../../devices/virtio/gpu/d
 import type { RateLimitedLog } from "../../../core/log.ts";
 import { BPP, type Compression, encodeRect } from "./encode.ts";
 import { RECT_FLAG_FULL, RECT_FLAG_LAST } from "./protocol.ts";
-import { changedRects, clip, coalesce, MAX_RECTS_PER_BATCH } from "./tiles.ts";
+import { changedRects, clip, coalesce, MAX_RECTS_PER_BATCH } from "../../../devices/virtio/gpu/tiles.ts";
 import { releaseBuffer } from "./websocket.ts";
 
 /** Batches sent and not yet acknowledged by the page. */

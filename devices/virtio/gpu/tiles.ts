@@ -1,9 +1,11 @@
-// Change detection for the web display: which parts of a flushed region differ from what a page was last
-// sent. Each page keeps a shadow copy of its last frame; a flushed region is compared with it in
-// TILE_SIZE tiles, and only tiles with a changed pixel are sent, merged into rectangles.
+// Change detection for display clients (a web page, a vhost-user front end): which parts of a flushed
+// region differ from what a client was last sent. Each client keeps a shadow copy of its last frame; a
+// flushed region is compared with it in TILE_SIZE tiles, and only tiles with a changed pixel are sent,
+// merged into rectangles.
 
-import type { Rect } from "../../../devices/virtio/gpu/backend.ts";
-import type { Framebuffer } from "../../../devices/virtio/gpu/display.ts";
+import { memcmpAt } from "../../../ffi/libc.ts";
+import type { Rect } from "./backend.ts";
+import type { Framebuffer } from "./display.ts";
 
 /**
  * The change detection grid: a flushed region is compared with the shadow in tiles of this size. 64x64
@@ -12,6 +14,8 @@ import type { Framebuffer } from "../../../devices/virtio/gpu/display.ts";
 export const TILE_SIZE = 64;
 /** More pending rectangles than this are sent as their bounding box. */
 export const MAX_RECTS_PER_BATCH = 16;
+/** Bytes per pixel of a framebuffer (B8G8R8A8) and of a shadow entry (u32). */
+const BPP = 4;
 /** Send the bounding box instead when the rectangles cover at least this share of it. */
 const BOUNDING_BOX_SHARE = 0.75;
 
@@ -51,6 +55,7 @@ export function changedRects(
   rects: Rect[],
 ): { rects: Rect[]; tiles: number; changed: number } {
   const cur = new Uint32Array(fb.bgra.buffer, fb.bgra.byteOffset, fb.width * fb.height);
+  const cmp = new RowComparer(cur, shadow, fb.width);
   const out: Rect[] = [];
   let tiles = 0, changed = 0;
   for (const r0 of rects) {
@@ -61,11 +66,14 @@ export function changedRects(
     let open = new Map<string, Rect>();
     for (let ty = Math.floor(r.y / TILE_SIZE) * TILE_SIZE; ty < y1; ty += TILE_SIZE) {
       const py0 = Math.max(r.y, ty), py1 = Math.min(y1, ty + TILE_SIZE);
+      // Rows of this band that differ anywhere in the region: a tile can only have changed in those.
+      const rows: number[] = [];
+      for (let y = py0; y < py1; y++) if (cmp.differs(y, r.x, x1)) rows.push(y);
       const runs: [number, number][] = [];
       for (let tx = Math.floor(r.x / TILE_SIZE) * TILE_SIZE; tx < x1; tx += TILE_SIZE) {
         const px0 = Math.max(r.x, tx), px1 = Math.min(x1, tx + TILE_SIZE);
         tiles++;
-        if (!pieceChanged(cur, shadow, fb.width, px0, px1, py0, py1)) continue;
+        if (!rows.some((y) => cmp.differs(y, px0, px1))) continue;
         changed++;
         const last = runs.at(-1);
         if (last && last[1] === px0) last[1] = px1;
@@ -93,19 +101,30 @@ export function changedRects(
   return { rects: out, tiles, changed };
 }
 
-/** Whether pixels [px0, px1) x [py0, py1) differ between `a` and `b` (rows of `stride` pixels). */
-function pieceChanged(
-  a: Uint32Array,
-  b: Uint32Array,
-  stride: number,
-  px0: number,
-  px1: number,
-  py0: number,
-  py1: number,
-) {
-  for (let y = py0; y < py1; y++) {
-    const end = y * stride + px1;
-    for (let i = y * stride + px0; i < end; i++) if (a[i] !== b[i]) return true;
+/**
+ * Compares pixel spans of two same-sized images with libc's memcmp (many times faster than a JavaScript loop
+ * over a frame). The addresses are taken once: nothing may allocate in the arrays' buffers meanwhile, which
+ * holds for the synchronous changedRects.
+ */
+class RowComparer {
+  readonly #a: number;
+  readonly #b: number;
+  readonly #stride: number;
+
+  constructor(a: Uint32Array, b: Uint32Array, stride: number) {
+    if (b.length < a.length) throw new RangeError(`shadow of ${b.length} pixels for a frame of ${a.length}`);
+    this.#a = addressOf(a);
+    this.#b = addressOf(b);
+    this.#stride = stride * BPP;
   }
-  return false;
+
+  /** Whether pixels [x0, x1) of row y differ. */
+  differs(y: number, x0: number, x1: number): boolean {
+    const off = y * this.#stride + x0 * BPP;
+    return memcmpAt(this.#a + off, this.#b + off, (x1 - x0) * BPP) !== 0;
+  }
+}
+
+function addressOf(a: Uint32Array): number {
+  return Number(Deno.UnsafePointer.value(Deno.UnsafePointer.of(a)));
 }
