@@ -5,6 +5,9 @@
 // "Rendered N frames in T sec" line), their ratio, and the bytes denovm's counters saw copied per
 // frame: the guest's transfers, and the display path's (the scanout read back for QEMU's front end and
 // the bytes sent to it). Last line: {"bench":"kmscube","fps_ratio":..,"bytes_per_frame":..,...}.
+// The two display paths do what each VMM does: denovm reads the scanout back for the front end at most
+// once per refresh period of the display's mode (60 Hz) and sends the tiles that changed; QEMU's
+// egl-headless reads every frame of its GL scanout back into its console surface.
 //
 // Also the harness the vhost-user-gpu test uses (exported): prerequisites (QEMU 10 from
 // bookworm-backports, the Mesa guest, the Debian kernel; scripts/qemu-backports.sh and
@@ -310,7 +313,7 @@ async function main(): Promise<void> {
         streams: { submits: number; streamBytes: number };
         commands: Record<string, { count: number }>;
       };
-      display: { updateBytes: number; scanoutReadbackBytes: number };
+      display: { updates: number; unchanged: number; updateBytes: number; scanoutReadbackBytes: number };
     };
     c.close();
   } finally {
@@ -337,6 +340,10 @@ async function main(): Promise<void> {
       (stats.gpu.totals.scanoutReadbackBytes + stats.gpu.totals.displaySentBytes) / submits,
     ),
     flushes: stats.gpu.commands.RESOURCE_FLUSH?.count ?? 0,
+    // What QEMU's console was sent: UPDATE messages (changed tiles, at most one batch per scanout per
+    // refresh period of the display's 60 Hz mode), and the looks that found nothing changed.
+    display_updates: stats.display.updates,
+    display_unchanged: stats.display.unchanged,
   });
 }
 

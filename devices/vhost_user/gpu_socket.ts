@@ -173,7 +173,7 @@ export class GpuDisplaySocket {
   readonly #shadows = new Map<number, Uint32Array>();
   /** Scanouts whose whole framebuffer goes out next (a new size, a new front end). */
   readonly #full = new Set<number>();
-  /** When each scanout's last update went out (performance.now()). */
+  /** When each scanout's last update went out (on #now's clock). */
   readonly #lastSent = new Map<number, number>();
   /** Wakes the sender when a scanout held back by MIN_UPDATE_INTERVAL_MS may send again. */
   #timer: ReturnType<typeof setTimeout> | undefined;
@@ -183,10 +183,16 @@ export class GpuDisplaySocket {
   #sending = false;
   readonly done: Promise<void>;
 
-  /** Take ownership of `fd` (one end of the front end's socket pair). */
-  constructor(fd: number, fbs: FramebufferSource, log: (line: string) => void) {
+  readonly #now: () => number;
+
+  /**
+   * Take ownership of `fd` (one end of the front end's socket pair). `now`: the clock that paces updates
+   * (milliseconds; tests pass their own).
+   */
+  constructor(fd: number, fbs: FramebufferSource, log: (line: string) => void, now = () => performance.now()) {
     setNonBlocking(fd);
     this.#fd = fd;
+    this.#now = now;
     this.#stream = new UnixStream(fd, this.#waker);
     this.#fbs = fbs;
     this.#log = log;
@@ -304,7 +310,7 @@ export class GpuDisplaySocket {
   #nextDue(): number | undefined {
     let due: number | undefined;
     for (const id of this.#dirty.keys()) {
-      const wait = Math.max(0, (this.#lastSent.get(id) ?? -Infinity) + MIN_UPDATE_INTERVAL_MS - performance.now());
+      const wait = Math.max(0, (this.#lastSent.get(id) ?? -Infinity) + MIN_UPDATE_INTERVAL_MS - this.#now());
       due = Math.min(due ?? wait, wait);
     }
     return due;
@@ -312,7 +318,7 @@ export class GpuDisplaySocket {
 
   /** The UPDATE messages of the next dirty scanout due for an update with changed pixels, as one buffer. */
   #nextUpdate(): Uint8Array | undefined {
-    const now = performance.now();
+    const now = this.#now();
     for (const [id, rect] of this.#dirty) {
       if (now < (this.#lastSent.get(id) ?? -Infinity) + MIN_UPDATE_INTERVAL_MS) continue;
       this.#dirty.delete(id);
@@ -390,12 +396,15 @@ function concat(parts: Uint8Array[]): Uint8Array {
 export interface VhostUserGpuDeviceOptions extends GpuDeviceOptions {
   /** Log lines (default stderr with a "vhost-user gpu:" prefix). */
   log?: (line: string) => void;
+  /** The clock that paces display updates, in milliseconds (default performance.now; tests pass their own). */
+  now?: () => number;
 }
 
 /** The virtio-gpu device model with the vhost-user-gpu display socket. */
 export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHandler {
   #socket: GpuDisplaySocket | undefined;
   readonly #socketLog: (line: string) => void;
+  readonly #now: (() => number) | undefined;
   /** Counters of every display socket so far (the current one's included). */
   readonly socketTotals: GpuSocketCounters = {
     scanouts: 0,
@@ -419,6 +428,7 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
   constructor(opts: VhostUserGpuDeviceOptions) {
     super(opts);
     this.#socketLog = opts.log ?? ((line) => console.error(`vhost-user gpu: ${line}`));
+    this.#now = opts.now;
     this.display.onUpdate((id, rect) => {
       // Flushed, not read yet: the socket reads the pixels back when it sends.
       this.#socket?.update(id, rect);
@@ -444,7 +454,7 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
     }
     this.#dropSocket();
     this.socketsReceived++;
-    const s = new GpuDisplaySocket(fds.shift()!, this.display, this.#socketLog);
+    const s = new GpuDisplaySocket(fds.shift()!, this.display, this.#socketLog, this.#now);
     this.#socket = s;
     // A front end that (re)connects sees what is on screen now.
     for (let id = 0; id < this.display.count; id++) {

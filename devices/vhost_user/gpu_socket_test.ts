@@ -10,6 +10,7 @@ import { VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM } from "../virtio/gpu/formats.ts";
 import {
   GPU_SCANOUT_PAYLOAD_SIZE,
   GPU_UPDATE_HEADER_SIZE,
+  MIN_UPDATE_INTERVAL_MS,
   VHOST_USER_GPU_HDR_SIZE,
   VHOST_USER_GPU_SET_SOCKET,
   VhostUserGpuDevice,
@@ -94,6 +95,91 @@ Deno.test("vhost-user-gpu display socket: no read-back without a front end; with
     assert.equal(st.displayUpdateBytes, (W * H + r.width * r.height) * 4);
     assert.equal(dev.gpuStats().totals.displaySentBytes, s.sentTo.vhostUser);
     assert.equal(GPU_SCANOUT_PAYLOAD_SIZE, 12);
+    assert.deepEqual(lines, []);
+  } finally {
+    const sock = dev.displaySocket;
+    dev.close();
+    await sock?.done;
+    front?.close();
+    listener.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** Resolves once `cond()` holds (checked every few milliseconds; a bound keeps a broken test from hanging). */
+async function until(cond: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 2000; i++) {
+    if (cond()) return;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  throw new Error(`never: ${what}`);
+}
+
+Deno.test("vhost-user-gpu display socket: only changed tiles cross, at most one update per refresh period, the last frame follows", async () => {
+  const TW = 256, TH = 128;
+  const dir = await Deno.makeTempDir({ prefix: "denovm-gpusock-" });
+  const listener = UnixListener.listen(join(dir, "display.sock"));
+  const backend = new Backend2D();
+  const lines: string[] = [];
+  let clock = 1000;
+  const dev = new VhostUserGpuDevice({
+    backend,
+    displays: [{ width: TW, height: TH }],
+    log: (l) => lines.push(l),
+    now: () => clock,
+  });
+  let front: UnixStream | undefined;
+  try {
+    const px = new Uint8Array(TW * TH * 4).fill(0x80);
+    backend.createResource2D({ resourceId: 1, format: VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM, width: TW, height: TH });
+    backend.restoreHostContents(1, px);
+    const full = { x: 0, y: 0, width: TW, height: TH };
+    dev.display.setScanout(0, { resourceId: 1, rect: full });
+    dev.display.flush(0, full);
+    front = UnixStream.connect(join(dir, "display.sock"));
+    const served = await listener.accept();
+    dev.vhostUserRequest(VHOST_USER_GPU_SET_SOCKET, new Uint8Array(), [served.fd]);
+    // A new front end gets the whole screen, changed or not.
+    assert.deepEqual((await nextUpdate(front)).rect, full);
+    const sock = dev.displaySocket!;
+
+    // The whole screen flushed, nothing different: read back, compared, nothing sent.
+    clock += MIN_UPDATE_INTERVAL_MS;
+    dev.display.flush(0, full);
+    await until(() => sock.counters.unchanged === 1 && sock.idle, "the unchanged flush was looked at");
+    assert.equal(sock.counters.updates, 1);
+
+    // One pixel changes in tile (1, 1) of a whole-screen flush: that tile alone crosses.
+    clock += MIN_UPDATE_INTERVAL_MS;
+    const at = (100 * TW + 70) * 4;
+    px[at] = 0x11;
+    backend.restoreHostContents(1, px);
+    dev.display.flush(0, full);
+    const tile = await nextUpdate(front);
+    assert.deepEqual(tile.rect, { x: 64, y: 64, width: 64, height: 64 });
+    assert.equal(tile.pixels[((100 - 64) * 64 + (70 - 64)) * 4], 0x11);
+
+    // A frame right after: held back while the refresh period since the last update is not over...
+    px[at] = 0x22;
+    backend.restoreHostContents(1, px);
+    dev.display.flush(0, full);
+    await new Promise((r) => setTimeout(r, 3 * MIN_UPDATE_INTERVAL_MS));
+    assert.equal(sock.counters.updates, 2, "no update inside one refresh period");
+    assert.equal(sock.idle, false, "the frame waits");
+    // ...then two more frames: once the period is over, the newest frame goes out, once.
+    px[at] = 0x33;
+    backend.restoreHostContents(1, px);
+    dev.display.flush(0, full);
+    px[at] = 0x44;
+    backend.restoreHostContents(1, px);
+    dev.display.flush(0, full);
+    clock += MIN_UPDATE_INTERVAL_MS;
+    const last = await nextUpdate(front);
+    assert.deepEqual(last.rect, { x: 64, y: 64, width: 64, height: 64 });
+    assert.equal(last.pixels[((100 - 64) * 64 + (70 - 64)) * 4], 0x44, "the last frame's pixel");
+    await until(() => sock.idle, "the socket went idle");
+    assert.equal(sock.counters.updates, 3);
+    assert.equal(sock.counters.updateBytes, (TW * TH + 2 * 64 * 64) * 4);
     assert.deepEqual(lines, []);
   } finally {
     const sock = dev.displaySocket;

@@ -1,9 +1,9 @@
-// Change detection (tiles.ts): which tiles of a flushed region differ from a page's shadow copy.
+// Change detection (tiles.ts): which tiles of a flushed region differ from a display client's shadow copy.
 
 import assert from "node:assert/strict";
 import { changedRects, TILE_SIZE } from "./tiles.ts";
 
-Deno.test("web display: change detection sends only changed tiles, merged, and updates the shadow", () => {
+Deno.test("display change detection: only changed tiles, merged, and the shadow updated", () => {
   const fbw = 300, fbh = 200;
   const fb = { width: fbw, height: fbh, bgra: new Uint8Array(fbw * fbh * 4) };
   const px = new Uint32Array(fb.bgra.buffer);
@@ -41,4 +41,6 @@ Deno.test("web display: change detection sends only changed tiles, merged, and u
   // A change outside the flushed region is not looked at (the page is told only of flushed regions).
   px[190 * fbw + 10] ^= 1;
   assert.deepEqual(changedRects(fb, shadow, [{ x: 100, y: 0, width: 50, height: 50 }]).rects, []);
+  // A shadow smaller than the frame is refused before any memory is compared.
+  assert.throws(() => changedRects(fb, new Uint32Array(fbw), [all]), RangeError);
 });
