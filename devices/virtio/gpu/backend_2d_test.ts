@@ -4,6 +4,7 @@
 // the trace file, and random commands.
 
 import assert from "node:assert/strict";
+import { FENCE_TID } from "./trace.ts";
 import fc from "fast-check";
 import { GpuDevice } from "./device.ts";
 import { Backend2D, MAX_2D_HOST_BYTES } from "./backend_2d.ts";
@@ -699,6 +700,36 @@ Deno.test("trace file: one complete event per command, Chrome trace-event JSON",
     assert.deepEqual(x[2].args, { resource: 1, bytes: 8192, ctx: 0 });
     assert.equal(x[3].args.error, "0x1203");
     for (const e of x) assert.ok(e.ts >= 0 && e.dur >= 0);
+  } finally {
+    Deno.removeSync(path);
+  }
+});
+
+Deno.test("trace file: a fenced command's wait for its fence is an event on the fence track", () => {
+  const path = Deno.makeTempFileSync({ suffix: ".json" });
+  try {
+    {
+      const backend = new FakeBackend();
+      using r = rig({ backend, tracePath: path });
+      r.ok(ctxCreate(1, P.VIRTIO_GPU_CAPSET_VIRGL2));
+      const F_ = P.VIRTIO_GPU_FLAG_FENCE | P.VIRTIO_GPU_FLAG_INFO_RING_IDX;
+      r.post(submit(1, new Uint8Array(4), { flags: F_, fenceId: 7n, ringIdx: 0 }));
+      backend.retire({ ctxId: 1, ringIdx: 0, perContext: true }, 7n);
+    }
+    const events = JSON.parse(Deno.readTextFileSync(path)) as {
+      name: string;
+      ph: string;
+      cat: string;
+      tid: number;
+      dur: number;
+      args: Record<string, unknown>;
+    }[];
+    const fences = events.filter((e) => e.name === "FENCE");
+    assert.equal(fences.length, 1);
+    assert.equal(fences[0].tid, FENCE_TID);
+    assert.equal(fences[0].cat, "fence");
+    assert.deepEqual(fences[0].args, { resource: 0, bytes: 0, ctx: 1, fence: 7 });
+    assert.ok(fences[0].dur >= 0);
   } finally {
     Deno.removeSync(path);
   }

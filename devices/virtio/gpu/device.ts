@@ -147,9 +147,21 @@ export class GpuDevice implements VirtioDevice, Stateful {
       modes: this.#modes,
       guestError,
     });
-    this.#fences = new FenceTimelines(this.backend, this.accounting, (q, head, len) => {
+    this.#fences = new FenceTimelines(this.backend, this.accounting, (q, head, len, held) => {
       q.addUsed(head, len);
       this.#pendingSignal.add(this.#queues.indexOf(q));
+      const us = held.ms * 1000;
+      if (!held.failed) {
+        trace?.add({
+          name: "FENCE",
+          ts: trace.now() - us,
+          dur: us,
+          resource: 0,
+          bytes: 0,
+          ctx: held.ctxId,
+          fence: held.fenceId,
+        });
+      }
     }, guestError);
     this.backend.setFenceHandler((t, id) => {
       this.#fences.retire(t, id);

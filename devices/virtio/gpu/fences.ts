@@ -27,6 +27,9 @@ interface HeldResponse {
   queue: Virtqueue;
   head: number;
   len: number;
+  ctxId: number;
+  /** When the response began to wait (performance.now()). */
+  heldAt: number;
 }
 
 /** The last fence retired on one timeline. */
@@ -35,8 +38,17 @@ export interface RetiredFence {
   fenceId: bigint;
 }
 
+/** What a held response waited for, and how long (for the trace). */
+export interface HeldFor {
+  fenceId: bigint;
+  ctxId: number;
+  /** Milliseconds from the command's answer to its fence's retirement. */
+  ms: number;
+  failed: boolean;
+}
+
 /** Puts a held response into its queue's used ring. */
-export type CompleteResponse = (queue: Virtqueue, head: number, len: number) => void;
+export type CompleteResponse = (queue: Virtqueue, head: number, len: number, held: HeldFor) => void;
 
 /** The timeline a command's fence belongs to. */
 export function timelineOf(h: CtrlHdr): FenceTimeline {
@@ -94,7 +106,15 @@ export class FenceTimelines {
     const key = keyOf(t);
     let list = this.#held.get(key);
     if (!list) this.#held.set(key, list = []);
-    const held: HeldResponse = { fenceId: h.fenceId, failed, queue, head, len };
+    const held: HeldResponse = {
+      fenceId: h.fenceId,
+      failed,
+      queue,
+      head,
+      len,
+      ctxId: h.ctxId,
+      heldAt: performance.now(),
+    };
     list.push(held);
     this.#pending++;
     this.#accounting.fences.pending++;
@@ -151,7 +171,12 @@ export class FenceTimelines {
       list.shift();
       this.#pending--;
       this.#accounting.fences.pending--;
-      this.#complete(h.queue, h.head, h.len);
+      this.#complete(h.queue, h.head, h.len, {
+        fenceId: h.fenceId,
+        ctxId: h.ctxId,
+        ms: performance.now() - h.heldAt,
+        failed: h.failed,
+      });
     }
     if (list.length === 0) this.#held.delete(key);
   }

@@ -1,8 +1,10 @@
 // A trace of virtio-gpu commands in the Chrome trace-event format (JSON array form), which Perfetto and
 // chrome://tracing open: one complete event ("ph":"X") per command with ts/dur in microseconds and
 // args {resource, bytes, ctx}, and one per display-path copy (a scanout read back, bytes sent to a display
-// client; category "display", one track per scanout, args {resource, bytes, scanout}). Events are buffered and appended to the file; close() ends the array
-// (a trace cut short without "]" still loads: the array form allows it).
+// client; category "display", one track per scanout, args {resource, bytes, scanout}), and one per fenced
+// command's wait from its answer to its fence's retirement (category "fence", its own track, args {ctx,
+// fence}). Events are buffered and appended to the file; close() ends the array (a trace cut short without
+// "]" still loads: the array form allows it).
 
 const FLUSH_EVENTS = 256;
 
@@ -20,10 +22,14 @@ export interface TraceEvent {
   error?: string;
   /** A display-path copy of this scanout (category "display", its own track), not a command. */
   scanout?: number;
+  /** A fenced command's wait for this fence, from its answer to the fence's retirement (its own track). */
+  fence?: bigint;
 }
 
 /** The track (tid) of the display path's copies: scanout n on DISPLAY_TID_BASE + n. */
 export const DISPLAY_TID_BASE = 100;
+/** The track of fence waits. */
+export const FENCE_TID = 2;
 
 export class GpuTrace {
   readonly path: string;
@@ -56,14 +62,15 @@ export class GpuTrace {
     if (e.error) args.error = e.error;
     const display = e.scanout !== undefined;
     if (display) args.scanout = e.scanout!;
+    if (e.fence !== undefined) args.fence = Number(e.fence);
     const ev = {
       name: e.name,
-      cat: display ? "display" : "virtio-gpu",
+      cat: display ? "display" : e.fence !== undefined ? "fence" : "virtio-gpu",
       ph: "X",
       ts: Math.round(e.ts * 1000) / 1000,
       dur: Math.round(e.dur * 1000) / 1000,
       pid: 1,
-      tid: display ? DISPLAY_TID_BASE + e.scanout! : 1,
+      tid: display ? DISPLAY_TID_BASE + e.scanout! : e.fence !== undefined ? FENCE_TID : 1,
       args,
     };
     this.#pending.push(JSON.stringify(ev));
