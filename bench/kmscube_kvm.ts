@@ -230,15 +230,23 @@ async function consume(
 /** kmscube's progress report ("Rendered N frames in T sec (F fps)"), with the host time it arrived. */
 const PROGRESS = /Rendered (\d+) frames in [\d.]+ sec/g;
 /** How often the console's text is looked at for new progress reports. */
-const STAMP_INTERVAL_MS = 10;
+const STAMP_INTERVAL_MS = 20;
 
-/** Records the host time each of kmscube's progress reports arrives in `text()`; stop() returns them. */
+/**
+ * Records the host time each of kmscube's progress reports arrives in `text()` (which only grows); stop()
+ * returns them. Each look reads only the lines completed since the last one: the CPU this takes is the
+ * measured VMM's too (one CPU in the nested host).
+ */
 function stampProgress(text: () => string): { stop(): { frames: number; at: number }[] } {
   const seen: { frames: number; at: number }[] = [];
-  let count = 0;
+  let scanned = 0;
   const look = () => {
-    const all = [...text().matchAll(PROGRESS)];
-    for (; count < all.length; count++) seen.push({ frames: Number(all[count][1]), at: performance.now() });
+    const t = text();
+    const end = t.lastIndexOf("\n") + 1;
+    if (end <= scanned) return;
+    const now = performance.now();
+    for (const m of t.slice(scanned, end).matchAll(PROGRESS)) seen.push({ frames: Number(m[1]), at: now });
+    scanned = end;
   };
   const id = setInterval(look, STAMP_INTERVAL_MS);
   return {
