@@ -227,42 +227,41 @@ async function consume(
   return n;
 }
 
-/** kmscube's progress report ("Rendered N frames in T sec (F fps)"), with the host time it arrived. */
-const PROGRESS = /Rendered (\d+) frames in [\d.]+ sec/g;
-/** How often the console's text is looked at for new progress reports. */
-const STAMP_INTERVAL_MS = 20;
+/** kmscube's progress report ("Rendered N frames in T sec (F fps)"). */
+const PROGRESS = /Rendered (\d+) frames in [\d.]+ sec/;
+
+/** One progress report and the host time its line reached the console. */
+interface Report {
+  frames: number;
+  at: number;
+}
 
 /**
- * Records the host time each of kmscube's progress reports arrives in `text()` (which only grows); stop()
- * returns them. Each look reads only the lines completed since the last one: the CPU this takes is the
- * measured VMM's too (one CPU in the nested host).
+ * Each of kmscube's progress reports with the host time it arrived, until `done` settles. `nth(k)` resolves
+ * with the frame count of the k-th report (1-based) once its line is on the console: the console's own
+ * matching resolves it as the text arrives, so the stamp does not depend on a timer of this process, which
+ * also runs denovm's VM (an interval timer there was seen to fire two seconds late while the VM rendered).
  */
-function stampProgress(text: () => string): { stop(): { frames: number; at: number }[] } {
-  const seen: { frames: number; at: number }[] = [];
-  let scanned = 0;
-  const look = () => {
-    const t = text();
-    const end = t.lastIndexOf("\n") + 1;
-    if (end <= scanned) return;
-    const now = performance.now();
-    for (const m of t.slice(scanned, end).matchAll(PROGRESS)) seen.push({ frames: Number(m[1]), at: now });
-    scanned = end;
-  };
-  const id = setInterval(look, STAMP_INTERVAL_MS);
-  return {
-    stop() {
-      clearInterval(id);
-      look();
-      return seen;
-    },
-  };
+async function stampProgress(nth: (k: number) => Promise<number>, done: Promise<unknown>): Promise<Report[]> {
+  const out: Report[] = [];
+  const ended = done.then(() => null, () => null);
+  for (let k = 1;; k++) {
+    const frames = await Promise.race([nth(k).catch(() => null), ended]);
+    if (frames === null) return out;
+    out.push({ frames, at: performance.now() });
+  }
+}
+
+/** A pattern that matches once the console holds `k` progress reports. */
+function kthProgress(k: number): RegExp {
+  return new RegExp(`(?:${PROGRESS.source}[\\s\\S]*?){${k}}`);
 }
 
 /**
  * Frames per second of the host's clock between the first and the last progress report. A report of 0 frames
  * (kmscube's first frame took over two seconds: it restarts its count after that frame) is left out.
  */
-function steadyFps(side: string, all: { frames: number; at: number }[]): number {
+function steadyFps(side: string, all: Report[]): number {
   const reports = all.filter((r) => r.frames > 0);
   const first = reports[0], last = reports.at(-1);
   if (!first || !last || last.frames <= first.frames || last.at <= first.at) {
@@ -273,14 +272,18 @@ function steadyFps(side: string, all: { frames: number; at: number }[]): number 
 
 async function runDenovm(s: MesaSetup, consumer: boolean): Promise<Run> {
   await using vm = await bootMesaVm(s, `kmscube -c ${FRAMES}`);
-  const stamps = stampProgress(() => vm.console.text);
   const end = vm.console.waitFor(new RegExp(`${GUEST_END} status=\\d+`), { timeout: RUN_TIMEOUT_MS });
+  // Progress reports one after another: each wait starts after the previous match. Until the VM ends, so
+  // that the last report, which may arrive with the end marker, is not lost to it.
+  const stamps = stampProgress(
+    async () => Number((await vm.console.waitFor(PROGRESS, { timeout: RUN_TIMEOUT_MS }))[1]),
+    vm.exitCode,
+  );
   const started = vm.console.waitFor(KMSCUBE_STARTED, { timeout: RUN_TIMEOUT_MS }).catch(() => {});
   const t0 = started.then(() => performance.now());
   const screenshots = consumer ? consume(started, end, () => vm.screenshot()) : Promise.resolve(0);
   await end;
   const hostSeconds = (performance.now() - await t0) / 1000;
-  const reports = stamps.stop();
   const stats = vm.gpu.stats() as GpuStats;
   const output = vm.console.text;
   const rate = kmscubeRate(output);
@@ -288,6 +291,7 @@ async function runDenovm(s: MesaSetup, consumer: boolean): Promise<Run> {
     throw new Error(`denovm: kmscube did not report a virgl frame rate:\n${output.slice(-3000)}`);
   }
   await vm.exitCode;
+  const reports = await stamps;
   return {
     ...rate,
     hostFps: steadyFps("denovm", reports),
@@ -299,13 +303,17 @@ async function runDenovm(s: MesaSetup, consumer: boolean): Promise<Run> {
 
 async function runQemu(s: MesaSetup, display: string): Promise<Run> {
   const g = qemuMesaGuest(s, `kmscube -c ${FRAMES}`, RUN_TIMEOUT_MS, display);
-  const stamps = stampProgress(() => g.output);
   const done = g.wait();
+  const stamps = stampProgress(async (k) => {
+    await g.waitFor(kthProgress(k));
+    const m = [...g.output.matchAll(new RegExp(PROGRESS.source, "g"))][k - 1];
+    return Number(m[1]);
+  }, done);
   const started = g.waitFor(KMSCUBE_STARTED).catch(() => {});
   const t0 = started.then(() => performance.now());
   const t1 = g.waitFor(new RegExp(`${GUEST_END} status=\\d+`)).then(() => performance.now(), () => NaN);
   const r = await done;
-  const reports = stamps.stop();
+  const reports = await stamps;
   const rate = kmscubeRate(r.output);
   if (!rate || !kmscubeRenderer(r.output)?.includes("virgl")) {
     throw new Error(`QEMU: kmscube did not report a virgl frame rate (exit ${r.code}):\n${r.output.slice(-3000)}`);
