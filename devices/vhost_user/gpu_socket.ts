@@ -33,6 +33,7 @@ import type { Rect } from "../virtio/gpu/backend.ts";
 import { changedRects, clip, coalesce } from "../virtio/gpu/tiles.ts";
 import type { VhostUserRequestHandler } from "./backend.ts";
 import { ConnectionClosed, setNonBlocking, UnixStream, WaitCancelled, Waker } from "../../core/unix_socket.ts";
+import { concatBytes } from "../../core/bytes.ts";
 
 /** Front-end request: the display socket (vhost-user.rst "Front-end message types"). */
 export const VHOST_USER_GPU_SET_SOCKET = 33;
@@ -140,6 +141,11 @@ export interface GpuSocketCounters {
   frontEndFeatures: number;
 }
 
+/** Counters before anything was sent. */
+function noSocketCounters(): GpuSocketCounters {
+  return { scanouts: 0, updates: 0, updateBytes: 0, coalesced: 0, unchanged: 0, frontEndFeatures: -1 };
+}
+
 /** The display the socket sends from (HeadlessDisplay). */
 export interface FramebufferSource {
   /** The framebuffer as last read back (its size is current). */
@@ -152,14 +158,7 @@ export interface FramebufferSource {
 
 /** The back end's side of one display socket. */
 export class GpuDisplaySocket {
-  readonly counters: GpuSocketCounters = {
-    scanouts: 0,
-    updates: 0,
-    updateBytes: 0,
-    coalesced: 0,
-    unchanged: 0,
-    frontEndFeatures: -1,
-  };
+  readonly counters: GpuSocketCounters = noSocketCounters();
   readonly #stream: UnixStream;
   readonly #waker = new Waker();
   readonly #fbs: FramebufferSource;
@@ -345,7 +344,7 @@ export class GpuDisplaySocket {
         continue;
       }
       const msgs = rects.map((c) => encodeUpdate(id, c, fb.bgra, fb.width));
-      const out = msgs.length === 1 ? msgs[0] : concat(msgs);
+      const out = msgs.length === 1 ? msgs[0] : concatBytes(msgs);
       for (const c of rects) {
         this.counters.updates++;
         this.counters.updateBytes += c.width * c.height * GPU_UPDATE_BYTES_PER_PIXEL;
@@ -383,16 +382,6 @@ function union(a: Rect, b: Rect): Rect {
   return { x: x0, y: y0, width: x1 - x0, height: y1 - y0 };
 }
 
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
-  let off = 0;
-  for (const p of parts) {
-    out.set(p, off);
-    off += p.length;
-  }
-  return out;
-}
-
 export interface VhostUserGpuDeviceOptions extends GpuDeviceOptions {
   /** Log lines (default stderr with a "vhost-user gpu:" prefix). */
   log?: (line: string) => void;
@@ -406,24 +395,10 @@ export class VhostUserGpuDevice extends GpuDevice implements VhostUserRequestHan
   readonly #socketLog: (line: string) => void;
   readonly #now: (() => number) | undefined;
   /** Counters of every display socket so far (the current one's included). */
-  readonly socketTotals: GpuSocketCounters = {
-    scanouts: 0,
-    updates: 0,
-    updateBytes: 0,
-    coalesced: 0,
-    unchanged: 0,
-    frontEndFeatures: -1,
-  };
+  readonly socketTotals: GpuSocketCounters = noSocketCounters();
   /** Display sockets the front end gave. */
   socketsReceived = 0;
-  #folded: GpuSocketCounters = {
-    scanouts: 0,
-    updates: 0,
-    updateBytes: 0,
-    coalesced: 0,
-    unchanged: 0,
-    frontEndFeatures: -1,
-  };
+  #folded: GpuSocketCounters = noSocketCounters();
 
   constructor(opts: VhostUserGpuDeviceOptions) {
     super(opts);

@@ -28,6 +28,21 @@ async function receive(front: UnixStream): Promise<{ request: number; payload: U
   return { request: v.getUint32(0, true), payload: body };
 }
 
+/** Close the device (its display socket included), the front end's end, the listener and the folder. */
+async function closeRig(
+  dev: VhostUserGpuDevice,
+  front: UnixStream | undefined,
+  listener: UnixListener,
+  dir: string,
+): Promise<void> {
+  const sock = dev.displaySocket;
+  dev.close();
+  await sock?.done;
+  front?.close();
+  listener.close();
+  await Deno.remove(dir, { recursive: true });
+}
+
 /** Receive until an UPDATE arrives; returns its rectangle and pixels. */
 async function nextUpdate(front: UnixStream) {
   for (;;) {
@@ -97,12 +112,7 @@ Deno.test("vhost-user-gpu display socket: no read-back without a front end; with
     assert.equal(GPU_SCANOUT_PAYLOAD_SIZE, 12);
     assert.deepEqual(lines, []);
   } finally {
-    const sock = dev.displaySocket;
-    dev.close();
-    await sock?.done;
-    front?.close();
-    listener.close();
-    await Deno.remove(dir, { recursive: true });
+    await closeRig(dev, front, listener, dir);
   }
 });
 
@@ -182,11 +192,6 @@ Deno.test("vhost-user-gpu display socket: only changed tiles cross, at most one 
     assert.equal(sock.counters.updateBytes, (TW * TH + 2 * 64 * 64) * 4);
     assert.deepEqual(lines, []);
   } finally {
-    const sock = dev.displaySocket;
-    dev.close();
-    await sock?.done;
-    front?.close();
-    listener.close();
-    await Deno.remove(dir, { recursive: true });
+    await closeRig(dev, front, listener, dir);
   }
 });
