@@ -21,7 +21,7 @@
 // between their arrival on the console. That leaves out what happens once per run (the GL context made,
 // kmscube's shaders compiled by the guest's Mesa and the host's, the first frame, the guest's exit), which
 // is reported beside it: whole_run_fps is the frame count over the host's time from kmscube's renderer line
-// to the guest's end marker (the measure this bench used first), and guest_clock_fps kmscube's own figures
+// to the guest's end marker, and guest_clock_fps kmscube's own figures
 // (the guest's clock; each VMM offers its own clock sources).
 //
 // Linux does not boot under kvm_pvm, so on such a host (and without /dev/kvm) the whole bench re-runs
@@ -240,7 +240,7 @@ interface Report {
  * Each of kmscube's progress reports with the host time it arrived, until `done` settles. `nth(k)` resolves
  * with the frame count of the k-th report (1-based) once its line is on the console: the console's own
  * matching resolves it as the text arrives, so the stamp does not depend on a timer of this process, which
- * also runs denovm's VM (an interval timer there was seen to fire two seconds late while the VM rendered).
+ * also runs denovm's VM and whose timers can fire late while the VM renders.
  */
 async function stampProgress(nth: (k: number) => Promise<number>, done: Promise<unknown>): Promise<Report[]> {
   const out: Report[] = [];
