@@ -133,7 +133,8 @@ export function raiseSendBuffer(fd: number, bytes: number): number {
       ? out[0]
       : -1;
   };
-  if (current() >= bytes) return current();
+  const before = current();
+  if (before >= bytes || before < 0) return before;
   if (libc().setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, asBytes, 4) !== 0) {
     libc().setsockopt(fd, SOL_SOCKET, SO_SNDBUF, asBytes, 4);
   }

@@ -332,7 +332,9 @@ export class GpuDisplaySocket {
         this.#full.delete(id);
         rects = [r];
         shadow = aligned
-          ? new Uint32Array(fb.bgra.buffer.slice(fb.bgra.byteOffset, fb.bgra.byteOffset + n * 4))
+          ? new Uint32Array(
+            fb.bgra.buffer.slice(fb.bgra.byteOffset, fb.bgra.byteOffset + n * GPU_UPDATE_BYTES_PER_PIXEL),
+          )
           : undefined;
         if (shadow) this.#shadows.set(id, shadow);
         else this.#shadows.delete(id);
