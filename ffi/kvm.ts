@@ -200,6 +200,8 @@ export const KVM_CAP_DEBUGREGS = 50;
 export const KVM_CAP_XSAVE = 55;
 export const KVM_CAP_XCRS = 56;
 export const KVM_CAP_MAX_VCPUS = 66;
+/** The in-kernel LAPIC's timer has TSC-deadline mode (MSR_IA32_TSC_DEADLINE): the VMM may announce it in CPUID. */
+export const KVM_CAP_TSC_DEADLINE_TIMER = 72;
 export const KVM_CAP_READONLY_MEM = 81;
 export const KVM_CAP_IMMEDIATE_EXIT = 136;
 /** KVM_GET_XSAVE2; the answer (on the VM fd) is the size of the XSAVE area in bytes, at least KVM_XSAVE_SIZE. */

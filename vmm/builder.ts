@@ -3,6 +3,7 @@
 // What it builds is a Machine, ready to start; on any error everything taken so far is released.
 
 import { closeFd } from "../ffi/libc.ts";
+import { KVM_CAP_TSC_DEADLINE_TIMER } from "../ffi/kvm.ts";
 import { ConfigError, HostError } from "../core/exit.ts";
 import type { VirtioDevice } from "../devices/virtio/device.ts";
 import { virtioMmioCmdlineArgs, writeAcpiTables } from "./arch/acpi.ts";
@@ -77,10 +78,12 @@ function createVcpus(
   const supported = kvm.supportedCpuid();
   // kvm_pvm's instruction emulator lacks CMPXCHG16B and XSAVE/XRSTOR: do not offer them there.
   const hideCx16 = emulatedGuestCode(kvmModule());
+  // Linux then programs its timer with one MSR write per event instead of calibrating the LAPIC's bus clock.
+  const tscDeadline = kvm.checkExtension(KVM_CAP_TSC_DEADLINE_TIMER) > 0;
   for (let id = 0; id < cpus; id++) {
     const fd = vm.createVcpu(id);
     fds.push(fd);
-    setCpuid(fd, vcpuCpuid(supported, { apicId: id, cpuCount: cpus, hideCx16, hideXsave: hideCx16 }));
+    setCpuid(fd, vcpuCpuid(supported, { apicId: id, cpuCount: cpus, hideCx16, hideXsave: hideCx16, tscDeadline }));
     setUp(fd, id);
   }
 }

@@ -231,6 +231,7 @@ void irq_dispatch(struct irq_frame *f) {
 #define LAPIC_TIMER_INITIAL 0x380
 #define LAPIC_TIMER_DIVIDE 0x3e0
 #define LAPIC_TIMER_PERIODIC (1u << 17)
+#define LAPIC_TIMER_TSC_DEADLINE (2u << 17) /* LVT timer mode 10b (SDM vol. 3 section 11.5.4.1) */
 #define LAPIC_TIMER_DIVIDE_BY_16 0x3
 
 void lapic_enable(void) {
@@ -251,6 +252,13 @@ void lapic_timer_periodic(u8 vector, u32 count) {
   wr32(APIC_START + LAPIC_TIMER_DIVIDE, LAPIC_TIMER_DIVIDE_BY_16);
   wr32(APIC_START + LAPIC_LVT_TIMER, LAPIC_TIMER_PERIODIC | vector);
   wr32(APIC_START + LAPIC_TIMER_INITIAL, count);
+}
+
+void lapic_timer_tsc_deadline(u8 vector, u64 deadline) {
+  wr32(APIC_START + LAPIC_LVT_TIMER, LAPIC_TIMER_TSC_DEADLINE | vector);
+  /* SDM vol. 3 section 11.5.4.1: a WRMSR to IA32_TSC_DEADLINE after the LVT write must be ordered after it. */
+  __asm__ volatile("mfence" ::: "memory");
+  wrmsr(MSR_TSC_DEADLINE, deadline);
 }
 
 /* ---- IOAPIC (82093AA data sheet: IOREGSEL at +0, IOWIN at +0x10, redirection table at 0x10 + 2*pin) ---- */

@@ -51,6 +51,11 @@ static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d) {
     __asm__ volatile("mov %%cr" #n ", %0" : "=r"(_v));      \
     _v;                                                     \
   })
+static inline u64 rdtsc(void) {
+  u32 lo, hi;
+  __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+  return ((u64)hi << 32) | lo;
+}
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
 static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
@@ -75,6 +80,7 @@ static inline struct desc_ptr sidt(void) {
 /* IA32_EFER (Intel SDM vol. 4, MSR 0xC0000080) and IA32_APIC_BASE (MSR 0x1B). */
 #define MSR_EFER 0xc0000080u
 #define MSR_APIC_BASE 0x1bu
+#define MSR_TSC_DEADLINE 0x6e0u /* IA32_TSC_DEADLINE */
 
 /* Guest-physical memory: identity mapped, so a physical address is a pointer. */
 static inline u8 rd8(u64 pa) { return *(volatile u8 *)pa; }
@@ -133,6 +139,8 @@ void ioapic_route(u32 pin, u8 vector, u32 dest_apic_id, int level, int active_lo
  * (KVM's APIC bus runs at 1 GHz, so a count of 62500 is about 1 ms); a count of 0 stops it.
  */
 void lapic_timer_periodic(u8 vector, u32 count);
+/* This CPU's LAPIC timer in TSC-deadline mode on `vector`: one interrupt once the TSC reaches `deadline`. */
+void lapic_timer_tsc_deadline(u8 vector, u64 deadline);
 
 /* Masks every input of both 8259 PICs (OCW1), so only the IOAPIC delivers. */
 void pic_mask_all(void);

@@ -83,6 +83,11 @@ const LEAF1_EBX_COUNT_SHIFT = 16;
 /** Leaf 1 ECX bit 31: running under a hypervisor; bit 13: CMPXCHG16B. EDX bit 28: HTT. */
 const LEAF1_ECX_HYPERVISOR = 1 << 31;
 const LEAF1_ECX_CX16 = 1 << 13;
+/**
+ * Leaf 1 ECX bit 24: the LAPIC timer has TSC-deadline mode. KVM_GET_SUPPORTED_CPUID leaves it clear; the VMM
+ * sets it when KVM_CAP_TSC_DEADLINE_TIMER says the in-kernel LAPIC emulates it (crosvm x86_64/src/cpuid.rs).
+ */
+const LEAF1_ECX_TSC_DEADLINE = 1 << 24;
 /** Leaf 1 ECX bit 26: XSAVE; bit 27: OSXSAVE (reflects CR4, left as KVM reports); bit 28: AVX. */
 const LEAF1_ECX_XSAVE = 1 << 26;
 const LEAF1_ECX_AVX = 1 << 28;
@@ -110,6 +115,8 @@ export interface CpuidOptions {
    * otherwise uses for every context switch (a kernel there needs `noxsave` otherwise).
    */
   hideXsave?: boolean;
+  /** Announce the LAPIC timer's TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER). */
+  tscDeadline?: boolean;
 }
 
 /** Adjust KVM's supported CPUID for one vCPU; returns a new struct kvm_cpuid2. */
@@ -132,6 +139,7 @@ export function vcpuCpuid(supported: Uint8Array, o: CpuidOptions): Uint8Array<Ar
         );
         let ecx = get(CPUID_ECX) | LEAF1_ECX_HYPERVISOR;
         if (o.hideCx16) ecx &= ~LEAF1_ECX_CX16;
+        if (o.tscDeadline) ecx |= LEAF1_ECX_TSC_DEADLINE;
         if (o.hideXsave) ecx &= ~(LEAF1_ECX_XSAVE | LEAF1_ECX_AVX);
         set(CPUID_ECX, ecx);
         let edx = get(CPUID_EDX);

@@ -78,6 +78,17 @@ Deno.test("CPUID: CMPXCHG16B and XSAVE/AVX are hidden on request (kvm_pvm's emul
   assert.equal(cpuidEntry(c, 0x1)![2] & others, cpuidEntry(host, 0x1)![2] & others, "nothing else changed");
 });
 
+Deno.test("CPUID: the TSC-deadline timer bit is set only when asked (KVM_CAP_TSC_DEADLINE_TIMER), nothing else moves", () => {
+  const without = vcpuCpuid(HOST, { apicId: 0, cpuCount: 1, hideCx16: false });
+  const withIt = vcpuCpuid(HOST, { apicId: 0, cpuCount: 1, hideCx16: false, tscDeadline: true });
+  const bit24 = 1 << 24;
+  assert.equal(cpuidEntry(HOST, 0x1)![2] & bit24, 0, "the fixture, like KVM_GET_SUPPORTED_CPUID, leaves it clear");
+  assert.equal(cpuidEntry(without, 0x1)![2] & bit24, 0);
+  assert.equal((cpuidEntry(withIt, 0x1)![2] & bit24) >>> 0, bit24);
+  assert.equal(cpuidEntry(withIt, 0x1)![2] & ~bit24, cpuidEntry(without, 0x1)![2] & ~bit24);
+  assert.deepEqual([...withIt].filter((b, i) => b !== without[i]).length, 1, "one byte of the table differs");
+});
+
 Deno.test("boot tables: the GDT holds 64-bit code and flat data, the page tables identity-map 4 GiB in 2 MiB pages", () => {
   using mem = OwnedGuestMemory.allocate([{ start: 0, size: 16 * MiB }]);
   writeBootTables(mem);
