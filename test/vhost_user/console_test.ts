@@ -71,7 +71,9 @@ Deno.test({
         commands: `n=0; while [ ! -e /dev/hvc0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 n=0; while ! ls /sys/class/virtio-ports/*/name >/dev/null 2>&1 && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 for p in /sys/class/virtio-ports/*; do echo "PORT $(basename $p) name=$(cat $p/name 2>/dev/null)"; done
-exec 3<>/dev/hvc0
+# The hvc driver makes its device nodes when it registers, before the port behind hvc0 is ready (an open
+# then fails with ENODEV, in hvc_install, before it reaches the port): retry the open itself, keeping the fd.
+n=0; until { command exec 3<>/dev/hvc0; } 2>/dev/null || [ $n -ge 100 ]; do sleep 0.1; n=$((n+1)); done
 stty raw -echo <&3
 echo GUEST-HVC-MARK >&3
 read -r line <&3
@@ -146,7 +148,9 @@ Deno.test({
       initramfs = await buildInitramfs({
         modules: ["virtio_console"],
         commands: `n=0; while [ ! -e /dev/hvc0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
-exec 3<>/dev/hvc0
+# The hvc driver makes its device nodes when it registers, before the port behind hvc0 is ready (an open
+# then fails with ENODEV, in hvc_install, before it reaches the port): retry the open itself, keeping the fd.
+n=0; until { command exec 3<>/dev/hvc0; } 2>/dev/null || [ $n -ge 100 ]; do sleep 0.1; n=$((n+1)); done
 echo GUEST-TO-OUTPUT-FILE >&3
 read -r line <&3
 echo "HVC-GOT=$line"`,
