@@ -78,7 +78,7 @@ function createVcpus(
   const supported = kvm.supportedCpuid();
   // kvm_pvm's instruction emulator lacks CMPXCHG16B and XSAVE/XRSTOR: do not offer them there.
   const hideCx16 = emulatedGuestCode(kvmModule());
-  // Linux then programs its timer with one MSR write per event instead of calibrating the LAPIC's bus clock.
+  // Older kernels leave the TSC-deadline bit to the VMM; QEMU's and crosvm's guests have it.
   const tscDeadline = kvm.checkExtension(KVM_CAP_TSC_DEADLINE_TIMER) > 0;
   for (let id = 0; id < cpus; id++) {
     const fd = vm.createVcpu(id);

@@ -84,8 +84,8 @@ const LEAF1_EBX_COUNT_SHIFT = 16;
 const LEAF1_ECX_HYPERVISOR = 1 << 31;
 const LEAF1_ECX_CX16 = 1 << 13;
 /**
- * Leaf 1 ECX bit 24: the LAPIC timer has TSC-deadline mode. KVM_GET_SUPPORTED_CPUID leaves it clear; the VMM
- * sets it when KVM_CAP_TSC_DEADLINE_TIMER says the in-kernel LAPIC emulates it (crosvm x86_64/src/cpuid.rs).
+ * Leaf 1 ECX bit 24: the LAPIC timer has TSC-deadline mode. KVM_GET_SUPPORTED_CPUID of kernels before 6.x leaves it
+ * clear (newer ones report it); the VMM sets it when KVM_CAP_TSC_DEADLINE_TIMER says the in-kernel LAPIC emulates it (crosvm x86_64/src/cpuid.rs).
  */
 const LEAF1_ECX_TSC_DEADLINE = 1 << 24;
 /** Leaf 1 ECX bit 26: XSAVE; bit 27: OSXSAVE (reflects CR4, left as KVM reports); bit 28: AVX. */

@@ -82,11 +82,15 @@ Deno.test("CPUID: the TSC-deadline timer bit is set only when asked (KVM_CAP_TSC
   const without = vcpuCpuid(HOST, { apicId: 0, cpuCount: 1, hideCx16: false });
   const withIt = vcpuCpuid(HOST, { apicId: 0, cpuCount: 1, hideCx16: false, tscDeadline: true });
   const bit24 = 1 << 24;
-  assert.equal(cpuidEntry(HOST, 0x1)![2] & bit24, 0, "the fixture, like KVM_GET_SUPPORTED_CPUID, leaves it clear");
+  assert.equal(
+    cpuidEntry(HOST, 0x1)![2] & bit24,
+    0,
+    "the fixture, like KVM_GET_SUPPORTED_CPUID before 6.x, leaves it clear",
+  );
   assert.equal(cpuidEntry(without, 0x1)![2] & bit24, 0);
   assert.equal((cpuidEntry(withIt, 0x1)![2] & bit24) >>> 0, bit24);
   assert.equal(cpuidEntry(withIt, 0x1)![2] & ~bit24, cpuidEntry(without, 0x1)![2] & ~bit24);
-  assert.deepEqual([...withIt].filter((b, i) => b !== without[i]).length, 1, "one byte of the table differs");
+  assert.equal([...withIt].filter((b, i) => b !== without[i]).length, 1, "one byte of the table differs");
 });
 
 Deno.test("boot tables: the GDT holds 64-bit code and flat data, the page tables identity-map 4 GiB in 2 MiB pages", () => {
