@@ -3,6 +3,7 @@
 // themselves, and the host ends of the consoles.
 
 import { Bus } from "../../core/bus.ts";
+import { eventfdWrite } from "../../ffi/libc.ts";
 import type { GuestMemory } from "../../core/memory.ts";
 import { type DeviceState, StateError, type Stateful } from "../../core/state.ts";
 import type { VirtioDevice } from "../../devices/virtio/device.ts";
@@ -154,6 +155,12 @@ export class DeviceManager {
       } catch (e) {
         throw new StateError(`virtio device ${i} (${v.device.name}): ${(e as Error).message}`);
       }
+      // A notification not served when the snapshot was taken (the guest's, or a device's notifyAgain) was an
+      // eventfd's count, which the snapshot does not hold: each restored queue with chains published gets one,
+      // served once the notify loop runs (or by the back end that reads the queue's kick fd).
+      v.transport.queues?.forEach((q, qi) => {
+        if (q?.hasAvailable() && v.notifyFds[qi] !== undefined) eventfdWrite(v.notifyFds[qi]);
+      });
     });
   }
 
