@@ -6,6 +6,8 @@
 //   which runs the write_fence / write_context_fence callbacks synchronously on this thread, after the
 //   library's eventfd (virgl_renderer_get_poll_fd) became readable (waited for off-thread with a
 //   nonblocking poll(2) while fences are outstanding); the fence handler runs after the poll returned;
+//   poll() after a batch of commands that created fences first waits on this thread for them, a little
+//   (FENCE_SETTLE_MS), since a fence whose work is done is reported one thread switch later;
 // - the callbacks struct and every iovec array the library keeps live in calloc'd memory;
 // - HOST3D blobs are GL buffers created by VIRGL_CCMD_PIPE_RESOURCE_CREATE with MAP_PERSISTENT|COHERENT;
 // - a transfer on a mapped blob leaves a sticky GL error, so it is refused here;
@@ -105,6 +107,17 @@ const BIND_2D = VIRGL_RES_BIND_RENDER_TARGET | VIRGL_RES_BIND_SAMPLER_VIEW;
 const CLOSE_DRAIN_MS = 5000;
 /** One poll(2) wait while draining in close(). */
 const DRAIN_POLL_MS = 100;
+/**
+ * How long poll() after a batch of commands that created fences waits on this thread (poll(2) on the library's
+ * eventfd) for the sync thread to report them, before leaving the rest to the off-thread waiter. A fence whose work
+ * is done (softpipe draws inside submit_cmd; the flush in create_fence is done on return) is reported one thread
+ * switch later: that poll(2) returned after 0.1-0.4 ms in the nested KVM host (one TCG vCPU). The off-thread path
+ * takes two more threads (the blocking thread in poll(2), then the event loop) before the guest has its answer.
+ * QEMU checks fences synchronously after each batch (it runs virglrenderer without THREAD_SYNC, polling again every
+ * 10 ms); crosvm waits on the same eventfd in its GPU worker's own loop. Bounded, so a slow GPU costs the other
+ * devices on this thread at most this long a batch.
+ */
+export const FENCE_SETTLE_MS = 1;
 /** struct pollfd (poll.h): int fd, short events, short revents. */
 const POLLFD_FD = 0;
 const POLLFD_EVENTS = 4;
@@ -243,6 +256,10 @@ export class VirglBackend implements GpuBackend {
   /** Two struct pollfd: the library's eventfd, then our wake-up eventfd. */
   readonly #pollFds = new Uint8Array(2 * POLLFD_SIZE);
   #waiter: Promise<void> | null = null;
+  /** A fence was created since the last poll(): the next one waits up to fenceSettleMs for it. */
+  #fenceCreated = false;
+  /** The bound of that wait (FENCE_SETTLE_MS; 0 leaves every fence to the off-thread waiter). */
+  fenceSettleMs = FENCE_SETTLE_MS;
   #closed = false;
 
   /**
@@ -550,7 +567,10 @@ export class VirglBackend implements GpuBackend {
       this.#call("virgl_renderer_create_fence", () => this.#v.virgl_renderer_create_fence(seq | 0, timeline.ctxId));
       this.#globalFences.push({ seq, timeline: { ...timeline }, fenceId });
     }
-    this.#armWaiter();
+    this.#fenceCreated = true;
+    // Armed once the current batch is served: poll() at its end may have retired the fence already, and a
+    // waiter already in poll(2) would wake another thread for nothing.
+    queueMicrotask(() => this.#armWaiter());
   }
 
   /** True when a command failed in the context and its later submits are refused. */
@@ -567,6 +587,10 @@ export class VirglBackend implements GpuBackend {
 
   poll(): void {
     if (this.#closed) return;
+    if (this.#fenceCreated) {
+      this.#fenceCreated = false;
+      this.#settle();
+    }
     this.#pollNow();
     // The library flushed its eventfd: a waiter blocked on it must not wait for fences that are gone.
     if (this.#waiter && this.pendingFences === 0) this.#kick();
@@ -610,6 +634,18 @@ export class VirglBackend implements GpuBackend {
       } catch (e) {
         console.error(`virglrenderer: fence handler failed for fence ${f.fenceId}: ${(e as Error).message}`);
       }
+    }
+  }
+
+  /** Retire fences as the sync thread reports them, for at most fenceSettleMs (poll(2) on this thread). */
+  #settle(): void {
+    const deadline = performance.now() + this.fenceSettleMs;
+    const libraryFd = this.#pollFds.subarray(0, POLLFD_SIZE);
+    while (this.pendingFences > 0) {
+      const left = Math.ceil(deadline - performance.now());
+      // Nothing within the bound (or poll failed, EINTR included): the off-thread waiter has the rest.
+      if (left <= 0 || libc().poll(libraryFd, 1n, left) <= 0) return;
+      this.#pollNow();
     }
   }
 

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { OwnedGuestMemory } from "../../../core/memory.ts";
 import type { Backing, FenceTimeline } from "./backend.ts";
 import { GpuBackendError } from "./backend.ts";
-import { VirglBackend } from "./backend_virgl.ts";
+import { FENCE_SETTLE_MS, VirglBackend } from "./backend_virgl.ts";
 import {
   PIPE_BIND_RENDER_TARGET,
   PIPE_BIND_SAMPLER_VIEW,
@@ -565,6 +565,38 @@ Deno.test({
     assert.equal(retired.length, 16);
     be().destroyContext(CTX2);
     be().destroyResource(rt);
+  },
+});
+
+Deno.test({
+  name: "virgl: poll() after a batch waits on this thread (bounded) for the fences the batch created",
+  ignore,
+  fn() {
+    const b = be();
+    const ctx = 9;
+    b.createContext(ctx, VIRTIO_GPU_CAPSET_VIRGL2, "settle");
+    // Work that takes a while (llvmpipe rasterizes on its own threads after the submit returns), so the
+    // fences are not done when poll() starts: poll() waits for them.
+    const rt = createRenderTarget(4096, 4096);
+    b.attachResource(ctx, rt);
+    try {
+      // A bound long enough for any machine: what is waited for is the sync thread's report, not a time.
+      b.fenceSettleMs = 10_000;
+      const stream = new VirglStream().createSurface(70, rt, B8G8R8A8).setFramebufferState([70])
+        .clear(PIPE_CLEAR_COLOR0, [0, 1, 0, 1]).bytes();
+      b.submit3D(ctx, stream);
+      b.createFence({ ctxId: ctx, ringIdx: 0, perContext: false }, 7000n);
+      b.createFence({ ctxId: ctx, ringIdx: 0, perContext: true }, 7001n);
+      // No await anywhere: the off-thread waiter has not run, only poll() can have retired them.
+      b.poll();
+      assert.equal(b.pendingFences, 0, "both fences retired within poll()");
+      const ids = retired.map((r) => r.fenceId);
+      assert.ok(ids.includes(7000n) && ids.includes(7001n), `retired: ${ids.join(",")}`);
+    } finally {
+      b.fenceSettleMs = FENCE_SETTLE_MS;
+      b.destroyContext(ctx);
+      b.destroyResource(rt);
+    }
   },
 });
 
