@@ -651,7 +651,10 @@ export class VirglBackend implements GpuBackend {
 
   /** Wait (off-thread poll(2)) for the library's eventfd while fences are outstanding, then poll. */
   #armWaiter(): void {
-    if (this.#waiter || this.#closed) return;
+    // Only with a fence outstanding: the loop below then awaits before its `finally` can run, so that
+    // `finally` clears the #waiter assigned here (with none, it would run first and leave a settled
+    // promise in #waiter, and no waiter would ever be armed again).
+    if (this.#waiter || this.#closed || this.pendingFences === 0) return;
     this.#waiter = (async () => {
       try {
         while (!this.#closed && this.pendingFences > 0) {

@@ -601,6 +601,43 @@ Deno.test({
 });
 
 Deno.test({
+  name: "virgl: after poll() retired every fence, a later fence that outlasts the wait still retires off-thread",
+  ignore,
+  async fn() {
+    const b = be();
+    const ctx = 10;
+    b.createContext(ctx, VIRTIO_GPU_CAPSET_VIRGL2, "settle then wait");
+    const rt = createRenderTarget(4096, 4096);
+    b.attachResource(ctx, rt);
+    const clear = (c: number) =>
+      new VirglStream().createSurface(80 + c, rt, B8G8R8A8).setFramebufferState([80 + c])
+        .clear(PIPE_CLEAR_COLOR0, [c, 0, 1, 1]).bytes();
+    try {
+      // A batch whose fence poll() retires: the waiter, armed after the batch, finds nothing to wait for.
+      b.fenceSettleMs = 10_000;
+      b.createFence({ ctxId: ctx, ringIdx: 0, perContext: false }, 7100n);
+      b.poll();
+      assert.equal(b.pendingFences, 0);
+      await new Promise((r) => setTimeout(r, 0));
+      // The next batch's fence is not done when poll() looks (no wait allowed): the off-thread waiter has it.
+      b.fenceSettleMs = 0;
+      b.submit3D(ctx, clear(1));
+      b.createFence({ ctxId: ctx, ringIdx: 0, perContext: false }, 7101n);
+      b.poll();
+      for (let i = 0; i < 500 && !retired.some((r) => r.fenceId === 7101n); i++) {
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      assert.ok(retired.some((r) => r.fenceId === 7101n), "the later fence retired");
+      assert.equal(b.pendingFences, 0);
+    } finally {
+      b.fenceSettleMs = FENCE_SETTLE_MS;
+      b.destroyContext(ctx);
+      b.destroyResource(rt);
+    }
+  },
+});
+
+Deno.test({
   name: "virgl: close drains fences and cleans up; a new renderer initialises afterwards",
   ignore,
   async fn() {
