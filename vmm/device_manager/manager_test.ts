@@ -20,6 +20,7 @@ import {
   slotOf,
 } from "../../test/support/fake_machine.ts";
 import { VirtioTestDriver } from "../../test/support/virtio_driver.ts";
+import type { FakeVm } from "../../test/support/fake_vm.ts";
 import type { DevicesState } from "./manager.ts";
 
 /** 16550 register offsets (PC16550D datasheet, table 2): interrupt enable, line control, scratch. */
@@ -34,6 +35,14 @@ function pioRead(machine: Machine, port: number): number {
   const b = new Uint8Array(1);
   machine.devices.pio.read(port, b);
   return b[0];
+}
+
+/** Start `machine` and set up its virtio-blk device as a guest driver would; returns the driver. */
+async function startBlockDriver(machine: Machine, vm: FakeVm, slot: number): Promise<VirtioTestDriver> {
+  await machine.start();
+  const driver = busDriver(machine, vm, slot);
+  driver.init();
+  return driver;
 }
 
 /** The saved state as a snapshot's state file carries it (JSON, bytes as base64) and reads it back. */
@@ -55,9 +64,7 @@ Deno.test("device manager state: a restored machine completes the next virtio-bl
   const slot = slotOf(m1, VIRTIO_ID_BLOCK);
   const pattern = new Uint8Array(2 * SECTOR_SIZE).map((_, i) => (i * 13 + 1) & 0xff);
   try {
-    await m1.start();
-    driver = busDriver(m1, vm1, slot);
-    driver.init();
+    driver = await startBlockDriver(m1, vm1, slot);
     const q = driver.queues[0];
     usedRing = q.addrs.usedRing;
     q.submit([blkHeader(VIRTIO_BLK_T_OUT, 3), pattern, 1]);
@@ -131,13 +138,10 @@ Deno.test("device manager state: a notification the devices had not served when 
   const slot = slotOf(m1, VIRTIO_ID_BLOCK);
   let saved: DevicesState;
   let ram: Uint8Array[];
-  let driver: VirtioTestDriver;
   let pending: { head: number; buffers: { addr: number; len: number }[] };
   let usedRing: number;
   try {
-    await m1.start();
-    driver = busDriver(m1, vm1, slot);
-    driver.init();
+    const driver = await startBlockDriver(m1, vm1, slot);
     const q = driver.queues[0];
     usedRing = q.addrs.usedRing;
     // Asleep (as `suspend --full` and a snapshot leave the devices), the guest publishes a request and
