@@ -155,9 +155,9 @@ export class DeviceManager {
       } catch (e) {
         throw new StateError(`virtio device ${i} (${v.device.name}): ${(e as Error).message}`);
       }
-      // A notification not served when the snapshot was taken (the guest's, or a device's notifyAgain) was an
-      // eventfd's count, which the snapshot does not hold: each restored queue with chains published gets one,
-      // served once the notify loop runs (or by the back end that reads the queue's kick fd).
+      // A guest notification not served when the state was saved (the devices slept) was an eventfd's count,
+      // which the snapshot does not hold: each restored queue with chains published gets one, served once the
+      // notify loop runs (or by the back end that reads the queue's kick fd).
       v.transport.queues?.forEach((q, qi) => {
         if (q?.hasAvailable() && v.notifyFds[qi] !== undefined) eventfdWrite(v.notifyFds[qi]);
       });
